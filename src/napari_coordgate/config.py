@@ -1,0 +1,180 @@
+"""Validated configuration objects.
+
+Each config is a frozen dataclass whose fields carry their bounds or allowed values. Constructing one
+validates it, ``from_dict`` rejects unknown keys, and ``to_dict``/``from_dict`` (and the JSON variants)
+round-trip exactly, so a config can be saved beside the weights it describes and rebuilt later.
+
+This module is pure Python: no numpy, torch or Qt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+__all__ = ["ConfigError", "Config", "ModelConfig", "bounded", "choice", "GATES", "GATE_ACTIVATIONS"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type, out of range or unknown."""
+
+
+def bounded(default, lo=None, hi=None, *, kind=None, doc=""):
+    """A dataclass field with inclusive numeric bounds (``None`` = unbounded on that side)."""
+    kind = kind or type(default)
+    return field(default=default, metadata={"lo": lo, "hi": hi, "kind": kind, "doc": doc})
+
+
+def choice(default, options, *, doc=""):
+    """A dataclass field restricted to one of ``options``."""
+    return field(default=default, metadata={"options": tuple(options), "kind": type(default), "doc": doc})
+
+
+def _check_value(cls_name: str, f: dataclasses.Field, value: Any) -> Any:
+    meta = f.metadata
+    kind = meta.get("kind")
+    where = f"{cls_name}.{f.name}"
+    if kind is None:
+        return value
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if kind in (int, float):
+        # bool is an int subclass; a True depth would be a silent mistake
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if kind is int:
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ConfigError(f"{where} must be an integer, got {value!r}")
+                value = int(value)
+        else:
+            value = float(value)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ConfigError(f"{where} must be finite, got {value!r}")
+        lo, hi = meta.get("lo"), meta.get("hi")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            rng = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+            raise ConfigError(f"{where} must be in {rng}, got {value!r}")
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        options = meta.get("options")
+        if options is not None and value not in options:
+            raise ConfigError(f"{where} must be one of {', '.join(map(repr, options))}; got {value!r}")
+        return value
+    return value
+
+
+@dataclass(frozen=True)
+class Config:
+    """Base class: validation on construction, strict dict/JSON round trip, schema version."""
+
+    SCHEMA_VERSION: ClassVar[int] = 1
+    KIND: ClassVar[str] = "config"
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = _check_value(type(self).__name__, f, getattr(self, f.name))
+            object.__setattr__(self, f.name, value)
+        self._validate()
+
+    def _validate(self) -> None:
+        """Cross-field checks; subclasses override."""
+
+    def replace(self, **changes: Any):
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.KIND, "schema_version": self.SCHEMA_VERSION}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__} expects a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        kind = data.pop("kind", cls.KIND)
+        if kind != cls.KIND:
+            raise ConfigError(f"expected a {cls.KIND!r} config, got kind {kind!r}")
+        version = data.pop("schema_version", cls.SCHEMA_VERSION)
+        if version != cls.SCHEMA_VERSION:
+            raise ConfigError(
+                f"{cls.__name__} schema version {version!r} is not supported "
+                f"(this version of napari-coordgate reads version {cls.SCHEMA_VERSION})"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown key(s) for {cls.__name__}: {', '.join(unknown)}; allowed: {', '.join(sorted(names))}"
+            )
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in data:
+                value = data[f.name]
+                if isinstance(f.default, tuple) and isinstance(value, list):
+                    value = tuple(value)
+                kwargs[f.name] = value
+        return cls(**kwargs)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"invalid JSON for {cls.__name__}: {exc}") from None
+        return cls.from_dict(data)
+
+
+GATES = ("none", "coordgate", "coordconv")
+GATE_ACTIVATIONS = ("one_plus", "sigmoid", "relu", "raw")
+
+
+@dataclass(frozen=True)
+class ModelConfig(Config):
+    """Everything needed to build a network; the network is built from this alone.
+
+    depth is the number of resolution levels (``depth - 1`` poolings); channels at level ``l`` are
+    ``round(channels * growth**l)``.
+    """
+
+    KIND: ClassVar[str] = "model"
+
+    depth: int = bounded(2, 1, 8, doc="resolution levels; depth - 1 poolings")
+    channels: int = bounded(16, 1, 512, doc="feature channels at full resolution")
+    growth: float = bounded(2.0, 1.0, 4.0, doc="channel multiplier per level")
+    gate: str = choice("coordgate", GATES, doc="position dependence: none, coordgate or coordconv")
+    gate_hidden: int = bounded(32, 1, 1024, doc="width of the coordinate MLP's hidden layers")
+    gate_layers: int = bounded(2, 1, 8, doc="number of layers of the coordinate MLP")
+    gate_activation: str = choice("one_plus", GATE_ACTIVATIONS, doc="how MLP output becomes the gate")
+    residual: bool = bounded(True, doc="predict a correction added to the input")
+    in_channels: int = bounded(1, 1, 16)
+    out_channels: int = bounded(1, 1, 16)
+
+    def _validate(self) -> None:
+        if self.residual and self.in_channels != self.out_channels:
+            raise ConfigError(
+                "ModelConfig.residual needs in_channels == out_channels "
+                f"(got {self.in_channels} and {self.out_channels})"
+            )
+
+    def level_channels(self) -> list[int]:
+        """Feature channels at each resolution level."""
+        return [max(1, int(round(self.channels * self.growth**level))) for level in range(self.depth)]
+
+    @property
+    def min_size(self) -> int:
+        """Smallest image side the network accepts (the coarsest level keeps at least one pixel)."""
+        return 2 ** (self.depth - 1)

@@ -1,0 +1,178 @@
+"""Field coordinates and the CoordGate layer.
+
+CoordGate (Howard, Norreys & Döpp, "CoordGate: Efficiently Computing Spatially-Varying Convolutions in
+Convolutional Neural Networks", arXiv:2401.04680) multiplies the output channels of a convolution block by a
+gate that a small pixel-wise MLP computes from the pixel's absolute position in the field of view. The
+channels act as a basis of kernels; the gate mixes them differently at each position, which gives a
+spatially varying convolution at the cost of one multiplication at inference (the gate depends on
+coordinates only, so it is computed once per geometry and reused).
+
+Field coordinates: a pixel's position in the full sensor frame, each axis normalised to [-1, 1] with pixel
+centres at ``(2 p - (N - 1)) / (N - 1)``. A crop or tile passes its offset inside the field and the field
+shape, so the same pixel gets the same gate whatever the crop. A pixel of downsampling level ``l`` stands
+for a block of ``2**l`` full-resolution pixels and takes the coordinate of the block's centre.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["field_coordinates", "CoordGate", "coordinate_mlp"]
+
+
+def _axis(n_field: int, offsets: torch.Tensor, length: int, level: int, dtype, device) -> torch.Tensor:
+    """Normalised centre coordinates along one axis, shape (B, length)."""
+    step = 2**level
+    q = torch.arange(length, device=device, dtype=torch.float64)
+    p = offsets.to(device=device, dtype=torch.float64)[:, None] + step * q[None, :] + (step - 1) / 2.0
+    denom = max(n_field - 1, 1)
+    return ((2.0 * p - (n_field - 1)) / denom).to(dtype)
+
+
+def field_coordinates(
+    field_shape: Sequence[int],
+    offset: Sequence[int] | torch.Tensor = (0, 0),
+    shape: Sequence[int] | None = None,
+    level: int = 0,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Coordinate grid of a crop of the field at a downsampling level.
+
+    Parameters
+    ----------
+    field_shape
+        (H, W) of the full sensor frame, in full-resolution pixels.
+    offset
+        (y, x) of the crop's top-left pixel inside the field, in full-resolution pixels; or an integer
+        tensor of shape (B, 2) with one offset per sample.
+    shape
+        (h, w) of the grid at this level (the feature map's spatial shape). Defaults to the field shape
+        downsampled to ``level``.
+    level
+        Downsampling level: a grid pixel covers ``2**level`` full-resolution pixels per axis.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(2, h, w)`` for a single offset, ``(B, 2, h, w)`` for a tensor of offsets. Channel 0 is x (columns),
+        channel 1 is y (rows), both in [-1, 1] at pixel centres of the full field.
+    """
+    if len(field_shape) != 2 or min(field_shape) < 1:
+        raise ValueError(f"field_shape must be (H, W) with positive sides, got {tuple(field_shape)}")
+    if level < 0:
+        raise ValueError(f"level must be >= 0, got {level}")
+    H, W = int(field_shape[0]), int(field_shape[1])
+    if shape is None:
+        shape = (max(1, H // 2**level), max(1, W // 2**level))
+    h, w = int(shape[0]), int(shape[1])
+    batched = isinstance(offset, torch.Tensor) and offset.ndim == 2
+    offsets = torch.as_tensor(offset if batched else [tuple(offset)], dtype=torch.float64)
+    if offsets.ndim != 2 or offsets.shape[1] != 2:
+        raise ValueError(f"offset must be (y, x) or a (B, 2) tensor, got shape {tuple(offsets.shape)}")
+    ys = _axis(H, offsets[:, 0], h, level, dtype, device)  # (B, h)
+    xs = _axis(W, offsets[:, 1], w, level, dtype, device)  # (B, w)
+    grid = torch.stack(
+        [xs[:, None, :].expand(-1, h, w), ys[:, :, None].expand(-1, h, w)], dim=1
+    )  # (B, 2, h, w)
+    return grid if batched else grid[0]
+
+
+def coordinate_mlp(out_channels: int, hidden: int, layers: int) -> nn.Sequential:
+    """Pixel-wise MLP (1x1 convolutions) from 2 coordinates to ``out_channels`` values.
+
+    ``layers`` counts linear layers; a GELU sits between consecutive ones (the public reference code is
+    affine-only, which limits the gate to a linear function of position per channel).
+    """
+    mods: list[nn.Module] = []
+    width_in = 2
+    for _ in range(layers - 1):
+        mods += [nn.Conv2d(width_in, hidden, 1), nn.GELU()]
+        width_in = hidden
+    mods.append(nn.Conv2d(width_in, out_channels, 1))
+    return nn.Sequential(*mods)
+
+
+class CoordGate(nn.Module):
+    """Multiply feature channels by a gate computed from absolute field coordinates.
+
+    Parameters
+    ----------
+    channels
+        Number of feature channels gated.
+    hidden, layers
+        Width and number of layers of the coordinate MLP.
+    activation
+        How the MLP output ``m`` becomes the gate: ``"one_plus"`` = ``1 + m`` with the last layer
+        zero-initialised (a fresh gated network equals the plain one), ``"sigmoid"``, ``"relu"`` or ``"raw"``.
+    cache_size
+        Number of gate tensors kept for inference (keyed by geometry, device, dtype and the weights'
+        versions, so an optimiser step or a ``load_state_dict`` invalidates them).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        hidden: int = 32,
+        layers: int = 2,
+        activation: str = "one_plus",
+        cache_size: int = 16,
+    ) -> None:
+        super().__init__()
+        if activation not in ("one_plus", "sigmoid", "relu", "raw"):
+            raise ValueError(f"unknown gate activation {activation!r}")
+        self.channels = channels
+        self.activation = activation
+        self.mlp = coordinate_mlp(channels, hidden, layers)
+        if activation == "one_plus":
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
+        self.cache_size = cache_size
+        self._cache: OrderedDict = OrderedDict()
+
+    def gate(self, coords: torch.Tensor) -> torch.Tensor:
+        """The gate for a coordinate grid ``(2, h, w)`` or ``(B, 2, h, w)``; returns ``(B|1, C, h, w)``."""
+        if coords.ndim == 3:
+            coords = coords[None]
+        m = self.mlp(coords)
+        if self.activation == "one_plus":
+            return 1.0 + m
+        if self.activation == "sigmoid":
+            return torch.sigmoid(m)
+        if self.activation == "relu":
+            return torch.relu(m)
+        return m
+
+    def _weights_version(self) -> tuple:
+        # Tensor._version counts in-place writes (optimiser steps, load_state_dict's copy_), so a cached
+        # gate can never outlive the weights it was computed from.
+        return tuple((p.data_ptr(), p._version) for p in self.parameters())
+
+    def cached_gate(self, key, make_coords) -> torch.Tensor:
+        """Gate for a geometry ``key``, computed from ``make_coords()`` once and then reused.
+
+        Caching applies only in eval mode without autograd; otherwise the gate is recomputed.
+        """
+        if self.training or torch.is_grad_enabled() or self.cache_size == 0:
+            return self.gate(make_coords())
+        full_key = (key, self._weights_version())
+        hit = self._cache.get(full_key)
+        if hit is not None:
+            self._cache.move_to_end(full_key)
+            return hit
+        g = self.gate(make_coords())
+        self._cache[full_key] = g
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return g
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def forward(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(coords)

@@ -1,0 +1,179 @@
+"""U-Net family with optional position dependence: plain, CoordGate or CoordConv.
+
+``UNet(ModelConfig(depth=d, ...))`` has ``d`` resolution levels (``d - 1`` max-poolings); every level has two
+3x3 convolutions with ReLU. With ``gate="coordgate"`` a :class:`CoordGate` multiplies the features at each
+down-sampling point (before pooling) and each up-sampling point (after the transposed convolution), as in
+the CoordGate U-Net of Howard et al. (arXiv:2401.04680); U-Net(1) gates its single level. With
+``gate="coordconv"`` two coordinate channels are concatenated to every block's input (CoordConv, Liu et al.
+2018), the baseline the paper compares against.
+
+The network accepts any image of at least ``cfg.min_size`` pixels per side: it pads at the bottom and right to
+the multiple the poolings need and crops back. Padding only at the far edges keeps a crop's offset aligned,
+so a crop at an offset that is a multiple of ``2**(depth-1)`` sees the same pooling grid as the whole field.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .coordgate import CoordGate, field_coordinates
+
+__all__ = ["UNet", "build_model", "count_parameters", "ImageTooSmallError"]
+
+
+class ImageTooSmallError(ValueError):
+    """The image is smaller than the network's minimum size."""
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU(inplace=True),
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class UNet(nn.Module):
+    """U-Net built from a :class:`~napari_coordgate.config.ModelConfig` alone.
+
+    ``forward(x, offset=None, field_shape=None)``: ``x`` is ``(B, C, H, W)``; ``offset`` is the crop's
+    (y, x) position in the field, shared by the batch, or a ``(B, 2)`` integer tensor with one offset per
+    sample; ``field_shape`` is the full frame's (H, W), defaulting to the input's own shape (the input *is*
+    the field).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        ch = cfg.level_channels()
+        extra = 2 if cfg.gate == "coordconv" else 0
+        self.down = nn.ModuleList()
+        cin = cfg.in_channels
+        for level in range(cfg.depth):
+            self.down.append(_block(cin + extra, ch[level]))
+            cin = ch[level]
+        self.upconv = nn.ModuleList()
+        self.up = nn.ModuleList()
+        for level in reversed(range(cfg.depth - 1)):
+            self.upconv.append(nn.ConvTranspose2d(ch[level + 1], ch[level], 2, stride=2))
+            self.up.append(_block(2 * ch[level] + extra, ch[level]))
+        self.head = nn.Conv2d(ch[0], cfg.out_channels, 1)
+        if cfg.residual:
+            # start as the identity: a fresh model returns its input, training learns the correction
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+        def make_gate(c: int) -> CoordGate:
+            return CoordGate(c, cfg.gate_hidden, cfg.gate_layers, cfg.gate_activation)
+
+        if cfg.gate == "coordgate":
+            n_down = max(1, cfg.depth - 1)
+            self.down_gates = nn.ModuleList(make_gate(ch[lv]) for lv in range(n_down))
+            self.up_gates = nn.ModuleList(make_gate(ch[lv]) for lv in reversed(range(cfg.depth - 1)))
+        else:
+            self.down_gates = nn.ModuleList()
+            self.up_gates = nn.ModuleList()
+
+    # -- geometry -----------------------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"expected a (batch, channels, height, width) tensor, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"expected {self.cfg.in_channels} input channel(s), got {x.shape[1]}")
+        m = self.cfg.min_size
+        if x.shape[-2] < m or x.shape[-1] < m:
+            raise ImageTooSmallError(
+                f"image of {x.shape[-2]}x{x.shape[-1]} pixels is smaller than the minimum {m}x{m} "
+                f"for a depth-{self.cfg.depth} U-Net"
+            )
+
+    def _coords(self, geom, shape, level, x: torch.Tensor) -> torch.Tensor:
+        field, offset = geom
+        c = field_coordinates(field, offset, shape, level, device=x.device, dtype=torch.float32)
+        if c.ndim == 3:
+            c = c[None].expand(x.shape[0], -1, -1, -1)
+        return c.to(x.dtype)
+
+    def _gate(self, gate: CoordGate, feats: torch.Tensor, geom, level: int) -> torch.Tensor:
+        field, offset = geom
+        shape = tuple(feats.shape[-2:])
+        if isinstance(offset, torch.Tensor):
+            coords = field_coordinates(field, offset, shape, level, device=feats.device)
+            return feats * gate.gate(coords).to(feats.dtype)
+        key = (field, offset, shape, level, str(feats.device))
+        g = gate.cached_gate(
+            key, lambda: field_coordinates(field, offset, shape, level, device=feats.device)
+        )
+        return feats * g.to(feats.dtype)
+
+    def _with_coords(self, feats: torch.Tensor, geom, level: int) -> torch.Tensor:
+        if self.cfg.gate != "coordconv":
+            return feats
+        return torch.cat([feats, self._coords(geom, feats.shape[-2:], level, feats)], dim=1)
+
+    # -- forward ------------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        offset: Sequence[int] | torch.Tensor | None = None,
+        field_shape: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        self._check_input(x)
+        H, W = x.shape[-2:]
+        field = (int(H), int(W)) if field_shape is None else (int(field_shape[0]), int(field_shape[1]))
+        if offset is None:
+            offset = (0, 0)
+        if isinstance(offset, torch.Tensor):
+            if offset.shape != (x.shape[0], 2):
+                raise ValueError(f"offset tensor must have shape ({x.shape[0]}, 2), got {tuple(offset.shape)}")
+        else:
+            offset = (int(offset[0]), int(offset[1]))
+        geom = (field, offset)
+
+        m = self.cfg.min_size
+        pad_h, pad_w = (-H) % m, (-W) % m
+        inp = x
+        if pad_h or pad_w:
+            mode = "reflect" if pad_h < H and pad_w < W else "replicate"
+            inp = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+
+        skips = []
+        h = inp
+        depth = self.cfg.depth
+        for level in range(depth):
+            if level > 0:
+                h = F.max_pool2d(h, 2)
+            h = self.down[level](self._with_coords(h, geom, level))
+            if self.down_gates and (level < depth - 1 or depth == 1):
+                h = self._gate(self.down_gates[level], h, geom, level)
+            skips.append(h)
+        for i, level in enumerate(reversed(range(depth - 1))):
+            h = self.upconv[i](h)
+            if self.up_gates:
+                h = self._gate(self.up_gates[i], h, geom, level)
+            h = torch.cat([h, skips[level]], dim=1)
+            h = self.up[i](self._with_coords(h, geom, level))
+        out = self.head(h)
+        if self.cfg.residual:
+            out = out + inp
+        return out[..., :H, :W]
+
+    def clear_gate_cache(self) -> None:
+        for g in list(self.down_gates) + list(self.up_gates):
+            g.clear_cache()
+
+
+def build_model(cfg: ModelConfig) -> UNet:
+    """Build the network described by ``cfg``."""
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"expected a ModelConfig, got {type(cfg).__name__}")
+    return UNet(cfg)
