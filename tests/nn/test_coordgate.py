@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from napari_coordgate.nn.coordgate import CoordGate, field_coordinates
+
+
+def test_pixel_centres_follow_the_documented_formula():
+    c = field_coordinates((4, 5))
+    assert c.shape == (2, 4, 5)
+    assert torch.allclose(c[0, 0], torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]))
+    assert torch.allclose(c[1, :, 0], torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0]))
+
+
+def test_crop_coordinates_equal_the_matching_region_of_the_field():
+    full = field_coordinates((40, 60))
+    crop = field_coordinates((40, 60), offset=(8, 12), shape=(16, 20))
+    assert torch.equal(crop, full[:, 8:24, 12:32])
+
+
+def test_downsampled_level_takes_block_centres():
+    full = field_coordinates((16, 16))
+    lvl2 = field_coordinates((16, 16), level=2)
+    assert lvl2.shape == (2, 4, 4)
+    block_mean = full.reshape(2, 4, 4, 4, 4).mean(dim=(2, 4))
+    assert torch.allclose(lvl2, block_mean, atol=1e-6)
+
+
+def test_batched_offsets_give_one_grid_per_sample():
+    offs = torch.tensor([[0, 0], [4, 8]])
+    grids = field_coordinates((32, 32), offs, (8, 8))
+    assert grids.shape == (2, 2, 8, 8)
+    assert torch.equal(grids[1], field_coordinates((32, 32), (4, 8), (8, 8)))
+    assert not torch.equal(grids[0], grids[1])
+
+
+def test_single_pixel_field_is_centred():
+    assert torch.equal(field_coordinates((1, 1)), torch.zeros(2, 1, 1))
+
+
+def test_bad_field_shape_is_rejected():
+    with pytest.raises(ValueError, match="field_shape"):
+        field_coordinates((0, 5))
+
+
+def test_one_plus_gate_starts_as_identity():
+    g = CoordGate(4, activation="one_plus")
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.equal(g(x, field_coordinates((8, 8))), x)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "relu", "raw"])
+def test_gate_depends_on_coordinates_only(activation):
+    g = CoordGate(3, hidden=8, layers=3, activation=activation)
+    coords = field_coordinates((8, 8))
+    a, b = torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)
+    gate = g.gate(coords)
+    assert torch.allclose(g(a, coords), a * gate)
+    assert torch.allclose(g(b, coords), b * gate)
+    if activation == "sigmoid":
+        assert bool(((gate > 0) & (gate < 1)).all())
+    if activation == "relu":
+        assert bool((gate >= 0).all())
+
+
+def test_cached_gate_is_invalidated_when_weights_change():
+    g = CoordGate(2, activation="raw").eval()
+    make = lambda: field_coordinates((8, 8))  # noqa: E731
+    with torch.no_grad():
+        first = g.cached_gate("k", make)
+        assert g.cached_gate("k", make) is first
+        g.mlp[-1].bias.add_(1.0)
+        second = g.cached_gate("k", make)
+    assert not torch.equal(first, second)
+    assert torch.allclose(second, first + 1.0)

@@ -1,0 +1,178 @@
+"""One battery for every variant; gate-specific checks for the position-dependent ones."""
+
+import pytest
+import torch
+
+from napari_coordgate.config import ModelConfig
+from napari_coordgate.nn import ImageTooSmallError, build_model, count_parameters
+
+# tiny widths keep deep variants fast on a 2-core CI machine
+VARIANTS = [
+    ModelConfig(depth=d, channels=c, gate=g, gate_hidden=8, gate_activation=a)
+    for d, c in [(1, 4), (2, 4), (3, 4), (4, 4)]
+    for g, a in [("none", "one_plus"), ("coordgate", "raw"), ("coordconv", "one_plus")]
+]
+GATED = [c for c in VARIANTS if c.gate != "none"]
+
+
+def _ids(cfg):
+    return f"d{cfg.depth}-{cfg.gate}"
+
+
+def _randomise(model):
+    """Fresh residual/one_plus models start as the identity; give the zero-initialised layers random
+    weights so the checks are not trivial (the rest keeps torch's default initialisation)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+@pytest.mark.parametrize("cfg", VARIANTS, ids=_ids)
+def test_forward_backward_keeps_shape_and_reaches_every_parameter(cfg):
+    model = _randomise(build_model(cfg))
+    x = torch.rand(2, 1, 24, 32, requires_grad=True)
+    y = model(x)
+    assert y.shape == x.shape
+    y.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("cfg", VARIANTS, ids=_ids)
+@pytest.mark.parametrize("shape", [(17, 23), (9, 40), (33, 8)])
+def test_odd_and_non_square_sizes_come_back_unchanged_in_shape(cfg, shape):
+    if min(shape) < cfg.min_size:
+        pytest.skip("below minimum size")
+    model = _randomise(build_model(cfg)).eval()
+    with torch.no_grad():
+        y = model(torch.rand(1, 1, *shape))
+    assert y.shape == (1, 1, *shape)
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("depth", [2, 4])
+def test_too_small_image_names_the_minimum(depth):
+    model = build_model(ModelConfig(depth=depth, channels=2))
+    m = 2 ** (depth - 1)
+    with pytest.raises(ImageTooSmallError, match=f"minimum {m}x{m}"):
+        model(torch.rand(1, 1, m - 1, 20))
+
+
+def test_wrong_input_rank_is_rejected_with_the_shape():
+    model = build_model(ModelConfig(depth=1, channels=2))
+    with pytest.raises(ValueError, match=r"\(1, 16, 16\)"):
+        model(torch.rand(1, 16, 16))
+
+
+@pytest.mark.parametrize("cfg", VARIANTS, ids=_ids)
+def test_aligned_crop_equals_region_of_whole_field(cfg):
+    model = _randomise(build_model(cfg)).eval()
+    field = torch.rand(1, 1, 192, 224, generator=torch.Generator().manual_seed(2))
+    oy, ox = 32, 48  # multiples of 2**(depth-1) for every depth tested
+    h, w = 128, 136
+    with torch.no_grad():
+        whole = model(field)
+        crop = model(field[..., oy : oy + h, ox : ox + w], offset=(oy, ox), field_shape=(192, 224))
+    # beyond the receptive field's half-width (about 3 * 2**depth), the crop's edges no longer matter
+    m = 3 * 2**cfg.depth + 8
+    a = whole[..., oy + m : oy + h - m, ox + m : ox + w - m]
+    b = crop[..., m : h - m, m : w - m]
+    assert a.numel() > 0
+    assert torch.allclose(a, b, atol=1e-5)
+    # and the crop's edges do differ, so the margin is not hiding everything
+    assert not torch.allclose(whole[..., oy : oy + h, ox : ox + w], crop, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", GATED, ids=_ids)
+def test_wrong_offset_changes_gated_output(cfg):
+    model = _randomise(build_model(cfg)).eval()
+    field = torch.rand(1, 1, 64, 64)
+    crop = field[..., 16:48, 16:48]
+    with torch.no_grad():
+        right = model(crop, offset=(16, 16), field_shape=(64, 64))
+        wrong = model(crop, offset=(0, 0), field_shape=(64, 64))
+    assert (right - wrong).abs().max() > 1e-4  # float error is ~1e-7
+
+
+@pytest.mark.parametrize("cfg", [c for c in VARIANTS if c.gate == "none"], ids=_ids)
+def test_plain_unet_ignores_offset(cfg):
+    model = _randomise(build_model(cfg)).eval()
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x, offset=(0, 0), field_shape=(64, 64)), model(x, offset=(16, 8), field_shape=(64, 64)))
+
+
+@pytest.mark.parametrize("cfg", GATED, ids=_ids)
+def test_batched_offsets_match_one_crop_at_a_time(cfg):
+    model = _randomise(build_model(cfg)).eval()
+    x = torch.rand(2, 1, 16, 16)
+    offs = torch.tensor([[0, 0], [16, 32]])
+    with torch.no_grad():
+        batched = model(x, offset=offs, field_shape=(64, 64))
+        one = model(x[1:], offset=(16, 32), field_shape=(64, 64))
+    assert torch.allclose(batched[1:], one, atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [c for c in GATED if c.gate == "coordgate"], ids=_ids)
+def test_cached_gates_equal_uncached(cfg):
+    model = _randomise(build_model(cfg)).eval()
+    x = torch.rand(1, 1, 32, 48)
+    with torch.no_grad():
+        cached_first = model(x)
+        cached_again = model(x)
+    with torch.enable_grad():
+        uncached = model(x).detach()
+    assert torch.equal(cached_first, cached_again)
+    assert torch.allclose(cached_first, uncached, atol=1e-6)
+    assert any(len(g._cache) for g in model.down_gates)
+
+
+@pytest.mark.parametrize("cfg", [c for c in GATED if c.gate == "coordgate"], ids=_ids)
+def test_gate_unchanged_by_input_content(cfg):
+    model = _randomise(build_model(cfg)).train()  # training mode: no cache, the gate is recomputed
+    seen = []
+    for gate in list(model.down_gates) + list(model.up_gates):
+        original = gate.gate
+        gate.gate = lambda coords, _orig=original: seen.append(_orig(coords)) or seen[-1]
+    for scale in (1.0, 5.0):
+        seen_before = len(seen)
+        model(torch.rand(1, 1, 32, 32) * scale)
+        if scale == 1.0:
+            first = seen[seen_before:]
+    second = seen[len(first):]
+    assert len(first) == len(second) > 0
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("cfg", VARIANTS, ids=_ids)
+def test_seeded_construction_is_deterministic(cfg):
+    torch.manual_seed(123)
+    a = build_model(cfg)
+    torch.manual_seed(123)
+    b = build_model(cfg)
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb)
+
+
+def test_fresh_residual_model_is_identity():
+    model = build_model(ModelConfig(depth=3, channels=4)).eval()
+    x = torch.rand(1, 1, 20, 28)
+    with torch.no_grad():
+        assert torch.equal(model(x), x)
+
+
+def test_depth_one_coordgate_gates_its_single_level():
+    model = build_model(ModelConfig(depth=1, channels=4, gate="coordgate"))
+    assert len(model.down_gates) == 1 and len(model.up_gates) == 0
+
+
+def test_parameter_counts_grow_with_depth_and_gates_add_few():
+    plain = [count_parameters(build_model(ModelConfig(depth=d, gate="none"))) for d in range(1, 7)]
+    gated = [count_parameters(build_model(ModelConfig(depth=d, gate="coordgate"))) for d in range(1, 7)]
+    assert plain == sorted(plain)
+    assert all(g > p for g, p in zip(gated, plain))
+    assert gated[1] * 60 < plain[5] * 1.0  # the paper's ~60x: CoordGate U-Net(2) vs U-Net(6)
