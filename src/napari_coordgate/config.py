@@ -178,3 +178,41 @@ class ModelConfig(Config):
     def min_size(self) -> int:
         """Smallest image side the network accepts (the coarsest level keeps at least one pixel)."""
         return 2 ** (self.depth - 1)
+
+
+LOSSES = ("l1", "l2")
+SCHEDULES = ("cosine", "plateau", "constant")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass(frozen=True)
+class TrainConfig(Config):
+    """How to train: crops, optimiser, budget, device. Saved in checkpoints and the model's provenance.
+
+    The budget is ``epochs`` when > 0, otherwise ``minutes`` of wall time; an epoch is ``steps_per_epoch``
+    optimiser steps followed by a validation.
+    """
+
+    KIND: ClassVar[str] = "train"
+
+    crop: int = bounded(128, 16, 4096, doc="training crop side in pixels (aligned to the pooling grid)")
+    batch: int = bounded(8, 1, 512)
+    lr: float = bounded(1e-3, 1e-6, 1.0, doc="Adam learning rate")
+    loss: str = choice("l1", LOSSES)
+    schedule: str = choice("cosine", SCHEDULES)
+    epochs: int = bounded(0, 0, 1_000_000, doc="budget in epochs; 0 = use minutes")
+    minutes: float = bounded(2.0, 0.0, 100_000.0, doc="budget in wall minutes when epochs is 0")
+    steps_per_epoch: int = bounded(50, 1, 1_000_000)
+    patience: int = bounded(0, 0, 100_000, doc="early stop after this many epochs without gain; 0 = off")
+    seed: int = bounded(0, 0, 2**31 - 1)
+    device: str = choice("auto", DEVICES)
+    threads: int = bounded(0, 0, 1024, doc="torch CPU threads; 0 = leave torch's default")
+    amp: bool = bounded(True, doc="bfloat16 autocast on CUDA (ignored elsewhere)")
+    val_tile: int = bounded(32, 8, 1024, doc="tile side of the validation checkerboard (single pair)")
+    register: bool = bounded(False, doc="register misaligned calibration pairs instead of warning")
+    photons: float = bounded(1000.0, 1.0, 1e9, doc="photon budget of simulated pairs (PSF source)")
+    read_noise: float = bounded(2.0, 0.0, 1e6, doc="read noise (photo-electrons) of simulated pairs")
+
+    def _validate(self) -> None:
+        if self.epochs == 0 and not self.minutes > 0:
+            raise ConfigError("TrainConfig: give a budget: epochs > 0 or minutes > 0")

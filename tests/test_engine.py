@@ -1,0 +1,242 @@
+"""Engine: training from pairs or a PSF model, cancellation, resume, tiled and lazy prediction."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from napari_coordgate.config import ModelConfig, TrainConfig
+from napari_coordgate.data import InputError
+from napari_coordgate.engine import (
+    Cancelled,
+    PairSource,
+    SimulatedSource,
+    field_geometry,
+    plan_tiles,
+    predict,
+    receptive_halo,
+    train,
+)
+from napari_coordgate.modelio import SavedModel, load_model
+from napari_coordgate.nn import build_model
+
+TINY = ModelConfig(depth=2, channels=4, gate="coordgate", gate_hidden=8)
+
+
+def _specimen(n, h=64, w=64, seed=0):
+    rng = np.random.default_rng(seed)
+    imgs = gaussian_filter(rng.random((n, h, w)), (0, 1.0, 1.0))
+    return (imgs - imgs.min()) / np.ptp(imgs)
+
+
+def _pairs(n=3, h=64, w=64):
+    sharp = _specimen(n, h, w)
+    # blur that grows toward the right edge: a position-dependent problem in miniature
+    blurred = np.stack([np.where(np.arange(w)[None] < w // 2, gaussian_filter(s, 0.7), gaussian_filter(s, 1.8))
+                        for s in sharp])
+    return (sharp * 4000 + 100).astype(np.uint16), (blurred * 4000 + 100).astype(np.uint16)
+
+
+def _quick(**kw):
+    base = dict(crop=32, batch=4, epochs=3, steps_per_epoch=8, seed=0, device="cpu", lr=3e-3)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_training_on_pairs_improves_validation_and_writes_best_model(tmp_path):
+    sharp, blurred = _pairs()
+    updates = []
+    res = train(TINY, _quick(epochs=4), PairSource(sharp, blurred), on_update=updates.append,
+                out_path=tmp_path / "m.cgmodel")
+    epochs = [u for u in updates if u.kind == "epoch"]
+    assert len(epochs) == 4 and updates[-1].kind == "done"
+    assert res.best_val_psnr == max(u.val_psnr for u in epochs)
+    assert res.device == "cpu" and all(u.device == "cpu" for u in updates)
+    loaded = load_model(tmp_path / "m.cgmodel")
+    assert loaded.field_shape == (64, 64)
+    assert loaded.provenance["training"]["source"] == "calibration"
+    # outputs come back in the units of the training sharp images
+    out = predict(loaded, blurred[-1], device="cpu")
+    assert out.dtype == np.float32 and out.shape == (64, 64)
+    assert 0 < out.mean() < 5000
+
+
+def test_single_pair_validates_on_checkerboard_tiles():
+    sharp, blurred = _pairs(n=1)
+    res = train(TINY, _quick(epochs=2, val_tile=16), PairSource(sharp[0], blurred[0]))
+    assert np.isfinite(res.best_val_psnr)
+
+
+def test_training_is_seeded():
+    sharp, blurred = _pairs()
+    a = train(TINY, _quick(epochs=1), PairSource(sharp, blurred))
+    b = train(TINY, _quick(epochs=1), PairSource(sharp, blurred))
+    assert a.best_val_psnr == b.best_val_psnr
+
+
+def test_stop_keeps_best_model_so_far(tmp_path):
+    sharp, blurred = _pairs()
+    calls = {"n": 0}
+
+    def should_stop():
+        calls["n"] += 1
+        return calls["n"] > 20  # mid-way through the third epoch
+
+    res = train(TINY, _quick(epochs=50), PairSource(sharp, blurred), should_stop=should_stop,
+                out_path=tmp_path / "best.cgmodel")
+    assert res.stopped == "stopped"
+    assert res.best_epoch == 2
+    on_disk = load_model(tmp_path / "best.cgmodel")
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(on_disk.model(x), res.saved.model(x))
+
+
+def test_resume_continues_epochs_and_optimizer(tmp_path):
+    sharp, blurred = _pairs()
+    ck = tmp_path / "run.cgckpt"
+    train(TINY, _quick(epochs=2), PairSource(sharp, blurred), checkpoint_path=ck)
+    updates = []
+    res = train(TINY, _quick(epochs=3), PairSource(sharp, blurred), resume=ck, on_update=updates.append)
+    assert [u.epoch for u in updates if u.kind == "epoch"] == [3]
+    assert res.saved.provenance["training"]["epochs"] == 3
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    sharp, blurred = _pairs()
+    ck = tmp_path / "run.cgckpt"
+    train(TINY, _quick(epochs=1), PairSource(sharp, blurred), checkpoint_path=ck)
+    with pytest.raises(ValueError, match="different model"):
+        train(TINY.replace(channels=8), _quick(epochs=2), PairSource(sharp, blurred), resume=ck)
+
+
+def test_training_from_psf_preset_records_the_psf():
+    sharp = (_specimen(2) * 1000).astype(np.float32)
+    res = train(TINY, _quick(epochs=1), SimulatedSource(sharp, "gaussian"))
+    assert res.saved.psf is not None and res.saved.psf["kind"] == "psf"
+    assert res.saved.provenance["training"]["source"] == "psf"
+
+
+@pytest.mark.parametrize(
+    "sharp, blurred, match",
+    [
+        (np.ones((3, 32, 32)), np.ones((3, 32, 32)), "constant"),
+        (np.random.rand(2, 32, 32), np.random.rand(3, 32, 32), "same shape"),
+        (np.full((32, 32), np.nan), np.random.rand(32, 32), "NaN"),
+        (np.random.rand(40, 40, 3), np.random.rand(40, 40, 3), "RGB"),
+        (np.random.rand(2, 2, 32, 32), np.random.rand(2, 2, 32, 32), "expected a 2-D image"),
+        (np.zeros((32, 32), bool), np.zeros((32, 32), bool), "dtype bool"),
+        (np.random.rand(1, 1), np.random.rand(1, 1), "smaller than the minimum"),
+        (np.zeros((0, 32)), np.zeros((0, 32)), "empty"),
+    ],
+)
+def test_bad_pairs_give_clear_errors(sharp, blurred, match):
+    with pytest.raises(InputError, match=match):
+        train(TINY, _quick(epochs=1), PairSource(sharp, blurred))
+
+
+def test_misregistered_pairs_warn():
+    sharp, blurred = _pairs(n=2)
+    shifted = np.roll(blurred, 3, axis=-1)
+    with pytest.warns(UserWarning, match="misregistered"):
+        train(TINY, _quick(epochs=1, steps_per_epoch=1), PairSource(sharp, shifted))
+
+
+def _random_saved(cfg, field_shape=(96, 112)):
+    torch.manual_seed(3)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.2)
+    return SavedModel(model.eval(), cfg, field_shape, {"offset": 10.0, "scale": 500.0})
+
+
+@pytest.mark.parametrize("gate", ["coordgate", "coordconv", "none"])
+def test_tiled_prediction_equals_whole_image(gate):
+    cfg = ModelConfig(depth=3, channels=4, gate=gate, gate_hidden=8)
+    saved = _random_saved(cfg)
+    img = (np.random.default_rng(0).random((96, 112)) * 500 + 10).astype(np.float32)
+    whole = predict(saved, img, tile=1024, device="cpu")
+    assert len(plan_tiles((96, 112), cfg, tile=24)) > 4
+    tiled = predict(saved, img, tile=24, device="cpu")
+    np.testing.assert_allclose(tiled, whole, atol=1e-4)
+
+
+def test_stack_is_deblurred_plane_by_plane_with_progress():
+    saved = _random_saved(TINY, (40, 48))
+    stack = np.random.default_rng(1).random((2, 3, 40, 48)).astype(np.float32) * 100
+    seen = []
+    out = predict(saved, stack, device="cpu", tile=16, on_progress=lambda d, t: seen.append((d, t)))
+    assert out.shape == stack.shape
+    np.testing.assert_allclose(out[1, 2], predict(saved, stack[1, 2], device="cpu"), atol=1e-4)
+    assert seen[-1][0] == seen[-1][1] == len(seen)
+
+
+def test_cancel_between_tiles():
+    saved = _random_saved(TINY, (40, 48))
+    stack = np.random.rand(4, 40, 48).astype(np.float32)
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    with pytest.raises(Cancelled):
+        predict(saved, stack, device="cpu", tile=16, should_stop=stop)
+
+
+class _CountingArray:
+    """A lazily sliced array that records how many elements each read pulls into memory."""
+
+    def __init__(self, arr):
+        self.arr, self.shape, self.dtype, self.ndim = arr, arr.shape, arr.dtype, arr.ndim
+        self.reads = []
+
+    def __getitem__(self, key):
+        out = self.arr[key]
+        self.reads.append(out.size)
+        return out
+
+
+def test_dask_stack_is_processed_block_by_block_never_whole():
+    da = pytest.importorskip("dask.array")
+    saved = _random_saved(TINY, (64, 64))
+    base = np.random.default_rng(2).random((5, 64, 64)).astype(np.float32)
+    source = _CountingArray(base)
+    lazy = da.from_array(source, chunks=(1, 32, 32))
+    out = predict(saved, lazy, device="cpu", tile=16)
+    np.testing.assert_allclose(out, predict(saved, base, device="cpu", tile=16), atol=1e-5)
+    halo = receptive_halo(TINY)
+    window = (16 + 2 * halo) ** 2
+    # every read is at most one (1, 32, 32) chunk; together one window's chunks, never the whole stack
+    assert max(source.reads) <= 32 * 32
+    assert max(source.reads) * 4 < base.size
+    assert window < base.size
+
+
+def test_full_range_uint16_does_not_overflow():
+    cfg = ModelConfig(depth=1, channels=2, gate="none")
+    saved = SavedModel(build_model(cfg).eval(), cfg, (16, 16), {"offset": 0.0, "scale": 65535.0})
+    img = np.full((16, 16), 65535, np.uint16)
+    img[0, 0] = 0
+    out = predict(saved, img, device="cpu")  # a fresh residual model is the identity
+    np.testing.assert_allclose(out, img.astype(np.float32), rtol=1e-6)
+
+
+def test_image_of_another_field_needs_roi_or_binning():
+    saved = _random_saved(TINY, (64, 64))
+    with pytest.raises(InputError, match="--roi"):
+        predict(saved, np.random.rand(32, 32), device="cpu")
+    assert field_geometry((32, 32), (64, 64), roi=(16, 32)) == ((64, 64), (16, 32))
+    assert field_geometry((32, 32), (64, 64), binning=2) == ((32, 32), (0, 0))
+    with pytest.raises(InputError, match="does not fit"):
+        field_geometry((32, 32), (64, 64), roi=(40, 0))
+
+
+def test_roi_prediction_matches_the_region_of_the_whole_field():
+    saved = _random_saved(TINY, (64, 64))
+    img = np.random.default_rng(4).random((64, 64)).astype(np.float32)
+    whole = predict(saved, img, device="cpu")
+    part = predict(saved, img[16:48, 16:48], roi=(16, 16), device="cpu")
+    m = receptive_halo(TINY)
+    np.testing.assert_allclose(part[m:-m, m:-m], whole[16 + m : 48 - m, 16 + m : 48 - m], atol=1e-4)
