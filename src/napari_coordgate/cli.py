@@ -1,15 +1,32 @@
 """The ``napari-coordgate`` command: the same steps as the napari widgets, headless, for batch work.
 
+::
+
+    napari-coordgate demo [-o OUTDIR] [--minutes M]
+    napari-coordgate simulate SHARP.tif [...] --psf PRESET|CONFIG.json -o OUTDIR [--seed S]
+    napari-coordgate train --sharp S.tif [...] (--blurred B.tif [...] | --psf PRESET|CONFIG.json) -o MODEL
+            [--depth D] [--channels C] [--gate coordgate|none|coordconv] [--minutes M | --epochs N]
+            [--device auto|cpu|cuda|mps] [--seed S] [--resume CHECKPOINT] [--threads T]
+    napari-coordgate apply -m MODEL INPUT.tif [...] -o OUT [--tile N] [--roi Y,X] [--binning B] [--device ...]
+    napari-coordgate evaluate -m MODEL --sharp S.tif --blurred B.tif [--json REPORT.json] [--png REPORT.png]
+
 Errors are one clear message and a non-zero exit, never a traceback (``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
+from pathlib import Path
 from typing import Sequence
 
 from . import __version__
+from .console import format_table as _format_table
+from .console import predict_with_bar as _predict_with_bar
+from .console import train_with_bar as _train_with_bar
 
 __all__ = ["main", "build_parser"]
 
@@ -18,16 +35,81 @@ class CLIError(Exception):
     """An error the user can fix; printed as one line."""
 
 
+# -- helpers --------------------------------------------------------------------------------------
+def _writable_file(path: Path) -> Path:
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise CLIError(f"output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise CLIError(f"output folder {folder} is not writable")
+    return path
+
+
+def _out_dir(path: Path) -> Path:
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"{path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"cannot create output folder {path}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise CLIError(f"output folder {path} is not writable")
+    return path
+
+
+def _read_stack(paths: Sequence[str], what: str):
+    """Read TIFFs as one (N, H, W) stack (each file 2-D or a stack); returns (stack, first TiffImage)."""
+    import numpy as np
+
+    from .data import InputError
+    from .tiffio import read_tiff
+
+    if not paths:
+        raise CLIError(f"no {what} files given")
+    planes, first = [], None
+    for p in paths:
+        img = read_tiff(p)
+        first = first or img
+        a = np.asarray(img.data)
+        if a.ndim == 3 and a.shape[-1] in (3, 4) and min(a.shape[:2]) > 4:
+            raise InputError(f"{p} looks like an RGB(A) image {a.shape}; save one grey channel")
+        if a.ndim not in (2, 3):
+            raise InputError(f"{p}: expected a 2-D image or a (N, H, W) stack, got shape {a.shape}")
+        planes.append(a[None] if a.ndim == 2 else a)
+    shapes = {p.shape[-2:] for p in planes}
+    if len(shapes) > 1:
+        raise InputError(f"{what} files have different frame shapes {sorted(shapes)}; they must share one field")
+    return np.concatenate(planes, axis=0), first
+
+
+def _parse_roi(text: str | None):
+    if text is None:
+        return None
+    try:
+        y, x = (int(v) for v in text.split(","))
+    except ValueError:
+        raise CLIError(f"--roi expects Y,X in pixels (e.g. --roi 512,256), got {text!r}") from None
+    return (y, x)
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+# -- commands -------------------------------------------------------------------------------------
 def _cmd_models(args: argparse.Namespace) -> int:
     """Parameter counts of the U-Net family, and one CoordGate U-Net run on a bundled image."""
     import numpy as np
     import torch
-    from skimage import data
 
     from .config import ModelConfig
     from .nn import build_model, count_parameters
+    from .specimens import bundled_specimen
 
-    torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     print(f"Parameters at base channels {args.channels}, growth 2 (gate MLP hidden {ModelConfig().gate_hidden}):")
     print(f"{'depth':>5} {'plain':>12} {'coordgate':>12} {'coordconv':>12}")
     for depth in range(1, 7):
@@ -36,19 +118,153 @@ def _cmd_models(args: argparse.Namespace) -> int:
             for g in ("none", "coordgate", "coordconv")
         ]
         print(f"{depth:>5} " + " ".join(f"{c:>12,}" for c in counts))
-    image = data.cell().astype(np.float32)
-    image = (image - image.min()) / max(float(np.ptp(image)), 1e-12)
-    cfg = ModelConfig(depth=args.depth, channels=args.channels, gate="coordgate")
-    model = build_model(cfg).eval()
+    image = bundled_specimen("cell")
+    model = build_model(ModelConfig(depth=args.depth, channels=args.channels, gate="coordgate")).eval()
     with torch.no_grad():
-        out = model(torch.from_numpy(image)[None, None])
-    print(
-        f"CoordGate U-Net({args.depth}) on the bundled 'cell' image {image.shape}: output shape "
-        f"{tuple(out.shape[-2:])}, {count_parameters(model):,} parameters"
-    )
+        out = model(torch.from_numpy(np.ascontiguousarray(image))[None, None])
+    print(f"CoordGate U-Net({args.depth}) on the bundled 'cell' image {image.shape}: output shape "
+          f"{tuple(out.shape[-2:])}, {count_parameters(model):,} parameters")
     return 0
 
 
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .data import check_image
+    from .optics.blur import SpatiallyVaryingBlur, add_noise
+    from .optics.psf import get_psf_config
+    from .tiffio import read_tiff, write_tiff
+
+    psf = get_psf_config(args.psf)
+    outdir = _out_dir(Path(args.output))
+    for i, p in enumerate(args.sharp):
+        img = read_tiff(p)
+        sharp = check_image(img.data, str(p))
+        op = SpatiallyVaryingBlur(psf, sharp.shape[-2:], device=args.device)
+        lo = float(sharp.min())
+        blurred = op.forward(sharp - lo) + lo
+        if args.photons > 0 or args.read_noise > 0:
+            blurred = add_noise(blurred, photons=args.photons or None, read_noise=args.read_noise,
+                                seed=args.seed + i)
+        name = Path(p).name
+        stem = name[: -len(".ome.tif")] if name.endswith(".ome.tif") else Path(p).stem
+        dest = write_tiff(outdir / f"{stem}_blurred.tif", np.asarray(blurred, np.float32), img)
+        print(f"{p} -> {dest}")
+    return 0
+
+
+def _model_cfg(args):
+    from .config import ModelConfig
+
+    return ModelConfig(depth=args.depth, channels=args.channels, gate=args.gate)
+
+
+def _train_cfg(args, **extra):
+    from .config import TrainConfig
+
+    budget = {"epochs": args.epochs, "minutes": 0.0} if args.epochs else {"minutes": args.minutes}
+    return TrainConfig(device=args.device, seed=args.seed, threads=args.threads, register=args.register,
+                       **budget, **extra)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .engine import PairSource, SimulatedSource
+    from .modelio import MODEL_SUFFIX
+
+    out = Path(args.output)
+    if out.suffix != MODEL_SUFFIX:
+        out = out.with_name(out.name + MODEL_SUFFIX)
+    _writable_file(out)
+    ckpt = out.with_suffix(".cgckpt")
+    sharp, _ = _read_stack(args.sharp, "sharp")
+    if args.blurred:
+        blurred, _ = _read_stack(args.blurred, "blurred")
+        if len(args.blurred) != len(args.sharp):
+            raise CLIError(f"{len(args.sharp)} sharp file(s) but {len(args.blurred)} blurred file(s); "
+                           "the k-th sharp file pairs with the k-th blurred file")
+        source = PairSource(sharp, blurred)
+    else:
+        source = SimulatedSource(sharp, args.psf)
+    _set_threads(args.threads)
+    res = _train_with_bar(_model_cfg(args), _train_cfg(args), source, out_path=out, checkpoint_path=ckpt,
+                          resume=args.resume, label=f"train {args.gate} U-Net({args.depth})")
+    print(f"model: {out}  (best validation PSNR {res.best_val_psnr:.2f} dB at epoch {res.best_epoch}, "
+          f"{res.stopped}, device {res.device}); checkpoint: {ckpt}")
+    return 0
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from .modelio import load_model
+    from .tiffio import read_tiff, write_tiff
+
+    saved = load_model(args.model)
+    roi = _parse_roi(args.roi)
+    out = Path(args.output)
+    many = len(args.inputs) > 1 or out.is_dir()
+    if many:
+        _out_dir(out)
+    else:
+        _writable_file(out)
+    _set_threads(args.threads)
+    for p in args.inputs:
+        img = read_tiff(p)
+        t0 = time.perf_counter()
+        restored = _predict_with_bar(saved, img.data, label=Path(p).name, roi=roi, binning=args.binning,
+                                     tile=args.tile, device=args.device)
+        dest = out / Path(p).name if many else out
+        if Path(dest).resolve() == Path(p).resolve():
+            raise CLIError(f"refusing to overwrite the input {p}; choose another output")
+        write_tiff(dest, restored, img)
+        mp = img.data.size / 1e6
+        print(f"{p} -> {dest}  ({mp:.1f} MP in {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .metrics import quality_report
+    from .modelio import load_model
+    from .report import write_report_png
+
+    if args.json:
+        _writable_file(Path(args.json))
+    if args.png:
+        _writable_file(Path(args.png))
+    saved = load_model(args.model)
+    sharp, _ = _read_stack(args.sharp, "sharp")
+    blurred, _ = _read_stack(args.blurred, "blurred")
+    if sharp.shape != blurred.shape:
+        raise CLIError(f"sharp {sharp.shape} and blurred {blurred.shape} must have the same shape")
+    _set_threads(args.threads)
+    t0 = time.perf_counter()
+    restored = _predict_with_bar(saved, blurred, label="evaluate", roi=_parse_roi(args.roi),
+                                 binning=args.binning, device=args.device)
+    secs = time.perf_counter() - t0
+    rep = quality_report(sharp, restored, blurred)
+    rep.update(model=str(args.model), planes=int(sharp.shape[0]), mp_per_s=sharp.size / 1e6 / secs)
+    rows = [
+        {"method": "blurred", "psnr": rep["psnr_blurred"], "ssim": rep["ssim_blurred"],
+         "psnr_by_ring": rep["psnr_by_ring_blurred"]},
+        {"method": "restored", "psnr": rep["psnr"], "ssim": rep["ssim"], "psnr_by_ring": rep["psnr_by_ring"],
+         "mp_per_s": rep["mp_per_s"]},
+    ]
+    print(_format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rep, indent=2, default=float))
+        print(f"report: {args.json}")
+    if args.png:
+        write_report_png(args.png, sharp, blurred, restored, title=f"{Path(args.model).name}")
+        print(f"figure: {args.png}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.output), minutes=args.minutes, seed=args.seed, threads=args.threads, device=args.device)
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="napari-coordgate",
@@ -58,6 +274,68 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+
+    def common(p, device=True):
+        if device:
+            p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+        p.add_argument("--threads", type=int, default=1,
+                       help="torch CPU threads (default 1: faster than 2 on a 2-core machine; 0 = torch default)")
+
+    p = sub.add_parser("demo", help="train plain and CoordGate U-Nets on a synthetic calibration set; compare")
+    p.add_argument("-o", "--output", default="coordgate-demo", help="output folder (default: coordgate-demo)")
+    p.add_argument("--minutes", type=float, default=1.0, help="training minutes per model (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    common(p)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("simulate", help="blur sharp TIFFs with a PSF model -> OUTDIR/<stem>_blurred.tif")
+    p.add_argument("sharp", nargs="+")
+    p.add_argument("--psf", required=True, help="preset name or PSF config JSON")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--photons", type=float, default=0.0, help="photons at the brightest pixel (0 = no noise)")
+    p.add_argument("--read-noise", type=float, default=0.0)
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "mps"))
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser("train", help="train a model from calibration pairs or a PSF model")
+    p.add_argument("--sharp", nargs="+", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--blurred", nargs="+")
+    src.add_argument("--psf", help="preset name or PSF config JSON (pairs are simulated)")
+    p.add_argument("-o", "--output", required=True, help="model file (.cgmodel)")
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--channels", type=int, default=16)
+    p.add_argument("--gate", default="coordgate", choices=("coordgate", "none", "coordconv"))
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, default=10.0)
+    budget.add_argument("--epochs", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", help="checkpoint (.cgckpt) to continue from")
+    p.add_argument("--register", action="store_true", help="register misaligned pairs instead of warning")
+    common(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("apply", help="deblur TIFF images or stacks with a model")
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("-o", "--output", required=True, help="output file, or folder for several inputs")
+    p.add_argument("--tile", type=int, default=None)
+    p.add_argument("--roi", help="Y,X of the image inside the training field")
+    p.add_argument("--binning", type=int, default=1)
+    common(p)
+    p.set_defaults(func=_cmd_apply)
+
+    p = sub.add_parser("evaluate", help="PSNR/SSIM overall and by field ring, error map")
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("--sharp", nargs="+", required=True)
+    p.add_argument("--blurred", nargs="+", required=True)
+    p.add_argument("--json")
+    p.add_argument("--png")
+    p.add_argument("--roi")
+    p.add_argument("--binning", type=int, default=1)
+    common(p)
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("models", help="parameter counts of the U-Net family; runs one on a bundled image")
     p.add_argument("--depth", type=int, default=2)
@@ -78,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # one clear line for the user; --debug for the traceback
         if args.debug:
             raise
-        name = "error" if isinstance(exc, CLIError) else type(exc).__name__
+        name = "error" if isinstance(exc, (CLIError, ValueError, FileNotFoundError)) else type(exc).__name__
         print(f"napari-coordgate: {name}: {exc}", file=sys.stderr)
         return 1
 

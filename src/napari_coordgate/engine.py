@@ -379,8 +379,7 @@ def train(
         atomic_write_bytes(p, encode(tensors, meta))
 
     model.train()
-    lo = torch.tensor(0.0)
-    running = 0.0
+    running, count = 0.0, 0
     try:
         while True:
             if train_cfg.epochs > 0 and epoch >= train_cfg.epochs:
@@ -451,7 +450,7 @@ def train(
         save_best()
     model.load_state_dict(best_state)
     model.eval()
-    emit("done", running, best_psnr, stop_reason)
+    emit("done", running / max(count, 1), best_psnr, stop_reason)
     return TrainResult(_saved(model), history, best_psnr, best_epoch, stop_reason, str(device))
 
 

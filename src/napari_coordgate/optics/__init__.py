@@ -1,0 +1,39 @@
+"""Optics: field-dependent PSF model, spatially varying blur and noise, classical deconvolution baselines.
+
+Plain numpy/torch: nothing here imports napari or Qt. Names are re-exported lazily so that importing
+:mod:`napari_coordgate.optics.psf` (numpy only) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "PSFConfig": "psf",
+    "PRESETS": "psf",
+    "UndersamplingWarning": "psf",
+    "get_psf_config": "psf",
+    "psf_at": "psf",
+    "psfs_at": "psf",
+    "psf_grid": "psf",
+    "render_psf_grid": "psf",
+    "SpatiallyVaryingBlur": "blur",
+    "brute_force_blur": "blur",
+    "add_noise": "blur",
+    "synthesize_pairs": "blur",
+    "richardson_lucy_central": "deconv",
+    "wiener_central": "deconv",
+    "sv_richardson_lucy": "deconv",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,183 @@
+"""Classical deconvolution baselines: what a user would run instead of a learned model.
+
+- :func:`richardson_lucy_central` and :func:`wiener_central` assume one PSF everywhere (the PSF at the
+  frame centre) and use scikit-image's implementations.
+- :func:`sv_richardson_lucy` inverts the spatially varying model itself, with the PSF-interpolation
+  operator of :mod:`napari_coordgate.optics.blur` and its exact adjoint.
+
+All return float32 arrays of the input's shape, in the input's intensity units. Images are extended by
+symmetric reflection before the shift-invariant methods, so their zero (RL) or periodic (Wiener) boundary
+handling does not create artefacts at the field edge.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from skimage import restoration
+
+from napari_coordgate.optics.blur import SpatiallyVaryingBlur, check_image
+from napari_coordgate.optics.psf import PSFConfig, get_psf_config, psf_at
+
+__all__ = ["central_psf", "richardson_lucy_central", "wiener_central", "sv_richardson_lucy"]
+
+
+def central_psf(cfg: "PSFConfig | str | dict", field_shape=None) -> np.ndarray:
+    """The PSF at the frame centre, float64 (psf_size, psf_size), summing to one."""
+    return psf_at(get_psf_config(cfg), 0.0, 0.0, field_shape)
+
+
+def _check_iterations(iterations: int) -> int:
+    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 0:
+        raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
+    return int(iterations)
+
+
+def _per_plane(arr: np.ndarray, fn) -> np.ndarray:
+    planes = arr.reshape(-1, *arr.shape[-2:])
+    out = np.empty(planes.shape, dtype=np.float32)
+    for i, plane in enumerate(planes):
+        out[i] = fn(plane)
+    return out.reshape(arr.shape)
+
+
+def richardson_lucy_central(image, cfg: "PSFConfig | str | dict", iterations: int = 30) -> np.ndarray:
+    """Richardson–Lucy deconvolution with the central PSF only (scikit-image).
+
+    Parameters
+    ----------
+    image
+        Blurred intensities, (H, W) or (..., H, W) (plane by plane). Negative values are clipped to zero
+        (subtract any camera offset first).
+    cfg
+        The PSF model; its PSF at the frame centre is used everywhere.
+    iterations
+        Number of RL iterations (more = sharper and noisier).
+
+    Returns
+    -------
+    ndarray, float32, same shape and units as ``image``
+    """
+    arr = check_image(image)
+    iterations = _check_iterations(iterations)
+    psf = central_psf(cfg, arr.shape[-2:])
+    pad = psf.shape[0]
+
+    def one(plane: np.ndarray) -> np.ndarray:
+        scale = float(plane.max())
+        if scale <= 0 or iterations == 0:
+            return plane
+        # scikit-image starts from 0.5 everywhere, so it expects intensities around [0, 1]
+        work = np.pad(np.clip(plane / scale, 0.0, None), pad, mode="symmetric").astype(np.float64)
+        result = restoration.richardson_lucy(work, psf, num_iter=iterations, clip=False)
+        return result[pad:-pad, pad:-pad] * scale
+
+    return _per_plane(arr, one)
+
+
+def wiener_central(image, cfg: "PSFConfig | str | dict", balance: float = 0.02) -> np.ndarray:
+    """Wiener deconvolution (Laplacian regulariser) with the central PSF only (scikit-image).
+
+    Parameters
+    ----------
+    image
+        Blurred intensities, (H, W) or (..., H, W) (plane by plane).
+    cfg
+        The PSF model; its PSF at the frame centre is used everywhere.
+    balance
+        Regularisation weight: larger is smoother and less noisy.
+
+    Returns
+    -------
+    ndarray, float32, same shape and units as ``image``
+    """
+    arr = check_image(image)
+    if not (isinstance(balance, (int, float)) and balance > 0 and np.isfinite(balance)):
+        raise ValueError(f"balance must be a positive number, got {balance!r}")
+    psf = central_psf(cfg, arr.shape[-2:])
+    pad = psf.shape[0]
+
+    def one(plane: np.ndarray) -> np.ndarray:
+        work = np.pad(plane.astype(np.float64), pad, mode="symmetric")
+        result = restoration.wiener(work, psf, balance, clip=False)
+        return result[pad:-pad, pad:-pad]
+
+    return _per_plane(arr, one)
+
+
+def sv_richardson_lucy(
+    image,
+    op_or_cfg: "SpatiallyVaryingBlur | PSFConfig | str | dict",
+    iterations: int = 30,
+    *,
+    background: float = 0.0,
+    should_stop: Callable[[], bool] | None = None,
+    on_iteration: Callable[[int, int], None] | None = None,
+    device: "str | torch.device" = "cpu",
+) -> np.ndarray:
+    """Spatially varying Richardson–Lucy with the PSF-interpolation operator and its exact adjoint.
+
+    Iterates ``x <- x * A^T(y / (A x + background)) / A^T 1`` from a flat start, which is the
+    maximum-likelihood (Poisson) deconvolution under the spatially varying model ``A``.
+
+    Parameters
+    ----------
+    image
+        Blurred intensities ``y``, (H, W) or (..., H, W) (plane by plane). Negative values are clipped to
+        zero.
+    op_or_cfg
+        A :class:`SpatiallyVaryingBlur` built for the image's frame shape, or a PSF model to build one.
+    iterations
+        Number of iterations (more = sharper and noisier).
+    background
+        Known constant background in the image's units (e.g. the camera offset), modelled, not subtracted.
+    should_stop
+        Called before every iteration; when it returns True the current estimate is returned at once
+        (planes of a stack not yet started are returned unchanged).
+    on_iteration
+        Called after every iteration as ``on_iteration(done, iterations)``.
+    device
+        Torch device, used when ``op_or_cfg`` is a config.
+
+    Returns
+    -------
+    ndarray, float32, same shape and units as ``image``
+    """
+    arr = check_image(image)
+    iterations = _check_iterations(iterations)
+    if not (isinstance(background, (int, float)) and background >= 0 and np.isfinite(background)):
+        raise ValueError(f"background must be a finite number >= 0, got {background!r}")
+    if isinstance(op_or_cfg, SpatiallyVaryingBlur):
+        op = op_or_cfg
+    else:
+        op = SpatiallyVaryingBlur(op_or_cfg, arr.shape[-2:], device=device)
+    if arr.shape[-2:] != op.field_shape:
+        raise ValueError(
+            f"image frame is {arr.shape[-2:]} but the operator was built for {op.field_shape}; "
+            "pass a PSF config instead, or build the operator for this shape"
+        )
+    eps = torch.finfo(op.dtype).tiny ** 0.5
+    with torch.no_grad():
+        norm = op.apply_adjoint(torch.ones(op.field_shape, dtype=op.dtype, device=op.device))
+        norm = norm.clamp_min(eps)
+        planes = arr.reshape(-1, *op.field_shape)
+        out = np.empty(planes.shape, dtype=np.float32)
+        stopped = False
+        for n, plane in enumerate(planes):
+            y = torch.as_tensor(np.clip(plane, 0.0, None), dtype=op.dtype, device=op.device)
+            x = torch.full_like(y, max(float(y.mean()) - background, eps))
+            done = 0
+            for it in range(iterations):
+                if stopped or (should_stop is not None and should_stop()):
+                    stopped = True
+                    break
+                ratio = y / (op.apply(x) + background).clamp_min(eps)
+                x = x * op.apply_adjoint(ratio) / norm
+                done = it + 1
+                if on_iteration is not None:
+                    on_iteration(done, iterations)
+            # zero iterations, or a stop before this plane started: return it as it came, not the flat start
+            out[n] = x.to("cpu", torch.float32).numpy() if done else plane
+    return out.reshape(arr.shape)

@@ -1,0 +1,525 @@
+"""Field-dependent point spread function (PSF) model.
+
+Two models describe how a microscope blurs each point of its field of view:
+
+``"pupil"``
+    A scalar Fourier-optics model. The pupil of a circular aperture (cut-off ``NA / wavelength``) carries
+    a wavefront error built from Zernike polynomials (Noll normalisation, so each coefficient is the RMS
+    wavefront error of its term, in waves). The coherent field is the pupil's Fourier transform, the PSF
+    its squared modulus, computed on a grid ``oversample`` times finer than the camera and binned to
+    camera pixels so small PSFs are not aliased, then normalised to unit sum.
+``"gaussian"``
+    A cheap anisotropic Gaussian whose width grows with field height, the long axis along the radius.
+
+Field dependence follows the aberration theory of rotationally symmetric objectives: defocus (field
+curvature) and astigmatism grow with the square of the field height ``h``, coma linearly with ``h``,
+and astigmatism and coma are oriented along the radial direction (the line from the optical axis to the
+field point). Constant terms model a misaligned or imperfect objective. The optical axis may be off the
+frame centre.
+
+Coordinates
+-----------
+Field positions are per-axis normalised coordinates shared with the network: pixel centre ``p`` of an axis
+with ``N`` pixels sits at ``(2 p - (N - 1)) / (N - 1)``, in [-1, 1]. The field height ``h`` is a physical
+distance (in pixels, so non-square frames stay round) from the optical axis, divided by the distance from
+the frame centre to a corner: ``h = 1`` at the corners when the axis is centred. The field angle ``phi``
+is measured in image axes (x to the right, y down).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Sequence
+
+import numpy as np
+
+from napari_coordgate.config import Config, ConfigError, bounded, choice
+
+__all__ = [
+    "PSFConfig",
+    "PRESETS",
+    "UndersamplingWarning",
+    "get_psf_config",
+    "field_polar",
+    "grid_positions",
+    "psf_at",
+    "psfs_at",
+    "psf_grid",
+    "render_psf_grid",
+    "nyquist_pixel_size_um",
+]
+
+PSF_MODELS = ("pupil", "gaussian")
+
+# Zernike terms of the pupil model, in the order of the coefficient vectors used below.
+ZERNIKE_TERMS = ("defocus", "astig_0", "astig_45", "coma_x", "coma_y", "spherical")
+# Largest slope of each Noll-normalised term over the unit pupil, in waves per unit pupil radius; it sets
+# how finely the pupil must be sampled so the phase does not wrap between neighbouring samples.
+_MAX_SLOPE = np.array([4 * math.sqrt(3), 2 * math.sqrt(6), 2 * math.sqrt(6), 7 * math.sqrt(8), 7 * math.sqrt(8),
+                       12 * math.sqrt(5)])
+_MIN_PUPIL_SAMPLES = 32
+_CHUNK = 256  # PSFs computed together; bounds memory for brute-force use (thousands of PSFs)
+
+
+class UndersamplingWarning(UserWarning):
+    """The camera pixel is larger than the Nyquist limit of the PSF."""
+
+
+def _waves(default: float = 0.0, doc: str = ""):
+    return bounded(default, -3.0, 3.0, kind=float, doc=doc)
+
+
+@dataclass(frozen=True)
+class PSFConfig(Config):
+    """How the microscope blurs each point of the field of view.
+
+    Aberration coefficients are RMS wavefront errors in waves (Noll-normalised Zernike terms). The
+    coefficient of a term at field height ``h`` and field angle ``phi`` is
+
+    - defocus: ``defocus + defocus_h2 * h**2``
+    - astigmatism: ``astig_0`` (cos 2θ) and ``astig_45`` (sin 2θ) plus ``astig_h2 * h**2`` along the radius,
+      i.e. ``cos 2(θ - phi)``
+    - coma: ``coma_x`` (cos θ) and ``coma_y`` (sin θ) plus ``coma_h * h`` along the radius, ``cos(θ - phi)``
+    - spherical: ``spherical``
+
+    The Gaussian model has standard deviation ``sigma_px * (1 + sigma_radial_h2 * h**2)`` along the
+    radius and ``sigma_px * (1 + sigma_tangential_h2 * h**2)`` across it.
+    """
+
+    KIND: ClassVar[str] = "psf"
+
+    name: str = field(default="custom", metadata={"kind": str, "doc": "label (the preset name, or custom)"})
+    model: str = choice("pupil", PSF_MODELS, doc="pupil (Zernike wavefront) or gaussian")
+    na: float = bounded(0.8, 0.01, 1.7, doc="numerical aperture of the objective")
+    wavelength_um: float = bounded(0.52, 0.1, 10.0, doc="emission wavelength in vacuum, micrometres")
+    pixel_size_um: float = bounded(0.16, 0.001, 100.0, doc="camera pixel size in the specimen plane, µm")
+    refractive_index: float = bounded(1.0, 1.0, 3.0, doc="index of the immersion medium")
+    psf_size: int = bounded(21, 3, 255, doc="PSF side in camera pixels (odd)")
+    oversample: int = bounded(3, 1, 15, doc="sub-samples per pixel and axis (odd); raised if undersampled")
+    grid: int = bounded(7, 1, 64, doc="K: PSFs on a K x K grid across the field for the fast blur")
+    axis_y: float = bounded(0.0, -1.0, 1.0, doc="optical axis row, normalised field coordinate")
+    axis_x: float = bounded(0.0, -1.0, 1.0, doc="optical axis column, normalised field coordinate")
+    defocus: float = _waves(doc="constant defocus, waves RMS")
+    astig_0: float = _waves(doc="constant astigmatism, cos 2θ, waves RMS")
+    astig_45: float = _waves(doc="constant astigmatism, sin 2θ, waves RMS")
+    coma_x: float = _waves(doc="constant coma, cos θ, waves RMS")
+    coma_y: float = _waves(doc="constant coma, sin θ, waves RMS")
+    spherical: float = _waves(doc="constant primary spherical aberration, waves RMS")
+    defocus_h2: float = _waves(doc="field curvature: defocus at h = 1, grows as h²")
+    astig_h2: float = _waves(doc="radial astigmatism at h = 1, grows as h²")
+    coma_h: float = _waves(doc="radial coma at h = 1, grows as h")
+    sigma_px: float = bounded(1.0, 0.1, 50.0, doc="gaussian model: standard deviation at the axis, pixels")
+    sigma_radial_h2: float = bounded(0.0, 0.0, 20.0, doc="gaussian model: relative growth along the radius at h = 1")
+    sigma_tangential_h2: float = bounded(0.0, 0.0, 20.0, doc="gaussian model: relative growth across the radius")
+
+    def _validate(self) -> None:
+        if self.na >= self.refractive_index:
+            raise ConfigError(
+                f"PSFConfig.na ({self.na}) must be smaller than PSFConfig.refractive_index "
+                f"({self.refractive_index}): the numerical aperture cannot reach the index of the medium"
+            )
+        for name in ("psf_size", "oversample"):
+            if getattr(self, name) % 2 == 0:
+                raise ConfigError(
+                    f"PSFConfig.{name} must be odd so the PSF is centred on a pixel, got {getattr(self, name)}"
+                )
+
+    @property
+    def is_uniform(self) -> bool:
+        """True when the PSF is the same everywhere in the field (no field-dependent terms)."""
+        if self.model == "gaussian":
+            return self.sigma_radial_h2 == 0 and self.sigma_tangential_h2 == 0
+        return self.defocus_h2 == 0 and self.astig_h2 == 0 and self.coma_h == 0
+
+
+PRESETS: dict[str, PSFConfig] = {
+    "diffraction_limited": PSFConfig(name="diffraction_limited"),
+    "edge_defocus_astigmatism": PSFConfig(
+        name="edge_defocus_astigmatism", psf_size=25, defocus_h2=0.3, astig_h2=0.25, coma_h=0.1,
+    ),
+    "strong_astigmatism": PSFConfig(
+        name="strong_astigmatism", psf_size=31, astig_0=0.15, defocus_h2=0.15, astig_h2=0.45, coma_h=0.1,
+    ),
+    "gaussian": PSFConfig(
+        name="gaussian", model="gaussian", psf_size=21, sigma_px=1.0, sigma_radial_h2=2.0, sigma_tangential_h2=0.5,
+    ),
+}
+"""Named PSF models a user can pick instead of writing a config."""
+
+
+def get_psf_config(spec: "PSFConfig | str | Path | Mapping[str, Any]") -> PSFConfig:
+    """Resolve a preset name, a JSON file or a dict to a validated :class:`PSFConfig`.
+
+    Parameters
+    ----------
+    spec
+        A ``PSFConfig`` (returned unchanged), a preset name from :data:`PRESETS`, a path to a JSON file
+        written by :meth:`PSFConfig.to_json` or by hand, or a dict of fields.
+
+    Returns
+    -------
+    PSFConfig
+
+    Raises
+    ------
+    ConfigError
+        For an unknown preset name (the message lists the presets), an unreadable file, or invalid fields.
+    """
+    if isinstance(spec, PSFConfig):
+        return spec
+    if isinstance(spec, Mapping):
+        return PSFConfig.from_dict(dict(spec))
+    if isinstance(spec, (str, Path)):
+        if isinstance(spec, str) and spec in PRESETS:
+            return PRESETS[spec]
+        path = Path(spec)
+        if path.suffix.lower() == ".json" or path.is_file():
+            try:
+                text = path.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"cannot read PSF config file {str(path)!r}: {exc.strerror or exc}") from None
+            return PSFConfig.from_json(text)
+        raise ConfigError(
+            f"unknown PSF preset {str(spec)!r}; valid presets: {', '.join(PRESETS)} "
+            "(or give the path of a .json PSF config)"
+        )
+    raise ConfigError(f"a PSF config must be a preset name, a JSON path or a dict, got {type(spec).__name__}")
+
+
+def nyquist_pixel_size_um(cfg: PSFConfig) -> float:
+    """Largest pixel (in the specimen plane, µm) that samples the pupil-model PSF without aliasing.
+
+    The incoherent optical transfer function extends to ``2 NA / wavelength``, so the Nyquist pixel is
+    ``wavelength / (4 NA)``.
+    """
+    return cfg.wavelength_um / (4.0 * cfg.na)
+
+
+def _warn_if_undersampled(cfg: PSFConfig, stacklevel: int = 3) -> None:
+    if cfg.model == "pupil":
+        limit = nyquist_pixel_size_um(cfg)
+        if cfg.pixel_size_um > limit * (1 + 1e-9):
+            warnings.warn(
+                f"PSFConfig.pixel_size_um = {cfg.pixel_size_um:g} µm undersamples the PSF (Nyquist pixel for "
+                f"NA {cfg.na:g} at {cfg.wavelength_um:g} µm is {limit:.4g} µm); the PSF is still computed "
+                "on a finer grid and binned, but detail finer than a pixel is lost by the camera",
+                UndersamplingWarning,
+                stacklevel=stacklevel,
+            )
+    elif cfg.sigma_px < 0.5:
+        warnings.warn(
+            f"PSFConfig.sigma_px = {cfg.sigma_px:g} px: a Gaussian narrower than half a pixel is undersampled",
+            UndersamplingWarning,
+            stacklevel=stacklevel,
+        )
+
+
+def _effective_oversample(cfg: PSFConfig) -> int:
+    """The configured oversampling, raised (staying odd) until the fine grid samples the PSF at Nyquist."""
+    os_ = cfg.oversample
+    if cfg.model == "pupil":
+        limit = nyquist_pixel_size_um(cfg)
+        while cfg.pixel_size_um / os_ > limit and os_ < 31:
+            os_ += 2
+    return os_
+
+
+def _field_shape(field_shape: Sequence[int] | None) -> tuple[int, int]:
+    if field_shape is None:
+        return (2, 2)  # any square frame: normalised coordinates map to the same h
+    shape = tuple(int(n) for n in field_shape)
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f"field_shape must be (H, W) with positive sides, got {tuple(field_shape)}")
+    return shape  # type: ignore[return-value]
+
+
+def field_polar(
+    cfg: PSFConfig, y: "float | np.ndarray", x: "float | np.ndarray", field_shape: Sequence[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Field height and field angle of normalised field positions.
+
+    Parameters
+    ----------
+    cfg
+        Supplies the optical axis (``axis_y``, ``axis_x``).
+    y, x
+        Normalised field coordinates in [-1, 1] (scalars or arrays of one shape).
+    field_shape
+        (H, W) of the frame; sets the pixel aspect so that ``h`` is a physical distance. ``None`` means a
+        square frame.
+
+    Returns
+    -------
+    h, phi : ndarray
+        Field height (1 at the frame corners for a centred axis) and field angle in radians,
+        ``atan2(dy, dx)`` in image axes.
+    """
+    h_px, w_px = _field_shape(field_shape)
+    half_h, half_w = (h_px - 1) / 2.0, (w_px - 1) / 2.0
+    half_diag = math.hypot(half_h, half_w)
+    dy = (np.asarray(y, dtype=np.float64) - cfg.axis_y) * half_h
+    dx = (np.asarray(x, dtype=np.float64) - cfg.axis_x) * half_w
+    if half_diag == 0:
+        return np.zeros(np.broadcast(dy, dx).shape), np.zeros(np.broadcast(dy, dx).shape)
+    return np.hypot(dy, dx) / half_diag, np.arctan2(dy, dx)
+
+
+def _max_field_height(cfg: PSFConfig) -> float:
+    # distance from the axis to the farthest corner, in half-diagonals, for any frame shape
+    return 1.0 + max(abs(cfg.axis_y), abs(cfg.axis_x))
+
+
+def _zernike_coefficients(cfg: PSFConfig, h: np.ndarray, phi: np.ndarray) -> np.ndarray:
+    """(..., 6) coefficients in waves RMS, in the order of ``ZERNIKE_TERMS``."""
+    h2 = h * h
+    astig = cfg.astig_h2 * h2
+    coma = cfg.coma_h * h
+    return np.stack(
+        [
+            cfg.defocus + cfg.defocus_h2 * h2,
+            cfg.astig_0 + astig * np.cos(2 * phi),
+            cfg.astig_45 + astig * np.sin(2 * phi),
+            cfg.coma_x + coma * np.cos(phi),
+            cfg.coma_y + coma * np.sin(phi),
+            np.full_like(h, cfg.spherical),
+        ],
+        axis=-1,
+    )
+
+
+def _pupil_samples(cfg: PSFConfig) -> int:
+    """Pupil samples across the diameter: enough that the worst-case phase moves < π/2 per sample."""
+    h = _max_field_height(cfg)
+    worst = np.abs(_zernike_coefficients(cfg, np.array([h]), np.array([0.0]))[0])
+    worst[1:3] = abs(cfg.astig_0) + abs(cfg.astig_45) + abs(cfg.astig_h2) * h * h
+    worst[3:5] = abs(cfg.coma_x) + abs(cfg.coma_y) + abs(cfg.coma_h) * h
+    radius = max(_MIN_PUPIL_SAMPLES / 2, 4.0 * float(worst @ _MAX_SLOPE))
+    return 2 * int(math.ceil(radius))
+
+
+class _PupilModel:
+    """Precomputed pupil sampling and Fourier matrices for one config."""
+
+    def __init__(self, cfg: PSFConfig):
+        self.size = cfg.psf_size
+        self.os = _effective_oversample(cfg)
+        m = _pupil_samples(cfg)
+        cutoff = cfg.na / cfg.wavelength_um
+        f = (np.arange(m) - (m - 1) / 2.0) * (2.0 * cutoff / m)
+        fy, fx = np.meshgrid(f, f, indexing="ij")
+        rho = np.hypot(fy, fx) / cutoff
+        theta = np.arctan2(fy, fx)
+        # the fraction of each pupil sample inside the aperture (approximately): a soft edge makes the
+        # PSF converge quickly with the number of pupil samples instead of depending on a jagged circle
+        coverage = np.clip((1.0 - rho) * (m / 2.0) + 0.5, 0.0, 1.0)
+        inside = coverage > 0
+        # aplanatic detection objective: light per pupil area grows as 1 / cos(angle in the medium)
+        sin_t = np.clip(cfg.na * np.minimum(rho, 1.0) / cfg.refractive_index, 0.0, 0.999999)
+        self.amplitude = coverage * (1.0 - sin_t**2) ** -0.25
+        r2 = rho**2
+        basis = [
+            math.sqrt(3) * (2 * r2 - 1),
+            math.sqrt(6) * r2 * np.cos(2 * theta),
+            math.sqrt(6) * r2 * np.sin(2 * theta),
+            math.sqrt(8) * (3 * r2 - 2) * rho * np.cos(theta),
+            math.sqrt(8) * (3 * r2 - 2) * rho * np.sin(theta),
+            math.sqrt(5) * (6 * r2 * r2 - 6 * r2 + 1),
+        ]
+        self.inside = inside
+        self.basis = np.stack([b[inside] for b in basis])  # (6, n_inside)
+        fine = self.size * self.os
+        u = (np.arange(fine) - (fine - 1) / 2.0) * (cfg.pixel_size_um / self.os)
+        # matrix Fourier transform: evaluates the field only where the crop needs it, with no wrap-around
+        self.fourier = np.exp(2j * np.pi * np.outer(u, f)).astype(np.complex128)
+
+    def psfs(self, coeffs: np.ndarray) -> np.ndarray:
+        coeffs = coeffs.reshape(-1, coeffs.shape[-1])
+        out = np.empty((coeffs.shape[0], self.size, self.size))
+        m = self.inside.shape[0]
+        for start in range(0, coeffs.shape[0], _CHUNK):
+            c = coeffs[start : start + _CHUNK]
+            phase = 2 * np.pi * (c @ self.basis)
+            pupil = np.zeros((c.shape[0], m, m), dtype=np.complex128)
+            pupil[:, self.inside] = self.amplitude[self.inside] * np.exp(1j * phase)
+            field_ = _fourier_pair(self.fourier, pupil)
+            intensity = field_.real**2 + field_.imag**2
+            out[start : start + _CHUNK] = _bin(intensity, self.size, self.os)
+        return out
+
+
+def _fourier_pair(f: np.ndarray, pupils: np.ndarray) -> np.ndarray:
+    """``f @ p @ f.T`` for every pupil ``p`` of a batch (B, M, M), as two large matrix products.
+
+    Runs through torch, whose thread count the caller controls (``torch.set_num_threads``): NumPy's BLAS
+    picks its own, and on a busy machine its spinning threads can make this many times slower.
+    """
+    import torch  # deferred: reading configs and presets must not need torch
+
+    b, m, _ = pupils.shape
+    ft = torch.from_numpy(np.ascontiguousarray(f.T))  # (M, S)
+    x = torch.from_numpy(pupils).reshape(b * m, m) @ ft  # rows of p @ f.T
+    # (f @ x)^T = x^T @ f^T, again one product over the whole batch
+    et = x.reshape(b, m, -1).transpose(1, 2).reshape(-1, m) @ ft
+    s = ft.shape[1]
+    return et.reshape(b, s, s).transpose(1, 2).numpy()
+
+
+def _bin(fine: np.ndarray, size: int, os_: int) -> np.ndarray:
+    binned = fine.reshape(fine.shape[0], size, os_, size, os_).sum(axis=(2, 4))
+    return binned / binned.sum(axis=(1, 2), keepdims=True)
+
+
+def _gaussian_psfs(cfg: PSFConfig, h: np.ndarray, phi: np.ndarray) -> np.ndarray:
+    os_ = _effective_oversample(cfg)
+    fine = cfg.psf_size * os_
+    u = (np.arange(fine) - (fine - 1) / 2.0) / os_
+    uy, ux = np.meshgrid(u, u, indexing="ij")
+    h, phi = h.reshape(-1), phi.reshape(-1)
+    out = np.empty((h.size, cfg.psf_size, cfg.psf_size))
+    for start in range(0, h.size, _CHUNK):
+        hh, pp = h[start : start + _CHUNK, None, None], phi[start : start + _CHUNK, None, None]
+        s_r = cfg.sigma_px * (1 + cfg.sigma_radial_h2 * hh**2)
+        s_t = cfg.sigma_px * (1 + cfg.sigma_tangential_h2 * hh**2)
+        radial = ux * np.cos(pp) + uy * np.sin(pp)
+        tangential = -ux * np.sin(pp) + uy * np.cos(pp)
+        fine_psf = np.exp(-0.5 * ((radial / s_r) ** 2 + (tangential / s_t) ** 2))
+        out[start : start + _CHUNK] = _bin(fine_psf, cfg.psf_size, os_)
+    return out
+
+
+def _psfs_polar(cfg: PSFConfig, h: np.ndarray, phi: np.ndarray) -> np.ndarray:
+    shape = np.shape(h)
+    if cfg.model == "gaussian":
+        flat = _gaussian_psfs(cfg, np.asarray(h), np.asarray(phi))
+    else:
+        flat = _PupilModel(cfg).psfs(_zernike_coefficients(cfg, np.asarray(h), np.asarray(phi)))
+    return flat.reshape(*shape, cfg.psf_size, cfg.psf_size)
+
+
+def psfs_at(
+    cfg: PSFConfig, y: "np.ndarray", x: "np.ndarray", field_shape: Sequence[int] | None = None
+) -> np.ndarray:
+    """PSFs at many normalised field positions at once.
+
+    Parameters
+    ----------
+    cfg
+        The PSF model.
+    y, x
+        Normalised field coordinates (arrays broadcastable to one shape ``S``).
+    field_shape
+        (H, W) of the frame, or ``None`` for a square frame.
+
+    Returns
+    -------
+    ndarray, float64, shape ``S + (psf_size, psf_size)``
+        Each PSF sums to one and is centred on its middle pixel.
+    """
+    _warn_if_undersampled(cfg)
+    y, x = np.broadcast_arrays(np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64))
+    h, phi = field_polar(cfg, y, x, field_shape)
+    return _psfs_polar(cfg, h, phi)
+
+
+def psf_at(cfg: PSFConfig, y: float, x: float, field_shape: Sequence[int] | None = None) -> np.ndarray:
+    """The PSF at one normalised field position.
+
+    Parameters
+    ----------
+    cfg
+        The PSF model.
+    y, x
+        Normalised field coordinates in [-1, 1] (``(0, 0)`` is the frame centre).
+    field_shape
+        (H, W) of the frame, or ``None`` for a square frame.
+
+    Returns
+    -------
+    ndarray, float64, shape (psf_size, psf_size)
+        Sums to one; the point's image is centred on the middle pixel.
+
+    Warns
+    -----
+    UndersamplingWarning
+        When the camera pixel is coarser than the Nyquist limit of the PSF.
+    """
+    _warn_if_undersampled(cfg)
+    h, phi = field_polar(cfg, float(y), float(x), field_shape)
+    return _psfs_polar(cfg, np.atleast_1d(h), np.atleast_1d(phi))[0]
+
+
+def grid_positions(k: int) -> np.ndarray:
+    """Normalised coordinates of the ``k`` grid nodes along one axis (the frame edges for ``k >= 2``)."""
+    if k < 1:
+        raise ConfigError(f"PSFConfig.grid must be at least 1, got {k}")
+    return np.zeros(1) if k == 1 else np.linspace(-1.0, 1.0, k)
+
+
+def psf_grid(cfg: PSFConfig, field_shape: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PSFs on the K × K grid (``K = cfg.grid``) that the fast blur interpolates.
+
+    Parameters
+    ----------
+    cfg
+        The PSF model.
+    field_shape
+        (H, W) of the frame, or ``None`` for a square frame.
+
+    Returns
+    -------
+    psfs : ndarray, float64, shape (K, K, psf_size, psf_size)
+        ``psfs[i, j]`` is the PSF at row node ``ys[i]`` and column node ``xs[j]``.
+    ys, xs : ndarray, shape (K,)
+        Normalised coordinates of the nodes: ``linspace(-1, 1, K)``, or ``[0]`` for ``K = 1``.
+    """
+    _warn_if_undersampled(cfg)
+    ys = grid_positions(cfg.grid)
+    xs = grid_positions(cfg.grid)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    h, phi = field_polar(cfg, yy, xx, field_shape)
+    return _psfs_polar(cfg, h, phi), ys, xs
+
+
+def render_psf_grid(
+    cfg: PSFConfig, field_shape: Sequence[int] | None = None, *, gap: int = 2, normalize: str = "each"
+) -> np.ndarray:
+    """The K × K PSF grid tiled into one image for display.
+
+    Parameters
+    ----------
+    cfg
+        The PSF model.
+    field_shape
+        (H, W) of the frame, or ``None`` for a square frame.
+    gap
+        Pixels of zero between tiles.
+    normalize
+        ``"each"`` scales every PSF to peak 1 so shapes are visible everywhere; ``"global"`` divides all by
+        the largest peak so the loss of peak intensity towards the edge shows.
+
+    Returns
+    -------
+    ndarray, float32, shape (K * s + (K + 1) * gap,) * 2
+        Tile ``(i, j)`` shows the PSF at grid node ``(i, j)``, laid out as in the field.
+    """
+    if normalize not in ("each", "global"):
+        raise ValueError(f"normalize must be 'each' or 'global', got {normalize!r}")
+    if gap < 0:
+        raise ValueError(f"gap must be >= 0, got {gap}")
+    psfs, _, _ = psf_grid(cfg, field_shape)
+    k, s = psfs.shape[0], psfs.shape[-1]
+    if normalize == "each":
+        psfs = psfs / psfs.max(axis=(2, 3), keepdims=True)
+    else:
+        psfs = psfs / psfs.max()
+    side = k * s + (k + 1) * gap
+    image = np.zeros((side, side), dtype=np.float32)
+    for i in range(k):
+        for j in range(k):
+            r, c = gap + i * (s + gap), gap + j * (s + gap)
+            image[r : r + s, c : c + s] = psfs[i, j]
+    return image
+

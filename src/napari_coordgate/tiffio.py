@@ -1,0 +1,107 @@
+"""TIFF in, TIFF out, keeping what a microscopist needs: pixel size, axes, OME/ImageJ metadata."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["TiffImage", "read_tiff", "write_tiff"]
+
+
+@dataclass
+class TiffImage:
+    data: np.ndarray
+    axes: str | None = None
+    resolution: tuple[float, float] | None = None  # pixels per unit (x, y), as TIFF stores it
+    resolution_unit: int | None = None
+    imagej: dict | None = None
+    ome: str | None = None
+    description: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def read_tiff(path: str | os.PathLike) -> TiffImage:
+    """Read a TIFF and its metadata; a missing or unreadable file raises a clear error."""
+    import tifffile
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file {path} does not exist")
+    try:
+        with tifffile.TiffFile(path) as tf:
+            series = tf.series[0]
+            data = series.asarray()
+            page = tf.pages[0]
+            res = page.tags.get("XResolution"), page.tags.get("YResolution")
+            resolution = None
+            if res[0] is not None and res[1] is not None:
+                rx, ry = res[0].value, res[1].value
+                resolution = (rx[0] / rx[1], ry[0] / ry[1])
+            unit = page.tags.get("ResolutionUnit")
+            return TiffImage(
+                data=data,
+                axes=series.axes,
+                resolution=resolution,
+                resolution_unit=int(unit.value) if unit is not None else None,
+                imagej=dict(tf.imagej_metadata) if tf.imagej_metadata else None,
+                ome=tf.ome_metadata,
+                description=page.description or None,
+            )
+    except (tifffile.TiffFileError, ValueError, OSError) as exc:
+        raise ValueError(f"cannot read {path} as TIFF: {exc}") from None
+
+
+def _ome_physical_sizes(ome: str) -> dict:
+    """PhysicalSize{X,Y,Z} (and units) of the first OME Pixels element."""
+    import re
+
+    pixels = re.search(r"<(?:\w+:)?Pixels\b[^>]*>", ome)
+    if not pixels:
+        return {}
+    out = {}
+    for key, value in re.findall(r'(PhysicalSize[XYZ](?:Unit)?)="([^"]+)"', pixels.group(0)):
+        out[key] = value if key.endswith("Unit") else float(value)
+    return out
+
+
+def write_tiff(path: str | os.PathLike, data: np.ndarray, like: TiffImage | None = None) -> Path:
+    """Write float32 ``data`` atomically, carrying pixel size, axes and OME/ImageJ metadata from ``like``."""
+    import tifffile
+
+    path = Path(path)
+    if not path.parent.exists():
+        raise FileNotFoundError(f"output folder {path.parent} does not exist")
+    kwargs: dict = {}
+    if like is not None:
+        if like.resolution is not None:
+            kwargs["resolution"] = like.resolution
+            if like.resolution_unit is not None:
+                kwargs["resolutionunit"] = like.resolution_unit
+        if like.ome:
+            # OME-XML describes pixel type; rewrite it through tifffile's OME writer with the axes kept
+            kwargs["ome"] = True
+            meta = {"axes": like.axes} if like.axes else {}
+            meta.update(_ome_physical_sizes(like.ome))
+            kwargs["metadata"] = meta
+        elif like.imagej:
+            kwargs["imagej"] = True
+            meta = {k: v for k, v in like.imagej.items() if k in ("spacing", "unit", "axes", "finterval")}
+            if like.axes:
+                meta["axes"] = like.axes.replace("S", "C")
+            kwargs["metadata"] = meta
+        elif like.axes:
+            kwargs["metadata"] = {"axes": like.axes}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        tifffile.imwrite(tmp, np.asarray(data, dtype=np.float32), **kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
