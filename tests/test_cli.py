@@ -1,0 +1,127 @@
+"""The command line: the documented flags work, outputs keep names and metadata, errors are one line."""
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_coordgate.cli import main
+from napari_coordgate.specimens import specimen_fields
+
+
+@pytest.fixture
+def sharp_tifs(tmp_path):
+    fields = (specimen_fields(3, (64, 64), seed=0) * 3000 + 200).astype(np.uint16)
+    paths = []
+    for i, f in enumerate(fields):
+        p = tmp_path / f"s{i}.tif"
+        tifffile.imwrite(p, f, imagej=True, resolution=(10.0, 10.0), metadata={"unit": "um", "axes": "YX"})
+        paths.append(str(p))
+    return paths
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_simulate_train_apply_evaluate_round_trip(tmp_path, capsys, sharp_tifs):
+    sim = tmp_path / "sim"
+    code, out, err = _run(capsys, "simulate", *sharp_tifs, "--psf", "gaussian", "-o", sim, "--photons", 500)
+    assert code == 0, err
+    blurred = [str(sim / f"s{i}_blurred.tif") for i in range(3)]
+    for b in blurred:
+        with tifffile.TiffFile(b) as tf:
+            assert tf.pages[0].tags["XResolution"].value == (10, 1)
+            assert tf.pages[0].dtype == np.float32
+
+    model = tmp_path / "scope.cgmodel"
+    code, out, err = _run(capsys, "train", "--sharp", *sharp_tifs, "--blurred", *blurred, "-o", model,
+                          "--depth", 1, "--channels", 4, "--epochs", 1, "--device", "cpu")
+    assert code == 0, err
+    assert model.exists() and model.with_suffix(".cgckpt").exists()
+
+    code, out, err = _run(capsys, "train", "--sharp", *sharp_tifs, "--blurred", *blurred, "-o", model,
+                          "--depth", 1, "--channels", 4, "--epochs", 2, "--device", "cpu",
+                          "--resume", model.with_suffix(".cgckpt"))
+    assert code == 0, err
+
+    outdir = tmp_path / "restored"
+    code, out, err = _run(capsys, "apply", "-m", model, *blurred, "-o", outdir, "--tile", 32, "--device", "cpu")
+    assert code == 0, err
+    for i in range(3):
+        restored = tifffile.imread(outdir / f"s{i}_blurred.tif")
+        assert restored.shape == (64, 64) and restored.dtype == np.float32
+
+    report = tmp_path / "r.json"
+    png = tmp_path / "r.png"
+    code, out, err = _run(capsys, "evaluate", "-m", model, "--sharp", sharp_tifs[0], "--blurred", blurred[0],
+                          "--json", report, "--png", png, "--device", "cpu")
+    assert code == 0, err
+    rep = json.loads(report.read_text())
+    for key in ("psnr", "ssim", "psnr_blurred", "ssim_blurred", "psnr_by_ring"):
+        assert key in rep
+    assert {"r_min", "r_max", "psnr"} <= set(rep["psnr_by_ring"][0])
+    assert png.stat().st_size > 10_000
+    assert "restored" in out and "blurred" in out
+
+
+def test_train_from_psf_preset(tmp_path, capsys, sharp_tifs):
+    model = tmp_path / "m"
+    code, _, err = _run(capsys, "train", "--sharp", *sharp_tifs, "--psf", "gaussian", "-o", model,
+                        "--depth", 1, "--channels", 4, "--epochs", 1, "--device", "cpu")
+    assert code == 0, err
+    assert (tmp_path / "m.cgmodel").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["apply", "-m", "{tmp}/missing.cgmodel", "{s0}", "-o", "{tmp}/o.tif"], "does not exist"),
+        (["simulate", "{s0}", "--psf", "no_such_preset", "-o", "{tmp}/x"], "no_such_preset"),
+        (["simulate", "{tmp}/nope.tif", "--psf", "gaussian", "-o", "{tmp}/x"], "does not exist"),
+        (["train", "--sharp", "{s0}", "{s1}", "--blurred", "{s0}", "-o", "{tmp}/m", "--epochs", "1"],
+         "2 sharp file"),
+        (["train", "--sharp", "{s0}", "--psf", "gaussian", "-o", "{tmp}/no/such/dir/m", "--epochs", "1"],
+         "does not exist"),
+        (["apply", "-m", "{s0}", "{s0}", "-o", "{tmp}/o.tif"], "not a readable napari-coordgate"),
+        (["evaluate", "-m", "{tmp}/m.cgmodel", "--sharp", "{s0}", "--blurred", "{s0}", "--roi", "a,b"], "--roi"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_nonzero_exit(tmp_path, capsys, sharp_tifs, argv, message):
+    argv = [a.format(tmp=tmp_path, s0=sharp_tifs[0], s1=sharp_tifs[1]) for a in argv]
+    if argv[0] == "evaluate":
+        _run(capsys, "train", "--sharp", sharp_tifs[0], "--psf", "gaussian", "-o", tmp_path / "m",
+             "--depth", 1, "--channels", 2, "--epochs", 1, "--device", "cpu")
+    code, out, err = _run(capsys, *argv)
+    assert code != 0
+    assert message in err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_wrong_field_without_roi_is_a_clear_error(tmp_path, capsys, sharp_tifs):
+    _run(capsys, "train", "--sharp", *sharp_tifs, "--psf", "gaussian", "-o", tmp_path / "m",
+         "--depth", 1, "--channels", 2, "--epochs", 1, "--device", "cpu")
+    small = tmp_path / "small.tif"
+    tifffile.imwrite(small, tifffile.imread(sharp_tifs[0])[:32, :32])
+    code, _, err = _run(capsys, "apply", "-m", tmp_path / "m.cgmodel", small, "-o", tmp_path / "o.tif")
+    assert code == 1 and "--roi" in err
+    code, _, err = _run(capsys, "apply", "-m", tmp_path / "m.cgmodel", small, "-o", tmp_path / "o.tif",
+                        "--roi", "16,16", "--device", "cpu")
+    assert code == 0, err
+
+
+def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path):
+    from napari_coordgate.demo import run_demo
+
+    lines = []
+    rep = run_demo(tmp_path / "demo", minutes=0.02, field=64, n_train=2, device="cpu", log=lines.append)
+    names = [r["method"] for r in rep["rows"]]
+    assert names[0] == "blurred" and names[-2:] == ["plain U-Net(2)", "CoordGate U-Net(2)"]
+    assert any(n.startswith("RL-central") for n in names) and any(n.startswith("SV-RL") for n in names)
+    for f in ("coordgate.cgmodel", "plain.cgmodel", "report.png", "report.json", "test_sharp.tif"):
+        assert (tmp_path / "demo" / f).exists()
+    assert any("CoordGate U-Net(2)" in line for line in lines)
