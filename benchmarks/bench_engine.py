@@ -1,0 +1,111 @@
+"""Engine figures: inference throughput (MP/s) of U-Net(2) with and without CoordGate (gates cached) and of
+SV-RL, measured in one run; and peak memory of applying a 20 x 2048^2 uint16 stack.
+
+    python benchmarks/bench_engine.py            # full (a few minutes on 2 cores)
+    python benchmarks/bench_engine.py --quick    # small sizes, < 1 minute
+
+Prints tables; asserts nothing about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def _throughput(size: int, repeats: int, threads: int, device: str) -> list[tuple[str, float, str]]:
+    import torch
+
+    from napari_coordgate.config import ModelConfig
+    from napari_coordgate.engine import predict
+    from napari_coordgate.modelio import SavedModel
+    from napari_coordgate.nn import build_model, count_parameters
+    from napari_coordgate.optics.blur import SpatiallyVaryingBlur
+    from napari_coordgate.optics.deconv import sv_richardson_lucy
+    from napari_coordgate.specimens import procedural_specimen
+
+    torch.set_num_threads(threads)
+    img = procedural_specimen((size, size), seed=0).astype(np.float32)
+    rows = []
+    for gate in ("none", "coordgate", "coordconv"):
+        cfg = ModelConfig(depth=2, channels=16, gate=gate)
+        torch.manual_seed(0)
+        saved = SavedModel(build_model(cfg).eval(), cfg, (size, size))
+        predict(saved, img, device=device)  # warm-up (and gate cache fill)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            predict(saved, img, device=device)
+        secs = (time.perf_counter() - t0) / repeats
+        rows.append((f"U-Net(2) {gate}", size * size / 1e6 / secs, f"{count_parameters(saved.model):,} params"))
+    op = SpatiallyVaryingBlur("edge_defocus_astigmatism", (size, size), device=device)
+    t0 = time.perf_counter()
+    sv_richardson_lucy(img, op, 20)
+    secs = time.perf_counter() - t0
+    rows.append(("SV-RL (20 it, K=7)", size * size / 1e6 / secs, "true PSFs"))
+    return rows
+
+
+def _peak_memory_child(planes: int, size: int, threads: int) -> None:
+    """Run in a fresh process: baseline after importing torch and loading a model, then apply the stack."""
+    import torch
+
+    from napari_coordgate.config import ModelConfig
+    from napari_coordgate.engine import predict
+    from napari_coordgate.modelio import SavedModel
+    from napari_coordgate.nn import build_model
+
+    torch.set_num_threads(threads)
+    cfg = ModelConfig(depth=2, channels=16, gate="coordgate")
+    saved = SavedModel(build_model(cfg).eval(), cfg, (size, size), {"offset": 100.0, "scale": 3000.0})
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rng = np.random.default_rng(0)
+    stack = rng.integers(100, 60000, size=(planes, size, size), dtype=np.uint16)
+    t0 = time.perf_counter()
+    out = predict(saved, stack, device="cpu")
+    secs = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"input_bytes": int(stack.nbytes), "output_bytes": int(out.nbytes), "baseline": base,
+                      "peak": peak, "seconds": secs}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        _peak_memory_child(args.child[0], args.child[1], args.threads)
+        return
+    size, repeats = (256, 1) if args.quick else (1024, 3)
+    import torch
+
+    dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} thread(s)"
+    print(f"## Inference throughput, {size}x{size} image, {dev_name}")
+    rows = _throughput(size, repeats, args.threads, args.device)
+    plain = rows[0][1]
+    print(f"{'method':<22}{'MP/s':>8}{'vs plain':>10}  notes")
+    for name, mps, note in rows:
+        print(f"{name:<22}{mps:>8.2f}{mps / plain:>10.2f}  {note}")
+
+    planes, psize = (2, 512) if args.quick else (20, 2048)
+    print(f"\n## Peak memory applying a {planes} x {psize}^2 uint16 stack (CoordGate U-Net(2), CPU)")
+    res = subprocess.run([sys.executable, __file__, "--child", str(planes), str(psize), "--threads",
+                          str(args.threads)], capture_output=True, text=True, check=True)
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    gib = 2**30
+    above = (r["peak"] - r["baseline"]) / gib
+    print(f"input {r['input_bytes'] / gib:.2f} GiB, output {r['output_bytes'] / gib:.2f} GiB (float32), "
+          f"peak above baseline {above:.2f} GiB (goal <= input + 1 GiB = {r['input_bytes'] / gib + 1:.2f} GiB), "
+          f"{planes * psize * psize / 1e6 / r['seconds']:.2f} MP/s")
+
+
+if __name__ == "__main__":
+    main()
