@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+import tifffile
+
+from napari_coordgate.report import write_report_png
+from napari_coordgate.specimens import BUNDLED, bundled_specimen, procedural_specimen, specimen_fields
+from napari_coordgate.tiffio import read_tiff, write_tiff
+
+
+def test_procedural_specimen_is_seeded_unit_range_and_structured():
+    a = procedural_specimen((96, 128), seed=3)
+    assert a.dtype == np.float32 and a.shape == (96, 128)
+    assert a.min() == 0 and a.max() == pytest.approx(1)
+    assert np.array_equal(a, procedural_specimen((96, 128), seed=3))
+    assert not np.array_equal(a, procedural_specimen((96, 128), seed=4))
+    assert a.std() > 0.02
+
+
+def test_bundled_specimens_load_without_network():
+    for name in ("cell", "coins", "moon"):
+        img = bundled_specimen(name)
+        assert img.ndim == 2 and img.dtype == np.float32
+    with pytest.raises(ValueError, match="unknown bundled specimen"):
+        bundled_specimen("kidney")  # needs a download: not offered
+    assert "kidney" not in BUNDLED
+
+
+def test_specimen_fields_crop_or_upscale_to_the_field():
+    f = specimen_fields(3, (700, 40), seed=0, sources=("cell", "procedural", "coins"))
+    assert f.shape == (3, 700, 40) and np.isfinite(f).all()
+
+
+def test_tiff_round_trip_keeps_pixel_size_and_axes(tmp_path):
+    data = (np.random.default_rng(0).random((2, 16, 24)) * 1000).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "a.tif", data, imagej=True, resolution=(5.0, 5.0),
+                     metadata={"axes": "ZYX", "unit": "um", "spacing": 0.3})
+    src = read_tiff(tmp_path / "a.tif")
+    write_tiff(tmp_path / "b.tif", src.data.astype(np.float32) / 2, like=src)
+    out = read_tiff(tmp_path / "b.tif")
+    assert out.axes == "ZYX" and out.resolution == (5.0, 5.0)
+    assert out.imagej["spacing"] == pytest.approx(0.3) and out.imagej["unit"] == "um"
+    assert out.data.dtype == np.float32
+    np.testing.assert_allclose(out.data, data / 2)
+
+
+def test_ome_physical_size_is_carried(tmp_path):
+    data = np.zeros((8, 8), np.uint16) + np.arange(8, dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "a.ome.tif", data, ome=True, metadata={"axes": "YX", "PhysicalSizeX": 0.065,
+                                                                        "PhysicalSizeY": 0.065})
+    src = read_tiff(tmp_path / "a.ome.tif")
+    write_tiff(tmp_path / "b.ome.tif", src.data, like=src)
+    assert 'PhysicalSizeX="0.065"' in read_tiff(tmp_path / "b.ome.tif").ome
+
+
+def test_unreadable_tiff_is_a_clear_error(tmp_path):
+    (tmp_path / "x.tif").write_bytes(b"not a tiff at all")
+    with pytest.raises(ValueError, match="cannot read"):
+        read_tiff(tmp_path / "x.tif")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_tiff(tmp_path / "missing.tif")
+
+
+def test_report_png_is_written(tmp_path):
+    gt = procedural_specimen((64, 64), 0)
+    p = write_report_png(tmp_path / "r.png", gt, gt * 0.9, gt * 0.95, title="t", others={"x": gt * 0.8})
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
