@@ -20,7 +20,7 @@ nearest frame position (the weights are clamped at the frame edge).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -40,7 +40,18 @@ __all__ = [
 
 
 def resolve_device(device: "str | torch.device" = "cpu") -> torch.device:
-    """A torch device from a name; ``"auto"`` picks CUDA, then MPS, then CPU."""
+    """Resolve a device name to a :class:`torch.device`.
+
+    Parameters
+    ----------
+    device
+        ``"auto"`` (CUDA, then MPS, then CPU), a torch device name such as ``"cpu"``, ``"cuda:1"``, or a
+        :class:`torch.device` (returned unchanged).
+
+    Returns
+    -------
+    torch.device
+    """
     if isinstance(device, torch.device):
         return device
     if device == "auto":
@@ -103,7 +114,19 @@ def check_image(image, name: str = "image", *, min_ndim: int = 2, max_ndim: int 
 
 
 def normalized_coordinates(n: int) -> np.ndarray:
-    """Normalised field coordinates ``(2 p - (n - 1)) / (n - 1)`` of the ``n`` pixel centres of one axis."""
+    """Normalised field coordinates of the pixel centres of one axis (the convention of the network).
+
+    Parameters
+    ----------
+    n
+        Number of pixels along the axis.
+
+    Returns
+    -------
+    ndarray, float64, shape (n,)
+        ``(2 p - (n - 1)) / (n - 1)`` for ``p = 0 .. n - 1``: -1 and 1 at the outer pixel centres, 0 for
+        ``n = 1``.
+    """
     return (2.0 * np.arange(n) - (n - 1)) / max(n - 1, 1)
 
 
@@ -123,6 +146,18 @@ def _tent_weights(n: int, pad: int, k: int) -> np.ndarray:
     w = np.maximum(0.0, 1.0 - np.abs(y[None, :] - nodes[:, None]) / spacing)
     # a one-pixel axis puts all nodes on the same pixel; renormalising keeps the partition of unity exact
     return w / w.sum(axis=0, keepdims=True)
+
+
+class _Block(NamedTuple):
+    """One term PSF_k ∗ (w_k · image): the support of w_k in the padded image and where it lands."""
+
+    rows: tuple[int, int]  # support rows [r0, r1) in the reflect-padded image
+    cols: tuple[int, int]
+    size: tuple[int, int]  # FFT size, at least the linear-convolution size
+    weight: torch.Tensor  # w_k on the support
+    otf: torch.Tensor  # rfft2 of PSF_k at ``size``
+    frame: tuple[int, int, int, int]  # frame rows/cols [fr0, fr1) x [fc0, fc1) the term reaches
+    local: tuple[int, int, int, int]  # the same region in the block's full-convolution coordinates
 
 
 class SpatiallyVaryingBlur:
@@ -170,7 +205,7 @@ class SpatiallyVaryingBlur:
         self._iy = torch.as_tensor(_reflect_index(h, p), device=self.device)
         self._ix = torch.as_tensor(_reflect_index(w, p), device=self.device)
         wy, wx = _tent_weights(h, p, k), _tent_weights(w, p, k)
-        self._blocks = []
+        self._blocks: list[_Block] = []
         for i in range(k):
             r0, r1 = _support(wy[i])
             for j in range(k):
@@ -184,13 +219,8 @@ class SpatiallyVaryingBlur:
                 # r0 + m - 2p), clipped to the frame
                 fr0, fr1 = max(r0 - 2 * p, 0), min(r1, h)
                 fc0, fc1 = max(c0 - 2 * p, 0), min(c1, w)
-                self._blocks.append(
-                    dict(
-                        rows=(r0, r1), cols=(c0, c1), size=size, weight=weight, otf=otf,
-                        frame=(fr0, fr1, fc0, fc1), local=(fr0 - r0 + 2 * p, fr1 - r0 + 2 * p,
-                                                           fc0 - c0 + 2 * p, fc1 - c0 + 2 * p),
-                    )
-                )
+                local = (fr0 - r0 + 2 * p, fr1 - r0 + 2 * p, fc0 - c0 + 2 * p, fc1 - c0 + 2 * p)
+                self._blocks.append(_Block((r0, r1), (c0, c1), size, weight, otf, (fr0, fr1, fc0, fc1), local))
 
     def __repr__(self) -> str:
         return (
@@ -209,23 +239,48 @@ class SpatiallyVaryingBlur:
         return x.to(device=self.device, dtype=self.dtype)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """Blur a tensor (..., H, W) on the operator's device; returns the same shape and dtype."""
+        """Blur a tensor on the operator's device (all planes at once).
+
+        Parameters
+        ----------
+        x
+            Tensor (..., H, W); moved to the operator's device and dtype.
+
+        Returns
+        -------
+        torch.Tensor
+            Same shape, operator's device and dtype.
+        """
         x = self._check_tensor(x)
         lead = x.shape[:-2]
         x = x.reshape(-1, *self.field_shape)
         padded = x[:, self._iy][:, :, self._ix]
         out = torch.zeros_like(x)
         for b in self._blocks:
-            (r0, r1), (c0, c1) = b["rows"], b["cols"]
-            fr0, fr1, fc0, fc1 = b["frame"]
-            lr0, lr1, lc0, lc1 = b["local"]
-            block = padded[:, r0:r1, c0:c1] * b["weight"]
-            conv = torch.fft.irfft2(torch.fft.rfft2(block, s=b["size"]) * b["otf"], s=b["size"])
+            (r0, r1), (c0, c1) = b.rows, b.cols
+            fr0, fr1, fc0, fc1 = b.frame
+            lr0, lr1, lc0, lc1 = b.local
+            block = padded[:, r0:r1, c0:c1] * b.weight
+            conv = torch.fft.irfft2(torch.fft.rfft2(block, s=b.size) * b.otf, s=b.size)
             out[:, fr0:fr1, fc0:fc1] += conv[:, lr0:lr1, lc0:lc1]
         return out.reshape(*lead, *self.field_shape)
 
     def apply_adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        """The exact adjoint (transpose) of :meth:`apply` on a tensor (..., H, W)."""
+        """The exact adjoint (transpose) of :meth:`apply`.
+
+        Correlates each block with its PSF, multiplies by the weight map, and folds the reflected margin
+        back onto the pixels it was copied from.
+
+        Parameters
+        ----------
+        y
+            Tensor (..., H, W); moved to the operator's device and dtype.
+
+        Returns
+        -------
+        torch.Tensor
+            Same shape, operator's device and dtype.
+        """
         y = self._check_tensor(y)
         lead = y.shape[:-2]
         y = y.reshape(-1, *self.field_shape)
@@ -234,13 +289,13 @@ class SpatiallyVaryingBlur:
         p = self.pad
         padded = torch.zeros((n, h + 2 * p, w + 2 * p), dtype=self.dtype, device=self.device)
         for b in self._blocks:
-            (r0, r1), (c0, c1) = b["rows"], b["cols"]
-            fr0, fr1, fc0, fc1 = b["frame"]
-            lr0, lr1, lc0, lc1 = b["local"]
+            (r0, r1), (c0, c1) = b.rows, b.cols
+            fr0, fr1, fc0, fc1 = b.frame
+            lr0, lr1, lc0, lc1 = b.local
             local = torch.zeros((n, r1 - r0 + 2 * p, c1 - c0 + 2 * p), dtype=self.dtype, device=self.device)
             local[:, lr0:lr1, lc0:lc1] = y[:, fr0:fr1, fc0:fc1]
-            corr = torch.fft.irfft2(torch.fft.rfft2(local, s=b["size"]) * b["otf"].conj(), s=b["size"])
-            padded[:, r0:r1, c0:c1] += corr[:, : r1 - r0, : c1 - c0] * b["weight"]
+            corr = torch.fft.irfft2(torch.fft.rfft2(local, s=b.size) * b.otf.conj(), s=b.size)
+            padded[:, r0:r1, c0:c1] += corr[:, : r1 - r0, : c1 - c0] * b.weight
         # adjoint of the reflection: the margin's values go back to the pixels they were copied from
         rows = torch.zeros((n, h, w + 2 * p), dtype=self.dtype, device=self.device)
         rows.index_add_(1, self._iy, padded)

@@ -25,7 +25,20 @@ __all__ = ["central_psf", "richardson_lucy_central", "wiener_central", "sv_richa
 
 
 def central_psf(cfg: "PSFConfig | str | dict", field_shape=None) -> np.ndarray:
-    """The PSF at the frame centre, float64 (psf_size, psf_size), summing to one."""
+    """The PSF at the frame centre, which the shift-invariant baselines use everywhere.
+
+    Parameters
+    ----------
+    cfg
+        The PSF model (config, preset name, JSON path or dict).
+    field_shape
+        (H, W) of the frame (matters only for an off-centre optical axis), or ``None`` for a square frame.
+
+    Returns
+    -------
+    ndarray, float64, shape (psf_size, psf_size)
+        Sums to one.
+    """
     return psf_at(get_psf_config(cfg), 0.0, 0.0, field_shape)
 
 
@@ -168,13 +181,16 @@ def sv_richardson_lucy(
         for n, plane in enumerate(planes):
             y = torch.as_tensor(np.clip(plane, 0.0, None), dtype=op.dtype, device=op.device)
             x = torch.full_like(y, max(float(y.mean()) - background, eps))
+            floor = max(float(y.max()) * 1e-6, eps)
             done = 0
             for it in range(iterations):
                 if stopped or (should_stop is not None and should_stop()):
                     stopped = True
                     break
-                ratio = y / (op.apply(x) + background).clamp_min(eps)
-                x = x * op.apply_adjoint(ratio) / norm
+                # FFT round-off leaves tiny values, of either sign, where the image is black; a floor
+                # relative to the image keeps their ratio bounded instead of blowing up to inf and NaN
+                ratio = y / (op.apply(x) + background).clamp_min(floor)
+                x = (x * op.apply_adjoint(ratio) / norm).clamp_min(0.0)
                 done = it + 1
                 if on_iteration is not None:
                     on_iteration(done, iterations)

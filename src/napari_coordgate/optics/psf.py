@@ -194,6 +194,16 @@ def nyquist_pixel_size_um(cfg: PSFConfig) -> float:
 
     The incoherent optical transfer function extends to ``2 NA / wavelength``, so the Nyquist pixel is
     ``wavelength / (4 NA)``.
+
+    Parameters
+    ----------
+    cfg
+        The PSF model (its ``na`` and ``wavelength_um``).
+
+    Returns
+    -------
+    float
+        Pixel size in µm; :class:`UndersamplingWarning` is issued for larger ``pixel_size_um``.
     """
     return cfg.wavelength_um / (4.0 * cfg.na)
 
@@ -291,12 +301,15 @@ def _zernike_coefficients(cfg: PSFConfig, h: np.ndarray, phi: np.ndarray) -> np.
 
 
 def _pupil_samples(cfg: PSFConfig) -> int:
-    """Pupil samples across the diameter: enough that the worst-case phase moves < π/2 per sample."""
+    """Pupil samples across the diameter: the worst-case phase moves < π/2 per sample, no wrap-around."""
     h = _max_field_height(cfg)
     worst = np.abs(_zernike_coefficients(cfg, np.array([h]), np.array([0.0]))[0])
     worst[1:3] = abs(cfg.astig_0) + abs(cfg.astig_45) + abs(cfg.astig_h2) * h * h
     worst[3:5] = abs(cfg.coma_x) + abs(cfg.coma_y) + abs(cfg.coma_h) * h
     radius = max(_MIN_PUPIL_SAMPLES / 2, 4.0 * float(worst @ _MAX_SLOPE))
+    # the sampled pupil makes the field periodic with period m * wavelength / (2 NA); keep the copies at
+    # least one crop width away from the crop
+    radius = max(radius, 2.0 * cfg.psf_size * cfg.pixel_size_um * cfg.na / cfg.wavelength_um)
     return 2 * int(math.ceil(radius))
 
 
@@ -328,43 +341,35 @@ class _PupilModel:
             math.sqrt(8) * (3 * r2 - 2) * rho * np.sin(theta),
             math.sqrt(5) * (6 * r2 * r2 - 6 * r2 + 1),
         ]
-        self.inside = inside
-        self.basis = np.stack([b[inside] for b in basis])  # (6, n_inside)
+        self.basis = np.stack([np.where(inside, b, 0.0).ravel() for b in basis])  # (6, M * M)
         fine = self.size * self.os
         u = (np.arange(fine) - (fine - 1) / 2.0) * (cfg.pixel_size_um / self.os)
         # matrix Fourier transform: evaluates the field only where the crop needs it, with no wrap-around
-        self.fourier = np.exp(2j * np.pi * np.outer(u, f)).astype(np.complex128)
+        self.fourier = np.exp(2j * np.pi * np.outer(u, f))  # (S, M)
 
     def psfs(self, coeffs: np.ndarray) -> np.ndarray:
+        # torch, not NumPy, for the heavy part: the caller controls its threads (torch.set_num_threads),
+        # while NumPy's BLAS picks its own and its spinning threads can be many times slower on a busy machine
+        import torch  # deferred: reading configs and presets must not need torch
+
         coeffs = coeffs.reshape(-1, coeffs.shape[-1])
         out = np.empty((coeffs.shape[0], self.size, self.size))
-        m = self.inside.shape[0]
+        m = int(round(math.sqrt(self.basis.shape[1])))
+        s = self.size * self.os
+        basis = torch.from_numpy(self.basis)
+        amplitude = torch.from_numpy(self.amplitude.ravel())
+        ft = torch.from_numpy(np.ascontiguousarray(self.fourier.T))  # (M, S)
         for start in range(0, coeffs.shape[0], _CHUNK):
-            c = coeffs[start : start + _CHUNK]
-            phase = 2 * np.pi * (c @ self.basis)
-            pupil = np.zeros((c.shape[0], m, m), dtype=np.complex128)
-            pupil[:, self.inside] = self.amplitude[self.inside] * np.exp(1j * phase)
-            field_ = _fourier_pair(self.fourier, pupil)
-            intensity = field_.real**2 + field_.imag**2
-            out[start : start + _CHUNK] = _bin(intensity, self.size, self.os)
+            c = torch.from_numpy(np.ascontiguousarray(coeffs[start : start + _CHUNK]))
+            n = c.shape[0]
+            pupil = torch.polar(amplitude.expand(n, -1), (2 * math.pi) * (c @ basis))
+            # field = F @ P @ F^T for each pupil, as two products over the whole chunk:
+            # X = P @ F^T, then field^T = X^T @ F^T
+            x = pupil.reshape(n * m, m) @ ft
+            field_t = x.reshape(n, m, s).transpose(1, 2).reshape(n * s, m) @ ft
+            intensity = (field_t.real**2 + field_t.imag**2).reshape(n, s, s).transpose(1, 2)
+            out[start : start + n] = _bin(intensity.numpy(), self.size, self.os)
         return out
-
-
-def _fourier_pair(f: np.ndarray, pupils: np.ndarray) -> np.ndarray:
-    """``f @ p @ f.T`` for every pupil ``p`` of a batch (B, M, M), as two large matrix products.
-
-    Runs through torch, whose thread count the caller controls (``torch.set_num_threads``): NumPy's BLAS
-    picks its own, and on a busy machine its spinning threads can make this many times slower.
-    """
-    import torch  # deferred: reading configs and presets must not need torch
-
-    b, m, _ = pupils.shape
-    ft = torch.from_numpy(np.ascontiguousarray(f.T))  # (M, S)
-    x = torch.from_numpy(pupils).reshape(b * m, m) @ ft  # rows of p @ f.T
-    # (f @ x)^T = x^T @ f^T, again one product over the whole batch
-    et = x.reshape(b, m, -1).transpose(1, 2).reshape(-1, m) @ ft
-    s = ft.shape[1]
-    return et.reshape(b, s, s).transpose(1, 2).numpy()
 
 
 def _bin(fine: np.ndarray, size: int, os_: int) -> np.ndarray:
@@ -452,7 +457,18 @@ def psf_at(cfg: PSFConfig, y: float, x: float, field_shape: Sequence[int] | None
 
 
 def grid_positions(k: int) -> np.ndarray:
-    """Normalised coordinates of the ``k`` grid nodes along one axis (the frame edges for ``k >= 2``)."""
+    """Normalised coordinates of the grid nodes along one axis.
+
+    Parameters
+    ----------
+    k
+        Number of nodes (``PSFConfig.grid``).
+
+    Returns
+    -------
+    ndarray, float64, shape (k,)
+        ``linspace(-1, 1, k)``: the outer nodes sit on the outer pixel centres; ``[0]`` for ``k = 1``.
+    """
     if k < 1:
         raise ConfigError(f"PSFConfig.grid must be at least 1, got {k}")
     return np.zeros(1) if k == 1 else np.linspace(-1.0, 1.0, k)
