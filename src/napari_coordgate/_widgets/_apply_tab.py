@@ -1,0 +1,158 @@
+"""Apply tab: deblur the selected image layer (2-D, stack, multichannel, dask) and compare with RL/SV-RL."""
+
+from __future__ import annotations
+
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ._jobs import ApplyRequest, apply_job, compare_job
+from ._layers import LayerCombo, layer_array, spatial_kwargs
+from ._state import State
+from ._train_tab import DEVICES
+
+NO_CHANNELS = "none"
+
+
+class ApplyTab(QWidget):
+    def __init__(self, dock):
+        super().__init__()
+        self.dock = dock
+        self.image = LayerCombo(dock.viewer)
+        self.channel_axis = QComboBox()
+        self.models = QLineEdit()
+        self.models.setPlaceholderText("current model for every channel")
+        self.models.setToolTip("One .cgmodel path per channel, separated by ';' (PSFs depend on wavelength)")
+        self.models_btn = QPushButton("…")
+        self.tile = QSpinBox()
+        self.tile.setRange(0, 16384)
+        self.tile.setSpecialValueText("auto")
+        self.tile.setValue(int(dock.settings["tile"]))
+        self.device = QComboBox()
+        self.device.addItems(list(DEVICES))
+        self.device.setCurrentText(dock.settings["device"])
+        self.out_path = QLineEdit()
+        self.out_path.setPlaceholderText("in memory (or a .npy / .zarr path for big data)")
+        self.apply_btn = QPushButton("Apply")
+        self.cancel_btn = QPushButton("Cancel")
+        self.iterations = QSpinBox()
+        self.iterations.setRange(1, 1000)
+        self.iterations.setValue(30)
+        self.compare_btn = QPushButton("Restore with RL-central and SV-RL")
+
+        models_row = QHBoxLayout()
+        models_row.addWidget(self.models)
+        models_row.addWidget(self.models_btn)
+        form = QFormLayout()
+        form.addRow("image", self.image)
+        form.addRow("channel axis", self.channel_axis)
+        form.addRow("models per channel", models_row)
+        form.addRow("tile", self.tile)
+        form.addRow("device", self.device)
+        form.addRow("output", self.out_path)
+        row = QHBoxLayout()
+        row.addWidget(self.apply_btn)
+        row.addWidget(self.cancel_btn)
+        cmp_box = QGroupBox("Classical comparison (needs a PSF model)")
+        cmp = QFormLayout(cmp_box)
+        cmp.addRow("iterations", self.iterations)
+        cmp.addRow(self.compare_btn)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(row)
+        layout.addWidget(cmp_box)
+        layout.addStretch(1)
+
+        self.image.currentTextChanged.connect(self._image_changed)
+        self.models_btn.clicked.connect(self._choose_models)
+        self.apply_btn.clicked.connect(self.apply)
+        self.cancel_btn.clicked.connect(dock.stop_task)
+        self.compare_btn.clicked.connect(self.compare)
+        self.actions = {"apply": self.apply_btn, "cancel": self.cancel_btn, "compare": self.compare_btn}
+        self._image_changed()
+
+    def _image_changed(self, *_) -> None:
+        layer = self.image.layer()
+        current = self.channel_axis.currentText()
+        self.channel_axis.clear()
+        self.channel_axis.addItem(NO_CHANNELS)
+        if layer is not None:
+            labels = layer.axis_labels
+            for ax in range(layer.ndim - 2):
+                self.channel_axis.addItem(f"{ax} ({labels[ax]}, {layer.data.shape[ax]})")
+        self.channel_axis.setCurrentText(current if self.channel_axis.findText(current) >= 0 else NO_CHANNELS)
+
+    def _choose_models(self) -> None:
+        paths, _ = QFileDialog.getOpenFileNames(self, "Models, one per channel", self.dock.settings["model_folder"],
+                                                "CoordGate model (*.cgmodel)")
+        if paths:
+            self.models.setText(";".join(paths))
+
+    def request(self) -> tuple[ApplyRequest, object]:
+        """The job for the selected layer (data copied here, or passed lazily) and the layer itself."""
+        layer = self.image.layer()
+        if layer is None:
+            raise ValueError("pick an image layer to deblur")
+        text = self.channel_axis.currentText()
+        axis = None if text in ("", NO_CHANNELS) else int(text.split()[0])
+        paths = [p.strip() for p in self.models.text().split(";") if p.strip()]
+        if not paths and self.dock.model is None:
+            raise ValueError("no model: train one, or load a .cgmodel file in the Model tab")
+        out = self.out_path.text().strip() or None
+        req = ApplyRequest(image=layer_array(layer), models=paths or [self.dock.model], channel_axis=axis,
+                           tile=self.tile.value() or None, device=self.device.currentText(), out_path=out)
+        return req, layer
+
+    def apply(self) -> None:
+        try:
+            req, layer = self.request()
+        except ValueError as exc:
+            show_error(f"CoordGate: {exc}")
+            return
+        meta = spatial_kwargs(layer)
+        name = f"{layer.name} (CoordGate)"
+
+        def done(result) -> None:
+            if result.cancelled:
+                show_info("CoordGate: prediction cancelled")
+                return
+            self.dock.viewer.add_image(result.data, name=name, colormap=layer.colormap.name, **meta)
+
+        self.dock.run_task("apply", apply_job, req, state=State.APPLYING, on_returned=done)
+
+    def compare(self) -> None:
+        from napari_coordgate.optics.psf import get_psf_config
+
+        layer = self.image.layer()
+        if layer is None:
+            show_error("CoordGate: pick an image layer to restore")
+            return
+        model = self.dock.model
+        try:
+            psf = get_psf_config(model.psf) if model is not None and model.psf else self.dock.train_tab.psf_config()
+            image = layer_array(layer)
+        except ValueError as exc:
+            show_error(f"CoordGate: {exc}")
+            return
+        meta = spatial_kwargs(layer)
+
+        def done(result) -> None:
+            if result.cancelled:
+                show_info("CoordGate: comparison cancelled")
+                return
+            for method, data in result.data.items():
+                self.dock.viewer.add_image(data, name=f"{layer.name} ({method})", colormap=layer.colormap.name,
+                                           **meta)
+
+        self.dock.run_task("compare", compare_job, image, psf, self.iterations.value(), state=State.APPLYING,
+                           on_returned=done)

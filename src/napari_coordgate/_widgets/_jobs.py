@@ -1,0 +1,192 @@
+"""What the dock's workers run: thin calls into the engine with typed progress. No Qt, no layers.
+
+Every job takes plain arrays and configs (copied on the GUI thread, or lazy dask arrays that are only
+read window by window), a ``report`` callable that receives :class:`~._state.Progress` or engine
+:class:`~napari_coordgate.engine.Update` messages, and a ``should_stop`` callable checked between steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ._state import Progress
+
+Report = Callable[[Any], None]
+ShouldStop = Callable[[], bool]
+
+
+def train_job(model_cfg, train_cfg, source, *, report: Report, should_stop: ShouldStop):
+    """Train; every :class:`~napari_coordgate.engine.Update` goes to ``report``. Returns a ``TrainResult``."""
+    from napari_coordgate import engine
+
+    return engine.train(model_cfg, train_cfg, source, on_update=report, should_stop=should_stop)
+
+
+def save_job(path: str, saved, *, report: Report, should_stop: ShouldStop) -> str:
+    from napari_coordgate.modelio import save_model
+
+    return str(save_model(path, saved))
+
+
+def load_job(paths: Sequence[str], *, report: Report, should_stop: ShouldStop) -> list:
+    """Load one or more model files onto the CPU (prediction moves them to its device)."""
+    from napari_coordgate.modelio import load_model
+
+    return [load_model(p, "cpu") for p in paths]
+
+
+def psf_grid_job(psf_cfg, field_shape, *, report: Report, should_stop: ShouldStop) -> np.ndarray:
+    from napari_coordgate.optics.psf import render_psf_grid
+
+    return render_psf_grid(psf_cfg, field_shape)
+
+
+def gates_job(saved, *, report: Report, should_stop: ShouldStop) -> np.ndarray:
+    from napari_coordgate.gatemaps import gate_maps
+
+    return gate_maps(saved, 0)
+
+
+# -- apply ----------------------------------------------------------------------------------------
+@dataclass
+class ApplyRequest:
+    """A prediction job: ``image`` (numpy copy or lazy array), one model, or one per channel."""
+
+    image: Any
+    models: list  # SavedModel objects or .cgmodel paths (loaded in the worker)
+    channel_axis: int | None = None
+    tile: int | None = None
+    device: str = "auto"
+    out_path: str | None = None  # ``.zarr`` (needs zarr) or ``.npy`` (memory-mapped); None = in memory
+
+
+@dataclass
+class JobResult:
+    data: Any = None
+    cancelled: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+class _AxisSlot:
+    """The sub-array ``out[..., index, ...]`` (``index`` at ``axis``) as a writable array-like.
+
+    Works for arrays whose integer indexing gives no view (zarr), so one engine call per channel can
+    write straight into the shared output.
+    """
+
+    def __init__(self, out, axis: int, index: int):
+        self._out, self._axis, self._index = out, axis, index
+        self.shape = tuple(s for i, s in enumerate(out.shape) if i != axis)
+
+    def __setitem__(self, key, value):
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (len(self.shape) - len(key))
+        self._out[key[: self._axis] + (self._index,) + key[self._axis :]] = value
+
+
+def make_output(shape: tuple[int, ...], out_path: str | None):
+    """A float32 array for the result: in memory, a ``.npy`` memory map or a ``.zarr`` store."""
+    if out_path is None:
+        return np.empty(shape, np.float32)
+    if str(out_path).endswith(".zarr"):
+        try:
+            import zarr
+        except ImportError:
+            raise RuntimeError("writing a .zarr store needs the zarr package (pip install zarr); "
+                               "or give a .npy path for a memory-mapped file") from None
+        chunks = (1,) * (len(shape) - 2) + tuple(shape[-2:])
+        return zarr.open(str(out_path), mode="w", shape=shape, chunks=chunks, dtype="f4")
+    path = out_path if str(out_path).endswith(".npy") else f"{out_path}.npy"
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+
+
+def apply_job(req: ApplyRequest, *, report: Report, should_stop: ShouldStop) -> JobResult:
+    """Deblur every plane (and channel) of ``req.image`` with the engine, reporting per-plane progress."""
+    from napari_coordgate import engine
+    from napari_coordgate.modelio import load_model
+
+    models = [load_model(m, "cpu") if isinstance(m, str) else m for m in req.models]
+    shape = tuple(req.image.shape)
+    ax = req.channel_axis
+    if ax is not None:
+        if not 0 <= ax < len(shape) - 2:
+            raise ValueError(f"channel axis {ax} must be one of the leading axes of an image of shape {shape}")
+        n_ch = shape[ax]
+        if len(models) not in (1, n_ch):
+            raise ValueError(f"the image has {n_ch} channels along axis {ax} but {len(models)} models were "
+                             "given; give one model for all channels or one per channel")
+    else:
+        n_ch = 1
+        if len(models) != 1:
+            raise ValueError("several models need a channel axis (one model per channel)")
+    out = make_output(shape, req.out_path)
+    planes_per_ch = math.prod(shape[:-2]) // n_ch
+    n_planes = planes_per_ch * n_ch
+    for c in range(n_ch):
+        saved = models[c] if len(models) > 1 else models[0]
+        if ax is None:
+            image, target = req.image, out
+        else:
+            image = req.image[(slice(None),) * ax + (c,)]
+            target = _AxisSlot(out, ax, c)
+
+        def on_progress(done: int, total: int, c=c) -> None:
+            per_plane = max(total // planes_per_ch, 1)
+            plane = c * planes_per_ch + -(-done // per_plane)
+            report(Progress("apply", c * total + done, n_ch * total, f"plane {plane} of {n_planes}"))
+
+        try:
+            engine.predict(saved, image, tile=req.tile, device=req.device, out=target,
+                           on_progress=on_progress, should_stop=should_stop)
+        except engine.Cancelled:
+            return JobResult(out, cancelled=True)
+    return JobResult(out)
+
+
+def compare_job(image, psf, iterations: int, *, report: Report, should_stop: ShouldStop) -> JobResult:
+    """Classical baselines plane by plane: Richardson–Lucy with the central PSF, and spatially varying RL."""
+    from napari_coordgate.optics.blur import SpatiallyVaryingBlur
+    from napari_coordgate.optics.deconv import richardson_lucy_central, sv_richardson_lucy
+
+    shape = tuple(image.shape)
+    lead = shape[:-2]
+    n = math.prod(lead)
+    total = n * (1 + iterations)
+    rl = np.empty(shape, np.float32)
+    sv = np.empty(shape, np.float32)
+    op = SpatiallyVaryingBlur(psf, shape[-2:])
+    done = 0
+    for k, idx in enumerate(np.ndindex(*lead)):
+        if should_stop():
+            return JobResult(cancelled=True)
+        plane = np.asarray(image[idx], dtype=np.float32)  # one plane of a lazy stack at a time
+        rl[idx] = richardson_lucy_central(plane, psf, iterations)
+        done += 1
+        report(Progress("compare", done, total, f"RL-central, plane {k + 1} of {n}"))
+
+        def on_iteration(it: int, its: int, base=done, k=k) -> None:
+            report(Progress("compare", base + it, total, f"SV-RL iteration {it}/{its}, plane {k + 1} of {n}"))
+
+        sv[idx] = sv_richardson_lucy(plane, op, iterations, should_stop=should_stop, on_iteration=on_iteration)
+        done += iterations
+        if should_stop():
+            return JobResult(cancelled=True)
+    return JobResult({"RL-central": rl, "SV-RL": sv})
+
+
+# -- evaluate -------------------------------------------------------------------------------------
+def evaluate_job(gt, restored, blurred, bin: int, *, report: Report, should_stop: ShouldStop) -> JobResult:
+    """Quality report, error-by-position map and radial PSNR profiles."""
+    from napari_coordgate import metrics
+
+    rep = metrics.quality_report(gt, restored, blurred)
+    emap = metrics.error_map(gt, restored, bin)
+    r, prof = metrics.radial_profile(gt, restored, data_range=rep["data_range"])
+    radial = {"restored": prof}
+    if blurred is not None:
+        radial["blurred"] = metrics.radial_profile(gt, blurred, data_range=rep["data_range"])[1]
+    return JobResult(rep, extra={"error_map": emap, "radius": r, "radial": radial})

@@ -1,0 +1,82 @@
+"""Model tab: load a model file (dialog or drag-and-drop), save the current one, and see what it knows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from napari.utils.notifications import show_info
+from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+
+from ._jobs import save_job
+from ._settings import remember_folder
+
+FILTER = "CoordGate model (*.cgmodel)"
+
+
+def model_summary(saved, origin: str) -> list[tuple[str, str]]:
+    """(label, value) rows describing a model: network, training field, PSF or calibration, date, score."""
+    cfg = saved.config
+    prov = saved.provenance or {}
+    training = prov.get("training", {})
+    psnr = training.get("best_val_psnr")
+    if saved.psf is not None:
+        trained_on = f"PSF model '{saved.psf.get('name', 'custom')}' ({saved.psf.get('model', '?')})"
+    else:
+        trained_on = "calibration pairs" if training.get("source", "calibration") == "calibration" else "?"
+    return [
+        ("source", origin),
+        ("network", f"U-Net depth {cfg.depth}, {cfg.channels} channels, gate {cfg.gate}"),
+        ("field shape", f"{saved.field_shape[0]} x {saved.field_shape[1]} px"),
+        ("trained on", trained_on),
+        ("date", str(prov.get("created", "not saved yet"))),
+        ("validation PSNR", "-" if psnr is None else f"{psnr:.2f} dB"),
+        ("training", f"{training.get('steps', '?')} steps, {training.get('seconds', '?')} s on "
+                     f"{training.get('device', '?')}"),
+    ]
+
+
+class ModelTab(QWidget):
+    def __init__(self, dock):
+        super().__init__()
+        self.dock = dock
+        self.info = QLabel("No model yet: train one, load a .cgmodel file, or drop one on this dock.")
+        self.info.setWordWrap(True)
+        self.load_btn = QPushButton("Load model…")
+        self.save_btn = QPushButton("Save model…")
+        self.load_btn.clicked.connect(self._choose_and_load)
+        self.save_btn.clicked.connect(self._choose_and_save)
+        row = QHBoxLayout()
+        row.addWidget(self.load_btn)
+        row.addWidget(self.save_btn)
+        layout = QVBoxLayout(self)
+        layout.addLayout(row)
+        layout.addWidget(self.info)
+        layout.addStretch(1)
+        self.actions = {"load": self.load_btn, "save": self.save_btn}
+
+    def show_model(self, saved, origin: str) -> None:
+        rows = "".join(f"<tr><td><b>{k}</b></td><td>{v}</td></tr>" for k, v in model_summary(saved, origin))
+        self.info.setText(f"<table>{rows}</table>")
+
+    def _choose_and_load(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Load CoordGate model", self.dock.settings["model_folder"],
+                                              FILTER)
+        if path:
+            remember_folder(self.dock.settings, path)
+            self.dock.load_model_file(path)
+
+    def _choose_and_save(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save CoordGate model", self.dock.settings["model_folder"],
+                                              FILTER)
+        if path:
+            remember_folder(self.dock.settings, path)
+            self.save_model(path)
+
+    def save_model(self, path: str) -> None:
+        """Write the dock's current model (in a worker: serialising a big network takes a moment)."""
+        def done(written: str) -> None:
+            self.dock.model_origin = written
+            self.show_model(self.dock.model, written)
+            show_info(f"CoordGate: saved {written}")
+
+        self.dock.run_task("save model", save_job, str(Path(path)), self.dock.model, on_returned=done)

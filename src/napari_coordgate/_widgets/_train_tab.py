@@ -1,0 +1,222 @@
+"""Train tab: pick the training source, model size, budget and device; start, stop, watch, save."""
+
+from __future__ import annotations
+
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_coordgate.config import ConfigError, ModelConfig, TrainConfig
+
+from ._form import ConfigForm
+from ._jobs import psf_grid_job, train_job
+from ._layers import LayerCombo, layer_array
+from ._plot import PlotCanvas
+from ._state import State
+
+PAIRS, SIMULATED = "calibration pairs (sharp + blurred layers)", "sharp layers + PSF model"
+PSF_FIELDS = ("model", "na", "wavelength_um", "pixel_size_um", "psf_size", "grid", "defocus", "defocus_h2",
+              "astig_h2", "coma_h", "spherical", "sigma_px", "sigma_radial_h2", "sigma_tangential_h2")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def _spin(lo, hi, value, step=1, decimals=None):
+    w = QDoubleSpinBox() if decimals is not None else QSpinBox()
+    if decimals is not None:
+        w.setDecimals(decimals)
+    w.setRange(lo, hi)
+    w.setSingleStep(step)
+    w.setValue(value)
+    return w
+
+
+class TrainTab(QWidget):
+    def __init__(self, dock):
+        super().__init__()
+        from napari_coordgate.optics.psf import PRESETS
+
+        self.dock = dock
+        self._presets = PRESETS
+        self.history: list = []
+        viewer = dock.viewer
+
+        # source
+        self.mode = QComboBox()
+        self.mode.addItems([PAIRS, SIMULATED])
+        self.sharp = LayerCombo(viewer)
+        self.blurred = LayerCombo(viewer)
+        self.preset = QComboBox()
+        self.preset.addItems(list(PRESETS))
+        self.psf_form = ConfigForm(type(next(iter(PRESETS.values()))), PSF_FIELDS)
+        self.psf_box = QGroupBox("Edit PSF parameters")
+        self.psf_box.setCheckable(True)
+        self.psf_box.setChecked(False)
+        QVBoxLayout(self.psf_box).addWidget(self.psf_form)
+        self.psf_box.toggled.connect(self.psf_form.setVisible)
+        self.psf_form.setVisible(False)
+        self.grid_btn = QPushButton("Show PSF grid")
+        src = QFormLayout()
+        src.addRow("source", self.mode)
+        src.addRow("sharp", self.sharp)
+        src.addRow("blurred", self.blurred)
+        src.addRow("PSF preset", self.preset)
+        src_box = QGroupBox("Training data")
+        v = QVBoxLayout(src_box)
+        v.addLayout(src)
+        v.addWidget(self.psf_box)
+        v.addWidget(self.grid_btn)
+
+        # model and budget
+        self.depth = _spin(1, 6, 3)
+        self.channels = _spin(1, 256, 16)
+        self.gate = QComboBox()
+        self.gate.addItems(["coordgate", "none", "coordconv"])
+        self.budget_kind = QComboBox()
+        self.budget_kind.addItems(["minutes", "epochs"])
+        self.budget = _spin(0.1, 10000, 1.0, 0.5, decimals=1)
+        self.steps_per_epoch = _spin(1, 100000, 50)
+        self.crop = _spin(16, 4096, 64, 16)
+        self.batch = _spin(1, 512, 8)
+        self.seed = _spin(0, 2**31 - 1, 0)
+        self.device = QComboBox()
+        self.device.addItems(list(DEVICES))
+        self.device.setCurrentText(dock.settings["device"])
+        self.device_used = QLabel("-")
+        form = QFormLayout()
+        for label, w in (("depth", self.depth), ("channels", self.channels), ("position gate", self.gate),
+                         ("budget in", self.budget_kind), ("budget", self.budget),
+                         ("steps per epoch", self.steps_per_epoch), ("crop", self.crop), ("batch", self.batch),
+                         ("seed", self.seed), ("device", self.device), ("device used", self.device_used)):
+            form.addRow(label, w)
+        cfg_box = QGroupBox("Model and budget")
+        cfg_box.setLayout(form)
+
+        # run
+        self.start_btn = QPushButton("Start training")
+        self.stop_btn = QPushButton("Stop")
+        self.save_btn = QPushButton("Save model…")
+        row = QHBoxLayout()
+        for b in (self.start_btn, self.stop_btn, self.save_btn):
+            row.addWidget(b)
+        self.plot = PlotCanvas(viewer.theme, twin=True)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(src_box)
+        layout.addWidget(cfg_box)
+        layout.addLayout(row)
+        layout.addWidget(self.plot)
+
+        self.mode.currentTextChanged.connect(self._mode_changed)
+        self.preset.currentTextChanged.connect(self._preset_changed)
+        self.sharp.currentTextChanged.connect(self._sharp_changed)
+        self.grid_btn.clicked.connect(self.show_psf_grid)
+        self.start_btn.clicked.connect(self.start)
+        self.stop_btn.clicked.connect(dock.stop_task)
+        self.save_btn.clicked.connect(dock.model_tab._choose_and_save)
+        self.actions = {"train": self.start_btn, "stop": self.stop_btn, "save": self.save_btn,
+                        "psf_grid": self.grid_btn}
+        self._preset_changed(self.preset.currentText())
+        self._mode_changed(self.mode.currentText())
+
+    # -- form -----------------------------------------------------------------------------------------
+    def _mode_changed(self, mode: str) -> None:
+        self.blurred.setEnabled(mode == PAIRS)
+
+    def _preset_changed(self, name: str) -> None:
+        self.psf_form.set_value(self._presets[name])
+
+    def _sharp_changed(self, name: str) -> None:
+        layer = self.sharp.layer()
+        preset = layer.metadata.get("psf_preset") if layer is not None else None
+        if preset in self._presets:
+            self.preset.setCurrentText(preset)
+
+    def psf_config(self):
+        """The PSF model: the preset, with the edited parameters when editing is on."""
+        return self.psf_form.value() if self.psf_box.isChecked() else self._presets[self.preset.currentText()]
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(depth=self.depth.value(), channels=self.channels.value(), gate=self.gate.currentText())
+
+    def train_config(self) -> TrainConfig:
+        epochs = self.budget_kind.currentText() == "epochs"
+        return TrainConfig(
+            crop=self.crop.value(), batch=self.batch.value(), steps_per_epoch=self.steps_per_epoch.value(),
+            epochs=int(self.budget.value()) if epochs else 0,
+            minutes=2.0 if epochs else float(self.budget.value()),
+            seed=self.seed.value(), device=self.device.currentText(),
+        )
+
+    def source(self):
+        """Copies of the chosen layers' data, as an engine source (GUI thread only)."""
+        from napari_coordgate.engine import PairSource, SimulatedSource
+
+        sharp = self.sharp.layer()
+        if sharp is None:
+            raise ValueError("pick a sharp image layer to train on (File > Open Sample > Calibration pair)")
+        if self.mode.currentText() == SIMULATED:
+            return SimulatedSource(layer_array(sharp), self.psf_config())
+        blurred = self.blurred.layer()
+        if blurred is None or blurred is sharp:
+            raise ValueError("pick a blurred layer different from the sharp one, or train from a PSF model")
+        return PairSource(layer_array(sharp), layer_array(blurred))
+
+    # -- actions --------------------------------------------------------------------------------------
+    def start(self) -> None:
+        try:
+            model_cfg, train_cfg, source = self.model_config(), self.train_config(), self.source()
+        except (ConfigError, ValueError) as exc:
+            show_error(f"CoordGate: {exc}")
+            return
+        self.history = []
+        self.plot.clear()
+        self.device_used.setText("-")
+        self.dock.run_task("train", train_job, model_cfg, train_cfg, source, state=State.TRAINING,
+                           on_returned=self._finished)
+
+    def on_update(self, u) -> None:
+        self.history.append(u)
+        self.device_used.setText(u.device)
+        steps = [h.step for h in self.history if h.kind == "step"]
+        loss = [h.loss for h in self.history if h.kind == "step"]
+        epochs = [h for h in self.history if h.kind == "epoch" and h.val_psnr is not None]
+        if u.kind in ("epoch", "done") or len(steps) % 5 == 1:  # redraw sparingly
+            self.plot.plot_training(steps, loss, [h.step for h in epochs], [h.val_psnr for h in epochs])
+        best = "-" if u.best_val_psnr is None else f"{u.best_val_psnr:.2f} dB"
+        self.dock.status.setText(f"train: epoch {u.epoch}, step {u.step}, loss {u.loss:.4f}, best val {best}, "
+                                 f"{u.elapsed:.0f} s on {u.device}")
+
+    def _finished(self, result) -> None:
+        self.dock.last_result = result
+        self.device_used.setText(result.device)
+        self.dock.set_model(result.saved, f"trained in this session ({result.stopped})")
+        psnr = "-" if result.best_val_psnr is None else f"{result.best_val_psnr:.2f} dB"
+        show_info(f"CoordGate: training {result.stopped}; best validation PSNR {psnr} (epoch {result.best_epoch})")
+
+    def show_psf_grid(self) -> None:
+        layer = self.sharp.layer()
+        field = tuple(layer.data.shape[-2:]) if layer is not None else (256, 256)
+        try:
+            cfg = self.psf_config()
+        except ConfigError as exc:
+            show_error(f"CoordGate: {exc}")
+            return
+
+        def done(grid) -> None:
+            name = f"PSF grid ({cfg.name})"
+            if name in self.dock.viewer.layers:
+                self.dock.viewer.layers[name].data = grid
+            else:
+                self.dock.viewer.add_image(grid, name=name, colormap="magma")
+
+        self.dock.run_task("PSF grid", psf_grid_job, cfg, field, on_returned=done)

@@ -1,0 +1,19 @@
+"""The State enum decides which actions are enabled (pure Python, no viewer)."""
+
+from napari_coordgate._widgets._state import State, enabled_actions
+
+
+def test_only_stop_is_enabled_while_training():
+    assert enabled_actions(State.TRAINING, has_model=True) == {"stop"}
+
+
+def test_model_actions_need_a_model():
+    idle = enabled_actions(State.IDLE, has_model=False)
+    assert "train" in idle and "load" in idle
+    assert not {"apply", "save", "gates"} & idle
+    assert {"apply", "save", "gates"} <= enabled_actions(State.IDLE, has_model=True)
+
+
+def test_nothing_is_enabled_while_stopping_or_busy():
+    assert not enabled_actions(State.STOPPING, True)
+    assert not enabled_actions(State.BUSY, True)
