@@ -29,6 +29,10 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     "plain-crop64": ({"gate": "none"}, {"crop": 64, "batch": 16}),
     "coordgate-crop64": ({"gate": "coordgate"}, {"crop": 64, "batch": 16}),
     "coordgate-sigmoid": ({"gate": "coordgate", "gate_activation": "sigmoid"}, {}),
+    "plain-l2": ({"gate": "none"}, {"loss": "l2"}),
+    "coordgate-l2": ({"gate": "coordgate"}, {"loss": "l2"}),
+    "plain-l2-lr3e-3": ({"gate": "none"}, {"loss": "l2", "lr": 3e-3}),
+    "coordgate-l2-lr3e-3": ({"gate": "coordgate"}, {"loss": "l2", "lr": 3e-3}),
 }
 TRAIN_SOURCES = ("procedural", "cell", "coins", "immunohistochemistry", "brick", "gravel", "astronaut", "camera")
 TEST_SOURCES = ("procedural", "moon", "procedural", "hubble_deep_field")
