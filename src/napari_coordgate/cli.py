@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train plain and CoordGate U-Nets on a synthetic calibration set; compare")
     p.add_argument("-o", "--output", default="coordgate-demo", help="output folder (default: coordgate-demo)")
-    p.add_argument("--minutes", type=float, default=1.0, help="training minutes per model (default 1)")
+    p.add_argument("--minutes", type=float, default=2.0, help="training minutes per model (default 2)")
     p.add_argument("--seed", type=int, default=0)
     common(p)
     p.set_defaults(func=_cmd_demo)

@@ -29,7 +29,7 @@ def _best_iterations(fn, blurred, sharp, candidates=(5, 10, 20, 40)) -> int:
 def run_demo(
     outdir: Path,
     *,
-    minutes: float = 1.0,
+    minutes: float = 2.0,
     seed: int = 0,
     threads: int = 0,
     device: str = "auto",

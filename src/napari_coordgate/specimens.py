@@ -36,6 +36,7 @@ def bundled_specimen(name: str) -> np.ndarray:
 def procedural_specimen(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
     """A fluorescence-like field: nuclei (blobs), filaments (smooth random curves) and point sources."""
     from scipy.ndimage import gaussian_filter
+    from scipy.special import expit
 
     rng = np.random.default_rng(seed)
     h, w = shape
@@ -50,7 +51,7 @@ def procedural_specimen(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
         dy, dx = yy - cy, xx - cx
         u = (dy * np.cos(ang) + dx * np.sin(ang)) / ry
         v = (-dy * np.sin(ang) + dx * np.cos(ang)) / rx
-        img += rng.uniform(0.3, 0.8) / (1 + np.exp(8 * (np.sqrt(u * u + v * v) - 1)))
+        img += rng.uniform(0.3, 0.8) * expit(-8 * (np.sqrt(u * u + v * v) - 1))
     img *= 1 + 0.4 * gaussian_filter(rng.standard_normal((h, w)), 1.5)
     # filaments: random walks with momentum, drawn thin
     lines = np.zeros((h, w))

@@ -176,3 +176,15 @@ def test_parameter_counts_grow_with_depth_and_gates_add_few():
     assert plain == sorted(plain)
     assert all(g > p for g, p in zip(gated, plain))
     assert gated[1] * 60 < plain[5] * 1.0  # the paper's ~60x: CoordGate U-Net(2) vs U-Net(6)
+
+
+@pytest.mark.parametrize("cfg", [c for c in GATED if c.gate == "coordgate"], ids=_ids)
+def test_tile_gate_sliced_from_field_cache_equals_direct(cfg):
+    model = _randomise(build_model(cfg)).eval()
+    x = torch.rand(1, 1, 24, 40)
+    with torch.no_grad():
+        sliced = model(x, offset=(16, 24), field_shape=(50, 70))  # an aligned tile inside the field
+        assert all(any(k[0][0] == "field" for k in g._cache) for g in model.down_gates)
+    with torch.enable_grad():
+        direct = model(x, offset=(16, 24), field_shape=(50, 70)).detach()
+    assert torch.allclose(sliced, direct, atol=1e-6)

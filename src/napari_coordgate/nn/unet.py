@@ -109,10 +109,22 @@ class UNet(nn.Module):
         if isinstance(offset, torch.Tensor):
             coords = field_coordinates(field, offset, shape, level, device=feats.device)
             return feats * gate.gate(coords).to(feats.dtype)
+        step = 2**level
+        if offset[0] % step == 0 and offset[1] % step == 0:
+            # The gate of the whole field at this level is computed once and every aligned crop or tile takes
+            # its slice: a tile costs one multiplication, however many tiles there are. The extent covers the
+            # field padded to the pooling multiple (tiles at the far edge are padded that far).
+            m = self.cfg.min_size
+            extent = (-(-field[0] // m) * m // step, -(-field[1] // m) * m // step)
+            y0, x0 = offset[0] // step, offset[1] // step
+            if y0 + shape[0] <= extent[0] and x0 + shape[1] <= extent[1]:
+                key = ("field", field, extent, level, str(feats.device))
+                g = gate.cached_gate(
+                    key, lambda: field_coordinates(field, (0, 0), extent, level, device=feats.device)
+                )
+                return feats * g[..., y0 : y0 + shape[0], x0 : x0 + shape[1]].to(feats.dtype)
         key = (field, offset, shape, level, str(feats.device))
-        g = gate.cached_gate(
-            key, lambda: field_coordinates(field, offset, shape, level, device=feats.device)
-        )
+        g = gate.cached_gate(key, lambda: field_coordinates(field, offset, shape, level, device=feats.device))
         return feats * g.to(feats.dtype)
 
     def _with_coords(self, feats: torch.Tensor, geom, level: int) -> torch.Tensor:
