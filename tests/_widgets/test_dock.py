@@ -297,3 +297,18 @@ def test_dock_instances_share_no_state(make_napari_viewer, tiny_model):
         for name, value in vars(module).items():
             if not name.startswith("__") and not isinstance(value, types.ModuleType):
                 assert not isinstance(value, (list, dict, set)), f"{info.name}.{name} is mutable module state"
+
+
+def test_a_stack_result_can_be_written_to_a_zarr_store(viewer_dock, qtbot, tiny_model, pair64, tmp_path):
+    zarr = pytest.importorskip("zarr")
+    from napari_coordgate import engine
+    viewer, dock = viewer_dock
+    dock.set_model(tiny_model, "test")
+    stack = np.stack([pair64[1], pair64[1] * 0.5])
+    viewer.add_image(stack, name="raw")
+    dock.apply_tab.out_path.setText(str(tmp_path / "result.zarr"))
+    dock.apply_tab.apply_btn.click()
+    wait_idle(qtbot, dock)
+    stored = zarr.open(str(tmp_path / "result.zarr"), mode="r")
+    assert stored.shape == (2, 64, 64)
+    np.testing.assert_allclose(np.asarray(stored[1]), engine.predict(tiny_model, stack[1], device="cpu"), atol=1e-5)
