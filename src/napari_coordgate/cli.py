@@ -278,8 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p, device=True):
         if device:
             p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-        p.add_argument("--threads", type=int, default=1,
-                       help="torch CPU threads (default 1: faster than 2 on a 2-core machine; 0 = torch default)")
+        p.add_argument("--threads", type=int, default=0,
+                       help="torch CPU threads (0 = torch's default; 1 helps when other processes share the cores)")
 
     p = sub.add_parser("demo", help="train plain and CoordGate U-Nets on a synthetic calibration set; compare")
     p.add_argument("-o", "--output", default="coordgate-demo", help="output folder (default: coordgate-demo)")

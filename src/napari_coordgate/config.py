@@ -207,8 +207,9 @@ class TrainConfig(Config):
     patience: int = bounded(0, 0, 100_000, doc="early stop after this many epochs without gain; 0 = off")
     seed: int = bounded(0, 0, 2**31 - 1)
     device: str = choice("auto", DEVICES)
-    # one thread measured 3.7x faster per step than two on a 2-core machine (thread stalls): see README
-    threads: int = bounded(1, 0, 1024, doc="torch CPU threads; 0 = leave torch's default")
+    # benchmarks/bench_threads.py: on an idle 2-core machine 2 threads beat 1 (1.3-1.6x for plain U-Net(2));
+    # with another busy process on the cores 1 thread was faster, so the choice stays the user's (--threads)
+    threads: int = bounded(0, 0, 1024, doc="torch CPU threads; 0 = leave torch's default")
     amp: bool = bounded(True, doc="bfloat16 autocast on CUDA (ignored elsewhere)")
     val_tile: int = bounded(32, 8, 1024, doc="tile side of the validation checkerboard (single pair)")
     register: bool = bounded(False, doc="register misaligned calibration pairs instead of warning")

@@ -482,8 +482,8 @@ def plan_tiles(shape: tuple[int, int], cfg: ModelConfig, tile: int | None = None
     halo = receptive_halo(cfg)
     if tile is None:
         side = int(math.sqrt(memory_mb * 2**20 / _bytes_per_pixel(cfg)))
-        # cache-sized tiles are faster than one huge window on a CPU (measured 2.4x at 1024^2 for U-Net(2):
-        # benchmarks/README.md); keep the halo overhead small with a core of at least 4 halos
+        # cache-sized tiles are faster than one huge window on a CPU (about 2x at 1024^2 for U-Net(2):
+        # benchmarks/bench_engine.py); keep the halo overhead small with a core of at least 4 halos
         tile = max(min(side - 2 * halo, max(256, 4 * halo)), m)
     tile = max(m, int(tile) - int(tile) % m)
     if tile >= H and tile >= W:
