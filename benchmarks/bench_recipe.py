@@ -33,6 +33,11 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     "coordgate-l2": ({"gate": "coordgate"}, {"loss": "l2"}),
     "plain-l2-lr3e-3": ({"gate": "none"}, {"loss": "l2", "lr": 3e-3}),
     "coordgate-l2-lr3e-3": ({"gate": "coordgate"}, {"loss": "l2", "lr": 3e-3}),
+    # MultiWienerNet-style first stage: Wiener filters of the PSF model's PSFs on a K x K grid (needs the PSF model)
+    "plain-wiener3": ({"gate": "none", "prefilter": "wiener", "prefilter_grid": 3}, {}),
+    "coordgate-wiener3": ({"gate": "coordgate", "prefilter": "wiener", "prefilter_grid": 3}, {}),
+    "plain-wiener5": ({"gate": "none", "prefilter": "wiener", "prefilter_grid": 5}, {}),
+    "coordgate-wiener5": ({"gate": "coordgate", "prefilter": "wiener", "prefilter_grid": 5}, {}),
 }
 TRAIN_SOURCES = ("procedural", "cell", "coins", "immunohistochemistry", "brick", "gravel", "astronaut", "camera")
 TEST_SOURCES = ("procedural", "moon", "procedural", "hubble_deep_field")
@@ -107,7 +112,8 @@ def main() -> None:
             tcfg = TrainConfig(seed=seed, device="cpu", threads=args.threads, steps_per_epoch=steps_per_epoch,
                                **{**budget_kw, **tchange})
             t0 = time.perf_counter()
-            res = train(mcfg, tcfg, PairSource(tr_s, tr_b))
+            # the pairs come with their PSF model; only models with a Wiener first stage use it
+            res = train(mcfg, tcfg, PairSource(tr_s, tr_b, psf=args.preset))
             secs.append(time.perf_counter() - t0)
             out = predict(res.saved, te_b, device="cpu")
             results.append(_ring_row(te_s, out))

@@ -76,6 +76,22 @@ def test_train_from_psf_preset(tmp_path, capsys, sharp_tifs):
     assert (tmp_path / "m.cgmodel").exists()
 
 
+def test_train_pairs_with_their_psf_model_and_a_wiener_first_stage(tmp_path, capsys, sharp_tifs):
+    sim = tmp_path / "sim"
+    _run(capsys, "simulate", *sharp_tifs, "--psf", "gaussian", "-o", sim, "--photons", 500)
+    blurred = [str(sim / f"s{i}_blurred.tif") for i in range(3)]
+    model = tmp_path / "w"
+    code, _, err = _run(capsys, "train", "--sharp", *sharp_tifs, "--blurred", *blurred, "--psf", "gaussian",
+                        "--prefilter", "wiener", "-o", model, "--depth", 1, "--channels", 4, "--epochs", 1,
+                        "--device", "cpu")
+    assert code == 0, err
+    from napari_coordgate.modelio import load_model
+
+    saved = load_model(tmp_path / "w.cgmodel")
+    assert saved.config.prefilter == "wiener" and saved.psf["name"] == "gaussian"
+    assert saved.provenance["training"]["source"] == "calibration"
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -87,6 +103,8 @@ def test_train_from_psf_preset(tmp_path, capsys, sharp_tifs):
         (["train", "--sharp", "{s0}", "--psf", "gaussian", "-o", "{tmp}/no/such/dir/m", "--epochs", "1"],
          "does not exist"),
         (["apply", "-m", "{s0}", "{s0}", "-o", "{tmp}/o.tif"], "not a readable napari-coordgate"),
+        (["train", "--sharp", "{s0}", "-o", "{tmp}/m", "--epochs", "1"], "give calibration pairs"),
+        (["train", "--sharp", "{s0}", "--blurred", "{s0}", "--prefilter", "wiener", "-o", "{tmp}/m"], "needs the PSF"),
         (["evaluate", "-m", "{tmp}/m.cgmodel", "--sharp", "{s0}", "--blurred", "{s0}", "--roi", "a,b"], "--roi"),
     ],
 )

@@ -236,3 +236,37 @@ def test_roi_prediction_matches_the_region_of_the_whole_field():
     part = predict(saved, img[16:48, 16:48], roi=(16, 16), device="cpu")
     m = receptive_halo(TINY)
     np.testing.assert_allclose(part[m:-m, m:-m], whole[16 + m : 48 - m, 16 + m : 48 - m], atol=1e-4)
+
+
+WIENER = ModelConfig(depth=2, channels=4, gate="coordgate", gate_hidden=8, prefilter="wiener", prefilter_grid=2,
+                     prefilter_size=9)
+
+
+def test_wiener_first_stage_is_built_from_the_pairs_psf_model_and_saved_with_the_weights(tmp_path):
+    sharp, blurred = _pairs()
+    res = train(WIENER, _quick(epochs=1), PairSource(sharp, blurred, psf="gaussian"), out_path=tmp_path / "w")
+    kernels = res.saved.model.prefilter.kernels
+    assert kernels.shape == (4, 9, 9) and kernels.abs().sum() > 0
+    assert res.saved.psf is not None and res.saved.psf["name"] == "gaussian"
+    loaded = load_model(tmp_path / "w.cgmodel")
+    assert torch.equal(loaded.model.prefilter.kernels, kernels)
+    np.testing.assert_array_equal(predict(loaded, blurred[0], device="cpu"), predict(res.saved, blurred[0], device="cpu"))
+
+
+def test_wiener_first_stage_without_a_psf_model_is_a_clear_error():
+    sharp, blurred = _pairs()
+    with pytest.raises(InputError, match="needs the PSF model"):
+        train(WIENER, _quick(epochs=1), PairSource(sharp, blurred))
+
+
+def test_tiled_prediction_with_a_wiener_first_stage_equals_whole_image():
+    saved = _random_saved(WIENER)
+    g = torch.Generator().manual_seed(4)
+    saved.model.prefilter.set_kernels(torch.randn(4, 9, 9, generator=g))
+    img = (np.random.default_rng(1).random((96, 112)) * 500 + 10).astype(np.float32)
+    whole = predict(saved, img, tile=1024, device="cpu")
+    assert receptive_halo(WIENER) >= receptive_halo(WIENER.replace(prefilter="none")) + 4
+    tiled = predict(saved, img, tile=16, device="cpu")
+    np.testing.assert_allclose(tiled, whole, atol=1e-4)
+    with pytest.raises(InputError, match="unbinned"):
+        predict(saved, img[:48, :56], binning=2, device="cpu")

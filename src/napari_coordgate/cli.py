@@ -4,8 +4,9 @@
 
     napari-coordgate demo [-o OUTDIR] [--minutes M]
     napari-coordgate simulate SHARP.tif [...] --psf PRESET|CONFIG.json -o OUTDIR [--seed S]
-    napari-coordgate train --sharp S.tif [...] (--blurred B.tif [...] | --psf PRESET|CONFIG.json) -o MODEL
-            [--depth D] [--channels C] [--gate coordgate|none|coordconv] [--minutes M | --epochs N]
+    napari-coordgate train --sharp S.tif [...] [--blurred B.tif [...]] [--psf PRESET|CONFIG.json] -o MODEL
+            [--depth D] [--channels C] [--gate coordgate|none|coordconv] [--prefilter none|wiener]
+            [--minutes M | --epochs N]
             [--device auto|cpu|cuda|mps] [--seed S] [--resume CHECKPOINT] [--threads T]
     napari-coordgate apply -m MODEL INPUT.tif [...] -o OUT [--tile N] [--roi Y,X] [--binning B] [--device ...]
     napari-coordgate evaluate -m MODEL --sharp S.tif --blurred B.tif [--json REPORT.json] [--png REPORT.png]
@@ -156,7 +157,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 def _model_cfg(args):
     from .config import ModelConfig
 
-    return ModelConfig(depth=args.depth, channels=args.channels, gate=args.gate)
+    return ModelConfig(depth=args.depth, channels=args.channels, gate=args.gate,
+                       prefilter=getattr(args, "prefilter", "none"))
 
 
 def _train_cfg(args, **extra):
@@ -176,13 +178,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         out = out.with_name(out.name + MODEL_SUFFIX)
     _writable_file(out)
     ckpt = out.with_suffix(".cgckpt")
+    if not args.blurred and not args.psf:
+        raise CLIError("give calibration pairs (--blurred, with --psf too if the PSF model is known) or a PSF "
+                       "model (--psf) to simulate pairs from")
+    if args.prefilter != "none" and not args.psf:
+        raise CLIError("--prefilter wiener needs the PSF model of the optics: add --psf PRESET|CONFIG.json")
     sharp, _ = _read_stack(args.sharp, "sharp")
     if args.blurred:
         blurred, _ = _read_stack(args.blurred, "blurred")
         if len(args.blurred) != len(args.sharp):
             raise CLIError(f"{len(args.sharp)} sharp file(s) but {len(args.blurred)} blurred file(s); "
                            "the k-th sharp file pairs with the k-th blurred file")
-        source = PairSource(sharp, blurred)
+        source = PairSource(sharp, blurred, psf=args.psf)
     else:
         source = SimulatedSource(sharp, args.psf)
     _set_threads(args.threads)
@@ -300,13 +307,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model from calibration pairs or a PSF model")
     p.add_argument("--sharp", nargs="+", required=True)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--blurred", nargs="+")
-    src.add_argument("--psf", help="preset name or PSF config JSON (pairs are simulated)")
+    p.add_argument("--blurred", nargs="+", help="blurred calibration images, one per sharp file")
+    p.add_argument("--psf", help="preset name or PSF config JSON: without --blurred, pairs are simulated from "
+                                 "it; with --blurred, it describes the optics for --prefilter wiener")
     p.add_argument("-o", "--output", required=True, help="model file (.cgmodel)")
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--channels", type=int, default=16)
     p.add_argument("--gate", default="coordgate", choices=("coordgate", "none", "coordconv"))
+    p.add_argument("--prefilter", default="none", choices=("none", "wiener"),
+                   help="wiener: a first stage of Wiener filters for PSFs across the field (needs --psf)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, default=10.0)
     budget.add_argument("--epochs", type=int, default=0)

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-__all__ = ["ConfigError", "Config", "ModelConfig", "bounded", "choice", "GATES", "GATE_ACTIVATIONS"]
+__all__ = ["ConfigError", "Config", "ModelConfig", "bounded", "choice", "GATES", "GATE_ACTIVATIONS", "PREFILTERS"]
 
 
 class ConfigError(ValueError):
@@ -140,6 +140,7 @@ class Config:
 
 GATES = ("none", "coordgate", "coordconv")
 GATE_ACTIVATIONS = ("one_plus", "sigmoid", "relu", "raw")
+PREFILTERS = ("none", "wiener")
 
 
 @dataclass(frozen=True)
@@ -160,10 +161,19 @@ class ModelConfig(Config):
     gate_layers: int = bounded(2, 1, 8, doc="number of layers of the coordinate MLP")
     gate_activation: str = choice("one_plus", GATE_ACTIVATIONS, doc="how MLP output becomes the gate")
     residual: bool = bounded(True, doc="predict a correction added to the input")
+    prefilter: str = choice(
+        "none", PREFILTERS,
+        doc="wiener: a first stage of fixed Wiener filters for PSFs of a known PSF model (needs one to train)",
+    )
+    prefilter_grid: int = bounded(3, 1, 7, doc="Wiener filters for the PSFs on a K x K grid of the field")
+    prefilter_size: int = bounded(49, 3, 255, doc="Wiener filter side in pixels (odd)")
+    prefilter_balance: float = bounded(0.02, 1e-6, 100.0, doc="Wiener regularisation (Laplacian) weight")
     in_channels: int = bounded(1, 1, 16)
     out_channels: int = bounded(1, 1, 16)
 
     def _validate(self) -> None:
+        if self.prefilter_size % 2 == 0:
+            raise ConfigError(f"ModelConfig.prefilter_size must be odd, got {self.prefilter_size}")
         if self.residual and self.in_channels != self.out_channels:
             raise ConfigError(
                 "ModelConfig.residual needs in_channels == out_channels "
@@ -173,6 +183,11 @@ class ModelConfig(Config):
     def level_channels(self) -> list[int]:
         """Feature channels at each resolution level."""
         return [max(1, int(round(self.channels * self.growth**level))) for level in range(self.depth)]
+
+    @property
+    def prefilter_channels(self) -> int:
+        """Channels the Wiener first stage adds per input channel (0 without one)."""
+        return self.prefilter_grid**2 if self.prefilter != "none" else 0
 
     @property
     def min_size(self) -> int:

@@ -84,10 +84,15 @@ class Update:
 
 @dataclass
 class PairSource:
-    """Calibration pairs: sharp and blurred images of the same field, (H, W) or (N, H, W)."""
+    """Calibration pairs: sharp and blurred images of the same field, (H, W) or (N, H, W).
+
+    ``psf`` optionally describes the optics (PSFConfig, preset name, JSON path or dict); a model with a Wiener
+    first stage (``ModelConfig.prefilter="wiener"``) needs it to build its filters.
+    """
 
     sharp: Any
     blurred: Any
+    psf: Any = None
 
 
 @dataclass
@@ -281,7 +286,23 @@ def train(
     blurred_t = torch.from_numpy(norm.apply(blurred)).to(device)
     val_range = float(sharp_t[val_idx].max() - sharp_t[val_idx].min())
 
-    model = build_model(model_cfg).to(device)
+    model = build_model(model_cfg)
+    known_psf = psf_cfg
+    if isinstance(source, PairSource) and source.psf is not None:
+        from .optics.psf import get_psf_config
+
+        known_psf = get_psf_config(source.psf)
+    if model_cfg.prefilter == "wiener":
+        if known_psf is None:
+            raise InputError(
+                "a model with a Wiener first stage needs the PSF model of the optics: train from a PSF model, "
+                "or give the calibration pairs' PSF model (PairSource(psf=...), --psf with --blurred)"
+            )
+        from .optics.deconv import wiener_kernels
+
+        model.prefilter.set_kernels(wiener_kernels(
+            known_psf, field_shape, model_cfg.prefilter_grid, model_cfg.prefilter_size, model_cfg.prefilter_balance))
+    model = model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=train_cfg.lr)
     plateau = (
         torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=3)
@@ -351,7 +372,7 @@ def train(
     def _saved(net) -> SavedModel:
         return SavedModel(
             model=net, config=model_cfg, field_shape=field_shape, normalization=norm.to_dict(),
-            psf=None if psf_cfg is None else psf_cfg.to_dict(),
+            psf=None if known_psf is None else known_psf.to_dict(),
             provenance={"training": {
                 "source": "psf" if psf_cfg is not None else "calibration",
                 "planes": int(n), "epochs": int(epoch), "steps": int(step), "seconds": round(elapsed(), 1),
@@ -459,16 +480,20 @@ def receptive_halo(cfg: ModelConfig) -> int:
     """Overlap (pixels) a tile needs on each side so its core equals whole-image output.
 
     The receptive radius of the U-Net is 2**(depth+2) - 6 pixels (two 3x3 convolutions per level on the way
-    down and up, plus pooling and transposed-convolution footprints); rounded up to the pooling grid.
+    down and up, plus pooling and transposed-convolution footprints), plus the radius of a Wiener first stage's
+    kernels; rounded up to the pooling grid.
     """
     m = cfg.min_size
     r = 2 ** (cfg.depth + 2) - 6 + 2
+    if cfg.prefilter_channels:
+        r += cfg.prefilter_size // 2  # the first stage's kernels reach this much further
     return int(math.ceil(r / m) * m)
 
 
 def _bytes_per_pixel(cfg: ModelConfig) -> float:
-    # activations kept during a no-grad forward: a few feature maps per level (float32)
-    return sum(6 * c * 4 / 4**lv for lv, c in enumerate(cfg.level_channels())) + 64
+    # activations kept during a no-grad forward: a few feature maps per level (float32), plus the first stage's
+    # filtered channels and their complex spectra
+    return sum(6 * c * 4 / 4**lv for lv, c in enumerate(cfg.level_channels())) + 64 + 16 * cfg.prefilter_channels
 
 
 def plan_tiles(shape: tuple[int, int], cfg: ModelConfig, tile: int | None = None, memory_mb: float = 1024.0):
@@ -604,6 +629,8 @@ def predict(
     if H < cfg.min_size or W < cfg.min_size:
         raise InputError(f"image is {H}x{W}, smaller than the minimum {cfg.min_size}x{cfg.min_size} of this model")
     field_shape, offset = field_geometry((H, W), saved.field_shape, roi, binning)
+    if binning != 1 and cfg.prefilter_channels:
+        raise InputError("this model's Wiener first stage is built for unbinned pixels; apply it to unbinned images")
     norm = Normalization.from_dict(saved.normalization)
     dev = resolve_device(device)
     model = saved.model.to(dev).eval()

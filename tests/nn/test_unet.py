@@ -12,11 +12,16 @@ VARIANTS = [
     for d, c in [(1, 4), (2, 4), (3, 4), (4, 4)]
     for g, a in [("none", "one_plus"), ("coordgate", "raw"), ("coordconv", "one_plus")]
 ]
+# the MultiWienerNet-style first stage (fixed filter bank) with and without gates
+VARIANTS += [
+    ModelConfig(depth=2, channels=4, gate=g, gate_hidden=8, prefilter="wiener", prefilter_grid=2, prefilter_size=7)
+    for g in ("none", "coordgate")
+]
 GATED = [c for c in VARIANTS if c.gate != "none"]
 
 
 def _ids(cfg):
-    return f"d{cfg.depth}-{cfg.gate}"
+    return f"d{cfg.depth}-{cfg.gate}" + ("-wiener" if cfg.prefilter != "none" else "")
 
 
 def _randomise(model):
@@ -27,6 +32,8 @@ def _randomise(model):
         for p in model.parameters():
             if not p.any():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        if model.prefilter is not None:  # fixed kernels start at zero until training sets them
+            model.prefilter.kernels.copy_(torch.randn(model.prefilter.kernels.shape, generator=g))
     return model
 
 
@@ -78,7 +85,7 @@ def test_aligned_crop_equals_region_of_whole_field(cfg):
         whole = model(field)
         crop = model(field[..., oy : oy + h, ox : ox + w], offset=(oy, ox), field_shape=(192, 224))
     # beyond the receptive field's half-width (about 3 * 2**depth), the crop's edges no longer matter
-    m = 3 * 2**cfg.depth + 8
+    m = 3 * 2**cfg.depth + 8 + (cfg.prefilter_size // 2 if cfg.prefilter_channels else 0)
     a = whole[..., oy + m : oy + h - m, ox + m : ox + w - m]
     b = crop[..., m : h - m, m : w - m]
     assert a.numel() > 0

@@ -185,3 +185,36 @@ def test_bad_arguments_are_named(specimen, call, message):
 
 def test_central_psf_is_the_psf_at_the_frame_centre():
     np.testing.assert_array_equal(central_psf(EDGE, (50, 70)), psf_at(EDGE, 0.0, 0.0, (50, 70)))
+
+
+def test_wiener_kernels_sum_to_one_and_the_central_one_deconvolves_the_centre():
+    import torch
+
+    from napari_coordgate.metrics import psnr
+    from napari_coordgate.nn.prefilter import FilterBank
+    from napari_coordgate.optics.deconv import wiener_kernels
+    from napari_coordgate.specimens import specimen_fields
+
+    shape = (96, 96)
+    op = SpatiallyVaryingBlur("edge_defocus_astigmatism", shape)
+    sharp = specimen_fields(1, shape, seed=3, sources=("procedural",))[0]
+    blurred = op.forward(sharp)
+    k = wiener_kernels("edge_defocus_astigmatism", shape, grid=3, size=31, balance=1e-3)
+    assert k.shape == (9, 31, 31) and k.dtype == np.float32
+    np.testing.assert_allclose(k.sum(axis=(1, 2)), 1.0, atol=1e-4)
+    bank = FilterBank(9, 31)
+    bank.set_kernels(k)
+    with torch.no_grad():
+        out = bank(torch.from_numpy(blurred)[None, None])[0].numpy()
+    centre = (slice(36, 60), slice(36, 60))
+    # at the centre the central kernel (index 4) deconvolves: closer to the sharp image than the blur
+    assert psnr(sharp[centre], out[4][centre], data_range=1) > psnr(sharp[centre], blurred[centre], data_range=1) + 2
+
+
+def test_wiener_kernels_reject_bad_arguments():
+    from napari_coordgate.optics.deconv import wiener_kernels
+
+    with pytest.raises(ValueError, match="odd"):
+        wiener_kernels("gaussian", (64, 64), 3, 8)
+    with pytest.raises(ValueError, match="balance"):
+        wiener_kernels("gaussian", (64, 64), 3, 9, balance=0.0)

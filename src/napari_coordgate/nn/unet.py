@@ -7,6 +7,10 @@ the CoordGate U-Net of Howard et al. (arXiv:2401.04680); U-Net(1) gates its sing
 ``gate="coordconv"`` two coordinate channels are concatenated to every block's input (CoordConv, Liu et al.
 2018), the baseline the paper compares against.
 
+With ``prefilter="wiener"`` a fixed bank of Wiener filters for PSFs across the field (:mod:`.prefilter`,
+MultiWienerNet-style) adds filtered channels to the input; with CoordGate those channels are also gated by
+position before the first convolution.
+
 The network accepts any image of at least ``cfg.min_size`` pixels per side: it pads at the bottom and right to
 the multiple the poolings need and crops back. Padding only at the far edges keeps a crop's offset aligned,
 so a crop at an offset that is a multiple of ``2**(depth-1)`` sees the same pooling grid as the whole field.
@@ -22,6 +26,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .coordgate import CoordGate, field_coordinates
+from .prefilter import FilterBank
 
 __all__ = ["UNet", "build_model", "count_parameters", "ImageTooSmallError"]
 
@@ -57,7 +62,9 @@ class UNet(nn.Module):
         ch = cfg.level_channels()
         extra = 2 if cfg.gate == "coordconv" else 0
         self.down = nn.ModuleList()
-        cin = cfg.in_channels
+        # the optional Wiener first stage adds its filtered channels to the raw input
+        self.prefilter = FilterBank(cfg.prefilter_channels, cfg.prefilter_size) if cfg.prefilter_channels else None
+        cin = n_in = cfg.in_channels * (1 + cfg.prefilter_channels)
         for level in range(cfg.depth):
             self.down.append(_block(cin + extra, ch[level]))
             cin = ch[level]
@@ -75,6 +82,9 @@ class UNet(nn.Module):
         def make_gate(c: int) -> CoordGate:
             return CoordGate(c, cfg.gate_hidden, cfg.gate_layers, cfg.gate_activation)
 
+        # with a Wiener first stage, a gate on the input lets the network pick, per position, the filters whose
+        # PSFs match there (MultiWienerNet blends them with learned convolutions only)
+        self.input_gate = make_gate(n_in) if cfg.gate == "coordgate" and self.prefilter is not None else None
         if cfg.gate == "coordgate":
             n_down = max(1, cfg.depth - 1)
             self.down_gates = nn.ModuleList(make_gate(ch[lv]) for lv in range(n_down))
@@ -160,6 +170,14 @@ class UNet(nn.Module):
 
         skips = []
         h = inp
+        if self.prefilter is not None:
+            # filtered on the unpadded image (reflection at the true border), then padded like the input
+            filt = self.prefilter(x)
+            if pad_h or pad_w:
+                filt = F.pad(filt, (0, pad_w, 0, pad_h), mode=mode)
+            h = torch.cat([inp, filt], dim=1)
+            if self.input_gate is not None:
+                h = self._gate(self.input_gate, h, geom, 0)
         depth = self.cfg.depth
         for level in range(depth):
             if level > 0:
@@ -180,7 +198,8 @@ class UNet(nn.Module):
         return out[..., :H, :W]
 
     def clear_gate_cache(self) -> None:
-        for g in list(self.down_gates) + list(self.up_gates):
+        extra = [self.input_gate] if self.input_gate is not None else []
+        for g in list(self.down_gates) + list(self.up_gates) + extra:
             g.clear_cache()
 
 

@@ -19,9 +19,9 @@ import torch
 from skimage import restoration
 
 from napari_coordgate.optics.blur import SpatiallyVaryingBlur, check_image
-from napari_coordgate.optics.psf import PSFConfig, get_psf_config, psf_at
+from napari_coordgate.optics.psf import PSFConfig, get_psf_config, grid_positions, psf_at, psfs_at
 
-__all__ = ["central_psf", "richardson_lucy_central", "wiener_central", "sv_richardson_lucy"]
+__all__ = ["central_psf", "richardson_lucy_central", "wiener_central", "sv_richardson_lucy", "wiener_kernels"]
 
 
 def central_psf(cfg: "PSFConfig | str | dict", field_shape=None) -> np.ndarray:
@@ -197,3 +197,57 @@ def sv_richardson_lucy(
             # zero iterations, or a stop before this plane started: return it as it came, not the flat start
             out[n] = x.to("cpu", torch.float32).numpy() if done else plane
     return out.reshape(arr.shape)
+
+
+def wiener_kernels(
+    cfg: "PSFConfig | str | dict", field_shape, grid: int = 3, size: int = 49, balance: float = 0.02
+) -> np.ndarray:
+    """Spatial Wiener deconvolution kernels for the PSFs on a ``grid x grid`` lattice of the field.
+
+    Kernel ``i * grid + j`` inverts the PSF at normalised position ``(ys[i], xs[j])`` with
+    ``ys = xs = linspace(-1, 1, grid)``: its transfer function is ``conj(H) / (|H|^2 + balance |L|^2)`` with
+    ``L`` the discrete Laplacian, cut to ``size x size`` pixels with a smooth taper and scaled to sum to one
+    (a flat image stays flat). Convolving with it (true convolution) deconvolves that part of the field.
+
+    Parameters
+    ----------
+    cfg
+        The PSF model.
+    field_shape
+        (H, W) of the frame the PSF model describes.
+    grid
+        K: PSFs on a K x K lattice (``K = 1``: the central PSF only).
+    size
+        Kernel side in pixels (odd); a few PSF widths, since a Wiener filter's tails are longer than the PSF.
+    balance
+        Regularisation weight: larger is smoother and less noisy.
+
+    Returns
+    -------
+    ndarray, float32, shape (grid * grid, size, size)
+    """
+    cfg = get_psf_config(cfg)
+    if size % 2 == 0 or size < 3:
+        raise ValueError(f"size must be an odd number >= 3, got {size}")
+    if not (isinstance(balance, (int, float)) and balance > 0 and np.isfinite(balance)):
+        raise ValueError(f"balance must be a positive number, got {balance!r}")
+    pos = grid_positions(int(grid))
+    yy, xx = np.meshgrid(pos, pos, indexing="ij")
+    psfs = psfs_at(cfg, yy.ravel(), xx.ravel(), field_shape)  # (K*K, P, P)
+    p = psfs.shape[-1]
+    n = 1 << int(np.ceil(np.log2(max(2 * size, 2 * p, 32))))
+    embed = np.zeros((len(psfs), n, n))
+    embed[:, :p, :p] = psfs
+    embed = np.roll(embed, (-(p // 2), -(p // 2)), axis=(-2, -1))  # PSF centre at (0, 0)
+    otf = np.fft.fft2(embed)
+    w = 2 * np.pi * np.fft.fftfreq(n)
+    lap = (4.0 - 2.0 * np.cos(w)[:, None] - 2.0 * np.cos(w)[None, :]) ** 2
+    filt = np.conj(otf) / (np.abs(otf) ** 2 + balance * lap)
+    kern = np.real(np.fft.ifft2(filt))
+    r = size // 2
+    kern = np.roll(kern, (r, r), axis=(-2, -1))[:, :size, :size]
+    # taper the cut: a hard edge would ring
+    t = np.hanning(size + 2)[1:-1]
+    kern = kern * np.sqrt(np.outer(t, t))
+    kern /= kern.sum(axis=(-2, -1), keepdims=True)
+    return kern.astype(np.float32)
