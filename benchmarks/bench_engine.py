@@ -3,6 +3,7 @@ SV-RL, measured in one run; and peak memory of applying a 20 x 2048^2 uint16 sta
 
     python benchmarks/bench_engine.py            # full (a few minutes on 2 cores)
     python benchmarks/bench_engine.py --quick    # small sizes, < 1 minute
+    python benchmarks/bench_engine.py --profile  # where the time of one 2048^2 prediction goes (torch profiler)
 
 Prints tables; asserts nothing about time.
 """
@@ -77,13 +78,44 @@ def _peak_memory_child(planes: int, size: int, threads: int) -> None:
                       "peak": peak, "seconds": secs}))
 
 
+def _profile(size: int, threads: int, device: str, gate: str) -> None:
+    """Print the operators that take the time of one ``size x size`` prediction (after a warm-up)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from napari_coordgate.config import ModelConfig
+    from napari_coordgate.engine import plan_tiles, predict
+    from napari_coordgate.modelio import SavedModel
+    from napari_coordgate.nn import build_model
+    from napari_coordgate.specimens import procedural_specimen
+
+    torch.set_num_threads(threads)
+    img = procedural_specimen((size, size), seed=0).astype(np.float32)
+    cfg = ModelConfig(depth=2, channels=16, gate=gate)
+    torch.manual_seed(0)
+    saved = SavedModel(build_model(cfg).eval(), cfg, (size, size))
+    predict(saved, img, device=device)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        predict(saved, img, device=device)
+    secs = time.perf_counter() - t0
+    print(f"## Profile of one {size}x{size} prediction, U-Net(2) {gate}, {len(plan_tiles((size, size), cfg))} tiles, "
+          f"{threads} thread(s): {secs:.2f} s under the profiler")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=32))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--profile", action="store_true", help="profile one prediction instead")
+    ap.add_argument("--gate", default="coordgate", help="model profiled with --profile")
     args = ap.parse_args()
+    if args.profile:
+        _profile(256 if args.quick else 2048, args.threads, args.device, args.gate)
+        return
     if args.child:
         _peak_memory_child(args.child[0], args.child[1], args.threads)
         return

@@ -33,6 +33,9 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     "coordgate-l2": ({"gate": "coordgate"}, {"loss": "l2"}),
     "plain-l2-lr3e-3": ({"gate": "none"}, {"loss": "l2", "lr": 3e-3}),
     "coordgate-l2-lr3e-3": ({"gate": "coordgate"}, {"loss": "l2", "lr": 3e-3}),
+    # crop centres uniform over the field: the border and corners are in a crop far more often
+    "plain-cover": ({"gate": "none"}, {"sampling": "cover"}),
+    "coordgate-cover": ({"gate": "coordgate"}, {"sampling": "cover"}),
     # MultiWienerNet-style first stage: Wiener filters of the PSF model's PSFs on a K x K grid (needs the PSF model)
     "plain-wiener3": ({"gate": "none", "prefilter": "wiener", "prefilter_grid": 3}, {}),
     "coordgate-wiener3": ({"gate": "coordgate", "prefilter": "wiener", "prefilter_grid": 3}, {}),

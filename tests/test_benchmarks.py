@@ -14,6 +14,7 @@ BENCH = Path(__file__).parents[1] / "benchmarks"
     ("bench_recipe.py", "SV-RL"),
     ("bench_optics.py", "K = 7"),
     ("bench_threads.py", "s/step"),
+    ("bench_sweep.py", "CoordGate U-Net(2)"),
 ])
 def test_benchmark_quick_mode_prints_its_table(script, expect):
     result = subprocess.run([sys.executable, str(BENCH / script), "--quick"], capture_output=True, text=True,

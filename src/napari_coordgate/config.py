@@ -212,6 +212,9 @@ class TrainConfig(Config):
 
     crop: int = bounded(128, 16, 4096, doc="training crop side in pixels (aligned to the pooling grid)")
     batch: int = bounded(8, 1, 512)
+    sampling: str = choice("uniform", ("uniform", "cover"),
+                           doc="crop offsets: uniform, or cover (crop centres uniform: the field's border is seen "
+                               "as often as a crop reaches it)")
     # L2 and 3e-3 measured best in benchmarks/README.md (L1's sign gradients are noise on dark backgrounds)
     lr: float = bounded(3e-3, 1e-6, 1.0, doc="Adam learning rate")
     loss: str = choice("l2", LOSSES)

@@ -166,11 +166,25 @@ def checkerboard_mask(shape: tuple[int, int], tile: int = 32, period: int = 3) -
 
 
 def sample_offsets(
-    rng: np.random.Generator, n: int, field_shape: tuple[int, int], crop: tuple[int, int], align: int
+    rng: np.random.Generator, n: int, field_shape: tuple[int, int], crop: tuple[int, int], align: int,
+    mode: str = "uniform",
 ) -> np.ndarray:
-    """``n`` random crop offsets (y, x) inside the field, multiples of ``align`` (the pooling grid)."""
+    """``n`` random crop offsets (y, x) inside the field, multiples of ``align`` (the pooling grid).
+
+    ``mode="uniform"`` draws the offset uniformly, so the field's outer pixels are inside a crop far less often
+    than the centre (a pixel at the border only when the offset is 0 or the largest). ``mode="cover"`` draws
+    the crop's centre uniformly over the whole field and clips the crop inside it, which puts the border
+    pixels in a crop about ``crop / (2 * field)`` of the time instead of ``1 / (number of offsets)``.
+    """
+    if mode not in ("uniform", "cover"):
+        raise ValueError(f"mode must be 'uniform' or 'cover', got {mode!r}")
     out = np.empty((n, 2), dtype=np.int64)
     for axis in range(2):
         hi = (field_shape[axis] - crop[axis]) // align
-        out[:, axis] = rng.integers(0, hi + 1, size=n) * align
+        if mode == "uniform":
+            out[:, axis] = rng.integers(0, hi + 1, size=n) * align
+        else:
+            centre = rng.uniform(0, field_shape[axis], size=n)
+            start = np.clip(centre - crop[axis] / 2, 0, hi * align)
+            out[:, axis] = np.round(start / align).astype(np.int64) * align
     return out

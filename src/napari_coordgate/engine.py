@@ -417,7 +417,7 @@ def train(
                 if train_cfg.epochs == 0 and progress() >= 1.0:
                     break
                 planes = rng.choice(train_idx, size=train_cfg.batch)
-                offs = sample_offsets(rng, train_cfg.batch, field_shape, crop_hw, align)
+                offs = sample_offsets(rng, train_cfg.batch, field_shape, crop_hw, align, train_cfg.sampling)
                 ys = offs[:, 0, None] + np.arange(crop_hw[0])[None]
                 xs = offs[:, 1, None] + np.arange(crop_hw[1])[None]
                 pi = torch.from_numpy(planes)[:, None, None]
