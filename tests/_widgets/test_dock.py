@@ -58,6 +58,23 @@ def test_training_from_sharp_layer_and_psf_preset(viewer_dock, qtbot, pair64):
     assert dock.model.psf["name"] == "gaussian"
 
 
+def test_pairs_with_a_wiener_first_stage_train_with_the_chosen_psf_model(viewer_dock, qtbot, pair64):
+    viewer, dock = viewer_dock
+    viewer.add_image(pair64[0], name="sharp")
+    viewer.add_image(pair64[1], name="blurred")
+    t = dock.train_tab
+    t.sharp.setCurrentText("sharp")
+    t.blurred.setCurrentText("blurred")
+    t.preset.setCurrentText("gaussian")
+    t.prefilter.setCurrentText("wiener")
+    make_tiny(dock)
+    t.start_btn.click()
+    wait_idle(qtbot, dock)
+    assert dock.model.config.prefilter == "wiener"
+    assert dock.model.psf["name"] == "gaussian"
+    assert dock.model.model.prefilter.kernels.abs().sum() > 0
+
+
 def test_show_psf_grid_adds_the_grid_layer(viewer_dock, qtbot):
     viewer, dock = viewer_dock
     dock.train_tab.preset.setCurrentText("gaussian")

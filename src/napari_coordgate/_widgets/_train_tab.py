@@ -16,7 +16,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_coordgate.config import ConfigError, ModelConfig, TrainConfig
+from napari_coordgate.config import PREFILTERS, ConfigError, ModelConfig, TrainConfig
 
 from ._form import ConfigForm
 from ._jobs import psf_grid_job, train_job
@@ -81,6 +81,10 @@ class TrainTab(QWidget):
         self.channels = _spin(1, 256, 16)
         self.gate = QComboBox()
         self.gate.addItems(["coordgate", "none", "coordconv"])
+        self.prefilter = QComboBox()
+        self.prefilter.addItems(list(PREFILTERS))
+        self.prefilter.setToolTip("wiener: a first stage of Wiener filters for PSFs across the field, built from "
+                                  "the PSF model above (also with calibration pairs)")
         self.budget_kind = QComboBox()
         self.budget_kind.addItems(["minutes", "epochs"])
         self.budget = _spin(0.1, 10000, 1.0, 0.5, decimals=1)
@@ -94,6 +98,7 @@ class TrainTab(QWidget):
         self.device_used = QLabel("-")
         form = QFormLayout()
         for label, w in (("depth", self.depth), ("channels", self.channels), ("position gate", self.gate),
+                         ("first stage", self.prefilter),
                          ("budget in", self.budget_kind), ("budget", self.budget),
                          ("steps per epoch", self.steps_per_epoch), ("crop", self.crop), ("batch", self.batch),
                          ("seed", self.seed), ("device", self.device), ("device used", self.device_used)):
@@ -146,7 +151,8 @@ class TrainTab(QWidget):
         return self.psf_form.value() if self.psf_box.isChecked() else self._presets[self.preset.currentText()]
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig(depth=self.depth.value(), channels=self.channels.value(), gate=self.gate.currentText())
+        return ModelConfig(depth=self.depth.value(), channels=self.channels.value(), gate=self.gate.currentText(),
+                           prefilter=self.prefilter.currentText())
 
     def train_config(self) -> TrainConfig:
         epochs = self.budget_kind.currentText() == "epochs"
@@ -169,7 +175,9 @@ class TrainTab(QWidget):
         blurred = self.blurred.layer()
         if blurred is None or blurred is sharp:
             raise ValueError("pick a blurred layer different from the sharp one, or train from a PSF model")
-        return PairSource(layer_array(sharp), layer_array(blurred))
+        # the PSF model travels with the pairs only when the Wiener first stage needs it
+        psf = self.psf_config() if self.prefilter.currentText() != "none" else None
+        return PairSource(layer_array(sharp), layer_array(blurred), psf=psf)
 
     # -- actions --------------------------------------------------------------------------------------
     def start(self) -> None:
