@@ -270,3 +270,18 @@ def test_tiled_prediction_with_a_wiener_first_stage_equals_whole_image():
     np.testing.assert_allclose(tiled, whole, atol=1e-4)
     with pytest.raises(InputError, match="unbinned"):
         predict(saved, img[:48, :56], binning=2, device="cpu")
+
+
+def test_gate_learning_rate_scale_moves_the_coordinate_mlps_proportionally():
+    sharp, blurred = _pairs()
+
+    def gate_shift(scale):
+        res = train(TINY, _quick(epochs=1, gate_lr_scale=scale), PairSource(sharp, blurred))
+        fresh = build_model(TINY).state_dict()
+        # the gates' last layers start at zero, so their size after training is how far they moved
+        return sum(float(p.abs().sum()) for n, p in res.saved.model.state_dict().items()
+                   if n.startswith("down_gates") and n.endswith("weight") and not fresh[n].any())
+
+    slow, normal = gate_shift(0.01), gate_shift(1.0)
+    # the zero-initialised last layers of the gate MLPs move about in proportion to their learning rate
+    assert 0 < slow < 0.1 * normal

@@ -303,7 +303,16 @@ def train(
         model.prefilter.set_kernels(wiener_kernels(
             known_psf, field_shape, model_cfg.prefilter_grid, model_cfg.prefilter_size, model_cfg.prefilter_balance))
     model = model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=train_cfg.lr)
+    # the coordinate MLPs may learn at their own rate (TrainConfig.gate_lr_scale): they start as the identity
+    # and must move before the position dependence shows
+    gate_params = [p for n, p in model.named_parameters() if "gate" in n.split(".")[0]]
+    ids = {id(p) for p in gate_params}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ids], "lr_scale": 1.0}]
+    if gate_params:
+        groups.append({"params": gate_params, "lr_scale": train_cfg.gate_lr_scale})
+    for g in groups:
+        g["lr"] = train_cfg.lr * g["lr_scale"]
+    opt = torch.optim.Adam(groups, lr=train_cfg.lr)
     plateau = (
         torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=3)
         if train_cfg.schedule == "plateau" else None
@@ -427,7 +436,7 @@ def train(
                 y = sharp_t[pi.to(device), yi.to(device), xi.to(device)][:, None]
                 if plateau is None:
                     for g in opt.param_groups:
-                        g["lr"] = train_cfg.lr * _lr_factor(train_cfg.schedule, progress())
+                        g["lr"] = train_cfg.lr * g.get("lr_scale", 1.0) * _lr_factor(train_cfg.schedule, progress())
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                     out = model(x, offset=torch.from_numpy(offs).to(device), field_shape=field_shape)
                 diff = out.float() - y
