@@ -39,6 +39,8 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     # the coordinate MLPs learn faster than the convolutions
     "coordgate-gatelr3": ({"gate": "coordgate"}, {"gate_lr_scale": 3.0}),
     "coordgate-gatelr10": ({"gate": "coordgate"}, {"gate_lr_scale": 10.0}),
+    "coordgate-cover-gatelr3": ({"gate": "coordgate"}, {"sampling": "cover", "gate_lr_scale": 3.0}),
+    "coordgate-cover-gatelr10": ({"gate": "coordgate"}, {"sampling": "cover", "gate_lr_scale": 10.0}),
     # MultiWienerNet-style first stage: Wiener filters of the PSF model's PSFs on a K x K grid (needs the PSF model)
     "plain-wiener3": ({"gate": "none", "prefilter": "wiener", "prefilter_grid": 3}, {}),
     "coordgate-wiener3": ({"gate": "coordgate", "prefilter": "wiener", "prefilter_grid": 3}, {}),
