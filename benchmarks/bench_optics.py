@@ -29,7 +29,7 @@ import torch
 from skimage import color, data, transform
 
 from napari_coordgate.optics.blur import SpatiallyVaryingBlur, add_noise, brute_force_blur
-from napari_coordgate.optics.deconv import richardson_lucy_central, sv_richardson_lucy, wiener_central
+from napari_coordgate.optics.deconv import richardson_lucy_central, sv_richardson_lucy, sv_wiener, wiener_central
 from napari_coordgate.optics.psf import PRESETS
 
 RINGS = (("centre", 0.0, 0.5), ("middle", 0.5, 1.0), ("edge", 1.0, np.inf))
@@ -145,6 +145,12 @@ def bench_baselines(size: int, preset: str, photons: float, read_noise: float, c
     t0 = time.perf_counter()
     wi = wiener_central(test_blurred, cfg, best_w)
     t_w = time.perf_counter() - t0
+    sv_wiener_rows = []
+    for k in sorted({3, 5, cfg.grid}):
+        best_b = max(balances, key=lambda b: psnr(tune, sv_wiener(tune_blurred, cfg, k, balance=b)))
+        t0 = time.perf_counter()
+        est = sv_wiener(test_blurred, cfg, k, balance=best_b)
+        sv_wiener_rows.append((f"SV-Wiener K = {k}, balance {best_b:g}", est, time.perf_counter() - t0))
 
     rings = field_rings(test.shape)
     rows = []
@@ -153,6 +159,7 @@ def bench_baselines(size: int, preset: str, photons: float, read_noise: float, c
         (f"RL central PSF, {best_rl} it", rl, t_rl),
         (f"Wiener central PSF, balance {best_w:g}", wi, t_w),
         (f"SV-RL (K = {cfg.grid}), {best_sv} it", sv, t_sv),
+        *sv_wiener_rows,
     ]:
         rows.append(
             [label, f"{psnr(test, estimate):.2f}"]

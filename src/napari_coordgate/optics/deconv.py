@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from skimage import restoration
 
-from napari_coordgate.optics.blur import SpatiallyVaryingBlur, check_image
+from napari_coordgate.optics.blur import SpatiallyVaryingBlur, _tent_weights, check_image
 from napari_coordgate.optics.psf import PSFConfig, get_psf_config, grid_positions, psf_at, psfs_at
 
-__all__ = ["central_psf", "richardson_lucy_central", "wiener_central", "sv_richardson_lucy", "wiener_kernels"]
+__all__ = ["central_psf", "richardson_lucy_central", "wiener_central", "sv_richardson_lucy", "wiener_kernels", "sv_wiener"]
 
 
 def central_psf(cfg: "PSFConfig | str | dict", field_shape=None) -> np.ndarray:
@@ -251,3 +251,52 @@ def wiener_kernels(
     kern = kern * np.sqrt(np.outer(t, t))
     kern /= kern.sum(axis=(-2, -1), keepdims=True)
     return kern.astype(np.float32)
+
+
+def sv_wiener(image, cfg: "PSFConfig | str | dict", grid: int | None = None, size: int | None = None,
+              balance: float = 0.01) -> np.ndarray:
+    """Spatially varying Wiener deconvolution: the image filtered with the Wiener kernels of the PSFs on a
+    K x K grid (:func:`wiener_kernels`), blended per pixel with the same tent weights the blur model uses.
+
+    One pass of FFT convolutions, so much faster than SV-RL; with K equal to the PSF model's own grid it inverts
+    the blur model region by region.
+
+    Parameters
+    ----------
+    image
+        Blurred intensities, (H, W) or (..., H, W) (plane by plane).
+    cfg
+        The PSF model.
+    grid
+        K; default the PSF model's ``grid``.
+    size
+        Kernel side (odd); default twice the PSF side plus one.
+    balance
+        Regularisation weight: larger is smoother and less noisy.
+
+    Returns
+    -------
+    ndarray, float32, same shape and units as ``image``
+    """
+    from scipy.signal import fftconvolve
+
+    arr = check_image(image)
+    cfg = get_psf_config(cfg)
+    k = cfg.grid if grid is None else int(grid)
+    size = 2 * cfg.psf_size + 1 if size is None else int(size)
+    h, w = arr.shape[-2:]
+    kernels = wiener_kernels(cfg, (h, w), k, size, balance).astype(np.float64)
+    wy, wx = _tent_weights(h, 0, k), _tent_weights(w, 0, k)
+    r = size // 2
+
+    def one(plane: np.ndarray) -> np.ndarray:
+        padded = np.pad(plane.astype(np.float64), r, mode="symmetric")
+        out = np.zeros((h, w))
+        for i in range(k):
+            for j in range(k):
+                weight = np.outer(wy[i], wx[j])
+                if weight.any():
+                    out += weight * fftconvolve(padded, kernels[i * k + j], mode="valid")
+        return out
+
+    return _per_plane(arr, one)
