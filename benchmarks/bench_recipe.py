@@ -72,12 +72,17 @@ def _ring_row(gt, img):
     return {"psnr": psnr(gt, img), **rings}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def dataset_arguments(ap: argparse.ArgumentParser) -> None:
+    """The fixed benchmark's options (shared with bench_sweep.py)."""
     ap.add_argument("--preset", default="edge_defocus_astigmatism")
     ap.add_argument("--fields", type=int, default=32)
     ap.add_argument("--field", type=int, default=256)
     ap.add_argument("--photons", type=float, default=1000.0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    dataset_arguments(ap)
     ap.add_argument("--steps", type=int, default=600, help="optimiser steps per model (ignored with --minutes)")
     ap.add_argument("--minutes", type=float, default=0.0)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_recipe import build_benchmark
+from bench_recipe import build_benchmark, dataset_arguments
 
 # name: ModelConfig fields
 MODELS: dict[str, dict] = {
@@ -123,10 +123,7 @@ def _plot(rows: list[dict], classical: list[dict], path: Path, title: str) -> No
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="edge_defocus_astigmatism")
-    ap.add_argument("--fields", type=int, default=32)
-    ap.add_argument("--field", type=int, default=256)
-    ap.add_argument("--photons", type=float, default=1000.0)
+    dataset_arguments(ap)
     ap.add_argument("--minutes", type=float, default=6.0, help="wall-clock training budget per model")
     ap.add_argument("--steps", type=int, default=0, help="fixed step budget instead of minutes")
     ap.add_argument("--channels", type=int, default=16)
