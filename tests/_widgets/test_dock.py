@@ -133,6 +133,30 @@ def test_apply_keeps_shape_and_spatial_metadata_and_reports_progress(viewer_dock
     np.testing.assert_allclose(out.data, engine.predict(tiny_model, data, device="cpu"), atol=1e-5)
 
 
+def test_apply_to_a_camera_roi_uses_its_place_in_the_field(viewer_dock, qtbot, tiny_model, pair64):
+    viewer, dock = viewer_dock
+    dock.set_model(tiny_model, "test")
+    roi = np.ascontiguousarray(pair64[1][16:48, 8:40])
+    viewer.add_image(roi, name="roi")
+    tab = dock.apply_tab
+    tab.image.setCurrentText("roi")
+    seen = _notifications()
+    tab.apply_btn.click()  # a 32x32 image of a 64x64 field needs its position
+    wait_idle(qtbot, dock)
+    assert "roi (CoordGate)" not in viewer.layers
+    assert any("position in the field" in m for m in seen)
+    tab.roi.setText("16, 8")
+    tab.apply_btn.click()
+    wait_idle(qtbot, dock)
+    from napari_coordgate import engine
+
+    expected = engine.predict(tiny_model, roi, roi=(16, 8), device="cpu")
+    np.testing.assert_allclose(viewer.layers["roi (CoordGate)"].data, expected, atol=1e-5)
+    tab.roi.setText("a,b")
+    tab.apply_btn.click()
+    assert dock.state is State.IDLE  # a bad ROI is an error message, no job
+
+
 def test_cancel_stops_a_prediction_and_adds_no_layer(viewer_dock, qtbot, tiny_model, pair64):
     viewer, dock = viewer_dock
     dock.set_model(tiny_model, "test")

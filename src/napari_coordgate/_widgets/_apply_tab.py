@@ -41,6 +41,12 @@ class ApplyTab(QWidget):
         self.device = QComboBox()
         self.device.addItems(list(DEVICES))
         self.device.setCurrentText(dock.settings["device"])
+        self.roi = QLineEdit()
+        self.roi.setPlaceholderText("whole field")
+        self.roi.setToolTip("Y,X of the image's top-left pixel in the training field (camera ROI), in unbinned pixels")
+        self.binning = QSpinBox()
+        self.binning.setRange(1, 16)
+        self.binning.setToolTip("camera binning of the image relative to the training field")
         self.out_path = QLineEdit()
         self.out_path.setPlaceholderText("in memory (or a .npy / .zarr path for big data)")
         self.apply_btn = QPushButton("Apply")
@@ -59,6 +65,8 @@ class ApplyTab(QWidget):
         form.addRow("models per channel", models_row)
         form.addRow("tile", self.tile)
         form.addRow("device", self.device)
+        form.addRow("ROI in field (Y,X)", self.roi)
+        form.addRow("binning", self.binning)
         form.addRow("output", self.out_path)
         row = QHBoxLayout()
         row.addWidget(self.apply_btn)
@@ -110,8 +118,18 @@ class ApplyTab(QWidget):
             raise ValueError("no model: train one, or load a .cgmodel file in the Model tab")
         out = self.out_path.text().strip() or None
         req = ApplyRequest(image=layer_array(layer), models=paths or [self.dock.model], channel_axis=axis,
-                           tile=self.tile.value() or None, device=self.device.currentText(), out_path=out)
+                           tile=self.tile.value() or None, device=self.device.currentText(), out_path=out,
+                           roi=self.roi_value(), binning=self.binning.value())
         return req, layer
+
+    def roi_value(self) -> tuple[int, int] | None:
+        text = self.roi.text().strip()
+        if not text:
+            return None
+        parts = text.replace(" ", "").split(",")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"ROI must be two non-negative integers 'Y,X', got {text!r}")
+        return int(parts[0]), int(parts[1])
 
     def apply(self) -> None:
         try:

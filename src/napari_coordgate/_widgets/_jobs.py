@@ -62,6 +62,8 @@ class ApplyRequest:
     tile: int | None = None
     device: str = "auto"
     out_path: str | None = None  # ``.zarr`` (needs zarr) or ``.npy`` (memory-mapped); None = in memory
+    roi: tuple[int, int] | None = None  # (y, x) of the image inside the training field
+    binning: int = 1
 
 
 @dataclass
@@ -140,7 +142,7 @@ def apply_job(req: ApplyRequest, *, report: Report, should_stop: ShouldStop) -> 
             report(Progress("apply", c * total + done, n_ch * total, f"plane {plane} of {n_planes}"))
 
         try:
-            engine.predict(saved, image, tile=req.tile, device=req.device, out=target,
+            engine.predict(saved, image, roi=req.roi, binning=req.binning, tile=req.tile, device=req.device, out=target,
                            on_progress=on_progress, should_stop=should_stop)
         except engine.Cancelled:
             return JobResult(out, cancelled=True)
