@@ -52,6 +52,50 @@ def test_ome_physical_size_is_carried(tmp_path):
     assert 'PhysicalSizeX="0.065"' in read_tiff(tmp_path / "b.ome.tif").ome
 
 
+@pytest.mark.parametrize("kind", ["imagej", "ome"])
+def test_streamed_write_from_a_memory_mapped_read_keeps_data_and_metadata(tmp_path, kind):
+    from napari_coordgate.tiffio import write_tiff_streamed
+
+    data = (np.random.default_rng(1).random((3, 16, 24)) * 1000).astype(np.uint16)
+    if kind == "imagej":
+        tifffile.imwrite(tmp_path / "a.tif", data, imagej=True, resolution=(5.0, 5.0),
+                         metadata={"axes": "ZYX", "unit": "um", "spacing": 0.3})
+    else:
+        tifffile.imwrite(tmp_path / "a.tif", data, ome=True, metadata={"axes": "ZYX", "PhysicalSizeX": 0.065})
+    src = read_tiff(tmp_path / "a.tif", lazy=True)
+    assert isinstance(src.data, np.memmap)  # uncompressed and contiguous: not read into memory
+
+    def fill(out):
+        for i in range(len(out)):  # plane by plane, as predict writes
+            out[i] = src.data[i] / 2
+
+    write_tiff_streamed(tmp_path / "b.tif", src.data.shape, fill, like=src)
+    out = read_tiff(tmp_path / "b.tif")
+    np.testing.assert_allclose(out.data, data / 2)
+    assert out.data.dtype == np.float32 and out.axes == "ZYX"
+    if kind == "imagej":
+        assert out.imagej["spacing"] == pytest.approx(0.3) and out.resolution == (5.0, 5.0)
+    else:
+        assert 'PhysicalSizeX="0.065"' in out.ome
+
+
+def test_compressed_tiff_is_read_whole_and_a_failed_stream_leaves_no_file(tmp_path):
+    from napari_coordgate.tiffio import write_tiff_streamed
+
+    data = np.arange(2 * 8 * 8, dtype=np.uint16).reshape(2, 8, 8)
+    tifffile.imwrite(tmp_path / "z.tif", data, compression="zlib")
+    src = read_tiff(tmp_path / "z.tif", lazy=True)
+    assert not isinstance(src.data, np.memmap)
+    np.testing.assert_array_equal(src.data, data)
+
+    def fail(out):
+        raise RuntimeError("cancelled")
+
+    with pytest.raises(RuntimeError):
+        write_tiff_streamed(tmp_path / "out.tif", data.shape, fail)
+    assert list(tmp_path.iterdir()) == [tmp_path / "z.tif"]
+
+
 def test_unreadable_tiff_is_a_clear_error(tmp_path):
     (tmp_path / "x.tif").write_bytes(b"not a tiff at all")
     with pytest.raises(ValueError, match="cannot read"):

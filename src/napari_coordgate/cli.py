@@ -202,7 +202,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     from .modelio import load_model
-    from .tiffio import read_tiff, write_tiff
+    from .tiffio import read_tiff, write_tiff_streamed
 
     saved = load_model(args.model)
     roi = _parse_roi(args.roi)
@@ -214,14 +214,15 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         _writable_file(out)
     _set_threads(args.threads)
     for p in args.inputs:
-        img = read_tiff(p)
+        # memory-mapped in and out where the TIFF allows: a stack larger than RAM goes through tile by tile
+        img = read_tiff(p, lazy=True)
         t0 = time.perf_counter()
-        restored = _predict_with_bar(saved, img.data, label=Path(p).name, roi=roi, binning=args.binning,
-                                     tile=args.tile, device=args.device)
         dest = out / Path(p).name if many else out
         if Path(dest).resolve() == Path(p).resolve():
             raise CLIError(f"refusing to overwrite the input {p}; choose another output")
-        write_tiff(dest, restored, img)
+        write_tiff_streamed(dest, img.data.shape, lambda target, img=img, p=p: _predict_with_bar(
+            saved, img.data, label=Path(p).name, roi=roi, binning=args.binning, tile=args.tile,
+            device=args.device, out=target), img)
         mp = img.data.size / 1e6
         print(f"{p} -> {dest}  ({mp:.1f} MP in {time.perf_counter() - t0:.1f} s)")
     return 0

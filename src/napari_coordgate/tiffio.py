@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["TiffImage", "read_tiff", "write_tiff"]
+__all__ = ["TiffImage", "read_tiff", "write_tiff", "write_tiff_streamed"]
 
 
 @dataclass
@@ -24,8 +24,23 @@ class TiffImage:
     extra: dict = field(default_factory=dict)
 
 
-def read_tiff(path: str | os.PathLike) -> TiffImage:
-    """Read a TIFF and its metadata; a missing or unreadable file raises a clear error."""
+def _memmap(path: Path, series) -> np.ndarray | None:
+    """The series as a read-only memory map, or None when its pixels are not stored uncompressed in one piece."""
+    import tifffile
+
+    try:
+        mm = tifffile.memmap(path, mode="r")
+    except (ValueError, OSError):
+        return None
+    return mm if tuple(mm.shape) == tuple(series.shape) else None
+
+
+def read_tiff(path: str | os.PathLike, *, lazy: bool = False) -> TiffImage:
+    """Read a TIFF and its metadata; a missing or unreadable file raises a clear error.
+
+    With ``lazy=True`` an uncompressed, contiguous file is memory-mapped instead of read, so a stack larger
+    than memory can be processed plane by plane; other files are read whole.
+    """
     import tifffile
 
     path = Path(path)
@@ -34,7 +49,9 @@ def read_tiff(path: str | os.PathLike) -> TiffImage:
     try:
         with tifffile.TiffFile(path) as tf:
             series = tf.series[0]
-            data = series.asarray()
+            data = (_memmap(path, series) if lazy else None)
+            if data is None:
+                data = series.asarray()
             page = tf.pages[0]
             res = page.tags.get("XResolution"), page.tags.get("YResolution")
             resolution = None
@@ -68,13 +85,8 @@ def _ome_physical_sizes(ome: str) -> dict:
     return out
 
 
-def write_tiff(path: str | os.PathLike, data: np.ndarray, like: TiffImage | None = None) -> Path:
-    """Write float32 ``data`` atomically, carrying pixel size, axes and OME/ImageJ metadata from ``like``."""
-    import tifffile
-
-    path = Path(path)
-    if not path.parent.exists():
-        raise FileNotFoundError(f"output folder {path.parent} does not exist")
+def _write_kwargs(like: TiffImage | None) -> dict:
+    """tifffile.imwrite options that carry pixel size, axes and OME/ImageJ metadata from ``like``."""
     kwargs: dict = {}
     if like is not None:
         if like.resolution is not None:
@@ -95,13 +107,45 @@ def write_tiff(path: str | os.PathLike, data: np.ndarray, like: TiffImage | None
             kwargs["metadata"] = meta
         elif like.axes:
             kwargs["metadata"] = {"axes": like.axes}
+    return kwargs
+
+
+def _atomic(path: Path, write) -> Path:
+    if not path.parent.exists():
+        raise FileNotFoundError(f"output folder {path.parent} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        tifffile.imwrite(tmp, np.asarray(data, dtype=np.float32), **kwargs)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def write_tiff(path: str | os.PathLike, data: np.ndarray, like: TiffImage | None = None) -> Path:
+    """Write float32 ``data`` atomically, carrying pixel size, axes and OME/ImageJ metadata from ``like``."""
+    import tifffile
+
+    kwargs = _write_kwargs(like)
+    return _atomic(Path(path), lambda tmp: tifffile.imwrite(tmp, np.asarray(data, dtype=np.float32), **kwargs))
+
+
+def write_tiff_streamed(path: str | os.PathLike, shape, fill, like: TiffImage | None = None) -> Path:
+    """Write a float32 TIFF of ``shape`` without holding it in memory: ``fill(array)`` writes into a memory map
+    of the new file (plane by plane, say); the file appears at ``path`` only when ``fill`` returns."""
+    import tifffile
+
+    kwargs = _write_kwargs(like)
+
+    def write(tmp: str) -> None:
+        mm = tifffile.memmap(tmp, shape=tuple(shape), dtype=np.float32, **kwargs)
+        try:
+            fill(mm)
+            mm.flush()
+        finally:
+            del mm
+
+    return _atomic(Path(path), write)
