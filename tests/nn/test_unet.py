@@ -195,3 +195,24 @@ def test_tile_gate_sliced_from_field_cache_equals_direct(cfg):
     with torch.enable_grad():
         direct = model(x, offset=(16, 24), field_shape=(50, 70)).detach()
     assert torch.allclose(sliced, direct, atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [c for c in GATED if c.gate == "coordgate"], ids=_ids)
+def test_training_batch_gathered_from_the_field_gate_matches_crop_by_crop(cfg):
+    # six 16x16 crops of a 32x32 field: the field's gate is cheaper than one per crop pixel, so it is gathered
+    model = _randomise(build_model(cfg)).train()
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(6, 1, 16, 16, generator=g)
+    m = cfg.min_size
+    offs = torch.tensor([[0, 0], [16, 16], [8, 0], [0, 16], [16, 8], [8, 8]]) // m * m
+    batched = model(x, offset=offs, field_shape=(32, 32))
+    batched.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if "gate" in n}
+    model.zero_grad()
+    one_by_one = torch.cat([model(x[i : i + 1], offset=tuple(offs[i].tolist()), field_shape=(32, 32))
+                            for i in range(6)])
+    one_by_one.square().sum().backward()
+    assert torch.allclose(batched, one_by_one, atol=1e-5)
+    for n, p in model.named_parameters():
+        if "gate" in n:
+            assert torch.allclose(grads[n], p.grad, atol=1e-4, rtol=1e-4), n
