@@ -13,7 +13,7 @@ then every model trains for the same wall-clock budget on one torch thread, ``--
 Prints a table (parameters, PSNR/SSIM overall and PSNR by field ring, optimiser steps, inference MP/s on a
 1024^2 image with ``--threads`` threads after training) and writes a plot (parameters vs PSNR) to ``--png``.
 
-    python benchmarks/bench_sweep.py --minutes 5                  # the README table (about 30 min on 2 cores)
+    python benchmarks/bench_sweep.py --minutes 3                  # the README table (about 20 min on 2 cores)
     python benchmarks/bench_sweep.py --quick                      # < 2 minutes, smoke test
 """
 
@@ -124,7 +124,7 @@ def _plot(rows: list[dict], classical: list[dict], path: Path, title: str) -> No
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     dataset_arguments(ap)
-    ap.add_argument("--minutes", type=float, default=5.0, help="wall-clock training budget per model")
+    ap.add_argument("--minutes", type=float, default=3.0, help="wall-clock training budget per model")
     ap.add_argument("--steps", type=int, default=0, help="fixed step budget instead of minutes")
     ap.add_argument("--channels", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
@@ -177,8 +177,13 @@ def main() -> None:
                 for i, n in enumerate(args.models)]
         # deepest first, so the slowest models do not end up alone at the end
         jobs.sort(key=lambda j: -MODELS[j["name"]]["depth"])
+        rows = []
         with mp.get_context("spawn").Pool(args.jobs) as pool:
-            rows = pool.map(_train_one, jobs, chunksize=1)
+            # each model's scores are printed as soon as it is done, so a long run never loses finished rows
+            for r in pool.imap_unordered(_train_one, jobs, chunksize=1):
+                rows.append(r)
+                print(f"done: {r['name']}: {r['params']:,} params, PSNR {r['psnr']:.2f}, edge {r['rings']['edge']:.2f}, "
+                      f"{r['steps']} steps", flush=True)
         rows.sort(key=lambda r: args.models.index(r["name"]))
         for r in rows:
             r["mp_s"] = _throughput(r["model"], args.mp_size, args.threads)

@@ -129,3 +129,19 @@ def test_model_saved_from_cuda_loads_on_cpu(tmp_path, device):
     path = save_model(tmp_path / "gpu", SavedModel(model, cfg, (16, 16)))
     loaded = load_model(path, device="cpu")
     assert next(loaded.model.parameters()).device.type == "cpu"
+
+
+def test_a_valid_file_whose_header_length_starts_with_the_pickle_byte_is_read(tmp_path):
+    # the first byte of a safetensors file is the low byte of its header length; 0x80 is also pickle's marker
+    import torch
+
+    from napari_coordgate.modelio import decode, encode
+
+    for pad in range(400):
+        raw = encode({"w": torch.zeros(3)}, {"format": "napari-coordgate-model", "schema_version": 1, "pad": "x" * pad})
+        if raw[0] == 0x80:
+            break
+    assert raw[0] == 0x80
+    (tmp_path / "m.cgmodel").write_bytes(raw)
+    tensors, meta = decode(tmp_path / "m.cgmodel", "napari-coordgate-model")
+    assert meta["pad"] == "x" * pad and torch.equal(tensors["w"], torch.zeros(3))

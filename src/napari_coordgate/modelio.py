@@ -111,7 +111,11 @@ def decode(path: str | os.PathLike, expected_format: str) -> tuple[dict, dict]:
     if path.is_dir():
         raise ModelFileError(f"{path} is a folder, not a model file")
     raw = path.read_bytes()
-    if raw[:2] == b"\x80\x02" or raw[:1] == b"\x80" or raw[:4] == b"PK\x03\x04":
+    # a safetensors file is an 8-byte little-endian header length and a JSON header; only what is not one is
+    # checked for pickle / zip signatures (a header length whose low byte is 0x80 must not look like pickle)
+    n = int.from_bytes(raw[:8], "little") if len(raw) >= 9 else -1
+    safetensors_like = 0 < n <= len(raw) - 8 and raw[8:9] == b"{"
+    if not safetensors_like and (raw[:1] == b"\x80" or raw[:4] == b"PK\x03\x04"):
         raise ModelFileError(
             f"{path} looks like a pickle / torch.save file; napari-coordgate never unpickles files "
             "(they can run arbitrary code). Save models with napari-coordgate instead."
