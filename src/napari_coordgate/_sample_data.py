@@ -32,8 +32,9 @@ def calibration_pair():
     blurred = add_noise(SpatiallyVaryingBlur(cfg, SAMPLE_SHAPE).forward(sharp), photons=SAMPLE_PHOTONS, seed=1)
     meta = {"psf_preset": SAMPLE_PRESET, "photons": SAMPLE_PHOTONS}
     return [
-        (sharp, {"name": "calibration (sharp)", "colormap": "gray", "metadata": meta}, "image"),
-        (blurred, {"name": "calibration (blurred)", "colormap": "gray", "metadata": meta}, "image"),
+        (sharp, {"name": "calibration (sharp)", "colormap": "gray", "metadata": {**meta, "role": "sharp"}}, "image"),
+        (blurred, {"name": "calibration (blurred)", "colormap": "gray", "metadata": {**meta, "role": "blurred"}},
+         "image"),
     ]
 
 

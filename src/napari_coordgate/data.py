@@ -79,6 +79,11 @@ def check_pairs(sharp, blurred, *, min_size: int = 1) -> tuple[np.ndarray, np.nd
             f"sharp and blurred must have the same shape, got {s.shape} and {b.shape} "
             "(the k-th sharp plane pairs with the k-th blurred plane)"
         )
+    same = [i for i in range(s.shape[0]) if np.array_equal(s[i], b[i])]
+    if same:
+        which = "the sharp and blurred images are" if s.shape[0] == 1 else f"sharp and blurred plane {same[0]} are"
+        raise InputError(f"{which} identical (the same layer, file or pixels): give the blurred image of the same "
+                         "field, or train from sharp images and a PSF model")
     return s, b
 
 

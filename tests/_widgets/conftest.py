@@ -51,14 +51,15 @@ def pair64():
 
 @pytest.fixture(scope="session")
 def tiny_model(pair64):
-    """A depth-2 CoordGate model trained for a few steps on the 64 x 64 pair (trained once per session)."""
-    import torch
+    """A depth-2 CoordGate model trained for a few steps on the 64 x 64 pair (trained once per session).
 
+    Trained in a separate process, as the dock does: this process holds viewers (see napari_coordgate.isolate).
+    """
     from napari_coordgate import engine
     from napari_coordgate.config import ModelConfig, TrainConfig
+    from napari_coordgate.isolate import train_isolated
 
-    threads = torch.get_num_threads()
-    result = engine.train(ModelConfig(depth=2, channels=4), TrainConfig(crop=32, batch=2, epochs=1,
-                          steps_per_epoch=3, device="cpu"), engine.PairSource(*pair64))
-    torch.set_num_threads(threads)
+    result = train_isolated(ModelConfig(depth=2, channels=4), TrainConfig(crop=32, batch=2, epochs=1,
+                            steps_per_epoch=3, device="cpu"), engine.PairSource(*pair64),
+                            report=lambda u: None, should_stop=lambda: False)
     return result.saved

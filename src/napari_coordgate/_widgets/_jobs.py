@@ -20,10 +20,14 @@ ShouldStop = Callable[[], bool]
 
 
 def train_job(model_cfg, train_cfg, source, *, report: Report, should_stop: ShouldStop):
-    """Train; every :class:`~napari_coordgate.engine.Update` goes to ``report``. Returns a ``TrainResult``."""
-    from napari_coordgate import engine
+    """Train in a separate process (never in the viewer's: see :mod:`napari_coordgate.isolate`).
 
-    return engine.train(model_cfg, train_cfg, source, on_update=report, should_stop=should_stop)
+    Every :class:`~napari_coordgate.engine.Update` goes to ``report``. Returns a ``TrainResult``; if the
+    training process dies, its ``stopped`` starts with "crashed" and it holds the best model written so far.
+    """
+    from napari_coordgate.isolate import train_isolated
+
+    return train_isolated(model_cfg, train_cfg, source, report=report, should_stop=should_stop)
 
 
 def save_job(path: str, saved, *, report: Report, should_stop: ShouldStop) -> str:

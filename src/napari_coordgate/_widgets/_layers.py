@@ -14,11 +14,20 @@ NONE = "(none)"
 class LayerCombo(QComboBox):
     """Names of the viewer's image layers, kept up to date as layers are added, removed or renamed."""
 
-    def __init__(self, viewer, optional: bool = False, parent: QWidget | None = None):
+    def __init__(self, viewer, optional: bool = False, parent: QWidget | None = None, prefer: str = ""):
         super().__init__(parent)
         self._viewer = viewer
         self._optional = optional
+        self._prefer = prefer  # a word in layer names (or a layer's metadata "role") to pick by default
         self.refresh()
+
+    def _preferred(self, names: list[str]) -> str | None:
+        if not self._prefer:
+            return None
+        layers = [layer for layer in self._viewer.layers if layer.name in names]
+        by_role = [la.name for la in layers if la.metadata.get("role") == self._prefer]
+        by_name = [la.name for la in layers if self._prefer in la.name.lower()]
+        return (by_role or by_name or [None])[0]
 
     def refresh(self, *_: Any) -> None:
         current = self.currentText()
@@ -30,6 +39,8 @@ class LayerCombo(QComboBox):
         self.addItems(names)
         if current in names:
             self.setCurrentText(current)
+        elif self._preferred(names):
+            self.setCurrentText(self._preferred(names))
         self.blockSignals(False)
         if self.currentText() != current:
             self.currentTextChanged.emit(self.currentText())

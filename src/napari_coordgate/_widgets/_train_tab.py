@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -53,8 +53,8 @@ class TrainTab(QWidget):
         # source
         self.mode = QComboBox()
         self.mode.addItems([PAIRS, SIMULATED])
-        self.sharp = LayerCombo(viewer)
-        self.blurred = LayerCombo(viewer)
+        self.sharp = LayerCombo(viewer, prefer="sharp")
+        self.blurred = LayerCombo(viewer, prefer="blurred")
         self.preset = QComboBox()
         self.preset.addItems(list(PRESETS))
         self.psf_form = ConfigForm(type(next(iter(PRESETS.values()))), PSF_FIELDS)
@@ -125,6 +125,8 @@ class TrainTab(QWidget):
         self.mode.currentTextChanged.connect(self._mode_changed)
         self.preset.currentTextChanged.connect(self._preset_changed)
         self.sharp.currentTextChanged.connect(self._sharp_changed)
+        self.sharp.currentTextChanged.connect(self._keep_pair_distinct)
+        self.blurred.currentTextChanged.connect(self._keep_pair_distinct)
         self.grid_btn.clicked.connect(self.show_psf_grid)
         self.start_btn.clicked.connect(self.start)
         self.stop_btn.clicked.connect(dock.stop_task)
@@ -133,10 +135,20 @@ class TrainTab(QWidget):
                         "psf_grid": self.grid_btn}
         self._preset_changed(self.preset.currentText())
         self._mode_changed(self.mode.currentText())
+        self._keep_pair_distinct()
 
     # -- form -----------------------------------------------------------------------------------------
     def _mode_changed(self, mode: str) -> None:
         self.blurred.setEnabled(mode == PAIRS)
+
+    def _keep_pair_distinct(self, *_) -> None:
+        """Never offer the same layer as sharp and blurred: move the blurred pick to another layer."""
+        if self.blurred.currentText() != self.sharp.currentText() or self.blurred.count() < 2:
+            return
+        others = [self.blurred.itemText(i) for i in range(self.blurred.count())
+                  if self.blurred.itemText(i) != self.sharp.currentText()]
+        preferred = [n for n in others if "blurred" in n.lower()]
+        self.blurred.setCurrentText((preferred or others)[0])
 
     def _preset_changed(self, name: str) -> None:
         self.psf_form.set_value(self._presets[name])
@@ -171,14 +183,16 @@ class TrainTab(QWidget):
         sharp = self.sharp.layer()
         if sharp is None:
             raise ValueError("pick a sharp image layer to train on (File > Open Sample > Calibration pair)")
+        # no copy here: the training job writes the arrays once into its process's files
         if self.mode.currentText() == SIMULATED:
-            return SimulatedSource(layer_array(sharp), self.psf_config())
+            return SimulatedSource(layer_array(sharp, copy=False), self.psf_config())
         blurred = self.blurred.layer()
         if blurred is None or blurred is sharp:
-            raise ValueError("pick a blurred layer different from the sharp one, or train from a PSF model")
+            raise ValueError(f"sharp and blurred are the same layer ({sharp.name!r}): pick the blurred image of "
+                             "the same field, or train from sharp layers and a PSF model")
         # the PSF model travels with the pairs only when the Wiener first stage needs it
         psf = self.psf_config() if self.prefilter.currentText() != "none" else None
-        return PairSource(layer_array(sharp), layer_array(blurred), psf=psf)
+        return PairSource(layer_array(sharp, copy=False), layer_array(blurred, copy=False), psf=psf)
 
     # -- actions --------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -186,6 +200,7 @@ class TrainTab(QWidget):
             model_cfg, train_cfg, source = self.model_config(), self.train_config(), self.source()
         except (ConfigError, ValueError) as exc:
             show_error(f"CoordGate: {exc}")
+            self.dock.status.setText(f"not started: {exc}")
             return
         self.history = []
         self.plot.clear()
@@ -210,6 +225,10 @@ class TrainTab(QWidget):
         self.device_used.setText(result.device)
         self.dock.set_model(result.saved, f"trained in this session ({result.stopped})")
         psnr = "-" if result.best_val_psnr is None else f"{result.best_val_psnr:.2f} dB"
+        if result.stopped.startswith("crashed"):
+            show_warning(f"CoordGate: training {result.stopped}; kept the best model so far: validation PSNR "
+                         f"{psnr} (epoch {result.best_epoch})")
+            return
         show_info(f"CoordGate: training {result.stopped}; best validation PSNR {psnr} (epoch {result.best_epoch})")
 
     def show_psf_grid(self) -> None:
