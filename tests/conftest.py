@@ -7,6 +7,18 @@ import os
 import pytest
 
 
+def pytest_configure(config):
+    # This one test process both trains in-process (the engine tests) and hosts napari viewers (the widget
+    # tests). With torch's CUDA build, the first optimiser step imports triton, whose LLVM crashes a process in
+    # which Mesa's LLVM is already loaded (a viewer under Xvfb); loaded in the other order they coexist. Users
+    # never meet this: the viewer trains in a separate process (napari_coordgate.isolate), and
+    # tests/_widgets/test_training_process.py checks that in a fresh viewer process where nothing is preloaded.
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # the CPU build of torch has no triton
+        pass
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--device",

@@ -23,3 +23,17 @@ def test_benchmark_quick_mode_prints_its_table(script, expect):
     assert expect in result.stdout
     rows = [line for line in result.stdout.splitlines() if line.strip()]
     assert len(rows) >= 3, result.stdout  # a header and at least two rows
+
+
+def test_gpu_benchmark_quick_mode_runs_on_the_cpu_and_prints_both_tables():
+    result = subprocess.run([sys.executable, str(BENCH / "bench_gpu.py"), "--quick"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "## Training" in out and "## Inference" in out and "torch thread" in out, out
+    rows = [line.split() for line in out.splitlines() if line.startswith("U-Net(2)")]
+    train_rows = [r for r in rows if r[2].isdigit()]  # model (2 words), batch, precision, steps/s, ...
+    infer_rows = [r for r in rows if not r[2].isdigit()]
+    assert len(train_rows) == 8 and len(infer_rows) == 12, out
+    # batching tiles changes nothing beyond float rounding: the fp32 rows' max|d| (second-last column)
+    assert all(float(r[-2]) <= 1e-5 for r in infer_rows if r[2] == "fp32"), out

@@ -77,6 +77,7 @@ class CoordGateDock(QWidget):
             event.value.events.name.connect(self._layers_changed)
         for combo in self.findChildren(LayerCombo):
             combo.refresh()
+        self.train_tab.keep_pair_distinct()
 
     # -- state ----------------------------------------------------------------------------------------
     def set_state(self, state: State) -> None:

@@ -125,8 +125,8 @@ class TrainTab(QWidget):
         self.mode.currentTextChanged.connect(self._mode_changed)
         self.preset.currentTextChanged.connect(self._preset_changed)
         self.sharp.currentTextChanged.connect(self._sharp_changed)
-        self.sharp.currentTextChanged.connect(self._keep_pair_distinct)
-        self.blurred.currentTextChanged.connect(self._keep_pair_distinct)
+        self.sharp.currentTextChanged.connect(self.keep_pair_distinct)
+        self.blurred.currentTextChanged.connect(self.keep_pair_distinct)
         self.grid_btn.clicked.connect(self.show_psf_grid)
         self.start_btn.clicked.connect(self.start)
         self.stop_btn.clicked.connect(dock.stop_task)
@@ -135,13 +135,13 @@ class TrainTab(QWidget):
                         "psf_grid": self.grid_btn}
         self._preset_changed(self.preset.currentText())
         self._mode_changed(self.mode.currentText())
-        self._keep_pair_distinct()
+        self.keep_pair_distinct()
 
     # -- form -----------------------------------------------------------------------------------------
     def _mode_changed(self, mode: str) -> None:
         self.blurred.setEnabled(mode == PAIRS)
 
-    def _keep_pair_distinct(self, *_) -> None:
+    def keep_pair_distinct(self, *_) -> None:
         """Never offer the same layer as sharp and blurred: move the blurred pick to another layer."""
         if self.blurred.currentText() != self.sharp.currentText() or self.blurred.count() < 2:
             return
@@ -215,8 +215,11 @@ class TrainTab(QWidget):
         loss = [h.loss for h in self.history if h.kind == "step"]
         epochs = [h for h in self.history if h.kind == "epoch" and h.val_psnr is not None]
         if u.kind in ("epoch", "done") or len(steps) % 5 == 1:  # redraw sparingly
-            self.plot.plot_training(steps, loss, [h.step for h in epochs], [h.val_psnr for h in epochs])
+            self.plot.plot_training(steps, loss, [h.step for h in epochs], [h.val_psnr for h in epochs],
+                                    u.input_psnr)
         best = "-" if u.best_val_psnr is None else f"{u.best_val_psnr:.2f} dB"
+        if u.best_val_psnr is not None and u.input_psnr is not None:
+            best += f" (input {u.input_psnr:.2f} dB)"
         self.dock.status.setText(f"train: epoch {u.epoch}, step {u.step}, loss {u.loss:.4f}, best val {best}, "
                                  f"{u.elapsed:.0f} s on {u.device}")
 
