@@ -143,3 +143,38 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path):
     for f in ("coordgate.cgmodel", "plain.cgmodel", "report.png", "report.json", "test_sharp.tif"):
         assert (tmp_path / "demo" / f).exists()
     assert any("CoordGate U-Net(2)" in line for line in lines)
+
+
+def test_a_model_named_without_its_suffix_is_found_and_messages_name_the_file_written(tmp_path, capsys, sharp_tifs):
+    code, out, err = _run(capsys, "train", "--sharp", sharp_tifs[0], "--psf", "gaussian", "-o", tmp_path / "mymodel",
+                          "--depth", 1, "--channels", 2, "--epochs", 1, "--device", "cpu")
+    assert code == 0, err
+    assert (tmp_path / "mymodel.cgmodel").is_file() and str(tmp_path / "mymodel.cgmodel") in out
+    code, out, err = _run(capsys, "apply", "-m", tmp_path / "mymodel", sharp_tifs[0], "-o", tmp_path / "out.tif",
+                          "--device", "cpu")
+    assert code == 0, err and (tmp_path / "out.tif").is_file()
+
+
+@pytest.mark.parametrize("name", ["missing", "missing.cgmodel"])
+def test_a_model_path_that_does_not_exist_is_one_clear_line(tmp_path, capsys, sharp_tifs, name):
+    code, out, err = _run(capsys, "apply", "-m", tmp_path / name, sharp_tifs[0], "-o", tmp_path / "out.tif")
+    assert code == 1 and err.count("\n") == 1
+    assert f"model file {tmp_path / name} does not exist" in err
+    assert not (tmp_path / "out.tif").exists()
+
+
+def test_identical_sharp_and_blurred_files_are_refused(tmp_path, capsys, sharp_tifs):
+    code, out, err = _run(capsys, "train", "--sharp", sharp_tifs[0], "--blurred", sharp_tifs[0], "-o", tmp_path / "m",
+                          "--epochs", 1, "--device", "cpu")
+    assert code == 1 and "identical" in err
+    assert not (tmp_path / "m.cgmodel").exists()
+
+
+@pytest.mark.parametrize("command", ["simulate", "train"])
+def test_help_lists_the_psf_presets_by_name(capsys, command):
+    from napari_coordgate.optics.psf import PRESETS
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in PRESETS)

@@ -145,3 +145,15 @@ def test_a_valid_file_whose_header_length_starts_with_the_pickle_byte_is_read(tm
     (tmp_path / "m.cgmodel").write_bytes(raw)
     tensors, meta = decode(tmp_path / "m.cgmodel", "napari-coordgate-model")
     assert meta["pad"] == "x" * pad and torch.equal(tensors["w"], torch.zeros(3))
+
+
+def test_one_suffix_rule_for_writing_and_finding_model_files(saved, tmp_path):
+    from napari_coordgate.modelio import existing_file
+
+    written, _ = saved  # the fixture saved to tmp_path / "scope"
+    assert written == tmp_path / "scope.cgmodel"
+    assert existing_file(tmp_path / "scope") == written
+    assert load_model(tmp_path / "scope").field_shape == (48, 64)
+    assert read_model_info(tmp_path / "scope")["field_shape"] == [48, 64]
+    with pytest.raises(ModelFileError, match=r"model file .*other does not exist \(nor .*other\.cgmodel\)"):
+        load_model(tmp_path / "other")

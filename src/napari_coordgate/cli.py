@@ -171,13 +171,11 @@ def _train_cfg(args, **extra):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .engine import PairSource, SimulatedSource
-    from .modelio import MODEL_SUFFIX
+    from .modelio import CHECKPOINT_SUFFIX, with_suffix
 
-    out = Path(args.output)
-    if out.suffix != MODEL_SUFFIX:
-        out = out.with_name(out.name + MODEL_SUFFIX)
+    out = with_suffix(args.output)
     _writable_file(out)
-    ckpt = out.with_suffix(".cgckpt")
+    ckpt = out.with_suffix(CHECKPOINT_SUFFIX)
     if not args.blurred and not args.psf:
         raise CLIError("give calibration pairs (--blurred, with --psf too if the PSF model is known) or a PSF "
                        "model (--psf) to simulate pairs from")
@@ -296,9 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=_cmd_demo)
 
+    from .optics.psf import PRESETS
+
+    psf_help = f"PSF preset ({', '.join(PRESETS)}) or a PSF config JSON file"
     p = sub.add_parser("simulate", help="blur sharp TIFFs with a PSF model -> OUTDIR/<stem>_blurred.tif")
     p.add_argument("sharp", nargs="+")
-    p.add_argument("--psf", required=True, help="preset name or PSF config JSON")
+    p.add_argument("--psf", required=True, help=psf_help)
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--photons", type=float, default=0.0, help="photons at the brightest pixel (0 = no noise)")
@@ -309,9 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from calibration pairs or a PSF model")
     p.add_argument("--sharp", nargs="+", required=True)
     p.add_argument("--blurred", nargs="+", help="blurred calibration images, one per sharp file")
-    p.add_argument("--psf", help="preset name or PSF config JSON: without --blurred, pairs are simulated from "
-                                 "it; with --blurred, it describes the optics for --prefilter wiener")
-    p.add_argument("-o", "--output", required=True, help="model file (.cgmodel)")
+    p.add_argument("--psf", help=psf_help + ": without --blurred, pairs are simulated from it; with --blurred, "
+                                           "it describes the optics for --prefilter wiener")
+    p.add_argument("-o", "--output", required=True, help="model file (.cgmodel is added if missing)")
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--channels", type=int, default=16)
     p.add_argument("--gate", default="coordgate", choices=("coordgate", "none", "coordconv"))
@@ -327,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("apply", help="deblur TIFF images or stacks with a model")
-    p.add_argument("-m", "--model", required=True)
+    p.add_argument("-m", "--model", required=True, help="model file (the .cgmodel suffix may be left out)")
     p.add_argument("inputs", nargs="+")
     p.add_argument("-o", "--output", required=True, help="output file, or folder for several inputs")
     p.add_argument("--tile", type=int, default=None)

@@ -9,8 +9,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 __all__ = ["run_demo", "DEMO_PSF"]
 
 DEMO_PSF = "edge_defocus_astigmatism"
@@ -41,9 +39,9 @@ def run_demo(
     """Run the demo and write models, a JSON report and a PNG report to ``outdir``; returns the report."""
     import torch
 
+    from .config import ModelConfig, TrainConfig
     from .console import format_table as _format_table
     from .console import train_with_bar as _train_with_bar
-    from .config import ModelConfig, TrainConfig
     from .engine import SimulatedSource, predict
     from .metrics import quality_report
     from .modelio import save_model

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -33,6 +33,7 @@ from .data import (
     fit_normalization,
     sample_offsets,
 )
+from .modelio import _CHECKPOINT_FORMAT as _CKPT_FORMAT
 from .modelio import (
     CHECKPOINT_SUFFIX,
     ModelFileError,
@@ -41,6 +42,7 @@ from .modelio import (
     decode,
     encode,
     save_model,
+    with_suffix,
 )
 
 __all__ = [
@@ -57,8 +59,6 @@ __all__ = [
     "field_geometry",
     "load_checkpoint",
 ]
-
-_CKPT_FORMAT = "napari-coordgate-checkpoint"
 
 
 class Cancelled(Exception):
@@ -239,7 +239,6 @@ def train(
         With the best model (by validation PSNR) as a :class:`SavedModel`.
     """
     import torch
-    import torch.nn.functional as F
 
     from .nn.unet import build_model
 
@@ -406,10 +405,7 @@ def train(
             "best_epoch": best_epoch, "rng": rng.bit_generator.state, "optimizer": opt_meta,
             "plateau": plateau.state_dict() if plateau is not None else None,
         }
-        p = Path(checkpoint_path)
-        if p.suffix != CHECKPOINT_SUFFIX:
-            p = p.with_name(p.name + CHECKPOINT_SUFFIX)
-        atomic_write_bytes(p, encode(tensors, meta))
+        atomic_write_bytes(with_suffix(checkpoint_path, CHECKPOINT_SUFFIX), encode(tensors, meta))
 
     model.train()
     running, count = 0.0, 0

@@ -38,12 +38,16 @@ __all__ = [
     "load_model",
     "read_model_info",
     "atomic_write_bytes",
+    "with_suffix",
+    "existing_file",
 ]
 
 MODEL_SUFFIX = ".cgmodel"
 CHECKPOINT_SUFFIX = ".cgckpt"
 _META_KEY = "napari_coordgate"
 _MODEL_FORMAT = "napari-coordgate-model"
+_CHECKPOINT_FORMAT = "napari-coordgate-checkpoint"
+_SUFFIXES = {_MODEL_FORMAT: MODEL_SUFFIX, _CHECKPOINT_FORMAT: CHECKPOINT_SUFFIX}
 SCHEMA_VERSION = 1
 
 
@@ -61,6 +65,28 @@ class SavedModel:
     normalization: dict[str, float] = field(default_factory=lambda: {"offset": 0.0, "scale": 1.0})
     psf: dict | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def with_suffix(path: str | os.PathLike, suffix: str = MODEL_SUFFIX) -> Path:
+    """The file a model (or checkpoint) named ``path`` is written to: ``path`` with ``suffix`` added if missing.
+
+    The one suffix rule of the package: the CLI, the dock and the Python API write and find files through
+    this and :func:`existing_file`, so ``-o mymodel`` then ``-m mymodel`` name the same file.
+    """
+    path = Path(path)
+    return path if path.suffix == suffix else path.with_name(path.name + suffix)
+
+
+def existing_file(path: str | os.PathLike, suffix: str = MODEL_SUFFIX) -> Path:
+    """The existing file ``path`` names: as given, else with ``suffix`` added; :class:`ModelFileError` if neither."""
+    path = Path(path)
+    if path.exists():
+        return path
+    full = with_suffix(path, suffix)
+    if full != path and full.exists():
+        return full
+    tried = f" (nor {full})" if full != path else ""
+    raise ModelFileError(f"model file {path} does not exist{tried}")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -105,9 +131,7 @@ def decode(path: str | os.PathLike, expected_format: str) -> tuple[dict, dict]:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    path = Path(path)
-    if not path.exists():
-        raise ModelFileError(f"model file {path} does not exist")
+    path = existing_file(path, _SUFFIXES.get(expected_format, MODEL_SUFFIX))
     if path.is_dir():
         raise ModelFileError(f"{path} is a folder, not a model file")
     raw = path.read_bytes()
@@ -147,10 +171,8 @@ def decode(path: str | os.PathLike, expected_format: str) -> tuple[dict, dict]:
 
 
 def save_model(path: str | os.PathLike, saved: SavedModel) -> Path:
-    """Write a model file atomically. The suffix ``.cgmodel`` is added if missing."""
-    path = Path(path)
-    if path.suffix != MODEL_SUFFIX:
-        path = path.with_name(path.name + MODEL_SUFFIX)
+    """Write a model file atomically; returns the path written (``.cgmodel`` added if missing)."""
+    path = with_suffix(path)
     norm = {"offset": float(saved.normalization["offset"]), "scale": float(saved.normalization["scale"])}
     if not norm["scale"] > 0:
         raise ValueError(f"normalization scale must be > 0, got {norm['scale']}")

@@ -42,7 +42,7 @@ def test_training_a_tiny_model_on_the_sample_pair_finishes_with_a_model(viewer_d
     assert dock.model is not None and dock.last_result.stopped == "budget"
     assert [u.kind for u in t.history].count("epoch") == 2
     assert t.device_used.text() == "cpu"
-    assert len(t.plot.ax2.lines) == 1, "validation PSNR is plotted"
+    assert len(t.plot.ax2.lines) == 2, "validation PSNR and the input's PSNR line are plotted"
     assert dock.apply_tab.apply_btn.isEnabled()
 
 

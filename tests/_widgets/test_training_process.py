@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 from conftest import TIMEOUT, make_tiny, wait_idle
 from test_dock import _notifications

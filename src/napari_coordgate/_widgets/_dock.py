@@ -12,6 +12,8 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QLabel, QProgressBar, QTabWidget, QVBoxLayout, QWidget
 
+from napari_coordgate.modelio import MODEL_SUFFIX
+
 from ._apply_tab import ApplyTab
 from ._eval_tab import EvaluateTab
 from ._jobs import load_job
@@ -21,8 +23,6 @@ from ._runner import TaskRunner
 from ._settings import read_settings
 from ._state import Progress, State, enabled_actions
 from ._train_tab import TrainTab
-
-MODEL_SUFFIX = ".cgmodel"
 
 
 class CoordGateDock(QWidget):

@@ -7,10 +7,12 @@ from pathlib import Path
 from napari.utils.notifications import show_info
 from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
+from napari_coordgate.modelio import MODEL_SUFFIX
+
 from ._jobs import save_job
 from ._settings import remember_folder
 
-FILTER = "CoordGate model (*.cgmodel)"
+FILTER = f"CoordGate model (*{MODEL_SUFFIX})"
 
 
 def model_summary(saved, origin: str) -> list[tuple[str, str]]:
