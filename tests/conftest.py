@@ -82,3 +82,20 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(f"widget tests are required here (COORDGATE_REQUIRE_WIDGETS=1) but {reason}")
     for it in widget_items:
         it.add_marker(pytest.mark.skip(reason=f"widget test skipped: {reason}"))
+
+
+@pytest.fixture
+def kill_jobs():
+    """A function that SIGKILLs this test process's napari_coordgate job processes (not Xvfb or others);
+    returns how many it killed."""
+    psutil = pytest.importorskip("psutil")
+    import signal
+
+    def kill() -> int:
+        jobs = [p for p in psutil.Process().children(recursive=True)
+                if any("napari_coordgate.isolate" in part for part in p.cmdline())]
+        for p in jobs:
+            os.kill(p.pid, signal.SIGKILL)
+        return len(jobs)
+
+    return kill

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import errno
-import os
-import signal
 
 import numpy as np
 import pytest
@@ -57,16 +55,14 @@ def test_stop_ends_the_process_and_keeps_the_best_model(pair):
     assert result.best_val_psnr == max(u.val_psnr for u in epochs)
 
 
-def test_a_killed_training_process_returns_the_best_model_so_far_with_the_reason(pair):
-    psutil = pytest.importorskip("psutil")
+def test_a_killed_training_process_returns_the_best_model_so_far_with_the_reason(pair, kill_jobs):
     epochs = []
 
     def report(u):
         if u.kind == "epoch":
             epochs.append(u)
             if len(epochs) == 2:  # the child has written its best model by now: kill it mid-run
-                for child in psutil.Process().children():
-                    os.kill(child.pid, signal.SIGKILL)
+                assert kill_jobs() == 1
 
     result = isolate.train_isolated(*_tiny(epochs=100_000, steps=2), engine.PairSource(*pair), report=report,
                                     should_stop=lambda: False)
@@ -75,12 +71,10 @@ def test_a_killed_training_process_returns_the_best_model_so_far_with_the_reason
     assert np.isfinite(engine.predict(result.saved, pair[1], device="cpu")).all()
 
 
-def test_a_process_killed_before_its_first_model_gives_a_clear_error(pair):
-    psutil = pytest.importorskip("psutil")
+def test_a_process_killed_before_its_first_model_gives_a_clear_error(pair, kill_jobs):
 
     def report(u):
-        for child in psutil.Process().children():
-            os.kill(child.pid, signal.SIGKILL)
+        kill_jobs()
 
     with pytest.raises(isolate.IsolationError, match="died .*SIGKILL.* before it saved a model"):
         isolate.train_isolated(*_tiny(epochs=100_000, steps=50), engine.PairSource(*pair), report=report,

@@ -236,7 +236,7 @@ def run_isolated(
                                     stdin=subprocess.DEVNULL)
         except OSError as exc:
             raise IsolationError(f"cannot start the background process: {exc}") from exc
-        if not _wait_connected(proc, folder, should_stop):
+        if not _wait_connected(proc, folder):
             raise IsolationError(f"the background process ended before it started its job "
                                  f"({_death_reason(proc.poll())}); see its messages on the terminal")
         conn = listener.accept()
@@ -260,13 +260,14 @@ def run_isolated(
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _wait_connected(proc, folder: Path, should_stop: Callable[[], bool]) -> bool:
-    """Wait until the child has connected (True) or has ended (False); a stop request kills it."""
+def _wait_connected(proc, folder: Path) -> bool:
+    """Wait until the child has connected (True) or has ended (False).
+
+    A stop requested meanwhile is sent once connected: the job then returns what it has (training: a model).
+    """
     while not (folder / _CONNECTED).exists():
         if proc.poll() is not None:
             return (folder / _CONNECTED).exists()
-        if should_stop():
-            proc.kill()
         time.sleep(0.02)
     return True
 

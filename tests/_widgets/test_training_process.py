@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -22,8 +21,7 @@ from napari_coordgate._widgets._state import State
 MIN_GAIN_DB = 3.0
 
 
-def test_the_viewer_survives_a_training_process_killed_mid_run(viewer_dock, qtbot, pair64):
-    psutil = pytest.importorskip("psutil")
+def test_the_viewer_survives_a_training_process_killed_mid_run(viewer_dock, qtbot, pair64, kill_jobs):
     viewer, dock = viewer_dock
     seen = _notifications()
     viewer.add_image(pair64[0], name="sharp")
@@ -32,10 +30,7 @@ def test_the_viewer_survives_a_training_process_killed_mid_run(viewer_dock, qtbo
     t = dock.train_tab
     t.start_btn.click()
     qtbot.waitUntil(lambda: sum(u.kind == "epoch" for u in t.history) >= 2, timeout=TIMEOUT)
-    children = psutil.Process().children(recursive=True)
-    assert children, "training runs in a child process"
-    for child in children:
-        os.kill(child.pid, signal.SIGKILL)
+    assert kill_jobs() == 1, "training runs in one child process"
     wait_idle(qtbot, dock)
     qtbot.waitUntil(lambda: any("SIGKILL" in m for m in seen), timeout=5000)
     assert dock.last_result.stopped.startswith("crashed")
