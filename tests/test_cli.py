@@ -178,3 +178,39 @@ def test_help_lists_the_psf_presets_by_name(capsys, command):
         main([command, "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert all(name in text for name in PRESETS)
+
+
+def _untrained_model(path, field_shape=(64, 64)):
+    from napari_coordgate.config import ModelConfig
+    from napari_coordgate.modelio import SavedModel, save_model
+    from napari_coordgate.nn import build_model
+
+    cfg = ModelConfig(depth=1, channels=2)
+    return save_model(path, SavedModel(build_model(cfg), cfg, field_shape, {"offset": 200.0, "scale": 3000.0}))
+
+
+def test_evaluate_a_corner_roi_reports_only_the_edge_ring(tmp_path, capsys):
+    model = _untrained_model(tmp_path / "m")
+    rng = np.random.default_rng(0)
+    sharp = (rng.random((64, 64)) * 3000 + 200).astype(np.float32)
+    noisy = sharp + rng.normal(0, 30, sharp.shape).astype(np.float32)
+    for name, img in (("s.tif", sharp), ("b.tif", noisy), ("s8.tif", sharp[:8, :8]), ("b8.tif", noisy[:8, :8])):
+        tifffile.imwrite(tmp_path / name, img)
+    code, out, err = _run(capsys, "evaluate", "-m", model, "--sharp", tmp_path / "s8.tif", "--blurred",
+                          tmp_path / "b8.tif", "--roi", "0,0", "--json", tmp_path / "roi.json", "--device", "cpu")
+    assert code == 0, err
+    rep = json.loads((tmp_path / "roi.json").read_text())  # strict JSON: an empty ring is null, not NaN
+    for key in ("psnr_by_ring", "psnr_by_ring_blurred"):
+        assert [d["pixels"] for d in rep[key]] == [0, 0, 64]
+        assert rep[key][0]["psnr"] is None and rep[key][2]["psnr"] is not None
+
+    # the whole field: the same report whether or not its position is given
+    reports = []
+    for extra in ((), ("--roi", "0,0")):
+        code, out, err = _run(capsys, "evaluate", "-m", model, "--sharp", tmp_path / "s.tif", "--blurred",
+                              tmp_path / "b.tif", *extra, "--json", tmp_path / "whole.json", "--device", "cpu")
+        assert code == 0, err
+        rep = json.loads((tmp_path / "whole.json").read_text())
+        reports.append({k: rep[k] for k in ("psnr", "psnr_by_ring", "psnr_by_ring_blurred")})
+    assert reports[0] == reports[1]
+    assert all(d["pixels"] > 0 for d in reports[0]["psnr_by_ring"])

@@ -60,3 +60,41 @@ def test_mismatched_or_constant_inputs_are_rejected():
         psnr(np.zeros((4, 4)), np.zeros((4, 5)))
     with pytest.raises(ValueError, match="constant"):
         psnr(np.ones((4, 4)), np.zeros((4, 4)))
+
+
+def test_a_corner_roi_has_only_edge_ring_pixels_and_an_empty_centre():
+    import json
+
+    gt = _gt()  # (2, 48, 64): the top-left corner of a 512 x 512 field reaches r >= 1.1 only
+    bad = gt + 0.01
+    rings = {d["name"]: d for d in ring_psnr(gt, bad, field_shape=(512, 512), offset=(0, 0))}
+    assert rings["centre"]["pixels"] == 0 and rings["centre"]["psnr"] is None
+    assert rings["middle"]["pixels"] == 0 and rings["middle"]["psnr"] is None
+    assert rings["edge"]["pixels"] == 48 * 64 and rings["edge"]["psnr"] == pytest.approx(psnr(gt, bad))
+    rep = quality_report(gt, bad, gt + 0.05, field_shape=(512, 512), offset=(0, 0))
+    assert [d["pixels"] for d in rep["psnr_by_ring"]] == [0, 0, 48 * 64]
+    assert rep["psnr_by_ring_blurred"][0]["psnr"] is None
+    assert "NaN" not in json.dumps(rep)  # an empty ring is null, not an invalid NaN
+    centres, prof = radial_profile(gt, bad, n_bins=6, field_shape=(512, 512), offset=(0, 0))
+    assert np.isnan(prof[centres < 1.0]).all() and np.isfinite(prof[-1])
+
+
+def test_a_roi_sees_the_rings_of_its_crop_of_the_whole_field():
+    field = np.random.default_rng(2).random((96, 128))
+    bad = field.copy()
+    bad[field_radius(field.shape) >= 1] += 0.1
+    crop = (slice(40, 88), slice(64, 128))
+    roi = {d["name"]: d for d in ring_psnr(field[crop], bad[crop], data_range=1.0, field_shape=(96, 128),
+                                            offset=(40, 64))}
+    r = field_radius(field.shape)[crop]
+    for name, lo, hi in (("centre", 0, 0.5), ("middle", 0.5, 1.0), ("edge", 1.0, np.inf)):
+        assert roi[name]["pixels"] == int(((r >= lo) & (r < hi)).sum())
+    assert roi["centre"]["psnr"] == math.inf and roi["edge"]["psnr"] < 30
+
+
+def test_whole_field_geometry_is_the_default():
+    gt = _gt()
+    img = gt + np.random.default_rng(3).normal(0, 0.05, gt.shape)
+    assert quality_report(gt, img, img * 0.9) == quality_report(gt, img, img * 0.9, field_shape=(48, 64),
+                                                                offset=(0, 0))
+    np.testing.assert_array_equal(radial_profile(gt, img)[1], radial_profile(gt, img, field_shape=(48, 64))[1])

@@ -226,7 +226,13 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _table_rings(rings: list[dict]) -> list[dict]:
+    # a ring outside the image (the centre of a corner ROI) has no PSNR: the table shows nan, the JSON null
+    return [dict(d, psnr=float("nan") if d["psnr"] is None else d["psnr"]) for d in rings]
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .engine import field_geometry
     from .metrics import quality_report
     from .modelio import load_model
     from .report import write_report_png
@@ -240,18 +246,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     blurred, _ = _read_stack(args.blurred, "blurred")
     if sharp.shape != blurred.shape:
         raise CLIError(f"sharp {sharp.shape} and blurred {blurred.shape} must have the same shape")
+    roi = _parse_roi(args.roi)
+    # the rings are those of the training field: an ROI or a binned image sits somewhere inside it
+    field_shape, offset = field_geometry(sharp.shape[-2:], saved.field_shape, roi, args.binning)
     _set_threads(args.threads)
     t0 = time.perf_counter()
-    restored = _predict_with_bar(saved, blurred, label="evaluate", roi=_parse_roi(args.roi),
-                                 binning=args.binning, device=args.device)
+    restored = _predict_with_bar(saved, blurred, label="evaluate", roi=roi, binning=args.binning,
+                                 device=args.device)
     secs = time.perf_counter() - t0
-    rep = quality_report(sharp, restored, blurred)
-    rep.update(model=str(args.model), planes=int(sharp.shape[0]), mp_per_s=sharp.size / 1e6 / secs)
+    rep = quality_report(sharp, restored, blurred, field_shape=field_shape, offset=offset)
+    rep.update(model=str(args.model), planes=int(sharp.shape[0]), mp_per_s=sharp.size / 1e6 / secs,
+               field_shape=list(field_shape), offset=list(offset))
     rows = [
         {"method": "blurred", "psnr": rep["psnr_blurred"], "ssim": rep["ssim_blurred"],
-         "psnr_by_ring": rep["psnr_by_ring_blurred"]},
-        {"method": "restored", "psnr": rep["psnr"], "ssim": rep["ssim"], "psnr_by_ring": rep["psnr_by_ring"],
-         "mp_per_s": rep["mp_per_s"]},
+         "psnr_by_ring": _table_rings(rep["psnr_by_ring_blurred"])},
+        {"method": "restored", "psnr": rep["psnr"], "ssim": rep["ssim"],
+         "psnr_by_ring": _table_rings(rep["psnr_by_ring"]), "mp_per_s": rep["mp_per_s"]},
     ]
     print(_format_table(rows))
     if args.json:

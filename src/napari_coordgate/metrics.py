@@ -4,6 +4,11 @@ Rings use the per-axis field radius ``r = sqrt(x**2 + y**2)`` of the normalised 
 (x, y in [-1, 1] at pixel centres), so ``r`` reaches sqrt(2) in the corners: centre ``r < 0.5``, middle
 ``0.5 <= r < 1``, edge ``r >= 1``. The data range of every PSNR/SSIM is the ground truth's (max - min),
 given explicitly, so a restored image cannot change the scale it is judged on.
+
+The position-dependent functions take the image's field geometry: ``field_shape`` (the training field, in
+the image's pixels: divided by the binning) and ``offset`` (the image's top-left pixel in it), as returned
+by :func:`napari_coordgate.engine.field_geometry`. By default the image is the whole field. A ring with no
+pixels in the image (the centre ring of a corner ROI) has ``"pixels": 0`` and ``"psnr": None``.
 """
 
 from __future__ import annotations
@@ -100,26 +105,35 @@ def error_map(gt, img, bin: int = 8) -> np.ndarray:
     return np.repeat(np.repeat(blocks, bin, 0), bin, 1)[:h, :w].astype(np.float32)
 
 
-def ring_psnr(gt, img, rings=RINGS, data_range: float | None = None) -> list[dict]:
-    """PSNR per field ring: list of {name, r_min, r_max, psnr, pixels}."""
+def ring_psnr(gt, img, rings=RINGS, data_range: float | None = None, *, field_shape: Sequence[int] | None = None,
+              offset: Sequence[int] = (0, 0)) -> list[dict]:
+    """PSNR per field ring: list of {name, r_min, r_max, psnr, pixels}; ``psnr`` is None for an empty ring.
+
+    ``field_shape`` and ``offset`` place the image in the field (default: the image is the whole field).
+    """
     gt, img = _pair(gt, img)
     dr = data_range or _range(gt)
-    r = field_radius(gt.shape[-2:])
+    r = field_radius(gt.shape[-2:], field_shape, offset)
     se = np.square(gt - img).reshape(-1, *gt.shape[-2:])
     out = []
     for name, lo, hi in rings:
         sel = (r >= lo) & (r < hi)
         n = int(sel.sum())
-        val = _psnr_from_mse(float(se[:, sel].mean()), dr) if n else float("nan")
+        val = _psnr_from_mse(float(se[:, sel].mean()), dr) if n else None
         out.append({"name": name, "r_min": lo, "r_max": None if math.isinf(hi) else hi, "psnr": val, "pixels": n})
     return out
 
 
-def radial_profile(gt, img, n_bins: int = 12, data_range: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """PSNR as a function of field radius: (bin centres in r, PSNR per bin)."""
+def radial_profile(gt, img, n_bins: int = 12, data_range: float | None = None, *,
+                   field_shape: Sequence[int] | None = None,
+                   offset: Sequence[int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
+    """PSNR as a function of field radius: (bin centres in r, PSNR per bin; NaN where a bin has no pixel).
+
+    ``field_shape`` and ``offset`` place the image in the field (default: the image is the whole field).
+    """
     gt, img = _pair(gt, img)
     dr = data_range or _range(gt)
-    r = field_radius(gt.shape[-2:])
+    r = field_radius(gt.shape[-2:], field_shape, offset)
     se = np.square(gt - img).reshape(-1, *gt.shape[-2:]).mean(axis=0)
     edges = np.linspace(0.0, float(r.max()) + 1e-9, n_bins + 1)
     idx = np.clip(np.digitize(r, edges) - 1, 0, n_bins - 1)
@@ -132,18 +146,23 @@ def radial_profile(gt, img, n_bins: int = 12, data_range: float | None = None) -
     return 0.5 * (edges[1:] + edges[:-1]), prof
 
 
-def quality_report(gt, restored, blurred=None) -> dict:
-    """JSON-able quality report: psnr, ssim, psnr_by_ring (and the same for the blurred input)."""
+def quality_report(gt, restored, blurred=None, *, field_shape: Sequence[int] | None = None,
+                   offset: Sequence[int] = (0, 0)) -> dict:
+    """JSON-able quality report: psnr, ssim, psnr_by_ring (and the same for the blurred input).
+
+    ``field_shape`` and ``offset`` place the image in the field for the rings (default: the whole field).
+    """
     gt = np.asarray(gt)
     dr = _range(np.asarray(gt, dtype=np.float64))
     rep = {
         "data_range": dr,
         "psnr": psnr(gt, restored, dr),
         "ssim": ssim(gt, restored, dr),
-        "psnr_by_ring": ring_psnr(gt, restored, data_range=dr),
+        "psnr_by_ring": ring_psnr(gt, restored, data_range=dr, field_shape=field_shape, offset=offset),
     }
     if blurred is not None:
         rep["psnr_blurred"] = psnr(gt, blurred, dr)
         rep["ssim_blurred"] = ssim(gt, blurred, dr)
-        rep["psnr_by_ring_blurred"] = ring_psnr(gt, blurred, data_range=dr)
+        rep["psnr_by_ring_blurred"] = ring_psnr(gt, blurred, data_range=dr, field_shape=field_shape,
+                                                offset=offset)
     return rep
