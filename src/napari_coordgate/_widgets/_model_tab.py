@@ -21,10 +21,19 @@ def model_summary(saved, origin: str) -> list[tuple[str, str]]:
     prov = saved.provenance or {}
     training = prov.get("training", {})
     psnr = training.get("best_val_psnr")
-    if saved.psf is not None:
-        trained_on = f"PSF model '{saved.psf.get('name', 'custom')}' ({saved.psf.get('model', '?')})"
+    # a model trained on calibration pairs may still store the pairs' PSF model (its Wiener first stage's filters
+    # come from it); only the training source says where the training data came from
+    source = training.get("source", "psf" if saved.psf is not None else "calibration")
+    psf_name = None if saved.psf is None else f"PSF model '{saved.psf.get('name', 'custom')}'"
+    if source == "calibration":
+        trained_on = "calibration pairs"
+        if psf_name is not None:
+            use = "Wiener first stage from" if cfg.prefilter == "wiener" else "optics:"
+            trained_on += f" ({use} {psf_name})"
+    elif psf_name is not None:
+        trained_on = f"{psf_name} ({saved.psf.get('model', '?')})"
     else:
-        trained_on = "calibration pairs" if training.get("source", "calibration") == "calibration" else "?"
+        trained_on = "?"
     return [
         ("source", origin),
         ("network", f"U-Net depth {cfg.depth}, {cfg.channels} channels, gate {cfg.gate}"),

@@ -1,0 +1,33 @@
+"""The Model tab's summary says what a model was trained on (plain function; no viewer)."""
+
+from __future__ import annotations
+
+import pytest
+
+from napari_coordgate._widgets._model_tab import model_summary
+from napari_coordgate.config import ModelConfig
+from napari_coordgate.modelio import SavedModel
+from napari_coordgate.optics.psf import PRESETS
+
+
+def _trained_on(source: str | None, psf: bool, prefilter: str = "none") -> str:
+    training = {} if source is None else {"training": {"source": source}}
+    saved = SavedModel(model=None, config=ModelConfig(depth=1, channels=2, prefilter=prefilter), field_shape=(64, 64),
+                       psf=PRESETS["gaussian"].to_dict() if psf else None, provenance=training)
+    return dict(model_summary(saved, "test"))["trained on"]
+
+
+def test_pairs_with_a_wiener_first_stage_are_reported_as_calibration_pairs():
+    assert _trained_on("calibration", psf=True, prefilter="wiener") == (
+        "calibration pairs (Wiener first stage from PSF model 'gaussian')")
+
+
+@pytest.mark.parametrize("source, psf, prefilter, expected", [
+    ("psf", True, "none", "PSF model 'gaussian' (gaussian)"),
+    ("psf", True, "wiener", "PSF model 'gaussian' (gaussian)"),
+    (None, True, "none", "PSF model 'gaussian' (gaussian)"),  # files from before provenance named the source
+    ("calibration", False, "none", "calibration pairs"),
+    ("calibration", True, "none", "calibration pairs (optics: PSF model 'gaussian')"),
+])
+def test_the_training_source_decides_what_the_summary_says(source, psf, prefilter, expected):
+    assert _trained_on(source, psf, prefilter) == expected
