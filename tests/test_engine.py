@@ -12,6 +12,7 @@ from napari_coordgate.engine import (
     PairSource,
     SimulatedSource,
     field_geometry,
+    load_checkpoint,
     plan_tiles,
     predict,
     receptive_halo,
@@ -107,6 +108,63 @@ def test_resume_refuses_a_different_model(tmp_path):
     train(TINY, _quick(epochs=1), PairSource(sharp, blurred), checkpoint_path=ck)
     with pytest.raises(ValueError, match="different model"):
         train(TINY.replace(channels=8), _quick(epochs=2), PairSource(sharp, blurred), resume=ck)
+
+
+@pytest.mark.parametrize("other", ["sharp", "blurred", "psf"])
+def test_resume_refuses_other_data(tmp_path, other):
+    sharp, blurred = _pairs()
+    ck = tmp_path / "run.cgckpt"
+    first = PairSource(sharp, blurred, psf="gaussian")
+    train(TINY, _quick(epochs=1), first, checkpoint_path=ck)
+    changed = {"sharp": PairSource(sharp + 1, blurred, psf="gaussian"),
+               "blurred": PairSource(sharp, blurred + 1, psf="gaussian"),
+               "psf": PairSource(sharp, blurred, psf="edge_defocus_astigmatism")}[other]
+    with pytest.raises(InputError, match=r"run\.cgckpt was trained on other data: .*; start a new run or give "
+                                         r"the same calibration data"):
+        train(TINY, _quick(epochs=2), changed, resume=ck)
+    res = train(TINY, _quick(epochs=2), first, resume=ck)  # the same data, a larger budget: accepted
+    assert res.saved.provenance["training"]["epochs"] == 2
+
+
+def test_resume_from_a_psf_model_refuses_another_psf_model(tmp_path):
+    sharp = (_specimen(2) * 1000).astype(np.float32)
+    ck = tmp_path / "run.cgckpt"
+    train(TINY, _quick(epochs=1), SimulatedSource(sharp, "gaussian"), checkpoint_path=ck)
+    with pytest.raises(InputError, match="trained on other data"):
+        train(TINY, _quick(epochs=2), SimulatedSource(sharp, "edge_defocus_astigmatism"), resume=ck)
+
+
+def _source(kind):
+    if kind == "pairs":
+        return PairSource(*_pairs())
+    return SimulatedSource((_specimen(2) * 1000).astype(np.float32), "gaussian")
+
+
+@pytest.mark.parametrize("kind", ["pairs", "psf"])
+def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path, kind):
+    cfg = ModelConfig(depth=1, channels=2)
+    recipe = TrainConfig(epochs=4, crop=32, batch=2, steps_per_epoch=3, seed=0, threads=1, device="cpu")
+    whole = train(cfg, recipe, _source(kind), checkpoint_path=tmp_path / "whole.cgckpt")
+
+    epochs = []
+    ck = tmp_path / "parts.cgckpt"
+
+    def on_update(u):
+        if u.kind == "epoch":
+            epochs.append(u.epoch)
+
+    first = train(cfg, recipe, _source(kind), checkpoint_path=ck, on_update=on_update,
+                  should_stop=lambda: len(epochs) >= 2)
+    assert first.stopped == "stopped" and epochs == [1, 2]
+    parts = train(cfg, recipe, _source(kind), checkpoint_path=ck, resume=ck, on_update=on_update)
+    assert epochs == [1, 2, 3, 4]
+
+    assert parts.best_val_psnr == whole.best_val_psnr and parts.best_epoch == whole.best_epoch
+    a, b = whole.saved.model.state_dict(), parts.saved.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the last weights, the best ones and the optimiser state too
+    ta, tb = load_checkpoint(tmp_path / "whole.cgckpt")["tensors"], load_checkpoint(ck)["tensors"]
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 def test_training_from_psf_preset_records_the_psf():

@@ -183,6 +183,57 @@ def load_checkpoint(path: str | Path) -> dict:
     return {"tensors": tensors, "meta": meta}
 
 
+def _data_summary(model_cfg: ModelConfig, train_cfg: TrainConfig, sharp: np.ndarray, clean_blurred: np.ndarray,
+                  psf_cfg, known_psf) -> dict:
+    """What a run trains on: a fingerprint (SHA-256) of the data and the model config, and a short description.
+
+    Calibration pairs are hashed whole (shapes, dtypes, every pixel of the prepared sharp and blurred stacks, about
+    1 s per GB); simulated pairs by their sharp stack, PSF model and noise settings. The budget, the seed and the
+    rest of the recipe are not part of it: a resumed run may train longer.
+    """
+    import hashlib
+    import json
+
+    n, h, w = sharp.shape
+    simulated = psf_cfg is not None
+    digest = hashlib.sha256(json.dumps({
+        "model": model_cfg.to_dict(),
+        "psf": None if known_psf is None else known_psf.to_dict(),
+        "noise": [train_cfg.photons, train_cfg.read_noise] if simulated else None,
+    }, sort_keys=True).encode())
+    for a in (sharp,) if simulated else (sharp, clean_blurred):
+        a = np.ascontiguousarray(a)
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        digest.update(a)
+    what = f"{n} sharp plane(s) of {h}x{w} blurred with" if simulated else f"{n} calibration pair(s) of {h}x{w}"
+    if known_psf is not None:
+        what += f"{'' if simulated else ' with'} PSF model '{known_psf.name}'"
+    return {"fingerprint": digest.hexdigest(), "description": what}
+
+
+def _resume_checkpoint(path, model_cfg: ModelConfig, field_shape: tuple[int, int], data: dict) -> dict:
+    """The checkpoint at ``path``, if it continues a run of this model on this data; a clear error otherwise."""
+    ck = load_checkpoint(path)
+    meta = ck["meta"]
+    if ModelConfig.from_dict(meta["model"]) != model_cfg:
+        raise ModelFileError(f"{path}: checkpoint was trained with a different model configuration")
+    if tuple(meta["field_shape"]) != field_shape:
+        raise ModelFileError(f"{path}: checkpoint field {tuple(meta['field_shape'])} != data field {field_shape}")
+    old = meta.get("data")
+    if old is None:
+        import warnings
+
+        warnings.warn(f"{path} was written by an older napari-coordgate without a data fingerprint; "
+                      "it cannot be checked that this run's data are the same", stacklevel=3)
+    elif old["fingerprint"] != data["fingerprint"]:
+        raise InputError(
+            f"checkpoint {path} was trained on other data: {old['description']} (fingerprint "
+            f"{old['fingerprint'][:12]}), this run has {data['description']} (fingerprint "
+            f"{data['fingerprint'][:12]}); start a new run or give the same calibration data"
+        )
+    return ck
+
+
 def _prepare(source, model_cfg: ModelConfig, train_cfg: TrainConfig):
     """Validated float32 stacks and the simulator (if any)."""
     m = model_cfg.min_size
@@ -229,9 +280,12 @@ def train(
     out_path
         If given, the best model so far is written there (atomically) whenever validation improves.
     checkpoint_path
-        If given, a resumable checkpoint (weights, optimiser, schedule, RNG) is written after every epoch.
+        If given, a resumable checkpoint (weights, optimiser, schedule, normalisation, numpy and torch RNG states,
+        a fingerprint of the data and the model config) is written after every epoch.
     resume
-        A checkpoint to continue from (epoch count, optimiser and schedule state).
+        A checkpoint to continue from (epoch count, optimiser and schedule state, normalisation, RNG states):
+        interrupted and resumed training gives the same weights as one uninterrupted run. The budget may grow;
+        other data or another model config is refused with an error that says so.
 
     Returns
     -------
@@ -267,10 +321,23 @@ def train(
         val_mask = checkerboard_mask(field_shape, train_cfg.val_tile)
         train_weight = torch.from_numpy((~val_mask).astype(np.float32)).to(device)
 
-    norm = fit_normalization(sharp[train_idx])
+    known_psf = psf_cfg
+    if isinstance(source, PairSource) and source.psf is not None:
+        from .optics.psf import get_psf_config
+
+        known_psf = get_psf_config(source.psf)
+    data = None
+    if checkpoint_path is not None or resume is not None:
+        data = _data_summary(model_cfg, train_cfg, sharp, clean_blurred, psf_cfg, known_psf)
+    ck = None if resume is None else _resume_checkpoint(resume, model_cfg, field_shape, data)
+
+    # a resumed run continues in the units it started in: normalise with the checkpoint's values
+    norm = fit_normalization(sharp[train_idx]) if ck is None else Normalization.from_dict(ck["meta"]["normalization"])
     if psf_cfg is not None:
         # simulated pairs: the noise level is relative to each plane's peak; keep it in image units
         noise_seed = int(rng.integers(2**31))
+        if ck is not None:
+            noise_seed = int(ck["meta"].get("noise_seed", noise_seed))
 
         def noisy(epoch: int) -> np.ndarray:
             from .optics.blur import add_noise
@@ -289,11 +356,6 @@ def train(
     input_psnr = _psnr(sharp_t[val_idx].cpu().numpy(), blurred_t[val_idx].cpu().numpy(), val_mask_nd, val_range)
 
     model = build_model(model_cfg)
-    known_psf = psf_cfg
-    if isinstance(source, PairSource) and source.psf is not None:
-        from .optics.psf import get_psf_config
-
-        known_psf = get_psf_config(source.psf)
     if model_cfg.prefilter == "wiener":
         if known_psf is None:
             raise InputError(
@@ -325,13 +387,9 @@ def train(
     best_psnr: float | None = None
     best_epoch = 0
     best_state = copy.deepcopy(model.state_dict())
-    if resume is not None:
-        ck = load_checkpoint(resume)
+    since_best = 0
+    if ck is not None:
         meta = ck["meta"]
-        if ModelConfig.from_dict(meta["model"]) != model_cfg:
-            raise ModelFileError(f"{resume}: checkpoint was trained with a different model configuration")
-        if tuple(meta["field_shape"]) != field_shape:
-            raise ModelFileError(f"{resume}: checkpoint field {tuple(meta['field_shape'])} != data field {field_shape}")
         model.load_state_dict({k[6:]: v for k, v in ck["tensors"].items() if k.startswith("model.")})
         best_state = {k[5:]: v.clone() for k, v in ck["tensors"].items() if k.startswith("best.")}
         opt.load_state_dict(_optimizer_from_tensors(ck["tensors"], meta["optimizer"]))
@@ -339,13 +397,16 @@ def train(
             plateau.load_state_dict(meta["plateau"])
         epoch, step, elapsed_before = int(meta["epoch"]), int(meta["step"]), float(meta["elapsed"])
         best_psnr, best_epoch = meta.get("best_val_psnr"), int(meta.get("best_epoch", 0))
+        since_best = int(meta.get("since_best", 0))
         rng.bit_generator.state = meta["rng"]
-        norm = Normalization.from_dict(meta["normalization"])
+        if "rng.torch" in ck["tensors"]:
+            torch.set_rng_state(ck["tensors"]["rng.torch"])
+        if device.type == "cuda" and "rng.cuda" in ck["tensors"]:
+            torch.cuda.set_rng_state(ck["tensors"]["rng.cuda"], device)
 
     history: list[Update] = []
     t0 = time.perf_counter()
     stop_reason = "budget"
-    since_best = 0
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - t0
@@ -398,11 +459,15 @@ def train(
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         tensors.update({f"best.{k}": v for k, v in best_state.items()})
         tensors.update(opt_tensors)
+        tensors["rng.torch"] = torch.get_rng_state()
+        if device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
         meta = {
             "format": _CKPT_FORMAT, "schema_version": 1, "model": model_cfg.to_dict(),
             "train": train_cfg.to_dict(), "field_shape": list(field_shape), "normalization": norm.to_dict(),
-            "epoch": epoch, "step": step, "elapsed": elapsed(), "best_val_psnr": best_psnr,
-            "best_epoch": best_epoch, "rng": rng.bit_generator.state, "optimizer": opt_meta,
+            "data": data, "epoch": epoch, "step": step, "elapsed": elapsed(), "best_val_psnr": best_psnr,
+            "best_epoch": best_epoch, "since_best": since_best, "rng": rng.bit_generator.state,
+            "noise_seed": noise_seed if psf_cfg is not None else None, "optimizer": opt_meta,
             "plateau": plateau.state_dict() if plateau is not None else None,
         }
         atomic_write_bytes(with_suffix(checkpoint_path, CHECKPOINT_SUFFIX), encode(tensors, meta))
