@@ -8,7 +8,7 @@ memory-mapped files). This prints, for the 256 x 256 sample pair and the dock's 
 - the caller's peak resident memory above its baseline while the job starts, for a calibration stack of
   ``--planes`` x ``--size``^2 float32 planes (a second full copy would show as its size).
 
-    python benchmarks/bench_process.py [--repeats 3] [--planes 16] [--size 1024]
+    python benchmarks/bench_process.py [--repeats 3] [--planes 16] [--size 1024] [--quick]
 """
 
 from __future__ import annotations
@@ -61,7 +61,10 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--planes", type=int, default=16)
     ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--quick", action="store_true", help="1 repeat, a 2 x 128^2 stack (for the test suite)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.repeats, args.planes, args.size = 1, 2, 128
 
     import torch  # noqa: F401 - the viewer has torch loaded after any Apply; measure from that state
 
