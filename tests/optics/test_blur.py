@@ -258,3 +258,53 @@ def test_optics_never_imports_napari_qt_or_the_network():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_region_of_the_field_is_blurred_with_the_psfs_of_its_place():
+    image = _camera((96, 112))
+    whole = SpatiallyVaryingBlur(EDGE, image.shape).forward(image)
+    crop = (slice(4, 52), slice(50, 110))  # near the top-right corner: edge PSFs
+    p = EDGE.psf_size // 2
+    inner = (slice(p, -p),) * 2  # beyond the reach of the region's own reflected border
+
+    op = SpatiallyVaryingBlur(EDGE, (48, 60), offset=(4, 50), full_field=(96, 112))
+    region = op.forward(image[crop])
+    as_if_whole = SpatiallyVaryingBlur(EDGE, (48, 60)).forward(image[crop])
+
+    np.testing.assert_allclose(region[inner], whole[crop][inner], atol=1e-5)
+    assert _rel_err(as_if_whole[inner], whole[crop][inner]) > 20 * _rel_err(region[inner], whole[crop][inner])
+
+
+def test_adjoint_identity_for_a_region_of_the_field():
+    rng = np.random.default_rng(6)
+    x, y = rng.random((2, 30, 41))
+    op = SpatiallyVaryingBlur(EDGE.replace(grid=5), (30, 41), offset=(60, 3), full_field=(100, 90))
+
+    lhs = float(np.sum(op.forward(x).astype(np.float64) * y))
+    rhs = float(np.sum(x * op.adjoint(y).astype(np.float64)))
+
+    assert abs(lhs - rhs) <= 1e-5 * abs(lhs)
+
+
+@pytest.mark.parametrize("offset, full_field", [((-1, 0), (64, 64)), ((40, 0), (64, 64)), ((0, 0), (20, 64))])
+def test_a_region_outside_its_field_is_a_clear_error(offset, full_field):
+    with pytest.raises(ValueError, match="does not fit"):
+        SpatiallyVaryingBlur("gaussian", (32, 32), offset=offset, full_field=full_field)
+
+
+@pytest.mark.filterwarnings("ignore::napari_coordgate.optics.psf.UndersamplingWarning")  # binning undersamples
+@pytest.mark.parametrize("cfg", [PRESETS["gaussian"].replace(sigma_px=2.0), EDGE], ids=["gaussian", "pupil"])
+def test_a_binned_camera_sees_the_psf_model_in_binned_pixels(cfg):
+    from napari_coordgate.optics.blur import binned_psf_config
+
+    image = _camera((128, 128))
+    fine = SpatiallyVaryingBlur(cfg, image.shape).forward(image)
+    bin2 = lambda a: a.reshape(64, 2, 64, 2).mean(axis=(1, 3))  # noqa: E731
+
+    binned = binned_psf_config(cfg, 2)
+    coarse = SpatiallyVaryingBlur(binned, (64, 64)).forward(bin2(image))
+    unscaled = SpatiallyVaryingBlur(cfg, (64, 64)).forward(bin2(image))
+
+    assert binned_psf_config(cfg, 1) == cfg
+    assert _rel_err(coarse, bin2(fine)) < 0.02
+    assert _rel_err(unscaled, bin2(fine)) > 2 * _rel_err(coarse, bin2(fine))

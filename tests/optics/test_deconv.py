@@ -237,3 +237,27 @@ def test_sv_wiener_with_the_models_grid_beats_central_wiener_at_the_edge():
         return peak_signal_noise_ratio(sharp[border], img[border], data_range=1)
 
     assert border_psnr(sv) > border_psnr(central) + 1
+
+
+def test_sv_rl_of_a_corner_region_uses_the_psfs_of_its_place_in_the_field(specimen):
+    sharp, blurred = specimen  # 96 x 112, blurred as one field
+    crop = (slice(0, 48), slice(0, 56))
+
+    placed = sv_richardson_lucy(blurred[crop], EDGE, 15, offset=(0, 0), full_field=(96, 112))
+    as_if_whole = sv_richardson_lucy(blurred[crop], EDGE, 15)
+    op = SpatiallyVaryingBlur(EDGE, (48, 56), offset=(0, 0), full_field=(96, 112))
+
+    np.testing.assert_array_equal(placed, sv_richardson_lucy(blurred[crop], op, 15))
+    assert _psnr(sharp[crop], placed) > _psnr(sharp[crop], as_if_whole) + 3.0  # measured +7.4 dB
+
+
+def test_rl_central_of_a_region_uses_the_psf_at_the_centre_of_its_field(specimen):
+    _, blurred = specimen
+    off_axis = EDGE.replace(axis_y=0.6)  # the centre PSF then depends on the field's shape
+    roi = blurred[:48, :56]
+
+    in_field = richardson_lucy_central(roi, off_axis, 5, full_field=(96, 300))
+
+    np.testing.assert_array_equal(richardson_lucy_central(roi, off_axis, 5, full_field=(48, 56)),
+                                  richardson_lucy_central(roi, off_axis, 5))
+    assert not np.allclose(in_field, richardson_lucy_central(roi, off_axis, 5), atol=1e-4)

@@ -156,12 +156,24 @@ class ApplyTab(QWidget):
             show_error("CoordGate: pick an image layer to restore")
             return
         model = self.dock.model
+        if model is not None and not model.psf:
+            # the Train tab's PSF model may describe other optics than this model's: never guess
+            show_error("CoordGate: no PSF model is known for this model (trained on calibration pairs alone); to "
+                       "compare, train from a PSF model, or give the pairs' PSF model (Wiener first stage)")
+            return
         try:
-            psf = get_psf_config(model.psf) if model is not None and model.psf else self.dock.train_tab.psf_config()
+            if model is not None:
+                psf = get_psf_config(model.psf)
+                which = f"the model's PSF model '{psf.name}'"
+            else:
+                psf = self.dock.train_tab.psf_config()
+                which = f"the Train tab's PSF model '{psf.name}' (no model loaded)"
+            roi = self.roi_value()
             image = layer_array(layer)
         except ValueError as exc:
             show_error(f"CoordGate: {exc}")
             return
+        show_info(f"CoordGate: RL-central and SV-RL with {which}")
         meta = spatial_kwargs(layer)
 
         def done(result) -> None:
@@ -172,5 +184,6 @@ class ApplyTab(QWidget):
                 self.dock.viewer.add_image(data, name=f"{layer.name} ({method})", colormap=layer.colormap.name,
                                            **meta)
 
-        self.dock.run_task("compare", compare_job, image, psf, self.iterations.value(), state=State.APPLYING,
-                           on_returned=done)
+        field_shape = None if model is None else model.field_shape
+        self.dock.run_task("compare", compare_job, image, psf, self.iterations.value(), field_shape, roi,
+                           self.binning.value(), state=State.APPLYING, on_returned=done)

@@ -153,24 +153,39 @@ def apply_job(req: ApplyRequest, *, report: Report, should_stop: ShouldStop) -> 
     return JobResult(out)
 
 
-def compare_job(image, psf, iterations: int, *, report: Report, should_stop: ShouldStop) -> JobResult:
-    """Classical baselines plane by plane: Richardson–Lucy with the central PSF, and spatially varying RL."""
-    from napari_coordgate.optics.blur import SpatiallyVaryingBlur
+def compare_job(image, psf, iterations: int, field_shape: tuple[int, int] | None = None,
+                roi: tuple[int, int] | None = None, binning: int = 1, *, report: Report,
+                should_stop: ShouldStop) -> JobResult:
+    """Classical baselines plane by plane: Richardson–Lucy with the central PSF, and spatially varying RL.
+
+    ``field_shape`` is the model's training field; ``roi`` and ``binning`` place the image in it as
+    :func:`napari_coordgate.engine.predict` does, so each pixel is deblurred with the PSF of its place (and a
+    binned image with the PSF model in binned pixels). Without a field the image is the whole field.
+    """
+    from napari_coordgate.engine import field_geometry
+    from napari_coordgate.optics.blur import SpatiallyVaryingBlur, binned_psf_config
     from napari_coordgate.optics.deconv import richardson_lucy_central, sv_richardson_lucy
 
     shape = tuple(image.shape)
+    if field_shape is None:
+        if roi is not None or binning != 1:
+            raise ValueError("a camera ROI or binning needs the training field: load or train a model first")
+        full, offset = shape[-2:], (0, 0)
+    else:
+        full, offset = field_geometry(shape[-2:], field_shape, roi, binning)
+    psf = binned_psf_config(psf, binning)
     lead = shape[:-2]
     n = math.prod(lead)
     total = n * (1 + iterations)
     rl = np.empty(shape, np.float32)
     sv = np.empty(shape, np.float32)
-    op = SpatiallyVaryingBlur(psf, shape[-2:])
+    op = SpatiallyVaryingBlur(psf, shape[-2:], offset=offset, full_field=full)
     done = 0
     for k, idx in enumerate(np.ndindex(*lead)):
         if should_stop():
             return JobResult(cancelled=True)
         plane = np.asarray(image[idx], dtype=np.float32)  # one plane of a lazy stack at a time
-        rl[idx] = richardson_lucy_central(plane, psf, iterations)
+        rl[idx] = richardson_lucy_central(plane, psf, iterations, full_field=full)
         done += 1
         report(Progress("compare", done, total, f"RL-central, plane {k + 1} of {n}"))
 

@@ -16,6 +16,11 @@ Borders: the image is extended by half-sample symmetric reflection (``d c b a | 
 ``"reflect"`` mode) before blurring, so light from outside the frame is modelled as a mirror of the inside
 and the field edge is not darkened. Pixels of the reflected margin spread their light with the PSF of the
 nearest frame position (the weights are clamped at the frame edge).
+
+A frame may be a region of a larger field (a camera ROI): built with the region's ``offset`` in the
+``full_field``, the operator uses the nodes and tent weights of the whole field, so every pixel is blurred with
+the PSF of its place in the field. A binned camera sees the PSF model in larger pixels
+(:func:`binned_psf_config`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from napari_coordgate.optics.psf import PSFConfig, get_psf_config, grid_position
 
 __all__ = [
     "SpatiallyVaryingBlur",
+    "binned_psf_config",
     "brute_force_blur",
     "add_noise",
     "synthesize_pairs",
@@ -136,13 +142,18 @@ def _reflect_index(n: int, pad: int) -> np.ndarray:
     return np.where(q < n, q, 2 * n - 1 - q)
 
 
-def _tent_weights(n: int, pad: int, k: int) -> np.ndarray:
-    """(k, n + 2 pad) tent weights of the nodes of one axis over the padded axis; columns sum to one."""
+def _tent_weights(n: int, pad: int, k: int, field_n: int | None = None, offset: int = 0) -> np.ndarray:
+    """(k, n + 2 pad) tent weights of the nodes of one axis over the padded axis; columns sum to one.
+
+    The axis is pixels ``offset .. offset + n - 1`` of a field axis of ``field_n`` pixels (default: the whole
+    axis) whose nodes span the field; nodes whose tents miss the axis get all-zero rows.
+    """
     if k == 1:
         return np.ones((1, n + 2 * pad))
-    y = np.clip(np.arange(-pad, n + pad, dtype=np.float64), 0, n - 1)
-    nodes = (grid_positions(k) + 1.0) / 2.0 * (n - 1)
-    spacing = max((n - 1) / (k - 1), 1e-12)
+    field_n = n if field_n is None else field_n
+    y = np.clip(np.arange(-pad, n + pad, dtype=np.float64), 0, n - 1) + offset
+    nodes = (grid_positions(k) + 1.0) / 2.0 * (field_n - 1)
+    spacing = max((field_n - 1) / (k - 1), 1e-12)
     w = np.maximum(0.0, 1.0 - np.abs(y[None, :] - nodes[:, None]) / spacing)
     # a one-pixel axis puts all nodes on the same pixel; renormalising keeps the partition of unity exact
     return w / w.sum(axis=0, keepdims=True)
@@ -169,6 +180,12 @@ class SpatiallyVaryingBlur:
         PSF model (a :class:`PSFConfig`, preset name, JSON path or dict); ``cfg.grid`` sets K.
     field_shape
         (H, W) of the frames it will blur.
+    offset
+        (y, x) of the frames' top-left pixel in ``full_field``.
+    full_field
+        (H, W) of the whole field the PSF model describes, when the frames are a region of it (a camera ROI);
+        default ``field_shape``: the frames are the whole field. For a binned camera both are in binned pixels
+        and ``cfg`` is :func:`binned_psf_config`.
     device
         Torch device for the FFTs (``"cpu"``, ``"cuda"``, ``"mps"`` or ``"auto"``).
     dtype
@@ -186,6 +203,8 @@ class SpatiallyVaryingBlur:
         cfg: "PSFConfig | str | dict",
         field_shape: Sequence[int],
         *,
+        offset: Sequence[int] = (0, 0),
+        full_field: Sequence[int] | None = None,
         device: "str | torch.device" = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
@@ -195,20 +214,34 @@ class SpatiallyVaryingBlur:
             raise ValueError(f"field_shape must be (H, W) with positive sides, got {tuple(field_shape)}")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        full = shape if full_field is None else tuple(int(n) for n in full_field)
+        off = tuple(int(o) for o in offset)
+        fits = len(full) == 2 and len(off) == 2 and min(off) >= 0
+        if not (fits and off[0] + shape[0] <= full[0] and off[1] + shape[1] <= full[1]):
+            raise ValueError(
+                f"a frame of {shape[0]}x{shape[1]} at offset {tuple(offset)} does not fit inside the field "
+                f"{tuple(full)}; give the frame's (y, x) inside the field and the field's (H, W)"
+            )
         self.field_shape: tuple[int, int] = shape  # type: ignore[assignment]
+        self.full_field: tuple[int, int] = full  # type: ignore[assignment]
+        self.offset: tuple[int, int] = off  # type: ignore[assignment]
         self.device = resolve_device(device)
         self.dtype = dtype
-        self.psfs, self.grid_y, self.grid_x = psf_grid(self.cfg, shape)
+        self.psfs, self.grid_y, self.grid_x = psf_grid(self.cfg, full)
         k, s = self.cfg.grid, self.cfg.psf_size
         self.pad = p = s // 2
         h, w = shape
         self._iy = torch.as_tensor(_reflect_index(h, p), device=self.device)
         self._ix = torch.as_tensor(_reflect_index(w, p), device=self.device)
-        wy, wx = _tent_weights(h, p, k), _tent_weights(w, p, k)
+        wy, wx = _tent_weights(h, p, k, full[0], off[0]), _tent_weights(w, p, k, full[1], off[1])
         self._blocks: list[_Block] = []
         for i in range(k):
+            if not wy[i].any():  # a node whose tent misses this region of the field
+                continue
             r0, r1 = _support(wy[i])
             for j in range(k):
+                if not wx[j].any():
+                    continue
                 c0, c1 = _support(wx[j])
                 ny, nx = r1 - r0, c1 - c0
                 size = (next_fast_len(ny + 2 * p, real=True), next_fast_len(nx + 2 * p, real=True))
@@ -223,9 +256,10 @@ class SpatiallyVaryingBlur:
                 self._blocks.append(_Block((r0, r1), (c0, c1), size, weight, otf, (fr0, fr1, fc0, fc1), local))
 
     def __repr__(self) -> str:
+        region = "" if self.full_field == self.field_shape else f", offset={self.offset}, full_field={self.full_field}"
         return (
-            f"SpatiallyVaryingBlur(psf={self.cfg.name!r}, field_shape={self.field_shape}, K={self.cfg.grid}, "
-            f"psf_size={self.cfg.psf_size}, device={str(self.device)!r})"
+            f"SpatiallyVaryingBlur(psf={self.cfg.name!r}, field_shape={self.field_shape}{region}, "
+            f"K={self.cfg.grid}, psf_size={self.cfg.psf_size}, device={str(self.device)!r})"
         )
 
     # ----------------------------------------------------------------------------------------- tensors
@@ -349,6 +383,35 @@ class SpatiallyVaryingBlur:
         ndarray, float32, same shape as ``image``
         """
         return self._numpy_call(image, self.apply_adjoint)
+
+
+def binned_psf_config(cfg: "PSFConfig | str | dict", binning: int) -> PSFConfig:
+    """The PSF model as a camera binning ``binning`` x ``binning`` pixels sees it: pixels ``binning`` times larger.
+
+    The pupil model gets ``pixel_size_um * binning`` (its PSFs are integrated over the larger pixels); the
+    Gaussian model ``sigma_px / binning``. ``psf_size`` shrinks to cover the same area (odd, at least 3).
+
+    Parameters
+    ----------
+    cfg
+        The PSF model of the unbinned camera.
+    binning
+        Camera binning (1 returns ``cfg`` unchanged).
+
+    Returns
+    -------
+    PSFConfig
+    """
+    cfg = get_psf_config(cfg)
+    if isinstance(binning, bool) or not isinstance(binning, (int, np.integer)) or binning < 1:
+        raise ValueError(f"binning must be a positive integer, got {binning!r}")
+    if binning == 1:
+        return cfg
+    size = -(-cfg.psf_size // int(binning))
+    size = max(3, size + 1 - size % 2)
+    if cfg.model == "gaussian":
+        return cfg.replace(sigma_px=cfg.sigma_px / binning, psf_size=size)
+    return cfg.replace(pixel_size_um=cfg.pixel_size_um * binning, psf_size=size)
 
 
 def _support(weights: np.ndarray) -> tuple[int, int]:

@@ -56,7 +56,8 @@ def _per_plane(arr: np.ndarray, fn) -> np.ndarray:
     return out.reshape(arr.shape)
 
 
-def richardson_lucy_central(image, cfg: "PSFConfig | str | dict", iterations: int = 30) -> np.ndarray:
+def richardson_lucy_central(image, cfg: "PSFConfig | str | dict", iterations: int = 30, *,
+                            full_field=None) -> np.ndarray:
     """Richardson–Lucy deconvolution with the central PSF only (scikit-image).
 
     Parameters
@@ -68,6 +69,9 @@ def richardson_lucy_central(image, cfg: "PSFConfig | str | dict", iterations: in
         The PSF model; its PSF at the frame centre is used everywhere.
     iterations
         Number of RL iterations (more = sharper and noisier).
+    full_field
+        (H, W) of the whole field when the image is a region of it (a camera ROI): the PSF at the centre of that
+        field is used. Default: the image is the whole field.
 
     Returns
     -------
@@ -75,7 +79,7 @@ def richardson_lucy_central(image, cfg: "PSFConfig | str | dict", iterations: in
     """
     arr = check_image(image)
     iterations = _check_iterations(iterations)
-    psf = central_psf(cfg, arr.shape[-2:])
+    psf = central_psf(cfg, arr.shape[-2:] if full_field is None else full_field)
     pad = psf.shape[0]
 
     def one(plane: np.ndarray) -> np.ndarray:
@@ -128,6 +132,8 @@ def sv_richardson_lucy(
     background: float = 0.0,
     should_stop: Callable[[], bool] | None = None,
     on_iteration: Callable[[int, int], None] | None = None,
+    offset=(0, 0),
+    full_field=None,
     device: "str | torch.device" = "cpu",
 ) -> np.ndarray:
     """Spatially varying Richardson–Lucy with the PSF-interpolation operator and its exact adjoint.
@@ -151,6 +157,10 @@ def sv_richardson_lucy(
         (planes of a stack not yet started are returned unchanged).
     on_iteration
         Called after every iteration as ``on_iteration(done, iterations)``.
+    offset, full_field
+        When the image is a region of the field (a camera ROI): its (y, x) in the field and the field's (H, W),
+        so every pixel is deblurred with the PSF of its place (see :class:`SpatiallyVaryingBlur`). Used when
+        ``op_or_cfg`` is a config; default: the image is the whole field.
     device
         Torch device, used when ``op_or_cfg`` is a config.
 
@@ -165,7 +175,7 @@ def sv_richardson_lucy(
     if isinstance(op_or_cfg, SpatiallyVaryingBlur):
         op = op_or_cfg
     else:
-        op = SpatiallyVaryingBlur(op_or_cfg, arr.shape[-2:], device=device)
+        op = SpatiallyVaryingBlur(op_or_cfg, arr.shape[-2:], offset=offset, full_field=full_field, device=device)
     if arr.shape[-2:] != op.field_shape:
         raise ValueError(
             f"image frame is {arr.shape[-2:]} but the operator was built for {op.field_shape}; "
