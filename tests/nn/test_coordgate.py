@@ -45,7 +45,7 @@ def test_bad_field_shape_is_rejected():
 def test_one_plus_gate_starts_as_identity():
     g = CoordGate(4, activation="one_plus")
     x = torch.randn(2, 4, 8, 8)
-    assert torch.equal(g(x, field_coordinates((8, 8))), x)
+    assert torch.equal(g(x, (8, 8)), x)
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "relu", "raw"])
@@ -54,8 +54,8 @@ def test_gate_depends_on_coordinates_only(activation):
     coords = field_coordinates((8, 8))
     a, b = torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)
     gate = g.gate(coords)
-    assert torch.allclose(g(a, coords), a * gate)
-    assert torch.allclose(g(b, coords), b * gate)
+    assert torch.allclose(g(a, (8, 8)), a * gate)
+    assert torch.allclose(g(b, (8, 8)), b * gate)
     if activation == "sigmoid":
         assert bool(((gate > 0) & (gate < 1)).all())
     if activation == "relu":
@@ -72,3 +72,47 @@ def test_cached_gate_is_invalidated_when_weights_change():
         second = g.cached_gate("k", make)
     assert not torch.equal(first, second)
     assert torch.allclose(second, first + 1.0)
+
+
+def _trained_gate(channels=3):
+    g = CoordGate(channels, hidden=8, activation="one_plus")
+    with torch.no_grad():
+        for p in g.parameters():
+            p.normal_(0, 0.5)
+    return g.eval()
+
+
+def test_a_tile_is_gated_by_its_slice_of_the_whole_field_gate():
+    g = _trained_gate()
+    field = (40, 56)
+    whole = torch.ones(1, 3, 20, 28)  # level 1 of the whole field
+    with torch.no_grad():
+        full = g(whole, field, (0, 0), level=1)
+        tile = g(torch.ones(1, 3, 6, 10), field, (8, 12), level=1)  # offset on the level-1 grid
+        odd = g(torch.ones(1, 3, 6, 10), field, (9, 13), level=1)  # off the grid: computed for its own place
+    torch.testing.assert_close(tile, full[..., 4:10, 6:16])
+    expected = g.gate(field_coordinates(field, (9, 13), (6, 10), 1))
+    torch.testing.assert_close(odd, expected)
+
+
+def test_per_sample_offsets_gather_the_same_gates_with_gradients():
+    g = _trained_gate().train()
+    field = (64, 64)
+    offsets = torch.tensor([[0, 0], [16, 32], [48, 8]])
+    x = torch.ones(3, 3, 16, 16)
+    out = g(x, field, offsets, level=0)
+    for b, (y, x0) in enumerate(offsets.tolist()):
+        torch.testing.assert_close(out[b], g.gate(field_coordinates(field, (y, x0), (16, 16), 0))[0])
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in g.parameters())
+
+
+def test_the_gate_stays_float32_under_autocast_so_cached_gates_do_not_depend_on_precision():
+    g = _trained_gate()
+    field = (32, 32)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = g.field_gate(torch.ones(1, 3, 32, 32), field, (0, 0), 0)
+        high = g.field_gate(torch.ones(1, 3, 32, 32), field, (0, 0), 0)
+    assert low.dtype == high.dtype == torch.float32
+    torch.testing.assert_close(low, high, rtol=0, atol=0)

@@ -136,10 +136,15 @@ class CoordGate(nn.Module):
         self._cache: OrderedDict = OrderedDict()
 
     def gate(self, coords: torch.Tensor) -> torch.Tensor:
-        """The gate for a coordinate grid ``(2, h, w)`` or ``(B, 2, h, w)``; returns ``(B|1, C, h, w)``."""
+        """The gate for a coordinate grid ``(2, h, w)`` or ``(B, 2, h, w)``; returns ``(B|1, C, h, w)``.
+
+        Always float32, also under autocast: the MLP is tiny, and a cached gate must not depend on the
+        precision of the call that first computed it.
+        """
         if coords.ndim == 3:
             coords = coords[None]
-        m = self.mlp(coords)
+        with torch.autocast(device_type=coords.device.type, enabled=False):
+            m = self.mlp(coords.float())
         if self.activation == "one_plus":
             return 1.0 + m
         if self.activation == "sigmoid":
@@ -174,5 +179,62 @@ class CoordGate(nn.Module):
     def clear_cache(self) -> None:
         self._cache.clear()
 
-    def forward(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-        return x * self.gate(coords)
+    def forward(
+        self,
+        x: torch.Tensor,
+        field_shape: Sequence[int],
+        offset: Sequence[int] | torch.Tensor = (0, 0),
+        level: int = 0,
+        multiple: int = 1,
+    ) -> torch.Tensor:
+        """``x`` (B, C, h, w), a crop of the field at downsampling ``level``, times the gate of its place.
+
+        ``offset`` is the crop's (y, x) in full-resolution field pixels, or a (B, 2) tensor with one offset per
+        sample; ``multiple`` is the size the network pads the field to a multiple of (tiles at the far edge
+        reach that far).
+        """
+        return x * self.field_gate(x, field_shape, offset, level, multiple).to(x.dtype)
+
+    def field_gate(self, x: torch.Tensor, field_shape: Sequence[int], offset, level: int, multiple: int = 1
+                   ) -> torch.Tensor:
+        """The gate for ``x``'s place in the field, broadcastable to ``x``.
+
+        The gate of the whole field at this level is computed once (cached in eval mode) and every crop or
+        tile aligned to the level's grid takes its slice, so a tile costs one multiplication however many
+        tiles there are; a training batch gathers each crop from one whole-field evaluation (with gradients)
+        when that takes fewer MLP evaluations than one per crop pixel.
+        """
+        field = (int(field_shape[0]), int(field_shape[1]))
+        shape = tuple(x.shape[-2:])
+        step = 2**level
+        # the field padded to the network's multiple, at this level
+        extent = (-(-field[0] // multiple) * multiple // step, -(-field[1] // multiple) * multiple // step)
+        if isinstance(offset, torch.Tensor):
+            gathered = self._gathered(x, field, offset, level, extent)
+            if gathered is not None:
+                return gathered
+            return self.gate(field_coordinates(field, offset, shape, level, device=x.device))
+        y, x0 = int(offset[0]), int(offset[1])
+        gy, gx = y // step, x0 // step
+        if y % step == 0 and x0 % step == 0 and gy + shape[0] <= extent[0] and gx + shape[1] <= extent[1]:
+            return self._whole_field(field, extent, level, x.device)[..., gy : gy + shape[0], gx : gx + shape[1]]
+        key = (field, (y, x0), shape, level, str(x.device))
+        return self.cached_gate(key, lambda: field_coordinates(field, (y, x0), shape, level, device=x.device))
+
+    def _whole_field(self, field, extent, level: int, device) -> torch.Tensor:
+        key = ("field", field, extent, level, str(device))
+        return self.cached_gate(key, lambda: field_coordinates(field, (0, 0), extent, level, device=device))
+
+    def _gathered(self, x: torch.Tensor, field, offset: torch.Tensor, level: int, extent):
+        """Per-sample crops of the whole-field gate, (B, C, h, w); None where that does not apply."""
+        B, _, h, w = x.shape
+        step = 2**level
+        if extent[0] * extent[1] >= B * h * w or bool((offset % step).any()) or bool((offset < 0).any()):
+            return None
+        y0, x0 = offset[:, 0] // step, offset[:, 1] // step
+        if bool((y0 + h > extent[0]).any()) or bool((x0 + w > extent[1]).any()):
+            return None
+        g = self._whole_field(field, extent, level, x.device)[0]  # (C, Hf, Wf)
+        ys = (y0[:, None] + torch.arange(h, device=x.device)[None])[:, :, None]  # (B, h, 1)
+        xs = (x0[:, None] + torch.arange(w, device=x.device)[None])[:, None, :]  # (B, 1, w)
+        return g[:, ys, xs].permute(1, 0, 2, 3)  # (B, C, h, w)

@@ -115,48 +115,7 @@ class UNet(nn.Module):
 
     def _gate(self, gate: CoordGate, feats: torch.Tensor, geom, level: int) -> torch.Tensor:
         field, offset = geom
-        shape = tuple(feats.shape[-2:])
-        if isinstance(offset, torch.Tensor):
-            gathered = self._batched_field_gate(gate, feats, field, offset, level)
-            if gathered is not None:
-                return feats * gathered
-            coords = field_coordinates(field, offset, shape, level, device=feats.device)
-            return feats * gate.gate(coords).to(feats.dtype)
-        step = 2**level
-        if offset[0] % step == 0 and offset[1] % step == 0:
-            # The gate of the whole field at this level is computed once and every aligned crop or tile takes
-            # its slice: a tile costs one multiplication, however many tiles there are. The extent covers the
-            # field padded to the pooling multiple (tiles at the far edge are padded that far).
-            m = self.cfg.min_size
-            extent = (-(-field[0] // m) * m // step, -(-field[1] // m) * m // step)
-            y0, x0 = offset[0] // step, offset[1] // step
-            if y0 + shape[0] <= extent[0] and x0 + shape[1] <= extent[1]:
-                key = ("field", field, extent, level, str(feats.device))
-                g = gate.cached_gate(
-                    key, lambda: field_coordinates(field, (0, 0), extent, level, device=feats.device)
-                )
-                return feats * g[..., y0 : y0 + shape[0], x0 : x0 + shape[1]].to(feats.dtype)
-        key = (field, offset, shape, level, str(feats.device))
-        g = gate.cached_gate(key, lambda: field_coordinates(field, offset, shape, level, device=feats.device))
-        return feats * g.to(feats.dtype)
-
-    def _batched_field_gate(self, gate: CoordGate, feats: torch.Tensor, field, offset: torch.Tensor, level: int):
-        """Training batches: the gate of the whole field once, each crop gathered from it (same values, with
-        gradients), when that is fewer MLP evaluations than one per crop pixel; None where it does not apply."""
-        B, _, h, w = feats.shape
-        step = 2**level
-        m = self.cfg.min_size
-        extent = (-(-field[0] // m) * m // step, -(-field[1] // m) * m // step)
-        if extent[0] * extent[1] >= B * h * w or bool((offset % step).any()):
-            return None
-        y0 = offset[:, 0] // step
-        x0 = offset[:, 1] // step
-        if bool((y0 + h > extent[0]).any()) or bool((x0 + w > extent[1]).any()) or bool((offset < 0).any()):
-            return None
-        g = gate.gate(field_coordinates(field, (0, 0), extent, level, device=feats.device))[0]  # (C, Hf, Wf)
-        ys = (y0[:, None] + torch.arange(h, device=feats.device)[None])[:, :, None]  # (B, h, 1)
-        xs = (x0[:, None] + torch.arange(w, device=feats.device)[None])[:, None, :]  # (B, 1, w)
-        return g[:, ys, xs].permute(1, 0, 2, 3).to(feats.dtype)  # (B, C, h, w)
+        return gate(feats, field, offset, level, self.cfg.min_size)
 
     def _with_coords(self, feats: torch.Tensor, geom, level: int) -> torch.Tensor:
         if self.cfg.gate != "coordconv":
