@@ -1,10 +1,17 @@
-"""Shared fixtures. The device is a parameter: ``--device`` or ``COORDGATE_TEST_DEVICE`` (default cpu)."""
+"""Shared fixtures. The device is a parameter: ``--device`` or ``COORDGATE_TEST_DEVICE`` (default cpu).
+
+``fake_psf`` is a PSF model of another kind than the pupil model (a grid of Gaussians with an array in its record),
+so the consumers of the PSF-model interface are tested with more than one implementation.
+"""
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
+
+from napari_coordgate.optics.psfmodel import PSFModel, register_psf_model
 
 
 def pytest_configure(config):
@@ -99,3 +106,68 @@ def kill_jobs():
         return len(jobs)
 
     return kill
+
+
+@register_psf_model
+class GaussianGridPSF(PSFModel):
+    """A tiny PSF model that is not the pupil model, for tests: a round Gaussian at each node of a K x K grid, its
+    width interpolated bilinearly between nodes. Its record carries an array (the widths), like a measured model's.
+    """
+
+    kind = "test_gaussian_grid"
+
+    def __init__(self, sigmas, psf_size: int = 9, name: str = "fake"):
+        sig = np.asarray(sigmas, dtype=np.float64)
+        if sig.ndim != 2 or sig.shape[0] != sig.shape[1] or not (np.isfinite(sig).all() and (sig > 0).all()):
+            raise ValueError(f"sigmas must be a (K, K) array of positive numbers, got shape {sig.shape}")
+        if isinstance(psf_size, bool) or not isinstance(psf_size, int) or psf_size < 3 or psf_size % 2 == 0:
+            raise ValueError(f"psf_size must be an odd integer >= 3, got {psf_size!r}")
+        self.sigmas, self._size, self._name = sig, psf_size, name
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def psf_size(self) -> int:
+        return self._size
+
+    @property
+    def grid(self) -> int:
+        return self.sigmas.shape[0]
+
+    def psfs_at(self, y, x, field_shape=None):
+        y, x = np.broadcast_arrays(np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64))
+        sigma = np.einsum("...i,ij,...j->...", _tent(y, self.grid), self.sigmas, _tent(x, self.grid))
+        u = np.arange(self._size) - self._size // 2
+        g = np.exp(-0.5 * (u[:, None] ** 2 + u[None, :] ** 2) / sigma[..., None, None] ** 2)
+        return g / g.sum(axis=(-2, -1), keepdims=True)
+
+    def binned(self, binning: int) -> "GaussianGridPSF":
+        if binning == 1:
+            return self
+        size = -(-self._size // binning)
+        return GaussianGridPSF(self.sigmas / binning, max(3, size + 1 - size % 2), self._name)
+
+    def to_record(self):
+        return {"kind": self.kind, "name": self._name, "psf_size": self._size}, {"sigmas": self.sigmas}
+
+    @classmethod
+    def from_record(cls, meta, arrays):
+        if "sigmas" not in arrays:
+            raise ValueError(f"a {cls.kind} record needs the array 'sigmas', got {sorted(arrays)}")
+        return cls(arrays["sigmas"], meta.get("psf_size", 9), str(meta.get("name", "fake")))
+
+
+def _tent(t: np.ndarray, k: int) -> np.ndarray:
+    if k == 1:
+        return np.ones(t.shape + (1,))
+    nodes = np.linspace(-1.0, 1.0, k)
+    w = np.maximum(0.0, 1.0 - np.abs(np.clip(t, -1, 1)[..., None] - nodes) * (k - 1) / 2.0)
+    return w / w.sum(axis=-1, keepdims=True)
+
+
+@pytest.fixture
+def fake_psf() -> GaussianGridPSF:
+    """A 3 x 3 grid-of-Gaussians PSF model (9 px PSFs) that widens toward the right and the bottom."""
+    return GaussianGridPSF([[0.8, 1.2, 1.8], [1.0, 1.4, 2.0], [1.2, 1.6, 2.4]], psf_size=9, name="fake beads")

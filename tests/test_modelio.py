@@ -1,12 +1,27 @@
 import pickle
 import struct
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from napari_coordgate import modelio
 from napari_coordgate.config import ModelConfig
-from napari_coordgate.modelio import ModelFileError, SavedModel, load_model, read_model_info, save_model
+from napari_coordgate.modelio import (
+    ModelFileError,
+    SavedModel,
+    load_model,
+    load_psf_model,
+    read_model_info,
+    read_psf_info,
+    save_model,
+    save_psf_model,
+)
 from napari_coordgate.nn import build_model
+from napari_coordgate.optics.psf import PRESETS, PSFConfig
+
+DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture
@@ -33,7 +48,7 @@ def test_save_adds_suffix_and_load_gives_bit_identical_outputs(saved):
         assert torch.equal(model(x), loaded.model(x))
     assert loaded.field_shape == (48, 64)
     assert loaded.normalization == {"offset": 100.0, "scale": 2000.0}
-    assert loaded.psf == {"model": "gaussian"}
+    assert loaded.psf == PSFConfig(model="gaussian")  # a PSFConfig dict becomes the PSF model it names
     assert loaded.provenance["training"] == {"epochs": 3}
     assert "package_version" in loaded.provenance and "created" in loaded.provenance
 
@@ -157,3 +172,146 @@ def test_one_suffix_rule_for_writing_and_finding_model_files(saved, tmp_path):
     assert read_model_info(tmp_path / "scope")["field_shape"] == [48, 64]
     with pytest.raises(ModelFileError, match=r"model file .*other does not exist \(nor .*other\.cgmodel\)"):
         load_model(tmp_path / "other")
+
+
+# -- PSF models inside model files (schema 2) and the migration from schema 1 --------------------------------
+def _tiny_saved(psf, provenance=None) -> SavedModel:
+    cfg = ModelConfig(depth=1, channels=2)
+    return SavedModel(build_model(cfg), cfg, (16, 16), psf=psf, provenance=provenance or {})
+
+
+def test_a_psf_model_with_arrays_travels_in_the_model_file_beside_the_weights(tmp_path, fake_psf):
+    saved = _tiny_saved(fake_psf.with_provenance({"beads": 42}), {"psf": {"beads": 42}})
+
+    path = save_model(tmp_path / "m", saved)
+    tensors, meta = modelio.decode(path, "napari-coordgate-model")
+    loaded = load_model(path)
+
+    assert meta["schema_version"] == 2 and meta["psf"] == {"kind": "test_gaussian_grid", "name": "fake beads",
+                                                           "psf_size": 9}
+    assert sorted(k for k in tensors if k.startswith("psf/")) == ["psf/sigmas"]
+    assert type(loaded.psf) is type(fake_psf)
+    np.testing.assert_array_equal(loaded.psf.sigmas, fake_psf.sigmas)
+    assert loaded.psf.provenance == {"beads": 42}  # the model's provenance["psf"] goes back onto its PSF model
+    sd, ref = loaded.model.state_dict(), saved.model.state_dict()
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in sd)
+
+
+def test_a_pupil_psf_model_is_stored_as_its_record_without_arrays(tmp_path):
+    path = save_model(tmp_path / "m", _tiny_saved("edge_defocus_astigmatism"))
+
+    info = read_model_info(path)
+
+    assert info["psf"]["kind"] == "pupil" and info["psf"]["name"] == "edge_defocus_astigmatism"
+    assert load_model(path).psf == PRESETS["edge_defocus_astigmatism"]
+    assert load_model(save_model(tmp_path / "none", _tiny_saved(None))).psf is None
+
+
+def test_a_schema_1_model_file_from_the_previous_release_still_loads():
+    # tests/data/model_schema1.cgmodel was written by the code of commit e6fc33d (schema 1: "psf" a PSFConfig
+    # dict in the JSON), with its network's output on a ramp input beside it
+    path = DATA / "model_schema1.cgmodel"
+    stored = modelio.decode(path, "napari-coordgate-model")[1]  # the metadata as stored, not migrated
+    assert stored["schema_version"] == 1 and stored["psf"]["kind"] == "psf" and "psf/" not in str(stored)
+
+    saved = load_model(path)
+    x = torch.linspace(0, 1, 24 * 32).reshape(1, 1, 24, 32)
+    with torch.no_grad():
+        out = saved.model(x)[0, 0].numpy()
+
+    np.testing.assert_allclose(out, np.load(DATA / "model_schema1_output.npy"), rtol=0, atol=1e-6)
+    assert isinstance(saved.psf, PSFConfig) and saved.psf == PRESETS["gaussian"]
+    assert saved.field_shape == (24, 32) and saved.normalization == {"offset": 10.0, "scale": 200.0}
+    assert saved.provenance["training"]["source"] == "psf"
+    info = read_model_info(path)  # shown migrated
+    assert info["schema_version"] == 2 and info["psf"]["kind"] == "pupil"
+
+
+@pytest.mark.parametrize("version", [3, 99])
+def test_a_model_file_from_a_newer_schema_asks_to_upgrade(tmp_path, saved, version):
+    tensors, meta = modelio.decode(saved[0], "napari-coordgate-model")
+    meta["schema_version"] = version
+    p = tmp_path / "future.cgmodel"
+    p.write_bytes(modelio.encode(tensors, meta))
+    with pytest.raises(ModelFileError, match=rf"schema version {version}; .* reads up to 2: upgrade napari-coordgate"):
+        load_model(p)
+
+
+# -- PSF model files (.cgpsf) ---------------------------------------------------------------------------------
+def test_psf_model_file_round_trips_a_model_with_arrays_and_its_provenance(tmp_path, fake_psf):
+    prov = {"source_images": ["beads_01.tif"], "beads": 137, "fit_residual": 0.031, "date": "2026-11-20"}
+
+    path = save_psf_model(tmp_path / "scope", fake_psf, provenance=prov)
+    loaded = load_psf_model(path)
+
+    assert path == tmp_path / "scope.cgpsf"
+    assert type(loaded) is type(fake_psf) and loaded.name == "fake beads"
+    np.testing.assert_array_equal(loaded.sigmas, fake_psf.sigmas)
+    np.testing.assert_array_equal(loaded.psf_grid((20, 30))[0], fake_psf.psf_grid((20, 30))[0])
+    assert {k: loaded.provenance[k] for k in prov} == prov
+    assert {"package_version", "created"} <= set(loaded.provenance)
+    info = read_psf_info(tmp_path / "scope")  # the suffix rule finds it
+    assert info["format"] == "napari-coordgate-psf" and info["schema_version"] == 1
+    assert info["provenance"]["beads"] == 137 and info["psf"]["kind"] == "test_gaussian_grid"
+    assert [p.name for p in tmp_path.iterdir()] == ["scope.cgpsf"]  # no temporary file left
+
+
+def test_psf_model_file_keeps_a_models_own_provenance_by_default(tmp_path):
+    cfg = PRESETS["strong_astigmatism"].with_provenance({"from": "a colleague"})
+
+    loaded = load_psf_model(save_psf_model(tmp_path / "p", cfg))
+
+    assert loaded == PRESETS["strong_astigmatism"] and loaded.provenance["from"] == "a colleague"
+
+
+def test_psf_model_file_refuses_provenance_that_is_not_json(tmp_path, fake_psf):
+    with pytest.raises(ValueError, match="provenance must be JSON"):
+        save_psf_model(tmp_path / "p", fake_psf, provenance={"when": object()})
+    assert list(tmp_path.iterdir()) == []
+
+
+def _edited_psf_file(tmp_path, fake_psf, edit) -> Path:
+    tensors, meta = modelio.decode(save_psf_model(tmp_path / "ok", fake_psf), "napari-coordgate-psf")
+    edit(tensors, meta)
+    path = tmp_path / "edited.cgpsf"
+    path.write_bytes(modelio.encode(tensors, meta))
+    return path
+
+
+def test_psf_model_file_from_a_newer_version_asks_to_upgrade(tmp_path, fake_psf):
+    path = _edited_psf_file(tmp_path, fake_psf, lambda t, m: m.update(schema_version=2))
+    with pytest.raises(ModelFileError, match=r"schema version 2; .* reads up to 1: upgrade napari-coordgate"):
+        load_psf_model(path)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda t, m: m["psf"].update(kind="spline_v2"), "unknown PSF model kind 'spline_v2'"),
+    (lambda t, m: m.update(psf="fake"), "metadata is not a JSON object"),
+    (lambda t, m: t.pop("psf/sigmas"), "needs the array 'sigmas'"),
+    (lambda t, m: t.update({"psf/sigmas": torch.full((3, 3), float("nan"), dtype=torch.float64)}), "NaN or Inf"),
+    (lambda t, m: t.update({"psf/sigmas": -torch.ones(2, 3, dtype=torch.float64)}), "positive numbers"),
+    (lambda t, m: m["psf"].update(psf_size=8), "odd integer"),
+    (lambda t, m: m.update(provenance=[1, 2]), "provenance must be a JSON object"),
+    (lambda t, m: m.update(schema_version=0), "invalid schema version"),
+], ids=["kind", "meta", "missing-array", "nan", "bad-array", "even-size", "provenance", "version-0"])
+def test_psf_model_file_edited_into_nonsense_is_a_clear_error(tmp_path, fake_psf, edit, match):
+    path = _edited_psf_file(tmp_path, fake_psf, edit)
+    with pytest.raises(ModelFileError, match=match) as info:
+        load_psf_model(path)
+    assert "edited.cgpsf" in str(info.value)
+
+
+def test_a_pupil_psf_file_edited_out_of_range_names_the_field(tmp_path):
+    tensors, meta = modelio.decode(save_psf_model(tmp_path / "ok", "gaussian"), "napari-coordgate-psf")
+    meta["psf"]["na"] = 5.0
+    (tmp_path / "bad.cgpsf").write_bytes(modelio.encode(tensors, meta))
+    with pytest.raises(ModelFileError, match=r"bad\.cgpsf: the PSF model stored in it is invalid: PSFConfig\.na"):
+        load_psf_model(tmp_path / "bad.cgpsf")
+
+
+def test_a_model_file_is_not_a_psf_model_file(tmp_path, saved):
+    with pytest.raises(ModelFileError, match="expected a 'napari-coordgate-psf'"):
+        load_psf_model(saved[0])
+    with pytest.raises(ModelFileError, match="pickle"):
+        (tmp_path / "evil.cgpsf").write_bytes(pickle.dumps({"a": 1}, protocol=4))
+        load_psf_model(tmp_path / "evil.cgpsf")

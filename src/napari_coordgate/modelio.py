@@ -1,14 +1,25 @@
-"""Model files and training checkpoints: safetensors + JSON, never pickle, written atomically.
+"""Model files, training checkpoints and PSF model files: safetensors + JSON, never pickle, written atomically.
 
-A model file (extension ``.cgmodel``) is a plain safetensors file. Its tensors are the network weights;
-its string metadata holds one JSON document under the key ``"napari_coordgate"`` with:
+A model file (extension ``.cgmodel``) is a plain safetensors file. Its tensors are the network weights and,
+under the reserved prefix ``"psf/"``, the arrays of its PSF model's record; its string metadata holds one JSON
+document under the key ``"napari_coordgate"`` with:
 
-- ``format``: ``"napari-coordgate-model"`` and ``schema_version``;
+- ``format``: ``"napari-coordgate-model"`` and ``schema_version`` (:data:`SCHEMA_VERSION`);
 - ``model``: the :class:`~napari_coordgate.config.ModelConfig` (the network is rebuilt from it alone);
 - ``field_shape``: (H, W) of the sensor frame the model was trained on (its coordinates refer to it);
 - ``normalization``: ``{"offset": o, "scale": s}``; the network sees ``(image - o) / s``;
-- ``psf``: the PSF config the training pairs were synthesised from, or ``null`` for calibration pairs;
-- ``provenance``: package version, creation date (UTC) and a training summary.
+- ``psf``: the metadata of the PSF model's record (:meth:`~napari_coordgate.optics.psfmodel.PSFModel.to_record`,
+  with its ``"kind"``) that the training pairs were synthesised from or that the Wiener first stage was built
+  from, or ``null`` for calibration pairs alone;
+- ``provenance``: package version, creation date (UTC), a training summary, and under ``"psf"`` the PSF model's
+  own provenance (bead images, bead count, fit residual...) when it has one.
+
+Schema 1 (before the PSF-model interface) stored ``psf`` as a ``PSFConfig`` dict and no PSF arrays; it is read
+by migrating its metadata (:func:`_migrate_model_meta`). A file from a newer napari-coordgate is refused with a
+message to upgrade.
+
+A PSF model file (``.cgpsf``; format ``"napari-coordgate-psf"``) holds one PSF model the same way: its record's
+arrays as tensors ``"psf/<name>"``, and ``psf`` (the record's metadata) and ``provenance`` in the JSON.
 
 A checkpoint (``.cgckpt``) uses the same container for weights plus optimiser state tensors, with the
 optimiser's non-tensor state, the epoch counter and scheduler state in the JSON. Loading goes through
@@ -32,11 +43,15 @@ from .config import ConfigError, ModelConfig
 __all__ = [
     "MODEL_SUFFIX",
     "CHECKPOINT_SUFFIX",
+    "PSF_SUFFIX",
     "ModelFileError",
     "SavedModel",
     "save_model",
     "load_model",
     "read_model_info",
+    "save_psf_model",
+    "load_psf_model",
+    "read_psf_info",
     "atomic_write_bytes",
     "with_suffix",
     "existing_file",
@@ -44,11 +59,18 @@ __all__ = [
 
 MODEL_SUFFIX = ".cgmodel"
 CHECKPOINT_SUFFIX = ".cgckpt"
+PSF_SUFFIX = ".cgpsf"
 _META_KEY = "napari_coordgate"
 _MODEL_FORMAT = "napari-coordgate-model"
 _CHECKPOINT_FORMAT = "napari-coordgate-checkpoint"
-_SUFFIXES = {_MODEL_FORMAT: MODEL_SUFFIX, _CHECKPOINT_FORMAT: CHECKPOINT_SUFFIX}
-SCHEMA_VERSION = 1
+_PSF_FORMAT = "napari-coordgate-psf"
+_SUFFIXES = {_MODEL_FORMAT: MODEL_SUFFIX, _CHECKPOINT_FORMAT: CHECKPOINT_SUFFIX, _PSF_FORMAT: PSF_SUFFIX}
+_WHAT = {MODEL_SUFFIX: "model file", CHECKPOINT_SUFFIX: "checkpoint file", PSF_SUFFIX: "PSF model file"}
+#: schema version of the model files this version writes (and the newest it reads)
+SCHEMA_VERSION = 2
+PSF_SCHEMA_VERSION = 1
+_SCHEMA_VERSIONS = {_MODEL_FORMAT: SCHEMA_VERSION, _CHECKPOINT_FORMAT: 1, _PSF_FORMAT: PSF_SCHEMA_VERSION}
+_PSF_PREFIX = "psf/"  # tensors of a PSF model's record; network weight names never contain "/"
 
 
 class ModelFileError(ValueError):
@@ -57,14 +79,25 @@ class ModelFileError(ValueError):
 
 @dataclass
 class SavedModel:
-    """A network with everything needed to apply it correctly."""
+    """A network with everything needed to apply it correctly.
+
+    ``psf`` is the PSF model (:class:`~napari_coordgate.optics.psfmodel.PSFModel`) the model was trained from
+    or whose Wiener filters it holds, or None; anything :func:`~napari_coordgate.optics.psfmodel.get_psf_model`
+    resolves (a preset name, a ``PSFConfig`` dict...) is resolved on construction.
+    """
 
     model: Any  # torch.nn.Module (typed loosely so this module imports without torch)
     config: ModelConfig
     field_shape: tuple[int, int]
     normalization: dict[str, float] = field(default_factory=lambda: {"offset": 0.0, "scale": 1.0})
-    psf: dict | None = None
+    psf: Any = None  # PSFModel | None
     provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.psf is not None:
+            from .optics.psfmodel import get_psf_model
+
+            self.psf = get_psf_model(self.psf)
 
 
 def with_suffix(path: str | os.PathLike, suffix: str = MODEL_SUFFIX) -> Path:
@@ -86,7 +119,7 @@ def existing_file(path: str | os.PathLike, suffix: str = MODEL_SUFFIX) -> Path:
     if full != path and full.exists():
         return full
     tried = f" (nor {full})" if full != path else ""
-    raise ModelFileError(f"model file {path} does not exist{tried}")
+    raise ModelFileError(f"{_WHAT.get(suffix, 'file')} {path} does not exist{tried}")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -133,7 +166,7 @@ def decode(path: str | os.PathLike, expected_format: str) -> tuple[dict, dict]:
 
     path = existing_file(path, _SUFFIXES.get(expected_format, MODEL_SUFFIX))
     if path.is_dir():
-        raise ModelFileError(f"{path} is a folder, not a model file")
+        raise ModelFileError(f"{path} is a folder, not a {_WHAT.get(_SUFFIXES.get(expected_format), 'file')}")
     raw = path.read_bytes()
     # a safetensors file is an 8-byte little-endian header length and a JSON header; only what is not one is
     # checked for pickle / zip signatures (a header length whose low byte is 0x80 must not look like pickle)
@@ -162,12 +195,130 @@ def decode(path: str | os.PathLike, expected_format: str) -> tuple[dict, dict]:
     if meta.get("format") != expected_format:
         raise ModelFileError(f"{path} holds a {meta.get('format')!r}, expected a {expected_format!r}")
     version = meta.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
+    newest = _SCHEMA_VERSIONS.get(expected_format, SCHEMA_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version > newest:
         raise ModelFileError(
             f"{path} has schema version {version!r}; this napari-coordgate ({__version__}) reads up to "
-            f"{SCHEMA_VERSION}: upgrade napari-coordgate"
+            f"{newest}: upgrade napari-coordgate"
         )
+    if version < 1:
+        raise ModelFileError(f"{path} has an invalid schema version {version!r} (edited by hand?)")
     return tensors, meta
+
+
+# -- PSF model records inside files ----------------------------------------------------------------
+def _psf_to_file(psf) -> tuple[dict, dict]:
+    """(record metadata, tensors ``"psf/<name>"``) of a PSF model, checked to fit a file."""
+    import numpy as np
+    import torch
+
+    meta, arrays = psf.to_record()
+    if not isinstance(meta, dict) or meta.get("kind") != psf.kind:
+        raise ValueError(f"{type(psf).__name__}.to_record() must return metadata with 'kind': {psf.kind!r}")
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{type(psf).__name__}.to_record() metadata is not JSON: {exc}") from None
+    tensors = {}
+    for name, a in arrays.items():
+        a = np.asarray(a)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"PSF model array names must be non-empty strings, got {name!r}")
+        if a.dtype == bool or not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+            raise ValueError(f"PSF model array {name!r} must be real numbers, got dtype {a.dtype}")
+        tensors[_PSF_PREFIX + name] = torch.from_numpy(np.array(a, order="C"))  # a copy: torch wants it writable
+    return meta, tensors
+
+
+def _psf_from_file(path, meta, tensors: dict):
+    """The PSF model of a record read from ``path``; :class:`ModelFileError` for anything that does not make one."""
+    import numpy as np
+
+    from .optics.psfmodel import psf_model_from_record
+
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{path}: the PSF model's metadata is not a JSON object (edited by hand?)")
+    arrays = {k[len(_PSF_PREFIX):]: v.numpy() for k, v in tensors.items() if k.startswith(_PSF_PREFIX)}
+    bad = [name for name, a in arrays.items() if a.dtype.kind == "f" and not np.isfinite(a).all()]
+    if bad:
+        raise ModelFileError(f"{path}: PSF model array(s) {', '.join(sorted(bad))} hold NaN or Inf (corrupt file?)")
+    try:
+        psf = psf_model_from_record(meta, arrays)
+        size, grid = psf.psf_size, psf.grid
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:  # ConfigError is a ValueError
+        raise ModelFileError(f"{path}: the PSF model stored in it is invalid: {exc}") from None
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1 or size % 2 == 0:
+        raise ModelFileError(f"{path}: the PSF model's psf_size must be a positive odd integer, got {size!r}")
+    if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 1:
+        raise ModelFileError(f"{path}: the PSF model's grid must be a positive integer, got {grid!r}")
+    return psf
+
+
+def _provenance(extra: dict) -> dict:
+    return {
+        "package_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
+
+
+def save_psf_model(path: str | os.PathLike, model, provenance: dict[str, Any] | None = None) -> Path:
+    """Write a PSF model file (``.cgpsf``) atomically; returns the path written (the suffix added if missing).
+
+    Parameters
+    ----------
+    path
+        Destination; ``.cgpsf`` is added when missing (the suffix rule of :func:`with_suffix`).
+    model
+        The :class:`~napari_coordgate.optics.psfmodel.PSFModel` (or anything
+        :func:`~napari_coordgate.optics.psfmodel.get_psf_model` resolves).
+    provenance
+        JSON-able facts about where the model came from (source images, bead count, fit residual, date...);
+        default: the model's own :attr:`~napari_coordgate.optics.psfmodel.PSFModel.provenance`. The package
+        version and the creation date (UTC) are added.
+
+    Returns
+    -------
+    Path
+    """
+    from .optics.psfmodel import get_psf_model
+
+    path = with_suffix(path, PSF_SUFFIX)
+    model = get_psf_model(model)
+    record, tensors = _psf_to_file(model)
+    prov = _provenance(dict(model.provenance if provenance is None else provenance))
+    meta = {"format": _PSF_FORMAT, "schema_version": PSF_SCHEMA_VERSION, "psf": record, "provenance": prov}
+    try:
+        data = encode(tensors, meta)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"PSF model provenance must be JSON (strings, numbers, lists, dicts): {exc}") from None
+    return atomic_write_bytes(path, data)
+
+
+def read_psf_info(path: str | os.PathLike) -> dict:
+    """The JSON metadata of a PSF model file: ``format``, ``schema_version``, ``psf`` (record) and ``provenance``."""
+    return decode(path, _PSF_FORMAT)[1]
+
+
+def load_psf_model(path: str | os.PathLike):
+    """Read a PSF model file (``.cgpsf``; the suffix may be left out).
+
+    Returns
+    -------
+    PSFModel
+        With the file's provenance as its :attr:`~napari_coordgate.optics.psfmodel.PSFModel.provenance`.
+
+    Raises
+    ------
+    ModelFileError
+        For a missing, corrupt, foreign or pickle file, a file from a newer napari-coordgate, or one edited into
+        something that is no PSF model (the message says which).
+    """
+    tensors, meta = decode(path, _PSF_FORMAT)
+    provenance = meta.get("provenance") or {}
+    if not isinstance(provenance, dict):
+        raise ModelFileError(f"{path}: provenance must be a JSON object, got {type(provenance).__name__}")
+    return _psf_from_file(path, meta.get("psf"), tensors).with_provenance(provenance)
 
 
 def save_model(path: str | os.PathLike, saved: SavedModel) -> Path:
@@ -176,33 +327,60 @@ def save_model(path: str | os.PathLike, saved: SavedModel) -> Path:
     norm = {"offset": float(saved.normalization["offset"]), "scale": float(saved.normalization["scale"])}
     if not norm["scale"] > 0:
         raise ValueError(f"normalization scale must be > 0, got {norm['scale']}")
-    provenance = {
-        "package_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        **saved.provenance,
-    }
+    tensors = dict(saved.model.state_dict())
+    record = None
+    if saved.psf is not None:
+        record, psf_tensors = _psf_to_file(saved.psf)
+        tensors.update(psf_tensors)
     meta = {
         "format": _MODEL_FORMAT,
         "schema_version": SCHEMA_VERSION,
         "model": saved.config.to_dict(),
         "field_shape": [int(s) for s in saved.field_shape],
         "normalization": norm,
-        "psf": saved.psf,
-        "provenance": provenance,
+        "psf": record,
+        "provenance": _provenance(saved.provenance),
     }
-    return atomic_write_bytes(path, encode(saved.model.state_dict(), meta))
+    return atomic_write_bytes(path, encode(tensors, meta))
+
+
+def _migrate_model_meta(path, meta: dict) -> dict:
+    """A model file's metadata brought to :data:`SCHEMA_VERSION`, one version step at a time."""
+    meta = dict(meta)
+    if meta["schema_version"] == 1:
+        # schema 1: "psf" was a PSFConfig dict (or null) and the file held no PSF arrays
+        psf = meta.get("psf")
+        if psf is not None and not isinstance(psf, dict):
+            raise ModelFileError(f"{path}: 'psf' must be a PSF config object or null, got {type(psf).__name__}")
+        meta["psf"] = None if psf is None else {**psf, "kind": "pupil"}
+        meta["schema_version"] = 2
+    return meta
+
+
+def _read_model_file(path) -> tuple[dict, dict]:
+    tensors, meta = decode(path, _MODEL_FORMAT)
+    return tensors, _migrate_model_meta(path, meta)
 
 
 def read_model_info(path: str | os.PathLike) -> dict:
-    """The JSON metadata of a model file (config, field shape, provenance...) without building the network."""
-    return decode(path, _MODEL_FORMAT)[1]
+    """The JSON metadata of a model file (config, field shape, provenance...) without building the network.
+
+    Files of an older schema are shown migrated to :data:`SCHEMA_VERSION` (``psf`` is a record's metadata).
+    """
+    return _read_model_file(path)[1]
 
 
 def load_model(path: str | os.PathLike, device: str | Any = "cpu") -> SavedModel:
     """Load a model file onto ``device``; raises :class:`ModelFileError` for anything unreadable."""
     from .nn.unet import build_model
 
-    tensors, meta = decode(path, _MODEL_FORMAT)
+    tensors, meta = _read_model_file(path)
+    psf_tensors = {k: v for k, v in tensors.items() if k.startswith(_PSF_PREFIX)}
+    weights = {k: v for k, v in tensors.items() if not k.startswith(_PSF_PREFIX)}
+    provenance = meta.get("provenance") or {}
+    psf = None if meta.get("psf") is None else _psf_from_file(path, meta["psf"], psf_tensors)
+    if psf is not None and isinstance(provenance, dict) and isinstance(provenance.get("psf"), dict):
+        psf = psf.with_provenance(provenance["psf"])
     try:
         cfg = ModelConfig.from_dict(meta["model"])
         field_shape = tuple(int(s) for s in meta["field_shape"])
@@ -213,7 +391,7 @@ def load_model(path: str | os.PathLike, device: str | Any = "cpu") -> SavedModel
         raise ModelFileError(f"{path}: invalid field_shape {field_shape}")
     model = build_model(cfg)
     try:
-        model.load_state_dict(tensors, strict=True)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
         raise ModelFileError(f"{path}: weights do not match the stored configuration: {exc}") from None
     model.to(device).eval()
@@ -222,6 +400,6 @@ def load_model(path: str | os.PathLike, device: str | Any = "cpu") -> SavedModel
         config=cfg,
         field_shape=field_shape,  # type: ignore[arg-type]
         normalization=norm,
-        psf=meta.get("psf"),
-        provenance=meta.get("provenance", {}),
+        psf=psf,
+        provenance=provenance,
     )

@@ -1,4 +1,5 @@
-"""Optics: field-dependent PSF model, spatially varying blur and noise, classical deconvolution baselines.
+"""Optics: the PSF-model interface and its pupil/Zernike model, spatially varying blur and noise, classical
+deconvolution baselines.
 
 Plain numpy/torch: nothing here imports napari or Qt. Names are re-exported lazily so that importing
 :mod:`napari_coordgate.optics.psf` (numpy only) does not import torch.
@@ -9,6 +10,9 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "PSFModel": "psfmodel",
+    "get_psf_model": "psfmodel",
+    "psf_model_from_record": "psfmodel",
     "PSFConfig": "psf",
     "PRESETS": "psf",
     "UndersamplingWarning": "psf",
@@ -24,6 +28,7 @@ _EXPORTS = {
     "richardson_lucy_central": "deconv",
     "wiener_central": "deconv",
     "sv_richardson_lucy": "deconv",
+    "sv_wiener": "deconv",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -20,7 +20,10 @@ nearest frame position (the weights are clamped at the frame edge).
 A frame may be a region of a larger field (a camera ROI): built with the region's ``offset`` in the
 ``full_field``, the operator uses the nodes and tent weights of the whole field, so every pixel is blurred with
 the PSF of its place in the field. A binned camera sees the PSF model in larger pixels
-(:func:`binned_psf_config`).
+(:meth:`~napari_coordgate.optics.psfmodel.PSFModel.binned`).
+
+Every function here takes any :class:`~napari_coordgate.optics.psfmodel.PSFModel` (or what
+:func:`~napari_coordgate.optics.psfmodel.get_psf_model` resolves: a preset, a JSON config, a ``.cgpsf`` file).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ import numpy as np
 import torch
 from scipy.fft import next_fast_len
 
-from napari_coordgate.optics.psf import PSFConfig, get_psf_config, grid_positions, psf_grid, psfs_at
+from napari_coordgate.optics.psf import grid_positions
+from napari_coordgate.optics.psfmodel import PSFModel, get_psf_model
 
 __all__ = [
     "SpatiallyVaryingBlur",
@@ -176,8 +180,9 @@ class SpatiallyVaryingBlur:
 
     Parameters
     ----------
-    cfg
-        PSF model (a :class:`PSFConfig`, preset name, JSON path or dict); ``cfg.grid`` sets K.
+    psf
+        The PSF model (any :class:`PSFModel`, or a preset name, JSON or ``.cgpsf`` path, or dict);
+        ``psf.grid`` sets K and :meth:`PSFModel.psf_grid` of the whole field gives the node PSFs.
     field_shape
         (H, W) of the frames it will blur.
     offset
@@ -185,7 +190,7 @@ class SpatiallyVaryingBlur:
     full_field
         (H, W) of the whole field the PSF model describes, when the frames are a region of it (a camera ROI);
         default ``field_shape``: the frames are the whole field. For a binned camera both are in binned pixels
-        and ``cfg`` is :func:`binned_psf_config`.
+        and ``psf`` is the model's :meth:`PSFModel.binned`.
     device
         Torch device for the FFTs (``"cpu"``, ``"cuda"``, ``"mps"`` or ``"auto"``).
     dtype
@@ -200,7 +205,7 @@ class SpatiallyVaryingBlur:
 
     def __init__(
         self,
-        cfg: "PSFConfig | str | dict",
+        psf: "PSFModel | str | dict",
         field_shape: Sequence[int],
         *,
         offset: Sequence[int] = (0, 0),
@@ -208,7 +213,7 @@ class SpatiallyVaryingBlur:
         device: "str | torch.device" = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
-        self.cfg = get_psf_config(cfg)
+        self.psf_model = get_psf_model(psf)
         shape = tuple(int(n) for n in field_shape)
         if len(shape) != 2 or min(shape) < 1:
             raise ValueError(f"field_shape must be (H, W) with positive sides, got {tuple(field_shape)}")
@@ -227,8 +232,8 @@ class SpatiallyVaryingBlur:
         self.offset: tuple[int, int] = off  # type: ignore[assignment]
         self.device = resolve_device(device)
         self.dtype = dtype
-        self.psfs, self.grid_y, self.grid_x = psf_grid(self.cfg, full)
-        k, s = self.cfg.grid, self.cfg.psf_size
+        self.psfs, self.grid_y, self.grid_x = _checked_grid(self.psf_model, full)
+        k, s = self.psfs.shape[0], self.psfs.shape[-1]
         self.pad = p = s // 2
         h, w = shape
         self._iy = torch.as_tensor(_reflect_index(h, p), device=self.device)
@@ -258,8 +263,8 @@ class SpatiallyVaryingBlur:
     def __repr__(self) -> str:
         region = "" if self.full_field == self.field_shape else f", offset={self.offset}, full_field={self.full_field}"
         return (
-            f"SpatiallyVaryingBlur(psf={self.cfg.name!r}, field_shape={self.field_shape}{region}, "
-            f"K={self.cfg.grid}, psf_size={self.cfg.psf_size}, device={str(self.device)!r})"
+            f"SpatiallyVaryingBlur(psf={self.psf_model.name!r}, field_shape={self.field_shape}{region}, "
+            f"K={self.psfs.shape[0]}, psf_size={self.psfs.shape[-1]}, device={str(self.device)!r})"
         )
 
     # ----------------------------------------------------------------------------------------- tensors
@@ -385,33 +390,28 @@ class SpatiallyVaryingBlur:
         return self._numpy_call(image, self.apply_adjoint)
 
 
-def binned_psf_config(cfg: "PSFConfig | str | dict", binning: int) -> PSFConfig:
-    """The PSF model as a camera binning ``binning`` x ``binning`` pixels sees it: pixels ``binning`` times larger.
+def binned_psf_config(psf: "PSFModel | str | dict", binning: int) -> PSFModel:
+    """The PSF model as a camera binning ``binning`` x ``binning`` pixels sees it.
 
-    The pupil model gets ``pixel_size_um * binning`` (its PSFs are integrated over the larger pixels); the
-    Gaussian model ``sigma_px / binning``. ``psf_size`` shrinks to cover the same area (odd, at least 3).
-
-    Parameters
-    ----------
-    cfg
-        The PSF model of the unbinned camera.
-    binning
-        Camera binning (1 returns ``cfg`` unchanged).
-
-    Returns
-    -------
-    PSFConfig
+    ``get_psf_model(psf).binned(binning)``, kept for callers of the name from before the PSF-model interface; see
+    :meth:`PSFModel.binned`.
     """
-    cfg = get_psf_config(cfg)
-    if isinstance(binning, bool) or not isinstance(binning, (int, np.integer)) or binning < 1:
-        raise ValueError(f"binning must be a positive integer, got {binning!r}")
-    if binning == 1:
-        return cfg
-    size = -(-cfg.psf_size // int(binning))
-    size = max(3, size + 1 - size % 2)
-    if cfg.model == "gaussian":
-        return cfg.replace(sigma_px=cfg.sigma_px / binning, psf_size=size)
-    return cfg.replace(pixel_size_um=cfg.pixel_size_um * binning, psf_size=size)
+    return get_psf_model(psf).binned(binning)
+
+
+def _checked_grid(model: PSFModel, field_shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``model.psf_grid(field_shape)``, checked against what the tent weights assume (odd PSFs, nodes
+    ``linspace(-1, 1, K)``), so a faulty PSF model implementation fails here with its name, not in an FFT."""
+    psfs, ys, xs = model.psf_grid(field_shape)
+    psfs = np.asarray(psfs)
+    k, s = model.grid, model.psf_size
+    nodes = grid_positions(k)
+    if psfs.shape != (k, k, s, s) or s % 2 == 0:
+        raise ValueError(f"{model.describe()}: psf_grid gave PSFs of shape {psfs.shape}, expected "
+                         f"{(k, k, s, s)} with an odd PSF side")
+    if not (np.allclose(ys, nodes) and np.allclose(xs, nodes)):
+        raise ValueError(f"{model.describe()}: psf_grid nodes must be linspace(-1, 1, {k})")
+    return psfs, np.asarray(ys), np.asarray(xs)
 
 
 def _support(weights: np.ndarray) -> tuple[int, int]:
@@ -419,7 +419,7 @@ def _support(weights: np.ndarray) -> tuple[int, int]:
     return int(nz[0]), int(nz[-1]) + 1
 
 
-def brute_force_blur(image, cfg: "PSFConfig | str | dict") -> np.ndarray:
+def brute_force_blur(image, psf: "PSFModel | str | dict") -> np.ndarray:
     """Reference blur: every pixel spreads its light with the exact PSF of its own position.
 
     It costs one PSF per pixel, so use it on small images (tens of thousands of pixels) to check the fast
@@ -430,20 +430,20 @@ def brute_force_blur(image, cfg: "PSFConfig | str | dict") -> np.ndarray:
     ----------
     image
         Array-like (H, W) or (..., H, W).
-    cfg
-        The PSF model.
+    psf
+        The PSF model (any :class:`PSFModel`, or what :func:`get_psf_model` resolves).
 
     Returns
     -------
     ndarray, float32, same shape as ``image`` (computed in float64)
     """
-    cfg = get_psf_config(cfg)
+    model = get_psf_model(psf)
     arr = check_image(image).astype(np.float64)
     h, w = arr.shape[-2:]
-    s = cfg.psf_size
+    s = model.psf_size
     p = s // 2
     yy, xx = np.meshgrid(normalized_coordinates(h), normalized_coordinates(w), indexing="ij")
-    psfs = psfs_at(cfg, yy, xx, (h, w))  # (h, w, s, s)
+    psfs = model.psfs_at(yy, xx, (h, w))  # (h, w, s, s)
     iy, ix = _reflect_index(h, p), _reflect_index(w, p)
     cy = np.clip(np.arange(-p, h + p), 0, h - 1)
     cx = np.clip(np.arange(-p, w + p), 0, w - 1)
@@ -519,7 +519,7 @@ def add_noise(
 
 def synthesize_pairs(
     sharp_images,
-    cfg: "PSFConfig | str | dict",
+    psf: "PSFModel | str | dict",
     *,
     seed: int | None = 0,
     photons: float | None = None,
@@ -534,8 +534,8 @@ def synthesize_pairs(
     sharp_images
         One image (H, W), a stack (N, H, W) or a sequence of (H, W) images of one shape (the PSF field is
         defined on the frame, so all must share it). Intensity units are kept.
-    cfg
-        The PSF model (config, preset name, JSON path or dict).
+    psf
+        The PSF model (any :class:`PSFModel`, or a preset name, JSON or ``.cgpsf`` path, or dict).
     seed
         Seed of the noise; the same inputs and seed give identical pairs.
     photons, read_noise, offset
@@ -562,7 +562,7 @@ def synthesize_pairs(
     else:
         sharp = check_image(sharp_images, "sharp_images", max_ndim=3)
     sharp = sharp.astype(np.float32)
-    op = SpatiallyVaryingBlur(cfg, sharp.shape[-2:], device=device)
+    op = SpatiallyVaryingBlur(psf, sharp.shape[-2:], device=device)
     blurred = op.forward(sharp)
     if photons is not None or read_noise > 0 or offset != 0:
         blurred = add_noise(blurred, photons=photons, read_noise=read_noise, offset=offset, seed=seed)

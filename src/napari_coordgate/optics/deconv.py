@@ -8,6 +8,9 @@
 All return float32 arrays of the input's shape, in the input's intensity units. Images are extended by
 symmetric reflection before the shift-invariant methods, so their zero (RL) or periodic (Wiener) boundary
 handling does not create artefacts at the field edge.
+
+Every function takes any :class:`~napari_coordgate.optics.psfmodel.PSFModel` (or what
+:func:`~napari_coordgate.optics.psfmodel.get_psf_model` resolves: a preset, a JSON config, a ``.cgpsf`` file).
 """
 
 from __future__ import annotations
@@ -19,27 +22,30 @@ import torch
 from skimage import restoration
 
 from napari_coordgate.optics.blur import SpatiallyVaryingBlur, _tent_weights, check_image
-from napari_coordgate.optics.psf import PSFConfig, get_psf_config, grid_positions, psf_at, psfs_at
+from napari_coordgate.optics.psf import grid_positions
+from napari_coordgate.optics.psfmodel import PSFModel, get_psf_model
 
-__all__ = ["central_psf", "richardson_lucy_central", "wiener_central", "sv_richardson_lucy", "wiener_kernels", "sv_wiener"]
+__all__ = ["central_psf", "richardson_lucy_central", "wiener_central", "sv_richardson_lucy", "wiener_kernels",
+           "sv_wiener"]
 
 
-def central_psf(cfg: "PSFConfig | str | dict", field_shape=None) -> np.ndarray:
+def central_psf(psf: "PSFModel | str | dict", field_shape=None) -> np.ndarray:
     """The PSF at the frame centre, which the shift-invariant baselines use everywhere.
 
     Parameters
     ----------
-    cfg
-        The PSF model (config, preset name, JSON path or dict).
+    psf
+        The PSF model (any :class:`PSFModel`, or a preset name, JSON or ``.cgpsf`` path, or dict).
     field_shape
-        (H, W) of the frame (matters only for an off-centre optical axis), or ``None`` for a square frame.
+        (H, W) of the frame (the PSF model may depend on the frame's aspect, e.g. an off-centre optical axis), or
+        ``None`` for a square frame.
 
     Returns
     -------
     ndarray, float64, shape (psf_size, psf_size)
         Sums to one.
     """
-    return psf_at(get_psf_config(cfg), 0.0, 0.0, field_shape)
+    return get_psf_model(psf).psf_at(0.0, 0.0, field_shape)
 
 
 def _check_iterations(iterations: int) -> int:
@@ -56,7 +62,7 @@ def _per_plane(arr: np.ndarray, fn) -> np.ndarray:
     return out.reshape(arr.shape)
 
 
-def richardson_lucy_central(image, cfg: "PSFConfig | str | dict", iterations: int = 30, *,
+def richardson_lucy_central(image, psf: "PSFModel | str | dict", iterations: int = 30, *,
                             full_field=None) -> np.ndarray:
     """Richardson–Lucy deconvolution with the central PSF only (scikit-image).
 
@@ -65,7 +71,7 @@ def richardson_lucy_central(image, cfg: "PSFConfig | str | dict", iterations: in
     image
         Blurred intensities, (H, W) or (..., H, W) (plane by plane). Negative values are clipped to zero
         (subtract any camera offset first).
-    cfg
+    psf
         The PSF model; its PSF at the frame centre is used everywhere.
     iterations
         Number of RL iterations (more = sharper and noisier).
@@ -79,8 +85,8 @@ def richardson_lucy_central(image, cfg: "PSFConfig | str | dict", iterations: in
     """
     arr = check_image(image)
     iterations = _check_iterations(iterations)
-    psf = central_psf(cfg, arr.shape[-2:] if full_field is None else full_field)
-    pad = psf.shape[0]
+    kernel = central_psf(psf, arr.shape[-2:] if full_field is None else full_field)
+    pad = kernel.shape[0]
 
     def one(plane: np.ndarray) -> np.ndarray:
         scale = float(plane.max())
@@ -88,20 +94,20 @@ def richardson_lucy_central(image, cfg: "PSFConfig | str | dict", iterations: in
             return plane
         # scikit-image starts from 0.5 everywhere, so it expects intensities around [0, 1]
         work = np.pad(np.clip(plane / scale, 0.0, None), pad, mode="symmetric").astype(np.float64)
-        result = restoration.richardson_lucy(work, psf, num_iter=iterations, clip=False)
+        result = restoration.richardson_lucy(work, kernel, num_iter=iterations, clip=False)
         return result[pad:-pad, pad:-pad] * scale
 
     return _per_plane(arr, one)
 
 
-def wiener_central(image, cfg: "PSFConfig | str | dict", balance: float = 0.02) -> np.ndarray:
+def wiener_central(image, psf: "PSFModel | str | dict", balance: float = 0.02) -> np.ndarray:
     """Wiener deconvolution (Laplacian regulariser) with the central PSF only (scikit-image).
 
     Parameters
     ----------
     image
         Blurred intensities, (H, W) or (..., H, W) (plane by plane).
-    cfg
+    psf
         The PSF model; its PSF at the frame centre is used everywhere.
     balance
         Regularisation weight: larger is smoother and less noisy.
@@ -113,12 +119,12 @@ def wiener_central(image, cfg: "PSFConfig | str | dict", balance: float = 0.02) 
     arr = check_image(image)
     if not (isinstance(balance, (int, float)) and balance > 0 and np.isfinite(balance)):
         raise ValueError(f"balance must be a positive number, got {balance!r}")
-    psf = central_psf(cfg, arr.shape[-2:])
-    pad = psf.shape[0]
+    kernel = central_psf(psf, arr.shape[-2:])
+    pad = kernel.shape[0]
 
     def one(plane: np.ndarray) -> np.ndarray:
         work = np.pad(plane.astype(np.float64), pad, mode="symmetric")
-        result = restoration.wiener(work, psf, balance, clip=False)
+        result = restoration.wiener(work, kernel, balance, clip=False)
         return result[pad:-pad, pad:-pad]
 
     return _per_plane(arr, one)
@@ -126,7 +132,7 @@ def wiener_central(image, cfg: "PSFConfig | str | dict", balance: float = 0.02) 
 
 def sv_richardson_lucy(
     image,
-    op_or_cfg: "SpatiallyVaryingBlur | PSFConfig | str | dict",
+    op_or_psf: "SpatiallyVaryingBlur | PSFModel | str | dict",
     iterations: int = 30,
     *,
     background: float = 0.0,
@@ -146,8 +152,9 @@ def sv_richardson_lucy(
     image
         Blurred intensities ``y``, (H, W) or (..., H, W) (plane by plane). Negative values are clipped to
         zero.
-    op_or_cfg
-        A :class:`SpatiallyVaryingBlur` built for the image's frame shape, or a PSF model to build one.
+    op_or_psf
+        A :class:`SpatiallyVaryingBlur` built for the image's frame shape, or a PSF model (any
+        :class:`PSFModel`, or what :func:`get_psf_model` resolves) to build one.
     iterations
         Number of iterations (more = sharper and noisier).
     background
@@ -160,9 +167,9 @@ def sv_richardson_lucy(
     offset, full_field
         When the image is a region of the field (a camera ROI): its (y, x) in the field and the field's (H, W),
         so every pixel is deblurred with the PSF of its place (see :class:`SpatiallyVaryingBlur`). Used when
-        ``op_or_cfg`` is a config; default: the image is the whole field.
+        ``op_or_psf`` is a PSF model; default: the image is the whole field.
     device
-        Torch device, used when ``op_or_cfg`` is a config.
+        Torch device, used when ``op_or_psf`` is a PSF model.
 
     Returns
     -------
@@ -172,14 +179,14 @@ def sv_richardson_lucy(
     iterations = _check_iterations(iterations)
     if not (isinstance(background, (int, float)) and background >= 0 and np.isfinite(background)):
         raise ValueError(f"background must be a finite number >= 0, got {background!r}")
-    if isinstance(op_or_cfg, SpatiallyVaryingBlur):
-        op = op_or_cfg
+    if isinstance(op_or_psf, SpatiallyVaryingBlur):
+        op = op_or_psf
     else:
-        op = SpatiallyVaryingBlur(op_or_cfg, arr.shape[-2:], offset=offset, full_field=full_field, device=device)
+        op = SpatiallyVaryingBlur(op_or_psf, arr.shape[-2:], offset=offset, full_field=full_field, device=device)
     if arr.shape[-2:] != op.field_shape:
         raise ValueError(
             f"image frame is {arr.shape[-2:]} but the operator was built for {op.field_shape}; "
-            "pass a PSF config instead, or build the operator for this shape"
+            "pass a PSF model instead, or build the operator for this shape"
         )
     eps = torch.finfo(op.dtype).tiny ** 0.5
     with torch.no_grad():
@@ -210,7 +217,7 @@ def sv_richardson_lucy(
 
 
 def wiener_kernels(
-    cfg: "PSFConfig | str | dict", field_shape, grid: int = 3, size: int = 49, balance: float = 0.02
+    psf: "PSFModel | str | dict", field_shape, grid: int = 3, size: int = 49, balance: float = 0.02
 ) -> np.ndarray:
     """Spatial Wiener deconvolution kernels for the PSFs on a ``grid x grid`` lattice of the field.
 
@@ -221,8 +228,8 @@ def wiener_kernels(
 
     Parameters
     ----------
-    cfg
-        The PSF model.
+    psf
+        The PSF model (any :class:`PSFModel`, or what :func:`get_psf_model` resolves).
     field_shape
         (H, W) of the frame the PSF model describes.
     grid
@@ -236,14 +243,14 @@ def wiener_kernels(
     -------
     ndarray, float32, shape (grid * grid, size, size)
     """
-    cfg = get_psf_config(cfg)
+    model = get_psf_model(psf)
     if size % 2 == 0 or size < 3:
         raise ValueError(f"size must be an odd number >= 3, got {size}")
     if not (isinstance(balance, (int, float)) and balance > 0 and np.isfinite(balance)):
         raise ValueError(f"balance must be a positive number, got {balance!r}")
     pos = grid_positions(int(grid))
     yy, xx = np.meshgrid(pos, pos, indexing="ij")
-    psfs = psfs_at(cfg, yy.ravel(), xx.ravel(), field_shape)  # (K*K, P, P)
+    psfs = model.psfs_at(yy.ravel(), xx.ravel(), field_shape)  # (K*K, P, P)
     p = psfs.shape[-1]
     n = 1 << int(np.ceil(np.log2(max(2 * size, 2 * p, 32))))
     embed = np.zeros((len(psfs), n, n))
@@ -263,7 +270,7 @@ def wiener_kernels(
     return kern.astype(np.float32)
 
 
-def sv_wiener(image, cfg: "PSFConfig | str | dict", grid: int | None = None, size: int | None = None,
+def sv_wiener(image, psf: "PSFModel | str | dict", grid: int | None = None, size: int | None = None,
               balance: float = 0.01) -> np.ndarray:
     """Spatially varying Wiener deconvolution: the image filtered with the Wiener kernels of the PSFs on a
     K x K grid (:func:`wiener_kernels`), blended per pixel with the same tent weights the blur model uses.
@@ -275,8 +282,8 @@ def sv_wiener(image, cfg: "PSFConfig | str | dict", grid: int | None = None, siz
     ----------
     image
         Blurred intensities, (H, W) or (..., H, W) (plane by plane).
-    cfg
-        The PSF model.
+    psf
+        The PSF model (any :class:`PSFModel`, or what :func:`get_psf_model` resolves).
     grid
         K; default the PSF model's ``grid``.
     size
@@ -291,11 +298,11 @@ def sv_wiener(image, cfg: "PSFConfig | str | dict", grid: int | None = None, siz
     from scipy.signal import fftconvolve
 
     arr = check_image(image)
-    cfg = get_psf_config(cfg)
-    k = cfg.grid if grid is None else int(grid)
-    size = 2 * cfg.psf_size + 1 if size is None else int(size)
+    model = get_psf_model(psf)
+    k = model.grid if grid is None else int(grid)
+    size = 2 * model.psf_size + 1 if size is None else int(size)
     h, w = arr.shape[-2:]
-    kernels = wiener_kernels(cfg, (h, w), k, size, balance).astype(np.float64)
+    kernels = wiener_kernels(model, (h, w), k, size, balance).astype(np.float64)
     wy, wx = _tent_weights(h, 0, k), _tent_weights(w, 0, k)
     r = size // 2
 

@@ -1,4 +1,5 @@
-"""Field-dependent point spread function (PSF) model.
+"""The pupil/Zernike field-dependent PSF model: :class:`PSFConfig`, one implementation of
+:class:`~napari_coordgate.optics.psfmodel.PSFModel` (kind ``"pupil"``), its presets and its functions.
 
 Two models describe how a microscope blurs each point of its field of view:
 
@@ -37,12 +38,14 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 
 from napari_coordgate.config import Config, ConfigError, bounded, choice
+from napari_coordgate.optics.psfmodel import PSFModel, get_psf_model, register_psf_model
 
 __all__ = [
     "PSFConfig",
     "PRESETS",
     "UndersamplingWarning",
     "get_psf_config",
+    "get_psf_model",
     "field_polar",
     "grid_positions",
     "psf_at",
@@ -72,9 +75,13 @@ def _waves(default: float = 0.0, doc: str = ""):
     return bounded(default, -3.0, 3.0, kind=float, doc=doc)
 
 
+@register_psf_model
 @dataclass(frozen=True)
-class PSFConfig(Config):
-    """How the microscope blurs each point of the field of view.
+class PSFConfig(Config, PSFModel):
+    """How the microscope blurs each point of the field of view: the pupil/Zernike (or Gaussian) PSF model.
+
+    A validated config (fields, presets, JSON) and a :class:`~napari_coordgate.optics.psfmodel.PSFModel` of
+    kind ``"pupil"``: its PSFs are computed from the fields, so its record holds no arrays.
 
     Aberration coefficients are RMS wavefront errors in waves (Noll-normalised Zernike terms). The
     coefficient of a term at field height ``h`` and field angle ``phi`` is
@@ -89,7 +96,8 @@ class PSFConfig(Config):
     radius and ``sigma_px * (1 + sigma_tangential_h2 * h**2)`` across it.
     """
 
-    KIND: ClassVar[str] = "psf"
+    KIND: ClassVar[str] = "psf"  # the config kind in its dict / JSON (kept: files written before the interface)
+    kind: ClassVar[str] = "pupil"  # the PSF-model kind in records
 
     name: str = field(default="custom", metadata={"kind": str, "doc": "label (the preset name, or custom)"})
     model: str = choice("pupil", PSF_MODELS, doc="pupil (Zernike wavefront) or gaussian")
@@ -134,6 +142,60 @@ class PSFConfig(Config):
             return self.sigma_radial_h2 == 0 and self.sigma_tangential_h2 == 0
         return self.defocus_h2 == 0 and self.astig_h2 == 0 and self.coma_h == 0
 
+    # -- the PSFModel interface ------------------------------------------------------------------------
+    def psfs_at(self, y, x, field_shape: Sequence[int] | None = None) -> np.ndarray:
+        """PSFs at normalised field positions (see :meth:`PSFModel.psfs_at`).
+
+        Warns
+        -----
+        UndersamplingWarning
+            When the camera pixel is coarser than the Nyquist limit of the PSF.
+        """
+        _warn_if_undersampled(self)
+        y, x = np.broadcast_arrays(np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64))
+        h, phi = field_polar(self, y, x, field_shape)
+        return _psfs_polar(self, h, phi)
+
+    def binned(self, binning: int) -> "PSFConfig":
+        """The PSF model as a camera binning ``binning`` x ``binning`` pixels sees it: pixels ``binning`` times larger.
+
+        The pupil model gets ``pixel_size_um * binning`` (its PSFs are integrated over the larger pixels); the
+        Gaussian model ``sigma_px / binning``. ``psf_size`` shrinks to cover the same area (odd, at least 3).
+        ``binning`` 1 returns ``self``.
+        """
+        if isinstance(binning, bool) or not isinstance(binning, (int, np.integer)) or binning < 1:
+            raise ValueError(f"binning must be a positive integer, got {binning!r}")
+        if binning == 1:
+            return self
+        size = -(-self.psf_size // int(binning))
+        size = max(3, size + 1 - size % 2)
+        if self.model == "gaussian":
+            return self.replace(sigma_px=self.sigma_px / binning, psf_size=size)
+        return self.replace(pixel_size_um=self.pixel_size_um * binning, psf_size=size)
+
+    def to_record(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(this config's dict with ``"kind": "pupil"``, no arrays)."""
+        return {**self.to_dict(), "kind": self.kind}, {}
+
+    @classmethod
+    def from_record(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> "PSFConfig":
+        """The config of a record (or of a plain ``PSFConfig`` dict); :class:`ConfigError` names a bad field."""
+        if arrays:
+            raise ConfigError(f"a pupil PSF model has no arrays; the record holds {', '.join(sorted(arrays))}")
+        data = dict(meta)
+        data.pop("kind", None)
+        return cls.from_dict(data)
+
+    def describe(self) -> str:
+        """One line: the model family, name and the parameters that set the PSF's size."""
+        if self.model == "gaussian":
+            optics = f"sigma {self.sigma_px:g} px on axis"
+        else:
+            optics = f"NA {self.na:g}, {self.wavelength_um * 1000:g} nm, {self.pixel_size_um:g} µm pixels"
+        variation = "uniform" if self.is_uniform else "field-dependent"
+        return (f"{self.model} PSF model {self.name!r} ({optics}; {variation}; {self.psf_size} px PSFs, "
+                f"{self.grid} x {self.grid} grid)")
+
 
 PRESETS: dict[str, PSFConfig] = {
     "diffraction_limited": PSFConfig(name="diffraction_limited"),
@@ -151,7 +213,8 @@ PRESETS: dict[str, PSFConfig] = {
 
 
 def get_psf_config(spec: "PSFConfig | str | Path | Mapping[str, Any]") -> PSFConfig:
-    """Resolve a preset name, a JSON file or a dict to a validated :class:`PSFConfig`.
+    """Resolve ``spec`` (as :func:`~napari_coordgate.optics.psfmodel.get_psf_model`) where a :class:`PSFConfig`
+    specifically is needed (the dock's parameter editor, the Nyquist check).
 
     Parameters
     ----------
@@ -166,27 +229,14 @@ def get_psf_config(spec: "PSFConfig | str | Path | Mapping[str, Any]") -> PSFCon
     Raises
     ------
     ConfigError
-        For an unknown preset name (the message lists the presets), an unreadable file, or invalid fields.
+        For an unknown preset name (the message lists the presets), an unreadable file, invalid fields, or a
+        PSF model of another kind (a measured one, say), which has no pupil parameters.
     """
-    if isinstance(spec, PSFConfig):
-        return spec
-    if isinstance(spec, Mapping):
-        return PSFConfig.from_dict(dict(spec))
-    if isinstance(spec, (str, Path)):
-        if isinstance(spec, str) and spec in PRESETS:
-            return PRESETS[spec]
-        path = Path(spec)
-        if path.suffix.lower() == ".json" or path.is_file():
-            try:
-                text = path.read_text(encoding="utf-8")
-            except OSError as exc:
-                raise ConfigError(f"cannot read PSF config file {str(path)!r}: {exc.strerror or exc}") from None
-            return PSFConfig.from_json(text)
-        raise ConfigError(
-            f"unknown PSF preset {str(spec)!r}; valid presets: {', '.join(PRESETS)} "
-            "(or give the path of a .json PSF config)"
-        )
-    raise ConfigError(f"a PSF config must be a preset name, a JSON path or a dict, got {type(spec).__name__}")
+    model = get_psf_model(spec)
+    if not isinstance(model, PSFConfig):
+        raise ConfigError(f"{model.describe()} is not a pupil/Gaussian PSF config: this needs a preset, a .json "
+                          "PSF config or a dict of PSFConfig fields")
+    return model
 
 
 def nyquist_pixel_size_um(cfg: PSFConfig) -> float:
@@ -405,14 +455,15 @@ def _psfs_polar(cfg: PSFConfig, h: np.ndarray, phi: np.ndarray) -> np.ndarray:
 
 
 def psfs_at(
-    cfg: PSFConfig, y: "np.ndarray", x: "np.ndarray", field_shape: Sequence[int] | None = None
+    model: "PSFModel | str | Mapping[str, Any]", y: "np.ndarray", x: "np.ndarray",
+    field_shape: Sequence[int] | None = None,
 ) -> np.ndarray:
     """PSFs at many normalised field positions at once.
 
     Parameters
     ----------
-    cfg
-        The PSF model.
+    model
+        The PSF model (any :class:`PSFModel`, or what :func:`get_psf_model` resolves).
     y, x
         Normalised field coordinates (arrays broadcastable to one shape ``S``).
     field_shape
@@ -423,19 +474,17 @@ def psfs_at(
     ndarray, float64, shape ``S + (psf_size, psf_size)``
         Each PSF sums to one and is centred on its middle pixel.
     """
-    _warn_if_undersampled(cfg)
-    y, x = np.broadcast_arrays(np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64))
-    h, phi = field_polar(cfg, y, x, field_shape)
-    return _psfs_polar(cfg, h, phi)
+    return get_psf_model(model).psfs_at(y, x, field_shape)
 
 
-def psf_at(cfg: PSFConfig, y: float, x: float, field_shape: Sequence[int] | None = None) -> np.ndarray:
+def psf_at(model: "PSFModel | str | Mapping[str, Any]", y: float, x: float,
+           field_shape: Sequence[int] | None = None) -> np.ndarray:
     """The PSF at one normalised field position.
 
     Parameters
     ----------
-    cfg
-        The PSF model.
+    model
+        The PSF model (any :class:`PSFModel`, or what :func:`get_psf_model` resolves).
     y, x
         Normalised field coordinates in [-1, 1] (``(0, 0)`` is the frame centre).
     field_shape
@@ -449,11 +498,9 @@ def psf_at(cfg: PSFConfig, y: float, x: float, field_shape: Sequence[int] | None
     Warns
     -----
     UndersamplingWarning
-        When the camera pixel is coarser than the Nyquist limit of the PSF.
+        When the camera pixel is coarser than the Nyquist limit of a pupil-model PSF.
     """
-    _warn_if_undersampled(cfg)
-    h, phi = field_polar(cfg, float(y), float(x), field_shape)
-    return _psfs_polar(cfg, np.atleast_1d(h), np.atleast_1d(phi))[0]
+    return get_psf_model(model).psf_at(y, x, field_shape)
 
 
 def grid_positions(k: int) -> np.ndarray:
@@ -474,13 +521,14 @@ def grid_positions(k: int) -> np.ndarray:
     return np.zeros(1) if k == 1 else np.linspace(-1.0, 1.0, k)
 
 
-def psf_grid(cfg: PSFConfig, field_shape: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """PSFs on the K × K grid (``K = cfg.grid``) that the fast blur interpolates.
+def psf_grid(model: "PSFModel | str | Mapping[str, Any]", field_shape: Sequence[int] | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PSFs on the K × K grid (``K = model.grid``) that the fast blur interpolates.
 
     Parameters
     ----------
-    cfg
-        The PSF model.
+    model
+        The PSF model (any :class:`PSFModel`, or what :func:`get_psf_model` resolves).
     field_shape
         (H, W) of the frame, or ``None`` for a square frame.
 
@@ -491,23 +539,19 @@ def psf_grid(cfg: PSFConfig, field_shape: Sequence[int] | None = None) -> tuple[
     ys, xs : ndarray, shape (K,)
         Normalised coordinates of the nodes: ``linspace(-1, 1, K)``, or ``[0]`` for ``K = 1``.
     """
-    _warn_if_undersampled(cfg)
-    ys = grid_positions(cfg.grid)
-    xs = grid_positions(cfg.grid)
-    yy, xx = np.meshgrid(ys, xs, indexing="ij")
-    h, phi = field_polar(cfg, yy, xx, field_shape)
-    return _psfs_polar(cfg, h, phi), ys, xs
+    return get_psf_model(model).psf_grid(field_shape)
 
 
 def render_psf_grid(
-    cfg: PSFConfig, field_shape: Sequence[int] | None = None, *, gap: int = 2, normalize: str = "each"
+    model: "PSFModel | str | Mapping[str, Any]", field_shape: Sequence[int] | None = None, *, gap: int = 2,
+    normalize: str = "each",
 ) -> np.ndarray:
     """The K × K PSF grid tiled into one image for display.
 
     Parameters
     ----------
-    cfg
-        The PSF model.
+    model
+        The PSF model (any :class:`PSFModel`, or what :func:`get_psf_model` resolves).
     field_shape
         (H, W) of the frame, or ``None`` for a square frame.
     gap
@@ -525,7 +569,7 @@ def render_psf_grid(
         raise ValueError(f"normalize must be 'each' or 'global', got {normalize!r}")
     if gap < 0:
         raise ValueError(f"gap must be >= 0, got {gap}")
-    psfs, _, _ = psf_grid(cfg, field_shape)
+    psfs, _, _ = get_psf_model(model).psf_grid(field_shape)
     k, s = psfs.shape[0], psfs.shape[-1]
     if normalize == "each":
         psfs = psfs / psfs.max(axis=(2, 3), keepdims=True)

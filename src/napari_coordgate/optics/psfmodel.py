@@ -13,17 +13,26 @@ A PSF model answers three questions:
 - how to store it (:meth:`PSFModel.to_record` / :func:`psf_model_from_record`): a JSON-able dict plus named
   float arrays, written into ``.cgpsf`` and ``.cgmodel`` files (safetensors + JSON, never pickle).
 
+:func:`get_psf_model` is the one place where what a user names (a model, a preset, a JSON config, a dict, a
+``.cgpsf`` file) becomes a PSF model; every consumer calls it.
+
 numpy only: no torch, no Qt.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar, Sequence
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["PSFModel", "register_psf_model", "psf_model_from_record", "psf_model_kinds"]
+from napari_coordgate.config import ConfigError
+
+__all__ = ["PSFModel", "register_psf_model", "psf_model_from_record", "psf_model_kinds", "get_psf_model"]
 
 # kind name -> class; filled by register_psf_model at import of each implementation (a registry of types,
 # not of state: it never changes after the implementations' modules are imported)
@@ -112,6 +121,22 @@ class PSFModel(abc.ABC):
         """One line for people: kind, name and the essentials."""
         return f"{self.kind} PSF model {self.name!r} ({self.psf_size} px PSFs, {self.grid} x {self.grid} grid)"
 
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Where the model came from (source images, bead count, fit residual, date...); ``{}`` when unknown.
+
+        Not part of :meth:`to_record`: files store it beside the record (``.cgpsf``) or in the provenance of
+        the models trained from it (``.cgmodel``), and loading them attaches it with :meth:`with_provenance`.
+        """
+        return dict(self.__dict__.get("_provenance") or {})
+
+    def with_provenance(self, provenance: Mapping[str, Any] | None) -> "PSFModel":
+        """A shallow copy of this model carrying ``provenance`` (the optics are unchanged; ``self`` too)."""
+        twin = copy.copy(self)
+        # object.__setattr__: implementations may be frozen dataclasses; the provenance is no field of theirs
+        object.__setattr__(twin, "_provenance", dict(provenance or {}))
+        return twin
+
 
 def register_psf_model(cls: type[PSFModel]) -> type[PSFModel]:
     """Class decorator: make ``cls`` readable from files by its ``kind``."""
@@ -134,10 +159,82 @@ def psf_model_from_record(meta: dict[str, Any], arrays: dict[str, np.ndarray] | 
     """
     _load_implementations()
     kind = meta.get("kind", "pupil") if isinstance(meta, dict) else None
+    if kind == "psf":  # PSFConfig.to_dict() names its config kind "psf": schema-1 model files and JSON configs
+        kind, meta = "pupil", {**meta, "kind": "pupil"}
     if kind not in _KINDS:
         raise ValueError(f"unknown PSF model kind {kind!r}; this napari-coordgate reads: {', '.join(_KINDS)} "
                          "(a file from a newer version? upgrade napari-coordgate)")
     return _KINDS[kind].from_record(meta, arrays or {})
+
+
+def get_psf_model(spec: "PSFModel | str | os.PathLike | Mapping[str, Any]") -> PSFModel:
+    """The PSF model that ``spec`` names: the one resolver every consumer of the optics goes through.
+
+    Parameters
+    ----------
+    spec
+        - a :class:`PSFModel` (returned unchanged);
+        - a preset name (:data:`~napari_coordgate.optics.psf.PRESETS`);
+        - the path of a ``.json`` file: a :class:`~napari_coordgate.optics.psf.PSFConfig` (as written by its
+          ``to_json`` or by hand) or the metadata of a record of any kind that needs no arrays;
+        - the path of a ``.cgpsf`` PSF model file (:func:`napari_coordgate.modelio.load_psf_model`; the suffix
+          may be left out, as for model files);
+        - a dict: a record's metadata (with ``"kind"``) or a ``PSFConfig`` dict.
+
+    Returns
+    -------
+    PSFModel
+
+    Raises
+    ------
+    ConfigError
+        For an unknown preset (the message lists the presets), an unreadable or invalid JSON file, invalid
+        fields, or a type that names no PSF model.
+    ValueError
+        For a record of an unknown kind (:func:`psf_model_from_record`).
+    napari_coordgate.modelio.ModelFileError
+        For a ``.cgpsf`` file that is corrupt, foreign, or from a newer napari-coordgate.
+    """
+    if isinstance(spec, PSFModel):
+        return spec
+    if isinstance(spec, Mapping):
+        return psf_model_from_record(dict(spec))
+    if isinstance(spec, (str, os.PathLike)):
+        return _from_name_or_path(spec)
+    raise ConfigError(
+        "a PSF model must be a PSF model object, a preset name, a .json config or .cgpsf file path, or a dict; "
+        f"got {type(spec).__name__}"
+    )
+
+
+def _from_name_or_path(spec: "str | os.PathLike") -> PSFModel:
+    from .psf import PRESETS
+
+    if isinstance(spec, str) and spec in PRESETS:
+        return PRESETS[spec]
+    from napari_coordgate.modelio import PSF_SUFFIX, load_psf_model, with_suffix
+
+    path = Path(spec)
+    suffix = path.suffix.lower()
+    if suffix == PSF_SUFFIX or (suffix != ".json" and not path.exists() and with_suffix(path, PSF_SUFFIX).is_file()):
+        return load_psf_model(path)
+    if suffix == ".json" or path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise ConfigError(f"cannot read PSF config file {str(path)!r}: {reason}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"invalid JSON for a PSF config in {str(path)!r}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{str(path)!r} holds a JSON {type(data).__name__}, not a PSF config object")
+        return psf_model_from_record(data)
+    raise ConfigError(
+        f"unknown PSF preset {str(spec)!r}; valid presets: {', '.join(PRESETS)} "
+        f"(or give the path of a .json PSF config or a {PSF_SUFFIX} PSF model file)"
+    )
 
 
 def _load_implementations() -> None:

@@ -1,0 +1,259 @@
+"""The PSF-model interface: the pupil model implements it, one resolver names every PSF model, and the optics
+work with any implementation (``fake_psf``: a grid of Gaussians from tests/conftest.py)."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from napari_coordgate.config import ConfigError
+from napari_coordgate.modelio import ModelFileError, save_psf_model
+from napari_coordgate.optics.blur import SpatiallyVaryingBlur, binned_psf_config, synthesize_pairs
+from napari_coordgate.optics.deconv import (
+    central_psf,
+    richardson_lucy_central,
+    sv_richardson_lucy,
+    sv_wiener,
+    wiener_central,
+    wiener_kernels,
+)
+from napari_coordgate.optics.psf import (
+    PRESETS,
+    PSFConfig,
+    _psfs_polar,
+    field_polar,
+    get_psf_config,
+    grid_positions,
+    psf_grid,
+    render_psf_grid,
+)
+from napari_coordgate.optics.psfmodel import PSFModel, get_psf_model, psf_model_from_record, psf_model_kinds
+
+PRESET_NAMES = list(PRESETS)
+
+
+# -- PSFConfig conforms ---------------------------------------------------------------------------------------
+def test_psf_config_is_a_registered_psf_model_of_kind_pupil():
+    cfg = PRESETS["edge_defocus_astigmatism"]
+
+    assert isinstance(cfg, PSFModel) and cfg.kind == "pupil" and "pupil" in psf_model_kinds()
+    assert (cfg.name, cfg.psf_size, cfg.grid, cfg.pixel_size_um) == ("edge_defocus_astigmatism", 25, 7, 0.16)
+    assert "edge_defocus_astigmatism" in cfg.describe() and "field-dependent" in cfg.describe()
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_psfs_at_gives_unit_sum_psfs_of_the_declared_size(name):
+    cfg = PRESETS[name].replace(grid=3)
+    y, x = np.array([[-1.0, 0.0], [0.5, 1.0]]), np.array([[-1.0, 0.0], [-0.3, 1.0]])
+
+    psfs = cfg.psfs_at(y, x, (40, 60))
+
+    assert psfs.shape == (2, 2, cfg.psf_size, cfg.psf_size) and psfs.dtype == np.float64
+    np.testing.assert_allclose(psfs.sum(axis=(-2, -1)), 1.0, atol=1e-12)
+    np.testing.assert_array_equal(cfg.psf_at(0.5, -0.3, (40, 60)), psfs[1, 0])
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+@pytest.mark.parametrize("field_shape", [None, (40, 70)])
+def test_psf_grid_is_exactly_the_pupil_model_at_the_nodes(name, field_shape):
+    # the formula of psf_grid before the interface: field height and angle of each node, then the PSFs
+    cfg = PRESETS[name].replace(grid=3)
+    nodes = grid_positions(3)
+    yy, xx = np.meshgrid(nodes, nodes, indexing="ij")
+    expected = _psfs_polar(cfg, *field_polar(cfg, yy, xx, field_shape))
+
+    psfs, ys, xs = cfg.psf_grid(field_shape)
+
+    np.testing.assert_array_equal(psfs, expected)
+    np.testing.assert_array_equal(psf_grid(cfg, field_shape)[0], expected)  # the module function too
+    np.testing.assert_array_equal(ys, nodes)
+    np.testing.assert_array_equal(xs, nodes)
+
+
+@pytest.mark.filterwarnings("ignore::napari_coordgate.optics.psf.UndersamplingWarning")
+def test_binned_is_the_config_in_binned_pixels():
+    gauss, pupil = PRESETS["gaussian"], PRESETS["edge_defocus_astigmatism"]
+
+    assert gauss.binned(1) is gauss
+    assert gauss.binned(2) == gauss.replace(sigma_px=0.5, psf_size=11)
+    assert gauss.binned(3) == gauss.replace(sigma_px=1 / 3, psf_size=7)
+    assert pupil.binned(2) == pupil.replace(pixel_size_um=0.32, psf_size=13)
+    assert pupil.binned(16) == pupil.replace(pixel_size_um=0.16 * 16, psf_size=3)  # at least 3 px
+    assert binned_psf_config("gaussian", 2) == gauss.binned(2)  # the old name is the same rule
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_binned_refuses_a_bad_binning(bad):
+    with pytest.raises(ValueError, match="binning must be a positive integer"):
+        PRESETS["gaussian"].binned(bad)
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_record_round_trip_rebuilds_the_same_config(name):
+    cfg = PRESETS[name].replace(name="mine", axis_x=0.25)
+
+    meta, arrays = cfg.to_record()
+
+    assert meta["kind"] == "pupil" and arrays == {}
+    json.dumps(meta)  # JSON as it is
+    assert psf_model_from_record(meta, arrays) == cfg
+    assert psf_model_from_record(cfg.to_dict()) == cfg  # a PSFConfig dict (kind "psf"): schema-1 model files
+    assert psf_model_from_record({k: v for k, v in meta.items() if k != "kind"}) == cfg
+
+
+def test_a_pupil_record_with_arrays_is_refused():
+    meta, _ = PRESETS["gaussian"].to_record()
+    with pytest.raises(ConfigError, match="no arrays"):
+        psf_model_from_record(meta, {"psfs": np.zeros((1, 3, 3))})
+
+
+def test_with_provenance_returns_a_copy_that_carries_it():
+    cfg = PRESETS["gaussian"]
+
+    tagged = cfg.with_provenance({"beads": 120})
+
+    assert tagged.provenance == {"beads": 120} and tagged == cfg
+    assert cfg.provenance == {}  # the preset itself is untouched
+
+
+# -- one resolver ---------------------------------------------------------------------------------------------
+def test_get_psf_model_resolves_every_kind_of_spec(tmp_path, fake_psf):
+    cfg = PRESETS["strong_astigmatism"].replace(name="mine")
+    (tmp_path / "cfg.json").write_text(cfg.to_json())
+    save_psf_model(tmp_path / "beads", fake_psf)
+
+    assert get_psf_model(fake_psf) is fake_psf
+    assert get_psf_model(cfg) is cfg
+    assert get_psf_model("gaussian") is PRESETS["gaussian"]
+    assert get_psf_model(tmp_path / "cfg.json") == cfg
+    assert get_psf_model(str(tmp_path / "cfg.json")) == cfg
+    assert get_psf_model(cfg.to_dict()) == cfg
+    assert get_psf_model(cfg.to_record()[0]) == cfg
+    assert get_psf_model({"model": "gaussian"}) == PSFConfig(model="gaussian")
+    for spec in (tmp_path / "beads.cgpsf", str(tmp_path / "beads.cgpsf"), tmp_path / "beads"):  # suffix rule
+        loaded = get_psf_model(spec)
+        assert type(loaded).__name__ == "GaussianGridPSF"
+        np.testing.assert_array_equal(loaded.sigmas, fake_psf.sigmas)
+
+
+def test_unknown_preset_lists_the_presets_and_the_file_kinds():
+    with pytest.raises(ConfigError) as info:
+        get_psf_model("edge_blur")
+    for name in PRESETS:
+        assert name in str(info.value)
+    assert ".json" in str(info.value) and ".cgpsf" in str(info.value)
+
+
+def test_unknown_kind_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"unknown PSF model kind 'zernike_v9'.*upgrade napari-coordgate"):
+        get_psf_model({"kind": "zernike_v9", "coefficients": [1, 2]})
+
+
+def test_a_record_missing_its_arrays_is_refused_by_its_kind(fake_psf):
+    with pytest.raises(ValueError, match="needs the array 'sigmas'"):
+        get_psf_model(fake_psf.to_record()[0])  # a dict carries no arrays
+
+
+def test_corrupt_psf_model_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "broken.cgpsf"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header" + b"\0" * 20)
+    with pytest.raises(ModelFileError, match="broken.cgpsf"):
+        get_psf_model(path)
+    with pytest.raises(ModelFileError, match="PSF model file .*missing.cgpsf does not exist"):
+        get_psf_model(tmp_path / "missing.cgpsf")
+
+
+@pytest.mark.parametrize("spec, match", [(42, "got int"), ([1, 2], "got list")])
+def test_something_that_names_no_psf_model_is_a_clear_error(spec, match):
+    with pytest.raises(ConfigError, match=match):
+        get_psf_model(spec)
+
+
+def test_invalid_json_config_names_the_file(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text("{na: 1")
+    with pytest.raises(ConfigError, match=r"invalid JSON .*bad\.json"):
+        get_psf_model(path)
+
+
+def test_get_psf_config_refuses_a_psf_model_of_another_kind(fake_psf):
+    assert get_psf_config("gaussian") is PRESETS["gaussian"]
+    with pytest.raises(ConfigError, match="is not a pupil/Gaussian PSF config"):
+        get_psf_config(fake_psf)
+
+
+# -- the optics with another kind of PSF model --------------------------------------------------------------
+def _image(shape=(32, 40), seed=0):
+    rng = np.random.default_rng(seed)
+    img = np.zeros(shape, np.float32)
+    img[rng.integers(2, shape[0] - 2, 30), rng.integers(2, shape[1] - 2, 30)] = 1.0
+    return img
+
+
+def test_the_fake_model_keeps_the_interface_contract(fake_psf):
+    psfs = fake_psf.psfs_at(np.array([-1.0, 0.2]), np.array([1.0, -0.4]), (32, 40))
+    np.testing.assert_allclose(psfs.sum(axis=(-2, -1)), 1.0)
+    grid, ys, xs = fake_psf.psf_grid((32, 40))
+    assert grid.shape == (3, 3, 9, 9) and ys.tolist() == [-1.0, 0.0, 1.0]
+    assert render_psf_grid(fake_psf, (32, 40), gap=1).shape == (3 * 9 + 4,) * 2
+
+
+def test_blur_of_any_psf_model_uses_its_grid_and_keeps_the_adjoint_exact(fake_psf):
+    img = _image()
+    op = SpatiallyVaryingBlur(fake_psf, img.shape, dtype=torch.float64)
+
+    blurred = op.forward(img)
+
+    np.testing.assert_array_equal(op.psfs, fake_psf.psf_grid(img.shape)[0])
+    assert "fake beads" in repr(op) and "K=3" in repr(op)
+    assert blurred.shape == img.shape and abs(blurred.sum() - img.sum()) < 0.05 * img.sum()
+    # wider PSFs at the bottom right: a point there is spread more (lower peak) than at the top left
+    corner = np.zeros_like(img)
+    corner[2, 2] = corner[-3, -3] = 1.0
+    out = op.forward(corner)
+    assert out[2, 2] > 1.5 * out[-3, -3]
+    y = np.random.default_rng(1).random(img.shape)
+    assert np.isclose(float((op.forward(img) * y).sum()), float((img * op.adjoint(y)).sum()), rtol=1e-5)
+
+
+def test_blur_refuses_a_psf_model_whose_grid_breaks_the_contract(fake_psf):
+    class Wrong(type(fake_psf)):
+        def psf_grid(self, field_shape=None, k=None):
+            psfs, ys, xs = super().psf_grid(field_shape, k)
+            return psfs[:, :, 1:, 1:], ys, xs  # even-sized PSFs
+
+    with pytest.raises(ValueError, match="psf_grid gave PSFs of shape"):
+        SpatiallyVaryingBlur(Wrong(fake_psf.sigmas), (16, 16))
+
+
+def test_baselines_and_pairs_run_on_any_psf_model(fake_psf):
+    sharp = _image()
+    _, blurred = synthesize_pairs(sharp, fake_psf, photons=None)
+    err = lambda a: float(np.abs(a - sharp).mean())  # noqa: E731
+
+    np.testing.assert_array_equal(central_psf(fake_psf, sharp.shape), fake_psf.psf_at(0, 0, sharp.shape))
+    assert wiener_kernels(fake_psf, sharp.shape, grid=2, size=15).shape == (4, 15, 15)
+    restored = {
+        "rl": richardson_lucy_central(blurred, fake_psf, 10),
+        "wiener": wiener_central(blurred, fake_psf),
+        "sv_rl": sv_richardson_lucy(blurred, fake_psf, 10),
+        "sv_wiener": sv_wiener(blurred, fake_psf, size=15),
+    }
+    for name, out in restored.items():
+        assert out.shape == sharp.shape and np.isfinite(out).all(), name
+    assert err(restored["sv_rl"]) < err(blurred)
+
+
+def test_sv_rl_of_a_region_uses_the_psfs_of_its_place_for_any_psf_model(fake_psf):
+    img = _image((32, 32))
+    full = SpatiallyVaryingBlur(fake_psf, (32, 32)).forward(img)
+    part = SpatiallyVaryingBlur(fake_psf, (16, 16), offset=(16, 16), full_field=(32, 32))
+
+    # away from the region's border (where the reflection differs) the region blurs as the whole field does
+    np.testing.assert_allclose(part.forward(img[16:, 16:])[5:-5, 5:-5], full[16:, 16:][5:-5, 5:-5], atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = sv_richardson_lucy(full[16:, 16:], fake_psf.binned(1), 3, offset=(16, 16), full_field=(32, 32))
+    assert out.shape == (16, 16)
