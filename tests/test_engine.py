@@ -18,8 +18,9 @@ from napari_coordgate.engine import (
     receptive_halo,
     train,
 )
-from napari_coordgate.modelio import SavedModel, load_model
+from napari_coordgate.modelio import SavedModel, load_model, save_psf_model
 from napari_coordgate.nn import build_model
+from napari_coordgate.optics.psf import PRESETS, PSFConfig
 
 TINY = ModelConfig(depth=2, channels=4, gate="coordgate", gate_hidden=8)
 
@@ -170,7 +171,7 @@ def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path, kind):
 def test_training_from_psf_preset_records_the_psf():
     sharp = (_specimen(2) * 1000).astype(np.float32)
     res = train(TINY, _quick(epochs=1), SimulatedSource(sharp, "gaussian"))
-    assert res.saved.psf is not None and res.saved.psf["kind"] == "psf"
+    assert isinstance(res.saved.psf, PSFConfig) and res.saved.psf == PRESETS["gaussian"]
     assert res.saved.provenance["training"]["source"] == "psf"
 
 
@@ -305,7 +306,7 @@ def test_wiener_first_stage_is_built_from_the_pairs_psf_model_and_saved_with_the
     res = train(WIENER, _quick(epochs=1), PairSource(sharp, blurred, psf="gaussian"), out_path=tmp_path / "w")
     kernels = res.saved.model.prefilter.kernels
     assert kernels.shape == (4, 9, 9) and kernels.abs().sum() > 0
-    assert res.saved.psf is not None and res.saved.psf["name"] == "gaussian"
+    assert res.saved.psf is not None and res.saved.psf.name == "gaussian"
     loaded = load_model(tmp_path / "w.cgmodel")
     assert torch.equal(loaded.model.prefilter.kernels, kernels)
     np.testing.assert_array_equal(predict(loaded, blurred[0], device="cpu"), predict(res.saved, blurred[0], device="cpu"))
@@ -440,3 +441,55 @@ def test_bad_precision_or_batch_is_a_clear_error(kw, match):
     saved = _unit_saved(TINY, (64, 64))
     with pytest.raises(InputError, match=match):
         predict(saved, np.random.rand(64, 64), device="cpu", **kw)
+
+
+# -- any PSF model (the interface), here a grid of Gaussians with arrays (tests/conftest.py) -----------------
+BEADS = {"source_images": ["beads.tif"], "beads": 88, "fit_residual": 0.04, "date": "2026-11-20"}
+
+
+def test_training_from_a_measured_psf_model_file_carries_the_model_and_its_provenance(tmp_path, fake_psf):
+    sharp = (_specimen(2) * 1000).astype(np.float32)
+    psf_file = save_psf_model(tmp_path / "beads", fake_psf, provenance=BEADS)
+
+    res = train(TINY, _quick(epochs=1), SimulatedSource(sharp, str(psf_file)), out_path=tmp_path / "m")
+    loaded = load_model(tmp_path / "m.cgmodel")
+
+    for saved in (res.saved, loaded):
+        assert type(saved.psf) is type(fake_psf)
+        np.testing.assert_array_equal(saved.psf.sigmas, fake_psf.sigmas)
+        assert {k: saved.provenance["psf"][k] for k in BEADS} == BEADS
+        assert saved.provenance["training"]["source"] == "psf"
+    assert {k: loaded.psf.provenance[k] for k in BEADS} == BEADS
+
+
+def test_training_from_a_psf_model_object_simulates_with_its_blur(fake_psf):
+    sharp = (_specimen(2) * 1000).astype(np.float32)
+
+    res = train(TINY, _quick(epochs=1), SimulatedSource(sharp, fake_psf))
+
+    assert res.saved.psf is fake_psf and "psf" not in res.saved.provenance  # no provenance: none recorded
+    assert np.isfinite(res.best_val_psnr)
+
+
+def test_wiener_first_stage_is_built_from_any_psf_model(tmp_path, fake_psf):
+    from napari_coordgate.optics.deconv import wiener_kernels
+
+    sharp, blurred = _pairs()
+    res = train(WIENER, _quick(epochs=1), PairSource(sharp, blurred, psf=fake_psf), out_path=tmp_path / "w")
+
+    expected = wiener_kernels(fake_psf, (64, 64), WIENER.prefilter_grid, WIENER.prefilter_size,
+                              WIENER.prefilter_balance)
+    np.testing.assert_array_equal(res.saved.model.prefilter.kernels.numpy(), expected)
+    assert type(load_model(tmp_path / "w.cgmodel").psf) is type(fake_psf)
+
+
+def test_resume_refuses_a_psf_model_with_other_arrays(tmp_path, fake_psf):
+    sharp = (_specimen(2) * 1000).astype(np.float32)
+    ck = tmp_path / "run.cgckpt"
+    train(TINY, _quick(epochs=1), SimulatedSource(sharp, fake_psf), checkpoint_path=ck)
+    wider = type(fake_psf)(fake_psf.sigmas * 1.1, fake_psf.psf_size, fake_psf.name)  # same metadata, other arrays
+
+    with pytest.raises(InputError, match="trained on other data"):
+        train(TINY, _quick(epochs=2), SimulatedSource(sharp, wider), resume=ck)
+    assert train(TINY, _quick(epochs=2), SimulatedSource(sharp, fake_psf), resume=ck).saved.provenance[
+        "training"]["epochs"] == 2

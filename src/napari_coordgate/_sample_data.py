@@ -24,12 +24,12 @@ def calibration_pair():
     The blur widens toward the edges of the field, so a position-aware model has something to learn.
     """
     from .optics.blur import SpatiallyVaryingBlur, add_noise
-    from .optics.psf import get_psf_config
+    from .optics.psfmodel import get_psf_model
     from .specimens import procedural_specimen
 
     sharp = procedural_specimen(SAMPLE_SHAPE, seed=0)
-    cfg = get_psf_config(SAMPLE_PRESET)
-    blurred = add_noise(SpatiallyVaryingBlur(cfg, SAMPLE_SHAPE).forward(sharp), photons=SAMPLE_PHOTONS, seed=1)
+    psf = get_psf_model(SAMPLE_PRESET)
+    blurred = add_noise(SpatiallyVaryingBlur(psf, SAMPLE_SHAPE).forward(sharp), photons=SAMPLE_PHOTONS, seed=1)
     meta = {"psf_preset": SAMPLE_PRESET, "photons": SAMPLE_PHOTONS}
     return [
         (sharp, {"name": "calibration (sharp)", "colormap": "gray", "metadata": {**meta, "role": "sharp"}}, "image"),
@@ -40,7 +40,7 @@ def calibration_pair():
 
 def psf_grid():
     """The PSFs of the calibration pair's preset on its K x K grid, each scaled to peak 1."""
-    from .optics.psf import get_psf_config, render_psf_grid
+    from .optics.psf import render_psf_grid
 
-    grid = render_psf_grid(get_psf_config(SAMPLE_PRESET), SAMPLE_SHAPE)
+    grid = render_psf_grid(SAMPLE_PRESET, SAMPLE_SHAPE)
     return [(grid, {"name": f"PSF grid ({SAMPLE_PRESET})", "colormap": "magma"}, "image")]

@@ -3,8 +3,8 @@
 ::
 
     napari-coordgate demo [-o OUTDIR] [--minutes M]
-    napari-coordgate simulate SHARP.tif [...] --psf PRESET|CONFIG.json -o OUTDIR [--seed S]
-    napari-coordgate train --sharp S.tif [...] [--blurred B.tif [...]] [--psf PRESET|CONFIG.json] -o MODEL
+    napari-coordgate simulate SHARP.tif [...] --psf PRESET|CONFIG.json|MODEL.cgpsf -o OUTDIR [--seed S]
+    napari-coordgate train --sharp S.tif [...] [--blurred B.tif [...]] [--psf PRESET|CONFIG.json|MODEL.cgpsf] -o MODEL
             [--depth D] [--channels C] [--gate coordgate|none|coordconv] [--prefilter none|wiener]
             [--minutes M | --epochs N]
             [--device auto|cpu|cuda|mps] [--seed S] [--resume CHECKPOINT] [--threads T]
@@ -133,10 +133,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     from .data import check_image
     from .optics.blur import SpatiallyVaryingBlur, add_noise
-    from .optics.psf import get_psf_config
+    from .optics.psfmodel import get_psf_model
     from .tiffio import read_tiff, write_tiff
 
-    psf = get_psf_config(args.psf)
+    psf = get_psf_model(args.psf)
     outdir = _out_dir(Path(args.output))
     for i, p in enumerate(args.sharp):
         img = read_tiff(p)
@@ -172,6 +172,7 @@ def _train_cfg(args, **extra):
 def _cmd_train(args: argparse.Namespace) -> int:
     from .engine import PairSource, SimulatedSource
     from .modelio import CHECKPOINT_SUFFIX, with_suffix
+    from .optics.psfmodel import get_psf_model
 
     out = with_suffix(args.output)
     _writable_file(out)
@@ -180,16 +181,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise CLIError("give calibration pairs (--blurred, with --psf too if the PSF model is known) or a PSF "
                        "model (--psf) to simulate pairs from")
     if args.prefilter != "none" and not args.psf:
-        raise CLIError("--prefilter wiener needs the PSF model of the optics: add --psf PRESET|CONFIG.json")
+        raise CLIError("--prefilter wiener needs the PSF model of the optics: add --psf PRESET|CONFIG.json|MODEL.cgpsf")
+    psf = get_psf_model(args.psf) if args.psf else None  # a bad --psf fails before the images are read
     sharp, _ = _read_stack(args.sharp, "sharp")
     if args.blurred:
         blurred, _ = _read_stack(args.blurred, "blurred")
         if len(args.blurred) != len(args.sharp):
             raise CLIError(f"{len(args.sharp)} sharp file(s) but {len(args.blurred)} blurred file(s); "
                            "the k-th sharp file pairs with the k-th blurred file")
-        source = PairSource(sharp, blurred, psf=args.psf)
+        source = PairSource(sharp, blurred, psf=psf)
     else:
-        source = SimulatedSource(sharp, args.psf)
+        source = SimulatedSource(sharp, psf)
     _set_threads(args.threads)
     res = _train_with_bar(_model_cfg(args), _train_cfg(args), source, out_path=out, checkpoint_path=ckpt,
                           resume=args.resume, label=f"train {args.gate} U-Net({args.depth})")
@@ -304,9 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=_cmd_demo)
 
+    from .modelio import PSF_SUFFIX
     from .optics.psf import PRESETS
 
-    psf_help = f"PSF preset ({', '.join(PRESETS)}) or a PSF config JSON file"
+    psf_help = (f"PSF preset ({', '.join(PRESETS)}), a PSF config JSON file, or a PSF model file ({PSF_SUFFIX}, "
+                "e.g. measured from beads)")
     p = sub.add_parser("simulate", help="blur sharp TIFFs with a PSF model -> OUTDIR/<stem>_blurred.tif")
     p.add_argument("sharp", nargs="+")
     p.add_argument("--psf", required=True, help=psf_help)

@@ -48,7 +48,7 @@ def run_demo(
     from .nn import count_parameters
     from .optics.blur import SpatiallyVaryingBlur, add_noise
     from .optics.deconv import richardson_lucy_central, sv_richardson_lucy
-    from .optics.psf import get_psf_config
+    from .optics.psfmodel import get_psf_model
     from .report import write_report_png
     from .specimens import specimen_fields
     from .tiffio import write_tiff
@@ -58,7 +58,7 @@ def run_demo(
     if threads > 0:
         torch.set_num_threads(threads)
     t_start = time.perf_counter()
-    psf = get_psf_config(DEMO_PSF)
+    psf = get_psf_model(DEMO_PSF)
     shape = (field, field)
     log(f"napari-coordgate demo: PSF preset '{DEMO_PSF}', {n_train} training fields of {field}x{field}, "
         f"{photons:g} photons, {minutes:g} training minute(s) per model, torch threads {torch.get_num_threads()}")

@@ -87,8 +87,9 @@ class Update:
 class PairSource:
     """Calibration pairs: sharp and blurred images of the same field, (H, W) or (N, H, W).
 
-    ``psf`` optionally describes the optics (PSFConfig, preset name, JSON path or dict); a model with a Wiener
-    first stage (``ModelConfig.prefilter="wiener"``) needs it to build its filters.
+    ``psf`` optionally describes the optics (any :class:`~napari_coordgate.optics.psfmodel.PSFModel`, or a preset
+    name, ``.json`` / ``.cgpsf`` path or dict); a model with a Wiener first stage (``ModelConfig.prefilter="wiener"``)
+    needs it to build its filters.
     """
 
     sharp: Any
@@ -101,7 +102,7 @@ class SimulatedSource:
     """Sharp images plus a PSF model; blurred images are simulated, with fresh noise every epoch."""
 
     sharp: Any
-    psf: Any  # PSFConfig, preset name, JSON path or dict
+    psf: Any  # PSFModel, preset name, .json / .cgpsf path or dict
 
 
 @dataclass
@@ -183,8 +184,22 @@ def load_checkpoint(path: str | Path) -> dict:
     return {"tensors": tensors, "meta": meta}
 
 
+def _psf_identity(psf) -> dict:
+    """What identifies a PSF model in a fingerprint: its record's metadata and a digest of each of its arrays."""
+    import hashlib
+
+    meta, arrays = psf.to_record()
+    if not arrays:
+        return meta
+    digests = {}
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        digests[name] = f"{a.dtype.str}{a.shape}:" + hashlib.sha256(a).hexdigest()
+    return {**meta, "arrays": digests}
+
+
 def _data_summary(model_cfg: ModelConfig, train_cfg: TrainConfig, sharp: np.ndarray, clean_blurred: np.ndarray,
-                  psf_cfg, known_psf) -> dict:
+                  psf_model, known_psf) -> dict:
     """What a run trains on: a fingerprint (SHA-256) of the data and the model config, and a short description.
 
     Calibration pairs are hashed whole (shapes, dtypes, every pixel of the prepared sharp and blurred stacks, about
@@ -195,10 +210,10 @@ def _data_summary(model_cfg: ModelConfig, train_cfg: TrainConfig, sharp: np.ndar
     import json
 
     n, h, w = sharp.shape
-    simulated = psf_cfg is not None
+    simulated = psf_model is not None
     digest = hashlib.sha256(json.dumps({
         "model": model_cfg.to_dict(),
-        "psf": None if known_psf is None else known_psf.to_dict(),
+        "psf": None if known_psf is None else _psf_identity(known_psf),
         "noise": [train_cfg.photons, train_cfg.read_noise] if simulated else None,
     }, sort_keys=True).encode())
     for a in (sharp,) if simulated else (sharp, clean_blurred):
@@ -243,14 +258,14 @@ def _prepare(source, model_cfg: ModelConfig, train_cfg: TrainConfig):
         return sharp, blurred, None, None
     if isinstance(source, SimulatedSource):
         from .optics.blur import SpatiallyVaryingBlur
-        from .optics.psf import get_psf_config
+        from .optics.psfmodel import get_psf_model
 
         sharp = check_image(source.sharp, "sharp", min_size=m)
         sharp = sharp[None] if sharp.ndim == 2 else sharp
-        psf_cfg = get_psf_config(source.psf)
-        op = SpatiallyVaryingBlur(psf_cfg, sharp.shape[-2:], device="cpu")
+        psf_model = get_psf_model(source.psf)
+        op = SpatiallyVaryingBlur(psf_model, sharp.shape[-2:], device="cpu")
         clean = op.forward(np.clip(sharp - sharp.min(), 0, None)) + sharp.min()
-        return sharp, clean, psf_cfg, op
+        return sharp, clean, psf_model, op
     raise TypeError(f"source must be a PairSource or SimulatedSource, got {type(source).__name__}")
 
 
@@ -296,7 +311,7 @@ def train(
 
     from .nn.unet import build_model
 
-    sharp, clean_blurred, psf_cfg, _ = _prepare(source, model_cfg, train_cfg)
+    sharp, clean_blurred, psf_model, _ = _prepare(source, model_cfg, train_cfg)
     n, H, W = sharp.shape
     field_shape = (H, W)
     align = model_cfg.min_size
@@ -321,19 +336,19 @@ def train(
         val_mask = checkerboard_mask(field_shape, train_cfg.val_tile)
         train_weight = torch.from_numpy((~val_mask).astype(np.float32)).to(device)
 
-    known_psf = psf_cfg
+    known_psf = psf_model  # the optics the model file will name: simulated from, or the pairs' own
     if isinstance(source, PairSource) and source.psf is not None:
-        from .optics.psf import get_psf_config
+        from .optics.psfmodel import get_psf_model
 
-        known_psf = get_psf_config(source.psf)
+        known_psf = get_psf_model(source.psf)
     data = None
     if checkpoint_path is not None or resume is not None:
-        data = _data_summary(model_cfg, train_cfg, sharp, clean_blurred, psf_cfg, known_psf)
+        data = _data_summary(model_cfg, train_cfg, sharp, clean_blurred, psf_model, known_psf)
     ck = None if resume is None else _resume_checkpoint(resume, model_cfg, field_shape, data)
 
     # a resumed run continues in the units it started in: normalise with the checkpoint's values
     norm = fit_normalization(sharp[train_idx]) if ck is None else Normalization.from_dict(ck["meta"]["normalization"])
-    if psf_cfg is not None:
+    if psf_model is not None:
         # simulated pairs: the noise level is relative to each plane's peak; keep it in image units
         noise_seed = int(rng.integers(2**31))
         if ck is not None:
@@ -441,16 +456,19 @@ def train(
             tmp_model.load_state_dict(best_state)
             save_model(out_path, _saved(tmp_model))
 
+    # a measured PSF model's own provenance (bead images, bead count, fit residual...) travels into the model file
+    psf_provenance = {} if known_psf is None else known_psf.provenance
+
     def _saved(net) -> SavedModel:
-        return SavedModel(
-            model=net, config=model_cfg, field_shape=field_shape, normalization=norm.to_dict(),
-            psf=None if known_psf is None else known_psf.to_dict(),
-            provenance={"training": {
-                "source": "psf" if psf_cfg is not None else "calibration",
-                "planes": int(n), "epochs": int(epoch), "steps": int(step), "seconds": round(elapsed(), 1),
-                "best_val_psnr": best_psnr, "device": str(device), "train_config": train_cfg.to_dict(),
-            }},
-        )
+        provenance: dict[str, Any] = {"training": {
+            "source": "psf" if psf_model is not None else "calibration",
+            "planes": int(n), "epochs": int(epoch), "steps": int(step), "seconds": round(elapsed(), 1),
+            "best_val_psnr": best_psnr, "device": str(device), "train_config": train_cfg.to_dict(),
+        }}
+        if psf_provenance:
+            provenance["psf"] = psf_provenance
+        return SavedModel(model=net, config=model_cfg, field_shape=field_shape, normalization=norm.to_dict(),
+                          psf=known_psf, provenance=provenance)
 
     def write_checkpoint() -> None:
         if checkpoint_path is None:
@@ -467,7 +485,7 @@ def train(
             "train": train_cfg.to_dict(), "field_shape": list(field_shape), "normalization": norm.to_dict(),
             "data": data, "epoch": epoch, "step": step, "elapsed": elapsed(), "best_val_psnr": best_psnr,
             "best_epoch": best_epoch, "since_best": since_best, "rng": rng.bit_generator.state,
-            "noise_seed": noise_seed if psf_cfg is not None else None, "optimizer": opt_meta,
+            "noise_seed": noise_seed if psf_model is not None else None, "optimizer": opt_meta,
             "plateau": plateau.state_dict() if plateau is not None else None,
         }
         atomic_write_bytes(with_suffix(checkpoint_path, CHECKPOINT_SUFFIX), encode(tensors, meta))
@@ -480,7 +498,7 @@ def train(
                 break
             if train_cfg.epochs == 0 and progress() >= 1.0:
                 break
-            if psf_cfg is not None and epoch > 0:
+            if psf_model is not None and epoch > 0:
                 blurred_t = torch.from_numpy(norm.apply(noisy(epoch))).to(device)
             running, count = 0.0, 0
             for _ in range(train_cfg.steps_per_epoch):
