@@ -4,6 +4,7 @@ SV-RL, measured in one run; and peak memory of applying a 20 x 2048^2 uint16 sta
     python benchmarks/bench_engine.py            # full (a few minutes on 2 cores)
     python benchmarks/bench_engine.py --quick    # small sizes, < 1 minute
     python benchmarks/bench_engine.py --profile  # where the time of one 2048^2 prediction goes (torch profiler)
+    python benchmarks/bench_engine.py --levers   # CPU inference levers against fp32 in the same run
 
 Prints tables; asserts nothing about time.
 """
@@ -53,6 +54,51 @@ def _throughput(size: int, repeats: int, threads: int, device: str) -> list[tupl
     secs = time.perf_counter() - t0
     rows.append(("SV-RL (20 it, K=7)", size * size / 1e6 / secs, "true PSFs"))
     return rows
+
+
+def _levers(size: int, repeats: int, threads: int) -> None:
+    """CPU inference levers of issue 15 on CoordGate U-Net(2), each against fp32 measured in the same run."""
+    import torch
+
+    from napari_coordgate.config import ModelConfig
+    from napari_coordgate.engine import predict
+    from napari_coordgate.modelio import SavedModel
+    from napari_coordgate.nn import build_model
+    from napari_coordgate.specimens import procedural_specimen
+
+    torch.set_num_threads(threads)
+    img = procedural_specimen((size, size), seed=0).astype(np.float32)
+    cfg = ModelConfig(depth=2, channels=16, gate="coordgate")
+    torch.manual_seed(0)
+    net = build_model(cfg).eval()
+    with torch.no_grad():  # a trained-looking network: gates and head not at their identity initialisation
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    saved = SavedModel(net, cfg, (size, size))
+
+    def mps(**kw):
+        out = predict(saved, img, device="cpu", **kw)  # warm-up (and gate cache fill)
+        best = min(_timed(lambda: predict(saved, img, device="cpu", **kw)) for _ in range(repeats))
+        return size * size / 1e6 / best, out
+
+    base, ref = mps()
+    print(f"## CPU inference levers, CoordGate U-Net(2), {size}x{size}, {threads} thread(s)")
+    print(f"{'lever':<34}{'MP/s':>8}{'vs fp32':>9}{'max|d|':>10}")
+    print(f"{'fp32, default tiles':<34}{base:>8.2f}{1.0:>9.2f}{0.0:>10.1e}")
+    levers = [("bf16 autocast", {}, dict(precision="bf16")), ("4 tiles batched", {}, dict(batch_tiles=4)),
+              ("bf16 + 4 tiles batched", {}, dict(precision="bf16", batch_tiles=4)),
+              ("channels-last weights", {"channels_last": True}, {})]
+    for name, setup, kw in levers:
+        if setup.get("channels_last"):
+            net.to(memory_format=torch.channels_last)
+        value, out = mps(**kw)
+        print(f"{name:<34}{value:>8.2f}{value / base:>9.2f}{float(np.abs(out - ref).max()):>10.1e}")
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def _peak_memory_child(planes: int, size: int, threads: int) -> None:
@@ -112,7 +158,11 @@ def main() -> None:
     ap.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
     ap.add_argument("--profile", action="store_true", help="profile one prediction instead")
     ap.add_argument("--gate", default="coordgate", help="model profiled with --profile")
+    ap.add_argument("--levers", action="store_true", help="CPU inference levers (bf16, batched tiles, channels-last)")
     args = ap.parse_args()
+    if args.levers:
+        _levers(256 if args.quick else 1024, 1 if args.quick else 3, args.threads)
+        return
     if args.profile:
         _profile(256 if args.quick else 2048, args.threads, args.device, args.gate)
         return

@@ -38,3 +38,12 @@ def test_gpu_benchmark_quick_mode_runs_on_the_cpu_and_prints_both_tables():
     assert len(train_rows) == 8 and len(infer_rows) == 12, out
     # batching tiles changes nothing beyond float rounding: the fp32 rows' max|d| (second-last column)
     assert all(float(r[-2]) <= 1e-5 for r in infer_rows if r[2] == "fp32"), out
+
+
+def test_cpu_inference_levers_quick_mode_prints_each_lever_against_fp32():
+    result = subprocess.run([sys.executable, str(BENCH / "bench_engine.py"), "--levers", "--quick"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line[:1].isalnum() and "MP/s" not in line]
+    assert [r.split("  ")[0] for r in rows][:2] == ["fp32, default tiles", "bf16 autocast"], result.stdout
+    assert len(rows) == 5, result.stdout
