@@ -55,7 +55,7 @@ def test_training_from_sharp_layer_and_psf_preset(viewer_dock, qtbot, pair64):
     make_tiny(dock)
     t.start_btn.click()
     wait_idle(qtbot, dock)
-    assert dock.model.psf["name"] == "gaussian"
+    assert dock.model.psf.name == "gaussian"
 
 
 def test_pairs_with_a_wiener_first_stage_train_with_the_chosen_psf_model(viewer_dock, qtbot, pair64):
@@ -71,7 +71,7 @@ def test_pairs_with_a_wiener_first_stage_train_with_the_chosen_psf_model(viewer_
     t.start_btn.click()
     wait_idle(qtbot, dock)
     assert dock.model.config.prefilter == "wiener"
-    assert dock.model.psf["name"] == "gaussian"
+    assert dock.model.psf.name == "gaussian"
     assert dock.model.model.prefilter.kernels.abs().sum() > 0
 
 

@@ -23,11 +23,26 @@ def test_pairs_with_a_wiener_first_stage_are_reported_as_calibration_pairs():
 
 
 @pytest.mark.parametrize("source, psf, prefilter, expected", [
-    ("psf", True, "none", "PSF model 'gaussian' (gaussian)"),
-    ("psf", True, "wiener", "PSF model 'gaussian' (gaussian)"),
-    (None, True, "none", "PSF model 'gaussian' (gaussian)"),  # files from before provenance named the source
+    ("psf", True, "none", "PSF model 'gaussian'"),
+    ("psf", True, "wiener", "PSF model 'gaussian'"),
+    (None, True, "none", "PSF model 'gaussian'"),  # files from before provenance named the source
     ("calibration", False, "none", "calibration pairs"),
     ("calibration", True, "none", "calibration pairs (optics: PSF model 'gaussian')"),
 ])
 def test_the_training_source_decides_what_the_summary_says(source, psf, prefilter, expected):
     assert _trained_on(source, psf, prefilter) == expected
+
+
+def test_the_psf_model_row_describes_any_psf_model_and_where_it_came_from(fake_psf):
+    prov = {"source": ["/data/beads_01.tif", "/data/beads_02.tif"], "bead_count": 212, "fit_residual": 0.0312}
+    saved = SavedModel(model=None, config=ModelConfig(depth=1, channels=2), field_shape=(64, 64),
+                       psf=fake_psf.with_provenance(prov), provenance={"training": {"source": "psf"}, "psf": prov})
+
+    rows = dict(model_summary(saved, "test"))
+
+    assert rows["trained on"] == "PSF model 'fake beads'"
+    assert rows["PSF model"] == (f"{fake_psf.describe()}; from beads_01.tif, beads_02.tif, 212 beads, "
+                                 "fit residual 0.0312")
+    assert dict(model_summary(SavedModel(None, ModelConfig(depth=1, channels=2), (8, 8)), "x"))["PSF model"] == "none"
+    assert dict(model_summary(SavedModel(None, ModelConfig(depth=1, channels=2), (8, 8), psf="gaussian"), "x"))[
+        "PSF model"] == PRESETS["gaussian"].describe()

@@ -149,24 +149,22 @@ class ApplyTab(QWidget):
         self.dock.run_task("apply", apply_job, req, state=State.APPLYING, on_returned=done)
 
     def compare(self) -> None:
-        from napari_coordgate.optics.psf import get_psf_config
-
         layer = self.image.layer()
         if layer is None:
             show_error("CoordGate: pick an image layer to restore")
             return
         model = self.dock.model
-        if model is not None and not model.psf:
+        if model is not None and model.psf is None:
             # the Train tab's PSF model may describe other optics than this model's: never guess
             show_error("CoordGate: no PSF model is known for this model (trained on calibration pairs alone); to "
                        "compare, train from a PSF model, or give the pairs' PSF model (Wiener first stage)")
             return
         try:
             if model is not None:
-                psf = get_psf_config(model.psf)
+                psf = model.psf  # any PSF model: a preset's, a JSON config's, one measured from beads
                 which = f"the model's PSF model '{psf.name}'"
             else:
-                psf = self.dock.train_tab.psf_config()
+                psf = self.dock.train_tab.psf_model()
                 which = f"the Train tab's PSF model '{psf.name}' (no model loaded)"
             roi = self.roi_value()
             image = layer_array(layer)

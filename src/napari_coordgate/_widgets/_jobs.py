@@ -43,10 +43,11 @@ def load_job(paths: Sequence[str], *, report: Report, should_stop: ShouldStop) -
     return [load_model(p, "cpu") for p in paths]
 
 
-def psf_grid_job(psf_cfg, field_shape, *, report: Report, should_stop: ShouldStop) -> np.ndarray:
+def psf_grid_job(psf, field_shape, *, report: Report, should_stop: ShouldStop) -> np.ndarray:
+    """The PSF model's K x K grid of PSFs tiled into one image (any PSF model)."""
     from napari_coordgate.optics.psf import render_psf_grid
 
-    return render_psf_grid(psf_cfg, field_shape)
+    return render_psf_grid(psf, field_shape)
 
 
 def gates_job(saved, *, report: Report, should_stop: ShouldStop) -> np.ndarray:
@@ -160,11 +161,13 @@ def compare_job(image, psf, iterations: int, field_shape: tuple[int, int] | None
 
     ``field_shape`` is the model's training field; ``roi`` and ``binning`` place the image in it as
     :func:`napari_coordgate.engine.predict` does, so each pixel is deblurred with the PSF of its place (and a
-    binned image with the PSF model in binned pixels). Without a field the image is the whole field.
+    binned image with the PSF model in binned pixels). Without a field the image is the whole field. ``psf`` is
+    any PSF model (or what :func:`~napari_coordgate.optics.psfmodel.get_psf_model` resolves).
     """
     from napari_coordgate.engine import field_geometry
-    from napari_coordgate.optics.blur import SpatiallyVaryingBlur, binned_psf_config
+    from napari_coordgate.optics.blur import SpatiallyVaryingBlur
     from napari_coordgate.optics.deconv import richardson_lucy_central, sv_richardson_lucy
+    from napari_coordgate.optics.psfmodel import get_psf_model
 
     shape = tuple(image.shape)
     if field_shape is None:
@@ -173,7 +176,7 @@ def compare_job(image, psf, iterations: int, field_shape: tuple[int, int] | None
         full, offset = shape[-2:], (0, 0)
     else:
         full, offset = field_geometry(shape[-2:], field_shape, roi, binning)
-    psf = binned_psf_config(psf, binning)
+    psf = get_psf_model(psf).binned(binning)
     lead = shape[:-2]
     n = math.prod(lead)
     total = n * (1 + iterations)

@@ -23,27 +23,42 @@ def model_summary(saved, origin: str) -> list[tuple[str, str]]:
     psnr = training.get("best_val_psnr")
     # a model trained on calibration pairs may still store the pairs' PSF model (its Wiener first stage's filters
     # come from it); only the training source says where the training data came from
-    source = training.get("source", "psf" if saved.psf is not None else "calibration")
-    psf_name = None if saved.psf is None else f"PSF model '{saved.psf.get('name', 'custom')}'"
+    psf = saved.psf  # any PSF model, or None
+    source = training.get("source", "psf" if psf is not None else "calibration")
+    psf_name = None if psf is None else f"PSF model '{psf.name}'"
     if source == "calibration":
         trained_on = "calibration pairs"
         if psf_name is not None:
             use = "Wiener first stage from" if cfg.prefilter == "wiener" else "optics:"
             trained_on += f" ({use} {psf_name})"
-    elif psf_name is not None:
-        trained_on = f"{psf_name} ({saved.psf.get('model', '?')})"
     else:
-        trained_on = "?"
+        trained_on = psf_name or "?"
     return [
         ("source", origin),
         ("network", f"U-Net depth {cfg.depth}, {cfg.channels} channels, gate {cfg.gate}"),
         ("field shape", f"{saved.field_shape[0]} x {saved.field_shape[1]} px"),
         ("trained on", trained_on),
+        ("PSF model", "none" if psf is None else psf.describe() + _psf_origin(prov.get("psf"))),
         ("date", str(prov.get("created", "not saved yet"))),
         ("validation PSNR", "-" if psnr is None else f"{psnr:.2f} dB"),
         ("training", f"{training.get('steps', '?')} steps, {training.get('seconds', '?')} s on "
                      f"{training.get('device', '?')}"),
     ]
+
+
+def _psf_origin(provenance) -> str:
+    """'; from beads.tif, 120 beads, fit residual 0.031': where a PSF model came from, when its provenance says."""
+    if not isinstance(provenance, dict):
+        return ""
+    images = provenance.get("source") or provenance.get("source_images")
+    if isinstance(images, (list, tuple)):
+        images = ", ".join(Path(str(i)).name for i in images)
+    beads = provenance.get("bead_count", provenance.get("beads"))
+    residual = provenance.get("fit_residual")
+    parts = [f"from {images}" if images else "", f"{beads} beads" if beads is not None else "",
+             f"fit residual {residual:.3g}" if isinstance(residual, (int, float)) else ""]
+    text = ", ".join(p for p in parts if p)
+    return f"; {text}" if text else ""
 
 
 class ModelTab(QWidget):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
+    QFileDialog,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
@@ -17,11 +20,14 @@ from qtpy.QtWidgets import (
 )
 
 from napari_coordgate.config import PREFILTERS, ConfigError, ModelConfig, TrainConfig
+from napari_coordgate.modelio import PSF_SUFFIX
+from napari_coordgate.optics.psf import PSFConfig
 
 from ._form import ConfigForm
 from ._jobs import psf_grid_job, train_job
 from ._layers import LayerCombo, layer_array
 from ._plot import PlotCanvas
+from ._settings import remember_folder
 from ._state import State
 
 PAIRS, SIMULATED = "calibration pairs (sharp + blurred layers)", "sharp layers + PSF model"
@@ -46,7 +52,8 @@ class TrainTab(QWidget):
         from napari_coordgate.optics.psf import PRESETS
 
         self.dock = dock
-        self._presets = PRESETS
+        # the PSF combo's entries: the presets, then PSF models from files (any kind, e.g. measured from beads)
+        self._psf_sources: dict = dict(PRESETS)
         self.history: list = []
         viewer = dock.viewer
 
@@ -57,7 +64,10 @@ class TrainTab(QWidget):
         self.blurred = LayerCombo(viewer, prefer="blurred")
         self.preset = QComboBox()
         self.preset.addItems(list(PRESETS))
-        self.psf_form = ConfigForm(type(next(iter(PRESETS.values()))), PSF_FIELDS)
+        self.psf_file_btn = QPushButton("PSF model file…")
+        self.psf_file_btn.setToolTip(f"Use a PSF model file ({PSF_SUFFIX}, e.g. measured from beads, or a .json PSF "
+                                     "config) instead of a preset")
+        self.psf_form = ConfigForm(PSFConfig, PSF_FIELDS)
         self.psf_box = QGroupBox("Edit PSF parameters")
         self.psf_box.setCheckable(True)
         self.psf_box.setChecked(False)
@@ -69,7 +79,10 @@ class TrainTab(QWidget):
         src.addRow("source", self.mode)
         src.addRow("sharp", self.sharp)
         src.addRow("blurred", self.blurred)
-        src.addRow("PSF preset", self.preset)
+        psf_row = QHBoxLayout()
+        psf_row.addWidget(self.preset, 1)
+        psf_row.addWidget(self.psf_file_btn)
+        src.addRow("PSF model", psf_row)
         src_box = QGroupBox("Training data")
         v = QVBoxLayout(src_box)
         v.addLayout(src)
@@ -128,6 +141,7 @@ class TrainTab(QWidget):
         self.sharp.currentTextChanged.connect(self.keep_pair_distinct)
         self.blurred.currentTextChanged.connect(self.keep_pair_distinct)
         self.grid_btn.clicked.connect(self.show_psf_grid)
+        self.psf_file_btn.clicked.connect(self._choose_psf_file)
         self.start_btn.clicked.connect(self.start)
         self.stop_btn.clicked.connect(dock.stop_task)
         self.save_btn.clicked.connect(dock.model_tab._choose_and_save)
@@ -151,17 +165,63 @@ class TrainTab(QWidget):
         self.blurred.setCurrentText((preferred or others)[0])
 
     def _preset_changed(self, name: str) -> None:
-        self.psf_form.set_value(self._presets[name])
+        # the parameter editor edits pupil/Gaussian configs; a measured PSF model has no such parameters
+        model = self._psf_sources.get(name)
+        editable = isinstance(model, PSFConfig)
+        if editable:
+            self.psf_form.set_value(model)
+        else:
+            self.psf_box.setChecked(False)
+        self.psf_box.setEnabled(editable)
 
     def _sharp_changed(self, name: str) -> None:
+        from napari_coordgate.optics.psf import PRESETS
+
         layer = self.sharp.layer()
         preset = layer.metadata.get("psf_preset") if layer is not None else None
-        if preset in self._presets:
+        if preset in PRESETS:
             self.preset.setCurrentText(preset)
 
-    def psf_config(self):
-        """The PSF model: the preset, with the edited parameters when editing is on."""
-        return self.psf_form.value() if self.psf_box.isChecked() else self._presets[self.preset.currentText()]
+    def psf_model(self):
+        """The PSF model: the chosen preset or file, with the edited parameters when editing a config is on."""
+        model = self._psf_sources[self.preset.currentText()]
+        if self.psf_box.isChecked() and isinstance(model, PSFConfig):
+            return self.psf_form.value()
+        return model
+
+    def set_psf_model(self, model, label: str | None = None) -> None:
+        """Make ``model`` (any PSF model) the PSF source: an entry of the PSF combo, selected."""
+        from napari_coordgate.optics.psf import PRESETS
+
+        label = label or f"{model.name} ({model.kind})"
+        if label in PRESETS:  # never shadow a preset
+            label += " (file)"
+        self._psf_sources[label] = model
+        if self.preset.findText(label) < 0:
+            self.preset.addItem(label)
+        if self.preset.currentText() == label:
+            self._preset_changed(label)  # the same entry with a new model: no change signal
+        self.preset.setCurrentText(label)
+
+    def load_psf_file(self, path: str) -> bool:
+        """Read a PSF model file (``.cgpsf``, or a ``.json`` config) and make it the PSF source; False on error."""
+        from napari_coordgate.optics.psfmodel import get_psf_model
+
+        try:
+            model = get_psf_model(Path(path))
+        except (ValueError, OSError) as exc:  # ConfigError and ModelFileError are ValueErrors
+            show_error(f"CoordGate: {exc}")
+            return False
+        self.set_psf_model(model, f"file: {Path(path).name}")
+        show_info(f"CoordGate: PSF source is {model.describe()}")
+        return True
+
+    def _choose_psf_file(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "PSF model file", self.dock.settings["model_folder"],
+                                              f"PSF model (*{PSF_SUFFIX});;PSF config (*.json)")
+        if path:
+            remember_folder(self.dock.settings, path)
+            self.load_psf_file(path)
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(depth=self.depth.value(), channels=self.channels.value(), gate=self.gate.currentText(),
@@ -185,13 +245,13 @@ class TrainTab(QWidget):
             raise ValueError("pick a sharp image layer to train on (File > Open Sample > Calibration pair)")
         # no copy here: the training job writes the arrays once into its process's files
         if self.mode.currentText() == SIMULATED:
-            return SimulatedSource(layer_array(sharp, copy=False), self.psf_config())
+            return SimulatedSource(layer_array(sharp, copy=False), self.psf_model())
         blurred = self.blurred.layer()
         if blurred is None or blurred is sharp:
             raise ValueError(f"sharp and blurred are the same layer ({sharp.name!r}): pick the blurred image of "
                              "the same field, or train from sharp layers and a PSF model")
         # the PSF model travels with the pairs only when the Wiener first stage needs it
-        psf = self.psf_config() if self.prefilter.currentText() != "none" else None
+        psf = self.psf_model() if self.prefilter.currentText() != "none" else None
         return PairSource(layer_array(sharp, copy=False), layer_array(blurred, copy=False), psf=psf)
 
     # -- actions --------------------------------------------------------------------------------------
@@ -238,16 +298,16 @@ class TrainTab(QWidget):
         layer = self.sharp.layer()
         field = tuple(layer.data.shape[-2:]) if layer is not None else (256, 256)
         try:
-            cfg = self.psf_config()
+            psf = self.psf_model()
         except ConfigError as exc:
             show_error(f"CoordGate: {exc}")
             return
 
         def done(grid) -> None:
-            name = f"PSF grid ({cfg.name})"
+            name = f"PSF grid ({psf.name})"
             if name in self.dock.viewer.layers:
                 self.dock.viewer.layers[name].data = grid
             else:
                 self.dock.viewer.add_image(grid, name=name, colormap="magma")
 
-        self.dock.run_task("PSF grid", psf_grid_job, cfg, field, on_returned=done)
+        self.dock.run_task("PSF grid", psf_grid_job, psf, field, on_returned=done)
