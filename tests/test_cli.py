@@ -250,3 +250,37 @@ def test_evaluate_a_corner_roi_reports_only_the_edge_ring(tmp_path, capsys):
         reports.append({k: rep[k] for k in ("psnr", "psnr_by_ring", "psnr_by_ring_blurred")})
     assert reports[0] == reports[1]
     assert all(d["pixels"] > 0 for d in reports[0]["psnr_by_ring"])
+
+
+def test_option_flags_come_from_the_configs_with_their_defaults_and_bounds():
+    from napari_coordgate.cli import MODEL_FLAGS, PREDICT_FLAGS, TRAIN_FLAGS, build_parser
+    from napari_coordgate.config import ModelConfig, PredictConfig, TrainConfig
+
+    sub = build_parser()._subparsers._group_actions[0].choices
+    for command, cls, names in (("train", ModelConfig, MODEL_FLAGS), ("train", TrainConfig, TRAIN_FLAGS),
+                                ("apply", PredictConfig, PREDICT_FLAGS)):
+        actions = {a.dest: a for a in sub[command]._actions}
+        for name in names:
+            assert actions[name].default == getattr(cls(), name), (command, name)
+    assert sub["train"]._option_string_actions["--minutes"].default == TrainConfig().minutes == 10.0
+    assert sub["train"]._option_string_actions["--gate"].choices == ("none", "coordgate", "coordconv")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--depth", "9"], "ModelConfig.depth must be in [1, 8]"),
+    (["--device", "gpu"], "TrainConfig.device must be one of"),
+    (["--crop", "8"], "TrainConfig.crop must be in [16, 4096]"),
+])
+def test_an_out_of_range_flag_is_the_configs_one_line_error(tmp_path, capsys, sharp_tifs, argv, message):
+    code, out, err = _run(capsys, "train", "--sharp", sharp_tifs[0], "--psf", "gaussian", "-o", tmp_path / "m",
+                          *argv)
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_device_index_is_accepted_by_the_configs():
+    from napari_coordgate.config import ConfigError, PredictConfig, TrainConfig
+
+    assert TrainConfig(device="cuda:1").device == "cuda:1"
+    assert PredictConfig(device="cuda:0").device == "cuda:0"
+    with pytest.raises(ConfigError):
+        TrainConfig(device="cuda:x")

@@ -7,8 +7,11 @@
     napari-coordgate train --sharp S.tif [...] [--blurred B.tif [...]] [--psf PRESET|CONFIG.json|MODEL.cgpsf] -o MODEL
             [--depth D] [--channels C] [--gate coordgate|none|coordconv] [--prefilter none|wiener]
             [--minutes M | --epochs N]
-            [--device auto|cpu|cuda|mps] [--seed S] [--resume CHECKPOINT] [--threads T]
+            [--device auto|cpu|cuda|cuda:N|mps] [--seed S] [--resume CHECKPOINT] [--threads T] [...]
     napari-coordgate apply -m MODEL INPUT.tif [...] -o OUT [--tile N] [--roi Y,X] [--binning B] [--device ...]
+            [--precision fp32|bf16|fp16] [--batch-tiles N]
+
+Option flags, their types, ranges, choices, defaults and help come from the configs in ``config.py``.
     napari-coordgate evaluate -m MODEL --sharp S.tif --blurred B.tif [--json REPORT.json] [--png REPORT.png]
 
 Errors are one clear message and a non-zero exit, never a traceback (``--debug`` shows the traceback).
@@ -83,21 +86,40 @@ def _read_stack(paths: Sequence[str], what: str):
     return np.concatenate(planes, axis=0), first
 
 
-def _parse_roi(text: str | None):
-    if text is None:
-        return None
-    try:
-        y, x = (int(v) for v in text.split(","))
-    except ValueError:
-        raise CLIError(f"--roi expects Y,X in pixels (e.g. --roi 512,256), got {text!r}") from None
-    return (y, x)
-
-
 def _set_threads(n: int) -> None:
     import torch
 
     if n > 0:
         torch.set_num_threads(n)
+
+
+# -- flags from the configs (config.py is the one home of every option's name, bounds, choices, default) --
+# the options a user sets on each command; everything else keeps the config's default
+MODEL_FLAGS = ("depth", "channels", "gate", "prefilter")
+TRAIN_FLAGS = ("crop", "batch", "steps_per_epoch", "lr", "seed", "device", "threads", "register", "photons")
+PREDICT_FLAGS = ("tile", "binning", "device", "precision", "batch_tiles", "threads")
+
+
+def _add_config_flags(p, cls, names, *, defaults: dict | None = None) -> None:
+    """One ``--name`` flag per config field, typed, with its choices, default and help from ``config.py``."""
+    from .config import field_specs
+
+    for spec in field_specs(cls, names):
+        default = (defaults or {}).get(spec.name, spec.default)
+        flag = "--" + spec.name.replace("_", "-")
+        help_ = spec.help if default == spec.default else spec.help.replace(f"default {spec.default}",
+                                                                            f"default {default}")
+        if spec.kind is bool:
+            p.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        else:
+            choices = spec.options if spec.options is not None and not spec.device else None
+            p.add_argument(flag, dest=spec.name, type=spec.kind, default=default, choices=choices, help=help_,
+                           metavar=spec.name.upper() if choices is None else None)
+
+
+def _config_from_flags(cls, args, names, **extra):
+    """The config built from the flags (bounds are checked there: one clear error for a bad value)."""
+    return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)}, **extra)
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -157,16 +179,26 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 def _model_cfg(args):
     from .config import ModelConfig
 
-    return ModelConfig(depth=args.depth, channels=args.channels, gate=args.gate,
-                       prefilter=getattr(args, "prefilter", "none"))
+    return _config_from_flags(ModelConfig, args, MODEL_FLAGS)
 
 
-def _train_cfg(args, **extra):
+def _train_cfg(args):
     from .config import TrainConfig
 
     budget = {"epochs": args.epochs, "minutes": 0.0} if args.epochs else {"minutes": args.minutes}
-    return TrainConfig(device=args.device, seed=args.seed, threads=args.threads, register=args.register,
-                       **budget, **extra)
+    return _config_from_flags(TrainConfig, args, TRAIN_FLAGS, **budget)
+
+
+def _predict_cfg(args):
+    from .config import PredictConfig
+
+    return _config_from_flags(PredictConfig, args, PREDICT_FLAGS)
+
+
+def _predict_kwargs(cfg) -> dict:
+    """engine.predict's keyword arguments from a PredictConfig."""
+    return {"tile": cfg.tile or None, "binning": cfg.binning, "device": cfg.device, "precision": cfg.precision,
+            "batch_tiles": cfg.batch_tiles}
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -182,7 +214,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                        "model (--psf) to simulate pairs from")
     if args.prefilter != "none" and not args.psf:
         raise CLIError("--prefilter wiener needs the PSF model of the optics: add --psf PRESET|CONFIG.json|MODEL.cgpsf")
-    psf = get_psf_model(args.psf) if args.psf else None  # a bad --psf fails before the images are read
+    model_cfg, train_cfg = _model_cfg(args), _train_cfg(args)  # a bad flag or --psf fails before images are read
+    psf = get_psf_model(args.psf) if args.psf else None
     sharp, _ = _read_stack(args.sharp, "sharp")
     if args.blurred:
         blurred, _ = _read_stack(args.blurred, "blurred")
@@ -193,19 +226,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         source = SimulatedSource(sharp, psf)
     _set_threads(args.threads)
-    res = _train_with_bar(_model_cfg(args), _train_cfg(args), source, out_path=out, checkpoint_path=ckpt,
+    res = _train_with_bar(model_cfg, train_cfg, source, out_path=out, checkpoint_path=ckpt,
                           resume=args.resume, label=f"train {args.gate} U-Net({args.depth})")
     print(f"model: {out}  (best validation PSNR {res.best_val_psnr:.2f} dB at epoch {res.best_epoch}, "
           f"{res.stopped}, device {res.device}); checkpoint: {ckpt}")
     return 0
 
 
+def _roi(text):
+    from .config import ConfigError, parse_roi
+
+    try:
+        return parse_roi(text)
+    except ConfigError as exc:
+        raise CLIError(f"--roi: {exc}") from None
+
+
 def _cmd_apply(args: argparse.Namespace) -> int:
     from .modelio import load_model
     from .tiffio import read_tiff, write_tiff_streamed
 
+    cfg, roi = _predict_cfg(args), _roi(args.roi)
     saved = load_model(args.model)
-    roi = _parse_roi(args.roi)
     out = Path(args.output)
     many = len(args.inputs) > 1 or out.is_dir()
     if many:
@@ -221,8 +263,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         if Path(dest).resolve() == Path(p).resolve():
             raise CLIError(f"refusing to overwrite the input {p}; choose another output")
         write_tiff_streamed(dest, img.data.shape, lambda target, img=img, p=p: _predict_with_bar(
-            saved, img.data, label=Path(p).name, roi=roi, binning=args.binning, tile=args.tile,
-            device=args.device, out=target), img)
+            saved, img.data, label=Path(p).name, roi=roi, out=target, **_predict_kwargs(cfg)), img)
         mp = img.data.size / 1e6
         print(f"{p} -> {dest}  ({mp:.1f} MP in {time.perf_counter() - t0:.1f} s)")
     return 0
@@ -248,13 +289,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     blurred, _ = _read_stack(args.blurred, "blurred")
     if sharp.shape != blurred.shape:
         raise CLIError(f"sharp {sharp.shape} and blurred {blurred.shape} must have the same shape")
-    roi = _parse_roi(args.roi)
+    cfg, roi = _predict_cfg(args), _roi(args.roi)
     # the rings are those of the training field: an ROI or a binned image sits somewhere inside it
-    field_shape, offset = field_geometry(sharp.shape[-2:], saved.field_shape, roi, args.binning)
-    _set_threads(args.threads)
+    field_shape, offset = field_geometry(sharp.shape[-2:], saved.field_shape, roi, cfg.binning)
+    _set_threads(cfg.threads)
     t0 = time.perf_counter()
-    restored = _predict_with_bar(saved, blurred, label="evaluate", roi=roi, binning=args.binning,
-                                 device=args.device)
+    restored = _predict_with_bar(saved, blurred, label="evaluate", roi=roi, **_predict_kwargs(cfg))
     secs = time.perf_counter() - t0
     rep = quality_report(sharp, restored, blurred, field_shape=field_shape, offset=offset)
     rep.update(model=str(args.model), planes=int(sharp.shape[0]), mp_per_s=sharp.size / 1e6 / secs,
@@ -293,21 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    def common(p, device=True):
-        if device:
-            p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-        p.add_argument("--threads", type=int, default=0,
-                       help="torch CPU threads (0 = torch's default; 1 helps when other processes share the cores)")
+    from .config import ModelConfig, PredictConfig, TrainConfig
+    from .modelio import PSF_SUFFIX
+    from .optics.psf import PRESETS
 
     p = sub.add_parser("demo", help="train plain and CoordGate U-Nets on a synthetic calibration set; compare")
     p.add_argument("-o", "--output", default="coordgate-demo", help="output folder (default: coordgate-demo)")
-    p.add_argument("--minutes", type=float, default=2.0, help="training minutes per model (default 2)")
-    p.add_argument("--seed", type=int, default=0)
-    common(p)
+    p.add_argument("--minutes", type=float, default=2.0, help="training minutes per model (default 2: the demo's "
+                                                              "own budget; train's default is 10)")
+    _add_config_flags(p, TrainConfig, ("seed", "device", "threads"))
     p.set_defaults(func=_cmd_demo)
-
-    from .modelio import PSF_SUFFIX
-    from .optics.psf import PRESETS
 
     psf_help = (f"PSF preset ({', '.join(PRESETS)}), a PSF config JSON file, or a PSF model file ({PSF_SUFFIX}, "
                 "e.g. measured from beads)")
@@ -315,10 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sharp", nargs="+")
     p.add_argument("--psf", required=True, help=psf_help)
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--photons", type=float, default=0.0, help="photons at the brightest pixel (0 = no noise)")
-    p.add_argument("--read-noise", type=float, default=0.0)
-    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--read-noise", type=float, default=0.0, help="read noise, photo-electrons (default 0)")
+    _add_config_flags(p, TrainConfig, ("seed", "device"), defaults={"device": "cpu"})
     p.set_defaults(func=_cmd_simulate)
 
     p = sub.add_parser("train", help="train a model from calibration pairs or a PSF model")
@@ -327,45 +361,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--psf", help=psf_help + ": without --blurred, pairs are simulated from it; with --blurred, "
                                            "it describes the optics for --prefilter wiener")
     p.add_argument("-o", "--output", required=True, help="model file (.cgmodel is added if missing)")
-    p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--channels", type=int, default=16)
-    p.add_argument("--gate", default="coordgate", choices=("coordgate", "none", "coordconv"))
-    p.add_argument("--prefilter", default="none", choices=("none", "wiener"),
-                   help="wiener: a first stage of Wiener filters for PSFs across the field (needs --psf)")
+    _add_config_flags(p, ModelConfig, MODEL_FLAGS)
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--minutes", type=float, default=10.0)
-    budget.add_argument("--epochs", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    _add_config_flags(budget, TrainConfig, ("minutes", "epochs"))
+    _add_config_flags(p, TrainConfig, TRAIN_FLAGS)
     p.add_argument("--resume", help="checkpoint (.cgckpt) to continue from")
-    p.add_argument("--register", action="store_true", help="register misaligned pairs instead of warning")
-    common(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("apply", help="deblur TIFF images or stacks with a model")
     p.add_argument("-m", "--model", required=True, help="model file (the .cgmodel suffix may be left out)")
     p.add_argument("inputs", nargs="+")
     p.add_argument("-o", "--output", required=True, help="output file, or folder for several inputs")
-    p.add_argument("--tile", type=int, default=None)
-    p.add_argument("--roi", help="Y,X of the image inside the training field")
-    p.add_argument("--binning", type=int, default=1)
-    common(p)
+    p.add_argument("--roi", help="Y,X of the image's top-left pixel inside the training field (a camera ROI)")
+    _add_config_flags(p, PredictConfig, PREDICT_FLAGS)
     p.set_defaults(func=_cmd_apply)
 
     p = sub.add_parser("evaluate", help="PSNR/SSIM overall and by field ring, error map")
-    p.add_argument("-m", "--model", required=True)
+    p.add_argument("-m", "--model", required=True, help="model file (the .cgmodel suffix may be left out)")
     p.add_argument("--sharp", nargs="+", required=True)
     p.add_argument("--blurred", nargs="+", required=True)
-    p.add_argument("--json")
-    p.add_argument("--png")
-    p.add_argument("--roi")
-    p.add_argument("--binning", type=int, default=1)
-    common(p)
+    p.add_argument("--json", help="write the report as JSON")
+    p.add_argument("--png", help="write the report figure")
+    p.add_argument("--roi", help="Y,X of the images' top-left pixel inside the training field")
+    _add_config_flags(p, PredictConfig, PREDICT_FLAGS)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("models", help="parameter counts of the U-Net family; runs one on a bundled image")
-    p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--channels", type=int, default=16)
-    p.add_argument("--threads", type=int, default=1)
+    _add_config_flags(p, ModelConfig, ("depth", "channels"))
+    _add_config_flags(p, TrainConfig, ("threads",), defaults={"threads": 1})
     p.set_defaults(func=_cmd_models)
     return parser
 

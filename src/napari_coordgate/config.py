@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-__all__ = ["ConfigError", "Config", "ModelConfig", "bounded", "choice", "GATES", "GATE_ACTIVATIONS", "PREFILTERS"]
+__all__ = ["ConfigError", "Config", "ModelConfig", "TrainConfig", "PredictConfig", "FieldSpec", "field_specs",
+           "bounded", "choice", "device_choice", "parse_roi", "GATES", "GATE_ACTIVATIONS", "PREFILTERS", "DEVICES",
+           "PRECISIONS"]
 
 
 class ConfigError(ValueError):
@@ -30,6 +33,62 @@ def bounded(default, lo=None, hi=None, *, kind=None, doc=""):
 def choice(default, options, *, doc=""):
     """A dataclass field restricted to one of ``options``."""
     return field(default=default, metadata={"options": tuple(options), "kind": type(default), "doc": doc})
+
+
+def device_choice(default: str = "auto", *, doc: str = ""):
+    """A device field: one of :data:`DEVICES`, or ``cuda:N`` for the N-th CUDA GPU."""
+    return field(default=default, metadata={"options": DEVICES, "kind": str, "device": True, "doc": doc or
+                 "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N (the N-th GPU) or mps"})
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """What a form or a command line needs to offer one config field: the config is its single source."""
+
+    name: str
+    kind: type
+    default: Any
+    lo: Any = None
+    hi: Any = None
+    options: tuple | None = None
+    doc: str = ""
+    device: bool = False  # options plus cuda:N
+
+    @property
+    def help(self) -> str:
+        """The field's help line: its doc, range or choices, and default."""
+        parts = [self.doc] if self.doc else []
+        if self.options is not None and not self.device:
+            parts.append("one of " + ", ".join(self.options))
+        elif self.lo is not None or self.hi is not None:
+            parts.append(f"{'-inf' if self.lo is None else self.lo} to {'inf' if self.hi is None else self.hi}")
+        parts.append(f"default {self.default}")
+        return "; ".join(parts)
+
+
+def field_specs(cls: type, names: "tuple[str, ...] | list[str] | None" = None) -> list[FieldSpec]:
+    """The :class:`FieldSpec` of each field of config class ``cls`` (all, or those ``names`` in that order)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [n for n in (names or ()) if n not in fields]
+    if unknown:
+        raise KeyError(f"{cls.__name__} has no field(s) {', '.join(unknown)}")
+    out = []
+    for name in names or list(fields):
+        f = fields[name]
+        meta = f.metadata
+        out.append(FieldSpec(name, meta.get("kind", type(f.default)), f.default, meta.get("lo"), meta.get("hi"),
+                             meta.get("options"), meta.get("doc", ""), bool(meta.get("device"))))
+    return out
+
+
+def parse_roi(text: "str | None") -> "tuple[int, int] | None":
+    """A camera ROI's place in the training field from ``"Y,X"`` (spaces allowed); None for empty text."""
+    if text is None or not str(text).strip():
+        return None
+    parts = str(text).replace(" ", "").split(",")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ConfigError(f"an ROI is two non-negative integers 'Y,X' (pixels of the training field), got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def _check_value(cls_name: str, f: dataclasses.Field, value: Any) -> Any:
@@ -64,6 +123,8 @@ def _check_value(cls_name: str, f: dataclasses.Field, value: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")
         options = meta.get("options")
+        if meta.get("device") and re.fullmatch(r"cuda:\d+", value):
+            return value
         if options is not None and value not in options:
             raise ConfigError(f"{where} must be one of {', '.join(map(repr, options))}; got {value!r}")
         return value
@@ -138,6 +199,8 @@ class Config:
         return cls.from_dict(data)
 
 
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("fp32", "bf16", "fp16")
 GATES = ("none", "coordgate", "coordconv")
 GATE_ACTIVATIONS = ("one_plus", "sigmoid", "relu", "raw")
 PREFILTERS = ("none", "wiener")
@@ -156,14 +219,14 @@ class ModelConfig(Config):
     depth: int = bounded(2, 1, 8, doc="resolution levels; depth - 1 poolings")
     channels: int = bounded(16, 1, 512, doc="feature channels at full resolution")
     growth: float = bounded(2.0, 1.0, 4.0, doc="channel multiplier per level")
-    gate: str = choice("coordgate", GATES, doc="position dependence: none, coordgate or coordconv")
+    gate: str = choice("coordgate", GATES, doc="position dependence of the network")
     gate_hidden: int = bounded(32, 1, 1024, doc="width of the coordinate MLP's hidden layers")
     gate_layers: int = bounded(2, 1, 8, doc="number of layers of the coordinate MLP")
     gate_activation: str = choice("one_plus", GATE_ACTIVATIONS, doc="how MLP output becomes the gate")
     residual: bool = bounded(True, doc="predict a correction added to the input")
     prefilter: str = choice(
         "none", PREFILTERS,
-        doc="wiener: a first stage of fixed Wiener filters for PSFs of a known PSF model (needs one to train)",
+        doc="first stage: wiener = fixed Wiener filters for PSFs across the field (needs the PSF model)",
     )
     prefilter_grid: int = bounded(3, 1, 7, doc="Wiener filters for the PSFs on a K x K grid of the field")
     prefilter_size: int = bounded(49, 3, 255, doc="Wiener filter side in pixels (odd)")
@@ -197,7 +260,6 @@ class ModelConfig(Config):
 
 LOSSES = ("l1", "l2")
 SCHEDULES = ("cosine", "plateau", "constant")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 @dataclass(frozen=True)
@@ -211,7 +273,7 @@ class TrainConfig(Config):
     KIND: ClassVar[str] = "train"
 
     crop: int = bounded(128, 16, 4096, doc="training crop side in pixels (aligned to the pooling grid)")
-    batch: int = bounded(8, 1, 512)
+    batch: int = bounded(8, 1, 512, doc="crops per optimiser step")
     # cover + gate_lr_scale 10: the recipe measured best in benchmarks/README.md (edge ring +2 dB at 600 steps)
     sampling: str = choice("cover", ("uniform", "cover"),
                            doc="crop offsets: uniform, or cover (crop centres uniform: the field's border is seen "
@@ -222,11 +284,11 @@ class TrainConfig(Config):
     gate_lr_scale: float = bounded(10.0, 0.01, 100.0, doc="learning-rate multiplier of the coordinate MLPs")
     schedule: str = choice("cosine", SCHEDULES)
     epochs: int = bounded(0, 0, 1_000_000, doc="budget in epochs; 0 = use minutes")
-    minutes: float = bounded(2.0, 0.0, 100_000.0, doc="budget in wall minutes when epochs is 0")
-    steps_per_epoch: int = bounded(50, 1, 1_000_000)
+    minutes: float = bounded(10.0, 0.0, 100_000.0, doc="budget in wall minutes when epochs is 0")
+    steps_per_epoch: int = bounded(50, 1, 1_000_000, doc="optimiser steps between validations")
     patience: int = bounded(0, 0, 100_000, doc="early stop after this many epochs without gain; 0 = off")
-    seed: int = bounded(0, 0, 2**31 - 1)
-    device: str = choice("auto", DEVICES)
+    seed: int = bounded(0, 0, 2**31 - 1, doc="random seed (crops, noise, initial weights)")
+    device: str = device_choice()
     # benchmarks/bench_threads.py: on an idle 2-core machine 2 threads beat 1 (1.3-1.6x for plain U-Net(2));
     # with another busy process on the cores 1 thread was faster, so the choice stays the user's (--threads)
     threads: int = bounded(0, 0, 1024, doc="torch CPU threads; 0 = leave torch's default")
@@ -239,3 +301,17 @@ class TrainConfig(Config):
     def _validate(self) -> None:
         if self.epochs == 0 and not self.minutes > 0:
             raise ConfigError("TrainConfig: give a budget: epochs > 0 or minutes > 0")
+
+
+@dataclass(frozen=True)
+class PredictConfig(Config):
+    """How to apply a model: tiling, device, precision. The CLI's apply flags and the Apply tab come from it."""
+
+    KIND: ClassVar[str] = "predict"
+
+    tile: int = bounded(0, 0, 1 << 16, doc="tile core side in pixels; 0 = chosen from a memory budget")
+    device: str = device_choice()
+    precision: str = choice("fp32", PRECISIONS, doc="fp32, or bf16/fp16 autocast (fp16 on CUDA only)")
+    batch_tiles: int = bounded(1, 1, 1024, doc="tiles of equal shape run as one batch (helps on a GPU)")
+    binning: int = bounded(1, 1, 64, doc="camera binning of the images relative to the training field")
+    threads: int = bounded(0, 0, 1024, doc="torch CPU threads; 0 = leave torch's default")

@@ -22,7 +22,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .config import ModelConfig, TrainConfig
+from .config import PRECISIONS, ModelConfig, TrainConfig
+from .devices import resolve_device
 from .data import (
     InputError,
     Normalization,
@@ -113,26 +114,6 @@ class TrainResult:
     best_epoch: int = 0
     stopped: str = "budget"  # "budget", "early_stop", "stopped"
     device: str = "cpu"
-
-
-# -- device ---------------------------------------------------------------------------------------
-def resolve_device(device: str = "auto"):
-    """``"auto"`` -> CUDA if available, then MPS, then CPU; an explicit unavailable device is an error."""
-    import torch
-
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but no CUDA GPU is available; use --device auto or cpu")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise RuntimeError("device 'mps' was requested but MPS is not available; use --device auto or cpu")
-    return dev
 
 
 # -- training -------------------------------------------------------------------------------------
@@ -649,7 +630,6 @@ def field_geometry(
     return (fh, fw), (oy, ox)
 
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def _check_precision(precision: str) -> None:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from scipy.fft import next_fast_len
 
+from napari_coordgate.devices import resolve_device
 from napari_coordgate.optics.psf import grid_positions
 from napari_coordgate.optics.psfmodel import PSFModel, get_psf_model
 
@@ -47,33 +48,6 @@ __all__ = [
     "normalized_coordinates",
     "resolve_device",
 ]
-
-
-def resolve_device(device: "str | torch.device" = "cpu") -> torch.device:
-    """Resolve a device name to a :class:`torch.device`.
-
-    Parameters
-    ----------
-    device
-        ``"auto"`` (CUDA, then MPS, then CPU), a torch device name such as ``"cpu"``, ``"cuda:1"``, or a
-        :class:`torch.device` (returned unchanged).
-
-    Returns
-    -------
-    torch.device
-    """
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
 
 
 def check_image(image, name: str = "image", *, min_ndim: int = 2, max_ndim: int | None = None) -> np.ndarray:

@@ -1,0 +1,38 @@
+"""Which torch device a name means: the one home of that rule (the device is a parameter, never a global)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["resolve_device"]
+
+
+def resolve_device(device: Any = "auto"):
+    """``"auto"`` -> CUDA, then MPS, then CPU; ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or a torch.device.
+
+    An explicitly requested device that is not there is an error that says what to use instead.
+    """
+    import torch
+
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} was requested but no CUDA GPU is available; use auto or cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {device!r} was requested but there are only {torch.cuda.device_count()} "
+                               "CUDA GPU(s) (cuda:0 ...)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise RuntimeError("device 'mps' was requested but MPS is not available; use auto or cpu")
+    return dev

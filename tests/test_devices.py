@@ -1,0 +1,31 @@
+"""Device names resolve in one place; an unavailable device is a clear error."""
+
+import pytest
+import torch
+
+from napari_coordgate.devices import resolve_device
+
+
+def test_auto_and_cpu_resolve_and_a_device_passes_through():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else None
+    assert resolve_device("auto").type in ({expected} if expected else {"cpu", "mps"})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.parametrize("name", ["cuda", "cuda:1"])
+def test_an_unavailable_cuda_device_says_what_to_use(name):
+    with pytest.raises(RuntimeError, match=f"device '{name}' was requested but no CUDA GPU"):
+        resolve_device(name)
+
+
+def test_an_unknown_device_name_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="auto, cpu, cuda, cuda:N or mps"):
+        resolve_device("gpu0")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_device_index_beyond_the_gpus_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="there are only"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")
