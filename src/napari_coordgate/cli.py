@@ -195,12 +195,6 @@ def _predict_cfg(args):
     return _config_from_flags(PredictConfig, args, PREDICT_FLAGS)
 
 
-def _predict_kwargs(cfg) -> dict:
-    """engine.predict's keyword arguments from a PredictConfig."""
-    return {"tile": cfg.tile or None, "binning": cfg.binning, "device": cfg.device, "precision": cfg.precision,
-            "batch_tiles": cfg.batch_tiles}
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
     from .engine import PairSource, SimulatedSource
     from .modelio import CHECKPOINT_SUFFIX, with_suffix
@@ -263,7 +257,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         if Path(dest).resolve() == Path(p).resolve():
             raise CLIError(f"refusing to overwrite the input {p}; choose another output")
         write_tiff_streamed(dest, img.data.shape, lambda target, img=img, p=p: _predict_with_bar(
-            saved, img.data, label=Path(p).name, roi=roi, out=target, **_predict_kwargs(cfg)), img)
+            saved, img.data, label=Path(p).name, roi=roi, out=target, **cfg.predict_kwargs()), img)
         mp = img.data.size / 1e6
         print(f"{p} -> {dest}  ({mp:.1f} MP in {time.perf_counter() - t0:.1f} s)")
     return 0
@@ -294,7 +288,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     field_shape, offset = field_geometry(sharp.shape[-2:], saved.field_shape, roi, cfg.binning)
     _set_threads(cfg.threads)
     t0 = time.perf_counter()
-    restored = _predict_with_bar(saved, blurred, label="evaluate", roi=roi, **_predict_kwargs(cfg))
+    restored = _predict_with_bar(saved, blurred, label="evaluate", roi=roi, **cfg.predict_kwargs())
     secs = time.perf_counter() - t0
     rep = quality_report(sharp, restored, blurred, field_shape=field_shape, offset=offset)
     rep.update(model=str(args.model), planes=int(sharp.shape[0]), mp_per_s=sharp.size / 1e6 / secs,

@@ -28,14 +28,14 @@ def wait_idle(qtbot, dock, timeout: int = TIMEOUT) -> None:
 def make_tiny(dock, epochs: int = 1, steps: int = 4) -> None:
     """Set the Train tab to a network and budget that train in about a second."""
     t = dock.train_tab
-    t.depth.setValue(1)
-    t.channels.setValue(2)
-    t.budget_kind.setCurrentText("epochs")
-    t.budget.setValue(epochs)
-    t.steps_per_epoch.setValue(steps)
-    t.crop.setValue(32)
-    t.batch.setValue(2)
-    t.device.setCurrentText("cpu")
+    t.depth.value = 1
+    t.channels.value = 2
+    t.budget_kind.value = "epochs"
+    t.budget.value = epochs
+    t.steps_per_epoch.value = steps
+    t.crop.value = 32
+    t.batch.value = 2
+    t.device.value = "cpu"
 
 
 @pytest.fixture(scope="session")

@@ -33,9 +33,9 @@ def main(out: str = "docs/screenshot.png") -> None:
     _, dock = viewer.window.add_plugin_dock_widget("napari-coordgate", "CoordGate deblur")
     viewer.open_sample("napari-coordgate", "calibration_pair")
     t = dock.train_tab  # the dock's defaults (network, recipe, sample pair picked by itself), a short budget
-    t.budget_kind.setCurrentText("epochs")
-    t.budget.setValue(6)
-    t.steps_per_epoch.setValue(20)
+    t.budget_kind.value = "epochs"
+    t.budget.value = 6
+    t.steps_per_epoch.value = 20
     t.start_btn.click()
     _wait(dock)
     dock.apply_tab.image.setCurrentText("calibration (blurred)")

@@ -66,7 +66,7 @@ def test_pairs_with_a_wiener_first_stage_train_with_the_chosen_psf_model(viewer_
     t.sharp.setCurrentText("sharp")
     t.blurred.setCurrentText("blurred")
     t.preset.setCurrentText("gaussian")
-    t.prefilter.setCurrentText("wiener")
+    t.prefilter.value = "wiener"
     make_tiny(dock)
     t.start_btn.click()
     wait_idle(qtbot, dock)
@@ -162,7 +162,7 @@ def test_cancel_stops_a_prediction_and_adds_no_layer(viewer_dock, qtbot, tiny_mo
     dock.set_model(tiny_model, "test")
     viewer.add_image(np.broadcast_to(pair64[1], (40, 64, 64)).copy(), name="long")
     dock.apply_tab.image.setCurrentText("long")
-    dock.apply_tab.tile.setValue(8)  # many small tiles: time to cancel
+    dock.apply_tab.tile.value = 8  # many small tiles: time to cancel
     dock.progressed.connect(lambda *_: dock.apply_tab.cancel_btn.click() if dock.state is State.APPLYING else None)
     dock.apply_tab.apply_btn.click()
     wait_idle(qtbot, dock)

@@ -49,10 +49,10 @@ def test_the_docks_default_training_on_the_sample_pair_rises_above_the_blurred_i
     viewer.open_sample("napari-coordgate", "calibration_pair")
     t = dock.train_tab
     assert (t.sharp.currentText(), t.blurred.currentText()) == ("calibration (sharp)", "calibration (blurred)")
-    t.budget_kind.setCurrentText("epochs")
-    t.budget.setValue(4)
-    t.steps_per_epoch.setValue(20)
-    t.device.setCurrentText("cpu")
+    t.budget_kind.value = "epochs"
+    t.budget.value = 4
+    t.steps_per_epoch.value = 20
+    t.device.value = "cpu"
     t.start_btn.click()
     wait_idle(qtbot, dock, timeout=180_000)
     result = dock.last_result
@@ -127,8 +127,8 @@ _FRESH_VIEWER = textwrap.dedent("""
             time.sleep(0.02)
 
     t = dock.train_tab
-    t.depth.setValue(1); t.channels.setValue(2); t.budget_kind.setCurrentText("epochs"); t.budget.setValue(1)
-    t.steps_per_epoch.setValue(3); t.crop.setValue(32); t.batch.setValue(2)
+    t.depth.value = 1; t.channels.value = 2; t.budget_kind.value = "epochs"; t.budget.value = 1
+    t.steps_per_epoch.value = 3; t.crop.value = 32; t.batch.value = 2
     t.start_btn.click(); wait()
     dock.apply_tab.image.setCurrentText("calibration (blurred)")
     dock.apply_tab.apply_btn.click(); wait()

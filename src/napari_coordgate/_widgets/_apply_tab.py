@@ -16,10 +16,12 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_coordgate.config import PredictConfig, parse_roi
+
+from ._form import ConfigForm, known_device
 from ._jobs import ApplyRequest, apply_job, compare_job
 from ._layers import LayerCombo, layer_array, spatial_kwargs
 from ._state import State
-from ._train_tab import DEVICES
 
 NO_CHANNELS = "none"
 
@@ -34,19 +36,15 @@ class ApplyTab(QWidget):
         self.models.setPlaceholderText("current model for every channel")
         self.models.setToolTip("One .cgmodel path per channel, separated by ';' (PSFs depend on wavelength)")
         self.models_btn = QPushButton("…")
-        self.tile = QSpinBox()
-        self.tile.setRange(0, 16384)
-        self.tile.setSpecialValueText("auto")
-        self.tile.setValue(int(dock.settings["tile"]))
-        self.device = QComboBox()
-        self.device.addItems(list(DEVICES))
-        self.device.setCurrentText(dock.settings["device"])
+        # tiling, device, precision, binning: inputs generated from PredictConfig (the CLI's apply flags too)
+        self.predict_form = ConfigForm(PredictConfig, ("tile", "device", "precision", "batch_tiles", "binning"),
+                                       base=PredictConfig(tile=int(dock.settings["tile"]),
+                                                          device=known_device(dock.settings["device"])))
+        for name in ("tile", "device", "precision", "batch_tiles", "binning"):
+            setattr(self, name, getattr(self.predict_form, name))
         self.roi = QLineEdit()
         self.roi.setPlaceholderText("whole field")
         self.roi.setToolTip("Y,X of the image's top-left pixel in the training field (camera ROI), in unbinned pixels")
-        self.binning = QSpinBox()
-        self.binning.setRange(1, 16)
-        self.binning.setToolTip("camera binning of the image relative to the training field")
         self.out_path = QLineEdit()
         self.out_path.setPlaceholderText("in memory (or a .npy / .zarr path for big data)")
         self.apply_btn = QPushButton("Apply")
@@ -63,10 +61,8 @@ class ApplyTab(QWidget):
         form.addRow("image", self.image)
         form.addRow("channel axis", self.channel_axis)
         form.addRow("models per channel", models_row)
-        form.addRow("tile", self.tile)
-        form.addRow("device", self.device)
+        form.addRow(self.predict_form.native)
         form.addRow("ROI in field (Y,X)", self.roi)
-        form.addRow("binning", self.binning)
         form.addRow("output", self.out_path)
         row = QHBoxLayout()
         row.addWidget(self.apply_btn)
@@ -118,18 +114,11 @@ class ApplyTab(QWidget):
             raise ValueError("no model: train one, or load a .cgmodel file in the Model tab")
         out = self.out_path.text().strip() or None
         req = ApplyRequest(image=layer_array(layer), models=paths or [self.dock.model], channel_axis=axis,
-                           tile=self.tile.value() or None, device=self.device.currentText(), out_path=out,
-                           roi=self.roi_value(), binning=self.binning.value())
+                           predict=self.predict_form.config(), out_path=out, roi=self.roi_value())
         return req, layer
 
     def roi_value(self) -> tuple[int, int] | None:
-        text = self.roi.text().strip()
-        if not text:
-            return None
-        parts = text.replace(" ", "").split(",")
-        if len(parts) != 2 or not all(p.isdigit() for p in parts):
-            raise ValueError(f"ROI must be two non-negative integers 'Y,X', got {text!r}")
-        return int(parts[0]), int(parts[1])
+        return parse_roi(self.roi.text())
 
     def apply(self) -> None:
         try:
@@ -184,4 +173,4 @@ class ApplyTab(QWidget):
 
         field_shape = None if model is None else model.field_shape
         self.dock.run_task("compare", compare_job, image, psf, self.iterations.value(), field_shape, roi,
-                           self.binning.value(), state=State.APPLYING, on_returned=done)
+                           self.binning.value, state=State.APPLYING, on_returned=done)

@@ -1,80 +1,86 @@
-"""An editable form generated from a validated config dataclass (bounds and choices from its metadata)."""
+"""Dock inputs generated from the configs through magicgui: one widget per config field, with the field's type,
+bounds or choices, default and help from ``config.py`` (the single source of every option), so a default or a
+range cannot diverge from the CLI's again."""
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
-from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QLineEdit, QSpinBox, QWidget
+from magicgui.widgets import Container, create_widget
+
+from napari_coordgate.config import DEVICES, field_specs
+
+_INT_MAX = 2**31 - 1
 
 
-class ConfigForm(QWidget):
-    """One input per field of a :class:`~napari_coordgate.config.Config`; :meth:`value` validates."""
+def _options(spec) -> dict[str, Any]:
+    opts: dict[str, Any] = {"tooltip": spec.help}
+    if spec.options is not None:
+        opts["choices"] = list(spec.options)
+    elif spec.kind in (int, float):
+        lo = spec.lo if spec.lo is not None else -_INT_MAX
+        hi = spec.hi if spec.hi is not None else _INT_MAX
+        opts["min"], opts["max"] = lo, min(hi, _INT_MAX)
+        if spec.kind is float:
+            opts["step"] = 10 ** (len(str(spec.default).split(".")[-1]) * -1) if spec.default else 0.1
+    return opts
 
-    def __init__(self, cls, fields: Sequence[str] | None = None, parent: QWidget | None = None):
-        super().__init__(parent)
+
+def field_widget(spec, value: Any = None, label: str | None = None):
+    """A magicgui widget for one config field (a :class:`~napari_coordgate.config.FieldSpec`)."""
+    value = spec.default if value is None else value
+    annotation = str if spec.options is not None else spec.kind
+    opts = _options(spec)
+    if spec.device:
+        opts["choices"] = list(dict.fromkeys([*DEVICES, *_gpu_indices(), value]))
+    return create_widget(value=value, annotation=annotation, name=spec.name,
+                         label=label or spec.name.replace("_", " "), options=opts)
+
+
+def known_device(name: str) -> str:
+    """The Preferences' default device if it is a valid one, else auto (a hand-edited settings file)."""
+    return name if name in DEVICES or str(name).startswith("cuda:") else "auto"
+
+
+def _gpu_indices() -> list[str]:
+    """``cuda:N`` for each GPU when there are several (torch is imported by the dock's jobs anyway)."""
+    try:
+        import torch
+
+        n = torch.cuda.device_count()
+    except Exception:  # no torch, or a broken driver: the plain names remain
+        return []
+    return [f"cuda:{i}" for i in range(n)] if n > 1 else []
+
+
+class ConfigForm(Container):
+    """Inputs for some fields of a config class; :meth:`config` validates and returns the config.
+
+    Fields not shown keep the value of the base config (``set_config``).
+    """
+
+    def __init__(self, cls, fields: Sequence[str] | None = None, *, labels: dict[str, str] | None = None,
+                 base=None):
         self._cls = cls
-        self._base = cls()
-        self._inputs: dict[str, QWidget] = {}
-        layout = QFormLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
-        for f in dataclasses.fields(cls):
-            if fields is not None and f.name not in fields:
-                continue
-            w = self._make_input(f)
-            w.setToolTip(f.metadata.get("doc", ""))
-            self._inputs[f.name] = w
-            layout.addRow(f.name, w)
-        self.set_value(self._base)
+        self._base = cls() if base is None else base
+        specs = field_specs(cls, fields)
+        widgets = [field_widget(s, getattr(self._base, s.name), (labels or {}).get(s.name)) for s in specs]
+        super().__init__(widgets=widgets, labels=True)
+        self.margins = (0, 0, 0, 0)
 
-    @staticmethod
-    def _make_input(f: dataclasses.Field) -> QWidget:
-        meta = f.metadata
-        kind = meta.get("kind")
-        if meta.get("options"):
-            w = QComboBox()
-            w.addItems([str(o) for o in meta["options"]])
-            return w
-        if kind is bool:
-            return QCheckBox()
-        if kind is int:
-            w = QSpinBox()
-            w.setRange(int(meta["lo"] if meta.get("lo") is not None else -2**31),
-                       int(min(meta["hi"], 2**31 - 1) if meta.get("hi") is not None else 2**31 - 1))
-            return w
-        if kind is float:
-            w = QDoubleSpinBox()
-            w.setDecimals(3)
-            w.setSingleStep(0.05)
-            w.setRange(meta["lo"] if meta.get("lo") is not None else -1e9,
-                       meta["hi"] if meta.get("hi") is not None else 1e9)
-            return w
-        return QLineEdit()
+    def config(self, **changes: Any):
+        """The validated config from the inputs (``ConfigError`` names the field and its bounds)."""
+        values = {w.name: w.value for w in self}
+        values.update(changes)
+        return self._base.replace(**values)
 
-    def set_value(self, cfg) -> None:
-        """Show ``cfg``; fields not in the form are kept from it when :meth:`value` is called."""
+    def set_config(self, cfg) -> None:
+        """Show ``cfg``; it is also the base for the fields the form does not show."""
         self._base = cfg
-        for name, w in self._inputs.items():
-            v = getattr(cfg, name)
-            if isinstance(w, QComboBox):
-                w.setCurrentText(str(v))
-            elif isinstance(w, QCheckBox):
-                w.setChecked(bool(v))
-            elif isinstance(w, (QSpinBox, QDoubleSpinBox)):
-                w.setValue(v)
-            else:
-                w.setText(str(v))
+        for w in self:
+            w.value = getattr(cfg, w.name)
 
-    def value(self):
-        """The validated config (raises ``ConfigError`` with the field's name and bounds)."""
-        changes = {}
-        for name, w in self._inputs.items():
-            if isinstance(w, QComboBox):
-                changes[name] = w.currentText()
-            elif isinstance(w, QCheckBox):
-                changes[name] = w.isChecked()
-            elif isinstance(w, (QSpinBox, QDoubleSpinBox)):
-                changes[name] = w.value()
-            else:
-                changes[name] = w.text()
-        return self._base.replace(**changes)
+    # the Qt widget to put into a layout
+    @property
+    def qt(self):
+        return self.native

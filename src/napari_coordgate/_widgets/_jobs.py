@@ -13,6 +13,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from napari_coordgate.config import PredictConfig
+
 from ._state import Progress
 
 Report = Callable[[Any], None]
@@ -64,11 +66,9 @@ class ApplyRequest:
     image: Any
     models: list  # SavedModel objects or .cgmodel paths (loaded in the worker)
     channel_axis: int | None = None
-    tile: int | None = None
-    device: str = "auto"
+    predict: PredictConfig = field(default_factory=PredictConfig)  # tiling, device, precision, binning
     out_path: str | None = None  # ``.zarr`` (needs zarr) or ``.npy`` (memory-mapped); None = in memory
     roi: tuple[int, int] | None = None  # (y, x) of the image inside the training field
-    binning: int = 1
 
 
 @dataclass
@@ -147,7 +147,7 @@ def apply_job(req: ApplyRequest, *, report: Report, should_stop: ShouldStop) -> 
             report(Progress("apply", c * total + done, n_ch * total, f"plane {plane} of {n_planes}"))
 
         try:
-            engine.predict(saved, image, roi=req.roi, binning=req.binning, tile=req.tile, device=req.device, out=target,
+            engine.predict(saved, image, roi=req.roi, **req.predict.predict_kwargs(), out=target,
                            on_progress=on_progress, should_stop=should_stop)
         except engine.Cancelled:
             return JobResult(out, cancelled=True)

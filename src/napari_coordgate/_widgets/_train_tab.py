@@ -4,26 +4,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from magicgui.widgets import ComboBox, Container
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import (
     QComboBox,
-    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
     QPushButton,
-    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
-from napari_coordgate.config import PREFILTERS, ConfigError, ModelConfig, TrainConfig
+from napari_coordgate.config import ConfigError, ModelConfig, TrainConfig
 from napari_coordgate.modelio import PSF_SUFFIX
 from napari_coordgate.optics.psf import PSFConfig
 
-from ._form import ConfigForm
+from ._form import ConfigForm, known_device
 from ._jobs import psf_grid_job, train_job
 from ._layers import LayerCombo, layer_array
 from ._plot import PlotCanvas
@@ -33,17 +32,7 @@ from ._state import State
 PAIRS, SIMULATED = "calibration pairs (sharp + blurred layers)", "sharp layers + PSF model"
 PSF_FIELDS = ("model", "na", "wavelength_um", "pixel_size_um", "psf_size", "grid", "defocus", "defocus_h2",
               "astig_h2", "coma_h", "spherical", "sigma_px", "sigma_radial_h2", "sigma_tangential_h2")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
-
-def _spin(lo, hi, value, step=1, decimals=None):
-    w = QDoubleSpinBox() if decimals is not None else QSpinBox()
-    if decimals is not None:
-        w.setDecimals(decimals)
-    w.setRange(lo, hi)
-    w.setSingleStep(step)
-    w.setValue(value)
-    return w
 
 
 class TrainTab(QWidget):
@@ -71,9 +60,9 @@ class TrainTab(QWidget):
         self.psf_box = QGroupBox("Edit PSF parameters")
         self.psf_box.setCheckable(True)
         self.psf_box.setChecked(False)
-        QVBoxLayout(self.psf_box).addWidget(self.psf_form)
-        self.psf_box.toggled.connect(self.psf_form.setVisible)
-        self.psf_form.setVisible(False)
+        QVBoxLayout(self.psf_box).addWidget(self.psf_form.native)
+        self.psf_box.toggled.connect(self.psf_form.native.setVisible)
+        self.psf_form.native.setVisible(False)
         self.grid_btn = QPushButton("Show PSF grid")
         src = QFormLayout()
         src.addRow("source", self.mode)
@@ -89,34 +78,26 @@ class TrainTab(QWidget):
         v.addWidget(self.psf_box)
         v.addWidget(self.grid_btn)
 
-        # model and budget
-        # the CLI's and the recipe benchmark's defaults (benchmarks/README.md)
-        self.depth = _spin(1, 6, 2)
-        self.channels = _spin(1, 256, 16)
-        self.gate = QComboBox()
-        self.gate.addItems(["coordgate", "none", "coordconv"])
-        self.prefilter = QComboBox()
-        self.prefilter.addItems(list(PREFILTERS))
-        self.prefilter.setToolTip("wiener: a first stage of Wiener filters for PSFs across the field, built from "
-                                  "the PSF model above (also with calibration pairs)")
-        self.budget_kind = QComboBox()
-        self.budget_kind.addItems(["minutes", "epochs"])
-        self.budget = _spin(0.1, 10000, 10.0, 0.5, decimals=1)
-        self.steps_per_epoch = _spin(1, 100000, 50)
-        self.crop = _spin(16, 4096, 128, 16)
-        self.batch = _spin(1, 512, 8)
-        self.seed = _spin(0, 2**31 - 1, 0)
-        self.device = QComboBox()
-        self.device.addItems(list(DEVICES))
-        self.device.setCurrentText(dock.settings["device"])
+        # model and budget: inputs generated from the configs (bounds, choices, defaults and help in config.py)
+        self.model_form = ConfigForm(ModelConfig, ("depth", "channels", "gate", "prefilter"),
+                                     labels={"gate": "position gate", "prefilter": "first stage"})
+        self.budget_kind = ComboBox(choices=["minutes", "epochs"], value="minutes", label="budget in")
+        self.train_form = ConfigForm(TrainConfig, ("minutes", "epochs", "steps_per_epoch", "crop", "batch", "seed",
+                                                   "device"),
+                                     labels={"minutes": "budget (minutes)", "epochs": "budget (epochs)"},
+                                     base=TrainConfig(device=known_device(dock.settings["device"])))
+        for name in ("depth", "channels", "gate", "prefilter"):
+            setattr(self, name, getattr(self.model_form, name))
+        for name in ("steps_per_epoch", "crop", "batch", "seed", "device"):
+            setattr(self, name, getattr(self.train_form, name))
         self.device_used = QLabel("-")
-        form = QFormLayout()
-        for label, w in (("depth", self.depth), ("channels", self.channels), ("position gate", self.gate),
-                         ("first stage", self.prefilter),
-                         ("budget in", self.budget_kind), ("budget", self.budget),
-                         ("steps per epoch", self.steps_per_epoch), ("crop", self.crop), ("batch", self.batch),
-                         ("seed", self.seed), ("device", self.device), ("device used", self.device_used)):
-            form.addRow(label, w)
+        form = QVBoxLayout()
+        form.addWidget(self.model_form.native)
+        form.addWidget(Container(widgets=[self.budget_kind], labels=True).native)
+        form.addWidget(self.train_form.native)
+        used = QFormLayout()
+        used.addRow("device used", self.device_used)
+        form.addLayout(used)
         cfg_box = QGroupBox("Model and budget")
         cfg_box.setLayout(form)
 
@@ -135,6 +116,8 @@ class TrainTab(QWidget):
         layout.addLayout(row)
         layout.addWidget(self.plot)
 
+        self.budget_kind.changed.connect(self._budget_kind_changed)
+        self._budget_kind_changed(self.budget_kind.value)
         self.mode.currentTextChanged.connect(self._mode_changed)
         self.preset.currentTextChanged.connect(self._preset_changed)
         self.sharp.currentTextChanged.connect(self._sharp_changed)
@@ -152,6 +135,18 @@ class TrainTab(QWidget):
         self.keep_pair_distinct()
 
     # -- form -----------------------------------------------------------------------------------------
+    @property
+    def budget(self):
+        """The budget input of the chosen kind (minutes or epochs)."""
+        return self.train_form.epochs if self.budget_kind.value == "epochs" else self.train_form.minutes
+
+    def _budget_kind_changed(self, kind: str) -> None:
+        epochs = kind == "epochs"
+        self.train_form.epochs.visible = epochs
+        self.train_form.minutes.visible = not epochs
+        if epochs and self.train_form.epochs.value == 0:
+            self.train_form.epochs.value = 10
+
     def _mode_changed(self, mode: str) -> None:
         self.blurred.setEnabled(mode == PAIRS)
 
@@ -169,7 +164,7 @@ class TrainTab(QWidget):
         model = self._psf_sources.get(name)
         editable = isinstance(model, PSFConfig)
         if editable:
-            self.psf_form.set_value(model)
+            self.psf_form.set_config(model)
         else:
             self.psf_box.setChecked(False)
         self.psf_box.setEnabled(editable)
@@ -186,7 +181,7 @@ class TrainTab(QWidget):
         """The PSF model: the chosen preset or file, with the edited parameters when editing a config is on."""
         model = self._psf_sources[self.preset.currentText()]
         if self.psf_box.isChecked() and isinstance(model, PSFConfig):
-            return self.psf_form.value()
+            return self.psf_form.config()
         return model
 
     def set_psf_model(self, model, label: str | None = None) -> None:
@@ -224,17 +219,12 @@ class TrainTab(QWidget):
             self.load_psf_file(path)
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig(depth=self.depth.value(), channels=self.channels.value(), gate=self.gate.currentText(),
-                           prefilter=self.prefilter.currentText())
+        return self.model_form.config()
 
     def train_config(self) -> TrainConfig:
-        epochs = self.budget_kind.currentText() == "epochs"
-        return TrainConfig(
-            crop=self.crop.value(), batch=self.batch.value(), steps_per_epoch=self.steps_per_epoch.value(),
-            epochs=int(self.budget.value()) if epochs else 0,
-            minutes=2.0 if epochs else float(self.budget.value()),
-            seed=self.seed.value(), device=self.device.currentText(),
-        )
+        if self.budget_kind.value == "epochs":
+            return self.train_form.config()
+        return self.train_form.config(epochs=0)
 
     def source(self):
         """Copies of the chosen layers' data, as an engine source (GUI thread only)."""
@@ -251,7 +241,7 @@ class TrainTab(QWidget):
             raise ValueError(f"sharp and blurred are the same layer ({sharp.name!r}): pick the blurred image of "
                              "the same field, or train from sharp layers and a PSF model")
         # the PSF model travels with the pairs only when the Wiener first stage needs it
-        psf = self.psf_model() if self.prefilter.currentText() != "none" else None
+        psf = self.psf_model() if self.prefilter.value != "none" else None
         return PairSource(layer_array(sharp, copy=False), layer_array(blurred, copy=False), psf=psf)
 
     # -- actions --------------------------------------------------------------------------------------

@@ -1,0 +1,51 @@
+"""The dock's inputs come from the configs: same defaults, ranges and choices as config.py (and the CLI)."""
+
+from __future__ import annotations
+
+import pytest
+
+from napari_coordgate.config import ConfigError, ModelConfig, PredictConfig, TrainConfig, field_specs
+
+
+@pytest.mark.parametrize("tab, form, cls", [("train_tab", "model_form", ModelConfig),
+                                            ("train_tab", "train_form", TrainConfig),
+                                            ("apply_tab", "predict_form", PredictConfig)])
+def test_every_input_has_its_config_fields_default_range_and_choices(viewer_dock, tab, form, cls):
+    _, dock = viewer_dock
+    widgets = {w.name: w for w in getattr(getattr(dock, tab), form)}
+    for spec in field_specs(cls, list(widgets)):
+        w = widgets[spec.name]
+        if spec.name != "device" and not (cls is PredictConfig and spec.name == "tile"):  # from Preferences
+            assert w.value == spec.default, spec.name
+        if spec.options is not None:
+            assert set(spec.options) <= set(w.choices), spec.name
+        elif spec.kind in (int, float):
+            assert (w.min, w.max) == (spec.lo, min(spec.hi, 2**31 - 1)), spec.name
+        assert spec.doc in (w.tooltip or ""), spec.name
+
+
+def test_the_train_tab_builds_its_configs_from_the_forms(viewer_dock):
+    _, dock = viewer_dock
+    t = dock.train_tab
+    t.depth.value, t.gate.value, t.crop.value = 3, "coordconv", 64
+    assert t.model_config() == ModelConfig(depth=3, gate="coordconv")
+    assert t.train_config().crop == 64 and t.train_config().epochs == 0 and t.train_config().minutes == 10.0
+    t.budget_kind.value = "epochs"
+    t.budget.value = 7
+    assert t.train_config().epochs == 7
+    t.budget_kind.value = "minutes"
+    assert t.train_config().epochs == 0
+
+
+def test_the_apply_tab_passes_precision_and_batching_to_the_job(viewer_dock, tiny_model, pair64):
+    viewer, dock = viewer_dock
+    dock.set_model(tiny_model, "test")
+    viewer.add_image(pair64[1], name="raw")
+    tab = dock.apply_tab
+    tab.image.setCurrentText("raw")
+    tab.precision.value, tab.batch_tiles.value, tab.tile.value = "bf16", 4, 32
+    req, _ = tab.request()
+    assert req.predict == PredictConfig(tile=32, device=tab.device.value, precision="bf16", batch_tiles=4)
+    tab.roi.setText("1,x")
+    with pytest.raises(ConfigError, match="'Y,X'"):
+        tab.request()
