@@ -18,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .coords import field_axis
+
 __all__ = [
     "RINGS",
     "psnr",
@@ -83,8 +85,8 @@ def field_radius(shape: Sequence[int], field_shape: Sequence[int] | None = None,
     """Per-axis field radius of every pixel of an (H, W) image placed at ``offset`` in the field."""
     h, w = int(shape[0]), int(shape[1])
     fh, fw = (h, w) if field_shape is None else (int(field_shape[0]), int(field_shape[1]))
-    y = (2.0 * (np.arange(h) + offset[0]) - (fh - 1)) / max(fh - 1, 1)
-    x = (2.0 * (np.arange(w) + offset[1]) - (fw - 1)) / max(fw - 1, 1)
+    y = field_axis(fh, offset[0], h)
+    x = field_axis(fw, offset[1], w)
     return np.sqrt(y[:, None] ** 2 + x[None, :] ** 2)
 
 

@@ -18,19 +18,19 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
+
+from ..coords import field_axis
 
 __all__ = ["field_coordinates", "CoordGate", "coordinate_mlp"]
 
 
 def _axis(n_field: int, offsets: torch.Tensor, length: int, level: int, dtype, device) -> torch.Tensor:
-    """Normalised centre coordinates along one axis, shape (B, length)."""
-    step = 2**level
-    q = torch.arange(length, device=device, dtype=torch.float64)
-    p = offsets.to(device=device, dtype=torch.float64)[:, None] + step * q[None, :] + (step - 1) / 2.0
-    denom = max(n_field - 1, 1)
-    return ((2.0 * p - (n_field - 1)) / denom).to(dtype)
+    """Normalised centre coordinates along one axis, shape (B, length) (the formula: ``coords.field_axis``)."""
+    rows = [field_axis(n_field, float(o), length, 2**level) for o in offsets.tolist()]
+    return torch.from_numpy(np.stack(rows)).to(device=device, dtype=dtype)
 
 
 def field_coordinates(

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from scipy.fft import next_fast_len
 
+from napari_coordgate.coords import field_axis
 from napari_coordgate.devices import resolve_device
 from napari_coordgate.optics.psf import grid_positions
 from napari_coordgate.optics.psfmodel import PSFModel, get_psf_model
@@ -111,7 +112,7 @@ def normalized_coordinates(n: int) -> np.ndarray:
         ``(2 p - (n - 1)) / (n - 1)`` for ``p = 0 .. n - 1``: -1 and 1 at the outer pixel centres, 0 for
         ``n = 1``.
     """
-    return (2.0 * np.arange(n) - (n - 1)) / max(n - 1, 1)
+    return field_axis(n)
 
 
 def _reflect_index(n: int, pad: int) -> np.ndarray:
