@@ -171,3 +171,30 @@ def _tent(t: np.ndarray, k: int) -> np.ndarray:
 def fake_psf() -> GaussianGridPSF:
     """A 3 x 3 grid-of-Gaussians PSF model (9 px PSFs) that widens toward the right and the bottom."""
     return GaussianGridPSF([[0.8, 1.2, 1.8], [1.0, 1.4, 2.0], [1.2, 1.6, 2.4]], psf_size=9, name="fake beads")
+
+
+@pytest.fixture(scope="session")
+def pair64():
+    """A 64 x 64 sharp/blurred pair with the gaussian preset."""
+    from napari_coordgate.optics.blur import SpatiallyVaryingBlur
+    from napari_coordgate.specimens import procedural_specimen
+
+    sharp = procedural_specimen((64, 64), seed=3)
+    blurred = SpatiallyVaryingBlur("gaussian", (64, 64)).forward(sharp)
+    return sharp, blurred.astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(pair64):
+    """A depth-2 CoordGate model trained for a few steps on the 64 x 64 pair (trained once per session).
+
+    Trained in a separate process, as the dock does: this process holds viewers (see napari_coordgate.isolate).
+    """
+    from napari_coordgate import engine
+    from napari_coordgate.config import ModelConfig, TrainConfig
+    from napari_coordgate.isolate import train_isolated
+
+    result = train_isolated(ModelConfig(depth=2, channels=4), TrainConfig(crop=32, batch=2, epochs=1,
+                            steps_per_epoch=3, device="cpu"), engine.PairSource(*pair64),
+                            report=lambda u: None, should_stop=lambda: False)
+    return result.saved

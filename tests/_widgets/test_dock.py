@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from conftest import TIMEOUT, make_tiny, wait_idle
 
-from napari_coordgate._widgets._state import State
 from napari_coordgate._widgets._train_tab import SIMULATED
+from napari_coordgate.dockstate import State
 
 
 def _notifications():

@@ -17,11 +17,11 @@ from qtpy.QtWidgets import (
 )
 
 from napari_coordgate.config import PredictConfig, parse_roi
+from napari_coordgate.dockstate import State
+from napari_coordgate.jobs import ApplyRequest, apply_job, compare_job
 
 from ._form import ConfigForm, known_device
-from ._jobs import ApplyRequest, apply_job, compare_job
 from ._layers import LayerCombo, layer_array, spatial_kwargs
-from ._state import State
 
 NO_CHANNELS = "none"
 

@@ -1,6 +1,6 @@
 """The "CoordGate deblur" dock: Model, Train, Apply and Evaluate tabs around one task runner.
 
-The dock owns the state (a :class:`~._state.State`), the current model and the runner; tabs are forms
+The dock owns the state (a :class:`~napari_coordgate.dockstate.State`), the current model and the runner; tabs are forms
 that build configs, copy layer data on the GUI thread and call :meth:`CoordGateDock.run_task`.
 """
 
@@ -12,16 +12,16 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QLabel, QProgressBar, QTabWidget, QVBoxLayout, QWidget
 
+from napari_coordgate.dockstate import Progress, State, enabled_actions
+from napari_coordgate.jobs import load_job
 from napari_coordgate.modelio import MODEL_SUFFIX
 
 from ._apply_tab import ApplyTab
 from ._eval_tab import EvaluateTab
-from ._jobs import load_job
 from ._layers import LayerCombo
 from ._model_tab import ModelTab
 from ._runner import TaskRunner
 from ._settings import read_settings
-from ._state import Progress, State, enabled_actions
 from ._train_tab import TrainTab
 
 

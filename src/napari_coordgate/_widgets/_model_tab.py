@@ -7,9 +7,9 @@ from pathlib import Path
 from napari.utils.notifications import show_info
 from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
+from napari_coordgate.jobs import save_job
 from napari_coordgate.modelio import MODEL_SUFFIX
 
-from ._jobs import save_job
 from ._settings import remember_folder
 
 FILTER = f"CoordGate model (*{MODEL_SUFFIX})"

@@ -19,15 +19,15 @@ from qtpy.QtWidgets import (
 )
 
 from napari_coordgate.config import ConfigError, ModelConfig, TrainConfig
+from napari_coordgate.dockstate import State
+from napari_coordgate.jobs import psf_grid_job, train_job
 from napari_coordgate.modelio import PSF_SUFFIX
 from napari_coordgate.optics.psf import PSFConfig
 
 from ._form import ConfigForm, known_device
-from ._jobs import psf_grid_job, train_job
 from ._layers import LayerCombo, layer_array
 from ._plot import PlotCanvas
 from ._settings import remember_folder
-from ._state import State
 
 PAIRS, SIMULATED = "calibration pairs (sharp + blurred layers)", "sharp layers + PSF model"
 PSF_FIELDS = ("model", "na", "wavelength_um", "pixel_size_um", "psf_size", "grid", "defocus", "defocus_h2",

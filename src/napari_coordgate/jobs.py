@@ -1,7 +1,7 @@
 """What the dock's workers run: thin calls into the engine with typed progress. No Qt, no layers.
 
 Every job takes plain arrays and configs (copied on the GUI thread, or lazy dask arrays that are only
-read window by window), a ``report`` callable that receives :class:`~._state.Progress` or engine
+read window by window), a ``report`` callable that receives :class:`~napari_coordgate.dockstate.Progress` or engine
 :class:`~napari_coordgate.engine.Update` messages, and a ``should_stop`` callable checked between steps.
 """
 
@@ -13,9 +13,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from napari_coordgate.config import PredictConfig
-
-from ._state import Progress
+from .config import PredictConfig
+from .dockstate import Progress
 
 Report = Callable[[Any], None]
 ShouldStop = Callable[[], bool]
