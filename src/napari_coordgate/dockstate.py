@@ -19,7 +19,7 @@ class State(Enum):
 NEEDS_MODEL = frozenset({"save", "apply", "gates"})
 
 _ENABLED = MappingProxyType({
-    State.IDLE: frozenset({"train", "load", "save", "apply", "compare", "evaluate", "gates", "psf_grid"}),
+    State.IDLE: frozenset({"train", "load", "sample", "save", "apply", "compare", "evaluate", "gates", "psf_grid"}),
     State.BUSY: frozenset(),
     State.TRAINING: frozenset({"stop"}),
     State.APPLYING: frozenset({"cancel"}),

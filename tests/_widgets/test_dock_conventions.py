@@ -32,3 +32,36 @@ def test_the_preferences_device_and_tile_are_the_docks_defaults(make_napari_view
     _, dock = viewer.window.add_plugin_dock_widget("napari-coordgate", "CoordGate deblur")
     assert dock.train_tab.device.value == "cpu" and dock.apply_tab.device.value == "cpu"
     assert dock.apply_tab.tile.value == 96 and dock.settings["model_folder"] == "/x"
+
+
+def test_opening_a_model_file_in_the_viewer_opens_the_dock_and_loads_it(make_napari_viewer, qtbot, tiny_model,
+                                                                         tmp_path):
+    from napari_coordgate.modelio import save_model
+
+    viewer = make_napari_viewer(show=True)
+    path = save_model(tmp_path / "opened", tiny_model)
+    viewer.open(str(path), plugin="napari-coordgate")
+    dock = viewer.window.dock_widgets["CoordGate deblur (napari-coordgate)"]
+    wait_idle(qtbot, dock)
+    assert dock.model is not None and dock.model_origin == str(path)
+    assert len(viewer.layers) == 0
+    viewer.open(str(path), plugin="napari-coordgate")  # a second file goes to the same dock
+    assert viewer.window.dock_widgets["CoordGate deblur (napari-coordgate)"] is dock
+    wait_idle(qtbot, dock)
+
+
+def test_a_long_job_reports_through_napari_progress_as_well(viewer_dock, qtbot, tiny_model, pair64):
+    import numpy as np
+    from napari.utils import progress
+
+    viewer, dock = viewer_dock
+    dock.set_model(tiny_model, "test")
+    viewer.add_image(np.broadcast_to(pair64[1], (3, 64, 64)).copy(), name="stack")
+    dock.apply_tab.image.setCurrentText("stack")
+    seen = []
+    dock.progressed.connect(lambda *_: seen.append((dock.activity.desc, dock.activity.n, dock.activity.total)
+                                                   if dock.activity is not None else None))
+    dock.apply_tab.apply_btn.click()
+    wait_idle(qtbot, dock)
+    assert seen and seen[-1][0] == "CoordGate apply" and seen[-1][1] == seen[-1][2]
+    assert dock.activity is None and not any(p.desc.startswith("CoordGate") for p in progress._all_instances)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QLabel, QProgressBar, QTabWidget, QVBoxLayout, QWidget
@@ -42,6 +43,7 @@ class CoordGateDock(QWidget):
         self.model_origin = ""
         self.last_result = None
         self.runner = TaskRunner()
+        self.activity = None  # napari.utils.progress of the running task
         self._pending: Callable[[Any], None] | None = None
         # a plain-Python receiver: it still runs when the viewer closing deletes this widget
         self.destroyed.connect(self.runner.shutdown)
@@ -110,6 +112,8 @@ class CoordGateDock(QWidget):
         self._pending = on_returned
         self.progress.setRange(0, 0)  # busy until the first progress message
         self.status.setText(f"{name}…")
+        # napari's own progress (the activity dock) mirrors the dock's bar
+        self.activity = progress(total=0, desc=f"CoordGate {name}")
         self.set_state(state)
         return self.runner.start(self, name, fn, *args, on_message=self._on_message,
                                  on_returned=self._on_returned, on_errored=self._on_errored,
@@ -123,6 +127,11 @@ class CoordGateDock(QWidget):
             self.set_state(State.STOPPING)
 
     def _on_message(self, msg: Any) -> None:
+        done, total = (msg.done, max(msg.total, 1)) if isinstance(msg, Progress) else (int(1000 * msg.progress), 1000)
+        if self.activity is not None:
+            self.activity.total = total
+            self.activity.n = done
+            self.activity.refresh()
         if isinstance(msg, Progress):
             self.progress.setRange(0, max(msg.total, 1))
             self.progress.setValue(msg.done)
@@ -152,6 +161,9 @@ class CoordGateDock(QWidget):
         self.task_failed.emit(str(exc))
 
     def _on_finished(self) -> None:
+        if self.activity is not None:
+            self.activity.close()
+            self.activity = None
         self.progress.setRange(0, 1)
         self.progress.setValue(1 if not self.status.text().startswith("failed") else 0)
         if not self.status.text().startswith("failed"):

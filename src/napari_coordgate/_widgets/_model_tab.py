@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from napari.utils.notifications import show_info
+from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from napari_coordgate.jobs import save_job
@@ -69,20 +69,36 @@ class ModelTab(QWidget):
         self.info.setWordWrap(True)
         self.load_btn = QPushButton("Load model…")
         self.save_btn = QPushButton("Save model…")
+        self.sample_btn = QPushButton("Sample model")
+        self.sample_btn.setToolTip("A model shipped with the plugin, trained on the synthetic sample pair only "
+                                   "(File > Open Sample > CoordGate deblur): Apply and Evaluate at once, no training")
         self.load_btn.clicked.connect(self._choose_and_load)
         self.save_btn.clicked.connect(self._choose_and_save)
+        self.sample_btn.clicked.connect(self.load_sample_model)
         row = QHBoxLayout()
         row.addWidget(self.load_btn)
         row.addWidget(self.save_btn)
+        row.addWidget(self.sample_btn)
         layout = QVBoxLayout(self)
         layout.addLayout(row)
         layout.addWidget(self.info)
         layout.addStretch(1)
-        self.actions = {"load": self.load_btn, "save": self.save_btn}
+        self.actions = {"load": self.load_btn, "save": self.save_btn, "sample": self.sample_btn}
 
     def show_model(self, saved, origin: str) -> None:
         rows = "".join(f"<tr><td><b>{k}</b></td><td>{v}</td></tr>" for k, v in model_summary(saved, origin))
         self.info.setText(f"<table>{rows}</table>")
+
+    def load_sample_model(self) -> None:
+        """Load the model shipped for the bundled sample optics (synthetic; not a real microscope's)."""
+        from napari_coordgate._sample_model import sample_model_path
+
+        try:
+            path = sample_model_path()
+        except FileNotFoundError as exc:
+            show_error(f"CoordGate: {exc}")
+            return
+        self.dock.load_model_file(str(path))
 
     def _choose_and_load(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Load CoordGate model", self.dock.settings["model_folder"],
