@@ -1,0 +1,639 @@
+"""BioImage Model Zoo (bioimage.io) packages: export a model, load a package this tool exported.
+
+:func:`export_package` writes a zip that follows the current bioimage.io model description (format 0.5.x; the
+description is built and validated with ``bioimageio.spec``, the optional extra ``napari-coordgate[bioimageio]``):
+
+- two inputs: ``image`` (batch, channel, y, x) and ``coords`` (batch, channel = x then y, y, x), the normalised
+  field coordinates of every pixel (:func:`napari_coordgate.nn.field_coordinates`), so a consumer that tiles
+  the image tiles the coordinates with it and every tile is gated for its place in the field;
+- two outputs: ``restored`` and ``coords_echo`` (the coordinates passed through). A bioimage.io consumer pads
+  and tiles an input by the halo of an output that refers to it, so the echo output is what makes it pad and
+  tile the coordinates like the image;
+- weights as ``pytorch_state_dict`` with a self-contained architecture file (``coordgate_unet.py``, copied from
+  :mod:`napari_coordgate._bioimageio_arch`; it imports only torch) and as ``torchscript`` (scripted, because the
+  network finds the unpadded part of its input from the coordinates, which tracing cannot record);
+- test input and output tensors computed by the exported network, a README with the CoordGate citation, the
+  training provenance, the field and the PSF model, and the original ``.cgmodel`` file as an attachment.
+
+The intensity normalisation (offset/scale) lives inside the network, not in pre/postprocessing: the network
+computes ``(x - offset) / scale`` and ``y * scale + offset`` exactly as :func:`napari_coordgate.engine.predict`
+does (bioimage.io's ``scale_linear`` would compute ``x * (1/scale) + (-offset/scale)``, a different rounding), and
+a consumer that runs the weights without the description's processing (a TorchScript runtime, a Java tool)
+still gets output in the units of the training images.
+
+:func:`load_package` reads a package back (the ``.cgmodel`` attachment: safetensors + JSON, nothing unpickled)
+and refuses, with a one-line reason, a package that another tool made: running it would mean running its
+architecture code and unpickling its weights.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .modelio import MODEL_SUFFIX, ModelFileError, SavedModel, existing_file, load_model, save_model
+
+__all__ = ["PACKAGE_FORMAT", "PackageError", "describe_package", "export_package", "is_package", "load_package"]
+
+PACKAGE_FORMAT = "napari-coordgate-bioimageio"
+PACKAGE_SCHEMA_VERSION = 1
+ARCH_FILE = "coordgate_unet.py"
+ARCH_CALLABLE = "CoordGateUNet"
+MODEL_FILE = "model" + MODEL_SUFFIX
+FORMAT_VERSION = "0.5.12"  # the bioimage.io model format written (and validated with bioimageio.spec 0.5.12)
+_RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
+_TEST_SIDE = 256  # test tensors: a crop of at most this side from the field's centre
+COORDGATE_DOI = "10.48550/arXiv.2401.04680"
+COORDGATE_CITATION = (
+    "Howard, Norreys & Döpp, CoordGate: Efficiently Computing Spatially-Varying Convolutions in "
+    "Convolutional Neural Networks, arXiv:2401.04680"
+)
+
+
+class PackageError(ModelFileError):
+    """A bioimage.io package cannot be written or read (or was made by another tool)."""
+
+
+# -- export ---------------------------------------------------------------------------------------------------
+def arch_kwargs(saved: SavedModel) -> dict[str, Any]:
+    """Keyword arguments of the architecture file's ``CoordGateUNet`` for ``saved``."""
+    cfg = saved.config
+    return {
+        "depth": int(cfg.depth),
+        "level_channels": [int(c) for c in cfg.level_channels()],
+        "gate": cfg.gate,
+        "gate_hidden": int(cfg.gate_hidden),
+        "gate_layers": int(cfg.gate_layers),
+        "gate_activation": cfg.gate_activation,
+        "residual": bool(cfg.residual),
+        "prefilter_channels": int(cfg.prefilter_channels),
+        "prefilter_size": int(cfg.prefilter_size),
+        "in_channels": int(cfg.in_channels),
+        "out_channels": int(cfg.out_channels),
+        "offset": float(saved.normalization["offset"]),
+        "scale": float(saved.normalization["scale"]),
+    }
+
+
+def _architecture_source() -> str:
+    return (Path(__file__).parent / "_bioimageio_arch.py").read_text(encoding="utf-8")
+
+
+def _standalone_network(saved: SavedModel):
+    """The exported network (architecture file + the model's state dict, keys unchanged), on CPU, eval."""
+    import torch
+
+    from ._bioimageio_arch import CoordGateUNet
+
+    net = CoordGateUNet(**arch_kwargs(saved))
+    state = {k: v.detach().to("cpu") for k, v in saved.model.state_dict().items()}
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # a network this module does not know how to export
+        raise PackageError(f"the model's weights do not fit the exported architecture: {exc}") from None
+    return net.eval().to(torch.float32)
+
+
+def _synthetic_field(shape: tuple[int, int], channels: int, norm: dict) -> np.ndarray:
+    """A deterministic test image: blurred blobs and a gradient, spanning the model's normalisation range."""
+    rng = np.random.default_rng(0)
+    H, W = shape
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
+    img = 0.1 + 0.2 * (xx / max(W - 1, 1))
+    for _ in range(max(8, H * W // 400)):
+        cy, cx = rng.uniform(0, H), rng.uniform(0, W)
+        s = rng.uniform(1.0, 4.0)
+        img = img + rng.uniform(0.2, 0.8) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
+    img = np.clip(img, 0.0, 1.2)
+    img = norm["offset"] + norm["scale"] * img
+    return np.repeat(img[None], channels, axis=0).astype(np.float32)
+
+
+def _test_crop(saved: SavedModel, test_input) -> tuple[np.ndarray, np.ndarray]:
+    """Test tensors: (1, C, h, w) image and (1, 2, h, w) coordinates of a centre crop of the field."""
+    from .nn.coordgate import field_coordinates
+
+    cfg = saved.config
+    H, W = (int(s) for s in saved.field_shape)
+    m = cfg.min_size
+    if test_input is None:
+        field = None
+    else:
+        field = np.asarray(test_input)
+        if field.ndim == 2:
+            field = field[None]
+        if field.ndim != 3 or field.shape[0] != cfg.in_channels or field.shape[1:] != (H, W):
+            want = f"{H}x{W}" if cfg.in_channels == 1 else f"({cfg.in_channels}, {H}, {W})"
+            raise ValueError(
+                f"test_input must be an image of the training field's shape {want} (the test tensor is cut from "
+                f"its centre); got shape {tuple(np.shape(test_input))}"
+            )
+        if not np.issubdtype(field.dtype, np.number) or np.issubdtype(field.dtype, np.complexfloating):
+            raise ValueError(f"test_input must hold grey values, got dtype {field.dtype}")
+        if not np.isfinite(field).all():
+            raise ValueError("test_input contains NaN or Inf values")
+    h, w = min(H, _TEST_SIDE) // m * m, min(W, _TEST_SIDE) // m * m
+    if h < m or w < m:
+        raise PackageError(f"the {H}x{W} field is smaller than the network's minimum {m}x{m}")
+    oy, ox = (H - h) // 2 // m * m, (W - w) // 2 // m * m
+    if field is None:
+        img = _synthetic_field((h, w), cfg.in_channels, saved.normalization)
+    else:
+        img = field[:, oy : oy + h, ox : ox + w].astype(np.float32)
+    coords = field_coordinates((H, W), (oy, ox), (h, w)).numpy().astype(np.float32)
+    return img[None], coords[None]
+
+
+def _psf_text(psf) -> str:
+    if psf is None:
+        return "No PSF model is stored with this model (it was trained on calibration pairs without one)."
+    if hasattr(psf, "describe"):
+        lines = [str(psf.describe())]
+        record = None
+        if hasattr(psf, "to_record"):
+            try:
+                record = psf.to_record()
+            except (TypeError, ValueError, AttributeError, NotImplementedError):  # the docs must not fail an export
+                record = None
+        arrays = {}
+        if isinstance(record, tuple):
+            record, arrays = record[0], (record[1] if len(record) > 1 and isinstance(record[1], dict) else {})
+        if isinstance(record, dict):
+            lines += ["", "```json", json.dumps(record, indent=2, sort_keys=True, default=str), "```"]
+        if arrays:
+            lines += ["", f"Its arrays ({', '.join(sorted(arrays))}) are stored in the attached `{MODEL_FILE}`."]
+        return "\n".join(lines)
+    if isinstance(psf, dict):
+        kind = psf.get("kind", "psf")
+        name = psf.get("name")
+        head = f"PSF config ({kind}{', ' + repr(name) if name else ''}) the training pairs were simulated from:"
+        return "\n".join([head, "", "```json", json.dumps(psf, indent=2, sort_keys=True, default=str), "```"])
+    return f"PSF model: {psf!r}"
+
+
+def _documentation(saved: SavedModel, name: str, halo: int, min_side: int, test_shape, created: str) -> str:
+    cfg = saved.config
+    H, W = (int(s) for s in saved.field_shape)
+    m = cfg.min_size
+    norm = saved.normalization
+    gate = {"coordgate": "CoordGate", "coordconv": "CoordConv", "none": "plain (no position input)"}[cfg.gate]
+    first = " with a Wiener first stage" if cfg.prefilter_channels else ""
+    prov = json.dumps(saved.provenance or {}, indent=2, sort_keys=True, default=str)
+    return f"""# {name}
+
+Deblurring network exported by napari-coordgate {__version__} ({created}): a {gate} U-Net with {cfg.depth}
+resolution level(s){first}, trained to undo the spatially varying blur of one microscope. It restores images of
+that microscope's {H} x {W} pixel field (or regions of it); the gate of every pixel depends on where the pixel lies
+in that field.
+
+## Inputs
+
+- `image` (batch, channel, y, x), float32: the raw image, in the intensity units of the training images. The
+  network normalises it itself (`(image - {norm['offset']!r}) / {norm['scale']!r}`) and maps its output back, so
+  no pre- or postprocessing is needed; do not rescale the image.
+- `coords` (batch, channel, y, x) with channel 0 = x (column) and channel 1 = y (row), float32: the position of
+  every pixel in the {H} x {W} training field, each axis normalised to [-1, 1] at pixel centres:
+
+  ```
+  x = (2 * column - ({W} - 1)) / ({W} - 1)        y = (2 * row - ({H} - 1)) / ({H} - 1)
+  ```
+
+  where `row, column` are the pixel's indices in the full field. For an image of the whole field:
+
+  ```python
+  import numpy as np
+  H, W = {H}, {W}
+  y, x = np.meshgrid((2 * np.arange(H) - (H - 1)) / max(H - 1, 1),
+                     (2 * np.arange(W) - (W - 1)) / max(W - 1, 1), indexing="ij")
+  coords = np.stack([x, y])[None].astype(np.float32)   # (1, 2, H, W)
+  ```
+
+  For a region of interest starting at (row0, col0) of the field, use `np.arange(row0, row0 + h)` and
+  `np.arange(col0, col0 + w)` instead; for an image binned B x B, the field is `H / B` x `W / B` pixels.
+
+## Outputs
+
+- `restored` (batch, channel, y, x): the deblurred image, same shape and units as `image`.
+- `coords_echo`: `coords` passed through. Ignore it: it exists so that bioimage.io tools pad and tile the
+  coordinates exactly as they pad and tile the image (a tool pads an input by the halo of an output that refers
+  to it).
+
+## Tiles, halo and sizes
+
+- Any image of at least {m} x {m} pixels runs whole. Tiles for the description's tiling
+  (`min` {min_side} + n x {m} pixels per side, halo {halo}): a tile must come with the same tile of `coords`.
+- Halo: {halo} pixels (the network's receptive radius, rounded up to {m}); crop it from every tile's output.
+- Tiles whose top-left corner lies on a multiple of {m} pixels of the image give the whole image's output inside
+  their halo. Other tiles see a shifted pooling grid and differ slightly (they are correct for their own grid).
+- At the image border a tool pads the inputs; the network recognises the padding from the coordinates (they stop
+  forming an increasing grid), runs on the unpadded part and pads its output back, so border tiles give what the
+  image without padding gives. Pad with `symmetric`, `reflect` or `edge` (bioimage.io's default is symmetric);
+  constant padding can be mistaken for one extra pixel.
+
+## Field
+
+Field coordinates refer to the {H} x {W} pixel (rows x columns) sensor frame the model was trained on.
+
+## PSF model
+
+{_psf_text(saved.psf)}
+
+## Training provenance
+
+```json
+{prov}
+```
+
+Network config (napari-coordgate `ModelConfig`):
+
+```json
+{cfg.to_json()}
+```
+
+Test tensors: a {test_shape[0]} x {test_shape[1]} crop from the centre of the field and its coordinates.
+
+## Citation
+
+If you use this model, cite CoordGate: {COORDGATE_CITATION} (https://arxiv.org/abs/2401.04680).
+
+## napari-coordgate
+
+`napari-coordgate apply -m PACKAGE.zip ...` (or the Model tab) loads this package back exactly: it holds the
+original `{MODEL_FILE}` as an attachment.
+"""
+
+
+def _require_spec():
+    try:
+        import bioimageio.spec  # noqa: F401
+    except ImportError:
+        raise PackageError(
+            "exporting a bioimage.io package needs bioimageio.spec: pip install 'napari-coordgate[bioimageio]'"
+        ) from None
+
+
+def export_package(model: SavedModel | str | os.PathLike, out_zip: str | os.PathLike, *, test_input=None) -> Path:
+    """Write a bioimage.io model package (zip) of a napari-coordgate model.
+
+    Parameters
+    ----------
+    model
+        A :class:`~napari_coordgate.modelio.SavedModel` or the path of a ``.cgmodel`` file.
+    out_zip
+        Where to write the package (``.zip`` is added if missing); written atomically.
+    test_input
+        Optional image of the training field's shape ((H, W), or (C, H, W) for several channels) from whose
+        centre the test tensor is cut (at most 256 x 256 pixels); by default a synthetic image in the model's
+        intensity range.
+
+    Returns
+    -------
+    Path
+        The package written.
+
+    Raises
+    ------
+    PackageError
+        ``bioimageio.spec`` is missing, or the description does not validate.
+    """
+    _require_spec()
+    import torch
+
+    from .engine import receptive_halo
+
+    if isinstance(model, SavedModel):
+        saved, source_file = model, None
+    else:
+        source_file = existing_file(model)
+        saved = load_model(source_file)
+    out = Path(out_zip)
+    if out.suffix.lower() != ".zip":
+        out = out.with_name(out.name + ".zip")
+    if not (out.parent if str(out.parent) else Path(".")).is_dir():
+        raise PackageError(f"cannot write {out}: folder {out.parent} does not exist")
+    cfg = saved.config
+    H, W = (int(s) for s in saved.field_shape)
+    halo = receptive_halo(cfg)
+    m = cfg.min_size
+    # bioimage.io: a tile keeps at least one output pixel inside its halo; + m: tiles of min + n pixels, n a
+    # multiple of m, keep their cores (and so their starts) on the pooling grid
+    min_side = 2 * halo + m
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    gate_name = {"coordgate": "CoordGate", "coordconv": "CoordConv", "none": "plain"}[cfg.gate]
+    name = f"napari-coordgate {gate_name} U-Net({cfg.depth}) deblurring ({H}x{W} field)"
+
+    net = _standalone_network(saved)
+    image, coords = _test_crop(saved, test_input)
+    with torch.no_grad():
+        restored, echo = net(torch.from_numpy(image), torch.from_numpy(coords))
+    restored, echo = restored.numpy(), echo.numpy()
+
+    with tempfile.TemporaryDirectory(prefix="coordgate-bioimageio-") as tmp:
+        d = Path(tmp)
+        (d / ARCH_FILE).write_text(_architecture_source(), encoding="utf-8")
+        torch.save(net.state_dict(), d / "weights.pt")
+        with warnings.catch_warnings():
+            # torch >= 2.10 deprecates TorchScript, but it is the bioimage.io weights format Java tools run
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit")
+            torch.jit.script(net).save(str(d / "weights_torchscript.pt"))
+        for fname, arr in (("test_input_image.npy", image), ("test_input_coords.npy", coords),
+                           ("test_output_restored.npy", restored), ("test_output_coords_echo.npy", echo)):
+            np.save(d / fname, arr)
+        if source_file is not None:
+            shutil.copyfile(source_file, d / MODEL_FILE)
+        else:
+            save_model(d / MODEL_FILE, saved)
+        (d / "README.md").write_text(
+            _documentation(saved, name, halo, min_side, image.shape[-2:], created), encoding="utf-8"
+        )
+        rdf = _rdf(saved, d, name, halo, min_side, torch.__version__)
+        _validate(rdf, d)
+        _write_zip(rdf, d, out)
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _rdf(saved: SavedModel, d: Path, name: str, halo: int, min_side: int, torch_version: str) -> dict:
+    """The bioimage.io model description (model format :data:`FORMAT_VERSION`) of the files in folder ``d``.
+
+    Written as plain YAML data and validated by ``bioimageio.spec`` (:func:`_validate`) rather than serialised
+    from its pydantic classes: ``bioimageio.spec``'s packaging serialiser fails under pydantic >= 2.14 (it passes
+    its ``SerializationInfo`` where pydantic now requires an index key), while its validation works.
+    """
+    cfg = saved.config
+    H, W = (int(v) for v in saved.field_shape)
+    version = torch_version.split("+")[0]
+    in_names = ["raw"] if cfg.in_channels == 1 else [f"raw{i}" for i in range(cfg.in_channels)]
+    out_names = ["restored"] if cfg.out_channels == 1 else [f"restored{i}" for i in range(cfg.out_channels)]
+
+    def file(fname: str) -> dict:
+        return {"source": fname, "sha256": _sha256(d / fname)}
+
+    def tile(axis: str) -> dict:
+        # step 1: the network takes any size (it pads to its pooling multiple itself), and bioimageio.core refuses
+        # an image whose size is not min + n * step. coords cannot refer to the image's size (only an axis of
+        # independent size can be referred to, and the echo output refers to coords): the same min/step give both
+        # inputs the same size for every tile parameter
+        return {"type": "space", "id": axis, "size": {"min": min_side, "step": 1}}
+
+    def out_axis(axis: str, tensor: str) -> dict:
+        return {"type": "space", "id": axis, "halo": halo, "size": {"tensor_id": tensor, "axis_id": axis}}
+
+    def float32() -> dict:
+        return {"type": "float32"}  # a new dict each time: YAML would otherwise write anchors and aliases
+
+    return {
+        "type": "model",
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "description": (
+            f"Position-aware deblurring of one microscope's spatially varying blur ({cfg.gate}, depth {cfg.depth}); "
+            f"inputs: the image and the field coordinates of its pixels (x, y in [-1, 1] over the {H}x{W} "
+            "training field)."
+        ),
+        "authors": [{"name": "napari-coordgate user"}],
+        "cite": [{"text": COORDGATE_CITATION, "doi": COORDGATE_DOI}],
+        "license": "BSD-3-Clause",
+        "documentation": file("README.md"),
+        "tags": ["deblurring", "deconvolution", "spatially-varying", "coordgate", "u-net", "napari-coordgate"],
+        "inputs": [
+            {
+                "id": "image",
+                "description": "raw image in the training images' units (normalised inside the network)",
+                "axes": [{"type": "batch"}, {"type": "channel", "channel_names": in_names}, tile("y"), tile("x")],
+                "data": float32(),
+                "test_tensor": file("test_input_image.npy"),
+            },
+            {
+                "id": "coords",
+                "description": f"field coordinates (x, y in [-1, 1] over the {H}x{W} field) of every image pixel",
+                "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["x", "y"]}, tile("y"), tile("x")],
+                "data": float32(),
+                "test_tensor": file("test_input_coords.npy"),
+            },
+        ],
+        "outputs": [
+            {
+                "id": "restored",
+                "description": "deblurred image, same units as the input image",
+                "axes": [{"type": "batch"}, {"type": "channel", "channel_names": out_names},
+                         out_axis("y", "image"), out_axis("x", "image")],
+                "data": float32(),
+                "test_tensor": file("test_output_restored.npy"),
+            },
+            {
+                "id": "coords_echo",
+                "description": "the coords input passed through (makes tools pad and tile coords with the image)",
+                "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["x", "y"]},
+                         out_axis("y", "coords"), out_axis("x", "coords")],
+                "data": float32(),
+                "test_tensor": file("test_output_coords_echo.npy"),
+            },
+        ],
+        "weights": {
+            "pytorch_state_dict": {
+                **file("weights.pt"),
+                "architecture": {**file(ARCH_FILE), "callable": ARCH_CALLABLE, "kwargs": arch_kwargs(saved)},
+                "pytorch_version": version,
+            },
+            "torchscript": {
+                **file("weights_torchscript.pt"),
+                "pytorch_version": version,
+                "parent": "pytorch_state_dict",
+                "comment": "torch.jit.script of the pytorch_state_dict architecture (scripted: its border handling "
+                           "depends on the coordinate values)",
+            },
+        },
+        "attachments": [file(MODEL_FILE)],
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": {
+            PACKAGE_FORMAT: {
+                "schema_version": PACKAGE_SCHEMA_VERSION,
+                "package_version": __version__,
+                "model_file": MODEL_FILE,
+                "field_shape": [H, W],
+                "normalization": {k: float(saved.normalization[k]) for k in ("offset", "scale")},
+                "model": cfg.to_dict(),
+            }
+        },
+    }
+
+
+def _validate(rdf: dict, root: Path):
+    """Validate ``rdf`` (files in ``root``) with ``bioimageio.spec``; the model description, or PackageError."""
+    from bioimageio.spec import ValidationContext, build_description
+
+    with ValidationContext(root=root, perform_io_checks=True):
+        descr = build_description(rdf)
+    summary = descr.validation_summary
+    if summary.status == "failed":
+        errors = "; ".join(f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in summary.errors) or summary.status
+        if "index_key" in errors and "SerializationInfo" in errors:
+            import pydantic
+            from bioimageio.spec import __version__ as spec_version
+
+            raise PackageError(
+                f"bioimageio.spec {spec_version} cannot check descriptions under pydantic {pydantic.VERSION} (a known "
+                "incompatibility of pydantic >= 2.14): pip install 'pydantic<2.14' (the bioimageio extra pins it)"
+            )
+        raise PackageError(f"the bioimage.io description does not validate: {errors}")
+    return descr
+
+
+def _write_zip(rdf: dict, d: Path, out: Path) -> None:
+    """``rdf.yaml`` and the files it names, into ``out`` (atomically)."""
+    import yaml
+
+    text = yaml.safe_dump(rdf, sort_keys=False, allow_unicode=True, width=110)
+    folder = out.parent if str(out.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
+            zf.writestr("rdf.yaml", text)
+            for f in sorted(d.iterdir()):
+                zf.write(f, arcname=f.name)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# -- import ---------------------------------------------------------------------------------------------------
+def is_package(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a zip file holding a bioimage.io description (``rdf.yaml`` / ``*bioimageio.yaml``)."""
+    p = Path(path)
+    if not p.is_file() or not zipfile.is_zipfile(p):
+        return False
+    try:
+        with zipfile.ZipFile(p) as zf:
+            return _rdf_name(zf) is not None
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _rdf_name(zf: zipfile.ZipFile) -> str | None:
+    names = zf.namelist()
+    for n in _RDF_NAMES:
+        if n in names:
+            return n
+    found = [n for n in names if "/" not in n and n.endswith(".bioimageio.yaml")]
+    return found[0] if found else None
+
+
+def _read_rdf(path: Path) -> tuple[zipfile.ZipFile, dict]:
+    if not path.is_file():
+        raise PackageError(f"bioimage.io package {path} does not exist")
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise PackageError(f"{path} is not a readable zip file: {exc}") from None
+    name = _rdf_name(zf)
+    if name is None:
+        zf.close()
+        raise PackageError(f"{path} is a zip file but not a bioimage.io package (no rdf.yaml inside)")
+    import yaml
+
+    try:
+        rdf = yaml.safe_load(zf.read(name).decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        zf.close()
+        raise PackageError(f"{path}: {name} is not valid YAML: {exc}") from None
+    if not isinstance(rdf, dict):
+        zf.close()
+        raise PackageError(f"{path}: {name} does not hold a bioimage.io description")
+    return zf, rdf
+
+
+def _foreign(path: Path, rdf: dict) -> PackageError:
+    kind = rdf.get("type", "unknown")
+    name = rdf.get("name") or rdf.get("id") or "unnamed"
+    version = rdf.get("format_version", "?")
+    if kind != "model":
+        return PackageError(
+            f"{path} is a bioimage.io {kind} package ({name!r}), not a model; napari-coordgate loads only model "
+            "packages it exported"
+        )
+    weights = ", ".join(sorted((rdf.get("weights") or {}).keys())) or "none"
+    n_in = len(rdf.get("inputs") or [])
+    return PackageError(
+        f"{path} is a bioimage.io model package from another tool ({name!r}, format {version}, weights: {weights}, "
+        f"{n_in} input(s)); napari-coordgate loads only packages it exported, not other tools' networks "
+        "(that would mean running their code): run it with bioimageio.core or the tool that made it"
+    )
+
+
+def load_package(path: str | os.PathLike, device: str | Any = "cpu") -> SavedModel:
+    """Load a bioimage.io package exported by :func:`export_package` as a :class:`SavedModel`.
+
+    The model comes from the package's ``.cgmodel`` attachment (safetensors + JSON: nothing is unpickled, no
+    code from the package runs), so it is the exported model bit for bit.
+
+    Raises
+    ------
+    PackageError
+        Not a readable package, a package from another tool (the message says what it is), or a package whose
+        attachment is missing or does not match its description.
+    """
+    path = Path(path)
+    zf, rdf = _read_rdf(path)
+    with zf:
+        ours = (rdf.get("config") or {}).get(PACKAGE_FORMAT) if isinstance(rdf.get("config"), dict) else None
+        if not isinstance(ours, dict):
+            raise _foreign(path, rdf)
+        version = ours.get("schema_version")
+        if not isinstance(version, int) or version > PACKAGE_SCHEMA_VERSION:
+            raise PackageError(
+                f"{path} is a napari-coordgate package of schema version {version!r}; this napari-coordgate "
+                f"({__version__}) reads up to {PACKAGE_SCHEMA_VERSION}: upgrade napari-coordgate"
+            )
+        member = str(ours.get("model_file", MODEL_FILE))
+        try:
+            raw = zf.read(member)
+        except KeyError:
+            raise PackageError(f"{path} lacks its model file {member!r}") from None
+        expected = _attachment_sha256(rdf, member)
+        if expected is not None and hashlib.sha256(raw).hexdigest() != expected:
+            raise PackageError(f"{path}: {member} does not match the sha256 in the description (corrupt package?)")
+    with tempfile.TemporaryDirectory(prefix="coordgate-package-") as tmp:
+        model_path = Path(tmp) / MODEL_FILE
+        model_path.write_bytes(raw)
+        try:
+            saved = load_model(model_path, device=device)
+        except ModelFileError as exc:
+            raise PackageError(f"{path}: {str(exc).replace(str(model_path), member)}") from None
+    return saved
+
+
+def _attachment_sha256(rdf: dict, member: str) -> str | None:
+    for att in rdf.get("attachments") or []:
+        if isinstance(att, dict) and str(att.get("source", "")).split("/")[-1] == member:
+            sha = att.get("sha256")
+            return str(sha) if sha else None
+    return None
+
+
+def describe_package(path: str | os.PathLike) -> dict:
+    """The description (parsed ``rdf.yaml``) of a package, without loading its model."""
+    zf, rdf = _read_rdf(Path(path))
+    zf.close()
+    return rdf
+
