@@ -25,6 +25,7 @@ from napari_coordgate.bioimageio import (
     arch_kwargs,
     export_package,
     is_package,
+    load_any,
     load_package,
 )
 from napari_coordgate.config import ModelConfig
@@ -275,6 +276,19 @@ def test_export_from_a_model_file_ships_that_file(tmp_path):
         assert zf.read(MODEL_FILE) == model_file.read_bytes()
     assert np.array_equal(engine.predict(load_package(path), _image(), device="cpu"),
                           engine.predict(saved, _image(), device="cpu"))
+
+
+def test_load_any_takes_model_files_and_packages(packages, tmp_path):
+    saved, path = packages["coordgate-d1"]
+    model_file = save_model(tmp_path / "scope", saved)
+    image = _image()
+    expected = engine.predict(saved, image, device="cpu")
+    for source in (path, model_file, tmp_path / "scope"):  # the .cgmodel suffix may be left out
+        assert np.array_equal(engine.predict(load_any(source), image, device="cpu"), expected), source
+    again = _export(path, tmp_path / "again.zip")  # a package exported again from the model it holds
+    assert np.array_equal(engine.predict(load_any(again), image, device="cpu"), expected)
+    with pytest.raises(PackageError, match="does not exist"):
+        load_any(tmp_path / "missing.zip")
 
 
 def test_test_input_must_have_the_field_shape(tmp_path):

@@ -44,7 +44,9 @@ import numpy as np
 from . import __version__
 from .modelio import MODEL_SUFFIX, ModelFileError, SavedModel, existing_file, load_model, save_model
 
-__all__ = ["PACKAGE_FORMAT", "PackageError", "describe_package", "export_package", "is_package", "load_package"]
+__all__ = [
+    "PACKAGE_FORMAT", "PackageError", "describe_package", "export_package", "is_package", "load_any", "load_package",
+]
 
 PACKAGE_FORMAT = "napari-coordgate-bioimageio"
 PACKAGE_SCHEMA_VERSION = 1
@@ -296,7 +298,8 @@ def export_package(model: SavedModel | str | os.PathLike, out_zip: str | os.Path
     Parameters
     ----------
     model
-        A :class:`~napari_coordgate.modelio.SavedModel` or the path of a ``.cgmodel`` file.
+        A :class:`~napari_coordgate.modelio.SavedModel`, the path of a ``.cgmodel`` file, or a package this
+        function wrote (exported again from the model it holds).
     out_zip
         Where to write the package (``.zip`` is added if missing); written atomically.
     test_input
@@ -321,6 +324,8 @@ def export_package(model: SavedModel | str | os.PathLike, out_zip: str | os.Path
 
     if isinstance(model, SavedModel):
         saved, source_file = model, None
+    elif _looks_like_package(Path(model)):
+        saved, source_file = load_package(model), None
     else:
         source_file = existing_file(model)
         saved = load_model(source_file)
@@ -628,6 +633,25 @@ def load_package(path: str | os.PathLike, device: str | Any = "cpu") -> SavedMod
         except ModelFileError as exc:
             raise PackageError(f"{path}: {str(exc).replace(str(model_path), member)}") from None
     return saved
+
+
+def _looks_like_package(path: Path) -> bool:
+    return path.suffix.lower() == ".zip" or is_package(path)
+
+
+def load_any(path: str | os.PathLike, device: str | Any = "cpu") -> SavedModel:
+    """A model from a ``.cgmodel`` file (suffix rule of :func:`~napari_coordgate.modelio.existing_file`) or from a
+    bioimage.io package (``.zip``) exported by napari-coordgate: the one loader for ``-m`` and the Model tab.
+
+    Raises
+    ------
+    ModelFileError
+        Anything unreadable; :class:`PackageError` (a subclass) for packages, including other tools' packages.
+    """
+    p = Path(path)
+    if _looks_like_package(p):
+        return load_package(p, device)
+    return load_model(p, device)
 
 
 def _attachment_sha256(rdf: dict, member: str) -> str | None:
