@@ -284,3 +284,17 @@ def test_a_device_index_is_accepted_by_the_configs():
     assert PredictConfig(device="cuda:0").device == "cuda:0"
     with pytest.raises(ConfigError):
         TrainConfig(device="cuda:x")
+
+
+def test_export_then_apply_with_the_package_gives_the_models_output(tmp_path, capsys, sharp_tifs):
+    pytest.importorskip("bioimageio.spec")
+    code, _, err = _run(capsys, "train", "--sharp", sharp_tifs[0], "--psf", "gaussian", "-o", tmp_path / "m",
+                        "--depth", 1, "--channels", 2, "--epochs", 1, "--device", "cpu")
+    assert code == 0, err
+    code, out, err = _run(capsys, "export", "-m", tmp_path / "m", "-o", tmp_path / "pkg.zip")
+    assert code == 0, err
+    assert (tmp_path / "pkg.zip").is_file() and "pkg.zip" in out
+    for model, dest in ((tmp_path / "m.cgmodel", "a.tif"), (tmp_path / "pkg.zip", "b.tif")):
+        code, _, err = _run(capsys, "apply", "-m", model, sharp_tifs[1], "-o", tmp_path / dest, "--device", "cpu")
+        assert code == 0, err
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "a.tif"), tifffile.imread(tmp_path / "b.tif"))

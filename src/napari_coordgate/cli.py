@@ -13,6 +13,7 @@
 
 Option flags, their types, ranges, choices, defaults and help come from the configs in ``config.py``.
     napari-coordgate evaluate -m MODEL --sharp S.tif --blurred B.tif [--json REPORT.json] [--png REPORT.png]
+    napari-coordgate export -m MODEL -o PACKAGE.zip [--test-image FIELD.tif]
 
 Errors are one clear message and a non-zero exit, never a traceback (``--debug`` shows the traceback).
 """
@@ -96,6 +97,7 @@ def _set_threads(n: int) -> None:
 # -- flags from the configs (config.py is the one home of every option's name, bounds, choices, default) --
 # the options a user sets on each command; everything else keeps the config's default
 MODEL_FLAGS = ("depth", "channels", "gate", "prefilter")
+MODEL_HELP = "model file (.cgmodel, suffix optional) or a bioimage.io package (.zip) exported by napari-coordgate"
 TRAIN_FLAGS = ("crop", "batch", "steps_per_epoch", "lr", "seed", "device", "threads", "register", "photons")
 PREDICT_FLAGS = ("tile", "binning", "device", "precision", "batch_tiles", "threads")
 
@@ -237,11 +239,11 @@ def _roi(text):
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from .modelio import load_model
+    from .bioimageio import load_any
     from .tiffio import read_tiff, write_tiff_streamed
 
     cfg, roi = _predict_cfg(args), _roi(args.roi)
-    saved = load_model(args.model)
+    saved = load_any(args.model)
     out = Path(args.output)
     many = len(args.inputs) > 1 or out.is_dir()
     if many:
@@ -269,16 +271,16 @@ def _table_rings(rings: list[dict]) -> list[dict]:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .bioimageio import load_any
     from .engine import field_geometry
     from .metrics import quality_report
-    from .modelio import load_model
     from .report import write_report_png
 
     if args.json:
         _writable_file(Path(args.json))
     if args.png:
         _writable_file(Path(args.png))
-    saved = load_model(args.model)
+    saved = load_any(args.model)
     sharp, _ = _read_stack(args.sharp, "sharp")
     blurred, _ = _read_stack(args.blurred, "blurred")
     if sharp.shape != blurred.shape:
@@ -306,6 +308,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.png:
         write_report_png(args.png, sharp, blurred, restored, title=f"{Path(args.model).name}")
         print(f"figure: {args.png}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .bioimageio import export_package
+    from .tiffio import read_tiff
+
+    test = np.asarray(read_tiff(args.test_image).data) if args.test_image else None
+    out = export_package(args.model, args.output, test_input=test)
+    print(f"{args.model} -> {out}")
     return 0
 
 
@@ -363,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("apply", help="deblur TIFF images or stacks with a model")
-    p.add_argument("-m", "--model", required=True, help="model file (the .cgmodel suffix may be left out)")
+    p.add_argument("-m", "--model", required=True, help=MODEL_HELP)
     p.add_argument("inputs", nargs="+")
     p.add_argument("-o", "--output", required=True, help="output file, or folder for several inputs")
     p.add_argument("--roi", help="Y,X of the image's top-left pixel inside the training field (a camera ROI)")
@@ -371,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_apply)
 
     p = sub.add_parser("evaluate", help="PSNR/SSIM overall and by field ring, error map")
-    p.add_argument("-m", "--model", required=True, help="model file (the .cgmodel suffix may be left out)")
+    p.add_argument("-m", "--model", required=True, help=MODEL_HELP)
     p.add_argument("--sharp", nargs="+", required=True)
     p.add_argument("--blurred", nargs="+", required=True)
     p.add_argument("--json", help="write the report as JSON")
@@ -379,6 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roi", help="Y,X of the images' top-left pixel inside the training field")
     _add_config_flags(p, PredictConfig, PREDICT_FLAGS)
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="write a bioimage.io model package (.zip) of a model "
+                                      "(pip install 'napari-coordgate[bioimageio]')")
+    p.add_argument("-m", "--model", required=True, help="model file (the .cgmodel suffix may be left out)")
+    p.add_argument("-o", "--output", required=True, help="package file (.zip added if missing)")
+    p.add_argument("--test-image", help="TIFF of the training field's shape; its centre becomes the test tensor")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("models", help="parameter counts of the U-Net family; runs one on a bundled image")
     _add_config_flags(p, ModelConfig, ("depth", "channels"))

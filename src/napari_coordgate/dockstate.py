@@ -16,10 +16,11 @@ class State(Enum):
 
 
 # Actions that need a model loaded or trained in this dock
-NEEDS_MODEL = frozenset({"save", "apply", "gates"})
+NEEDS_MODEL = frozenset({"save", "export", "apply", "gates"})
 
 _ENABLED = MappingProxyType({
-    State.IDLE: frozenset({"train", "load", "sample", "save", "apply", "compare", "evaluate", "gates", "psf_grid"}),
+    State.IDLE: frozenset({"train", "load", "sample", "save", "export", "apply", "compare", "evaluate", "gates",
+                           "psf_grid"}),
     State.BUSY: frozenset(),
     State.TRAINING: frozenset({"stop"}),
     State.APPLYING: frozenset({"cancel"}),

@@ -38,10 +38,17 @@ def save_job(path: str, saved, *, report: Report, should_stop: ShouldStop) -> st
 
 
 def load_job(paths: Sequence[str], *, report: Report, should_stop: ShouldStop) -> list:
-    """Load one or more model files onto the CPU (prediction moves them to its device)."""
-    from napari_coordgate.modelio import load_model
+    """Load model files or bioimage.io packages exported by this plugin onto the CPU (prediction moves them)."""
+    from .bioimageio import load_any
 
-    return [load_model(p, "cpu") for p in paths]
+    return [load_any(p, "cpu") for p in paths]
+
+
+def export_job(path: str, saved, *, report: Report, should_stop: ShouldStop) -> str:
+    """Write a bioimage.io package of ``saved``."""
+    from .bioimageio import export_package
+
+    return str(export_package(saved, path))
 
 
 def psf_grid_job(psf, field_shape, *, report: Report, should_stop: ShouldStop) -> np.ndarray:
@@ -113,9 +120,9 @@ def make_output(shape: tuple[int, ...], out_path: str | None):
 def apply_job(req: ApplyRequest, *, report: Report, should_stop: ShouldStop) -> JobResult:
     """Deblur every plane (and channel) of ``req.image`` with the engine, reporting per-plane progress."""
     from napari_coordgate import engine
-    from napari_coordgate.modelio import load_model
+    from .bioimageio import load_any
 
-    models = [load_model(m, "cpu") if isinstance(m, str) else m for m in req.models]
+    models = [load_any(m, "cpu") if isinstance(m, str) else m for m in req.models]
     shape = tuple(req.image.shape)
     ax = req.channel_axis
     if ax is not None:

@@ -65,3 +65,26 @@ def test_a_long_job_reports_through_napari_progress_as_well(viewer_dock, qtbot, 
     wait_idle(qtbot, dock)
     assert seen and seen[-1][0] == "CoordGate apply" and seen[-1][1] == seen[-1][2]
     assert dock.activity is None and not any(p.desc.startswith("CoordGate") for p in progress._all_instances)
+
+
+def test_the_model_tab_exports_a_package_that_loads_back(viewer_dock, qtbot, tiny_model, tmp_path):
+    import pytest
+
+    pytest.importorskip("bioimageio.spec")
+    _, dock = viewer_dock
+    assert not dock.model_tab.export_btn.isEnabled(), "export needs a model"
+    dock.set_model(tiny_model, "test")
+    assert dock.model_tab.export_btn.isEnabled()
+    dock.model_tab.export_package(str(tmp_path / "pkg.zip"))
+    wait_idle(qtbot, dock)
+    assert (tmp_path / "pkg.zip").is_file()
+    dock.load_model_file(str(tmp_path / "pkg.zip"))
+    wait_idle(qtbot, dock)
+    assert dock.model is not tiny_model and dock.model.config == tiny_model.config
+
+
+def test_the_sample_model_button_loads_the_shipped_model(viewer_dock, qtbot):
+    _, dock = viewer_dock
+    dock.model_tab.sample_btn.click()
+    wait_idle(qtbot, dock)
+    assert dock.model is not None and dock.model_origin.endswith("sample_gaussian.cgmodel")

@@ -17,6 +17,8 @@ from napari_coordgate.dockstate import Progress, State, enabled_actions
 from napari_coordgate.jobs import load_job
 from napari_coordgate.modelio import MODEL_SUFFIX
 
+DROPPABLE = (MODEL_SUFFIX, ".zip")  # model files, and bioimage.io packages exported by this plugin
+
 from ._apply_tab import ApplyTab
 from ._eval_tab import EvaluateTab
 from ._layers import LayerCombo
@@ -180,12 +182,12 @@ class CoordGateDock(QWidget):
 
     def dragEnterEvent(self, event) -> None:
         urls = event.mimeData().urls() if event.mimeData().hasUrls() else []
-        if any(u.toLocalFile().endswith(MODEL_SUFFIX) for u in urls):
+        if any(u.toLocalFile().endswith(DROPPABLE) for u in urls):
             event.acceptProposedAction()
 
     def dropEvent(self, event) -> None:
         for url in event.mimeData().urls():
-            if url.toLocalFile().endswith(MODEL_SUFFIX):
+            if url.toLocalFile().endswith(DROPPABLE):
                 self.load_model_file(url.toLocalFile())
                 event.acceptProposedAction()
                 return

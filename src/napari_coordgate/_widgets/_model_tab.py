@@ -7,12 +7,12 @@ from pathlib import Path
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
-from napari_coordgate.jobs import save_job
+from napari_coordgate.jobs import export_job, save_job
 from napari_coordgate.modelio import MODEL_SUFFIX
 
 from ._settings import remember_folder
 
-FILTER = f"CoordGate model (*{MODEL_SUFFIX})"
+FILTER = f"CoordGate model (*{MODEL_SUFFIX});;bioimage.io package exported by napari-coordgate (*.zip)"
 
 
 def model_summary(saved, origin: str) -> list[tuple[str, str]]:
@@ -75,19 +75,37 @@ class ModelTab(QWidget):
         self.load_btn.clicked.connect(self._choose_and_load)
         self.save_btn.clicked.connect(self._choose_and_save)
         self.sample_btn.clicked.connect(self.load_sample_model)
+        self.export_btn = QPushButton("Export bioimage.io…")
+        self.export_btn.setToolTip("Write a BioImage Model Zoo package (.zip) of the current model, for other tools "
+                                   "(needs pip install 'napari-coordgate[bioimageio]')")
+        self.export_btn.clicked.connect(self._choose_and_export)
         row = QHBoxLayout()
         row.addWidget(self.load_btn)
         row.addWidget(self.save_btn)
         row.addWidget(self.sample_btn)
+        row.addWidget(self.export_btn)
         layout = QVBoxLayout(self)
         layout.addLayout(row)
         layout.addWidget(self.info)
         layout.addStretch(1)
-        self.actions = {"load": self.load_btn, "save": self.save_btn, "sample": self.sample_btn}
+        self.actions = {"load": self.load_btn, "save": self.save_btn, "sample": self.sample_btn,
+                        "export": self.export_btn}
 
     def show_model(self, saved, origin: str) -> None:
         rows = "".join(f"<tr><td><b>{k}</b></td><td>{v}</td></tr>" for k, v in model_summary(saved, origin))
         self.info.setText(f"<table>{rows}</table>")
+
+    def _choose_and_export(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Export bioimage.io package", self.dock.settings["model_folder"],
+                                              "bioimage.io package (*.zip)")
+        if path:
+            remember_folder(self.dock.settings, path)
+            self.export_package(path)
+
+    def export_package(self, path: str) -> None:
+        """Write a bioimage.io package of the dock's model (in a worker: it runs the network for test tensors)."""
+        self.dock.run_task("export package", export_job, str(path), self.dock.model,
+                           on_returned=lambda written: show_info(f"CoordGate: exported {written}"))
 
     def load_sample_model(self) -> None:
         """Load the model shipped for the bundled sample optics (synthetic; not a real microscope's)."""
