@@ -3,7 +3,16 @@ import math
 import numpy as np
 import pytest
 
-from napari_coordgate.metrics import error_map, field_radius, psnr, quality_report, radial_profile, ring_psnr, ssim
+from napari_coordgate.metrics import (
+    PSNRAccumulator,
+    error_map,
+    field_radius,
+    psnr,
+    quality_report,
+    radial_profile,
+    ring_psnr,
+    ssim,
+)
 
 
 def _gt():
@@ -16,6 +25,32 @@ def test_psnr_uses_the_ground_truth_range_and_matches_definition():
     expected = 10 * math.log10(np.ptp(gt) ** 2 / 1e-4)
     assert psnr(gt, noisy) == pytest.approx(expected, rel=1e-6)
     assert psnr(gt * 100, noisy * 100) == pytest.approx(expected, rel=1e-6)  # unit-free
+
+
+def test_masked_psnr_scores_only_the_masked_pixels_with_the_whole_ground_truths_range():
+    gt = _gt()
+    bad = gt.copy()
+    bad[:, :, 32:] += 0.1  # error only in the right half
+    left = np.zeros(gt.shape[-2:], bool)
+    left[:, :32] = True
+
+    assert psnr(gt, bad, mask=left) == math.inf
+    expected = 10 * math.log10(np.ptp(gt) ** 2 / 0.01)
+    assert psnr(gt, bad, mask=~left) == pytest.approx(expected, rel=1e-9)
+    assert psnr(gt, bad, data_range=2.0, mask=~left) == pytest.approx(10 * math.log10(4 / 0.01), rel=1e-9)
+
+
+def test_psnr_accumulated_over_planes_and_tiles_equals_psnr_of_the_whole():
+    gt = _gt().astype(np.float32)
+    img = gt + np.random.default_rng(2).normal(0, 0.05, gt.shape).astype(np.float32)
+    acc = PSNRAccumulator(float(np.ptp(gt)))
+    for plane in range(2):
+        for rows in (slice(0, 20), slice(20, 48)):  # two tiles per plane
+            acc.add(gt[plane, rows], img[plane, rows])
+
+    assert acc.pixels == gt.size
+    assert acc.value == pytest.approx(psnr(gt, img), rel=1e-6)
+    assert math.isnan(PSNRAccumulator(1.0).value)
 
 
 def test_ssim_is_one_for_identical_and_lower_for_noise():

@@ -23,6 +23,7 @@ from .coords import field_axis
 __all__ = [
     "RINGS",
     "psnr",
+    "PSNRAccumulator",
     "ssim",
     "field_radius",
     "error_map",
@@ -57,12 +58,45 @@ def _psnr_from_mse(mse: float, data_range: float) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
 
 
-def psnr(gt, img, data_range: float | None = None) -> float:
-    """PSNR in dB over all planes (one MSE), with the ground truth's range unless given."""
+def psnr(gt, img, data_range: float | None = None, *, mask=None) -> float:
+    """PSNR in dB over all planes (one MSE), with the ground truth's range unless given.
+
+    ``mask`` (bool, broadcast to the images' shape) restricts the MSE to its True pixels; the data range is still
+    the whole ground truth's unless given.
+    """
     from skimage.metrics import peak_signal_noise_ratio
 
     gt, img = _pair(gt, img)
-    return float(peak_signal_noise_ratio(gt, img, data_range=data_range or _range(gt)))
+    if mask is None:
+        return float(peak_signal_noise_ratio(gt, img, data_range=data_range or _range(gt)))
+    acc = PSNRAccumulator(data_range or _range(gt))
+    acc.add(gt, img, np.broadcast_to(mask, gt.shape))
+    return acc.value
+
+
+class PSNRAccumulator:
+    """PSNR of one MSE over pieces seen one at a time (planes, tiles of a plane), optionally masked.
+
+    For stacks too large to hold a prediction of: add each piece as it is computed; :attr:`value` is the PSNR of
+    all the pixels added so far, as if they had been scored together. The difference is taken in the pieces' own
+    dtype and squared in float64.
+    """
+
+    def __init__(self, data_range: float):
+        self.data_range = float(data_range)
+        self.total = 0.0  # sum of squared errors
+        self.pixels = 0
+
+    def add(self, gt: np.ndarray, img: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Add the squared errors of ``img`` against ``gt`` (where ``mask`` is True, if given)."""
+        diff = gt - img if mask is None else (gt - img)[mask]
+        self.total += float(np.sum(np.square(diff, dtype=np.float64)))
+        self.pixels += int(diff.size)
+
+    @property
+    def value(self) -> float:
+        """PSNR in dB of everything added (inf for no error; NaN before anything was added)."""
+        return math.nan if self.pixels == 0 else _psnr_from_mse(self.total / self.pixels, self.data_range)
 
 
 def ssim(gt, img, data_range: float | None = None) -> float:
