@@ -15,6 +15,7 @@ Prints a table (parameters, PSNR/SSIM overall and PSNR by field ring, optimiser 
 
     python benchmarks/bench_sweep.py --minutes 3                  # the README table (about 20 min on 2 cores)
     python benchmarks/bench_sweep.py --quick                      # < 2 minutes, smoke test
+    python benchmarks/bench_sweep.py --device cuda --jobs 1 --steps 1500   # on a GPU, equal steps per model
 """
 
 from __future__ import annotations
@@ -61,11 +62,11 @@ def _train_one(job: dict) -> dict:
     mcfg = ModelConfig(channels=job["channels"], **MODELS[job["name"]])
     budget = ({"minutes": job["minutes"], "epochs": 0} if job["minutes"]
               else {"epochs": max(1, job["steps"] // 10), "steps_per_epoch": min(10, job["steps"]), "minutes": 0.0})
-    tcfg = TrainConfig(seed=job["seed"], device="cpu", threads=1, **budget)
+    tcfg = TrainConfig(seed=job["seed"], device=job["device"], threads=1, **budget)
     t0 = time.perf_counter()
     res = train(mcfg, tcfg, PairSource(data["train_sharp"], data["train_blurred"], psf=job["preset"]))
     secs = time.perf_counter() - t0
-    out = predict(res.saved, data["test_blurred"], device="cpu")
+    out = predict(res.saved, data["test_blurred"], device=job["device"])
     rep = quality_report(data["test_sharp"], out)
     path = save_model(Path(job["outdir"]) / f"model{job['index']}", res.saved)
     return {"name": job["name"], "params": count_parameters(res.saved.model), "psnr": rep["psnr"],
@@ -73,7 +74,7 @@ def _train_one(job: dict) -> dict:
             "steps": res.saved.provenance["training"]["steps"], "seconds": secs, "model": str(path)}
 
 
-def _throughput(model_path: str, size: int, threads: int) -> float:
+def _throughput(model_path: str, size: int, threads: int, device: str = "cpu") -> float:
     import torch
 
     from napari_coordgate.engine import predict
@@ -86,9 +87,9 @@ def _throughput(model_path: str, size: int, threads: int) -> float:
     img = procedural_specimen((size, size), seed=0).astype(np.float32)
     # the test field is small; time a size x size image as a region of a field that large
     saved.field_shape = (max(fh, size), max(fw, size))
-    predict(saved, img, device="cpu")  # warm-up: gate caches, allocator
+    predict(saved, img, device=device)  # warm-up: gate caches, allocator
     t0 = time.perf_counter()
-    predict(saved, img, device="cpu")
+    predict(saved, img, device=device)  # returns a numpy array: the GPU work is finished when it returns
     return size * size / 1e6 / (time.perf_counter() - t0)
 
 
@@ -133,6 +134,7 @@ def main() -> None:
     ap.add_argument("--mp-size", type=int, default=1024, help="image side for the inference timing")
     ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     ap.add_argument("--png", default="docs/sweep.png")
+    ap.add_argument("--device", default="cpu", help="training and inference device (cuda: use --jobs 1)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
@@ -149,7 +151,7 @@ def main() -> None:
     budget = f"{args.minutes:g} min wall" if args.minutes else f"{args.steps} steps"
     head = (f"# Depth sweep: preset {args.preset}, {args.fields} calibration fields {args.field}^2, "
             f"{args.photons:g} photons, base {args.channels} channels, budget {budget} per model "
-            f"(1 torch thread, {args.jobs} model(s) side by side), seed {args.seed}")
+            f"(1 torch thread, {args.jobs} model(s) side by side, device {args.device}), seed {args.seed}")
     print(head, flush=True)
 
     def scored(name, img, secs):
@@ -173,7 +175,8 @@ def main() -> None:
         data = Path(tmp) / "data.npz"
         np.savez(data, train_sharp=tr_s, train_blurred=tr_b, test_sharp=te_s, test_blurred=te_b)
         jobs = [{"name": n, "index": i, "data": str(data), "outdir": tmp, "channels": args.channels,
-                 "minutes": args.minutes, "steps": args.steps, "seed": args.seed, "preset": args.preset}
+                 "minutes": args.minutes, "steps": args.steps, "seed": args.seed, "preset": args.preset,
+                 "device": args.device}
                 for i, n in enumerate(args.models)]
         # deepest first, so the slowest models do not end up alone at the end
         jobs.sort(key=lambda j: -MODELS[j["name"]]["depth"])
@@ -186,7 +189,7 @@ def main() -> None:
                       f"{r['steps']} steps", flush=True)
         rows.sort(key=lambda r: args.models.index(r["name"]))
         for r in rows:
-            r["mp_s"] = _throughput(r["model"], args.mp_size, args.threads)
+            r["mp_s"] = _throughput(r["model"], args.mp_size, args.threads, args.device)
 
     print(f"\n{'method':<38}{'params':>11}{'PSNR':>8}{'SSIM':>7}{'centre':>8}{'middle':>8}{'edge':>8}"
           f"{'steps':>7}{'MP/s':>7}")
