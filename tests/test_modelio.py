@@ -59,8 +59,43 @@ def test_info_is_readable_without_building_the_network(saved):
     assert info["field_shape"] == [48, 64]
 
 
-def test_write_is_atomic_and_leaves_no_temp_files(saved):
+def test_write_leaves_no_temp_files(saved):
     path, _ = saved
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_a_write_interrupted_half_way_keeps_the_old_file_and_leaves_no_temp_file(saved):
+    path, model = saved
+    before = path.read_bytes()
+
+    def half_then_crash(tmp):
+        with open(tmp, "wb") as fh:
+            fh.write(before[: len(before) // 2])
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        modelio.atomic_write(path, half_then_crash)
+
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+    load_model(path)  # still a whole, readable model
+
+
+def test_a_save_interrupted_before_the_rename_keeps_the_old_model(saved, monkeypatch):
+    path, model = saved
+    before = path.read_bytes()
+    with torch.no_grad():
+        model.head.weight.add_(1.0)  # the new model differs
+
+    def crash(src, dst):
+        raise KeyboardInterrupt  # Ctrl-C (or a crash) after the new bytes were written, before the rename
+
+    monkeypatch.setattr(modelio.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(path, SavedModel(model, ModelConfig(depth=2, channels=4, gate="coordgate", gate_activation="raw",
+                                                       gate_hidden=8), (48, 64)))
+
+    assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == [path.name]
 
 
@@ -315,3 +350,27 @@ def test_a_model_file_is_not_a_psf_model_file(tmp_path, saved):
     with pytest.raises(ModelFileError, match="pickle"):
         (tmp_path / "evil.cgpsf").write_bytes(pickle.dumps({"a": 1}, protocol=4))
         load_psf_model(tmp_path / "evil.cgpsf")
+
+
+def test_checkpoint_round_trip_restores_weights_and_optimizer_state(tmp_path):
+    cfg = ModelConfig(depth=1, channels=2)
+    model = build_model(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.rand(2, 1, 16, 16)).square().mean().backward()
+    opt.step()
+
+    best = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    path = modelio.save_checkpoint(tmp_path / "run", weights=model.state_dict(), best=best,
+                                   optimizer=opt.state_dict(), rng_tensors={"torch": rng},
+                                   state={"epoch": 3, "model": cfg.to_dict()})
+    ck = modelio.load_checkpoint(path)
+
+    assert path.suffix == ".cgckpt" and ck["meta"]["epoch"] == 3
+    assert all(torch.equal(ck["weights"][k], v) for k, v in model.state_dict().items())
+    again = torch.optim.Adam(build_model(cfg).parameters(), lr=1e-3)
+    again.load_state_dict(ck["optimizer"])
+    a, b = opt.state_dict(), again.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    assert all(torch.equal(a["state"][i][k], b["state"][i][k]) for i in a["state"] for k in ("exp_avg", "exp_avg_sq"))
+    assert torch.equal(ck["rng_tensors"]["torch"], rng)

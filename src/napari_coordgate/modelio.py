@@ -35,7 +35,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import __version__
 from .config import ConfigError, ModelConfig
@@ -52,7 +52,10 @@ __all__ = [
     "save_psf_model",
     "load_psf_model",
     "read_psf_info",
+    "atomic_write",
     "atomic_write_bytes",
+    "save_checkpoint",
+    "load_checkpoint",
     "with_suffix",
     "existing_file",
 ]
@@ -122,21 +125,24 @@ def existing_file(path: str | os.PathLike, suffix: str = MODEL_SUFFIX) -> Path:
     raise ModelFileError(f"{_WHAT.get(suffix, 'file')} {path} does not exist{tried}")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and an atomic rename.
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Create or replace ``path`` atomically: the one writer of every file the package writes.
 
-    A crash or a full disk leaves either the old file or the new one, never half of one.
+    ``write(tmp)`` fills a temporary file in the same folder (a model's bytes, a TIFF, a memory-mapped TIFF filled
+    plane by plane); it is then flushed to disk (fsync) and renamed over ``path``. A crash, a full disk or an
+    exception in ``write`` leaves the old file (or none) and no temporary file, never half a file. The folder must
+    exist (callers check it with their own message).
     """
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise ModelFileError(f"cannot write {path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -145,6 +151,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             pass
         raise
     return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_write`); :class:`ModelFileError` if the folder is
+    missing."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ModelFileError(f"cannot write {path}: folder {folder} does not exist")
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def _state_to_cpu(state: dict) -> dict:
@@ -204,6 +220,77 @@ def decode(path: str | os.PathLike, expected_format: str) -> tuple[dict, dict]:
     if version < 1:
         raise ModelFileError(f"{path} has an invalid schema version {version!r} (edited by hand?)")
     return tensors, meta
+
+
+# -- training checkpoints -------------------------------------------------------------------------
+def _optimizer_to_tensors(state_dict: dict) -> tuple[dict, dict]:
+    """Split an optimizer state_dict into tensors (for safetensors) and JSON (for the metadata)."""
+    import torch
+
+    tensors, state_json = {}, {}
+    for idx, st in state_dict["state"].items():
+        entry = {}
+        for name, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{idx}.{name}"] = value
+            else:
+                entry[name] = value
+        state_json[str(idx)] = entry
+    return tensors, {"state": state_json, "param_groups": state_dict["param_groups"]}
+
+
+def _optimizer_from_tensors(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for idx, entry in meta["state"].items():
+        state[int(idx)] = dict(entry)
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else dict(g) for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(path: str | os.PathLike, *, weights: dict, best: dict, optimizer: dict, rng_tensors: dict,
+                    state: dict) -> Path:
+    """Write a training checkpoint (``.cgckpt`` added if missing) atomically; returns the path written.
+
+    Parameters
+    ----------
+    weights, best
+        State dicts of the network's current and best weights.
+    optimizer
+        The optimiser's ``state_dict()``: its tensors are stored as tensors, the rest as JSON.
+    rng_tensors
+        Random generator states that are tensors (``{"torch": ..., "cuda": ...}``).
+    state
+        The JSON part: model and training configs, field shape, normalisation, data fingerprint, epoch and step
+        counters, best validation PSNR, numpy RNG state, scheduler state...
+    """
+    opt_tensors, opt_meta = _optimizer_to_tensors(optimizer)
+    tensors = {f"model.{k}": v for k, v in weights.items()}
+    tensors.update({f"best.{k}": v for k, v in best.items()})
+    tensors.update(opt_tensors)
+    tensors.update({f"rng.{k}": v for k, v in rng_tensors.items()})
+    meta = {"format": _CHECKPOINT_FORMAT, "schema_version": 1, **state, "optimizer": opt_meta}
+    return atomic_write_bytes(with_suffix(path, CHECKPOINT_SUFFIX), encode(tensors, meta))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a training checkpoint (safetensors + JSON; never unpickled).
+
+    Returns ``{"tensors": ..., "meta": ..., "weights": ..., "best": ..., "optimizer": ..., "rng_tensors": ...}``:
+    the raw tensors and JSON, and the parts :func:`save_checkpoint` was given (``optimizer`` as a state dict).
+    """
+    tensors, meta = decode(path, _CHECKPOINT_FORMAT)
+    return {
+        "tensors": tensors,
+        "meta": meta,
+        "weights": {k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
+        "best": {k[5:]: v.clone() for k, v in tensors.items() if k.startswith("best.")},
+        "optimizer": _optimizer_from_tensors(tensors, meta["optimizer"]),
+        "rng_tensors": {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")},
+    }
 
 
 # -- PSF model records inside files ----------------------------------------------------------------

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .modelio import atomic_write
 
 __all__ = ["TiffImage", "read_tiff", "write_tiff", "write_tiff_streamed"]
 
@@ -113,16 +114,7 @@ def _write_kwargs(like: TiffImage | None) -> dict:
 def _atomic(path: Path, write) -> Path:
     if not path.parent.exists():
         raise FileNotFoundError(f"output folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, write)
 
 
 def write_tiff(path: str | os.PathLike, data: np.ndarray, like: TiffImage | None = None) -> Path:
