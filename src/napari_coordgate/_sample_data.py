@@ -23,13 +23,11 @@ def calibration_pair():
 
     The blur widens toward the edges of the field, so a position-aware model has something to learn.
     """
-    from .optics.blur import SpatiallyVaryingBlur, add_noise
-    from .optics.psfmodel import get_psf_model
+    from .optics.blur import synthesize_pairs
     from .specimens import procedural_specimen
 
-    sharp = procedural_specimen(SAMPLE_SHAPE, seed=0)
-    psf = get_psf_model(SAMPLE_PRESET)
-    blurred = add_noise(SpatiallyVaryingBlur(psf, SAMPLE_SHAPE).forward(sharp), photons=SAMPLE_PHOTONS, seed=1)
+    sharp, blurred = synthesize_pairs(procedural_specimen(SAMPLE_SHAPE, seed=0), SAMPLE_PRESET,
+                                      photons=SAMPLE_PHOTONS, seed=1)
     meta = {"psf_preset": SAMPLE_PRESET, "photons": SAMPLE_PHOTONS}
     return [
         (sharp, {"name": "calibration (sharp)", "colormap": "gray", "metadata": {**meta, "role": "sharp"}}, "image"),

@@ -67,6 +67,7 @@ def _read_stack(paths: Sequence[str], what: str):
     import numpy as np
 
     from .data import InputError
+    from .optics.checks import check_layout
     from .tiffio import read_tiff
 
     if not paths:
@@ -76,10 +77,7 @@ def _read_stack(paths: Sequence[str], what: str):
         img = read_tiff(p)
         first = first or img
         a = np.asarray(img.data)
-        if a.ndim == 3 and a.shape[-1] in (3, 4) and min(a.shape[:2]) > 4:
-            raise InputError(f"{p} looks like an RGB(A) image {a.shape}; save one grey channel")
-        if a.ndim not in (2, 3):
-            raise InputError(f"{p}: expected a 2-D image or a (N, H, W) stack, got shape {a.shape}")
+        check_layout(a.shape, a.dtype, str(p), max_ndim=3)
         planes.append(a[None] if a.ndim == 2 else a)
     shapes = {p.shape[-2:] for p in planes}
     if len(shapes) > 1:
@@ -155,8 +153,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .data import check_image
-    from .optics.blur import SpatiallyVaryingBlur, add_noise
+    from .optics.blur import synthesize_pairs
+    from .optics.checks import check_image
     from .optics.psfmodel import get_psf_model
     from .tiffio import read_tiff, write_tiff
 
@@ -164,13 +162,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     outdir = _out_dir(Path(args.output))
     for i, p in enumerate(args.sharp):
         img = read_tiff(p)
-        sharp = check_image(img.data, str(p))
-        op = SpatiallyVaryingBlur(psf, sharp.shape[-2:], device=args.device)
-        lo = float(sharp.min())
-        blurred = op.forward(sharp - lo) + lo
-        if args.photons > 0 or args.read_noise > 0:
-            blurred = add_noise(blurred, photons=args.photons or None, read_noise=args.read_noise,
-                                seed=args.seed + i)
+        sharp = check_image(img.data, str(p), max_ndim=3, allow_constant=False)
+        _, blurred = synthesize_pairs(sharp, psf, seed=args.seed + i, photons=args.photons or None,
+                                      read_noise=args.read_noise, device=args.device)
         name = Path(p).name
         stem = name[: -len(".ome.tif")] if name.endswith(".ome.tif") else Path(p).stem
         dest = write_tiff(outdir / f"{stem}_blurred.tif", np.asarray(blurred, np.float32), img)

@@ -46,7 +46,7 @@ def run_demo(
     from .metrics import quality_report
     from .modelio import save_model
     from .nn import count_parameters
-    from .optics.blur import SpatiallyVaryingBlur, add_noise
+    from .optics.blur import SpatiallyVaryingBlur, synthesize_pairs
     from .optics.deconv import richardson_lucy_central, sv_richardson_lucy
     from .optics.psfmodel import get_psf_model
     from .report import write_report_png
@@ -66,9 +66,9 @@ def run_demo(
     train_sharp = specimen_fields(n_train, shape, seed=seed, sources=TRAIN_SOURCES)
     test_sharp = specimen_fields(2, shape, seed=seed + 1000, sources=TEST_SOURCES)
     tune_sharp = specimen_fields(1, shape, seed=seed + 2000, sources=TUNE_SOURCES)
-    op = SpatiallyVaryingBlur(psf, shape, device="cpu")
-    test_blurred = add_noise(op.forward(test_sharp), photons=photons, seed=seed + 1)
-    tune_blurred = add_noise(op.forward(tune_sharp), photons=photons, seed=seed + 2)
+    _, test_blurred = synthesize_pairs(test_sharp, psf, photons=photons, seed=seed + 1)
+    _, tune_blurred = synthesize_pairs(tune_sharp, psf, photons=photons, seed=seed + 2)
+    op = SpatiallyVaryingBlur(psf, shape, device="cpu")  # SV-RL's forward model: the true PSFs
 
     rows, restored = [], {}
 

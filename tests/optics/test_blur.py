@@ -230,12 +230,14 @@ def test_synthesize_pairs_is_reproducible_float32():
     assert not np.allclose(blurred1, SpatiallyVaryingBlur("gaussian", (30, 40)).forward(sharp1), atol=1e-3)
 
 
-def test_synthesize_pairs_without_noise_is_the_blur():
-    image = _camera((30, 40))
+def test_synthesize_pairs_without_noise_is_the_blur_of_the_image_above_its_minimum():
+    image = _camera((30, 40)) + 0.25  # a background: the blur acts on the light above it
+    lo = image.min()
 
     sharp, blurred = synthesize_pairs(image, EDGE)
 
-    np.testing.assert_array_equal(blurred, SpatiallyVaryingBlur(EDGE, image.shape).forward(image))
+    np.testing.assert_array_equal(blurred, SpatiallyVaryingBlur(EDGE, image.shape).forward(image - lo) + lo)
+    assert not np.array_equal(blurred, SpatiallyVaryingBlur(EDGE, image.shape).forward(image))
 
 
 def test_synthesize_pairs_rejects_mixed_shapes():

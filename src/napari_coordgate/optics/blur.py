@@ -36,6 +36,7 @@ from scipy.fft import next_fast_len
 
 from napari_coordgate.coords import field_axis
 from napari_coordgate.devices import resolve_device
+from napari_coordgate.optics.checks import as_float, check_image
 from napari_coordgate.optics.psf import grid_positions
 from napari_coordgate.optics.psfmodel import PSFModel, get_psf_model
 
@@ -49,53 +50,6 @@ __all__ = [
     "normalized_coordinates",
     "resolve_device",
 ]
-
-
-def check_image(image, name: str = "image", *, min_ndim: int = 2, max_ndim: int | None = None) -> np.ndarray:
-    """Validate an image at the boundary and return it as a float array (no copy when already float).
-
-    Parameters
-    ----------
-    image
-        Array-like of shape (..., H, W).
-    name
-        How the message refers to the array.
-    min_ndim, max_ndim
-        Allowed numbers of dimensions.
-
-    Returns
-    -------
-    ndarray, float32 or float64
-
-    Raises
-    ------
-    ValueError
-        For a wrong number of dimensions, an empty array, a bool/complex/non-numeric dtype, or NaN/Inf values.
-    """
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    arr = np.asarray(image)
-    if arr.dtype == bool:
-        raise ValueError(f"{name} is boolean (a mask?); convert it to a float intensity image first")
-    if np.iscomplexobj(arr):
-        raise ValueError(f"{name} is complex; pass the real intensity (e.g. np.abs(x)) instead")
-    if not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
-    if arr.ndim < min_ndim or (max_ndim is not None and arr.ndim > max_ndim):
-        want = f"{min_ndim}-D" if max_ndim == min_ndim else f"at least {min_ndim}-D" if max_ndim is None else (
-            f"{min_ndim}-D to {max_ndim}-D"
-        )
-        raise ValueError(f"expected a {want} {name} (..., H, W), got shape {arr.shape}")
-    if arr.size == 0:
-        raise ValueError(f"{name} is empty (shape {arr.shape}); every axis needs at least one pixel")
-    if not np.issubdtype(arr.dtype, np.floating):
-        arr = arr.astype(np.float32 if arr.dtype.itemsize <= 2 else np.float64)
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        raise ValueError(
-            f"{name} contains {int(bad.sum())} NaN or Inf value(s); replace them (e.g. with np.nan_to_num) first"
-        )
-    return arr
 
 
 def normalized_coordinates(n: int) -> np.ndarray:
@@ -320,7 +274,7 @@ class SpatiallyVaryingBlur:
     # ------------------------------------------------------------------------------------------ numpy
 
     def _numpy_call(self, image, fn) -> np.ndarray:
-        arr = check_image(image)
+        arr = as_float(check_image(image))
         if arr.shape[-2:] != self.field_shape:
             raise ValueError(
                 f"image frame is {arr.shape[-2:]} but this operator was built for {self.field_shape}; "
@@ -502,7 +456,11 @@ def synthesize_pairs(
     offset: float = 0.0,
     device: "str | torch.device" = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Training pairs from sharp images: (sharp, blurred [+ noise]).
+    """Training pairs from sharp images: (sharp, blurred [+ noise]). The one way the package simulates pairs
+    (training from a PSF model, ``napari-coordgate simulate``, the demo and the sample data).
+
+    The blur acts on the image above its minimum and the minimum is added back: light is non-negative, and a
+    constant background (a camera offset) passes unchanged whatever the PSF model's normalisation.
 
     Parameters
     ----------
@@ -526,7 +484,7 @@ def synthesize_pairs(
     if isinstance(sharp_images, (list, tuple)):
         if not sharp_images:
             raise ValueError("sharp_images is empty; give at least one (H, W) image")
-        checked = [check_image(im, f"sharp_images[{i}]", max_ndim=2) for i, im in enumerate(sharp_images)]
+        checked = [as_float(check_image(im, f"sharp_images[{i}]", max_ndim=2)) for i, im in enumerate(sharp_images)]
         shapes = {im.shape for im in checked}
         if len(shapes) > 1:
             raise ValueError(
@@ -535,10 +493,11 @@ def synthesize_pairs(
             )
         sharp = np.stack(checked)
     else:
-        sharp = check_image(sharp_images, "sharp_images", max_ndim=3)
+        sharp = as_float(check_image(sharp_images, "sharp_images", max_ndim=3))
     sharp = sharp.astype(np.float32)
     op = SpatiallyVaryingBlur(psf, sharp.shape[-2:], device=device)
-    blurred = op.forward(sharp)
+    lo = sharp.min()
+    blurred = op.forward(sharp - lo) + lo
     if photons is not None or read_noise > 0 or offset != 0:
         blurred = add_noise(blurred, photons=photons, read_noise=read_noise, offset=offset, seed=seed)
     return sharp, blurred.astype(np.float32)

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from skimage import restoration
 
-from napari_coordgate.optics.blur import SpatiallyVaryingBlur, _tent_weights, check_image
+from napari_coordgate.optics.blur import SpatiallyVaryingBlur, _tent_weights
+from napari_coordgate.optics.checks import as_float, check_image
 from napari_coordgate.optics.psf import grid_positions
 from napari_coordgate.optics.psfmodel import PSFModel, get_psf_model
 
@@ -83,7 +84,7 @@ def richardson_lucy_central(image, psf: "PSFModel | str | dict", iterations: int
     -------
     ndarray, float32, same shape and units as ``image``
     """
-    arr = check_image(image)
+    arr = as_float(check_image(image))
     iterations = _check_iterations(iterations)
     kernel = central_psf(psf, arr.shape[-2:] if full_field is None else full_field)
     pad = kernel.shape[0]
@@ -116,7 +117,7 @@ def wiener_central(image, psf: "PSFModel | str | dict", balance: float = 0.02) -
     -------
     ndarray, float32, same shape and units as ``image``
     """
-    arr = check_image(image)
+    arr = as_float(check_image(image))
     if not (isinstance(balance, (int, float)) and balance > 0 and np.isfinite(balance)):
         raise ValueError(f"balance must be a positive number, got {balance!r}")
     kernel = central_psf(psf, arr.shape[-2:])
@@ -175,7 +176,7 @@ def sv_richardson_lucy(
     -------
     ndarray, float32, same shape and units as ``image``
     """
-    arr = check_image(image)
+    arr = as_float(check_image(image))
     iterations = _check_iterations(iterations)
     if not (isinstance(background, (int, float)) and background >= 0 and np.isfinite(background)):
         raise ValueError(f"background must be a finite number >= 0, got {background!r}")
@@ -297,7 +298,7 @@ def sv_wiener(image, psf: "PSFModel | str | dict", grid: int | None = None, size
     """
     from scipy.signal import fftconvolve
 
-    arr = check_image(image)
+    arr = as_float(check_image(image))
     model = get_psf_model(psf)
     k = model.grid if grid is None else int(grid)
     size = 2 * model.psf_size + 1 if size is None else int(size)
