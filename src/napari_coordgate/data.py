@@ -13,8 +13,11 @@ from typing import Sequence
 
 import numpy as np
 
+from .optics.checks import InputError, as_float, check_image
+
 __all__ = [
     "InputError",
+    "float32",
     "as_planes",
     "check_image",
     "check_pairs",
@@ -28,41 +31,10 @@ __all__ = [
 ]
 
 
-class InputError(ValueError):
-    """An input array cannot be used; the message says why and what to do."""
-
-
-def check_image(arr, name: str = "image", *, allow_stack: bool = True, min_size: int = 1) -> np.ndarray:
-    """Validate one grey image (H, W) or a stack of planes (N, H, W); return it as float32 (a copy).
-
-    Rejects bool/complex/object dtypes, empty arrays, RGB-looking or >3-D data, NaN/Inf and constant
-    images, and images smaller than ``min_size`` per side.
-    """
-    a = np.asarray(arr)
-    if a.dtype == bool or np.issubdtype(a.dtype, np.complexfloating) or not np.issubdtype(a.dtype, np.number):
-        raise InputError(f"{name}: dtype {a.dtype} is not supported; expected integer or float grey values")
-    if a.size == 0:
-        raise InputError(f"{name} is empty (shape {a.shape})")
-    if a.ndim == 3 and a.shape[-1] in (3, 4) and min(a.shape[:2]) > 4:
-        raise InputError(
-            f"{name} of shape {a.shape} looks like an RGB(A) image; convert it to grey or pick one channel"
-        )
-    if a.ndim not in ((2, 3) if allow_stack else (2,)):
-        expected = "2-D image (H, W) or a stack (N, H, W)" if allow_stack else "2-D image (H, W)"
-        raise InputError(f"{name}: expected a {expected}, got shape {a.shape}")
-    h, w = a.shape[-2:]
-    if h < min_size or w < min_size:
-        raise InputError(f"{name} is {h}x{w} pixels, smaller than the minimum {min_size}x{min_size} for this network")
-    # float64 for integer inputs avoids uint16 overflow / precision loss before the final float32 cast
-    f = a.astype(np.float64 if np.issubdtype(a.dtype, np.integer) else a.dtype, copy=False)
-    if not np.isfinite(f).all():
-        raise InputError(f"{name} contains NaN or Inf values; remove or replace them first")
-    planes = f.reshape(-1, h, w)
-    for i, plane in enumerate(planes):
-        if float(plane.max()) == float(plane.min()):
-            which = f"{name}" if planes.shape[0] == 1 else f"{name} plane {i}"
-            raise InputError(f"{which} is constant (all {float(plane.min()):g}); it carries no structure to learn from")
-    return f.astype(np.float32, copy=True)
+def float32(a) -> np.ndarray:
+    """``a`` (a plane, a crop) as float32 for the network: floats cast, integers exactly (wide ones through
+    float64, as every check of this package converts them)."""
+    return as_float(a).astype(np.float32, copy=False)
 
 
 def as_planes(arr: np.ndarray) -> np.ndarray:
@@ -71,17 +43,21 @@ def as_planes(arr: np.ndarray) -> np.ndarray:
 
 
 def check_pairs(sharp, blurred, *, min_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Validate calibration pairs: equal shapes, 2-D or (N, H, W); returns float32 (N, H, W) stacks."""
-    s = as_planes(check_image(sharp, "sharp", min_size=min_size))
-    b = as_planes(check_image(blurred, "blurred", min_size=min_size))
+    """Validate calibration pairs: equal shapes, 2-D or (N, H, W), no constant plane, no identical pair.
+
+    Returns the two (N, H, W) stacks in their own dtypes, not copied (a memory map stays one): every check reads
+    one plane at a time, so a stack larger than memory can be validated.
+    """
+    s = as_planes(check_image(sharp, "sharp", max_ndim=3, min_size=min_size, allow_constant=False))
+    b = as_planes(check_image(blurred, "blurred", max_ndim=3, min_size=min_size, allow_constant=False))
     if s.shape != b.shape:
         raise InputError(
             f"sharp and blurred must have the same shape, got {s.shape} and {b.shape} "
             "(the k-th sharp plane pairs with the k-th blurred plane)"
         )
-    same = [i for i in range(s.shape[0]) if np.array_equal(s[i], b[i])]
-    if same:
-        which = "the sharp and blurred images are" if s.shape[0] == 1 else f"sharp and blurred plane {same[0]} are"
+    same = next((i for i in range(s.shape[0]) if np.array_equal(s[i], b[i])), None)
+    if same is not None:
+        which = "the sharp and blurred images are" if s.shape[0] == 1 else f"sharp and blurred plane {same} are"
         raise InputError(f"{which} identical (the same layer, file or pixels): give the blurred image of the same "
                          "field, or train from sharp images and a PSF model")
     return s, b
@@ -108,11 +84,17 @@ class Normalization:
         return cls(float(d["offset"]), float(d["scale"]))
 
 
-def fit_normalization(sharp: np.ndarray, low: float = 0.1, high: float = 99.9) -> Normalization:
-    """Percentile-based offset and scale from the training sharp images (robust to hot pixels)."""
-    sample = sharp.ravel()
-    if sample.size > 4_000_000:
-        sample = sample[:: sample.size // 4_000_000 + 1]
+def fit_normalization(sharp, low: float = 0.1, high: float = 99.9) -> Normalization:
+    """Percentile-based offset and scale from the training sharp images (robust to hot pixels).
+
+    ``sharp`` is (H, W) or (N, H, W), in any dtype. A stack of more than 4 million pixels is sampled (every k-th
+    pixel in memory order), one plane at a time, so a memory-mapped stack is never read whole into memory.
+    """
+    stack = as_planes(np.asarray(sharp))
+    n, per = stack.shape[0], stack.shape[1] * stack.shape[2]
+    step = n * per // 4_000_000 + 1 if n * per > 4_000_000 else 1
+    # the pixels k * step of the flattened stack, gathered plane by plane
+    sample = np.concatenate([float32(stack[i].reshape(-1)[(-i * per) % step :: step]) for i in range(n)])
     lo, hi = np.percentile(sample, [low, high])
     if not hi > lo:
         lo, hi = float(sample.min()), float(sample.max())
@@ -135,26 +117,26 @@ def correct_shift(image: np.ndarray, shift: Sequence[float]) -> np.ndarray:
     return np.real(np.fft.ifftn(spec)).astype(np.float32)
 
 
-def check_registration(sharp: np.ndarray, blurred: np.ndarray, tolerance: float = 0.25, correct: bool = False):
-    """Check every pair for a misregistration above ``tolerance`` pixels.
+def check_registration(sharp, blurred, tolerance: float = 0.25,
+                       correct: bool = False) -> tuple[dict[int, np.ndarray], list[tuple[float, float]]]:
+    """Check every pair of two (N, H, W) stacks for a misregistration above ``tolerance`` pixels, plane by plane.
 
-    Returns (blurred, shifts). With ``correct=True`` shifted planes are registered onto their sharp plane;
-    otherwise a warning names the planes and the shifts.
+    Returns (registered, shifts): with ``correct=True``, ``registered`` maps the index of every shifted blurred
+    plane to a float32 copy registered onto its sharp plane (the stacks themselves are never written: they may be
+    read-only memory maps); otherwise it is empty and a warning names the planes and the shifts.
     """
-    shifts = [registration_shift(s, b) for s, b in zip(sharp, blurred)]
+    shifts = [registration_shift(float32(sharp[i]), float32(blurred[i])) for i in range(len(sharp))]
     bad = [(i, sh) for i, sh in enumerate(shifts) if max(abs(sh[0]), abs(sh[1])) > tolerance]
     if bad and correct:
-        blurred = blurred.copy()
-        for i, sh in bad:
-            blurred[i] = correct_shift(blurred[i], sh)
-    elif bad:
+        return {i: correct_shift(float32(blurred[i]), sh) for i, sh in bad}, shifts
+    if bad:
         listed = ", ".join(f"plane {i}: dy={sh[0]:+.2f}, dx={sh[1]:+.2f}" for i, sh in bad[:5])
         warnings.warn(
             f"calibration pairs look misregistered ({listed}); register them or train with "
             "register=True (CLI: --register)",
             stacklevel=2,
         )
-    return blurred, shifts
+    return {}, shifts
 
 
 def checkerboard_mask(shape: tuple[int, int], tile: int = 32, period: int = 3) -> np.ndarray:

@@ -1,0 +1,303 @@
+"""Prediction: the tile plan and tiled, lazy, batched inference of a 2-D image or a (..., H, W) stack.
+
+Each tile carries its global field offset, overlaps its neighbours by the network's receptive field and starts on
+the pooling grid, so tiled output equals whole-image output. Training's validation runs through the same tiles
+(:func:`predict_batch`), so neither ever holds a whole plane's activations.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..config import PRECISIONS, ModelConfig
+from ..data import Normalization
+from ..devices import resolve_device
+from ..modelio import SavedModel
+from ..optics.checks import InputError, check_layout
+
+__all__ = ["Cancelled", "predict", "predict_batch", "receptive_halo", "plan_tiles", "field_geometry"]
+
+Window = tuple[int, int, int, int]  # (y0, y1, x0, x1)
+
+
+class Cancelled(Exception):
+    """Raised by :func:`predict` when ``should_stop()`` returned True between tiles."""
+
+
+def receptive_halo(cfg: ModelConfig) -> int:
+    """Overlap (pixels) a tile needs on each side so its core equals whole-image output.
+
+    The receptive radius of the U-Net is 2**(depth+2) - 6 pixels (two 3x3 convolutions per level on the way
+    down and up, plus pooling and transposed-convolution footprints), plus the radius of a Wiener first stage's
+    kernels; rounded up to the pooling grid.
+    """
+    m = cfg.min_size
+    r = 2 ** (cfg.depth + 2) - 6 + 2
+    if cfg.prefilter_channels:
+        r += cfg.prefilter_size // 2  # the first stage's kernels reach this much further
+    return int(math.ceil(r / m) * m)
+
+
+def _bytes_per_pixel(cfg: ModelConfig) -> float:
+    # activations kept during a no-grad forward: a few feature maps per level (float32), plus the first stage's
+    # filtered channels and their complex spectra
+    return sum(6 * c * 4 / 4**lv for lv, c in enumerate(cfg.level_channels())) + 64 + 16 * cfg.prefilter_channels
+
+
+def plan_tiles(shape: tuple[int, int], cfg: ModelConfig, tile: int | None = None,
+               memory_mb: float = 1024.0) -> list[tuple[Window, Window]]:
+    """Tile cores and halo windows for an image: list of (core, window) slices as (y0, y1, x0, x1).
+
+    ``tile`` is the core side (rounded down to the pooling grid); by default it is chosen so a window fits
+    in ``memory_mb`` of activations. An image that fits is one tile (whole-image prediction).
+    """
+    H, W = shape
+    m = cfg.min_size
+    halo = receptive_halo(cfg)
+    if tile is None:
+        side = int(math.sqrt(memory_mb * 2**20 / _bytes_per_pixel(cfg)))
+        # cache-sized tiles are faster than one huge window on a CPU (about 2x at 1024^2 for U-Net(2):
+        # benchmarks/bench_engine.py); keep the halo overhead small with a core of at least 4 halos
+        tile = max(min(side - 2 * halo, max(256, 4 * halo)), m)
+    tile = max(m, int(tile) - int(tile) % m)
+    if tile >= H and tile >= W:
+        return [((0, H, 0, W), (0, H, 0, W))]
+    out = []
+    for y0 in range(0, H, tile):
+        for x0 in range(0, W, tile):
+            y1, x1 = min(y0 + tile, H), min(x0 + tile, W)
+            wy0, wx0 = max(0, y0 - halo), max(0, x0 - halo)
+            wy1, wx1 = min(H, y1 + halo), min(W, x1 + halo)
+            # the window must reach the network's minimum size; extend it back inside the image
+            if wy1 - wy0 < m:
+                wy0 = max(0, wy1 - m) // m * m
+            if wx1 - wx0 < m:
+                wx0 = max(0, wx1 - m) // m * m
+            out.append(((y0, y1, x0, x1), (wy0, wy1, wx0, wx1)))
+    return out
+
+
+def field_geometry(
+    image_shape: tuple[int, int], field_shape: tuple[int, int], roi: Sequence[int] | None = None, binning: int = 1
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(field_shape, offset) in the image's pixel units for an image taken from the training field.
+
+    An image of the training field's shape needs nothing. A smaller image is a region of interest at
+    ``roi`` = (y, x) (training-field pixels); a binned image (``binning`` B) sees a field of ``field / B``
+    pixels, with the ROI divided by B as well.
+    """
+    if binning < 1:
+        raise InputError(f"binning must be a positive integer, got {binning}")
+    fh, fw = (int(round(field_shape[0] / binning)), int(round(field_shape[1] / binning)))
+    h, w = image_shape
+    if roi is None:
+        if (h, w) != (fh, fw):
+            hint = f" (binned x{binning})" if binning > 1 else ""
+            raise InputError(
+                f"image is {h}x{w} but the model was trained on a {field_shape[0]}x{field_shape[1]} field{hint}; "
+                "give the image's position in the field (--roi Y,X) or its binning (--binning B)"
+            )
+        return (fh, fw), (0, 0)
+    oy, ox = int(roi[0]) // binning, int(roi[1]) // binning
+    if oy < 0 or ox < 0 or oy + h > fh or ox + w > fw:
+        raise InputError(
+            f"an image of {h}x{w} at ROI ({roi[0]}, {roi[1]}) does not fit inside the {fh}x{fw} field "
+            "the model was trained on"
+        )
+    return (fh, fw), (oy, ox)
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
+
+
+def autocast_dtype(precision: str, dev):
+    """The autocast dtype of ``precision`` on ``dev`` (None for fp32), or an error saying what to use instead."""
+    import torch
+
+    _check_precision(precision)
+    if precision == "fp32":
+        return None
+    if precision == "fp16" and dev.type != "cuda":
+        raise InputError(f"precision 'fp16' needs a CUDA GPU (the device is {dev.type}); use 'bf16' or 'fp32'")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"precision {precision!r} is supported on CPU and CUDA, not on {dev.type}; use 'fp32'")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def _forward_windows(model, x, offsets, field_shape, amp_dtype=None):
+    """Model output for a (B, h, w) batch of normalised windows of one shape, as float32 (B, h, w).
+
+    ``offsets`` holds each window's (y, x) in the field. One window passes its offset as a tuple, so the model
+    slices its cached whole-field gates; a batch passes a (B, 2) tensor, one offset per sample.
+    """
+    import torch
+
+    if len(offsets) == 1:
+        off = (int(offsets[0][0]), int(offsets[0][1]))
+    else:
+        off = torch.tensor(offsets, dtype=torch.long, device=x.device)
+    enabled = amp_dtype is not None
+    with torch.autocast(device_type=x.device.type, dtype=amp_dtype if enabled else torch.bfloat16, enabled=enabled):
+        pred = model(x[:, None], offset=off, field_shape=field_shape)
+    return pred[:, 0].float()
+
+
+def tile_batches(tiles, batch_tiles: int) -> list[list[int]]:
+    """Indices into ``tiles`` in groups of at most ``batch_tiles`` whose windows have the same shape.
+
+    Groups come in the plan order of their first tile, so ``batch_tiles=1`` is the plan order itself.
+    """
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, (_, (wy0, wy1, wx0, wx1)) in enumerate(tiles):
+        by_shape.setdefault((wy1 - wy0, wx1 - wx0), []).append(i)
+    groups = [ids[k : k + batch_tiles] for ids in by_shape.values() for k in range(0, len(ids), batch_tiles)]
+    return sorted(groups, key=lambda g: g[0])
+
+
+def predict_batch(model, read: Callable[[Window], np.ndarray], tiles, group: Sequence[int], offset: tuple[int, int],
+                  field_shape: tuple[int, int], dev, amp_dtype=None) -> list[tuple[Window, np.ndarray]]:
+    """Run ``model`` (under no_grad) on one batch of tiles of a plane: (core, float32 prediction of the core) each.
+
+    ``read(window)`` returns a normalised float32 window of the plane (read lazily, from host memory); the windows
+    of ``group`` (indices into ``tiles``, of one window shape) go to ``dev`` together. Prediction and training's
+    validation both go through here, so neither ever holds more than one batch of windows on the device.
+    """
+    import torch
+
+    wins = [read(tiles[i][1]) for i in group]
+    x = torch.from_numpy(wins[0][None] if len(wins) == 1 else np.stack(wins)).to(dev)
+    offs = [(offset[0] + tiles[i][1][0], offset[1] + tiles[i][1][2]) for i in group]
+    with torch.no_grad():
+        pred = _forward_windows(model, x, offs, field_shape, amp_dtype).cpu().numpy()
+    cores = []
+    for k, i in enumerate(group):
+        (y0, y1, x0, x1), (wy0, _, wx0, _) = tiles[i]
+        cores.append((tiles[i][0], pred[k, y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0]))
+    return cores
+
+
+def _read_window(image, idx, window, norm) -> np.ndarray:
+    """One halo window of one plane, read lazily, checked and normalised to float32."""
+    wy0, wy1, wx0, wx1 = window
+    win = image[idx + (slice(wy0, wy1), slice(wx0, wx1))]
+    win = np.asarray(win.compute() if hasattr(win, "compute") else win)
+    win = win.astype(np.float64 if win.dtype.kind in "iu" else np.float32, copy=False)
+    if not np.isfinite(win).all():
+        raise InputError(f"image plane {idx or 0} contains NaN or Inf values")
+    return norm.apply(win)
+
+
+@contextmanager
+def _fresh_gates(model, amp_dtype):
+    """The model caches gates by geometry and weights, not by dtype: gates computed under autocast are half
+    precision. A reduced-precision call starts and ends with an empty cache, so a later fp32 call never reuses
+    them (fp32 output stays bit for bit what it was) and this call does not depend on what ran before."""
+    fresh = amp_dtype is not None and hasattr(model, "clear_gate_cache")
+    if fresh:
+        model.clear_gate_cache()
+    try:
+        yield
+    finally:
+        if fresh:
+            model.clear_gate_cache()
+
+
+def _check_call(saved: SavedModel, image, precision: str, batch_tiles, binning: int) -> tuple[int, ...]:
+    """The image's shape, after the checks its shape, dtype and the call's options allow without reading it."""
+    shape = tuple(image.shape)
+    cfg = saved.config
+    check_layout(shape, np.dtype(getattr(image, "dtype", np.float32)), "image", min_size=cfg.min_size)
+    _check_precision(precision)
+    if isinstance(batch_tiles, bool) or not isinstance(batch_tiles, (int, np.integer)) or batch_tiles < 1:
+        raise InputError(f"batch_tiles must be a positive integer, got {batch_tiles!r}")
+    if binning != 1 and cfg.prefilter_channels:
+        raise InputError("this model's Wiener first stage is built for unbinned pixels; apply it to unbinned images")
+    return shape
+
+
+def predict(
+    saved: SavedModel,
+    image,
+    *,
+    roi: Sequence[int] | None = None,
+    binning: int = 1,
+    tile: int | None = None,
+    memory_mb: float = 1024.0,
+    device: str = "auto",
+    precision: str = "fp32",
+    batch_tiles: int = 1,
+    out=None,
+    on_progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> np.ndarray:
+    """Deblur a 2-D image or every 2-D plane of a (..., H, W) stack.
+
+    Parameters
+    ----------
+    saved
+        A loaded model (:func:`napari_coordgate.modelio.load_model` or a training result).
+    image
+        numpy array, dask array or any array that slices lazily; only the tile windows (plus halo) of one batch
+        of one plane are read at a time, so a dask-backed stack is never materialised.
+    roi, binning
+        Where the image sits in the training field, see :func:`field_geometry`.
+    tile, memory_mb
+        Tile core side, or a memory budget for one window's activations from which it is chosen.
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
+    precision
+        ``"fp32"`` (default), ``"bf16"`` (CPU and CUDA) or ``"fp16"`` (CUDA only): the forward pass runs under
+        ``torch.autocast`` with that dtype; the weights and the output stay float32.
+    batch_tiles
+        Up to this many tiles whose windows have the same shape go through the network as one batch (fewer,
+        larger kernel launches: for GPUs; a 2048^2 plane through U-Net(2) on an H200 went from 68 to 145 MP/s
+        with 16, ``benchmarks/bench_gpu.py``; on a CPU it gains nothing, and CoordGate models then compute
+        their gates per batch instead of slicing cached ones). Output equals one-tile-at-a-time output to
+        float rounding; a batch needs about ``batch_tiles`` times the activation memory of one window.
+        1 (default): one tile at a time.
+    out
+        Optional array-like (numpy, memmap, zarr) of the image's shape that receives the float32 result;
+        by default a new float32 numpy array.
+    on_progress
+        Called as ``on_progress(done_tiles, total_tiles)`` after every tile.
+    should_stop
+        Checked before every batch of tiles (every tile with ``batch_tiles=1``); True raises :class:`Cancelled`
+        (``out`` keeps the planes done so far).
+
+    Returns
+    -------
+    The restored float32 array (``out`` if given), in the units of the training sharp images.
+    """
+    shape = _check_call(saved, image, precision, batch_tiles, binning)
+    field_shape, offset = field_geometry(shape[-2:], saved.field_shape, roi, binning)
+    norm = Normalization.from_dict(saved.normalization)
+    dev = resolve_device(device)
+    amp_dtype = autocast_dtype(precision, dev)
+    model = saved.model.to(dev).eval()
+    tiles = plan_tiles(shape[-2:], saved.config, tile, memory_mb)
+    batches = tile_batches(tiles, int(batch_tiles))
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    elif tuple(out.shape) != shape:
+        raise InputError(f"out has shape {tuple(out.shape)}, expected {shape}")
+    total = int(np.prod(shape[:-2], dtype=np.int64)) * len(tiles)
+    done = 0
+    with _fresh_gates(model, amp_dtype):
+        for idx in np.ndindex(*shape[:-2]):
+            for group in batches:
+                if should_stop is not None and should_stop():
+                    raise Cancelled(f"prediction cancelled after {done} of {total} tiles")
+                read = lambda window, idx=idx: _read_window(image, idx, window, norm)
+                for (y0, y1, x0, x1), core in predict_batch(model, read, tiles, group, offset, field_shape, dev,
+                                                            amp_dtype):
+                    out[idx + (slice(y0, y1), slice(x0, x1))] = norm.invert(core)
+                    done += 1
+                    if on_progress is not None:
+                        on_progress(done, total)
+    return out

@@ -1,0 +1,221 @@
+"""What a run trains on: the sources, and the training-data object that owns the split, the normalisation, the
+simulated noise and the crop sampling.
+
+The stacks stay in host memory as they were given (a memory-mapped calibration stack stays memory-mapped): the
+checks read one plane at a time, crops and validation windows are read and normalised on the fly, and only a
+batch ever goes to the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..config import ModelConfig, TrainConfig
+from ..data import (
+    Normalization,
+    as_planes,
+    check_image,
+    check_pairs,
+    check_registration,
+    checkerboard_mask,
+    fit_normalization,
+    float32,
+    sample_offsets,
+)
+
+__all__ = ["PairSource", "SimulatedSource", "TrainingData", "Batch"]
+
+
+@dataclass
+class PairSource:
+    """Calibration pairs: sharp and blurred images of the same field, (H, W) or (N, H, W).
+
+    Any array that slices like numpy (a memory map...) is read plane by plane and crop by crop, never copied whole.
+    ``psf`` optionally describes the optics (any :class:`~napari_coordgate.optics.psfmodel.PSFModel`, or a preset
+    name, ``.json`` / ``.cgpsf`` path or dict); a model with a Wiener first stage (``ModelConfig.prefilter="wiener"``)
+    needs it to build its filters.
+    """
+
+    sharp: Any
+    blurred: Any
+    psf: Any = None
+
+
+@dataclass
+class SimulatedSource:
+    """Sharp images plus a PSF model; blurred images are simulated, with fresh noise every epoch."""
+
+    sharp: Any
+    psf: Any  # PSFModel, preset name, .json / .cgpsf path or dict
+
+
+@dataclass
+class Batch:
+    """One optimiser step's crops on the host: normalised float32 (B, 1, h, w), their field offsets (B, 2) and,
+    for a single pair, the loss weights (B, 1, h, w; 0 on validation pixels)."""
+
+    blurred: np.ndarray
+    sharp: np.ndarray
+    offsets: np.ndarray
+    weight: np.ndarray | None
+
+
+def _psf_identity(psf) -> dict:
+    """What identifies a PSF model in a fingerprint: its record's metadata and a digest of each of its arrays."""
+    meta, arrays = psf.to_record()
+    if not arrays:
+        return meta
+    digests = {}
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        digests[name] = f"{a.dtype.str}{a.shape}:" + hashlib.sha256(a).hexdigest()
+    return {**meta, "arrays": digests}
+
+
+def _crop_size(train_cfg: TrainConfig, field_shape: tuple[int, int], align: int) -> tuple[int, int]:
+    """The training crop (h, w): the configured side, inside the field, on the pooling grid."""
+    H, W = field_shape
+    crop = min(train_cfg.crop, H - H % align if H >= align else H, W - W % align if W >= align else W)
+    crop = max(align, crop - crop % align)
+    return min(crop, H), min(crop, W)
+
+
+class TrainingData:
+    """Validated calibration planes on the host and everything a run draws from them.
+
+    Build with :meth:`from_source`. The split: whole held-out planes when there are several pairs (the last
+    ``max(1, n // 8)``), otherwise a sparse checkerboard of tiles of the single pair, masked out of the loss.
+    """
+
+    def __init__(self, sharp, blurred, registered: dict[int, np.ndarray], *, simulated_from, known_psf,
+                 model_cfg: ModelConfig, train_cfg: TrainConfig):
+        self.sharp, self._clean, self._registered = sharp, blurred, registered
+        self.simulated_from, self.known_psf = simulated_from, known_psf
+        self.model_cfg, self.train_cfg = model_cfg, train_cfg
+        self.n, H, W = sharp.shape
+        self.field_shape = (H, W)
+        self.align = model_cfg.min_size
+        self.crop = _crop_size(train_cfg, self.field_shape, self.align)
+        n_val = max(1, self.n // 8) if self.n >= 2 else 0
+        self.train_idx = np.arange(self.n - n_val)
+        self.val_idx = np.arange(self.n - n_val, self.n) if n_val else np.arange(1)
+        self.val_mask = None if n_val else checkerboard_mask(self.field_shape, train_cfg.val_tile)
+        self._weight = None if n_val else (~self.val_mask).astype(np.float32)
+        self.norm = Normalization()
+        self.noise_seed: int | None = None
+        self._noisy = None  # this epoch's simulated blurred stack
+
+    @classmethod
+    def from_source(cls, source, model_cfg: ModelConfig, train_cfg: TrainConfig) -> "TrainingData":
+        """Check a :class:`PairSource` (plane by plane, registration included) or simulate the clean blurred
+        stack of a :class:`SimulatedSource`; a clear :class:`InputError` for anything unusable."""
+        from ..optics.psfmodel import get_psf_model
+
+        m = model_cfg.min_size
+        if isinstance(source, PairSource):
+            sharp, blurred = check_pairs(source.sharp, source.blurred, min_size=m)
+            registered, _ = check_registration(sharp, blurred, correct=train_cfg.register)
+            known = None if source.psf is None else get_psf_model(source.psf)
+            return cls(sharp, blurred, registered, simulated_from=None, known_psf=known, model_cfg=model_cfg,
+                       train_cfg=train_cfg)
+        if isinstance(source, SimulatedSource):
+            from ..optics.blur import synthesize_pairs
+
+            check_image(source.sharp, "sharp", max_ndim=3, min_size=m, allow_constant=False)
+            psf = get_psf_model(source.psf)
+            sharp, clean = synthesize_pairs(source.sharp, psf)
+            return cls(as_planes(sharp), as_planes(clean), {}, simulated_from=psf, known_psf=psf,
+                       model_cfg=model_cfg, train_cfg=train_cfg)
+        raise TypeError(f"source must be a PairSource or SimulatedSource, got {type(source).__name__}")
+
+    # -- the stacks, one plane or window at a time, as float32 ------------------------------------------------
+    def sharp_plane(self, i: int, window=None) -> np.ndarray:
+        """Sharp plane ``i`` (or its ``window`` (y0, y1, x0, x1)) as float32, in image units."""
+        y0, y1, x0, x1 = window or (0, self.field_shape[0], 0, self.field_shape[1])
+        return float32(self.sharp[i, y0:y1, x0:x1])
+
+    def blurred_plane(self, i: int, window=None) -> np.ndarray:
+        """This epoch's blurred plane ``i`` (registered, or with this epoch's noise) as float32, in image units."""
+        y0, y1, x0, x1 = window or (0, self.field_shape[0], 0, self.field_shape[1])
+        if self._noisy is not None:
+            return self._noisy[i, y0:y1, x0:x1]
+        if i in self._registered:
+            return self._registered[i][y0:y1, x0:x1]
+        return float32(self._clean[i, y0:y1, x0:x1])
+
+    # -- normalisation and noise ------------------------------------------------------------------------------
+    @property
+    def simulated(self) -> bool:
+        return self.simulated_from is not None
+
+    def fit_normalization(self) -> Normalization:
+        """Fit the intensity normalisation on the training sharp planes (they are the first planes)."""
+        return fit_normalization(self.sharp[: len(self.train_idx)])
+
+    def start(self, norm: Normalization, noise_seed: int | None) -> None:
+        """Fix the normalisation and (simulated pairs) the noise seed, and draw epoch 0's noise."""
+        self.norm, self.noise_seed = norm, noise_seed
+        self.new_epoch(0)
+
+    def new_epoch(self, epoch: int) -> None:
+        """Simulated pairs get fresh noise every epoch (relative to each plane's peak, in image units)."""
+        if self.simulated:
+            from ..optics.blur import add_noise
+
+            self._noisy = add_noise(self._clean, photons=self.train_cfg.photons, read_noise=self.train_cfg.read_noise,
+                                    seed=self.noise_seed + epoch)
+
+    # -- crops ------------------------------------------------------------------------------------------------
+    def batch(self, rng: np.random.Generator) -> Batch:
+        """One batch of random crops (planes drawn from the training planes, offsets on the pooling grid)."""
+        cfg = self.train_cfg
+        planes = rng.choice(self.train_idx, size=cfg.batch)
+        offs = sample_offsets(rng, cfg.batch, self.field_shape, self.crop, self.align, cfg.sampling)
+        windows = [(int(oy), int(oy) + self.crop[0], int(ox), int(ox) + self.crop[1]) for oy, ox in offs]
+        x = np.stack([self.norm.apply(self.blurred_plane(int(p), w)) for p, w in zip(planes, windows)])
+        y = np.stack([self.norm.apply(self.sharp_plane(int(p), w)) for p, w in zip(planes, windows)])
+        weight = None
+        if self._weight is not None:
+            weight = np.stack([self._weight[y0:y1, x0:x1] for y0, y1, x0, x1 in windows])[:, None]
+        return Batch(x[:, None], y[:, None], offs, weight)
+
+    # -- validation -------------------------------------------------------------------------------------------
+    def val_range(self) -> float:
+        """Data range of the normalised validation sharp planes (the PSNR's peak)."""
+        lo = min(self.norm.apply(self.sharp_plane(int(i))).min() for i in self.val_idx)
+        hi = max(self.norm.apply(self.sharp_plane(int(i))).max() for i in self.val_idx)
+        return float(np.float32(hi) - np.float32(lo))
+
+    # -- what the run trains on -------------------------------------------------------------------------------
+    def fingerprint(self) -> dict:
+        """A fingerprint (SHA-256) of the data and the model config, and a short description.
+
+        Calibration pairs are hashed whole (shapes, every pixel of the checked sharp and (registered) blurred
+        stacks as float32, about 1 s per GB, one plane at a time); simulated pairs by their sharp stack, PSF model
+        and noise settings. The budget, the seed and the rest of the recipe are not part of it: a resumed run may
+        train longer.
+        """
+        cfg = self.train_cfg
+        digest = hashlib.sha256(json.dumps({
+            "model": self.model_cfg.to_dict(),
+            "psf": None if self.known_psf is None else _psf_identity(self.known_psf),
+            "noise": [cfg.photons, cfg.read_noise] if self.simulated else None,
+        }, sort_keys=True).encode())
+        stacks = [self.sharp_plane] if self.simulated else [self.sharp_plane, self._clean_plane]
+        for plane in stacks:
+            digest.update(f"{np.dtype(np.float32).str}{(self.n, *self.field_shape)}".encode())
+            for i in range(self.n):
+                digest.update(np.ascontiguousarray(plane(i)))
+        n, (h, w) = self.n, self.field_shape
+        what = f"{n} sharp plane(s) of {h}x{w} blurred with" if self.simulated else f"{n} calibration pair(s) of {h}x{w}"
+        if self.known_psf is not None:
+            what += f"{'' if self.simulated else ' with'} PSF model '{self.known_psf.name}'"
+        return {"fingerprint": digest.hexdigest(), "description": what}
+
+    def _clean_plane(self, i: int) -> np.ndarray:
+        return self._registered[i] if i in self._registered else float32(self._clean[i])
