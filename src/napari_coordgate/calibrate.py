@@ -1,0 +1,582 @@
+"""Calibrate a microscope from a bead slide: a 2-D image of sub-resolution beads -> a field-dependent PSF model.
+
+:func:`calibrate` detects the beads (:mod:`~napari_coordgate.calibration.detect`), cuts registered PSF patches
+(:mod:`~napari_coordgate.calibration.patches`) and fits two models of how the PSF changes across the field:
+
+- ``"grid"``: a measured K x K grid of PSFs (:class:`~napari_coordgate.optics.measured.MeasuredGridPSF`,
+  :mod:`~napari_coordgate.calibration.grid`), for any optics;
+- ``"pupil"``: a pupil model whose Zernike aberrations are quadratic polynomials of the field position
+  (:class:`~napari_coordgate.optics.pupil_poly.PupilPolyPSF`, :mod:`~napari_coordgate.calibration.pupilfit`),
+  fitted to all beads jointly with torch autograd; it needs the NA, emission wavelength, immersion index and pixel
+  size.
+
+``model="auto"`` fits both (the pupil model only when the optics are given) on four fifths of the beads and keeps
+the one that predicts the held-out fifth better, then refits it on all beads. The result carries the model, both
+held-out residuals, a table of every detected spot (accepted or rejected, with the reason), warnings about thin
+coverage, a report figure (:meth:`CalibrationResult.report_png`) and JSON (:meth:`CalibrationResult.to_json`).
+
+Below the engine: uses optics, never Qt or napari. What the slide should look like: sparse beads (a few hundred
+over the field, most further apart than the PSF window), in focus, the brightest peaks well below saturation
+(a few thousand photons is plenty), pixels at or below the Nyquist limit ``wavelength / (4 NA)``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from napari_coordgate.calibration import CalibrationCancelled, CalibrationError
+from napari_coordgate.calibration.detect import REASONS, BeadTable, find_beads, reject_by_window
+from napari_coordgate.calibration.grid import GridFit, choose_grid, fit_grid
+from napari_coordgate.calibration.patches import Patches, extract_patches, fit_beads
+from napari_coordgate.optics.measured import MeasuredGridPSF
+from napari_coordgate.optics.psfmodel import PSFModel
+
+__all__ = ["calibrate", "CalibrationResult", "CalibrationUpdate", "CalibrationError", "CalibrationCancelled",
+           "BeadTable", "MODELS", "PUPIL_MIN_BEADS", "GRID_MIN_BEADS"]
+
+MODELS = ("auto", "pupil", "grid")
+PUPIL_MIN_BEADS = 10  # 36 polynomial coefficients, but each bead constrains its position's 6 aberrations
+GRID_MIN_BEADS = 5  # four to fit, one to check
+_MARGIN = 3  # width of the background ring around each PSF window
+_HOLD_OUT = 5  # every 5th accepted bead is held out to compare the models
+_OUTLIER_RATIO = 10.0
+_REGIONS = (("top-left corner", "top edge", "top-right corner"), ("left edge", "centre", "right edge"),
+            ("bottom-left corner", "bottom edge", "bottom-right corner"))
+
+
+@dataclass(frozen=True)
+class CalibrationUpdate:
+    """One progress message (small and picklable): stage, overall fraction done, a line for people."""
+
+    stage: str  # "detect", "grid", "pupil", "refit", "done"
+    progress: float
+    message: str
+    elapsed: float
+
+
+@dataclass
+class CalibrationResult:
+    """What :func:`calibrate` found.
+
+    Attributes
+    ----------
+    model
+        The chosen PSF model (``measured_grid`` or ``pupil_poly``), with provenance.
+    chosen
+        ``"grid"`` or ``"pupil"``.
+    residuals
+        Held-out residual of each candidate (``"grid"``, ``"pupil"``; None when not fitted): the mean squared
+        misfit per pixel of the held-out beads over their noise variance, after fitting each bead's amplitude,
+        offset and sub-pixel shift (1 for a perfect model with pure background noise; shot noise adds to it).
+    beads
+        Every detected spot, accepted or rejected with the reason (:class:`BeadTable`).
+    warnings
+        What the user should know (thin coverage, filled grid nodes, many rejections, ...).
+    candidates
+        Both fitted models by name (the chosen one refitted on all beads).
+    """
+
+    model: PSFModel
+    chosen: str
+    residuals: dict[str, float | None]
+    beads: BeadTable
+    warnings: list[str]
+    candidates: dict[str, PSFModel]
+    field_shape: tuple[int, int]
+    psf_size: int
+    noise: list[float]
+    grid_fit: GridFit | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    device: str = "cpu"
+
+    @property
+    def n_beads(self) -> int:
+        """Accepted beads."""
+        return int(self.beads.accepted.sum())
+
+    def summary(self) -> str:
+        """One line: bead count, chosen model and its held-out residual."""
+        res = self.residuals.get(self.chosen)
+        other = [f"{k} {v:.3g}" for k, v in self.residuals.items() if v is not None and k != self.chosen]
+        vs = f" (vs {', '.join(other)})" if other else ""
+        return (f"{self.n_beads} beads used of {len(self.beads)} spots; model {self.chosen} "
+                f"({self.model.kind}, {self.psf_size} px PSFs), held-out residual {res:.3g}{vs}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the PSF arrays, JSON-able."""
+        meta, _ = self.model.to_record()
+        out = {
+            "summary": self.summary(),
+            "chosen": self.chosen,
+            "model": {"kind": self.model.kind, "description": self.model.describe(), "record": meta},
+            "residuals": self.residuals,
+            "counts": self.beads.counts(),
+            "field_shape": list(self.field_shape),
+            "psf_size": self.psf_size,
+            "noise": self.noise,
+            "warnings": list(self.warnings),
+            "settings": self.settings,
+            "seconds": round(self.seconds, 2),
+            "device": self.device,
+            "provenance": self.model.provenance,
+            "rejection_reasons": {k: v for k, v in REASONS.items()},
+            "beads": self.beads.to_dict(),
+        }
+        if self.grid_fit is not None:
+            out["grid"] = {"k": self.grid_fit.k, "lambda": self.grid_fit.lam,
+                           "node_beads": np.round(self.grid_fit.node_weight, 2).tolist(),
+                           "filled": self.grid_fit.filled.tolist()}
+        if self.model.kind == "pupil_poly":
+            out["model"]["coefficients"] = np.round(self.model.coefficients, 5).tolist()  # type: ignore[attr-defined]
+        return out
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """:meth:`to_dict` as JSON text."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False, default=_json_default)
+
+    def report_png(self, path: "str | Path") -> Path:
+        """Write the report figure (FWHM, ellipticity and orientation maps, measured vs model PSFs at the grid
+        nodes, residual per bead, beads per region, warnings) as PNG; returns the path."""
+        from napari_coordgate.calibration.report import write_report_png
+
+        return write_report_png(self, path)
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+# ------------------------------------------------------------------------------------------------ input
+
+
+def _check_images(images) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(raw planes, float64 planes) of a 2-D image, a 3-D series or a sequence of 2-D images of one shape.
+
+    The layout, dtype, NaN/Inf and constant-plane rules are those of every entry point
+    (:func:`napari_coordgate.optics.checks.check_image`); this adds what they mean for a bead image.
+    """
+    from napari_coordgate.optics.checks import InputError, check_image
+
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise CalibrationError("no bead image given; pass a 2-D image (H, W) of the focal plane")
+        planes = [np.asarray(im) for im in images]
+        for i, p in enumerate(planes):
+            if p.ndim != 2:
+                raise CalibrationError(f"bead image {i} has shape {p.shape}; each image of a list must be 2-D (H, W)")
+        if len({p.shape for p in planes}) > 1:
+            raise CalibrationError(f"bead images have different shapes {sorted({p.shape for p in planes})}; they "
+                                   "must be images of the same field (same camera frame)")
+        images = np.stack(planes)
+    try:
+        arr = check_image(images, "bead image", min_ndim=2, max_ndim=3, min_size=16, allow_constant=False)
+    except InputError as exc:
+        text = str(exc)
+        if "RGB" in text:
+            text += " (for multichannel beads, calibrate each channel separately: one PSF model per channel)"
+        elif "expected" in text:
+            text += ("; a bead image is the in-focus 2-D plane (a z-stack is not supported: give its focal plane), "
+                     "or a series (N, H, W) of 2-D images of the same field; calibrate multichannel data one "
+                     "channel at a time")
+        elif "minimum" in text:
+            text = text.replace("for this network", "for a bead image (the PSF windows need room)")
+        elif "constant" in text:
+            text = text.split(";")[0] + ": there are no beads to detect (lens cap on? wrong channel?)"
+        raise CalibrationError(text) from None
+    arr = arr[None] if arr.ndim == 2 else arr
+    raw = [arr[i] for i in range(arr.shape[0])]
+    return raw, [np.asarray(r, dtype=np.float64) for r in raw]
+
+
+def _odd(n: float) -> int:
+    n = int(math.ceil(n))
+    return n + 1 - n % 2
+
+
+def _auto_psf_size(table: BeadTable, cleaned: list[np.ndarray], limit: int, optics: dict | None) -> int:
+    """PSF side (odd) that holds the measurable light of the widest beads.
+
+    The widest beads' windows (as large as the frame allows, up to 61 px) are background-subtracted, scaled by
+    their core's light and median-stacked (the median ignores the neighbours that wander into large windows);
+    the radius where the stack's azimuthal mean sinks into its noise sets the size (plus a pixel of margin). At
+    least the Airy pattern's first rings when the optics are known, at least 11 px, at most 51 px.
+    """
+    ok = table.accepted
+    major = np.fmax(table.fwhm_x, table.fwhm_y)
+    floor = 11
+    if optics is not None:
+        airy = 1.2 * optics["wavelength_um"] / optics["na"] / optics["pixel_size_um"]
+        floor = max(floor, _odd(2 * math.ceil(2.0 * airy) + 1))
+    big = int(min(61, limit + 2 * _MARGIN, 2 * (min(cleaned[0].shape) // 4) + 1))
+    big -= 1 - big % 2
+    half = big // 2
+    cand = np.flatnonzero(ok & np.isfinite(major) & (table.snr >= 20))
+    inside = [i for i in cand if half <= round(table.y[i]) < cleaned[table.image[i]].shape[0] - half
+              and half <= round(table.x[i]) < cleaned[table.image[i]].shape[1] - half]
+    if len(inside) < 5:
+        sigma = float(np.nanpercentile(major[ok], 90)) / 2.3548 if ok.any() else 1.5
+        return int(np.clip(_odd(2 * math.ceil(5.0 * sigma) + 1), floor, max(floor, min(51, limit))))
+    inside = np.array(inside)
+    wide = inside[np.argsort(-major[inside])][: max(5, min(40, int(0.4 * inside.size)))]
+    off = np.arange(big) - half
+    yy, xx = np.meshgrid(off, off, indexing="ij")
+    rr = np.hypot(yy, xx)
+    ring = rr >= half - 2
+    stack = []
+    for i in wide:
+        img = cleaned[table.image[i]]
+        cy, cx = int(round(table.y[i])), int(round(table.x[i]))
+        win = img[cy - half : cy + half + 1, cx - half : cx + half + 1]
+        win = win - np.median(win[ring])
+        core = win[rr <= max(3.0, major[i])].sum()
+        if core > 0:
+            stack.append(win / core)
+    if len(stack) < 5:
+        return int(np.clip(floor, floor, max(floor, min(51, limit))))
+    med = np.median(np.stack(stack), axis=0)
+    med = med - np.mean(med[(rr >= half - 8) & ~ring])  # the stack's residual floor (background estimate bias)
+    # the radius where the stack's azimuthal mean sinks into its own noise (two radii in a row below 2 sigma)
+    outer = med[(rr >= half - 8) & ~ring]
+    sigma = 1.4826 * float(np.median(np.abs(outer - np.median(outer))))
+    radius = 3
+    below = 0
+    for r in range(1, half - 8):
+        shell = (rr >= r - 0.5) & (rr < r + 0.5)
+        if med[shell].mean() > 2.0 * sigma / math.sqrt(shell.sum()):
+            radius, below = r, 0
+        else:
+            below += 1
+            if below >= 2:
+                break
+    return int(np.clip(_odd(2 * radius + 3), floor, max(floor, min(51, limit))))
+
+
+def _coverage_warnings(table: BeadTable, field_shape) -> tuple[list[str], np.ndarray]:
+    ok = table.accepted
+    counts = np.zeros((3, 3), int)
+    ry = np.clip(((table.y_norm[ok] + 1) / 2 * 3).astype(int), 0, 2)
+    rx = np.clip(((table.x_norm[ok] + 1) / 2 * 3).astype(int), 0, 2)
+    np.add.at(counts, (ry, rx), 1)
+    out = []
+    for i in range(3):
+        for j in range(3):
+            name = _REGIONS[i][j]
+            if counts[i, j] == 0:
+                out.append(f"no beads in the {name}: the model there is extrapolated from its neighbours")
+            elif counts[i, j] < 3:
+                out.append(f"only {counts[i, j]} bead(s) in the {name}: the model there rests on few beads")
+    return out, counts
+
+
+def _score(model: PSFModel, patches: Patches, field_shape) -> tuple[float, dict]:
+    psfs = model.psfs_at(patches.y_norm, patches.x_norm, field_shape)
+    fit = fit_beads(psfs, patches)
+    return float(np.sum(fit["chi2"]) / (len(patches) * patches.psf_size**2)), fit
+
+
+def calibrate(
+    images,
+    *,
+    model: str = "auto",
+    grid: int | None = None,
+    na: float | None = None,
+    wavelength_um: float | None = None,
+    immersion: float | None = None,
+    pixel_size_um: float | None = None,
+    psf_size: int | None = None,
+    device: str = "auto",
+    should_stop: Callable[[], bool] | None = None,
+    report: Callable[[CalibrationUpdate], None] | None = None,
+    source: "str | Sequence[str] | None" = None,
+    min_snr: float = 5.0,
+) -> CalibrationResult:
+    """Measure a microscope's field-dependent PSF from an image of sub-resolution beads.
+
+    Parameters
+    ----------
+    images
+        A 2-D image (H, W) of the beads in the focal plane, or a series (N, H, W) / list of 2-D images of the
+        *same field* (e.g. several slide positions or repeated exposures: their beads are pooled). Never a
+        z-stack: only in-focus 2-D images are calibrated (give the focal plane). Multichannel data: call once
+        per channel (one PSF model per channel). Raw camera units (any real dtype); offset and gain do not
+        matter. RGB images are refused.
+    model
+        ``"auto"`` (both models when the optics are given, else the grid; the one with the smaller held-out
+        residual wins), ``"pupil"`` or ``"grid"``.
+    grid
+        K of the measured K x K grid; default: chosen by cross-validation from the bead count.
+    na, wavelength_um, immersion, pixel_size_um
+        Numerical aperture, emission wavelength (µm, vacuum), immersion index and camera pixel size in the
+        specimen plane (µm). The pupil model needs all four; the grid stores the pixel size when given.
+    psf_size
+        PSF side in pixels (odd); default from the widest beads (and the Airy rings when the optics are known).
+    device
+        Torch device of the pupil fit: ``"auto"`` (CUDA, MPS, CPU), ``"cpu"``, ``"cuda"``, ...
+    should_stop
+        Checked between stages and during the pupil fit. A stop during the pupil fit keeps the grid model; a
+        stop before any model exists raises :class:`CalibrationCancelled`.
+    report
+        Called with a :class:`CalibrationUpdate` at each stage.
+    source
+        Names of the bead files, for the model's provenance.
+    min_snr
+        Beads whose peak is below ``min_snr`` times the background noise are rejected as too faint.
+
+    Returns
+    -------
+    CalibrationResult
+
+    Raises
+    ------
+    CalibrationError
+        No beads found, all beads saturated, fewer usable beads than the model needs (the message says how many
+        are needed), RGB or >3-D input, NaN/Inf, a constant or empty image, the pupil model without its optics.
+    CalibrationCancelled
+        ``should_stop()`` returned True before a model was fitted.
+    """
+    t0 = time.perf_counter()
+    if model not in MODELS:
+        raise CalibrationError(f"model must be one of {', '.join(MODELS)}; got {model!r}")
+    if grid is not None and (isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or not 1 <= grid <= 25):
+        raise CalibrationError(f"grid must be an integer from 1 to 25 (K of the K x K PSF grid), got {grid!r}")
+    if psf_size is not None and (isinstance(psf_size, bool) or not isinstance(psf_size, (int, np.integer))
+                                 or psf_size < 7 or psf_size % 2 == 0):
+        raise CalibrationError(f"psf_size must be an odd integer of at least 7 pixels, got {psf_size!r}")
+    given = {"na": na, "wavelength": wavelength_um, "immersion": immersion, "pixel size": pixel_size_um}
+    for key, value in given.items():
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise CalibrationError(f"{key} must be a positive number, got {value!r}")
+    missing = [k for k, v in given.items() if v is None]
+    optics = None if missing else {"na": float(na), "wavelength_um": float(wavelength_um),
+                                   "refractive_index": float(immersion), "pixel_size_um": float(pixel_size_um)}
+    if model == "pupil" and optics is None:
+        raise CalibrationError(f"the pupil model needs the NA, emission wavelength, immersion index and pixel size; "
+                               f"missing: {', '.join(missing)} (or use model 'grid', which needs none)")
+    if optics is not None and optics["na"] >= optics["refractive_index"]:
+        raise CalibrationError(f"na ({na}) must be smaller than the immersion index ({immersion})")
+
+    def say(stage: str, progress: float, message: str) -> None:
+        if report is not None:
+            report(CalibrationUpdate(stage, float(progress), message, time.perf_counter() - t0))
+
+    def stopped() -> bool:
+        return should_stop is not None and bool(should_stop())
+
+    raw, planes = _check_images(images)
+    h, w = planes[0].shape
+    field_shape = (h, w)
+    warnings: list[str] = []
+
+    # ------------------------------------------------------------------------------------------ detect
+    tables, cleaned, noises = [], [], []
+    for i, (r, p) in enumerate(zip(raw, planes)):
+        say("detect", 0.05 + 0.15 * i / len(planes), f"detecting beads in image {i + 1} of {len(planes)}")
+        tab, clean, noise = find_beads(r, image_index=i, min_snr=min_snr)
+        tables.append(tab)
+        cleaned.append(clean)
+        noises.append(noise)
+        if stopped():
+            raise CalibrationCancelled("calibration stopped during bead detection")
+    table = BeadTable.concat(tables)
+    spots = ~np.isin(table.reason, ["hot pixel", "fit failed", "too faint"])
+    n_spots = int(spots.sum())
+    if n_spots == 0:
+        found = ", ".join(f"{v} {k}" for k, v in table.counts().items() if k != "accepted" and v)
+        raise CalibrationError(
+            "no beads found in the bead image" + (f" (only: {found})" if found else "")
+            + "; check that it is in focus, exposed (beads well above the noise) and the right channel")
+    n_sat = int((table.reason == "saturated").sum())
+    if n_sat == n_spots:
+        raise CalibrationError(f"all {n_sat} beads are saturated (pixels at the camera's maximum); lower the "
+                               "exposure time or the excitation power and image the slide again")
+
+    limit = min(h, w) - 2 * _MARGIN - 3
+    size = int(psf_size) if psf_size is not None else _auto_psf_size(table, cleaned, limit, optics)
+    if size > limit:
+        raise CalibrationError(f"psf_size {size} does not fit in a {h} x {w} frame with its background ring")
+    reject_by_window(table, [p.shape for p in planes], size, _MARGIN)
+
+    # --------------------------------------------------------------------------------------- patches
+    ok = np.flatnonzero(table.accepted)
+    need = max(GRID_MIN_BEADS, math.ceil(grid * grid / 2) if grid else 0)
+    if model == "pupil":
+        need = max(need, PUPIL_MIN_BEADS)
+    if ok.size < need:
+        counts = ", ".join(f"{v} {k}" for k, v in table.counts().items() if k != "accepted")
+        what = "pupil model" if model == "pupil" else f"{grid} x {grid} grid" if grid else "measured grid"
+        raise CalibrationError(
+            f"the {what} needs at least {need} usable beads, found {ok.size}"
+            + (f" (rejected: {counts})" if counts else "")
+            + "; image more beads (a denser slide, or several positions of the slide as a series)")
+    patches = extract_patches(cleaned, noises, table.image[ok], table.y[ok], table.x[ok], table.y_norm[ok],
+                              table.x_norm[ok], ok, size, _MARGIN)
+    good = np.isfinite(patches.flux) & (patches.flux > 0) & np.all(np.isfinite(patches.patches), axis=(1, 2))
+    if not good.all():
+        table.reject(np.isin(np.arange(len(table)), patches.index[~good]), "fit failed",
+                     "no light above the local background")
+        patches = patches.subset(good)
+
+    # outliers (touching pairs, debris): beads that a robust grid through all beads cannot explain
+    k0 = grid or int(np.clip(round(math.sqrt(len(patches) / 8.0)), 1, 7))
+    pre = fit_grid(patches, k0)
+    out = pre.outlier_ratio > _OUTLIER_RATIO
+    if out.any() and (len(patches) - out.sum()) >= need:
+        rows = patches.index[out]
+        detail = np.full(len(table), "", dtype=object)
+        detail[rows] = [f"misfit {r:.0f}x the median" for r in pre.outlier_ratio[out]]
+        table.reject(np.isin(np.arange(len(table)), rows), "outlier", detail)
+        patches = patches.subset(~out)
+    if stopped():
+        raise CalibrationCancelled("calibration stopped before fitting")
+
+    n = len(patches)
+    held = (np.arange(n) % _HOLD_OUT) == _HOLD_OUT - 1
+    if held.sum() == 0:
+        held[-1] = True
+    train, test = patches.subset(~held), patches.subset(held)
+    table.held_out[patches.index[held]] = True
+
+    # ------------------------------------------------------------------------------------------ grid
+    say("grid", 0.3, f"fitting the measured grid to {len(train)} beads")
+    grid_fit, grid_model, lam = _fit_grid_model(train, grid, pixel_size_um)
+    residuals: dict[str, float | None] = {"grid": _score(grid_model, test, field_shape)[0], "pupil": None}
+    candidates: dict[str, PSFModel] = {"grid": grid_model}
+
+    # ----------------------------------------------------------------------------------------- pupil
+    pupil_fit = None
+    dev_name = "cpu"
+    want_pupil = model == "pupil" or (model == "auto" and optics is not None)
+    if want_pupil and n < PUPIL_MIN_BEADS:
+        warnings.append(f"only {n} usable beads: the pupil model needs at least {PUPIL_MIN_BEADS}, so only the "
+                        "measured grid was fitted")
+        want_pupil = False
+    if want_pupil:
+        from napari_coordgate.calibration.pupilfit import fit_pupil_poly
+        from napari_coordgate.optics.blur import resolve_device
+
+        dev = resolve_device(device)
+        dev_name = str(dev)
+
+        def progress(done, total, loss, base=0.4, span=0.4):
+            say("pupil", base + span * done / max(total, 1), f"pupil fit: iteration {done} of {total}, loss {loss:.4g}")
+
+        say("pupil", 0.4, f"fitting the pupil model to {len(train)} beads")
+        pupil_fit = fit_pupil_poly(train.core(), train.y_norm, train.x_norm, train.shift, train.noise, **optics,
+                                   grid=7, device=dev, node_psfs=grid_fit.psfs, should_stop=should_stop,
+                                   on_iteration=progress)
+        if pupil_fit.stopped:
+            warnings.append("stopped during the pupil fit: the measured grid is used")
+            want_pupil = False
+            if model == "pupil":
+                raise CalibrationCancelled("calibration stopped during the pupil fit")
+        else:
+            residuals["pupil"] = _score(pupil_fit.model, test, field_shape)[0]
+            candidates["pupil"] = pupil_fit.model
+
+    if model == "grid" or not want_pupil:
+        chosen = "grid"
+    elif model == "pupil":
+        chosen = "pupil"
+    else:
+        chosen = "pupil" if residuals["pupil"] < residuals["grid"] else "grid"
+
+    # ------------------------------------------------------------------- refit the winner on all beads
+    say("refit", 0.85, f"refitting the {chosen} model on all {n} beads")
+    if chosen == "grid":
+        grid_fit = fit_grid(patches, grid_fit.k, lam)
+        final: PSFModel = _grid_model(grid_fit, pixel_size_um)
+    else:
+        refit = fit_pupil_poly(patches.core(), patches.y_norm, patches.x_norm, patches.shift, patches.noise,
+                               **optics, grid=7, device=dev_name, init=pupil_fit.model.coefficients,
+                               max_iterations=0, polish_iterations=8, should_stop=should_stop,
+                               on_iteration=lambda d, t, l: say("refit", 0.85 + 0.1 * d / max(t, 1),
+                                                                f"pupil refit: iteration {d} of {t}"))
+        final = refit.model
+        if refit.stopped:
+            warnings.append("stopped during the final pupil refit: its coefficients so far are used")
+    _, fit_all = _score(final, patches, field_shape)
+    table.residual[patches.index] = fit_all["relative"]
+
+    # ------------------------------------------------------------------------------------- warnings
+    cov_warn, _ = _coverage_warnings(table, field_shape)
+    warnings.extend(cov_warn)
+    if chosen == "grid" and grid_fit.filled.any():
+        nodes = ", ".join(f"({i}, {j})" for i, j in zip(*np.nonzero(grid_fit.filled)))
+        warnings.append(f"{int(grid_fit.filled.sum())} of {grid_fit.k * grid_fit.k} grid nodes had too few beads "
+                        f"nearby and were filled from their neighbours (row, column): {nodes}")
+    if n_sat > 0.2 * n_spots:
+        warnings.append(f"{n_sat} of {n_spots} beads are saturated: lower the exposure to use them")
+    n_close = int((table.reason == "too close").sum())
+    if n_close > 0.3 * n_spots:
+        warnings.append(f"{n_close} of {n_spots} beads are too close to a neighbour: a sparser slide would use more")
+    if n < 30:
+        warnings.append(f"only {n} beads were usable: the model is noisy; a few hundred beads over the field are better")
+
+    prov = {
+        "source": [str(s) for s in ([source] if isinstance(source, (str, Path)) else (source or []))],
+        "date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "bead_count": n,
+        "images": len(planes),
+        "field_shape": [h, w],
+        "fit_residual": residuals[chosen],
+        "held_out_residuals": {k: v for k, v in residuals.items() if v is not None},
+        "chosen_model": chosen,
+        "psf_size": size,
+    }
+    try:
+        from napari_coordgate import __version__
+
+        prov["napari_coordgate"] = __version__
+    except ImportError:  # pragma: no cover
+        pass
+    final = _with_provenance(final, prov)
+    candidates[chosen] = final
+    settings = {"model": model, "grid": grid, "na": na, "wavelength_um": wavelength_um, "immersion": immersion,
+                "pixel_size_um": pixel_size_um, "psf_size": psf_size, "min_snr": min_snr, "device": device}
+    say("done", 1.0, "calibration done")
+    return CalibrationResult(final, chosen, residuals, table, warnings, candidates, field_shape, size,
+                             [float(v) for v in noises], grid_fit,
+                             settings, time.perf_counter() - t0, dev_name)
+
+
+def _fit_grid_model(train: Patches, grid: int | None, pixel_size_um) -> tuple[GridFit, MeasuredGridPSF, float]:
+    n = len(train)
+    if grid is None:
+        kmax = int(np.clip(math.floor(math.sqrt(n / 3.0)) + 1, 1, 15))
+        ks = list(range(1, kmax + 1))
+    else:
+        ks = [int(grid)]
+    k, lam, scores = choose_grid(train, ks)
+    fit = fit_grid(train, k, lam)
+    fit.cv_scores = {f"{kk}/{ll:g}": v for (kk, ll), v in scores.items()}
+    return fit, _grid_model(fit, pixel_size_um), lam
+
+
+def _grid_model(fit: GridFit, pixel_size_um) -> MeasuredGridPSF:
+    return MeasuredGridPSF(fit.psfs, filled=fit.filled, pixel_size_um=pixel_size_um, name="measured",
+                           blur_grid=fit.k)
+
+
+def _with_provenance(model: PSFModel, prov: dict) -> PSFModel:
+    name = "measured from " + ", ".join(Path(s).name for s in prov["source"]) if prov["source"] else model.name
+    if isinstance(model, MeasuredGridPSF):
+        return MeasuredGridPSF(model.node_psfs, filled=model.filled, pixel_size_um=model.pixel_size_um, name=name,
+                               provenance=prov, blur_grid=model.grid)
+    from napari_coordgate.optics.pupil_poly import PupilPolyPSF
+
+    assert isinstance(model, PupilPolyPSF)
+    return PupilPolyPSF(model.coefficients, **model.optics, psf_size=model.psf_size, oversample=model.oversample,
+                        grid=model.grid, name=name if prov["source"] else "pupil fit", provenance=prov)

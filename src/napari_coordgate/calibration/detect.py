@@ -1,0 +1,424 @@
+"""Bead detection in a 2-D focal-plane image: candidates, sub-pixel centres, widths, and why beads are rejected.
+
+Steps, for one image:
+
+1. noise: a robust standard deviation of the image's pixel-to-pixel differences (beads are sparse, so this is
+   the background noise);
+2. a smooth background map (medians of blocks, interpolated), used for thresholds only (each bead later gets its
+   own background from a ring around it);
+3. hot pixels: single pixels far above the background whose eight neighbours are not (a real PSF sampled at
+   about Nyquist or finer puts a good part of its peak into its neighbours); they become rows with reason
+   ``"hot pixel"`` and are replaced by the median of their neighbours in the image the beads are measured on;
+4. candidates: local maxima of a scale-normalised Laplacian-of-Gaussian scale space (σ from 1 to about 8 px),
+   significance measured against each scale's own robust noise;
+5. sub-pixel refinement: a least-squares fit of an elliptical Gaussian plus a constant to a small window
+   (batched Levenberg-Marquardt), which also gives FWHM along x and y, ellipticity and orientation;
+6. rejections that need only the candidate: saturated, fit failed / narrower than a pixel (a hot pixel the
+   first test missed), too faint (peak below ``min_snr`` times the noise). Edge clipping and neighbours depend on
+   the PSF window, decided later (:func:`reject_by_window`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = ["BeadTable", "REASONS", "robust_noise", "background_map", "find_beads", "reject_by_window",
+           "saturation_level"]
+
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+#: rejection reasons (the ``reason`` column) and what they mean
+REASONS = {
+    "hot pixel": "a single-pixel spike (camera defect or cosmic ray), not a bead",
+    "saturated": "pixels at the camera's maximum: the peak is clipped, the PSF shape is wrong",
+    "edge": "clipped by the frame edge: the PSF window does not fit in the image",
+    "too close": "too close to a neighbour: their PSFs overlap in the window",
+    "too faint": "peak below the SNR threshold: too noisy to help",
+    "fit failed": "not bead-like: the Gaussian fit did not converge to a compact spot",
+    "too large": "wider than the PSF window: an aggregate or debris, not a single bead",
+    "outlier": "its PSF disagrees with the beads around it (a pair of touching beads, debris)",
+}
+
+
+@dataclass
+class BeadTable:
+    """One row per detected spot (accepted or rejected), as columns.
+
+    Positions are in pixels of the image (``y`` rows, ``x`` columns, sub-pixel) and in normalised field
+    coordinates (``y_norm``, ``x_norm`` in [-1, 1], the network's convention). ``peak`` and ``background`` are
+    in image units; ``snr`` = peak / noise. FWHM (px) along x and y, ellipticity ``1 - minor / major`` and
+    orientation of the major axis (degrees from the +x axis towards +y, i.e. clockwise on screen, in (-90, 90])
+    come from the elliptical Gaussian fit (not corrected for the pixel's own width). ``reason`` is ``""`` for
+    accepted beads, else a key of :data:`REASONS`; ``detail`` says more. ``held_out`` marks beads kept out of
+    the fits to compare the models; ``residual`` is the bead's relative L2 misfit to the chosen model (noise
+    included; NaN for rejected beads).
+    """
+
+    image: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
+    y: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    x: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    y_norm: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    x_norm: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    peak: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    background: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    snr: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    fwhm_x: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    fwhm_y: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    ellipticity: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    orientation_deg: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    reason: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
+    detail: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
+    held_out: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    residual: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def accepted(self) -> np.ndarray:
+        """Boolean mask of the beads used by the models."""
+        return self.reason == ""
+
+    def counts(self) -> dict[str, int]:
+        """Number of accepted beads (``"accepted"``) and of rejections by reason."""
+        out = {"accepted": int(self.accepted.sum())}
+        for key in REASONS:
+            n = int((self.reason == key).sum())
+            if n:
+                out[key] = n
+        return out
+
+    def reject(self, mask: np.ndarray, reason: str, detail: "str | np.ndarray") -> None:
+        """Mark still-accepted rows in ``mask`` as rejected for ``reason`` (earlier reasons win)."""
+        mask = np.asarray(mask, bool) & self.accepted
+        self.reason[mask] = reason
+        self.detail[mask] = detail[mask] if isinstance(detail, np.ndarray) else detail
+
+    def to_dict(self) -> dict[str, list]:
+        """Columns as JSON-able lists (NaN becomes None)."""
+        out: dict[str, list] = {}
+        for f in fields(self):
+            col = getattr(self, f.name)
+            if col.dtype.kind == "f":
+                out[f.name] = [None if not np.isfinite(v) else round(float(v), 5) for v in col]
+            else:
+                out[f.name] = col.tolist()
+        return out
+
+    @staticmethod
+    def concat(tables: "list[BeadTable]") -> "BeadTable":
+        if not tables:
+            return BeadTable()
+        return BeadTable(**{f.name: np.concatenate([getattr(t, f.name) for t in tables]) for f in fields(BeadTable)})
+
+
+def robust_noise(image: np.ndarray) -> float:
+    """Standard deviation of the background noise from the median absolute pixel-to-pixel difference."""
+    d = np.diff(image, axis=1).ravel()
+    if d.size == 0:
+        d = np.diff(image, axis=0).ravel()
+    mad = np.median(np.abs(d - np.median(d)))
+    return float(1.4826 * mad / math.sqrt(2.0))
+
+
+def background_map(image: np.ndarray, block: int | None = None) -> np.ndarray:
+    """Smooth background: medians of ``block`` x ``block`` tiles, interpolated bilinearly to every pixel."""
+    h, w = image.shape
+    b = block or int(np.clip(min(h, w) // 16, 16, 128))
+    ny, nx = max(1, h // b), max(1, w // b)
+    core = image[: ny * b, : nx * b].reshape(ny, b, nx, b)
+    med = np.median(core.transpose(0, 2, 1, 3).reshape(ny, nx, b * b), axis=2)
+    # tile centres in pixels; np.interp clamps outside them
+    cy = (np.arange(ny) + 0.5) * b - 0.5
+    cx = (np.arange(nx) + 0.5) * b - 0.5
+    rows = np.stack([np.interp(np.arange(w), cx, med[i]) for i in range(ny)])  # (ny, w)
+    return np.stack([np.interp(np.arange(h), cy, rows[:, j]) for j in range(w)], axis=1)
+
+
+def saturation_level(raw: np.ndarray) -> float | None:
+    """The value at which the camera clipped, or None when nothing looks clipped.
+
+    An integer image that reaches its dtype's maximum is clipped there; otherwise two or more pixels sharing the
+    image's maximum (a plateau) mark it as the clipping level.
+    """
+    vmax = raw.max()
+    if raw.dtype.kind in "ui" and vmax == np.iinfo(raw.dtype).max:
+        return float(vmax)
+    if int(np.count_nonzero(raw == vmax)) >= 2 and vmax > np.median(raw):
+        return float(vmax)
+    return None
+
+
+_RING = np.ones((3, 3), bool)
+_RING[1, 1] = False
+
+
+def _hot_pixels(image: np.ndarray, bg: np.ndarray, noise: float, k_sigma: float = 6.0) -> np.ndarray:
+    sig = image - bg
+    neighbours = ndimage.maximum_filter(image, footprint=_RING, mode="nearest") - bg
+    return (sig > k_sigma * noise) & (neighbours < 0.35 * sig)
+
+
+def _clean(image: np.ndarray, hot: np.ndarray) -> np.ndarray:
+    """Hot pixels replaced by the median of their eight neighbours."""
+    out = image.copy()
+    ys, xs = np.nonzero(hot)
+    if ys.size:
+        pad = np.pad(image, 1, mode="edge")
+        win = np.stack([pad[ys + dy, xs + dx] for dy in range(3) for dx in range(3) if (dy, dx) != (1, 1)])
+        out[ys, xs] = np.median(win, axis=0)
+    return out
+
+
+def _log_candidates(sig: np.ndarray, z_threshold: float, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ys, xs, scale) of significant local maxima of the scale-normalised LoG scale space."""
+    from skimage.feature import peak_local_max
+
+    best = np.full(sig.shape, -np.inf, dtype=np.float32)
+    best_scale = np.zeros(sig.shape, dtype=np.int8)
+    sig32 = sig.astype(np.float32)
+    for i, s in enumerate(scales):
+        r = -(s * s) * ndimage.gaussian_laplace(sig32, s, mode="nearest")
+        med = np.median(r[:: 4, :: 4])
+        spread = 1.4826 * np.median(np.abs(r[:: 4, :: 4] - med))
+        z = (r - med) / max(float(spread), 1e-12)
+        better = z > best
+        best[better] = z[better]
+        best_scale[better] = i
+    peaks = peak_local_max(best, min_distance=2, threshold_abs=z_threshold, exclude_border=False)
+    if peaks.size == 0:
+        return np.zeros(0, int), np.zeros(0, int), np.zeros(0)
+    ys, xs = peaks[:, 0], peaks[:, 1]
+    z = best[ys, xs]
+    sc = scales[best_scale[ys, xs]]
+    # non-maximum suppression across scales: a wide (defocused) PSF can show secondary maxima on its rings
+    order = np.argsort(-z)
+    ys, xs, sc = ys[order], xs[order], sc[order]
+    keep = np.ones(ys.size, bool)
+    for i in range(ys.size):
+        if not keep[i]:
+            continue
+        d = np.hypot(ys[i + 1 :] - ys[i], xs[i + 1 :] - xs[i])
+        keep[i + 1 :] &= ~(d < max(2.0, 1.5 * sc[i]))
+    return ys[keep], xs[keep], sc[keep]
+
+
+def _windows(image: np.ndarray, ys: np.ndarray, xs: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, w, w) windows centred on integer pixels and a mask of the pixels inside the image."""
+    r = w // 2
+    pad = np.pad(image, r, mode="edge")
+    valid = np.pad(np.ones(image.shape, bool), r)
+    off = np.arange(w)
+    iy = ys[:, None, None] + off[None, :, None]
+    ix = xs[:, None, None] + off[None, None, :]
+    return pad[iy, ix], valid[iy, ix]
+
+
+def fit_gaussians(windows: np.ndarray, mask: np.ndarray, sigma0: np.ndarray, iterations: int = 30) -> dict:
+    """Batched Levenberg-Marquardt fit of ``A exp(-q / 2) + B`` to windows centred on each spot.
+
+    ``q = a dx² + 2 b dx dy + c dy²`` around ``(y0, x0)`` (relative to the window centre). Returns arrays
+    ``amplitude``, ``background``, ``y0``, ``x0``, ``cov`` ((N, 2, 2) in (x, y) order) and ``ok``.
+    """
+    n, w, _ = windows.shape
+    r = w // 2
+    grid = np.arange(w, dtype=np.float64) - r
+    yy, xx = np.meshgrid(grid, grid, indexing="ij")
+    yy, xx = yy.ravel(), xx.ravel()
+    data = windows.reshape(n, -1).astype(np.float64)
+    wts = mask.reshape(n, -1).astype(np.float64)
+    border = np.ones((w, w), bool)
+    border[1:-1, 1:-1] = False
+    b0 = np.array([np.median(d[bm]) if bm.any() else np.median(d)
+                   for d, bm in zip(data, border.ravel()[None, :] & (wts > 0))])
+    centre = data[:, r * w + r]
+    p = np.stack([np.maximum(centre - b0, 1e-12), b0, np.zeros(n), np.zeros(n), 1 / sigma0**2, np.zeros(n),
+                  1 / sigma0**2], axis=1)
+
+    def model(p):
+        dy = yy[None, :] - p[:, 2:3]
+        dx = xx[None, :] - p[:, 3:4]
+        q = p[:, 4:5] * dx * dx + 2 * p[:, 5:6] * dx * dy + p[:, 6:7] * dy * dy
+        g = np.exp(-0.5 * np.minimum(q, 200.0))
+        return p[:, 0:1] * g + p[:, 1:2], g, dx, dy
+
+    def cost(p):
+        m, *_ = model(p)
+        return np.sum(wts * (data - m) ** 2, axis=1)
+
+    lam = np.full(n, 1e-3)
+    cur = cost(p)
+    for _ in range(iterations):
+        m, g, dx, dy = model(p)
+        ag = p[:, 0:1] * g
+        jac = np.stack([g, np.ones_like(g), ag * (p[:, 5:6] * dx + p[:, 6:7] * dy),
+                        ag * (p[:, 4:5] * dx + p[:, 5:6] * dy), -0.5 * ag * dx * dx, -ag * dx * dy,
+                        -0.5 * ag * dy * dy], axis=2)  # (N, P, 7)
+        jw = jac * wts[:, :, None]
+        hess = np.einsum("npi,npj->nij", jw, jac)
+        grad = np.einsum("npi,np->ni", jw, data - m)
+        damp = hess + lam[:, None, None] * (np.eye(7) * np.maximum(np.diagonal(hess, axis1=1, axis2=2), 1e-12)[:, None, :])
+        try:
+            step = np.linalg.solve(damp, grad[..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            step = np.zeros_like(p)
+            for i in range(n):
+                step[i] = np.linalg.lstsq(damp[i], grad[i], rcond=None)[0]
+        trial = p + step
+        valid = (trial[:, 4] > 0) & (trial[:, 6] > 0) & (trial[:, 4] * trial[:, 6] > trial[:, 5] ** 2) & (
+            np.abs(trial[:, 2]) < r) & (np.abs(trial[:, 3]) < r) & np.all(np.isfinite(trial), axis=1)
+        new = np.where(valid, cost(np.where(valid[:, None], trial, p)), np.inf)
+        better = new < cur
+        p = np.where(better[:, None], trial, p)
+        cur = np.where(better, new, cur)
+        lam = np.where(better, lam * 0.3, lam * 10.0)
+        lam = np.clip(lam, 1e-9, 1e9)
+    a, b, c = p[:, 4], p[:, 5], p[:, 6]
+    det = a * c - b * b
+    cov = np.stack([np.stack([c, -b], 1), np.stack([-b, a], 1)], 1) / np.where(det > 0, det, np.nan)[:, None, None]
+    ok = (p[:, 0] > 0) & (det > 0) & np.all(np.isfinite(p), axis=1) & (np.abs(p[:, 2]) < 2.0) & (np.abs(p[:, 3]) < 2.0)
+    return {"amplitude": p[:, 0], "background": p[:, 1], "y0": p[:, 2], "x0": p[:, 3], "cov": cov, "ok": ok}
+
+
+def shape_from_cov(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """FWHM x, FWHM y (px), ellipticity, orientation (degrees) and the minor-axis sigma from (N, 2, 2) covariances."""
+    sxx, syy, sxy = cov[:, 0, 0], cov[:, 1, 1], cov[:, 0, 1]
+    tr, dif = sxx + syy, np.hypot(sxx - syy, 2 * sxy)
+    major, minor = 0.5 * (tr + dif), np.maximum(0.5 * (tr - dif), 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ell = 1.0 - np.sqrt(minor / major)
+    theta = 0.5 * np.degrees(np.arctan2(2 * sxy, sxx - syy))
+    return (FWHM_PER_SIGMA * np.sqrt(np.maximum(sxx, 0)), FWHM_PER_SIGMA * np.sqrt(np.maximum(syy, 0)), ell, theta,
+            np.sqrt(minor))
+
+
+def find_beads(
+    raw: np.ndarray,
+    *,
+    image_index: int = 0,
+    min_snr: float = 5.0,
+    z_threshold: float = 5.0,
+    max_sigma: float = 8.0,
+) -> tuple[BeadTable, np.ndarray, float]:
+    """Detect bead candidates in one 2-D image and refine them.
+
+    Parameters
+    ----------
+    raw
+        The image (H, W) as acquired (any real dtype; its dtype decides the saturation level).
+    image_index
+        Written into the table's ``image`` column.
+    min_snr
+        Candidates whose fitted peak is below ``min_snr`` times the noise are rejected as too faint.
+    z_threshold
+        Significance of a scale-space maximum (in robust standard deviations of that scale) to be a candidate.
+    max_sigma
+        Largest Gaussian scale searched, pixels.
+
+    Returns
+    -------
+    table : BeadTable
+        Candidates (accepted so far or rejected with a reason), then the hot pixels.
+    cleaned : ndarray, float64
+        The image with hot pixels replaced by their neighbours' median (what the PSF patches are cut from).
+    noise : float
+        Robust background noise (image units).
+    """
+    image = raw.astype(np.float64)
+    h, w = image.shape
+    noise = robust_noise(image)
+    span = float(image.max() - np.median(image))
+    noise = max(noise, 1e-6 * span, 1e-12)  # a noiseless synthetic image still needs a scale
+    bg = background_map(image)
+    hot = _hot_pixels(image, bg, noise)
+    cleaned = _clean(image, hot)
+    sig = cleaned - bg
+    nscale = max(2, int(math.ceil(math.log(max_sigma) / math.log(1.5))) + 1)
+    scales = 1.5 ** np.arange(nscale)
+    ys, xs, sc = _log_candidates(sig, z_threshold, scales)
+
+    n = ys.size
+    table = _empty(n, image_index)
+    if n:
+        wsize = int(np.clip(2 * math.ceil(2.5 * np.percentile(sc, 90)) + 1, 9, 25))
+        win, mask = _windows(cleaned, ys, xs, wsize)
+        fit = fit_gaussians(win, mask, np.clip(sc, 0.8, wsize / 4))
+        table.y = ys + np.where(fit["ok"], fit["y0"], 0.0)
+        table.x = xs + np.where(fit["ok"], fit["x0"], 0.0)
+        table.peak = fit["amplitude"]
+        table.background = fit["background"]
+        table.snr = fit["amplitude"] / noise
+        fx, fy, ell, theta, minor = shape_from_cov(fit["cov"])
+        table.fwhm_x, table.fwhm_y, table.ellipticity, table.orientation_deg = fx, fy, ell, theta
+
+        level = saturation_level(raw)
+        if level is not None:
+            rr = 2
+            pad = np.pad(raw, rr, mode="edge")
+            core = np.stack([pad[ys + rr + dy, xs + rr + dx] for dy in range(-rr, rr + 1) for dx in range(-rr, rr + 1)])
+            table.reject((core >= level).any(axis=0), "saturated", f"pixels at the clipping level {level:g}")
+        table.reject(fit["ok"] & (minor < 0.45), "hot pixel", "narrower than a pixel")
+        table.reject(~fit["ok"], "fit failed", "the Gaussian fit did not converge to a compact spot")
+        table.reject(table.snr < min_snr, "too faint",
+                     np.array([f"SNR {s:.1f} < {min_snr:g}" for s in np.nan_to_num(table.snr)], dtype=object))
+
+    hy, hx = np.nonzero(hot)
+    hot_rows = _empty(hy.size, image_index)
+    hot_rows.y, hot_rows.x = hy.astype(float), hx.astype(float)
+    hot_rows.peak = image[hy, hx] - bg[hy, hx]
+    hot_rows.background = bg[hy, hx]
+    hot_rows.snr = hot_rows.peak / noise
+    hot_rows.reason[:] = "hot pixel"
+    hot_rows.detail[:] = "a single bright pixel"
+    out = BeadTable.concat([table, hot_rows])
+    out.y_norm = (2.0 * out.y - (h - 1)) / max(h - 1, 1)
+    out.x_norm = (2.0 * out.x - (w - 1)) / max(w - 1, 1)
+    return out, cleaned, noise
+
+
+def _empty(n: int, image_index: int) -> BeadTable:
+    nan = np.full(n, np.nan)
+    return BeadTable(
+        image=np.full(n, image_index, dtype=int), y=nan.copy(), x=nan.copy(), y_norm=nan.copy(), x_norm=nan.copy(),
+        peak=nan.copy(), background=nan.copy(), snr=nan.copy(), fwhm_x=nan.copy(), fwhm_y=nan.copy(),
+        ellipticity=nan.copy(), orientation_deg=nan.copy(), reason=np.full(n, "", dtype=object),
+        detail=np.full(n, "", dtype=object), held_out=np.zeros(n, bool), residual=nan.copy(),
+    )
+
+
+def reject_by_window(table: BeadTable, shapes: list[tuple[int, int]], psf_size: int, margin: int) -> None:
+    """Reject beads whose PSF window (plus its background ring) leaves the frame, or that have a neighbour
+    close enough for their PSFs to overlap in the window; also spots too wide for the window."""
+    half = psf_size // 2 + margin
+    for i, (h, w) in enumerate(shapes):
+        sel = table.image == i
+        y, x = table.y, table.x
+        out = sel & ((np.round(y) < half) | (np.round(x) < half) | (np.round(y) > h - 1 - half)
+                     | (np.round(x) > w - 1 - half))
+        table.reject(out, "edge", f"within {half} px of the frame edge (PSF window {psf_size} px + ring {margin} px)")
+    major = np.maximum(table.fwhm_x, table.fwhm_y)
+    table.reject(np.nan_to_num(major) > psf_size / 2.0, "too large",
+                 np.array([f"FWHM {m:.1f} px > half the {psf_size} px window" for m in np.nan_to_num(major)],
+                          dtype=object))
+    # neighbours: every spot that is a real source (not a hot pixel) counts, accepted or not
+    real = table.reason != "hot pixel"
+    # the neighbour's core (about 1.5 FWHM in radius) must stay outside the window
+    fwhm = float(np.nanmedian(major[table.accepted])) if table.accepted.any() else 2.0
+    limit = psf_size / 2.0 + max(2.0, 1.5 * fwhm)
+    close = np.zeros(len(table), bool)
+    dist = np.full(len(table), np.inf)
+    for i in np.unique(table.image):
+        idx = np.flatnonzero((table.image == i) & real)
+        if idx.size < 2:
+            continue
+        from scipy.spatial import cKDTree
+
+        pts = np.stack([table.y[idx], table.x[idx]], axis=1)
+        d, _ = cKDTree(pts).query(pts, k=2)
+        close[idx] = d[:, 1] < limit
+        dist[idx] = d[:, 1]
+    table.reject(close, "too close", np.array([f"neighbour at {d:.1f} px < {limit:.1f} px" for d in dist], dtype=object))

@@ -1,0 +1,196 @@
+"""The measured K x K PSF grid: node PSFs from registered bead patches.
+
+Each node PSF is a weighted combination of the beads around it, with weights that fall linearly with the
+distance to the node (the tent weights of the blur's interpolation, zero beyond one node spacing). Rather than
+averaging each node's beads independently (which, where the PSF changes across the field, blurs each node with
+the PSFs of beads up to a spacing away), the nodes are solved *jointly* by weighted least squares under that
+same bilinear interpolation:
+
+    min_G  sum_b w_b || P_b - sum_k t_k(b) G_k ||²  +  λ sum_{k~l} || G_k - G_l ||²
+
+(``P_b`` a bead's registered unit-sum patch, ``t_k(b)`` its tent weights, ``w_b`` its weight: flux times a
+robust factor; the small ``λ`` term ties neighbouring nodes together where the beads do not). Where a node has
+the beads of its own cells only, this *is* the tent-weighted average of those beads; elsewhere it undoes the
+interpolation's mixing, so a PSF that varies linearly across a cell is recovered exactly. Robustness: beads
+whose misfit is far above the others' (touching pairs, debris) are down-weighted (iteratively reweighted least
+squares, Cauchy weights) and finally rejected as outliers. K and λ are chosen by 5-fold cross-validation over the
+beads unless K is given.
+
+Then each node PSF is denoised (kept on its support: the pixels where a lightly smoothed copy stands above the
+node's noise, grown by two pixels, with a soft edge; the rest is noise), nodes with less than
+``min_node_weight`` beads' worth of weight are filled from their neighbours (a harmonic fill) and flagged, and each
+PSF is moved so its centroid sits on the middle pixel and normalised to unit sum.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from napari_coordgate.calibration.patches import Patches, recentre
+from napari_coordgate.optics.measured import tent_weights_1d
+
+__all__ = ["GridFit", "fit_grid", "choose_grid", "tent_matrix"]
+
+
+def tent_matrix(y_norm: np.ndarray, x_norm: np.ndarray, k: int) -> np.ndarray:
+    """(N, K²) bilinear weights of the nodes (row-major: node (i, j) at column i K + j)."""
+    wy = tent_weights_1d(y_norm, k)
+    wx = tent_weights_1d(x_norm, k)
+    return (wy[:, :, None] * wx[:, None, :]).reshape(y_norm.size, k * k)
+
+
+def _laplacian(k: int) -> np.ndarray:
+    lap = np.zeros((k * k, k * k))
+    for i in range(k):
+        for j in range(k):
+            a = i * k + j
+            for di, dj in ((1, 0), (0, 1)):
+                if i + di < k and j + dj < k:
+                    b = (i + di) * k + j + dj
+                    lap[a, a] += 1
+                    lap[b, b] += 1
+                    lap[a, b] -= 1
+                    lap[b, a] -= 1
+    return lap
+
+
+def _solve(t: np.ndarray, p: np.ndarray, w: np.ndarray, k: int, lam: float) -> np.ndarray:
+    a = t.T @ (w[:, None] * t)
+    scale = max(float(np.trace(a)) / (k * k), 1e-30)
+    a = a + lam * scale * _laplacian(k) + 1e-9 * scale * np.eye(k * k)
+    return np.linalg.solve(a, t.T @ (w[:, None] * p))
+
+
+@dataclass
+class GridFit:
+    """A fitted grid before it becomes a PSF model."""
+
+    psfs: np.ndarray  # (K, K, s, s) denoised, filled, centred, unit sum
+    filled: np.ndarray  # (K, K) bool
+    node_weight: np.ndarray  # (K, K) beads' worth of tent weight at each node
+    measured: np.ndarray  # (K, K, s, s) plain tent-weighted averages of the beads (NaN where none), for the report
+    robust_weight: np.ndarray  # (N,) final robust factor of each bead (1 = trusted)
+    outlier_ratio: np.ndarray  # (N,) bead misfit over the median misfit (the outlier test)
+    k: int
+    lam: float
+    cv_scores: dict  # (k, lam) -> cross-validation score
+
+
+def _bead_weights(patches: Patches) -> np.ndarray:
+    flux = np.maximum(patches.flux, 0.0)
+    med = np.median(flux) if flux.size else 1.0
+    # flux-proportional (photon noise), capped so one bright bead cannot own a node
+    return np.clip(flux / max(med, 1e-30), 0.1, 5.0)
+
+
+def _robust_fit(t, p, w, k, lam, iterations: int = 3):
+    u = np.ones(len(w))
+    for _ in range(iterations):
+        g = _solve(t, p, w * u, k, lam)
+        e = np.sum((p - t @ g) ** 2, axis=1) * w
+        med = np.median(e) if e.size else 1.0
+        ratio = e / max(med, 1e-30)
+        u = 1.0 / (1.0 + (ratio / 4.0) ** 2)
+    return g, u, ratio
+
+
+def choose_grid(patches: Patches, ks: list[int], lams=(0.003, 0.03, 0.3), folds: int = 5) -> tuple[int, float, dict]:
+    """(K, λ) with the smallest cross-validated misfit of held-out beads (each fold's beads left out in turn)."""
+    n = len(patches)
+    p = patches.patches.reshape(n, -1)
+    w = _bead_weights(patches)
+    fold = np.arange(n) % folds
+    scores: dict = {}
+    for k in ks:
+        t = tent_matrix(patches.y_norm, patches.x_norm, k)
+        for lam in lams:
+            errs = np.zeros(n)
+            for f in range(folds):
+                tr, te = fold != f, fold == f
+                if not te.any() or tr.sum() < 2:
+                    continue
+                g, _, _ = _robust_fit(t[tr], p[tr], w[tr], k, lam, iterations=2)
+                errs[te] = np.sum((p[te] - t[te] @ g) ** 2, axis=1) * w[te]
+            # robust sum: an outlier bead must not decide K
+            cap = 10.0 * np.median(errs)
+            scores[(k, lam)] = float(np.sum(np.minimum(errs, cap)))
+    best = min(scores, key=scores.get)
+    return best[0], best[1], scores
+
+
+def _denoise(g: np.ndarray, sigma: float) -> np.ndarray:
+    """Keep a PSF on its support (where a lightly smoothed copy stands above the noise), with a soft edge."""
+    s = g.shape[0]
+    smooth = ndimage.gaussian_filter(g, 1.0, mode="constant")
+    # white noise of std sigma has std sigma / (2 sqrt(pi)) after a unit Gaussian filter
+    thresh = max(3.0 * sigma / (2.0 * math.sqrt(math.pi)), 1e-4 * float(smooth.max()))
+    support = smooth > thresh
+    labels, n = ndimage.label(support)
+    if n > 1:
+        c = s // 2
+        centre_labels = set(labels[c - 1 : c + 2, c - 1 : c + 2].ravel()) - {0}
+        if centre_labels:
+            support = np.isin(labels, list(centre_labels))
+        else:
+            sums = ndimage.sum(g, labels, range(1, n + 1))
+            support = labels == (1 + int(np.argmax(sums)))
+    support = ndimage.binary_dilation(support, iterations=2)
+    taper = np.clip(ndimage.gaussian_filter(support.astype(float), 0.7, mode="constant") * 1.5, 0.0, 1.0)
+    out = np.clip(g * taper, 0.0, None)
+    return out if out.sum() > 0 else np.clip(g, 0.0, None)
+
+
+def _harmonic_fill(psfs: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Nodes not ``known`` become the average of their 4 neighbours, iterated to convergence."""
+    out = psfs.copy()
+    k = known.shape[0]
+    if known.all() or not known.any():
+        return out
+    out[~known] = psfs[known].mean(axis=0)
+    for _ in range(200 * k):
+        prev = out.copy()
+        for i, j in zip(*np.nonzero(~known)):
+            nb = [prev[a, b] for a, b in ((i - 1, j), (i + 1, j), (i, j - 1), (i, j + 1)) if 0 <= a < k and 0 <= b < k]
+            out[i, j] = np.mean(nb, axis=0)
+        if np.max(np.abs(out - prev)) < 1e-9 * np.max(np.abs(out)):
+            break
+    return out
+
+
+def fit_grid(patches: Patches, k: int, lam: float = 0.03, *, min_node_weight: float = 1.0) -> GridFit:
+    """Fit the K x K node PSFs to the beads' registered patches (see the module docstring)."""
+    n, s = len(patches), patches.psf_size
+    p = patches.patches.reshape(n, -1)
+    w = _bead_weights(patches)
+    t = tent_matrix(patches.y_norm, patches.x_norm, k)
+    g, u, ratio = _robust_fit(t, p, w, k, lam)
+    # the node estimates' noise: pooled residual variance (per unit bead weight) through the normal equations
+    wu = w * u
+    resid = p - t @ g
+    dof = max(n - k * k, 1)
+    c = float(np.sum(wu[:, None] * resid**2)) / (dof * s * s)
+    a = t.T @ (wu[:, None] * t)
+    scale = max(float(np.trace(a)) / (k * k), 1e-30)
+    a_inv = np.linalg.inv(a + lam * scale * _laplacian(k) + 1e-9 * scale * np.eye(k * k))
+    node_var = c * np.einsum("ij,jk,ki->i", a_inv, a, a_inv)
+    node_weight = (t * u[:, None]).sum(axis=0).reshape(k, k)
+    psfs = g.reshape(k * k, s, s)
+    psfs = np.stack([_denoise(psfs[i], math.sqrt(max(node_var[i], 0.0))) for i in range(k * k)]).reshape(k, k, s, s)
+    known = node_weight >= min_node_weight
+    if not known.any():  # too few beads for any node on its own: keep the joint solution everywhere
+        known[...] = True
+        filled = np.zeros((k, k), bool)
+    else:
+        filled = ~known
+    psfs = _harmonic_fill(psfs, known)
+    psfs = recentre(psfs.reshape(k * k, s, s)).reshape(k, k, s, s)
+    psfs = np.clip(psfs, 0.0, None)
+    psfs /= psfs.sum(axis=(2, 3), keepdims=True)
+    # plain tent-weighted averages: what the beads show at each node, for the report
+    den = (t * w[:, None]).sum(axis=0)
+    measured = ((t * w[:, None]).T @ p) / np.where(den > 0, den, np.nan)[:, None]
+    return GridFit(psfs, filled, node_weight, measured.reshape(k, k, s, s), u, ratio, k, lam, {})

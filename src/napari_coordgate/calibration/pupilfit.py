@@ -1,0 +1,556 @@
+"""Fit the pupil model with field-polynomial aberrations (:class:`~napari_coordgate.optics.pupil_poly.PupilPolyPSF`)
+to all beads jointly, with torch autograd.
+
+:class:`TorchPupil` is a differentiable copy of the pupil PSF of :mod:`napari_coordgate.optics.psf` (the same
+pupil grid, soft aperture edge, aplanatic apodisation, Noll Zernike basis, matrix Fourier transform onto an
+oversampled crop, ``|field|²`` binned to camera pixels and normalised; ``tests/test_calibrate.py`` checks it
+against ``_PupilModel.psfs`` to 1e-5), with a sub-pixel shift of each PSF as a linear phase across the pupil.
+
+The fit minimises ``sum_b ||D_b - a_b PSF(c(x_b, y_b), shift_b) - o_b||² / noise_b²`` over the 36 polynomial
+coefficients ``C`` (6 Zernike terms x 6 monomials) and each bead's shift. Each bead's amplitude ``a_b`` and
+offset ``o_b`` are solved in closed form inside the loss (variable projection), so L-BFGS only sees ``C`` and the
+shifts. The even Zernike terms (defocus, astigmatism, spherical) have zero gradient at zero aberration and the
+in-focus PSF cannot tell their common sign, so the fit starts from a few small positive defocus values (a
+constants-only model on a subset of beads) and keeps the best.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from napari_coordgate.optics.psf import _MAX_SLOPE, ZERNIKE_TERMS, PSFConfig, _effective_oversample, _pupil_samples
+from napari_coordgate.calibration.patches import fit_amplitude_shift
+from napari_coordgate.optics.pupil_poly import MONOMIALS, PupilPolyPSF, monomials
+
+__all__ = ["TorchPupil", "PupilFit", "fit_pupil_poly"]
+
+
+class TorchPupil:
+    """Differentiable pupil PSFs for one set of optics.
+
+    Parameters
+    ----------
+    na, wavelength_um, refractive_index, pixel_size_um
+        The optics.
+    psf_size
+        PSF side in camera pixels (odd).
+    oversample
+        Sub-samples per pixel and axis (odd); raised to Nyquist as :class:`PSFConfig` does.
+    pupil_samples
+        Pupil samples across the diameter (even); default: what ``_PupilModel`` uses for an unaberrated
+        pupil of these optics. Larger aberrations need more (see :meth:`for_aberrations`).
+    device, dtype
+        Torch device, and ``torch.float32`` or ``torch.float64`` (complex64 / complex128 inside).
+    """
+
+    def __init__(self, na: float, wavelength_um: float, refractive_index: float, pixel_size_um: float,
+                 psf_size: int, oversample: int = 3, pupil_samples: int | None = None, *,
+                 device: "str | torch.device" = "cpu", dtype: torch.dtype = torch.float64):
+        cfg = PSFConfig(na=na, wavelength_um=wavelength_um, refractive_index=refractive_index,
+                        pixel_size_um=pixel_size_um, psf_size=psf_size, oversample=oversample)
+        self.cfg = cfg
+        self.size = cfg.psf_size
+        self.os = _effective_oversample(cfg)
+        m = int(pupil_samples) if pupil_samples is not None else _pupil_samples(cfg)
+        self.m = m
+        self.device = torch.device(device)
+        self.dtype = dtype
+        # the pupil grid of optics.psf._PupilModel, sample for sample
+        cutoff = cfg.na / cfg.wavelength_um
+        f = (np.arange(m) - (m - 1) / 2.0) * (2.0 * cutoff / m)
+        fy, fx = np.meshgrid(f, f, indexing="ij")
+        rho = np.hypot(fy, fx) / cutoff
+        theta = np.arctan2(fy, fx)
+        coverage = np.clip((1.0 - rho) * (m / 2.0) + 0.5, 0.0, 1.0)
+        inside = coverage > 0
+        sin_t = np.clip(cfg.na * np.minimum(rho, 1.0) / cfg.refractive_index, 0.0, 0.999999)
+        amplitude = coverage * (1.0 - sin_t**2) ** -0.25
+        r2 = rho**2
+        basis = [
+            math.sqrt(3) * (2 * r2 - 1),
+            math.sqrt(6) * r2 * np.cos(2 * theta),
+            math.sqrt(6) * r2 * np.sin(2 * theta),
+            math.sqrt(8) * (3 * r2 - 2) * rho * np.cos(theta),
+            math.sqrt(8) * (3 * r2 - 2) * rho * np.sin(theta),
+            math.sqrt(5) * (6 * r2 * r2 - 6 * r2 + 1),
+        ]
+        basis = np.stack([np.where(inside, b, 0.0).ravel() for b in basis])  # (6, M * M)
+        fine = self.size * self.os
+        u = (np.arange(fine) - (fine - 1) / 2.0) * (cfg.pixel_size_um / self.os)
+        kw = {"device": self.device}
+        real = dtype
+        cplx = torch.complex128 if dtype == torch.float64 else torch.complex64
+        self._basis = torch.as_tensor(basis, dtype=real, **kw)
+        self._amplitude = torch.as_tensor(amplitude.ravel(), dtype=real, **kw)
+        # shift phase per pixel of shift: exp(-2 pi i (dy fy + dx fx) * pixel)
+        self._fy = torch.as_tensor(fy.ravel() * cfg.pixel_size_um, dtype=real, **kw)
+        self._fx = torch.as_tensor(fx.ravel() * cfg.pixel_size_um, dtype=real, **kw)
+        self._fourier = torch.as_tensor(np.exp(2j * np.pi * np.outer(u, f)), dtype=cplx, **kw)  # (S, M)
+        self._fourier_t = self._fourier.transpose(0, 1).contiguous()  # (M, S)
+
+    @classmethod
+    def for_aberrations(cls, na: float, wavelength_um: float, refractive_index: float, pixel_size_um: float,
+                        psf_size: int, bound: np.ndarray, oversample: int = 3, **kwargs) -> "TorchPupil":
+        """A pupil sampled finely enough (for fitting) for Zernike coefficients up to ``bound`` (6, waves RMS)."""
+        b = np.minimum(np.abs(np.asarray(bound, dtype=np.float64)), 3.0)
+        worst = b.copy()
+        worst[1:3] = b[1] + b[2]
+        worst[3:5] = b[3] + b[4]
+        # a quarter of _pupil_samples' margin against phase wrapping: for fitting, a pupil this fine changes the
+        # PSF by well under 1 % (the soft aperture edge dominates), and the fit is several times faster
+        radius = max(16.0, float(worst @ _MAX_SLOPE), 2.0 * psf_size * pixel_size_um * na / wavelength_um)
+        return cls(na, wavelength_um, refractive_index, pixel_size_um, psf_size, oversample,
+                   2 * int(math.ceil(radius)), **kwargs)
+
+    def psfs(self, coeffs: torch.Tensor, shifts: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, s, s) PSFs, unit sum, for (N, 6) Zernike coefficients and optional (N, 2) shifts (dy, dx) in px.
+
+        A shift moves the PSF towards larger coordinates (the point's image at ``centre + shift``).
+        """
+        coeffs = coeffs.to(device=self.device, dtype=self.dtype)
+        n = coeffs.shape[0]
+        phase = (2 * math.pi) * (coeffs @ self._basis)  # (N, M * M)
+        if shifts is not None:
+            shifts = shifts.to(device=self.device, dtype=self.dtype)
+            phase = phase - (2 * math.pi) * (shifts[:, :1] * self._fy + shifts[:, 1:] * self._fx)
+        pupil = torch.polar(self._amplitude.expand(n, -1), phase).reshape(n, self.m, self.m)
+        field = self._fourier @ (pupil @ self._fourier_t)  # (N, S, S): rows y, columns x
+        intensity = field.real**2 + field.imag**2
+        s, o = self.size, self.os
+        binned = intensity.reshape(n, s, o, s, o).sum(dim=(2, 4))
+        return binned / binned.sum(dim=(1, 2), keepdim=True)
+
+    def psfs_and_derivatives(self, coeffs: torch.Tensor, shifts: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """PSFs (N, s, s) and their derivatives (N, 8, s, s) with respect to the 6 Zernike coefficients and the
+        shift (dy, dx), analytically: d|E|² = 2 Re(conj(E) dE), dE the field of the pupil times the derivative
+        of its phase; then the binning and the unit-sum normalisation."""
+        coeffs = coeffs.to(device=self.device, dtype=self.dtype)
+        shifts = shifts.to(device=self.device, dtype=self.dtype)
+        n = coeffs.shape[0]
+        phase = (2 * math.pi) * (coeffs @ self._basis) - (2 * math.pi) * (shifts[:, :1] * self._fy
+                                                                          + shifts[:, 1:] * self._fx)
+        pupil = torch.polar(self._amplitude.expand(n, -1), phase)  # (N, M²)
+        gens = torch.cat([self._basis, -self._fy[None], -self._fx[None]])  # d(phase)/d(param) / 2 pi, (8, M²)
+        dpupil = (2j * math.pi) * gens[None] * pupil[:, None]  # (N, 8, M²)
+        allp = torch.cat([pupil[:, None], dpupil], dim=1).reshape(n * 9, self.m, self.m)
+        fields = (self._fourier @ (allp @ self._fourier_t)).reshape(n, 9, *self._fourier.shape[:1] * 2)
+        e, de = fields[:, 0], fields[:, 1:]
+        inten = e.real**2 + e.imag**2
+        dinten = 2 * (e.real[:, None] * de.real + e.imag[:, None] * de.imag)
+        s, o = self.size, self.os
+        b = inten.reshape(n, s, o, s, o).sum(dim=(2, 4))
+        db = dinten.reshape(n, 8, s, o, s, o).sum(dim=(3, 5))
+        tot = b.sum(dim=(1, 2))
+        psf = b / tot[:, None, None]
+        dpsf = (db - psf[:, None] * db.sum(dim=(2, 3))[:, :, None, None]) / tot[:, None, None, None]
+        return psf, dpsf
+
+
+def _lm_fit(pupil: TorchPupil, data: np.ndarray, noise: np.ndarray, phi: np.ndarray, coef0: np.ndarray,
+            shift0: np.ndarray, iterations: int, *, robust: bool = True, should_stop=None, on_iteration=None,
+            report_total: int | None = None, report_offset: int = 0, chunk: int = 64):
+    """Levenberg-Marquardt on the shared polynomial coefficients and every bead's shift, amplitude and offset.
+
+    The model of bead b is ``a_b PSF(phi_b C^T, shift_b) + o_b``; the Jacobian is analytic
+    (:meth:`TorchPupil.psfs_and_derivatives`) and the normal equations are solved densely (36 + 4 N unknowns).
+    Robust: Cauchy weights of each bead's misfit over the median misfit, updated every iteration.
+
+    Returns (coefficients (6, 6), shifts (N, 2), chi2 per bead, robust weights, iterations, stopped).
+    """
+    dev = pupil.device
+    f32 = {"device": dev, "dtype": pupil.dtype}
+    n = data.shape[0]
+    s2 = data.shape[-1] * data.shape[-2]
+    nt, npoly = coef0.shape
+    d = torch.as_tensor(data.reshape(n, -1), **f32)
+    w = torch.as_tensor(1.0 / np.maximum(noise, 1e-30) ** 2, **f32)
+    ph = torch.as_tensor(phi, **f32)
+    theta = torch.tensor(np.array(coef0, dtype=np.float64), device=dev)
+    shifts = torch.as_tensor(shift0, dtype=torch.float64, device=dev).clone()
+
+    def models(th, sh, with_derivatives):
+        out, der = [], []
+        for a in range(0, n, chunk):
+            b = slice(a, a + chunk)
+            c = (ph[b] @ th.to(pupil.dtype).T)
+            if with_derivatives:
+                p, dp = pupil.psfs_and_derivatives(c, sh[b].to(pupil.dtype))
+                der.append(dp.reshape(dp.shape[0], 8, -1))
+            else:
+                p = pupil.psfs(c, sh[b].to(pupil.dtype))
+            out.append(p.reshape(p.shape[0], -1))
+        return torch.cat(out), (torch.cat(der) if with_derivatives else None)
+
+    def amp_off(psf):
+        a, o = _solve_amplitude_offset(psf, d)
+        return a, o
+
+    def chi2_of(psf, a, o):
+        r = d - a[:, None] * psf - o[:, None]
+        return (r * r).sum(1) * w
+
+    psf, _ = models(theta, shifts, False)
+    amp, off = amp_off(psf)
+    c2 = chi2_of(psf, amp, off)
+    u = torch.ones(n, **f32)
+    if robust:
+        u = 1.0 / (1.0 + (c2 / (3.0 * torch.median(c2))) ** 2)
+    cost = float((u * c2).sum())
+    lam = 1e-3
+    done, stopped = 0, False
+    npar = nt * npoly
+    eye = torch.eye(npar + 4 * n, dtype=torch.float64, device=dev)
+    while done < iterations:
+        psf, dpsf = models(theta, shifts, True)
+        r = d - amp[:, None] * psf - off[:, None]  # (N, P)
+        wb = (w * u).to(torch.float64)
+        # model Jacobian per bead: theta (36), then dy, dx, a, o
+        jc = amp[:, None, None] * dpsf[:, :6]  # (N, 6, P) d model / d zernike
+        jt = (jc[:, :, None, :] * ph[:, None, :, None]).reshape(n, npar, -1)  # (N, 36, P)
+        jl = torch.stack([amp[:, None] * dpsf[:, 6], amp[:, None] * dpsf[:, 7], psf, torch.ones_like(psf)], 1)
+        jt64, jl64, r64 = jt.to(torch.float64), jl.to(torch.float64), r.to(torch.float64)
+        h = torch.zeros(npar + 4 * n, npar + 4 * n, dtype=torch.float64, device=dev)
+        g = torch.zeros(npar + 4 * n, dtype=torch.float64, device=dev)
+        h[:npar, :npar] = torch.einsum("n,nip,njp->ij", wb, jt64, jt64)
+        g[:npar] = torch.einsum("n,nip,np->i", wb, jt64, r64)
+        cross = torch.einsum("n,nip,njp->nij", wb, jt64, jl64)  # (N, 36, 4)
+        local = torch.einsum("n,nip,njp->nij", wb, jl64, jl64)  # (N, 4, 4)
+        idx = npar + 4 * torch.arange(n, device=dev)
+        for q in range(4):
+            h[:npar, idx + q] = cross[:, :, q].T
+            h[idx + q, :npar] = cross[:, :, q]
+            for q2 in range(4):
+                h[idx + q, idx + q2] = local[:, q, q2]
+        g[npar:] = torch.einsum("n,njp,np->nj", wb, jl64, r64).reshape(-1)
+        diag = torch.clamp(torch.diagonal(h), min=1e-12)
+        improved = False
+        for _ in range(8):
+            step = torch.linalg.solve(h + lam * torch.diag(diag) + 1e-12 * eye, g)
+            th_new = theta + step[:npar].reshape(nt, npoly)
+            loc = step[npar:].reshape(n, 4)
+            sh_new = shifts + loc[:, :2].clamp(-1.0, 1.0)
+            p_new, _ = models(th_new, sh_new, False)
+            a_new, o_new = amp_off(p_new)
+            c2_new = chi2_of(p_new, a_new, o_new)
+            new_cost = float((u * c2_new).sum())
+            if math.isfinite(new_cost) and new_cost < cost:
+                theta, shifts, amp, off, c2 = th_new, sh_new, a_new, o_new, c2_new
+                lam = max(lam / 3.0, 1e-9)
+                improved = True
+                break
+            lam *= 8.0
+        done += 1
+        old = cost
+        if robust:
+            u = 1.0 / (1.0 + (c2 / (3.0 * torch.median(c2))) ** 2)
+        cost = float((u * c2).sum())
+        loss = cost / (float(u.sum()) * s2)
+        if on_iteration is not None:
+            on_iteration(report_offset + done, report_total or iterations, loss)
+        if not improved or abs(old - cost) <= 1e-6 * abs(old):
+            break
+        if should_stop is not None and should_stop():
+            stopped = True
+            break
+    return (theta.cpu().numpy(), shifts.cpu().numpy(), c2.cpu().numpy(), u.cpu().numpy(), done, stopped)
+
+
+@dataclass
+class PupilFit:
+    """The fitted model and how the fit went."""
+
+    model: PupilPolyPSF
+    loss: float  # mean squared residual / noise² per pixel (about 1 for a perfect model, more with shot noise)
+    iterations: int
+    seconds: float
+    stopped: bool
+    shifts: np.ndarray  # (N, 2) fitted sub-pixel shifts of the beads
+    weights: np.ndarray  # (N,) final robust weight of each bead (1 = trusted)
+
+
+def _solve_amplitude_offset(psf: torch.Tensor, data: torch.Tensor, pixel_w: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form least-squares amplitude and offset of ``data ≈ a psf + o`` per row (no gradient needed:
+    at the optimum the loss's gradient does not depend on how a and o move, variable projection)."""
+    with torch.no_grad():
+        npx = psf.shape[1]
+        sp, sd = psf.sum(1), data.sum(1)
+        spp, spd = (psf * psf).sum(1), (psf * data).sum(1)
+        det = spp * npx - sp * sp
+        a = (spd * npx - sp * sd) / det
+        o = (spp * sd - sp * spd) / det
+    return a, o
+
+
+def _lm_independent(pupil: TorchPupil, data: np.ndarray, coef0: np.ndarray, iterations: int,
+                    should_stop=None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Levenberg-Marquardt of independent problems: each (s, s) square its own constant Zernike coefficients,
+    shift, amplitude and offset (10 unknowns, a 10 x 10 system per square, its own damping).
+
+    Returns (coefficients (N, 6), chi2 per square (unit noise), stopped).
+    """
+    dev = pupil.device
+    n = data.shape[0]
+    d = torch.as_tensor(data.reshape(n, -1), device=dev, dtype=pupil.dtype)
+    coef = torch.as_tensor(coef0, device=dev, dtype=pupil.dtype).clone()
+    shifts = torch.zeros(n, 2, device=dev, dtype=pupil.dtype)
+
+    def cost_of(c, sh):
+        psf = pupil.psfs(c, sh).reshape(n, -1)
+        a, o = _solve_amplitude_offset(psf, d)
+        r = d - a[:, None] * psf - o[:, None]
+        return (r * r).sum(1), psf, a, o
+
+    cost, psf, amp, off = cost_of(coef, shifts)
+    lam = torch.full((n,), 1e-3, device=dev, dtype=torch.float64)
+    stopped = False
+    for _ in range(iterations):
+        with torch.no_grad():
+            psf, dpsf = pupil.psfs_and_derivatives(coef, shifts)
+            psf, dpsf = psf.reshape(n, -1), dpsf.reshape(n, 8, -1)
+            r = d - amp[:, None] * psf - off[:, None]
+            jac = torch.cat([amp[:, None, None] * dpsf, psf[:, None], torch.ones_like(psf)[:, None]], 1)
+            jac = jac.to(torch.float64)
+            h = jac @ jac.transpose(1, 2)  # (N, 10, 10)
+            g = (jac @ r.to(torch.float64)[:, :, None])[..., 0]
+            diag = torch.clamp(torch.diagonal(h, dim1=1, dim2=2), min=1e-12)
+            step = torch.linalg.solve(h + lam[:, None, None] * torch.diag_embed(diag)
+                                      + 1e-12 * torch.eye(10, dtype=torch.float64, device=dev), g)
+            step = step.to(pupil.dtype)
+            c_new = coef + step[:, :6]
+            s_new = shifts + step[:, 6:8].clamp(-1.0, 1.0)
+            new, p_new, a_new, o_new = cost_of(c_new, s_new)
+            better = torch.isfinite(new) & (new < cost)
+            coef = torch.where(better[:, None], c_new, coef)
+            shifts = torch.where(better[:, None], s_new, shifts)
+            amp = torch.where(better, a_new, amp)
+            off = torch.where(better, o_new, off)
+            cost = torch.where(better, new, cost)
+            lam = torch.where(better, lam / 3.0, lam * 8.0).clamp(1e-9, 1e9)
+        if should_stop is not None and should_stop():
+            stopped = True
+            break
+    return coef.cpu().numpy().astype(np.float64), cost.cpu().numpy().astype(np.float64), stopped
+
+
+def _align_signs(even: np.ndarray, design: np.ndarray) -> np.ndarray:
+    """±1 per node making the nodes' even Zernike terms (N, E) best described by a polynomial of ``design`` (N, P).
+
+    The in-focus PSF cannot tell the sign of the even terms (defocus, astigmatism, spherical) as a group, so each
+    node fit may land on either; the right choice is the one a smooth field law agrees with.
+    """
+    n = even.shape[0]
+    resid = np.eye(n) - design @ np.linalg.pinv(design)
+    q = resid * (even @ even.T)
+    if n <= 16:
+        signs = np.array(np.meshgrid(*[[1.0, -1.0]] * (n - 1), indexing="ij")).reshape(n - 1, -1).T
+        signs = np.concatenate([np.ones((signs.shape[0], 1)), signs], axis=1)
+        cost = np.einsum("ki,ij,kj->k", signs, q, signs)
+        return signs[int(np.argmin(cost))]
+    s = np.ones(n)  # greedy flips for larger sets
+    for _ in range(4 * n):
+        gains = [(s @ q @ s) - ((s * np.where(np.arange(n) == i, -1, 1)) @ q @ (s * np.where(np.arange(n) == i, -1, 1)))
+                 for i in range(n)]
+        i = int(np.argmax(gains))
+        if gains[i] <= 0:
+            break
+        s[i] = -s[i]
+    return s
+
+
+_EVEN = [ZERNIKE_TERMS.index(t) for t in ("defocus", "astig_0", "astig_45", "spherical")]
+
+
+def init_from_nodes(node_psfs: np.ndarray, *, na: float, wavelength_um: float, refractive_index: float,
+                    pixel_size_um: float, device: "str | torch.device" = "cpu", nodes_per_axis: int = 3,
+                    iterations: int = 25, should_stop=None) -> tuple[np.ndarray, bool]:
+    """Starting polynomial coefficients from PSFs measured on a grid (e.g. the measured-grid model's nodes).
+
+    A pupil with constant aberrations is fitted to the core of each of up to ``nodes_per_axis``² node PSFs from
+    several starts (defocus 0.1 / 0.35 waves, without astigmatism and with astigmatism along and across the node
+    PSF's long axis; Levenberg-Marquardt, :func:`_lm_independent`), the best start per node is kept, the group signs of the even terms are made consistent across the field
+    (:func:`_align_signs`) and a quadratic is fitted through the nodes' coefficients.
+
+    Returns (coefficients (6, 6), stopped).
+    """
+    k, _, s, _ = node_psfs.shape
+    idx = np.unique(np.round(np.linspace(0, k - 1, min(k, nodes_per_axis))).astype(int))
+    t = np.zeros(1) if k == 1 else np.linspace(-1.0, 1.0, k)
+    ii, jj = np.meshgrid(idx, idx, indexing="ij")
+    ii, jj = ii.ravel(), jj.ravel()
+    # the core holds what the start needs; a smaller square makes the many start fits cheap
+    w = min(s, 19)
+    lo = (s - w) // 2
+    psfs = node_psfs[ii, jj][:, lo : lo + w, lo : lo + w]
+    yn, xn = t[ii], t[jj]
+    # the long axis of each node PSF (second moments) orients the astigmatic starts
+    c = np.arange(w) - w // 2
+    yy, xx = np.meshgrid(c, c, indexing="ij")
+    tot = psfs.sum(axis=(1, 2))
+    my = (psfs * yy).sum(axis=(1, 2)) / tot
+    mx = (psfs * xx).sum(axis=(1, 2)) / tot
+    sxx = (psfs * (xx - mx[:, None, None]) ** 2).sum(axis=(1, 2)) / tot
+    syy = (psfs * (yy - my[:, None, None]) ** 2).sum(axis=(1, 2)) / tot
+    sxy = (psfs * (xx - mx[:, None, None]) * (yy - my[:, None, None])).sum(axis=(1, 2)) / tot
+    two_theta = np.arctan2(2 * sxy, sxx - syy)
+    starts = [(d0, a) for d0 in (0.1, 0.35) for a in (0.0, 0.12, -0.12)]
+    nn, ns = len(ii), len(starts)
+    coef0 = np.zeros((ns * nn, len(ZERNIKE_TERMS)))
+    for si, (d0, a) in enumerate(starts):
+        coef0[si * nn : (si + 1) * nn, 0] = d0
+        coef0[si * nn : (si + 1) * nn, 1] = a * np.cos(two_theta)
+        coef0[si * nn : (si + 1) * nn, 2] = a * np.sin(two_theta)
+    dev = torch.device(device)
+    pupil = TorchPupil.for_aberrations(na, wavelength_um, refractive_index, pixel_size_um, w,
+                                       bound=np.array([0.6, 0.35, 0.35, 0.2, 0.2, 0.15]), device=dev,
+                                       dtype=torch.float32)
+    data = np.tile(psfs / psfs.max(axis=(1, 2), keepdims=True), (ns, 1, 1))
+    theta, c2, stopped = _lm_independent(pupil, data, coef0, iterations, should_stop=should_stop)
+    best = np.argmin(c2.reshape(ns, nn), axis=0)
+    coef = theta.reshape(ns, nn, -1)[best, np.arange(nn)]  # (nodes, 6)
+    design = monomials(yn, xn)
+    if nn < design.shape[1]:  # too few nodes for a quadratic: constants only
+        design = design[:, :1]
+    signs = _align_signs(coef[:, _EVEN], design)
+    coef[:, _EVEN] *= signs[:, None]
+    fit = np.linalg.lstsq(design, coef, rcond=None)[0].T  # (6, P)
+    out = np.zeros((len(ZERNIKE_TERMS), len(MONOMIALS)))
+    out[:, : fit.shape[1]] = fit
+    return out, stopped
+
+
+def fit_pupil_poly(
+    data: np.ndarray,
+    y_norm: np.ndarray,
+    x_norm: np.ndarray,
+    shifts: np.ndarray,
+    noise: np.ndarray,
+    *,
+    na: float,
+    wavelength_um: float,
+    refractive_index: float,
+    pixel_size_um: float,
+    grid: int = 7,
+    device: "str | torch.device" = "cpu",
+    init: np.ndarray | None = None,
+    node_psfs: np.ndarray | None = None,
+    max_iterations: int = 40,
+    subset: int = 120,
+    polish_iterations: int = 6,
+    should_stop: Callable[[], bool] | None = None,
+    on_iteration: Callable[[int, int, float], None] | None = None,
+    chunk: int = 64,
+) -> PupilFit:
+    """Fit a :class:`PupilPolyPSF` to raw bead squares, all beads jointly.
+
+    Parameters
+    ----------
+    data
+        (N, s, s) raw bead squares (not background-subtracted), centred on the pixel nearest each bead.
+    y_norm, x_norm
+        (N,) normalised field positions of the beads.
+    shifts
+        (N, 2) sub-pixel centres relative to the middle pixel (the starting shifts).
+    noise
+        (N,) background noise of each bead's image (the residual weights).
+    na, wavelength_um, refractive_index, pixel_size_um
+        The optics.
+    grid
+        K of the fitted model's blur grid.
+    device
+        Torch device (float32 computation).
+    init
+        (6, 6) starting coefficients (e.g. a previous fit).
+    node_psfs
+        (K, K, s, s) PSFs measured on a grid (the measured-grid model): the start is fitted through them
+        (:func:`init_from_nodes`). Without ``init`` or ``node_psfs``, the start is a multi-start of constants.
+    max_iterations
+        Levenberg-Marquardt iterations on a subset of at most ``subset`` beads (spread over the field), then
+        ``polish_iterations`` on all beads.
+    should_stop
+        Checked between rounds of iterations; True ends the fit with the coefficients so far (``stopped``).
+    on_iteration
+        Called as ``on_iteration(done, total, loss)``.
+    chunk
+        Beads per forward pass (bounds memory).
+    """
+    t0 = time.perf_counter()
+    dev = torch.device(device)
+    n, s, _ = data.shape
+    optics = dict(na=na, wavelength_um=wavelength_um, refractive_index=refractive_index, pixel_size_um=pixel_size_um)
+    phi = monomials(y_norm, x_norm)
+    shift0 = np.asarray(shifts, dtype=np.float64)
+    iterations, stopped = 0, False
+    total = max_iterations + polish_iterations
+
+    if init is not None:
+        coef0 = np.asarray(init, dtype=np.float64)
+    elif node_psfs is not None:
+        coef0, stopped = init_from_nodes(node_psfs, **optics, device=dev, should_stop=should_stop)
+    else:
+        # constants from a few small defocus values on a subset of beads
+        sub = np.arange(n) if n <= 48 else np.linspace(0, n - 1, 48).round().astype(int)
+        pupil = TorchPupil.for_aberrations(**optics, psf_size=s, bound=np.array([0.6, 0.35, 0.35, 0.2, 0.2, 0.15]),
+                                           device=dev, dtype=torch.float32)
+        best = None
+        for d0 in (0.1, 0.35):
+            start = np.zeros((len(ZERNIKE_TERMS), 1))
+            start[0, 0] = d0
+            th, _, c2, u, it, st = _lm_fit(pupil, data[sub], noise[sub], phi[sub, :1], start, shift0[sub], 15,
+                                           should_stop=should_stop, chunk=chunk)
+            iterations += it
+            loss = float(np.sum(u * c2))
+            if best is None or loss < best[1]:
+                best = (th[:, 0], loss)
+            if st:
+                stopped = True
+                break
+        coef0 = np.zeros((len(ZERNIKE_TERMS), len(MONOMIALS)))
+        coef0[:, 0] = best[0]
+    shifts_out = shift0.copy()
+    weights = np.ones(n)
+    loss = math.nan
+    if not stopped:
+        # the pupil sampled for what the field may reach: the start's range, with room to grow
+        bound = PupilPolyPSF._bound(coef0) * 1.5 + 0.15
+        pupil = TorchPupil.for_aberrations(**optics, psf_size=s, bound=bound, device=dev, dtype=torch.float32)
+        # start each bead's shift where the starting model's PSF matches it best: a comatic pupil PSF's centre
+        # can sit a pixel or more from the detector's Gaussian centre, too far for the gradient to find
+        with torch.no_grad():
+            start = torch.as_tensor(phi @ coef0.T, device=dev, dtype=torch.float32)
+            model0 = torch.cat([pupil.psfs(start[a : a + chunk]) for a in range(0, n, chunk)]).cpu().numpy()
+        shifts_out = fit_amplitude_shift(model0.astype(np.float64), data, shift0, noise)["shift"]
+        if n > subset:  # most iterations on a subset spread over the field (the beads come in table order)
+            sub = np.unique(np.linspace(0, n - 1, subset).round().astype(int))
+            th, sh, _, _, it, stopped = _lm_fit(pupil, data[sub], noise[sub], phi[sub], coef0, shifts_out[sub],
+                                                max_iterations, should_stop=should_stop, on_iteration=on_iteration,
+                                                report_total=total, chunk=chunk)
+            coef0 = th
+            shifts_out[sub] = sh
+            iterations += it
+            polish = polish_iterations
+        else:
+            polish = max_iterations + polish_iterations
+        if not stopped:
+            th, shifts_out, c2, weights, it, stopped = _lm_fit(
+                pupil, data, noise, phi, coef0, shifts_out, polish, should_stop=should_stop,
+                on_iteration=on_iteration, report_total=total, report_offset=total - polish, chunk=chunk)
+            coef0 = th
+            iterations += it
+            loss = float(np.sum(weights * c2) / (np.sum(weights) * s * s))
+    model = PupilPolyPSF(_limit(coef0), **optics, psf_size=s, grid=grid, name="pupil fit")
+    return PupilFit(model, loss, iterations, time.perf_counter() - t0, stopped, shifts_out, weights)
+
+
+def _limit(coef: np.ndarray) -> np.ndarray:
+    """Scale a runaway fit back inside the model's supported range (3 waves RMS per term over the field)."""
+    bound = PupilPolyPSF._bound(coef)
+    scale = np.minimum(1.0, 2.99 / np.maximum(bound, 1e-30))
+    return coef * scale[:, None]

@@ -1,0 +1,146 @@
+"""The calibration report figure (matplotlib's Agg canvas directly: no pyplot, no global backend change)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from napari_coordgate.calibrate import CalibrationResult
+
+__all__ = ["write_report_png", "montage"]
+
+
+def montage(psfs: np.ndarray, gap: int = 2, gamma: float = 0.5) -> np.ndarray:
+    """(K, K, s, s) PSFs tiled as in the field, each scaled to peak 1 and shown with ``gamma`` (tails visible)."""
+    k, _, s, _ = psfs.shape
+    side = k * s + (k + 1) * gap
+    out = np.full((side, side), np.nan)
+    for i in range(k):
+        for j in range(k):
+            p = psfs[i, j]
+            if not np.all(np.isfinite(p)):
+                continue
+            p = np.clip(p / max(float(np.max(p)), 1e-30), 0.0, 1.0) ** gamma
+            r, c = gap + i * (s + gap), gap + j * (s + gap)
+            out[r : r + s, c : c + s] = p
+    return out
+
+
+def _scatter_map(ax, fig, x, y, values, title, cmap="viridis", vmin=None, vmax=None, label=""):
+    sc = ax.scatter(x, y, c=values, s=14, cmap=cmap, vmin=vmin, vmax=vmax, edgecolors="none")
+    ax.set_title(title, fontsize=10)
+    cb = fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02)
+    cb.set_label(label, fontsize=8)
+
+
+def write_report_png(result: "CalibrationResult", path: "str | Path") -> Path:
+    """Draw the calibration report and write it as a PNG (parent folders must exist)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    t = result.beads
+    ok = t.accepted
+    h, w = result.field_shape
+    x, y = t.x[ok], t.y[ok]
+    fig = Figure(figsize=(17, 13), dpi=90)
+    FigureCanvasAgg(fig)
+    gs = fig.add_gridspec(3, 4, height_ratios=[1, 1, 0.55], hspace=0.35, wspace=0.3)
+
+    def field_axes(ax):
+        ax.set_xlim(0, w - 1)
+        ax.set_ylim(h - 1, 0)
+        ax.set_aspect("equal")
+        ax.tick_params(labelsize=7)
+
+    fwhm = np.concatenate([t.fwhm_x[ok], t.fwhm_y[ok]])
+    lo, hi = (np.nanpercentile(fwhm, [2, 98]) if fwhm.size else (0, 1))
+    unit = "px"
+    scale = 1.0
+    if result.model.pixel_size_um:
+        unit, scale = "µm", float(result.model.pixel_size_um)
+    for col, (name, vals) in enumerate((("FWHM x", t.fwhm_x[ok]), ("FWHM y", t.fwhm_y[ok]))):
+        ax = fig.add_subplot(gs[0, col])
+        _scatter_map(ax, fig, x, y, vals * scale, f"{name} ({unit}) per bead", vmin=lo * scale, vmax=hi * scale,
+                     label=unit)
+        field_axes(ax)
+    ax = fig.add_subplot(gs[0, 2])
+    _scatter_map(ax, fig, x, y, t.ellipticity[ok], "ellipticity 1 - minor/major", cmap="magma", vmin=0,
+                 vmax=max(0.05, float(np.nanpercentile(t.ellipticity[ok], 98)) if ok.any() else 1), label="")
+    field_axes(ax)
+    ax = fig.add_subplot(gs[0, 3])
+    theta = np.radians(t.orientation_deg[ok])
+    length = 0.03 * max(h, w) * (0.3 + 3 * np.nan_to_num(t.ellipticity[ok]))
+    ax.quiver(x, y, np.cos(theta) * length, np.sin(theta) * length, t.orientation_deg[ok], angles="xy",
+              scale_units="xy", scale=1, headwidth=0, headlength=0, headaxislength=0, pivot="middle", cmap="twilight",
+              clim=(-90, 90), width=0.004)
+    ax.set_title("orientation of the major axis (length ~ ellipticity)", fontsize=10)
+    field_axes(ax)
+
+    fit = result.grid_fit
+    k = fit.k if fit is not None else result.model.grid
+    nodes = np.zeros(1) if k == 1 else np.linspace(-1, 1, k)
+    yy, xx = np.meshgrid(nodes, nodes, indexing="ij")
+    model_psfs = result.model.psfs_at(yy, xx, result.field_shape)
+    ax = fig.add_subplot(gs[1, 0])
+    if fit is not None:
+        ax.imshow(montage(fit.measured), cmap="inferno", vmin=0, vmax=1)
+        for i, j in zip(*np.nonzero(fit.filled)):
+            s = fit.psfs.shape[-1]
+            ax.add_patch(_rect(fig, 2 + j * (s + 2) - 1, 2 + i * (s + 2) - 1, s + 1))
+    ax.set_title(f"measured: beads averaged at the {k} x {k} nodes\n(peak 1, gamma 0.5; cyan: node filled)",
+                 fontsize=10)
+    ax.axis("off")
+    ax = fig.add_subplot(gs[1, 1])
+    ax.imshow(montage(model_psfs), cmap="inferno", vmin=0, vmax=1)
+    ax.set_title(f"model ({result.chosen}) at the same nodes", fontsize=10)
+    ax.axis("off")
+
+    ax = fig.add_subplot(gs[1, 2])
+    res = t.residual[ok]
+    _scatter_map(ax, fig, x, y, res, "residual per bead (relative L2, noise included)", cmap="plasma",
+                 vmin=0, vmax=float(np.nanpercentile(res, 98)) if np.isfinite(res).any() else 1, label="")
+    held = t.held_out[ok]
+    ax.scatter(x[held], y[held], s=40, facecolors="none", edgecolors="k", linewidths=0.6)
+    field_axes(ax)
+
+    ax = fig.add_subplot(gs[1, 3])
+    counts = np.zeros((3, 3), int)
+    if ok.any():
+        ry = np.clip(((t.y_norm[ok] + 1) / 2 * 3).astype(int), 0, 2)
+        rx = np.clip(((t.x_norm[ok] + 1) / 2 * 3).astype(int), 0, 2)
+        np.add.at(counts, (ry, rx), 1)
+    ax.imshow(counts, cmap="Greens", extent=(0, w - 1, h - 1, 0), vmin=0, alpha=0.7)
+    for i in range(3):
+        for j in range(3):
+            ax.text((j + 0.5) * (w - 1) / 3, (i + 0.5) * (h - 1) / 3, str(counts[i, j]), ha="center", va="center",
+                    fontsize=14, color="k" if counts[i, j] else "red")
+    rej = ~ok & (t.reason != "hot pixel")
+    ax.scatter(t.x[rej], t.y[rej], s=10, marker="x", c="tab:red", linewidths=0.7, label="rejected")
+    ax.scatter(x, y, s=5, c="k", label="used")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title("beads per region (used), rejected spots", fontsize=10)
+    field_axes(ax)
+
+    ax = fig.add_subplot(gs[2, :])
+    ax.axis("off")
+    counts_line = ", ".join(f"{v} {key}" for key, v in t.counts().items())
+    res_line = ", ".join(f"{key} {v:.3g}" for key, v in result.residuals.items() if v is not None)
+    lines = [result.summary(), f"spots: {counts_line}", f"held-out residual (lower is better): {res_line}",
+             result.model.describe()]
+    lines += [f"warning: {wline}" for wline in result.warnings] or ["no warnings"]
+    text = "\n".join(textwrap.fill(line, 180) for line in lines)
+    ax.text(0.0, 1.0, text, va="top", ha="left", fontsize=9, family="monospace", transform=ax.transAxes)
+    fig.suptitle("Bead calibration report", fontsize=13)
+    fig.savefig(path, format="png")
+    return path
+
+
+def _rect(fig, x, y, size):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x, y), size, size, fill=False, edgecolor="cyan", linewidth=1.2)

@@ -1,0 +1,268 @@
+"""Synthetic bead slides with known optics, and the PSF error of a model against them.
+
+Used by the calibration tests and ``benchmarks/bench_calibrate.py``; also handy to try the calibration without a
+microscope. A *true optics* object is a callable ``psfs(y_norm, x_norm, dy, dx) -> (N, s, s)`` giving the PSF of
+a point at each normalised field position, moved by a sub-pixel (dy, dx) from the middle pixel (so beads land
+at exact sub-pixel positions), plus ``psf_size``.
+
+- :class:`PupilOptics`: a pupil :class:`~napari_coordgate.optics.psf.PSFConfig` (e.g. a preset), rendered with
+  the sub-pixel shift as a pupil phase ramp (inside the family the pupil fit can express);
+- :class:`EllipticalOptics`: an elliptical Moffat (or Gaussian) whose widths and orientation change across the
+  field, integrated over the pixels (outside the pupil family).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["PupilOptics", "EllipticalOptics", "bead_slide", "psf_error"]
+
+
+class PupilOptics:
+    """The PSFs of a pupil ``PSFConfig`` on a frame of ``field_shape``, at sub-pixel positions."""
+
+    def __init__(self, cfg, field_shape: Sequence[int], psf_size: int | None = None):
+        import torch
+
+        from napari_coordgate.calibration.pupilfit import TorchPupil
+        from napari_coordgate.optics.psf import _pupil_samples, get_psf_config
+
+        self.cfg = get_psf_config(cfg)
+        if psf_size is not None:
+            self.cfg = self.cfg.replace(psf_size=int(psf_size))
+        self.field_shape = tuple(int(n) for n in field_shape)
+        self.psf_size = self.cfg.psf_size
+        c = self.cfg
+        self._pupil = TorchPupil(c.na, c.wavelength_um, c.refractive_index, c.pixel_size_um, c.psf_size,
+                                 c.oversample, _pupil_samples(c), dtype=torch.float64)
+        self.name = f"pupil {c.name}"
+
+    def coefficients(self, y, x) -> np.ndarray:
+        from napari_coordgate.optics.psf import _zernike_coefficients, field_polar
+
+        h, phi = field_polar(self.cfg, np.asarray(y, float), np.asarray(x, float), self.field_shape)
+        return _zernike_coefficients(self.cfg, h, phi)
+
+    def psfs(self, y, x, dy=None, dx=None) -> np.ndarray:
+        import torch
+
+        y = np.atleast_1d(np.asarray(y, float))
+        x = np.atleast_1d(np.asarray(x, float))
+        coeffs = torch.as_tensor(self.coefficients(y, x).reshape(-1, 6))
+        shifts = None
+        if dy is not None:
+            shifts = torch.as_tensor(np.stack([np.broadcast_to(dy, y.shape), np.broadcast_to(dx, y.shape)], 1)
+                                     .astype(np.float64))
+        out = []
+        with torch.no_grad():
+            for a in range(0, coeffs.shape[0], 256):
+                out.append(self._pupil.psfs(coeffs[a : a + 256], None if shifts is None else shifts[a : a + 256])
+                           .numpy())
+        return np.concatenate(out)
+
+
+@dataclass
+class EllipticalOptics:
+    """An elliptical Moffat (``beta`` finite) or Gaussian (``beta=None``) PSF varying across the field.
+
+    At normalised position (y, x) with per-axis radius ``r² = (x² + y²) / 2`` (1 at the corners) the widths
+    (Moffat ``alpha`` or Gaussian ``sigma``, px) are ``width * (1 + radial * r²)`` along the major axis and
+    ``width * (1 + tangential * r²)`` across it; the major axis points along the field radius turned by
+    ``twist * y`` radians (so the orientation is not simply radial), and in the centre along ``angle0``.
+    """
+
+    width: float = 2.0
+    radial: float = 0.9
+    tangential: float = 0.25
+    beta: float | None = 3.0
+    twist: float = 0.35
+    angle0: float = 0.3
+    psf_size: int = 31
+    oversample: int = 5
+    name: str = "elliptical Moffat"
+
+    def _params(self, y, x):
+        r2 = (x * x + y * y) / 2.0
+        a1 = self.width * (1 + self.radial * r2)
+        a2 = self.width * (1 + self.tangential * r2)
+        # near the centre the radius direction is undefined: blend into angle0 there
+        radial_angle = np.arctan2(y, x)
+        blend = np.clip(r2 / 0.05, 0.0, 1.0)
+        theta = np.where(blend > 0, radial_angle, 0.0) * blend + self.angle0 * (1 - blend) + self.twist * y
+        # the centre is round when radial == tangential there: only the field makes it elliptical
+        return a1, a2, theta
+
+    def psfs(self, y, x, dy=None, dx=None) -> np.ndarray:
+        y = np.atleast_1d(np.asarray(y, float))
+        x = np.atleast_1d(np.asarray(x, float))
+        n = y.size
+        dy = np.zeros(n) if dy is None else np.broadcast_to(np.asarray(dy, float), (n,))
+        dx = np.zeros(n) if dx is None else np.broadcast_to(np.asarray(dx, float), (n,))
+        s, o = self.psf_size, self.oversample
+        fine = s * o
+        u = (np.arange(fine) - (fine - 1) / 2.0) / o
+        uy, ux = np.meshgrid(u, u, indexing="ij")
+        a1, a2, th = self._params(y.ravel(), x.ravel())
+        out = np.empty((n, s, s))
+        for i in range(n):
+            yy, xx = uy - dy[i], ux - dx[i]
+            c, sn = math.cos(th[i]), math.sin(th[i])
+            p = xx * c + yy * sn
+            q = -xx * sn + yy * c
+            r2 = (p / a1[i]) ** 2 + (q / a2[i]) ** 2
+            f = np.exp(-0.5 * r2) if self.beta is None else (1.0 + r2) ** (-self.beta)
+            b = f.reshape(s, o, s, o).sum(axis=(1, 3))
+            out[i] = b / b.sum()
+        return out
+
+
+def bead_slide(
+    optics,
+    shape: Sequence[int],
+    *,
+    n_beads: int,
+    photons: float,
+    background: float = 0.02,
+    gradient: float = 0.3,
+    read_noise: float = 2.0,
+    hot_fraction: float = 1e-4,
+    n_saturated: int = 0,
+    n_touching: int = 0,
+    brightness: tuple[float, float] = (0.6, 1.0),
+    offset: float = 100.0,
+    full_well: float | None = None,
+    noise: bool = True,
+    seed: int = 0,
+) -> tuple[np.ndarray, dict]:
+    """A 2-D image of sub-resolution beads through ``optics``, with camera noise.
+
+    Parameters
+    ----------
+    optics
+        True optics (``psfs(y, x, dy, dx)`` and ``psf_size``).
+    shape
+        (H, W) of the image.
+    n_beads
+        Beads placed uniformly at random (some land near edges or each other: real slides do too).
+    photons
+        Expected photons at the peak pixel of the brightest ordinary bead.
+    background
+        Background level as a fraction of ``photons``, tilted by ``gradient`` (relative, across the frame).
+    read_noise
+        Gaussian read noise, electrons RMS.
+    hot_fraction
+        Fraction of pixels made hot (+0.3 .. 3 x ``photons``, single pixels).
+    n_saturated
+        Extra beads 8-15 times brighter than the brightest, clipped at ``full_well``.
+    n_touching
+        Extra pairs of beads 2.5-4 px apart.
+    brightness
+        Range of the beads' relative brightness (uniform).
+    offset
+        Camera offset added to every pixel (electrons).
+    full_well
+        Clipping level (electrons above the offset); default 1.6 x ``photons`` when ``n_saturated`` else none.
+    noise
+        False renders the expected image (no shot, read or hot-pixel noise; clipping still applies).
+    seed
+        Seed of everything random.
+
+    Returns
+    -------
+    image : ndarray, float32 (H, W), electrons
+    truth : dict
+        ``y``, ``x`` (px), ``kind`` ("bead", "saturated", "touching"), ``flux``, ``hot`` ((M, 2) pixel indices).
+    """
+    rng = np.random.default_rng(seed)
+    h, w = (int(n) for n in shape)
+    ys = list(rng.uniform(0, h - 1, n_beads))
+    xs = list(rng.uniform(0, w - 1, n_beads))
+    kinds = ["bead"] * n_beads
+    rel = list(rng.uniform(*brightness, n_beads))
+    for _ in range(n_touching):
+        y0, x0 = rng.uniform(0.15 * h, 0.85 * h), rng.uniform(0.15 * w, 0.85 * w)
+        d, ang = rng.uniform(2.5, 4.0), rng.uniform(0, np.pi)
+        for sgn in (-0.5, 0.5):
+            ys.append(y0 + sgn * d * math.sin(ang))
+            xs.append(x0 + sgn * d * math.cos(ang))
+            kinds.append("touching")
+            rel.append(rng.uniform(*brightness))
+    for _ in range(n_saturated):
+        ys.append(rng.uniform(0.15 * h, 0.85 * h))
+        xs.append(rng.uniform(0.15 * w, 0.85 * w))
+        kinds.append("saturated")
+        rel.append(rng.uniform(8.0, 15.0))
+    ys, xs, rel = np.array(ys), np.array(xs), np.array(rel)
+    kinds = np.array(kinds, dtype=object)
+    iy, ix = np.round(ys).astype(int), np.round(xs).astype(int)
+    yn = (2 * ys - (h - 1)) / (h - 1)
+    xn = (2 * xs - (w - 1)) / (w - 1)
+    psfs = optics.psfs(yn, xn, ys - iy, xs - ix)
+    ordinary = kinds != "saturated"
+    peak_per_flux = psfs.reshape(len(ys), -1).max(axis=1)
+    scale = photons / np.max(rel[ordinary] * peak_per_flux[ordinary])
+    flux = rel * scale
+    s = psfs.shape[-1]
+    r = s // 2
+    expected = np.zeros((h + 2 * r, w + 2 * r))
+    for k in range(len(ys)):
+        expected[iy[k] : iy[k] + s, ix[k] : ix[k] + s] += flux[k] * psfs[k]
+    expected = expected[r : r + h, r : r + w]
+    gy = (2 * np.arange(h) - (h - 1)) / max(h - 1, 1)
+    gx = (2 * np.arange(w) - (w - 1)) / max(w - 1, 1)
+    bg = background * photons * (1.0 + 0.5 * gradient * (0.8 * gx[None, :] + 0.6 * gy[:, None]))
+    expected = expected + bg
+    hot = np.zeros((0, 2), int)
+    if noise:
+        image = rng.poisson(expected).astype(np.float64) + rng.normal(0.0, read_noise, expected.shape)
+        n_hot = rng.binomial(h * w, hot_fraction) if hot_fraction > 0 else 0
+        if n_hot:
+            flat = rng.choice(h * w, n_hot, replace=False)
+            hot = np.stack(np.unravel_index(flat, (h, w)), axis=1)
+            image[hot[:, 0], hot[:, 1]] += rng.uniform(0.3, 3.0, n_hot) * photons
+    else:
+        image = expected
+    if full_well is None and n_saturated:
+        full_well = 1.6 * photons
+    if full_well is not None:
+        image = np.minimum(image, full_well)
+    image = image + offset
+    truth = {"y": ys, "x": xs, "kind": kinds, "flux": flux, "hot": hot, "full_well": full_well}
+    return image.astype(np.float32), truth
+
+
+def _centred(psfs: np.ndarray, size: int) -> np.ndarray:
+    """PSFs padded to ``size`` and moved so each centroid sits on the middle pixel."""
+    from napari_coordgate.calibration.patches import recentre
+
+    s = psfs.shape[-1]
+    if size > s:
+        p = (size - s) // 2
+        psfs = np.pad(psfs, ((0, 0), (p, p), (p, p)))
+    out = recentre(psfs, iterations=3)
+    return out / out.sum(axis=(1, 2), keepdims=True)
+
+
+def psf_error(model, optics, field_shape: Sequence[int], n: int = 5) -> np.ndarray:
+    """Relative L2 error ``||model - true|| / ||true||`` at an n x n grid of field positions.
+
+    Both PSFs are padded to a common odd size (with room to move) and centred by their centroids first, so a
+    sub-pixel offset convention does not count as error.
+
+    Returns
+    -------
+    ndarray, (n, n)
+    """
+    t = np.linspace(-1.0, 1.0, n)
+    yy, xx = np.meshgrid(t, t, indexing="ij")
+    true = optics.psfs(yy.ravel(), xx.ravel())
+    est = model.psfs_at(yy.ravel(), xx.ravel(), tuple(field_shape)).reshape(-1, model.psf_size, model.psf_size)
+    size = max(true.shape[-1], est.shape[-1]) + 4
+    size += 1 - size % 2
+    a, b = _centred(true, size), _centred(est, size)
+    err = np.linalg.norm((a - b).reshape(n * n, -1), axis=1) / np.linalg.norm(a.reshape(n * n, -1), axis=1)
+    return err.reshape(n, n)
