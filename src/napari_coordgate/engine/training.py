@@ -76,21 +76,26 @@ def _start_data(data: TrainingData, rng: np.random.Generator, ck: dict | None, i
     data.start(norm, noise_seed)
 
 
+def _loss(out, target, weight, kind: str):
+    """The training loss of a batch: mean L2 (or L1) error, weighted by ``weight`` where given (a single pair:
+    0 on the validation tiles, so they send no gradient)."""
+    diff = out.float() - target
+    err = diff.abs() if kind == "l1" else diff.square()
+    if weight is None:
+        return err.mean()
+    return (err * weight).sum() / weight.sum().clamp_min(1.0)
+
+
 def _step(model, opt, batch: Batch, device, cfg: TrainConfig, field_shape, use_amp: bool) -> float:
     """One optimiser step on a batch (moved to the device here); returns its loss."""
     import torch
 
     x = torch.from_numpy(batch.blurred).to(device)
     y = torch.from_numpy(batch.sharp).to(device)
+    w = None if batch.weight is None else torch.from_numpy(batch.weight).to(device)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
         out = model(x, offset=torch.from_numpy(batch.offsets).to(device), field_shape=field_shape)
-    diff = out.float() - y
-    err = diff.abs() if cfg.loss == "l1" else diff.square()
-    if batch.weight is not None:  # a single pair: the validation tiles carry no weight
-        w = torch.from_numpy(batch.weight).to(device)
-        loss = (err * w).sum() / w.sum().clamp_min(1.0)
-    else:
-        loss = err.mean()
+    loss = _loss(out, y, w, cfg.loss)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
