@@ -139,30 +139,58 @@ def test_cached_gates_equal_uncached(cfg):
 
 
 @pytest.mark.parametrize("cfg", [c for c in GATED if c.gate == "coordgate"], ids=_ids)
-def test_gate_unchanged_by_input_content(cfg):
+def test_each_coordgate_multiplies_by_a_factor_that_depends_on_position_only(cfg):
+    from napari_coordgate.nn.coordgate import CoordGate
+
     model = _randomise(build_model(cfg)).train()  # training mode: no cache, the gate is recomputed
-    seen = []
-    for gate in list(model.down_gates) + list(model.up_gates):
-        original = gate.gate
-        gate.gate = lambda coords, _orig=original: seen.append(_orig(coords)) or seen[-1]
-    for scale in (1.0, 5.0):
-        seen_before = len(seen)
-        model(torch.rand(1, 1, 32, 32) * scale)
-        if scale == 1.0:
-            first = seen[seen_before:]
-    second = seen[len(first):]
-    assert len(first) == len(second) > 0
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    gates = [m for m in model.modules() if isinstance(m, CoordGate)]
+    seen = {g: [] for g in gates}
+    hooks = [g.register_forward_hook(lambda mod, args, out: seen[mod].append((args[0].detach(), out.detach())))
+             for g in gates]
+    first, second = torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32) * 5 + 1
+    model(first)
+    model(second)
+    for h in hooks:
+        h.remove()
+    for g in gates:
+        (x1, y1), (x2, y2) = seen[g]
+        assert not torch.allclose(x1, x2)  # the features differ ...
+        ok = (x1.abs() > 1e-3) & (x2.abs() > 1e-3)
+        factor1, factor2 = y1[ok] / x1[ok], y2[ok] / x2[ok]
+        assert ok.sum() > 50 and not torch.allclose(factor1, torch.ones_like(factor1))  # ReLU zeros excluded
+        # ... the factor at each position does not (a gate computed from the features would fail here)
+        torch.testing.assert_close(factor1, factor2, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("cfg", VARIANTS, ids=_ids)
-def test_seeded_construction_is_deterministic(cfg):
+def test_initial_weights_come_from_the_callers_torch_generator():
+    import numpy as np
+
+    cfg = ModelConfig(depth=2, channels=4, gate="coordgate", gate_hidden=8)
+    numpy_state = np.random.get_state()[1].copy()
     torch.manual_seed(123)
-    a = build_model(cfg)
+    a, b = build_model(cfg).state_dict(), build_model(cfg).state_dict()
     torch.manual_seed(123)
-    b = build_model(cfg)
-    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert na == nb and torch.equal(pa, pb)
+    again = build_model(cfg).state_dict()
+    # a seed reproduces a model, and building does not reseed: the next model draws fresh weights
+    assert all(torch.equal(a[k], again[k]) for k in a)
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].any())
+    assert (np.random.get_state()[1] == numpy_state).all()  # numpy's global generator is left alone
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_a_fresh_coordgate_unet_equals_the_plain_unet_with_the_same_weights(depth):
+    plain = build_model(ModelConfig(depth=depth, channels=4, gate="none")).eval()
+    gated = build_model(ModelConfig(depth=depth, channels=4, gate="coordgate", gate_hidden=8)).eval()  # 1 + MLP
+    with torch.no_grad():
+        for p in plain.parameters():  # a non-trivial plain network (its head starts at zero)
+            p.add_(torch.randn_like(p) * 0.1)
+    missing, unexpected = gated.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all("gate" in k for k in missing)
+    x = torch.rand(2, 1, 40, 48)
+    with torch.no_grad():
+        out_plain, out_gated = plain(x), gated(x, offset=torch.tensor([[0, 0], [8, 16]]), field_shape=(64, 80))
+    assert not torch.equal(out_plain, x)
+    assert torch.equal(out_gated, out_plain)  # fresh gates are exactly one at every position
 
 
 def test_fresh_residual_model_is_identity():
