@@ -24,6 +24,95 @@ def _best_iterations(fn, blurred, sharp, candidates=(5, 10, 20, 40)) -> int:
     return max(scores, key=scores.get)
 
 
+class _Scores:
+    """The comparison table: one row per method, scored on the test fields, and each method's output."""
+
+    def __init__(self, test_sharp):
+        self.test_sharp, self.rows, self.restored = test_sharp, [], {}
+
+    def add(self, name: str, img, secs: float | None = None, extra: dict | None = None) -> None:
+        from .metrics import quality_report
+
+        rep = quality_report(self.test_sharp, img)
+        row = {"method": name, "psnr": rep["psnr"], "ssim": rep["ssim"], "psnr_by_ring": rep["psnr_by_ring"]}
+        if secs:
+            row["mp_per_s"] = self.test_sharp.size / 1e6 / secs
+        row.update(extra or {})
+        self.rows.append(row)
+        self.restored[name] = img
+
+
+def _fields(psf, shape, seed: int, n_train: int, photons: float):
+    """Training fields, two test fields and a tuning field (bundled and procedural specimens), and the test and
+    tuning fields blurred with camera noise."""
+    from .optics.blur import synthesize_pairs
+    from .specimens import specimen_fields
+
+    train_sharp = specimen_fields(n_train, shape, seed=seed, sources=TRAIN_SOURCES)
+    test_sharp = specimen_fields(2, shape, seed=seed + 1000, sources=TEST_SOURCES)
+    tune_sharp = specimen_fields(1, shape, seed=seed + 2000, sources=TUNE_SOURCES)
+    _, test_blurred = synthesize_pairs(test_sharp, psf, photons=photons, seed=seed + 1)
+    _, tune_blurred = synthesize_pairs(tune_sharp, psf, photons=photons, seed=seed + 2)
+    return train_sharp, (test_sharp, test_blurred), (tune_sharp, tune_blurred)
+
+
+def _baselines(scores: _Scores, psf, shape, test_blurred, tune, log) -> None:
+    """RL-central and SV-RL with the true PSFs, their iteration counts chosen on the tuning field."""
+    from .optics.blur import SpatiallyVaryingBlur
+    from .optics.deconv import richardson_lucy_central, sv_richardson_lucy
+
+    tune_sharp, tune_blurred = tune
+    op = SpatiallyVaryingBlur(psf, shape, device="cpu")  # SV-RL's forward model: the true PSFs
+    log("classical baselines: choosing iteration counts on a separate image ...")
+    n_rl = _best_iterations(lambda b, n: richardson_lucy_central(b, psf, n), tune_blurred, tune_sharp)
+    t0 = time.perf_counter()
+    rl = richardson_lucy_central(test_blurred, psf, n_rl)
+    scores.add(f"RL-central ({n_rl} it)", rl, time.perf_counter() - t0, {"iterations": n_rl})
+    n_sv = _best_iterations(lambda b, n: sv_richardson_lucy(b, op, n), tune_blurred, tune_sharp)
+    t0 = time.perf_counter()
+    sv = sv_richardson_lucy(test_blurred, op, n_sv)
+    scores.add(f"SV-RL ({n_sv} it)", sv, time.perf_counter() - t0, {"iterations": n_sv})
+
+
+def _networks(scores: _Scores, outdir: Path, psf, train_sharp, test_blurred, *, minutes: float, seed: int,
+              device: str, photons: float) -> None:
+    """A plain and a CoordGate U-Net(2) trained for the same budget, saved and scored (after a warm-up)."""
+    from .config import ModelConfig, TrainConfig
+    from .console import train_with_bar
+    from .engine import SimulatedSource, predict
+    from .modelio import save_model
+    from .nn import count_parameters
+
+    for gate, label in (("none", "plain U-Net(2)"), ("coordgate", "CoordGate U-Net(2)")):
+        mcfg = ModelConfig(depth=2, channels=16, gate=gate)
+        tcfg = TrainConfig(minutes=minutes, seed=seed, device=device, photons=photons, read_noise=0.0)
+        res = train_with_bar(mcfg, tcfg, SimulatedSource(train_sharp, psf), label=label)
+        path = save_model(outdir / ("coordgate" if gate == "coordgate" else "plain"), res.saved)
+        predict(res.saved, test_blurred[:1], device=device)  # warm-up: gates cached, allocator primed
+        t0 = time.perf_counter()
+        out = predict(res.saved, test_blurred, device=device)
+        scores.add(label, out, time.perf_counter() - t0,
+                   {"parameters": count_parameters(res.saved.model), "best_val_psnr": res.best_val_psnr,
+                    "epochs": res.saved.provenance["training"]["epochs"], "device": res.device,
+                    "model_file": str(path)})
+
+
+def _write_outputs(outdir: Path, scores: _Scores, test_blurred, minutes: float) -> None:
+    """The test images, the CoordGate output and the report figure."""
+    from .report import write_report_png
+    from .tiffio import write_tiff
+
+    best = "CoordGate U-Net(2)"
+    write_tiff(outdir / "test_sharp.tif", scores.test_sharp)
+    write_tiff(outdir / "test_blurred.tif", test_blurred)
+    write_tiff(outdir / "test_restored_coordgate.tif", scores.restored[best])
+    write_report_png(
+        outdir / "report.png", scores.test_sharp, test_blurred, scores.restored[best],
+        title=f"CoordGate U-Net(2), {minutes:g} min on {scores.rows[-1].get('device', 'cpu')}, PSF '{DEMO_PSF}'",
+        others={k: v for k, v in scores.restored.items() if k not in ("blurred", best)},
+    )
+
+
 def run_demo(
     outdir: Path,
     *,
@@ -39,19 +128,8 @@ def run_demo(
     """Run the demo and write models, a JSON report and a PNG report to ``outdir``; returns the report."""
     import torch
 
-    from .config import ModelConfig, TrainConfig
-    from .console import format_table as _format_table
-    from .console import train_with_bar as _train_with_bar
-    from .engine import SimulatedSource, predict
-    from .metrics import quality_report
-    from .modelio import save_model
-    from .nn import count_parameters
-    from .optics.blur import SpatiallyVaryingBlur, synthesize_pairs
-    from .optics.deconv import richardson_lucy_central, sv_richardson_lucy
+    from .console import format_table
     from .optics.psfmodel import get_psf_model
-    from .report import write_report_png
-    from .specimens import specimen_fields
-    from .tiffio import write_tiff
 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -62,70 +140,21 @@ def run_demo(
     shape = (field, field)
     log(f"napari-coordgate demo: PSF preset '{DEMO_PSF}', {n_train} training fields of {field}x{field}, "
         f"{photons:g} photons, {minutes:g} training minute(s) per model, torch threads {torch.get_num_threads()}")
-
-    train_sharp = specimen_fields(n_train, shape, seed=seed, sources=TRAIN_SOURCES)
-    test_sharp = specimen_fields(2, shape, seed=seed + 1000, sources=TEST_SOURCES)
-    tune_sharp = specimen_fields(1, shape, seed=seed + 2000, sources=TUNE_SOURCES)
-    _, test_blurred = synthesize_pairs(test_sharp, psf, photons=photons, seed=seed + 1)
-    _, tune_blurred = synthesize_pairs(tune_sharp, psf, photons=photons, seed=seed + 2)
-    op = SpatiallyVaryingBlur(psf, shape, device="cpu")  # SV-RL's forward model: the true PSFs
-
-    rows, restored = [], {}
-
-    def score(name, img, secs=None, extra=None):
-        rep = quality_report(test_sharp, img)
-        row = {"method": name, "psnr": rep["psnr"], "ssim": rep["ssim"], "psnr_by_ring": rep["psnr_by_ring"]}
-        if secs:
-            row["mp_per_s"] = test_sharp.size / 1e6 / secs
-        row.update(extra or {})
-        rows.append(row)
-        restored[name] = img
-
-    score("blurred", test_blurred)
-
-    log("classical baselines: choosing iteration counts on a separate image ...")
-    n_rl = _best_iterations(lambda b, n: richardson_lucy_central(b, psf, n), tune_blurred, tune_sharp)
-    t0 = time.perf_counter()
-    rl = richardson_lucy_central(test_blurred, psf, n_rl)
-    score(f"RL-central ({n_rl} it)", rl, time.perf_counter() - t0, {"iterations": n_rl})
-    n_sv = _best_iterations(lambda b, n: sv_richardson_lucy(b, op, n), tune_blurred, tune_sharp)
-    t0 = time.perf_counter()
-    sv = sv_richardson_lucy(test_blurred, op, n_sv)
-    score(f"SV-RL ({n_sv} it)", sv, time.perf_counter() - t0, {"iterations": n_sv})
-
-    models = {}
-    for gate, label in (("none", "plain U-Net(2)"), ("coordgate", "CoordGate U-Net(2)")):
-        mcfg = ModelConfig(depth=2, channels=16, gate=gate)
-        tcfg = TrainConfig(minutes=minutes, seed=seed, device=device, photons=photons, read_noise=0.0)
-        res = _train_with_bar(mcfg, tcfg, SimulatedSource(train_sharp, psf), label=label)
-        path = save_model(outdir / ("coordgate" if gate == "coordgate" else "plain"), res.saved)
-        models[label] = path
-        predict(res.saved, test_blurred[:1], device=device)  # warm-up: gates cached, allocator primed
-        t0 = time.perf_counter()
-        out = predict(res.saved, test_blurred, device=device)
-        score(label, out, time.perf_counter() - t0,
-              {"parameters": count_parameters(res.saved.model), "best_val_psnr": res.best_val_psnr,
-               "epochs": res.saved.provenance["training"]["epochs"], "device": res.device,
-               "model_file": str(path)})
-
-    table = _format_table(rows)
+    train_sharp, (test_sharp, test_blurred), tune = _fields(psf, shape, seed, n_train, photons)
+    scores = _Scores(test_sharp)
+    scores.add("blurred", test_blurred)
+    _baselines(scores, psf, shape, test_blurred, tune, log)
+    _networks(scores, outdir, psf, train_sharp, test_blurred, minutes=minutes, seed=seed, device=device,
+              photons=photons)
     log("")
     log(f"Test set: {len(test_sharp)} unseen fields ({', '.join(TEST_SOURCES)}), PSNR/SSIM against the sharp "
         "fields; rings by per-axis radius r: centre < 0.5, middle 0.5-1, edge >= 1")
-    log(table)
-
-    write_tiff(outdir / "test_sharp.tif", test_sharp)
-    write_tiff(outdir / "test_blurred.tif", test_blurred)
-    write_tiff(outdir / "test_restored_coordgate.tif", restored["CoordGate U-Net(2)"])
-    write_report_png(
-        outdir / "report.png", test_sharp, test_blurred, restored["CoordGate U-Net(2)"],
-        title=f"CoordGate U-Net(2), {minutes:g} min on {rows[-1].get('device', 'cpu')}, PSF '{DEMO_PSF}'",
-        others={k: v for k, v in restored.items() if k not in ("blurred", "CoordGate U-Net(2)")},
-    )
+    log(format_table(scores.rows))
+    _write_outputs(outdir, scores, test_blurred, minutes)
     report = {
         "psf": DEMO_PSF, "field": list(shape), "train_fields": n_train, "photons": photons,
         "minutes_per_model": minutes, "threads": torch.get_num_threads(), "seed": seed,
-        "rows": rows, "seconds": round(time.perf_counter() - t_start, 1),
+        "rows": scores.rows, "seconds": round(time.perf_counter() - t_start, 1),
     }
     (outdir / "report.json").write_text(json.dumps(report, indent=2, default=float))
     log(f"\nwrote {outdir}/coordgate.cgmodel, plain.cgmodel, report.png, report.json, test_*.tif "

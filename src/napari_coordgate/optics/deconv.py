@@ -197,24 +197,35 @@ def sv_richardson_lucy(
         out = np.empty(planes.shape, dtype=np.float32)
         stopped = False
         for n, plane in enumerate(planes):
-            y = torch.as_tensor(np.clip(plane, 0.0, None), dtype=op.dtype, device=op.device)
-            x = torch.full_like(y, max(float(y.mean()) - background, eps))
-            floor = max(float(y.max()) * 1e-6, eps)
-            done = 0
-            for it in range(iterations):
-                if stopped or (should_stop is not None and should_stop()):
-                    stopped = True
-                    break
-                # FFT round-off leaves tiny values, of either sign, where the image is black; a floor
-                # relative to the image keeps their ratio bounded instead of blowing up to inf and NaN
-                ratio = y / (op.apply(x) + background).clamp_min(floor)
-                x = (x * op.apply_adjoint(ratio) / norm).clamp_min(0.0)
-                done = it + 1
-                if on_iteration is not None:
-                    on_iteration(done, iterations)
-            # zero iterations, or a stop before this plane started: return it as it came, not the flat start
-            out[n] = x.to("cpu", torch.float32).numpy() if done else plane
+            if stopped:  # a stop before this plane started: return it as it came
+                out[n] = plane
+                continue
+            out[n], stopped = _sv_rl_plane(op, plane, norm, eps, iterations, background, should_stop, on_iteration)
     return out.reshape(arr.shape)
+
+
+def _sv_rl_plane(op, plane: np.ndarray, norm, eps: float, iterations: int, background: float, should_stop,
+                 on_iteration) -> tuple[np.ndarray, bool]:
+    """Richardson-Lucy iterations on one plane: (the estimate, whether a stop was requested).
+
+    With no iteration done (zero iterations, or a stop before the first) the plane comes back as it came, not
+    the flat start.
+    """
+    y = torch.as_tensor(np.clip(plane, 0.0, None), dtype=op.dtype, device=op.device)
+    x = torch.full_like(y, max(float(y.mean()) - background, eps))
+    floor = max(float(y.max()) * 1e-6, eps)
+    done = 0
+    for it in range(iterations):
+        if should_stop is not None and should_stop():
+            return (x.to("cpu", torch.float32).numpy() if done else plane), True
+        # FFT round-off leaves tiny values, of either sign, where the image is black; a floor
+        # relative to the image keeps their ratio bounded instead of blowing up to inf and NaN
+        ratio = y / (op.apply(x) + background).clamp_min(floor)
+        x = (x * op.apply_adjoint(ratio) / norm).clamp_min(0.0)
+        done = it + 1
+        if on_iteration is not None:
+            on_iteration(done, iterations)
+    return (x.to("cpu", torch.float32).numpy() if done else plane), False
 
 
 def wiener_kernels(
