@@ -306,18 +306,19 @@ def _pump(proc, conn, report, should_stop, stop_grace_s: float) -> tuple:
 _BEST = "best.cgmodel"
 
 
-def _train_in_child(model_cfg, train_cfg, source, *, report, should_stop, workdir: Path):
+def _train_in_child(model_cfg, train_cfg, source, init=None, *, report, should_stop, workdir: Path):
     from . import engine
 
     result = engine.train(model_cfg, train_cfg, source, on_update=report, should_stop=should_stop,
-                          out_path=workdir / _BEST)
+                          out_path=workdir / _BEST, init=init)
     return dataclasses.replace(result, saved=None, history=[])  # the model travels as a file
 
 
 def train_isolated(model_cfg, train_cfg, source, *, report: Callable[[Any], None],
-                   should_stop: Callable[[], bool]):
+                   should_stop: Callable[[], bool], init=None):
     """:func:`napari_coordgate.engine.train` in a spawned process; returns its ``TrainResult``.
 
+    ``init`` (a loaded model) fine-tunes it instead of starting from fresh weights.
     Every :class:`~napari_coordgate.engine.Update` reaches ``report``. If the process dies (a segfault, an
     out-of-memory kill), the best model it had written is returned with ``stopped`` saying why; if it died
     before writing one, :class:`IsolationError` says so.
@@ -345,6 +346,6 @@ def train_isolated(model_cfg, train_cfg, source, *, report: Callable[[Any], None
     def finished(folder: Path, result):
         return dataclasses.replace(result, saved=load_model(folder / _BEST, "cpu"), history=history)
 
-    return run_isolated("napari_coordgate.isolate:_train_in_child", model_cfg, train_cfg, source,
+    return run_isolated("napari_coordgate.isolate:_train_in_child", model_cfg, train_cfg, source, init,
                         report=relay, should_stop=should_stop, on_result=finished, on_death=recovered)
 

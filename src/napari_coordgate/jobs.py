@@ -20,15 +20,16 @@ Report = Callable[[Any], None]
 ShouldStop = Callable[[], bool]
 
 
-def train_job(model_cfg, train_cfg, source, *, report: Report, should_stop: ShouldStop):
+def train_job(model_cfg, train_cfg, source, init=None, *, report: Report, should_stop: ShouldStop):
     """Train in a separate process (never in the viewer's: see :mod:`napari_coordgate.isolate`).
 
-    Every :class:`~napari_coordgate.engine.Update` goes to ``report``. Returns a ``TrainResult``; if the
+    ``init``: a loaded model to fine-tune on this data. Every :class:`~napari_coordgate.engine.Update` goes to
+    ``report``. Returns a ``TrainResult``; if the
     training process dies, its ``stopped`` starts with "crashed" and it holds the best model written so far.
     """
     from napari_coordgate.isolate import train_isolated
 
-    return train_isolated(model_cfg, train_cfg, source, report=report, should_stop=should_stop)
+    return train_isolated(model_cfg, train_cfg, source, report=report, should_stop=should_stop, init=init)
 
 
 def save_job(path: str, saved, *, report: Report, should_stop: ShouldStop) -> str:
@@ -102,17 +103,20 @@ class _AxisSlot:
 
 
 def make_output(shape: tuple[int, ...], out_path: str | None):
-    """A float32 array for the result: in memory, a ``.npy`` memory map or a ``.zarr`` store."""
+    """A float32 array for the result: in memory, a ``.npy`` memory map or an OME-Zarr image (``.zarr``).
+
+    An OME-Zarr output (NGFF 0.4, one chunk per plane) is built at ``OUT.zarr.partial`` and appears at ``OUT.zarr``
+    when its last plane is written, so a cancelled or failed job never leaves a store that looks complete.
+    """
     if out_path is None:
         return np.empty(shape, np.float32)
     if str(out_path).endswith(".zarr"):
+        from .zarrio import create_ome_zarr
+
         try:
-            import zarr
-        except ImportError:
-            raise RuntimeError("writing a .zarr store needs the zarr package (pip install zarr); "
-                               "or give a .npy path for a memory-mapped file") from None
-        chunks = (1,) * (len(shape) - 2) + tuple(shape[-2:])
-        return zarr.open(str(out_path), mode="w", shape=shape, chunks=chunks, dtype="f4")
+            return create_ome_zarr(out_path, shape)
+        except ImportError as exc:
+            raise RuntimeError(f"{exc}; or give a .npy path for a memory-mapped file") from None
     path = out_path if str(out_path).endswith(".npy") else f"{out_path}.npy"
     return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
 

@@ -151,3 +151,20 @@ def test_a_viewer_process_trains_applies_and_evaluates_without_loading_triton():
     assert proc.returncode == 0, f"viewer process failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report == {"model": True, "applied": True, "evaluated": True, "loaded": []}
+
+
+def test_continue_training_fine_tunes_the_current_model_on_new_data(viewer_dock, qtbot, pair64, tiny_model):
+    viewer, dock = viewer_dock
+    viewer.add_image(pair64[0], name="sharp")
+    viewer.add_image(pair64[1], name="blurred")
+    t = dock.train_tab
+    make_tiny(dock)
+    t.finetune.setChecked(True)
+    t.start_btn.click()  # no model yet: a clear message, no job
+    assert dock.state is State.IDLE and "no model to continue from" in dock.status.text()
+    dock.set_model(tiny_model, "test")
+    t.start_btn.click()
+    wait_idle(qtbot, dock)
+    tuned = dock.last_result.saved
+    assert tuned.config == tiny_model.config and tuned.normalization == tiny_model.normalization
+    assert tuned is not tiny_model

@@ -7,6 +7,7 @@ from pathlib import Path
 from magicgui.widgets import ComboBox, Container
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -102,6 +103,9 @@ class TrainTab(QWidget):
         cfg_box.setLayout(form)
 
         # run
+        self.finetune = QCheckBox("continue from the current model (fine-tune on this data)")
+        self.finetune.setToolTip("Start from the dock's model (trained here or loaded) instead of fresh weights; the "
+                                 "network settings are taken from it")
         self.start_btn = QPushButton("Start training")
         self.stop_btn = QPushButton("Stop")
         self.save_btn = QPushButton("Save model…")
@@ -113,6 +117,7 @@ class TrainTab(QWidget):
         layout = QVBoxLayout(self)
         layout.addWidget(src_box)
         layout.addWidget(cfg_box)
+        layout.addWidget(self.finetune)
         layout.addLayout(row)
         layout.addWidget(self.plot)
 
@@ -219,7 +224,18 @@ class TrainTab(QWidget):
             self.load_psf_file(path)
 
     def model_config(self) -> ModelConfig:
+        if self.finetune.isChecked() and self.dock.model is not None:
+            return self.dock.model.config  # fine-tuning keeps the network of the model it starts from
         return self.model_form.config()
+
+    def init_model(self):
+        """The model to fine-tune, or None to start from fresh weights."""
+        if not self.finetune.isChecked():
+            return None
+        if self.dock.model is None:
+            raise ValueError("no model to continue from: load or train one, or untick 'continue from the current "
+                             "model'")
+        return self.dock.model
 
     def train_config(self) -> TrainConfig:
         if self.budget_kind.value == "epochs":
@@ -248,6 +264,7 @@ class TrainTab(QWidget):
     def start(self) -> None:
         try:
             model_cfg, train_cfg, source = self.model_config(), self.train_config(), self.source()
+            init = self.init_model()
         except (ConfigError, ValueError) as exc:
             show_error(f"CoordGate: {exc}")
             self.dock.status.setText(f"not started: {exc}")
@@ -255,7 +272,7 @@ class TrainTab(QWidget):
         self.history = []
         self.plot.clear()
         self.device_used.setText("-")
-        self.dock.run_task("train", train_job, model_cfg, train_cfg, source, state=State.TRAINING,
+        self.dock.run_task("train", train_job, model_cfg, train_cfg, source, init, state=State.TRAINING,
                            on_returned=self._finished)
 
     def on_update(self, u) -> None:
