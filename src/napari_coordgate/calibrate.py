@@ -109,7 +109,7 @@ class CalibrationResult:
         other = [f"{k} {v:.3g}" for k, v in self.residuals.items() if v is not None and k != self.chosen]
         vs = f" (vs {', '.join(other)})" if other else ""
         return (f"{self.n_beads} beads used of {len(self.beads)} spots; model {self.chosen} "
-                f"({self.model.kind}, {self.psf_size} px PSFs), held-out residual {res:.3g}{vs}")
+                f"({self.model.kind}, {self.model.psf_size} px PSFs), held-out residual {res:.3g}{vs}")
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the PSF arrays, JSON-able."""
@@ -283,6 +283,13 @@ def _coverage_warnings(table: BeadTable, field_shape) -> tuple[list[str], np.nda
 
 def _score(model: PSFModel, patches: Patches, field_shape) -> tuple[float, dict]:
     psfs = model.psfs_at(patches.y_norm, patches.x_norm, field_shape)
+    s, w = psfs.shape[-1], patches.psf_size
+    if s > w:  # a pupil model keeps the halo beyond the data's window; compare on the window (amplitude is free)
+        lo = (s - w) // 2
+        psfs = psfs[:, lo : lo + w, lo : lo + w]
+    elif s < w:
+        lo = (w - s) // 2
+        psfs = np.pad(psfs, ((0, 0), (lo, lo), (lo, lo)))
     fit = fit_beads(psfs, patches)
     return float(np.sum(fit["chi2"]) / (len(patches) * patches.psf_size**2)), fit
 

@@ -159,7 +159,8 @@ _RING[1, 1] = False
 
 def _hot_pixels(image: np.ndarray, bg: np.ndarray, noise: float, k_sigma: float = 6.0) -> np.ndarray:
     sig = image - bg
-    neighbours = ndimage.maximum_filter(image, footprint=_RING, mode="nearest") - bg
+    # "mirror" (c b | a b c): a border pixel must not count itself among its neighbours
+    neighbours = ndimage.maximum_filter(image, footprint=_RING, mode="mirror") - bg
     return (sig > k_sigma * noise) & (neighbours < 0.35 * sig)
 
 

@@ -161,7 +161,7 @@ def _harmonic_fill(psfs: np.ndarray, known: np.ndarray) -> np.ndarray:
     return out
 
 
-def fit_grid(patches: Patches, k: int, lam: float = 0.03, *, min_node_weight: float = 1.0) -> GridFit:
+def fit_grid(patches: Patches, k: int, lam: float = 0.03, *, min_node_weight: float = 0.25) -> GridFit:
     """Fit the K x K node PSFs to the beads' registered patches (see the module docstring)."""
     n, s = len(patches), patches.psf_size
     p = patches.patches.reshape(n, -1)

@@ -159,7 +159,8 @@ def _lm_fit(pupil: TorchPupil, data: np.ndarray, noise: np.ndarray, phi: np.ndar
     """Levenberg-Marquardt on the shared polynomial coefficients and every bead's shift, amplitude and offset.
 
     The model of bead b is ``a_b PSF(phi_b C^T, shift_b) + o_b``; the Jacobian is analytic
-    (:meth:`TorchPupil.psfs_and_derivatives`) and the normal equations are solved densely (36 + 4 N unknowns).
+    (:meth:`TorchPupil.psfs_and_derivatives`) and the normal equations (36 shared + 4 per bead unknowns) are
+    solved through their Schur complement, so the cost grows linearly with the number of beads.
     Robust: Cauchy weights of each bead's misfit over the median misfit, updated every iteration.
 
     Returns (coefficients (6, 6), shifts (N, 2), chi2 per bead, robust weights, iterations, stopped).
@@ -175,18 +176,13 @@ def _lm_fit(pupil: TorchPupil, data: np.ndarray, noise: np.ndarray, phi: np.ndar
     theta = torch.tensor(np.array(coef0, dtype=np.float64), device=dev)
     shifts = torch.as_tensor(shift0, dtype=torch.float64, device=dev).clone()
 
-    def models(th, sh, with_derivatives):
-        out, der = [], []
+    def models(th, sh):
+        out = []
         for a in range(0, n, chunk):
             b = slice(a, a + chunk)
-            c = (ph[b] @ th.to(pupil.dtype).T)
-            if with_derivatives:
-                p, dp = pupil.psfs_and_derivatives(c, sh[b].to(pupil.dtype))
-                der.append(dp.reshape(dp.shape[0], 8, -1))
-            else:
-                p = pupil.psfs(c, sh[b].to(pupil.dtype))
+            p = pupil.psfs(ph[b] @ th.to(pupil.dtype).T, sh[b].to(pupil.dtype))
             out.append(p.reshape(p.shape[0], -1))
-        return torch.cat(out), (torch.cat(der) if with_derivatives else None)
+        return torch.cat(out)
 
     def amp_off(psf):
         a, o = _solve_amplitude_offset(psf, d)
@@ -196,7 +192,7 @@ def _lm_fit(pupil: TorchPupil, data: np.ndarray, noise: np.ndarray, phi: np.ndar
         r = d - a[:, None] * psf - o[:, None]
         return (r * r).sum(1) * w
 
-    psf, _ = models(theta, shifts, False)
+    psf = models(theta, shifts)
     amp, off = amp_off(psf)
     c2 = chi2_of(psf, amp, off)
     u = torch.ones(n, **f32)
@@ -206,37 +202,47 @@ def _lm_fit(pupil: TorchPupil, data: np.ndarray, noise: np.ndarray, phi: np.ndar
     lam = 1e-3
     done, stopped = 0, False
     npar = nt * npoly
-    eye = torch.eye(npar + 4 * n, dtype=torch.float64, device=dev)
+    eye36 = torch.eye(npar, dtype=torch.float64, device=dev)
+    eye4 = torch.eye(4, dtype=torch.float64, device=dev)
     while done < iterations:
-        psf, dpsf = models(theta, shifts, True)
-        r = d - amp[:, None] * psf - off[:, None]  # (N, P)
+        # normal equations in blocks: A (36 x 36, shared), B (per bead 36 x 4), D (per bead 4 x 4), accumulated
+        # chunk by chunk (the 36 Jacobian columns of every pixel of every bead would not fit at once)
         wb = (w * u).to(torch.float64)
-        # model Jacobian per bead: theta (36), then dy, dx, a, o
-        jc = amp[:, None, None] * dpsf[:, :6]  # (N, 6, P) d model / d zernike
-        jt = (jc[:, :, None, :] * ph[:, None, :, None]).reshape(n, npar, -1)  # (N, 36, P)
-        jl = torch.stack([amp[:, None] * dpsf[:, 6], amp[:, None] * dpsf[:, 7], psf, torch.ones_like(psf)], 1)
-        jt64, jl64, r64 = jt.to(torch.float64), jl.to(torch.float64), r.to(torch.float64)
-        h = torch.zeros(npar + 4 * n, npar + 4 * n, dtype=torch.float64, device=dev)
-        g = torch.zeros(npar + 4 * n, dtype=torch.float64, device=dev)
-        h[:npar, :npar] = torch.einsum("n,nip,njp->ij", wb, jt64, jt64)
-        g[:npar] = torch.einsum("n,nip,np->i", wb, jt64, r64)
-        cross = torch.einsum("n,nip,njp->nij", wb, jt64, jl64)  # (N, 36, 4)
-        local = torch.einsum("n,nip,njp->nij", wb, jl64, jl64)  # (N, 4, 4)
-        idx = npar + 4 * torch.arange(n, device=dev)
-        for q in range(4):
-            h[:npar, idx + q] = cross[:, :, q].T
-            h[idx + q, :npar] = cross[:, :, q]
-            for q2 in range(4):
-                h[idx + q, idx + q2] = local[:, q, q2]
-        g[npar:] = torch.einsum("n,njp,np->nj", wb, jl64, r64).reshape(-1)
-        diag = torch.clamp(torch.diagonal(h), min=1e-12)
+        big_a = torch.zeros(npar, npar, dtype=torch.float64, device=dev)
+        g_a = torch.zeros(npar, dtype=torch.float64, device=dev)
+        cross, local, g_d = [], [], []
+        for c0 in range(0, n, chunk):
+            b = slice(c0, c0 + chunk)
+            cf = ph[b] @ theta.to(pupil.dtype).T
+            p, dp = pupil.psfs_and_derivatives(cf, shifts[b].to(pupil.dtype))
+            p, dp = p.reshape(p.shape[0], -1), dp.reshape(dp.shape[0], 8, -1)
+            ab = amp[b]
+            r = (d[b] - ab[:, None] * p - off[b, None]).to(torch.float64)
+            # model Jacobian per bead: the 36 polynomial coefficients, then dy, dx, amplitude, offset
+            jt = ((ab[:, None, None] * dp[:, :6])[:, :, None, :] * ph[b, None, :, None]).reshape(p.shape[0], npar, -1)
+            jl = torch.stack([ab[:, None] * dp[:, 6], ab[:, None] * dp[:, 7], p, torch.ones_like(p)], 1)
+            jt, jl, wc = jt.to(torch.float64), jl.to(torch.float64), wb[b]
+            big_a += torch.einsum("n,nip,njp->ij", wc, jt, jt)
+            g_a += torch.einsum("n,nip,np->i", wc, jt, r)
+            cross.append(torch.einsum("n,nip,njp->nij", wc, jt, jl))
+            local.append(torch.einsum("n,nip,njp->nij", wc, jl, jl))
+            g_d.append(torch.einsum("n,njp,np->nj", wc, jl, r))
+        cross, local, g_d = torch.cat(cross), torch.cat(local), torch.cat(g_d)  # (N, 36, 4), (N, 4, 4), (N, 4)
+        diag_a = torch.clamp(torch.diagonal(big_a), min=1e-12)
+        diag_d = torch.clamp(torch.diagonal(local, dim1=1, dim2=2), min=1e-12)
         improved = False
         for _ in range(8):
-            step = torch.linalg.solve(h + lam * torch.diag(diag) + 1e-12 * eye, g)
-            th_new = theta + step[:npar].reshape(nt, npoly)
-            loc = step[npar:].reshape(n, 4)
+            # Schur complement: eliminate each bead's 4 unknowns, solve the 36 shared ones, substitute back
+            d_damped = local + torch.diag_embed(lam * diag_d) + 1e-12 * eye4
+            d_inv_bt = torch.linalg.solve(d_damped, cross.transpose(1, 2))  # (N, 4, 36)
+            d_inv_g = torch.linalg.solve(d_damped, g_d[:, :, None])[..., 0]  # (N, 4)
+            schur = big_a + torch.diag(lam * diag_a) - torch.einsum("nij,njk->ik", cross, d_inv_bt)
+            rhs = g_a - torch.einsum("nij,nj->i", cross, d_inv_g)
+            x = torch.linalg.solve(schur + 1e-12 * eye36, rhs)
+            loc = d_inv_g - torch.einsum("nji,i->nj", d_inv_bt, x)
+            th_new = theta + x.reshape(nt, npoly)
             sh_new = shifts + loc[:, :2].clamp(-1.0, 1.0)
-            p_new, _ = models(th_new, sh_new, False)
+            p_new = models(th_new, sh_new)
             a_new, o_new = amp_off(p_new)
             c2_new = chi2_of(p_new, a_new, o_new)
             new_cost = float((u * c2_new).sum())
@@ -444,6 +450,7 @@ def fit_pupil_poly(
     max_iterations: int = 40,
     subset: int = 120,
     polish_iterations: int = 6,
+    extent_energy: float | None = 0.99,
     should_stop: Callable[[], bool] | None = None,
     on_iteration: Callable[[int, int, float], None] | None = None,
     chunk: int = 64,
@@ -474,6 +481,9 @@ def fit_pupil_poly(
     max_iterations
         Levenberg-Marquardt iterations on a subset of at most ``subset`` beads (spread over the field), then
         ``polish_iterations`` on all beads.
+    extent_energy
+        The model's PSF side holds this fraction of the light everywhere (:func:`extent`; at least the data's
+        side); None keeps the data's side.
     should_stop
         Checked between rounds of iterations; True ends the fit with the coefficients so far (``stopped``).
     on_iteration
@@ -545,8 +555,30 @@ def fit_pupil_poly(
             coef0 = th
             iterations += it
             loss = float(np.sum(weights * c2) / (np.sum(weights) * s * s))
-    model = PupilPolyPSF(_limit(coef0), **optics, psf_size=s, grid=grid, name="pupil fit")
+    coef0 = _limit(coef0)
+    size = extent(coef0, optics, s, energy=extent_energy) if extent_energy else s
+    model = PupilPolyPSF(coef0, **optics, psf_size=size, grid=grid, name="pupil fit")
     return PupilFit(model, loss, iterations, time.perf_counter() - t0, stopped, shifts_out, weights)
+
+
+def extent(coef: np.ndarray, optics: dict, min_size: int, energy: float = 0.99, max_size: int = 63) -> int:
+    """Odd PSF side (at least ``min_size``) that holds ``energy`` of the light everywhere in the field.
+
+    The fitted pupil describes the PSF beyond the window it was fitted in: the model keeps the halo the window
+    cut (otherwise every PSF would be normalised without it, and too bright in its core).
+    """
+    big = max(min_size, max_size)
+    big -= 1 - big % 2
+    probe = PupilPolyPSF(coef, **optics, psf_size=big)
+    t = np.array([-1.0, 0.0, 1.0])
+    yy, xx = np.meshgrid(t, t, indexing="ij")
+    psfs = probe.psfs_at(yy.ravel(), xx.ravel())
+    half = big // 2
+    c = np.arange(big) - half
+    cheb = np.maximum(np.abs(c)[:, None], np.abs(c)[None, :])  # square windows
+    inside = np.array([[p[cheb <= r].sum() for r in range(half + 1)] for p in psfs])  # (9, half + 1)
+    need = int(np.max(np.argmax(inside >= energy, axis=1)))
+    return int(np.clip(2 * need + 1, min_size, big))
 
 
 def _limit(coef: np.ndarray) -> np.ndarray:

@@ -267,7 +267,7 @@ class MeasuredGridPSF(PSFModel):
         if psfs.dtype.kind != "f":
             raise ValueError(f"{cls.kind} PSF record: 'psfs' must be a float array, got {psfs.dtype}")
         k = int(meta.get("nodes", psfs.shape[0] if psfs.ndim else 0))
-        if psfs.ndim != 4 or psfs.shape[:2] != (k, k):
+        if psfs.ndim != 4 or psfs.shape[:2] != (k, k) or psfs.shape[2] != psfs.shape[3]:
             raise ValueError(f"{cls.kind} PSF record: 'psfs' has shape {psfs.shape}, expected ({k}, {k}, s, s)")
         if "psf_size" in meta and meta["psf_size"] != psfs.shape[-1]:
             raise ValueError(
