@@ -232,36 +232,116 @@ def _roi(text):
         raise CLIError(f"--roi: {exc}") from None
 
 
+def _open_input(path: str):
+    """A lazy (..., H, W) input (TIFF, OME-Zarr or plain zarr) and what its output keeps:
+    (data, NGFF axes, scale, translation, TiffImage or None)."""
+    from .tiffio import read_tiff
+    from .zarrio import axes_from_tiff, is_zarr, read_zarr
+
+    if is_zarr(path):
+        z = read_zarr(path)  # read through a chunk cache: overlapping tiles decode each chunk once
+        return z.data, list(z.axes), list(z.scale), z.translation, None
+    img = read_tiff(path, lazy=True)  # memory-mapped where the TIFF allows
+    axes, scale = axes_from_tiff(img)
+    return img.data, axes, scale, None, img
+
+
+def _apply_dask(args, cfg, roi, jobs) -> int:
+    """``apply --dask``: every plane a dask.distributed task; each input into one OME-Zarr store."""
+    from tqdm import tqdm
+
+    from .bioimageio import load_any
+    from .distributed import ImageSource, apply_distributed, connect
+    from .zarrio import create_ome_zarr
+
+    threads = args.threads or 1
+    inputs = [(_open_input(p), p, dest) for p, dest in jobs]  # missing or bad inputs fail before a cluster starts
+    with connect(args.dask, workers=args.workers, threads=threads) as client:  # nothing is written before this
+        saved = load_any(args.model)
+        n_workers = len(client.scheduler_info()["workers"])
+        for (data, axes, scale, translation, _), p, dest in inputs:
+            t0 = time.perf_counter()
+            writer = create_ome_zarr(dest, data.shape, axes=axes, scale=scale, translation=translation)
+            with tqdm(desc=Path(p).name, unit="plane", dynamic_ncols=True, leave=False) as bar:
+                def on_progress(done, total, bar=bar):
+                    bar.total, bar.n = total, done
+                    bar.refresh()
+
+                apply_distributed(client, saved, ImageSource(str(Path(p).resolve()), tuple(data.shape)), writer,
+                                  roi=roi, predict_kwargs=cfg.predict_kwargs(), threads=threads,
+                                  on_progress=on_progress)
+            print(f"{p} -> {dest}  ({data.size / 1e6:.1f} MP in {time.perf_counter() - t0:.1f} s on {n_workers} "
+                  f"dask worker(s), {threads} torch thread(s) each)")
+    return 0
+
+
 def _cmd_apply(args: argparse.Namespace) -> int:
     from .bioimageio import load_any
-    from .tiffio import read_tiff, write_tiff_streamed
+    from .tiffio import write_tiff_streamed
+    from .zarrio import create_ome_zarr, is_zarr
 
     cfg, roi = _predict_cfg(args), _roi(args.roi)
-    saved = load_any(args.model)
+    if args.workers is not None and args.dask != "local":
+        raise CLIError("--workers sizes a local cluster: add --dask local (a cluster at an address has its own)")
     out = Path(args.output)
-    many = len(args.inputs) > 1 or out.is_dir()
+    many = len(args.inputs) > 1 or (out.is_dir() and not is_zarr(out))
     if many:
         _out_dir(out)
     else:
         _writable_file(out)
-    _set_threads(args.threads)
+    jobs = []
     for p in args.inputs:
-        # memory-mapped in and out where the TIFF allows: a stack larger than RAM goes through tile by tile
-        img = read_tiff(p, lazy=True)
-        t0 = time.perf_counter()
-        dest = out / Path(p).name if many else out
+        name = Path(p).name
+        if many and args.dask and not is_zarr(name):
+            name = (name[: -len(".ome.tif")] if name.endswith(".ome.tif") else Path(name).stem) + ".zarr"
+        dest = out / name if many else out
         if Path(dest).resolve() == Path(p).resolve():
             raise CLIError(f"refusing to overwrite the input {p}; choose another output")
-        write_tiff_streamed(dest, img.data.shape, lambda target, img=img, p=p: _predict_with_bar(
-            saved, img.data, label=Path(p).name, roi=roi, out=target, **cfg.predict_kwargs()), img)
-        mp = img.data.size / 1e6
-        print(f"{p} -> {dest}  ({mp:.1f} MP in {time.perf_counter() - t0:.1f} s)")
+        if args.dask and not is_zarr(dest):
+            raise CLIError(f"--dask writes OME-Zarr: give -o OUT.zarr (or a folder), not {dest}")
+        jobs.append((p, dest))
+    if args.dask:
+        return _apply_dask(args, cfg, roi, jobs)
+    saved = load_any(args.model)
+    _set_threads(args.threads)
+    for p, dest in jobs:
+        data, axes, scale, translation, tiff = _open_input(p)
+        t0 = time.perf_counter()
+
+        def run(target, data=data, p=p):
+            return _predict_with_bar(saved, data, label=Path(p).name, roi=roi, out=target, **cfg.predict_kwargs())
+
+        if is_zarr(dest):  # OME-Zarr: at OUT.zarr.partial until every plane is written
+            run(create_ome_zarr(dest, data.shape, axes=axes, scale=scale, translation=translation)).finalize()
+        else:  # memory-mapped out: a stack larger than RAM goes through tile by tile
+            write_tiff_streamed(dest, data.shape, run, tiff)
+        print(f"{p} -> {dest}  ({data.size / 1e6:.1f} MP in {time.perf_counter() - t0:.1f} s)")
     return 0
 
 
 def _table_rings(rings: list[dict]) -> list[dict]:
     # a ring outside the image (the centre of a corner ROI) has no PSNR: the table shows nan, the JSON null
     return [dict(d, psnr=float("nan") if d["psnr"] is None else d["psnr"]) for d in rings]
+
+
+def _read_images(paths: Sequence[str], what: str):
+    """One (N, H, W) stack from TIFF, OME-Zarr or plain zarr files (a zarr's every (H, W) plane)."""
+    import numpy as np
+
+    from .data import InputError
+    from .zarrio import is_zarr, read_zarr
+
+    planes = []
+    for p in paths:
+        if is_zarr(p):
+            a = np.asarray(read_zarr(p).data)
+            planes.append(a.reshape((-1,) + a.shape[-2:]))
+        else:
+            planes.append(_read_stack([p], what)[0])
+    shapes = {a.shape[-2:] for a in planes}
+    if len(shapes) > 1:
+        raise InputError(f"{what} files have different frame shapes {sorted(shapes)}; they must share one field")
+    return np.concatenate(planes, axis=0)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -275,8 +355,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.png:
         _writable_file(Path(args.png))
     saved = load_any(args.model)
-    sharp, _ = _read_stack(args.sharp, "sharp")
-    blurred, _ = _read_stack(args.blurred, "blurred")
+    sharp, blurred = _read_images(args.sharp, "sharp"), _read_images(args.blurred, "blurred")
     if sharp.shape != blurred.shape:
         raise CLIError(f"sharp {sharp.shape} and blurred {blurred.shape} must have the same shape")
     cfg, roi = _predict_cfg(args), _roi(args.roi)
@@ -370,18 +449,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="checkpoint (.cgckpt) to continue from")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("apply", help="deblur TIFF images or stacks with a model")
+    p = sub.add_parser("apply", help="deblur TIFF, OME-Zarr or zarr images or stacks with a model")
     p.add_argument("-m", "--model", required=True, help=MODEL_HELP)
-    p.add_argument("inputs", nargs="+")
-    p.add_argument("-o", "--output", required=True, help="output file, or folder for several inputs")
+    p.add_argument("inputs", nargs="+", help="TIFF files, OME-Zarr images (NGFF 0.4/0.5) or zarr arrays (..., y, x)")
+    p.add_argument("-o", "--output", required=True, help="output TIFF, or OUT.zarr (OME-Zarr NGFF 0.4: axes, scale "
+                                                         "and units kept), or a folder for several inputs")
     p.add_argument("--roi", help="Y,X of the image's top-left pixel inside the training field (a camera ROI)")
     _add_config_flags(p, PredictConfig, PREDICT_FLAGS)
+    p.add_argument("--dask", metavar="local|ADDRESS", help="run the planes as dask.distributed tasks on a new local "
+                   "cluster ('local') or on the scheduler at ADDRESS (e.g. tcp://node01:8786); writes OME-Zarr; "
+                   "--threads torch threads per worker (default 1) (pip install 'napari-coordgate[distributed]')")
+    p.add_argument("--workers", type=int, metavar="N", help="worker processes of --dask local (default: CPU cores "
+                   "/ threads)")
     p.set_defaults(func=_cmd_apply)
 
     p = sub.add_parser("evaluate", help="PSNR/SSIM overall and by field ring, error map")
     p.add_argument("-m", "--model", required=True, help=MODEL_HELP)
-    p.add_argument("--sharp", nargs="+", required=True)
-    p.add_argument("--blurred", nargs="+", required=True)
+    p.add_argument("--sharp", nargs="+", required=True, help="TIFF, OME-Zarr or zarr files")
+    p.add_argument("--blurred", nargs="+", required=True, help="TIFF, OME-Zarr or zarr files")
     p.add_argument("--json", help="write the report as JSON")
     p.add_argument("--png", help="write the report figure")
     p.add_argument("--roi", help="Y,X of the images' top-left pixel inside the training field")

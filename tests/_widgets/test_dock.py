@@ -350,6 +350,6 @@ def test_a_stack_result_can_be_written_to_a_zarr_store(viewer_dock, qtbot, tiny_
     dock.apply_tab.out_path.setText(str(tmp_path / "result.zarr"))
     dock.apply_tab.apply_btn.click()
     wait_idle(qtbot, dock)
-    stored = zarr.open(str(tmp_path / "result.zarr"), mode="r")
-    assert stored.shape == (2, 64, 64)
+    stored = zarr.open_array(str(tmp_path / "result.zarr" / "0"), mode="r")  # an OME-Zarr image's level 0
+    assert stored.shape == (2, 64, 64) and not (tmp_path / "result.zarr.partial").exists()
     np.testing.assert_allclose(np.asarray(stored[1]), engine.predict(tiny_model, stack[1], device="cpu"), atol=1e-5)
