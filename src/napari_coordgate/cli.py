@@ -404,6 +404,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # -- parser ---------------------------------------------------------------------------------------
+def _add_dask_flags(p) -> None:
+    p.add_argument("--dask", metavar="local|ADDRESS", help="run the planes as dask.distributed tasks on a new local "
+                   "cluster ('local') or on the scheduler at ADDRESS (e.g. tcp://node01:8786); writes OME-Zarr; "
+                   "--threads torch threads per worker (default 1) (pip install 'napari-coordgate[distributed]')")
+    p.add_argument("--workers", type=int, metavar="N", help="worker processes of --dask local (default: CPU cores "
+                   "/ threads)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="napari-coordgate",
@@ -456,11 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "and units kept), or a folder for several inputs")
     p.add_argument("--roi", help="Y,X of the image's top-left pixel inside the training field (a camera ROI)")
     _add_config_flags(p, PredictConfig, PREDICT_FLAGS)
-    p.add_argument("--dask", metavar="local|ADDRESS", help="run the planes as dask.distributed tasks on a new local "
-                   "cluster ('local') or on the scheduler at ADDRESS (e.g. tcp://node01:8786); writes OME-Zarr; "
-                   "--threads torch threads per worker (default 1) (pip install 'napari-coordgate[distributed]')")
-    p.add_argument("--workers", type=int, metavar="N", help="worker processes of --dask local (default: CPU cores "
-                   "/ threads)")
+    _add_dask_flags(p)
     p.set_defaults(func=_cmd_apply)
 
     p = sub.add_parser("evaluate", help="PSNR/SSIM overall and by field ring, error map")
