@@ -45,9 +45,20 @@ class TrainTab(QWidget):
         # the PSF combo's entries: the presets, then PSF models from files (any kind, e.g. measured from beads)
         self._psf_sources: dict = dict(PRESETS)
         self.history: list = []
-        viewer = dock.viewer
+        layout = QVBoxLayout(self)
+        layout.addWidget(self._source_box())
+        layout.addWidget(self._config_box())
+        layout.addWidget(self._run_box())
+        self._connect()
+        self._preset_changed(self.preset.currentText())
+        self._mode_changed(self.mode.currentText())
+        self.keep_pair_distinct()
 
-        # source
+    def _source_box(self) -> QGroupBox:
+        """Training data: calibration pairs, or sharp layers and a PSF model (preset, editable, or a file)."""
+        from napari_coordgate.optics.psf import PRESETS
+
+        viewer = self.dock.viewer
         self.mode = QComboBox()
         self.mode.addItems([PAIRS, SIMULATED])
         self.sharp = LayerCombo(viewer, prefer="sharp")
@@ -73,20 +84,22 @@ class TrainTab(QWidget):
         psf_row.addWidget(self.preset, 1)
         psf_row.addWidget(self.psf_file_btn)
         src.addRow("PSF model", psf_row)
-        src_box = QGroupBox("Training data")
-        v = QVBoxLayout(src_box)
+        box = QGroupBox("Training data")
+        v = QVBoxLayout(box)
         v.addLayout(src)
         v.addWidget(self.psf_box)
         v.addWidget(self.grid_btn)
+        return box
 
-        # model and budget: inputs generated from the configs (bounds, choices, defaults and help in config.py)
+    def _config_box(self) -> QGroupBox:
+        """Model and budget: inputs generated from the configs (bounds, choices, defaults and help in config.py)."""
         self.model_form = ConfigForm(ModelConfig, ("depth", "channels", "gate", "prefilter"),
                                      labels={"gate": "position gate", "prefilter": "first stage"})
         self.budget_kind = ComboBox(choices=["minutes", "epochs"], value="minutes", label="budget in")
         self.train_form = ConfigForm(TrainConfig, ("minutes", "epochs", "steps_per_epoch", "crop", "batch", "seed",
                                                    "device"),
                                      labels={"minutes": "budget (minutes)", "epochs": "budget (epochs)"},
-                                     base=TrainConfig(device=known_device(dock.settings["device"])))
+                                     base=TrainConfig(device=known_device(self.dock.settings["device"])))
         for name in ("depth", "channels", "gate", "prefilter"):
             setattr(self, name, getattr(self.model_form, name))
         for name in ("steps_per_epoch", "crop", "batch", "seed", "device"):
@@ -99,10 +112,12 @@ class TrainTab(QWidget):
         used = QFormLayout()
         used.addRow("device used", self.device_used)
         form.addLayout(used)
-        cfg_box = QGroupBox("Model and budget")
-        cfg_box.setLayout(form)
+        box = QGroupBox("Model and budget")
+        box.setLayout(form)
+        return box
 
-        # run
+    def _run_box(self) -> QWidget:
+        """Fine-tune switch, Start / Stop / Save, and the live plot."""
         self.finetune = QCheckBox("continue from the current model (fine-tune on this data)")
         self.finetune.setToolTip("Start from the dock's model (trained here or loaded) instead of fresh weights; the "
                                  "network settings are taken from it")
@@ -112,15 +127,16 @@ class TrainTab(QWidget):
         row = QHBoxLayout()
         for b in (self.start_btn, self.stop_btn, self.save_btn):
             row.addWidget(b)
-        self.plot = PlotCanvas(viewer.theme, twin=True)
+        self.plot = PlotCanvas(self.dock.viewer.theme, twin=True)
+        box = QWidget()
+        v = QVBoxLayout(box)
+        v.setContentsMargins(0, 0, 0, 0)
+        v.addWidget(self.finetune)
+        v.addLayout(row)
+        v.addWidget(self.plot)
+        return box
 
-        layout = QVBoxLayout(self)
-        layout.addWidget(src_box)
-        layout.addWidget(cfg_box)
-        layout.addWidget(self.finetune)
-        layout.addLayout(row)
-        layout.addWidget(self.plot)
-
+    def _connect(self) -> None:
         self.budget_kind.changed.connect(self._budget_kind_changed)
         self._budget_kind_changed(self.budget_kind.value)
         self.mode.currentTextChanged.connect(self._mode_changed)
@@ -131,13 +147,10 @@ class TrainTab(QWidget):
         self.grid_btn.clicked.connect(self.show_psf_grid)
         self.psf_file_btn.clicked.connect(self._choose_psf_file)
         self.start_btn.clicked.connect(self.start)
-        self.stop_btn.clicked.connect(dock.stop_task)
-        self.save_btn.clicked.connect(dock.model_tab._choose_and_save)
+        self.stop_btn.clicked.connect(self.dock.stop_task)
+        self.save_btn.clicked.connect(self.dock.model_tab._choose_and_save)
         self.actions = {"train": self.start_btn, "stop": self.stop_btn, "save": self.save_btn,
                         "psf_grid": self.grid_btn}
-        self._preset_changed(self.preset.currentText())
-        self._mode_changed(self.mode.currentText())
-        self.keep_pair_distinct()
 
     # -- form -----------------------------------------------------------------------------------------
     @property
