@@ -108,3 +108,22 @@ def test_report_png_is_written(tmp_path):
     gt = procedural_specimen((64, 64), 0)
     p = write_report_png(tmp_path / "r.png", gt, gt * 0.9, gt * 0.95, title="t", others={"x": gt * 0.8})
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("kind", ["imagej", "ome", "none"])
+def test_the_pixel_size_is_read_from_imagej_or_ome_metadata(tmp_path, kind):
+    import tifffile
+
+    from napari_coordgate.tiffio import pixel_size_um, read_tiff
+
+    data = np.zeros((16, 16), np.uint16)
+    path = tmp_path / f"{kind}.tif"
+    if kind == "imagej":
+        tifffile.imwrite(path, data, imagej=True, resolution=(1 / 0.108, 1 / 0.108), metadata={"unit": "um"})
+    elif kind == "ome":
+        tifffile.imwrite(path, data, ome=True, metadata={"PhysicalSizeX": 108.0, "PhysicalSizeXUnit": "nm"})
+    else:
+        tifffile.imwrite(path, data)
+    expected = None if kind == "none" else 0.108
+    got = pixel_size_um(read_tiff(path))
+    assert got == expected if expected is None else abs(got - expected) < 1e-6

@@ -14,6 +14,8 @@
 Option flags, their types, ranges, choices, defaults and help come from the configs in ``config.py``.
     napari-coordgate evaluate -m MODEL --sharp S.tif --blurred B.tif [--json REPORT.json] [--png REPORT.png]
     napari-coordgate export -m MODEL -o PACKAGE.zip [--test-image FIELD.tif]
+    napari-coordgate calibrate BEADS.tif [...] -o PSF.cgpsf [--model auto|pupil|grid] [--grid K]
+            [--na NA --wavelength NM --immersion N] [--pixel-size UM] [--png REPORT.png] [--json REPORT.json]
 
 Errors are one clear message and a non-zero exit, never a traceback (``--debug`` shows the traceback).
 """
@@ -191,6 +193,21 @@ def _predict_cfg(args):
     return _config_from_flags(PredictConfig, args, PREDICT_FLAGS)
 
 
+def _builtin_specimens(psf, seed: int):
+    """Sharp training images when the user gives none: the demo's bundled and procedural specimens, at the field
+    shape a measured PSF model was calibrated on (about 1.6 megapixels in all, at least 4 fields)."""
+    from .specimens import specimen_fields
+
+    shape = (psf.provenance or {}).get("field_shape") if psf is not None else None
+    if not shape:
+        raise CLIError("give sharp images (--sharp), or a PSF model measured from beads (its field shape is known); "
+                       "a preset or JSON PSF model does not say how large the field is")
+    h, w = int(shape[0]), int(shape[1])
+    n = int(min(32, max(4, -(-1_600_000 // (h * w)))))
+    print(f"training images: {n} built-in specimen fields of {h} x {w} (bundled + procedural)")
+    return specimen_fields(n, (h, w), seed=seed)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .engine import PairSource, SimulatedSource
     from .modelio import CHECKPOINT_SUFFIX, with_suffix
@@ -199,6 +216,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = with_suffix(args.output)
     _writable_file(out)
     ckpt = out.with_suffix(CHECKPOINT_SUFFIX)
+    if args.blurred and not args.sharp:
+        raise CLIError("--blurred needs the sharp images of the same fields (--sharp)")
     if not args.blurred and not args.psf:
         raise CLIError("give calibration pairs (--blurred, with --psf too if the PSF model is known) or a PSF "
                        "model (--psf) to simulate pairs from")
@@ -206,7 +225,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise CLIError("--prefilter wiener needs the PSF model of the optics: add --psf PRESET|CONFIG.json|MODEL.cgpsf")
     model_cfg, train_cfg = _model_cfg(args), _train_cfg(args)  # a bad flag or --psf fails before images are read
     psf = get_psf_model(args.psf) if args.psf else None
-    sharp, _ = _read_stack(args.sharp, "sharp")
+    sharp = _read_stack(args.sharp, "sharp")[0] if args.sharp else _builtin_specimens(psf, args.seed)
     if args.blurred:
         blurred, _ = _read_stack(args.blurred, "blurred")
         if len(args.blurred) != len(args.sharp):
@@ -384,6 +403,62 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bead_images(paths: Sequence[str]):
+    """Bead images of one field as (N, H, W) per channel, and the pixel size their metadata states."""
+    import numpy as np
+
+    from .tiffio import pixel_size_um, read_tiff
+
+    per_channel: dict[int, list] = {}
+    sizes = []
+    for p in paths:
+        img = read_tiff(p)
+        axes, data = (img.axes or "").upper(), np.asarray(img.data)
+        if "Z" in axes and data.shape[axes.index("Z")] > 1:
+            raise CLIError(f"{p} is a z-stack (axes {axes}); z-stacks are out of scope: give the focal plane, a 2-D "
+                           "image (several 2-D images of the same field are pooled)")
+        channels = [data] if "C" not in axes else list(np.moveaxis(data, axes.index("C"), 0))
+        for c, plane in enumerate(channels):
+            per_channel.setdefault(c, []).append(plane.reshape(-1, *plane.shape[-2:]))
+        sizes.append(pixel_size_um(img))
+    shapes = {a.shape[-2:] for v in per_channel.values() for a in v}
+    if len(shapes) > 1:
+        raise CLIError(f"bead images have different frame shapes {sorted(shapes)}; give images of one field")
+    known = [s for s in sizes if s is not None]
+    return {c: np.concatenate(v) for c, v in per_channel.items()}, (known[0] if known else None)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate
+    from .modelio import PSF_SUFFIX, save_psf_model, with_suffix
+
+    out = _writable_file(with_suffix(args.output, PSF_SUFFIX))
+    for extra in (args.png, args.json):
+        if extra:
+            _writable_file(Path(extra))
+    channels, pixel_size = _bead_images(args.beads)
+    pixel_size = args.pixel_size or pixel_size
+    for c, stack in channels.items():
+        dest = out if len(channels) == 1 else out.with_name(f"{out.stem}_c{c}{PSF_SUFFIX}")
+        res = calibrate(stack if len(stack) > 1 else stack[0], model=args.model, grid=args.grid, na=args.na,
+                        wavelength_um=None if args.wavelength is None else args.wavelength / 1000.0,
+                        immersion=args.immersion, pixel_size_um=pixel_size, device=args.device,
+                        source=[str(p) for p in args.beads])
+        written = save_psf_model(dest, res.model)
+        print(("" if len(channels) == 1 else f"channel {c}: ") + res.summary())
+        for warning in res.warnings:
+            print(f"  warning: {warning}")
+        suffix = "" if len(channels) == 1 else f"_c{c}"
+        if args.png:
+            print(f"  report: {res.report_png(Path(args.png).with_stem(Path(args.png).stem + suffix))}")
+        if args.json:
+            path = Path(args.json).with_stem(Path(args.json).stem + suffix)
+            path.write_text(res.to_json())
+            print(f"  report: {path}")
+        print(f"PSF model: {written}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -410,6 +485,26 @@ def _add_dask_flags(p) -> None:
                    "--threads torch threads per worker (default 1) (pip install 'napari-coordgate[distributed]')")
     p.add_argument("--workers", type=int, metavar="N", help="worker processes of --dask local (default: CPU cores "
                    "/ threads)")
+
+
+def _add_calibrate_parser(sub) -> None:
+    from .config import TrainConfig
+
+    p = sub.add_parser("calibrate", help="measure the field-dependent PSF from bead images -> PSF model (.cgpsf)")
+    p.add_argument("beads", nargs="+", help="2-D images of sub-resolution beads in the focal plane (one field; "
+                                             "several files are pooled; a channel axis gives one model per channel)")
+    p.add_argument("-o", "--output", required=True, help="PSF model file (.cgpsf is added if missing)")
+    p.add_argument("--model", default="auto", choices=("auto", "pupil", "grid"),
+                   help="auto: the pupil fit (needs the optics) or the measured grid, by held-out-bead residual")
+    p.add_argument("--grid", type=int, help="K of the measured K x K PSF grid (default: chosen from the bead count)")
+    p.add_argument("--na", type=float, help="numerical aperture (pupil model)")
+    p.add_argument("--wavelength", type=float, help="emission wavelength in nm (pupil model)")
+    p.add_argument("--immersion", type=float, help="refractive index of the immersion medium (pupil model)")
+    p.add_argument("--pixel-size", type=float, help="pixel size in the specimen plane, µm (default: from metadata)")
+    p.add_argument("--png", help="write the calibration report figure")
+    p.add_argument("--json", help="write the calibration report as JSON")
+    _add_config_flags(p, TrainConfig, ("device",))
+    p.set_defaults(func=_cmd_calibrate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -445,7 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_simulate)
 
     p = sub.add_parser("train", help="train a model from calibration pairs or a PSF model")
-    p.add_argument("--sharp", nargs="+", required=True)
+    p.add_argument("--sharp", nargs="+", help="sharp images (without them, with a PSF model measured from beads: "
+                                               "built-in specimens at its field shape)")
     p.add_argument("--blurred", nargs="+", help="blurred calibration images, one per sharp file")
     p.add_argument("--psf", help=psf_help + ": without --blurred, pairs are simulated from it; with --blurred, "
                                            "it describes the optics for --prefilter wiener")
@@ -476,6 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roi", help="Y,X of the images' top-left pixel inside the training field")
     _add_config_flags(p, PredictConfig, PREDICT_FLAGS)
     p.set_defaults(func=_cmd_evaluate)
+
+    _add_calibrate_parser(sub)
 
     p = sub.add_parser("export", help="write a bioimage.io model package (.zip) of a model "
                                       "(pip install 'napari-coordgate[bioimageio]')")
