@@ -1,8 +1,11 @@
-"""Input validation, intensity normalisation and position-carrying training crops.
+"""Calibration pairs, intensity normalisation and position-carrying training crops.
 
-Everything here is numpy: arrays in, arrays out. Training crops keep their **true field offset** so that a
-position-aware network learns which blur belongs where; augmentations are limited to intensity changes,
-which do not break the position <-> blur relation (flips or rotations would).
+Everything here is numpy: arrays in, arrays out. The image rules themselves live in
+:mod:`napari_coordgate.optics.checks` (re-exported here: :class:`InputError`, :func:`check_image`); the checks of
+this module read a stack one plane at a time and never copy it, so a memory-mapped stack stays on disk.
+Training crops keep their **true field offset** so that a position-aware network learns which blur belongs
+where; augmentations are limited to intensity changes, which do not break the position <-> blur relation (flips
+or rotations would).
 """
 
 from __future__ import annotations

@@ -187,8 +187,10 @@ class TrainingData:
     # -- validation -------------------------------------------------------------------------------------------
     def val_range(self) -> float:
         """Data range of the normalised validation sharp planes (the PSNR's peak)."""
-        lo = min(self.norm.apply(self.sharp_plane(int(i))).min() for i in self.val_idx)
-        hi = max(self.norm.apply(self.sharp_plane(int(i))).max() for i in self.val_idx)
+        lo, hi = np.inf, -np.inf
+        for i in self.val_idx:  # one plane at a time
+            plane = self.norm.apply(self.sharp_plane(int(i)))
+            lo, hi = min(lo, plane.min()), max(hi, plane.max())
         return float(np.float32(hi) - np.float32(lo))
 
     # -- what the run trains on -------------------------------------------------------------------------------
