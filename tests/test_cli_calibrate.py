@@ -59,3 +59,20 @@ def test_a_z_stack_is_refused_with_what_to_give_instead(tmp_path, capsys):
 def test_training_without_sharp_images_needs_a_measured_psf_model(tmp_path, capsys):
     code, _, err = _run(capsys, "train", "--psf", "gaussian", "-o", tmp_path / "m", "--epochs", 1)
     assert code == 1 and "--sharp" in err and "measured from beads" in err
+
+
+def test_evaluate_on_beads_maps_bead_fwhm_before_and_after(tmp_path, capsys, beads_tif):
+    import json
+
+    code, _, err = _run(capsys, "calibrate", beads_tif, "-o", tmp_path / "scope", "--model", "grid", "--device", "cpu")
+    assert code == 0, err
+    code, _, err = _run(capsys, "train", "--psf", tmp_path / "scope.cgpsf", "-o", tmp_path / "m", "--depth", 1,
+                        "--channels", 2, "--epochs", 1, "--steps-per-epoch", 2, "--device", "cpu")
+    assert code == 0, err
+    code, out, err = _run(capsys, "evaluate", "-m", tmp_path / "m", "--beads", beads_tif, "--json",
+                          tmp_path / "beads.json", "--device", "cpu")
+    assert code == 0, err
+    assert "before" in out and "after" in out
+    rep = json.loads((tmp_path / "beads.json").read_text())
+    assert rep["before"]["beads"] >= 30 and [r["name"] for r in rep["before"]["rings"]] == ["centre", "middle", "edge"]
+    assert rep["before"]["fwhm_median"] > 1.0

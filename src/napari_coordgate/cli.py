@@ -374,6 +374,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.png:
         _writable_file(Path(args.png))
     saved = load_any(args.model)
+    if args.beads:
+        return _evaluate_beads(args, saved)
+    if not (args.sharp and args.blurred):
+        raise CLIError("give --sharp and --blurred images of the same fields, or a bead image (--beads)")
     sharp, blurred = _read_images(args.sharp, "sharp"), _read_images(args.blurred, "blurred")
     if sharp.shape != blurred.shape:
         raise CLIError(f"sharp {sharp.shape} and blurred {blurred.shape} must have the same shape")
@@ -400,6 +404,34 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.png:
         write_report_png(args.png, sharp, blurred, restored, title=f"{Path(args.model).name}")
         print(f"figure: {args.png}")
+    return 0
+
+
+def _evaluate_beads(args, saved) -> int:
+    """Bead FWHM by field ring before and after the model (a good model makes it small and uniform)."""
+    import numpy as np
+
+    from .beadcheck import bead_fwhm_report
+    from .engine import field_geometry
+
+    image = np.asarray(_read_images([args.beads], "bead"))
+    if image.ndim == 3 and image.shape[0] == 1:
+        image = image[0]
+    if image.ndim != 2:
+        raise CLIError(f"--beads expects one 2-D bead image, got shape {image.shape}")
+    cfg, roi = _predict_cfg(args), _roi(args.roi)
+    field_shape, offset = field_geometry(image.shape, saved.field_shape, roi, cfg.binning)
+    restored = _predict_with_bar(saved, image, label="beads", roi=roi, **cfg.predict_kwargs())
+    rep = bead_fwhm_report(image, restored, field_shape, offset)
+    print(f"{'bead FWHM (px)':<16}{'beads':>7}{'median':>8}{'spread':>8}" + "".join(f"{r[0]:>9}" for r in
+                                                                                  (("centre",), ("middle",), ("edge",))))
+    for name in ("before", "after"):
+        r = rep[name]
+        rings = "".join(f"{x['fwhm']:>9.2f}" if x["fwhm"] is not None else f"{'-':>9}" for x in r["rings"])
+        print(f"{name:<16}{r['beads']:>7}{r['fwhm_median']:>8.2f}{r['fwhm_spread']:>8.2f}{rings}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rep, indent=2))
+        print(f"report: {args.json}")
     return 0
 
 
@@ -507,6 +539,22 @@ def _add_calibrate_parser(sub) -> None:
     p.set_defaults(func=_cmd_calibrate)
 
 
+def _add_evaluate_parser(sub) -> None:
+    from .config import PredictConfig
+
+    p = sub.add_parser("evaluate", help="PSNR/SSIM overall and by field ring, error map")
+    p.add_argument("-m", "--model", required=True, help=MODEL_HELP)
+    p.add_argument("--sharp", nargs="+", help="TIFF, OME-Zarr or zarr files")
+    p.add_argument("--blurred", nargs="+", help="TIFF, OME-Zarr or zarr files")
+    p.add_argument("--beads", help="a bead image instead of sharp/blurred pairs: bead FWHM across the field "
+                                   "before and after (no ground truth needed)")
+    p.add_argument("--json", help="write the report as JSON")
+    p.add_argument("--png", help="write the report figure")
+    p.add_argument("--roi", help="Y,X of the images' top-left pixel inside the training field")
+    _add_config_flags(p, PredictConfig, PREDICT_FLAGS)
+    p.set_defaults(func=_cmd_evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="napari-coordgate",
@@ -563,16 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dask_flags(p)
     p.set_defaults(func=_cmd_apply)
 
-    p = sub.add_parser("evaluate", help="PSNR/SSIM overall and by field ring, error map")
-    p.add_argument("-m", "--model", required=True, help=MODEL_HELP)
-    p.add_argument("--sharp", nargs="+", required=True, help="TIFF, OME-Zarr or zarr files")
-    p.add_argument("--blurred", nargs="+", required=True, help="TIFF, OME-Zarr or zarr files")
-    p.add_argument("--json", help="write the report as JSON")
-    p.add_argument("--png", help="write the report figure")
-    p.add_argument("--roi", help="Y,X of the images' top-left pixel inside the training field")
-    _add_config_flags(p, PredictConfig, PREDICT_FLAGS)
-    p.set_defaults(func=_cmd_evaluate)
-
+    _add_evaluate_parser(sub)
     _add_calibrate_parser(sub)
 
     p = sub.add_parser("export", help="write a bioimage.io model package (.zip) of a model "
