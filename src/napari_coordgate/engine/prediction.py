@@ -17,7 +17,7 @@ from ..config import PRECISIONS, ModelConfig
 from ..data import Normalization
 from ..devices import resolve_device
 from ..modelio import SavedModel
-from ..optics.checks import InputError, check_layout
+from ..optics.checks import InputError, check_layout, check_values
 
 __all__ = ["Cancelled", "predict", "predict_batch", "receptive_halo", "plan_tiles", "field_geometry"]
 
@@ -188,8 +188,7 @@ def _read_window(image, idx, window, norm) -> np.ndarray:
     win = image[idx + (slice(wy0, wy1), slice(wx0, wx1))]
     win = np.asarray(win.compute() if hasattr(win, "compute") else win)
     win = win.astype(np.float64 if win.dtype.kind in "iu" else np.float32, copy=False)
-    if not np.isfinite(win).all():
-        raise InputError(f"image plane {idx or 0} contains NaN or Inf values")
+    check_values(win, f"image plane {idx or 0}")
     return norm.apply(win)
 
 

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["InputError", "check_layout", "check_image", "as_float"]
+__all__ = ["InputError", "check_layout", "check_values", "check_image", "as_float"]
 
 
 class InputError(ValueError):
@@ -57,7 +57,12 @@ def check_layout(shape: Sequence[int], dtype, name: str = "image", *, min_ndim: 
                          "network")
 
 
-def _check_plane(plane: np.ndarray, which: str, allow_constant: bool) -> None:
+def check_values(plane: np.ndarray, which: str = "image", allow_constant: bool = True) -> None:
+    """Check the values of one plane (or a window of one): no NaN/Inf and, unless allowed, not constant.
+
+    ``which`` names it in the message ("sharp plane 3", "image plane (2, 0)"). For arrays read piece by piece
+    (a lazy stack); :func:`check_image` calls it on every plane.
+    """
     if plane.dtype.kind == "f":
         bad = int(np.count_nonzero(~np.isfinite(plane)))
         if bad:
@@ -102,7 +107,7 @@ def check_image(image, name: str = "image", *, min_ndim: int = 2, max_ndim: int 
     lead = arr.shape[:-2]
     single = int(np.prod(lead, dtype=np.int64)) == 1
     for i, idx in enumerate(np.ndindex(*lead)):
-        _check_plane(arr[idx], name if single else f"{name} plane {i}", allow_constant)
+        check_values(arr[idx], name if single else f"{name} plane {i}", allow_constant)
     return arr
 
 
