@@ -20,7 +20,7 @@ NEEDS_MODEL = frozenset({"save", "export", "apply", "gates"})
 
 _ENABLED = MappingProxyType({
     State.IDLE: frozenset({"train", "load", "sample", "save", "export", "apply", "compare", "evaluate", "gates",
-                           "psf_grid"}),
+                           "psf_grid", "calibrate", "use_psf", "save_psf"}),
     State.BUSY: frozenset(),
     State.TRAINING: frozenset({"stop"}),
     State.APPLYING: frozenset({"cancel"}),

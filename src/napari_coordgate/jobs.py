@@ -224,3 +224,22 @@ def evaluate_job(gt, restored, blurred, bin: int, *, report: Report, should_stop
     if blurred is not None:
         radial["blurred"] = metrics.radial_profile(gt, blurred, data_range=rep["data_range"])[1]
     return JobResult(rep, extra={"error_map": emap, "radius": r, "radial": radial})
+
+
+# -- calibrate ------------------------------------------------------------------------------------
+def _calibrate_in_child(images, settings: dict, *, report: Report, should_stop: ShouldStop, workdir):
+    from .calibrate import calibrate
+
+    def progress(u) -> None:
+        report(Progress("calibrate", int(1000 * u.progress), 1000, f"{u.stage}: {u.message}"))
+
+    return calibrate(images, **settings, report=progress, should_stop=should_stop)
+
+
+def calibrate_job(images, settings: dict, *, report: Report, should_stop: ShouldStop):
+    """Bead image(s) -> ``CalibrationResult``, in a separate process (the pupil fit runs torch autograd, which must
+    not load the compiler stack into the viewer's process; see :mod:`napari_coordgate.isolate`)."""
+    from .isolate import run_isolated
+
+    return run_isolated("napari_coordgate.jobs:_calibrate_in_child", images, settings, report=report,
+                        should_stop=should_stop)

@@ -1,4 +1,4 @@
-"""The "CoordGate deblur" dock: Model, Train, Apply and Evaluate tabs around one task runner.
+"""The "CoordGate deblur" dock: Model, Calibrate, Train, Apply and Evaluate tabs around one task runner.
 
 The dock owns the state (a :class:`~napari_coordgate.dockstate.State`), the current model and the runner; tabs are forms
 that build configs, copy layer data on the GUI thread and call :meth:`CoordGateDock.run_task`.
@@ -20,6 +20,7 @@ from napari_coordgate.modelio import MODEL_SUFFIX
 DROPPABLE = (MODEL_SUFFIX, ".zip")  # model files, and bioimage.io packages exported by this plugin
 
 from ._apply_tab import ApplyTab
+from ._calibrate_tab import CalibrateTab
 from ._eval_tab import EvaluateTab
 from ._layers import LayerCombo
 from ._model_tab import ModelTab
@@ -52,11 +53,12 @@ class CoordGateDock(QWidget):
 
         self.model_tab = ModelTab(self)
         self.train_tab = TrainTab(self)
+        self.calibrate_tab = CalibrateTab(self)
         self.apply_tab = ApplyTab(self)
         self.eval_tab = EvaluateTab(self)
         self.tabs = QTabWidget()
-        for tab, title in ((self.model_tab, "Model"), (self.train_tab, "Train"), (self.apply_tab, "Apply"),
-                           (self.eval_tab, "Evaluate")):
+        for tab, title in ((self.model_tab, "Model"), (self.calibrate_tab, "Calibrate"), (self.train_tab, "Train"),
+                           (self.apply_tab, "Apply"), (self.eval_tab, "Evaluate")):
             self.tabs.addTab(tab, title)
         self.progress = QProgressBar()
         self.progress.setRange(0, 1)
@@ -93,7 +95,9 @@ class CoordGateDock(QWidget):
         allowed = enabled_actions(self.state, self.model is not None)
         if self.apply_tab.models.text().strip():  # model files per channel are enough to apply
             allowed |= enabled_actions(self.state, True) & {"apply"}
-        for tab in (self.model_tab, self.train_tab, self.apply_tab, self.eval_tab):
+        if self.calibrate_tab.result is None:  # nothing to use or save before a calibration
+            allowed -= {"use_psf", "save_psf"}
+        for tab in (self.model_tab, self.calibrate_tab, self.train_tab, self.apply_tab, self.eval_tab):
             for action, button in tab.actions.items():
                 button.setEnabled(action in allowed)
 
