@@ -33,3 +33,72 @@ def test_cover_puts_the_field_border_in_crops_far_more_often_than_uniform():
 def test_unknown_sampling_mode_is_rejected():
     with pytest.raises(ValueError, match="cover"):
         sample_offsets(np.random.default_rng(0), 2, (64, 64), (32, 32), 2, "edges")
+
+
+# -- checks and normalisation that read a stack one plane at a time --------------------------------------------
+def _stack(n=3, h=40, w=48, seed=0):
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    sharp = (gaussian_filter(rng.random((n, h, w)), (0, 1, 1)) * 3000 + 100).astype(np.uint16)
+    blurred = (gaussian_filter(sharp.astype(np.float32), (0, 1.5, 1.5))).astype(np.uint16)
+    return sharp, blurred
+
+
+def test_check_pairs_returns_the_stacks_themselves_not_copies(tmp_path):
+    from napari_coordgate.data import check_pairs
+
+    sharp, blurred = _stack()
+    np.save(tmp_path / "s.npy", sharp)
+    mapped = np.load(tmp_path / "s.npy", mmap_mode="r")
+
+    s, b = check_pairs(mapped, blurred)
+
+    assert np.shares_memory(s, mapped) and s.dtype == np.uint16  # a view of the map, in its own dtype
+    assert np.shares_memory(b, blurred)
+    one_s, one_b = check_pairs(sharp[0], blurred[0])
+    assert one_s.shape == (1, 40, 48) and np.shares_memory(one_s, sharp)
+
+
+def test_check_pairs_names_the_constant_or_identical_plane():
+    from napari_coordgate.data import InputError, check_pairs
+
+    sharp, blurred = _stack()
+    flat = sharp.copy()
+    flat[1] = 7
+    with pytest.raises(InputError, match="sharp plane 1 is constant"):
+        check_pairs(flat, blurred)
+    same = blurred.copy()
+    same[2] = sharp[2]
+    with pytest.raises(InputError, match="sharp and blurred plane 2 are identical"):
+        check_pairs(sharp, same)
+
+
+def test_fit_normalization_samples_a_large_stack_plane_by_plane_like_the_flattened_stack():
+    from napari_coordgate.data import fit_normalization
+
+    sharp = (np.random.default_rng(1).gamma(2.0, 300.0, (5, 1000, 1001)) + 50).astype(np.uint16)  # > 4 MP
+    flat = sharp.astype(np.float32).ravel()
+    sample = flat[:: flat.size // 4_000_000 + 1]  # the rule: every k-th pixel of the stack in memory order
+    lo, hi = np.percentile(sample, [0.1, 99.9])
+
+    norm = fit_normalization(sharp)
+
+    assert (norm.offset, norm.scale) == (float(lo), float(hi - lo))
+
+
+def test_check_registration_returns_registered_copies_of_the_shifted_planes_only():
+    from napari_coordgate.data import check_registration
+
+    sharp, blurred = _stack()
+    shifted = blurred.copy()
+    shifted[1] = np.roll(blurred[1], 2, axis=0)
+    shifted.flags.writeable = False  # a read-only memory map, say: never written
+
+    registered, shifts = check_registration(sharp, shifted, correct=True)
+
+    assert list(registered) == [1] and registered[1].dtype == np.float32
+    assert shifts[1][0] == pytest.approx(-2, abs=0.1) and max(map(abs, shifts[0])) < 0.25
+    assert np.abs(registered[1][4:-4] - blurred[1][4:-4]).max() < 0.05 * blurred[1].max()
+    with pytest.warns(UserWarning, match=r"\(plane 1: dy=-[12]\.\d\d"):
+        assert check_registration(sharp, shifted)[0] == {}
