@@ -76,3 +76,18 @@ def test_evaluate_on_beads_maps_bead_fwhm_before_and_after(tmp_path, capsys, bea
     rep = json.loads((tmp_path / "beads.json").read_text())
     assert rep["before"]["beads"] >= 30 and [r["name"] for r in rep["before"]["rings"]] == ["centre", "middle", "edge"]
     assert rep["before"]["fwhm_median"] > 1.0
+
+
+def test_apply_warns_when_the_pixel_size_differs_from_the_calibration(tmp_path, capsys, beads_tif):
+    code, _, err = _run(capsys, "calibrate", beads_tif, "-o", tmp_path / "scope", "--model", "grid", "--device", "cpu")
+    assert code == 0, err
+    code, _, err = _run(capsys, "train", "--psf", tmp_path / "scope.cgpsf", "-o", tmp_path / "m", "--depth", 1,
+                        "--channels", 2, "--epochs", 1, "--steps-per-epoch", 2, "--device", "cpu")
+    assert code == 0, err
+    other = tmp_path / "other.tif"
+    tifffile.imwrite(other, tifffile.imread(beads_tif), imagej=True, resolution=(1 / 0.1, 1 / 0.1),
+                     metadata={"unit": "um", "axes": "YX"})
+    code, _, err = _run(capsys, "apply", "-m", tmp_path / "m", other, "-o", tmp_path / "o.tif", "--device", "cpu")
+    assert code == 0 and "0.1 µm pixels but the model was calibrated at 0.16 µm" in err
+    code, _, err = _run(capsys, "apply", "-m", tmp_path / "m", beads_tif, "-o", tmp_path / "p.tif", "--device", "cpu")
+    assert code == 0 and "calibrated at" not in err

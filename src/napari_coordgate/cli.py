@@ -294,6 +294,22 @@ def _apply_dask(args, cfg, roi, jobs) -> int:
     return 0
 
 
+def _warn_pixel_size(saved, tiff, path, binning: int) -> None:
+    """A warning when an image's pixel size (metadata) differs from the one its model's PSF model was measured at."""
+    from .optics.psf import PSFConfig
+    from .tiffio import pixel_size_um
+
+    psf = saved.psf
+    if tiff is None or psf is None or psf.pixel_size_um is None:
+        return
+    if isinstance(psf, PSFConfig) and psf.model == "gaussian":  # a Gaussian config's pixel size is nominal
+        return
+    have, want = pixel_size_um(tiff), psf.pixel_size_um * binning
+    if have is not None and abs(have - want) > 0.02 * want:
+        print(f"napari-coordgate: warning: {path} has {have:.4g} µm pixels but the model was calibrated at "
+              f"{want:.4g} µm; its PSFs do not match this image's sampling", file=sys.stderr)
+
+
 def _cmd_apply(args: argparse.Namespace) -> int:
     from .bioimageio import load_any
     from .tiffio import write_tiff_streamed
@@ -325,6 +341,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     for p, dest in jobs:
         data, axes, scale, translation, tiff = _open_input(p)
+        _warn_pixel_size(saved, tiff, p, cfg.binning)
         t0 = time.perf_counter()
 
         def run(target, data=data, p=p):
