@@ -440,8 +440,8 @@ def _evaluate_beads(args, saved) -> int:
     field_shape, offset = field_geometry(image.shape, saved.field_shape, roi, cfg.binning)
     restored = _predict_with_bar(saved, image, label="beads", roi=roi, **cfg.predict_kwargs())
     rep = bead_fwhm_report(image, restored, field_shape, offset)
-    print(f"{'bead FWHM (px)':<16}{'beads':>7}{'median':>8}{'spread':>8}" + "".join(f"{r[0]:>9}" for r in
-                                                                                  (("centre",), ("middle",), ("edge",))))
+    rings = "".join(f"{ring:>9}" for ring in ("centre", "middle", "edge"))
+    print(f"{'bead FWHM (px)':<16}{'beads':>7}{'median':>8}{'spread':>8}{rings}")
     for name in ("before", "after"):
         r = rep[name]
         rings = "".join(f"{x['fwhm']:>9.2f}" if x["fwhm"] is not None else f"{'-':>9}" for x in r["rings"])

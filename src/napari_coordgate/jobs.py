@@ -124,6 +124,7 @@ def make_output(shape: tuple[int, ...], out_path: str | None):
 def apply_job(req: ApplyRequest, *, report: Report, should_stop: ShouldStop) -> JobResult:
     """Deblur every plane (and channel) of ``req.image`` with the engine, reporting per-plane progress."""
     from napari_coordgate import engine
+
     from .bioimageio import load_any
 
     models = [load_any(m, "cpu") if isinstance(m, str) else m for m in req.models]

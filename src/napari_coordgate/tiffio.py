@@ -143,7 +143,7 @@ def write_tiff_streamed(path: str | os.PathLike, shape, fill, like: TiffImage | 
     return _atomic(Path(path), write)
 
 
-_UM_PER = {"um": 1.0, "µm": 1.0, "\u00b5m": 1.0, "micron": 1.0, "microns": 1.0, "\\u00B5m": 1.0, "nm": 1e-3,
+_UM_PER = {"um": 1.0, "\u00b5m": 1.0, "\u03bcm": 1.0, "micron": 1.0, "microns": 1.0, "\\u00B5m": 1.0, "nm": 1e-3,
            "mm": 1e3}
 
 

@@ -17,8 +17,6 @@ from napari_coordgate.dockstate import Progress, State, enabled_actions
 from napari_coordgate.jobs import load_job
 from napari_coordgate.modelio import MODEL_SUFFIX
 
-DROPPABLE = (MODEL_SUFFIX, ".zip")  # model files, and bioimage.io packages exported by this plugin
-
 from ._apply_tab import ApplyTab
 from ._calibrate_tab import CalibrateTab
 from ._eval_tab import EvaluateTab
@@ -27,6 +25,8 @@ from ._model_tab import ModelTab
 from ._runner import TaskRunner
 from ._settings import read_settings
 from ._train_tab import TrainTab
+
+DROPPABLE = (MODEL_SUFFIX, ".zip")  # model files, and bioimage.io packages exported by this plugin
 
 
 class CoordGateDock(QWidget):
