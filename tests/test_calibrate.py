@@ -276,6 +276,22 @@ def test_pupil_poly_fit_recovers_known_coefficients_on_a_noiseless_case():
     assert np.abs(got - truth).max() < 0.01, (got - truth).round(3)
 
 
+def test_pupil_fit_on_the_test_device_matches_the_cpu(device):
+    model = PupilPolyPSF.from_psf_config("edge_defocus_astigmatism", (64, 64), psf_size=15)
+    rng = np.random.default_rng(1)
+    n = 20
+    yn, xn = rng.uniform(-1, 1, n), rng.uniform(-1, 1, n)
+    shifts = rng.uniform(-0.5, 0.5, (n, 2))
+    pupil = TorchPupil(0.8, 0.52, 1.0, 0.16, 15, 3, 48, dtype=torch.float64)
+    data = 800 * pupil.psfs(torch.as_tensor(model.zernike_at(yn, xn)), torch.as_tensor(shifts)).numpy() + 5
+    kwargs = dict(na=0.8, wavelength_um=0.52, refractive_index=1.0, pixel_size_um=0.16, init=model.coefficients,
+                  max_iterations=3, polish_iterations=0, extent_energy=None)
+    here = fit_pupil_poly(data, yn, xn, shifts, np.ones(n), device=device, **kwargs)
+    cpu = fit_pupil_poly(data, yn, xn, shifts, np.ones(n), device="cpu", **kwargs)
+    assert np.abs(here.model.coefficients - cpu.model.coefficients).max() < 1e-3
+    assert np.abs(here.model.coefficients - model.coefficients).max() < 5e-3
+
+
 def test_auto_prefers_the_pupil_model_for_pupil_optics():
     optics = PupilOptics("edge_defocus_astigmatism", (320, 320), psf_size=31)
     image, _ = bead_slide(optics, (320, 320), n_beads=70, photons=3000, seed=2)

@@ -23,19 +23,18 @@ over the field, most further apart than the PSF window), in focus, the brightest
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from napari_coordgate.calibration import CalibrationCancelled, CalibrationError
-from napari_coordgate.calibration.detect import REASONS, BeadTable, find_beads, reject_by_window
+from napari_coordgate.calibration.detect import BeadTable, find_beads, reject_by_window
 from napari_coordgate.calibration.grid import GridFit, choose_grid, fit_grid
-from napari_coordgate.calibration.patches import Patches, extract_patches, fit_beads
+from napari_coordgate.calibration.patches import Patches, extract_patches, fit_beads, window_size
+from napari_coordgate.calibration.result import CalibrationResult, CalibrationUpdate
 from napari_coordgate.optics.measured import MeasuredGridPSF
 from napari_coordgate.optics.psfmodel import PSFModel
 
@@ -50,113 +49,6 @@ _HOLD_OUT = 5  # every 5th accepted bead is held out to compare the models
 _OUTLIER_RATIO = 10.0
 _REGIONS = (("top-left corner", "top edge", "top-right corner"), ("left edge", "centre", "right edge"),
             ("bottom-left corner", "bottom edge", "bottom-right corner"))
-
-
-@dataclass(frozen=True)
-class CalibrationUpdate:
-    """One progress message (small and picklable): stage, overall fraction done, a line for people."""
-
-    stage: str  # "detect", "grid", "pupil", "refit", "done"
-    progress: float
-    message: str
-    elapsed: float
-
-
-@dataclass
-class CalibrationResult:
-    """What :func:`calibrate` found.
-
-    Attributes
-    ----------
-    model
-        The chosen PSF model (``measured_grid`` or ``pupil_poly``), with provenance.
-    chosen
-        ``"grid"`` or ``"pupil"``.
-    residuals
-        Held-out residual of each candidate (``"grid"``, ``"pupil"``; None when not fitted): the mean squared
-        misfit per pixel of the held-out beads over their noise variance, after fitting each bead's amplitude,
-        offset and sub-pixel shift (1 for a perfect model with pure background noise; shot noise adds to it).
-    beads
-        Every detected spot, accepted or rejected with the reason (:class:`BeadTable`).
-    warnings
-        What the user should know (thin coverage, filled grid nodes, many rejections, ...).
-    candidates
-        Both fitted models by name (the chosen one refitted on all beads).
-    """
-
-    model: PSFModel
-    chosen: str
-    residuals: dict[str, float | None]
-    beads: BeadTable
-    warnings: list[str]
-    candidates: dict[str, PSFModel]
-    field_shape: tuple[int, int]
-    psf_size: int
-    noise: list[float]
-    grid_fit: GridFit | None = None
-    settings: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-    device: str = "cpu"
-
-    @property
-    def n_beads(self) -> int:
-        """Accepted beads."""
-        return int(self.beads.accepted.sum())
-
-    def summary(self) -> str:
-        """One line: bead count, chosen model and its held-out residual."""
-        res = self.residuals.get(self.chosen)
-        other = [f"{k} {v:.3g}" for k, v in self.residuals.items() if v is not None and k != self.chosen]
-        vs = f" (vs {', '.join(other)})" if other else ""
-        return (f"{self.n_beads} beads used of {len(self.beads)} spots; model {self.chosen} "
-                f"({self.model.kind}, {self.model.psf_size} px PSFs), held-out residual {res:.3g}{vs}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Everything but the PSF arrays, JSON-able."""
-        meta, _ = self.model.to_record()
-        out = {
-            "summary": self.summary(),
-            "chosen": self.chosen,
-            "model": {"kind": self.model.kind, "description": self.model.describe(), "record": meta},
-            "residuals": self.residuals,
-            "counts": self.beads.counts(),
-            "field_shape": list(self.field_shape),
-            "psf_size": self.psf_size,
-            "noise": self.noise,
-            "warnings": list(self.warnings),
-            "settings": self.settings,
-            "seconds": round(self.seconds, 2),
-            "device": self.device,
-            "provenance": self.model.provenance,
-            "rejection_reasons": {k: v for k, v in REASONS.items()},
-            "beads": self.beads.to_dict(),
-        }
-        if self.grid_fit is not None:
-            out["grid"] = {"k": self.grid_fit.k, "lambda": self.grid_fit.lam,
-                           "node_beads": np.round(self.grid_fit.node_weight, 2).tolist(),
-                           "filled": self.grid_fit.filled.tolist()}
-        if self.model.kind == "pupil_poly":
-            out["model"]["coefficients"] = np.round(self.model.coefficients, 5).tolist()  # type: ignore[attr-defined]
-        return out
-
-    def to_json(self, indent: int | None = 2) -> str:
-        """:meth:`to_dict` as JSON text."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False, default=_json_default)
-
-    def report_png(self, path: "str | Path") -> Path:
-        """Write the report figure (FWHM, ellipticity and orientation maps, measured vs model PSFs at the grid
-        nodes, residual per bead, beads per region, warnings) as PNG; returns the path."""
-        from napari_coordgate.calibration.report import write_report_png
-
-        return write_report_png(self, path)
-
-
-def _json_default(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
 # ------------------------------------------------------------------------------------------------ input
@@ -199,69 +91,6 @@ def _check_images(images) -> tuple[list[np.ndarray], list[np.ndarray]]:
     arr = arr[None] if arr.ndim == 2 else arr
     raw = [arr[i] for i in range(arr.shape[0])]
     return raw, [np.asarray(r, dtype=np.float64) for r in raw]
-
-
-def _odd(n: float) -> int:
-    n = int(math.ceil(n))
-    return n + 1 - n % 2
-
-
-def _auto_psf_size(table: BeadTable, cleaned: list[np.ndarray], limit: int, optics: dict | None) -> int:
-    """PSF side (odd) that holds the measurable light of the widest beads.
-
-    The widest beads' windows (as large as the frame allows, up to 61 px) are background-subtracted, scaled by
-    their core's light and median-stacked (the median ignores the neighbours that wander into large windows);
-    the radius where the stack's azimuthal mean sinks into its noise sets the size (plus a pixel of margin). At
-    least the Airy pattern's first rings when the optics are known, at least 11 px, at most 51 px.
-    """
-    ok = table.accepted
-    major = np.fmax(table.fwhm_x, table.fwhm_y)
-    floor = 11
-    if optics is not None:
-        airy = 1.2 * optics["wavelength_um"] / optics["na"] / optics["pixel_size_um"]
-        floor = max(floor, _odd(2 * math.ceil(2.0 * airy) + 1))
-    big = int(min(61, limit + 2 * _MARGIN, 2 * (min(cleaned[0].shape) // 4) + 1))
-    big -= 1 - big % 2
-    half = big // 2
-    cand = np.flatnonzero(ok & np.isfinite(major) & (table.snr >= 20))
-    inside = [i for i in cand if half <= round(table.y[i]) < cleaned[table.image[i]].shape[0] - half
-              and half <= round(table.x[i]) < cleaned[table.image[i]].shape[1] - half]
-    if len(inside) < 5:
-        sigma = float(np.nanpercentile(major[ok], 90)) / 2.3548 if ok.any() else 1.5
-        return int(np.clip(_odd(2 * math.ceil(5.0 * sigma) + 1), floor, max(floor, min(51, limit))))
-    inside = np.array(inside)
-    wide = inside[np.argsort(-major[inside])][: max(5, min(40, int(0.4 * inside.size)))]
-    off = np.arange(big) - half
-    yy, xx = np.meshgrid(off, off, indexing="ij")
-    rr = np.hypot(yy, xx)
-    ring = rr >= half - 2
-    stack = []
-    for i in wide:
-        img = cleaned[table.image[i]]
-        cy, cx = int(round(table.y[i])), int(round(table.x[i]))
-        win = img[cy - half : cy + half + 1, cx - half : cx + half + 1]
-        win = win - np.median(win[ring])
-        core = win[rr <= max(3.0, major[i])].sum()
-        if core > 0:
-            stack.append(win / core)
-    if len(stack) < 5:
-        return int(np.clip(floor, floor, max(floor, min(51, limit))))
-    med = np.median(np.stack(stack), axis=0)
-    med = med - np.mean(med[(rr >= half - 8) & ~ring])  # the stack's residual floor (background estimate bias)
-    # the radius where the stack's azimuthal mean sinks into its own noise (two radii in a row below 2 sigma)
-    outer = med[(rr >= half - 8) & ~ring]
-    sigma = 1.4826 * float(np.median(np.abs(outer - np.median(outer))))
-    radius = 3
-    below = 0
-    for r in range(1, half - 8):
-        shell = (rr >= r - 0.5) & (rr < r + 0.5)
-        if med[shell].mean() > 2.0 * sigma / math.sqrt(shell.sum()):
-            radius, below = r, 0
-        else:
-            below += 1
-            if below >= 2:
-                break
-    return int(np.clip(_odd(2 * radius + 3), floor, max(floor, min(51, limit))))
 
 
 def _coverage_warnings(table: BeadTable, field_shape) -> tuple[list[str], np.ndarray]:
@@ -411,7 +240,7 @@ def calibrate(
                                "exposure time or the excitation power and image the slide again")
 
     limit = min(h, w) - 2 * _MARGIN - 3
-    size = int(psf_size) if psf_size is not None else _auto_psf_size(table, cleaned, limit, optics)
+    size = int(psf_size) if psf_size is not None else window_size(table, cleaned, limit, optics, _MARGIN)
     if size > limit:
         raise CalibrationError(f"psf_size {size} does not fit in a {h} x {w} frame with its background ring")
     reject_by_window(table, [p.shape for p in planes], size, _MARGIN)

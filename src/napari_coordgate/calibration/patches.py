@@ -14,9 +14,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-__all__ = ["Patches", "extract_patches", "fourier_shift", "fit_beads", "fit_amplitude_shift", "xcorr_shift",
+if TYPE_CHECKING:  # pragma: no cover
+    from napari_coordgate.calibration.detect import BeadTable
+
+__all__ = ["Patches", "window_size", "extract_patches", "fourier_shift", "fit_beads", "fit_amplitude_shift", "xcorr_shift",
            "centroid", "recentre"]
 
 
@@ -198,3 +204,66 @@ def fit_amplitude_shift(psfs: np.ndarray, data: np.ndarray, shift0: np.ndarray, 
     signal = np.linalg.norm(model * amp[:, None], axis=1)
     return {"chi2": sq / np.asarray(noise) ** 2, "relative": np.sqrt(sq) / np.maximum(signal, 1e-30),
             "amplitude": amp, "offset": off, "shift": shift}
+
+
+def _odd(n: float) -> int:
+    n = int(math.ceil(n))
+    return n + 1 - n % 2
+
+
+def window_size(table: "BeadTable", cleaned: list[np.ndarray], limit: int, optics: dict | None, margin: int) -> int:
+    """PSF side (odd) that holds the measurable light of the widest beads.
+
+    The widest beads' windows (as large as the frame allows, up to 61 px) are background-subtracted, scaled by
+    their core's light and median-stacked (the median ignores the neighbours that wander into large windows);
+    the radius where the stack's azimuthal mean sinks into its noise sets the size (plus a pixel of margin). At
+    least the Airy pattern's first rings when the optics are known, at least 11 px, at most 51 px.
+    """
+    ok = table.accepted
+    major = np.fmax(table.fwhm_x, table.fwhm_y)
+    floor = 11
+    if optics is not None:
+        airy = 1.2 * optics["wavelength_um"] / optics["na"] / optics["pixel_size_um"]
+        floor = max(floor, _odd(2 * math.ceil(2.0 * airy) + 1))
+    big = int(min(61, limit + 2 * margin, 2 * (min(cleaned[0].shape) // 4) + 1))
+    big -= 1 - big % 2
+    half = big // 2
+    cand = np.flatnonzero(ok & np.isfinite(major) & (table.snr >= 20))
+    inside = [i for i in cand if half <= round(table.y[i]) < cleaned[table.image[i]].shape[0] - half
+              and half <= round(table.x[i]) < cleaned[table.image[i]].shape[1] - half]
+    if len(inside) < 5:
+        sigma = float(np.nanpercentile(major[ok], 90)) / 2.3548 if ok.any() else 1.5
+        return int(np.clip(_odd(2 * math.ceil(5.0 * sigma) + 1), floor, max(floor, min(51, limit))))
+    inside = np.array(inside)
+    wide = inside[np.argsort(-major[inside])][: max(5, min(40, int(0.4 * inside.size)))]
+    off = np.arange(big) - half
+    yy, xx = np.meshgrid(off, off, indexing="ij")
+    rr = np.hypot(yy, xx)
+    ring = rr >= half - 2
+    stack = []
+    for i in wide:
+        img = cleaned[table.image[i]]
+        cy, cx = int(round(table.y[i])), int(round(table.x[i]))
+        win = img[cy - half : cy + half + 1, cx - half : cx + half + 1]
+        win = win - np.median(win[ring])
+        core = win[rr <= max(3.0, major[i])].sum()
+        if core > 0:
+            stack.append(win / core)
+    if len(stack) < 5:
+        return int(np.clip(floor, floor, max(floor, min(51, limit))))
+    med = np.median(np.stack(stack), axis=0)
+    med = med - np.mean(med[(rr >= half - 8) & ~ring])  # the stack's residual floor (background estimate bias)
+    # the radius where the stack's azimuthal mean sinks into its own noise (two radii in a row below 2 sigma)
+    outer = med[(rr >= half - 8) & ~ring]
+    sigma = 1.4826 * float(np.median(np.abs(outer - np.median(outer))))
+    radius = 3
+    below = 0
+    for r in range(1, half - 8):
+        shell = (rr >= r - 0.5) & (rr < r + 0.5)
+        if med[shell].mean() > 2.0 * sigma / math.sqrt(shell.sum()):
+            radius, below = r, 0
+        else:
+            below += 1
+            if below >= 2:
+                break
+    return int(np.clip(_odd(2 * radius + 3), floor, max(floor, min(51, limit))))

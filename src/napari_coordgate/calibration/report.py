@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
-    from napari_coordgate.calibrate import CalibrationResult
+    from napari_coordgate.calibration.result import CalibrationResult
 
 __all__ = ["write_report_png", "montage"]
 

@@ -1,0 +1,123 @@
+"""What :func:`~napari_coordgate.calibrate.calibrate` returns, and its progress messages."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_coordgate.calibration.detect import REASONS, BeadTable
+from napari_coordgate.calibration.grid import GridFit
+from napari_coordgate.optics.psfmodel import PSFModel
+
+__all__ = ["CalibrationResult", "CalibrationUpdate"]
+
+
+@dataclass(frozen=True)
+class CalibrationUpdate:
+    """One progress message (small and picklable): stage, overall fraction done, a line for people."""
+
+    stage: str  # "detect", "grid", "pupil", "refit", "done"
+    progress: float
+    message: str
+    elapsed: float
+
+
+@dataclass
+class CalibrationResult:
+    """What :func:`calibrate` found.
+
+    Attributes
+    ----------
+    model
+        The chosen PSF model (``measured_grid`` or ``pupil_poly``), with provenance.
+    chosen
+        ``"grid"`` or ``"pupil"``.
+    residuals
+        Held-out residual of each candidate (``"grid"``, ``"pupil"``; None when not fitted): the mean squared
+        misfit per pixel of the held-out beads over their noise variance, after fitting each bead's amplitude,
+        offset and sub-pixel shift (1 for a perfect model with pure background noise; shot noise adds to it).
+    beads
+        Every detected spot, accepted or rejected with the reason (:class:`BeadTable`).
+    warnings
+        What the user should know (thin coverage, filled grid nodes, many rejections, ...).
+    candidates
+        Both fitted models by name (the chosen one refitted on all beads).
+    """
+
+    model: PSFModel
+    chosen: str
+    residuals: dict[str, float | None]
+    beads: BeadTable
+    warnings: list[str]
+    candidates: dict[str, PSFModel]
+    field_shape: tuple[int, int]
+    psf_size: int
+    noise: list[float]
+    grid_fit: GridFit | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    device: str = "cpu"
+
+    @property
+    def n_beads(self) -> int:
+        """Accepted beads."""
+        return int(self.beads.accepted.sum())
+
+    def summary(self) -> str:
+        """One line: bead count, chosen model and its held-out residual."""
+        res = self.residuals.get(self.chosen)
+        other = [f"{k} {v:.3g}" for k, v in self.residuals.items() if v is not None and k != self.chosen]
+        vs = f" (vs {', '.join(other)})" if other else ""
+        return (f"{self.n_beads} beads used of {len(self.beads)} spots; model {self.chosen} "
+                f"({self.model.kind}, {self.model.psf_size} px PSFs), held-out residual {res:.3g}{vs}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the PSF arrays, JSON-able."""
+        meta, _ = self.model.to_record()
+        out = {
+            "summary": self.summary(),
+            "chosen": self.chosen,
+            "model": {"kind": self.model.kind, "description": self.model.describe(), "record": meta},
+            "residuals": self.residuals,
+            "counts": self.beads.counts(),
+            "field_shape": list(self.field_shape),
+            "psf_size": self.psf_size,
+            "noise": self.noise,
+            "warnings": list(self.warnings),
+            "settings": self.settings,
+            "seconds": round(self.seconds, 2),
+            "device": self.device,
+            "provenance": self.model.provenance,
+            "rejection_reasons": {k: v for k, v in REASONS.items()},
+            "beads": self.beads.to_dict(),
+        }
+        if self.grid_fit is not None:
+            out["grid"] = {"k": self.grid_fit.k, "lambda": self.grid_fit.lam,
+                           "node_beads": np.round(self.grid_fit.node_weight, 2).tolist(),
+                           "filled": self.grid_fit.filled.tolist()}
+        if self.model.kind == "pupil_poly":
+            out["model"]["coefficients"] = np.round(self.model.coefficients, 5).tolist()  # type: ignore[attr-defined]
+        return out
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """:meth:`to_dict` as JSON text."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False, default=_json_default)
+
+    def report_png(self, path: "str | Path") -> Path:
+        """Write the report figure (FWHM, ellipticity and orientation maps, measured vs model PSFs at the grid
+        nodes, residual per bead, beads per region, warnings) as PNG; returns the path."""
+        from napari_coordgate.calibration.report import write_report_png
+
+        return write_report_png(self, path)
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
