@@ -18,7 +18,7 @@ from napari_coordgate.calibration.pupilfit import TorchPupil, fit_pupil_poly
 from napari_coordgate.calibration.synthetic import EllipticalOptics, PupilOptics, bead_slide, psf_error
 from napari_coordgate.optics.blur import _tent_weights, normalized_coordinates
 from napari_coordgate.optics.measured import MeasuredGridPSF, tent_weights_1d
-from napari_coordgate.optics.psf import PRESETS, _PupilModel, _pupil_samples, psfs_at
+from napari_coordgate.optics.psf import PRESETS, _pupil_samples, _PupilModel, psfs_at
 from napari_coordgate.optics.psfmodel import psf_model_from_record
 from napari_coordgate.optics.pupil_poly import MONOMIALS, PupilPolyPSF
 

@@ -338,8 +338,8 @@ def calibrate(
         refit = fit_pupil_poly(patches.core(), patches.y_norm, patches.x_norm, patches.shift, patches.noise,
                                **optics, grid=7, device=dev_name, init=pupil_fit.model.coefficients,
                                max_iterations=0, polish_iterations=8, should_stop=should_stop,
-                               on_iteration=lambda d, t, l: say("refit", 0.85 + 0.1 * d / max(t, 1),
-                                                                f"pupil refit: iteration {d} of {t}"))
+                               on_iteration=lambda d, t, _loss: say("refit", 0.85 + 0.1 * d / max(t, 1),
+                                                                    f"pupil refit: iteration {d} of {t}"))
         final = refit.model
         if refit.stopped:
             warnings.append("stopped during the final pupil refit: its coefficients so far are used")
@@ -359,7 +359,8 @@ def calibrate(
     if n_close > 0.3 * n_spots:
         warnings.append(f"{n_close} of {n_spots} beads are too close to a neighbour: a sparser slide would use more")
     if n < 30:
-        warnings.append(f"only {n} beads were usable: the model is noisy; a few hundred beads over the field are better")
+        warnings.append(f"only {n} beads were usable: the model is noisy; a few hundred beads over the field are "
+                        "better")
 
     prov = {
         "source": [str(s) for s in ([source] if isinstance(source, (str, Path)) else (source or []))],

@@ -175,7 +175,8 @@ def _clean(image: np.ndarray, hot: np.ndarray) -> np.ndarray:
     return out
 
 
-def _log_candidates(sig: np.ndarray, z_threshold: float, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _log_candidates(sig: np.ndarray, z_threshold: float, scales: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ys, xs, scale) of significant local maxima of the scale-normalised LoG scale space."""
     from skimage.feature import peak_local_max
 
@@ -262,7 +263,8 @@ def fit_gaussians(windows: np.ndarray, mask: np.ndarray, sigma0: np.ndarray, ite
         jw = jac * wts[:, :, None]
         hess = np.einsum("npi,npj->nij", jw, jac)
         grad = np.einsum("npi,np->ni", jw, data - m)
-        damp = hess + lam[:, None, None] * (np.eye(7) * np.maximum(np.diagonal(hess, axis1=1, axis2=2), 1e-12)[:, None, :])
+        diag = np.maximum(np.diagonal(hess, axis1=1, axis2=2), 1e-12)
+        damp = hess + lam[:, None, None] * (np.eye(7) * diag[:, None, :])
         try:
             step = np.linalg.solve(damp, grad[..., None])[..., 0]
         except np.linalg.LinAlgError:
@@ -422,4 +424,5 @@ def reject_by_window(table: BeadTable, shapes: list[tuple[int, int]], psf_size: 
         d, _ = cKDTree(pts).query(pts, k=2)
         close[idx] = d[:, 1] < limit
         dist[idx] = d[:, 1]
-    table.reject(close, "too close", np.array([f"neighbour at {d:.1f} px < {limit:.1f} px" for d in dist], dtype=object))
+    table.reject(close, "too close",
+                 np.array([f"neighbour at {d:.1f} px < {limit:.1f} px" for d in dist], dtype=object))

@@ -12,9 +12,8 @@ Gauss-Newton), the same way for every model, so held-out residuals compare model
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,8 +21,8 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from napari_coordgate.calibration.detect import BeadTable
 
-__all__ = ["Patches", "window_size", "extract_patches", "fourier_shift", "fit_beads", "fit_amplitude_shift", "xcorr_shift",
-           "centroid", "recentre"]
+__all__ = ["Patches", "window_size", "extract_patches", "fourier_shift", "fit_beads", "fit_amplitude_shift",
+           "xcorr_shift", "centroid", "recentre"]
 
 
 def fourier_shift(images: np.ndarray, dy, dx) -> np.ndarray:

@@ -24,8 +24,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from napari_coordgate.optics.psf import _MAX_SLOPE, ZERNIKE_TERMS, PSFConfig, _effective_oversample, _pupil_samples
 from napari_coordgate.calibration.patches import fit_amplitude_shift
+from napari_coordgate.optics.psf import _MAX_SLOPE, ZERNIKE_TERMS, PSFConfig, _effective_oversample, _pupil_samples
 from napari_coordgate.optics.pupil_poly import MONOMIALS, PupilPolyPSF, monomials
 
 __all__ = ["TorchPupil", "PupilFit", "fit_pupil_poly"]
@@ -381,7 +381,8 @@ def init_from_nodes(node_psfs: np.ndarray, *, na: float, wavelength_um: float, r
 
     A pupil with constant aberrations is fitted to the core of each of up to ``nodes_per_axis``² node PSFs from
     several starts (defocus 0.1 / 0.35 waves, without astigmatism and with astigmatism along and across the node
-    PSF's long axis; Levenberg-Marquardt, :func:`_lm_independent`), the best start per node is kept, the group signs of the even terms are made consistent across the field
+    PSF's long axis; Levenberg-Marquardt, :func:`_lm_independent`), the best start per node is kept, the group
+    signs of the even terms are made consistent across the field
     (:func:`_align_signs`) and a quadratic is fitted through the nodes' coefficients.
 
     Returns (coefficients (6, 6), stopped).

@@ -254,7 +254,8 @@ class MeasuredGridPSF(PSFModel):
     @classmethod
     def from_record(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> "MeasuredGridPSF":
         if not isinstance(meta, dict) or meta.get("kind") != cls.kind:
-            raise ValueError(f"not a {cls.kind} PSF record (kind {meta.get('kind') if isinstance(meta, dict) else None!r})")
+            kind = meta.get("kind") if isinstance(meta, dict) else None
+            raise ValueError(f"not a {cls.kind} PSF record (kind {kind!r})")
         version = meta.get("version", 1)
         if not isinstance(version, int) or version > _RECORD_VERSION:
             raise ValueError(

@@ -238,5 +238,4 @@ def _from_name_or_path(spec: "str | os.PathLike") -> PSFModel:
 
 
 def _load_implementations() -> None:
-    from . import psf  # noqa: F401 - registers "pupil"
-    from . import measured, pupil_poly  # noqa: F401 - register "measured_grid" and "pupil_poly"
+    from . import measured, psf, pupil_poly  # noqa: F401 - register "measured_grid", "pupil" and "pupil_poly"
