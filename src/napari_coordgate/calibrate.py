@@ -136,7 +136,7 @@ def calibrate(
     device: str = "auto",
     should_stop: Callable[[], bool] | None = None,
     report: Callable[[CalibrationUpdate], None] | None = None,
-    source: "str | Sequence[str] | None" = None,
+    source: str | Sequence[str] | None = None,
     min_snr: float = 5.0,
 ) -> CalibrationResult:
     """Measure a microscope's field-dependent PSF from an image of sub-resolution beads.
@@ -183,7 +183,21 @@ def calibrate(
     CalibrationCancelled
         ``should_stop()`` returned True before a model was fitted.
     """
-    t0 = time.perf_counter()
+    settings = {"model": model, "grid": grid, "na": na, "wavelength_um": wavelength_um, "immersion": immersion,
+                "pixel_size_um": pixel_size_um, "psf_size": psf_size, "min_snr": min_snr, "device": device}
+    run = _Run(settings, _check_settings(settings), should_stop, report)
+    run.detect(*_check_images(images))
+    run.choose_window(psf_size)
+    patches = run.usable_patches()
+    train, test = run.split(patches)
+    run.fit_grid(train, test)
+    run.fit_pupil(train, test)
+    return run.result(run.refit(patches), patches, source)
+
+
+def _check_settings(settings: dict) -> dict | None:
+    """The optics as the pupil fit wants them (None when not all given); CalibrationError for bad settings."""
+    model, grid, psf_size = settings["model"], settings["grid"], settings["psf_size"]
     if model not in MODELS:
         raise CalibrationError(f"model must be one of {', '.join(MODELS)}; got {model!r}")
     if grid is not None and (isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or not 1 <= grid <= 25):
@@ -191,202 +205,227 @@ def calibrate(
     if psf_size is not None and (isinstance(psf_size, bool) or not isinstance(psf_size, (int, np.integer))
                                  or psf_size < 7 or psf_size % 2 == 0):
         raise CalibrationError(f"psf_size must be an odd integer of at least 7 pixels, got {psf_size!r}")
-    given = {"na": na, "wavelength": wavelength_um, "immersion": immersion, "pixel size": pixel_size_um}
+    given = {"na": settings["na"], "wavelength": settings["wavelength_um"], "immersion": settings["immersion"],
+             "pixel size": settings["pixel_size_um"]}
     for key, value in given.items():
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise CalibrationError(f"{key} must be a positive number, got {value!r}")
     missing = [k for k, v in given.items() if v is None]
-    optics = None if missing else {"na": float(na), "wavelength_um": float(wavelength_um),
-                                   "refractive_index": float(immersion), "pixel_size_um": float(pixel_size_um)}
-    if model == "pupil" and optics is None:
+    if model == "pupil" and missing:
         raise CalibrationError(f"the pupil model needs the NA, emission wavelength, immersion index and pixel size; "
                                f"missing: {', '.join(missing)} (or use model 'grid', which needs none)")
-    if optics is not None and optics["na"] >= optics["refractive_index"]:
-        raise CalibrationError(f"na ({na}) must be smaller than the immersion index ({immersion})")
+    if missing:
+        return None
+    if given["na"] >= given["immersion"]:
+        raise CalibrationError(f"na ({given['na']}) must be smaller than the immersion index ({given['immersion']})")
+    return {"na": float(given["na"]), "wavelength_um": float(given["wavelength"]),
+            "refractive_index": float(given["immersion"]), "pixel_size_um": float(given["pixel size"])}
 
-    def say(stage: str, progress: float, message: str) -> None:
-        if report is not None:
-            report(CalibrationUpdate(stage, float(progress), message, time.perf_counter() - t0))
 
-    def stopped() -> bool:
-        return should_stop is not None and bool(should_stop())
+class _Run:
+    """One calibration, stage by stage (each method one stage of :func:`calibrate`)."""
 
-    raw, planes = _check_images(images)
-    h, w = planes[0].shape
-    field_shape = (h, w)
-    warnings: list[str] = []
+    def __init__(self, settings: dict, optics: dict | None, should_stop, report):
+        self.t0 = time.perf_counter()
+        self.settings, self.optics = settings, optics
+        self.model, self.grid = settings["model"], settings["grid"]
+        self.should_stop, self.report = should_stop, report
+        self.warnings: list[str] = []
+        self.residuals: dict[str, float | None] = {"grid": None, "pupil": None}
+        self.candidates: dict[str, PSFModel] = {}
+        self.device = "cpu"
+        self.pupil_fit = None
+        self.need = max(GRID_MIN_BEADS, math.ceil(self.grid * self.grid / 2) if self.grid else 0)
+        if self.model == "pupil":
+            self.need = max(self.need, PUPIL_MIN_BEADS)
 
-    # ------------------------------------------------------------------------------------------ detect
-    tables, cleaned, noises = [], [], []
-    for i, (r, p) in enumerate(zip(raw, planes)):
-        say("detect", 0.05 + 0.15 * i / len(planes), f"detecting beads in image {i + 1} of {len(planes)}")
-        tab, clean, noise = find_beads(r, image_index=i, min_snr=min_snr)
-        tables.append(tab)
-        cleaned.append(clean)
-        noises.append(noise)
-        if stopped():
-            raise CalibrationCancelled("calibration stopped during bead detection")
-    table = BeadTable.concat(tables)
-    spots = ~np.isin(table.reason, ["hot pixel", "fit failed", "too faint"])
-    n_spots = int(spots.sum())
-    if n_spots == 0:
-        found = ", ".join(f"{v} {k}" for k, v in table.counts().items() if k != "accepted" and v)
-        raise CalibrationError(
-            "no beads found in the bead image" + (f" (only: {found})" if found else "")
-            + "; check that it is in focus, exposed (beads well above the noise) and the right channel")
-    n_sat = int((table.reason == "saturated").sum())
-    if n_sat == n_spots:
-        raise CalibrationError(f"all {n_sat} beads are saturated (pixels at the camera's maximum); lower the "
-                               "exposure time or the excitation power and image the slide again")
+    def say(self, stage: str, progress: float, message: str) -> None:
+        if self.report is not None:
+            self.report(CalibrationUpdate(stage, float(progress), message, time.perf_counter() - self.t0))
 
-    limit = min(h, w) - 2 * _MARGIN - 3
-    size = int(psf_size) if psf_size is not None else window_size(table, cleaned, limit, optics, _MARGIN)
-    if size > limit:
-        raise CalibrationError(f"psf_size {size} does not fit in a {h} x {w} frame with its background ring")
-    reject_by_window(table, [p.shape for p in planes], size, _MARGIN)
+    def stopped(self) -> bool:
+        return self.should_stop is not None and bool(self.should_stop())
 
-    # --------------------------------------------------------------------------------------- patches
-    ok = np.flatnonzero(table.accepted)
-    need = max(GRID_MIN_BEADS, math.ceil(grid * grid / 2) if grid else 0)
-    if model == "pupil":
-        need = max(need, PUPIL_MIN_BEADS)
-    if ok.size < need:
-        counts = ", ".join(f"{v} {k}" for k, v in table.counts().items() if k != "accepted")
-        what = "pupil model" if model == "pupil" else f"{grid} x {grid} grid" if grid else "measured grid"
-        raise CalibrationError(
-            f"the {what} needs at least {need} usable beads, found {ok.size}"
-            + (f" (rejected: {counts})" if counts else "")
-            + "; image more beads (a denser slide, or several positions of the slide as a series)")
-    patches = extract_patches(cleaned, noises, table.image[ok], table.y[ok], table.x[ok], table.y_norm[ok],
-                              table.x_norm[ok], ok, size, _MARGIN)
-    good = np.isfinite(patches.flux) & (patches.flux > 0) & np.all(np.isfinite(patches.patches), axis=(1, 2))
-    if not good.all():
-        table.reject(np.isin(np.arange(len(table)), patches.index[~good]), "fit failed",
-                     "no light above the local background")
-        patches = patches.subset(good)
+    def detect(self, raw: list[np.ndarray], planes: list[np.ndarray]) -> None:
+        """Beads in every image; CalibrationError when none, or all saturated."""
+        self.shapes = [p.shape for p in planes]
+        self.field_shape = planes[0].shape
+        tables, self.cleaned, self.noises = [], [], []
+        for i, r in enumerate(raw):
+            self.say("detect", 0.05 + 0.15 * i / len(raw), f"detecting beads in image {i + 1} of {len(raw)}")
+            tab, clean, noise = find_beads(r, image_index=i, min_snr=self.settings["min_snr"])
+            tables.append(tab)
+            self.cleaned.append(clean)
+            self.noises.append(noise)
+            if self.stopped():
+                raise CalibrationCancelled("calibration stopped during bead detection")
+        table = self.table = BeadTable.concat(tables)
+        spots = ~np.isin(table.reason, ["hot pixel", "fit failed", "too faint"])
+        self.n_spots = int(spots.sum())
+        if self.n_spots == 0:
+            found = ", ".join(f"{v} {k}" for k, v in table.counts().items() if k != "accepted" and v)
+            raise CalibrationError(
+                "no beads found in the bead image" + (f" (only: {found})" if found else "")
+                + "; check that it is in focus, exposed (beads well above the noise) and the right channel")
+        self.n_sat = int((table.reason == "saturated").sum())
+        if self.n_sat == self.n_spots:
+            raise CalibrationError(f"all {self.n_sat} beads are saturated (pixels at the camera's maximum); lower "
+                                   "the exposure time or the excitation power and image the slide again")
 
-    # outliers (touching pairs, debris): beads that a robust grid through all beads cannot explain
-    k0 = grid or int(np.clip(round(math.sqrt(len(patches) / 8.0)), 1, 7))
-    pre = fit_grid(patches, k0)
-    out = pre.outlier_ratio > _OUTLIER_RATIO
-    if out.any() and (len(patches) - out.sum()) >= need:
-        rows = patches.index[out]
-        detail = np.full(len(table), "", dtype=object)
-        detail[rows] = [f"misfit {r:.0f}x the median" for r in pre.outlier_ratio[out]]
-        table.reject(np.isin(np.arange(len(table)), rows), "outlier", detail)
-        patches = patches.subset(~out)
-    if stopped():
-        raise CalibrationCancelled("calibration stopped before fitting")
+    def choose_window(self, psf_size: int | None) -> None:
+        h, w = self.field_shape
+        limit = min(h, w) - 2 * _MARGIN - 3
+        self.size = size = (int(psf_size) if psf_size is not None
+                            else window_size(self.table, self.cleaned, limit, self.optics, _MARGIN))
+        if size > limit:
+            raise CalibrationError(f"psf_size {size} does not fit in a {h} x {w} frame with its background ring")
+        reject_by_window(self.table, self.shapes, size, _MARGIN)
 
-    n = len(patches)
-    held = (np.arange(n) % _HOLD_OUT) == _HOLD_OUT - 1
-    if held.sum() == 0:
-        held[-1] = True
-    train, test = patches.subset(~held), patches.subset(held)
-    table.held_out[patches.index[held]] = True
+    def usable_patches(self) -> Patches:
+        """Registered patches of the accepted beads, without outliers; CalibrationError when too few."""
+        table, need = self.table, self.need
+        ok = np.flatnonzero(table.accepted)
+        if ok.size < need:
+            counts = ", ".join(f"{v} {k}" for k, v in table.counts().items() if k != "accepted")
+            what = ("pupil model" if self.model == "pupil" else f"{self.grid} x {self.grid} grid" if self.grid
+                    else "measured grid")
+            raise CalibrationError(
+                f"the {what} needs at least {need} usable beads, found {ok.size}"
+                + (f" (rejected: {counts})" if counts else "")
+                + "; image more beads (a denser slide, or several positions of the slide as a series)")
+        patches = extract_patches(self.cleaned, self.noises, table.image[ok], table.y[ok], table.x[ok],
+                                  table.y_norm[ok], table.x_norm[ok], ok, self.size, _MARGIN)
+        good = np.isfinite(patches.flux) & (patches.flux > 0) & np.all(np.isfinite(patches.patches), axis=(1, 2))
+        if not good.all():
+            table.reject(np.isin(np.arange(len(table)), patches.index[~good]), "fit failed",
+                         "no light above the local background")
+            patches = patches.subset(good)
+        # outliers (touching pairs, debris): beads that a robust grid through all beads cannot explain
+        k0 = self.grid or int(np.clip(round(math.sqrt(len(patches) / 8.0)), 1, 7))
+        pre = fit_grid(patches, k0)
+        out = pre.outlier_ratio > _OUTLIER_RATIO
+        if out.any() and (len(patches) - out.sum()) >= need:
+            rows = patches.index[out]
+            detail = np.full(len(table), "", dtype=object)
+            detail[rows] = [f"misfit {r:.0f}x the median" for r in pre.outlier_ratio[out]]
+            table.reject(np.isin(np.arange(len(table)), rows), "outlier", detail)
+            patches = patches.subset(~out)
+        if self.stopped():
+            raise CalibrationCancelled("calibration stopped before fitting")
+        return patches
 
-    # ------------------------------------------------------------------------------------------ grid
-    say("grid", 0.3, f"fitting the measured grid to {len(train)} beads")
-    grid_fit, grid_model, lam = _fit_grid_model(train, grid, pixel_size_um)
-    residuals: dict[str, float | None] = {"grid": _score(grid_model, test, field_shape)[0], "pupil": None}
-    candidates: dict[str, PSFModel] = {"grid": grid_model}
+    def split(self, patches: Patches) -> tuple[Patches, Patches]:
+        """Every 5th bead held out to compare the models."""
+        n = len(patches)
+        held = (np.arange(n) % _HOLD_OUT) == _HOLD_OUT - 1
+        if held.sum() == 0:
+            held[-1] = True
+        self.table.held_out[patches.index[held]] = True
+        return patches.subset(~held), patches.subset(held)
 
-    # ----------------------------------------------------------------------------------------- pupil
-    pupil_fit = None
-    dev_name = "cpu"
-    want_pupil = model == "pupil" or (model == "auto" and optics is not None)
-    if want_pupil and n < PUPIL_MIN_BEADS:
-        warnings.append(f"only {n} usable beads: the pupil model needs at least {PUPIL_MIN_BEADS}, so only the "
-                        "measured grid was fitted")
-        want_pupil = False
-    if want_pupil:
+    def fit_grid(self, train: Patches, test: Patches) -> None:
+        self.say("grid", 0.3, f"fitting the measured grid to {len(train)} beads")
+        self.grid_fit, grid_model, self.lam = _fit_grid_model(train, self.grid, self.settings["pixel_size_um"])
+        self.residuals["grid"] = _score(grid_model, test, self.field_shape)[0]
+        self.candidates["grid"] = grid_model
+
+    def fit_pupil(self, train: Patches, test: Patches) -> None:
+        n = len(train) + len(test)
+        if not (self.model == "pupil" or (self.model == "auto" and self.optics is not None)):
+            return
+        if n < PUPIL_MIN_BEADS:
+            self.warnings.append(f"only {n} usable beads: the pupil model needs at least {PUPIL_MIN_BEADS}, so "
+                                 "only the measured grid was fitted")
+            return
         from napari_coordgate.calibration.pupilfit import fit_pupil_poly
         from napari_coordgate.optics.blur import resolve_device
 
-        dev = resolve_device(device)
-        dev_name = str(dev)
-
-        def progress(done, total, loss, base=0.4, span=0.4):
-            say("pupil", base + span * done / max(total, 1), f"pupil fit: iteration {done} of {total}, loss {loss:.4g}")
-
-        say("pupil", 0.4, f"fitting the pupil model to {len(train)} beads")
-        pupil_fit = fit_pupil_poly(train.core(), train.y_norm, train.x_norm, train.shift, train.noise, **optics,
-                                   grid=7, device=dev, node_psfs=grid_fit.psfs, should_stop=should_stop,
-                                   on_iteration=progress)
-        if pupil_fit.stopped:
-            warnings.append("stopped during the pupil fit: the measured grid is used")
-            want_pupil = False
-            if model == "pupil":
+        dev = resolve_device(self.settings["device"])
+        self.device = str(dev)
+        self.say("pupil", 0.4, f"fitting the pupil model to {len(train)} beads")
+        fit = fit_pupil_poly(train.core(), train.y_norm, train.x_norm, train.shift, train.noise, **self.optics,
+                             grid=7, device=dev, node_psfs=self.grid_fit.psfs, should_stop=self.should_stop,
+                             on_iteration=lambda d, t, loss: self.say("pupil", 0.4 + 0.4 * d / max(t, 1),
+                                                                      f"pupil fit: iteration {d} of {t}, "
+                                                                      f"loss {loss:.4g}"))
+        if fit.stopped:
+            if self.model == "pupil":
                 raise CalibrationCancelled("calibration stopped during the pupil fit")
+            self.warnings.append("stopped during the pupil fit: the measured grid is used")
+            return
+        self.pupil_fit = fit
+        self.residuals["pupil"] = _score(fit.model, test, self.field_shape)[0]
+        self.candidates["pupil"] = fit.model
+
+    def refit(self, patches: Patches) -> PSFModel:
+        """The chosen model refitted on all beads; per-bead residuals into the table."""
+        if self.pupil_fit is None or self.model == "grid":
+            self.chosen = "grid"
+        elif self.model == "pupil" or self.residuals["pupil"] < self.residuals["grid"]:
+            self.chosen = "pupil"
         else:
-            residuals["pupil"] = _score(pupil_fit.model, test, field_shape)[0]
-            candidates["pupil"] = pupil_fit.model
+            self.chosen = "grid"
+        self.say("refit", 0.85, f"refitting the {self.chosen} model on all {len(patches)} beads")
+        if self.chosen == "grid":
+            self.grid_fit = fit_grid(patches, self.grid_fit.k, self.lam)
+            final: PSFModel = _grid_model(self.grid_fit, self.settings["pixel_size_um"])
+        else:
+            from napari_coordgate.calibration.pupilfit import fit_pupil_poly
 
-    if model == "grid" or not want_pupil:
-        chosen = "grid"
-    elif model == "pupil":
-        chosen = "pupil"
-    else:
-        chosen = "pupil" if residuals["pupil"] < residuals["grid"] else "grid"
+            refit = fit_pupil_poly(patches.core(), patches.y_norm, patches.x_norm, patches.shift, patches.noise,
+                                   **self.optics, grid=7, device=self.device,
+                                   init=self.pupil_fit.model.coefficients, max_iterations=0, polish_iterations=8,
+                                   should_stop=self.should_stop,
+                                   on_iteration=lambda d, t, _loss: self.say(
+                                       "refit", 0.85 + 0.1 * d / max(t, 1), f"pupil refit: iteration {d} of {t}"))
+            final = refit.model
+            if refit.stopped:
+                self.warnings.append("stopped during the final pupil refit: its coefficients so far are used")
+        _, fit_all = _score(final, patches, self.field_shape)
+        self.table.residual[patches.index] = fit_all["relative"]
+        return final
 
-    # ------------------------------------------------------------------- refit the winner on all beads
-    say("refit", 0.85, f"refitting the {chosen} model on all {n} beads")
-    if chosen == "grid":
-        grid_fit = fit_grid(patches, grid_fit.k, lam)
-        final: PSFModel = _grid_model(grid_fit, pixel_size_um)
-    else:
-        refit = fit_pupil_poly(patches.core(), patches.y_norm, patches.x_norm, patches.shift, patches.noise,
-                               **optics, grid=7, device=dev_name, init=pupil_fit.model.coefficients,
-                               max_iterations=0, polish_iterations=8, should_stop=should_stop,
-                               on_iteration=lambda d, t, _loss: say("refit", 0.85 + 0.1 * d / max(t, 1),
-                                                                    f"pupil refit: iteration {d} of {t}"))
-        final = refit.model
-        if refit.stopped:
-            warnings.append("stopped during the final pupil refit: its coefficients so far are used")
-    _, fit_all = _score(final, patches, field_shape)
-    table.residual[patches.index] = fit_all["relative"]
+    def result(self, final: PSFModel, patches: Patches, source) -> CalibrationResult:
+        n, table = len(patches), self.table
+        self.warnings.extend(_coverage_warnings(table, self.field_shape)[0])
+        fit = self.grid_fit
+        if self.chosen == "grid" and fit.filled.any():
+            nodes = ", ".join(f"({i}, {j})" for i, j in zip(*np.nonzero(fit.filled)))
+            self.warnings.append(f"{int(fit.filled.sum())} of {fit.k * fit.k} grid nodes had too few beads nearby "
+                                 f"and were filled from their neighbours (row, column): {nodes}")
+        if self.n_sat > 0.2 * self.n_spots:
+            self.warnings.append(f"{self.n_sat} of {self.n_spots} beads are saturated: lower the exposure to use "
+                                 "them")
+        n_close = int((table.reason == "too close").sum())
+        if n_close > 0.3 * self.n_spots:
+            self.warnings.append(f"{n_close} of {self.n_spots} beads are too close to a neighbour: a sparser slide "
+                                 "would use more")
+        if n < 30:
+            self.warnings.append(f"only {n} beads were usable: the model is noisy; a few hundred beads over the "
+                                 "field are better")
+        final = _with_provenance(final, self._provenance(n, source))
+        self.candidates[self.chosen] = final
+        self.say("done", 1.0, "calibration done")
+        return CalibrationResult(final, self.chosen, self.residuals, table, self.warnings, self.candidates,
+                                 tuple(self.field_shape), self.size, [float(v) for v in self.noises], fit,
+                                 self.settings, time.perf_counter() - self.t0, self.device)
 
-    # ------------------------------------------------------------------------------------- warnings
-    cov_warn, _ = _coverage_warnings(table, field_shape)
-    warnings.extend(cov_warn)
-    if chosen == "grid" and grid_fit.filled.any():
-        nodes = ", ".join(f"({i}, {j})" for i, j in zip(*np.nonzero(grid_fit.filled)))
-        warnings.append(f"{int(grid_fit.filled.sum())} of {grid_fit.k * grid_fit.k} grid nodes had too few beads "
-                        f"nearby and were filled from their neighbours (row, column): {nodes}")
-    if n_sat > 0.2 * n_spots:
-        warnings.append(f"{n_sat} of {n_spots} beads are saturated: lower the exposure to use them")
-    n_close = int((table.reason == "too close").sum())
-    if n_close > 0.3 * n_spots:
-        warnings.append(f"{n_close} of {n_spots} beads are too close to a neighbour: a sparser slide would use more")
-    if n < 30:
-        warnings.append(f"only {n} beads were usable: the model is noisy; a few hundred beads over the field are "
-                        "better")
-
-    prov = {
-        "source": [str(s) for s in ([source] if isinstance(source, (str, Path)) else (source or []))],
-        "date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-        "bead_count": n,
-        "images": len(planes),
-        "field_shape": [h, w],
-        "fit_residual": residuals[chosen],
-        "held_out_residuals": {k: v for k, v in residuals.items() if v is not None},
-        "chosen_model": chosen,
-        "psf_size": size,
-    }
-    try:
+    def _provenance(self, n: int, source) -> dict:
+        prov = {
+            "source": [str(s) for s in ([source] if isinstance(source, (str, Path)) else (source or []))],
+            "date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+            "bead_count": n,
+            "images": len(self.shapes),
+            "field_shape": list(self.field_shape),
+            "fit_residual": self.residuals[self.chosen],
+            "held_out_residuals": {k: v for k, v in self.residuals.items() if v is not None},
+            "chosen_model": self.chosen,
+            "psf_size": self.size,
+        }
         from napari_coordgate import __version__
 
         prov["napari_coordgate"] = __version__
-    except ImportError:  # pragma: no cover
-        pass
-    final = _with_provenance(final, prov)
-    candidates[chosen] = final
-    settings = {"model": model, "grid": grid, "na": na, "wavelength_um": wavelength_um, "immersion": immersion,
-                "pixel_size_um": pixel_size_um, "psf_size": psf_size, "min_snr": min_snr, "device": device}
-    say("done", 1.0, "calibration done")
-    return CalibrationResult(final, chosen, residuals, table, warnings, candidates, field_shape, size,
-                             [float(v) for v in noises], grid_fit,
-                             settings, time.perf_counter() - t0, dev_name)
+        return prov
 
 
 def _fit_grid_model(train: Patches, grid: int | None, pixel_size_um) -> tuple[GridFit, MeasuredGridPSF, float]:

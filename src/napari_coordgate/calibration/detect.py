@@ -344,31 +344,7 @@ def find_beads(
     scales = 1.5 ** np.arange(nscale)
     ys, xs, sc = _log_candidates(sig, z_threshold, scales)
 
-    n = ys.size
-    table = _empty(n, image_index)
-    if n:
-        wsize = int(np.clip(2 * math.ceil(2.5 * np.percentile(sc, 90)) + 1, 9, 25))
-        win, mask = _windows(cleaned, ys, xs, wsize)
-        fit = fit_gaussians(win, mask, np.clip(sc, 0.8, wsize / 4))
-        table.y = ys + np.where(fit["ok"], fit["y0"], 0.0)
-        table.x = xs + np.where(fit["ok"], fit["x0"], 0.0)
-        table.peak = fit["amplitude"]
-        table.background = fit["background"]
-        table.snr = fit["amplitude"] / noise
-        fx, fy, ell, theta, minor = shape_from_cov(fit["cov"])
-        table.fwhm_x, table.fwhm_y, table.ellipticity, table.orientation_deg = fx, fy, ell, theta
-
-        level = saturation_level(raw)
-        if level is not None:
-            rr = 2
-            pad = np.pad(raw, rr, mode="edge")
-            core = np.stack([pad[ys + rr + dy, xs + rr + dx] for dy in range(-rr, rr + 1) for dx in range(-rr, rr + 1)])
-            table.reject((core >= level).any(axis=0), "saturated", f"pixels at the clipping level {level:g}")
-        table.reject(fit["ok"] & (minor < 0.45), "hot pixel", "narrower than a pixel")
-        table.reject(~fit["ok"], "fit failed", "the Gaussian fit did not converge to a compact spot")
-        table.reject(table.snr < min_snr, "too faint",
-                     np.array([f"SNR {s:.1f} < {min_snr:g}" for s in np.nan_to_num(table.snr)], dtype=object))
-
+    table = _refine(raw, cleaned, ys, xs, sc, noise, min_snr, image_index)
     hy, hx = np.nonzero(hot)
     hot_rows = _empty(hy.size, image_index)
     hot_rows.y, hot_rows.x = hy.astype(float), hx.astype(float)
@@ -381,6 +357,35 @@ def find_beads(
     out.y_norm = (2.0 * out.y - (h - 1)) / max(h - 1, 1)
     out.x_norm = (2.0 * out.x - (w - 1)) / max(w - 1, 1)
     return out, cleaned, noise
+
+
+def _refine(raw, cleaned, ys, xs, sc, noise: float, min_snr: float, image_index: int) -> BeadTable:
+    """Candidates -> table rows: Gaussian fit (centre, peak, widths), then the saturated / narrower than a pixel /
+    fit failed / too faint rejections."""
+    table = _empty(ys.size, image_index)
+    if not ys.size:
+        return table
+    wsize = int(np.clip(2 * math.ceil(2.5 * np.percentile(sc, 90)) + 1, 9, 25))
+    win, mask = _windows(cleaned, ys, xs, wsize)
+    fit = fit_gaussians(win, mask, np.clip(sc, 0.8, wsize / 4))
+    table.y = ys + np.where(fit["ok"], fit["y0"], 0.0)
+    table.x = xs + np.where(fit["ok"], fit["x0"], 0.0)
+    table.peak = fit["amplitude"]
+    table.background = fit["background"]
+    table.snr = fit["amplitude"] / noise
+    fx, fy, ell, theta, minor = shape_from_cov(fit["cov"])
+    table.fwhm_x, table.fwhm_y, table.ellipticity, table.orientation_deg = fx, fy, ell, theta
+    level = saturation_level(raw)
+    if level is not None:
+        rr = 2
+        pad = np.pad(raw, rr, mode="edge")
+        core = np.stack([pad[ys + rr + dy, xs + rr + dx] for dy in range(-rr, rr + 1) for dx in range(-rr, rr + 1)])
+        table.reject((core >= level).any(axis=0), "saturated", f"pixels at the clipping level {level:g}")
+    table.reject(fit["ok"] & (minor < 0.45), "hot pixel", "narrower than a pixel")
+    table.reject(~fit["ok"], "fit failed", "the Gaussian fit did not converge to a compact spot")
+    table.reject(table.snr < min_snr, "too faint",
+                 np.array([f"SNR {s:.1f} < {min_snr:g}" for s in np.nan_to_num(table.snr)], dtype=object))
+    return table
 
 
 def _empty(n: int, image_index: int) -> BeadTable:

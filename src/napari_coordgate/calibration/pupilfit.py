@@ -153,6 +153,74 @@ class TorchPupil:
         return psf, dpsf
 
 
+class _Joint:
+    """The joint least-squares problem of the beads: model of bead b ``a_b PSF(phi_b C^T, shift_b) + o_b``."""
+
+    def __init__(self, pupil: TorchPupil, data: np.ndarray, noise: np.ndarray, phi: np.ndarray, chunk: int):
+        self.pupil, self.chunk = pupil, chunk
+        kw = {"device": pupil.device, "dtype": pupil.dtype}
+        self.n = data.shape[0]
+        self.d = torch.as_tensor(data.reshape(self.n, -1), **kw)
+        self.w = torch.as_tensor(1.0 / np.maximum(noise, 1e-30) ** 2, **kw)
+        self.ph = torch.as_tensor(phi, **kw)
+
+    def evaluate(self, theta: torch.Tensor, shifts: torch.Tensor):
+        """(amplitudes, offsets, chi2 per bead) at the coefficients ``theta`` and ``shifts``."""
+        psf = torch.cat([self.pupil.psfs(self.ph[b] @ theta.to(self.pupil.dtype).T, shifts[b].to(self.pupil.dtype))
+                         .reshape(-1, self.d.shape[1]) for b in self._chunks()])
+        a, o = _solve_amplitude_offset(psf, self.d)
+        r = self.d - a[:, None] * psf - o[:, None]
+        return a, o, (r * r).sum(1) * self.w
+
+    def _chunks(self):
+        return [slice(c, c + self.chunk) for c in range(0, self.n, self.chunk)]
+
+    def normal_equations(self, theta, shifts, amp, off, weights):
+        """Blocks of JᵀWJ and JᵀWr: shared A (P x P) and g_a, per bead B (N, P, 4), D (N, 4, 4) and g_d (N, 4),
+        accumulated chunk by chunk (the P Jacobian columns of every pixel of every bead would not fit at once).
+        The 4 per-bead unknowns are dy, dx, amplitude, offset."""
+        f64 = {"dtype": torch.float64, "device": self.pupil.device}
+        npar = theta.numel()
+        big_a, g_a = torch.zeros(npar, npar, **f64), torch.zeros(npar, **f64)
+        cross, local, g_d = [], [], []
+        for b in self._chunks():
+            p, dp = self.pupil.psfs_and_derivatives(self.ph[b] @ theta.to(self.pupil.dtype).T,
+                                                    shifts[b].to(self.pupil.dtype))
+            p, dp = p.reshape(p.shape[0], -1), dp.reshape(dp.shape[0], 8, -1)
+            ab = amp[b]
+            r = (self.d[b] - ab[:, None] * p - off[b, None]).to(torch.float64)
+            jt = ((ab[:, None, None] * dp[:, :6])[:, :, None, :] * self.ph[b, None, :, None]).reshape(
+                p.shape[0], npar, -1).to(torch.float64)
+            jl = torch.stack([ab[:, None] * dp[:, 6], ab[:, None] * dp[:, 7], p, torch.ones_like(p)], 1)
+            jl, wc = jl.to(torch.float64), weights[b]
+            big_a += torch.einsum("n,nip,njp->ij", wc, jt, jt)
+            g_a += torch.einsum("n,nip,np->i", wc, jt, r)
+            cross.append(torch.einsum("n,nip,njp->nij", wc, jt, jl))
+            local.append(torch.einsum("n,nip,njp->nij", wc, jl, jl))
+            g_d.append(torch.einsum("n,njp,np->nj", wc, jl, r))
+        return big_a, g_a, torch.cat(cross), torch.cat(local), torch.cat(g_d)
+
+    @staticmethod
+    def damped_step(blocks, lam: float):
+        """The Levenberg-Marquardt step through the Schur complement: eliminate each bead's 4 unknowns, solve the
+        shared ones, substitute back. Returns (shared step (P,), per-bead steps (N, 4))."""
+        big_a, g_a, cross, local, g_d = blocks
+        eye4 = torch.eye(4, dtype=torch.float64, device=big_a.device)
+        d_damped = local + torch.diag_embed(lam * torch.clamp(torch.diagonal(local, dim1=1, dim2=2), min=1e-12))
+        d_damped = d_damped + 1e-12 * eye4
+        d_inv_bt = torch.linalg.solve(d_damped, cross.transpose(1, 2))  # (N, 4, P)
+        d_inv_g = torch.linalg.solve(d_damped, g_d[:, :, None])[..., 0]  # (N, 4)
+        schur = big_a + torch.diag(lam * torch.clamp(torch.diagonal(big_a), min=1e-12))
+        schur = schur - torch.einsum("nij,njk->ik", cross, d_inv_bt)
+        x = torch.linalg.solve(schur + 1e-12 * torch.eye(schur.shape[0], dtype=torch.float64, device=big_a.device),
+                               g_a - torch.einsum("nij,nj->i", cross, d_inv_g))
+        return x, d_inv_g - torch.einsum("nji,i->nj", d_inv_bt, x)
+
+
+def _cauchy(c2: torch.Tensor) -> torch.Tensor:
+    return 1.0 / (1.0 + (c2 / (3.0 * torch.median(c2))) ** 2)
+
+
 def _lm_fit(pupil: TorchPupil, data: np.ndarray, noise: np.ndarray, phi: np.ndarray, coef0: np.ndarray,
             shift0: np.ndarray, iterations: int, *, robust: bool = True, should_stop=None, on_iteration=None,
             report_total: int | None = None, report_offset: int = 0, chunk: int = 64):
@@ -166,100 +234,32 @@ def _lm_fit(pupil: TorchPupil, data: np.ndarray, noise: np.ndarray, phi: np.ndar
     Returns (coefficients (6, 6), shifts (N, 2), chi2 per bead, robust weights, iterations, stopped).
     """
     dev = pupil.device
-    f32 = {"device": dev, "dtype": pupil.dtype}
-    n = data.shape[0]
-    s2 = data.shape[-1] * data.shape[-2]
-    nt, npoly = coef0.shape
-    d = torch.as_tensor(data.reshape(n, -1), **f32)
-    w = torch.as_tensor(1.0 / np.maximum(noise, 1e-30) ** 2, **f32)
-    ph = torch.as_tensor(phi, **f32)
+    problem = _Joint(pupil, data, noise, phi, chunk)
     theta = torch.tensor(np.array(coef0, dtype=np.float64), device=dev)
     shifts = torch.as_tensor(shift0, dtype=torch.float64, device=dev).clone()
-
-    def models(th, sh):
-        out = []
-        for a in range(0, n, chunk):
-            b = slice(a, a + chunk)
-            p = pupil.psfs(ph[b] @ th.to(pupil.dtype).T, sh[b].to(pupil.dtype))
-            out.append(p.reshape(p.shape[0], -1))
-        return torch.cat(out)
-
-    def amp_off(psf):
-        a, o = _solve_amplitude_offset(psf, d)
-        return a, o
-
-    def chi2_of(psf, a, o):
-        r = d - a[:, None] * psf - o[:, None]
-        return (r * r).sum(1) * w
-
-    psf = models(theta, shifts)
-    amp, off = amp_off(psf)
-    c2 = chi2_of(psf, amp, off)
-    u = torch.ones(n, **f32)
-    if robust:
-        u = 1.0 / (1.0 + (c2 / (3.0 * torch.median(c2))) ** 2)
-    cost = float((u * c2).sum())
-    lam = 1e-3
-    done, stopped = 0, False
-    npar = nt * npoly
-    eye36 = torch.eye(npar, dtype=torch.float64, device=dev)
-    eye4 = torch.eye(4, dtype=torch.float64, device=dev)
+    amp, off, c2 = problem.evaluate(theta, shifts)
+    u = _cauchy(c2) if robust else torch.ones_like(c2)
+    cost, lam, done, stopped = float((u * c2).sum()), 1e-3, 0, False
     while done < iterations:
-        # normal equations in blocks: A (36 x 36, shared), B (per bead 36 x 4), D (per bead 4 x 4), accumulated
-        # chunk by chunk (the 36 Jacobian columns of every pixel of every bead would not fit at once)
-        wb = (w * u).to(torch.float64)
-        big_a = torch.zeros(npar, npar, dtype=torch.float64, device=dev)
-        g_a = torch.zeros(npar, dtype=torch.float64, device=dev)
-        cross, local, g_d = [], [], []
-        for c0 in range(0, n, chunk):
-            b = slice(c0, c0 + chunk)
-            cf = ph[b] @ theta.to(pupil.dtype).T
-            p, dp = pupil.psfs_and_derivatives(cf, shifts[b].to(pupil.dtype))
-            p, dp = p.reshape(p.shape[0], -1), dp.reshape(dp.shape[0], 8, -1)
-            ab = amp[b]
-            r = (d[b] - ab[:, None] * p - off[b, None]).to(torch.float64)
-            # model Jacobian per bead: the 36 polynomial coefficients, then dy, dx, amplitude, offset
-            jt = ((ab[:, None, None] * dp[:, :6])[:, :, None, :] * ph[b, None, :, None]).reshape(p.shape[0], npar, -1)
-            jl = torch.stack([ab[:, None] * dp[:, 6], ab[:, None] * dp[:, 7], p, torch.ones_like(p)], 1)
-            jt, jl, wc = jt.to(torch.float64), jl.to(torch.float64), wb[b]
-            big_a += torch.einsum("n,nip,njp->ij", wc, jt, jt)
-            g_a += torch.einsum("n,nip,np->i", wc, jt, r)
-            cross.append(torch.einsum("n,nip,njp->nij", wc, jt, jl))
-            local.append(torch.einsum("n,nip,njp->nij", wc, jl, jl))
-            g_d.append(torch.einsum("n,njp,np->nj", wc, jl, r))
-        cross, local, g_d = torch.cat(cross), torch.cat(local), torch.cat(g_d)  # (N, 36, 4), (N, 4, 4), (N, 4)
-        diag_a = torch.clamp(torch.diagonal(big_a), min=1e-12)
-        diag_d = torch.clamp(torch.diagonal(local, dim1=1, dim2=2), min=1e-12)
+        blocks = problem.normal_equations(theta, shifts, amp, off, (problem.w * u).to(torch.float64))
         improved = False
         for _ in range(8):
-            # Schur complement: eliminate each bead's 4 unknowns, solve the 36 shared ones, substitute back
-            d_damped = local + torch.diag_embed(lam * diag_d) + 1e-12 * eye4
-            d_inv_bt = torch.linalg.solve(d_damped, cross.transpose(1, 2))  # (N, 4, 36)
-            d_inv_g = torch.linalg.solve(d_damped, g_d[:, :, None])[..., 0]  # (N, 4)
-            schur = big_a + torch.diag(lam * diag_a) - torch.einsum("nij,njk->ik", cross, d_inv_bt)
-            rhs = g_a - torch.einsum("nij,nj->i", cross, d_inv_g)
-            x = torch.linalg.solve(schur + 1e-12 * eye36, rhs)
-            loc = d_inv_g - torch.einsum("nji,i->nj", d_inv_bt, x)
-            th_new = theta + x.reshape(nt, npoly)
-            sh_new = shifts + loc[:, :2].clamp(-1.0, 1.0)
-            p_new = models(th_new, sh_new)
-            a_new, o_new = amp_off(p_new)
-            c2_new = chi2_of(p_new, a_new, o_new)
+            x, loc = _Joint.damped_step(blocks, lam)
+            th_new, sh_new = theta + x.reshape(theta.shape), shifts + loc[:, :2].clamp(-1.0, 1.0)
+            a_new, o_new, c2_new = problem.evaluate(th_new, sh_new)
             new_cost = float((u * c2_new).sum())
             if math.isfinite(new_cost) and new_cost < cost:
                 theta, shifts, amp, off, c2 = th_new, sh_new, a_new, o_new, c2_new
-                lam = max(lam / 3.0, 1e-9)
-                improved = True
+                lam, improved = max(lam / 3.0, 1e-9), True
                 break
             lam *= 8.0
         done += 1
         old = cost
         if robust:
-            u = 1.0 / (1.0 + (c2 / (3.0 * torch.median(c2))) ** 2)
+            u = _cauchy(c2)
         cost = float((u * c2).sum())
-        loss = cost / (float(u.sum()) * s2)
         if on_iteration is not None:
-            on_iteration(report_offset + done, report_total or iterations, loss)
+            on_iteration(report_offset + done, report_total or iterations, cost / (float(u.sum()) * data[0].size))
         if not improved or abs(old - cost) <= 1e-6 * abs(old):
             break
         if should_stop is not None and should_stop():
@@ -460,106 +460,109 @@ def fit_pupil_poly(
 
     Parameters
     ----------
-    data
-        (N, s, s) raw bead squares (not background-subtracted), centred on the pixel nearest each bead.
-    y_norm, x_norm
-        (N,) normalised field positions of the beads.
-    shifts
-        (N, 2) sub-pixel centres relative to the middle pixel (the starting shifts).
-    noise
-        (N,) background noise of each bead's image (the residual weights).
+    data, y_norm, x_norm, shifts, noise
+        (N, s, s) raw bead squares (not background-subtracted) centred on the pixel nearest each bead; their
+        normalised field positions (N,); sub-pixel centres from the middle pixel (N, 2), where the shifts start;
+        the background noise of each bead's image (N,), the residual weights.
     na, wavelength_um, refractive_index, pixel_size_um
         The optics.
-    grid
-        K of the fitted model's blur grid.
-    device
-        Torch device (float32 computation).
-    init
-        (6, 6) starting coefficients (e.g. a previous fit).
-    node_psfs
-        (K, K, s, s) PSFs measured on a grid (the measured-grid model): the start is fitted through them
-        (:func:`init_from_nodes`). Without ``init`` or ``node_psfs``, the start is a multi-start of constants.
-    max_iterations
-        Levenberg-Marquardt iterations on a subset of at most ``subset`` beads (spread over the field), then
-        ``polish_iterations`` on all beads.
+    grid, device
+        K of the fitted model's blur grid; torch device (float32 computation).
+    init, node_psfs
+        The start: (6, 6) coefficients (e.g. a previous fit), else a fit through (K, K, s, s) PSFs measured on a
+        grid (:func:`init_from_nodes`), else a multi-start of constants.
+    max_iterations, subset, polish_iterations
+        Levenberg-Marquardt iterations on at most ``subset`` beads spread over the field, then on all beads.
     extent_energy
         The model's PSF side holds this fraction of the light everywhere (:func:`extent`; at least the data's
         side); None keeps the data's side.
-    should_stop
-        Checked between rounds of iterations; True ends the fit with the coefficients so far (``stopped``).
-    on_iteration
-        Called as ``on_iteration(done, total, loss)``.
-    chunk
-        Beads per forward pass (bounds memory).
+    should_stop, on_iteration, chunk
+        Checked between iterations (True ends the fit with the coefficients so far, ``stopped``); called as
+        ``on_iteration(done, total, loss)``; beads per forward pass (bounds memory).
     """
     t0 = time.perf_counter()
-    dev = torch.device(device)
-    n, s, _ = data.shape
     optics = dict(na=na, wavelength_um=wavelength_um, refractive_index=refractive_index, pixel_size_um=pixel_size_um)
-    phi = monomials(y_norm, x_norm)
-    shift0 = np.asarray(shifts, dtype=np.float64)
-    iterations, stopped = 0, False
-    total = max_iterations + polish_iterations
-
+    fit = _JointFit(data, monomials(y_norm, x_norm), np.asarray(shifts, dtype=np.float64), noise, optics,
+                    torch.device(device), should_stop, on_iteration, chunk)
     if init is not None:
-        coef0 = np.asarray(init, dtype=np.float64)
+        coef0, stopped = np.asarray(init, dtype=np.float64), False
     elif node_psfs is not None:
-        coef0, stopped = init_from_nodes(node_psfs, **optics, device=dev, should_stop=should_stop)
+        coef0, stopped = init_from_nodes(node_psfs, **optics, device=fit.device, should_stop=should_stop)
     else:
-        # constants from a few small defocus values on a subset of beads
+        coef0, stopped = fit.constant_start()
+    if not stopped:
+        coef0, stopped = fit.refine(coef0, max_iterations, subset, polish_iterations)
+    coef0 = _limit(coef0)
+    size = extent(coef0, optics, data.shape[-1], energy=extent_energy) if extent_energy else data.shape[-1]
+    model = PupilPolyPSF(coef0, **optics, psf_size=size, grid=grid, name="pupil fit")
+    return PupilFit(model, fit.loss, fit.iterations, time.perf_counter() - t0, stopped, fit.shifts, fit.weights)
+
+
+class _JointFit:
+    """The stages of :func:`fit_pupil_poly` on one set of beads."""
+
+    def __init__(self, data, phi, shift0, noise, optics, device, should_stop, on_iteration, chunk):
+        self.data, self.phi, self.shift0, self.noise = data, phi, shift0, noise
+        self.optics, self.device, self.chunk = optics, device, chunk
+        self.should_stop, self.on_iteration = should_stop, on_iteration
+        self.n, self.s = data.shape[0], data.shape[-1]
+        self.iterations, self.loss = 0, math.nan
+        self.shifts, self.weights = shift0.copy(), np.ones(self.n)
+
+    def constant_start(self) -> tuple[np.ndarray, bool]:
+        """Constant coefficients from a few small defocus values, on a subset of beads."""
+        n = self.n
         sub = np.arange(n) if n <= 48 else np.linspace(0, n - 1, 48).round().astype(int)
-        pupil = TorchPupil.for_aberrations(**optics, psf_size=s, bound=np.array([0.6, 0.35, 0.35, 0.2, 0.2, 0.15]),
-                                           device=dev, dtype=torch.float32)
-        best = None
+        pupil = TorchPupil.for_aberrations(**self.optics, psf_size=self.s,
+                                           bound=np.array([0.6, 0.35, 0.35, 0.2, 0.2, 0.15]), device=self.device,
+                                           dtype=torch.float32)
+        best, stopped = None, False
         for d0 in (0.1, 0.35):
             start = np.zeros((len(ZERNIKE_TERMS), 1))
             start[0, 0] = d0
-            th, _, c2, u, it, st = _lm_fit(pupil, data[sub], noise[sub], phi[sub, :1], start, shift0[sub], 15,
-                                           should_stop=should_stop, chunk=chunk)
-            iterations += it
+            th, _, c2, u, it, stopped = _lm_fit(pupil, self.data[sub], self.noise[sub], self.phi[sub, :1], start,
+                                                self.shift0[sub], 15, should_stop=self.should_stop, chunk=self.chunk)
+            self.iterations += it
             loss = float(np.sum(u * c2))
             if best is None or loss < best[1]:
                 best = (th[:, 0], loss)
-            if st:
-                stopped = True
+            if stopped:
                 break
         coef0 = np.zeros((len(ZERNIKE_TERMS), len(MONOMIALS)))
         coef0[:, 0] = best[0]
-    shifts_out = shift0.copy()
-    weights = np.ones(n)
-    loss = math.nan
-    if not stopped:
+        return coef0, stopped
+
+    def refine(self, coef0: np.ndarray, max_iterations: int, subset: int, polish: int) -> tuple[np.ndarray, bool]:
+        """From ``coef0``: the shifts by cross-correlation, LM on a subset, then on all beads."""
+        n, data, phi, noise = self.n, self.data, self.phi, self.noise
+        total = max_iterations + polish
         # the pupil sampled for what the field may reach: the start's range, with room to grow
         bound = PupilPolyPSF._bound(coef0) * 1.5 + 0.15
-        pupil = TorchPupil.for_aberrations(**optics, psf_size=s, bound=bound, device=dev, dtype=torch.float32)
+        pupil = TorchPupil.for_aberrations(**self.optics, psf_size=self.s, bound=bound, device=self.device,
+                                           dtype=torch.float32)
         # start each bead's shift where the starting model's PSF matches it best: a comatic pupil PSF's centre
         # can sit a pixel or more from the detector's Gaussian centre, too far for the gradient to find
         with torch.no_grad():
-            start = torch.as_tensor(phi @ coef0.T, device=dev, dtype=torch.float32)
-            model0 = torch.cat([pupil.psfs(start[a : a + chunk]) for a in range(0, n, chunk)]).cpu().numpy()
-        shifts_out = fit_amplitude_shift(model0.astype(np.float64), data, shift0, noise)["shift"]
+            start = torch.as_tensor(phi @ coef0.T, device=self.device, dtype=torch.float32)
+            model0 = torch.cat([pupil.psfs(start[a : a + self.chunk]) for a in range(0, n, self.chunk)])
+        self.shifts = fit_amplitude_shift(model0.cpu().numpy().astype(np.float64), data, self.shift0, noise)["shift"]
+        common = {"should_stop": self.should_stop, "on_iteration": self.on_iteration, "report_total": total,
+                  "chunk": self.chunk}
+        stopped = False
         if n > subset:  # most iterations on a subset spread over the field (the beads come in table order)
             sub = np.unique(np.linspace(0, n - 1, subset).round().astype(int))
-            th, sh, _, _, it, stopped = _lm_fit(pupil, data[sub], noise[sub], phi[sub], coef0, shifts_out[sub],
-                                                max_iterations, should_stop=should_stop, on_iteration=on_iteration,
-                                                report_total=total, chunk=chunk)
-            coef0 = th
-            shifts_out[sub] = sh
-            iterations += it
-            polish = polish_iterations
+            coef0, sh, _, _, it, stopped = _lm_fit(pupil, data[sub], noise[sub], phi[sub], coef0, self.shifts[sub],
+                                                   max_iterations, **common)
+            self.shifts[sub] = sh
+            self.iterations += it
         else:
-            polish = max_iterations + polish_iterations
+            polish = total
         if not stopped:
-            th, shifts_out, c2, weights, it, stopped = _lm_fit(
-                pupil, data, noise, phi, coef0, shifts_out, polish, should_stop=should_stop,
-                on_iteration=on_iteration, report_total=total, report_offset=total - polish, chunk=chunk)
-            coef0 = th
-            iterations += it
-            loss = float(np.sum(weights * c2) / (np.sum(weights) * s * s))
-    coef0 = _limit(coef0)
-    size = extent(coef0, optics, s, energy=extent_energy) if extent_energy else s
-    model = PupilPolyPSF(coef0, **optics, psf_size=size, grid=grid, name="pupil fit")
-    return PupilFit(model, loss, iterations, time.perf_counter() - t0, stopped, shifts_out, weights)
+            coef0, self.shifts, c2, self.weights, it, stopped = _lm_fit(
+                pupil, data, noise, phi, coef0, self.shifts, polish, report_offset=total - polish, **common)
+            self.iterations += it
+            self.loss = float(np.sum(self.weights * c2) / (np.sum(self.weights) * self.s * self.s))
+        return coef0, stopped
 
 
 def extent(coef: np.ndarray, optics: dict, min_size: int, energy: float = 0.99, max_size: int = 63) -> int:

@@ -43,71 +43,87 @@ def write_report_png(result: "CalibrationResult", path: "str | Path") -> Path:
     from matplotlib.figure import Figure
 
     path = Path(path)
-    t = result.beads
-    ok = t.accepted
-    h, w = result.field_shape
-    x, y = t.x[ok], t.y[ok]
     fig = Figure(figsize=(17, 13), dpi=90)
     FigureCanvasAgg(fig)
     gs = fig.add_gridspec(3, 4, height_ratios=[1, 1, 0.55], hspace=0.35, wspace=0.3)
+    _shape_maps(fig, gs, result)
+    _psf_montages(fig, gs, result)
+    _residual_and_regions(fig, gs, result)
+    _text(fig, gs, result)
+    fig.suptitle("Bead calibration report", fontsize=13)
+    fig.savefig(path, format="png")
+    return path
 
-    def field_axes(ax):
-        ax.set_xlim(0, w - 1)
-        ax.set_ylim(h - 1, 0)
-        ax.set_aspect("equal")
-        ax.tick_params(labelsize=7)
 
+def _field_axes(ax, shape):
+    h, w = shape
+    ax.set_xlim(0, w - 1)
+    ax.set_ylim(h - 1, 0)
+    ax.set_aspect("equal")
+    ax.tick_params(labelsize=7)
+
+
+def _shape_maps(fig, gs, result) -> None:
+    """FWHM x, FWHM y, ellipticity and orientation of every used bead, where it sits in the field."""
+    t = result.beads
+    ok = t.accepted
+    x, y = t.x[ok], t.y[ok]
     fwhm = np.concatenate([t.fwhm_x[ok], t.fwhm_y[ok]])
     lo, hi = (np.nanpercentile(fwhm, [2, 98]) if fwhm.size else (0, 1))
-    unit = "px"
-    scale = 1.0
-    if result.model.pixel_size_um:
-        unit, scale = "µm", float(result.model.pixel_size_um)
+    unit, scale = ("µm", float(result.model.pixel_size_um)) if result.model.pixel_size_um else ("px", 1.0)
     for col, (name, vals) in enumerate((("FWHM x", t.fwhm_x[ok]), ("FWHM y", t.fwhm_y[ok]))):
         ax = fig.add_subplot(gs[0, col])
         _scatter_map(ax, fig, x, y, vals * scale, f"{name} ({unit}) per bead", vmin=lo * scale, vmax=hi * scale,
                      label=unit)
-        field_axes(ax)
+        _field_axes(ax, result.field_shape)
     ax = fig.add_subplot(gs[0, 2])
     _scatter_map(ax, fig, x, y, t.ellipticity[ok], "ellipticity 1 - minor/major", cmap="magma", vmin=0,
                  vmax=max(0.05, float(np.nanpercentile(t.ellipticity[ok], 98)) if ok.any() else 1), label="")
-    field_axes(ax)
+    _field_axes(ax, result.field_shape)
     ax = fig.add_subplot(gs[0, 3])
     theta = np.radians(t.orientation_deg[ok])
-    length = 0.03 * max(h, w) * (0.3 + 3 * np.nan_to_num(t.ellipticity[ok]))
+    length = 0.03 * max(result.field_shape) * (0.3 + 3 * np.nan_to_num(t.ellipticity[ok]))
     ax.quiver(x, y, np.cos(theta) * length, np.sin(theta) * length, t.orientation_deg[ok], angles="xy",
               scale_units="xy", scale=1, headwidth=0, headlength=0, headaxislength=0, pivot="middle", cmap="twilight",
               clim=(-90, 90), width=0.004)
     ax.set_title("orientation of the major axis (length ~ ellipticity)", fontsize=10)
-    field_axes(ax)
+    _field_axes(ax, result.field_shape)
 
+
+def _psf_montages(fig, gs, result) -> None:
+    """What the beads show at the grid nodes next to what the model says there."""
     fit = result.grid_fit
     k = fit.k if fit is not None else result.model.grid
     nodes = np.zeros(1) if k == 1 else np.linspace(-1, 1, k)
     yy, xx = np.meshgrid(nodes, nodes, indexing="ij")
-    model_psfs = result.model.psfs_at(yy, xx, result.field_shape)
     ax = fig.add_subplot(gs[1, 0])
     if fit is not None:
         ax.imshow(montage(fit.measured), cmap="inferno", vmin=0, vmax=1)
+        s = fit.psfs.shape[-1]
         for i, j in zip(*np.nonzero(fit.filled)):
-            s = fit.psfs.shape[-1]
             ax.add_patch(_rect(fig, 2 + j * (s + 2) - 1, 2 + i * (s + 2) - 1, s + 1))
     ax.set_title(f"measured: beads averaged at the {k} x {k} nodes\n(peak 1, gamma 0.5; cyan: node filled)",
                  fontsize=10)
     ax.axis("off")
     ax = fig.add_subplot(gs[1, 1])
-    ax.imshow(montage(model_psfs), cmap="inferno", vmin=0, vmax=1)
+    ax.imshow(montage(result.model.psfs_at(yy, xx, result.field_shape)), cmap="inferno", vmin=0, vmax=1)
     ax.set_title(f"model ({result.chosen}) at the same nodes", fontsize=10)
     ax.axis("off")
 
+
+def _residual_and_regions(fig, gs, result) -> None:
+    """Residual of each bead (held-out ones circled), and the beads per ninth of the field."""
+    t = result.beads
+    ok = t.accepted
+    x, y = t.x[ok], t.y[ok]
+    h, w = result.field_shape
     ax = fig.add_subplot(gs[1, 2])
     res = t.residual[ok]
     _scatter_map(ax, fig, x, y, res, "residual per bead (relative L2, noise included)", cmap="plasma",
                  vmin=0, vmax=float(np.nanpercentile(res, 98)) if np.isfinite(res).any() else 1, label="")
     held = t.held_out[ok]
     ax.scatter(x[held], y[held], s=40, facecolors="none", edgecolors="k", linewidths=0.6)
-    field_axes(ax)
-
+    _field_axes(ax, result.field_shape)
     ax = fig.add_subplot(gs[1, 3])
     counts = np.zeros((3, 3), int)
     if ok.any():
@@ -124,20 +140,19 @@ def write_report_png(result: "CalibrationResult", path: "str | Path") -> Path:
     ax.scatter(x, y, s=5, c="k", label="used")
     ax.legend(fontsize=7, loc="upper right")
     ax.set_title("beads per region (used), rejected spots", fontsize=10)
-    field_axes(ax)
+    _field_axes(ax, result.field_shape)
 
+
+def _text(fig, gs, result) -> None:
     ax = fig.add_subplot(gs[2, :])
     ax.axis("off")
-    counts_line = ", ".join(f"{v} {key}" for key, v in t.counts().items())
+    counts_line = ", ".join(f"{v} {key}" for key, v in result.beads.counts().items())
     res_line = ", ".join(f"{key} {v:.3g}" for key, v in result.residuals.items() if v is not None)
     lines = [result.summary(), f"spots: {counts_line}", f"held-out residual (lower is better): {res_line}",
              result.model.describe()]
     lines += [f"warning: {wline}" for wline in result.warnings] or ["no warnings"]
     text = "\n".join(textwrap.fill(line, 180) for line in lines)
     ax.text(0.0, 1.0, text, va="top", ha="left", fontsize=9, family="monospace", transform=ax.transAxes)
-    fig.suptitle("Bead calibration report", fontsize=13)
-    fig.savefig(path, format="png")
-    return path
 
 
 def _rect(fig, x, y, size):

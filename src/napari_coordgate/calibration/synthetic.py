@@ -179,6 +179,31 @@ def bead_slide(
     """
     rng = np.random.default_rng(seed)
     h, w = (int(n) for n in shape)
+    ys, xs, kinds, rel = _place(rng, h, w, n_beads, n_touching, n_saturated, brightness)
+    expected, flux = _render(optics, ys, xs, rel, kinds != "saturated", photons, h, w)
+    gy = (2 * np.arange(h) - (h - 1)) / max(h - 1, 1)
+    gx = (2 * np.arange(w) - (w - 1)) / max(w - 1, 1)
+    expected = expected + background * photons * (1.0 + 0.5 * gradient * (0.8 * gx[None, :] + 0.6 * gy[:, None]))
+    hot = np.zeros((0, 2), int)
+    if noise:
+        image = rng.poisson(expected).astype(np.float64) + rng.normal(0.0, read_noise, expected.shape)
+        n_hot = rng.binomial(h * w, hot_fraction) if hot_fraction > 0 else 0
+        if n_hot:
+            flat = rng.choice(h * w, n_hot, replace=False)
+            hot = np.stack(np.unravel_index(flat, (h, w)), axis=1)
+            image[hot[:, 0], hot[:, 1]] += rng.uniform(0.3, 3.0, n_hot) * photons
+    else:
+        image = expected
+    if full_well is None and n_saturated:
+        full_well = 1.6 * photons
+    if full_well is not None:
+        image = np.minimum(image, full_well)
+    truth = {"y": ys, "x": xs, "kind": kinds, "flux": flux, "hot": hot, "full_well": full_well}
+    return (image + offset).astype(np.float32), truth
+
+
+def _place(rng, h: int, w: int, n_beads: int, n_touching: int, n_saturated: int, brightness):
+    """Bead positions (px), kinds and relative brightness: uniform beads, touching pairs, saturating beads."""
     ys = list(rng.uniform(0, h - 1, n_beads))
     xs = list(rng.uniform(0, w - 1, n_beads))
     kinds = ["bead"] * n_beads
@@ -196,43 +221,24 @@ def bead_slide(
         xs.append(rng.uniform(0.15 * w, 0.85 * w))
         kinds.append("saturated")
         rel.append(rng.uniform(8.0, 15.0))
-    ys, xs, rel = np.array(ys), np.array(xs), np.array(rel)
-    kinds = np.array(kinds, dtype=object)
+    return np.array(ys), np.array(xs), np.array(kinds, dtype=object), np.array(rel)
+
+
+def _render(optics, ys, xs, rel, ordinary, photons: float, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """The expected image of the beads (each PSF at its exact sub-pixel position) and their fluxes, scaled so the
+    brightest ordinary bead's peak pixel gets ``photons``."""
     iy, ix = np.round(ys).astype(int), np.round(xs).astype(int)
     yn = (2 * ys - (h - 1)) / (h - 1)
     xn = (2 * xs - (w - 1)) / (w - 1)
     psfs = optics.psfs(yn, xn, ys - iy, xs - ix)
-    ordinary = kinds != "saturated"
     peak_per_flux = psfs.reshape(len(ys), -1).max(axis=1)
-    scale = photons / np.max(rel[ordinary] * peak_per_flux[ordinary])
-    flux = rel * scale
+    flux = rel * photons / np.max(rel[ordinary] * peak_per_flux[ordinary])
     s = psfs.shape[-1]
     r = s // 2
     expected = np.zeros((h + 2 * r, w + 2 * r))
     for k in range(len(ys)):
         expected[iy[k] : iy[k] + s, ix[k] : ix[k] + s] += flux[k] * psfs[k]
-    expected = expected[r : r + h, r : r + w]
-    gy = (2 * np.arange(h) - (h - 1)) / max(h - 1, 1)
-    gx = (2 * np.arange(w) - (w - 1)) / max(w - 1, 1)
-    bg = background * photons * (1.0 + 0.5 * gradient * (0.8 * gx[None, :] + 0.6 * gy[:, None]))
-    expected = expected + bg
-    hot = np.zeros((0, 2), int)
-    if noise:
-        image = rng.poisson(expected).astype(np.float64) + rng.normal(0.0, read_noise, expected.shape)
-        n_hot = rng.binomial(h * w, hot_fraction) if hot_fraction > 0 else 0
-        if n_hot:
-            flat = rng.choice(h * w, n_hot, replace=False)
-            hot = np.stack(np.unravel_index(flat, (h, w)), axis=1)
-            image[hot[:, 0], hot[:, 1]] += rng.uniform(0.3, 3.0, n_hot) * photons
-    else:
-        image = expected
-    if full_well is None and n_saturated:
-        full_well = 1.6 * photons
-    if full_well is not None:
-        image = np.minimum(image, full_well)
-    image = image + offset
-    truth = {"y": ys, "x": xs, "kind": kinds, "flux": flux, "hot": hot, "full_well": full_well}
-    return image.astype(np.float32), truth
+    return expected[r : r + h, r : r + w], flux
 
 
 def _centred(psfs: np.ndarray, size: int) -> np.ndarray:
