@@ -273,7 +273,8 @@ def test_register_corrects_a_shifted_pair():
     for i in range(2):
         dy, dx = registration_shift(sharp[i].astype(np.float32), data.blurred_plane(i))
         assert abs(dy) < 0.1 and abs(dx) < 0.1
-    assert registration_shift(sharp[0].astype(np.float32), shifted[0].astype(np.float32))[1] == pytest.approx(-3, abs=0.1)
+    dx = registration_shift(sharp[0].astype(np.float32), shifted[0].astype(np.float32))[1]
+    assert dx == pytest.approx(-3, abs=0.1)
     # measured: the input's validation PSNR is 15.8 dB shifted, 22.5 dB registered
     unregistered = []
     with pytest.warns(UserWarning, match="misregistered"):
@@ -433,7 +434,8 @@ def test_wiener_first_stage_is_built_from_the_pairs_psf_model_and_saved_with_the
     assert res.saved.psf is not None and res.saved.psf.name == "gaussian"
     loaded = load_model(tmp_path / "w.cgmodel")
     assert torch.equal(loaded.model.prefilter.kernels, kernels)
-    np.testing.assert_array_equal(predict(loaded, blurred[0], device="cpu"), predict(res.saved, blurred[0], device="cpu"))
+    np.testing.assert_array_equal(predict(loaded, blurred[0], device="cpu"),
+                                  predict(res.saved, blurred[0], device="cpu"))
 
 
 def test_wiener_first_stage_without_a_psf_model_is_a_clear_error():

@@ -110,7 +110,8 @@ def test_plain_unet_ignores_offset(cfg):
     model = _randomise(build_model(cfg)).eval()
     x = torch.rand(1, 1, 32, 32)
     with torch.no_grad():
-        assert torch.equal(model(x, offset=(0, 0), field_shape=(64, 64)), model(x, offset=(16, 8), field_shape=(64, 64)))
+        assert torch.equal(model(x, offset=(0, 0), field_shape=(64, 64)),
+                           model(x, offset=(16, 8), field_shape=(64, 64)))
 
 
 @pytest.mark.parametrize("cfg", GATED, ids=_ids)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from functools import partial
 from typing import Callable, Sequence
 
 import numpy as np
@@ -182,7 +183,7 @@ def predict_batch(model, read: Callable[[Window], np.ndarray], tiles, group: Seq
     return cores
 
 
-def _read_window(image, idx, window, norm) -> np.ndarray:
+def _read_window(image, idx, norm, window) -> np.ndarray:
     """One halo window of one plane, read lazily, checked and normalised to float32."""
     wy0, wy1, wx0, wx1 = window
     win = image[idx + (slice(wy0, wy1), slice(wx0, wx1))]
@@ -292,7 +293,7 @@ def predict(
             for group in batches:
                 if should_stop is not None and should_stop():
                     raise Cancelled(f"prediction cancelled after {done} of {total} tiles")
-                read = lambda window, idx=idx: _read_window(image, idx, window, norm)
+                read = partial(_read_window, image, idx, norm)
                 for (y0, y1, x0, x1), core in predict_batch(model, read, tiles, group, offset, field_shape, dev,
                                                             amp_dtype):
                     out[idx + (slice(y0, y1), slice(x0, x1))] = norm.invert(core)

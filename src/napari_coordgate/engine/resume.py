@@ -44,7 +44,8 @@ def check_init(init: SavedModel | None, model_cfg: ModelConfig, field_shape: tup
                          "checkpoint already holds its weights")
     if init.config != model_cfg:
         mine, theirs = model_cfg.to_dict(), init.config.to_dict()
-        diff = ", ".join(f"{k}={theirs.get(k)!r} (not {mine.get(k)!r})" for k in sorted(mine) if mine[k] != theirs.get(k))
+        diff = ", ".join(f"{k}={theirs.get(k)!r} (not {mine.get(k)!r})" for k in sorted(mine)
+                         if mine[k] != theirs.get(k))
         raise InputError(f"the model to fine-tune has another network configuration: {diff}; train with its "
                          "configuration (its SavedModel.config) to start from its weights")
     if tuple(init.field_shape) != tuple(field_shape):

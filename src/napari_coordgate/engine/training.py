@@ -9,6 +9,7 @@ best model is kept after every validation and a checkpoint written after every e
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -132,7 +133,7 @@ def _validate(run: Run, model, use_amp: bool) -> float:
     acc = PSNRAccumulator(run.val_range)
     model.eval()
     for i in data.val_idx:
-        read = lambda window, i=int(i): data.norm.apply(data.blurred_plane(i, window))
+        read = partial(data.input_window, int(i))
         for group in tile_batches(tiles, 1):
             for core, pred in predict_batch(model, read, tiles, group, (0, 0), data.field_shape, run.device,
                                             torch.bfloat16 if use_amp else None):

@@ -148,6 +148,10 @@ class TrainingData:
             return self._registered[i][y0:y1, x0:x1]
         return float32(self._clean[i, y0:y1, x0:x1])
 
+    def input_window(self, i: int, window) -> np.ndarray:
+        """The network's input: this epoch's blurred plane ``i`` (or its ``window``), normalised."""
+        return self.norm.apply(self.blurred_plane(i, window))
+
     # -- normalisation and noise ------------------------------------------------------------------------------
     @property
     def simulated(self) -> bool:
@@ -214,7 +218,8 @@ class TrainingData:
             for i in range(self.n):
                 digest.update(np.ascontiguousarray(plane(i)))
         n, (h, w) = self.n, self.field_shape
-        what = f"{n} sharp plane(s) of {h}x{w} blurred with" if self.simulated else f"{n} calibration pair(s) of {h}x{w}"
+        what = (f"{n} sharp plane(s) of {h}x{w} blurred with" if self.simulated
+                else f"{n} calibration pair(s) of {h}x{w}")
         if self.known_psf is not None:
             what += f"{'' if self.simulated else ' with'} PSF model '{self.known_psf.name}'"
         return {"fingerprint": digest.hexdigest(), "description": what}

@@ -38,7 +38,7 @@ def check_layout(shape: Sequence[int], dtype, name: str = "image", *, min_ndim: 
     message that names ``name`` and says what to do. Raises :class:`InputError` (a ``ValueError``).
     """
     shape, dtype = tuple(int(s) for s in shape), np.dtype(dtype)
-    if dtype == bool:
+    if dtype.kind == "b":
         raise InputError(f"{name} is boolean (dtype bool, a mask?); expected integer or float grey values")
     if np.issubdtype(dtype, np.complexfloating):
         raise InputError(f"{name} is complex (dtype {dtype}); pass the real intensity (e.g. np.abs(x)) instead")
