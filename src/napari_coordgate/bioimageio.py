@@ -184,14 +184,11 @@ def _psf_text(psf) -> str:
     return f"PSF model: {psf!r}"
 
 
-def _documentation(saved: SavedModel, name: str, halo: int, min_side: int, test_shape, created: str) -> str:
+def _doc_intro(saved: SavedModel, name: str, created: str) -> str:
     cfg = saved.config
     H, W = (int(s) for s in saved.field_shape)
-    m = cfg.min_size
-    norm = saved.normalization
     gate = {"coordgate": "CoordGate", "coordconv": "CoordConv", "none": "plain (no position input)"}[cfg.gate]
     first = " with a Wiener first stage" if cfg.prefilter_channels else ""
-    prov = json.dumps(saved.provenance or {}, indent=2, sort_keys=True, default=str)
     return f"""# {name}
 
 Deblurring network exported by napari-coordgate {__version__} ({created}): a {gate} U-Net with {cfg.depth}
@@ -199,7 +196,13 @@ resolution level(s){first}, trained to undo the spatially varying blur of one mi
 that microscope's {H} x {W} pixel field (or regions of it); the gate of every pixel depends on where the pixel lies
 in that field.
 
-## Inputs
+"""
+
+
+def _doc_inputs(saved: SavedModel) -> str:
+    H, W = (int(s) for s in saved.field_shape)
+    norm = saved.normalization
+    return f"""## Inputs
 
 - `image` (batch, channel, y, x), float32: the raw image, in the intensity units of the training images. The
   network normalises it itself (`(image - {norm['offset']!r}) / {norm['scale']!r}`) and maps its output back, so
@@ -224,7 +227,11 @@ in that field.
   For a region of interest starting at (row0, col0) of the field, use `np.arange(row0, row0 + h)` and
   `np.arange(col0, col0 + w)` instead; for an image binned B x B, the field is `H / B` x `W / B` pixels.
 
-## Outputs
+"""
+
+
+def _doc_tiles(m: int, halo: int, min_side: int) -> str:
+    return f"""## Outputs
 
 - `restored` (batch, channel, y, x): the deblurred image, same shape and units as `image`.
 - `coords_echo`: `coords` passed through. Ignore it: it exists so that bioimage.io tools pad and tile the
@@ -250,7 +257,14 @@ in that field.
   image without padding gives. Pad with `symmetric`, `reflect` or `edge` (bioimage.io's default is symmetric);
   constant padding can be mistaken for one extra pixel.
 
-## Field
+"""
+
+
+def _doc_field_psf_provenance(saved: SavedModel, test_shape) -> str:
+    cfg = saved.config
+    H, W = (int(s) for s in saved.field_shape)
+    prov = json.dumps(saved.provenance or {}, indent=2, sort_keys=True, default=str)
+    return f"""## Field
 
 Field coordinates refer to the {H} x {W} pixel (rows x columns) sensor frame the model was trained on.
 
@@ -272,7 +286,11 @@ Network config (napari-coordgate `ModelConfig`):
 
 Test tensors: a {test_shape[0]} x {test_shape[1]} crop from the centre of the field and its coordinates.
 
-## Citation
+"""
+
+
+def _doc_citation() -> str:
+    return f"""## Citation
 
 If you use this model, cite CoordGate: {COORDGATE_CITATION} (https://arxiv.org/abs/2401.04680).
 
@@ -283,6 +301,16 @@ original `{MODEL_FILE}` as an attachment.
 """
 
 
+def _documentation(saved: SavedModel, name: str, halo: int, min_side: int, test_shape, created: str) -> str:
+    return (
+        _doc_intro(saved, name, created)
+        + _doc_inputs(saved)
+        + _doc_tiles(saved.config.min_size, halo, min_side)
+        + _doc_field_psf_provenance(saved, test_shape)
+        + _doc_citation()
+    )
+
+
 def _require_spec():
     try:
         import bioimageio.spec  # noqa: F401
@@ -290,6 +318,38 @@ def _require_spec():
         raise PackageError(
             "exporting a bioimage.io package needs bioimageio.spec: pip install 'napari-coordgate[bioimageio]'"
         ) from None
+
+
+def _model_and_file(model) -> tuple[SavedModel, Path | None]:
+    """The model to export and the ``.cgmodel`` file it came from (None: save it anew)."""
+    if isinstance(model, SavedModel):
+        return model, None
+    if _looks_like_package(Path(model)):
+        return load_package(model), None
+    source_file = existing_file(model)
+    return load_model(source_file), source_file
+
+
+def _zip_path(out_zip) -> Path:
+    """``out_zip`` with ``.zip`` added if missing; PackageError if its folder does not exist."""
+    out = Path(out_zip)
+    if out.suffix.lower() != ".zip":
+        out = out.with_name(out.name + ".zip")
+    if not (out.parent if str(out.parent) else Path(".")).is_dir():
+        raise PackageError(f"cannot write {out}: folder {out.parent} does not exist")
+    return out
+
+
+def _write_weights(net, d: Path) -> None:
+    """The architecture file, the state dict and the TorchScript weights of ``net``, into folder ``d``."""
+    import torch
+
+    (d / ARCH_FILE).write_text(_architecture_source(), encoding="utf-8")
+    torch.save(net.state_dict(), d / "weights.pt")
+    with warnings.catch_warnings():
+        # torch >= 2.10 deprecates TorchScript, but it is the bioimage.io weights format Java tools run
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit")
+        torch.jit.script(net).save(str(d / "weights_torchscript.pt"))
 
 
 def export_package(model: SavedModel | str | os.PathLike, out_zip: str | os.PathLike, *, test_input=None) -> Path:
@@ -322,18 +382,8 @@ def export_package(model: SavedModel | str | os.PathLike, out_zip: str | os.Path
 
     from .engine import receptive_halo
 
-    if isinstance(model, SavedModel):
-        saved, source_file = model, None
-    elif _looks_like_package(Path(model)):
-        saved, source_file = load_package(model), None
-    else:
-        source_file = existing_file(model)
-        saved = load_model(source_file)
-    out = Path(out_zip)
-    if out.suffix.lower() != ".zip":
-        out = out.with_name(out.name + ".zip")
-    if not (out.parent if str(out.parent) else Path(".")).is_dir():
-        raise PackageError(f"cannot write {out}: folder {out.parent} does not exist")
+    saved, source_file = _model_and_file(model)
+    out = _zip_path(out_zip)
     cfg = saved.config
     H, W = (int(s) for s in saved.field_shape)
     halo = receptive_halo(cfg)
@@ -353,12 +403,7 @@ def export_package(model: SavedModel | str | os.PathLike, out_zip: str | os.Path
 
     with tempfile.TemporaryDirectory(prefix="coordgate-bioimageio-") as tmp:
         d = Path(tmp)
-        (d / ARCH_FILE).write_text(_architecture_source(), encoding="utf-8")
-        torch.save(net.state_dict(), d / "weights.pt")
-        with warnings.catch_warnings():
-            # torch >= 2.10 deprecates TorchScript, but it is the bioimage.io weights format Java tools run
-            warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit")
-            torch.jit.script(net).save(str(d / "weights_torchscript.pt"))
+        _write_weights(net, d)
         for fname, arr in (("test_input_image.npy", image), ("test_input_coords.npy", coords),
                            ("test_output_restored.npy", restored), ("test_output_coords_echo.npy", echo)):
             np.save(d / fname, arr)
@@ -383,6 +428,105 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _file(d: Path, fname: str) -> dict:
+    return {"source": fname, "sha256": _sha256(d / fname)}
+
+
+def _tile(axis: str, min_side: int) -> dict:
+    # step 1: the network takes any size (it pads to its pooling multiple itself), and bioimageio.core refuses
+    # an image whose size is not min + n * step. coords cannot refer to the image's size (only an axis of
+    # independent size can be referred to, and the echo output refers to coords): the same min/step give both
+    # inputs the same size for every tile parameter
+    return {"type": "space", "id": axis, "size": {"min": min_side, "step": 1}}
+
+
+def _out_axis(axis: str, tensor: str, halo: int) -> dict:
+    return {"type": "space", "id": axis, "halo": halo, "size": {"tensor_id": tensor, "axis_id": axis}}
+
+
+def _float32() -> dict:
+    return {"type": "float32"}  # a new dict each time: YAML would otherwise write anchors and aliases
+
+
+def _rdf_inputs(saved: SavedModel, d: Path, min_side: int) -> list[dict]:
+    cfg = saved.config
+    H, W = (int(v) for v in saved.field_shape)
+    in_names = ["raw"] if cfg.in_channels == 1 else [f"raw{i}" for i in range(cfg.in_channels)]
+    return [
+        {
+            "id": "image",
+            "description": "raw image in the training images' units (normalised inside the network)",
+            "axes": [{"type": "batch"}, {"type": "channel", "channel_names": in_names},
+                     _tile("y", min_side), _tile("x", min_side)],
+            "data": _float32(),
+            "test_tensor": _file(d, "test_input_image.npy"),
+        },
+        {
+            "id": "coords",
+            "description": f"field coordinates (x, y in [-1, 1] over the {H}x{W} field) of every image pixel",
+            "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["x", "y"]},
+                     _tile("y", min_side), _tile("x", min_side)],
+            "data": _float32(),
+            "test_tensor": _file(d, "test_input_coords.npy"),
+        },
+    ]
+
+
+def _rdf_outputs(saved: SavedModel, d: Path, halo: int) -> list[dict]:
+    cfg = saved.config
+    out_names = ["restored"] if cfg.out_channels == 1 else [f"restored{i}" for i in range(cfg.out_channels)]
+    return [
+        {
+            "id": "restored",
+            "description": "deblurred image, same units as the input image",
+            "axes": [{"type": "batch"}, {"type": "channel", "channel_names": out_names},
+                     _out_axis("y", "image", halo), _out_axis("x", "image", halo)],
+            "data": _float32(),
+            "test_tensor": _file(d, "test_output_restored.npy"),
+        },
+        {
+            "id": "coords_echo",
+            "description": "the coords input passed through (makes tools pad and tile coords with the image)",
+            "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["x", "y"]},
+                     _out_axis("y", "coords", halo), _out_axis("x", "coords", halo)],
+            "data": _float32(),
+            "test_tensor": _file(d, "test_output_coords_echo.npy"),
+        },
+    ]
+
+
+def _rdf_weights(saved: SavedModel, d: Path, torch_version: str) -> dict:
+    version = torch_version.split("+")[0]
+    return {
+        "pytorch_state_dict": {
+            **_file(d, "weights.pt"),
+            "architecture": {**_file(d, ARCH_FILE), "callable": ARCH_CALLABLE, "kwargs": arch_kwargs(saved)},
+            "pytorch_version": version,
+        },
+        "torchscript": {
+            **_file(d, "weights_torchscript.pt"),
+            "pytorch_version": version,
+            "parent": "pytorch_state_dict",
+            "comment": "torch.jit.script of the pytorch_state_dict architecture (scripted: its border handling "
+                       "depends on the coordinate values)",
+        },
+    }
+
+
+def _rdf_config(saved: SavedModel) -> dict:
+    H, W = (int(v) for v in saved.field_shape)
+    return {
+        PACKAGE_FORMAT: {
+            "schema_version": PACKAGE_SCHEMA_VERSION,
+            "package_version": __version__,
+            "model_file": MODEL_FILE,
+            "field_shape": [H, W],
+            "normalization": {k: float(saved.normalization[k]) for k in ("offset", "scale")},
+            "model": saved.config.to_dict(),
+        }
+    }
+
+
 def _rdf(saved: SavedModel, d: Path, name: str, halo: int, min_side: int, torch_version: str) -> dict:
     """The bioimage.io model description (model format :data:`FORMAT_VERSION`) of the files in folder ``d``.
 
@@ -392,26 +536,6 @@ def _rdf(saved: SavedModel, d: Path, name: str, halo: int, min_side: int, torch_
     """
     cfg = saved.config
     H, W = (int(v) for v in saved.field_shape)
-    version = torch_version.split("+")[0]
-    in_names = ["raw"] if cfg.in_channels == 1 else [f"raw{i}" for i in range(cfg.in_channels)]
-    out_names = ["restored"] if cfg.out_channels == 1 else [f"restored{i}" for i in range(cfg.out_channels)]
-
-    def file(fname: str) -> dict:
-        return {"source": fname, "sha256": _sha256(d / fname)}
-
-    def tile(axis: str) -> dict:
-        # step 1: the network takes any size (it pads to its pooling multiple itself), and bioimageio.core refuses
-        # an image whose size is not min + n * step. coords cannot refer to the image's size (only an axis of
-        # independent size can be referred to, and the echo output refers to coords): the same min/step give both
-        # inputs the same size for every tile parameter
-        return {"type": "space", "id": axis, "size": {"min": min_side, "step": 1}}
-
-    def out_axis(axis: str, tensor: str) -> dict:
-        return {"type": "space", "id": axis, "halo": halo, "size": {"tensor_id": tensor, "axis_id": axis}}
-
-    def float32() -> dict:
-        return {"type": "float32"}  # a new dict each time: YAML would otherwise write anchors and aliases
-
     return {
         "type": "model",
         "format_version": FORMAT_VERSION,
@@ -424,68 +548,14 @@ def _rdf(saved: SavedModel, d: Path, name: str, halo: int, min_side: int, torch_
         "authors": [{"name": "napari-coordgate user"}],
         "cite": [{"text": COORDGATE_CITATION, "doi": COORDGATE_DOI}],
         "license": "BSD-3-Clause",
-        "documentation": file("README.md"),
+        "documentation": _file(d, "README.md"),
         "tags": ["deblurring", "deconvolution", "spatially-varying", "coordgate", "u-net", "napari-coordgate"],
-        "inputs": [
-            {
-                "id": "image",
-                "description": "raw image in the training images' units (normalised inside the network)",
-                "axes": [{"type": "batch"}, {"type": "channel", "channel_names": in_names}, tile("y"), tile("x")],
-                "data": float32(),
-                "test_tensor": file("test_input_image.npy"),
-            },
-            {
-                "id": "coords",
-                "description": f"field coordinates (x, y in [-1, 1] over the {H}x{W} field) of every image pixel",
-                "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["x", "y"]}, tile("y"), tile("x")],
-                "data": float32(),
-                "test_tensor": file("test_input_coords.npy"),
-            },
-        ],
-        "outputs": [
-            {
-                "id": "restored",
-                "description": "deblurred image, same units as the input image",
-                "axes": [{"type": "batch"}, {"type": "channel", "channel_names": out_names},
-                         out_axis("y", "image"), out_axis("x", "image")],
-                "data": float32(),
-                "test_tensor": file("test_output_restored.npy"),
-            },
-            {
-                "id": "coords_echo",
-                "description": "the coords input passed through (makes tools pad and tile coords with the image)",
-                "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["x", "y"]},
-                         out_axis("y", "coords"), out_axis("x", "coords")],
-                "data": float32(),
-                "test_tensor": file("test_output_coords_echo.npy"),
-            },
-        ],
-        "weights": {
-            "pytorch_state_dict": {
-                **file("weights.pt"),
-                "architecture": {**file(ARCH_FILE), "callable": ARCH_CALLABLE, "kwargs": arch_kwargs(saved)},
-                "pytorch_version": version,
-            },
-            "torchscript": {
-                **file("weights_torchscript.pt"),
-                "pytorch_version": version,
-                "parent": "pytorch_state_dict",
-                "comment": "torch.jit.script of the pytorch_state_dict architecture (scripted: its border handling "
-                           "depends on the coordinate values)",
-            },
-        },
-        "attachments": [file(MODEL_FILE)],
+        "inputs": _rdf_inputs(saved, d, min_side),
+        "outputs": _rdf_outputs(saved, d, halo),
+        "weights": _rdf_weights(saved, d, torch_version),
+        "attachments": [_file(d, MODEL_FILE)],
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": {
-            PACKAGE_FORMAT: {
-                "schema_version": PACKAGE_SCHEMA_VERSION,
-                "package_version": __version__,
-                "model_file": MODEL_FILE,
-                "field_shape": [H, W],
-                "normalization": {k: float(saved.normalization[k]) for k in ("offset", "scale")},
-                "model": cfg.to_dict(),
-            }
-        },
+        "config": _rdf_config(saved),
     }
 
 
