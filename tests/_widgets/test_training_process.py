@@ -54,7 +54,7 @@ def test_the_docks_default_training_on_the_sample_pair_rises_above_the_blurred_i
     t.steps_per_epoch.value = 20
     t.device.value = "cpu"
     t.start_btn.click()
-    wait_idle(qtbot, dock, timeout=180_000)
+    wait_idle(qtbot, dock, timeout=600_000)  # ~15 s alone on 2 cores; minutes when other jobs share them
     result = dock.last_result
     assert result is not None and result.stopped == "budget", dock.status.text()
     gain = result.best_val_psnr - result.history[-1].input_psnr
