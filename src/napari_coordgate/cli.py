@@ -8,8 +8,9 @@
             [--depth D] [--channels C] [--gate coordgate|none|coordconv] [--prefilter none|wiener]
             [--minutes M | --epochs N]
             [--device auto|cpu|cuda|cuda:N|mps] [--seed S] [--resume CHECKPOINT] [--threads T] [...]
-    napari-coordgate apply -m MODEL INPUT.tif [...] -o OUT [--tile N] [--roi Y,X] [--binning B] [--device ...]
-            [--precision fp32|bf16|fp16] [--batch-tiles N]
+    napari-coordgate apply -m MODEL|PACKAGE.zip INPUT.tif|INPUT.zarr [...] -o OUT[.zarr] [--tile N] [--roi Y,X]
+            [--binning B] [--device ...] [--precision fp32|bf16|fp16] [--batch-tiles N]
+            [--dask local|SCHEDULER_ADDRESS [--workers N]]
 
 Option flags, their types, ranges, choices, defaults and help come from the configs in ``config.py``.
     napari-coordgate evaluate -m MODEL --sharp S.tif --blurred B.tif [--json REPORT.json] [--png REPORT.png]
