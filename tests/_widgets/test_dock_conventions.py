@@ -88,3 +88,24 @@ def test_the_sample_model_button_loads_the_shipped_model(viewer_dock, qtbot):
     dock.model_tab.sample_btn.click()
     wait_idle(qtbot, dock)
     assert dock.model is not None and dock.model_origin.endswith("sample_gaussian.cgmodel")
+
+
+def test_opening_an_exported_package_loads_it_and_other_zips_are_not_claimed(make_napari_viewer, qtbot, tiny_model,
+                                                                              tmp_path):
+    import zipfile
+
+    import pytest
+
+    pytest.importorskip("bioimageio.spec")
+    from napari_coordgate._widgets._reader import get_reader
+    from napari_coordgate.bioimageio import export_package
+
+    package = export_package(tiny_model, tmp_path / "pkg.zip")
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as zf:
+        zf.writestr("data.txt", "not a model")
+    assert get_reader(str(tmp_path / "other.zip")) is None
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(package), plugin="napari-coordgate")
+    dock = viewer.window.dock_widgets["CoordGate deblur (napari-coordgate)"]
+    wait_idle(qtbot, dock)
+    assert dock.model is not None and dock.model.config == tiny_model.config
