@@ -82,10 +82,10 @@ def _model(gate: str, dev, seed: int = 0):
 
 def _training(dev, field: int, crop: int, batches, steps: int, warmup: int) -> None:
     import torch
+    from scipy.ndimage import gaussian_filter
 
     from napari_coordgate.data import sample_offsets
     from napari_coordgate.specimens import procedural_specimen
-    from scipy.ndimage import gaussian_filter
 
     planes = 4
     sharp = np.stack([procedural_specimen((field, field), seed=s) for s in range(planes)]).astype(np.float32)

@@ -71,7 +71,8 @@ def build_benchmark(preset: str, n_fields: int, field: int, photons: float, seed
     test_sharp = specimen_fields(len(TEST_SOURCES), shape, seed=seed + 1, sources=TEST_SOURCES)
     tune_sharp = specimen_fields(1, shape, seed=seed + 2, sources=TUNE_SOURCES)
     blur = lambda s, k: add_noise(op.forward(s), photons=photons, seed=seed + k)  # noqa: E731
-    return op, (train_sharp, blur(train_sharp, 10)), (test_sharp, blur(test_sharp, 11)), (tune_sharp, blur(tune_sharp, 12))
+    return (op, (train_sharp, blur(train_sharp, 10)), (test_sharp, blur(test_sharp, 11)),
+            (tune_sharp, blur(tune_sharp, 12)))
 
 
 def _ring_row(gt, img):
@@ -142,7 +143,8 @@ def main() -> None:
         rows.append((name, results, float(np.mean(secs))))
 
     ref = {k: np.mean([r[k] for r in rows[1][1]]) for k in ("psnr", "centre", "middle", "edge")}
-    print(f"\n{'method':<26}{'PSNR':>14}{'centre':>9}{'middle':>9}{'edge':>9}{'vs SV-RL':>10}{'edge vs':>9}{'s/model':>9}")
+    print(f"\n{'method':<26}{'PSNR':>14}{'centre':>9}{'middle':>9}{'edge':>9}{'vs SV-RL':>10}{'edge vs':>9}"
+          f"{'s/model':>9}")
     for name, res, sec in rows:
         mean = {k: float(np.mean([r[k] for r in res])) for k in ("psnr", "centre", "middle", "edge")}
         spread = float(np.std([r["psnr"] for r in res])) if len(res) > 1 else 0.0

@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from bench_recipe import build_benchmark, dataset_arguments
 
 # name: ModelConfig fields
@@ -104,7 +103,8 @@ def _plot(rows: list[dict], classical: list[dict], path: Path, title: str) -> No
         for r in rows:
             y = r["psnr"] if key is None else r["rings"][key]
             gate = "CoordGate" in r["name"]
-            marker = "s" if "MultiWiener" in r["name"] else ("o" if gate else ("^" if "CoordConv" in r["name"] else "x"))
+            kind = "^" if "CoordConv" in r["name"] else "x"
+            marker = "s" if "MultiWiener" in r["name"] else ("o" if gate else kind)
             ax.scatter(r["params"], y, marker=marker, color="tab:red" if gate else "tab:blue")
             ax.annotate(r["name"].replace(" U-Net", "\nU-Net"), (r["params"], y), fontsize=6,
                         textcoords="offset points", xytext=(4, 2))
@@ -185,8 +185,8 @@ def main() -> None:
             # each model's scores are printed as soon as it is done, so a long run never loses finished rows
             for r in pool.imap_unordered(_train_one, jobs, chunksize=1):
                 rows.append(r)
-                print(f"done: {r['name']}: {r['params']:,} params, PSNR {r['psnr']:.2f}, edge {r['rings']['edge']:.2f}, "
-                      f"{r['steps']} steps", flush=True)
+                print(f"done: {r['name']}: {r['params']:,} params, PSNR {r['psnr']:.2f}, "
+                      f"edge {r['rings']['edge']:.2f}, {r['steps']} steps", flush=True)
         rows.sort(key=lambda r: args.models.index(r["name"]))
         for r in rows:
             r["mp_s"] = _throughput(r["model"], args.mp_size, args.threads, args.device)
