@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from napari_coordgate.optics.psfmodel import PSFModel, register_psf_model
+from napari_coordgate.optics.psfmodel import PSFModel, binned_psf_size, register_psf_model
 
 __all__ = ["MeasuredGridPSF", "tent_weights_1d"]
 
@@ -47,10 +47,6 @@ def tent_weights_1d(t: np.ndarray, k: int) -> np.ndarray:
     spacing = 2.0 / (k - 1)
     w = np.maximum(0.0, 1.0 - np.abs(t[..., None] - nodes) / spacing)
     return w / w.sum(axis=-1, keepdims=True)
-
-
-def _odd_at_least(n: int, lo: int = 3) -> int:
-    return max(lo, n + 1 - n % 2)
 
 
 def _fourier_shift(img: np.ndarray, dy: float, dx: float) -> np.ndarray:
@@ -205,13 +201,11 @@ class MeasuredGridPSF(PSFModel):
         The centre of the binned PSF's middle pixel stays on the point's position: for an even binning the
         PSFs are moved by half a pixel (band-limited interpolation) before pooling.
         """
-        if isinstance(binning, bool) or not isinstance(binning, (int, np.integer)) or binning < 1:
-            raise ValueError(f"binning must be a positive integer, got {binning!r}")
+        out_size = binned_psf_size(self.psf_size, binning)
         b = int(binning)
         if b == 1:
             return self
         s = self.psf_size
-        out_size = _odd_at_least(-(-s // b))
         fine = out_size * b
         k = self.nodes
         psfs = self._psfs.reshape(k * k, s, s)

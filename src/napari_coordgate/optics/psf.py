@@ -163,12 +163,11 @@ class PSFConfig(Config, PSFModel):
         Gaussian model ``sigma_px / binning``. ``psf_size`` shrinks to cover the same area (odd, at least 3).
         ``binning`` 1 returns ``self``.
         """
-        if isinstance(binning, bool) or not isinstance(binning, (int, np.integer)) or binning < 1:
-            raise ValueError(f"binning must be a positive integer, got {binning!r}")
+        from .psfmodel import binned_psf_size
+
+        size = binned_psf_size(self.psf_size, binning)
         if binning == 1:
             return self
-        size = -(-self.psf_size // int(binning))
-        size = max(3, size + 1 - size % 2)
         if self.model == "gaussian":
             return self.replace(sigma_px=self.sigma_px / binning, psf_size=size)
         return self.replace(pixel_size_um=self.pixel_size_um * binning, psf_size=size)

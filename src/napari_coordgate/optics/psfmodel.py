@@ -32,7 +32,8 @@ import numpy as np
 
 from napari_coordgate.config import ConfigError
 
-__all__ = ["PSFModel", "register_psf_model", "psf_model_from_record", "psf_model_kinds", "get_psf_model"]
+__all__ = ["PSFModel", "binned_psf_size", "register_psf_model", "psf_model_from_record", "psf_model_kinds",
+           "get_psf_model"]
 
 # kind name -> class; filled by register_psf_model at import of each implementation (a registry of types,
 # not of state: it never changes after the implementations' modules are imported)
@@ -136,6 +137,15 @@ class PSFModel(abc.ABC):
         # object.__setattr__: implementations may be frozen dataclasses; the provenance is no field of theirs
         object.__setattr__(twin, "_provenance", dict(provenance or {}))
         return twin
+
+
+def binned_psf_size(psf_size: int, binning) -> int:
+    """The odd PSF side (at least 3) that covers ``psf_size`` pixels of a camera binned ``binning`` x ``binning``;
+    the one check of a binning argument for every PSF model's :meth:`PSFModel.binned`."""
+    if isinstance(binning, bool) or not isinstance(binning, (int, np.integer)) or binning < 1:
+        raise ValueError(f"binning must be a positive integer, got {binning!r}")
+    size = -(-int(psf_size) // int(binning))
+    return max(3, size + 1 - size % 2)
 
 
 def register_psf_model(cls: type[PSFModel]) -> type[PSFModel]:

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from napari_coordgate.optics.psf import ZERNIKE_TERMS, PSFConfig, _PupilModel
-from napari_coordgate.optics.psfmodel import PSFModel, register_psf_model
+from napari_coordgate.optics.psfmodel import PSFModel, binned_psf_size, register_psf_model
 
 __all__ = ["PupilPolyPSF", "MONOMIALS", "monomials"]
 
@@ -193,12 +193,9 @@ class PupilPolyPSF(PSFModel):
 
     def binned(self, binning: int) -> "PupilPolyPSF":
         """The same optics seen through ``binning`` times larger pixels (PSFs integrated over them)."""
-        if isinstance(binning, bool) or not isinstance(binning, (int, np.integer)) or binning < 1:
-            raise ValueError(f"binning must be a positive integer, got {binning!r}")
+        size = binned_psf_size(self.psf_size, binning)
         if binning == 1:
             return self
-        size = -(-self.psf_size // int(binning))
-        size = max(3, size + 1 - size % 2)
         prov = dict(self._provenance)
         prov["binning"] = int(binning) * int(prov.get("binning", 1))
         c = self._cfg
