@@ -102,3 +102,42 @@ def test_check_registration_returns_registered_copies_of_the_shifted_planes_only
     assert np.abs(registered[1][4:-4] - blurred[1][4:-4]).max() < 0.05 * blurred[1].max()
     with pytest.warns(UserWarning, match=r"\(plane 1: dy=-[12]\.\d\d"):
         assert check_registration(sharp, shifted)[0] == {}
+
+
+def test_per_image_normalisation_follows_a_camera_offset_and_gain():
+    from napari_coordgate.data import NORM_PERCENTILES, Normalization
+
+    plane = np.random.default_rng(2).gamma(2.0, 0.2, (300, 200))
+    norm = Normalization(0.0, 1.0, NORM_PERCENTILES)
+    base = norm.for_plane(plane)
+    lo, hi = np.percentile(plane, NORM_PERCENTILES)
+    assert (base.offset, base.scale, base.per_image) == pytest.approx((lo, hi - lo, False))
+    for a, c in ((0.3, 0.0), (3000.0, 100.0), (3000.0, 500.0)):
+        m = norm.for_plane(a * plane + c)
+        assert m.offset == pytest.approx(a * base.offset + c) and m.scale == pytest.approx(a * base.scale)
+        # the network's input is the same whatever the camera's units
+        np.testing.assert_allclose(m.apply(a * plane + c), base.apply(plane), atol=1e-5)
+    # a constant plane has no range: the training units' scale
+    const = Normalization(0.0, 7.0, NORM_PERCENTILES)
+    assert const.for_plane(np.full((8, 8), 3.0)) == Normalization(3.0, 7.0)
+    # a fixed map ignores the plane
+    assert Normalization(1.0, 2.0).for_plane(plane) == Normalization(1.0, 2.0)
+
+
+def test_per_image_normalisation_reads_a_regular_subsample_of_a_large_plane():
+    from napari_coordgate.data import PLANE_SAMPLE_PIXELS, plane_sample
+
+    plane = np.arange(2048 * 1024, dtype=np.uint16).reshape(2048, 1024)
+    sample = plane_sample(plane)
+    assert sample.dtype == np.float64 and sample.size <= PLANE_SAMPLE_PIXELS
+    np.testing.assert_array_equal(sample, plane[::2, ::2].ravel())
+    assert plane_sample(plane[:100, :100]).size == 100 * 100
+
+
+@pytest.mark.parametrize("d, match", [({"offset": 0, "scale": 0}, "scale must be > 0"),
+                                      ({"offset": 0, "scale": 1, "percentiles": [50, 50]}, "0 <= low < high")])
+def test_normalisation_from_a_file_refuses_nonsense(d, match):
+    from napari_coordgate.data import Normalization
+
+    with pytest.raises(ValueError, match=match):
+        Normalization.from_dict(d)

@@ -83,7 +83,7 @@ def test_single_pair_validates_on_the_checkerboard_tiles_and_rises_above_the_inp
     updates = []
     res = train(TINY, _quick(epochs=4, val_tile=16), PairSource(sharp[0], blurred[0]), on_update=updates.append)
     # the input's validation PSNR is the one of the checkerboard tiles (not of the whole plane)
-    norm = Normalization.from_dict(res.saved.normalization)
+    norm = Normalization.from_dict(res.saved.normalization).for_plane(blurred[0])  # the plane's own units
     s, b = norm.apply(sharp[0].astype(np.float32)), norm.apply(blurred[0].astype(np.float32))
     mask = checkerboard_mask((64, 64), 16)
     rng = float(np.float32(s.max()) - np.float32(s.min()))
@@ -619,3 +619,37 @@ def test_resume_refuses_a_psf_model_with_other_arrays(tmp_path, fake_psf):
         train(TINY, _quick(epochs=2), SimulatedSource(sharp, wider), resume=ck)
     assert train(TINY, _quick(epochs=2), SimulatedSource(sharp, fake_psf), resume=ck).saved.provenance[
         "training"]["epochs"] == 2
+
+
+@pytest.mark.parametrize("gain, offset", [(0.3, 0.0), (0.3, 100.0), (0.3, 500.0), (3000.0, 0.0), (3000.0, 100.0),
+                                          (3000.0, 500.0)])
+def test_a_camera_offset_and_gain_give_the_same_restoration_in_the_cameras_units(gain, offset):
+    # trained on data in [0, 1]; applied to the same held-out field as gain * x + offset (uint16 where it fits,
+    # as a camera stores it): the result is gain * f(x) + offset, so the PSNR after undoing the units is the same
+    from napari_coordgate.metrics import psnr
+
+    sharp, blurred = _pairs()
+    res = train(TINY, _quick(epochs=2), PairSource(sharp / 4000.0, blurred / 4000.0))
+    assert res.saved.normalization["percentiles"] == [0.1, 99.9]
+    truth, field = sharp[-1] / 4000.0, blurred[-1] / 4000.0
+    base = predict(res.saved, field.astype(np.float32), device="cpu")
+    camera = gain * field + offset
+    camera = np.round(camera).astype(np.uint16) if gain > 100 else camera.astype(np.float32)
+    if gain > 100:
+        field = (camera.astype(np.float64) - offset) / gain  # what the camera kept of x (quantised)
+        base = predict(res.saved, field.astype(np.float32), device="cpu")
+
+    out = predict(res.saved, camera, device="cpu")
+
+    np.testing.assert_allclose((out - offset) / gain, base, atol=2e-4)
+    assert abs(psnr(truth, (out - offset) / gain) - psnr(truth, base)) < 0.2
+    assert out.min() > offset - 0.1 * gain  # no negative intensities from an unseen offset
+
+
+def test_a_fixed_normalisation_model_still_trains_and_applies_in_the_training_units():
+    sharp, blurred = _pairs()
+    res = train(TINY, _quick(epochs=1, intensity="fixed"), PairSource(sharp, blurred))
+    norm = res.saved.normalization
+    assert "percentiles" not in norm and norm["scale"] > 1000  # the uint16 training units
+    out = predict(res.saved, blurred[-1], device="cpu")
+    assert np.isfinite(out).all() and abs(float(out.mean()) - float(blurred[-1].mean())) < 0.2 * norm["scale"]

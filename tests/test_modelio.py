@@ -1,3 +1,4 @@
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -62,6 +63,20 @@ def test_info_is_readable_without_building_the_network(saved):
 def test_write_leaves_no_temp_files(saved):
     path, _ = saved
     assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_written_files_get_the_usual_permissions_and_a_replaced_file_keeps_its_own(tmp_path):
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        new = modelio.atomic_write_bytes(tmp_path / "a.bin", b"x")
+        assert stat.S_IMODE(new.stat().st_mode) == 0o644  # not mkstemp's 0600: colleagues can read a model
+        os.chmod(new, 0o640)
+        modelio.atomic_write_bytes(new, b"y")
+        assert stat.S_IMODE(new.stat().st_mode) == 0o640 and new.read_bytes() == b"y"
+    finally:
+        os.umask(old)
 
 
 def test_a_write_interrupted_half_way_keeps_the_old_file_and_leaves_no_temp_file(saved):
@@ -222,8 +237,8 @@ def test_a_psf_model_with_arrays_travels_in_the_model_file_beside_the_weights(tm
     tensors, meta = modelio.decode(path, "napari-coordgate-model")
     loaded = load_model(path)
 
-    assert meta["schema_version"] == 2 and meta["psf"] == {"kind": "test_gaussian_grid", "name": "fake beads",
-                                                           "psf_size": 9}
+    assert meta["schema_version"] == modelio.SCHEMA_VERSION
+    assert meta["psf"] == {"kind": "test_gaussian_grid", "name": "fake beads", "psf_size": 9}
     assert sorted(k for k in tensors if k.startswith("psf/")) == ["psf/sigmas"]
     assert type(loaded.psf) is type(fake_psf)
     np.testing.assert_array_equal(loaded.psf.sigmas, fake_psf.sigmas)
@@ -259,16 +274,49 @@ def test_a_schema_1_model_file_from_the_previous_release_still_loads():
     assert saved.field_shape == (24, 32) and saved.normalization == {"offset": 10.0, "scale": 200.0}
     assert saved.provenance["training"]["source"] == "psf"
     info = read_model_info(path)  # shown migrated
-    assert info["schema_version"] == 2 and info["psf"]["kind"] == "pupil"
+    assert info["schema_version"] == modelio.SCHEMA_VERSION and info["psf"]["kind"] == "pupil"
 
 
-@pytest.mark.parametrize("version", [3, 99])
+def test_a_schema_2_model_keeps_its_fixed_normalisation_and_its_output():
+    # tests/data/model_schema2.cgmodel is the sample model shipped at commit c7ce7d1 (schema 2, one offset and
+    # scale for every image); its prediction of the bundled sample's blurred image is stored beside it
+    from napari_coordgate._sample_data import calibration_pair
+    from napari_coordgate.engine import predict
+
+    path = DATA / "model_schema2.cgmodel"
+    assert modelio.decode(path, "napari-coordgate-model")[1]["schema_version"] == 2
+    saved = load_model(path)
+
+    assert "percentiles" not in saved.normalization
+    blurred = calibration_pair()[1][0]
+    out = predict(saved, blurred, device="cpu")
+    np.testing.assert_allclose(out[96:160, 96:160], np.load(DATA / "model_schema2_output.npy"), rtol=0, atol=1e-5)
+    # a fixed map is not equivariant: a camera offset changes the result beyond the offset itself
+    assert np.abs(predict(saved, blurred + 100.0, device="cpu") - (out + 100.0)).max() > 1e-2
+
+
+def test_per_image_normalisation_round_trips_and_nonsense_is_refused(tmp_path, saved):
+    tensors, meta = modelio.decode(saved[0], "napari-coordgate-model")
+    meta["normalization"] = {"offset": 0.5, "scale": 2.0, "percentiles": [0.1, 99.9]}
+    good = tmp_path / "good.cgmodel"
+    good.write_bytes(modelio.encode(tensors, meta))
+    loaded = load_model(good)
+    assert loaded.normalization == {"offset": 0.5, "scale": 2.0, "percentiles": [0.1, 99.9]}
+    assert load_model(save_model(tmp_path / "again", loaded)).normalization == loaded.normalization
+    meta["normalization"]["percentiles"] = [99.0, 1.0]
+    bad = tmp_path / "bad.cgmodel"
+    bad.write_bytes(modelio.encode(tensors, meta))
+    with pytest.raises(ModelFileError, match="percentiles must satisfy 0 <= low < high <= 100"):
+        load_model(bad)
+
+
+@pytest.mark.parametrize("version", [4, 99])
 def test_a_model_file_from_a_newer_schema_asks_to_upgrade(tmp_path, saved, version):
     tensors, meta = modelio.decode(saved[0], "napari-coordgate-model")
     meta["schema_version"] = version
     p = tmp_path / "future.cgmodel"
     p.write_bytes(modelio.encode(tensors, meta))
-    with pytest.raises(ModelFileError, match=rf"schema version {version}; .* reads up to 2: upgrade napari-coordgate"):
+    with pytest.raises(ModelFileError, match=rf"schema version {version}; .* reads up to 3: upgrade napari-coordgate"):
         load_model(p)
 
 

@@ -13,8 +13,11 @@ changes across the field. ``gate="coordconv"`` concatenates the coordinates inst
 
 Inputs
 ------
-``image``  (B, C, H, W): raw intensities, in the units of the training images; the network normalises them with
-the model's stored offset/scale and maps its output back, so no pre- or postprocessing is needed.
+``image``  (B, C, H, W): raw intensities; the network normalises them itself and maps its output back to the
+input's units, so no pre- or postprocessing is needed: with ``percentiles`` (per-image normalisation) each sample's
+percentiles of a regular subsample (about ``sample_pixels`` pixels) become its offset and range, so a camera
+offset and gain (``a * x + c``) give ``a * f(x) + c``; give whole planes (a tile would be normalised by its own
+percentiles); without them, the model's stored offset and scale are used.
 ``coords`` (B, 2, H, W): each pixel's field coordinates, channel 0 = x (column), channel 1 = y (row), each axis of
 the full training field normalised to [-1, 1] at pixel centres: ``x = (2 * col - (W_field - 1)) / (W_field - 1)``.
 A tile of the image goes with the same tile of the coordinates; that is how the gate knows where the tile is.
@@ -39,6 +42,8 @@ coordinates, which is the block's centre. A tile that starts on a multiple of ``
 pooling grid of the whole image and gives the whole image's output inside its halo; any other tile is correct
 for its own pooling grid, which differs slightly.
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -177,6 +182,8 @@ class CoordGateUNet(nn.Module):
         out_channels: int = 1,
         offset: float = 0.0,
         scale: float = 1.0,
+        percentiles: list[float] | None = None,
+        sample_pixels: int = 1 << 20,
     ) -> None:
         super().__init__()
         if gate not in ("none", "coordgate", "coordconv"):
@@ -195,6 +202,9 @@ class CoordGateUNet(nn.Module):
         self.in_channels = in_channels
         self.offset = float(offset)
         self.scale = float(scale)
+        # per-image normalisation: each sample's own percentiles (of a regular subsample of about sample_pixels)
+        self.percentiles = None if percentiles is None else [float(p) / 100.0 for p in percentiles]
+        self.sample_pixels = int(sample_pixels)
         extra = 2 if self.coordconv else 0
         self.has_prefilter = prefilter_channels > 0
         self.prefilter = FilterBank(prefilter_channels, prefilter_size) if self.has_prefilter else nn.Identity()
@@ -253,17 +263,34 @@ class CoordGateUNet(nn.Module):
         """The network on the grid part ``span`` of the input, padded back (edge values) to the input's shape."""
         y0, y1, x0, x1 = span
         H, W = image.shape[-2], image.shape[-1]
-        out = self._restore(image[:, :, y0:y1, x0:x1], coords[:, :, y0:y1, x0:x1])
+        part = image[:, :, y0:y1, x0:x1]
+        offset, scale = self._units(part)
+        out = self._restore(part, coords[:, :, y0:y1, x0:x1], offset, scale)
         if y0 > 0 or x0 > 0 or y1 < H or x1 < W:
             out = F.pad(out, [x0, W - x1, y0, H - y1], mode="replicate")
         return out
 
-    def _restore(self, image: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    def _units(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(offset, scale), each (B, C, 1, 1): the stored ones, or (per-image) each sample's percentiles."""
+        B, C = image.shape[0], image.shape[1]
+        if self.percentiles is None:
+            return (torch.full((B, C, 1, 1), self.offset, device=image.device),
+                    torch.full((B, C, 1, 1), self.scale, device=image.device))
+        H, W = image.shape[-2], image.shape[-1]
+        k = max(1, int(math.ceil(math.sqrt(H * W / self.sample_pixels))))
+        sample = image[:, :, ::k, ::k].reshape(B, C, -1).double()
+        q = torch.quantile(sample, torch.tensor(self.percentiles, dtype=torch.float64, device=image.device), dim=-1)
+        lo, hi = q[0], q[1]
+        scale = torch.where(hi > lo, hi - lo, torch.full_like(lo, self.scale))
+        return lo.float()[:, :, None, None], scale.float()[:, :, None, None]
+
+    def _restore(self, image: torch.Tensor, coords: torch.Tensor, offset: torch.Tensor,
+                 scale: torch.Tensor) -> torch.Tensor:
         H, W = image.shape[-2], image.shape[-1]
         m = self.min_size
         if H < m or W < m:
             raise ValueError(f"image of {H}x{W} pixels is smaller than the minimum {m}x{m} of this network")
-        x = (image - self.offset) / self.scale
+        x = (image - offset) / scale
         pad_h, pad_w = (-H) % m, (-W) % m
         mode = "reflect" if pad_h < H and pad_w < W else "replicate"
         inp = x
@@ -308,4 +335,4 @@ class CoordGateUNet(nn.Module):
         if self.residual:
             out = out + inp
         out = out[:, :, :H, :W]
-        return out * self.scale + self.offset
+        return out * scale + offset

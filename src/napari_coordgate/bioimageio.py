@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .data import PLANE_SAMPLE_PIXELS
 from .modelio import MODEL_SUFFIX, ModelFileError, SavedModel, existing_file, load_model, save_model
 
 __all__ = [
@@ -85,6 +86,8 @@ def arch_kwargs(saved: SavedModel) -> dict[str, Any]:
         "out_channels": int(cfg.out_channels),
         "offset": float(saved.normalization["offset"]),
         "scale": float(saved.normalization["scale"]),
+        "percentiles": saved.normalization.get("percentiles"),
+        "sample_pixels": PLANE_SAMPLE_PIXELS,
     }
 
 
@@ -199,14 +202,24 @@ in that field.
 """
 
 
+def _doc_units(norm: dict) -> str:
+    if norm.get("percentiles") is None:
+        return f"""- `image` (batch, channel, y, x), float32: the raw image, in the intensity units of the training
+  images. The network normalises it itself (`(image - {norm['offset']!r}) / {norm['scale']!r}`) and maps its
+  output back, so no pre- or postprocessing is needed; do not rescale the image."""
+    lo, hi = norm["percentiles"]
+    return f"""- `image` (batch, channel, y, x), float32: the raw image, in any units (camera offset and gain
+  included). The network normalises each sample itself (its {lo:g} and {hi:g} percentiles become 0 and 1) and
+  maps its output back to the input's units, so no pre- or postprocessing is needed. Give whole planes: a tile
+  would be normalised by its own percentiles."""
+
+
 def _doc_inputs(saved: SavedModel) -> str:
     H, W = (int(s) for s in saved.field_shape)
     norm = saved.normalization
     return f"""## Inputs
 
-- `image` (batch, channel, y, x), float32: the raw image, in the intensity units of the training images. The
-  network normalises it itself (`(image - {norm['offset']!r}) / {norm['scale']!r}`) and maps its output back, so
-  no pre- or postprocessing is needed; do not rescale the image.
+{_doc_units(norm)}
 - `coords` (batch, channel, y, x) with channel 0 = x (column) and channel 1 = y (row), float32: the position of
   every pixel in the {H} x {W} training field, each axis normalised to [-1, 1] at pixel centres:
 
@@ -521,7 +534,7 @@ def _rdf_config(saved: SavedModel) -> dict:
             "package_version": __version__,
             "model_file": MODEL_FILE,
             "field_shape": [H, W],
-            "normalization": {k: float(saved.normalization[k]) for k in ("offset", "scale")},
+            "normalization": dict(saved.normalization),
             "model": saved.config.to_dict(),
         }
     }

@@ -99,7 +99,8 @@ def _set_threads(n: int) -> None:
 # the options a user sets on each command; everything else keeps the config's default
 MODEL_FLAGS = ("depth", "channels", "gate", "prefilter")
 MODEL_HELP = "model file (.cgmodel, suffix optional) or a bioimage.io package (.zip) exported by napari-coordgate"
-TRAIN_FLAGS = ("crop", "batch", "steps_per_epoch", "lr", "seed", "device", "threads", "register", "photons")
+TRAIN_FLAGS = ("crop", "batch", "steps_per_epoch", "lr", "seed", "device", "threads", "register", "photons",
+               "intensity")
 PREDICT_FLAGS = ("tile", "binning", "device", "precision", "batch_tiles", "threads")
 
 

@@ -260,6 +260,7 @@ class ModelConfig(Config):
 
 LOSSES = ("l1", "l2")
 SCHEDULES = ("cosine", "plateau", "constant")
+INTENSITY_MODES = ("per_image", "fixed")
 
 
 @dataclass(frozen=True)
@@ -297,6 +298,10 @@ class TrainConfig(Config):
     register: bool = bounded(False, doc="register misaligned calibration pairs instead of warning")
     photons: float = bounded(1000.0, 1.0, 1e9, doc="photon budget of simulated pairs (PSF source)")
     read_noise: float = bounded(2.0, 0.0, 1e6, doc="read noise (photo-electrons) of simulated pairs")
+    intensity: str = choice("per_image", INTENSITY_MODES,
+                            doc="intensity normalisation: per_image (each image's own background and range, so "
+                                "camera offset and gain do not matter) or fixed (one offset and scale from the "
+                                "training images, as model files of schema 1-2)")
 
     def _validate(self) -> None:
         if self.epochs == 0 and not self.minutes > 0:

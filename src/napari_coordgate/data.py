@@ -26,6 +26,8 @@ __all__ = [
     "check_pairs",
     "check_registration",
     "Normalization",
+    "NORM_PERCENTILES",
+    "plane_sample",
     "fit_normalization",
     "registration_shift",
     "correct_shift",
@@ -66,12 +68,42 @@ def check_pairs(sharp, blurred, *, min_size: int = 1) -> tuple[np.ndarray, np.nd
     return s, b
 
 
+#: the percentiles mapped to 0 and 1 by the normalisation (the background and the bright end, above hot pixels):
+#: of the training sharp images (fixed) or of each input plane (per image)
+NORM_PERCENTILES = (0.1, 99.9)
+#: pixels of a plane that per-image normalisation reads (a regular subsample of larger planes)
+PLANE_SAMPLE_PIXELS = 1 << 20
+
+
+def plane_sample(plane) -> np.ndarray:
+    """A regular subsample of a 2-D plane (numpy, memory map, dask...) of at most about
+    :data:`PLANE_SAMPLE_PIXELS` pixels, as a flat float64 array: what per-image normalisation reads."""
+    h, w = plane.shape[-2:]
+    k = max(1, int(np.ceil(np.sqrt(h * w / PLANE_SAMPLE_PIXELS))))
+    sub = plane[..., ::k, ::k]
+    sub = sub.compute() if hasattr(sub, "compute") else sub
+    return np.asarray(sub, dtype=np.float64).reshape(-1)
+
+
 @dataclass(frozen=True)
 class Normalization:
-    """The network sees ``(image - offset) / scale``; outputs are mapped back with the inverse."""
+    """The network sees ``(image - offset) / scale``; outputs are mapped back with the inverse.
+
+    With ``percentiles`` (per-image normalisation) the offset and scale of each input plane come from that plane
+    (:meth:`for_plane`): its low percentile goes to 0 and its high one to 1, and the output returns to the plane's
+    own units. A camera offset ``c`` and gain ``a`` then leave the result unchanged up to the same map
+    (``a * x + c -> a * f(x) + c``): deconvolution commutes with them and so does the network. ``offset`` and
+    ``scale`` are then the training images' units, used only for a constant plane (no range to measure).
+    Without ``percentiles`` (models written before schema 3) every plane uses ``offset`` and ``scale``.
+    """
 
     offset: float = 0.0
     scale: float = 1.0
+    percentiles: tuple[float, float] | None = None
+
+    @property
+    def per_image(self) -> bool:
+        return self.percentiles is not None
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.offset) / self.scale).astype(np.float32, copy=False)
@@ -79,16 +111,43 @@ class Normalization:
     def invert(self, x: np.ndarray) -> np.ndarray:
         return (x * self.scale + self.offset).astype(np.float32, copy=False)
 
+    def for_plane(self, plane) -> "Normalization":
+        """The fixed map for one input plane (2-D, any array that slices): itself unless per-image; then the
+        plane's percentiles (read from :func:`plane_sample`), or its constant value as the offset."""
+        return self if self.percentiles is None else self.for_sample(plane_sample(plane))
+
+    def for_sample(self, sample: np.ndarray) -> "Normalization":
+        """:meth:`for_plane` from a plane's :func:`plane_sample` already read."""
+        if self.percentiles is None:
+            return self
+        lo, hi = np.percentile(sample, self.percentiles)
+        return Normalization(float(lo), float(hi - lo) if hi > lo else self.scale)
+
     def to_dict(self) -> dict:
-        return {"offset": float(self.offset), "scale": float(self.scale)}
+        d: dict = {"offset": float(self.offset), "scale": float(self.scale)}
+        if self.percentiles is not None:
+            d["percentiles"] = [float(p) for p in self.percentiles]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Normalization":
-        return cls(float(d["offset"]), float(d["scale"]))
+        """From :meth:`to_dict`'s form; raises ValueError for a scale <= 0 or percentiles not 0 <= low < high <= 100."""
+        pct = d.get("percentiles")
+        if pct is not None:
+            lo, hi = (float(v) for v in pct)
+            if not 0.0 <= lo < hi <= 100.0:
+                raise ValueError(f"normalization percentiles must satisfy 0 <= low < high <= 100, got {list(pct)}")
+            pct = (lo, hi)
+        norm = cls(float(d["offset"]), float(d["scale"]), pct)
+        if not norm.scale > 0:
+            raise ValueError(f"normalization scale must be > 0, got {norm.scale}")
+        return norm
 
 
-def fit_normalization(sharp, low: float = 0.1, high: float = 99.9) -> Normalization:
-    """Percentile-based offset and scale from the training sharp images (robust to hot pixels).
+def fit_normalization(sharp, per_image: bool = False) -> Normalization:
+    """Percentile-based offset and scale (:data:`NORM_PERCENTILES`) from the training sharp images (robust to hot
+    pixels); with ``per_image`` they are kept as the units of constant planes and each plane is normalised by its
+    own percentiles (:meth:`Normalization.for_plane`).
 
     ``sharp`` is (H, W) or (N, H, W), in any dtype. A stack of more than 4 million pixels is sampled (every k-th
     pixel in memory order), one plane at a time, so a memory-mapped stack is never read whole into memory.
@@ -98,10 +157,10 @@ def fit_normalization(sharp, low: float = 0.1, high: float = 99.9) -> Normalizat
     step = n * per // 4_000_000 + 1 if n * per > 4_000_000 else 1
     # the pixels k * step of the flattened stack, gathered plane by plane
     sample = np.concatenate([float32(stack[i].reshape(-1)[(-i * per) % step :: step]) for i in range(n)])
-    lo, hi = np.percentile(sample, [low, high])
+    lo, hi = np.percentile(sample, NORM_PERCENTILES)
     if not hi > lo:
         lo, hi = float(sample.min()), float(sample.max())
-    return Normalization(float(lo), float(hi - lo))
+    return Normalization(float(lo), float(hi - lo), NORM_PERCENTILES if per_image else None)
 
 
 def registration_shift(sharp: np.ndarray, blurred: np.ndarray) -> tuple[float, float]:

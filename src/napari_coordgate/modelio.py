@@ -7,7 +7,9 @@ document under the key ``"napari_coordgate"`` with:
 - ``format``: ``"napari-coordgate-model"`` and ``schema_version`` (:data:`SCHEMA_VERSION`);
 - ``model``: the :class:`~napari_coordgate.config.ModelConfig` (the network is rebuilt from it alone);
 - ``field_shape``: (H, W) of the sensor frame the model was trained on (its coordinates refer to it);
-- ``normalization``: ``{"offset": o, "scale": s}``; the network sees ``(image - o) / s``;
+- ``normalization``: ``{"offset": o, "scale": s}``, the network sees ``(image - o) / s``; from schema 3 with
+  ``"percentiles": [low, high]`` for per-image normalisation (each plane's own percentiles give its o and s:
+  :class:`~napari_coordgate.data.Normalization`);
 - ``psf``: the metadata of the PSF model's record (:meth:`~napari_coordgate.optics.psfmodel.PSFModel.to_record`,
   with its ``"kind"``) that the training pairs were synthesised from or that the Wiener first stage was built
   from, or ``null`` for calibration pairs alone;
@@ -15,8 +17,8 @@ document under the key ``"napari_coordgate"`` with:
   own provenance (bead images, bead count, fit residual...) when it has one.
 
 Schema 1 (before the PSF-model interface) stored ``psf`` as a ``PSFConfig`` dict and no PSF arrays; it is read
-by migrating its metadata (:func:`_migrate_model_meta`). A file from a newer napari-coordgate is refused with a
-message to upgrade.
+by migrating its metadata (:func:`_migrate_model_meta`); schema 2 files (fixed normalisation) read as they are.
+A file from a newer napari-coordgate is refused with a message to upgrade.
 
 A PSF model file (``.cgpsf``; format ``"napari-coordgate-psf"``) holds one PSF model the same way: its record's
 arrays as tensors ``"psf/<name>"``, and ``psf`` (the record's metadata) and ``provenance`` in the JSON.
@@ -32,6 +34,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +42,7 @@ from typing import Any, Callable
 
 from . import __version__
 from .config import ConfigError, ModelConfig
+from .data import Normalization
 
 __all__ = [
     "MODEL_SUFFIX",
@@ -70,9 +74,12 @@ _PSF_FORMAT = "napari-coordgate-psf"
 _SUFFIXES = {_MODEL_FORMAT: MODEL_SUFFIX, _CHECKPOINT_FORMAT: CHECKPOINT_SUFFIX, _PSF_FORMAT: PSF_SUFFIX}
 _WHAT = {MODEL_SUFFIX: "model file", CHECKPOINT_SUFFIX: "checkpoint file", PSF_SUFFIX: "PSF model file"}
 #: schema version of the model files this version writes (and the newest it reads)
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PSF_SCHEMA_VERSION = 1
-_SCHEMA_VERSIONS = {_MODEL_FORMAT: SCHEMA_VERSION, _CHECKPOINT_FORMAT: 1, _PSF_FORMAT: PSF_SCHEMA_VERSION}
+#: checkpoints: 2 adds per-image normalisation (as model schema 3); 1 reads as it is
+CHECKPOINT_SCHEMA_VERSION = 2
+_SCHEMA_VERSIONS = {_MODEL_FORMAT: SCHEMA_VERSION, _CHECKPOINT_FORMAT: CHECKPOINT_SCHEMA_VERSION,
+                    _PSF_FORMAT: PSF_SCHEMA_VERSION}
 _PSF_PREFIX = "psf/"  # tensors of a PSF model's record; network weight names never contain "/"
 
 
@@ -92,7 +99,7 @@ class SavedModel:
     model: Any  # torch.nn.Module (typed loosely so this module imports without torch)
     config: ModelConfig
     field_shape: tuple[int, int]
-    normalization: dict[str, float] = field(default_factory=lambda: {"offset": 0.0, "scale": 1.0})
+    normalization: dict[str, Any] = field(default_factory=lambda: {"offset": 0.0, "scale": 1.0})
     psf: Any = None  # PSFModel | None
     provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -125,6 +132,23 @@ def existing_file(path: str | os.PathLike, suffix: str = MODEL_SUFFIX) -> Path:
     raise ModelFileError(f"{_WHAT.get(suffix, 'file')} {path} does not exist{tried}")
 
 
+def _file_mode(path: Path) -> int:
+    """The permissions of a file written at ``path``: the replaced file's, or 0666 less the process's umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        pass
+    try:  # Linux: the umask without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Create or replace ``path`` atomically: the one writer of every file the package writes.
 
@@ -137,6 +161,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; the file gets the mode a plain open would give
         write(tmp)
         fd = os.open(tmp, os.O_RDONLY)
         try:
@@ -272,7 +297,7 @@ def save_checkpoint(path: str | os.PathLike, *, weights: dict, best: dict, optim
     tensors.update({f"best.{k}": v for k, v in best.items()})
     tensors.update(opt_tensors)
     tensors.update({f"rng.{k}": v for k, v in rng_tensors.items()})
-    meta = {"format": _CHECKPOINT_FORMAT, "schema_version": 1, **state, "optimizer": opt_meta}
+    meta = {"format": _CHECKPOINT_FORMAT, "schema_version": CHECKPOINT_SCHEMA_VERSION, **state, "optimizer": opt_meta}
     return atomic_write_bytes(with_suffix(path, CHECKPOINT_SUFFIX), encode(tensors, meta))
 
 
@@ -411,9 +436,7 @@ def load_psf_model(path: str | os.PathLike):
 def save_model(path: str | os.PathLike, saved: SavedModel) -> Path:
     """Write a model file atomically; returns the path written (``.cgmodel`` added if missing)."""
     path = with_suffix(path)
-    norm = {"offset": float(saved.normalization["offset"]), "scale": float(saved.normalization["scale"])}
-    if not norm["scale"] > 0:
-        raise ValueError(f"normalization scale must be > 0, got {norm['scale']}")
+    norm = Normalization.from_dict(saved.normalization).to_dict()  # ValueError for a scale <= 0
     tensors = dict(saved.model.state_dict())
     record = None
     if saved.psf is not None:
@@ -441,6 +464,9 @@ def _migrate_model_meta(path, meta: dict) -> dict:
             raise ModelFileError(f"{path}: 'psf' must be a PSF config object or null, got {type(psf).__name__}")
         meta["psf"] = None if psf is None else {**psf, "kind": "pupil"}
         meta["schema_version"] = 2
+    if meta["schema_version"] == 2:
+        # schema 3: "normalization" may hold "percentiles" (per-image normalisation); older models are fixed
+        meta["schema_version"] = 3
     return meta
 
 
@@ -471,7 +497,7 @@ def load_model(path: str | os.PathLike, device: str | Any = "cpu") -> SavedModel
     try:
         cfg = ModelConfig.from_dict(meta["model"])
         field_shape = tuple(int(s) for s in meta["field_shape"])
-        norm = {k: float(meta["normalization"][k]) for k in ("offset", "scale")}
+        norm = Normalization.from_dict(meta["normalization"]).to_dict()
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise ModelFileError(f"{path}: model metadata is invalid: {exc}") from None
     if len(field_shape) != 2 or min(field_shape) < 1:

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..config import PRECISIONS, ModelConfig
-from ..data import Normalization
+from ..data import Normalization, plane_sample
 from ..devices import resolve_device
 from ..modelio import SavedModel
 from ..optics.checks import InputError, check_layout, check_values
@@ -193,6 +193,16 @@ def _read_window(image, idx, norm, window) -> np.ndarray:
     return norm.apply(win)
 
 
+def _plane_normalization(norm: Normalization, image, idx) -> Normalization:
+    """The intensity map of one plane: the model's, or (per-image normalisation) measured on the plane, checked."""
+    if not norm.per_image:
+        return norm
+    plane = image[idx] if idx else image
+    sample = plane_sample(plane)
+    check_values(sample, f"image plane {idx or 0}")
+    return norm.for_sample(sample)
+
+
 @contextmanager
 def _fresh_gates(model, amp_dtype):
     """The model caches gates by geometry and weights, not by dtype: gates computed under autocast are half
@@ -257,10 +267,8 @@ def predict(
     batch_tiles
         Up to this many tiles whose windows have the same shape go through the network as one batch (fewer,
         larger kernel launches: for GPUs; a 2048^2 plane through U-Net(2) on an H200 went from 68 to 145 MP/s
-        with 16, ``benchmarks/bench_gpu.py``; on a CPU it gains nothing, and CoordGate models then compute
-        their gates per batch instead of slicing cached ones). Output equals one-tile-at-a-time output to
-        float rounding; a batch needs about ``batch_tiles`` times the activation memory of one window.
-        1 (default): one tile at a time.
+        with 16, ``benchmarks/bench_gpu.py``; on a CPU it gains nothing). Output equals one-tile-at-a-time output
+        to float rounding; a batch needs ``batch_tiles`` times one window's memory. 1 (default): one at a time.
     out
         Optional array-like (numpy, memmap, zarr) of the image's shape that receives the float32 result;
         by default a new float32 numpy array.
@@ -272,7 +280,8 @@ def predict(
 
     Returns
     -------
-    The restored float32 array (``out`` if given), in the units of the training sharp images.
+    The restored float32 array (``out`` if given), in each plane's own units (per-image normalisation: ``a * x + c``
+    gives ``a * f(x) + c``), or in the training images' units for older models.
     """
     shape = _check_call(saved, image, precision, batch_tiles, binning)
     field_shape, offset = field_geometry(shape[-2:], saved.field_shape, roi, binning)
@@ -290,13 +299,14 @@ def predict(
     done = 0
     with _fresh_gates(model, amp_dtype):
         for idx in np.ndindex(*shape[:-2]):
+            pnorm = _plane_normalization(norm, image, idx)
             for group in batches:
                 if should_stop is not None and should_stop():
                     raise Cancelled(f"prediction cancelled after {done} of {total} tiles")
-                read = partial(_read_window, image, idx, norm)
+                read = partial(_read_window, image, idx, pnorm)
                 for (y0, y1, x0, x1), core in predict_batch(model, read, tiles, group, offset, field_shape, dev,
                                                             amp_dtype):
-                    out[idx + (slice(y0, y1), slice(x0, x1))] = norm.invert(core)
+                    out[idx + (slice(y0, y1), slice(x0, x1))] = pnorm.invert(core)
                     done += 1
                     if on_progress is not None:
                         on_progress(done, total)

@@ -139,7 +139,7 @@ def _validate(run: Run, model, use_amp: bool) -> float:
                                             torch.bfloat16 if use_amp else None):
                 y0, y1, x0, x1 = core
                 mask = None if data.val_mask is None else data.val_mask[y0:y1, x0:x1]
-                acc.add(data.norm.apply(data.sharp_plane(int(i), core)), pred, mask)
+                acc.add(data.target_window(int(i), core), pred, mask)
     model.train()
     return acc.value
 
@@ -148,7 +148,7 @@ def _input_psnr(data: TrainingData, val_range: float) -> float:
     """Validation PSNR of the unrestored input: the line the validation curve has to rise above."""
     acc = PSNRAccumulator(val_range)
     for i in data.val_idx:
-        acc.add(data.norm.apply(data.sharp_plane(int(i))), data.norm.apply(data.blurred_plane(int(i))), data.val_mask)
+        acc.add(data.target_window(int(i)), data.input_window(int(i), None), data.val_mask)
     return acc.value
 
 

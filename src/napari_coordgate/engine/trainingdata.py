@@ -107,6 +107,7 @@ class TrainingData:
         self.val_mask = None if n_val else checkerboard_mask(self.field_shape, train_cfg.val_tile)
         self._weight = None if n_val else (~self.val_mask).astype(np.float32)
         self.norm = Normalization()
+        self._plane_norms: list[Normalization] = []  # each plane's fixed map (per-image normalisation)
         self.noise_seed: int | None = None
         self._noisy = None  # this epoch's simulated blurred stack
 
@@ -148,9 +149,19 @@ class TrainingData:
             return self._registered[i][y0:y1, x0:x1]
         return float32(self._clean[i, y0:y1, x0:x1])
 
+    def norm_of(self, i: int) -> Normalization:
+        """Plane ``i``'s intensity map (sharp and blurred alike): the run's, or with per-image normalisation the
+        one measured on the plane's blurred input at the start of the run (kept, so validation stays comparable
+        across epochs of fresh simulated noise)."""
+        return self._plane_norms[i] if self._plane_norms else self.norm
+
     def input_window(self, i: int, window) -> np.ndarray:
         """The network's input: this epoch's blurred plane ``i`` (or its ``window``), normalised."""
-        return self.norm.apply(self.blurred_plane(i, window))
+        return self.norm_of(i).apply(self.blurred_plane(i, window))
+
+    def target_window(self, i: int, window=None) -> np.ndarray:
+        """The network's target: sharp plane ``i`` (or its ``window``), normalised as its input."""
+        return self.norm_of(i).apply(self.sharp_plane(i, window))
 
     # -- normalisation and noise ------------------------------------------------------------------------------
     @property
@@ -159,12 +170,13 @@ class TrainingData:
 
     def fit_normalization(self) -> Normalization:
         """Fit the intensity normalisation on the training sharp planes (they are the first planes)."""
-        return fit_normalization(self.sharp[: len(self.train_idx)])
+        return fit_normalization(self.sharp[: len(self.train_idx)], per_image=self.train_cfg.intensity == "per_image")
 
     def start(self, norm: Normalization, noise_seed: int | None) -> None:
         """Fix the normalisation and (simulated pairs) the noise seed, and draw epoch 0's noise."""
         self.norm, self.noise_seed = norm, noise_seed
         self.new_epoch(0)
+        self._plane_norms = [norm.for_plane(self.blurred_plane(i)) for i in range(self.n)] if norm.per_image else []
 
     def new_epoch(self, epoch: int) -> None:
         """Simulated pairs get fresh noise every epoch (relative to each plane's peak, in image units)."""
@@ -181,8 +193,8 @@ class TrainingData:
         planes = rng.choice(self.train_idx, size=cfg.batch)
         offs = sample_offsets(rng, cfg.batch, self.field_shape, self.crop, self.align, cfg.sampling)
         windows = [(int(oy), int(oy) + self.crop[0], int(ox), int(ox) + self.crop[1]) for oy, ox in offs]
-        x = np.stack([self.norm.apply(self.blurred_plane(int(p), w)) for p, w in zip(planes, windows)])
-        y = np.stack([self.norm.apply(self.sharp_plane(int(p), w)) for p, w in zip(planes, windows)])
+        x = np.stack([self.input_window(int(p), w) for p, w in zip(planes, windows)])
+        y = np.stack([self.target_window(int(p), w) for p, w in zip(planes, windows)])
         weight = None
         if self._weight is not None:
             weight = np.stack([self._weight[y0:y1, x0:x1] for y0, y1, x0, x1 in windows])[:, None]
@@ -193,7 +205,7 @@ class TrainingData:
         """Data range of the normalised validation sharp planes (the PSNR's peak)."""
         lo, hi = np.inf, -np.inf
         for i in self.val_idx:  # one plane at a time
-            plane = self.norm.apply(self.sharp_plane(int(i)))
+            plane = self.target_window(int(i))
             lo, hi = min(lo, plane.min()), max(hi, plane.max())
         return float(np.float32(hi) - np.float32(lo))
 
