@@ -17,11 +17,25 @@ Printed per case: beads planted and used, the chosen model, the PSF error (relat
 ||true||`` at 5 x 5 field positions, both PSFs centred by their centroids; median and max), both held-out
 residuals, seconds (``calibrate`` plus the report PNG and JSON).
 
+With ``--train`` it measures instead what the calibration is for: for each optics a 300-bead / 3000-photon slide
+is calibrated, then two CoordGate U-Nets (depth 2, base 16, the TrainConfig defaults) are trained for the same
+budget (a fixed number of optimiser steps, or ``--minutes``) from simulated pairs, one with the measured PSF model
+and one with the true optics as a PSF model (``as_psf_model`` of the synthetic optics: the preset ``PSFConfig``
+for ``pupil``, the exact Moffat PSFs on a 9 x 9 grid for ``moffat``). The sharp training images are those
+``napari-coordgate train --psf MEASURED.cgpsf`` uses without ``--sharp`` (built-in specimens at the slide's frame
+size, drawn with the training seed), the same for both models. Both are scored on held-out fields (specimens never
+used in training: procedural seeds apart, ``moon``, ``hubble_deep_field``) blurred with the true optics plus the
+training's noise (1000 photons at the peak, read noise 2 e-): PSNR overall and in the edge ring (r >= 1,
+``metrics.ring_psnr``), per seed, with the blurred input as a baseline. Target: measured within 0.5 dB of true.
+
 Usage::
 
     python benchmarks/bench_calibrate.py                       # 2 optics x beads 30/100/300 x photons 300/3000, 1024^2
     python benchmarks/bench_calibrate.py --size 2048 --beads 300 --photons 3000 --model grid   # the timing target
     python benchmarks/bench_calibrate.py --quick               # tiny, seconds (the test suite runs it)
+    python benchmarks/bench_calibrate.py --train --seeds 0 1 2                  # measured vs true PSF model, 1024^2
+    python benchmarks/bench_calibrate.py --train --optics moffat --threads 1    # one optics (run two side by side)
+    python benchmarks/bench_calibrate.py --train --quick       # tiny: 256^2 slide, 20 steps, 1 seed
 """
 
 from __future__ import annotations
@@ -39,6 +53,9 @@ from napari_coordgate.calibrate import calibrate
 from napari_coordgate.calibration.synthetic import EllipticalOptics, PupilOptics, bead_slide, psf_error
 
 OPTICS = {"na": 0.8, "wavelength_um": 0.52, "immersion": 1.0, "pixel_size_um": 0.16}
+TRAIN_CASE = (300, 3000.0)  # beads, photons of the slides the training comparison calibrates
+STEPS_10_MIN = 1500  # optimiser steps (batch 8, 128^2 crops) in about 10 minutes on one torch thread (README)
+TEST_SEED = 1235  # the held-out fields; never a training seed's specimens
 
 
 def make_optics(name: str, size: int):
@@ -80,6 +97,129 @@ def table(header: list[str], rows: list[list[str]]) -> None:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
 
 
+# ------------------------------------------------------------------------------ measured vs true PSF model
+
+
+def _scores(gt, img) -> tuple[float, float]:
+    """PSNR overall and in the edge ring (r >= 1)."""
+    from napari_coordgate.metrics import psnr, ring_psnr
+
+    edge = next(r["psnr"] for r in ring_psnr(gt, img) if r["name"] == "edge")
+    return psnr(gt, img), edge
+
+
+def _budget(args) -> dict:
+    """TrainConfig budget fields: ``--steps`` optimiser steps (validation every 50), or ``--minutes``."""
+    if args.minutes:
+        return {"minutes": args.minutes, "epochs": 0}
+    per_epoch = min(50, args.steps)
+    return {"epochs": max(1, round(args.steps / per_epoch)), "steps_per_epoch": per_epoch, "minutes": 0.0}
+
+
+def _builtin_sharp(measured, seed: int):
+    """The sharp images ``train --psf MEASURED.cgpsf`` uses without ``--sharp`` (its own message muted)."""
+    import contextlib
+    import io
+
+    from napari_coordgate.cli import _builtin_specimens
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return _builtin_specimens(measured, seed)
+
+
+def _train_and_score(psf, sharp, test, seed: int, args) -> tuple[float, float, float]:
+    """(PSNR, edge PSNR, seconds) of a CoordGate U-Net trained on ``sharp`` blurred by ``psf``, on ``test``."""
+    from napari_coordgate.config import ModelConfig, TrainConfig
+    from napari_coordgate.engine import SimulatedSource, predict, train
+
+    model_cfg = ModelConfig(depth=2, channels=16, gate="coordgate")
+    train_cfg = TrainConfig(seed=seed, device="cpu", threads=args.train_threads, **_budget(args))
+    t0 = time.perf_counter()
+    result = train(model_cfg, train_cfg, SimulatedSource(sharp=sharp, psf=psf))
+    seconds = time.perf_counter() - t0
+    restored = predict(result.saved, test[1], device="cpu")
+    return (*_scores(test[0], restored), seconds)
+
+
+def _held_out(true_model, shape):
+    """Held-out sharp fields and their blurred images through the true optics, with the training's noise."""
+    from bench_recipe import TEST_SOURCES
+
+    from napari_coordgate.config import TrainConfig
+    from napari_coordgate.optics.blur import synthesize_pairs
+    from napari_coordgate.specimens import specimen_fields
+
+    noise = TrainConfig()
+    sharp = specimen_fields(len(TEST_SOURCES), shape, seed=TEST_SEED, sources=TEST_SOURCES)
+    return synthesize_pairs(sharp, true_model, photons=noise.photons, read_noise=noise.read_noise, seed=TEST_SEED)
+
+
+def _calibrated(optics_name: str, optics, args, beads: int, photons: float):
+    """The measured PSF model of a slide of ``beads`` beads through ``optics``, and a line about it."""
+    size = (args.size, args.size)
+    image, _ = bead_slide(optics, size, n_beads=beads, photons=photons, n_saturated=3, n_touching=3, seed=args.seed)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    result = calibrate(image, model=args.model, device=args.device, source=f"{optics_name}-{beads}-{photons:g}.tif",
+                       **OPTICS)
+    err = psf_error(result.model, optics, size)
+    line = (f"{optics_name}: slide {args.size}^2, {beads} beads / {photons:g} photons -> {result.n_beads} used, "
+            f"model {result.chosen} ({result.model.describe()}), PSF error median {np.median(err):.3f} max "
+            f"{err.max():.3f}, {time.perf_counter() - t0:.0f} s")
+    return result.model, line
+
+
+def run_training_case(optics_name: str, args, beads: int, photons: float) -> list[list[str]]:
+    """Rows of the measured-vs-true table for one optics: the blurred input, one per seed, mean +- std."""
+    optics = make_optics(optics_name, args.size)
+    measured, line = _calibrated(optics_name, optics, args, beads, photons)
+    true = optics.as_psf_model() if optics_name == "pupil" else optics.as_psf_model(
+        9, pixel_size_um=OPTICS["pixel_size_um"])
+    print(line + f"; true: {true.describe()}", flush=True)
+    test = _held_out(true, (args.size, args.size))
+    base = _scores(*test)
+    rows = [[optics_name, "blurred input", f"{base[0]:.2f} ({base[1]:.2f})", f"{base[0]:.2f} ({base[1]:.2f})",
+             "", ""]]
+    diffs = []
+    for seed in args.seeds:
+        sharp = _builtin_sharp(measured, seed)
+        m = _train_and_score(measured, sharp, test, seed, args)
+        t = _train_and_score(true, sharp, test, seed, args)
+        diffs.append((m[0], m[1], t[0], t[1]))
+        rows.append([optics_name, f"{seed}", f"{m[0]:.2f} ({m[1]:.2f})", f"{t[0]:.2f} ({t[1]:.2f})",
+                     f"{m[0] - t[0]:+.2f} ({m[1] - t[1]:+.2f})", f"{m[2]:.0f} / {t[2]:.0f}"])
+        print("  " + " ".join(rows[-1]), flush=True)
+    a = np.array(diffs)
+    mean, std = a.mean(axis=0), a.std(axis=0)
+    d, de = a[:, 0] - a[:, 2], a[:, 1] - a[:, 3]
+    rows.append([optics_name, "mean ± std", f"{mean[0]:.2f} ± {std[0]:.2f} ({mean[1]:.2f})",
+                 f"{mean[2]:.2f} ± {std[2]:.2f} ({mean[3]:.2f})",
+                 f"{d.mean():+.2f} ± {d.std():.2f} ({de.mean():+.2f} ± {de.std():.2f})", ""])
+    return rows
+
+
+def main_train(args) -> None:
+    """The measured-vs-true training comparison (``--train``)."""
+    beads, photons = TRAIN_CASE
+    if args.quick:
+        args.size, beads, args.steps, args.minutes, args.seeds = 256, 40, 20, 0.0, [0]
+    budget = (f"{args.minutes:g} wall minutes per model" if args.minutes else
+              f"{_budget(args)['epochs'] * _budget(args)['steps_per_epoch']} optimiser steps per model "
+              f"(batch 8, 128^2 crops; {STEPS_10_MIN} steps ≈ 10 CPU-min on one torch thread)")
+    print(f"napari-coordgate: CoordGate trained from the measured vs the true PSF model "
+          f"({'quick' if args.quick else 'full'}); torch {torch.__version__}, "
+          f"{platform.processor() or platform.machine()}, calibration on {args.threads} torch thread(s), "
+          f"training on {args.train_threads}; {budget}; U-Net(2) base 16, TrainConfig defaults; seeds {args.seeds}")
+    print("PSNR (edge ring r >= 1) on held-out fields blurred with the true optics + 1000-photon noise; difference = "
+          "measured - true (target: >= -0.5 dB overall and at the edge); seconds: training measured / true")
+    header = ["optics", "seed", "measured PSNR (edge)", "true PSNR (edge)", "difference (edge)", "s/model"]
+    rows = []
+    for optics_name in args.optics:
+        rows.extend(run_training_case(optics_name, args, beads, photons))
+    print()
+    table(header, rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny slides (seconds)")
@@ -90,8 +230,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="auto", choices=["auto", "grid", "pupil"])
     parser.add_argument("--device", default="cpu", help="torch device of the pupil fit (cpu, cuda, auto)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bead slides")
+    parser.add_argument("--train", action="store_true",
+                        help="train CoordGate from the measured and from the true PSF model (300 beads / 3000 "
+                             "photons) and compare their PSNR on held-out fields")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--train: training seeds")
+    parser.add_argument("--steps", type=int, default=STEPS_10_MIN,
+                        help=f"--train: optimiser steps per model (default {STEPS_10_MIN}, about 10 CPU-minutes)")
+    parser.add_argument("--minutes", type=float, default=0.0,
+                        help="--train: wall minutes per model instead of --steps (an idle machine!)")
+    parser.add_argument("--train-threads", type=int, default=1, help="--train: torch threads of training (default 1)")
     args = parser.parse_args(argv)
+    if args.train:
+        main_train(args)
+        return
     torch.set_num_threads(args.threads)
     if args.quick:
         args.size, args.beads, args.photons = 256, [40], [3000.0]

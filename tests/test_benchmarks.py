@@ -50,3 +50,14 @@ def test_cpu_inference_levers_quick_mode_prints_each_lever_against_fp32():
     rows = [line for line in result.stdout.splitlines() if line[:1].isalnum() and "MP/s" not in line]
     assert [r.split("  ")[0] for r in rows][:2] == ["fp32, default tiles", "bf16 autocast"], result.stdout
     assert len(rows) == 5, result.stdout
+
+
+def test_calibration_benchmark_trains_from_the_measured_and_the_true_psf_model_in_quick_mode():
+    result = subprocess.run([sys.executable, str(BENCH / "bench_calibrate.py"), "--train", "--quick"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "measured PSNR (edge)" in out and "true PSNR (edge)" in out, out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith(("| pupil", "| moffat"))]
+    # per optics: the blurred input, seed 0, mean +- std
+    assert [r[1].strip() for r in rows] == ["blurred input", "0", "mean ± std"] * 2, out

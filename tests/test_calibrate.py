@@ -208,6 +208,20 @@ def test_measured_grid_returns_its_nodes_and_interpolates_with_the_blurs_tent_we
     assert model.psf_grid(k=3)[0].shape == (3, 3, 9, 9)
 
 
+def test_synthetic_optics_as_psf_models_give_their_exact_psfs_at_the_nodes():
+    coarse, fine = GAUSS.as_psf_model(5, pixel_size_um=0.16), GAUSS.as_psf_model(9)
+    assert coarse.kind == "measured_grid" and coarse.grid == coarse.nodes == 5 and coarse.pixel_size_um == 0.16
+    t = np.linspace(-1.0, 1.0, 5)
+    yy, xx = np.meshgrid(t, t, indexing="ij")
+    assert np.allclose(coarse.psfs_at(yy, xx), GAUSS.psfs(yy.ravel(), xx.ravel()).reshape(5, 5, 19, 19), atol=1e-12)
+    # between the nodes only the interpolation errs, and less on a finer grid
+    off_nodes = [psf_error(m, GAUSS, (64, 64), n=4) for m in (coarse, fine)]
+    assert off_nodes[1].max() < off_nodes[0].max() and off_nodes[1].max() < 0.05, [e.max() for e in off_nodes]
+    optics = PupilOptics("edge_defocus_astigmatism", (64, 64), psf_size=21)
+    assert optics.as_psf_model() is optics.cfg and optics.as_psf_model(5).grid == 5
+    assert psf_error(optics.as_psf_model(), optics, (64, 64)).max() < 0.01
+
+
 def test_pupil_poly_from_a_preset_gives_the_presets_psfs():
     cfg = PRESETS["edge_defocus_astigmatism"]
     model = PupilPolyPSF.from_psf_config(cfg, (100, 160))

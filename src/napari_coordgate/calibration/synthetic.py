@@ -9,6 +9,9 @@ at exact sub-pixel positions), plus ``psf_size``.
   the sub-pixel shift as a pupil phase ramp (inside the family the pupil fit can express);
 - :class:`EllipticalOptics`: an elliptical Moffat (or Gaussian) whose widths and orientation change across the
   field, integrated over the pixels (outside the pupil family).
+
+Both give themselves as a PSF model (``as_psf_model``): the reference that training from a measured model is
+compared with.
 """
 
 from __future__ import annotations
@@ -64,6 +67,10 @@ class PupilOptics:
                            .numpy())
         return np.concatenate(out)
 
+    def as_psf_model(self, grid: int | None = None):
+        """The true optics as a PSF model: the pupil config itself (its blur grid ``grid``, default its own)."""
+        return self.cfg if grid is None else self.cfg.replace(grid=int(grid))
+
 
 @dataclass
 class EllipticalOptics:
@@ -118,6 +125,24 @@ class EllipticalOptics:
             b = f.reshape(s, o, s, o).sum(axis=(1, 3))
             out[i] = b / b.sum()
         return out
+
+    def as_psf_model(self, grid: int = 9, pixel_size_um: float | None = None):
+        """The true optics as a PSF model: the exact PSFs on a ``grid`` x ``grid`` grid of the field, interpolated
+        between nodes as the blur interpolates them (a
+        :class:`~napari_coordgate.optics.measured.MeasuredGridPSF` whose nodes are exact rather than measured).
+
+        The only error is the interpolation between nodes, which shrinks as ``grid`` grows.
+        """
+        from napari_coordgate.optics.measured import MeasuredGridPSF
+
+        k = int(grid)
+        if k < 1:
+            raise ValueError(f"grid must be at least 1, got {grid!r}")
+        t = np.zeros(1) if k == 1 else np.linspace(-1.0, 1.0, k)
+        yy, xx = np.meshgrid(t, t, indexing="ij")
+        psfs = self.psfs(yy.ravel(), xx.ravel()).reshape(k, k, self.psf_size, self.psf_size)
+        return MeasuredGridPSF(psfs, pixel_size_um=pixel_size_um, name=f"true {self.name} ({k}x{k})",
+                               provenance={"source": "synthetic optics (exact PSFs at the nodes)"})
 
 
 def bead_slide(
