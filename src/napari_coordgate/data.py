@@ -123,6 +123,13 @@ class Normalization:
         lo, hi = np.percentile(sample, self.percentiles)
         return Normalization(float(lo), float(hi - lo) if hi > lo else self.scale)
 
+    def describe(self) -> str:
+        """One line for a model summary: how the model reads intensities."""
+        if self.percentiles is not None:
+            lo, hi = self.percentiles
+            return f"per image ({lo:g}-{hi:g} percentiles): camera offset and gain do not matter"
+        return f"fixed (offset {self.offset:.4g}, scale {self.scale:.4g}): give images in the training units"
+
     def to_dict(self) -> dict:
         d: dict = {"offset": float(self.offset), "scale": float(self.scale)}
         if self.percentiles is not None:

@@ -46,3 +46,12 @@ def test_the_psf_model_row_describes_any_psf_model_and_where_it_came_from(fake_p
     assert dict(model_summary(SavedModel(None, ModelConfig(depth=1, channels=2), (8, 8)), "x"))["PSF model"] == "none"
     assert dict(model_summary(SavedModel(None, ModelConfig(depth=1, channels=2), (8, 8), psf="gaussian"), "x"))[
         "PSF model"] == PRESETS["gaussian"].describe()
+
+
+def test_the_summary_says_how_the_model_reads_intensities():
+    cfg = ModelConfig(depth=1, channels=2)
+    per_image = SavedModel(None, cfg, (8, 8), {"offset": 0.0, "scale": 1.0, "percentiles": [0.1, 99.9]})
+    fixed = SavedModel(None, cfg, (8, 8), {"offset": 100.0, "scale": 4000.0})
+    assert dict(model_summary(per_image, "x"))["intensity"].startswith("per image (0.1-99.9 percentiles)")
+    assert dict(model_summary(fixed, "x"))["intensity"] == ("fixed (offset 100, scale 4000): give images in the "
+                                                             "training units")

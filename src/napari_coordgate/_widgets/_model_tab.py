@@ -7,6 +7,7 @@ from pathlib import Path
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
+from napari_coordgate.data import Normalization
 from napari_coordgate.jobs import export_job, save_job
 from napari_coordgate.modelio import MODEL_SUFFIX
 
@@ -37,6 +38,7 @@ def model_summary(saved, origin: str) -> list[tuple[str, str]]:
         ("source", origin),
         ("network", f"U-Net depth {cfg.depth}, {cfg.channels} channels, gate {cfg.gate}"),
         ("field shape", f"{saved.field_shape[0]} x {saved.field_shape[1]} px"),
+        ("intensity", Normalization.from_dict(saved.normalization).describe()),
         ("trained on", trained_on),
         ("PSF model", "none" if psf is None else psf.describe() + _psf_origin(prov.get("psf"))),
         ("date", str(prov.get("created", "not saved yet"))),
