@@ -56,14 +56,13 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     "plain-default": ({"gate": "none"}, {}),
     "coordgate-default": ({"gate": "coordgate"}, {}),
 }
-TRAIN_SOURCES = ("procedural", "cell", "coins", "immunohistochemistry", "brick", "gravel", "astronaut", "camera")
 TEST_SOURCES = ("procedural", "moon", "procedural", "hubble_deep_field")
 TUNE_SOURCES = ("retina",)
 
 
 def build_benchmark(preset: str, n_fields: int, field: int, photons: float, seed: int = 1234):
     from napari_coordgate.optics.blur import SpatiallyVaryingBlur, add_noise
-    from napari_coordgate.specimens import specimen_fields
+    from napari_coordgate.specimens import TRAIN_SOURCES, specimen_fields
 
     shape = (field, field)
     op = SpatiallyVaryingBlur(preset, shape)

@@ -198,7 +198,7 @@ def _predict_cfg(args):
 def _builtin_specimens(psf, seed: int):
     """Sharp training images when the user gives none: the demo's bundled and procedural specimens, at the field
     shape a measured PSF model was calibrated on (about 1.6 megapixels in all, at least 4 fields)."""
-    from .specimens import specimen_fields
+    from .specimens import TRAIN_SOURCES, specimen_fields
 
     shape = (psf.provenance or {}).get("field_shape") if psf is not None else None
     if not shape:
@@ -207,7 +207,7 @@ def _builtin_specimens(psf, seed: int):
     h, w = int(shape[0]), int(shape[1])
     n = int(min(32, max(4, -(-1_600_000 // (h * w)))))
     print(f"training images: {n} built-in specimen fields of {h} x {w} (bundled + procedural)")
-    return specimen_fields(n, (h, w), seed=seed)
+    return specimen_fields(n, (h, w), seed=seed, sources=TRAIN_SOURCES)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

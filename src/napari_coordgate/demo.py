@@ -12,7 +12,6 @@ from typing import Callable
 __all__ = ["run_demo", "DEMO_PSF"]
 
 DEMO_PSF = "edge_defocus_astigmatism"
-TRAIN_SOURCES = ("procedural", "cell", "coins", "immunohistochemistry", "brick", "gravel", "astronaut", "camera")
 TEST_SOURCES = ("procedural", "moon")  # moon is never used in training; procedural seeds differ
 TUNE_SOURCES = ("hubble_deep_field",)  # picks the RL iteration counts, never used for scoring
 
@@ -46,7 +45,7 @@ def _fields(psf, shape, seed: int, n_train: int, photons: float):
     """Training fields, two test fields and a tuning field (bundled and procedural specimens), and the test and
     tuning fields blurred with camera noise."""
     from .optics.blur import synthesize_pairs
-    from .specimens import specimen_fields
+    from .specimens import TRAIN_SOURCES, specimen_fields
 
     train_sharp = specimen_fields(n_train, shape, seed=seed, sources=TRAIN_SOURCES)
     test_sharp = specimen_fields(2, shape, seed=seed + 1000, sources=TEST_SOURCES)

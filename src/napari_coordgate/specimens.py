@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["BUNDLED", "bundled_specimen", "procedural_specimen", "specimen_fields"]
+__all__ = ["BUNDLED", "TRAIN_SOURCES", "bundled_specimen", "procedural_specimen", "specimen_fields"]
 
 # images shipped inside scikit-image (no network); colour ones are converted to grey
 BUNDLED = ("cell", "coins", "camera", "moon", "immunohistochemistry", "hubble_deep_field", "retina", "brick",
@@ -71,6 +71,11 @@ def procedural_specimen(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
     pts[rng.integers(0, h, n), rng.integers(0, w, n)] = rng.uniform(0.5, 1.0, n)
     img += gaussian_filter(pts, 0.7) * 6
     return _unit(img + 0.02)
+
+
+#: the training specimens of the demo and of ``train`` without sharp images: procedural plus bundled images of
+#: varied structure (moon and hubble_deep_field stay out: the demo and the benchmarks test and tune on them)
+TRAIN_SOURCES = ("procedural", "cell", "coins", "immunohistochemistry", "brick", "gravel", "astronaut", "camera")
 
 
 def specimen_fields(n: int, field_shape: tuple[int, int], *, seed: int = 0, sources=("procedural",)) -> np.ndarray:
