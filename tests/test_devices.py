@@ -29,3 +29,16 @@ def test_an_unknown_device_name_lists_the_valid_ones():
 def test_a_device_index_beyond_the_gpus_is_a_clear_error():
     with pytest.raises(RuntimeError, match="there are only"):
         resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_cpu_networks_are_laid_out_channels_last_and_other_devices_keep_nchw():
+    import torch
+
+    from napari_coordgate.config import ModelConfig
+    from napari_coordgate.devices import memory_format, on_device
+    from napari_coordgate.nn import build_model
+
+    assert memory_format(torch.device("cpu")) is torch.channels_last
+    assert memory_format(torch.device("cuda")) is torch.contiguous_format
+    model = on_device(build_model(ModelConfig(depth=2, channels=4)), torch.device("cpu"))
+    assert model.down[0][0].weight.is_contiguous(memory_format=torch.channels_last)

@@ -147,9 +147,8 @@ def test_stop_keeps_the_best_model_so_far_and_a_checkpoint_to_resume(tmp_path):
     assert res.stopped == "stopped"
     assert res.best_epoch == 2 and res.history[-1].kind == "done" and res.history[-1].message == "stopped"
     on_disk = load_model(tmp_path / "best.cgmodel")
-    x = torch.rand(1, 1, 64, 64)
-    with torch.no_grad():
-        assert torch.equal(on_disk.model(x), res.saved.model(x))
+    weights = res.saved.model.state_dict()
+    assert all(torch.equal(on_disk.model.state_dict()[k], weights[k]) for k in weights)
     # the checkpoint of the last whole epoch holds the best weights and resumes from there
     saved = load_checkpoint(ck)
     assert saved["meta"]["epoch"] == 2 and saved["meta"]["best_val_psnr"] == res.best_val_psnr

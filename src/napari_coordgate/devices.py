@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["resolve_device"]
+__all__ = ["resolve_device", "memory_format", "on_device"]
 
 
 def resolve_device(device: Any = "auto"):
@@ -36,3 +36,17 @@ def resolve_device(device: Any = "auto"):
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise RuntimeError("device 'mps' was requested but MPS is not available; use auto or cpu")
     return dev
+
+
+def memory_format(dev):
+    """The layout the networks' feature maps use on ``dev``: channels-last on CPUs, where oneDNN's convolutions are
+    much faster that way (``benchmarks/bench_threads.py --layouts``, ``bench_engine.py --levers``); the usual
+    (N, C, H, W) elsewhere (CUDA measured with it)."""
+    import torch
+
+    return torch.channels_last if dev.type == "cpu" else torch.contiguous_format
+
+
+def on_device(model, dev):
+    """``model`` moved to ``dev`` in that device's :func:`memory_format` (parameters converted in place)."""
+    return model.to(dev, memory_format=memory_format(dev))

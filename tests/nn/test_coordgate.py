@@ -116,3 +116,28 @@ def test_the_gate_stays_float32_under_autocast_so_cached_gates_do_not_depend_on_
         high = g.field_gate(torch.ones(1, 3, 32, 32), field, (0, 0), 0)
     assert low.dtype == high.dtype == torch.float32
     torch.testing.assert_close(low, high, rtol=0, atol=0)
+
+
+def test_the_mlp_runs_as_matrix_products_and_equals_its_1x1_convolutions():
+    g = _trained_gate()
+    coords = field_coordinates((24, 40), (0, 0), (24, 40), 0)[None]
+    with torch.no_grad():
+        by_conv = 1.0 + g.mlp(coords)  # the module as stored (1x1 convolutions), one_plus activation
+        torch.testing.assert_close(g.gate(coords), by_conv)
+        assert g.gate(coords).is_contiguous()
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_channels_last_feature_maps_get_channels_last_gates_with_the_same_values(batched):
+    g = _trained_gate().train()
+    field = (64, 64)
+    offsets = torch.tensor([[0, 0], [16, 32], [48, 8]]) if batched else (16, 32)
+    x = torch.rand(3 if batched else 1, 3, 16, 16)
+    x_cl = x.clone().contiguous(memory_format=torch.channels_last)
+    out, out_cl = g(x, field, offsets, level=0), g(x_cl, field, offsets, level=0)
+    assert out.is_contiguous() and out_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out_cl, out)
+    grads = torch.autograd.grad(out.square().sum(), list(g.parameters()))
+    grads_cl = torch.autograd.grad(out_cl.square().sum(), list(g.parameters()))
+    for a, b in zip(grads, grads_cl):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -245,3 +245,29 @@ def test_training_batch_gathered_from_the_field_gate_matches_crop_by_crop(cfg):
     for n, p in model.named_parameters():
         if "gate" in n:
             assert torch.allclose(grads[n], p.grad, atol=1e-4, rtol=1e-4), n
+
+
+@pytest.mark.parametrize("cfg", VARIANTS, ids=_ids)
+def test_a_channels_last_network_computes_what_the_usual_layout_computes(cfg):
+    # training and prediction lay the network out channels-last on a CPU (devices.on_device): the same function,
+    # forward and backward, with batched offsets (training) and cached gates (inference)
+    import copy
+
+    from napari_coordgate.devices import on_device
+
+    torch.manual_seed(0)
+    nchw = _randomise(build_model(cfg))
+    cl = on_device(copy.deepcopy(nchw), torch.device("cpu"))
+    assert cl.down[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(2, cfg.in_channels, 32, 32)
+    offsets = torch.tensor([[0, 0], [32, 16]])
+    out, out_cl = nchw(x, offset=offsets, field_shape=(64, 64)), cl(x, offset=offsets, field_shape=(64, 64))
+    torch.testing.assert_close(out_cl, out, rtol=1e-4, atol=1e-5)
+    out.square().sum().backward()
+    out_cl.square().sum().backward()
+    for (name, p), p_cl in zip(nchw.named_parameters(), cl.parameters()):
+        torch.testing.assert_close(p_cl.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+    with torch.no_grad():
+        nchw.eval(), cl.eval()
+        torch.testing.assert_close(cl(x[:1], offset=(32, 16), field_shape=(64, 64)),
+                                   nchw(x[:1], offset=(32, 16), field_shape=(64, 64)), rtol=1e-4, atol=1e-5)

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..config import PRECISIONS, ModelConfig
 from ..data import Normalization, plane_sample
-from ..devices import resolve_device
+from ..devices import on_device, resolve_device
 from ..modelio import SavedModel
 from ..optics.checks import InputError, check_layout, check_values
 
@@ -288,7 +288,7 @@ def predict(
     norm = Normalization.from_dict(saved.normalization)
     dev = resolve_device(device)
     amp_dtype = autocast_dtype(precision, dev)
-    model = saved.model.to(dev).eval()
+    model = on_device(saved.model, dev).eval()
     tiles = plan_tiles(shape[-2:], saved.config, tile, memory_mb)
     batches = tile_batches(tiles, int(batch_tiles))
     if out is None:

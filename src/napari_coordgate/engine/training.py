@@ -17,7 +17,7 @@ import numpy as np
 
 from ..config import ModelConfig, TrainConfig
 from ..data import InputError
-from ..devices import resolve_device
+from ..devices import on_device, resolve_device
 from ..metrics import PSNRAccumulator
 from ..modelio import SavedModel
 from .optimizer import build_optimizer, set_learning_rate
@@ -63,7 +63,7 @@ def _build_network(model_cfg: ModelConfig, data: TrainingData, device, init: Sav
 
         model.prefilter.set_kernels(wiener_kernels(data.known_psf, data.field_shape, model_cfg.prefilter_grid,
                                                    model_cfg.prefilter_size, model_cfg.prefilter_balance))
-    return model.to(device)
+    return on_device(model, device)
 
 
 def _start_data(data: TrainingData, rng: np.random.Generator, ck: dict | None, init: SavedModel | None) -> None:

@@ -20,11 +20,17 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..coords import field_axis
 
 __all__ = ["field_coordinates", "CoordGate", "coordinate_mlp"]
+
+
+def channels_last(x: torch.Tensor) -> bool:
+    """Whether a (B, C, h, w) feature map keeps its channels innermost (torch.channels_last)."""
+    return x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1
 
 
 def _axis(n_field: int, offsets: torch.Tensor, length: int, level: int, dtype, device) -> torch.Tensor:
@@ -135,16 +141,24 @@ class CoordGate(nn.Module):
         self.cache_size = cache_size
         self._cache: OrderedDict = OrderedDict()
 
-    def gate(self, coords: torch.Tensor) -> torch.Tensor:
+    def gate(self, coords: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         """The gate for a coordinate grid ``(2, h, w)`` or ``(B, 2, h, w)``; returns ``(B|1, C, h, w)``.
 
         Always float32, also under autocast: the MLP is tiny, and a cached gate must not depend on the
-        precision of the call that first computed it.
+        precision of the call that first computed it. The MLP runs on pixel rows ``(..., 2) -> (..., C)`` (its
+        1x1 convolutions as matrix products: one GEMM per layer), so the gate comes out channels-last; with
+        ``channels_last=False`` it is made contiguous in the usual (B, C, h, w) order.
         """
         if coords.ndim == 3:
             coords = coords[None]
         with torch.autocast(device_type=coords.device.type, enabled=False):
-            m = self.mlp(coords.float())
+            m = coords.float().permute(0, 2, 3, 1)  # (B, h, w, 2)
+            for mod in self.mlp:
+                m = F.linear(m, mod.weight.flatten(1), mod.bias) if isinstance(mod, nn.Conv2d) else mod(m)
+            m = self._activate(m).permute(0, 3, 1, 2)  # (B, C, h, w) with channels-last strides
+        return m if channels_last else m.contiguous()
+
+    def _activate(self, m: torch.Tensor) -> torch.Tensor:
         if self.activation == "one_plus":
             return 1.0 + m
         if self.activation == "sigmoid":
@@ -158,19 +172,19 @@ class CoordGate(nn.Module):
         # gate can never outlive the weights it was computed from.
         return tuple((p.data_ptr(), p._version) for p in self.parameters())
 
-    def cached_gate(self, key, make_coords) -> torch.Tensor:
+    def cached_gate(self, key, make_coords, channels_last: bool = False) -> torch.Tensor:
         """Gate for a geometry ``key``, computed from ``make_coords()`` once and then reused.
 
         Caching applies only in eval mode without autograd; otherwise the gate is recomputed.
         """
         if self.training or torch.is_grad_enabled() or self.cache_size == 0:
-            return self.gate(make_coords())
-        full_key = (key, self._weights_version())
+            return self.gate(make_coords(), channels_last)
+        full_key = (key, channels_last, self._weights_version())
         hit = self._cache.get(full_key)
         if hit is not None:
             self._cache.move_to_end(full_key)
             return hit
-        g = self.gate(make_coords())
+        g = self.gate(make_coords(), channels_last)
         self._cache[full_key] = g
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
@@ -207,23 +221,25 @@ class CoordGate(nn.Module):
         field = (int(field_shape[0]), int(field_shape[1]))
         shape = tuple(x.shape[-2:])
         step = 2**level
+        cl = channels_last(x)
         # the field padded to the network's multiple, at this level
         extent = (-(-field[0] // multiple) * multiple // step, -(-field[1] // multiple) * multiple // step)
         if isinstance(offset, torch.Tensor):
             gathered = self._gathered(x, field, offset, level, extent)
             if gathered is not None:
-                return gathered
-            return self.gate(field_coordinates(field, offset, shape, level, device=x.device))
+                return gathered if cl else gathered.contiguous()
+            return self.gate(field_coordinates(field, offset, shape, level, device=x.device), cl)
         y, x0 = int(offset[0]), int(offset[1])
         gy, gx = y // step, x0 // step
         if y % step == 0 and x0 % step == 0 and gy + shape[0] <= extent[0] and gx + shape[1] <= extent[1]:
-            return self._whole_field(field, extent, level, x.device)[..., gy : gy + shape[0], gx : gx + shape[1]]
+            whole = self._whole_field(field, extent, level, x.device, cl)
+            return whole[..., gy : gy + shape[0], gx : gx + shape[1]]
         key = (field, (y, x0), shape, level, str(x.device))
-        return self.cached_gate(key, lambda: field_coordinates(field, (y, x0), shape, level, device=x.device))
+        return self.cached_gate(key, lambda: field_coordinates(field, (y, x0), shape, level, device=x.device), cl)
 
-    def _whole_field(self, field, extent, level: int, device) -> torch.Tensor:
+    def _whole_field(self, field, extent, level: int, device, cl: bool = False) -> torch.Tensor:
         key = ("field", field, extent, level, str(device))
-        return self.cached_gate(key, lambda: field_coordinates(field, (0, 0), extent, level, device=device))
+        return self.cached_gate(key, lambda: field_coordinates(field, (0, 0), extent, level, device=device), cl)
 
     def _gathered(self, x: torch.Tensor, field, offset: torch.Tensor, level: int, extent):
         """Per-sample crops of the whole-field gate, (B, C, h, w); None where that does not apply."""
@@ -234,7 +250,7 @@ class CoordGate(nn.Module):
         y0, x0 = offset[:, 0] // step, offset[:, 1] // step
         if bool((y0 + h > extent[0]).any()) or bool((x0 + w > extent[1]).any()):
             return None
-        g = self._whole_field(field, extent, level, x.device)[0]  # (C, Hf, Wf)
+        g = self._whole_field(field, extent, level, x.device, True)[0].permute(1, 2, 0)  # (Hf, Wf, C), C innermost
         ys = (y0[:, None] + torch.arange(h, device=x.device)[None])[:, :, None]  # (B, h, 1)
         xs = (x0[:, None] + torch.arange(w, device=x.device)[None])[:, None, :]  # (B, 1, w)
-        return g[:, ys, xs].permute(1, 0, 2, 3)  # (B, C, h, w)
+        return g[ys, xs].permute(0, 3, 1, 2)  # (B, C, h, w), channels-last: each pixel's C values gathered at once
