@@ -28,7 +28,7 @@ from ..coords import field_axis
 __all__ = ["field_coordinates", "CoordGate", "coordinate_mlp"]
 
 
-def channels_last(x: torch.Tensor) -> bool:
+def is_channels_last(x: torch.Tensor) -> bool:
     """Whether a (B, C, h, w) feature map keeps its channels innermost (torch.channels_last)."""
     return x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1
 
@@ -221,7 +221,7 @@ class CoordGate(nn.Module):
         field = (int(field_shape[0]), int(field_shape[1]))
         shape = tuple(x.shape[-2:])
         step = 2**level
-        cl = channels_last(x)
+        cl = is_channels_last(x)
         # the field padded to the network's multiple, at this level
         extent = (-(-field[0] // multiple) * multiple // step, -(-field[1] // multiple) * multiple // step)
         if isinstance(offset, torch.Tensor):
