@@ -551,7 +551,7 @@ def test_reduced_precision_leaves_later_fp32_output_bit_for_bit_unchanged():
     untouched = copy.deepcopy(saved)
     img = np.random.default_rng(7).random((200, 300)).astype(np.float32)
     predict(saved, img, tile=64, device="cpu", precision="bf16", batch_tiles=4)
-    # gates computed under autocast are bfloat16; none may be left in the cache for the float32 call
+    # bf16 gates are cached apart from float32 ones: the float32 call must not reuse them
     after = predict(saved, img, tile=64, device="cpu")
     np.testing.assert_array_equal(after, predict(untouched, img, tile=64, device="cpu", precision="fp32"))
 

@@ -316,7 +316,7 @@ class PredictConfig(Config):
 
     tile: int = bounded(0, 0, 1 << 16, doc="tile core side in pixels; 0 = chosen from a memory budget")
     device: str = device_choice()
-    precision: str = choice("fp32", PRECISIONS, doc="fp32, or bf16/fp16 autocast (fp16 on CUDA only)")
+    precision: str = choice("fp32", PRECISIONS, doc="fp32; bf16 (2x faster on CPUs with AVX512-BF16/AMX); fp16 (CUDA)")
     batch_tiles: int = bounded(1, 1, 1024, doc="tiles of equal shape run as one batch (helps on a GPU)")
     binning: int = bounded(1, 1, 64, doc="camera binning of the images relative to the training field")
     threads: int = bounded(0, 0, 1024, doc="torch CPU threads; 0 = leave torch's default")

@@ -271,3 +271,43 @@ def test_a_channels_last_network_computes_what_the_usual_layout_computes(cfg):
         nchw.eval(), cl.eval()
         torch.testing.assert_close(cl(x[:1], offset=(32, 16), field_shape=(64, 64)),
                                    nchw(x[:1], offset=(32, 16), field_shape=(64, 64)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", VARIANTS, ids=_ids)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_inference_without_autograd_computes_what_the_modules_compute(cfg, channels_last):
+    # without autograd the blocks run as convolutions with fused ReLUs and the gates multiply in place
+    torch.manual_seed(0)
+    model = _randomise(build_model(cfg)).eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    x = torch.rand(1, cfg.in_channels, 32, 48)
+    with torch.enable_grad():
+        reference = model(x, offset=(16, 8), field_shape=(64, 64)).detach()
+    with torch.no_grad():
+        fast = model(x, offset=(16, 8), field_shape=(64, 64))
+        again = model(x, offset=(16, 8), field_shape=(64, 64))  # cached gates, not changed by the in-place product
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again, fast, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cfg", VARIANTS, ids=_ids)
+def test_bfloat16_compute_dtype_rounds_only_the_networks_correction(cfg):
+    torch.manual_seed(0)
+    model = _randomise(build_model(cfg)).eval().to(memory_format=torch.channels_last)
+    x = torch.rand(1, cfg.in_channels, 32, 48)
+    with torch.no_grad():
+        fp32 = model(x, offset=(16, 8), field_shape=(64, 64))
+        bf16 = model(x, offset=(16, 8), field_shape=(64, 64), compute_dtype=torch.bfloat16)
+        fp32_after = model(x, offset=(16, 8), field_shape=(64, 64))
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
+    # the features carry 8 mantissa bits: the output's error is a few percent of the correction at most
+    correction = (fp32 - x).abs().max()
+    assert (bf16 - fp32).abs().max() <= 0.05 * correction
+    torch.testing.assert_close(fp32_after, fp32, rtol=0, atol=0)  # bf16 gates are cached apart from fp32 ones
+
+
+def test_a_compute_dtype_is_refused_while_autograd_records():
+    model = build_model(ModelConfig(depth=2, channels=4))
+    with pytest.raises(ValueError, match="compute_dtype is for inference"):
+        model(torch.rand(1, 1, 16, 16), compute_dtype=torch.bfloat16)

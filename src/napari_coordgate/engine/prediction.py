@@ -8,7 +8,6 @@ the pooling grid, so tiled output equals whole-image output. Training's validati
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from functools import partial
 from typing import Callable, Sequence
 
@@ -143,10 +142,22 @@ def _forward_windows(model, x, offsets, field_shape, amp_dtype=None):
         off = (int(offsets[0][0]), int(offsets[0][1]))
     else:
         off = torch.tensor(offsets, dtype=torch.long, device=x.device)
+    if _computes_in(amp_dtype, x.device):  # the network's own reduced-precision path (CPU), not autocast
+        return model(x[:, None], offset=off, field_shape=field_shape, compute_dtype=amp_dtype)[:, 0].float()
     enabled = amp_dtype is not None
     with torch.autocast(device_type=x.device.type, dtype=amp_dtype if enabled else torch.bfloat16, enabled=enabled):
         pred = model(x[:, None], offset=off, field_shape=field_shape)
     return pred[:, 0].float()
+
+
+def _computes_in(amp_dtype, dev) -> bool:
+    """Whether reduced precision on ``dev`` runs as the network's ``compute_dtype`` rather than under autocast.
+
+    On a CPU, autocast casts each operation's inputs and keeps feature maps in float32 (0.6x the speed of fp32,
+    ``benchmarks/bench_engine.py --levers``); a network whose feature maps are bfloat16 throughout, its
+    convolutions with fused ReLUs, is the fast path there. CUDA keeps autocast (measured on an H200).
+    """
+    return amp_dtype is not None and dev.type == "cpu"
 
 
 def tile_batches(tiles, batch_tiles: int) -> list[list[int]]:
@@ -203,21 +214,6 @@ def _plane_normalization(norm: Normalization, image, idx) -> Normalization:
     return norm.for_sample(sample)
 
 
-@contextmanager
-def _fresh_gates(model, amp_dtype):
-    """The model caches gates by geometry and weights, not by dtype: gates computed under autocast are half
-    precision. A reduced-precision call starts and ends with an empty cache, so a later fp32 call never reuses
-    them (fp32 output stays bit for bit what it was) and this call does not depend on what ran before."""
-    fresh = amp_dtype is not None and hasattr(model, "clear_gate_cache")
-    if fresh:
-        model.clear_gate_cache()
-    try:
-        yield
-    finally:
-        if fresh:
-            model.clear_gate_cache()
-
-
 def _check_call(saved: SavedModel, image, precision: str, batch_tiles, binning: int) -> tuple[int, ...]:
     """The image's shape, after the checks its shape, dtype and the call's options allow without reading it."""
     shape = tuple(image.shape)
@@ -262,8 +258,9 @@ def predict(
     device
         ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
     precision
-        ``"fp32"`` (default), ``"bf16"`` (CPU and CUDA) or ``"fp16"`` (CUDA only): the forward pass runs under
-        ``torch.autocast`` with that dtype; the weights and the output stay float32.
+        ``"fp32"`` (default), ``"bf16"`` (CPU and CUDA) or ``"fp16"`` (CUDA only): on CUDA the forward pass runs
+        under ``torch.autocast`` with that dtype; on a CPU the network's feature maps are bfloat16 throughout (fast
+        on CPUs with AVX512-BF16 or AMX, slow elsewhere); the weights, the gates' MLPs and the output stay float32.
     batch_tiles
         Up to this many tiles whose windows have the same shape go through the network as one batch (fewer,
         larger kernel launches: for GPUs; a 2048^2 plane through U-Net(2) on an H200 went from 68 to 145 MP/s
@@ -297,17 +294,16 @@ def predict(
         raise InputError(f"out has shape {tuple(out.shape)}, expected {shape}")
     total = int(np.prod(shape[:-2], dtype=np.int64)) * len(tiles)
     done = 0
-    with _fresh_gates(model, amp_dtype):
-        for idx in np.ndindex(*shape[:-2]):
-            pnorm = _plane_normalization(norm, image, idx)
-            for group in batches:
-                if should_stop is not None and should_stop():
-                    raise Cancelled(f"prediction cancelled after {done} of {total} tiles")
-                read = partial(_read_window, image, idx, pnorm)
-                for (y0, y1, x0, x1), core in predict_batch(model, read, tiles, group, offset, field_shape, dev,
-                                                            amp_dtype):
-                    out[idx + (slice(y0, y1), slice(x0, x1))] = pnorm.invert(core)
-                    done += 1
-                    if on_progress is not None:
-                        on_progress(done, total)
+    for idx in np.ndindex(*shape[:-2]):
+        pnorm = _plane_normalization(norm, image, idx)
+        for group in batches:
+            if should_stop is not None and should_stop():
+                raise Cancelled(f"prediction cancelled after {done} of {total} tiles")
+            read = partial(_read_window, image, idx, pnorm)
+            for (y0, y1, x0, x1), core in predict_batch(model, read, tiles, group, offset, field_shape, dev,
+                                                        amp_dtype):
+                out[idx + (slice(y0, y1), slice(x0, x1))] = pnorm.invert(core)
+                done += 1
+                if on_progress is not None:
+                    on_progress(done, total)
     return out

@@ -172,19 +172,23 @@ class CoordGate(nn.Module):
         # gate can never outlive the weights it was computed from.
         return tuple((p.data_ptr(), p._version) for p in self.parameters())
 
-    def cached_gate(self, key, make_coords, channels_last: bool = False) -> torch.Tensor:
+    def cached_gate(self, key, make_coords, channels_last: bool = False, dtype=None) -> torch.Tensor:
         """Gate for a geometry ``key``, computed from ``make_coords()`` once and then reused.
 
-        Caching applies only in eval mode without autograd; otherwise the gate is recomputed.
+        Caching applies only in eval mode without autograd; otherwise the gate is recomputed. ``dtype``: the
+        cached copy's dtype (computed in float32, then converted once), float32 if None.
         """
         if self.training or torch.is_grad_enabled() or self.cache_size == 0:
             return self.gate(make_coords(), channels_last)
-        full_key = (key, channels_last, self._weights_version())
+        dtype = None if dtype == torch.float32 else dtype
+        full_key = (key, channels_last, dtype, self._weights_version())
         hit = self._cache.get(full_key)
         if hit is not None:
             self._cache.move_to_end(full_key)
             return hit
         g = self.gate(make_coords(), channels_last)
+        if dtype is not None:
+            g = g.to(dtype)
         self._cache[full_key] = g
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
@@ -200,14 +204,16 @@ class CoordGate(nn.Module):
         offset: Sequence[int] | torch.Tensor = (0, 0),
         level: int = 0,
         multiple: int = 1,
+        inplace: bool = False,
     ) -> torch.Tensor:
         """``x`` (B, C, h, w), a crop of the field at downsampling ``level``, times the gate of its place.
 
         ``offset`` is the crop's (y, x) in full-resolution field pixels, or a (B, 2) tensor with one offset per
         sample; ``multiple`` is the size the network pads the field to a multiple of (tiles at the far edge
-        reach that far).
+        reach that far). ``inplace``: multiply ``x`` itself (inference on a feature map nothing else uses).
         """
-        return x * self.field_gate(x, field_shape, offset, level, multiple).to(x.dtype)
+        g = self.field_gate(x, field_shape, offset, level, multiple).to(x.dtype)
+        return x.mul_(g) if inplace else x * g
 
     def field_gate(self, x: torch.Tensor, field_shape: Sequence[int], offset, level: int, multiple: int = 1
                    ) -> torch.Tensor:
@@ -232,14 +238,16 @@ class CoordGate(nn.Module):
         y, x0 = int(offset[0]), int(offset[1])
         gy, gx = y // step, x0 // step
         if y % step == 0 and x0 % step == 0 and gy + shape[0] <= extent[0] and gx + shape[1] <= extent[1]:
-            whole = self._whole_field(field, extent, level, x.device, cl)
+            whole = self._whole_field(field, extent, level, x.device, cl, x.dtype)
             return whole[..., gy : gy + shape[0], gx : gx + shape[1]]
         key = (field, (y, x0), shape, level, str(x.device))
-        return self.cached_gate(key, lambda: field_coordinates(field, (y, x0), shape, level, device=x.device), cl)
+        return self.cached_gate(key, lambda: field_coordinates(field, (y, x0), shape, level, device=x.device), cl,
+                                x.dtype)
 
-    def _whole_field(self, field, extent, level: int, device, cl: bool = False) -> torch.Tensor:
+    def _whole_field(self, field, extent, level: int, device, cl: bool = False, dtype=None) -> torch.Tensor:
         key = ("field", field, extent, level, str(device))
-        return self.cached_gate(key, lambda: field_coordinates(field, (0, 0), extent, level, device=device), cl)
+        return self.cached_gate(key, lambda: field_coordinates(field, (0, 0), extent, level, device=device), cl,
+                                dtype)
 
     def _gathered(self, x: torch.Tensor, field, offset: torch.Tensor, level: int, extent):
         """Per-sample crops of the whole-field gate, (B, C, h, w); None where that does not apply."""

@@ -42,6 +42,59 @@ def _block(cin: int, cout: int) -> nn.Sequential:
     )
 
 
+_FUSED_CONV_RELU: list = []  # [op or None], looked up once
+
+
+def _fused_conv_relu():
+    """oneDNN's convolution with a ReLU post-op (one pass over the output instead of two), or None where this
+    torch build lacks it."""
+    if not _FUSED_CONV_RELU:
+        op = None
+        try:
+            if torch.backends.mkldnn.is_available():
+                op = torch.ops.mkldnn._convolution_pointwise
+        except (AttributeError, RuntimeError):
+            op = None
+        _FUSED_CONV_RELU.append(op)
+    return _FUSED_CONV_RELU[0]
+
+
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
+def _conv_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``relu(conv(x))`` for inference, computed in ``x``'s dtype (the weights cast to it: a float32 model runs
+    in bfloat16 without a copy). On a CPU the ReLU is fused into oneDNN's convolution (same values)."""
+    w, b = conv.weight.to(x.dtype), conv.bias.to(x.dtype)
+    op = _fused_conv_relu() if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) else None
+    if op is not None and not _cpu_autocast():
+        return op(x, w, b, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, "relu", [None],
+                  "")
+    return F.relu(F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups), inplace=True)
+
+
+def _run_block(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """A :func:`_block` on ``x``: as a module while autograd records (training), else conv+ReLU fused."""
+    if torch.is_grad_enabled():
+        return block(x)
+    return _conv_relu(block[2], _conv_relu(block[0], x))
+
+
+def _conv_as(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` in ``x``'s dtype (the module's own call where that is its dtype: autograd, autocast)."""
+    if conv.weight.dtype == x.dtype or torch.is_grad_enabled():
+        return conv(x)
+    w, b = conv.weight.to(x.dtype), conv.bias.to(x.dtype)
+    if isinstance(conv, nn.ConvTranspose2d):
+        return F.conv_transpose2d(x, w, b, conv.stride, conv.padding, conv.output_padding, conv.groups,
+                                  conv.dilation)
+    return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -50,10 +103,12 @@ def count_parameters(model: nn.Module) -> int:
 class UNet(nn.Module):
     """U-Net built from a :class:`~napari_coordgate.config.ModelConfig` alone.
 
-    ``forward(x, offset=None, field_shape=None)``: ``x`` is ``(B, C, H, W)``; ``offset`` is the crop's
-    (y, x) position in the field, shared by the batch, or a ``(B, 2)`` integer tensor with one offset per
-    sample; ``field_shape`` is the full frame's (H, W), defaulting to the input's own shape (the input *is*
-    the field).
+    ``forward(x, offset=None, field_shape=None, compute_dtype=None)``: ``x`` is ``(B, C, H, W)``; ``offset`` is
+    the crop's (y, x) position in the field, shared by the batch, or a ``(B, 2)`` integer tensor with one offset
+    per sample; ``field_shape`` is the full frame's (H, W), defaulting to the input's own shape (the input *is*
+    the field). ``compute_dtype`` (inference only, e.g. ``torch.bfloat16`` on a CPU with bf16 instructions): the
+    convolutions and feature maps use that dtype, the weights cast on the fly, the gates computed in float32 and
+    cached in that dtype; the input, the residual and the output stay in ``x``'s dtype.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -115,7 +170,8 @@ class UNet(nn.Module):
 
     def _gate(self, gate: CoordGate, feats: torch.Tensor, geom, level: int) -> torch.Tensor:
         field, offset = geom
-        return gate(feats, field, offset, level, self.cfg.min_size)
+        # without autograd the features are this forward's own intermediate: gate them in place
+        return gate(feats, field, offset, level, self.cfg.min_size, inplace=not torch.is_grad_enabled())
 
     def _with_coords(self, feats: torch.Tensor, geom, level: int) -> torch.Tensor:
         if self.cfg.gate != "coordconv":
@@ -128,8 +184,11 @@ class UNet(nn.Module):
         x: torch.Tensor,
         offset: Sequence[int] | torch.Tensor | None = None,
         field_shape: Sequence[int] | None = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         self._check_input(x)
+        if compute_dtype is not None and torch.is_grad_enabled():
+            raise ValueError("compute_dtype is for inference (under torch.no_grad()); train under autocast")
         H, W = x.shape[-2:]
         field = (int(H), int(W)) if field_shape is None else (int(field_shape[0]), int(field_shape[1]))
         if offset is None:
@@ -158,21 +217,23 @@ class UNet(nn.Module):
             h = torch.cat([inp, filt], dim=1)
             if self.input_gate is not None:
                 h = self._gate(self.input_gate, h, geom, 0)
+        if compute_dtype is not None:
+            h = h.to(compute_dtype)
         depth = self.cfg.depth
         for level in range(depth):
             if level > 0:
                 h = F.max_pool2d(h, 2)
-            h = self.down[level](self._with_coords(h, geom, level))
+            h = _run_block(self.down[level], self._with_coords(h, geom, level))
             if self.down_gates and (level < depth - 1 or depth == 1):
                 h = self._gate(self.down_gates[level], h, geom, level)
             skips.append(h)
         for i, level in enumerate(reversed(range(depth - 1))):
-            h = self.upconv[i](h)
+            h = _conv_as(self.upconv[i], h)
             if self.up_gates:
                 h = self._gate(self.up_gates[i], h, geom, level)
             h = torch.cat([h, skips[level]], dim=1)
-            h = self.up[i](self._with_coords(h, geom, level))
-        out = self.head(h)
+            h = _run_block(self.up[i], self._with_coords(h, geom, level))
+        out = _conv_as(self.head, h).to(x.dtype)
         if self.cfg.residual:
             out = out + inp
         return out[..., :H, :W]
