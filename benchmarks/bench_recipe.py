@@ -52,6 +52,9 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     "coordgate-wiener3": ({"gate": "coordgate", **_WIENER3}, _L2),
     "plain-wiener5": ({"gate": "none", "prefilter": "wiener", "prefilter_grid": 5}, _L2),
     "coordgate-wiener5": ({"gate": "coordgate", "prefilter": "wiener", "prefilter_grid": 5}, _L2),
+    # float32 training on a CPU with bf16 instructions, where the default (amp) trains under bfloat16 autocast
+    "plain-fp32": ({"gate": "none"}, {"amp": False}),
+    "coordgate-fp32": ({"gate": "coordgate"}, {"amp": False}),
     # whatever the current defaults of napari-coordgate train are
     "plain-default": ({"gate": "none"}, {}),
     "coordgate-default": ({"gate": "coordgate"}, {}),

@@ -3,6 +3,8 @@
     python benchmarks/bench_threads.py           # 10 timed steps per setting
     python benchmarks/bench_threads.py --quick   # 2 timed steps
     python benchmarks/bench_threads.py --compile # also torch.compile'd steps (inductor; warm-up seconds printed)
+    python benchmarks/bench_threads.py --bf16    # also steps under bfloat16 autocast (training's default on CPUs
+                                                 # with AVX512-BF16 or AMX, devices.bf16_is_fast)
 
 Each thread count runs in a fresh process (torch's thread pool is fixed once used). Prints a table only. The model
 is laid out as training lays it out (``devices.on_device``); run the script with ``PYTHONPATH=<old checkout>/src``
@@ -18,7 +20,8 @@ import time
 
 
 def _child(threads: int, gate: str, steps: int, mode: str = "eager") -> tuple[float, float]:
-    """(seconds per step, seconds of the two warm-up steps: compilation included for ``mode="compile"``)."""
+    """(seconds per step, seconds of the two warm-up steps: compilation included for ``mode="compile"``);
+    ``mode="bf16"``: the forward pass under bfloat16 autocast, as training runs it where that is faster."""
     import torch
 
     from napari_coordgate.config import ModelConfig
@@ -42,7 +45,9 @@ def _child(threads: int, gate: str, steps: int, mode: str = "eager") -> tuple[fl
         if i == 2:  # two warm-up steps
             t0 = time.perf_counter()
             warm = t0 - t_start
-        loss = (fwd(x, offset=offs, field_shape=(256, 256)) - x).square().mean()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16"):
+            out = fwd(x, offset=offs, field_shape=(256, 256))
+        loss = (out.float() - x).square().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -53,13 +58,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd training steps")
+    ap.add_argument("--bf16", action="store_true", help="also time steps under bfloat16 autocast")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(*_child(int(args.child[0]), args.child[1], int(args.child[2]), args.child[3]))
         return
     steps = 2 if args.quick else 10
-    modes = ("eager", "compile") if args.compile else ("eager",)
+    modes = ("eager",) + (("compile",) if args.compile else ()) + (("bf16",) if args.bf16 else ())
     print(f"{'gate':<12}{'mode':<9}{'threads':>8}{'s/step':>9}{'warm-up s':>11}")
     for gate in ("none", "coordgate"):
         for mode in modes:

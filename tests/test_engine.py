@@ -652,3 +652,46 @@ def test_a_fixed_normalisation_model_still_trains_and_applies_in_the_training_un
     assert "percentiles" not in norm and norm["scale"] > 1000  # the uint16 training units
     out = predict(res.saved, blurred[-1], device="cpu")
     assert np.isfinite(out).all() and abs(float(out.mean()) - float(blurred[-1].mean())) < 0.2 * norm["scale"]
+
+
+# -- bf16 autocast in CPU training (issue 15) ------------------------------------------------------------------------
+def _weights(result):
+    return {k: v.clone() for k, v in result.saved.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["cpu-without-bf16", "cpu-with-bf16"])
+def test_amp_trains_under_bf16_autocast_only_where_bf16_is_fast(monkeypatch, fast):
+    import torch
+
+    from napari_coordgate.engine import training
+
+    monkeypatch.setattr(training, "bf16_is_fast", lambda dev: fast)
+    sharp, blurred = _pairs()
+    seen = []
+    real_step = training._step
+
+    def spy(*args, **kw):
+        seen.append(args[-1])  # use_amp
+        return real_step(*args, **kw)
+
+    monkeypatch.setattr(training, "_step", spy)
+    amp = train(TINY, _quick(), PairSource(sharp, blurred))
+    fp32 = train(TINY, _quick(amp=False), PairSource(sharp, blurred))
+    assert set(seen) == {fast, False}
+    same = all(torch.equal(a, b) for a, b in zip(_weights(amp).values(), _weights(fp32).values()))
+    assert same != fast  # bf16 autocast changes the weights; without it amp=True is plain float32 training
+    assert amp.best_val_psnr > amp.history[-1].input_psnr  # and it learns
+
+
+def test_devices_say_where_bf16_is_fast(monkeypatch):
+    import torch
+
+    from napari_coordgate.devices import bf16_is_fast
+
+    assert isinstance(bf16_is_fast(torch.device("cpu")), bool)
+    assert bf16_is_fast(torch.device("meta")) is False
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert bf16_is_fast(torch.device("cpu")) is False
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert bf16_is_fast(torch.device("cpu")) is True

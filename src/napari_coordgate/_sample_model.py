@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 SAMPLE_MODEL = Path(__file__).parent / "models" / "sample_gaussian.cgmodel"
-# the recipe: the dock's defaults, an epochs budget so the file is reproducible on any machine (seeded, 1 thread)
+# the recipe: the dock's defaults, an epochs budget so the file is reproducible on any machine (seeded, 1 thread,
+# float32: no bf16 autocast, which only CPUs with bf16 instructions would use)
 EPOCHS, STEPS_PER_EPOCH = 30, 20
 
 
@@ -34,7 +35,7 @@ def make_sample_model(out: Path = SAMPLE_MODEL) -> Path:
 
     (sharp, _, _), (blurred, meta, _) = calibration_pair()
     result = engine.train(ModelConfig(), TrainConfig(epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH, device="cpu",
-                                                     threads=1, seed=0),
+                                                     threads=1, seed=0, amp=False),
                           engine.PairSource(sharp, blurred, psf=meta["metadata"]["psf_preset"]))
     result.saved.provenance["note"] = ("trained on the synthetic sample pair only (preset 'gaussian'); "
                                        "not a model of any real microscope")

@@ -141,3 +141,14 @@ def test_channels_last_feature_maps_get_channels_last_gates_with_the_same_values
     grads_cl = torch.autograd.grad(out_cl.square().sum(), list(g.parameters()))
     for a, b in zip(grads, grads_cl):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_crop_gather_gradient_adds_overlapping_crops_into_the_field():
+    from napari_coordgate.nn.coordgate import _CropGather
+
+    field = torch.rand(6, 7, 3, dtype=torch.float64, requires_grad=True)
+    corners = [(0, 0), (1, 2), (1, 2), (3, 4)]  # two identical and two overlapping crops
+    out = _CropGather.apply(field, corners, 3, 3)
+    for k, (y, x) in enumerate(corners):
+        assert torch.equal(out[k], field[y : y + 3, x : x + 3])
+    assert torch.autograd.gradcheck(lambda f: _CropGather.apply(f, corners, 3, 3), (field,))

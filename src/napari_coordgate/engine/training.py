@@ -17,7 +17,7 @@ import numpy as np
 
 from ..config import ModelConfig, TrainConfig
 from ..data import InputError
-from ..devices import on_device, resolve_device
+from ..devices import bf16_is_fast, on_device, resolve_device
 from ..metrics import PSNRAccumulator
 from ..modelio import SavedModel
 from .optimizer import build_optimizer, set_learning_rate
@@ -234,7 +234,7 @@ def train(
     run.best_state = {k: v.clone() for k, v in model.state_dict().items()}
     if ck is not None:
         restore(ck, run, model, plateau, rng)
-    use_amp = train_cfg.amp and device.type == "cuda"
+    use_amp = train_cfg.amp and bf16_is_fast(device)
     model.train()
     run.t0 = time.perf_counter()
     while run.budget_left():

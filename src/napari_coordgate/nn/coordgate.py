@@ -104,6 +104,28 @@ def coordinate_mlp(out_channels: int, hidden: int, layers: int) -> nn.Sequential
     return nn.Sequential(*mods)
 
 
+class _CropGather(torch.autograd.Function):
+    """Crops ``(B, h, w, C)`` of a whole-field gate ``(Hf, Wf, C)`` at the given top-left corners, as slice copies;
+    the backward adds each crop's gradient into its slice of one zeroed field (advanced indexing's scatter with
+    accumulation was about 7 % of a CPU training step)."""
+
+    @staticmethod
+    def forward(ctx, field, corners, h: int, w: int):
+        out = field.new_empty((len(corners), h, w, field.shape[-1]))
+        for k, (y, x) in enumerate(corners):
+            out[k] = field[y : y + h, x : x + w]
+        ctx.corners, ctx.h, ctx.w, ctx.field_shape = corners, h, w, field.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, w = ctx.h, ctx.w
+        out = grad.new_zeros(ctx.field_shape)
+        for k, (y, x) in enumerate(ctx.corners):
+            out[y : y + h, x : x + w] += grad[k]
+        return out, None, None, None
+
+
 class CoordGate(nn.Module):
     """Multiply feature channels by a gate computed from absolute field coordinates.
 
@@ -259,6 +281,5 @@ class CoordGate(nn.Module):
         if bool((y0 + h > extent[0]).any()) or bool((x0 + w > extent[1]).any()):
             return None
         g = self._whole_field(field, extent, level, x.device, True)[0].permute(1, 2, 0)  # (Hf, Wf, C), C innermost
-        ys = (y0[:, None] + torch.arange(h, device=x.device)[None])[:, :, None]  # (B, h, 1)
-        xs = (x0[:, None] + torch.arange(w, device=x.device)[None])[:, None, :]  # (B, 1, w)
-        return g[ys, xs].permute(0, 3, 1, 2)  # (B, C, h, w), channels-last: each pixel's C values gathered at once
+        corners = list(zip(y0.tolist(), x0.tolist()))
+        return _CropGather.apply(g, corners, h, w).permute(0, 3, 1, 2)  # (B, C, h, w), channels-last
