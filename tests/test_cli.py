@@ -264,6 +264,7 @@ def test_option_flags_come_from_the_configs_with_their_defaults_and_bounds():
             assert actions[name].default == getattr(cls(), name), (command, name)
     assert sub["train"]._option_string_actions["--minutes"].default == TrainConfig().minutes == 10.0
     assert sub["train"]._option_string_actions["--gate"].choices == ("none", "coordgate", "coordconv")
+    assert "--no-amp" in sub["train"]._option_string_actions  # float32 training on any device
 
 
 @pytest.mark.parametrize("argv, message", [

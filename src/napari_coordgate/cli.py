@@ -100,7 +100,7 @@ def _set_threads(n: int) -> None:
 MODEL_FLAGS = ("depth", "channels", "gate", "prefilter")
 MODEL_HELP = "model file (.cgmodel, suffix optional) or a bioimage.io package (.zip) exported by napari-coordgate"
 TRAIN_FLAGS = ("crop", "batch", "steps_per_epoch", "lr", "seed", "device", "threads", "register", "photons",
-               "intensity")
+               "intensity", "amp")
 PREDICT_FLAGS = ("tile", "binning", "device", "precision", "batch_tiles", "threads")
 
 
