@@ -64,6 +64,7 @@ def _levers(size: int, repeats: int, threads: int) -> None:
     import torch
 
     from napari_coordgate.config import ModelConfig
+    from napari_coordgate.devices import bf16_is_fast
     from napari_coordgate.engine import predict
     from napari_coordgate.modelio import SavedModel
     from napari_coordgate.nn import build_model
@@ -85,7 +86,7 @@ def _levers(size: int, repeats: int, threads: int) -> None:
         return size * size / 1e6 / best, out
 
     base, ref = mps()
-    bf16_cpu = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    bf16_cpu = bf16_is_fast(torch.device("cpu"))
     print(f"## CPU inference levers, CoordGate U-Net(2), {size}x{size}, {threads} thread(s), "
           f"CPU bf16 instructions: {'yes' if bf16_cpu else 'no'}")
     print(f"{'lever':<34}{'MP/s':>8}{'vs fp32':>9}{'max|d|':>10}")

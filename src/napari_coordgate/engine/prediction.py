@@ -117,7 +117,8 @@ def _check_precision(precision: str) -> None:
 
 
 def autocast_dtype(precision: str, dev):
-    """The autocast dtype of ``precision`` on ``dev`` (None for fp32), or an error saying what to use instead."""
+    """The reduced-precision dtype of ``precision`` on ``dev`` (None for fp32), or an error saying what to use
+    instead: autocast's dtype on CUDA, the network's ``compute_dtype`` on a CPU (:func:`_computes_in`)."""
     import torch
 
     _check_precision(precision)

@@ -280,6 +280,6 @@ class CoordGate(nn.Module):
         y0, x0 = offset[:, 0] // step, offset[:, 1] // step
         if bool((y0 + h > extent[0]).any()) or bool((x0 + w > extent[1]).any()):
             return None
-        g = self._whole_field(field, extent, level, x.device, True)[0].permute(1, 2, 0)  # (Hf, Wf, C), C innermost
+        g = self._whole_field(field, extent, level, x.device, True, x.dtype)[0].permute(1, 2, 0)  # (Hf, Wf, C)
         corners = list(zip(y0.tolist(), x0.tolist()))
         return _CropGather.apply(g, corners, h, w).permute(0, 3, 1, 2)  # (B, C, h, w), channels-last

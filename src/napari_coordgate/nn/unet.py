@@ -18,6 +18,8 @@ so a crop at an offset that is a multiple of ``2**(depth-1)`` sees the same pool
 
 from __future__ import annotations
 
+import functools
+import platform
 from typing import Sequence
 
 import torch
@@ -42,21 +44,21 @@ def _block(cin: int, cout: int) -> nn.Sequential:
     )
 
 
-_FUSED_CONV_RELU: list = []  # [op or None], looked up once
-
-
-def _fused_conv_relu():
-    """oneDNN's convolution with a ReLU post-op (one pass over the output instead of two), or None where this
-    torch build lacks it."""
-    if not _FUSED_CONV_RELU:
-        op = None
-        try:
-            if torch.backends.mkldnn.is_available():
-                op = torch.ops.mkldnn._convolution_pointwise
-        except (AttributeError, RuntimeError):
-            op = None
-        _FUSED_CONV_RELU.append(op)
-    return _FUSED_CONV_RELU[0]
+@functools.cache
+def _fused_conv_relu(dtype: torch.dtype):
+    """oneDNN's convolution with a ReLU post-op (one pass over the output instead of two) for ``dtype`` on this
+    CPU, or None: only on x86 builds with oneDNN, and for bfloat16 only where oneDNN has bf16 kernels (AVX512 or
+    newer; elsewhere torch's own convolution runs bf16)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return None
+        if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return None
+        return torch.ops.mkldnn._convolution_pointwise
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def _cpu_autocast() -> bool:
@@ -67,11 +69,14 @@ def _cpu_autocast() -> bool:
 
 
 def _conv_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``relu(conv(x))`` for inference, computed in ``x``'s dtype (the weights cast to it: a float32 model runs
-    in bfloat16 without a copy). On a CPU the ReLU is fused into oneDNN's convolution (same values)."""
+    """``relu(conv(x))`` for inference, computed in ``x``'s dtype (the weights cast to it on the fly, so a float32
+    model runs in bfloat16 without a bfloat16 copy of the model). On an x86 CPU the ReLU is fused into oneDNN's
+    convolution (the same values as torch's own oneDNN convolution followed by a ReLU)."""
     w, b = conv.weight.to(x.dtype), conv.bias.to(x.dtype)
-    op = _fused_conv_relu() if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) else None
-    if op is not None and not _cpu_autocast():
+    use_fused = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+                 and torch.backends.mkldnn.enabled and not _cpu_autocast())
+    op = _fused_conv_relu(x.dtype) if use_fused else None
+    if op is not None:
         return op(x, w, b, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, "relu", [None],
                   "")
     return F.relu(F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups), inplace=True)
@@ -85,7 +90,8 @@ def _run_block(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
 
 
 def _conv_as(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` in ``x``'s dtype (the module's own call where that is its dtype: autograd, autocast)."""
+    """``conv(x)`` in ``x``'s dtype: the module's own call while autograd records or where the weights already
+    have that dtype, else with the weights cast to it (inference with a ``compute_dtype``, or under autocast)."""
     if conv.weight.dtype == x.dtype or torch.is_grad_enabled():
         return conv(x)
     w, b = conv.weight.to(x.dtype), conv.bias.to(x.dtype)
