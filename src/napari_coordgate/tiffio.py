@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,7 +12,15 @@ import numpy as np
 
 from .modelio import atomic_write
 
-__all__ = ["TiffImage", "read_tiff", "write_tiff", "write_tiff_streamed"]
+__all__ = ["DiskFullError", "TiffImage", "read_tiff", "write_tiff", "write_tiff_streamed"]
+
+
+class DiskFullError(OSError):
+    """A file did not fit on its disk (or quota, or file system); ``str()`` is one line naming the file, the space
+    it needs and the space that was free. The partly written temporary file is already gone."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 @dataclass
@@ -111,36 +121,112 @@ def _write_kwargs(like: TiffImage | None) -> dict:
     return kwargs
 
 
-def _atomic(path: Path, write) -> Path:
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _disk_full(path: Path, nbytes: int, free: int | None, code: int) -> DiskFullError:
+    if code == errno.EDQUOT:
+        msg = f"disk quota exceeded writing {path}: needs {_size(nbytes)}"
+    elif code == errno.EFBIG:
+        msg = f"{path} needs {_size(nbytes)}, more than one file may hold on that file system"
+    else:
+        msg = f"not enough disk space for {path}: needs {_size(nbytes)}"
+        msg += f", {_size(free)} free" if free is not None else ""
+    return DiskFullError(code, msg)
+
+
+def _atomic(path: Path, write, nbytes: int) -> Path:
+    """:func:`atomic_write` with a full disk (during the write, the fsync or the rename) reported as one line
+    that names ``path``; ``atomic_write`` has already removed the temporary file when the error arrives."""
     if not path.parent.exists():
         raise FileNotFoundError(f"output folder {path.parent} does not exist")
-    return atomic_write(path, write)
+    # measured before the temporary file takes any of it, so the message says what was free to begin with
+    free = _free_bytes(path.parent)
+    try:
+        return atomic_write(path, write)
+    except DiskFullError:
+        raise
+    except OSError as exc:
+        if exc.errno in _NO_SPACE:
+            raise _disk_full(path, nbytes, free, exc.errno) from None
+        raise
 
 
 def write_tiff(path: str | os.PathLike, data: np.ndarray, like: TiffImage | None = None) -> Path:
-    """Write float32 ``data`` atomically, carrying pixel size, axes and OME/ImageJ metadata from ``like``."""
+    """Write float32 ``data`` atomically, carrying pixel size, axes and OME/ImageJ metadata from ``like``.
+
+    A full disk raises :class:`DiskFullError` and leaves any earlier file at ``path`` as it was.
+    """
     import tifffile
 
     kwargs = _write_kwargs(like)
-    return _atomic(Path(path), lambda tmp: tifffile.imwrite(tmp, np.asarray(data, dtype=np.float32), **kwargs))
+    data = np.asarray(data, dtype=np.float32)
+    return _atomic(Path(path), lambda tmp: tifffile.imwrite(tmp, data, **kwargs), data.nbytes)
+
+
+def _reserve(tmp: str) -> None:
+    """Allocate every block of ``tmp`` on disk now, so that writing into its memory map cannot run out of space.
+
+    A sparse file's holes get their blocks only when a mapped page is first written; on a full disk the kernel can
+    only answer that page fault with SIGBUS, which kills the process with no message and no cleanup (the
+    temporary file stays behind). ``posix_fallocate`` instead fails here, with ENOSPC, before any work is done.
+    """
+    size = os.path.getsize(tmp)
+    fallocate = getattr(os, "posix_fallocate", None)  # absent on macOS and Windows
+    if fallocate is not None:
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            fallocate(fd, 0, size)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+        finally:
+            os.close(fd)
+    # no way to reserve here: at least refuse what cannot fit now (a SIGBUS stays possible if the disk fills later)
+    free = _free_bytes(Path(tmp).parent)
+    if free is not None and free < size:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def write_tiff_streamed(path: str | os.PathLike, shape, fill, like: TiffImage | None = None) -> Path:
     """Write a float32 TIFF of ``shape`` without holding it in memory: ``fill(array)`` writes into a memory map
-    of the new file (plane by plane, say); the file appears at ``path`` only when ``fill`` returns."""
+    of the new file (plane by plane, say); the file appears at ``path`` only when ``fill`` returns.
+
+    The file's full size is reserved on disk before ``fill`` is called: a full disk raises
+    :class:`DiskFullError` at once (no temporary file left), never a crash halfway through.
+    """
     import tifffile
 
     kwargs = _write_kwargs(like)
 
+    # Why a memory map with its space reserved, not tifffile writing planes from an iterator: ``fill`` (the tiled
+    # predictor) writes tiles anywhere in the array, in its own order, so it needs a random-access target; the
+    # map keeps a stack larger than RAM streamable (the kernel writes dirty pages back as it goes). Reserving the
+    # blocks with fallocate costs milliseconds on ext4/XFS/Btrfs/tmpfs (no bytes written) and leaves the
+    # writing speed as it was; only where the file system cannot reserve (NFSv3, some FUSE) does the C library
+    # write a zero into each block, once.
     def write(tmp: str) -> None:
         mm = tifffile.memmap(tmp, shape=tuple(shape), dtype=np.float32, **kwargs)
         try:
+            _reserve(tmp)
             fill(mm)
             mm.flush()
         finally:
             del mm
 
-    return _atomic(Path(path), write)
+    return _atomic(Path(path), write, int(np.prod(shape, dtype=np.int64)) * 4)
 
 
 _UM_PER = {"um": 1.0, "\u00b5m": 1.0, "\u03bcm": 1.0, "micron": 1.0, "microns": 1.0, "\\u00B5m": 1.0, "nm": 1e-3,
