@@ -248,6 +248,7 @@ def test_a_failed_run_never_leaves_a_store_that_looks_complete(tmp_path, model, 
     with pytest.raises(IncompleteOutputError, match="2 of 3 planes"):
         writer.finalize()
     assert not out.exists()
+    writer.release()  # an abandoned writer gives up its lock (a process that ends releases it by itself)
     # the next run replaces the partial store and completes
     rerun = create_ome_zarr(out, stack.shape)
     predict(model, stack, tile=48, device="cpu", out=rerun)

@@ -53,6 +53,41 @@ def _writable_file(path: Path) -> Path:
     return path
 
 
+def _output_file(text: str, suffix: str | None = None) -> Path:
+    """The file an ``-o``, ``--json`` or ``--png`` names (``suffix`` added if missing) in a writable folder.
+
+    A folder is refused: ``-o DIR/`` would otherwise write ``DIR.cgpsf`` beside it.
+    """
+    from .modelio import with_suffix
+
+    path = with_suffix(text, suffix) if suffix else Path(text)
+    if text.endswith(("/", os.sep)) or Path(text).is_dir() or path.is_dir():
+        name = Path(text) / f"NAME{suffix or ''}"
+        raise CLIError(f"{text} is a folder; give a file name (e.g. {name})")
+    return _writable_file(path)
+
+
+def _write_json(path: Path, text: str) -> Path:
+    """A JSON report, written atomically (never a truncated file under its final name)."""
+    from .modelio import atomic_write_bytes
+
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _write_png(path: Path, draw) -> Path:
+    """A figure written atomically: ``draw(tmp)`` writes the PNG to a temporary file renamed over ``path``."""
+    from .modelio import atomic_write
+
+    return atomic_write(path, draw)
+
+
+def _model_inputs(model: str) -> list[Path]:
+    """The files ``-m MODEL`` may name (as given, or with the model suffix): inputs no output may replace."""
+    from .modelio import with_suffix
+
+    return [Path(model), with_suffix(model)]
+
+
 def _out_dir(path: Path) -> Path:
     if path.exists() and not path.is_dir():
         raise CLIError(f"{path} exists and is not a folder")
@@ -160,18 +195,24 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from .optics.blur import synthesize_pairs
     from .optics.checks import check_image
     from .optics.psfmodel import get_psf_model
+    from .outputs import check_outputs
     from .tiffio import read_tiff, write_tiff
 
     psf = get_psf_model(args.psf)
-    outdir = _out_dir(Path(args.output))
-    for i, p in enumerate(args.sharp):
+    outdir = Path(args.output)
+    dests = []
+    for p in args.sharp:
+        name = Path(p).name
+        stem = name[: -len(".ome.tif")] if name.endswith(".ome.tif") else Path(p).stem
+        dests.append(outdir / f"{stem}_blurred.tif")
+    check_outputs(dests, [*args.sharp, args.psf])
+    _out_dir(outdir)
+    for i, (p, dest) in enumerate(zip(args.sharp, dests)):
         img = read_tiff(p)
         sharp = check_image(img.data, str(p), max_ndim=3, allow_constant=False)
         _, blurred = synthesize_pairs(sharp, psf, seed=args.seed + i, photons=args.photons or None,
                                       read_noise=args.read_noise, device=args.device)
-        name = Path(p).name
-        stem = name[: -len(".ome.tif")] if name.endswith(".ome.tif") else Path(p).stem
-        dest = write_tiff(outdir / f"{stem}_blurred.tif", np.asarray(blurred, np.float32), img)
+        dest = write_tiff(dest, np.asarray(blurred, np.float32), img)
         print(f"{p} -> {dest}")
     return 0
 
@@ -210,14 +251,51 @@ def _builtin_specimens(psf, seed: int):
     return specimen_fields(n, (h, w), seed=seed, sources=TRAIN_SOURCES)
 
 
+def _train_outputs(args) -> tuple[Path, Path, Path | None]:
+    """(model, checkpoint, checkpoint to resume from) of ``train``; none of the outputs may replace an input (the
+    checkpoint of a resumed run is its own to update)."""
+    from .modelio import CHECKPOINT_SUFFIX, MODEL_SUFFIX, existing_file
+    from .outputs import check_outputs, real_path
+
+    out = _output_file(args.output, MODEL_SUFFIX)
+    ckpt = out.with_suffix(CHECKPOINT_SUFFIX)
+    resume = existing_file(args.resume, CHECKPOINT_SUFFIX) if args.resume else None
+    inputs = [*(args.sharp or []), *(args.blurred or []), args.psf]
+    check_outputs({out: "model", ckpt: "checkpoint"}, inputs)
+    if resume is not None and real_path(resume) != real_path(ckpt):
+        check_outputs({out: "model", ckpt: "checkpoint"}, [resume])
+    return out, ckpt, resume
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _report_written(out: Path, ckpt: Path, before: dict, resume: Path | None, interrupted: bool) -> None:
+    """Say which of the run's files it wrote, and plainly when there is none (never announce a file not written)."""
+    wrote = {p: _stamp(p) is not None and _stamp(p) != before[p] for p in (out, ckpt)}
+    stream = sys.stderr if interrupted else sys.stdout
+    if not wrote[out]:
+        print(f"no model was written to {out} (stopped before the first validation)", file=stream)
+    elif interrupted:
+        print(f"best model so far: {out}", file=stream)
+    if wrote[ckpt]:
+        print(f"checkpoint: {ckpt} (continue with --resume {ckpt})", file=stream)
+    elif resume is not None:
+        print(f"no new checkpoint (no epoch ended); {resume} still resumes the run", file=stream)
+    else:
+        print("no checkpoint was written (stopped before the first epoch ended)", file=stream)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .engine import PairSource, SimulatedSource
-    from .modelio import CHECKPOINT_SUFFIX, with_suffix
     from .optics.psfmodel import get_psf_model
 
-    out = with_suffix(args.output)
-    _writable_file(out)
-    ckpt = out.with_suffix(CHECKPOINT_SUFFIX)
+    out, ckpt, resume = _train_outputs(args)
     if args.blurred and not args.sharp:
         raise CLIError("--blurred needs the sharp images of the same fields (--sharp)")
     if not args.blurred and not args.psf:
@@ -237,11 +315,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         source = SimulatedSource(sharp, psf)
     _set_threads(args.threads)
-    res = _train_with_bar(model_cfg, train_cfg, source, out_path=out, checkpoint_path=ckpt,
-                          resume=args.resume, label=f"train {args.gate} U-Net({args.depth})")
-    print(f"model: {out}  (best validation PSNR {res.best_val_psnr:.2f} dB at epoch {res.best_epoch}, "
-          f"{res.stopped}, device {res.device}); checkpoint: {ckpt}")
-    return 0
+    before = {p: _stamp(p) for p in (out, ckpt)}
+    try:
+        res = _train_with_bar(model_cfg, train_cfg, source, out_path=out, checkpoint_path=ckpt,
+                              resume=resume, label=f"train {args.gate} U-Net({args.depth})")
+    except KeyboardInterrupt:  # a second Ctrl-C, or SIGTERM: the files written so far are complete
+        _report_written(out, ckpt, before, resume, interrupted=True)
+        raise
+    if _stamp(out) != before[out]:
+        print(f"model: {out}  (best validation PSNR {res.best_val_psnr:.2f} dB at epoch {res.best_epoch}, "
+              f"{res.stopped}, device {res.device})")
+    _report_written(out, ckpt, before, resume, interrupted=False)
+    # Ctrl-C stops training and keeps the best model, but the run did not finish: the exit status says so
+    return 130 if res.stopped == "stopped" else 0
 
 
 def _roi(text):
@@ -282,7 +368,8 @@ def _apply_dask(args, cfg, roi, jobs) -> int:
         n_workers = len(client.scheduler_info()["workers"])
         for (data, axes, scale, translation, _), p, dest in inputs:
             t0 = time.perf_counter()
-            writer = create_ome_zarr(dest, data.shape, axes=axes, scale=scale, translation=translation)
+            writer = create_ome_zarr(dest, data.shape, axes=axes, scale=scale, translation=translation,
+                                     overwrite=args.overwrite)
             with tqdm(desc=Path(p).name, unit="plane", dynamic_ncols=True, leave=False) as bar:
                 def on_progress(done, total, bar=bar):
                     bar.total, bar.n = total, done
@@ -312,31 +399,50 @@ def _warn_pixel_size(saved, tiff, path, binning: int) -> None:
               f"{want:.4g} µm; its PSFs do not match this image's sampling", file=sys.stderr)
 
 
+def _apply_jobs(args) -> list[tuple[str, Path]]:
+    """(input, output) of each image ``apply`` writes, checked before anything is read: no output overlaps an input
+    or another output, and a zarr store is replaced only if napari-coordgate wrote it (or with --overwrite)."""
+    from .outputs import check_outputs
+    from .zarrio import LOCK_SUFFIX, PARTIAL_SUFFIX, check_replaceable, is_zarr
+
+    out = Path(args.output)
+    as_folder = args.output.endswith(("/", os.sep)) or out.is_dir()
+    many = len(args.inputs) > 1 or (as_folder and not is_zarr(out))
+    jobs, outputs = [], {}
+    for p in args.inputs:
+        name = Path(p).name
+        if many and args.dask and not is_zarr(name):
+            name = (name[: -len(".ome.tif")] if name.endswith(".ome.tif") else Path(name).stem) + ".zarr"
+        dest = out / name if many else out
+        if args.dask and not is_zarr(dest):
+            raise CLIError(f"--dask writes OME-Zarr: give -o OUT.zarr (or a folder), not {dest}")
+        outputs[dest] = "output"
+        if is_zarr(dest):
+            for suffix in (PARTIAL_SUFFIX, LOCK_SUFFIX):
+                outputs[dest.with_name(dest.name + suffix)] = f"output's {suffix[1:]} file"
+        jobs.append((p, dest))
+    check_outputs(outputs, [*args.inputs, *_model_inputs(args.model)])
+    for _, dest in jobs:
+        if is_zarr(dest):
+            check_replaceable(dest, overwrite=args.overwrite)
+    if many:
+        _out_dir(out)
+    else:
+        _writable_file(out)
+    return jobs
+
+
 def _cmd_apply(args: argparse.Namespace) -> int:
     from .bioimageio import load_any
     from .tiffio import write_tiff_streamed
     from .zarrio import create_ome_zarr, is_zarr
 
     cfg, roi = _predict_cfg(args), _roi(args.roi)
+    if args.dask is not None and not args.dask.strip():
+        raise CLIError("--dask needs 'local' or a scheduler address such as tcp://node01:8786")
     if args.workers is not None and args.dask != "local":
         raise CLIError("--workers sizes a local cluster: add --dask local (a cluster at an address has its own)")
-    out = Path(args.output)
-    many = len(args.inputs) > 1 or (out.is_dir() and not is_zarr(out))
-    if many:
-        _out_dir(out)
-    else:
-        _writable_file(out)
-    jobs = []
-    for p in args.inputs:
-        name = Path(p).name
-        if many and args.dask and not is_zarr(name):
-            name = (name[: -len(".ome.tif")] if name.endswith(".ome.tif") else Path(name).stem) + ".zarr"
-        dest = out / name if many else out
-        if Path(dest).resolve() == Path(p).resolve():
-            raise CLIError(f"refusing to overwrite the input {p}; choose another output")
-        if args.dask and not is_zarr(dest):
-            raise CLIError(f"--dask writes OME-Zarr: give -o OUT.zarr (or a folder), not {dest}")
-        jobs.append((p, dest))
+    jobs = _apply_jobs(args)
     if args.dask:
         return _apply_dask(args, cfg, roi, jobs)
     saved = load_any(args.model)
@@ -350,7 +456,12 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             return _predict_with_bar(saved, data, label=Path(p).name, roi=roi, out=target, **cfg.predict_kwargs())
 
         if is_zarr(dest):  # OME-Zarr: at OUT.zarr.partial until every plane is written
-            run(create_ome_zarr(dest, data.shape, axes=axes, scale=scale, translation=translation)).finalize()
+            writer = create_ome_zarr(dest, data.shape, axes=axes, scale=scale, translation=translation,
+                                     overwrite=args.overwrite)
+            try:
+                run(writer).finalize()
+            finally:
+                writer.release()
         else:  # memory-mapped out: a stack larger than RAM goes through tile by tile
             write_tiff_streamed(dest, data.shape, run, tiff)
         print(f"{p} -> {dest}  ({data.size / 1e6:.1f} MP in {time.perf_counter() - t0:.1f} s)")
@@ -382,16 +493,21 @@ def _read_images(paths: Sequence[str], what: str):
     return np.concatenate(planes, axis=0)
 
 
+def _report_outputs(args, input_lists) -> None:
+    """``evaluate``'s --json and --png: files (not folders) in writable folders that replace no input."""
+    from .outputs import check_outputs
+
+    outputs = {_output_file(t): what for t, what in ((args.json, "JSON report"), (args.png, "figure")) if t}
+    check_outputs(outputs, [p for paths in input_lists if paths for p in paths] + _model_inputs(args.model))
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .bioimageio import load_any
     from .engine import field_geometry
     from .metrics import quality_report
     from .report import write_report_png
 
-    if args.json:
-        _writable_file(Path(args.json))
-    if args.png:
-        _writable_file(Path(args.png))
+    _report_outputs(args, [args.sharp, args.blurred, [args.beads] if args.beads else None])
     saved = load_any(args.model)
     if args.beads:
         return _evaluate_beads(args, saved)
@@ -418,11 +534,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     ]
     print(_format_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(rep, indent=2, default=float))
-        print(f"report: {args.json}")
+        print(f"report: {_write_json(Path(args.json), json.dumps(rep, indent=2, default=float))}")
     if args.png:
-        write_report_png(args.png, sharp, blurred, restored, title=f"{Path(args.model).name}")
-        print(f"figure: {args.png}")
+        def draw(tmp, title=Path(args.model).name):
+            write_report_png(tmp, sharp, blurred, restored, title=title)
+
+        print(f"figure: {_write_png(Path(args.png), draw)}")
     return 0
 
 
@@ -449,8 +566,7 @@ def _evaluate_beads(args, saved) -> int:
         rings = "".join(f"{x['fwhm']:>9.2f}" if x["fwhm"] is not None else f"{'-':>9}" for x in r["rings"])
         print(f"{name:<16}{r['beads']:>7}{r['fwhm_median']:>8.2f}{r['fwhm_spread']:>8.2f}{rings}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rep, indent=2))
-        print(f"report: {args.json}")
+        print(f"report: {_write_json(Path(args.json), json.dumps(rep, indent=2))}")
     return 0
 
 
@@ -479,18 +595,36 @@ def _bead_images(paths: Sequence[str]):
     return {c: np.concatenate(v) for c, v in per_channel.items()}, (known[0] if known else None)
 
 
+def _calibrate_outputs(args, channels) -> dict[int, dict[str, Path | None]]:
+    """Per channel: the PSF model file and the reports ``calibrate`` writes (a suffix ``_cN`` for several
+    channels), checked before the fit: files in writable folders, none of them an input or another output."""
+    from .modelio import PSF_SUFFIX
+    from .outputs import check_outputs
+
+    out = _output_file(args.output, PSF_SUFFIX)
+    png = _output_file(args.png) if args.png else None
+    js = _output_file(args.json) if args.json else None
+    plan, named = {}, {}
+    for c in channels:
+        suffix = "" if len(channels) == 1 else f"_c{c}"
+        files = {"PSF model": out.with_stem(out.stem + suffix),
+                 "figure": png.with_stem(png.stem + suffix) if png else None,
+                 "JSON report": js.with_stem(js.stem + suffix) if js else None}
+        plan[c] = files
+        named.update({path: what for what, path in files.items() if path is not None})
+    check_outputs(named, args.beads)
+    return plan
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate
-    from .modelio import PSF_SUFFIX, save_psf_model, with_suffix
+    from .modelio import save_psf_model
 
-    out = _writable_file(with_suffix(args.output, PSF_SUFFIX))
-    for extra in (args.png, args.json):
-        if extra:
-            _writable_file(Path(extra))
     channels, pixel_size = _bead_images(args.beads)
+    plan = _calibrate_outputs(args, channels)
     pixel_size = args.pixel_size or pixel_size
     for c, stack in channels.items():
-        dest = out if len(channels) == 1 else out.with_name(f"{out.stem}_c{c}{PSF_SUFFIX}")
+        dest, png, js = plan[c]["PSF model"], plan[c]["figure"], plan[c]["JSON report"]
         res = calibrate(stack if len(stack) > 1 else stack[0], model=args.model, grid=args.grid, na=args.na,
                         wavelength_um=None if args.wavelength is None else args.wavelength / 1000.0,
                         immersion=args.immersion, pixel_size_um=pixel_size, device=args.device,
@@ -499,13 +633,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         print(("" if len(channels) == 1 else f"channel {c}: ") + res.summary())
         for warning in res.warnings:
             print(f"  warning: {warning}")
-        suffix = "" if len(channels) == 1 else f"_c{c}"
-        if args.png:
-            print(f"  report: {res.report_png(Path(args.png).with_stem(Path(args.png).stem + suffix))}")
-        if args.json:
-            path = Path(args.json).with_stem(Path(args.json).stem + suffix)
-            path.write_text(res.to_json())
-            print(f"  report: {path}")
+        if png:
+            print(f"  report: {_write_png(png, res.report_png)}")
+        if js:
+            print(f"  report: {_write_json(js, res.to_json())}")
         print(f"PSF model: {written}")
     return 0
 
@@ -514,10 +645,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .bioimageio import export_package
+    from .outputs import check_outputs
     from .tiffio import read_tiff
 
+    out = _output_file(args.output, ".zip")
+    check_outputs({out: "package"}, [args.test_image, *_model_inputs(args.model)])
     test = np.asarray(read_tiff(args.test_image).data) if args.test_image else None
-    out = export_package(args.model, args.output, test_input=test)
+    out = export_package(args.model, out, test_input=test)
     print(f"{args.model} -> {out}")
     return 0
 
@@ -627,6 +761,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "and units kept), or a folder for several inputs")
     p.add_argument("--roi", help="Y,X of the image's top-left pixel inside the training field (a camera ROI)")
     _add_config_flags(p, PredictConfig, PREDICT_FLAGS)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing zarr store at -o that "
+                   "napari-coordgate did not write (one it wrote is replaced without asking; an input never is)")
     _add_dask_flags(p)
     p.set_defaults(func=_cmd_apply)
 
@@ -647,20 +783,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a batch scheduler's time limit) raised as an interrupt, so that every writer cleans up
+    what it had not finished (temporary files, partial stores) exactly as on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        old_term = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (called from a test or a library): leave signals alone
+        old_term = None
+    try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Terminated):
+            print("napari-coordgate: terminated (SIGTERM); unfinished outputs were removed", file=sys.stderr)
+            return 143
         print("napari-coordgate: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # one clear line for the user; --debug for the traceback
         if args.debug:
             raise
-        name = "error" if isinstance(exc, (CLIError, ValueError, FileNotFoundError)) else type(exc).__name__
+        name = "error" if isinstance(exc, (CLIError, ValueError, OSError)) else type(exc).__name__
         print(f"napari-coordgate: {name}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -160,8 +160,12 @@ def apply_job(req: ApplyRequest, *, report: Report, should_stop: ShouldStop) -> 
         try:
             engine.predict(saved, image, roi=req.roi, **req.predict.predict_kwargs(), out=target,
                            on_progress=on_progress, should_stop=should_stop)
-        except engine.Cancelled:
-            return JobResult(out, cancelled=True)
+        except BaseException as exc:
+            if hasattr(out, "release"):  # an unfinished OME-Zarr output: let the next run write it
+                out.release()
+            if isinstance(exc, engine.Cancelled):
+                return JobResult(out, cancelled=True)
+            raise
     return JobResult(out)
 
 

@@ -49,5 +49,5 @@ def write_report_png(path, sharp, blurred, restored, *, title: str = "", others:
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    fig.savefig(path, format="png")  # the format is not taken from the name: a temporary file's may be .tmp
     return path

@@ -20,8 +20,10 @@ Needs ``zarr>=3`` (and ``ome-zarr`` to write): ``pip install 'napari-coordgate[z
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
+import socket
 import threading
 import uuid
 from collections import OrderedDict
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import __version__
 from .data import InputError
 
 __all__ = [
@@ -41,6 +44,9 @@ __all__ = [
     "OmeZarrWriter",
     "PlaneSink",
     "IncompleteOutputError",
+    "OutputBusyError",
+    "written_by_us",
+    "check_replaceable",
     "is_zarr",
     "read_zarr",
     "create_ome_zarr",
@@ -51,6 +57,8 @@ __all__ = [
 NGFF_WRITE_VERSION = "0.4"
 ZARR_SUFFIX = ".zarr"
 PARTIAL_SUFFIX = ".partial"
+LOCK_SUFFIX = ".lock"
+_WRITER_KEY = "napari_coordgate"  # group attribute that marks a store this package wrote (it may replace it)
 DEFAULT_CACHE_BYTES = 512 * 2**20
 INSTALL_HINT = "pip install 'napari-coordgate[zarr]'"
 
@@ -100,6 +108,85 @@ def is_zarr(path: str | os.PathLike) -> bool:
 
 def _looks_like_store(p: Path) -> bool:
     return p.is_dir() and (not any(p.iterdir()) or any((p / m).is_file() for m in (".zarray", ".zgroup", "zarr.json")))
+
+
+def written_by_us(path: str | os.PathLike) -> bool:
+    """True for an empty folder or a zarr store whose group attributes say napari-coordgate wrote it."""
+    p = Path(path)
+    if p.is_dir() and not any(p.iterdir()):
+        return True
+    for name, key in ((".zattrs", None), ("zarr.json", "attributes")):
+        try:
+            attrs = json.loads((p / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        attrs = attrs.get(key) if key and isinstance(attrs, dict) else attrs
+        if isinstance(attrs, dict) and isinstance(attrs.get(_WRITER_KEY), dict):
+            return True
+    return False
+
+
+def check_replaceable(path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Refuse an output store path that holds something napari-coordgate may not replace: a file or a folder that
+    is no zarr store, or (unless ``overwrite``) a store another program wrote; :class:`FileExistsError`."""
+    final = Path(path)
+    if not final.exists():
+        return
+    if not _looks_like_store(final):
+        raise FileExistsError(f"{final} exists and is not a zarr store; refusing to replace it")
+    if not overwrite and not written_by_us(final):
+        raise FileExistsError(f"{final} is a zarr store that napari-coordgate did not write; refusing to replace it "
+                              "(choose another output, or replace it on purpose: apply --overwrite)")
+
+
+class OutputBusyError(OSError):
+    """Another process is writing the same OME-Zarr output."""
+
+
+class _WriterLock:
+    """An exclusive lock on ``OUT.zarr.lock`` for one writer process (released by the kernel if it dies).
+
+    The file says who holds it, so a second writer names the first instead of failing halfway with an unrelated
+    error. POSIX only (``fcntl``); elsewhere no lock is taken.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path, self._fd = path, None
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return
+        while self._fd is None:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 512).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                raise OutputBusyError(f"{path.name[: -len(LOCK_SUFFIX)]} is being written by another run "
+                                      f"({holder}); wait for it to finish or choose another output") from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if not same:  # the holder released and unlinked it between our open and lock: take the new file
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+            self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.release()
 
 
 # -- selections ----------------------------------------------------------------------------------
@@ -414,8 +501,10 @@ class OmeZarrWriter:
     the last plane written through this object). Create it with :func:`create_ome_zarr`.
     """
 
-    def __init__(self, path: Path, partial: Path, shape: tuple[int, ...], order: tuple[int, ...], array):
+    def __init__(self, path: Path, partial: Path, shape: tuple[int, ...], order: tuple[int, ...], array,
+                 lock: _WriterLock | None = None):
         self.path, self._partial = path, partial
+        self._writer_lock = lock
         self.shape, self.dtype, self.ndim = shape, np.dtype(np.float32), len(shape)
         self._order = order
         self._array = array
@@ -528,7 +617,14 @@ class OmeZarrWriter:
             _replace_dir(self._partial, self.path)
             self._array = _zarr().open_array(str(self.path / "0"), mode="r")
             self._final = True
+            self.release()
             return self.path
+
+    def release(self) -> None:
+        """Give up the output's lock (done by :meth:`finalize`; call it when abandoning an unfinished store)."""
+        if self._writer_lock is not None:
+            self._writer_lock.release()
+            self._writer_lock = None
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -548,9 +644,24 @@ def _replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _ngff_layout(ax: list[dict], shape: tuple[int, ...], scale: list[float], translation) -> tuple:
+    """(store axis order, NGFF axes, coordinate transformations) of an output in the input's axis order."""
+    order = tuple(sorted(range(len(shape) - 2), key=lambda i: _TYPE_RANK.get(ax[i].get("type"), 1))) + (
+        len(shape) - 2, len(shape) - 1)
+    out_axes = []
+    for i in order:
+        a = dict(ax[i])
+        unit = _ngff_unit(a.pop("unit", None))
+        out_axes.append({**a, "unit": unit} if unit else a)
+    transforms = [{"type": "scale", "scale": [scale[i] for i in order]}]
+    if translation is not None:
+        transforms.append({"type": "translation", "translation": [float(translation[i]) for i in order]})
+    return order, out_axes, transforms
+
+
 def create_ome_zarr(path: str | os.PathLike, shape: Sequence[int], *, axes: Sequence | None = None,
                     scale: Sequence[float] | None = None, translation: Sequence[float] | None = None,
-                    tile: int | None = None, name: str | None = None) -> OmeZarrWriter:
+                    tile: int | None = None, name: str | None = None, overwrite: bool = False) -> OmeZarrWriter:
     """Start a float32 OME-Zarr image (NGFF 0.4, one resolution level) of ``shape`` at ``path``.
 
     Parameters
@@ -569,13 +680,18 @@ def create_ome_zarr(path: str | os.PathLike, shape: Sequence[int], *, axes: Sequ
         Chunk side for y and x; by default one chunk per plane (1, ..., 1, H, W).
     name
         The image's name in the metadata (default: the store's name).
+    overwrite
+        Replace an existing store at ``path`` that napari-coordgate did not write (one it wrote, or an empty
+        folder, is always replaced once the new one is complete).
 
     Raises
     ------
     InputError
         Axes that are not NGFF 0.4 axes (more than 5, no y/x last, two custom axes...).
     FileExistsError
-        ``path`` exists and is not a zarr store.
+        ``path`` exists and is not a zarr store, or is a store another program wrote (without ``overwrite``).
+    OutputBusyError
+        Another process is writing ``path`` now.
     """
     zarr = _zarr()
     try:
@@ -585,8 +701,7 @@ def create_ome_zarr(path: str | os.PathLike, shape: Sequence[int], *, axes: Sequ
         raise ImportError(f"writing OME-Zarr needs the ome-zarr package: {INSTALL_HINT}") from None
     shape = tuple(int(s) for s in shape)
     final = Path(path)
-    if final.exists() and not _looks_like_store(final):
-        raise FileExistsError(f"{final} exists and is not a zarr store; refusing to replace it")
+    check_replaceable(final, overwrite=overwrite)
     ax = _axis_dicts(axes) if axes is not None else default_axes(len(shape))
     _check_yx(ax, shape, f"output {final}")
     names = ", ".join(a["name"] for a in ax)
@@ -596,20 +711,12 @@ def create_ome_zarr(path: str | os.PathLike, shape: Sequence[int], *, axes: Sequ
     scale = [1.0] * len(shape) if scale is None else [float(s) for s in scale]
     if len(scale) != len(shape) or (translation is not None and len(translation) != len(shape)):
         raise ValueError(f"scale and translation need {len(shape)} values (one per axis)")
-    order = tuple(sorted(range(len(shape) - 2), key=lambda i: _TYPE_RANK.get(ax[i].get("type"), 1))) + (
-        len(shape) - 2, len(shape) - 1)
-    out_axes = []
-    for i in order:
-        a = dict(ax[i])
-        unit = _ngff_unit(a.pop("unit", None))
-        out_axes.append({**a, "unit": unit} if unit else a)
-    transforms = [{"type": "scale", "scale": [scale[i] for i in order]}]
-    if translation is not None:
-        transforms.append({"type": "translation", "translation": [float(translation[i]) for i in order]})
+    order, out_axes, transforms = _ngff_layout(ax, shape, scale, translation)
     h, w = shape[-2:]
     chunks = (1,) * (len(shape) - 2) + ((h, w) if tile is None else (min(int(tile), h), min(int(tile), w)))
 
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
+    lock = _WriterLock(final.with_name(final.name + LOCK_SUFFIX))  # before touching a partial store another run owns
     if partial.exists():  # left by a failed run
         shutil.rmtree(partial)
     group = zarr.open_group(str(partial), mode="w", zarr_format=2)
@@ -618,10 +725,12 @@ def create_ome_zarr(path: str | os.PathLike, shape: Sequence[int], *, axes: Sequ
                                    fmt=FormatV04(), axes=out_axes, name=name or final.name.split(".")[0])
     except ValueError as exc:
         shutil.rmtree(partial, ignore_errors=True)
+        lock.release()
         raise InputError(f"cannot write axes ({names}) as OME-Zarr NGFF {NGFF_WRITE_VERSION}: {exc}") from None
+    group.attrs[_WRITER_KEY] = {"written_by": f"napari-coordgate {__version__}"}
     array = group.create_array(
         "0", shape=tuple(shape[i] for i in order), chunks=tuple(chunks[i] for i in order), dtype="float32",
         fill_value=float("nan"), chunk_key_encoding={"name": "v2", "separator": "/"},
         config={"write_empty_chunks": True},
     )
-    return OmeZarrWriter(final, partial, shape, order, array)
+    return OmeZarrWriter(final, partial, shape, order, array, lock)

@@ -68,6 +68,9 @@ class Run:
     count: int = 0
     stop_reason: str = "budget"
     history: list[Update] = field(default_factory=list)
+    model_written: bool = False  # this run wrote out_path (a resumed run with no budget left has not, yet)
+    checkpoint_written: bool = False
+    at_epoch_end: bool = True  # no step since the last epoch ended: a checkpoint now resumes exactly
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t0
@@ -112,6 +115,7 @@ class Run:
             net = build_model(self.model_cfg)
             net.load_state_dict(self.best_state)
             save_model(self.out_path, self.saved(net))
+            self.model_written = True
 
     def saved(self, net) -> SavedModel:
         """``net`` with everything needed to apply it: config, field, normalisation, PSF model, provenance."""

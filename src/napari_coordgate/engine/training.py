@@ -118,6 +118,7 @@ def _train_epoch(run: Run, model, plateau, rng, should_stop, use_amp: bool) -> b
         run.running += _step(model, run.opt, batch, run.device, cfg, run.data.field_shape, use_amp)
         run.step += 1
         run.count += 1
+        run.at_epoch_end = False
         if run.step % 10 == 0 or run.step == 1:  # the first step shows at once that training runs
             run.emit("step", run.running / run.count)
     return True
@@ -155,6 +156,7 @@ def _input_psnr(data: TrainingData, val_range: float) -> float:
 def _end_epoch(run: Run, model, plateau, use_amp: bool) -> float:
     """Count the epoch, validate, step the plateau schedule and keep the best model; returns the validation PSNR."""
     run.epoch += 1
+    run.at_epoch_end = True
     val = _validate(run, model, use_amp)
     if plateau is not None:
         plateau.step(val)
@@ -167,6 +169,8 @@ def _finish(run: Run, model, use_amp: bool) -> TrainResult:
     if run.best_psnr is None:  # stopped before the first validation: score what we have so the result is usable
         run.best_psnr = _validate(run, model, use_amp)
         run.best_state = {k: v.clone() for k, v in model.state_dict().items()}
+        run.save_best()
+    elif not run.model_written:  # resumed with no budget left (or into a new output): still leave the model
         run.save_best()
     model.load_state_dict(run.best_state)
     model.eval()
@@ -244,9 +248,18 @@ def train(
             run.stop_reason = "stopped"
             break
         val = _end_epoch(run, model, plateau, use_amp)
-        write_checkpoint(checkpoint_path, run, model, plateau, rng, fingerprint)
+        _checkpoint(checkpoint_path, run, model, plateau, rng, fingerprint)
         run.emit("epoch", run.mean_loss(), val)
         if train_cfg.patience and run.since_best >= train_cfg.patience:
             run.stop_reason = "early_stop"
             break
+    if not run.checkpoint_written and run.at_epoch_end and run.epoch > 0:
+        # a resumed run with no budget left: its state is the checkpoint's, which the new path must hold too
+        _checkpoint(checkpoint_path, run, model, plateau, rng, fingerprint)
     return _finish(run, model, use_amp)
+
+
+def _checkpoint(path, run: Run, model, plateau, rng, fingerprint) -> None:
+    if path is not None:
+        write_checkpoint(path, run, model, plateau, rng, fingerprint)
+        run.checkpoint_written = True

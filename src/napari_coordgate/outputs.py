@@ -1,0 +1,81 @@
+"""Where a command may write: one rule for every output of every command, the CLI's and the dock's.
+
+An output never overlaps an input: it is not the input (after resolving links, also through a hard link), not a
+folder that holds an input (``apply raw.zarr/data -o raw.zarr`` would delete ``data``), and not a path inside an
+input (``-o img.ome.zarr/0``). Two outputs of one command never name the same file either. No torch, no Qt.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Mapping
+
+__all__ = ["OutputError", "real_path", "check_outputs"]
+
+
+class OutputError(ValueError):
+    """An output that would overwrite or delete an input (or another output); the message says which."""
+
+
+def real_path(path: str | os.PathLike) -> Path:
+    """``path`` absolute, with every link resolved (a path that does not exist yet: its existing part)."""
+    return Path(os.path.realpath(os.path.abspath(os.fspath(path))))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def _relation(out: Path, inp: Path) -> str | None:
+    """How ``out`` would harm ``inp``: 'is', 'holds', 'inside' or None."""
+    if out == inp or _same_file(out, inp):
+        return "is"
+    if out in inp.parents:
+        return "holds"
+    if inp in out.parents:
+        return "inside"
+    return None
+
+
+_WORDS = {
+    "is": "is the input {inp}",
+    "holds": "holds the input {inp} (writing it would delete or replace the input)",
+    "inside": "lies inside the input {inp}",
+}
+
+
+def check_outputs(outputs: Mapping[str, str | os.PathLike] | Iterable[str | os.PathLike],
+                  inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Refuse outputs that overlap an input or each other, before anything is read or written.
+
+    Parameters
+    ----------
+    outputs
+        The paths a command will write, or a mapping {path: what it is} for the message ("report", "model").
+        Include every path a writer touches, such as the ``.partial`` store an OME-Zarr output is built in.
+    inputs
+        The paths it reads (``None`` entries and paths that do not exist are skipped).
+
+    Raises
+    ------
+    OutputError
+        One line naming the output and the input (or the other output) it overlaps.
+    """
+    named = dict(outputs) if isinstance(outputs, Mapping) else {p: "output" for p in outputs}
+    # only what exists can be harmed (a missing input fails with its own message when it is read)
+    ins = [(p, real_path(p)) for p in inputs if p is not None and str(p) != "" and os.path.lexists(p)]
+    seen: dict[Path, str] = {}
+    for out, what in named.items():
+        real = real_path(out)
+        for given, inp in ins:
+            rel = _relation(real, inp)
+            if rel is not None:
+                raise OutputError(f"refusing to write the {what} {out}: it {_WORDS[rel].format(inp=given)}; "
+                                  "choose another output")
+        if real in seen:
+            raise OutputError(f"the {what} {out} and the {seen[real]} are the same file; give each its own path")
+        seen[real] = f"{what} {out}"

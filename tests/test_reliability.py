@@ -1,0 +1,280 @@
+"""Never lose a user's data: no output replaces an input, nothing looks complete before it is, every run leaves
+what it announces, and a signal leaves no half-written file behind (issue 20)."""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_coordgate.cli import main
+from napari_coordgate.outputs import OutputError, check_outputs
+
+zarr = pytest.importorskip("zarr")
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    """An untrained depth-1 CoordGate model of a 64 x 64 field, saved (outputs are deterministic)."""
+    from napari_coordgate.config import ModelConfig
+    from napari_coordgate.modelio import SavedModel, save_model
+    from napari_coordgate.nn import build_model
+
+    cfg = ModelConfig(depth=1, channels=2)
+    return save_model(tmp_path / "m.cgmodel", SavedModel(build_model(cfg), cfg, (64, 64)))
+
+
+@pytest.fixture
+def image_tif(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "img.tif"
+    tifffile.imwrite(path, (rng.random((64, 64)) * 1000 + 100).astype(np.float32))
+    return path
+
+
+def _tree(path: Path) -> dict:
+    """Every file under ``path`` with its bytes: what 'left untouched' means."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _plain_zarr(path: Path, data: np.ndarray) -> Path:
+    z = zarr.open_array(str(path), mode="w", shape=data.shape, dtype=data.dtype, zarr_format=2)
+    z[...] = data
+    return path
+
+
+# -- outputs never overlap inputs -----------------------------------------------------------------------
+def test_check_outputs_refuses_the_input_its_parent_its_inside_a_link_and_a_twin(tmp_path):
+    inp = tmp_path / "raw.zarr" / "data"
+    inp.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(inp)
+    for out, word in ((inp, "is the input"), (tmp_path / "raw.zarr", "holds the input"),
+                      (inp / "0", "lies inside the input"), (tmp_path / "link", "is the input")):
+        with pytest.raises(OutputError, match=word):
+            check_outputs([out], [inp])
+    with pytest.raises(OutputError, match="are the same file"):
+        check_outputs({tmp_path / "r.json": "JSON report", f"{tmp_path}/./r.json": "figure"}, [])
+    check_outputs([tmp_path / "raw.zarr.out"], [inp, None, tmp_path / "missing.tif"])  # neighbours are fine
+
+
+def test_apply_into_the_parent_store_of_its_input_is_refused_and_the_input_survives(tmp_path, capsys, model_file):
+    data = np.random.default_rng(1).random((2, 64, 64)).astype(np.float32)
+    _plain_zarr(tmp_path / "raw.zarr" / "data", data)
+    before = _tree(tmp_path / "raw.zarr")
+
+    code, _, err = _run(capsys, "apply", "-m", model_file, tmp_path / "raw.zarr" / "data", "-o",
+                        tmp_path / "raw.zarr", "--device", "cpu")
+
+    assert code == 1 and "holds the input" in err and err.count("\n") == 1
+    assert _tree(tmp_path / "raw.zarr") == before
+
+
+def test_apply_into_a_level_of_its_input_image_is_refused(tmp_path, capsys, model_file, image_tif):
+    code, _, _ = _run(capsys, "apply", "-m", model_file, image_tif, "-o", tmp_path / "img.ome.zarr", "--device", "cpu")
+    assert code == 0
+    before = _tree(tmp_path / "img.ome.zarr")
+
+    code, _, err = _run(capsys, "apply", "-m", model_file, tmp_path / "img.ome.zarr", "-o",
+                        tmp_path / "img.ome.zarr" / "0", "--device", "cpu")
+
+    assert code == 1 and "lies inside the input" in err
+    assert _tree(tmp_path / "img.ome.zarr") == before
+
+
+def test_apply_over_its_input_through_a_link_or_over_its_model_is_refused(tmp_path, capsys, model_file, image_tif):
+    (tmp_path / "alias.tif").symlink_to(image_tif)
+    before = image_tif.read_bytes()
+    for out in (tmp_path / "alias.tif", model_file):
+        code, _, err = _run(capsys, "apply", "-m", model_file, image_tif, "-o", out, "--device", "cpu")
+        assert code == 1 and "is the input" in err
+    assert image_tif.read_bytes() == before and model_file.stat().st_size > 0
+
+
+def test_a_zarr_store_another_program_wrote_is_replaced_only_with_overwrite(tmp_path, capsys, model_file, image_tif):
+    foreign = _plain_zarr(tmp_path / "theirs.zarr", np.ones((4, 4), np.float32))
+    before = _tree(foreign)
+
+    code, _, err = _run(capsys, "apply", "-m", model_file, image_tif, "-o", foreign, "--device", "cpu")
+    assert code == 1 and "did not write" in err and "--overwrite" in err
+    assert _tree(foreign) == before
+
+    code, _, err = _run(capsys, "apply", "-m", model_file, image_tif, "-o", foreign, "--device", "cpu", "--overwrite")
+    assert code == 0, err
+    assert zarr.open_group(str(foreign), mode="r")["0"].shape == (64, 64)
+    # a store this tool wrote is replaced by the next run without asking
+    code, _, err = _run(capsys, "apply", "-m", model_file, image_tif, "-o", foreign, "--device", "cpu")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("flag", ["--json", "--png"])
+def test_calibrate_never_writes_a_report_over_its_bead_image(tmp_path, capsys, image_tif, flag):
+    before = image_tif.read_bytes()
+    code, _, err = _run(capsys, "calibrate", image_tif, "-o", tmp_path / "s.cgpsf", flag, image_tif)
+    assert code == 1 and "is the input" in err
+    assert image_tif.read_bytes() == before and not (tmp_path / "s.cgpsf").exists()
+
+
+@pytest.mark.parametrize("flag", ["--json", "--png"])
+def test_evaluate_never_writes_a_report_over_its_images(tmp_path, capsys, model_file, image_tif, flag):
+    before = image_tif.read_bytes()
+    code, _, err = _run(capsys, "evaluate", "-m", model_file, "--sharp", image_tif, "--blurred", image_tif,
+                        flag, image_tif, "--device", "cpu")
+    assert code == 1 and "is the input" in err
+    assert image_tif.read_bytes() == before
+
+
+@pytest.mark.parametrize("command", ["calibrate", "export"])
+def test_an_output_that_names_a_folder_is_refused_instead_of_written_beside_it(tmp_path, capsys, model_file,
+                                                                               image_tif, command):
+    (tmp_path / "DIR").mkdir()
+    argv = [command, image_tif] if command == "calibrate" else [command, "-m", model_file]
+    code, _, err = _run(capsys, *argv, "-o", f"{tmp_path / 'DIR'}/")
+    assert code == 1 and "is a folder; give a file name" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["DIR", "img.tif", "m.cgmodel"])
+
+
+def test_an_empty_dask_address_is_refused(tmp_path, capsys, model_file, image_tif):
+    code, _, err = _run(capsys, "apply", "-m", model_file, image_tif, "-o", tmp_path / "o.zarr", "--dask", "")
+    assert code == 1 and "--dask needs" in err
+
+
+# -- reports are atomic ---------------------------------------------------------------------------------
+def test_a_full_disk_while_writing_a_report_keeps_the_old_report_and_no_temporary_file(tmp_path, capsys,
+                                                                                       model_file, image_tif,
+                                                                                       monkeypatch):
+    report = tmp_path / "r.json"
+    report.write_text('{"old": true}')
+    real = Path.write_bytes
+
+    def half_then_enospc(self, data):
+        real(self, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", half_then_enospc)
+    code, _, err = _run(capsys, "evaluate", "-m", model_file, "--sharp", image_tif, "--blurred", image_tif,
+                        "--json", report, "--device", "cpu")
+
+    assert code == 1 and "No space left" in err
+    assert json.loads(report.read_text()) == {"old": True}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".r.json")]
+
+
+# -- a run leaves what it announces ---------------------------------------------------------------------
+def _train_argv(tmp_path, image_tif, out, *extra):
+    return ["train", "--sharp", image_tif, "--psf", "gaussian", "-o", out, "--depth", 1, "--channels", 2,
+            "--crop", 32, "--batch", 2, "--steps-per-epoch", 2, "--epochs", 1, "--device", "cpu", *extra]
+
+
+def test_resuming_into_a_new_output_writes_the_model_and_checkpoint_it_announces(tmp_path, capsys, image_tif):
+    code, _, err = _run(capsys, *_train_argv(tmp_path, image_tif, tmp_path / "run1"))
+    assert code == 0, err
+
+    code, out, err = _run(capsys, *_train_argv(tmp_path, image_tif, tmp_path / "run2", "--resume",
+                                               tmp_path / "run1.cgckpt"))
+
+    assert code == 0, err
+    for name in ("run2.cgmodel", "run2.cgckpt"):
+        assert (tmp_path / name).is_file() and str(tmp_path / name) in out
+    from napari_coordgate.modelio import load_checkpoint, load_model
+
+    assert load_checkpoint(tmp_path / "run2.cgckpt")["meta"]["epoch"] == 1
+    a, b = load_model(tmp_path / "run1.cgmodel").model, load_model(tmp_path / "run2.cgmodel").model
+    assert all(np.array_equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+
+def test_a_run_stopped_before_its_first_epoch_announces_no_checkpoint_and_exits_130(tmp_path, capsys, image_tif,
+                                                                                   monkeypatch):
+    from napari_coordgate import console
+
+    monkeypatch.setattr(console.StopFlag, "__call__", lambda self: True)  # Ctrl-C before the first step
+    code, out, err = _run(capsys, *_train_argv(tmp_path, image_tif, tmp_path / "run"))
+
+    assert code == 130
+    assert (tmp_path / "run.cgmodel").is_file() and not (tmp_path / "run.cgckpt").exists()
+    assert "checkpoint: " not in out + err and "no checkpoint was written" in out
+
+
+def test_an_aborted_run_says_plainly_that_no_model_was_written(tmp_path, capsys, image_tif, monkeypatch):
+    from napari_coordgate import cli
+
+    def abort(*args, **kwargs):
+        raise KeyboardInterrupt  # a second Ctrl-C inside the first step
+
+    monkeypatch.setattr(cli, "_train_with_bar", abort)
+    code, out, err = _run(capsys, *_train_argv(tmp_path, image_tif, tmp_path / "run"))
+
+    assert code == 130
+    assert "no model was written" in err and "no checkpoint was written" in err
+    assert "model: " not in out and "checkpoint: " not in out + err
+
+
+# -- signals and concurrent writers ---------------------------------------------------------------------
+_SIGTERM_MID_WRITE = """
+    import os, signal, sys
+    import numpy as np
+    from napari_coordgate import cli
+
+    def predict(saved, data, out=None, **kw):  # fills half of the output, then the scheduler sends SIGTERM
+        out[: out.shape[0] // 2] = 1.0
+        os.kill(os.getpid(), signal.SIGTERM)
+        out[out.shape[0] // 2 :] = 2.0
+        return out
+
+    cli._predict_with_bar = predict
+    sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".zarr"])
+def test_sigterm_during_apply_leaves_no_temporary_file_and_no_output(tmp_path, model_file, suffix):
+    stack = tmp_path / "in" / "stack.tif"
+    stack.parent.mkdir()
+    tifffile.imwrite(stack, np.ones((4, 64, 64), np.float32), photometric="minisblack")
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_SIGTERM_MID_WRITE), "apply", "-m",
+                           str(model_file), str(stack), "-o", str(outdir / f"res{suffix}"), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)
+
+    assert proc.returncode == 143, proc.stderr
+    assert "terminated" in proc.stderr and "Traceback" not in proc.stderr
+    left = sorted(p.name for p in outdir.iterdir())
+    # a zarr output may leave its .partial store (replaced by the next run), never a store that looks complete
+    assert left == ([] if suffix == ".tif" else ["res.zarr.partial"])
+
+
+def test_a_second_writer_of_one_zarr_output_is_refused_with_the_first_ones_name(tmp_path):
+    from napari_coordgate.zarrio import OutputBusyError, create_ome_zarr
+
+    first = create_ome_zarr(tmp_path / "o.zarr", (2, 8, 8))
+    with pytest.raises(OutputBusyError, match=f"being written by another run \\(pid {os.getpid()} on"):
+        create_ome_zarr(tmp_path / "o.zarr", (2, 8, 8))
+    assert (tmp_path / "o.zarr.partial").is_dir()  # the first writer's partial store was not touched
+    for i in range(2):
+        first.write_plane((i,), np.zeros((8, 8)))
+    assert first.complete and not (tmp_path / "o.zarr.lock").exists()
+    create_ome_zarr(tmp_path / "o.zarr", (2, 8, 8)).release()  # free again
+
+
+def test_a_writer_that_died_does_not_block_the_next_run(tmp_path):
+    script = (f"from napari_coordgate.zarrio import create_ome_zarr; import os; "
+              f"w = create_ome_zarr({str(tmp_path / 'o.zarr')!r}, (2, 8, 8)); os._exit(1)")
+    subprocess.run([sys.executable, "-c", script], check=False, timeout=120)
+    from napari_coordgate.zarrio import create_ome_zarr
+
+    writer = create_ome_zarr(tmp_path / "o.zarr", (1, 8, 8))
+    writer.write_plane((0,), np.ones((8, 8)))
+    assert writer.complete
