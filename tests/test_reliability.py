@@ -278,3 +278,76 @@ def test_a_writer_that_died_does_not_block_the_next_run(tmp_path):
     writer = create_ome_zarr(tmp_path / "o.zarr", (1, 8, 8))
     writer.write_plane((0,), np.ones((8, 8)))
     assert writer.complete
+
+
+# -- misleading runs --------------------------------------------------------------------------------------
+def test_a_psf_model_measured_on_another_field_is_refused_for_training(fake_psf):
+    from napari_coordgate.config import ModelConfig, TrainConfig
+    from napari_coordgate.data import InputError
+    from napari_coordgate.engine import SimulatedSource
+    from napari_coordgate.engine.trainingdata import TrainingData
+
+    psf = fake_psf.with_provenance({"field_shape": [128, 128]})
+    sharp = np.random.default_rng(0).random((64, 64)).astype(np.float32) + 0.1
+    with pytest.raises(InputError, match="measured on a 128 x 128 field but these images are 64 x 64"):
+        TrainingData.from_source(SimulatedSource(sharp, psf), ModelConfig(depth=1, channels=2), TrainConfig())
+    TrainingData.from_source(SimulatedSource(sharp, fake_psf.with_provenance({"field_shape": [64, 64]})),
+                             ModelConfig(depth=1, channels=2), TrainConfig())
+
+
+def test_apply_warns_of_a_pixel_size_mismatch_for_ome_zarr_input(tmp_path, capsys):
+    from napari_coordgate.config import ModelConfig
+    from napari_coordgate.modelio import SavedModel, save_model
+    from napari_coordgate.nn import build_model
+    from napari_coordgate.optics.psf import PRESETS
+    from napari_coordgate.zarrio import create_ome_zarr
+
+    cfg = ModelConfig(depth=1, channels=2)
+    psf = next(p for p in PRESETS.values() if p.model == "pupil")
+    model = save_model(tmp_path / "m.cgmodel", SavedModel(build_model(cfg), cfg, (64, 64), psf=psf))
+    axes = [{"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}]
+    writer = create_ome_zarr(tmp_path / "in.zarr", (1, 64, 64), axes=[{"name": "c", "type": "channel"}, *axes],
+                             scale=[1.0, 10 * psf.pixel_size_um, 10 * psf.pixel_size_um])
+    writer.write_plane((0,), np.ones((64, 64)))
+
+    code, _, err = _run(capsys, "apply", "-m", model, tmp_path / "in.zarr", "-o", tmp_path / "o.tif", "--device",
+                        "cpu")
+
+    assert code == 0, err
+    assert f"{10 * psf.pixel_size_um:.4g} µm pixels but the model was calibrated at {psf.pixel_size_um:.4g}" in err
+
+
+def test_calibration_warns_when_the_optics_contradict_the_beads():
+    from types import SimpleNamespace
+
+    from napari_coordgate.calibrate import _optics_warnings
+
+    beads = SimpleNamespace(accepted=np.ones(50, bool), fwhm_x=np.full(50, 2.3), fwhm_y=np.full(50, 2.3))
+    right = {"na": 1.4, "wavelength_um": 0.52, "pixel_size_um": 0.1}
+    assert _optics_warnings(right, beads, "pupil", {"grid": 2.0, "pupil": 1.9}) == []
+    wrong = _optics_warnings({**right, "pixel_size_um": 1.0}, beads, "pupil", {"grid": 2.67, "pupil": 105.0})
+    assert len(wrong) == 3
+    assert "diffraction limit" in wrong[0] and "under-sample" in wrong[1] and "39x worse" in wrong[2]
+
+
+def test_calibrate_warns_when_the_pixel_size_flag_contradicts_the_metadata(tmp_path, capsys):
+    path = tmp_path / "b.tif"
+    noise = np.random.default_rng(0).normal(100, 5, (64, 64)).astype(np.float32)
+    tifffile.imwrite(path, noise, imagej=True, resolution=(10.0, 10.0), metadata={"unit": "um", "axes": "YX"})
+
+    code, _, err = _run(capsys, "calibrate", path, "-o", tmp_path / "s.cgpsf", "--pixel-size", 1.0)
+
+    assert "--pixel-size 1 µm differs from the 0.1 µm" in err
+    assert code == 1 and "no beads found" in err  # and a noise image has no beads to calibrate
+
+
+@pytest.mark.parametrize("kind, message", [("constant", "constant"), ("noise", "no beads found")])
+def test_evaluate_beads_on_an_image_without_beads_says_so(tmp_path, capsys, model_file, kind, message):
+    rng = np.random.default_rng(0)
+    image = np.full((64, 64), 100.0, np.float32) if kind == "constant" else rng.normal(100, 5, (64, 64))
+    tifffile.imwrite(tmp_path / "b.tif", image.astype(np.float32))
+
+    code, out, err = _run(capsys, "evaluate", "-m", model_file, "--beads", tmp_path / "b.tif", "--device", "cpu")
+
+    assert code == 1 and message in err and err.count("\n") == 1
+    assert "after" not in out

@@ -17,12 +17,14 @@ __all__ = ["bead_fwhm_report", "RINGS"]
 RINGS = (("centre", 0.0, 0.5), ("middle", 0.5, 1.0), ("edge", 1.0, np.inf))
 
 
-def _beads(image: np.ndarray, field_shape, offset) -> dict:
+def _beads(image: np.ndarray, field_shape, offset, what: str) -> dict:
     from .calibration.detect import find_beads
     from .coords import field_axis
 
     table, _, _ = find_beads(np.asarray(image))
     ok = table.accepted
+    if not ok.any():  # no statistics of nothing (a table of NaN), nor of what a model made of noise
+        raise ValueError(table.nothing_found(what) or f"no usable beads in {what} ({table.counts()})")
     h, w = image.shape
     fy, fx = field_shape
     y = np.interp(table.y[ok], np.arange(h), field_axis(fy, offset[0], h))
@@ -40,12 +42,15 @@ def bead_fwhm_report(before: np.ndarray, after: np.ndarray, field_shape: Sequenc
     Returns a JSON-able dict with, per image, the bead count, median FWHM and ellipticity per ring and the
     field-wide spread of FWHM (interquartile range / median), plus the bead positions and FWHMs.
     """
+    from .optics.checks import check_image
+
     if np.shape(before) != np.shape(after) or np.ndim(before) != 2:
         raise ValueError(f"expected two 2-D images of one shape, got {np.shape(before)} and {np.shape(after)}")
+    check_image(before, "the bead image", max_ndim=2, allow_constant=False)  # NaN, Inf, a constant frame
     field_shape = tuple(np.shape(before)) if field_shape is None else tuple(field_shape)
     out = {}
     for name, image in (("before", before), ("after", after)):
-        b = _beads(image, field_shape, offset)
+        b = _beads(image, field_shape, offset, "the bead image" if name == "before" else "the deblurred bead image")
         rings = []
         for ring, lo, hi in RINGS:
             sel = (b["r"] >= lo) & (b["r"] < hi)

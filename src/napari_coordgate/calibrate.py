@@ -222,6 +222,33 @@ def _check_settings(settings: dict) -> dict | None:
             "refractive_index": float(given["immersion"]), "pixel_size_um": float(given["pixel size"])}
 
 
+def _optics_warnings(optics: dict | None, table, chosen: str, residuals: dict) -> list[str]:
+    """Optics that contradict the beads: a pixel size far off (beads much wider or narrower than the diffraction
+    limit says, or pixels far coarser than Nyquist), and a pupil model that explains held-out beads far worse than
+    the measured grid (a wrong pixel size, NA or wavelength shows there first)."""
+    out = []
+    if optics is not None and table.accepted.any():
+        na, lam, px = optics["na"], optics["wavelength_um"], optics["pixel_size_um"]
+        ok = table.accepted
+        measured = float(np.median(np.sqrt(table.fwhm_x[ok] * table.fwhm_y[ok])))
+        # the Airy FWHM 0.51 lambda / NA, as a camera pixel (about 1 px wide itself) records it
+        expected = math.hypot(0.51 * lam / na / px, 1.0)
+        optics_text = f"{px:g} µm pixels, NA {na:g}, {lam * 1000:g} nm"
+        if not 0.5 <= measured / expected <= 2.0:
+            out.append(f"the beads are {measured:.2f} px wide (median FWHM) but the diffraction limit at "
+                       f"{optics_text} is {expected:.2f} px: check the pixel size (--pixel-size, metadata) and NA")
+        nyquist = lam / (4.0 * na)
+        if px > 2.0 * nyquist:
+            out.append(f"{px:g} µm pixels under-sample this optics {px / nyquist:.1f}-fold (Nyquist: "
+                       f"{nyquist:.3g} µm): a pupil fit has little to go on; is the pixel size right?")
+    pupil, grid = residuals.get("pupil"), residuals.get("grid")
+    if chosen == "pupil" and pupil is not None and grid is not None and pupil > 3.0 * grid:
+        out.append(f"the pupil model explains the held-out beads {pupil / grid:.0f}x worse than the measured grid "
+                   f"(residual {pupil:.3g} vs {grid:.3g}): check the pixel size, NA, wavelength and immersion, or "
+                   "use the grid (--model grid or auto)")
+    return out
+
+
 class _Run:
     """One calibration, stage by stage (each method one stage of :func:`calibrate`)."""
 
@@ -263,10 +290,7 @@ class _Run:
         spots = ~np.isin(table.reason, ["hot pixel", "fit failed", "too faint"])
         self.n_spots = int(spots.sum())
         if self.n_spots == 0:
-            found = ", ".join(f"{v} {k}" for k, v in table.counts().items() if k != "accepted" and v)
-            raise CalibrationError(
-                "no beads found in the bead image" + (f" (only: {found})" if found else "")
-                + "; check that it is in focus, exposed (beads well above the noise) and the right channel")
+            raise CalibrationError(table.nothing_found())
         self.n_sat = int((table.reason == "saturated").sum())
         if self.n_sat == self.n_spots:
             raise CalibrationError(f"all {self.n_sat} beads are saturated (pixels at the camera's maximum); lower "
@@ -403,6 +427,7 @@ class _Run:
         if n < 30:
             self.warnings.append(f"only {n} beads were usable: the model is noisy; a few hundred beads over the "
                                  "field are better")
+        self.warnings.extend(_optics_warnings(self.optics, table, self.chosen, self.residuals))
         final = _with_provenance(final, self._provenance(n, source))
         self.candidates[self.chosen] = final
         self.say("done", 1.0, "calibration done")

@@ -341,16 +341,16 @@ def _roi(text):
 
 def _open_input(path: str):
     """A lazy (..., H, W) input (TIFF, OME-Zarr or plain zarr) and what its output keeps:
-    (data, NGFF axes, scale, translation, TiffImage or None)."""
-    from .tiffio import read_tiff
+    (data, NGFF axes, scale, translation, TiffImage or None, pixel size in µm or None)."""
+    from .tiffio import pixel_size_um, read_tiff
     from .zarrio import axes_from_tiff, is_zarr, read_zarr
 
     if is_zarr(path):
         z = read_zarr(path)  # read through a chunk cache: overlapping tiles decode each chunk once
-        return z.data, list(z.axes), list(z.scale), z.translation, None
+        return z.data, list(z.axes), list(z.scale), z.translation, None, z.pixel_size_um()
     img = read_tiff(path, lazy=True)  # memory-mapped where the TIFF allows
     axes, scale = axes_from_tiff(img)
-    return img.data, axes, scale, None, img
+    return img.data, axes, scale, None, img, pixel_size_um(img)
 
 
 def _apply_dask(args, cfg, roi, jobs) -> int:
@@ -366,7 +366,8 @@ def _apply_dask(args, cfg, roi, jobs) -> int:
     with connect(args.dask, workers=args.workers, threads=threads) as client:  # nothing is written before this
         saved = load_any(args.model)
         n_workers = len(client.scheduler_info()["workers"])
-        for (data, axes, scale, translation, _), p, dest in inputs:
+        for (data, axes, scale, translation, _, pixel_um), p, dest in inputs:
+            _warn_pixel_size(saved, pixel_um, p, cfg.binning)
             t0 = time.perf_counter()
             writer = create_ome_zarr(dest, data.shape, axes=axes, scale=scale, translation=translation,
                                      overwrite=args.overwrite)
@@ -383,17 +384,17 @@ def _apply_dask(args, cfg, roi, jobs) -> int:
     return 0
 
 
-def _warn_pixel_size(saved, tiff, path, binning: int) -> None:
-    """A warning when an image's pixel size (metadata) differs from the one its model's PSF model was measured at."""
+def _warn_pixel_size(saved, have: float | None, path, binning: int) -> None:
+    """A warning when an image's pixel size (metadata, µm) differs from the one its model's PSF model was measured
+    at."""
     from .optics.psf import PSFConfig
-    from .tiffio import pixel_size_um
 
     psf = saved.psf
-    if tiff is None or psf is None or psf.pixel_size_um is None:
+    if have is None or psf is None or psf.pixel_size_um is None:
         return
     if isinstance(psf, PSFConfig) and psf.model == "gaussian":  # a Gaussian config's pixel size is nominal
         return
-    have, want = pixel_size_um(tiff), psf.pixel_size_um * binning
+    want = psf.pixel_size_um * binning
     if have is not None and abs(have - want) > 0.02 * want:
         print(f"napari-coordgate: warning: {path} has {have:.4g} µm pixels but the model was calibrated at "
               f"{want:.4g} µm; its PSFs do not match this image's sampling", file=sys.stderr)
@@ -448,8 +449,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     saved = load_any(args.model)
     _set_threads(args.threads)
     for p, dest in jobs:
-        data, axes, scale, translation, tiff = _open_input(p)
-        _warn_pixel_size(saved, tiff, p, cfg.binning)
+        data, axes, scale, translation, tiff, pixel_um = _open_input(p)
+        _warn_pixel_size(saved, pixel_um, p, cfg.binning)
         t0 = time.perf_counter()
 
         def run(target, data=data, p=p):
@@ -622,6 +623,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     channels, pixel_size = _bead_images(args.beads)
     plan = _calibrate_outputs(args, channels)
+    if args.pixel_size and pixel_size and abs(args.pixel_size - pixel_size) > 0.02 * pixel_size:
+        print(f"napari-coordgate: warning: --pixel-size {args.pixel_size:g} µm differs from the {pixel_size:.4g} µm "
+              "the bead images' metadata state; using --pixel-size", file=sys.stderr)
     pixel_size = args.pixel_size or pixel_size
     for c, stack in channels.items():
         dest, png, js = plan[c]["PSF model"], plan[c]["figure"], plan[c]["JSON report"]

@@ -82,6 +82,7 @@ _NGFF_UNITS = {
     "hour", "kilosecond", "megasecond", "microsecond", "millisecond", "minute", "nanosecond", "petasecond",
     "picosecond", "second", "terasecond", "yoctosecond", "yottasecond", "zeptosecond", "zettasecond",
 }
+_UM_PER_NGFF_UNIT = {"nanometer": 1e-3, "micrometer": 1.0, "millimeter": 1e3}
 
 
 class IncompleteOutputError(RuntimeError):
@@ -312,6 +313,14 @@ class ZarrImage:
     @property
     def units(self) -> dict[str, str]:
         return {a["name"]: a["unit"] for a in self.axes if a.get("unit")}
+
+    def pixel_size_um(self) -> float | None:
+        """The x pixel size in µm that the metadata states (scale of the x axis in a length unit), or None."""
+        names = self.axis_names
+        if "x" not in names or self.version is None:  # a plain zarr's scale of 1 is no statement
+            return None
+        factor = _UM_PER_NGFF_UNIT.get(_ngff_unit(self.units.get("x")) or "")
+        return None if factor is None else float(self.scale[names.index("x")]) * factor
 
 
 def default_axes(ndim: int) -> list[dict]:

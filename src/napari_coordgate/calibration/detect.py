@@ -92,6 +92,16 @@ class BeadTable:
                 out[key] = n
         return out
 
+    def nothing_found(self, what: str = "the bead image") -> str | None:
+        """The message for a table without one spot that could be a bead (None if there is one): what was seen
+        instead and what to check."""
+        spots = ~np.isin(self.reason, ["hot pixel", "fit failed", "too faint"])
+        if spots.any():
+            return None
+        found = ", ".join(f"{v} {k}" for k, v in self.counts().items() if k != "accepted" and v)
+        return (f"no beads found in {what}" + (f" (only: {found})" if found else "")
+                + "; check that it is in focus, exposed (beads well above the noise) and the right channel")
+
     def reject(self, mask: np.ndarray, reason: str, detail: "str | np.ndarray") -> None:
         """Mark still-accepted rows in ``mask`` as rejected for ``reason`` (earlier reasons win)."""
         mask = np.asarray(mask, bool) & self.accepted

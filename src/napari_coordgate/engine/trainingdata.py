@@ -17,6 +17,7 @@ import numpy as np
 
 from ..config import ModelConfig, TrainConfig
 from ..data import (
+    InputError,
     Normalization,
     as_planes,
     check_image,
@@ -77,6 +78,17 @@ def _psf_identity(psf) -> dict:
     return {**meta, "arrays": digests}
 
 
+def _check_psf_field(psf, shape) -> None:
+    """A PSF model measured on a field (its provenance says which) describes images of that field only: smaller
+    or larger images would squeeze or stretch its variation across the field."""
+    field = (getattr(psf, "provenance", None) or {}).get("field_shape") if psf is not None else None
+    if not field or tuple(int(s) for s in field) == tuple(int(s) for s in shape):
+        return
+    raise InputError(f"the PSF model was measured on a {int(field[0])} x {int(field[1])} field but these images are "
+                     f"{int(shape[0])} x {int(shape[1])}: its PSFs would be squeezed onto them; train on whole "
+                     "frames of the calibrated camera field")
+
+
 def _crop_size(train_cfg: TrainConfig, field_shape: tuple[int, int], align: int) -> tuple[int, int]:
     """The training crop (h, w): the configured side, inside the field, on the pooling grid."""
     H, W = field_shape
@@ -122,6 +134,7 @@ class TrainingData:
             sharp, blurred = check_pairs(source.sharp, source.blurred, min_size=m)
             registered, _ = check_registration(sharp, blurred, correct=train_cfg.register)
             known = None if source.psf is None else get_psf_model(source.psf)
+            _check_psf_field(known, sharp.shape[-2:])
             return cls(sharp, blurred, registered, simulated_from=None, known_psf=known, model_cfg=model_cfg,
                        train_cfg=train_cfg)
         if isinstance(source, SimulatedSource):
@@ -129,6 +142,7 @@ class TrainingData:
 
             check_image(source.sharp, "sharp", max_ndim=3, min_size=m, allow_constant=False)
             psf = get_psf_model(source.psf)
+            _check_psf_field(psf, np.shape(source.sharp)[-2:])
             sharp, clean = synthesize_pairs(source.sharp, psf)
             return cls(as_planes(sharp), as_planes(clean), {}, simulated_from=psf, known_psf=psf,
                        model_cfg=model_cfg, train_cfg=train_cfg)
