@@ -351,3 +351,39 @@ def test_evaluate_beads_on_an_image_without_beads_says_so(tmp_path, capsys, mode
 
     assert code == 1 and message in err and err.count("\n") == 1
     assert "after" not in out
+
+
+# -- the dock's apply job ---------------------------------------------------------------------------------
+def _apply_request(model_file, **kw):
+    from napari_coordgate.jobs import ApplyRequest
+    from napari_coordgate.modelio import load_model
+
+    image = np.ones((2, 64, 64), np.float32)
+    return ApplyRequest(image=image, models=[load_model(model_file)], **kw)
+
+
+def test_the_dock_never_writes_its_output_over_the_layers_source_file(tmp_path, model_file):
+    from napari_coordgate.jobs import apply_job
+
+    source = tmp_path / "layer.npy"
+    np.save(source, np.zeros((2, 64, 64), np.float32))
+    before = source.read_bytes()
+    req = _apply_request(model_file, out_path=str(source), inputs=(str(source),))
+
+    with pytest.raises(OutputError, match="is the input"):
+        apply_job(req, report=lambda p: None, should_stop=lambda: False)
+    assert source.read_bytes() == before
+
+
+def test_the_docks_memory_mapped_output_on_a_full_disk_is_an_error_not_a_crash(tmp_path, model_file, monkeypatch):
+    from napari_coordgate.jobs import apply_job
+
+    def no_space(fd, offset, size):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    req = _apply_request(model_file, out_path=str(tmp_path / "out.npy"))
+
+    with pytest.raises(OSError, match="cannot write .*out.npy: No space left on device"):
+        apply_job(req, report=lambda p: None, should_stop=lambda: False)
+    assert list(tmp_path.iterdir()) == [model_file]

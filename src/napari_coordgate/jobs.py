@@ -8,6 +8,7 @@ read window by window), a ``report`` callable that receives :class:`~napari_coor
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -76,6 +77,7 @@ class ApplyRequest:
     predict: PredictConfig = field(default_factory=PredictConfig)  # tiling, device, precision, binning
     out_path: str | None = None  # ``.zarr`` (needs zarr) or ``.npy`` (memory-mapped); None = in memory
     roi: tuple[int, int] | None = None  # (y, x) of the image inside the training field
+    inputs: tuple[str, ...] = ()  # files the job reads (the layer's source, model files): the output never replaces one
 
 
 @dataclass
@@ -117,8 +119,18 @@ def make_output(shape: tuple[int, ...], out_path: str | None):
             return create_ome_zarr(out_path, shape)
         except ImportError as exc:
             raise RuntimeError(f"{exc}; or give a .npy path for a memory-mapped file") from None
+    from .tiffio import reserve_file
+
     path = out_path if str(out_path).endswith(".npy") else f"{out_path}.npy"
-    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    try:  # a sparse map on a full disk ends in SIGBUS, which would take the viewer down: reserve the blocks now
+        reserve_file(path)
+    except OSError as exc:
+        del out
+        os.unlink(path)
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror} (needs {4 * math.prod(shape) / 1e9:.2f} GB)"
+                      ) from None
+    return out
 
 
 def apply_job(req: ApplyRequest, *, report: Report, should_stop: ShouldStop) -> JobResult:
@@ -126,7 +138,12 @@ def apply_job(req: ApplyRequest, *, report: Report, should_stop: ShouldStop) -> 
     from napari_coordgate import engine
 
     from .bioimageio import load_any
+    from .outputs import check_outputs
 
+    if req.out_path is not None:
+        p = str(req.out_path)
+        outs = [p, f"{p}.partial"] if p.endswith(".zarr") else [p if p.endswith(".npy") else f"{p}.npy"]
+        check_outputs(outs, req.inputs)
     models = [load_any(m, "cpu") if isinstance(m, str) else m for m in req.models]
     shape = tuple(req.image.shape)
     ax = req.channel_axis

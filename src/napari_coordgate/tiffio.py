@@ -12,7 +12,7 @@ import numpy as np
 
 from .modelio import atomic_write
 
-__all__ = ["DiskFullError", "TiffImage", "read_tiff", "write_tiff", "write_tiff_streamed"]
+__all__ = ["DiskFullError", "TiffImage", "read_tiff", "write_tiff", "write_tiff_streamed", "reserve_file"]
 
 
 class DiskFullError(OSError):
@@ -175,8 +175,9 @@ def write_tiff(path: str | os.PathLike, data: np.ndarray, like: TiffImage | None
     return _atomic(Path(path), lambda tmp: tifffile.imwrite(tmp, data, **kwargs), data.nbytes)
 
 
-def _reserve(tmp: str) -> None:
-    """Allocate every block of ``tmp`` on disk now, so that writing into its memory map cannot run out of space.
+def reserve_file(tmp: str | os.PathLike) -> None:
+    """Allocate every block of the file ``tmp`` on disk now, so that writing into its memory map cannot run out of
+    space.
 
     A sparse file's holes get their blocks only when a mapped page is first written; on a full disk the kernel can
     only answer that page fault with SIGBUS, which kills the process with no message and no cleanup (the
@@ -220,7 +221,7 @@ def write_tiff_streamed(path: str | os.PathLike, shape, fill, like: TiffImage | 
     def write(tmp: str) -> None:
         mm = tifffile.memmap(tmp, shape=tuple(shape), dtype=np.float32, **kwargs)
         try:
-            _reserve(tmp)
+            reserve_file(tmp)
             fill(mm)
             mm.flush()
         finally:

@@ -113,8 +113,10 @@ class ApplyTab(QWidget):
         if not paths and self.dock.model is None:
             raise ValueError("no model: train one, or load a .cgmodel file in the Model tab")
         out = self.out_path.text().strip() or None
+        source = getattr(getattr(layer, "source", None), "path", None)  # the file the layer was opened from
         req = ApplyRequest(image=layer_array(layer), models=paths or [self.dock.model], channel_axis=axis,
-                           predict=self.predict_form.config(), out_path=out, roi=self.roi_value())
+                           predict=self.predict_form.config(), out_path=out, roi=self.roi_value(),
+                           inputs=tuple(str(p) for p in (source, *paths) if p))
         return req, layer
 
     def roi_value(self) -> tuple[int, int] | None:
