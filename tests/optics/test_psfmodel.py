@@ -257,3 +257,89 @@ def test_sv_rl_of_a_region_uses_the_psfs_of_its_place_for_any_psf_model(fake_psf
         warnings.simplefilter("error")
         out = sv_richardson_lucy(full[16:, 16:], fake_psf.binned(1), 3, offset=(16, 16), full_field=(32, 32))
     assert out.shape == (16, 16)
+
+
+# -- records and files that are no PSF model (issue 20) -------------------------------------------------------
+def _measured_record(**changes):
+    from napari_coordgate.optics.measured import MeasuredGridPSF
+
+    psfs = np.zeros((3, 3, 17, 17))
+    psfs[:, :, 8, 8] = 1.0
+    meta, arrays = MeasuredGridPSF(psfs).to_record()
+    return {**meta, **changes}, arrays
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"grid": 5000}, r"'grid' must be an integer from 1 to 64, got 5000"),
+    ({"grid": 0}, r"'grid' must be an integer from 1 to 64"),
+    ({"nodes": 10**6}, r"'nodes' must be an integer from 1 to 64"),
+    ({"psf_size": 100001}, r"'psf_size' must be an odd integer from 3 to 255"),
+    ({"grid": "many"}, r"'grid' must be an integer"),
+    ({"field_shape": [0, 0]}, r"'field_shape' must be \[height, width\]"),
+], ids=["grid-5000", "grid-0", "nodes", "psf-size", "grid-type", "field-shape"])
+def test_a_record_declaring_impossible_sizes_is_refused_before_anything_is_built(changes, match, monkeypatch):
+    from napari_coordgate.optics.measured import MeasuredGridPSF
+
+    meta, arrays = _measured_record(**changes)
+    monkeypatch.setattr(MeasuredGridPSF, "psf_grid", lambda *a, **k: pytest.fail("allocated from the record"))
+
+    with pytest.raises(ValueError, match=match) as info:
+        psf_model_from_record(meta, arrays)
+    assert "\n" not in str(info.value)
+
+
+def test_a_measured_grid_model_refuses_a_blur_grid_beyond_the_pupil_models_bound():
+    from napari_coordgate.optics.measured import MeasuredGridPSF
+
+    psfs = _measured_record()[1]["psfs"]
+    assert MeasuredGridPSF(psfs, blur_grid=64).grid == 64
+    with pytest.raises(ValueError, match="blur_grid must be from 1 to 64, got 5000"):
+        MeasuredGridPSF(psfs, blur_grid=5000)
+
+
+def _tiny_model_file(path):
+    from napari_coordgate.config import ModelConfig
+    from napari_coordgate.modelio import SavedModel, save_model
+    from napari_coordgate.nn import build_model
+
+    cfg = ModelConfig(depth=1, channels=2)
+    return save_model(path, SavedModel(build_model(cfg), cfg, (16, 16)))
+
+
+def test_a_model_file_given_as_a_psf_model_says_what_it_is_and_what_a_psf_model_is(tmp_path):
+    path = _tiny_model_file(tmp_path / "net")
+
+    with pytest.raises(ConfigError) as info:
+        get_psf_model(path)
+    message = str(info.value)
+    assert "net.cgmodel" in message and "napari-coordgate model file" in message and "not a PSF model" in message
+    assert "preset" in message and ".json" in message and ".cgpsf" in message
+    assert "codec" not in message and "\n" not in message
+
+
+def test_a_checkpoint_or_another_binary_file_given_as_a_psf_model_says_what_it_is(tmp_path):
+    from napari_coordgate import modelio
+    from napari_coordgate.modelio import save_checkpoint
+
+    ck = save_checkpoint(tmp_path / "run", weights={"w": torch.zeros(2)}, best={"w": torch.ones(2)},
+                         optimizer={"state": {}, "param_groups": []}, rng_tensors={}, state={})
+    renamed = tmp_path / "model.bin"
+    renamed.write_bytes(_tiny_model_file(tmp_path / "m").read_bytes())  # the kind is read from the file itself
+    package = tmp_path / "pack.zip"
+    package.write_bytes(b"PK\x03\x04" + b"\0" * 60)
+    image = tmp_path / "beads.tif"
+    image.write_bytes(b"II*\x00" + bytes(range(256)) * 4)
+
+    for path, what in [(ck, "napari-coordgate checkpoint file"), (renamed, "napari-coordgate model file"),
+                       (package, "zip file"), (image, "not a text file")]:
+        with pytest.raises(ConfigError, match=what) as info:
+            get_psf_model(path)
+        assert path.name in str(info.value) and ".cgpsf" in str(info.value) and "codec" not in str(info.value)
+    assert modelio.CHECKPOINT_SUFFIX == ".cgckpt"
+
+
+def test_a_psf_model_file_under_another_name_is_read_as_one(tmp_path, fake_psf):
+    path = tmp_path / "beads.psf"
+    path.write_bytes(save_psf_model(tmp_path / "beads", fake_psf).read_bytes())
+
+    np.testing.assert_array_equal(get_psf_model(path).sigmas, fake_psf.sigmas)

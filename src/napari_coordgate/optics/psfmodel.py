@@ -33,7 +33,11 @@ import numpy as np
 from napari_coordgate.config import ConfigError
 
 __all__ = ["PSFModel", "binned_psf_size", "register_psf_model", "psf_model_from_record", "psf_model_kinds",
-           "get_psf_model"]
+           "get_psf_model", "check_field_shape", "record_size_limits", "MAX_FIELD_SIDE"]
+
+#: largest side of a field (H or W) a record or a provenance may name: more than any camera, and a bound on the
+#: images that are sized from it (training specimens for a measured model)
+MAX_FIELD_SIDE = 65536
 
 # kind name -> class; filled by register_psf_model at import of each implementation (a registry of types,
 # not of state: it never changes after the implementations' modules are imported)
@@ -161,13 +165,55 @@ def psf_model_kinds() -> tuple[str, ...]:
     return tuple(_KINDS)
 
 
+def check_field_shape(shape: Any, what: str = "field_shape") -> tuple[int, int]:
+    """``shape`` as (H, W) if it is two whole numbers from 1 to :data:`MAX_FIELD_SIDE`; ``ValueError`` otherwise.
+
+    For field shapes read from records and provenance, which size what is allocated later.
+    """
+    ok = isinstance(shape, (list, tuple)) and len(shape) == 2 and all(
+        isinstance(n, (int, np.integer)) and not isinstance(n, bool) and 1 <= n <= MAX_FIELD_SIDE for n in shape)
+    if not ok:
+        raise ValueError(f"{what} must be [height, width] in pixels, each from 1 to {MAX_FIELD_SIDE}, got {shape!r}")
+    return int(shape[0]), int(shape[1])
+
+
+def record_size_limits() -> dict[str, tuple[int, int]]:
+    """Inclusive bounds of a record's ``grid`` and ``psf_size``: those of ``PSFConfig``, for every kind."""
+    from dataclasses import fields
+
+    from .psf import PSFConfig
+
+    spec = {f.name: f.metadata for f in fields(PSFConfig)}
+    return {name: (spec[name]["lo"], spec[name]["hi"]) for name in ("grid", "psf_size")}
+
+
+def _check_record_sizes(meta: dict[str, Any]) -> None:
+    """The sizes a record declares, checked before its kind builds (or a consumer allocates) anything from them:
+    a K x K grid of PSFs of side s costs K² s² numbers, so an edited ``"grid": 5000`` must not reach the blur."""
+    limits = record_size_limits()
+    sizes = {"grid": limits["grid"], "nodes": limits["grid"], "psf_size": limits["psf_size"]}
+    for key, (lo, hi) in sizes.items():
+        value = meta.get(key)
+        if value is None:
+            continue
+        whole = isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not whole or not lo <= value <= hi or (key == "psf_size" and value % 2 == 0):
+            odd = "an odd" if key == "psf_size" else "an"
+            raise ValueError(f"PSF record: {key!r} must be {odd} integer from {lo} to {hi}, got {value!r}")
+    if meta.get("field_shape") is not None:
+        check_field_shape(meta["field_shape"], "PSF record: 'field_shape'")
+
+
 def psf_model_from_record(meta: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> PSFModel:
     """The PSF model stored as ``(meta, arrays)`` (see :meth:`PSFModel.to_record`).
 
     A record without ``"kind"`` is a plain :class:`~napari_coordgate.optics.psf.PSFConfig` dict (what model
-    files of schema version 1 store).
+    files of schema version 1 store). The sizes it declares (``grid``, ``nodes``, ``psf_size``, ``field_shape``)
+    are checked against the bounds of :class:`~napari_coordgate.optics.psf.PSFConfig` first, for every kind.
     """
     _load_implementations()
+    if isinstance(meta, dict):
+        _check_record_sizes(meta)
     kind = meta.get("kind", "pupil") if isinstance(meta, dict) else None
     if kind == "psf":  # PSFConfig.to_dict() names its config kind "psf": schema-1 model files and JSON configs
         kind, meta = "pupil", {**meta, "kind": "pupil"}
@@ -199,9 +245,10 @@ def get_psf_model(spec: "PSFModel | str | os.PathLike | Mapping[str, Any]") -> P
     ------
     ConfigError
         For an unknown preset (the message lists the presets), an unreadable or invalid JSON file, invalid
-        fields, or a type that names no PSF model.
+        fields, a type that names no PSF model, or a file of another kind (a model or checkpoint file, a zip, an
+        image: the message says which, and what names a PSF model).
     ValueError
-        For a record of an unknown kind (:func:`psf_model_from_record`).
+        For a record of an unknown kind, or one declaring sizes beyond the bounds (:func:`psf_model_from_record`).
     napari_coordgate.modelio.ModelFileError
         For a ``.cgpsf`` file that is corrupt, foreign, or from a newer napari-coordgate.
     """
@@ -228,6 +275,12 @@ def _from_name_or_path(spec: "str | os.PathLike") -> PSFModel:
     suffix = path.suffix.lower()
     if suffix == PSF_SUFFIX or (suffix != ".json" and not path.exists() and with_suffix(path, PSF_SUFFIX).is_file()):
         return load_psf_model(path)
+    what = _binary_kind(path) if path.is_file() else None
+    if what == "psf":  # a PSF model file under another name
+        return load_psf_model(path)
+    if what is not None:
+        raise ConfigError(f"{path} is {what}, not a PSF model; a PSF model is a preset name ({', '.join(PRESETS)}), "
+                          f"a PSF config .json file or a {PSF_SUFFIX} PSF model file (measured from beads)")
     if suffix == ".json" or path.is_file():
         try:
             text = path.read_text(encoding="utf-8")
@@ -245,6 +298,48 @@ def _from_name_or_path(spec: "str | os.PathLike") -> PSFModel:
         f"unknown PSF preset {str(spec)!r}; valid presets: {', '.join(PRESETS)} "
         f"(or give the path of a .json PSF config or a {PSF_SUFFIX} PSF model file)"
     )
+
+
+# what a napari-coordgate safetensors file is, by the "format" in its metadata (the file formats of modelio,
+# named here without importing it: optics sits below the model files)
+_FILE_KINDS = {
+    "napari-coordgate-psf": "psf",
+    "napari-coordgate-model": "a napari-coordgate model file (a trained network)",
+    "napari-coordgate-checkpoint": "a napari-coordgate checkpoint file (a training run to resume)",
+}
+
+
+def _binary_kind(path: Path) -> str | None:
+    """What the file at ``path`` is when it is no text: ``"psf"`` for a PSF model file, else a phrase for people
+    (a model file, a checkpoint, a zip, another binary file); None for text, which may be a JSON PSF config.
+
+    Only the first bytes and a safetensors header are read, never the whole file.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+            n = int.from_bytes(head[:8], "little") if len(head) >= 9 else -1
+            if 0 < n <= 100_000_000 and head[8:9] == b"{":  # safetensors: header length, then a JSON header
+                text = head[8 : 8 + n]
+                text += fh.read(n - len(text))
+                fmt = None
+                try:
+                    fmt = json.loads(json.loads(text)["__metadata__"]["napari_coordgate"]).get("format")
+                except (ValueError, KeyError, TypeError, AttributeError):  # no napari-coordgate file
+                    pass
+                return _FILE_KINDS.get(fmt, "a safetensors file of another program")
+    except OSError:
+        return None  # reading it again below gives the error message
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip file (a bioimage.io model package?)"
+    if head[:1] == b"\x80":
+        return "a pickle / torch.save file"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # not just a character cut at the end of what was read
+            return "not a text file (an image?)"
+    return None
 
 
 def _load_implementations() -> None:
