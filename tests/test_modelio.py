@@ -1,3 +1,4 @@
+import json
 import os
 import pickle
 import struct
@@ -422,3 +423,194 @@ def test_checkpoint_round_trip_restores_weights_and_optimizer_state(tmp_path):
     assert a["param_groups"] == b["param_groups"]
     assert all(torch.equal(a["state"][i][k], b["state"][i][k]) for i in a["state"] for k in ("exp_avg", "exp_avg_sq"))
     assert torch.equal(ck["rng_tensors"]["torch"], rng)
+
+
+# -- integrity: a file changed after it was written is refused, never used (issue 20) --------------------------
+def _header(raw: bytes) -> tuple[int, dict]:
+    n = int.from_bytes(raw[:8], "little")
+    return 8 + n, json.loads(raw[8 : 8 + n])
+
+
+def _flip(path: Path, tensor: str, byte: int, bit: int) -> None:
+    """Flip one bit of one tensor's bytes in the file at ``path``, as a failing disk or a bad copy would."""
+    raw = bytearray(path.read_bytes())
+    start, header = _header(bytes(raw))
+    raw[start + header[tensor]["data_offsets"][0] + byte] ^= 1 << bit
+    path.write_bytes(bytes(raw))
+
+
+def test_a_flipped_exponent_bit_in_one_weight_is_refused_as_corrupt(saved):
+    path, _ = saved
+    _flip(path, "head.weight", 3, 6)  # float32 little-endian: byte 3 holds the sign and the exponent's top bits
+
+    with pytest.raises(ModelFileError, match=r"scope\.cgmodel is corrupt: it changed after it was written") as info:
+        load_model(path)
+    assert "\n" not in str(info.value)
+
+
+def test_an_edited_value_in_the_metadata_is_refused_as_corrupt(saved):
+    path, _ = saved
+    raw = path.read_bytes()
+    assert raw.count(b'\\"offset\\": 100.0') == 1
+    path.write_bytes(raw.replace(b'\\"offset\\": 100.0', b'\\"offset\\": 900.0'))  # still valid JSON, same length
+
+    with pytest.raises(ModelFileError, match="corrupt: it changed after it was written"):
+        load_model(path)
+
+
+def test_new_files_carry_a_checksum_and_files_without_one_still_load(saved, tmp_path):
+    from safetensors.torch import save
+
+    path, model = saved
+    start, header = _header(path.read_bytes())
+    stored = json.loads(header["__metadata__"]["napari_coordgate"])
+    assert len(stored["content_sha256"]) == 64
+    assert "content_sha256" not in modelio.decode(path, "napari-coordgate-model")[1]  # a detail of the container
+    # a file as the previous version wrote it: the same metadata without the checksum
+    del stored["content_sha256"]
+    tensors = modelio.decode(path, "napari-coordgate-model")[0]
+    old = tmp_path / "old.cgmodel"
+    old.write_bytes(save(tensors, metadata={"napari_coordgate": json.dumps(stored)}))
+    x = torch.rand(1, 1, 48, 64)
+    with torch.no_grad():
+        assert torch.equal(load_model(old).model(x), load_model(path).model(x))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_model_with_non_finite_weights_is_refused_naming_the_file_and_the_tensor(tmp_path, saved, value):
+    tensors, meta = modelio.decode(saved[0], "napari-coordgate-model")
+    tensors["head.weight"].view(-1)[0] = value
+    path = tmp_path / "diverged.cgmodel"
+    path.write_bytes(modelio.encode(tensors, meta))  # a valid checksum: the file holds what was written
+
+    with pytest.raises(ModelFileError, match=r"diverged\.cgmodel: .*'head\.weight'.* NaN or Inf") as info:
+        load_model(path)
+    assert "\n" not in str(info.value)
+
+
+def test_weights_not_matching_the_config_are_summarised_in_one_line(tmp_path, saved):
+    tensors, meta = modelio.decode(saved[0], "napari-coordgate-model")
+    del tensors["head.weight"], tensors["head.bias"]
+    tensors["extra.weight"] = torch.zeros(2)
+    first = sorted(k for k in tensors if not k.startswith("psf/"))[0]
+    tensors[first] = torch.zeros(1, 2, 3)
+    path = tmp_path / "mismatch.cgmodel"
+    path.write_bytes(modelio.encode(tensors, meta))
+
+    with pytest.raises(ModelFileError) as info:
+        load_model(path)
+    message = str(info.value)
+    assert "\n" not in message and "mismatch.cgmodel" in message
+    assert "weights do not match the stored configuration (2 missing, 1 unexpected, 1 wrong shape" in message
+    assert f"first {first!r})" in message  # the first name in sorted order, so that one can look
+
+
+def test_a_large_file_that_is_no_model_is_refused_without_reading_it(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "image.cgmodel"
+    with open(path, "wb") as fh:
+        fh.write(b"II*\x00" + b"\0" * 60)  # a TIFF given as a model
+        fh.truncate(256 << 20)  # sparse: no disk space used
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ModelFileError, match="not a readable napari-coordgate file"):
+            load_model(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
+
+
+def test_a_header_declaring_more_data_than_the_file_holds_is_refused(tmp_path):
+    hdr = json.dumps({"__metadata__": {"napari_coordgate": json.dumps({"format": "napari-coordgate-model",
+                                                                       "schema_version": 3})},
+                      "w": {"dtype": "F32", "shape": [100000, 100000], "data_offsets": [0, 40_000_000_000]}}).encode()
+    path = tmp_path / "big.cgmodel"
+    path.write_bytes(struct.pack("<Q", len(hdr)) + hdr + b"\0" * 16)
+
+    with pytest.raises(ModelFileError, match=r"big\.cgmodel .*(truncated|corrupt)"):
+        load_model(path)
+
+
+def test_psf_metadata_that_is_a_json_list_is_a_clear_error(tmp_path):
+    from safetensors.torch import save
+
+    path = tmp_path / "list.cgpsf"
+    path.write_bytes(save({"psf/a": torch.zeros(2)}, metadata={"napari_coordgate": "[1, 2]"}))
+
+    with pytest.raises(ModelFileError, match=r"list\.cgpsf: its metadata is not a JSON object") as info:
+        load_psf_model(path)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("shape", [[0, 0], [512], "big", [10**9, 10**9]])
+def test_a_psf_file_whose_provenance_has_an_impossible_field_shape_is_refused(tmp_path, fake_psf, shape):
+    path = save_psf_model(tmp_path / "beads", fake_psf, provenance={"field_shape": shape})
+
+    with pytest.raises(ModelFileError, match=r"beads\.cgpsf: .*field_shape") as info:
+        load_psf_model(path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_psf_file_whose_measured_grid_is_too_large_is_refused(tmp_path):
+    from napari_coordgate.optics.measured import MeasuredGridPSF
+
+    psfs = np.zeros((3, 3, 17, 17))
+    psfs[:, :, 8, 8] = 1.0
+    tensors, meta = modelio.decode(save_psf_model(tmp_path / "ok", MeasuredGridPSF(psfs)), "napari-coordgate-psf")
+    meta["psf"]["grid"] = 5000  # the fast blur would allocate 5000 x 5000 PSFs (53.8 GiB)
+    (tmp_path / "huge.cgpsf").write_bytes(modelio.encode(tensors, meta))
+
+    with pytest.raises(ModelFileError, match=r"huge\.cgpsf: .*grid.* 5000"):
+        load_psf_model(tmp_path / "huge.cgpsf")
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------------
+def _checkpoint(tmp_path) -> Path:
+    cfg = ModelConfig(depth=1, channels=2)
+    model = build_model(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.rand(2, 1, 16, 16)).square().mean().backward()
+    opt.step()
+    best = {k: v.clone() for k, v in model.state_dict().items()}
+    return modelio.save_checkpoint(tmp_path / "run", weights=model.state_dict(), best=best,
+                                   optimizer=opt.state_dict(), rng_tensors={"torch": torch.get_rng_state()},
+                                   state={"epoch": 3, "model": cfg.to_dict()})
+
+
+def test_a_checkpoint_changed_after_it_was_written_is_refused(tmp_path):
+    path = _checkpoint(tmp_path)
+    _flip(path, "optim.0.exp_avg", 0, 0)
+
+    with pytest.raises(ModelFileError, match=r"run\.cgckpt is corrupt: it changed after it was written"):
+        modelio.load_checkpoint(path)
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path):
+    tensors, meta = modelio.decode(_checkpoint(tmp_path), "napari-coordgate-checkpoint")
+    tensors["best.head.weight"].view(-1)[0] = float("nan")
+    path = tmp_path / "nan.cgckpt"
+    path.write_bytes(modelio.encode(tensors, meta))
+
+    with pytest.raises(ModelFileError, match=r"nan\.cgckpt: .*'best\.head\.weight'.* NaN or Inf"):
+        modelio.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.pop("optimizer"),
+    lambda m: m.update(optimizer={"state": {}, "param_groups": 5}),
+    lambda m: m.update(optimizer={"state": {"zero": {}}, "param_groups": []}),
+    lambda m: m.update(optimizer=[1]),
+], ids=["no-optimizer", "groups-not-a-list", "bad-index", "not-an-object"])
+def test_a_checkpoint_with_an_edited_optimizer_state_is_one_clear_line(tmp_path, edit):
+    tensors, meta = modelio.decode(_checkpoint(tmp_path), "napari-coordgate-checkpoint")
+    edit(meta)
+    path = tmp_path / "edited.cgckpt"
+    path.write_bytes(modelio.encode(tensors, meta))
+
+    with pytest.raises(ModelFileError, match=r"edited\.cgckpt: .*optimi") as info:
+        modelio.load_checkpoint(path)
+    assert "\n" not in str(info.value)
+

@@ -27,11 +27,18 @@ A checkpoint (``.cgckpt``) uses the same container for weights plus optimiser st
 optimiser's non-tensor state, the epoch counter and scheduler state in the JSON. Loading goes through
 ``safetensors`` only, so a truncated, corrupt, foreign or pickle file raises :class:`ModelFileError` and no
 code from the file is ever run.
+
+Every file written since issue 20 carries ``content_sha256`` in its JSON: the SHA-256 of its tensors (names,
+dtypes, shapes and bytes, in sorted name order) and of the rest of its metadata (:func:`content_sha256`). Reading
+checks it, so a file changed after it was written (a flipped bit on a failing disk, a bad copy, an edit) is refused
+as corrupt instead of giving wrong outputs. Files without it (written before) are read as before; readers that
+predate it ignore the key, so no schema version changed. Non-finite numbers in any float tensor are refused too.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import stat
@@ -62,6 +69,8 @@ __all__ = [
     "load_checkpoint",
     "with_suffix",
     "existing_file",
+    "content_sha256",
+    "state_dict_mismatch",
 ]
 
 MODEL_SUFFIX = ".cgmodel"
@@ -81,6 +90,9 @@ CHECKPOINT_SCHEMA_VERSION = 2
 _SCHEMA_VERSIONS = {_MODEL_FORMAT: SCHEMA_VERSION, _CHECKPOINT_FORMAT: CHECKPOINT_SCHEMA_VERSION,
                     _PSF_FORMAT: PSF_SCHEMA_VERSION}
 _PSF_PREFIX = "psf/"  # tensors of a PSF model's record; network weight names never contain "/"
+#: JSON key of the checksum; a future checksum of another kind gets another key, so old readers never misjudge it
+_CHECKSUM_KEY = "content_sha256"
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit: a longer header is no safetensors file
 
 
 class ModelFileError(ValueError):
@@ -193,46 +205,106 @@ def _state_to_cpu(state: dict) -> dict:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
+def state_dict_mismatch(expected: dict, given: dict) -> str | None:
+    """One line saying how the tensors ``given`` differ from a network's ``expected`` state dict, or None.
+
+    E.g. ``"3 missing, 2 unexpected, 1 wrong shape: first 'enc.0.weight'"`` (the first name in sorted order),
+    instead of torch's one line per tensor.
+    """
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(given) if tuple(expected[k].shape) != tuple(given[k].shape))
+    if not (missing or unexpected or shapes):
+        return None
+    parts = [f"{len(names)} {what}" for names, what in ((missing, "missing"), (unexpected, "unexpected"),
+                                                        (shapes, "wrong shape")) if names]
+    return f"{', '.join(parts)}: first {min(missing + unexpected + shapes)!r}"
+
+
+def _canonical_json(meta: dict) -> str:
+    # through a JSON round trip first, so that the writer hashes exactly what a reader parses (int keys become
+    # strings, tuples lists) and both sort the same keys the same way
+    return json.dumps(json.loads(json.dumps(meta, sort_keys=True)), sort_keys=True)
+
+
+def content_sha256(tensors: dict, meta: dict) -> str:
+    """The checksum stored as ``content_sha256``: SHA-256 of the tensors and of the metadata without it.
+
+    Each tensor (sorted by name) contributes its name, dtype, shape and raw bytes; then the metadata as canonical
+    JSON (sorted keys), so that an edit of either is detected.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode("utf-8"))
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    body = {k: v for k, v in meta.items() if k != _CHECKSUM_KEY}
+    h.update(_canonical_json(body).encode("utf-8"))
+    return h.hexdigest()
+
+
 def encode(tensors: dict, meta: dict) -> bytes:
-    """Serialise tensors and a JSON-able metadata dict into safetensors bytes."""
+    """Serialise tensors and a JSON-able metadata dict into safetensors bytes, with their checksum in the JSON."""
     from safetensors.torch import save
 
-    return save(_state_to_cpu(tensors), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+    tensors = _state_to_cpu(tensors)
+    meta = {k: v for k, v in meta.items() if k != _CHECKSUM_KEY}
+    meta[_CHECKSUM_KEY] = content_sha256(tensors, meta)
+    return save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
 
 
-def decode(path: str | os.PathLike, expected_format: str) -> tuple[dict, dict]:
-    """Read a safetensors file written by :func:`encode`; return (tensors on CPU, metadata)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+def _not_readable(path, why: str) -> ModelFileError:
+    return ModelFileError(f"{path} is not a readable napari-coordgate file (corrupt or truncated?): {why}")
 
-    path = existing_file(path, _SUFFIXES.get(expected_format, MODEL_SUFFIX))
-    if path.is_dir():
-        raise ModelFileError(f"{path} is a folder, not a {_WHAT.get(_SUFFIXES.get(expected_format), 'file')}")
-    raw = path.read_bytes()
+
+def _read_header(fh, path, size: int, expected_format: str) -> dict:
+    """The header of the safetensors file open as ``fh``, checked against the file's ``size``; the data after it
+    is not read, so a large file that is no model of ours costs nothing to refuse."""
+    head = fh.read(9)
     # a safetensors file is an 8-byte little-endian header length and a JSON header; only what is not one is
     # checked for pickle / zip signatures (a header length whose low byte is 0x80 must not look like pickle)
-    n = int.from_bytes(raw[:8], "little") if len(raw) >= 9 else -1
-    safetensors_like = 0 < n <= len(raw) - 8 and raw[8:9] == b"{"
-    if not safetensors_like and (raw[:1] == b"\x80" or raw[:4] == b"PK\x03\x04"):
-        raise ModelFileError(
-            f"{path} looks like a pickle / torch.save file; napari-coordgate never unpickles files "
-            "(they can run arbitrary code). Save models with napari-coordgate instead."
-        )
+    n = int.from_bytes(head[:8], "little") if len(head) >= 9 else -1
+    if not (0 < n <= size - 8 and head[8:9] == b"{"):
+        if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+            raise ModelFileError(
+                f"{path} looks like a pickle / torch.save file; napari-coordgate never unpickles files "
+                "(they can run arbitrary code). Save models with napari-coordgate instead."
+            )
+        raise _not_readable(path, "it does not start with a safetensors header")
+    if n > _MAX_HEADER_BYTES:
+        raise _not_readable(path, f"its header would be {n} bytes long")
     try:
-        tensors = load(raw)
-        header_len = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8 : 8 + header_len])
-    except (SafetensorError, ValueError, UnicodeDecodeError, OverflowError) as exc:
-        raise ModelFileError(f"{path} is not a readable napari-coordgate file (corrupt or truncated?): {exc}") from None
-    except Exception as exc:  # safetensors raises a bare Exception subclass for some malformed headers
-        raise ModelFileError(f"{path} is not a readable napari-coordgate file: {exc}") from None
-    meta_raw = (header.get("__metadata__") or {}).get(_META_KEY)
-    if meta_raw is None:
+        header = json.loads(head[8:] + fh.read(n - 1))
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise _not_readable(path, f"its header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise _not_readable(path, "its header is not a JSON object")
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or _META_KEY not in meta:
         raise ModelFileError(f"{path} is a safetensors file but not a napari-coordgate {expected_format} file")
+    # declared sizes against the file before reading it: safetensors checks them too, but only once all is read
+    data = size - 8 - n
+    for name, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) and name != "__metadata__" else None
+        if offsets is not None and (not isinstance(offsets, list) or len(offsets) != 2
+                                    or not all(isinstance(o, int) and 0 <= o <= data for o in offsets)):
+            raise _not_readable(path, f"tensor {name!r} lies outside the file's {data} data bytes")
+    return header
+
+
+def _parse_meta(path, meta_raw, expected_format: str) -> dict:
+    if not isinstance(meta_raw, str):
+        raise ModelFileError(f"{path}: its metadata is corrupt (not a JSON string)")
     try:
         meta = json.loads(meta_raw)
     except json.JSONDecodeError as exc:
-        raise ModelFileError(f"{path}: metadata is corrupt: {exc}") from None
+        raise ModelFileError(f"{path}: its metadata is corrupt: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{path}: its metadata is not a JSON object but a {type(meta).__name__} "
+                             "(edited by hand, or written by another program)")
     if meta.get("format") != expected_format:
         raise ModelFileError(f"{path} holds a {meta.get('format')!r}, expected a {expected_format!r}")
     version = meta.get("schema_version")
@@ -244,6 +316,50 @@ def decode(path: str | os.PathLike, expected_format: str) -> tuple[dict, dict]:
         )
     if version < 1:
         raise ModelFileError(f"{path} has an invalid schema version {version!r} (edited by hand?)")
+    return meta
+
+
+def _check_contents(path, tensors: dict, meta: dict) -> None:
+    """The checksum (where the file has one) and finite floats: a damaged file is refused, never used."""
+    import torch
+
+    stored = meta.pop(_CHECKSUM_KEY, None)
+    if stored is not None and stored != content_sha256(tensors, meta):
+        raise ModelFileError(f"{path} is corrupt: it changed after it was written (its checksum does not match "
+                             "its contents); use another copy of it")
+    bad = sorted(name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ModelFileError(f"{path}: tensor(s) {', '.join(map(repr, bad[:3]))}{more} hold NaN or Inf values "
+                             "(a diverged training run, or a damaged file)")
+
+
+def decode(path: str | os.PathLike, expected_format: str) -> tuple[dict, dict]:
+    """Read a safetensors file written by :func:`encode`; return (tensors on CPU, metadata).
+
+    The header and the metadata are checked before the data are read; then the checksum (if the file has one;
+    it is not part of the returned metadata) and that every float is finite.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = existing_file(path, _SUFFIXES.get(expected_format, MODEL_SUFFIX))
+    if path.is_dir():
+        raise ModelFileError(f"{path} is a folder, not a {_WHAT.get(_SUFFIXES.get(expected_format), 'file')}")
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        header = _read_header(fh, path, size, expected_format)
+        meta = _parse_meta(path, header["__metadata__"][_META_KEY], expected_format)
+        fh.seek(0)
+        raw = fh.read()
+    try:
+        tensors = load(raw)
+    except (SafetensorError, ValueError, UnicodeDecodeError, OverflowError) as exc:
+        raise _not_readable(path, str(exc)) from None
+    except Exception as exc:  # safetensors raises a bare Exception subclass for some malformed headers
+        raise ModelFileError(f"{path} is not a readable napari-coordgate file: {exc}") from None
+    del raw
+    _check_contents(path, tensors, meta)
     return tensors, meta
 
 
@@ -265,6 +381,10 @@ def _optimizer_to_tensors(state_dict: dict) -> tuple[dict, dict]:
 
 
 def _optimizer_from_tensors(tensors: dict, meta: dict) -> dict:
+    """The optimiser state dict of :func:`_optimizer_to_tensors`' parts; KeyError, TypeError or ValueError for
+    parts that make none (whether it fits a given optimiser is the caller's check)."""
+    if not isinstance(meta, dict) or not isinstance(meta["state"], dict) or not isinstance(meta["param_groups"], list):
+        raise TypeError("'optimizer' must be an object with a 'state' object and a 'param_groups' list")
     state: dict = {}
     for idx, entry in meta["state"].items():
         state[int(idx)] = dict(entry)
@@ -273,6 +393,8 @@ def _optimizer_from_tensors(tensors: dict, meta: dict) -> dict:
             _, idx, name = key.split(".", 2)
             state.setdefault(int(idx), {})[name] = value
     groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else dict(g) for g in meta["param_groups"]]
+    if any(not isinstance(g.get("params"), list) for g in groups):
+        raise TypeError("every optimiser parameter group needs a 'params' list")
     return {"state": state, "param_groups": groups}
 
 
@@ -304,16 +426,27 @@ def save_checkpoint(path: str | os.PathLike, *, weights: dict, best: dict, optim
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read a training checkpoint (safetensors + JSON; never unpickled).
 
-    Returns ``{"tensors": ..., "meta": ..., "weights": ..., "best": ..., "optimizer": ..., "rng_tensors": ...}``:
-    the raw tensors and JSON, and the parts :func:`save_checkpoint` was given (``optimizer`` as a state dict).
+    Returns ``{"path": ..., "tensors": ..., "meta": ..., "weights": ..., "best": ..., "optimizer": ...,
+    "rng_tensors": ...}``: the file read, the raw tensors and JSON, and the parts :func:`save_checkpoint` was given
+    (``optimizer`` as a state dict). :class:`ModelFileError` for a file that is unreadable, corrupt (its checksum),
+    holds NaN or Inf, or whose optimiser state makes no state dict; whether the parts fit a network is the
+    resuming run's check (:mod:`napari_coordgate.engine.resume`).
     """
     tensors, meta = decode(path, _CHECKPOINT_FORMAT)
+    path = existing_file(path, CHECKPOINT_SUFFIX)
+    try:
+        optimizer = _optimizer_from_tensors(tensors, meta["optimizer"])
+    except KeyError as exc:
+        raise ModelFileError(f"{path}: the checkpoint's optimiser state lacks {exc} (edited by hand?)") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ModelFileError(f"{path}: the checkpoint's optimiser state is invalid ({exc}; edited by hand?)") from None
     return {
+        "path": path,
         "tensors": tensors,
         "meta": meta,
         "weights": {k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
         "best": {k[5:]: v.clone() for k, v in tensors.items() if k.startswith("best.")},
-        "optimizer": _optimizer_from_tensors(tensors, meta["optimizer"]),
+        "optimizer": optimizer,
         "rng_tensors": {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")},
     }
 
@@ -364,6 +497,20 @@ def _psf_from_file(path, meta, tensors: dict):
     if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 1:
         raise ModelFileError(f"{path}: the PSF model's grid must be a positive integer, got {grid!r}")
     return psf
+
+
+def _checked_psf_provenance(path, provenance) -> dict:
+    """A PSF model's provenance from a file, its ``field_shape`` (what the CLI sizes training images by) checked."""
+    from .optics.psfmodel import check_field_shape
+
+    if not isinstance(provenance, dict):
+        raise ModelFileError(f"{path}: provenance must be a JSON object, got {type(provenance).__name__}")
+    if provenance.get("field_shape") is not None:
+        try:
+            check_field_shape(provenance["field_shape"], "the PSF model's field_shape")
+        except ValueError as exc:
+            raise ModelFileError(f"{path}: {exc} (edited by hand?)") from None
+    return provenance
 
 
 def _provenance(extra: dict) -> dict:
@@ -427,9 +574,7 @@ def load_psf_model(path: str | os.PathLike):
         something that is no PSF model (the message says which).
     """
     tensors, meta = decode(path, _PSF_FORMAT)
-    provenance = meta.get("provenance") or {}
-    if not isinstance(provenance, dict):
-        raise ModelFileError(f"{path}: provenance must be a JSON object, got {type(provenance).__name__}")
+    provenance = _checked_psf_provenance(path, meta.get("provenance") or {})
     return _psf_from_file(path, meta.get("psf"), tensors).with_provenance(provenance)
 
 
@@ -493,7 +638,7 @@ def load_model(path: str | os.PathLike, device: str | Any = "cpu") -> SavedModel
     provenance = meta.get("provenance") or {}
     psf = None if meta.get("psf") is None else _psf_from_file(path, meta["psf"], psf_tensors)
     if psf is not None and isinstance(provenance, dict) and isinstance(provenance.get("psf"), dict):
-        psf = psf.with_provenance(provenance["psf"])
+        psf = psf.with_provenance(_checked_psf_provenance(path, provenance["psf"]))
     try:
         cfg = ModelConfig.from_dict(meta["model"])
         field_shape = tuple(int(s) for s in meta["field_shape"])
@@ -503,10 +648,14 @@ def load_model(path: str | os.PathLike, device: str | Any = "cpu") -> SavedModel
     if len(field_shape) != 2 or min(field_shape) < 1:
         raise ModelFileError(f"{path}: invalid field_shape {field_shape}")
     model = build_model(cfg)
+    mismatch = state_dict_mismatch(model.state_dict(), weights)
+    if mismatch is not None:
+        raise ModelFileError(f"{path}: weights do not match the stored configuration ({mismatch})")
     try:
         model.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        raise ModelFileError(f"{path}: weights do not match the stored configuration: {exc}") from None
+    except RuntimeError as exc:  # names and shapes fit (checked above): a dtype torch cannot copy from
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise ModelFileError(f"{path}: weights do not match the stored configuration: {first}") from None
     model.to(device).eval()
     return SavedModel(
         model=model,
