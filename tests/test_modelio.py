@@ -614,3 +614,84 @@ def test_a_checkpoint_with_an_edited_optimizer_state_is_one_clear_line(tmp_path,
         modelio.load_checkpoint(path)
     assert "\n" not in str(info.value)
 
+
+# -- resuming from an edited checkpoint: one line naming the file, before anything is trained or written ------
+_RESUME_NET = ModelConfig(depth=1, channels=2)
+
+
+def _resume_pairs():
+    from scipy.ndimage import gaussian_filter
+
+    sharp = np.random.default_rng(0).random((2, 32, 32)).astype(np.float32)
+    return sharp, gaussian_filter(sharp, (0, 1.0, 1.0))
+
+
+def _resume_recipe(epochs):
+    from napari_coordgate.config import TrainConfig
+
+    return TrainConfig(crop=16, batch=2, epochs=epochs, steps_per_epoch=2, seed=0, device="cpu", schedule="plateau")
+
+
+@pytest.fixture(scope="module")
+def run_checkpoint(tmp_path_factory) -> Path:
+    """The checkpoint of one tiny epoch of training (written once per module)."""
+    from napari_coordgate.engine import PairSource, train
+
+    path = tmp_path_factory.mktemp("resume") / "run.cgckpt"
+    train(_RESUME_NET, _resume_recipe(1), PairSource(*_resume_pairs()), checkpoint_path=path)
+    return path
+
+
+def _set_meta(key, value):
+    return lambda t, m: m.update({key: value})
+
+
+def _set_tensor(key, value):
+    return lambda t, m: t.update({key: value})
+
+
+@pytest.mark.parametrize("edit", [
+    lambda t, m: m.pop("model"),
+    lambda t, m: m.pop("normalization"),
+    _set_meta("normalization", {"offset": 0.0, "scale": -1.0}),
+    _set_meta("field_shape", "32x32"),
+    _set_meta("epoch", "three"),
+    _set_meta("step", -5),
+    _set_meta("elapsed", None),
+    _set_meta("best_val_psnr", "high"),
+    _set_meta("noise_seed", [1]),
+    _set_meta("rng", {"bit_generator": "MT19937"}),
+    _set_meta("rng", 7),
+    _set_meta("plateau", {"mode": 3}),
+    _set_meta("data", {"fingerprint": 5}),
+    lambda t, m: t.pop("model.head.weight"),
+    lambda t, m: t.pop("best.head.bias"),
+    _set_tensor("model.head.weight", torch.zeros(1, 2, 3, 3)),
+    _set_tensor("optim.0.exp_avg", torch.zeros(3)),
+    lambda t, m: m["optimizer"]["param_groups"][0].update(params=[0]),
+    _set_tensor("rng.torch", torch.zeros(5)),
+], ids=["no-model", "no-normalization", "bad-normalization", "field-shape", "epoch", "step", "elapsed",
+        "best-psnr", "noise-seed", "rng-kind", "rng-type", "plateau", "fingerprint", "missing-weight",
+        "missing-best", "weight-shape", "optimizer-shape", "optimizer-groups", "torch-rng"])
+def test_resuming_from_an_edited_checkpoint_is_one_line_naming_the_file(tmp_path, run_checkpoint, edit):
+    from napari_coordgate.engine import PairSource, train
+
+    tensors, meta = modelio.decode(run_checkpoint, "napari-coordgate-checkpoint")
+    edit(tensors, meta)
+    path = tmp_path / "edited.cgckpt"
+    path.write_bytes(modelio.encode(tensors, meta))
+    out = tmp_path / "m.cgmodel"
+
+    with pytest.raises(ModelFileError) as info:
+        train(_RESUME_NET, _resume_recipe(2), PairSource(*_resume_pairs()), resume=path, out_path=out,
+              checkpoint_path=path)
+    message = str(info.value)
+    assert "edited.cgckpt" in message and "checkpoint" in message and "\n" not in message
+    assert not out.exists() and modelio.decode(path, "napari-coordgate-checkpoint")[1] == meta  # nothing written
+
+
+def test_the_unedited_checkpoint_resumes(run_checkpoint, tmp_path):
+    from napari_coordgate.engine import PairSource, train
+
+    res = train(_RESUME_NET, _resume_recipe(2), PairSource(*_resume_pairs()), resume=run_checkpoint)
+    assert [u.epoch for u in res.history if u.kind == "epoch"] == [2]

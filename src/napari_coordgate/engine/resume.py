@@ -3,22 +3,89 @@ and data), a model to fine-tune, and the checkpoint written after every epoch.""
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
-from ..config import ModelConfig
+import numpy as np
+
+from ..config import ConfigError, ModelConfig
 from ..data import InputError, Normalization
-from ..modelio import ModelFileError, SavedModel, load_checkpoint, save_checkpoint
+from ..modelio import ModelFileError, SavedModel, load_checkpoint, save_checkpoint, state_dict_mismatch
 from .run import Run
 
 __all__ = ["checkpoint_to_resume", "check_init", "starting_normalization", "restore", "write_checkpoint"]
 
 
+def _invalid(path, what: str) -> ModelFileError:
+    return ModelFileError(f"{path}: the checkpoint's {what} (edited by hand, or damaged?); start a new run")
+
+
+def _whole(value, lo: int = 0) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= lo
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_state(path, meta: dict) -> ModelConfig:
+    """Everything a resume reads from the checkpoint's JSON, checked before any of it is used: the model config
+    (returned), field, normalisation, counters, data fingerprint and generator states. One line per problem."""
+    if "model" not in meta:
+        raise _invalid(path, "model configuration is missing")
+    try:
+        cfg = ModelConfig.from_dict(meta["model"])
+    except (ConfigError, TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise _invalid(path, f"model configuration is invalid ({exc})") from None
+    shape = meta.get("field_shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(_whole(n, 1) for n in shape)):
+        raise _invalid(path, f"field_shape {shape!r} is no [height, width]")
+    try:
+        Normalization.from_dict(meta["normalization"])
+    except KeyError:
+        raise _invalid(path, "normalisation is missing") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise _invalid(path, f"normalisation is invalid ({exc})") from None
+    for key in ("epoch", "step"):
+        if not _whole(meta.get(key)):
+            raise _invalid(path, f"{key} counter {meta.get(key)!r} is not a whole number >= 0")
+    for key in ("best_epoch", "since_best"):
+        if key in meta and not _whole(meta[key]):
+            raise _invalid(path, f"{key} counter {meta[key]!r} is not a whole number >= 0")
+    if not _number(meta.get("elapsed")) or meta["elapsed"] < 0:
+        raise _invalid(path, f"elapsed time {meta.get('elapsed')!r} is not a number of seconds")
+    if meta.get("best_val_psnr") is not None and not _number(meta["best_val_psnr"]):
+        raise _invalid(path, f"best validation PSNR {meta['best_val_psnr']!r} is not a number")
+    if meta.get("noise_seed") is not None and not _whole(meta["noise_seed"]):
+        raise _invalid(path, f"noise seed {meta['noise_seed']!r} is not a whole number >= 0")
+    data = meta.get("data")
+    if data is not None and not (isinstance(data, dict) and isinstance(data.get("fingerprint"), str)
+                                 and isinstance(data.get("description"), str)):
+        raise _invalid(path, "data fingerprint is invalid")
+    try:  # the generator a run resumes with (np.random.default_rng) is a PCG64
+        np.random.PCG64().state = meta["rng"]
+    except KeyError:
+        raise _invalid(path, "random generator state is missing") from None
+    except (TypeError, ValueError) as exc:
+        raise _invalid(path, f"random generator state is invalid ({exc})") from None
+    return cfg
+
+
 def checkpoint_to_resume(path, model_cfg: ModelConfig, field_shape: tuple[int, int], data: dict) -> dict:
-    """The checkpoint at ``path``, if it continues a run of this model on this data; a clear error otherwise."""
+    """The checkpoint at ``path``, if it continues a run of this model on this data; a clear error otherwise.
+
+    Raises
+    ------
+    ModelFileError
+        One line naming the file: unreadable, corrupt, edited into something no run can continue from, or
+        written for another model or field.
+    InputError
+        Written for other data (its fingerprint differs).
+    """
     ck = load_checkpoint(path)
     meta = ck["meta"]
-    if ModelConfig.from_dict(meta["model"]) != model_cfg:
+    if _check_state(path, meta) != model_cfg:
         raise ModelFileError(f"{path}: checkpoint was trained with a different model configuration")
     if tuple(meta["field_shape"]) != field_shape:
         raise ModelFileError(f"{path}: checkpoint field {tuple(meta['field_shape'])} != data field {field_shape}")
@@ -63,14 +130,65 @@ def starting_normalization(data, ck: dict | None, init: SavedModel | None) -> No
     return data.fit_normalization()
 
 
+def _json_kind(value) -> str:
+    return "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__
+
+
+def _check_tensors(path, ck: dict, model, run: Run, plateau) -> None:
+    """The checkpoint's tensors and schedule against this run's network, optimiser and scheduler."""
+    import torch
+
+    expected = model.state_dict()
+    for key, what in (("weights", "weights"), ("best", "best weights")):
+        mismatch = state_dict_mismatch(expected, ck[key])
+        if mismatch is not None:
+            raise _invalid(path, f"{what} do not match its model configuration ({mismatch})")
+    for name, t in ck["rng_tensors"].items():
+        if name in ("torch", "cuda") and (t.dtype != torch.uint8 or t.dim() != 1):
+            raise _invalid(path, f"{name} random generator state is invalid (a {t.dtype} tensor of shape "
+                           f"{tuple(t.shape)})")
+    state = (ck["meta"].get("plateau") or None) if plateau is not None else None
+    if state is not None:
+        # torch adds keys between versions (and loading just sets attributes): compare the kinds of shared keys only
+        fresh = plateau.state_dict()
+        if not isinstance(state, dict) or any(_json_kind(state[k]) != _json_kind(v) for k, v in fresh.items()
+                                              if k in state and v is not None):
+            raise _invalid(path, "learning-rate schedule state is invalid")
+
+
+def _load_optimizer(path, ck: dict, run: Run) -> None:
+    """The optimiser state, refused unless every state tensor has its parameter's shape (torch checks the groups
+    but not the shapes: a wrong one would only fail at the first step, with a message about broadcasting)."""
+    import torch
+
+    try:
+        run.opt.load_state_dict(ck["optimizer"])
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise _invalid(path, f"optimiser state does not fit the model ({first})") from None
+    for group in run.opt.param_groups:
+        for p in group["params"]:
+            for name, v in run.opt.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.dim() > 0 and v.shape != p.shape:
+                    raise _invalid(path, f"optimiser state {name!r} has shape {tuple(v.shape)} for a parameter "
+                                   f"of shape {tuple(p.shape)}")
+
+
 def restore(ck: dict, run: Run, model, plateau, rng) -> None:
-    """Continue from a checkpoint: weights, best weights, optimiser and schedule, counters, RNG states."""
+    """Continue from a checkpoint: weights, best weights, optimiser and schedule, counters, RNG states.
+
+    ``ck`` is :func:`checkpoint_to_resume`'s; its tensors are checked against this run's network, optimiser and
+    scheduler first (:class:`~napari_coordgate.modelio.ModelFileError`, one line naming the file), before any
+    training step.
+    """
     import torch
 
     meta = ck["meta"]
+    path = ck.get("path", "checkpoint")
+    _check_tensors(path, ck, model, run, plateau)
     model.load_state_dict(ck["weights"])
     run.best_state = ck["best"]
-    run.opt.load_state_dict(ck["optimizer"])
+    _load_optimizer(path, ck, run)
     if plateau is not None and meta.get("plateau"):
         plateau.load_state_dict(meta["plateau"])
     run.epoch, run.step, run.elapsed_before = int(meta["epoch"]), int(meta["step"]), float(meta["elapsed"])
