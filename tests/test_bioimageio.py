@@ -397,3 +397,79 @@ def test_package_config_records_the_model(packages):
     assert ours["normalization"] == NORM
     assert ModelConfig.from_dict(ours["model"]) == saved.config
     assert json.loads(json.dumps(rdf["weights"]["pytorch_state_dict"]["architecture"]["kwargs"])) == arch_kwargs(saved)
+
+
+# -- crafted packages: refused before they cost memory (issue 20) ---------------------------------------------
+OUR_RDF = """\
+type: model
+format_version: 0.5.12
+name: napari-coordgate package
+attachments:
+  - {source: model.cgmodel}
+config:
+  napari-coordgate-bioimageio: {schema_version: 1, model_file: model.cgmodel}
+"""
+
+
+def _bomb(path, member: str, size: int, rdf: str = OUR_RDF) -> None:
+    """A package whose ``member`` inflates to ``size`` zero bytes from a few kilobytes."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        if member != "rdf.yaml":
+            zf.writestr("rdf.yaml", rdf)
+        with zf.open(member, "w", force_zip64=True) as out:
+            block = bytes(1 << 20)
+            for _ in range(size >> 20):
+                out.write(block)
+
+
+@pytest.mark.parametrize("member", [MODEL_FILE, "rdf.yaml"])
+def test_a_package_member_that_inflates_far_beyond_its_size_is_refused_before_it_is_read(tmp_path, member):
+    import tracemalloc
+
+    path = tmp_path / "bomb.zip"
+    _bomb(path, member, 64 << 20)  # 64 MiB of zeros in about 64 KB; the issue's had 3 GiB in 14 MB
+    assert path.stat().st_size < 1 << 20
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(PackageError, match=rf"bomb\.zip: {member} would inflate to 64\.0 MiB") as info:
+            load_any(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20 and "\n" not in str(info.value)
+
+
+def test_a_package_member_larger_than_any_model_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from napari_coordgate import bioimageio
+
+    path = tmp_path / "big.zip"
+    with zipfile.ZipFile(path, "w") as zf:  # stored: no compression to judge by, only the size
+        zf.writestr("rdf.yaml", OUR_RDF)
+        zf.writestr(MODEL_FILE, os.urandom(3 << 20))
+    monkeypatch.setattr(bioimageio, "MAX_MEMBER_BYTES", 2 << 20)  # 2 GiB in use; 2 MiB keeps the test small
+
+    with pytest.raises(PackageError, match=rf"big\.zip: {MODEL_FILE} is 3\.0 MiB; .* at most 2\.0 MiB"):
+        load_package(path)
+
+
+def test_a_malformed_rdf_is_one_line_naming_the_file_and_the_place(tmp_path):
+    path = tmp_path / "broken.zip"
+    _zip(path, {"rdf.yaml": "type: model\nname: [unclosed\nconfig:\n  - a: b\n    c\n"})
+
+    with pytest.raises(PackageError) as info:
+        load_package(path)
+    message = str(info.value)
+    assert "\n" not in message and "broken.zip: rdf.yaml is not valid YAML" in message and "line" in message
+
+
+def test_a_network_the_architecture_file_cannot_hold_is_refused_in_one_line():
+    from napari_coordgate.bioimageio import _standalone_network
+
+    saved = _saved(VARIANTS["coordgate-d1"])
+    saved.model.extra = torch.nn.Linear(2, 2)  # two tensors the exported architecture does not have
+
+    with pytest.raises(PackageError, match=r"do not fit the exported architecture \(2 unexpected: first "
+                                           r"'extra\.bias'\)$") as info:
+        _standalone_network(saved)
+    assert "\n" not in str(info.value)

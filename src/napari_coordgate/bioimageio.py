@@ -36,6 +36,7 @@ import shutil
 import tempfile
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,15 @@ import numpy as np
 
 from . import __version__
 from .data import PLANE_SAMPLE_PIXELS
-from .modelio import MODEL_SUFFIX, ModelFileError, SavedModel, existing_file, load_model, save_model
+from .modelio import (
+    MODEL_SUFFIX,
+    ModelFileError,
+    SavedModel,
+    existing_file,
+    load_model,
+    save_model,
+    state_dict_mismatch,
+)
 
 __all__ = [
     "PACKAGE_FORMAT", "PackageError", "describe_package", "export_package", "is_package", "load_any", "load_package",
@@ -57,6 +66,14 @@ MODEL_FILE = "model" + MODEL_SUFFIX
 FORMAT_VERSION = "0.5.12"  # the bioimage.io model format written (and validated with bioimageio.spec 0.5.12)
 _RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 _TEST_SIDE = 256  # test tensors: a crop of at most this side from the field's centre
+#: largest uncompressed member a package may hold: far more than a model file of any network napari-coordgate trains
+#: (a U-Net of 64 base channels and depth 5 is about 100 MB); a member is read whole into memory
+MAX_MEMBER_BYTES = 2 << 30
+MAX_RDF_BYTES = 16 << 20  # the description: ours are a few kilobytes
+#: a model file's float weights deflate about 1.1 times; only a crafted (or zero-filled) member inflates 100 times.
+#: Members smaller than _RATIO_FLOOR are not judged by it (tiny files compress unevenly, and cost nothing)
+_MAX_RATIO = 100
+_RATIO_FLOOR = 1 << 20
 COORDGATE_DOI = "10.48550/arXiv.2401.04680"
 COORDGATE_CITATION = (
     "Howard, Norreys & Döpp, CoordGate: Efficiently Computing Spatially-Varying Convolutions in "
@@ -103,10 +120,10 @@ def _standalone_network(saved: SavedModel):
 
     net = CoordGateUNet(**arch_kwargs(saved))
     state = {k: v.detach().to("cpu") for k, v in saved.model.state_dict().items()}
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:  # a network this module does not know how to export
-        raise PackageError(f"the model's weights do not fit the exported architecture: {exc}") from None
+    mismatch = state_dict_mismatch(net.state_dict(), state)
+    if mismatch is not None:  # a network this module does not know how to export
+        raise PackageError(f"the model's weights do not fit the exported architecture ({mismatch})")
+    net.load_state_dict(state, strict=True)
     return net.eval().to(torch.float32)
 
 
@@ -652,14 +669,67 @@ def _read_rdf(path: Path) -> tuple[zipfile.ZipFile, dict]:
     import yaml
 
     try:
-        rdf = yaml.safe_load(zf.read(name).decode("utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        text = _read_member(path, zf, name, MAX_RDF_BYTES).decode("utf-8")
+        rdf = yaml.safe_load(text)
+    except UnicodeDecodeError:
         zf.close()
-        raise PackageError(f"{path}: {name} is not valid YAML: {exc}") from None
+        raise PackageError(f"{path}: {name} is not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        zf.close()
+        raise PackageError(f"{path}: {name} is not valid YAML: {_yaml_problem(exc)}") from None
+    except PackageError:
+        zf.close()
+        raise
     if not isinstance(rdf, dict):
         zf.close()
         raise PackageError(f"{path}: {name} does not hold a bioimage.io description")
     return zf, rdf
+
+
+def _yaml_problem(exc) -> str:
+    """One line for a YAML error (PyYAML's message spans several lines with a copy of the text)."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or type(exc).__name__
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(str(problem).split()) + where
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def _read_member(path: Path, zf: zipfile.ZipFile, name: str, limit: int) -> bytes:
+    """The bytes of member ``name``, once its declared size and compression are known to be sane.
+
+    The sizes are the zip directory's; reading stops at the declared size (and a member that inflates to more
+    fails its CRC check), so nothing larger than what was checked is ever held in memory.
+
+    Raises
+    ------
+    KeyError
+        No such member.
+    PackageError
+        A member larger than ``limit``, inflating beyond :data:`_MAX_RATIO`, of another compression, or unreadable.
+    """
+    info = zf.getinfo(name)
+    size, packed = info.file_size, info.compress_size
+    if size > _RATIO_FLOOR and size > _MAX_RATIO * max(packed, 1):
+        raise PackageError(
+            f"{path}: {name} would inflate to {_mib(size)} from {packed} bytes ({size // max(packed, 1)} times; model "
+            "files shrink about 1.1 times): a crafted or damaged package, not read"
+        )
+    if size > limit:
+        raise PackageError(f"{path}: {name} is {_mib(size)}; a package member may be at most {_mib(limit)} "
+                           "uncompressed (a crafted or damaged package?), not read")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        # bzip2 / lzma members inflate a whole read block at once: only what this tool writes is read
+        raise PackageError(f"{path}: {name} uses zip compression method {info.compress_type}; napari-coordgate "
+                           "packages are stored or deflated")
+    try:
+        with zf.open(info) as fh:
+            return fh.read(size)
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+        raise PackageError(f"{path}: {name} cannot be read from the zip (corrupt package?): {exc}") from None
 
 
 def _foreign(path: Path, rdf: dict) -> PackageError:
@@ -706,7 +776,7 @@ def load_package(path: str | os.PathLike, device: str | Any = "cpu") -> SavedMod
             )
         member = str(ours.get("model_file", MODEL_FILE))
         try:
-            raw = zf.read(member)
+            raw = _read_member(path, zf, member, MAX_MEMBER_BYTES)
         except KeyError:
             raise PackageError(f"{path} lacks its model file {member!r}") from None
         expected = _attachment_sha256(rdf, member)
