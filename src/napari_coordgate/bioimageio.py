@@ -695,7 +695,7 @@ def _yaml_problem(exc) -> str:
 
 
 def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
+    return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
 
 
 def _read_member(path: Path, zf: zipfile.ZipFile, name: str, limit: int) -> bytes:
