@@ -387,3 +387,16 @@ def test_the_docks_memory_mapped_output_on_a_full_disk_is_an_error_not_a_crash(t
     with pytest.raises(OSError, match="cannot write .*out.npy: No space left on device"):
         apply_job(req, report=lambda p: None, should_stop=lambda: False)
     assert list(tmp_path.iterdir()) == [model_file]
+
+
+def test_resuming_with_another_learning_rate_or_batch_says_so(tmp_path, capsys, image_tif):
+    code, _, err = _run(capsys, *_train_argv(tmp_path, image_tif, tmp_path / "run"))
+    assert code == 0, err
+
+    code, _, err = _run(capsys, *_train_argv(tmp_path, image_tif, tmp_path / "run", "--resume", tmp_path / "run",
+                                              "--epochs", 2, "--lr", 0.01, "--batch", 4, "--threads", 1))
+
+    assert code == 0, err
+    warning = next(line for line in err.splitlines() if "changed settings" in line)
+    assert warning.startswith("napari-coordgate: warning: resuming") and "batch 2 -> 4" in warning
+    assert "lr 0.003 -> 0.01" in warning and "epochs" not in warning and "threads" not in warning

@@ -246,6 +246,9 @@ def _builtin_specimens(psf, seed: int):
         raise CLIError("give sharp images (--sharp), or a PSF model measured from beads (its field shape is known); "
                        "a preset or JSON PSF model does not say how large the field is")
     h, w = int(shape[0]), int(shape[1])
+    if h * w > 2**26:  # four fields of a larger camera would not fit in memory: say so instead of trying
+        raise CLIError(f"the PSF model's field is {h} x {w}; built-in specimens go up to 64 megapixels: give sharp "
+                       "images of the field (--sharp)")
     n = int(min(32, max(4, -(-1_600_000 // (h * w)))))
     print(f"training images: {n} built-in specimen fields of {h} x {w} (bundled + procedural)")
     return specimen_fields(n, (h, w), seed=seed, sources=TRAIN_SOURCES)
@@ -796,8 +799,16 @@ def _raise_terminated(signum, frame):
     raise Terminated
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # a warning is a line for the user, not a source location; tqdm.write keeps it off a progress bar's line
+    from tqdm import tqdm
+
+    tqdm.write(f"napari-coordgate: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import signal
+    import warnings
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -805,6 +816,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         old_term = signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread (called from a test or a library): leave signals alone
         old_term = None
+    old_show, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as exc:
@@ -820,6 +832,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"napari-coordgate: {name}: {exc}", file=sys.stderr)
         return 1
     finally:
+        warnings.showwarning = old_show
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig, TrainConfig
 from ..data import InputError, Normalization
 from ..modelio import ModelFileError, SavedModel, load_checkpoint, save_checkpoint, state_dict_mismatch
 from .run import Run
@@ -72,7 +72,22 @@ def _check_state(path, meta: dict) -> ModelConfig:
     return cfg
 
 
-def checkpoint_to_resume(path, model_cfg: ModelConfig, field_shape: tuple[int, int], data: dict) -> dict:
+# what a resumed run may change without a word: how long it trains, and where and how fast it computes
+_FREE_TO_CHANGE = {"epochs", "minutes", "device", "threads"}
+
+
+def changed_settings(meta: dict, train_cfg: TrainConfig) -> list[str]:
+    """The training settings a resumed run changes from its checkpoint's (``"lr 0.001 -> 0.01"``), budget and
+    device aside: with any of them the run no longer equals one uninterrupted run."""
+    old, new = meta.get("train"), train_cfg.to_dict()
+    if not isinstance(old, dict):
+        return []
+    return [f"{k} {old[k]!r} -> {new[k]!r}" for k in sorted(new)
+            if k in old and k not in _FREE_TO_CHANGE and old[k] != new[k]]
+
+
+def checkpoint_to_resume(path, model_cfg: ModelConfig, field_shape: tuple[int, int], data: dict,
+                         train_cfg: TrainConfig | None = None) -> dict:
     """The checkpoint at ``path``, if it continues a run of this model on this data; a clear error otherwise.
 
     Raises
@@ -82,9 +97,19 @@ def checkpoint_to_resume(path, model_cfg: ModelConfig, field_shape: tuple[int, i
         written for another model or field.
     InputError
         Written for other data (its fingerprint differs).
+
+    Warns
+    -----
+    UserWarning
+        ``train_cfg`` changes settings of the checkpoint's run other than its budget and device
+        (:func:`changed_settings`): the run goes on with the new ones.
     """
     ck = load_checkpoint(path)
     meta = ck["meta"]
+    changed = [] if train_cfg is None else changed_settings(meta, train_cfg)
+    if changed:
+        warnings.warn(f"resuming {path} with changed settings ({', '.join(changed)}): the run goes on with the new "
+                      "ones, so it no longer equals one uninterrupted run", stacklevel=3)
     if _check_state(path, meta) != model_cfg:
         raise ModelFileError(f"{path}: checkpoint was trained with a different model configuration")
     if tuple(meta["field_shape"]) != field_shape:

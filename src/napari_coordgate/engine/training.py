@@ -229,7 +229,8 @@ def train(
     device = _setup_torch(train_cfg)
     rng = np.random.default_rng(train_cfg.seed)
     fingerprint = data.fingerprint() if checkpoint_path is not None or resume is not None else None
-    ck = None if resume is None else checkpoint_to_resume(resume, model_cfg, data.field_shape, fingerprint)
+    ck = None if resume is None else checkpoint_to_resume(resume, model_cfg, data.field_shape, fingerprint,
+                                                          train_cfg)
     _start_data(data, rng, ck, init)
     val_range = data.val_range()
     model = _build_network(model_cfg, data, device, init)
