@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import stat
 import zipfile
 
 import numpy as np
@@ -276,6 +277,17 @@ def test_export_from_a_model_file_ships_that_file(tmp_path):
         assert zf.read(MODEL_FILE) == model_file.read_bytes()
     assert np.array_equal(engine.predict(load_package(path), _image(), device="cpu"),
                           engine.predict(saved, _image(), device="cpu"))
+
+
+def test_an_exported_package_gets_the_mode_of_any_other_output(packages, tmp_path):
+    saved, _ = packages["coordgate-d1"]
+    old = os.umask(0o022)
+    try:
+        path = _export(saved, tmp_path / "p.zip")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # what a plain open gives, not mkstemp's 0600
+    assert [p.name for p in tmp_path.iterdir()] == ["p.zip"]
 
 
 def test_load_any_takes_model_files_and_packages(packages, tmp_path):

@@ -48,6 +48,7 @@ from .modelio import (
     MODEL_SUFFIX,
     ModelFileError,
     SavedModel,
+    atomic_write,
     existing_file,
     load_model,
     save_model,
@@ -369,8 +370,11 @@ def _zip_path(out_zip) -> Path:
     out = Path(out_zip)
     if out.suffix.lower() != ".zip":
         out = out.with_name(out.name + ".zip")
-    if not (out.parent if str(out.parent) else Path(".")).is_dir():
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
         raise PackageError(f"cannot write {out}: folder {out.parent} does not exist")
+    if not os.access(folder, os.W_OK):  # before the export's work, not after it
+        raise PackageError(f"cannot write {out}: folder {folder} is not writable")
     return out
 
 
@@ -619,18 +623,14 @@ def _write_zip(rdf: dict, d: Path, out: Path) -> None:
     import yaml
 
     text = yaml.safe_dump(rdf, sort_keys=False, allow_unicode=True, width=110)
-    folder = out.parent if str(out.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
             zf.writestr("rdf.yaml", text)
             for f in sorted(d.iterdir()):
                 zf.write(f, arcname=f.name)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(out, write)  # the mode a plain file gets (umask), not mkstemp's 0600; fsynced before the rename
 
 
 # -- import ---------------------------------------------------------------------------------------------------
