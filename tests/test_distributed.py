@@ -1,13 +1,18 @@
 """apply --dask: planes as dask.distributed tasks on a 2-worker LocalCluster (processes, 1 thread each) give the
 single-process output bit for bit; the model travels once per worker, not with every task; a worker killed
 mid-run gets its plane run again (or the run fails) and the output never holds a silently missing plane; an
-unreachable scheduler fails fast and writes nothing."""
+unreachable scheduler fails fast and writes nothing; an address where something else listens (a web server, a
+silent socket) fails within the timeout in one line; the local cluster's workers never take Ctrl-C."""
 
 import os
 import pickle
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +28,14 @@ from napari_coordgate.config import ModelConfig  # noqa: E402
 from napari_coordgate.distributed import (  # noqa: E402
     ImageSource,
     ModelPlugin,
+    SchedulerUnreachableError,
     WorkerDiedError,
     _model_bytes,
+    _start_local_cluster,
+    _worker_preloads,
     apply_distributed,
+    connect,
+    parse_dask_target,
 )
 from napari_coordgate.modelio import SavedModel, save_model  # noqa: E402
 from napari_coordgate.zarrio import create_ome_zarr, read_zarr  # noqa: E402
@@ -33,6 +43,9 @@ from napari_coordgate.zarrio import create_ome_zarr, read_zarr  # noqa: E402
 FIELD = (96, 80)
 BENCH = Path(__file__).parents[1] / "benchmarks"
 PREDICT = {"tile": 48, "device": "cpu"}
+TIMEOUT = 2.0  # connect()'s bound in these tests
+MARGIN = 1.5  # event loop start and teardown, a loaded 2-core machine
+posix_signals = pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +221,205 @@ def test_bench_scale_quick_mode_prints_its_table():
     rows = [line for line in result.stdout.splitlines() if line.startswith("|")]
     assert "MP/s" in rows[0] and len(rows) >= 4, result.stdout  # header, rule, 1 process, 2 workers
     assert "identical" in result.stdout
+
+
+def _serve_for(seconds: float, handle) -> int:
+    """A server on 127.0.0.1 (port from the OS) in a thread that stops by itself after ``seconds``; ``handle(conn)``
+    deals with each accepted connection. Returns the port."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    port = server.getsockname()[1]
+
+    def run():
+        accepted, end = [], time.monotonic() + seconds
+        with server:
+            while time.monotonic() < end:
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                accepted.append(conn)
+                handle(conn)
+            for conn in accepted:
+                conn.close()
+
+    threading.Thread(target=run, daemon=True).start()
+    return port
+
+
+def _silent(conn) -> None:
+    """Accept and never say a word (a stuck process, a proxy waiting for something else)."""
+
+
+def _http_server_for(seconds: float) -> int:
+    """Python's own HTTP server on 127.0.0.1 in a thread that stops by itself; it waits for a request line, like a
+    dashboard. Returns the port."""
+
+    class Quiet(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Quiet)
+    server.timeout = 0.1
+
+    def run():
+        end = time.monotonic() + seconds
+        with server:
+            while time.monotonic() < end:
+                server.handle_request()
+
+    threading.Thread(target=run, daemon=True).start()
+    return server.server_address[1]
+
+
+def _replies_http(conn) -> None:
+    """Answer whatever comes with an HTTP response at once, the way a web server answers a bad request."""
+    conn.settimeout(1.0)
+    try:
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    except OSError:
+        pass
+
+
+def _connect_error(address: str) -> tuple[str, float]:
+    t0 = time.perf_counter()
+    with pytest.raises(SchedulerUnreachableError) as info:
+        with connect(address, timeout=TIMEOUT):
+            pass
+    return str(info.value), time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("server", ["silent socket", "http.server", "instant HTTP reply"])
+def test_connect_to_something_that_is_not_a_scheduler_fails_within_the_timeout_in_one_line(server):
+    port = {"silent socket": lambda: _serve_for(TIMEOUT + 5, _silent),
+            "http.server": lambda: _http_server_for(TIMEOUT + 5),
+            "instant HTTP reply": lambda: _serve_for(TIMEOUT + 5, _replies_http)}[server]()
+    address = f"tcp://127.0.0.1:{port}"
+
+    message, elapsed = _connect_error(address)
+
+    assert elapsed < TIMEOUT + MARGIN
+    assert message.startswith(f"no dask scheduler answered at {address} within 2 s (something else listens there")
+    assert "\n" not in message
+
+
+def test_connect_where_nothing_listens_fails_within_the_timeout_saying_so():
+    with socket.create_server(("127.0.0.1", 0)) as s:  # a port that was free a moment ago
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+
+    message, elapsed = _connect_error(address)
+
+    assert elapsed < TIMEOUT + MARGIN
+    assert message == (f"no dask scheduler answered at {address} within 2 s (connection refused; start one with "
+                       "'dask scheduler' or check the address)")
+
+
+def test_connect_that_cannot_even_be_tried_says_why_at_once():
+    message, elapsed = _connect_error("tls://127.0.0.1:9")  # no TLS settings in the dask config
+
+    assert elapsed < 0.5 and "\n" not in message
+    assert message.startswith("cannot connect to tls://127.0.0.1:9: tls:// needs the TLS settings")
+
+
+def test_connect_to_a_dask_worker_says_it_is_not_the_scheduler(cluster):
+    address = next(iter(cluster.scheduler_info["workers"]))
+
+    message, elapsed = _connect_error(address)
+
+    assert elapsed < TIMEOUT + MARGIN
+    assert message.startswith(f"{address} is a dask worker, not a scheduler")
+
+
+def test_connect_to_a_scheduler_still_works_through_the_probe(cluster):
+    with connect(cluster.scheduler_address, timeout=TIMEOUT) as client:
+        assert len(client.scheduler_info()["workers"]) == 2
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("local", "local"), ("  local\n", "local"), ("tcp://node01:8786", "tcp://node01:8786"),
+    ("node01:8786", "node01:8786"), (" tls://10.0.0.5:8786 ", "tls://10.0.0.5:8786"),
+    ("tcp://[::1]:8786", "tcp://[::1]:8786"),
+])
+def test_parse_dask_target_accepts_local_and_scheduler_addresses(text, expected):
+    assert parse_dask_target(text) == expected
+
+
+@pytest.mark.parametrize("text, says", [
+    ("", "--dask is empty"), ("   ", "--dask is empty"), ("\t\n", "--dask is empty"),
+    ("tcp://", "missing port"), ("foo://bar", "unknown address scheme 'foo'"), ("node01", "missing port"),
+    ("tcp://node01:99999", "port from 1 to 65535"), ("tcp://:8786", "needs a host"),
+    ("tcp://node01:0", "port from 1 to 65535"),
+])
+def test_parse_dask_target_rejects_blank_and_malformed_values_in_one_line(text, says):
+    with pytest.raises(ValueError, match=says) as info:
+        parse_dask_target(text)
+    assert "\n" not in str(info.value) and "local" in str(info.value)  # says what to give instead
+
+
+@pytest.mark.parametrize("address", ["", "tcp://", "foo://bar"])
+def test_connect_with_a_malformed_address_fails_before_contacting_anything(address, monkeypatch):
+    monkeypatch.setattr("napari_coordgate.distributed._probe_scheduler", pytest.fail)
+    with pytest.raises(ValueError, match="give 'local' or a scheduler address"):
+        with connect(address, timeout=TIMEOUT):
+            pass
+
+
+def test_local_workers_preload_comes_after_the_configured_ones():
+    import dask
+
+    with dask.config.set({"distributed.worker.preload": ["site_preload"],
+                          "distributed.worker.preload-argv": ["--flag"]}):
+        assert _worker_preloads() == {"preload": ["site_preload", "napari_coordgate.distributed"],
+                                      "preload_argv": [["--flag"], []]}
+    assert _worker_preloads() == {"preload": ["napari_coordgate.distributed"], "preload_argv": [[]]}
+
+
+@posix_signals
+def test_local_workers_ignore_ctrl_c_and_an_interrupt_closes_the_cluster_without_tracebacks(capfd):
+    main_mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+    with pytest.raises(KeyboardInterrupt):
+        with connect("local", workers=1) as client:
+            cluster = client.cluster
+            dispositions = client.run(signal.getsignal, signal.SIGINT)
+            masks = client.run(signal.pthread_sigmask, signal.SIG_BLOCK, [])
+            pids = client.run(os.getpid)
+            for pid in pids.values():
+                os.kill(pid, signal.SIGINT)  # what the terminal's Ctrl-C does to every process of the group
+            survivors = client.run(os.getpid)
+            raise KeyboardInterrupt  # the client process's own Ctrl-C, in the middle of a run
+
+    assert set(dispositions.values()) == {signal.SIG_IGN}
+    assert all(signal.SIGINT in mask for mask in masks.values())  # blocked from the process's start on
+    assert survivors == pids
+    assert cluster.status.name == "closed"
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == main_mask  # the caller still takes Ctrl-C
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err and "ERROR" not in err, err
+
+
+@posix_signals
+def test_ctrl_c_while_the_local_cluster_starts_closes_it_and_passes_the_interrupt_on(monkeypatch):
+    class Starting:
+        made = []
+
+        def __init__(self, **kwargs):
+            self.sigint_blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            self.closed = False
+            Starting.made.append(self)
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the cluster comes up; only the caller can take it
+            time.sleep(0.3)
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(distributed, "LocalCluster", Starting)
+
+    with pytest.raises(KeyboardInterrupt):
+        _start_local_cluster(n_workers=1)
+        time.sleep(5)  # not reached: the interrupt arrives while the cluster starts
+
+    (made,) = Starting.made
+    assert made.sigint_blocked and made.closed

@@ -13,21 +13,28 @@ later get it from the scheduler. Each task reads its plane (through the zarr chu
 bit-identical to a single-process run with the same options, and writes the plane into the unfinished store. The
 input and the output must be on a file system that every worker sees.
 
-Failures: an unreachable scheduler fails in :func:`connect` (before anything is written); a worker that dies
+Failures: an address where no dask scheduler answers (nothing listening, a web server, a socket that never
+speaks) fails in :func:`connect` within its ``timeout`` (before anything is written); a worker that dies
 while running a plane gets the plane run again elsewhere by the scheduler (``distributed.scheduler.allowed-failures``
 times), after which the run fails; a failed run leaves the output at ``OUT.zarr.partial``, never at ``OUT.zarr``,
-and the store is only completed when every plane is recorded as written and holds a chunk for each.
+and the store is only completed when every plane is recorded as written and holds a chunk for each. The worker
+processes of a local cluster ignore Ctrl-C (SIGINT): the terminal sends it to the whole process group, and only the
+client process must act on it, by cancelling the tasks and closing the cluster.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
+import signal
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +55,13 @@ __all__ = [
     "WorkerDiedError",
     "apply_distributed",
     "connect",
+    "parse_dask_target",
 ]
 
 INSTALL_HINT = "pip install 'napari-coordgate[distributed]'"
-CONNECT_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 5.0  # the whole wait for a scheduler; the README promises a failure within 10 s
+_TARGET_HELP = "give 'local' or a scheduler address such as tcp://node01:8786"
+_NOT_SCHEDULERS = ("Worker", "Nanny")  # dask servers that answer a handshake but cannot run a client's tasks
 _TASK_PREFIX = "napari-coordgate-plane"
 
 
@@ -71,6 +81,216 @@ def _distributed():
     return distributed
 
 
+def parse_dask_target(text: str) -> str:
+    """The value of ``--dask``, checked: ``"local"`` or a scheduler address, without surrounding blanks.
+
+    Parameters
+    ----------
+    text
+        ``"local"``, or a scheduler address: ``tcp://node01:8786``, ``node01:8786`` (tcp), ``tls://...``.
+
+    Raises
+    ------
+    ValueError
+        An empty value, an unknown scheme or an address without a host or a valid port; one line that says what to
+        give instead. Nothing is contacted.
+    """
+    target = text.strip()
+    if not target:
+        raise ValueError(f"--dask is empty; {_TARGET_HELP}")
+    if target == "local":
+        return target
+    _distributed()
+    from distributed.comm.addressing import parse_address, parse_host_port
+    from distributed.comm.registry import get_backend
+
+    scheme, location = parse_address(target)
+    try:
+        get_backend(scheme)
+    except (ValueError, ImportError) as exc:
+        raise ValueError(f"--dask {target!r}: {exc}; {_TARGET_HELP}") from None
+    if scheme == "inproc":  # a scheduler in this very process (tests, notebooks): no host or port
+        return target
+    try:
+        host, port = parse_host_port(location)
+    except ValueError as exc:
+        raise ValueError(f"--dask {target!r}: {exc}; {_TARGET_HELP}") from None
+    if not host or not 0 < port < 65536:
+        raise ValueError(f"--dask {target!r}: an address needs a host and a port from 1 to 65535; {_TARGET_HELP}")
+    return target
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _run_coroutine(coro):
+    """Run ``coro`` to completion on a new event loop, also when the calling thread already runs one (notebooks)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def _probe_scheduler(address: str, timeout: float) -> None:
+    """Return once a dask scheduler at ``address`` answers an identity request; raise within ``timeout`` s otherwise.
+
+    ``distributed.Client(address, timeout=...)`` bounds the connection but not dask's handshake that follows: a
+    server that accepts and never answers (a web dashboard waiting for a request line, a stuck process) holds it
+    until that server hangs up. Here one deadline bounds the connection, the handshake and the request.
+    """
+    distributed = _distributed()
+    from distributed.comm import connect as comm_connect
+    from distributed.comm.addressing import parse_address
+    from distributed.comm.registry import get_backend
+
+    args = distributed.Security().get_connection_args("client")  # tls:// settings from the dask config
+    scheme = parse_address(address)[0]
+    try:  # offline: a comm package that is missing or broken fails here, not as "nothing answered"
+        get_backend(scheme).get_connector()
+    except Exception as exc:  # noqa: BLE001
+        raise SchedulerUnreachableError(f"cannot connect to {address}: {_first_line(exc)}") from None
+    if scheme in ("tls", "wss") and args.get("ssl_context") is None:
+        raise SchedulerUnreachableError(f"cannot connect to {address}: {scheme}:// needs the TLS settings of the dask "
+                                        "config (distributed.comm.tls)")
+
+    async def identity():
+        comm = await comm_connect(address, timeout=timeout, **args)  # retries until timeout, then dask's handshake
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    async def bounded():
+        # a little over the connect's own timeout, so that a connection nobody accepts reports as such
+        return await asyncio.wait_for(identity(), timeout + 0.25)
+
+    failed = f"no dask scheduler answered at {address} within {timeout:g} s"
+    other = "something else listens there"
+    try:
+        reply = _run_coroutine(bounded())
+    except (asyncio.TimeoutError, TimeoutError):  # connected, then silence: the handshake got no answer
+        raise SchedulerUnreachableError(f"{failed} ({other}? it accepted the connection but never answered)") \
+            from None
+    except Exception as exc:  # noqa: BLE001 - whatever a non-scheduler sends or does ends here as one line
+        if type(exc) is OSError:  # dask's connect gave up: refused, unresolvable or unanswered until the timeout
+            root = exc
+            while root.__cause__ is not None:
+                root = root.__cause__
+            why = (getattr(root, "strerror", None) or str(root) or "no answer").lower()
+            raise SchedulerUnreachableError(
+                f"{failed} ({why}; start one with 'dask scheduler' or check the address)") from None
+        how = "it closed the connection" if isinstance(exc, OSError) else "it does not speak dask's protocol"
+        raise SchedulerUnreachableError(f"{failed} ({other}: {how})") from None
+    kind = reply.get("type") if isinstance(reply, dict) else None
+    if kind is None:
+        raise SchedulerUnreachableError(f"{failed} ({other}: its answer is not dask's)")
+    if kind in _NOT_SCHEDULERS:
+        raise SchedulerUnreachableError(
+            f"{address} is a dask {kind.lower()}, not a scheduler; give the scheduler's address (it prints it when "
+            "it starts, usually on port 8786)")
+
+
+def dask_setup(worker) -> None:
+    """Preload hook, run by each local-cluster worker process as it starts: ignore Ctrl-C (SIGINT) there.
+
+    The terminal sends SIGINT to every process of the foreground group; a worker that took it would print its
+    traceback and die while the client is already cancelling the tasks and closing the cluster.
+    """
+    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _worker_preloads() -> dict:
+    """Preload arguments for local-cluster workers: the dask config's preloads, then :func:`dask_setup`'s module."""
+    import dask
+
+    preload = list(dask.config.get("distributed.worker.preload", None) or [])
+    argv = list(dask.config.get("distributed.worker.preload-argv", None) or [])
+    if argv and isinstance(argv[0], str):  # one argv for all the configured preloads
+        argv = [argv] * len(preload)
+    argv = argv or [[] for _ in preload]
+    return {"preload": [*preload, __name__], "preload_argv": [*argv, []]}
+
+
+@contextmanager
+def _quiet_distributed_logs() -> Iterator[None]:
+    """Silence dask's loggers in this process while a cluster is shut down after Ctrl-C: its workers and comms going
+    away then are the expected outcome, not an error to report."""
+    loggers = [logging.getLogger(name) for name in ("distributed", "tornado", "asyncio")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _set_sigint_blocked(blocked: bool) -> None:
+    """Block or unblock SIGINT in the calling thread (POSIX); threads it starts, and their processes, inherit it."""
+    if hasattr(signal, "pthread_sigmask"):  # elsewhere the workers' preload alone ignores Ctrl-C
+        signal.pthread_sigmask(signal.SIG_BLOCK if blocked else signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _start_local_cluster(**kwargs):
+    """A ``distributed.LocalCluster(**kwargs)``, started so that Ctrl-C reaches only this process's main thread.
+
+    The cluster is built in a helper thread started with SIGINT blocked: the cluster's event-loop thread, and the
+    worker processes that it spawns (also the ones it respawns later), inherit the blocked signal from their first
+    instruction on, before any preload runs. The calling thread stays interruptible; a Ctrl-C while the cluster
+    comes up waits for it, closes it and passes the ``KeyboardInterrupt`` on.
+    """
+    distributed = _distributed()
+    from distributed.gc import disable_gc_diagnosis
+
+    started: Future = Future()
+
+    def start() -> None:
+        try:
+            started.set_result(distributed.LocalCluster(**kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            started.set_exception(exc)
+
+    thread = threading.Thread(target=start, name="napari-coordgate-cluster-start", daemon=True)
+    if hasattr(signal, "pthread_sigmask"):
+        from multiprocessing import resource_tracker
+
+        # Started from here, not from the cluster's thread: starting it unblocks SIGINT in the starting thread.
+        resource_tracker.ensure_running()
+    was_blocked = hasattr(signal, "pthread_sigmask") and signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    _set_sigint_blocked(True)
+    try:
+        thread.start()
+        _set_sigint_blocked(was_blocked)  # a Ctrl-C that came meanwhile is raised here, with the thread running
+        cluster = started.result()
+        # The in-process scheduler hooks a Python callback into every garbage collection of this process; a Ctrl-C
+        # landing in a collection raises inside that callback, where Python prints and drops it. Its statistics
+        # are of no use here, and Ctrl-C must reach the caller.
+        disable_gc_diagnosis(force=True)
+        return cluster
+    except KeyboardInterrupt:
+        _set_sigint_blocked(was_blocked)
+        if thread.is_alive() or started.done():
+            with _quiet_distributed_logs():
+                try:
+                    started.result().close()
+                except Exception:  # noqa: BLE001 - a cluster that failed to start has nothing to close
+                    pass
+        raise
+
+
+def _close(client, cluster) -> None:
+    """Close a client (if any) and then its local cluster; closing either twice does nothing."""
+    if client is not None:
+        client.close()
+    cluster.close()
+
+
 @contextmanager
 def connect(address: str = "local", *, workers: int | None = None, threads: int = 1,
             timeout: float = CONNECT_TIMEOUT_S) -> Iterator:
@@ -80,44 +300,53 @@ def connect(address: str = "local", *, workers: int | None = None, threads: int 
     ----------
     address
         ``"local"``, or a scheduler address such as ``tcp://node01:8786`` (a cluster started with
-        ``dask scheduler`` / ``dask worker`` or by dask-jobqueue).
+        ``dask scheduler`` / ``dask worker`` or by dask-jobqueue); checked by :func:`parse_dask_target`.
     workers
         Worker processes of the local cluster (one task at a time each); default: the CPU cores divided by
-        ``threads``. Not allowed with an address: that cluster has its own workers.
+        ``threads``. Not allowed with an address: that cluster has its own workers. The local workers ignore
+        Ctrl-C; a ``KeyboardInterrupt`` in the ``with`` block closes the cluster without their tracebacks.
     threads
         torch threads per worker, used to size the local cluster.
     timeout
-        Seconds to wait for the scheduler.
+        Seconds to wait for the scheduler, in all: connecting, dask's handshake and a first request.
 
     Raises
     ------
+    ValueError
+        ``address`` is empty or malformed (nothing is contacted).
     SchedulerUnreachableError
-        Nothing answered as a dask scheduler at ``address`` within ``timeout`` seconds.
+        Nothing answered as a dask scheduler at ``address`` within ``timeout`` seconds (nothing listening, or
+        something else listening there: a web server, a socket that never answers, a dask worker).
     """
     distributed = _distributed()
+    address = parse_dask_target(address)
     if workers is not None and workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
     if address == "local":
         n = workers or max(1, (os.cpu_count() or 1) // max(threads, 1))
-        cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                           dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
+        cluster = _start_local_cluster(n_workers=n, threads_per_worker=1, processes=True,
+                                       dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR,
+                                       **_worker_preloads())
+        client = None
         try:
             client = distributed.Client(cluster)
-            try:
-                yield client
-            finally:
-                client.close()
+            yield client
+        except KeyboardInterrupt:
+            with _quiet_distributed_logs():  # workers and comms going away now are expected, not errors
+                _close(client, cluster)
+            raise
         finally:
-            cluster.close()
+            _close(client, cluster)
         return
     if workers:
         raise ValueError("--workers sizes a local cluster (--dask local); a cluster at an address has its own workers")
-    try:
-        client = distributed.Client(address, timeout=timeout)
-    except Exception as exc:  # OSError/TimeoutError mostly; anything at the address that is not a scheduler too
-        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    deadline = time.monotonic() + timeout
+    _probe_scheduler(address, timeout)
+    try:  # a scheduler answered: the client's own connection takes milliseconds, its timeout is a backstop
+        client = distributed.Client(address, timeout=max(deadline - time.monotonic(), 1.0))
+    except Exception as exc:  # noqa: BLE001 - the scheduler went away between the probe and now
         raise SchedulerUnreachableError(
-            f"cannot reach a dask scheduler at {address} within {timeout:g} s ({why}); start one with "
+            f"cannot reach a dask scheduler at {address} within {timeout:g} s ({_first_line(exc)}); start one with "
             "'dask scheduler' or check the address") from None
     try:
         yield client
