@@ -147,7 +147,7 @@ def test_an_output_that_names_a_folder_is_refused_instead_of_written_beside_it(t
 
 def test_an_empty_dask_address_is_refused(tmp_path, capsys, model_file, image_tif):
     code, _, err = _run(capsys, "apply", "-m", model_file, image_tif, "-o", tmp_path / "o.zarr", "--dask", "")
-    assert code == 1 and "--dask needs" in err
+    assert code == 1 and "--dask is empty" in err
 
 
 # -- reports are atomic ---------------------------------------------------------------------------------

@@ -442,8 +442,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from .zarrio import create_ome_zarr, is_zarr
 
     cfg, roi = _predict_cfg(args), _roi(args.roi)
-    if args.dask is not None and not args.dask.strip():
-        raise CLIError("--dask needs 'local' or a scheduler address such as tcp://node01:8786")
+    if args.dask is not None:  # '' or a malformed address: one line before anything is read or contacted
+        from .distributed import parse_dask_target
+
+        args.dask = parse_dask_target(args.dask)
     if args.workers is not None and args.dask != "local":
         raise CLIError("--workers sizes a local cluster: add --dask local (a cluster at an address has its own)")
     jobs = _apply_jobs(args)
