@@ -1,7 +1,7 @@
 """How far tiles of an exported bioimage.io package are from the whole-image output, for a trained model.
 
 Trains the default CoordGate U-Net (``--depth``, 16 channels) on the 256 x 256 sample calibration pair for
-``--minutes``, exports it with :func:`napari_coordgate.bioimageio.export_package`, and prints, in units of the
+``--minutes``, exports it with :func:`napari_coordgate.model_io.bioimageio.export_package`, and prints, in units of the
 blurred image's range, the largest difference from ``engine.predict`` on the whole image of:
 
 - the package run on the whole image (bioimageio.core when installed, else the exported network itself);
@@ -31,10 +31,10 @@ def main(argv=None) -> None:
     import torch
 
     from napari_coordgate import engine
-    from napari_coordgate._sample_data import SAMPLE_PRESET, calibration_pair
-    from napari_coordgate.bioimageio import _standalone_network, export_package
     from napari_coordgate.config import ModelConfig, TrainConfig
+    from napari_coordgate.model_io.bioimageio.package import _standalone_network, export_package
     from napari_coordgate.nn import field_coordinates
+    from napari_coordgate.samples.sample_data import SAMPLE_PRESET, calibration_pair
 
     torch.set_num_threads(1)
     (sharp, _, _), (blurred, _, _) = calibration_pair()

@@ -1,6 +1,6 @@
 """Bead calibration on slides made with known optics: how close the measured PSF model gets, and how fast.
 
-For each case a bead slide is rendered (``napari_coordgate.calibration.synthetic.bead_slide``): beads at random
+For each case a bead slide is rendered (``napari_coordgate.samples.beads.bead_slide``): beads at random
 sub-pixel positions, each bead's PSF rendered at its exact position; relative brightness 0.6-1; photons at the
 brightest bead's peak pixel as given; background 2 % of that peak with a gentle gradient; Poisson shot noise, read
 noise 2 e-, hot pixels at 1e-4 of the pixels, a camera offset of 100 e-, three saturated beads (8-15x brighter,
@@ -49,8 +49,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_coordgate.calibrate import calibrate
-from napari_coordgate.calibration.synthetic import EllipticalOptics, PupilOptics, bead_slide, psf_error
+from napari_coordgate.calibration.calibrate import calibrate
+from napari_coordgate.samples.beads import EllipticalOptics, PupilOptics, bead_slide, psf_error
 
 OPTICS = {"na": 0.8, "wavelength_um": 0.52, "immersion": 1.0, "pixel_size_um": 0.16}
 TRAIN_CASE = (300, 3000.0)  # beads, photons of the slides the training comparison calibrates
@@ -147,7 +147,7 @@ def _held_out(true_model, shape):
 
     from napari_coordgate.config import TrainConfig
     from napari_coordgate.optics.blur import synthesize_pairs
-    from napari_coordgate.specimens import specimen_fields
+    from napari_coordgate.samples.specimens import specimen_fields
 
     noise = TrainConfig()
     sharp = specimen_fields(len(TEST_SOURCES), shape, seed=TEST_SEED, sources=TEST_SOURCES)

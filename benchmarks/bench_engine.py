@@ -26,11 +26,11 @@ def _throughput(size: int, repeats: int, threads: int, device: str) -> list[tupl
 
     from napari_coordgate.config import ModelConfig
     from napari_coordgate.engine import predict
-    from napari_coordgate.modelio import SavedModel
+    from napari_coordgate.model_io import SavedModel
     from napari_coordgate.nn import build_model, count_parameters
     from napari_coordgate.optics.blur import SpatiallyVaryingBlur
     from napari_coordgate.optics.deconv import sv_richardson_lucy
-    from napari_coordgate.specimens import procedural_specimen
+    from napari_coordgate.samples.specimens import procedural_specimen
 
     torch.set_num_threads(threads)
     img = procedural_specimen((size, size), seed=0).astype(np.float32)
@@ -66,9 +66,9 @@ def _levers(size: int, repeats: int, threads: int) -> None:
     from napari_coordgate.config import ModelConfig
     from napari_coordgate.devices import bf16_is_fast
     from napari_coordgate.engine import predict
-    from napari_coordgate.modelio import SavedModel
+    from napari_coordgate.model_io import SavedModel
     from napari_coordgate.nn import build_model
-    from napari_coordgate.specimens import procedural_specimen
+    from napari_coordgate.samples.specimens import procedural_specimen
 
     torch.set_num_threads(threads)
     img = procedural_specimen((size, size), seed=0).astype(np.float32)
@@ -102,12 +102,12 @@ def _levers(size: int, repeats: int, threads: int) -> None:
 def _bf16_quality() -> None:
     """PSNR of the shipped sample model's fp32 and bf16 output on held-out procedural fields of its optics (it
     was trained on one synthetic pair: on the bundled moon image it does worse than its input)."""
-    from napari_coordgate._sample_model import sample_model_path
     from napari_coordgate.engine import predict
     from napari_coordgate.metrics import psnr
-    from napari_coordgate.modelio import load_model
+    from napari_coordgate.model_io import load_model
     from napari_coordgate.optics.blur import synthesize_pairs
-    from napari_coordgate.specimens import specimen_fields
+    from napari_coordgate.samples.sample_model import sample_model_path
+    from napari_coordgate.samples.specimens import specimen_fields
 
     saved = load_model(sample_model_path())
     sharp = specimen_fields(3, saved.field_shape, seed=123, sources=("procedural",))
@@ -134,7 +134,7 @@ def _peak_memory_child(planes: int, size: int, threads: int) -> None:
 
     from napari_coordgate.config import ModelConfig
     from napari_coordgate.engine import predict
-    from napari_coordgate.modelio import SavedModel
+    from napari_coordgate.model_io import SavedModel
     from napari_coordgate.nn import build_model
 
     torch.set_num_threads(threads)
@@ -158,9 +158,9 @@ def _profile(size: int, threads: int, device: str, gate: str) -> None:
 
     from napari_coordgate.config import ModelConfig
     from napari_coordgate.engine import plan_tiles, predict
-    from napari_coordgate.modelio import SavedModel
+    from napari_coordgate.model_io import SavedModel
     from napari_coordgate.nn import build_model
-    from napari_coordgate.specimens import procedural_specimen
+    from napari_coordgate.samples.specimens import procedural_specimen
 
     torch.set_num_threads(threads)
     img = procedural_specimen((size, size), seed=0).astype(np.float32)

@@ -85,7 +85,7 @@ def _training(dev, field: int, crop: int, batches, steps: int, warmup: int) -> N
     from scipy.ndimage import gaussian_filter
 
     from napari_coordgate.data import sample_offsets
-    from napari_coordgate.specimens import procedural_specimen
+    from napari_coordgate.samples.specimens import procedural_specimen
 
     planes = 4
     sharp = np.stack([procedural_specimen((field, field), seed=s) for s in range(planes)]).astype(np.float32)
@@ -133,8 +133,8 @@ def _inference(dev, size: int, tile: int | None, batch_list, repeats: int) -> No
     import torch
 
     from napari_coordgate.engine import plan_tiles, predict
-    from napari_coordgate.modelio import SavedModel
-    from napari_coordgate.specimens import procedural_specimen
+    from napari_coordgate.model_io import SavedModel
+    from napari_coordgate.samples.specimens import procedural_specimen
 
     base = procedural_specimen((256, 256), seed=0)
     reps = -(-size // 256)

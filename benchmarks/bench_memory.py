@@ -32,7 +32,7 @@ def _write_stack(folder: Path, planes: int, size: int) -> tuple[Path, Path]:
     """Sharp and blurred uint16 stacks as .npy files, written plane by plane (never whole in memory)."""
     from scipy.ndimage import gaussian_filter, shift
 
-    from napari_coordgate.specimens import procedural_specimen
+    from napari_coordgate.samples.specimens import procedural_specimen
 
     base = procedural_specimen((size, size), seed=0).astype(np.float32)
     paths = folder / "sharp.npy", folder / "blurred.npy"

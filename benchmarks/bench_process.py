@@ -1,6 +1,6 @@
 """What training in a separate process costs: time to the first training step, and the caller's memory.
 
-The dock trains through ``napari_coordgate.isolate.train_isolated`` (a fresh Python process, arrays passed as
+The dock trains through ``napari_coordgate.runners.isolate.train_isolated`` (a fresh Python process, arrays passed as
 memory-mapped files). This prints, for the 256 x 256 sample pair and the dock's default network:
 
 - seconds from the call to the first training step's report, in a separate process and in this process
@@ -68,9 +68,10 @@ def main(argv=None) -> None:
 
     import torch  # noqa: F401 - the viewer has torch loaded after any Apply; measure from that state
 
-    from napari_coordgate import engine, isolate
-    from napari_coordgate._sample_data import calibration_pair
+    from napari_coordgate import engine
     from napari_coordgate.config import ModelConfig, TrainConfig
+    from napari_coordgate.runners import isolate
+    from napari_coordgate.samples.sample_data import calibration_pair
 
     (sharp, _, _), (blurred, _, _) = calibration_pair()
     model_cfg, train_cfg = ModelConfig(), TrainConfig(epochs=1, steps_per_epoch=50, device="cpu")

@@ -65,7 +65,7 @@ TUNE_SOURCES = ("retina",)
 
 def build_benchmark(preset: str, n_fields: int, field: int, photons: float, seed: int = 1234):
     from napari_coordgate.optics.blur import SpatiallyVaryingBlur, add_noise
-    from napari_coordgate.specimens import TRAIN_SOURCES, specimen_fields
+    from napari_coordgate.samples.specimens import TRAIN_SOURCES, specimen_fields
 
     shape = (field, field)
     op = SpatiallyVaryingBlur(preset, shape)

@@ -32,7 +32,7 @@ def _model(size: int):
     import torch
 
     from napari_coordgate.config import ModelConfig
-    from napari_coordgate.modelio import SavedModel
+    from napari_coordgate.model_io import SavedModel
     from napari_coordgate.nn import build_model
 
     torch.manual_seed(0)
@@ -43,7 +43,7 @@ def _model(size: int):
 def _input(folder: Path, planes: int, size: int) -> Path:
     import zarr
 
-    from napari_coordgate.specimens import procedural_specimen
+    from napari_coordgate.samples.specimens import procedural_specimen
 
     path = folder / "stack.zarr"
     arr = zarr.create_array(str(path), shape=(planes, size, size), dtype="uint16", chunks=(1, 256, 256),
@@ -57,7 +57,7 @@ def _single(saved, src: Path, out: Path, threads: int) -> tuple[float, np.ndarra
     import torch
 
     from napari_coordgate.engine import predict
-    from napari_coordgate.zarrio import create_ome_zarr, read_zarr
+    from napari_coordgate.image_io.omezarr import create_ome_zarr, read_zarr
 
     torch.set_num_threads(threads)
     image = read_zarr(src)
@@ -69,8 +69,8 @@ def _single(saved, src: Path, out: Path, threads: int) -> tuple[float, np.ndarra
 
 
 def _dask(client, saved, src: Path, out: Path) -> tuple[float, np.ndarray]:
-    from napari_coordgate.distributed import ImageSource, apply_distributed
-    from napari_coordgate.zarrio import create_ome_zarr, read_zarr
+    from napari_coordgate.image_io.omezarr import create_ome_zarr, read_zarr
+    from napari_coordgate.runners.distributed import ImageSource, apply_distributed
 
     image = read_zarr(src)
     t0 = time.perf_counter()
@@ -84,7 +84,7 @@ def _load() -> str:
 
 
 def main() -> None:
-    from napari_coordgate.distributed import connect
+    from napari_coordgate.runners.distributed import connect
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--planes", type=int, default=20)

@@ -53,7 +53,7 @@ def _train_one(job: dict) -> dict:
     from napari_coordgate.config import ModelConfig, TrainConfig
     from napari_coordgate.engine import PairSource, predict, train
     from napari_coordgate.metrics import quality_report
-    from napari_coordgate.modelio import save_model
+    from napari_coordgate.model_io import save_model
     from napari_coordgate.nn import count_parameters
 
     torch.set_num_threads(1)
@@ -77,8 +77,8 @@ def _throughput(model_path: str, size: int, threads: int, device: str = "cpu") -
     import torch
 
     from napari_coordgate.engine import predict
-    from napari_coordgate.modelio import load_model
-    from napari_coordgate.specimens import procedural_specimen
+    from napari_coordgate.model_io import load_model
+    from napari_coordgate.samples.specimens import procedural_specimen
 
     torch.set_num_threads(threads)
     saved = load_model(model_path)

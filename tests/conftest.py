@@ -18,7 +18,7 @@ def pytest_configure(config):
     # This one test process both trains in-process (the engine tests) and hosts napari viewers (the widget
     # tests). With torch's CUDA build, the first optimiser step imports triton, whose LLVM crashes a process in
     # which Mesa's LLVM is already loaded (a viewer under Xvfb); loaded in the other order they coexist. Users
-    # never meet this: the viewer trains in a separate process (napari_coordgate.isolate), and
+    # never meet this: the viewer trains in a separate process (napari_coordgate.runners.isolate), and
     # tests/_widgets/test_training_process.py checks that in a fresh viewer process where nothing is preloaded.
     try:
         import triton  # noqa: F401
@@ -100,7 +100,7 @@ def kill_jobs():
 
     def kill() -> int:
         jobs = [p for p in psutil.Process().children(recursive=True)
-                if any("napari_coordgate.isolate" in part for part in p.cmdline())]
+                if any("napari_coordgate.runners.isolate" in part for part in p.cmdline())]
         for p in jobs:
             os.kill(p.pid, signal.SIGKILL)
         return len(jobs)
@@ -177,7 +177,7 @@ def fake_psf() -> GaussianGridPSF:
 def pair64():
     """A 64 x 64 sharp/blurred pair with the gaussian preset."""
     from napari_coordgate.optics.blur import SpatiallyVaryingBlur
-    from napari_coordgate.specimens import procedural_specimen
+    from napari_coordgate.samples.specimens import procedural_specimen
 
     sharp = procedural_specimen((64, 64), seed=3)
     blurred = SpatiallyVaryingBlur("gaussian", (64, 64)).forward(sharp)
@@ -188,11 +188,11 @@ def pair64():
 def tiny_model(pair64):
     """A depth-2 CoordGate model trained for a few steps on the 64 x 64 pair (trained once per session).
 
-    Trained in a separate process, as the dock does: this process holds viewers (see napari_coordgate.isolate).
+    Trained in a separate process, as the dock does: this process holds viewers (see napari_coordgate.runners.isolate).
     """
     from napari_coordgate import engine
     from napari_coordgate.config import ModelConfig, TrainConfig
-    from napari_coordgate.isolate import train_isolated
+    from napari_coordgate.runners.isolate import train_isolated
 
     result = train_isolated(ModelConfig(depth=2, channels=4), TrainConfig(crop=32, batch=2, epochs=1,
                             steps_per_epoch=3, device="cpu"), engine.PairSource(*pair64),

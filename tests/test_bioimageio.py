@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from napari_coordgate import engine
-from napari_coordgate.bioimageio import (
+from napari_coordgate.config import ModelConfig
+from napari_coordgate.model_io import SavedModel, save_model
+from napari_coordgate.model_io.bioimageio.package import (
     MODEL_FILE,
     PackageError,
     arch_kwargs,
@@ -29,8 +31,6 @@ from napari_coordgate.bioimageio import (
     load_any,
     load_package,
 )
-from napari_coordgate.config import ModelConfig
-from napari_coordgate.modelio import SavedModel, save_model
 from napari_coordgate.nn import build_model, field_coordinates
 
 FIELD = (69, 90)
@@ -453,7 +453,7 @@ def test_a_package_member_that_inflates_far_beyond_its_size_is_refused_before_it
 
 
 def test_a_package_member_larger_than_any_model_is_refused_before_it_is_read(tmp_path, monkeypatch):
-    from napari_coordgate import bioimageio
+    from napari_coordgate.model_io.bioimageio import package as bioimageio
 
     path = tmp_path / "big.zip"
     with zipfile.ZipFile(path, "w") as zf:  # stored: no compression to judge by, only the size
@@ -476,7 +476,7 @@ def test_a_malformed_rdf_is_one_line_naming_the_file_and_the_place(tmp_path):
 
 
 def test_a_network_the_architecture_file_cannot_hold_is_refused_in_one_line():
-    from napari_coordgate.bioimageio import _standalone_network
+    from napari_coordgate.model_io.bioimageio.package import _standalone_network
 
     saved = _saved(VARIANTS["coordgate-d1"])
     saved.model.extra = torch.nn.Linear(2, 2)  # two tensors the exported architecture does not have

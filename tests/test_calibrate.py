@@ -11,16 +11,16 @@ import pytest
 import torch
 from scipy.spatial import cKDTree
 
-from napari_coordgate.calibrate import CalibrationCancelled, CalibrationError, calibrate
+from napari_coordgate.calibration.calibrate import CalibrationCancelled, CalibrationError, calibrate
 from napari_coordgate.calibration.detect import find_beads, reject_by_window
 from napari_coordgate.calibration.patches import fit_amplitude_shift
 from napari_coordgate.calibration.pupilfit import TorchPupil, fit_pupil_poly
-from napari_coordgate.calibration.synthetic import EllipticalOptics, PupilOptics, bead_slide, psf_error
 from napari_coordgate.optics.blur import _tent_weights, normalized_coordinates
 from napari_coordgate.optics.measured import MeasuredGridPSF, tent_weights_1d
-from napari_coordgate.optics.psf import PRESETS, _pupil_samples, _PupilModel, psfs_at
-from napari_coordgate.optics.psfmodel import psf_model_from_record
+from napari_coordgate.optics.models import psf_model_from_record, psfs_at
+from napari_coordgate.optics.psf import PRESETS, _pupil_samples, _PupilModel
 from napari_coordgate.optics.pupil_poly import MONOMIALS, PupilPolyPSF
+from napari_coordgate.samples.beads import EllipticalOptics, PupilOptics, bead_slide, psf_error
 
 BENCH = Path(__file__).parents[1] / "benchmarks"
 OPTICS = {"na": 0.8, "wavelength_um": 0.52, "immersion": 1.0, "pixel_size_um": 0.16}

@@ -7,7 +7,7 @@ import pytest
 import tifffile
 
 from napari_coordgate.cli import main
-from napari_coordgate.specimens import specimen_fields
+from napari_coordgate.samples.specimens import specimen_fields
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_train_pairs_with_their_psf_model_and_a_wiener_first_stage(tmp_path, cap
                         "--prefilter", "wiener", "-o", model, "--depth", 1, "--channels", 4, "--epochs", 1,
                         "--device", "cpu")
     assert code == 0, err
-    from napari_coordgate.modelio import load_model
+    from napari_coordgate.model_io import load_model
 
     saved = load_model(tmp_path / "w.cgmodel")
     assert saved.config.prefilter == "wiener" and saved.psf.name == "gaussian"
@@ -187,7 +187,7 @@ BEADS = {"source_images": ["beads.tif"], "beads": 88, "fit_residual": 0.04}
 
 
 def test_train_and_simulate_from_a_psf_model_file(tmp_path, capsys, sharp_tifs, fake_psf):
-    from napari_coordgate.modelio import load_model, save_psf_model
+    from napari_coordgate.model_io import load_model, save_psf_model
 
     save_psf_model(tmp_path / "beads", fake_psf, provenance=BEADS)
     code, _, err = _run(capsys, "train", "--sharp", *sharp_tifs, "--psf", tmp_path / "beads.cgpsf", "-o",
@@ -218,7 +218,7 @@ def test_a_corrupt_psf_model_file_is_one_clear_line(tmp_path, capsys, sharp_tifs
 
 def _untrained_model(path, field_shape=(64, 64)):
     from napari_coordgate.config import ModelConfig
-    from napari_coordgate.modelio import SavedModel, save_model
+    from napari_coordgate.model_io import SavedModel, save_model
     from napari_coordgate.nn import build_model
 
     cfg = ModelConfig(depth=1, channels=2)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_coordgate.calibration.synthetic import EllipticalOptics, bead_slide
 from napari_coordgate.cli import main
+from napari_coordgate.samples.beads import EllipticalOptics, bead_slide
 
 OPTICS = EllipticalOptics(width=1.3, radial=0.8, tangential=0.2, beta=None, twist=0.3, psf_size=19)
 
@@ -30,7 +30,7 @@ def test_bead_image_to_psf_model_to_trained_model_to_applied(tmp_path, capsys, b
                           "--png", tmp_path / "report.png", "--json", tmp_path / "report.json", "--device", "cpu")
     assert code == 0, err
     assert "beads" in out and (tmp_path / "scope.cgpsf").is_file() and (tmp_path / "report.png").is_file()
-    from napari_coordgate.modelio import load_psf_model
+    from napari_coordgate.model_io import load_psf_model
 
     psf = load_psf_model(tmp_path / "scope")
     assert psf.kind == "measured_grid" and abs(psf.pixel_size_um - 0.16) < 1e-6, "pixel size from the metadata"
@@ -38,7 +38,7 @@ def test_bead_image_to_psf_model_to_trained_model_to_applied(tmp_path, capsys, b
                           "--depth", 1, "--channels", 2, "--epochs", 1, "--steps-per-epoch", 2, "--device", "cpu")
     assert code == 0, err
     assert "built-in specimen fields of 256 x 256" in out
-    from napari_coordgate.modelio import load_model
+    from napari_coordgate.model_io import load_model
 
     saved = load_model(tmp_path / "m")
     assert saved.field_shape == (256, 256) and saved.psf.kind == "measured_grid"

@@ -25,7 +25,9 @@ pytest.importorskip("ome_zarr")
 
 from napari_coordgate.cli import main  # noqa: E402
 from napari_coordgate.config import ModelConfig  # noqa: E402
-from napari_coordgate.distributed import (  # noqa: E402
+from napari_coordgate.image_io.omezarr import create_ome_zarr, read_zarr  # noqa: E402
+from napari_coordgate.model_io import SavedModel, save_model  # noqa: E402
+from napari_coordgate.runners.distributed import (  # noqa: E402
     ImageSource,
     ModelPlugin,
     SchedulerUnreachableError,
@@ -37,8 +39,6 @@ from napari_coordgate.distributed import (  # noqa: E402
     connect,
     parse_dask_target,
 )
-from napari_coordgate.modelio import SavedModel, save_model  # noqa: E402
-from napari_coordgate.zarrio import create_ome_zarr, read_zarr  # noqa: E402
 
 FIELD = (96, 80)
 BENCH = Path(__file__).parents[1] / "benchmarks"
@@ -360,7 +360,7 @@ def test_parse_dask_target_rejects_blank_and_malformed_values_in_one_line(text, 
 
 @pytest.mark.parametrize("address", ["", "tcp://", "foo://bar"])
 def test_connect_with_a_malformed_address_fails_before_contacting_anything(address, monkeypatch):
-    monkeypatch.setattr("napari_coordgate.distributed._probe_scheduler", pytest.fail)
+    monkeypatch.setattr("napari_coordgate.runners.distributed._probe_scheduler", pytest.fail)
     with pytest.raises(ValueError, match="give 'local' or a scheduler address"):
         with connect(address, timeout=TIMEOUT):
             pass
@@ -371,9 +371,9 @@ def test_local_workers_preload_comes_after_the_configured_ones():
 
     with dask.config.set({"distributed.worker.preload": ["site_preload"],
                           "distributed.worker.preload-argv": ["--flag"]}):
-        assert _worker_preloads() == {"preload": ["site_preload", "napari_coordgate.distributed"],
+        assert _worker_preloads() == {"preload": ["site_preload", "napari_coordgate.runners.distributed"],
                                       "preload_argv": [["--flag"], []]}
-    assert _worker_preloads() == {"preload": ["napari_coordgate.distributed"], "preload_argv": [[]]}
+    assert _worker_preloads() == {"preload": ["napari_coordgate.runners.distributed"], "preload_argv": [[]]}
 
 
 @posix_signals

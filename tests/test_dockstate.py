@@ -1,6 +1,6 @@
 """The State enum decides which actions are enabled (pure Python, no viewer)."""
 
-from napari_coordgate.dockstate import State, enabled_actions
+from napari_coordgate.app.state import State, enabled_actions
 
 
 def test_only_stop_is_enabled_while_training():

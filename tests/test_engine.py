@@ -18,7 +18,7 @@ from napari_coordgate.engine import (
     receptive_halo,
     train,
 )
-from napari_coordgate.modelio import SavedModel, load_model, save_psf_model
+from napari_coordgate.model_io import SavedModel, load_model, save_psf_model
 from napari_coordgate.nn import build_model
 from napari_coordgate.optics.psf import PRESETS, PSFConfig
 

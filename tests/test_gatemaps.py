@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from napari_coordgate.gatemaps import gate_maps
+from napari_coordgate.engine.gatemaps import gate_maps
 
 
 def test_gate_maps_cover_the_training_field_one_plane_per_channel(tiny_model):
@@ -14,7 +14,7 @@ def test_gate_maps_cover_the_training_field_one_plane_per_channel(tiny_model):
 
 def test_gate_maps_of_a_model_without_coordgate_is_a_clear_error():
     from napari_coordgate.config import ModelConfig
-    from napari_coordgate.modelio import SavedModel
+    from napari_coordgate.model_io import SavedModel
     from napari_coordgate.nn.unet import build_model
 
     cfg = ModelConfig(depth=1, channels=2, gate="none")

@@ -1,4 +1,4 @@
-"""Jobs in a separate process (napari_coordgate.isolate): results, progress, stop, errors, a killed process."""
+"""Jobs in a separate process (napari_coordgate.runners.isolate): results, progress, stop, errors, a killed process."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import errno
 import numpy as np
 import pytest
 
-from napari_coordgate import engine, isolate
+from napari_coordgate import engine
 from napari_coordgate.config import ModelConfig, TrainConfig
 from napari_coordgate.data import InputError
 from napari_coordgate.optics.blur import SpatiallyVaryingBlur
-from napari_coordgate.specimens import procedural_specimen
+from napari_coordgate.runners import isolate
+from napari_coordgate.samples.specimens import procedural_specimen
 
 
 @pytest.fixture(scope="module")

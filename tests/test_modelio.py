@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from napari_coordgate import modelio
+from napari_coordgate import model_io as modelio
 from napari_coordgate.config import ModelConfig
-from napari_coordgate.modelio import (
+from napari_coordgate.model_io import (
     ModelFileError,
     SavedModel,
     load_model,
@@ -106,7 +106,7 @@ def test_a_save_interrupted_before_the_rename_keeps_the_old_model(saved, monkeyp
     def crash(src, dst):
         raise KeyboardInterrupt  # Ctrl-C (or a crash) after the new bytes were written, before the rename
 
-    monkeypatch.setattr(modelio.os, "replace", crash)
+    monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
         save_model(path, SavedModel(model, ModelConfig(depth=2, channels=4, gate="coordgate", gate_activation="raw",
                                                        gate_hidden=8), (48, 64)))
@@ -167,7 +167,7 @@ def test_weights_not_matching_config_are_rejected(tmp_path, saved):
     other = build_model(ModelConfig(depth=3, channels=4))
     bad = save_model(tmp_path / "bad", SavedModel(other, ModelConfig(depth=3, channels=4), (8, 8)))
     # swap in the first file's config: weights no longer match
-    from napari_coordgate import modelio
+    from napari_coordgate import model_io as modelio
 
     tensors, meta = modelio.decode(bad, "napari-coordgate-model")
     meta["model"] = ModelConfig(depth=2, channels=4).to_dict()
@@ -177,7 +177,7 @@ def test_weights_not_matching_config_are_rejected(tmp_path, saved):
 
 
 def test_newer_schema_asks_to_upgrade(tmp_path, saved):
-    from napari_coordgate import modelio
+    from napari_coordgate import model_io as modelio
 
     tensors, meta = modelio.decode(saved[0], "napari-coordgate-model")
     meta["schema_version"] = 99
@@ -201,7 +201,7 @@ def test_a_valid_file_whose_header_length_starts_with_the_pickle_byte_is_read(tm
     # the first byte of a safetensors file is the low byte of its header length; 0x80 is also pickle's marker
     import torch
 
-    from napari_coordgate.modelio import decode, encode
+    from napari_coordgate.model_io import decode, encode
 
     for pad in range(400):
         raw = encode({"w": torch.zeros(3)}, {"format": "napari-coordgate-model", "schema_version": 1, "pad": "x" * pad})
@@ -214,7 +214,7 @@ def test_a_valid_file_whose_header_length_starts_with_the_pickle_byte_is_read(tm
 
 
 def test_one_suffix_rule_for_writing_and_finding_model_files(saved, tmp_path):
-    from napari_coordgate.modelio import existing_file
+    from napari_coordgate.model_io import existing_file
 
     written, _ = saved  # the fixture saved to tmp_path / "scope"
     assert written == tmp_path / "scope.cgmodel"
@@ -281,8 +281,8 @@ def test_a_schema_1_model_file_from_the_previous_release_still_loads():
 def test_a_schema_2_model_keeps_its_fixed_normalisation_and_its_output():
     # tests/data/model_schema2.cgmodel is the sample model shipped at commit c7ce7d1 (schema 2, one offset and
     # scale for every image); its prediction of the bundled sample's blurred image is stored beside it
-    from napari_coordgate._sample_data import calibration_pair
     from napari_coordgate.engine import predict
+    from napari_coordgate.samples.sample_data import calibration_pair
 
     path = DATA / "model_schema2.cgmodel"
     assert modelio.decode(path, "napari-coordgate-model")[1]["schema_version"] == 2

@@ -17,7 +17,7 @@ def test_import_does_not_pull_torch_or_qt():
 
 def test_config_and_modelio_import_without_torch():
     code = (
-        "import sys, napari_coordgate.config, napari_coordgate.modelio; "
+        "import sys, napari_coordgate.config, napari_coordgate.model_io; "
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

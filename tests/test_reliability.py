@@ -29,7 +29,7 @@ def _run(capsys, *argv):
 def model_file(tmp_path):
     """An untrained depth-1 CoordGate model of a 64 x 64 field, saved (outputs are deterministic)."""
     from napari_coordgate.config import ModelConfig
-    from napari_coordgate.modelio import SavedModel, save_model
+    from napari_coordgate.model_io import SavedModel, save_model
     from napari_coordgate.nn import build_model
 
     cfg = ModelConfig(depth=1, channels=2)
@@ -187,7 +187,7 @@ def test_resuming_into_a_new_output_writes_the_model_and_checkpoint_it_announces
     assert code == 0, err
     for name in ("run2.cgmodel", "run2.cgckpt"):
         assert (tmp_path / name).is_file() and str(tmp_path / name) in out
-    from napari_coordgate.modelio import load_checkpoint, load_model
+    from napari_coordgate.model_io import load_checkpoint, load_model
 
     assert load_checkpoint(tmp_path / "run2.cgckpt")["meta"]["epoch"] == 1
     a, b = load_model(tmp_path / "run1.cgmodel").model, load_model(tmp_path / "run2.cgmodel").model
@@ -196,7 +196,7 @@ def test_resuming_into_a_new_output_writes_the_model_and_checkpoint_it_announces
 
 def test_a_run_stopped_before_its_first_epoch_announces_no_checkpoint_and_exits_130(tmp_path, capsys, image_tif,
                                                                                    monkeypatch):
-    from napari_coordgate import console
+    from napari_coordgate.runners import console
 
     monkeypatch.setattr(console.StopFlag, "__call__", lambda self: True)  # Ctrl-C before the first step
     code, out, err = _run(capsys, *_train_argv(tmp_path, image_tif, tmp_path / "run"))
@@ -257,7 +257,7 @@ def test_sigterm_during_apply_leaves_no_temporary_file_and_no_output(tmp_path, m
 
 
 def test_a_second_writer_of_one_zarr_output_is_refused_with_the_first_ones_name(tmp_path):
-    from napari_coordgate.zarrio import OutputBusyError, create_ome_zarr
+    from napari_coordgate.image_io.omezarr import OutputBusyError, create_ome_zarr
 
     first = create_ome_zarr(tmp_path / "o.zarr", (2, 8, 8))
     with pytest.raises(OutputBusyError, match=f"being written by another run \\(pid {os.getpid()} on"):
@@ -270,10 +270,10 @@ def test_a_second_writer_of_one_zarr_output_is_refused_with_the_first_ones_name(
 
 
 def test_a_writer_that_died_does_not_block_the_next_run(tmp_path):
-    script = (f"from napari_coordgate.zarrio import create_ome_zarr; import os; "
+    script = (f"from napari_coordgate.image_io.omezarr import create_ome_zarr; import os; "
               f"w = create_ome_zarr({str(tmp_path / 'o.zarr')!r}, (2, 8, 8)); os._exit(1)")
     subprocess.run([sys.executable, "-c", script], check=False, timeout=120)
-    from napari_coordgate.zarrio import create_ome_zarr
+    from napari_coordgate.image_io.omezarr import create_ome_zarr
 
     writer = create_ome_zarr(tmp_path / "o.zarr", (1, 8, 8))
     writer.write_plane((0,), np.ones((8, 8)))
@@ -297,10 +297,10 @@ def test_a_psf_model_measured_on_another_field_is_refused_for_training(fake_psf)
 
 def test_apply_warns_of_a_pixel_size_mismatch_for_ome_zarr_input(tmp_path, capsys):
     from napari_coordgate.config import ModelConfig
-    from napari_coordgate.modelio import SavedModel, save_model
+    from napari_coordgate.image_io.omezarr import create_ome_zarr
+    from napari_coordgate.model_io import SavedModel, save_model
     from napari_coordgate.nn import build_model
     from napari_coordgate.optics.psf import PRESETS
-    from napari_coordgate.zarrio import create_ome_zarr
 
     cfg = ModelConfig(depth=1, channels=2)
     psf = next(p for p in PRESETS.values() if p.model == "pupil")
@@ -320,7 +320,7 @@ def test_apply_warns_of_a_pixel_size_mismatch_for_ome_zarr_input(tmp_path, capsy
 def test_calibration_warns_when_the_optics_contradict_the_beads():
     from types import SimpleNamespace
 
-    from napari_coordgate.calibrate import _optics_warnings
+    from napari_coordgate.calibration.calibrate import _optics_warnings
 
     beads = SimpleNamespace(accepted=np.ones(50, bool), fwhm_x=np.full(50, 2.3), fwhm_y=np.full(50, 2.3))
     right = {"na": 1.4, "wavelength_um": 0.52, "pixel_size_um": 0.1}
@@ -355,15 +355,15 @@ def test_evaluate_beads_on_an_image_without_beads_says_so(tmp_path, capsys, mode
 
 # -- the dock's apply job ---------------------------------------------------------------------------------
 def _apply_request(model_file, **kw):
-    from napari_coordgate.jobs import ApplyRequest
-    from napari_coordgate.modelio import load_model
+    from napari_coordgate.app.jobs import ApplyRequest
+    from napari_coordgate.model_io import load_model
 
     image = np.ones((2, 64, 64), np.float32)
     return ApplyRequest(image=image, models=[load_model(model_file)], **kw)
 
 
 def test_the_dock_never_writes_its_output_over_the_layers_source_file(tmp_path, model_file):
-    from napari_coordgate.jobs import apply_job
+    from napari_coordgate.app.jobs import apply_job
 
     source = tmp_path / "layer.npy"
     np.save(source, np.zeros((2, 64, 64), np.float32))
@@ -376,7 +376,7 @@ def test_the_dock_never_writes_its_output_over_the_layers_source_file(tmp_path, 
 
 
 def test_the_docks_memory_mapped_output_on_a_full_disk_is_an_error_not_a_crash(tmp_path, model_file, monkeypatch):
-    from napari_coordgate.jobs import apply_job
+    from napari_coordgate.app.jobs import apply_job
 
     def no_space(fd, offset, size):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -4,12 +4,12 @@ import numpy as np
 from skimage.metrics import peak_signal_noise_ratio
 
 from napari_coordgate import engine
-from napari_coordgate._sample_data import calibration_pair
-from napari_coordgate._sample_model import sample_model_path
 from napari_coordgate.config import ModelConfig
-from napari_coordgate.modelio import load_model
+from napari_coordgate.model_io import load_model
+from napari_coordgate.samples.sample_data import calibration_pair
+from napari_coordgate.samples.sample_model import sample_model_path
 
-# measured when the shipped file was made (python -m napari_coordgate._sample_model): 26.81 -> 36.92 dB
+# measured when the shipped file was made (python -m napari_coordgate.samples.sample_model): 26.81 -> 36.92 dB
 MIN_GAIN_DB = 8.0
 
 

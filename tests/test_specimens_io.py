@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import tifffile
 
+from napari_coordgate.image_io.tiff import read_tiff, write_tiff
 from napari_coordgate.report import write_report_png
-from napari_coordgate.specimens import BUNDLED, bundled_specimen, procedural_specimen, specimen_fields
-from napari_coordgate.tiffio import read_tiff, write_tiff
+from napari_coordgate.samples.specimens import BUNDLED, bundled_specimen, procedural_specimen, specimen_fields
 
 
 def test_procedural_specimen_is_seeded_unit_range_and_structured():
@@ -54,7 +54,7 @@ def test_ome_physical_size_is_carried(tmp_path):
 
 @pytest.mark.parametrize("kind", ["imagej", "ome"])
 def test_streamed_write_from_a_memory_mapped_read_keeps_data_and_metadata(tmp_path, kind):
-    from napari_coordgate.tiffio import write_tiff_streamed
+    from napari_coordgate.image_io.tiff import write_tiff_streamed
 
     data = (np.random.default_rng(1).random((3, 16, 24)) * 1000).astype(np.uint16)
     if kind == "imagej":
@@ -80,7 +80,7 @@ def test_streamed_write_from_a_memory_mapped_read_keeps_data_and_metadata(tmp_pa
 
 
 def test_compressed_tiff_is_read_whole_and_a_failed_stream_leaves_no_file(tmp_path):
-    from napari_coordgate.tiffio import write_tiff_streamed
+    from napari_coordgate.image_io.tiff import write_tiff_streamed
 
     data = np.arange(2 * 8 * 8, dtype=np.uint16).reshape(2, 8, 8)
     tifffile.imwrite(tmp_path / "z.tif", data, compression="zlib")
@@ -114,7 +114,7 @@ def test_report_png_is_written(tmp_path):
 def test_the_pixel_size_is_read_from_imagej_or_ome_metadata(tmp_path, kind):
     import tifffile
 
-    from napari_coordgate.tiffio import pixel_size_um, read_tiff
+    from napari_coordgate.image_io.tiff import pixel_size_um, read_tiff
 
     data = np.zeros((16, 16), np.uint16)
     path = tmp_path / f"{kind}.tif"

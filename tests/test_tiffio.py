@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_coordgate.tiffio import DiskFullError, read_tiff, write_tiff, write_tiff_streamed
+from napari_coordgate.image_io.tiff import DiskFullError, read_tiff, write_tiff, write_tiff_streamed
 
 _SHAPE = (300, 1000, 1000)  # 1.2 GB of float32: only ever a sparse file here, fill is never reached
 

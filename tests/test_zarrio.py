@@ -16,14 +16,14 @@ from napari_coordgate.cli import main  # noqa: E402
 from napari_coordgate.config import ModelConfig  # noqa: E402
 from napari_coordgate.data import InputError  # noqa: E402
 from napari_coordgate.engine import Cancelled, predict  # noqa: E402
-from napari_coordgate.modelio import SavedModel, save_model  # noqa: E402
-from napari_coordgate.zarrio import (  # noqa: E402
+from napari_coordgate.image_io.omezarr import (  # noqa: E402
     ChunkCachedArray,
     IncompleteOutputError,
     axes_from_tiff,
     create_ome_zarr,
     read_zarr,
 )
+from napari_coordgate.model_io import SavedModel, save_model  # noqa: E402
 
 FIELD = (96, 80)
 UM = "micrometer"
@@ -290,7 +290,7 @@ def test_axes_that_ngff_04_cannot_hold_are_refused(tmp_path):
 
 
 def test_tiff_metadata_becomes_ngff_axes_scale_and_units(tmp_path):
-    from napari_coordgate.tiffio import read_tiff
+    from napari_coordgate.image_io.tiff import read_tiff
 
     data = np.zeros((2, 3, 16, 12), np.uint16)
     tifffile.imwrite(tmp_path / "ij.tif", data, imagej=True, resolution=(1 / 0.2, 1 / 0.2),
@@ -310,7 +310,7 @@ def test_tiff_metadata_becomes_ngff_axes_scale_and_units(tmp_path):
 
 
 def test_the_docks_zarr_output_is_ome_zarr_that_appears_when_the_last_plane_is_written(tmp_path):
-    from napari_coordgate.jobs import make_output
+    from napari_coordgate.app.jobs import make_output
 
     out = make_output((2, 16, 12), str(tmp_path / "dock.zarr"))
     out[0, :, :6] = np.ones((16, 6))

@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__
-from .console import format_table as _format_table
-from .console import predict_with_bar as _predict_with_bar
-from .console import train_with_bar as _train_with_bar
+from ._version import __version__
+from .runners.console import format_table as _format_table
+from .runners.console import predict_with_bar as _predict_with_bar
+from .runners.console import train_with_bar as _train_with_bar
 
 __all__ = ["main", "build_parser"]
 
@@ -58,7 +58,7 @@ def _output_file(text: str, suffix: str | None = None) -> Path:
 
     A folder is refused: ``-o DIR/`` would otherwise write ``DIR.cgpsf`` beside it.
     """
-    from .modelio import with_suffix
+    from .model_io import with_suffix
 
     path = with_suffix(text, suffix) if suffix else Path(text)
     if text.endswith(("/", os.sep)) or Path(text).is_dir() or path.is_dir():
@@ -69,21 +69,21 @@ def _output_file(text: str, suffix: str | None = None) -> Path:
 
 def _write_json(path: Path, text: str) -> Path:
     """A JSON report, written atomically (never a truncated file under its final name)."""
-    from .modelio import atomic_write_bytes
+    from .model_io import atomic_write_bytes
 
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _write_png(path: Path, draw) -> Path:
     """A figure written atomically: ``draw(tmp)`` writes the PNG to a temporary file renamed over ``path``."""
-    from .modelio import atomic_write
+    from .model_io import atomic_write
 
     return atomic_write(path, draw)
 
 
 def _model_inputs(model: str) -> list[Path]:
     """The files ``-m MODEL`` may name (as given, or with the model suffix): inputs no output may replace."""
-    from .modelio import with_suffix
+    from .model_io import with_suffix
 
     return [Path(model), with_suffix(model)]
 
@@ -104,9 +104,9 @@ def _read_stack(paths: Sequence[str], what: str):
     """Read TIFFs as one (N, H, W) stack (each file 2-D or a stack); returns (stack, first TiffImage)."""
     import numpy as np
 
+    from .checks import check_layout
     from .data import InputError
-    from .optics.checks import check_layout
-    from .tiffio import read_tiff
+    from .image_io.tiff import read_tiff
 
     if not paths:
         raise CLIError(f"no {what} files given")
@@ -169,7 +169,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
     from .config import ModelConfig
     from .nn import build_model, count_parameters
-    from .specimens import bundled_specimen
+    from .samples.specimens import bundled_specimen
 
     _set_threads(args.threads)
     print(f"Parameters at base channels {args.channels}, growth 2 (gate MLP hidden {ModelConfig().gate_hidden}):")
@@ -192,13 +192,13 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from .checks import check_image
+    from .image_io.tiff import read_tiff, write_tiff
+    from .model_io import resolve_psf
     from .optics.blur import synthesize_pairs
-    from .optics.checks import check_image
-    from .optics.psfmodel import get_psf_model
     from .outputs import check_outputs
-    from .tiffio import read_tiff, write_tiff
 
-    psf = get_psf_model(args.psf)
+    psf = resolve_psf(args.psf)
     outdir = Path(args.output)
     dests = []
     for p in args.sharp:
@@ -239,7 +239,7 @@ def _predict_cfg(args):
 def _builtin_specimens(psf, seed: int):
     """Sharp training images when the user gives none: the demo's bundled and procedural specimens, at the field
     shape a measured PSF model was calibrated on (about 1.6 megapixels in all, at least 4 fields)."""
-    from .specimens import TRAIN_SOURCES, specimen_fields
+    from .samples.specimens import TRAIN_SOURCES, specimen_fields
 
     shape = (psf.provenance or {}).get("field_shape") if psf is not None else None
     if not shape:
@@ -257,7 +257,7 @@ def _builtin_specimens(psf, seed: int):
 def _train_outputs(args) -> tuple[Path, Path, Path | None]:
     """(model, checkpoint, checkpoint to resume from) of ``train``; none of the outputs may replace an input (the
     checkpoint of a resumed run is its own to update)."""
-    from .modelio import CHECKPOINT_SUFFIX, MODEL_SUFFIX, existing_file
+    from .model_io import CHECKPOINT_SUFFIX, MODEL_SUFFIX, existing_file
     from .outputs import check_outputs, real_path
 
     out = _output_file(args.output, MODEL_SUFFIX)
@@ -296,7 +296,7 @@ def _report_written(out: Path, ckpt: Path, before: dict, resume: Path | None, in
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .engine import PairSource, SimulatedSource
-    from .optics.psfmodel import get_psf_model
+    from .model_io import resolve_psf
 
     out, ckpt, resume = _train_outputs(args)
     if args.blurred and not args.sharp:
@@ -307,7 +307,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.prefilter != "none" and not args.psf:
         raise CLIError("--prefilter wiener needs the PSF model of the optics: add --psf PRESET|CONFIG.json|MODEL.cgpsf")
     model_cfg, train_cfg = _model_cfg(args), _train_cfg(args)  # a bad flag or --psf fails before images are read
-    psf = get_psf_model(args.psf) if args.psf else None
+    psf = resolve_psf(args.psf) if args.psf else None
     sharp = _read_stack(args.sharp, "sharp")[0] if args.sharp else _builtin_specimens(psf, args.seed)
     if args.blurred:
         blurred, _ = _read_stack(args.blurred, "blurred")
@@ -345,8 +345,8 @@ def _roi(text):
 def _open_input(path: str):
     """A lazy (..., H, W) input (TIFF, OME-Zarr or plain zarr) and what its output keeps:
     (data, NGFF axes, scale, translation, TiffImage or None, pixel size in µm or None)."""
-    from .tiffio import pixel_size_um, read_tiff
-    from .zarrio import axes_from_tiff, is_zarr, read_zarr
+    from .image_io.omezarr import axes_from_tiff, is_zarr, read_zarr
+    from .image_io.tiff import pixel_size_um, read_tiff
 
     if is_zarr(path):
         z = read_zarr(path)  # read through a chunk cache: overlapping tiles decode each chunk once
@@ -360,9 +360,9 @@ def _apply_dask(args, cfg, roi, jobs) -> int:
     """``apply --dask``: every plane a dask.distributed task; each input into one OME-Zarr store."""
     from tqdm import tqdm
 
-    from .bioimageio import load_any
-    from .distributed import ImageSource, apply_distributed, connect
-    from .zarrio import create_ome_zarr
+    from .image_io.omezarr import create_ome_zarr
+    from .model_io.bioimageio import load_any
+    from .runners.distributed import ImageSource, apply_distributed, connect
 
     threads = args.threads or 1
     inputs = [(_open_input(p), p, dest) for p, dest in jobs]  # missing or bad inputs fail before a cluster starts
@@ -406,8 +406,8 @@ def _warn_pixel_size(saved, have: float | None, path, binning: int) -> None:
 def _apply_jobs(args) -> list[tuple[str, Path]]:
     """(input, output) of each image ``apply`` writes, checked before anything is read: no output overlaps an input
     or another output, and a zarr store is replaced only if napari-coordgate wrote it (or with --overwrite)."""
+    from .image_io.omezarr import LOCK_SUFFIX, PARTIAL_SUFFIX, check_replaceable, is_zarr
     from .outputs import check_outputs
-    from .zarrio import LOCK_SUFFIX, PARTIAL_SUFFIX, check_replaceable, is_zarr
 
     out = Path(args.output)
     as_folder = args.output.endswith(("/", os.sep)) or out.is_dir()
@@ -437,13 +437,13 @@ def _apply_jobs(args) -> list[tuple[str, Path]]:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from .bioimageio import load_any
-    from .tiffio import write_tiff_streamed
-    from .zarrio import create_ome_zarr, is_zarr
+    from .image_io.omezarr import create_ome_zarr, is_zarr
+    from .image_io.tiff import write_tiff_streamed
+    from .model_io.bioimageio import load_any
 
     cfg, roi = _predict_cfg(args), _roi(args.roi)
     if args.dask is not None:  # '' or a malformed address: one line before anything is read or contacted
-        from .distributed import parse_dask_target
+        from .runners.distributed import parse_dask_target
 
         args.dask = parse_dask_target(args.dask)
     if args.workers is not None and args.dask != "local":
@@ -484,7 +484,7 @@ def _read_images(paths: Sequence[str], what: str):
     import numpy as np
 
     from .data import InputError
-    from .zarrio import is_zarr, read_zarr
+    from .image_io.omezarr import is_zarr, read_zarr
 
     planes = []
     for p in paths:
@@ -508,9 +508,9 @@ def _report_outputs(args, input_lists) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .bioimageio import load_any
     from .engine import field_geometry
     from .metrics import quality_report
+    from .model_io.bioimageio import load_any
     from .report import write_report_png
 
     _report_outputs(args, [args.sharp, args.blurred, [args.beads] if args.beads else None])
@@ -553,7 +553,7 @@ def _evaluate_beads(args, saved) -> int:
     """Bead FWHM by field ring before and after the model (a good model makes it small and uniform)."""
     import numpy as np
 
-    from .beadcheck import bead_fwhm_report
+    from .calibration.beadcheck import bead_fwhm_report
     from .engine import field_geometry
 
     image = np.asarray(_read_images([args.beads], "bead"))
@@ -580,7 +580,7 @@ def _bead_images(paths: Sequence[str]):
     """Bead images of one field as (N, H, W) per channel, and the pixel size their metadata states."""
     import numpy as np
 
-    from .tiffio import pixel_size_um, read_tiff
+    from .image_io.tiff import pixel_size_um, read_tiff
 
     per_channel: dict[int, list] = {}
     sizes = []
@@ -604,7 +604,7 @@ def _bead_images(paths: Sequence[str]):
 def _calibrate_outputs(args, channels) -> dict[int, dict[str, Path | None]]:
     """Per channel: the PSF model file and the reports ``calibrate`` writes (a suffix ``_cN`` for several
     channels), checked before the fit: files in writable folders, none of them an input or another output."""
-    from .modelio import PSF_SUFFIX
+    from .model_io import PSF_SUFFIX
     from .outputs import check_outputs
 
     out = _output_file(args.output, PSF_SUFFIX)
@@ -623,8 +623,8 @@ def _calibrate_outputs(args, channels) -> dict[int, dict[str, Path | None]]:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibrate import calibrate
-    from .modelio import save_psf_model
+    from .calibration.calibrate import calibrate
+    from .model_io import save_psf_model
 
     channels, pixel_size = _bead_images(args.beads)
     plan = _calibrate_outputs(args, channels)
@@ -653,9 +653,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .bioimageio import export_package
+    from .image_io.tiff import read_tiff
+    from .model_io.bioimageio import export_package
     from .outputs import check_outputs
-    from .tiffio import read_tiff
 
     out = _output_file(args.output, ".zip")
     check_outputs({out: "package"}, [args.test_image, *_model_inputs(args.model)])
@@ -728,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     from .config import ModelConfig, PredictConfig, TrainConfig
-    from .modelio import PSF_SUFFIX
+    from .model_io import PSF_SUFFIX
     from .optics.psf import PRESETS
 
     p = sub.add_parser("demo", help="train plain and CoordGate U-Nets on a synthetic calibration set; compare")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["field_axis"]
+__all__ = ["field_axis", "grid_positions"]
 
 
 def field_axis(n_field: int, offset: float = 0.0, length: int | None = None, step: int = 1) -> np.ndarray:
@@ -26,3 +26,15 @@ def field_axis(n_field: int, offset: float = 0.0, length: int | None = None, ste
         length = -(-(int(n_field) - int(offset)) // step)
     p = float(offset) + step * np.arange(int(length), dtype=np.float64) + (step - 1) / 2.0
     return (2.0 * p - (n_field - 1)) / max(n_field - 1, 1)
+
+
+def grid_positions(k: int) -> np.ndarray:
+    """Normalised coordinates of the nodes of a K-node grid along one field axis (PSF grids, blur grids, the
+    Wiener first stage's filters).
+
+    Returns float64, shape (k,): ``linspace(-1, 1, k)``, the outer nodes on the outer pixel centres; ``[0]`` for
+    ``k = 1``. ``ValueError`` for ``k < 1``.
+    """
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise ValueError(f"a grid needs at least 1 node, got {k!r}")
+    return np.zeros(1) if k == 1 else np.linspace(-1.0, 1.0, int(k))

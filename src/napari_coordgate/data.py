@@ -1,7 +1,7 @@
 """Calibration pairs, intensity normalisation and position-carrying training crops.
 
 Everything here is numpy: arrays in, arrays out. The image rules themselves live in
-:mod:`napari_coordgate.optics.checks` (re-exported here: :class:`InputError`, :func:`check_image`); the checks of
+:mod:`napari_coordgate.checks` (re-exported here: :class:`InputError`, :func:`check_image`); the checks of
 this module read a stack one plane at a time and never copy it, so a memory-mapped stack stays on disk.
 Training crops keep their **true field offset** so that a position-aware network learns which blur belongs
 where; augmentations are limited to intensity changes, which do not break the position <-> blur relation (flips
@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .optics.checks import InputError, as_float, check_image
+from .checks import InputError, as_float, check_image
 
 __all__ = [
     "InputError",

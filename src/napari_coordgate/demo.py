@@ -45,7 +45,7 @@ def _fields(psf, shape, seed: int, n_train: int, photons: float):
     """Training fields, two test fields and a tuning field (bundled and procedural specimens), and the test and
     tuning fields blurred with camera noise."""
     from .optics.blur import synthesize_pairs
-    from .specimens import TRAIN_SOURCES, specimen_fields
+    from .samples.specimens import TRAIN_SOURCES, specimen_fields
 
     train_sharp = specimen_fields(n_train, shape, seed=seed, sources=TRAIN_SOURCES)
     test_sharp = specimen_fields(2, shape, seed=seed + 1000, sources=TEST_SOURCES)
@@ -77,10 +77,10 @@ def _networks(scores: _Scores, outdir: Path, psf, train_sharp, test_blurred, *, 
               device: str, photons: float) -> None:
     """A plain and a CoordGate U-Net(2) trained for the same budget, saved and scored (after a warm-up)."""
     from .config import ModelConfig, TrainConfig
-    from .console import train_with_bar
     from .engine import SimulatedSource, predict
-    from .modelio import save_model
+    from .model_io import save_model
     from .nn import count_parameters
+    from .runners.console import train_with_bar
 
     for gate, label in (("none", "plain U-Net(2)"), ("coordgate", "CoordGate U-Net(2)")):
         mcfg = ModelConfig(depth=2, channels=16, gate=gate)
@@ -98,8 +98,8 @@ def _networks(scores: _Scores, outdir: Path, psf, train_sharp, test_blurred, *, 
 
 def _write_outputs(outdir: Path, scores: _Scores, test_blurred, minutes: float) -> None:
     """The test images, the CoordGate output and the report figure."""
+    from .image_io.tiff import write_tiff
     from .report import write_report_png
-    from .tiffio import write_tiff
 
     best = "CoordGate U-Net(2)"
     write_tiff(outdir / "test_sharp.tif", scores.test_sharp)
@@ -127,8 +127,8 @@ def run_demo(
     """Run the demo and write models, a JSON report and a PNG report to ``outdir``; returns the report."""
     import torch
 
-    from .console import format_table
-    from .optics.psfmodel import get_psf_model
+    from .optics.models import get_psf_model
+    from .runners.console import format_table
 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)

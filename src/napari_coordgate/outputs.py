@@ -1,17 +1,21 @@
-"""Where a command may write: one rule for every output of every command, the CLI's and the dock's.
+"""Where and how every output is written: one rule for every output of every command, the CLI's and the dock's.
 
-An output never overlaps an input: it is not the input (after resolving links, also through a hard link), not a
-folder that holds an input (``apply raw.zarr/data -o raw.zarr`` would delete ``data``), and not a path inside an
-input (``-o img.ome.zarr/0``). Two outputs of one command never name the same file either. No torch, no Qt.
+Every file is written atomically (:func:`atomic_write`: a temporary file in the same folder, flushed, renamed),
+so nothing looks complete before it is. An output never overlaps an input: it is not the input (after resolving
+links, also through a hard link), not a folder that holds an input (``apply raw.zarr/data -o raw.zarr`` would
+delete ``data``), and not a path inside an input (``-o img.ome.zarr/0``). Two outputs of one command never name
+the same file either. No torch, no Qt.
 """
 
 from __future__ import annotations
 
 import os
+import stat
+import tempfile
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
-__all__ = ["OutputError", "real_path", "check_outputs"]
+__all__ = ["OutputError", "real_path", "check_outputs", "atomic_write", "atomic_write_bytes"]
 
 
 class OutputError(ValueError):
@@ -79,3 +83,59 @@ def check_outputs(outputs: Mapping[str, str | os.PathLike] | Iterable[str | os.P
         if real in seen:
             raise OutputError(f"the {what} {out} and the {seen[real]} are the same file; give each its own path")
         seen[real] = f"{what} {out}"
+
+
+def _file_mode(path: Path) -> int:
+    """The permissions of a file written at ``path``: the replaced file's, or 0666 less the process's umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        pass
+    try:  # Linux: the umask without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Create or replace ``path`` atomically: the one writer of every file the package writes.
+
+    ``write(tmp)`` fills a temporary file in the same folder (a model's bytes, a TIFF, a memory-mapped TIFF filled
+    plane by plane); it is then flushed to disk (fsync) and renamed over ``path``. A crash, a full disk or an
+    exception in ``write`` leaves the old file (or none) and no temporary file, never half a file. The folder must
+    exist (callers check it with their own message).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; the file gets the mode a plain open would give
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_write`); :class:`FileNotFoundError` naming the folder if
+    it is missing."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: folder {folder} does not exist")
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))

@@ -19,7 +19,7 @@ def viewer_dock(make_napari_viewer, qtbot):
 
 
 def wait_idle(qtbot, dock, timeout: int = TIMEOUT) -> None:
-    from napari_coordgate.dockstate import State
+    from napari_coordgate.app.state import State
 
     qtbot.waitUntil(lambda: not dock.runner.busy and dock.state is State.IDLE, timeout=timeout)
 

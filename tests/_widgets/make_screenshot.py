@@ -14,7 +14,7 @@ from pathlib import Path
 import napari
 from qtpy.QtWidgets import QApplication
 
-from napari_coordgate.dockstate import State
+from napari_coordgate.app.state import State
 
 
 def _wait(dock, timeout: float = 300.0) -> None:

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 from conftest import wait_idle
 
-from napari_coordgate.dockstate import State
+from napari_coordgate.app.state import State
 from napari_coordgate.optics.deconv import richardson_lucy_central, sv_richardson_lucy
 from napari_coordgate.optics.psf import PRESETS
 
@@ -99,7 +99,7 @@ def test_a_camera_roi_is_restored_with_the_psfs_of_its_place_in_the_field(viewer
 
 
 def test_compare_job_sees_a_binned_image_in_binned_pixels_of_the_field():
-    from napari_coordgate.jobs import compare_job
+    from napari_coordgate.app.jobs import compare_job
     from napari_coordgate.optics.blur import binned_psf_config
 
     image = np.random.default_rng(0).random((2, 16, 32)).astype(np.float32)  # 2x2-binned, at (32, 0) of 64x64

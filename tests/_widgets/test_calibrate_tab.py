@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from conftest import wait_idle
 
-from napari_coordgate.calibration.synthetic import EllipticalOptics, bead_slide
+from napari_coordgate.samples.beads import EllipticalOptics, bead_slide
 
 OPTICS = EllipticalOptics(width=1.3, radial=0.8, tangential=0.2, beta=None, twist=0.3, psf_size=19)
 

@@ -7,7 +7,7 @@ import pytest
 from conftest import TIMEOUT, make_tiny, wait_idle
 
 from napari_coordgate._widgets._train_tab import SIMULATED
-from napari_coordgate.dockstate import State
+from napari_coordgate.app.state import State
 
 
 def _notifications():
@@ -197,7 +197,7 @@ def test_a_dask_backed_layer_is_processed_without_materialising_it(viewer_dock, 
 
 def test_multichannel_applies_one_model_per_channel(viewer_dock, qtbot, tiny_model, pair64, tmp_path):
     from napari_coordgate import engine
-    from napari_coordgate.modelio import SavedModel, load_model, save_model
+    from napari_coordgate.model_io import SavedModel, load_model, save_model
 
     viewer, dock = viewer_dock
     brighter = SavedModel(tiny_model.model, tiny_model.config, tiny_model.field_shape,

@@ -11,7 +11,7 @@ def test_dropping_a_model_file_on_the_dock_loads_it(viewer_dock, qtbot, tiny_mod
     from qtpy.QtCore import QMimeData, QPoint, Qt, QUrl
     from qtpy.QtGui import QDropEvent
 
-    from napari_coordgate.modelio import save_model
+    from napari_coordgate.model_io import save_model
 
     _, dock = viewer_dock
     path = save_model(tmp_path / "dropped", tiny_model)
@@ -36,7 +36,7 @@ def test_the_preferences_device_and_tile_are_the_docks_defaults(make_napari_view
 
 def test_opening_a_model_file_in_the_viewer_opens_the_dock_and_loads_it(make_napari_viewer, qtbot, tiny_model,
                                                                          tmp_path):
-    from napari_coordgate.modelio import save_model
+    from napari_coordgate.model_io import save_model
 
     viewer = make_napari_viewer(show=True)
     path = save_model(tmp_path / "opened", tiny_model)
@@ -98,7 +98,7 @@ def test_opening_an_exported_package_loads_it_and_other_zips_are_not_claimed(mak
 
     pytest.importorskip("bioimageio.spec")
     from napari_coordgate._widgets._reader import get_reader
-    from napari_coordgate.bioimageio import export_package
+    from napari_coordgate.model_io.bioimageio import export_package
 
     package = export_package(tiny_model, tmp_path / "pkg.zip")
     with zipfile.ZipFile(tmp_path / "other.zip", "w") as zf:

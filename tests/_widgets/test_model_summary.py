@@ -6,7 +6,7 @@ import pytest
 
 from napari_coordgate._widgets._model_tab import model_summary
 from napari_coordgate.config import ModelConfig
-from napari_coordgate.modelio import SavedModel
+from napari_coordgate.model_io import SavedModel
 from napari_coordgate.optics.psf import PRESETS
 
 

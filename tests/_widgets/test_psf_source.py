@@ -9,7 +9,7 @@ import numpy as np
 from conftest import wait_idle
 
 from napari_coordgate._widgets._train_tab import SIMULATED
-from napari_coordgate.modelio import save_psf_model
+from napari_coordgate.model_io import save_psf_model
 from napari_coordgate.optics.deconv import sv_richardson_lucy
 from napari_coordgate.optics.psf import PRESETS
 

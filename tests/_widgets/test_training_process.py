@@ -12,7 +12,7 @@ import pytest
 from conftest import TIMEOUT, make_tiny, wait_idle
 from test_dock import _notifications
 
-from napari_coordgate.dockstate import State
+from napari_coordgate.app.state import State
 
 # Measured on this project's 2-core machine: the dock's default network and recipe (U-Net(2) CoordGate, 16
 # channels, crop 128, batch 8, cosine schedule) on the 256 x 256 sample pair, 4 epochs of 20 steps (15 s),
@@ -114,7 +114,7 @@ _FRESH_VIEWER = textwrap.dedent("""
     import json, sys, time
     import napari
     from qtpy.QtWidgets import QApplication
-    from napari_coordgate.dockstate import State
+    from napari_coordgate.app.state import State
 
     viewer = napari.Viewer(show=True)  # Mesa's LLVM is loaded from here on
     _, dock = viewer.window.add_plugin_dock_widget("napari-coordgate", "CoordGate deblur")

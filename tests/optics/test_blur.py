@@ -15,7 +15,8 @@ from napari_coordgate.optics.blur import (
     normalized_coordinates,
     synthesize_pairs,
 )
-from napari_coordgate.optics.psf import PRESETS, PSFConfig, psf_at
+from napari_coordgate.optics.models import psf_at
+from napari_coordgate.optics.psf import PRESETS, PSFConfig
 
 EDGE = PRESETS["edge_defocus_astigmatism"]
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from napari_coordgate.optics.checks import InputError, as_float, check_image, check_layout
+from napari_coordgate.checks import InputError, as_float, check_image, check_layout
 
 
 def test_check_image_returns_the_array_itself():

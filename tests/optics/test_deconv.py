@@ -10,7 +10,8 @@ from napari_coordgate.optics.deconv import (
     sv_richardson_lucy,
     wiener_central,
 )
-from napari_coordgate.optics.psf import PRESETS, psf_at
+from napari_coordgate.optics.models import psf_at
+from napari_coordgate.optics.psf import PRESETS
 
 EDGE = PRESETS["edge_defocus_astigmatism"]
 
@@ -193,7 +194,7 @@ def test_wiener_kernels_sum_to_one_and_the_central_one_deconvolves_the_centre():
     from napari_coordgate.metrics import psnr
     from napari_coordgate.nn.prefilter import FilterBank
     from napari_coordgate.optics.deconv import wiener_kernels
-    from napari_coordgate.specimens import specimen_fields
+    from napari_coordgate.samples.specimens import specimen_fields
 
     shape = (96, 96)
     op = SpatiallyVaryingBlur("edge_defocus_astigmatism", shape)
@@ -222,7 +223,7 @@ def test_wiener_kernels_reject_bad_arguments():
 
 def test_sv_wiener_with_the_models_grid_beats_central_wiener_at_the_edge():
     from napari_coordgate.optics.deconv import sv_wiener
-    from napari_coordgate.specimens import specimen_fields
+    from napari_coordgate.samples.specimens import specimen_fields
 
     shape = (96, 96)
     op = SpatiallyVaryingBlur(EDGE, shape)

@@ -5,15 +5,13 @@ import numpy as np
 import pytest
 
 from napari_coordgate.config import ConfigError
+from napari_coordgate.model_io import resolve_psf
+from napari_coordgate.optics.models import get_psf_config, psf_at, psf_grid, render_psf_grid
 from napari_coordgate.optics.psf import (
     PRESETS,
     PSFConfig,
     UndersamplingWarning,
     field_polar,
-    get_psf_config,
-    psf_at,
-    psf_grid,
-    render_psf_grid,
 )
 
 
@@ -177,15 +175,15 @@ def test_config_round_trips_through_a_json_file(tmp_path):
     path = tmp_path / "psf.json"
     path.write_text(cfg.to_json())
 
-    assert get_psf_config(path) == cfg
-    assert get_psf_config(str(path)) == cfg
+    assert get_psf_config(resolve_psf(path)) == cfg
+    assert get_psf_config(resolve_psf(str(path))) == cfg
     assert get_psf_config(json.loads(cfg.to_json())) == cfg
     assert PSFConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_missing_json_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read PSF config file"):
-        get_psf_config(tmp_path / "nope.json")
+        resolve_psf(tmp_path / "nope.json")
 
 
 def test_presets_are_named_after_their_key():

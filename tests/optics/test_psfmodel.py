@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from napari_coordgate.config import ConfigError
-from napari_coordgate.modelio import ModelFileError, save_psf_model
+from napari_coordgate.coords import grid_positions
+from napari_coordgate.model_io import ModelFileError, resolve_psf, save_psf_model
 from napari_coordgate.optics.blur import SpatiallyVaryingBlur, binned_psf_config, synthesize_pairs
 from napari_coordgate.optics.deconv import (
     central_psf,
@@ -19,17 +20,21 @@ from napari_coordgate.optics.deconv import (
     wiener_central,
     wiener_kernels,
 )
+from napari_coordgate.optics.models import (
+    get_psf_config,
+    get_psf_model,
+    psf_grid,
+    psf_model_from_record,
+    psf_model_kinds,
+    render_psf_grid,
+)
 from napari_coordgate.optics.psf import (
     PRESETS,
     PSFConfig,
     _psfs_polar,
     field_polar,
-    get_psf_config,
-    grid_positions,
-    psf_grid,
-    render_psf_grid,
 )
-from napari_coordgate.optics.psfmodel import PSFModel, get_psf_model, psf_model_from_record, psf_model_kinds
+from napari_coordgate.optics.psfmodel import PSFModel
 
 PRESET_NAMES = list(PRESETS)
 
@@ -119,21 +124,21 @@ def test_with_provenance_returns_a_copy_that_carries_it():
 
 
 # -- one resolver ---------------------------------------------------------------------------------------------
-def test_get_psf_model_resolves_every_kind_of_spec(tmp_path, fake_psf):
+def test_resolve_psf_resolves_every_kind_of_spec_files_included(tmp_path, fake_psf):
     cfg = PRESETS["strong_astigmatism"].replace(name="mine")
     (tmp_path / "cfg.json").write_text(cfg.to_json())
     save_psf_model(tmp_path / "beads", fake_psf)
 
-    assert get_psf_model(fake_psf) is fake_psf
-    assert get_psf_model(cfg) is cfg
-    assert get_psf_model("gaussian") is PRESETS["gaussian"]
-    assert get_psf_model(tmp_path / "cfg.json") == cfg
-    assert get_psf_model(str(tmp_path / "cfg.json")) == cfg
-    assert get_psf_model(cfg.to_dict()) == cfg
-    assert get_psf_model(cfg.to_record()[0]) == cfg
-    assert get_psf_model({"model": "gaussian"}) == PSFConfig(model="gaussian")
+    assert resolve_psf(fake_psf) is fake_psf
+    assert resolve_psf(cfg) is cfg
+    assert resolve_psf("gaussian") is PRESETS["gaussian"]
+    assert resolve_psf(tmp_path / "cfg.json") == cfg
+    assert resolve_psf(str(tmp_path / "cfg.json")) == cfg
+    assert resolve_psf(cfg.to_dict()) == cfg
+    assert resolve_psf(cfg.to_record()[0]) == cfg
+    assert resolve_psf({"model": "gaussian"}) == PSFConfig(model="gaussian")
     for spec in (tmp_path / "beads.cgpsf", str(tmp_path / "beads.cgpsf"), tmp_path / "beads"):  # suffix rule
-        loaded = get_psf_model(spec)
+        loaded = resolve_psf(spec)
         assert type(loaded).__name__ == "GaussianGridPSF"
         np.testing.assert_array_equal(loaded.sigmas, fake_psf.sigmas)
 
@@ -160,9 +165,9 @@ def test_corrupt_psf_model_file_is_a_clear_error(tmp_path):
     path = tmp_path / "broken.cgpsf"
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header" + b"\0" * 20)
     with pytest.raises(ModelFileError, match="broken.cgpsf"):
-        get_psf_model(path)
+        resolve_psf(path)
     with pytest.raises(ModelFileError, match="PSF model file .*missing.cgpsf does not exist"):
-        get_psf_model(tmp_path / "missing.cgpsf")
+        resolve_psf(tmp_path / "missing.cgpsf")
 
 
 @pytest.mark.parametrize("spec, match", [(42, "got int"), ([1, 2], "got list")])
@@ -175,7 +180,7 @@ def test_invalid_json_config_names_the_file(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text("{na: 1")
     with pytest.raises(ConfigError, match=r"invalid JSON .*bad\.json"):
-        get_psf_model(path)
+        resolve_psf(path)
 
 
 def test_get_psf_config_refuses_a_psf_model_of_another_kind(fake_psf):
@@ -299,7 +304,7 @@ def test_a_measured_grid_model_refuses_a_blur_grid_beyond_the_pupil_models_bound
 
 def _tiny_model_file(path):
     from napari_coordgate.config import ModelConfig
-    from napari_coordgate.modelio import SavedModel, save_model
+    from napari_coordgate.model_io import SavedModel, save_model
     from napari_coordgate.nn import build_model
 
     cfg = ModelConfig(depth=1, channels=2)
@@ -310,7 +315,7 @@ def test_a_model_file_given_as_a_psf_model_says_what_it_is_and_what_a_psf_model_
     path = _tiny_model_file(tmp_path / "net")
 
     with pytest.raises(ConfigError) as info:
-        get_psf_model(path)
+        resolve_psf(path)
     message = str(info.value)
     assert "net.cgmodel" in message and "napari-coordgate model file" in message and "not a PSF model" in message
     assert "preset" in message and ".json" in message and ".cgpsf" in message
@@ -318,8 +323,8 @@ def test_a_model_file_given_as_a_psf_model_says_what_it_is_and_what_a_psf_model_
 
 
 def test_a_checkpoint_or_another_binary_file_given_as_a_psf_model_says_what_it_is(tmp_path):
-    from napari_coordgate import modelio
-    from napari_coordgate.modelio import save_checkpoint
+    from napari_coordgate import model_io as modelio
+    from napari_coordgate.model_io import save_checkpoint
 
     ck = save_checkpoint(tmp_path / "run", weights={"w": torch.zeros(2)}, best={"w": torch.ones(2)},
                          optimizer={"state": {}, "param_groups": []}, rng_tensors={}, state={})
@@ -333,7 +338,7 @@ def test_a_checkpoint_or_another_binary_file_given_as_a_psf_model_says_what_it_i
     for path, what in [(ck, "napari-coordgate checkpoint file"), (renamed, "napari-coordgate model file"),
                        (package, "zip file"), (image, "not a text file")]:
         with pytest.raises(ConfigError, match=what) as info:
-            get_psf_model(path)
+            resolve_psf(path)
         assert path.name in str(info.value) and ".cgpsf" in str(info.value) and "codec" not in str(info.value)
     assert modelio.CHECKPOINT_SUFFIX == ".cgckpt"
 
@@ -342,4 +347,4 @@ def test_a_psf_model_file_under_another_name_is_read_as_one(tmp_path, fake_psf):
     path = tmp_path / "beads.psf"
     path.write_bytes(save_psf_model(tmp_path / "beads", fake_psf).read_bytes())
 
-    np.testing.assert_array_equal(get_psf_model(path).sigmas, fake_psf.sigmas)
+    np.testing.assert_array_equal(resolve_psf(path).sigmas, fake_psf.sigmas)

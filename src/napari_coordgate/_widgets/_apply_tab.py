@@ -16,9 +16,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_coordgate.app.jobs import ApplyRequest, apply_job, compare_job
+from napari_coordgate.app.state import State
 from napari_coordgate.config import PredictConfig, parse_roi
-from napari_coordgate.dockstate import State
-from napari_coordgate.jobs import ApplyRequest, apply_job, compare_job
 
 from ._form import ConfigForm, known_device
 from ._layers import LayerCombo, layer_array, spatial_kwargs

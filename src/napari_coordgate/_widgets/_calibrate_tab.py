@@ -18,9 +18,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_coordgate.dockstate import State
-from napari_coordgate.jobs import calibrate_job
-from napari_coordgate.modelio import PSF_SUFFIX
+from napari_coordgate.app.jobs import calibrate_job
+from napari_coordgate.app.state import State
+from napari_coordgate.model_io import PSF_SUFFIX
 
 from ._layers import LayerCombo, layer_array, spatial_kwargs
 from ._settings import remember_folder
@@ -109,7 +109,7 @@ class CalibrateTab(QWidget):
 
     def show_result(self, result, name: str, meta: dict) -> None:
         """Beads (accepted and rejected, reason on hover), the PSF grid and the FWHM map as layers."""
-        from napari_coordgate.optics.psf import render_psf_grid
+        from napari_coordgate.optics.models import render_psf_grid
 
         self.result = result
         viewer, t = self.dock.viewer, result.beads
@@ -150,7 +150,7 @@ class CalibrateTab(QWidget):
             self.save(path)
 
     def save(self, path: str) -> None:
-        from napari_coordgate.modelio import save_psf_model
+        from napari_coordgate.model_io import save_psf_model
 
         try:
             written = save_psf_model(path, self.result.model)

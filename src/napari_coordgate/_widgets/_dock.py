@@ -1,6 +1,6 @@
 """The "CoordGate deblur" dock: Model, Calibrate, Train, Apply and Evaluate tabs around one task runner.
 
-The dock owns the state (a :class:`~napari_coordgate.dockstate.State`), the current model and the runner; tabs are forms
+The dock owns the state (a :class:`~napari_coordgate.app.state.State`), the current model and the runner; tabs are forms
 that build configs, copy layer data on the GUI thread and call :meth:`CoordGateDock.run_task`.
 """
 
@@ -13,9 +13,9 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QLabel, QProgressBar, QTabWidget, QVBoxLayout, QWidget
 
-from napari_coordgate.dockstate import Progress, State, enabled_actions
-from napari_coordgate.jobs import load_job
-from napari_coordgate.modelio import MODEL_SUFFIX
+from napari_coordgate.app.jobs import load_job
+from napari_coordgate.app.state import Progress, State, enabled_actions
+from napari_coordgate.model_io import MODEL_SUFFIX
 
 from ._apply_tab import ApplyTab
 from ._calibrate_tab import CalibrateTab

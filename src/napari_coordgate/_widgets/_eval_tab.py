@@ -16,7 +16,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_coordgate.jobs import evaluate_job, gates_job
+from napari_coordgate.app.jobs import evaluate_job, gates_job
 
 from ._layers import LayerCombo, layer_array, spatial_kwargs
 from ._plot import PlotCanvas

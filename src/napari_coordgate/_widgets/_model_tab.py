@@ -7,9 +7,9 @@ from pathlib import Path
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
+from napari_coordgate.app.jobs import export_job, save_job
 from napari_coordgate.data import Normalization
-from napari_coordgate.jobs import export_job, save_job
-from napari_coordgate.modelio import MODEL_SUFFIX
+from napari_coordgate.model_io import MODEL_SUFFIX
 
 from ._settings import remember_folder
 
@@ -111,7 +111,7 @@ class ModelTab(QWidget):
 
     def load_sample_model(self) -> None:
         """Load the model shipped for the bundled sample optics (synthetic; not a real microscope's)."""
-        from napari_coordgate._sample_model import sample_model_path
+        from napari_coordgate.samples.sample_model import sample_model_path
 
         try:
             path = sample_model_path()

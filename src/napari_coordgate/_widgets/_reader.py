@@ -3,7 +3,7 @@ opened with File > Open) loads into the CoordGate dock, which opens if it is clo
 
 from __future__ import annotations
 
-from napari_coordgate.modelio import MODEL_SUFFIX
+from napari_coordgate.model_io import MODEL_SUFFIX
 
 PLUGIN, WIDGET = "napari-coordgate", "CoordGate deblur"
 

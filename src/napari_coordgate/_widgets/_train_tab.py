@@ -19,10 +19,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_coordgate.app.jobs import psf_grid_job, train_job
+from napari_coordgate.app.state import State
 from napari_coordgate.config import ConfigError, ModelConfig, TrainConfig
-from napari_coordgate.dockstate import State
-from napari_coordgate.jobs import psf_grid_job, train_job
-from napari_coordgate.modelio import PSF_SUFFIX
+from napari_coordgate.model_io import PSF_SUFFIX
 from napari_coordgate.optics.psf import PSFConfig
 
 from ._form import ConfigForm, known_device
@@ -218,10 +218,10 @@ class TrainTab(QWidget):
 
     def load_psf_file(self, path: str) -> bool:
         """Read a PSF model file (``.cgpsf``, or a ``.json`` config) and make it the PSF source; False on error."""
-        from napari_coordgate.optics.psfmodel import get_psf_model
+        from napari_coordgate.model_io import resolve_psf
 
         try:
-            model = get_psf_model(Path(path))
+            model = resolve_psf(Path(path))
         except (ValueError, OSError) as exc:  # ConfigError and ModelFileError are ValueErrors
             show_error(f"CoordGate: {exc}")
             return False

@@ -1,4 +1,4 @@
-"""The pieces of bead calibration (:func:`napari_coordgate.calibrate.calibrate` puts them together).
+"""The pieces of bead calibration (:func:`napari_coordgate.calibration.calibrate.calibrate` puts them together).
 
 One idea per module: ``detect`` (beads in a 2-D focal-plane image), ``patches`` (registered PSF patches and
 the fit of a PSF model to each bead), ``grid`` (the measured K x K PSF grid), ``pupilfit`` (the pupil model with

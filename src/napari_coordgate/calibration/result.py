@@ -1,4 +1,4 @@
-"""What :func:`~napari_coordgate.calibrate.calibrate` returns, and its progress messages."""
+"""What :func:`~napari_coordgate.calibration.calibrate.calibrate` returns, and its progress messages."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ model from calibration pairs (:class:`PairSource`) or from sharp images and a PS
 reporting typed :class:`Update` records and checking ``should_stop()`` every step; ``init=`` fine-tunes a loaded
 model. The calibration stacks stay in host memory (memory maps allowed) and only a batch of crops or validation
 tiles goes to the device. The best model so far is kept in memory and, when ``out_path``/``checkpoint_path`` are
-given, on disk (atomic writes, :mod:`napari_coordgate.modelio`), so a stop or a crash never loses it.
+given, on disk (atomic writes, :mod:`napari_coordgate.model_io`), so a stop or a crash never loses it.
 
 ``predict(saved, image, ...)`` (:mod:`.prediction`) deblurs a 2-D image or every plane of a (..., H, W) stack
 (numpy, dask or any array that slices lazily) tile by tile: each tile carries its global field offset, overlaps its
@@ -21,8 +21,9 @@ from __future__ import annotations
 
 from ..config import PRECISIONS
 from ..devices import resolve_device
-from ..modelio import load_checkpoint, save_checkpoint
-from .prediction import Cancelled, field_geometry, plan_tiles, predict, receptive_halo
+from ..model_io import load_checkpoint, save_checkpoint
+from ..nn.unet import receptive_halo
+from .prediction import Cancelled, field_geometry, plan_tiles, predict
 from .run import TrainResult, Update
 from .training import train
 from .trainingdata import PairSource, SimulatedSource

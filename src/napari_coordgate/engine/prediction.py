@@ -13,33 +13,20 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..checks import InputError, check_layout, check_values
 from ..config import PRECISIONS, ModelConfig
 from ..data import Normalization, plane_sample
 from ..devices import on_device, resolve_device
-from ..modelio import SavedModel
-from ..optics.checks import InputError, check_layout, check_values
+from ..model_io import SavedModel
+from ..nn.unet import receptive_halo
 
-__all__ = ["Cancelled", "predict", "predict_batch", "receptive_halo", "plan_tiles", "field_geometry"]
+__all__ = ["Cancelled", "predict", "predict_batch", "plan_tiles", "field_geometry"]
 
 Window = tuple[int, int, int, int]  # (y0, y1, x0, x1)
 
 
 class Cancelled(Exception):
     """Raised by :func:`predict` when ``should_stop()`` returned True between tiles."""
-
-
-def receptive_halo(cfg: ModelConfig) -> int:
-    """Overlap (pixels) a tile needs on each side so its core equals whole-image output.
-
-    The receptive radius of the U-Net is 2**(depth+2) - 6 pixels (two 3x3 convolutions per level on the way
-    down and up, plus pooling and transposed-convolution footprints), plus the radius of a Wiener first stage's
-    kernels; rounded up to the pooling grid.
-    """
-    m = cfg.min_size
-    r = 2 ** (cfg.depth + 2) - 6 + 2
-    if cfg.prefilter_channels:
-        r += cfg.prefilter_size // 2  # the first stage's kernels reach this much further
-    return int(math.ceil(r / m) * m)
 
 
 def _bytes_per_pixel(cfg: ModelConfig) -> float:
@@ -248,7 +235,7 @@ def predict(
     Parameters
     ----------
     saved
-        A loaded model (:func:`napari_coordgate.modelio.load_model` or a training result).
+        A loaded model (:func:`napari_coordgate.model_io.load_model` or a training result).
     image
         numpy array, dask array or any array that slices lazily; only the tile windows (plus halo) of one batch
         of one plane are read at a time, so a dask-backed stack is never materialised.

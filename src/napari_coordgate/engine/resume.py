@@ -11,7 +11,7 @@ import numpy as np
 
 from ..config import ConfigError, ModelConfig, TrainConfig
 from ..data import InputError, Normalization
-from ..modelio import ModelFileError, SavedModel, load_checkpoint, save_checkpoint, state_dict_mismatch
+from ..model_io import ModelFileError, SavedModel, load_checkpoint, save_checkpoint, state_dict_mismatch
 from .run import Run
 
 __all__ = ["checkpoint_to_resume", "check_init", "starting_normalization", "restore", "write_checkpoint"]
@@ -203,7 +203,7 @@ def restore(ck: dict, run: Run, model, plateau, rng) -> None:
     """Continue from a checkpoint: weights, best weights, optimiser and schedule, counters, RNG states.
 
     ``ck`` is :func:`checkpoint_to_resume`'s; its tensors are checked against this run's network, optimiser and
-    scheduler first (:class:`~napari_coordgate.modelio.ModelFileError`, one line naming the file), before any
+    scheduler first (:class:`~napari_coordgate.model_io.ModelFileError`, one line naming the file), before any
     training step.
     """
     import torch

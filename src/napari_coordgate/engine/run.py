@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import ModelConfig, TrainConfig
-from ..modelio import SavedModel, save_model
+from ..model_io import SavedModel, save_model
 from .trainingdata import TrainingData
 
 __all__ = ["Update", "TrainResult", "Run"]

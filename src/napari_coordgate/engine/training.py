@@ -19,7 +19,7 @@ from ..config import ModelConfig, TrainConfig
 from ..data import InputError
 from ..devices import bf16_is_fast, on_device, resolve_device
 from ..metrics import PSNRAccumulator
-from ..modelio import SavedModel
+from ..model_io import SavedModel
 from .optimizer import build_optimizer, set_learning_rate
 from .prediction import plan_tiles, predict_batch, tile_batches
 from .resume import (
@@ -213,7 +213,7 @@ def train(
         interrupted and resumed training gives the same weights as one uninterrupted run. The budget may grow;
         other data or another model config is refused with an error that says so.
     init
-        A model to fine-tune (a :class:`SavedModel`, e.g. :func:`~napari_coordgate.modelio.load_model`): training
+        A model to fine-tune (a :class:`SavedModel`, e.g. :func:`~napari_coordgate.model_io.load_model`): training
         starts from its weights and keeps its normalisation and PSF model (unless the source names one). It must
         have ``model_cfg`` and the data's field shape; not with ``resume``.
 

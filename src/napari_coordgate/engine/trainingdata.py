@@ -127,13 +127,13 @@ class TrainingData:
     def from_source(cls, source, model_cfg: ModelConfig, train_cfg: TrainConfig) -> "TrainingData":
         """Check a :class:`PairSource` (plane by plane, registration included) or simulate the clean blurred
         stack of a :class:`SimulatedSource`; a clear :class:`InputError` for anything unusable."""
-        from ..optics.psfmodel import get_psf_model
+        from ..model_io import resolve_psf
 
         m = model_cfg.min_size
         if isinstance(source, PairSource):
             sharp, blurred = check_pairs(source.sharp, source.blurred, min_size=m)
             registered, _ = check_registration(sharp, blurred, correct=train_cfg.register)
-            known = None if source.psf is None else get_psf_model(source.psf)
+            known = None if source.psf is None else resolve_psf(source.psf)
             _check_psf_field(known, sharp.shape[-2:])
             return cls(sharp, blurred, registered, simulated_from=None, known_psf=known, model_cfg=model_cfg,
                        train_cfg=train_cfg)
@@ -141,7 +141,7 @@ class TrainingData:
             from ..optics.blur import synthesize_pairs
 
             check_image(source.sharp, "sharp", max_ndim=3, min_size=m, allow_constant=False)
-            psf = get_psf_model(source.psf)
+            psf = resolve_psf(source.psf)
             _check_psf_field(psf, np.shape(source.sharp)[-2:])
             sharp, clean = synthesize_pairs(source.sharp, psf)
             return cls(as_planes(sharp), as_planes(clean), {}, simulated_from=psf, known_psf=psf,

@@ -19,6 +19,7 @@ so a crop at an offset that is a multiple of ``2**(depth-1)`` sees the same pool
 from __future__ import annotations
 
 import functools
+import math
 import platform
 from typing import Sequence
 
@@ -30,7 +31,7 @@ from ..config import ModelConfig
 from .coordgate import CoordGate, field_coordinates
 from .prefilter import FilterBank
 
-__all__ = ["UNet", "build_model", "count_parameters", "ImageTooSmallError"]
+__all__ = ["UNet", "build_model", "count_parameters", "ImageTooSmallError", "receptive_halo"]
 
 
 class ImageTooSmallError(ValueError):
@@ -255,3 +256,17 @@ def build_model(cfg: ModelConfig) -> UNet:
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"expected a ModelConfig, got {type(cfg).__name__}")
     return UNet(cfg)
+
+
+def receptive_halo(cfg: ModelConfig) -> int:
+    """Overlap (pixels) a tile needs on each side so its core equals whole-image output.
+
+    The receptive radius of the U-Net is 2**(depth+2) - 6 pixels (two 3x3 convolutions per level on the way
+    down and up, plus pooling and transposed-convolution footprints), plus the radius of a Wiener first stage's
+    kernels; rounded up to the pooling grid.
+    """
+    m = cfg.min_size
+    r = 2 ** (cfg.depth + 2) - 6 + 2
+    if cfg.prefilter_channels:
+        r += cfg.prefilter_size // 2  # the first stage's kernels reach this much further
+    return int(math.ceil(r / m) * m)

@@ -23,7 +23,8 @@ the PSF of its place in the field. A binned camera sees the PSF model in larger 
 (:meth:`~napari_coordgate.optics.psfmodel.PSFModel.binned`).
 
 Every function here takes any :class:`~napari_coordgate.optics.psfmodel.PSFModel` (or what
-:func:`~napari_coordgate.optics.psfmodel.get_psf_model` resolves: a preset, a JSON config, a ``.cgpsf`` file).
+:func:`~napari_coordgate.optics.models.get_psf_model` resolves: a preset or a dict; files are read by
+:func:`napari_coordgate.model_io.resolve_psf`).
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ import numpy as np
 import torch
 from scipy.fft import next_fast_len
 
-from napari_coordgate.coords import field_axis
+from napari_coordgate.checks import as_float, check_image
+from napari_coordgate.coords import field_axis, grid_positions
 from napari_coordgate.devices import resolve_device
-from napari_coordgate.optics.checks import as_float, check_image
-from napari_coordgate.optics.psf import grid_positions
-from napari_coordgate.optics.psfmodel import PSFModel, get_psf_model
+from napari_coordgate.optics.models import get_psf_model
+from napari_coordgate.optics.psfmodel import PSFModel
 
 __all__ = [
     "SpatiallyVaryingBlur",

@@ -10,7 +10,8 @@ symmetric reflection before the shift-invariant methods, so their zero (RL) or p
 handling does not create artefacts at the field edge.
 
 Every function takes any :class:`~napari_coordgate.optics.psfmodel.PSFModel` (or what
-:func:`~napari_coordgate.optics.psfmodel.get_psf_model` resolves: a preset, a JSON config, a ``.cgpsf`` file).
+:func:`~napari_coordgate.optics.models.get_psf_model` resolves: a preset or a dict; files are read by
+:func:`napari_coordgate.model_io.resolve_psf`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import numpy as np
 import torch
 from skimage import restoration
 
+from napari_coordgate.checks import as_float, check_image
+from napari_coordgate.coords import grid_positions
 from napari_coordgate.optics.blur import SpatiallyVaryingBlur, _tent_weights
-from napari_coordgate.optics.checks import as_float, check_image
-from napari_coordgate.optics.psf import grid_positions
-from napari_coordgate.optics.psfmodel import PSFModel, get_psf_model
+from napari_coordgate.optics.models import get_psf_model
+from napari_coordgate.optics.psfmodel import PSFModel
 
 __all__ = ["central_psf", "richardson_lucy_central", "wiener_central", "sv_richardson_lucy", "wiener_kernels",
            "sv_wiener"]

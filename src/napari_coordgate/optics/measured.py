@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from napari_coordgate.optics.psfmodel import PSFModel, binned_psf_size, record_size_limits, register_psf_model
+from napari_coordgate.optics.psfmodel import GRID_BOUNDS, PSFModel, binned_psf_size, register_psf_model
 
 __all__ = ["MeasuredGridPSF", "tent_weights_1d"]
 
@@ -120,8 +120,8 @@ class MeasuredGridPSF(PSFModel):
             if not (math.isfinite(pixel_size_um) and pixel_size_um > 0):
                 raise ValueError(f"pixel_size_um must be positive or None, got {pixel_size_um!r}")
         bg = k if blur_grid is None else int(blur_grid)
-        hi = record_size_limits()["grid"][1]
-        if not 1 <= bg <= hi:  # the fast blur holds bg² PSFs: a grid beyond PSFConfig's bound is a mistake
+        lo, hi = GRID_BOUNDS
+        if not lo <= bg <= hi:  # the fast blur holds bg² PSFs: a grid beyond PSFConfig's bound is a mistake
             raise ValueError(f"blur_grid must be from 1 to {hi}, got {blur_grid!r}")
         self._psfs = arr
         self._psfs.setflags(write=False)

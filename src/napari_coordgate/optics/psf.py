@@ -32,26 +32,18 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
 from napari_coordgate.config import Config, ConfigError, bounded, choice
-from napari_coordgate.optics.psfmodel import PSFModel, get_psf_model, register_psf_model
+from napari_coordgate.optics.psfmodel import GRID_BOUNDS, PSF_SIZE_BOUNDS, PSFModel, register_psf_model
 
 __all__ = [
     "PSFConfig",
     "PRESETS",
     "UndersamplingWarning",
-    "get_psf_config",
-    "get_psf_model",
     "field_polar",
-    "grid_positions",
-    "psf_at",
-    "psfs_at",
-    "psf_grid",
-    "render_psf_grid",
     "nyquist_pixel_size_um",
 ]
 
@@ -105,9 +97,9 @@ class PSFConfig(Config, PSFModel):
     wavelength_um: float = bounded(0.52, 0.1, 10.0, doc="emission wavelength in vacuum, micrometres")
     pixel_size_um: float = bounded(0.16, 0.001, 100.0, doc="camera pixel size in the specimen plane, µm")
     refractive_index: float = bounded(1.0, 1.0, 3.0, doc="index of the immersion medium")
-    psf_size: int = bounded(21, 3, 255, doc="PSF side in camera pixels (odd)")
+    psf_size: int = bounded(21, *PSF_SIZE_BOUNDS, doc="PSF side in camera pixels (odd)")
     oversample: int = bounded(3, 1, 15, doc="sub-samples per pixel and axis (odd); raised if undersampled")
-    grid: int = bounded(7, 1, 64, doc="K: PSFs on a K x K grid across the field for the fast blur")
+    grid: int = bounded(7, *GRID_BOUNDS, doc="K: PSFs on a K x K grid across the field for the fast blur")
     axis_y: float = bounded(0.0, -1.0, 1.0, doc="optical axis row, normalised field coordinate")
     axis_x: float = bounded(0.0, -1.0, 1.0, doc="optical axis column, normalised field coordinate")
     defocus: float = _waves(doc="constant defocus, waves RMS")
@@ -209,33 +201,6 @@ PRESETS: dict[str, PSFConfig] = {
     ),
 }
 """Named PSF models a user can pick instead of writing a config."""
-
-
-def get_psf_config(spec: "PSFConfig | str | Path | Mapping[str, Any]") -> PSFConfig:
-    """Resolve ``spec`` (as :func:`~napari_coordgate.optics.psfmodel.get_psf_model`) where a :class:`PSFConfig`
-    specifically is needed (the dock's parameter editor, the Nyquist check).
-
-    Parameters
-    ----------
-    spec
-        A ``PSFConfig`` (returned unchanged), a preset name from :data:`PRESETS`, a path to a JSON file
-        written by :meth:`PSFConfig.to_json` or by hand, or a dict of fields.
-
-    Returns
-    -------
-    PSFConfig
-
-    Raises
-    ------
-    ConfigError
-        For an unknown preset name (the message lists the presets), an unreadable file, invalid fields, or a
-        PSF model of another kind (a measured one, say), which has no pupil parameters.
-    """
-    model = get_psf_model(spec)
-    if not isinstance(model, PSFConfig):
-        raise ConfigError(f"{model.describe()} is not a pupil/Gaussian PSF config: this needs a preset, a .json "
-                          "PSF config or a dict of PSFConfig fields")
-    return model
 
 
 def nyquist_pixel_size_um(cfg: PSFConfig) -> float:
@@ -451,134 +416,3 @@ def _psfs_polar(cfg: PSFConfig, h: np.ndarray, phi: np.ndarray) -> np.ndarray:
     else:
         flat = _PupilModel(cfg).psfs(_zernike_coefficients(cfg, np.asarray(h), np.asarray(phi)))
     return flat.reshape(*shape, cfg.psf_size, cfg.psf_size)
-
-
-def psfs_at(
-    model: "PSFModel | str | Mapping[str, Any]", y: "np.ndarray", x: "np.ndarray",
-    field_shape: Sequence[int] | None = None,
-) -> np.ndarray:
-    """PSFs at many normalised field positions at once.
-
-    Parameters
-    ----------
-    model
-        The PSF model (any :class:`PSFModel`, or what :func:`get_psf_model` resolves).
-    y, x
-        Normalised field coordinates (arrays broadcastable to one shape ``S``).
-    field_shape
-        (H, W) of the frame, or ``None`` for a square frame.
-
-    Returns
-    -------
-    ndarray, float64, shape ``S + (psf_size, psf_size)``
-        Each PSF sums to one and is centred on its middle pixel.
-    """
-    return get_psf_model(model).psfs_at(y, x, field_shape)
-
-
-def psf_at(model: "PSFModel | str | Mapping[str, Any]", y: float, x: float,
-           field_shape: Sequence[int] | None = None) -> np.ndarray:
-    """The PSF at one normalised field position.
-
-    Parameters
-    ----------
-    model
-        The PSF model (any :class:`PSFModel`, or what :func:`get_psf_model` resolves).
-    y, x
-        Normalised field coordinates in [-1, 1] (``(0, 0)`` is the frame centre).
-    field_shape
-        (H, W) of the frame, or ``None`` for a square frame.
-
-    Returns
-    -------
-    ndarray, float64, shape (psf_size, psf_size)
-        Sums to one; the point's image is centred on the middle pixel.
-
-    Warns
-    -----
-    UndersamplingWarning
-        When the camera pixel is coarser than the Nyquist limit of a pupil-model PSF.
-    """
-    return get_psf_model(model).psf_at(y, x, field_shape)
-
-
-def grid_positions(k: int) -> np.ndarray:
-    """Normalised coordinates of the grid nodes along one axis.
-
-    Parameters
-    ----------
-    k
-        Number of nodes (``PSFConfig.grid``).
-
-    Returns
-    -------
-    ndarray, float64, shape (k,)
-        ``linspace(-1, 1, k)``: the outer nodes sit on the outer pixel centres; ``[0]`` for ``k = 1``.
-    """
-    if k < 1:
-        raise ConfigError(f"PSFConfig.grid must be at least 1, got {k}")
-    return np.zeros(1) if k == 1 else np.linspace(-1.0, 1.0, k)
-
-
-def psf_grid(model: "PSFModel | str | Mapping[str, Any]", field_shape: Sequence[int] | None = None
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """PSFs on the K × K grid (``K = model.grid``) that the fast blur interpolates.
-
-    Parameters
-    ----------
-    model
-        The PSF model (any :class:`PSFModel`, or what :func:`get_psf_model` resolves).
-    field_shape
-        (H, W) of the frame, or ``None`` for a square frame.
-
-    Returns
-    -------
-    psfs : ndarray, float64, shape (K, K, psf_size, psf_size)
-        ``psfs[i, j]`` is the PSF at row node ``ys[i]`` and column node ``xs[j]``.
-    ys, xs : ndarray, shape (K,)
-        Normalised coordinates of the nodes: ``linspace(-1, 1, K)``, or ``[0]`` for ``K = 1``.
-    """
-    return get_psf_model(model).psf_grid(field_shape)
-
-
-def render_psf_grid(
-    model: "PSFModel | str | Mapping[str, Any]", field_shape: Sequence[int] | None = None, *, gap: int = 2,
-    normalize: str = "each",
-) -> np.ndarray:
-    """The K × K PSF grid tiled into one image for display.
-
-    Parameters
-    ----------
-    model
-        The PSF model (any :class:`PSFModel`, or what :func:`get_psf_model` resolves).
-    field_shape
-        (H, W) of the frame, or ``None`` for a square frame.
-    gap
-        Pixels of zero between tiles.
-    normalize
-        ``"each"`` scales every PSF to peak 1 so shapes are visible everywhere; ``"global"`` divides all by
-        the largest peak so the loss of peak intensity towards the edge shows.
-
-    Returns
-    -------
-    ndarray, float32, shape (K * s + (K + 1) * gap,) * 2
-        Tile ``(i, j)`` shows the PSF at grid node ``(i, j)``, laid out as in the field.
-    """
-    if normalize not in ("each", "global"):
-        raise ValueError(f"normalize must be 'each' or 'global', got {normalize!r}")
-    if gap < 0:
-        raise ValueError(f"gap must be >= 0, got {gap}")
-    psfs, _, _ = get_psf_model(model).psf_grid(field_shape)
-    k, s = psfs.shape[0], psfs.shape[-1]
-    if normalize == "each":
-        psfs = psfs / psfs.max(axis=(2, 3), keepdims=True)
-    else:
-        psfs = psfs / psfs.max()
-    side = k * s + (k + 1) * gap
-    image = np.zeros((side, side), dtype=np.float32)
-    for i in range(k):
-        for j in range(k):
-            r, c = gap + i * (s + gap), gap + j * (s + gap)
-            image[r : r + s, c : c + s] = psfs[i, j]
-    return image
-

@@ -13,8 +13,9 @@ A PSF model answers three questions:
 - how to store it (:meth:`PSFModel.to_record` / :func:`psf_model_from_record`): a JSON-able dict plus named
   float arrays, written into ``.cgpsf`` and ``.cgmodel`` files (safetensors + JSON, never pickle).
 
-:func:`get_psf_model` is the one place where what a user names (a model, a preset, a JSON config, a dict, a
-``.cgpsf`` file) becomes a PSF model; every consumer calls it.
+The kinds register themselves here (:func:`register_psf_model`); :mod:`napari_coordgate.optics.models` imports
+them all and turns what a user names into a PSF model (files are read one layer up, in
+:mod:`napari_coordgate.model_io`).
 
 numpy only: no torch, no Qt.
 """
@@ -23,17 +24,18 @@ from __future__ import annotations
 
 import abc
 import copy
-import json
-import os
-from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from napari_coordgate.config import ConfigError
+from napari_coordgate.coords import grid_positions
 
-__all__ = ["PSFModel", "binned_psf_size", "register_psf_model", "psf_model_from_record", "psf_model_kinds",
-           "get_psf_model", "check_field_shape", "record_size_limits", "MAX_FIELD_SIDE"]
+__all__ = ["PSFModel", "binned_psf_size", "register_psf_model", "registered_kinds", "check_field_shape",
+           "check_record_sizes", "GRID_BOUNDS", "PSF_SIZE_BOUNDS", "MAX_FIELD_SIDE"]
+
+#: inclusive bounds of the K of a K x K PSF grid and of a PSF's side, for every kind (PSFConfig's fields use them)
+GRID_BOUNDS = (1, 64)
+PSF_SIZE_BOUNDS = (3, 255)
 
 #: largest side of a field (H or W) a record or a provenance may name: more than any camera, and a bound on the
 #: images that are sized from it (training specimens for a measured model)
@@ -103,8 +105,6 @@ class PSFModel(abc.ABC):
         Returns ``(psfs, ys, xs)`` with ``psfs[i, j]`` the PSF at row node ``ys[i]``, column node ``xs[j]``,
         shape (K, K, psf_size, psf_size).
         """
-        from .psf import grid_positions
-
         nodes = grid_positions(self.grid if k is None else int(k))
         yy, xx = np.meshgrid(nodes, nodes, indexing="ij")
         return self.psfs_at(yy, xx, field_shape), nodes, nodes.copy()
@@ -160,9 +160,9 @@ def register_psf_model(cls: type[PSFModel]) -> type[PSFModel]:
     return cls
 
 
-def psf_model_kinds() -> tuple[str, ...]:
-    _load_implementations()
-    return tuple(_KINDS)
+def registered_kinds() -> dict[str, type[PSFModel]]:
+    """The kinds registered so far (:mod:`napari_coordgate.optics.models` imports every implementation)."""
+    return dict(_KINDS)
 
 
 def check_field_shape(shape: Any, what: str = "field_shape") -> tuple[int, int]:
@@ -177,21 +177,10 @@ def check_field_shape(shape: Any, what: str = "field_shape") -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
-def record_size_limits() -> dict[str, tuple[int, int]]:
-    """Inclusive bounds of a record's ``grid`` and ``psf_size``: those of ``PSFConfig``, for every kind."""
-    from dataclasses import fields
-
-    from .psf import PSFConfig
-
-    spec = {f.name: f.metadata for f in fields(PSFConfig)}
-    return {name: (spec[name]["lo"], spec[name]["hi"]) for name in ("grid", "psf_size")}
-
-
-def _check_record_sizes(meta: dict[str, Any]) -> None:
+def check_record_sizes(meta: dict[str, Any]) -> None:
     """The sizes a record declares, checked before its kind builds (or a consumer allocates) anything from them:
     a K x K grid of PSFs of side s costs K² s² numbers, so an edited ``"grid": 5000`` must not reach the blur."""
-    limits = record_size_limits()
-    sizes = {"grid": limits["grid"], "nodes": limits["grid"], "psf_size": limits["psf_size"]}
+    sizes = {"grid": GRID_BOUNDS, "nodes": GRID_BOUNDS, "psf_size": PSF_SIZE_BOUNDS}
     for key, (lo, hi) in sizes.items():
         value = meta.get(key)
         if value is None:
@@ -202,145 +191,3 @@ def _check_record_sizes(meta: dict[str, Any]) -> None:
             raise ValueError(f"PSF record: {key!r} must be {odd} integer from {lo} to {hi}, got {value!r}")
     if meta.get("field_shape") is not None:
         check_field_shape(meta["field_shape"], "PSF record: 'field_shape'")
-
-
-def psf_model_from_record(meta: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> PSFModel:
-    """The PSF model stored as ``(meta, arrays)`` (see :meth:`PSFModel.to_record`).
-
-    A record without ``"kind"`` is a plain :class:`~napari_coordgate.optics.psf.PSFConfig` dict (what model
-    files of schema version 1 store). The sizes it declares (``grid``, ``nodes``, ``psf_size``, ``field_shape``)
-    are checked against the bounds of :class:`~napari_coordgate.optics.psf.PSFConfig` first, for every kind.
-    """
-    _load_implementations()
-    if isinstance(meta, dict):
-        _check_record_sizes(meta)
-    kind = meta.get("kind", "pupil") if isinstance(meta, dict) else None
-    if kind == "psf":  # PSFConfig.to_dict() names its config kind "psf": schema-1 model files and JSON configs
-        kind, meta = "pupil", {**meta, "kind": "pupil"}
-    if kind not in _KINDS:
-        raise ValueError(f"unknown PSF model kind {kind!r}; this napari-coordgate reads: {', '.join(_KINDS)} "
-                         "(a file from a newer version? upgrade napari-coordgate)")
-    return _KINDS[kind].from_record(meta, arrays or {})
-
-
-def get_psf_model(spec: "PSFModel | str | os.PathLike | Mapping[str, Any]") -> PSFModel:
-    """The PSF model that ``spec`` names: the one resolver every consumer of the optics goes through.
-
-    Parameters
-    ----------
-    spec
-        - a :class:`PSFModel` (returned unchanged);
-        - a preset name (:data:`~napari_coordgate.optics.psf.PRESETS`);
-        - the path of a ``.json`` file: a :class:`~napari_coordgate.optics.psf.PSFConfig` (as written by its
-          ``to_json`` or by hand) or the metadata of a record of any kind that needs no arrays;
-        - the path of a ``.cgpsf`` PSF model file (:func:`napari_coordgate.modelio.load_psf_model`; the suffix
-          may be left out, as for model files);
-        - a dict: a record's metadata (with ``"kind"``) or a ``PSFConfig`` dict.
-
-    Returns
-    -------
-    PSFModel
-
-    Raises
-    ------
-    ConfigError
-        For an unknown preset (the message lists the presets), an unreadable or invalid JSON file, invalid
-        fields, a type that names no PSF model, or a file of another kind (a model or checkpoint file, a zip, an
-        image: the message says which, and what names a PSF model).
-    ValueError
-        For a record of an unknown kind, or one declaring sizes beyond the bounds (:func:`psf_model_from_record`).
-    napari_coordgate.modelio.ModelFileError
-        For a ``.cgpsf`` file that is corrupt, foreign, or from a newer napari-coordgate.
-    """
-    if isinstance(spec, PSFModel):
-        return spec
-    if isinstance(spec, Mapping):
-        return psf_model_from_record(dict(spec))
-    if isinstance(spec, (str, os.PathLike)):
-        return _from_name_or_path(spec)
-    raise ConfigError(
-        "a PSF model must be a PSF model object, a preset name, a .json config or .cgpsf file path, or a dict; "
-        f"got {type(spec).__name__}"
-    )
-
-
-def _from_name_or_path(spec: "str | os.PathLike") -> PSFModel:
-    from .psf import PRESETS
-
-    if isinstance(spec, str) and spec in PRESETS:
-        return PRESETS[spec]
-    from napari_coordgate.modelio import PSF_SUFFIX, load_psf_model, with_suffix
-
-    path = Path(spec)
-    suffix = path.suffix.lower()
-    if suffix == PSF_SUFFIX or (suffix != ".json" and not path.exists() and with_suffix(path, PSF_SUFFIX).is_file()):
-        return load_psf_model(path)
-    what = _binary_kind(path) if path.is_file() else None
-    if what == "psf":  # a PSF model file under another name
-        return load_psf_model(path)
-    if what is not None:
-        raise ConfigError(f"{path} is {what}, not a PSF model; a PSF model is a preset name ({', '.join(PRESETS)}), "
-                          f"a PSF config .json file or a {PSF_SUFFIX} PSF model file (measured from beads)")
-    if suffix == ".json" or path.is_file():
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise ConfigError(f"cannot read PSF config file {str(path)!r}: {reason}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"invalid JSON for a PSF config in {str(path)!r}: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{str(path)!r} holds a JSON {type(data).__name__}, not a PSF config object")
-        return psf_model_from_record(data)
-    raise ConfigError(
-        f"unknown PSF preset {str(spec)!r}; valid presets: {', '.join(PRESETS)} "
-        f"(or give the path of a .json PSF config or a {PSF_SUFFIX} PSF model file)"
-    )
-
-
-# what a napari-coordgate safetensors file is, by the "format" in its metadata (the file formats of modelio,
-# named here without importing it: optics sits below the model files)
-_FILE_KINDS = {
-    "napari-coordgate-psf": "psf",
-    "napari-coordgate-model": "a napari-coordgate model file (a trained network)",
-    "napari-coordgate-checkpoint": "a napari-coordgate checkpoint file (a training run to resume)",
-}
-
-
-def _binary_kind(path: Path) -> str | None:
-    """What the file at ``path`` is when it is no text: ``"psf"`` for a PSF model file, else a phrase for people
-    (a model file, a checkpoint, a zip, another binary file); None for text, which may be a JSON PSF config.
-
-    Only the first bytes and a safetensors header are read, never the whole file.
-    """
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(4096)
-            n = int.from_bytes(head[:8], "little") if len(head) >= 9 else -1
-            if 0 < n <= 100_000_000 and head[8:9] == b"{":  # safetensors: header length, then a JSON header
-                text = head[8 : 8 + n]
-                text += fh.read(n - len(text))
-                fmt = None
-                try:
-                    fmt = json.loads(json.loads(text)["__metadata__"]["napari_coordgate"]).get("format")
-                except (ValueError, KeyError, TypeError, AttributeError):  # no napari-coordgate file
-                    pass
-                return _FILE_KINDS.get(fmt, "a safetensors file of another program")
-    except OSError:
-        return None  # reading it again below gives the error message
-    if head.startswith(b"PK\x03\x04"):
-        return "a zip file (a bioimage.io model package?)"
-    if head[:1] == b"\x80":
-        return "a pickle / torch.save file"
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        if exc.start < len(head) - 4:  # not just a character cut at the end of what was read
-            return "not a text file (an image?)"
-    return None
-
-
-def _load_implementations() -> None:
-    from . import measured, psf, pupil_poly  # noqa: F401 - register "measured_grid", "pupil" and "pupil_poly"

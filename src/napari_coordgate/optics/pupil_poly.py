@@ -111,9 +111,11 @@ class PupilPolyPSF(PSFModel):
         normalised coordinates, so the coefficients are exact (fitted on a grid; rounding only).
         ``overrides`` replace constructor arguments (e.g. ``grid``).
         """
-        from napari_coordgate.optics.psf import _zernike_coefficients, field_polar, get_psf_config
+        from napari_coordgate.optics.psf import PRESETS, _zernike_coefficients, field_polar
 
-        cfg = get_psf_config(cfg)
+        cfg = PRESETS[cfg] if isinstance(cfg, str) and cfg in PRESETS else cfg
+        if not isinstance(cfg, PSFConfig):
+            raise ValueError(f"expected a PSFConfig or a preset name ({', '.join(PRESETS)}), got {cfg!r}")
         if cfg.model != "pupil":
             raise ValueError(f"only a pupil PSFConfig has Zernike coefficients, got model {cfg.model!r}")
         t = np.linspace(-1.0, 1.0, 7)

@@ -58,9 +58,9 @@ def _check_images(images) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(raw planes, float64 planes) of a 2-D image, a 3-D series or a sequence of 2-D images of one shape.
 
     The layout, dtype, NaN/Inf and constant-plane rules are those of every entry point
-    (:func:`napari_coordgate.optics.checks.check_image`); this adds what they mean for a bead image.
+    (:func:`napari_coordgate.checks.check_image`); this adds what they mean for a bead image.
     """
-    from napari_coordgate.optics.checks import InputError, check_image
+    from napari_coordgate.checks import InputError, check_image
 
     if isinstance(images, (list, tuple)):
         if not images:
@@ -447,7 +447,7 @@ class _Run:
             "chosen_model": self.chosen,
             "psf_size": self.size,
         }
-        from napari_coordgate import __version__
+        from napari_coordgate._version import __version__
 
         prov["napari_coordgate"] = __version__
         return prov

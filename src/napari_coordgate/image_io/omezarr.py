@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .data import InputError
+from .._version import __version__
+from ..data import InputError
 
 __all__ = [
     "NGFF_WRITE_VERSION",
@@ -437,13 +437,13 @@ def _ngff_unit(unit) -> str | None:
 
 
 def axes_from_tiff(img) -> tuple[list[dict], list[float]]:
-    """NGFF axes (with units) and scale for a :class:`~napari_coordgate.tiffio.TiffImage`.
+    """NGFF axes (with units) and scale for a :class:`~napari_coordgate.image_io.tiff.TiffImage`.
 
     Axis letters from tifffile (T, C, Z, Y, X; any other letter becomes a custom axis of that name); pixel size
     from ImageJ metadata (resolution, ``unit``, ``spacing``, ``finterval``), OME PhysicalSize{X,Y,Z}, or the TIFF
     resolution in inch/centimetre; 1 without a unit when none is recorded.
     """
-    from .tiffio import _ome_physical_sizes
+    from .tiff import _ome_physical_sizes
 
     shape = tuple(img.data.shape)
     letters = img.axes if img.axes and len(img.axes) == len(shape) else None

@@ -7,7 +7,7 @@
         apply_distributed(client, saved, source, writer, threads=1)   # -> Path("out.zarr") once complete
 
 The model travels to each worker once, as a worker plugin holding its model-file bytes (safetensors and JSON, the
-format of :func:`napari_coordgate.modelio.save_model`; nothing is unpickled from a model file); workers that join
+format of :func:`napari_coordgate.model_io.save_model`; nothing is unpickled from a model file); workers that join
 later get it from the scheduler. Each task reads its plane (through the zarr chunk cache, or one TIFF page), runs
 :func:`napari_coordgate.engine.predict` on it with the caller's tile plan and torch thread count, so the result is
 bit-identical to a single-process run with the same options, and writes the plane into the unfinished store. The
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .zarrio import OmeZarrWriter, PlaneSink, is_zarr, read_zarr
+from ..image_io.omezarr import OmeZarrWriter, PlaneSink, is_zarr, read_zarr
 
 try:  # a worker plugin must subclass WorkerPlugin; without distributed the module still imports
     from distributed import WorkerPlugin as _WorkerPluginBase
@@ -401,7 +401,7 @@ def _worker_name() -> str:
 
 
 def _model_bytes(saved) -> bytes:
-    from .modelio import save_model
+    from ..model_io import save_model
 
     with tempfile.TemporaryDirectory() as d:
         return save_model(Path(d) / "model.cgmodel", saved).read_bytes()
@@ -421,7 +421,7 @@ class ModelPlugin(_WorkerPluginBase):
     def setup(self, worker=None) -> None:
         import torch
 
-        from .modelio import load_model
+        from ..model_io import load_model
 
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "model.cgmodel"
@@ -438,7 +438,7 @@ def _run_plane(plugin_name: str, source: ImageSource, sink: PlaneSink, index: tu
     """One task: read a plane, deblur it with the worker's model, write it into the unfinished store."""
     import torch
 
-    from .engine import predict
+    from ..engine import predict
 
     plugin = _distributed().get_worker().plugins[plugin_name]
     plane = source.read_plane(index)
@@ -460,9 +460,9 @@ def apply_distributed(client, saved, source: ImageSource, writer: OmeZarrWriter,
     client
         A ``distributed.Client`` (:func:`connect`).
     saved
-        The model (:class:`~napari_coordgate.modelio.SavedModel`); sent to each worker once.
+        The model (:class:`~napari_coordgate.model_io.SavedModel`); sent to each worker once.
     source, writer
-        The input and the unfinished OME-Zarr output (:func:`~napari_coordgate.zarrio.create_ome_zarr`) of the
+        The input and the unfinished OME-Zarr output (:func:`~napari_coordgate.image_io.omezarr.create_ome_zarr`) of the
         same shape.
     roi, predict_kwargs
         As for :func:`napari_coordgate.engine.predict` (tile, device, precision...): the same tile plan as a

@@ -23,7 +23,7 @@ def calibration_pair():
 
     The blur widens toward the edges of the field, so a position-aware model has something to learn.
     """
-    from .optics.blur import synthesize_pairs
+    from ..optics.blur import synthesize_pairs
     from .specimens import procedural_specimen
 
     sharp, blurred = synthesize_pairs(procedural_specimen(SAMPLE_SHAPE, seed=0), SAMPLE_PRESET,
@@ -38,7 +38,7 @@ def calibration_pair():
 
 def psf_grid():
     """The PSFs of the calibration pair's preset on its K x K grid, each scaled to peak 1."""
-    from .optics.psf import render_psf_grid
+    from ..optics.models import render_psf_grid
 
     grid = render_psf_grid(SAMPLE_PRESET, SAMPLE_SHAPE)
     return [(grid, {"name": f"PSF grid ({SAMPLE_PRESET})", "colormap": "magma"}, "image")]

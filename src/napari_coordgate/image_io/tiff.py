@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .modelio import atomic_write
+from ..outputs import atomic_write
 
 __all__ = ["DiskFullError", "TiffImage", "read_tiff", "write_tiff", "write_tiff_streamed", "reserve_file"]
 

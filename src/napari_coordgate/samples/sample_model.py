@@ -4,7 +4,7 @@ It is a CoordGate U-Net(2) (the dock's default network) trained on the synthetic
 ``_sample_data.calibration_pair`` (preset ``gaussian``, 256 x 256) only: it knows those synthetic optics, not
 any real microscope. Regenerate it with::
 
-    python -m napari_coordgate._sample_model      # writes src/napari_coordgate/models/sample_gaussian.cgmodel
+    python -m napari_coordgate.samples.sample_model   # writes samples/models/sample_gaussian.cgmodel
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ def sample_model_path() -> Path:
     """The shipped model file (raises FileNotFoundError with the regeneration command if it is missing)."""
     if not SAMPLE_MODEL.is_file():
         raise FileNotFoundError(f"the sample model {SAMPLE_MODEL} is missing; regenerate it with "
-                                "`python -m napari_coordgate._sample_model`")
+                                "`python -m napari_coordgate.samples.sample_model`")
     return SAMPLE_MODEL
 
 
 def make_sample_model(out: Path = SAMPLE_MODEL) -> Path:
     """Train the sample model on the bundled calibration pair and write it to ``out``."""
-    from . import engine
-    from ._sample_data import calibration_pair
-    from .config import ModelConfig, TrainConfig
-    from .modelio import save_model
+    from .. import engine
+    from ..config import ModelConfig, TrainConfig
+    from ..model_io import save_model
+    from .sample_data import calibration_pair
 
     (sharp, _, _), (blurred, meta, _) = calibration_pair()
     result = engine.train(ModelConfig(), TrainConfig(epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH, device="cpu",

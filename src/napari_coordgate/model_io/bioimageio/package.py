@@ -10,7 +10,7 @@ description is built and validated with ``bioimageio.spec``, the optional extra 
   and tiles an input by the halo of an output that refers to it, so the echo output is what makes it pad and
   tile the coordinates like the image;
 - weights as ``pytorch_state_dict`` with a self-contained architecture file (``coordgate_unet.py``, copied from
-  :mod:`napari_coordgate._bioimageio_arch`; it imports only torch) and as ``torchscript`` (scripted, because the
+  :mod:`napari_coordgate.model_io.bioimageio.arch`; it imports only torch) and as ``torchscript`` (scripted, because the
   network finds the unpadded part of its input from the coordinates, which tracing cannot record);
 - test input and output tensors computed by the exported network, a README with the CoordGate citation, the
   training provenance, the field and the PSF model, and the original ``.cgmodel`` file as an attachment.
@@ -42,9 +42,9 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .data import PLANE_SAMPLE_PIXELS
-from .modelio import (
+from ..._version import __version__
+from ...data import PLANE_SAMPLE_PIXELS
+from .. import (
     MODEL_SUFFIX,
     ModelFileError,
     SavedModel,
@@ -110,14 +110,14 @@ def arch_kwargs(saved: SavedModel) -> dict[str, Any]:
 
 
 def _architecture_source() -> str:
-    return (Path(__file__).parent / "_bioimageio_arch.py").read_text(encoding="utf-8")
+    return (Path(__file__).parent / "arch.py").read_text(encoding="utf-8")
 
 
 def _standalone_network(saved: SavedModel):
     """The exported network (architecture file + the model's state dict, keys unchanged), on CPU, eval."""
     import torch
 
-    from ._bioimageio_arch import CoordGateUNet
+    from .arch import CoordGateUNet
 
     net = CoordGateUNet(**arch_kwargs(saved))
     state = {k: v.detach().to("cpu") for k, v in saved.model.state_dict().items()}
@@ -145,7 +145,7 @@ def _synthetic_field(shape: tuple[int, int], channels: int, norm: dict) -> np.nd
 
 def _test_crop(saved: SavedModel, test_input) -> tuple[np.ndarray, np.ndarray]:
     """Test tensors: (1, C, h, w) image and (1, 2, h, w) coordinates of a centre crop of the field."""
-    from .nn.coordgate import field_coordinates
+    from ...nn.coordgate import field_coordinates
 
     cfg = saved.config
     H, W = (int(s) for s in saved.field_shape)
@@ -396,7 +396,7 @@ def export_package(model: SavedModel | str | os.PathLike, out_zip: str | os.Path
     Parameters
     ----------
     model
-        A :class:`~napari_coordgate.modelio.SavedModel`, the path of a ``.cgmodel`` file, or a package this
+        A :class:`~napari_coordgate.model_io.SavedModel`, the path of a ``.cgmodel`` file, or a package this
         function wrote (exported again from the model it holds).
     out_zip
         Where to write the package (``.zip`` is added if missing); written atomically.
@@ -418,7 +418,7 @@ def export_package(model: SavedModel | str | os.PathLike, out_zip: str | os.Path
     _require_spec()
     import torch
 
-    from .engine import receptive_halo
+    from ...nn.unet import receptive_halo
 
     saved, source_file = _model_and_file(model)
     out = _zip_path(out_zip)
@@ -797,7 +797,7 @@ def _looks_like_package(path: Path) -> bool:
 
 
 def load_any(path: str | os.PathLike, device: str | Any = "cpu") -> SavedModel:
-    """A model from a ``.cgmodel`` file (suffix rule of :func:`~napari_coordgate.modelio.existing_file`) or from a
+    """A model from a ``.cgmodel`` file (suffix rule of :func:`~napari_coordgate.model_io.existing_file`) or from a
     bioimage.io package (``.zip``) exported by napari-coordgate: the one loader for ``-m`` and the Model tab.
 
     Raises

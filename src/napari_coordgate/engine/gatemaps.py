@@ -16,7 +16,7 @@ def gate_maps(saved, index: int = 0) -> np.ndarray:
     Parameters
     ----------
     saved
-        A :class:`~napari_coordgate.modelio.SavedModel` whose network has ``gate="coordgate"``.
+        A :class:`~napari_coordgate.model_io.SavedModel` whose network has ``gate="coordgate"``.
     index
         Which down-path gate (0 = the first, at full resolution).
 
@@ -27,7 +27,7 @@ def gate_maps(saved, index: int = 0) -> np.ndarray:
     """
     import torch
 
-    from .nn.coordgate import field_coordinates
+    from ..nn.coordgate import field_coordinates
 
     gates = getattr(saved.model, "down_gates", None)
     if not gates:

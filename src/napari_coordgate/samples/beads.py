@@ -32,7 +32,8 @@ class PupilOptics:
         import torch
 
         from napari_coordgate.calibration.pupilfit import TorchPupil
-        from napari_coordgate.optics.psf import _pupil_samples, get_psf_config
+        from napari_coordgate.optics.models import get_psf_config
+        from napari_coordgate.optics.psf import _pupil_samples
 
         self.cfg = get_psf_config(cfg)
         if psf_size is not None:

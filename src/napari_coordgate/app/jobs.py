@@ -1,7 +1,7 @@
 """What the dock's workers run: thin calls into the engine with typed progress. No Qt, no layers.
 
 Every job takes plain arrays and configs (copied on the GUI thread, or lazy dask arrays that are only
-read window by window), a ``report`` callable that receives :class:`~napari_coordgate.dockstate.Progress` or engine
+read window by window), a ``report`` callable that receives :class:`~napari_coordgate.app.state.Progress` or engine
 :class:`~napari_coordgate.engine.Update` messages, and a ``should_stop`` callable checked between steps.
 """
 
@@ -14,54 +14,54 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .config import PredictConfig
-from .dockstate import Progress
+from ..config import PredictConfig
+from .state import Progress
 
 Report = Callable[[Any], None]
 ShouldStop = Callable[[], bool]
 
 
 def train_job(model_cfg, train_cfg, source, init=None, *, report: Report, should_stop: ShouldStop):
-    """Train in a separate process (never in the viewer's: see :mod:`napari_coordgate.isolate`).
+    """Train in a separate process (never in the viewer's: see :mod:`napari_coordgate.runners.isolate`).
 
     ``init``: a loaded model to fine-tune on this data. Every :class:`~napari_coordgate.engine.Update` goes to
     ``report``. Returns a ``TrainResult``; if the
     training process dies, its ``stopped`` starts with "crashed" and it holds the best model written so far.
     """
-    from napari_coordgate.isolate import train_isolated
+    from napari_coordgate.runners.isolate import train_isolated
 
     return train_isolated(model_cfg, train_cfg, source, report=report, should_stop=should_stop, init=init)
 
 
 def save_job(path: str, saved, *, report: Report, should_stop: ShouldStop) -> str:
-    from napari_coordgate.modelio import save_model
+    from napari_coordgate.model_io import save_model
 
     return str(save_model(path, saved))
 
 
 def load_job(paths: Sequence[str], *, report: Report, should_stop: ShouldStop) -> list:
     """Load model files or bioimage.io packages exported by this plugin onto the CPU (prediction moves them)."""
-    from .bioimageio import load_any
+    from ..model_io.bioimageio import load_any
 
     return [load_any(p, "cpu") for p in paths]
 
 
 def export_job(path: str, saved, *, report: Report, should_stop: ShouldStop) -> str:
     """Write a bioimage.io package of ``saved``."""
-    from .bioimageio import export_package
+    from ..model_io.bioimageio import export_package
 
     return str(export_package(saved, path))
 
 
 def psf_grid_job(psf, field_shape, *, report: Report, should_stop: ShouldStop) -> np.ndarray:
     """The PSF model's K x K grid of PSFs tiled into one image (any PSF model)."""
-    from napari_coordgate.optics.psf import render_psf_grid
+    from napari_coordgate.optics.models import render_psf_grid
 
     return render_psf_grid(psf, field_shape)
 
 
 def gates_job(saved, *, report: Report, should_stop: ShouldStop) -> np.ndarray:
-    from napari_coordgate.gatemaps import gate_maps
+    from napari_coordgate.engine.gatemaps import gate_maps
 
     return gate_maps(saved, 0)
 
@@ -113,13 +113,13 @@ def make_output(shape: tuple[int, ...], out_path: str | None):
     if out_path is None:
         return np.empty(shape, np.float32)
     if str(out_path).endswith(".zarr"):
-        from .zarrio import create_ome_zarr
+        from ..image_io.omezarr import create_ome_zarr
 
         try:
             return create_ome_zarr(out_path, shape)
         except ImportError as exc:
             raise RuntimeError(f"{exc}; or give a .npy path for a memory-mapped file") from None
-    from .tiffio import reserve_file
+    from ..image_io.tiff import reserve_file
 
     path = out_path if str(out_path).endswith(".npy") else f"{out_path}.npy"
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
@@ -137,8 +137,8 @@ def apply_job(req: ApplyRequest, *, report: Report, should_stop: ShouldStop) -> 
     """Deblur every plane (and channel) of ``req.image`` with the engine, reporting per-plane progress."""
     from napari_coordgate import engine
 
-    from .bioimageio import load_any
-    from .outputs import check_outputs
+    from ..model_io.bioimageio import load_any
+    from ..outputs import check_outputs
 
     if req.out_path is not None:
         p = str(req.out_path)
@@ -194,12 +194,12 @@ def compare_job(image, psf, iterations: int, field_shape: tuple[int, int] | None
     ``field_shape`` is the model's training field; ``roi`` and ``binning`` place the image in it as
     :func:`napari_coordgate.engine.predict` does, so each pixel is deblurred with the PSF of its place (and a
     binned image with the PSF model in binned pixels). Without a field the image is the whole field. ``psf`` is
-    any PSF model (or what :func:`~napari_coordgate.optics.psfmodel.get_psf_model` resolves).
+    any PSF model (or what :func:`~napari_coordgate.model_io.resolve_psf` resolves).
     """
     from napari_coordgate.engine import field_geometry
+    from napari_coordgate.model_io import resolve_psf
     from napari_coordgate.optics.blur import SpatiallyVaryingBlur
     from napari_coordgate.optics.deconv import richardson_lucy_central, sv_richardson_lucy
-    from napari_coordgate.optics.psfmodel import get_psf_model
 
     shape = tuple(image.shape)
     if field_shape is None:
@@ -208,7 +208,7 @@ def compare_job(image, psf, iterations: int, field_shape: tuple[int, int] | None
         full, offset = shape[-2:], (0, 0)
     else:
         full, offset = field_geometry(shape[-2:], field_shape, roi, binning)
-    psf = get_psf_model(psf).binned(binning)
+    psf = resolve_psf(psf).binned(binning)
     lead = shape[:-2]
     n = math.prod(lead)
     total = n * (1 + iterations)
@@ -250,7 +250,7 @@ def evaluate_job(gt, restored, blurred, bin: int, *, report: Report, should_stop
 
 # -- calibrate ------------------------------------------------------------------------------------
 def _calibrate_in_child(images, settings: dict, *, report: Report, should_stop: ShouldStop, workdir):
-    from .calibrate import calibrate
+    from ..calibration.calibrate import calibrate
 
     def progress(u) -> None:
         report(Progress("calibrate", int(1000 * u.progress), 1000, f"{u.stage}: {u.message}"))
@@ -260,8 +260,8 @@ def _calibrate_in_child(images, settings: dict, *, report: Report, should_stop: 
 
 def calibrate_job(images, settings: dict, *, report: Report, should_stop: ShouldStop):
     """Bead image(s) -> ``CalibrationResult``, in a separate process (the pupil fit runs torch autograd, which must
-    not load the compiler stack into the viewer's process; see :mod:`napari_coordgate.isolate`)."""
-    from .isolate import run_isolated
+    not load the compiler stack into the viewer's process; see :mod:`napari_coordgate.runners.isolate`)."""
+    from ..runners.isolate import run_isolated
 
-    return run_isolated("napari_coordgate.jobs:_calibrate_in_child", images, settings, report=report,
+    return run_isolated("napari_coordgate.app.jobs:_calibrate_in_child", images, settings, report=report,
                         should_stop=should_stop)

@@ -40,7 +40,7 @@ class StopFlag:
 def train_with_bar(model_cfg, train_cfg, source, *, out_path=None, checkpoint_path=None, resume=None, label=""):
     from tqdm import tqdm
 
-    from .engine import train
+    from ..engine import train
 
     bar = tqdm(total=1000, desc=label or "train", unit="‰", leave=True, dynamic_ncols=True,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
@@ -64,7 +64,7 @@ def train_with_bar(model_cfg, train_cfg, source, *, out_path=None, checkpoint_pa
 def predict_with_bar(saved, image, label="apply", **kw):
     from tqdm import tqdm
 
-    from .engine import predict
+    from ..engine import predict
 
     with tqdm(desc=label, unit="tile", dynamic_ncols=True, leave=False) as bar:
         def on_progress(done, total):

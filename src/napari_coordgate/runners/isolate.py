@@ -230,7 +230,7 @@ def run_isolated(
     listener = Listener()  # a Unix socket (a named pipe on Windows) in a private temporary folder
     proc = conn = None
     try:
-        code = "from napari_coordgate.isolate import _child_entry; _child_entry()"
+        code = "from napari_coordgate.runners.isolate import _child_entry; _child_entry()"
         try:
             proc = subprocess.Popen([sys.executable, "-c", code, str(listener.address), str(folder), target],
                                     stdin=subprocess.DEVNULL)
@@ -307,7 +307,7 @@ _BEST = "best.cgmodel"
 
 
 def _train_in_child(model_cfg, train_cfg, source, init=None, *, report, should_stop, workdir: Path):
-    from . import engine
+    from .. import engine
 
     result = engine.train(model_cfg, train_cfg, source, on_update=report, should_stop=should_stop,
                           out_path=workdir / _BEST, init=init)
@@ -323,7 +323,7 @@ def train_isolated(model_cfg, train_cfg, source, *, report: Callable[[Any], None
     out-of-memory kill), the best model it had written is returned with ``stopped`` saying why; if it died
     before writing one, :class:`IsolationError` says so.
     """
-    from .modelio import load_model
+    from ..model_io import load_model
 
     history: list = []
 
@@ -332,7 +332,7 @@ def train_isolated(model_cfg, train_cfg, source, *, report: Callable[[Any], None
         report(msg)
 
     def recovered(folder: Path, reason: str):
-        from .engine import TrainResult
+        from ..engine import TrainResult
 
         best = folder / _BEST
         if not best.is_file():
@@ -346,6 +346,6 @@ def train_isolated(model_cfg, train_cfg, source, *, report: Callable[[Any], None
     def finished(folder: Path, result):
         return dataclasses.replace(result, saved=load_model(folder / _BEST, "cpu"), history=history)
 
-    return run_isolated("napari_coordgate.isolate:_train_in_child", model_cfg, train_cfg, source, init,
+    return run_isolated("napari_coordgate.runners.isolate:_train_in_child", model_cfg, train_cfg, source, init,
                         report=relay, should_stop=should_stop, on_result=finished, on_death=recovered)
 

@@ -18,8 +18,8 @@ RINGS = (("centre", 0.0, 0.5), ("middle", 0.5, 1.0), ("edge", 1.0, np.inf))
 
 
 def _beads(image: np.ndarray, field_shape, offset, what: str) -> dict:
-    from .calibration.detect import find_beads
-    from .coords import field_axis
+    from ..coords import field_axis
+    from .detect import find_beads
 
     table, _, _ = find_beads(np.asarray(image))
     ok = table.accepted
@@ -42,7 +42,7 @@ def bead_fwhm_report(before: np.ndarray, after: np.ndarray, field_shape: Sequenc
     Returns a JSON-able dict with, per image, the bead count, median FWHM and ellipticity per ring and the
     field-wide spread of FWHM (interquartile range / median), plus the bead positions and FWHMs.
     """
-    from .optics.checks import check_image
+    from ..checks import check_image
 
     if np.shape(before) != np.shape(after) or np.ndim(before) != 2:
         raise ValueError(f"expected two 2-D images of one shape, got {np.shape(before)} and {np.shape(after)}")
