@@ -23,7 +23,7 @@ from napari_coordgate.model_io import (
 from napari_coordgate.nn import build_model
 from napari_coordgate.optics.psf import PRESETS, PSFConfig
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 
 
 @pytest.fixture

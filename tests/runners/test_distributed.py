@@ -41,7 +41,7 @@ from napari_coordgate.runners.distributed import (  # noqa: E402
 )
 
 FIELD = (96, 80)
-BENCH = Path(__file__).parents[1] / "benchmarks"
+BENCH = Path(__file__).parents[2] / "benchmarks"
 PREDICT = {"tile": 48, "device": "cpu"}
 TIMEOUT = 2.0  # connect()'s bound in these tests
 MARGIN = 1.5  # event loop start and teardown, a loaded 2-core machine

@@ -22,7 +22,7 @@ from napari_coordgate.optics.psf import PRESETS, _pupil_samples, _PupilModel
 from napari_coordgate.optics.pupil_poly import MONOMIALS, PupilPolyPSF
 from napari_coordgate.samples.beads import EllipticalOptics, PupilOptics, bead_slide, psf_error
 
-BENCH = Path(__file__).parents[1] / "benchmarks"
+BENCH = Path(__file__).parents[2] / "benchmarks"
 OPTICS = {"na": 0.8, "wavelength_um": 0.52, "immersion": 1.0, "pixel_size_um": 0.16}
 GAUSS = EllipticalOptics(width=1.3, radial=0.8, tangential=0.2, beta=None, twist=0.3, psf_size=19)
 
