@@ -23,14 +23,32 @@ def test_config_and_modelio_import_without_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-def test_manifest_is_valid_and_found_through_the_package():
+def test_manifest_is_valid_and_the_installed_one_equals_the_top_level_source():
     npe2 = pytest.importorskip("npe2")
     manifest = npe2.PluginManifest.from_distribution("napari-coordgate")
     assert manifest.name == "napari-coordgate"
-    packaged = Path(__file__).parents[1] / "src" / "napari_coordgate" / "napari.yaml"
-    # one source of truth, a real file (a symlink breaks Windows checkouts without symlink support)
-    assert packaged.is_file() and not packaged.is_symlink()
-    assert not (Path(__file__).parents[1] / "napari.yaml").exists(), "a second copy of the manifest"
+    import napari_coordgate
+
+    # napari.yaml at the top level is the one hand-kept copy (a real file: a symlink breaks Windows checkouts
+    # without symlink support); the build (hatch_build.py) puts it into the package, where npe2 reads it
+    source = Path(__file__).parents[1] / "napari.yaml"
+    installed = Path(napari_coordgate.__file__).parent / "napari.yaml"
+    assert source.is_file() and not source.is_symlink()
+    assert installed.is_file() and not installed.is_symlink()
+    assert installed.read_bytes() == source.read_bytes(), (
+        f"{installed} differs from {source}: reinstall (pip install -e .) after editing the top-level napari.yaml"
+    )
+
+
+def test_manifest_copy_in_src_is_git_ignored():
+    root = Path(__file__).parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    copy = "src/napari_coordgate/napari.yaml"
+    result = subprocess.run(["git", "check-ignore", "-q", copy], cwd=root)
+    assert result.returncode == 0, f"{copy} (written by an editable install) must be git-ignored"
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", copy], cwd=root, capture_output=True)
+    assert tracked.returncode != 0, f"{copy} is tracked: the top-level napari.yaml is the only hand-kept copy"
 
 
 def test_every_manifest_command_resolves_to_a_callable():
