@@ -34,6 +34,7 @@ from typing import Sequence
 from ._version import __version__
 from .runners.console import format_table as _format_table
 from .runners.console import predict_with_bar as _predict_with_bar
+from .runners.console import progress
 from .runners.console import train_with_bar as _train_with_bar
 
 __all__ = ["main", "build_parser"]
@@ -98,29 +99,6 @@ def _out_dir(path: Path) -> Path:
     if not os.access(path, os.W_OK):
         raise CLIError(f"output folder {path} is not writable")
     return path
-
-
-def _read_stack(paths: Sequence[str], what: str):
-    """Read TIFFs as one (N, H, W) stack (each file 2-D or a stack); returns (stack, first TiffImage)."""
-    import numpy as np
-
-    from .checks import check_layout
-    from .data import InputError
-    from .image_io.tiff import read_tiff
-
-    if not paths:
-        raise CLIError(f"no {what} files given")
-    planes, first = [], None
-    for p in paths:
-        img = read_tiff(p)
-        first = first or img
-        a = np.asarray(img.data)
-        check_layout(a.shape, a.dtype, str(p), max_ndim=3)
-        planes.append(a[None] if a.ndim == 2 else a)
-    shapes = {p.shape[-2:] for p in planes}
-    if len(shapes) > 1:
-        raise InputError(f"{what} files have different frame shapes {sorted(shapes)}; they must share one field")
-    return np.concatenate(planes, axis=0), first
 
 
 def _set_threads(n: int) -> None:
@@ -296,6 +274,7 @@ def _report_written(out: Path, ckpt: Path, before: dict, resume: Path | None, in
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .engine import PairSource, SimulatedSource
+    from .image_io.read import read_planes
     from .model_io import resolve_psf
 
     out, ckpt, resume = _train_outputs(args)
@@ -308,9 +287,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise CLIError("--prefilter wiener needs the PSF model of the optics: add --psf PRESET|CONFIG.json|MODEL.cgpsf")
     model_cfg, train_cfg = _model_cfg(args), _train_cfg(args)  # a bad flag or --psf fails before images are read
     psf = resolve_psf(args.psf) if args.psf else None
-    sharp = _read_stack(args.sharp, "sharp")[0] if args.sharp else _builtin_specimens(psf, args.seed)
+    sharp = read_planes(args.sharp, "sharp") if args.sharp else _builtin_specimens(psf, args.seed)
     if args.blurred:
-        blurred, _ = _read_stack(args.blurred, "blurred")
+        blurred = read_planes(args.blurred, "blurred")
         if len(args.blurred) != len(args.sharp):
             raise CLIError(f"{len(args.sharp)} sharp file(s) but {len(args.blurred)} blurred file(s); "
                            "the k-th sharp file pairs with the k-th blurred file")
@@ -342,43 +321,25 @@ def _roi(text):
         raise CLIError(f"--roi: {exc}") from None
 
 
-def _open_input(path: str):
-    """A lazy (..., H, W) input (TIFF, OME-Zarr or plain zarr) and what its output keeps:
-    (data, NGFF axes, scale, translation, TiffImage or None, pixel size in µm or None)."""
-    from .image_io.omezarr import axes_from_tiff, is_zarr, read_zarr
-    from .image_io.tiff import pixel_size_um, read_tiff
-
-    if is_zarr(path):
-        z = read_zarr(path)  # read through a chunk cache: overlapping tiles decode each chunk once
-        return z.data, list(z.axes), list(z.scale), z.translation, None, z.pixel_size_um()
-    img = read_tiff(path, lazy=True)  # memory-mapped where the TIFF allows
-    axes, scale = axes_from_tiff(img)
-    return img.data, axes, scale, None, img, pixel_size_um(img)
-
-
 def _apply_dask(args, cfg, roi, jobs) -> int:
     """``apply --dask``: every plane a dask.distributed task; each input into one OME-Zarr store."""
-    from tqdm import tqdm
-
     from .image_io.omezarr import create_ome_zarr
+    from .image_io.read import open_image
     from .model_io.bioimageio import load_any
     from .runners.distributed import ImageSource, apply_distributed, connect
 
     threads = args.threads or 1
-    inputs = [(_open_input(p), p, dest) for p, dest in jobs]  # missing or bad inputs fail before a cluster starts
+    inputs = [(open_image(p), p, dest) for p, dest in jobs]  # missing or bad inputs fail before a cluster starts
     with connect(args.dask, workers=args.workers, threads=threads) as client:  # nothing is written before this
         saved = load_any(args.model)
         n_workers = len(client.scheduler_info()["workers"])
-        for (data, axes, scale, translation, _, pixel_um), p, dest in inputs:
-            _warn_pixel_size(saved, pixel_um, p, cfg.binning)
+        for image, p, dest in inputs:
+            _warn_pixel_size(saved, image.pixel_size_um, p, cfg.binning)
+            data = image.data
             t0 = time.perf_counter()
-            writer = create_ome_zarr(dest, data.shape, axes=axes, scale=scale, translation=translation,
-                                     overwrite=args.overwrite)
-            with tqdm(desc=Path(p).name, unit="plane", dynamic_ncols=True, leave=False) as bar:
-                def on_progress(done, total, bar=bar):
-                    bar.total, bar.n = total, done
-                    bar.refresh()
-
+            writer = create_ome_zarr(dest, data.shape, axes=image.axes, scale=image.scale,
+                                     translation=image.translation, overwrite=args.overwrite)
+            with progress(Path(p).name, "plane") as on_progress:
                 apply_distributed(client, saved, ImageSource(str(Path(p).resolve()), tuple(data.shape)), writer,
                                   roi=roi, predict_kwargs=cfg.predict_kwargs(), threads=threads,
                                   on_progress=on_progress)
@@ -438,6 +399,7 @@ def _apply_jobs(args) -> list[tuple[str, Path]]:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     from .image_io.omezarr import create_ome_zarr, is_zarr
+    from .image_io.read import open_image
     from .image_io.tiff import write_tiff_streamed
     from .model_io.bioimageio import load_any
 
@@ -454,22 +416,23 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     saved = load_any(args.model)
     _set_threads(args.threads)
     for p, dest in jobs:
-        data, axes, scale, translation, tiff, pixel_um = _open_input(p)
-        _warn_pixel_size(saved, pixel_um, p, cfg.binning)
+        image = open_image(p)
+        data = image.data
+        _warn_pixel_size(saved, image.pixel_size_um, p, cfg.binning)
         t0 = time.perf_counter()
 
         def run(target, data=data, p=p):
             return _predict_with_bar(saved, data, label=Path(p).name, roi=roi, out=target, **cfg.predict_kwargs())
 
         if is_zarr(dest):  # OME-Zarr: at OUT.zarr.partial until every plane is written
-            writer = create_ome_zarr(dest, data.shape, axes=axes, scale=scale, translation=translation,
-                                     overwrite=args.overwrite)
+            writer = create_ome_zarr(dest, data.shape, axes=image.axes, scale=image.scale,
+                                     translation=image.translation, overwrite=args.overwrite)
             try:
                 run(writer).finalize()
             finally:
                 writer.release()
         else:  # memory-mapped out: a stack larger than RAM goes through tile by tile
-            write_tiff_streamed(dest, data.shape, run, tiff)
+            write_tiff_streamed(dest, data.shape, run, image.tiff)
         print(f"{p} -> {dest}  ({data.size / 1e6:.1f} MP in {time.perf_counter() - t0:.1f} s)")
     return 0
 
@@ -477,26 +440,6 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 def _table_rings(rings: list[dict]) -> list[dict]:
     # a ring outside the image (the centre of a corner ROI) has no PSNR: the table shows nan, the JSON null
     return [dict(d, psnr=float("nan") if d["psnr"] is None else d["psnr"]) for d in rings]
-
-
-def _read_images(paths: Sequence[str], what: str):
-    """One (N, H, W) stack from TIFF, OME-Zarr or plain zarr files (a zarr's every (H, W) plane)."""
-    import numpy as np
-
-    from .data import InputError
-    from .image_io.omezarr import is_zarr, read_zarr
-
-    planes = []
-    for p in paths:
-        if is_zarr(p):
-            a = np.asarray(read_zarr(p).data)
-            planes.append(a.reshape((-1,) + a.shape[-2:]))
-        else:
-            planes.append(_read_stack([p], what)[0])
-    shapes = {a.shape[-2:] for a in planes}
-    if len(shapes) > 1:
-        raise InputError(f"{what} files have different frame shapes {sorted(shapes)}; they must share one field")
-    return np.concatenate(planes, axis=0)
 
 
 def _report_outputs(args, input_lists) -> None:
@@ -509,6 +452,7 @@ def _report_outputs(args, input_lists) -> None:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .engine import field_geometry
+    from .image_io.read import read_planes
     from .metrics import quality_report
     from .model_io.bioimageio import load_any
     from .report import write_report_png
@@ -519,7 +463,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         return _evaluate_beads(args, saved)
     if not (args.sharp and args.blurred):
         raise CLIError("give --sharp and --blurred images of the same fields, or a bead image (--beads)")
-    sharp, blurred = _read_images(args.sharp, "sharp"), _read_images(args.blurred, "blurred")
+    sharp, blurred = read_planes(args.sharp, "sharp"), read_planes(args.blurred, "blurred")
     if sharp.shape != blurred.shape:
         raise CLIError(f"sharp {sharp.shape} and blurred {blurred.shape} must have the same shape")
     cfg, roi = _predict_cfg(args), _roi(args.roi)
@@ -551,12 +495,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _evaluate_beads(args, saved) -> int:
     """Bead FWHM by field ring before and after the model (a good model makes it small and uniform)."""
-    import numpy as np
 
     from .calibration.beadcheck import bead_fwhm_report
     from .engine import field_geometry
+    from .image_io.read import read_planes
 
-    image = np.asarray(_read_images([args.beads], "bead"))
+    image = read_planes([args.beads], "bead")
     if image.ndim == 3 and image.shape[0] == 1:
         image = image[0]
     if image.ndim != 2:
@@ -574,31 +518,6 @@ def _evaluate_beads(args, saved) -> int:
     if args.json:
         print(f"report: {_write_json(Path(args.json), json.dumps(rep, indent=2))}")
     return 0
-
-
-def _bead_images(paths: Sequence[str]):
-    """Bead images of one field as (N, H, W) per channel, and the pixel size their metadata states."""
-    import numpy as np
-
-    from .image_io.tiff import pixel_size_um, read_tiff
-
-    per_channel: dict[int, list] = {}
-    sizes = []
-    for p in paths:
-        img = read_tiff(p)
-        axes, data = (img.axes or "").upper(), np.asarray(img.data)
-        if "Z" in axes and data.shape[axes.index("Z")] > 1:
-            raise CLIError(f"{p} is a z-stack (axes {axes}); z-stacks are out of scope: give the focal plane, a 2-D "
-                           "image (several 2-D images of the same field are pooled)")
-        channels = [data] if "C" not in axes else list(np.moveaxis(data, axes.index("C"), 0))
-        for c, plane in enumerate(channels):
-            per_channel.setdefault(c, []).append(plane.reshape(-1, *plane.shape[-2:]))
-        sizes.append(pixel_size_um(img))
-    shapes = {a.shape[-2:] for v in per_channel.values() for a in v}
-    if len(shapes) > 1:
-        raise CLIError(f"bead images have different frame shapes {sorted(shapes)}; give images of one field")
-    known = [s for s in sizes if s is not None]
-    return {c: np.concatenate(v) for c, v in per_channel.items()}, (known[0] if known else None)
 
 
 def _calibrate_outputs(args, channels) -> dict[int, dict[str, Path | None]]:
@@ -624,9 +543,10 @@ def _calibrate_outputs(args, channels) -> dict[int, dict[str, Path | None]]:
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibration.calibrate import calibrate
+    from .image_io.read import read_bead_images
     from .model_io import save_psf_model
 
-    channels, pixel_size = _bead_images(args.beads)
+    channels, pixel_size = read_bead_images(args.beads)
     plan = _calibrate_outputs(args, channels)
     if args.pixel_size and pixel_size and abs(args.pixel_size - pixel_size) > 0.02 * pixel_size:
         print(f"napari-coordgate: warning: --pixel-size {args.pixel_size:g} µm differs from the {pixel_size:.4g} µm "

@@ -1,11 +1,12 @@
-"""Terminal front-end helpers shared by the CLI and the demo: tqdm progress, Ctrl-C handling, tables."""
+"""Terminal front-end helpers shared by the CLI and the demo: progress (a tqdm bar on a terminal, plain lines
+in a log file or a batch job's output), Ctrl-C handling, tables."""
 
 from __future__ import annotations
 
 import signal
 import sys
 
-__all__ = ["StopFlag", "train_with_bar", "predict_with_bar", "format_table"]
+__all__ = ["StopFlag", "LineProgress", "progress", "train_with_bar", "predict_with_bar", "format_table"]
 
 
 class StopFlag:
@@ -37,41 +38,128 @@ class StopFlag:
         return self.stop
 
 
-def train_with_bar(model_cfg, train_cfg, source, *, out_path=None, checkpoint_path=None, resume=None, label=""):
-    from tqdm import tqdm
+def _interactive(stream) -> bool:
+    """A terminal redraws a progress bar in place; a file (a SLURM log, ``> log.txt``) keeps every redraw."""
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
 
+
+class LineProgress:
+    """Progress for a log file: one plain line when asked to (``force``) or at most every ``every`` seconds.
+
+    Parameters
+    ----------
+    label
+        What the line is about (a file name, "train ...").
+    every
+        Seconds between two lines that are not forced.
+    stream
+        Where lines go (default: standard error, as tqdm's bars).
+    clock
+        Seconds as a float (a parameter so tests need not sleep).
+    """
+
+    def __init__(self, label: str, every: float = 30.0, stream=None, clock=None) -> None:
+        import time
+
+        self.label, self.every = label, float(every)
+        self.stream = sys.stderr if stream is None else stream
+        self.clock = time.monotonic if clock is None else clock
+        self.t0 = self.clock()
+        self.last = None
+
+    def line(self, text: str, force: bool = False) -> None:
+        now = self.clock()
+        if force or self.last is None or now - self.last >= self.every:
+            print(f"{self.label}: {text} [{now - self.t0:.0f} s]", file=self.stream, flush=True)
+            self.last = now
+
+
+def _train_line(u) -> str:
+    text = f"epoch {u.epoch} step {u.step} loss {u.loss:.4f}"
+    if u.best_val_psnr is not None:
+        text += f" best val {u.best_val_psnr:.2f} dB"
+    return text + f" ({100 * u.progress:.0f} %, {u.device})"
+
+
+def train_with_bar(model_cfg, train_cfg, source, *, out_path=None, checkpoint_path=None, resume=None, label=""):
+    """:func:`~napari_coordgate.engine.train` with Ctrl-C handling and progress: a bar on a terminal, a line per
+    epoch (and every 30 s) in a log."""
     from ..engine import train
 
-    bar = tqdm(total=1000, desc=label or "train", unit="‰", leave=True, dynamic_ncols=True,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+    label = label or "train"
+    if _interactive(sys.stderr):
+        from tqdm import tqdm
 
-    def on_update(u) -> None:
-        bar.n = int(1000 * u.progress)
-        post = f"epoch {u.epoch} loss {u.loss:.4f}"
-        if u.best_val_psnr is not None:
-            post += f" val {u.best_val_psnr:.2f} dB"
-        bar.set_postfix_str(post + f" [{u.device}]")
+        bar = tqdm(total=1000, desc=label, unit="‰", leave=True, dynamic_ncols=True,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+
+        def on_update(u) -> None:
+            bar.n = int(1000 * u.progress)
+            post = f"epoch {u.epoch} loss {u.loss:.4f}"
+            if u.best_val_psnr is not None:
+                post += f" val {u.best_val_psnr:.2f} dB"
+            bar.set_postfix_str(post + f" [{u.device}]")
+
+        def close() -> None:
+            bar.n = bar.total
+            bar.close()
+    else:
+        log = LineProgress(label)
+
+        def on_update(u) -> None:
+            log.line(_train_line(u), force=u.kind in ("epoch", "done"))
+
+        def close() -> None:
+            pass
 
     try:
         with StopFlag() as stop:
             return train(model_cfg, train_cfg, source, on_update=on_update, should_stop=stop,
                          out_path=out_path, checkpoint_path=checkpoint_path, resume=resume)
     finally:
-        bar.n = bar.total
-        bar.close()
+        close()
+
+
+class _CountBar:
+    """``on_progress(done, total)`` for a terminal (a tqdm bar) or a log (a line every 10 s and at the end)."""
+
+    def __init__(self, label: str, unit: str) -> None:
+        self.label, self.unit = label, unit
+        self.bar = self.log = None
+        if _interactive(sys.stderr):
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc=label, unit=unit, dynamic_ncols=True, leave=False)
+        else:
+            self.log = LineProgress(label, every=10.0)
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.total, self.bar.n = total, done
+            self.bar.refresh()
+        else:
+            percent = f" ({100 * done / total:.0f} %)" if total else ""
+            self.log.line(f"{done} of {total} {self.unit}s{percent}", force=bool(total) and done >= total)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+        return False
+
+
+def progress(label: str, unit: str) -> _CountBar:
+    """A context manager whose value is ``on_progress(done, total)``: a bar on a terminal, plain lines in a log."""
+    return _CountBar(label, unit)
 
 
 def predict_with_bar(saved, image, label="apply", **kw):
-    from tqdm import tqdm
-
     from ..engine import predict
 
-    with tqdm(desc=label, unit="tile", dynamic_ncols=True, leave=False) as bar:
-        def on_progress(done, total):
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
+    with progress(label, "tile") as on_progress:
         return predict(saved, image, on_progress=on_progress, **kw)
 
 

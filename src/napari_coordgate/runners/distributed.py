@@ -41,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..image_io.omezarr import OmeZarrWriter, PlaneSink, is_zarr, read_zarr
+from ..image_io.omezarr import OmeZarrWriter, PlaneSink
+from ..image_io.read import image_shape, read_plane
 
 try:  # a worker plugin must subclass WorkerPlugin; without distributed the module still imports
     from distributed import WorkerPlugin as _WorkerPluginBase
@@ -364,33 +365,14 @@ class ImageSource:
     @classmethod
     def open(cls, path: str | os.PathLike) -> ImageSource:
         """The source at ``path``, its shape read from the metadata (no pixels)."""
-        p = Path(path)
-        if is_zarr(p):
-            return cls(str(p.resolve()), read_zarr(p).data.shape)
-        import tifffile
-
-        if not p.is_file():
-            raise FileNotFoundError(f"input file {p} does not exist")
-        with tifffile.TiffFile(p) as tf:
-            return cls(str(p.resolve()), tuple(int(s) for s in tf.series[0].shape))
+        return cls(str(Path(path).resolve()), image_shape(path))
 
     def read_plane(self, index: Sequence[int]) -> np.ndarray:
         """One (H, W) plane: a zarr plane through the chunk cache (each chunk decoded once), or one TIFF page."""
-        index = tuple(int(i) for i in index)
-        p = Path(self.path)
-        if not p.exists():
+        if not Path(self.path).exists():
             raise FileNotFoundError(f"{self.path} is not visible on worker {_worker_name()}; the input and output "
                                     "must be on a file system that every worker shares")
-        if is_zarr(p):
-            return read_zarr(p).data[index]
-        import tifffile
-
-        with tifffile.TiffFile(p) as tf:
-            series = tf.series[0]
-            lead = self.shape[:-2]
-            if len(series.pages) == int(np.prod(lead, dtype=np.int64)):  # one page per plane
-                return series.asarray(key=int(np.ravel_multi_index(index, lead)) if lead else 0)
-            return np.asarray(series.asarray()[index])
+        return read_plane(self.path, self.shape, index)
 
 
 def _worker_name() -> str:
