@@ -400,3 +400,18 @@ def test_resuming_with_another_learning_rate_or_batch_says_so(tmp_path, capsys, 
     warning = next(line for line in err.splitlines() if "changed settings" in line)
     assert warning.startswith("napari-coordgate: warning: resuming") and "batch 2 -> 4" in warning
     assert "lr 0.003 -> 0.01" in warning and "epochs" not in warning and "threads" not in warning
+
+
+# -- messages: one line, the file named ---------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["calibrate", "apply", "evaluate"])
+def test_an_empty_tiff_or_a_folder_as_the_image_is_one_line_naming_it(tmp_path, capsys, model_file, command):
+    empty = tmp_path / "empty.tif"
+    with pytest.warns(UserWarning):
+        tifffile.imwrite(empty, np.zeros((0, 0), np.uint16))
+    (tmp_path / "folder").mkdir()
+    for bad, says in ((empty, "holds an empty image"), (tmp_path / "folder", "is a folder, not an image")):
+        argv = {"calibrate": ["calibrate", bad, "-o", tmp_path / "s.cgpsf"],
+                "apply": ["apply", "-m", model_file, bad, "-o", tmp_path / "o.tif"],
+                "evaluate": ["evaluate", "-m", model_file, "--sharp", bad, "--blurred", bad]}[command]
+        code, _, err = _run(capsys, *argv)
+        assert code == 1 and says in err and str(bad) in err and err.count("\n") == 1, err
