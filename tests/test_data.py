@@ -104,6 +104,17 @@ def test_check_registration_returns_registered_copies_of_the_shifted_planes_only
         assert check_registration(sharp, shifted)[0] == {}
 
 
+def test_correct_shift_moves_a_plane_by_the_fourier_shift_and_returns_float32():
+    from napari_coordgate.data import correct_shift
+
+    plane = np.random.default_rng(3).random((16, 20))
+
+    moved = correct_shift(plane, (1.0, -2.0))
+
+    assert moved.dtype == np.float32
+    np.testing.assert_allclose(moved, np.roll(plane, (1, -2), axis=(0, 1)), rtol=0, atol=1e-6)
+
+
 def test_per_image_normalisation_follows_a_camera_offset_and_gain():
     from napari_coordgate.data import NORM_PERCENTILES, Normalization
 

@@ -4,12 +4,14 @@ import numpy as np
 import pytest
 
 from napari_coordgate.metrics import (
+    RINGS,
     PSNRAccumulator,
     error_map,
     field_radius,
     psnr,
     quality_report,
     radial_profile,
+    ring_masks,
     ring_psnr,
     ssim,
 )
@@ -57,6 +59,17 @@ def test_ssim_is_one_for_identical_and_lower_for_noise():
     gt = _gt()
     assert ssim(gt, gt) == pytest.approx(1.0)
     assert ssim(gt, gt + np.random.default_rng(1).normal(0, 0.2, gt.shape)) < 0.9
+
+
+def test_rings_split_the_field_radius_at_one_half_and_one():
+    r = np.array([0.0, 0.4999, 0.5, 0.9999, 1.0, 1.5])
+
+    masks = ring_masks(r)
+
+    assert [(name, lo, hi) for name, lo, hi, _ in masks] == [(n, lo, hi) for n, lo, hi in RINGS]
+    assert [name for name, _, _, _ in masks] == ["centre", "middle", "edge"]
+    np.testing.assert_array_equal(np.stack([m for _, _, _, m in masks]).astype(int),
+                                  [[1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1]])
 
 
 def test_field_radius_reaches_sqrt2_in_corners_and_zero_at_centre():

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from .checks import InputError, as_float, check_image
+from .optics.shift import fourier_shift
 
 __all__ = [
     "InputError",
@@ -180,10 +181,7 @@ def registration_shift(sharp: np.ndarray, blurred: np.ndarray) -> tuple[float, f
 
 def correct_shift(image: np.ndarray, shift: Sequence[float]) -> np.ndarray:
     """Shift an image by (dy, dx) pixels with a Fourier shift (sub-pixel, periodic at borders)."""
-    from scipy.ndimage import fourier_shift
-
-    spec = fourier_shift(np.fft.fftn(image), shift)
-    return np.real(np.fft.ifftn(spec)).astype(np.float32)
+    return fourier_shift(image, shift[0], shift[1]).astype(np.float32)
 
 
 def check_registration(sharp, blurred, tolerance: float = 0.25,

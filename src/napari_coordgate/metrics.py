@@ -26,6 +26,7 @@ __all__ = [
     "PSNRAccumulator",
     "ssim",
     "field_radius",
+    "ring_masks",
     "error_map",
     "ring_psnr",
     "radial_profile",
@@ -124,6 +125,13 @@ def field_radius(shape: Sequence[int], field_shape: Sequence[int] | None = None,
     return np.sqrt(y[:, None] ** 2 + x[None, :] ** 2)
 
 
+def ring_masks(r, rings=RINGS) -> list[tuple[str, float, float, np.ndarray]]:
+    """Which of the field radii ``r`` (pixels, beads: any shape) fall in each ring: ``(name, r_min, r_max, mask)``
+    per ring of ``rings``, ``mask`` True where ``r_min <= r < r_max``."""
+    r = np.asarray(r)
+    return [(name, lo, hi, (r >= lo) & (r < hi)) for name, lo, hi in rings]
+
+
 def error_map(gt, img, bin: int = 8) -> np.ndarray:
     """Squared error per position, averaged over planes and over ``bin`` x ``bin`` blocks.
 
@@ -152,8 +160,7 @@ def ring_psnr(gt, img, rings=RINGS, data_range: float | None = None, *, field_sh
     r = field_radius(gt.shape[-2:], field_shape, offset)
     se = np.square(gt - img).reshape(-1, *gt.shape[-2:])
     out = []
-    for name, lo, hi in rings:
-        sel = (r >= lo) & (r < hi)
+    for name, lo, hi, sel in ring_masks(r, rings):
         n = int(sel.sum())
         val = _psnr_from_mse(float(se[:, sel].mean()), dr) if n else None
         out.append({"name": name, "r_min": lo, "r_max": None if math.isinf(hi) else hi, "psnr": val, "pixels": n})

@@ -10,8 +10,10 @@ from napari_coordgate.optics.models import get_psf_config, psf_at, psf_grid, ren
 from napari_coordgate.optics.psf import (
     PRESETS,
     PSFConfig,
+    Pupil,
     UndersamplingWarning,
     field_polar,
+    pupil_samples,
 )
 
 
@@ -253,3 +255,25 @@ def test_is_uniform_flags_field_dependent_terms():
     assert not PRESETS["edge_defocus_astigmatism"].is_uniform
     assert not PRESETS["gaussian"].is_uniform
     assert PRESETS["gaussian"].replace(sigma_radial_h2=0.0, sigma_tangential_h2=0.0).is_uniform
+
+
+def test_a_pupil_psf_is_the_same_whatever_else_is_computed_with_it():
+    pupil = Pupil(PRESETS["strong_astigmatism"].replace(psf_size=15))
+    coeffs = np.random.default_rng(0).normal(0.0, 0.1, (5, 6))
+
+    batch = pupil.psfs_numpy(coeffs)
+
+    for i in range(5):
+        np.testing.assert_array_equal(pupil.psfs_numpy(coeffs[i : i + 1])[0], batch[i])
+    np.testing.assert_allclose(batch.sum(axis=(1, 2)), 1.0, rtol=0, atol=1e-12)
+
+
+def test_pupil_samples_grow_with_the_aberrations_and_the_margin():
+    cfg = PRESETS["diffraction_limited"]
+    plain = pupil_samples(cfg)
+    strong = pupil_samples(cfg, worst=np.full(6, 0.5))
+
+    assert plain % 2 == 0 and plain >= 32 and strong > plain
+    assert pupil_samples(cfg, worst=np.full(6, 0.5), margin=1.0) < strong
+    assert pupil_samples(PRESETS["strong_astigmatism"]) > pupil_samples(PRESETS["strong_astigmatism"].replace(
+        astig_0=0.0, astig_h2=0.0, defocus_h2=0.0, coma_h=0.0))

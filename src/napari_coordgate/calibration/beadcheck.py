@@ -2,8 +2,8 @@
 
 A good model makes the bead images small and the same everywhere: their FWHM shrinks and stops growing toward
 the edge of the field. :func:`bead_fwhm_report` detects the beads of both images with the calibration's
-detector and summarises their FWHM by field ring (centre r < 0.5, middle 0.5-1, edge r >= 1, per-axis radius as
-everywhere in this package). Below the engine: images in, numbers out.
+detector and summarises their FWHM by field ring (:data:`napari_coordgate.metrics.RINGS`: centre r < 0.5, middle
+0.5-1, edge r >= 1, per-axis radius as everywhere in this package). Below the engine: images in, numbers out.
 """
 
 from __future__ import annotations
@@ -12,23 +12,21 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["bead_fwhm_report", "RINGS"]
+from ..coords import field_position
+from ..metrics import RINGS, ring_masks
 
-RINGS = (("centre", 0.0, 0.5), ("middle", 0.5, 1.0), ("edge", 1.0, np.inf))
+__all__ = ["bead_fwhm_report", "RINGS"]
 
 
 def _beads(image: np.ndarray, field_shape, offset, what: str) -> dict:
-    from ..coords import field_axis
     from .detect import find_beads
 
     table, _, _ = find_beads(np.asarray(image))
     ok = table.accepted
     if not ok.any():  # no statistics of nothing (a table of NaN), nor of what a model made of noise
         raise ValueError(table.nothing_found(what) or f"no usable beads in {what} ({table.counts()})")
-    h, w = image.shape
-    fy, fx = field_shape
-    y = np.interp(table.y[ok], np.arange(h), field_axis(fy, offset[0], h))
-    x = np.interp(table.x[ok], np.arange(w), field_axis(fx, offset[1], w))
+    y = field_position(offset[0] + table.y[ok], field_shape[0])
+    x = field_position(offset[1] + table.x[ok], field_shape[1])
     fwhm = np.sqrt(table.fwhm_x[ok] * table.fwhm_y[ok])  # geometric mean of the two axes
     return {"r": np.hypot(y, x), "fwhm": fwhm, "ellipticity": table.ellipticity[ok], "y": table.y[ok],
             "x": table.x[ok]}
@@ -52,8 +50,7 @@ def bead_fwhm_report(before: np.ndarray, after: np.ndarray, field_shape: Sequenc
     for name, image in (("before", before), ("after", after)):
         b = _beads(image, field_shape, offset, "the bead image" if name == "before" else "the deblurred bead image")
         rings = []
-        for ring, lo, hi in RINGS:
-            sel = (b["r"] >= lo) & (b["r"] < hi)
+        for ring, _, _, sel in ring_masks(b["r"]):
             rings.append({"name": ring, "beads": int(sel.sum()),
                           "fwhm": float(np.median(b["fwhm"][sel])) if sel.any() else None,
                           "ellipticity": float(np.median(b["ellipticity"][sel])) if sel.any() else None})

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 from scipy import ndimage
 
+from napari_coordgate.coords import field_position
+
 __all__ = ["BeadTable", "REASONS", "robust_noise", "background_map", "find_beads", "reject_by_window",
            "saturation_level"]
 
@@ -364,8 +366,7 @@ def find_beads(
     hot_rows.reason[:] = "hot pixel"
     hot_rows.detail[:] = "a single bright pixel"
     out = BeadTable.concat([table, hot_rows])
-    out.y_norm = (2.0 * out.y - (h - 1)) / max(h - 1, 1)
-    out.x_norm = (2.0 * out.x - (w - 1)) / max(w - 1, 1)
+    out.y_norm, out.x_norm = field_position(out.y, h), field_position(out.x, w)
     return out, cleaned, noise
 
 

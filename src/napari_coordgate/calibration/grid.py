@@ -31,15 +31,15 @@ import numpy as np
 from scipy import ndimage
 
 from napari_coordgate.calibration.patches import Patches, recentre
-from napari_coordgate.optics.measured import tent_weights_1d
+from napari_coordgate.coords import tent_weights
 
 __all__ = ["GridFit", "fit_grid", "choose_grid", "tent_matrix"]
 
 
 def tent_matrix(y_norm: np.ndarray, x_norm: np.ndarray, k: int) -> np.ndarray:
     """(N, K²) bilinear weights of the nodes (row-major: node (i, j) at column i K + j)."""
-    wy = tent_weights_1d(y_norm, k)
-    wx = tent_weights_1d(x_norm, k)
+    wy = tent_weights(y_norm, k)
+    wx = tent_weights(x_norm, k)
     return (wy[:, :, None] * wx[:, None, :]).reshape(y_norm.size, k * k)
 
 

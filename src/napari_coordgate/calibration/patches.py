@@ -18,22 +18,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from napari_coordgate.optics.shift import fourier_shift, shift_phase
+
 if TYPE_CHECKING:  # pragma: no cover
     from napari_coordgate.calibration.detect import BeadTable
 
-__all__ = ["Patches", "window_size", "extract_patches", "fourier_shift", "fit_beads", "fit_amplitude_shift",
+__all__ = ["Patches", "window_size", "extract_patches", "fit_beads", "fit_amplitude_shift",
            "xcorr_shift", "centroid", "recentre"]
-
-
-def fourier_shift(images: np.ndarray, dy, dx) -> np.ndarray:
-    """Move (N, H, W) images by per-image (dy, dx) pixels: band-limited, periodic (pad first if needed)."""
-    n, h, w = images.shape
-    ky = np.fft.fftfreq(h)[None, :, None]
-    kx = np.fft.fftfreq(w)[None, None, :]
-    dy = np.broadcast_to(np.asarray(dy, dtype=np.float64), (n,))[:, None, None]
-    dx = np.broadcast_to(np.asarray(dx, dtype=np.float64), (n,))[:, None, None]
-    phase = np.exp(-2j * np.pi * (ky * dy + kx * dx))
-    return np.fft.ifft2(np.fft.fft2(images) * phase).real
 
 
 def centroid(psfs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -174,13 +165,12 @@ def fit_amplitude_shift(psfs: np.ndarray, data: np.ndarray, shift0: np.ndarray, 
         found = xcorr_shift(psfs, data.reshape(n, s, s))
         shift = np.where(np.isfinite(found), found, shift)
     big = np.pad(psfs, ((0, 0), (p, p), (p, p)))
-    ky = np.fft.fftfreq(big.shape[1])[None, :, None]
+    ky = np.fft.fftfreq(big.shape[1])[None, :, None]  # for the derivatives of the shift's phase
     kx = np.fft.fftfreq(big.shape[2])[None, None, :]
     spec = np.fft.fft2(big)
     ones = np.ones((n, s * s))
     for it in range(iterations + 1):
-        phase = np.exp(-2j * np.pi * (ky * shift[:, 0, None, None] + kx * shift[:, 1, None, None]))
-        f = spec * phase
+        f = spec * shift_phase(big.shape[1:], shift[:, 0], shift[:, 1])
         model = np.fft.ifft2(f).real[:, p : p + s, p : p + s].reshape(n, -1)
         if it == iterations:
             basis = np.stack([model, ones], axis=2)

@@ -1,10 +1,9 @@
 """Fit the pupil model with field-polynomial aberrations (:class:`~napari_coordgate.optics.pupil_poly.PupilPolyPSF`)
 to all beads jointly, with torch autograd.
 
-:class:`TorchPupil` is a differentiable copy of the pupil PSF of :mod:`napari_coordgate.optics.psf` (the same
-pupil grid, soft aperture edge, aplanatic apodisation, Noll Zernike basis, matrix Fourier transform onto an
-oversampled crop, ``|field|²`` binned to camera pixels and normalised; ``tests/test_calibrate.py`` checks it
-against ``_PupilModel.psfs`` to 1e-5), with a sub-pixel shift of each PSF as a linear phase across the pupil.
+:class:`TorchPupil` is the package's one pupil PSF (:class:`napari_coordgate.optics.psf.Pupil`: torch, differentiable,
+a sub-pixel shift of each PSF as a linear phase across the pupil), sampled for the aberrations a fit may reach,
+with the PSFs' analytic derivatives.
 
 The fit minimises ``sum_b ||D_b - a_b PSF(c(x_b, y_b), shift_b) - o_b||² / noise_b²`` over the 36 polynomial
 coefficients ``C`` (6 Zernike terms x 6 monomials) and each bead's shift. Each bead's amplitude ``a_b`` and
@@ -25,14 +24,16 @@ import numpy as np
 import torch
 
 from napari_coordgate.calibration.patches import fit_amplitude_shift
-from napari_coordgate.optics.psf import _MAX_SLOPE, ZERNIKE_TERMS, PSFConfig, _effective_oversample, _pupil_samples
+from napari_coordgate.coords import grid_positions
+from napari_coordgate.optics.psf import ZERNIKE_TERMS, PSFConfig, Pupil, pupil_samples
 from napari_coordgate.optics.pupil_poly import MONOMIALS, PupilPolyPSF, monomials
 
 __all__ = ["TorchPupil", "PupilFit", "fit_pupil_poly"]
 
 
-class TorchPupil:
-    """Differentiable pupil PSFs for one set of optics.
+class TorchPupil(Pupil):
+    """The pupil PSFs of one set of optics (:class:`~napari_coordgate.optics.psf.Pupil`), for fitting: built from
+    the optics alone, sampled for the aberrations a fit may reach, with the PSFs' analytic derivatives.
 
     Parameters
     ----------
@@ -43,7 +44,7 @@ class TorchPupil:
     oversample
         Sub-samples per pixel and axis (odd); raised to Nyquist as :class:`PSFConfig` does.
     pupil_samples
-        Pupil samples across the diameter (even); default: what ``_PupilModel`` uses for an unaberrated
+        Pupil samples across the diameter (even); default: what :func:`pupil_samples` gives an unaberrated
         pupil of these optics. Larger aberrations need more (see :meth:`for_aberrations`).
     device, dtype
         Torch device, and ``torch.float32`` or ``torch.float64`` (complex64 / complex128 inside).
@@ -52,47 +53,8 @@ class TorchPupil:
     def __init__(self, na: float, wavelength_um: float, refractive_index: float, pixel_size_um: float,
                  psf_size: int, oversample: int = 3, pupil_samples: int | None = None, *,
                  device: "str | torch.device" = "cpu", dtype: torch.dtype = torch.float64):
-        cfg = PSFConfig(na=na, wavelength_um=wavelength_um, refractive_index=refractive_index,
-                        pixel_size_um=pixel_size_um, psf_size=psf_size, oversample=oversample)
-        self.cfg = cfg
-        self.size = cfg.psf_size
-        self.os = _effective_oversample(cfg)
-        m = int(pupil_samples) if pupil_samples is not None else _pupil_samples(cfg)
-        self.m = m
-        self.device = torch.device(device)
-        self.dtype = dtype
-        # the pupil grid of optics.psf._PupilModel, sample for sample
-        cutoff = cfg.na / cfg.wavelength_um
-        f = (np.arange(m) - (m - 1) / 2.0) * (2.0 * cutoff / m)
-        fy, fx = np.meshgrid(f, f, indexing="ij")
-        rho = np.hypot(fy, fx) / cutoff
-        theta = np.arctan2(fy, fx)
-        coverage = np.clip((1.0 - rho) * (m / 2.0) + 0.5, 0.0, 1.0)
-        inside = coverage > 0
-        sin_t = np.clip(cfg.na * np.minimum(rho, 1.0) / cfg.refractive_index, 0.0, 0.999999)
-        amplitude = coverage * (1.0 - sin_t**2) ** -0.25
-        r2 = rho**2
-        basis = [
-            math.sqrt(3) * (2 * r2 - 1),
-            math.sqrt(6) * r2 * np.cos(2 * theta),
-            math.sqrt(6) * r2 * np.sin(2 * theta),
-            math.sqrt(8) * (3 * r2 - 2) * rho * np.cos(theta),
-            math.sqrt(8) * (3 * r2 - 2) * rho * np.sin(theta),
-            math.sqrt(5) * (6 * r2 * r2 - 6 * r2 + 1),
-        ]
-        basis = np.stack([np.where(inside, b, 0.0).ravel() for b in basis])  # (6, M * M)
-        fine = self.size * self.os
-        u = (np.arange(fine) - (fine - 1) / 2.0) * (cfg.pixel_size_um / self.os)
-        kw = {"device": self.device}
-        real = dtype
-        cplx = torch.complex128 if dtype == torch.float64 else torch.complex64
-        self._basis = torch.as_tensor(basis, dtype=real, **kw)
-        self._amplitude = torch.as_tensor(amplitude.ravel(), dtype=real, **kw)
-        # shift phase per pixel of shift: exp(-2 pi i (dy fy + dx fx) * pixel)
-        self._fy = torch.as_tensor(fy.ravel() * cfg.pixel_size_um, dtype=real, **kw)
-        self._fx = torch.as_tensor(fx.ravel() * cfg.pixel_size_um, dtype=real, **kw)
-        self._fourier = torch.as_tensor(np.exp(2j * np.pi * np.outer(u, f)), dtype=cplx, **kw)  # (S, M)
-        self._fourier_t = self._fourier.transpose(0, 1).contiguous()  # (M, S)
+        super().__init__(_optics(na, wavelength_um, refractive_index, pixel_size_um, psf_size, oversample),
+                         pupil_samples, device=device, dtype=dtype)
 
     @classmethod
     def for_aberrations(cls, na: float, wavelength_um: float, refractive_index: float, pixel_size_um: float,
@@ -102,29 +64,11 @@ class TorchPupil:
         worst = b.copy()
         worst[1:3] = b[1] + b[2]
         worst[3:5] = b[3] + b[4]
-        # a quarter of _pupil_samples' margin against phase wrapping: for fitting, a pupil this fine changes the
-        # PSF by well under 1 % (the soft aperture edge dominates), and the fit is several times faster
-        radius = max(16.0, float(worst @ _MAX_SLOPE), 2.0 * psf_size * pixel_size_um * na / wavelength_um)
+        # a quarter of the margin against phase wrapping that PSFConfig's PSFs get: for fitting, a pupil this fine
+        # changes the PSF by well under 1 % (the soft aperture edge dominates), and the fit is several times faster
+        cfg = _optics(na, wavelength_um, refractive_index, pixel_size_um, psf_size, oversample)
         return cls(na, wavelength_um, refractive_index, pixel_size_um, psf_size, oversample,
-                   2 * int(math.ceil(radius)), **kwargs)
-
-    def psfs(self, coeffs: torch.Tensor, shifts: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, s, s) PSFs, unit sum, for (N, 6) Zernike coefficients and optional (N, 2) shifts (dy, dx) in px.
-
-        A shift moves the PSF towards larger coordinates (the point's image at ``centre + shift``).
-        """
-        coeffs = coeffs.to(device=self.device, dtype=self.dtype)
-        n = coeffs.shape[0]
-        phase = (2 * math.pi) * (coeffs @ self._basis)  # (N, M * M)
-        if shifts is not None:
-            shifts = shifts.to(device=self.device, dtype=self.dtype)
-            phase = phase - (2 * math.pi) * (shifts[:, :1] * self._fy + shifts[:, 1:] * self._fx)
-        pupil = torch.polar(self._amplitude.expand(n, -1), phase).reshape(n, self.m, self.m)
-        field = self._fourier @ (pupil @ self._fourier_t)  # (N, S, S): rows y, columns x
-        intensity = field.real**2 + field.imag**2
-        s, o = self.size, self.os
-        binned = intensity.reshape(n, s, o, s, o).sum(dim=(2, 4))
-        return binned / binned.sum(dim=(1, 2), keepdim=True)
+                   pupil_samples(cfg, worst, margin=1.0), **kwargs)
 
     def psfs_and_derivatives(self, coeffs: torch.Tensor, shifts: torch.Tensor
                              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,13 +78,12 @@ class TorchPupil:
         coeffs = coeffs.to(device=self.device, dtype=self.dtype)
         shifts = shifts.to(device=self.device, dtype=self.dtype)
         n = coeffs.shape[0]
-        phase = (2 * math.pi) * (coeffs @ self._basis) - (2 * math.pi) * (shifts[:, :1] * self._fy
-                                                                          + shifts[:, 1:] * self._fx)
-        pupil = torch.polar(self._amplitude.expand(n, -1), phase)  # (N, M²)
-        gens = torch.cat([self._basis, -self._fy[None], -self._fx[None]])  # d(phase)/d(param) / 2 pi, (8, M²)
+        pupil = torch.polar(self.amplitude.expand(n, -1), self.phase(coeffs, shifts))  # (N, M²)
+        gens = torch.cat([self.basis, -self.fy[None], -self.fx[None]])  # d(phase)/d(param) / 2 pi, (8, M²)
         dpupil = (2j * math.pi) * gens[None] * pupil[:, None]  # (N, 8, M²)
-        allp = torch.cat([pupil[:, None], dpupil], dim=1).reshape(n * 9, self.m, self.m)
-        fields = (self._fourier @ (allp @ self._fourier_t)).reshape(n, 9, *self._fourier.shape[:1] * 2)
+        allp = torch.cat([pupil[:, None], dpupil], dim=1).reshape(n * 9, -1)
+        fields = self.fields(allp)
+        fields = fields.reshape(n, 9, *fields.shape[1:])
         e, de = fields[:, 0], fields[:, 1:]
         inten = e.real**2 + e.imag**2
         dinten = 2 * (e.real[:, None] * de.real + e.imag[:, None] * de.imag)
@@ -151,6 +94,12 @@ class TorchPupil:
         psf = b / tot[:, None, None]
         dpsf = (db - psf[:, None] * db.sum(dim=(2, 3))[:, :, None, None]) / tot[:, None, None, None]
         return psf, dpsf
+
+
+def _optics(na: float, wavelength_um: float, refractive_index: float, pixel_size_um: float, psf_size: int,
+            oversample: int) -> PSFConfig:
+    return PSFConfig(na=na, wavelength_um=wavelength_um, refractive_index=refractive_index,
+                     pixel_size_um=pixel_size_um, psf_size=psf_size, oversample=oversample)
 
 
 class _Joint:
@@ -389,7 +338,7 @@ def init_from_nodes(node_psfs: np.ndarray, *, na: float, wavelength_um: float, r
     """
     k, _, s, _ = node_psfs.shape
     idx = np.unique(np.round(np.linspace(0, k - 1, min(k, nodes_per_axis))).astype(int))
-    t = np.zeros(1) if k == 1 else np.linspace(-1.0, 1.0, k)
+    t = grid_positions(k)
     ii, jj = np.meshgrid(idx, idx, indexing="ij")
     ii, jj = ii.ravel(), jj.ravel()
     # the core holds what the start needs; a smaller square makes the many start fits cheap

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from napari_coordgate.coords import grid_positions
+
 if TYPE_CHECKING:  # pragma: no cover
     from napari_coordgate.calibration.result import CalibrationResult
 
@@ -94,7 +96,7 @@ def _psf_montages(fig, gs, result) -> None:
     """What the beads show at the grid nodes next to what the model says there."""
     fit = result.grid_fit
     k = fit.k if fit is not None else result.model.grid
-    nodes = np.zeros(1) if k == 1 else np.linspace(-1, 1, k)
+    nodes = grid_positions(k)
     yy, xx = np.meshgrid(nodes, nodes, indexing="ij")
     ax = fig.add_subplot(gs[1, 0])
     if fit is not None:

@@ -35,6 +35,7 @@ import numpy as np
 
 from .._version import __version__
 from ..data import InputError
+from .units import ngff_unit, um_per_unit
 
 __all__ = [
     "NGFF_WRITE_VERSION",
@@ -66,23 +67,6 @@ _KNOWN_AXES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "sp
 # NGFF orders axes time, then channel (or one custom-typed axis), then space
 _TYPE_RANK = {"time": 0, "channel": 1, "space": 2}
 _TIFF_AXES = {"T": "t", "C": "c", "Z": "z", "Y": "y", "X": "x"}
-# unit spellings found in TIFF metadata -> NGFF (UDUNITS-2) names
-_UNITS = {
-    "µm": "micrometer", "\u03bcm": "micrometer", "um": "micrometer", "micron": "micrometer", "microns": "micrometer",
-    "micrometre": "micrometer", "nm": "nanometer", "nanometre": "nanometer", "mm": "millimeter",
-    "millimetre": "millimeter", "cm": "centimeter", "centimetre": "centimeter", "m": "meter", "metre": "meter",
-    "å": "angstrom", "in": "inch", "s": "second", "sec": "second", "ms": "millisecond", "min": "minute",
-    "h": "hour",
-}
-_NGFF_UNITS = {
-    "angstrom", "attometer", "centimeter", "decimeter", "exameter", "femtometer", "foot", "gigameter", "hectometer",
-    "inch", "kilometer", "megameter", "meter", "micrometer", "mile", "millimeter", "nanometer", "parsec", "petameter",
-    "picometer", "terameter", "yard", "yoctometer", "yottameter", "zeptometer", "zettameter",
-    "attosecond", "centisecond", "day", "decisecond", "exasecond", "femtosecond", "gigasecond", "hectosecond",
-    "hour", "kilosecond", "megasecond", "microsecond", "millisecond", "minute", "nanosecond", "petasecond",
-    "picosecond", "second", "terasecond", "yoctosecond", "yottasecond", "zeptosecond", "zettasecond",
-}
-_UM_PER_NGFF_UNIT = {"nanometer": 1e-3, "micrometer": 1.0, "millimeter": 1e3}
 
 
 class IncompleteOutputError(RuntimeError):
@@ -319,7 +303,7 @@ class ZarrImage:
         names = self.axis_names
         if "x" not in names or self.version is None:  # a plain zarr's scale of 1 is no statement
             return None
-        factor = _UM_PER_NGFF_UNIT.get(_ngff_unit(self.units.get("x")) or "")
+        factor = um_per_unit(self.units.get("x"))
         return None if factor is None else float(self.scale[names.index("x")]) * factor
 
 
@@ -428,14 +412,6 @@ def read_zarr(path: str | os.PathLike, *, cache_bytes: int = DEFAULT_CACHE_BYTES
     return ZarrImage(ChunkCachedArray(node, cache_bytes), tuple(axes), (1.0,) * len(node.shape), None, None, p)
 
 
-def _ngff_unit(unit) -> str | None:
-    if not unit:
-        return None
-    u = str(unit).strip()
-    u = _UNITS.get(u.lower(), _UNITS.get(u, u))
-    return u if u in _NGFF_UNITS else None
-
-
 def axes_from_tiff(img) -> tuple[list[dict], list[float]]:
     """NGFF axes (with units) and scale for a :class:`~napari_coordgate.image_io.tiff.TiffImage`.
 
@@ -455,10 +431,10 @@ def axes_from_tiff(img) -> tuple[list[dict], list[float]]:
         for ax in "xyz":
             key = f"PhysicalSize{ax.upper()}"
             if key in phys:
-                size[ax] = (float(phys[key]), _ngff_unit(phys.get(key + "Unit", "µm")))
+                size[ax] = (float(phys[key]), ngff_unit(phys.get(key + "Unit", "µm")))
     elif img.resolution is not None and all(r > 0 for r in img.resolution):
         if ij.get("unit"):
-            unit = _ngff_unit(ij["unit"])
+            unit = ngff_unit(ij["unit"])
         else:
             unit = {2: "inch", 3: "centimeter"}.get(img.resolution_unit or 1)
         if unit is not None or ij:
@@ -660,7 +636,7 @@ def _ngff_layout(ax: list[dict], shape: tuple[int, ...], scale: list[float], tra
     out_axes = []
     for i in order:
         a = dict(ax[i])
-        unit = _ngff_unit(a.pop("unit", None))
+        unit = ngff_unit(a.pop("unit", None))
         out_axes.append({**a, "unit": unit} if unit else a)
     transforms = [{"type": "scale", "scale": [scale[i] for i in order]}]
     if translation is not None:

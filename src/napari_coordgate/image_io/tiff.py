@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..outputs import atomic_write
+from .units import um_per_unit
 
 __all__ = ["DiskFullError", "TiffImage", "read_tiff", "write_tiff", "write_tiff_streamed", "reserve_file"]
 
@@ -230,10 +231,6 @@ def write_tiff_streamed(path: str | os.PathLike, shape, fill, like: TiffImage | 
     return _atomic(Path(path), write, int(np.prod(shape, dtype=np.int64)) * 4)
 
 
-_UM_PER = {"um": 1.0, "\u00b5m": 1.0, "\u03bcm": 1.0, "micron": 1.0, "microns": 1.0, "\\u00B5m": 1.0, "nm": 1e-3,
-           "mm": 1e3}
-
-
 def pixel_size_um(img: TiffImage) -> float | None:
     """The pixel size in the specimen plane (µm, along x) that a TIFF's metadata states, or None.
 
@@ -243,14 +240,14 @@ def pixel_size_um(img: TiffImage) -> float | None:
     if img.ome:
         sizes = _ome_physical_sizes(img.ome)
         if "PhysicalSizeX" in sizes:
-            factor = _UM_PER.get(str(sizes.get("PhysicalSizeXUnit", "µm")))
+            factor = um_per_unit(sizes.get("PhysicalSizeXUnit", "µm"))
             if factor is not None:
                 return float(sizes["PhysicalSizeX"]) * factor
     if img.resolution is None or not img.resolution[0] > 0:
         return None
-    unit = str((img.imagej or {}).get("unit", ""))
-    if unit in _UM_PER:
-        return _UM_PER[unit] / img.resolution[0]
+    factor = um_per_unit((img.imagej or {}).get("unit"))
+    if factor is not None:
+        return factor / img.resolution[0]
     if img.resolution_unit == 3:  # centimetre
         return 1e4 / img.resolution[0]
     return None

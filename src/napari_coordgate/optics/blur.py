@@ -36,7 +36,7 @@ import torch
 from scipy.fft import next_fast_len
 
 from napari_coordgate.checks import as_float, check_image
-from napari_coordgate.coords import field_axis, grid_positions
+from napari_coordgate.coords import field_axis, field_position, grid_positions, tent_weights
 from napari_coordgate.devices import resolve_device
 from napari_coordgate.optics.models import get_psf_model
 from napari_coordgate.optics.psfmodel import PSFModel
@@ -76,21 +76,16 @@ def _reflect_index(n: int, pad: int) -> np.ndarray:
     return np.where(q < n, q, 2 * n - 1 - q)
 
 
-def _tent_weights(n: int, pad: int, k: int, field_n: int | None = None, offset: int = 0) -> np.ndarray:
-    """(k, n + 2 pad) tent weights of the nodes of one axis over the padded axis; columns sum to one.
+def _axis_weights(n: int, pad: int, k: int, field_n: int, offset: int) -> np.ndarray:
+    """(k, n + 2 pad) tent weights (:func:`~napari_coordgate.coords.tent_weights`) of the nodes of one axis over
+    the padded axis; columns sum to one.
 
-    The axis is pixels ``offset .. offset + n - 1`` of a field axis of ``field_n`` pixels (default: the whole
-    axis) whose nodes span the field; nodes whose tents miss the axis get all-zero rows.
+    The axis is pixels ``offset .. offset + n - 1`` of a field axis of ``field_n`` pixels whose nodes span the
+    field; the reflected margin takes the weights of the nearest frame pixel, and nodes whose tents miss the axis
+    get all-zero rows.
     """
-    if k == 1:
-        return np.ones((1, n + 2 * pad))
-    field_n = n if field_n is None else field_n
-    y = np.clip(np.arange(-pad, n + pad, dtype=np.float64), 0, n - 1) + offset
-    nodes = (grid_positions(k) + 1.0) / 2.0 * (field_n - 1)
-    spacing = max((field_n - 1) / (k - 1), 1e-12)
-    w = np.maximum(0.0, 1.0 - np.abs(y[None, :] - nodes[:, None]) / spacing)
-    # a one-pixel axis puts all nodes on the same pixel; renormalising keeps the partition of unity exact
-    return w / w.sum(axis=0, keepdims=True)
+    p = np.clip(np.arange(-pad, n + pad), 0, n - 1) + offset
+    return tent_weights(field_position(p, field_n), k).T
 
 
 class _Block(NamedTuple):
@@ -168,7 +163,7 @@ class SpatiallyVaryingBlur:
         h, w = shape
         self._iy = torch.as_tensor(_reflect_index(h, p), device=self.device)
         self._ix = torch.as_tensor(_reflect_index(w, p), device=self.device)
-        wy, wx = _tent_weights(h, p, k, full[0], off[0]), _tent_weights(w, p, k, full[1], off[1])
+        wy, wx = _axis_weights(h, p, k, full[0], off[0]), _axis_weights(w, p, k, full[1], off[1])
         self._blocks: list[_Block] = []
         for i in range(k):
             if not wy[i].any():  # a node whose tent misses this region of the field

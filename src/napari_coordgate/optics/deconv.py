@@ -23,8 +23,8 @@ import torch
 from skimage import restoration
 
 from napari_coordgate.checks import as_float, check_image
-from napari_coordgate.coords import grid_positions
-from napari_coordgate.optics.blur import SpatiallyVaryingBlur, _tent_weights
+from napari_coordgate.coords import field_axis, grid_positions, tent_weights
+from napari_coordgate.optics.blur import SpatiallyVaryingBlur
 from napari_coordgate.optics.models import get_psf_model
 from napari_coordgate.optics.psfmodel import PSFModel
 
@@ -317,7 +317,7 @@ def sv_wiener(image, psf: "PSFModel | str | dict", grid: int | None = None, size
     size = 2 * model.psf_size + 1 if size is None else int(size)
     h, w = arr.shape[-2:]
     kernels = wiener_kernels(model, (h, w), k, size, balance).astype(np.float64)
-    wy, wx = _tent_weights(h, 0, k), _tent_weights(w, 0, k)
+    wy, wx = tent_weights(field_axis(h), k).T, tent_weights(field_axis(w), k).T
     r = size // 2
 
     def one(plane: np.ndarray) -> np.ndarray:

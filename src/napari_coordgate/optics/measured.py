@@ -1,11 +1,11 @@
 """A PSF model measured from beads: a K x K grid of PSFs, interpolated as the fast blur interpolates them.
 
 The nodes sit at ``linspace(-1, 1, K)`` of the normalised field coordinates per axis (``[0]`` for K = 1), the
-grid of :func:`~napari_coordgate.optics.psf.grid_positions`. Between nodes the PSF is the bilinear (tent)
+grid of :func:`~napari_coordgate.coords.grid_positions`. Between nodes the PSF is the bilinear (tent)
 interpolation of the four surrounding node PSFs, with the weights that
-:class:`~napari_coordgate.optics.blur.SpatiallyVaryingBlur` gives the image (``1 - |t - node| / spacing`` per
-axis, clamped at the field edge), renormalised to unit sum. So a model built from this grid blurs exactly as
-:meth:`MeasuredGridPSF.psfs_at` says each point is blurred.
+:class:`~napari_coordgate.optics.blur.SpatiallyVaryingBlur` gives the image (the one function
+:func:`~napari_coordgate.coords.tent_weights` per axis, clamped at the field edge), renormalised to unit sum. So a
+model built from this grid blurs exactly as :meth:`MeasuredGridPSF.psfs_at` says each point is blurred.
 
 Nodes that had too few beads nearby were filled from their neighbours (``filled``); the calibration report says
 where. numpy only: no torch, no Qt (reading a ``.cgpsf`` file must not need them).
@@ -18,44 +18,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from napari_coordgate.coords import grid_positions, tent_weights
 from napari_coordgate.optics.psfmodel import GRID_BOUNDS, PSFModel, binned_psf_size, register_psf_model
+from napari_coordgate.optics.shift import fourier_shift
 
-__all__ = ["MeasuredGridPSF", "tent_weights_1d"]
+__all__ = ["MeasuredGridPSF"]
 
 _RECORD_VERSION = 1
-
-
-def tent_weights_1d(t: np.ndarray, k: int) -> np.ndarray:
-    """Tent weights of the ``k`` nodes ``linspace(-1, 1, k)`` at normalised coordinates ``t``.
-
-    Parameters
-    ----------
-    t
-        Normalised coordinates (any shape ``S``); values outside [-1, 1] are clamped to the field edge.
-    k
-        Number of nodes.
-
-    Returns
-    -------
-    ndarray, float64, shape ``S + (k,)``
-        Non-negative, summing to one over the last axis; at most two are non-zero.
-    """
-    t = np.clip(np.asarray(t, dtype=np.float64), -1.0, 1.0)
-    if k == 1:
-        return np.ones(t.shape + (1,))
-    nodes = np.linspace(-1.0, 1.0, k)
-    spacing = 2.0 / (k - 1)
-    w = np.maximum(0.0, 1.0 - np.abs(t[..., None] - nodes) / spacing)
-    return w / w.sum(axis=-1, keepdims=True)
-
-
-def _fourier_shift(img: np.ndarray, dy: float, dx: float) -> np.ndarray:
-    """``img`` (..., H, W) moved by (dy, dx) pixels (band-limited interpolation, periodic: pad first)."""
-    h, w = img.shape[-2:]
-    ky = np.fft.fftfreq(h)[:, None]
-    kx = np.fft.fftfreq(w)[None, :]
-    phase = np.exp(-2j * np.pi * (ky * dy + kx * dx))
-    return np.fft.ifft2(np.fft.fft2(img) * phase).real
 
 
 @register_psf_model
@@ -177,13 +146,12 @@ class MeasuredGridPSF(PSFModel):
     # ------------------------------------------------------------------------------------------- PSFs
 
     def psfs_at(self, y, x, field_shape: Sequence[int] | None = None) -> np.ndarray:
-        # the tent weights in normalised coordinates equal the blur's weights in pixels (a linear map), so the
-        # frame shape does not matter
+        # the blur's weights too are tent_weights of normalised coordinates, so the frame shape does not matter
         y, x = np.broadcast_arrays(np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64))
         shape = y.shape
         k, s = self.nodes, self.psf_size
-        wy = tent_weights_1d(y.ravel(), k)  # (N, K)
-        wx = tent_weights_1d(x.ravel(), k)
+        wy = tent_weights(y.ravel(), k)  # (N, K)
+        wx = tent_weights(x.ravel(), k)
         out = np.einsum("ni,nj,ijab->nab", wy, wx, self._psfs, optimize=True)
         out /= out.sum(axis=(1, 2), keepdims=True)
         return out.reshape(*shape, s, s)
@@ -192,7 +160,7 @@ class MeasuredGridPSF(PSFModel):
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         k = self.grid if k is None else int(k)
         if k == self.nodes:
-            nodes = np.zeros(1) if k == 1 else np.linspace(-1.0, 1.0, k)
+            nodes = grid_positions(k)
             return self._psfs.copy(), nodes, nodes.copy()
         return super().psf_grid(field_shape, k)
 
@@ -216,7 +184,7 @@ class MeasuredGridPSF(PSFModel):
         canvas = np.zeros((k * k, fine + 2 * b, fine + 2 * b))
         canvas[:, b + off : b + off + s, b + off : b + off + s] = psfs
         if (fine - s) % 2:
-            canvas = _fourier_shift(canvas, 0.5, 0.5)
+            canvas = fourier_shift(canvas, 0.5, 0.5)
         canvas = np.clip(canvas[:, b : b + fine, b : b + fine], 0.0, None)
         pooled = canvas.reshape(k * k, out_size, b, out_size, b).sum(axis=(2, 4))
         pooled /= pooled.sum(axis=(1, 2), keepdims=True)

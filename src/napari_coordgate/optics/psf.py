@@ -45,6 +45,9 @@ __all__ = [
     "UndersamplingWarning",
     "field_polar",
     "nyquist_pixel_size_um",
+    "zernike_coefficients",
+    "pupil_samples",
+    "Pupil",
 ]
 
 PSF_MODELS = ("pupil", "gaussian")
@@ -296,8 +299,9 @@ def _max_field_height(cfg: PSFConfig) -> float:
     return 1.0 + max(abs(cfg.axis_y), abs(cfg.axis_x))
 
 
-def _zernike_coefficients(cfg: PSFConfig, h: np.ndarray, phi: np.ndarray) -> np.ndarray:
-    """(..., 6) coefficients in waves RMS, in the order of ``ZERNIKE_TERMS``."""
+def zernike_coefficients(cfg: PSFConfig, h: np.ndarray, phi: np.ndarray) -> np.ndarray:
+    """(..., 6) Zernike coefficients (waves RMS, in the order of ``ZERNIKE_TERMS``) of ``cfg``'s field laws at field
+    heights ``h`` and angles ``phi`` (:func:`field_polar`)."""
     h2 = h * h
     astig = cfg.astig_h2 * h2
     coma = cfg.coma_h * h
@@ -314,26 +318,56 @@ def _zernike_coefficients(cfg: PSFConfig, h: np.ndarray, phi: np.ndarray) -> np.
     )
 
 
-def _pupil_samples(cfg: PSFConfig) -> int:
-    """Pupil samples across the diameter: the worst-case phase moves < π/2 per sample, no wrap-around."""
-    h = _max_field_height(cfg)
-    worst = np.abs(_zernike_coefficients(cfg, np.array([h]), np.array([0.0]))[0])
-    worst[1:3] = abs(cfg.astig_0) + abs(cfg.astig_45) + abs(cfg.astig_h2) * h * h
-    worst[3:5] = abs(cfg.coma_x) + abs(cfg.coma_y) + abs(cfg.coma_h) * h
-    radius = max(_MIN_PUPIL_SAMPLES / 2, 4.0 * float(worst @ _MAX_SLOPE))
-    # the sampled pupil makes the field periodic with period m * wavelength / (2 NA); keep the copies at
-    # least one crop width away from the crop
+def pupil_samples(cfg: PSFConfig, worst: np.ndarray | None = None, margin: float = 4.0) -> int:
+    """Pupil samples across the diameter (even) for the PSFs of ``cfg``.
+
+    Enough that the phase of Zernike coefficients up to ``worst`` (6, waves RMS, per term; default: the largest
+    ``cfg`` reaches in its field) moves less than ``1 / margin`` wave between neighbouring samples (a quarter
+    wave by default: no wrap-around), at least ``_MIN_PUPIL_SAMPLES``, and enough that the periodic copies of
+    the field (period ``m * wavelength / (2 NA)``) stay at least one PSF crop away from the crop.
+    """
+    if worst is None:
+        h = _max_field_height(cfg)
+        worst = np.abs(zernike_coefficients(cfg, np.array([h]), np.array([0.0]))[0])
+        worst[1:3] = abs(cfg.astig_0) + abs(cfg.astig_45) + abs(cfg.astig_h2) * h * h
+        worst[3:5] = abs(cfg.coma_x) + abs(cfg.coma_y) + abs(cfg.coma_h) * h
+    radius = max(_MIN_PUPIL_SAMPLES / 2, margin * float(np.asarray(worst) @ _MAX_SLOPE))
     radius = max(radius, 2.0 * cfg.psf_size * cfg.pixel_size_um * cfg.na / cfg.wavelength_um)
     return 2 * int(math.ceil(radius))
 
 
-class _PupilModel:
-    """Precomputed pupil sampling and Fourier matrices for one config."""
+class Pupil:
+    """The sampled pupil of one pupil ``PSFConfig``, and the PSFs of Zernike wavefronts across it.
 
-    def __init__(self, cfg: PSFConfig):
+    The one pupil-PSF computation of the package: :class:`PSFConfig` and
+    :class:`~napari_coordgate.optics.pupil_poly.PupilPolyPSF` render their PSFs with it (:meth:`psfs_numpy`), the
+    calibration's pupil fit differentiates it (:meth:`psfs`, torch autograd, any device), and synthetic bead
+    slides move their beads with its shifts. ``samples`` x ``samples`` points span the aperture's bounding square;
+    the aperture edge is soft, the amplitude aplanatic; the phase is ``2 pi`` times the Noll Zernike terms
+    (``ZERNIKE_TERMS``) weighted by their coefficients, minus a linear ramp for a sub-pixel shift of the PSF; a
+    matrix Fourier transform gives the field on the oversampled PSF crop; ``|field|²`` is binned to camera pixels
+    and normalised to unit sum.
+
+    Parameters
+    ----------
+    cfg
+        The optics (``na``, ``wavelength_um``, ``refractive_index``, ``pixel_size_um``, ``psf_size``,
+        ``oversample``, raised to Nyquist); its aberrations set the default ``samples`` only.
+    samples
+        Pupil samples across the diameter (even); default :func:`pupil_samples` of ``cfg``.
+    device, dtype
+        Torch device, and ``torch.float64`` (default) or ``torch.float32`` (complex128 / complex64 inside).
+    """
+
+    def __init__(self, cfg: PSFConfig, samples: int | None = None, *, device="cpu", dtype=None):
+        import torch  # deferred: reading configs and presets must not need torch
+
+        self.cfg = cfg
         self.size = cfg.psf_size
         self.os = _effective_oversample(cfg)
-        m = _pupil_samples(cfg)
+        self.m = m = pupil_samples(cfg) if samples is None else int(samples)
+        self.device = torch.device(device)
+        self.dtype = torch.float64 if dtype is None else dtype
         cutoff = cfg.na / cfg.wavelength_um
         f = (np.arange(m) - (m - 1) / 2.0) * (2.0 * cutoff / m)
         fy, fx = np.meshgrid(f, f, indexing="ij")
@@ -345,7 +379,7 @@ class _PupilModel:
         inside = coverage > 0
         # aplanatic detection objective: light per pupil area grows as 1 / cos(angle in the medium)
         sin_t = np.clip(cfg.na * np.minimum(rho, 1.0) / cfg.refractive_index, 0.0, 0.999999)
-        self.amplitude = coverage * (1.0 - sin_t**2) ** -0.25
+        amplitude = coverage * (1.0 - sin_t**2) ** -0.25
         r2 = rho**2
         basis = [
             math.sqrt(3) * (2 * r2 - 1),
@@ -355,40 +389,72 @@ class _PupilModel:
             math.sqrt(8) * (3 * r2 - 2) * rho * np.sin(theta),
             math.sqrt(5) * (6 * r2 * r2 - 6 * r2 + 1),
         ]
-        self.basis = np.stack([np.where(inside, b, 0.0).ravel() for b in basis])  # (6, M * M)
         fine = self.size * self.os
         u = (np.arange(fine) - (fine - 1) / 2.0) * (cfg.pixel_size_um / self.os)
+        real = {"device": self.device, "dtype": self.dtype}
+        cplx = {"device": self.device, "dtype": torch.complex128 if self.dtype == torch.float64 else torch.complex64}
+        self.basis = torch.as_tensor(np.stack([np.where(inside, b, 0.0).ravel() for b in basis]), **real)  # (6, M²)
+        self.amplitude = torch.as_tensor(amplitude.ravel(), **real)
+        # phase per pixel of shift: a shift (dy, dx) adds -2 pi (dy fy + dx fx) * pixel
+        self.fy = torch.as_tensor(fy.ravel() * cfg.pixel_size_um, **real)
+        self.fx = torch.as_tensor(fx.ravel() * cfg.pixel_size_um, **real)
         # matrix Fourier transform: evaluates the field only where the crop needs it, with no wrap-around
-        self.fourier = np.exp(2j * np.pi * np.outer(u, f))  # (S, M)
+        self.fourier_t = torch.as_tensor(np.exp(2j * np.pi * np.outer(f, u)), **cplx)  # (M, S)
 
-    def psfs(self, coeffs: np.ndarray) -> np.ndarray:
-        # torch, not NumPy, for the heavy part: the caller controls its threads (torch.set_num_threads),
-        # while NumPy's BLAS picks its own and its spinning threads can be many times slower on a busy machine
-        import torch  # deferred: reading configs and presets must not need torch
+    def phase(self, coeffs, shifts=None):
+        """(N, M²) pupil phase in radians for (N, 6) Zernike coefficients and optional (N, 2) shifts (px)."""
+        # term by term in a fixed order, not a matrix product (whose rounding depends on the batch): a PSF
+        # comes out the same whatever else is computed with it
+        phase = coeffs[:, :1] * self.basis[0]
+        for j in range(1, self.basis.shape[0]):
+            phase = phase + coeffs[:, j : j + 1] * self.basis[j]
+        phase = (2 * math.pi) * phase
+        if shifts is not None:
+            phase = phase - (2 * math.pi) * (shifts[:, :1] * self.fy + shifts[:, 1:] * self.fx)
+        return phase
 
-        coeffs = coeffs.reshape(-1, coeffs.shape[-1])
+    def fields(self, pupils):
+        """(N, S, S) complex fields on the oversampled crop (rows y, columns x) of (N, M²) complex pupils."""
+        # field = F P F^T, as two products over the whole batch: X = P F^T, then field^T = X^T F^T
+        n, m, s = pupils.shape[0], self.m, self.fourier_t.shape[1]
+        x = pupils.reshape(n * m, m) @ self.fourier_t
+        field_t = x.reshape(n, m, s).transpose(1, 2).reshape(n * s, m) @ self.fourier_t
+        return field_t.reshape(n, s, s).transpose(1, 2)
+
+    def psfs(self, coeffs, shifts=None):
+        """(N, s, s) PSFs (torch, unit sum) for (N, 6) Zernike coefficients (waves RMS) and optional (N, 2)
+        shifts (dy, dx) in pixels; a shift moves the PSF towards larger coordinates (the point's image at
+        ``centre + shift``)."""
+        import torch
+
+        coeffs = coeffs.to(device=self.device, dtype=self.dtype)
+        if shifts is not None:
+            shifts = shifts.to(device=self.device, dtype=self.dtype)
+        pupil = torch.polar(self.amplitude.expand(coeffs.shape[0], -1), self.phase(coeffs, shifts))
+        field = self.fields(pupil)
+        return _bin(field.real**2 + field.imag**2, self.size, self.os)
+
+    def psfs_numpy(self, coeffs: np.ndarray, shifts: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`psfs` of (N, 6) numpy coefficients (and (N, 2) shifts), without autograd, in chunks of
+        ``_CHUNK`` PSFs; float64 (N, s, s)."""
+        # torch, not NumPy: the caller controls its threads (torch.set_num_threads), while NumPy's BLAS picks
+        # its own and its spinning threads can be many times slower on a busy machine
+        import torch
+
+        coeffs = np.asarray(coeffs, dtype=np.float64).reshape(-1, len(ZERNIKE_TERMS))
         out = np.empty((coeffs.shape[0], self.size, self.size))
-        m = int(round(math.sqrt(self.basis.shape[1])))
-        s = self.size * self.os
-        basis = torch.from_numpy(self.basis)
-        amplitude = torch.from_numpy(self.amplitude.ravel())
-        ft = torch.from_numpy(np.ascontiguousarray(self.fourier.T))  # (M, S)
-        for start in range(0, coeffs.shape[0], _CHUNK):
-            c = torch.from_numpy(np.ascontiguousarray(coeffs[start : start + _CHUNK]))
-            n = c.shape[0]
-            pupil = torch.polar(amplitude.expand(n, -1), (2 * math.pi) * (c @ basis))
-            # field = F @ P @ F^T for each pupil, as two products over the whole chunk:
-            # X = P @ F^T, then field^T = X^T @ F^T
-            x = pupil.reshape(n * m, m) @ ft
-            field_t = x.reshape(n, m, s).transpose(1, 2).reshape(n * s, m) @ ft
-            intensity = (field_t.real**2 + field_t.imag**2).reshape(n, s, s).transpose(1, 2)
-            out[start : start + n] = _bin(intensity.numpy(), self.size, self.os)
+        with torch.no_grad():
+            for a in range(0, coeffs.shape[0], _CHUNK):
+                c = torch.from_numpy(np.ascontiguousarray(coeffs[a : a + _CHUNK]))
+                sh = None if shifts is None else torch.from_numpy(np.ascontiguousarray(shifts[a : a + _CHUNK]))
+                out[a : a + c.shape[0]] = self.psfs(c, sh).cpu().numpy()
         return out
 
 
-def _bin(fine: np.ndarray, size: int, os_: int) -> np.ndarray:
-    binned = fine.reshape(fine.shape[0], size, os_, size, os_).sum(axis=(2, 4))
-    return binned / binned.sum(axis=(1, 2), keepdims=True)
+def _bin(fine, size: int, os_: int):
+    """(N, S, S) fine intensities (numpy or torch) summed into (N, size, size) camera pixels, unit sum."""
+    binned = fine.reshape(fine.shape[0], size, os_, size, os_).sum((2, 4))
+    return binned / binned.sum((1, 2))[:, None, None]
 
 
 def _gaussian_psfs(cfg: PSFConfig, h: np.ndarray, phi: np.ndarray) -> np.ndarray:
@@ -414,5 +480,5 @@ def _psfs_polar(cfg: PSFConfig, h: np.ndarray, phi: np.ndarray) -> np.ndarray:
     if cfg.model == "gaussian":
         flat = _gaussian_psfs(cfg, np.asarray(h), np.asarray(phi))
     else:
-        flat = _PupilModel(cfg).psfs(_zernike_coefficients(cfg, np.asarray(h), np.asarray(phi)))
+        flat = Pupil(cfg).psfs_numpy(zernike_coefficients(cfg, np.asarray(h), np.asarray(phi)))
     return flat.reshape(*shape, cfg.psf_size, cfg.psf_size)

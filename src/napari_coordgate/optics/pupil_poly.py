@@ -20,7 +20,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from napari_coordgate.optics.psf import ZERNIKE_TERMS, PSFConfig, _PupilModel
+from napari_coordgate.coords import grid_positions
+from napari_coordgate.optics.psf import ZERNIKE_TERMS, PSFConfig, Pupil
 from napari_coordgate.optics.psfmodel import PSFModel, binned_psf_size, register_psf_model
 
 __all__ = ["PupilPolyPSF", "MONOMIALS", "monomials"]
@@ -100,7 +101,7 @@ class PupilPolyPSF(PSFModel):
         self._coef = coef
         self._coef.setflags(write=False)
         self._provenance = dict(provenance or {})
-        self._pupil: _PupilModel | None = None  # built on first use (it needs the Fourier matrices)
+        self._pupil: Pupil | None = None  # built on first use (it needs the Fourier matrices)
 
     @classmethod
     def from_psf_config(cls, cfg: "PSFConfig | str", field_shape: Sequence[int] | None = None,
@@ -111,17 +112,17 @@ class PupilPolyPSF(PSFModel):
         normalised coordinates, so the coefficients are exact (fitted on a grid; rounding only).
         ``overrides`` replace constructor arguments (e.g. ``grid``).
         """
-        from napari_coordgate.optics.psf import PRESETS, _zernike_coefficients, field_polar
+        from napari_coordgate.optics.psf import PRESETS, field_polar, zernike_coefficients
 
         cfg = PRESETS[cfg] if isinstance(cfg, str) and cfg in PRESETS else cfg
         if not isinstance(cfg, PSFConfig):
             raise ValueError(f"expected a PSFConfig or a preset name ({', '.join(PRESETS)}), got {cfg!r}")
         if cfg.model != "pupil":
             raise ValueError(f"only a pupil PSFConfig has Zernike coefficients, got model {cfg.model!r}")
-        t = np.linspace(-1.0, 1.0, 7)
+        t = grid_positions(7)
         yy, xx = np.meshgrid(t, t, indexing="ij")
         h, phi = field_polar(cfg, yy, xx, field_shape)
-        z = _zernike_coefficients(cfg, h, phi).reshape(-1, len(ZERNIKE_TERMS))
+        z = zernike_coefficients(cfg, h, phi).reshape(-1, len(ZERNIKE_TERMS))
         coef = np.linalg.lstsq(monomials(yy, xx).reshape(-1, len(MONOMIALS)), z, rcond=None)[0].T
         kwargs = dict(na=cfg.na, wavelength_um=cfg.wavelength_um, refractive_index=cfg.refractive_index,
                       pixel_size_um=cfg.pixel_size_um, psf_size=cfg.psf_size, oversample=cfg.oversample,
@@ -132,7 +133,7 @@ class PupilPolyPSF(PSFModel):
     @staticmethod
     def _bound(coef: np.ndarray) -> np.ndarray:
         """Largest |coefficient| of each term over the field (on a fine grid; the polynomials are quadratic)."""
-        t = np.linspace(-1.0, 1.0, 21)
+        t = grid_positions(21)
         yy, xx = np.meshgrid(t, t, indexing="ij")
         return np.abs(monomials(yy, xx) @ coef.T).reshape(-1, coef.shape[0]).max(axis=0)
 
@@ -188,9 +189,9 @@ class PupilPolyPSF(PSFModel):
     def psfs_at(self, y, x, field_shape: Sequence[int] | None = None) -> np.ndarray:
         y, x = np.broadcast_arrays(np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64))
         if self._pupil is None:
-            self._pupil = _PupilModel(self._cfg)
+            self._pupil = Pupil(self._cfg)
         s = self.psf_size
-        flat = self._pupil.psfs(self.zernike_at(y.ravel(), x.ravel()))
+        flat = self._pupil.psfs_numpy(self.zernike_at(y.ravel(), x.ravel()))
         return flat.reshape(*y.shape, s, s)
 
     def binned(self, binning: int) -> "PupilPolyPSF":

@@ -22,6 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
+from napari_coordgate.coords import field_axis, field_position, grid_positions
+
 __all__ = ["PupilOptics", "EllipticalOptics", "bead_slide", "psf_error"]
 
 
@@ -29,44 +31,30 @@ class PupilOptics:
     """The PSFs of a pupil ``PSFConfig`` on a frame of ``field_shape``, at sub-pixel positions."""
 
     def __init__(self, cfg, field_shape: Sequence[int], psf_size: int | None = None):
-        import torch
-
-        from napari_coordgate.calibration.pupilfit import TorchPupil
         from napari_coordgate.optics.models import get_psf_config
-        from napari_coordgate.optics.psf import _pupil_samples
+        from napari_coordgate.optics.psf import Pupil
 
         self.cfg = get_psf_config(cfg)
         if psf_size is not None:
             self.cfg = self.cfg.replace(psf_size=int(psf_size))
         self.field_shape = tuple(int(n) for n in field_shape)
         self.psf_size = self.cfg.psf_size
-        c = self.cfg
-        self._pupil = TorchPupil(c.na, c.wavelength_um, c.refractive_index, c.pixel_size_um, c.psf_size,
-                                 c.oversample, _pupil_samples(c), dtype=torch.float64)
-        self.name = f"pupil {c.name}"
+        self._pupil = Pupil(self.cfg)
+        self.name = f"pupil {self.cfg.name}"
 
     def coefficients(self, y, x) -> np.ndarray:
-        from napari_coordgate.optics.psf import _zernike_coefficients, field_polar
+        from napari_coordgate.optics.psf import field_polar, zernike_coefficients
 
         h, phi = field_polar(self.cfg, np.asarray(y, float), np.asarray(x, float), self.field_shape)
-        return _zernike_coefficients(self.cfg, h, phi)
+        return zernike_coefficients(self.cfg, h, phi)
 
     def psfs(self, y, x, dy=None, dx=None) -> np.ndarray:
-        import torch
-
         y = np.atleast_1d(np.asarray(y, float))
         x = np.atleast_1d(np.asarray(x, float))
-        coeffs = torch.as_tensor(self.coefficients(y, x).reshape(-1, 6))
         shifts = None
         if dy is not None:
-            shifts = torch.as_tensor(np.stack([np.broadcast_to(dy, y.shape), np.broadcast_to(dx, y.shape)], 1)
-                                     .astype(np.float64))
-        out = []
-        with torch.no_grad():
-            for a in range(0, coeffs.shape[0], 256):
-                out.append(self._pupil.psfs(coeffs[a : a + 256], None if shifts is None else shifts[a : a + 256])
-                           .numpy())
-        return np.concatenate(out)
+            shifts = np.stack([np.broadcast_to(dy, y.shape), np.broadcast_to(dx, y.shape)], 1).astype(np.float64)
+        return self._pupil.psfs_numpy(self.coefficients(y, x).reshape(-1, 6), shifts)
 
     def as_psf_model(self, grid: int | None = None):
         """The true optics as a PSF model: the pupil config itself (its blur grid ``grid``, default its own)."""
@@ -139,7 +127,7 @@ class EllipticalOptics:
         k = int(grid)
         if k < 1:
             raise ValueError(f"grid must be at least 1, got {grid!r}")
-        t = np.zeros(1) if k == 1 else np.linspace(-1.0, 1.0, k)
+        t = grid_positions(k)
         yy, xx = np.meshgrid(t, t, indexing="ij")
         psfs = self.psfs(yy.ravel(), xx.ravel()).reshape(k, k, self.psf_size, self.psf_size)
         return MeasuredGridPSF(psfs, pixel_size_um=pixel_size_um, name=f"true {self.name} ({k}x{k})",
@@ -207,8 +195,7 @@ def bead_slide(
     h, w = (int(n) for n in shape)
     ys, xs, kinds, rel = _place(rng, h, w, n_beads, n_touching, n_saturated, brightness)
     expected, flux = _render(optics, ys, xs, rel, kinds != "saturated", photons, h, w)
-    gy = (2 * np.arange(h) - (h - 1)) / max(h - 1, 1)
-    gx = (2 * np.arange(w) - (w - 1)) / max(w - 1, 1)
+    gy, gx = field_axis(h), field_axis(w)
     expected = expected + background * photons * (1.0 + 0.5 * gradient * (0.8 * gx[None, :] + 0.6 * gy[:, None]))
     hot = np.zeros((0, 2), int)
     if noise:
@@ -254,9 +241,7 @@ def _render(optics, ys, xs, rel, ordinary, photons: float, h: int, w: int) -> tu
     """The expected image of the beads (each PSF at its exact sub-pixel position) and their fluxes, scaled so the
     brightest ordinary bead's peak pixel gets ``photons``."""
     iy, ix = np.round(ys).astype(int), np.round(xs).astype(int)
-    yn = (2 * ys - (h - 1)) / (h - 1)
-    xn = (2 * xs - (w - 1)) / (w - 1)
-    psfs = optics.psfs(yn, xn, ys - iy, xs - ix)
+    psfs = optics.psfs(field_position(ys, h), field_position(xs, w), ys - iy, xs - ix)
     peak_per_flux = psfs.reshape(len(ys), -1).max(axis=1)
     flux = rel * photons / np.max(rel[ordinary] * peak_per_flux[ordinary])
     s = psfs.shape[-1]
@@ -289,7 +274,7 @@ def psf_error(model, optics, field_shape: Sequence[int], n: int = 5) -> np.ndarr
     -------
     ndarray, (n, n)
     """
-    t = np.linspace(-1.0, 1.0, n)
+    t = grid_positions(n)
     yy, xx = np.meshgrid(t, t, indexing="ij")
     true = optics.psfs(yy.ravel(), xx.ravel())
     est = model.psfs_at(yy.ravel(), xx.ravel(), tuple(field_shape)).reshape(-1, model.psf_size, model.psf_size)
