@@ -1,12 +1,15 @@
 """Engine: tiled, lazy, batched and reduced-precision prediction; ROI, binning, the Wiener first stage."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from engine_helpers import TINY, WIENER, _pairs, _quick
 
 from napari_coordgate.config import ModelConfig
-from napari_coordgate.data import InputError
+from napari_coordgate.data import InputError, Normalization
+from napari_coordgate.devices import on_device
 from napari_coordgate.engine import (
     Cancelled,
     PairSource,
@@ -170,7 +173,7 @@ def _unit_saved(cfg, field_shape):
     """A random-weight model on images that already span [0, 1] (identity normalisation): differences read
     directly against float32 rounding."""
     saved = _random_saved(cfg, field_shape)
-    saved.normalization = {"offset": 0.0, "scale": 1.0}
+    saved.normalization = Normalization(0.0, 1.0)
     return saved
 
 
@@ -239,9 +242,8 @@ def test_bf16_prediction_is_within_a_small_psnr_of_fp32():
 
 
 def test_reduced_precision_leaves_later_fp32_output_bit_for_bit_unchanged():
-    import copy
-
     saved = _unit_saved(TINY, (200, 300))
+    saved.model = on_device(saved.model, torch.device("cpu"))  # already in place: one gate cache for all calls
     untouched = copy.deepcopy(saved)
     img = np.random.default_rng(7).random((200, 300)).astype(np.float32)
     predict(saved, img, tile=64, device="cpu", precision="bf16", batch_tiles=4)
@@ -260,3 +262,65 @@ def test_bad_precision_or_batch_is_a_clear_error(kw, match):
     saved = _unit_saved(TINY, (64, 64))
     with pytest.raises(InputError, match=match):
         predict(saved, np.random.rand(64, 64), device="cpu", **kw)
+
+
+# -- the caller's network (issue 21) -----------------------------------------------------------------------------
+def _network_state(model) -> tuple:
+    """What predict must leave alone: each tensor (the object, its storage, layout, device, dtype, requires_grad,
+    values) and every module's train/eval mode."""
+    tensors = [(name, id(t), t.data_ptr(), t.stride(), t.device, t.dtype, t.requires_grad, t.detach().cpu().clone())
+               for name, t in (*model.named_parameters(), *model.named_buffers())]
+    return tensors, [m.training for m in model.modules()]
+
+
+def _same_state(a, b) -> bool:
+    (ta, ma), (tb, mb) = a, b
+    return ma == mb and len(ta) == len(tb) and all(x[:-1] == y[:-1] and torch.equal(x[-1], y[-1])
+                                                   for x, y in zip(ta, tb))
+
+
+def _forwards(model) -> list:
+    """The modules whose forward runs as the top-level network (the hook travels into copies too)."""
+    seen: list = []
+    model.register_forward_hook(lambda module, args, output: seen.append(module))
+    return seen
+
+
+def test_predict_leaves_the_callers_network_as_it_was(device):
+    # the usual (N, C, H, W) layout on the CPU: predicting on a CPU wants channels-last, on a GPU another device
+    saved = _random_saved(ModelConfig(depth=2, channels=4, gate="coordgate", gate_hidden=8), (64, 64))
+    net = saved.model.train()
+    net.down_gates[0].eval()  # mixed modes come back mixed
+    net.head.weight.requires_grad_(False)
+    before = _network_state(net)
+    seen = _forwards(net)
+    img = np.random.default_rng(8).random((64, 64)).astype(np.float32) * 500
+    out = predict(saved, img, tile=32, device=str(device))
+    assert _same_state(_network_state(net), before)
+    assert net.head.weight.device.type == "cpu" and net.head.weight.is_contiguous()
+    assert seen and all(m is not net for m in seen)  # it ran as a copy
+    placed = SavedModel(on_device(copy.deepcopy(net), device), saved.config, saved.field_shape, saved.normalization)
+    np.testing.assert_array_equal(out, predict(placed, img, tile=32, device=str(device)))
+
+
+def test_a_network_already_in_place_is_used_itself_and_keeps_its_modes():
+    saved = _random_saved(ModelConfig(depth=2, channels=4, gate="coordgate", gate_hidden=8), (64, 64))
+    net = on_device(saved.model, torch.device("cpu")).train()
+    saved.model = net
+    before = _network_state(net)
+    seen = _forwards(net)
+    img = np.random.default_rng(9).random((64, 64)).astype(np.float32) * 500
+    first = predict(saved, img, device="cpu")
+    assert seen and all(m is net for m in seen)  # no copy: its gate cache lasts from call to call
+    assert _same_state(_network_state(net), before) and net.training
+    np.testing.assert_array_equal(predict(saved, img, device="cpu"), first)
+
+
+def test_a_cancelled_prediction_leaves_the_network_as_it_was():
+    saved = _random_saved(TINY, (40, 48))
+    net = on_device(saved.model, torch.device("cpu")).train()
+    saved.model = net
+    before = _network_state(net)
+    with pytest.raises(Cancelled):
+        predict(saved, np.random.rand(40, 48).astype(np.float32), device="cpu", should_stop=lambda: True)
+    assert _same_state(_network_state(net), before) and net.training

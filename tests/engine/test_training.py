@@ -50,14 +50,14 @@ def test_the_first_step_is_reported_at_once():
 
 
 def test_single_pair_validates_on_the_checkerboard_tiles_and_rises_above_the_input():
-    from napari_coordgate.data import Normalization, checkerboard_mask
+    from napari_coordgate.data import checkerboard_mask
     from napari_coordgate.metrics import psnr
 
     sharp, blurred = _pairs(n=1)
     updates = []
     res = train(TINY, _quick(epochs=4, val_tile=16), PairSource(sharp[0], blurred[0]), on_update=updates.append)
     # the input's validation PSNR is the one of the checkerboard tiles (not of the whole plane)
-    norm = Normalization.from_dict(res.saved.normalization).for_plane(blurred[0])  # the plane's own units
+    norm = res.saved.normalization.for_plane(blurred[0])  # the plane's own units
     s, b = norm.apply(sharp[0].astype(np.float32)), norm.apply(blurred[0].astype(np.float32))
     mask = checkerboard_mask((64, 64), 16)
     rng = float(np.float32(s.max()) - np.float32(s.min()))
@@ -363,7 +363,7 @@ def test_a_camera_offset_and_gain_give_the_same_restoration_in_the_cameras_units
 
     sharp, blurred = _pairs()
     res = train(TINY, _quick(epochs=2), PairSource(sharp / 4000.0, blurred / 4000.0))
-    assert res.saved.normalization["percentiles"] == [0.1, 99.9]
+    assert res.saved.normalization.percentiles == (0.1, 99.9)
     truth, field = sharp[-1] / 4000.0, blurred[-1] / 4000.0
     base = predict(res.saved, field.astype(np.float32), device="cpu")
     camera = gain * field + offset
@@ -383,9 +383,9 @@ def test_a_fixed_normalisation_model_still_trains_and_applies_in_the_training_un
     sharp, blurred = _pairs()
     res = train(TINY, _quick(epochs=1, intensity="fixed"), PairSource(sharp, blurred))
     norm = res.saved.normalization
-    assert "percentiles" not in norm and norm["scale"] > 1000  # the uint16 training units
+    assert not norm.per_image and norm.scale > 1000  # the uint16 training units
     out = predict(res.saved, blurred[-1], device="cpu")
-    assert np.isfinite(out).all() and abs(float(out.mean()) - float(blurred[-1].mean())) < 0.2 * norm["scale"]
+    assert np.isfinite(out).all() and abs(float(out.mean()) - float(blurred[-1].mean())) < 0.2 * norm.scale
 
 
 # -- bf16 autocast in CPU training (issue 15) ------------------------------------------------------------------------

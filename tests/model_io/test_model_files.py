@@ -10,6 +10,7 @@ import torch
 
 from napari_coordgate import model_io as modelio
 from napari_coordgate.config import ModelConfig
+from napari_coordgate.data import Normalization
 from napari_coordgate.model_io import (
     ModelFileError,
     SavedModel,
@@ -22,6 +23,7 @@ from napari_coordgate.model_io import (
 )
 from napari_coordgate.nn import build_model
 from napari_coordgate.optics.psf import PRESETS, PSFConfig
+from napari_coordgate.samples.sample_model import SAMPLE_MODEL
 
 DATA = Path(__file__).parents[1] / "data"
 
@@ -49,7 +51,7 @@ def test_save_adds_suffix_and_load_gives_bit_identical_outputs(saved):
     with torch.no_grad():
         assert torch.equal(model(x), loaded.model(x))
     assert loaded.field_shape == (48, 64)
-    assert loaded.normalization == {"offset": 100.0, "scale": 2000.0}
+    assert loaded.normalization == Normalization(100.0, 2000.0)
     assert loaded.psf == PSFConfig(model="gaussian")  # a PSFConfig dict becomes the PSF model it names
     assert loaded.provenance["training"] == {"epochs": 3}
     assert "package_version" in loaded.provenance and "created" in loaded.provenance
@@ -272,7 +274,7 @@ def test_a_schema_1_model_file_from_the_previous_release_still_loads():
 
     np.testing.assert_allclose(out, np.load(DATA / "model_schema1_output.npy"), rtol=0, atol=1e-6)
     assert isinstance(saved.psf, PSFConfig) and saved.psf == PRESETS["gaussian"]
-    assert saved.field_shape == (24, 32) and saved.normalization == {"offset": 10.0, "scale": 200.0}
+    assert saved.field_shape == (24, 32) and saved.normalization == Normalization(10.0, 200.0)
     assert saved.provenance["training"]["source"] == "psf"
     info = read_model_info(path)  # shown migrated
     assert info["schema_version"] == modelio.SCHEMA_VERSION and info["psf"]["kind"] == "pupil"
@@ -304,13 +306,38 @@ def test_per_image_normalisation_round_trips_and_nonsense_is_refused(tmp_path, s
     good = tmp_path / "good.cgmodel"
     good.write_bytes(modelio.encode(tensors, meta))
     loaded = load_model(good)
-    assert loaded.normalization == {"offset": 0.5, "scale": 2.0, "percentiles": [0.1, 99.9]}
+    assert loaded.normalization == Normalization(0.5, 2.0, (0.1, 99.9))
     assert load_model(save_model(tmp_path / "again", loaded)).normalization == loaded.normalization
     meta["normalization"]["percentiles"] = [99.0, 1.0]
     bad = tmp_path / "bad.cgmodel"
     bad.write_bytes(modelio.encode(tensors, meta))
     with pytest.raises(ModelFileError, match="percentiles must satisfy 0 <= low < high <= 100"):
         load_model(bad)
+
+
+def test_normalization_is_checked_once_on_construction_and_written_as_before(tmp_path):
+    cfg = ModelConfig(depth=1, channels=2)
+    net = build_model(cfg)
+    as_dict = SavedModel(net, cfg, (8, 8), {"offset": 1, "scale": 2, "percentiles": [0.1, 99.9]})
+    as_object = SavedModel(net, cfg, (8, 8), Normalization(1, 2, [0.1, 99.9]))
+    assert as_dict.normalization == as_object.normalization == Normalization(1.0, 2.0, (0.1, 99.9))
+    for bad in ({"offset": 0.0, "scale": 0.0}, Normalization(0.0, -1.0), {"offset": 0.0, "scale": 1.0,
+                                                                          "percentiles": [50, 5]}):
+        with pytest.raises(ValueError, match="scale must be > 0|percentiles must satisfy"):
+            SavedModel(net, cfg, (8, 8), bad)
+    with pytest.raises(TypeError, match="normalization must be a Normalization or its dict form"):
+        SavedModel(net, cfg, (8, 8), [0.0, 1.0])
+    for saved in (as_dict, as_object):
+        stored = modelio.decode(save_model(tmp_path / "m", saved), "napari-coordgate-model")[1]
+        assert json.dumps(stored["normalization"]) == '{"offset": 1.0, "percentiles": [0.1, 99.9], "scale": 2.0}'
+
+
+@pytest.mark.parametrize("path", [DATA / "model_schema1.cgmodel", DATA / "model_schema2.cgmodel",
+                                  SAMPLE_MODEL], ids=["schema1", "schema2", "sample"])
+def test_a_stored_models_normalization_is_written_back_unchanged(tmp_path, path):
+    stored = read_model_info(path)["normalization"]
+    again = read_model_info(save_model(tmp_path / "again", load_model(path)))["normalization"]
+    assert json.dumps(again) == json.dumps(stored)
 
 
 @pytest.mark.parametrize("version", [4, 99])

@@ -7,7 +7,9 @@ the pooling grid, so tiled output equals whole-image output. Training's validati
 
 from __future__ import annotations
 
+import copy
 import math
+from contextlib import contextmanager
 from functools import partial
 from typing import Callable, Sequence
 
@@ -16,7 +18,7 @@ import numpy as np
 from ..checks import InputError, check_layout, check_values
 from ..config import PRECISIONS, ModelConfig
 from ..data import Normalization, plane_sample
-from ..devices import on_device, resolve_device
+from ..devices import memory_format, on_device, resolve_device
 from ..model_io import SavedModel
 from ..nn.unet import receptive_halo
 
@@ -202,6 +204,36 @@ def _plane_normalization(norm: Normalization, image, idx) -> Normalization:
     return norm.for_sample(sample)
 
 
+def _in_place(model, dev) -> bool:
+    """Whether every parameter and buffer of ``model`` is on ``dev`` in its :func:`memory_format` already."""
+    import torch
+
+    target = torch.empty(0, device=dev).device  # "cuda" -> the current GPU, where .to("cuda") would put it
+    fmt = memory_format(dev)
+    return all(t.device == target and (t.dim() != 4 or t.is_contiguous(memory_format=fmt))
+               for t in (*model.parameters(), *model.buffers()))
+
+
+@contextmanager
+def _network_on(model, dev):
+    """``model`` in eval mode on ``dev`` in that device's layout, the caller's network left as it was.
+
+    A network already there is used itself (its gate cache lasts from call to call) and its train/eval modes are
+    restored afterwards; any other runs as a copy, so a CPU model predicted on CUDA (or a model in the usual
+    layout predicted on a CPU, which wants channels-last) comes back untouched.
+    """
+    if not _in_place(model, dev):
+        yield on_device(copy.deepcopy(model), dev).eval()
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def _check_call(saved: SavedModel, image, precision: str, batch_tiles, binning: int) -> tuple[int, ...]:
     """The image's shape, after the checks its shape, dtype and the call's options allow without reading it."""
     shape = tuple(image.shape)
@@ -235,7 +267,9 @@ def predict(
     Parameters
     ----------
     saved
-        A loaded model (:func:`napari_coordgate.model_io.load_model` or a training result).
+        A loaded model (:func:`napari_coordgate.model_io.load_model` or a training result). Its network is left
+        as it was (device, layout, train/eval mode): it runs on ``device`` as a copy unless it is already there
+        in that device's layout (a training result on its training device is).
     image
         numpy array, dask array or any array that slices lazily; only the tile windows (plus halo) of one batch
         of one plane are read at a time, so a dask-backed stack is never materialised.
@@ -270,16 +304,24 @@ def predict(
     """
     shape = _check_call(saved, image, precision, batch_tiles, binning)
     field_shape, offset = field_geometry(shape[-2:], saved.field_shape, roi, binning)
-    norm = Normalization.from_dict(saved.normalization)
     dev = resolve_device(device)
     amp_dtype = autocast_dtype(precision, dev)
-    model = on_device(saved.model, dev).eval()
-    tiles = plan_tiles(shape[-2:], saved.config, tile, memory_mb)
-    batches = tile_batches(tiles, int(batch_tiles))
     if out is None:
         out = np.empty(shape, dtype=np.float32)
     elif tuple(out.shape) != shape:
         raise InputError(f"out has shape {tuple(out.shape)}, expected {shape}")
+    tiles = plan_tiles(shape[-2:], saved.config, tile, memory_mb)
+    batches = tile_batches(tiles, int(batch_tiles))
+    with _network_on(saved.model, dev) as model:
+        run = partial(predict_batch, model, offset=offset, field_shape=field_shape, dev=dev, amp_dtype=amp_dtype)
+        _predict_planes(run, image, saved.normalization, out, tiles, batches, on_progress, should_stop)
+    return out
+
+
+def _predict_planes(run, image, norm: Normalization, out, tiles, batches, on_progress, should_stop) -> None:
+    """:func:`predict`'s loop over the planes and their batches of tiles; ``run(read, tiles, group)`` is
+    :func:`predict_batch` with the network and the field placement bound."""
+    shape = tuple(out.shape)
     total = int(np.prod(shape[:-2], dtype=np.int64)) * len(tiles)
     done = 0
     for idx in np.ndindex(*shape[:-2]):
@@ -288,10 +330,8 @@ def predict(
             if should_stop is not None and should_stop():
                 raise Cancelled(f"prediction cancelled after {done} of {total} tiles")
             read = partial(_read_window, image, idx, pnorm)
-            for (y0, y1, x0, x1), core in predict_batch(model, read, tiles, group, offset, field_shape, dev,
-                                                        amp_dtype):
+            for (y0, y1, x0, x1), core in run(read, tiles, group):
                 out[idx + (slice(y0, y1), slice(x0, x1))] = pnorm.invert(core)
                 done += 1
                 if on_progress is not None:
                     on_progress(done, total)
-    return out

@@ -151,7 +151,7 @@ def starting_normalization(data, ck: dict | None, init: SavedModel | None) -> No
     if ck is not None:
         return Normalization.from_dict(ck["meta"]["normalization"])
     if init is not None:
-        return Normalization.from_dict(init.normalization)
+        return init.normalization
     return data.fit_normalization()
 
 

@@ -33,17 +33,25 @@ class SavedModel:
 
     ``psf`` is the PSF model (:class:`~napari_coordgate.optics.psfmodel.PSFModel`) the model was trained from
     or whose Wiener filters it holds, or None; anything :func:`~napari_coordgate.optics.models.get_psf_model`
-    resolves (a preset name, a ``PSFConfig`` dict...) is resolved on construction.
+    resolves (a preset name, a ``PSFConfig`` dict...) is resolved on construction. ``normalization`` is a
+    :class:`~napari_coordgate.data.Normalization`; its dict form (``{"offset": o, "scale": s}``, as in the file) is
+    converted and checked on construction (ValueError for a scale <= 0 or bad percentiles).
     """
 
     model: Any  # torch.nn.Module (typed loosely so this module imports without torch)
     config: ModelConfig
     field_shape: tuple[int, int]
-    normalization: dict[str, Any] = field(default_factory=lambda: {"offset": 0.0, "scale": 1.0})
+    normalization: Normalization = field(default_factory=Normalization)
     psf: Any = None  # PSFModel | None
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        norm = self.normalization
+        if isinstance(norm, Normalization):
+            norm = norm.to_dict()  # validated like a dict, with plain floats
+        if not isinstance(norm, dict):
+            raise TypeError(f"normalization must be a Normalization or its dict form, got {type(norm).__name__}")
+        self.normalization = Normalization.from_dict(norm)
         if self.psf is not None:
             self.psf = resolve_psf(self.psf)
 
@@ -51,7 +59,6 @@ class SavedModel:
 def save_model(path: str | os.PathLike, saved: SavedModel) -> Path:
     """Write a model file atomically; returns the path written (``.cgmodel`` added if missing)."""
     path = with_suffix(path)
-    norm = Normalization.from_dict(saved.normalization).to_dict()  # ValueError for a scale <= 0
     tensors = dict(saved.model.state_dict())
     record = None
     if saved.psf is not None:
@@ -62,7 +69,7 @@ def save_model(path: str | os.PathLike, saved: SavedModel) -> Path:
         "schema_version": SCHEMA_VERSION,
         "model": saved.config.to_dict(),
         "field_shape": [int(s) for s in saved.field_shape],
-        "normalization": norm,
+        "normalization": saved.normalization.to_dict(),
         "psf": record,
         "provenance": stamped_provenance(saved.provenance),
     }
@@ -112,7 +119,7 @@ def load_model(path: str | os.PathLike, device: str | Any = "cpu") -> SavedModel
     try:
         cfg = ModelConfig.from_dict(meta["model"])
         field_shape = tuple(int(s) for s in meta["field_shape"])
-        norm = Normalization.from_dict(meta["normalization"]).to_dict()
+        norm = Normalization.from_dict(meta["normalization"])
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise ModelFileError(f"{path}: model metadata is invalid: {exc}") from None
     if len(field_shape) != 2 or min(field_shape) < 1:

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from ..._version import __version__
-from ...data import PLANE_SAMPLE_PIXELS
+from ...data import PLANE_SAMPLE_PIXELS, Normalization
 from .. import (
     MODEL_SUFFIX,
     ModelFileError,
@@ -102,9 +102,9 @@ def arch_kwargs(saved: SavedModel) -> dict[str, Any]:
         "prefilter_size": int(cfg.prefilter_size),
         "in_channels": int(cfg.in_channels),
         "out_channels": int(cfg.out_channels),
-        "offset": float(saved.normalization["offset"]),
-        "scale": float(saved.normalization["scale"]),
-        "percentiles": saved.normalization.get("percentiles"),
+        "offset": saved.normalization.offset,
+        "scale": saved.normalization.scale,
+        "percentiles": saved.normalization.to_dict().get("percentiles"),
         "sample_pixels": PLANE_SAMPLE_PIXELS,
     }
 
@@ -128,7 +128,7 @@ def _standalone_network(saved: SavedModel):
     return net.eval().to(torch.float32)
 
 
-def _synthetic_field(shape: tuple[int, int], channels: int, norm: dict) -> np.ndarray:
+def _synthetic_field(shape: tuple[int, int], channels: int, norm: Normalization) -> np.ndarray:
     """A deterministic test image: blurred blobs and a gradient, spanning the model's normalisation range."""
     rng = np.random.default_rng(0)
     H, W = shape
@@ -139,7 +139,7 @@ def _synthetic_field(shape: tuple[int, int], channels: int, norm: dict) -> np.nd
         s = rng.uniform(1.0, 4.0)
         img = img + rng.uniform(0.2, 0.8) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
     img = np.clip(img, 0.0, 1.2)
-    img = norm["offset"] + norm["scale"] * img
+    img = norm.offset + norm.scale * img
     return np.repeat(img[None], channels, axis=0).astype(np.float32)
 
 
@@ -220,12 +220,12 @@ in that field.
 """
 
 
-def _doc_units(norm: dict) -> str:
-    if norm.get("percentiles") is None:
+def _doc_units(norm: Normalization) -> str:
+    if norm.percentiles is None:
         return f"""- `image` (batch, channel, y, x), float32: the raw image, in the intensity units of the training
-  images. The network normalises it itself (`(image - {norm['offset']!r}) / {norm['scale']!r}`) and maps its
+  images. The network normalises it itself (`(image - {norm.offset!r}) / {norm.scale!r}`) and maps its
   output back, so no pre- or postprocessing is needed; do not rescale the image."""
-    lo, hi = norm["percentiles"]
+    lo, hi = norm.percentiles
     return f"""- `image` (batch, channel, y, x), float32: the raw image, in any units (camera offset and gain
   included). The network normalises each sample itself (its {lo:g} and {hi:g} percentiles become 0 and 1) and
   maps its output back to the input's units, so no pre- or postprocessing is needed. Give whole planes: a tile
@@ -340,7 +340,7 @@ def _documentation(saved: SavedModel, name: str, halo: int, min_side: int, test_
     return (
         _doc_intro(saved, name, created)
         + _doc_inputs(saved)
-        + _doc_tiles(saved.config.min_size, halo, min_side, saved.normalization.get("percentiles") is not None)
+        + _doc_tiles(saved.config.min_size, halo, min_side, saved.normalization.per_image)
         + _doc_field_psf_provenance(saved, test_shape)
         + _doc_citation()
     )
@@ -559,7 +559,7 @@ def _rdf_config(saved: SavedModel) -> dict:
             "package_version": __version__,
             "model_file": MODEL_FILE,
             "field_shape": [H, W],
-            "normalization": dict(saved.normalization),
+            "normalization": saved.normalization.to_dict(),
             "model": saved.config.to_dict(),
         }
     }
