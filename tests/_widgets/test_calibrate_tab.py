@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 from conftest import wait_idle
 
+from napari_coordgate._widgets._train_tab import PAIRS, SIMULATED
 from napari_coordgate.samples.beads import EllipticalOptics, bead_slide
 
 OPTICS = EllipticalOptics(width=1.3, radial=0.8, tangential=0.2, beta=None, twist=0.3, psf_size=19)
@@ -28,8 +29,10 @@ def test_calibrating_a_bead_layer_shows_beads_grid_and_fwhm_and_feeds_training(v
     assert viewer.layers["bead FWHM (beads)"].data.shape == (256, 256)
     assert "PSF grid (beads)" in viewer.layers
     assert tab.use_btn.isEnabled()
+    dock.train_tab.mode.setCurrentText(PAIRS)
     tab.use_btn.click()
-    assert dock.train_tab.psf_model() is tab.result.model
+    assert dock.training_psf_model() is tab.result.model
+    assert dock.train_tab.mode.currentText() == SIMULATED and dock.tabs.currentWidget() is dock.train_tab
     tab.save(str(tmp_path / "scope"))
     assert (tmp_path / "scope.cgpsf").is_file()
 

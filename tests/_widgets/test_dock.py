@@ -269,12 +269,16 @@ def test_show_gates_adds_one_plane_per_channel(viewer_dock, qtbot, tiny_model):
     assert layer.data.shape == (tiny_model.config.channels, *tiny_model.field_shape)
 
 
-def test_save_and_load_model_round_trip_through_the_dock(viewer_dock, qtbot, tiny_model, tmp_path):
+def test_save_and_load_model_round_trip_through_the_dock(viewer_dock, qtbot, tiny_model, tmp_path, monkeypatch):
+    from napari_coordgate._widgets import _model_tab
+
     _, dock = viewer_dock
     dock.set_model(tiny_model, "test")
-    dock.model_tab.save_model(str(tmp_path / "m"))
+    # the Train tab's Save asks the dock, which opens the Model tab's dialog
+    monkeypatch.setattr(_model_tab.QFileDialog, "getSaveFileName", lambda *a: (str(tmp_path / "m"), ""))
+    dock.train_tab.save_btn.click()
     wait_idle(qtbot, dock)
-    assert (tmp_path / "m.cgmodel").exists()
+    assert (tmp_path / "m.cgmodel").exists() and dock.model_origin.endswith("m.cgmodel")
     dock.load_model_file(str(tmp_path / "m.cgmodel"))
     wait_idle(qtbot, dock)
     assert dock.model is not tiny_model and dock.model_origin.endswith("m.cgmodel")

@@ -1,7 +1,7 @@
 """The napari dock widget: the only Qt code of napari-coordgate.
 
 Widgets read layers and build configs on the GUI thread, then hand copies of the arrays to a
-``thread_worker`` that calls the engine (see ``_jobs.py``, which has no Qt).
+``thread_worker`` that calls the engine (see :mod:`napari_coordgate.app.jobs`, which has no Qt).
 """
 
 from ._dock import CoordGateDock

@@ -155,7 +155,7 @@ class ApplyTab(QWidget):
                 psf = model.psf  # any PSF model: a preset's, a JSON config's, one measured from beads
                 which = f"the model's PSF model '{psf.name}'"
             else:
-                psf = self.dock.train_tab.psf_model()
+                psf = self.dock.training_psf_model()
                 which = f"the Train tab's PSF model '{psf.name}' (no model loaded)"
             roi = self.roi_value()
             image = layer_array(layer)

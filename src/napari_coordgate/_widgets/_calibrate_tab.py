@@ -90,7 +90,7 @@ class CalibrateTab(QWidget):
         grid = self.grid.value() or None
         return {"model": self.model.currentText(), "grid": grid, "na": given(self.na),
                 "wavelength_um": given(self.wavelength, 1e-3), "immersion": given(self.immersion),
-                "pixel_size_um": given(self.pixel_size), "device": self.dock.train_tab.device.value,
+                "pixel_size_um": given(self.pixel_size), "device": self.dock.training_device(),
                 "source": [self.beads.currentText()]}
 
     def calibrate(self) -> None:
@@ -129,15 +129,13 @@ class CalibrateTab(QWidget):
                          opacity=0.6, **meta)
         self.summary.setText(result.summary() + "".join(f"\n⚠ {w}" for w in result.warnings))
         (show_warning if result.warnings else show_info)(f"CoordGate: {result.summary()}")
-        self.dock._refresh_actions()
+        self.dock.refresh_actions()
 
     def use_for_training(self) -> None:
         if self.result is None:
             show_error("CoordGate: calibrate first")
             return
-        self.dock.train_tab.set_psf_model(self.result.model, f"measured: {self.result.model.name}")
-        self.dock.train_tab.mode.setCurrentIndex(1)  # sharp layers (or built-in specimens) + this PSF model
-        self.dock.tabs.setCurrentWidget(self.dock.train_tab)
+        self.dock.train_with_psf_model(self.result.model, f"measured: {self.result.model.name}")
 
     def _choose_and_save(self) -> None:
         if self.result is None:

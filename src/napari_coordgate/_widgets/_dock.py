@@ -1,7 +1,8 @@
 """The "CoordGate deblur" dock: Model, Calibrate, Train, Apply and Evaluate tabs around one task runner.
 
 The dock owns the state (a :class:`~napari_coordgate.app.state.State`), the current model and the runner; tabs are forms
-that build configs, copy layer data on the GUI thread and call :meth:`CoordGateDock.run_task`.
+that build configs, copy layer data on the GUI thread and call :meth:`CoordGateDock.run_task`. A tab never reaches
+into another: what one needs of another goes through the dock's public methods ("between tabs" below).
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ class CoordGateDock(QWidget):
         for ev in (events.inserted, events.removed, events.moved):
             ev.connect(self._layers_changed)
         self._layers_changed()
-        self.apply_tab.models.textChanged.connect(self._refresh_actions)
-        self._refresh_actions()
+        self.apply_tab.models.textChanged.connect(self.refresh_actions)
+        self.refresh_actions()
 
     # -- layers ---------------------------------------------------------------------------------------
     def _layers_changed(self, event=None) -> None:
@@ -88,10 +89,11 @@ class CoordGateDock(QWidget):
     # -- state ----------------------------------------------------------------------------------------
     def set_state(self, state: State) -> None:
         self.state = state
-        self._refresh_actions()
+        self.refresh_actions()
         self.state_changed.emit(state)
 
-    def _refresh_actions(self) -> None:
+    def refresh_actions(self) -> None:
+        """Enable each tab's buttons for the state, the model and the calibration result (call after a change)."""
         allowed = enabled_actions(self.state, self.model is not None)
         if self.apply_tab.models.text().strip():  # model files per channel are enough to apply
             allowed |= enabled_actions(self.state, True) & {"apply"}
@@ -105,8 +107,26 @@ class CoordGateDock(QWidget):
         self.model = saved
         self.model_origin = origin
         self.model_tab.show_model(saved, origin)
-        self._refresh_actions()
+        self.refresh_actions()
         self.model_changed.emit()
+
+    # -- between tabs ---------------------------------------------------------------------------------
+    def choose_and_save_model(self) -> None:
+        """Ask for a file name and save the current model (the Model tab's Save, also on the Train tab)."""
+        self.model_tab.choose_and_save()
+
+    def training_device(self) -> str:
+        """The device chosen on the Train tab (the calibration's pupil fit runs there too)."""
+        return self.train_tab.device.value
+
+    def training_psf_model(self):
+        """The Train tab's PSF model (a preset, a file or one measured from beads; ConfigError if edited badly)."""
+        return self.train_tab.psf_model()
+
+    def train_with_psf_model(self, model, label: str) -> None:
+        """Make ``model`` the Train tab's PSF source for training from sharp layers, and show the Train tab."""
+        self.train_tab.use_psf_model(model, label)
+        self.tabs.setCurrentWidget(self.train_tab)
 
     # -- tasks ----------------------------------------------------------------------------------------
     def run_task(self, name: str, fn: Callable, *args: Any, state: State = State.BUSY,

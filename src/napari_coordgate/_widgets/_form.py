@@ -79,8 +79,3 @@ class ConfigForm(Container):
         self._base = cfg
         for w in self:
             w.value = getattr(cfg, w.name)
-
-    # the Qt widget to put into a layout
-    @property
-    def qt(self):
-        return self.native

@@ -51,10 +51,6 @@ class LayerCombo(QComboBox):
             return None
         return self._viewer.layers[name]
 
-    def select(self, name: str) -> None:
-        self.refresh()
-        self.setCurrentText(name)
-
 
 def layer_array(layer: Image, copy: bool = True):
     """The layer's data for a worker: a numpy copy, or the lazy array itself (dask/zarr), never computed.

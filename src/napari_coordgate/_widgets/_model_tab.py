@@ -8,7 +8,6 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from napari_coordgate.app.jobs import export_job, save_job
-from napari_coordgate.data import Normalization
 from napari_coordgate.model_io import MODEL_SUFFIX
 
 from ._settings import remember_folder
@@ -38,7 +37,7 @@ def model_summary(saved, origin: str) -> list[tuple[str, str]]:
         ("source", origin),
         ("network", f"U-Net depth {cfg.depth}, {cfg.channels} channels, gate {cfg.gate}"),
         ("field shape", f"{saved.field_shape[0]} x {saved.field_shape[1]} px"),
-        ("intensity", Normalization.from_dict(saved.normalization).describe()),
+        ("intensity", saved.normalization.describe()),
         ("trained on", trained_on),
         ("PSF model", "none" if psf is None else psf.describe() + _psf_origin(prov.get("psf"))),
         ("date", str(prov.get("created", "not saved yet"))),
@@ -75,7 +74,7 @@ class ModelTab(QWidget):
         self.sample_btn.setToolTip("A model shipped with the plugin, trained on the synthetic sample pair only "
                                    "(File > Open Sample > CoordGate deblur): Apply and Evaluate at once, no training")
         self.load_btn.clicked.connect(self._choose_and_load)
-        self.save_btn.clicked.connect(self._choose_and_save)
+        self.save_btn.clicked.connect(self.choose_and_save)
         self.sample_btn.clicked.connect(self.load_sample_model)
         self.export_btn = QPushButton("Export bioimage.io…")
         self.export_btn.setToolTip("Write a BioImage Model Zoo package (.zip) of the current model, for other tools "
@@ -127,7 +126,8 @@ class ModelTab(QWidget):
             remember_folder(self.dock.settings, path)
             self.dock.load_model_file(path)
 
-    def _choose_and_save(self) -> None:
+    def choose_and_save(self) -> None:
+        """Ask for a file name, then :meth:`save_model` there."""
         path, _ = QFileDialog.getSaveFileName(self, "Save CoordGate model", self.dock.settings["model_folder"],
                                               FILTER)
         if path:

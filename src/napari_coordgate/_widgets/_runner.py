@@ -1,8 +1,8 @@
 """Run one job at a time in a napari ``thread_worker``, with a stop flag and a message relay.
 
-A job (``_jobs.py``) is a plain function; it reports through a callable and polls ``should_stop``. The
-callable emits a Qt signal of a relay object living on the GUI thread, so messages cross threads through
-Qt's queued connections and the GUI thread alone touches widgets and layers. Errors reach napari's
+A job (:mod:`napari_coordgate.app.jobs`) is a plain function; it reports through a callable and polls
+``should_stop``. The callable emits a Qt signal of a relay object living on the GUI thread, so messages cross threads
+through Qt's queued connections and the GUI thread alone touches widgets and layers. Errors reach napari's
 notifications through the dock's ``errored`` handler.
 """
 

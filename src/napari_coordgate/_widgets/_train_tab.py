@@ -148,7 +148,7 @@ class TrainTab(QWidget):
         self.psf_file_btn.clicked.connect(self._choose_psf_file)
         self.start_btn.clicked.connect(self.start)
         self.stop_btn.clicked.connect(self.dock.stop_task)
-        self.save_btn.clicked.connect(self.dock.model_tab._choose_and_save)
+        self.save_btn.clicked.connect(self.dock.choose_and_save_model)
         self.actions = {"train": self.start_btn, "stop": self.stop_btn, "save": self.save_btn,
                         "psf_grid": self.grid_btn}
 
@@ -215,6 +215,11 @@ class TrainTab(QWidget):
         if self.preset.currentText() == label:
             self._preset_changed(label)  # the same entry with a new model: no change signal
         self.preset.setCurrentText(label)
+
+    def use_psf_model(self, model, label: str) -> None:
+        """Train from sharp layers (or the built-in specimens) blurred by ``model``: the PSF source and the mode."""
+        self.set_psf_model(model, label)
+        self.mode.setCurrentText(SIMULATED)
 
     def load_psf_file(self, path: str) -> bool:
         """Read a PSF model file (``.cgpsf``, or a ``.json`` config) and make it the PSF source; False on error."""
