@@ -44,6 +44,7 @@ __all__ = ["calibrate", "CalibrationResult", "CalibrationUpdate", "CalibrationEr
 MODELS = ("auto", "pupil", "grid")
 PUPIL_MIN_BEADS = 10  # 36 polynomial coefficients, but each bead constrains its position's 6 aberrations
 GRID_MIN_BEADS = 5  # four to fit, one to check
+_MIN_SIDE = 16  # the smallest bead image side: a PSF window and its background ring
 _MARGIN = 3  # width of the background ring around each PSF window
 _HOLD_OUT = 5  # every 5th accepted bead is held out to compare the models
 _OUTLIER_RATIO = 10.0
@@ -57,8 +58,9 @@ _REGIONS = (("top-left corner", "top edge", "top-right corner"), ("left edge", "
 def _check_images(images) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(raw planes, float64 planes) of a 2-D image, a 3-D series or a sequence of 2-D images of one shape.
 
-    The layout, dtype, NaN/Inf and constant-plane rules are those of every entry point
-    (:func:`napari_coordgate.checks.check_image`); this adds what they mean for a bead image.
+    What a bead image's shape and values must be is checked here first, each rule with what it means for a bead
+    image; the dtype, empty-axis and NaN/Inf rules are those of every entry point
+    (:func:`napari_coordgate.checks.check_image`).
     """
     from napari_coordgate.checks import InputError, check_image
 
@@ -73,24 +75,39 @@ def _check_images(images) -> tuple[list[np.ndarray], list[np.ndarray]]:
             raise CalibrationError(f"bead images have different shapes {sorted({p.shape for p in planes})}; they "
                                    "must be images of the same field (same camera frame)")
         images = np.stack(planes)
+    _check_bead_shape(tuple(int(n) for n in np.shape(images)))
     try:
-        arr = check_image(images, "bead image", min_ndim=2, max_ndim=3, min_size=16, allow_constant=False)
+        arr = check_image(images, "bead image", min_ndim=2, max_ndim=3)
     except InputError as exc:
-        text = str(exc)
-        if "RGB" in text:
-            text += " (for multichannel beads, calibrate each channel separately: one PSF model per channel)"
-        elif "expected" in text:
-            text += ("; a bead image is the in-focus 2-D plane (a z-stack is not supported: give its focal plane), "
-                     "or a series (N, H, W) of 2-D images of the same field; calibrate multichannel data one "
-                     "channel at a time")
-        elif "minimum" in text:
-            text = text.replace("for this network", "for a bead image (the PSF windows need room)")
-        elif "constant" in text:
-            text = text.split(";")[0] + ": there are no beads to detect (lens cap on? wrong channel?)"
-        raise CalibrationError(text) from None
+        raise CalibrationError(str(exc)) from None
     arr = arr[None] if arr.ndim == 2 else arr
     raw = [arr[i] for i in range(arr.shape[0])]
-    return raw, [np.asarray(r, dtype=np.float64) for r in raw]
+    planes = [np.asarray(r, dtype=np.float64) for r in raw]
+    for i, plane in enumerate(planes):
+        lo, hi = float(plane.min()), float(plane.max())
+        if lo == hi:
+            which = "bead image" if len(planes) == 1 else f"bead image plane {i}"
+            raise CalibrationError(f"{which} is constant (all {lo:g}): there are no beads to detect (lens cap on? "
+                                   "wrong channel?)")
+    return raw, planes
+
+
+def _check_bead_shape(shape: tuple[int, ...]) -> None:
+    """A bead image is (H, W) or a series (N, H, W) of at least :data:`_MIN_SIDE` pixels a side, never RGB: the
+    layout rules of :func:`~napari_coordgate.checks.check_layout`, said for a bead image (checked before them)."""
+    if len(shape) == 3 and shape[-1] in (3, 4) and min(shape[:2]) > 4:
+        raise CalibrationError(f"bead image of shape {shape} looks like an RGB(A) image; convert it to grey or pick "
+                               "one channel (for multichannel beads, calibrate each channel separately: one PSF "
+                               "model per channel)")
+    if not 2 <= len(shape) <= 3:
+        raise CalibrationError(f"bead image: expected a 2-D image (H, W) or a series (N, H, W) of 2-D images of the "
+                               f"same field, got shape {shape}; a bead image is the in-focus 2-D plane (a z-stack is "
+                               "not supported: give its focal plane); calibrate multichannel data one channel at a "
+                               "time")
+    h, w = shape[-2:]
+    if 0 < min(h, w) < _MIN_SIDE:  # an empty axis is check_layout's to name
+        raise CalibrationError(f"bead image is {h}x{w} pixels, smaller than the minimum {_MIN_SIDE}x{_MIN_SIDE} for "
+                               "a bead image (the PSF windows need room)")
 
 
 def _coverage_warnings(table: BeadTable, field_shape) -> tuple[list[str], np.ndarray]:
