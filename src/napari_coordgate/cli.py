@@ -398,6 +398,7 @@ def _apply_jobs(args) -> list[tuple[str, Path]]:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
+    from .devices import on_device, resolve_device
     from .image_io.omezarr import create_ome_zarr, is_zarr
     from .image_io.read import open_image
     from .image_io.tiff import write_tiff_streamed
@@ -414,6 +415,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if args.dask:
         return _apply_dask(args, cfg, roi, jobs)
     saved = load_any(args.model)
+    # the network in the prediction device's place and layout once, so that every input reuses it and its gates
+    saved.model = on_device(saved.model, resolve_device(cfg.device))
     _set_threads(args.threads)
     for p, dest in jobs:
         image = open_image(p)

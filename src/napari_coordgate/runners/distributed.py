@@ -399,6 +399,7 @@ class ModelPlugin(_WorkerPluginBase):
         self.name = f"napari-coordgate-model-{hashlib.sha256(model_bytes).hexdigest()[:16]}-t{self.threads}"
         self.saved = None
         self.lock = None
+        self.placed = None  # the device the model sits on, in its layout (predict then uses it without a copy)
 
     def setup(self, worker=None) -> None:
         import torch
@@ -420,6 +421,7 @@ def _run_plane(plugin_name: str, source: ImageSource, sink: PlaneSink, index: tu
     """One task: read a plane, deblur it with the worker's model, write it into the unfinished store."""
     import torch
 
+    from ..devices import on_device, resolve_device
     from ..engine import predict
 
     plugin = _distributed().get_worker().plugins[plugin_name]
@@ -427,6 +429,10 @@ def _run_plane(plugin_name: str, source: ImageSource, sink: PlaneSink, index: tu
     with plugin.lock:
         if threads > 0:
             torch.set_num_threads(threads)  # in this thread too: torch's OpenMP thread count is per thread
+        dev = resolve_device(predict_kwargs.get("device", "auto"))
+        if plugin.placed != str(dev):  # once per worker: the model and its gate cache then serve every plane
+            on_device(plugin.saved.model, dev)
+            plugin.placed = str(dev)
         restored = predict(plugin.saved, plane, roi=roi, **predict_kwargs)
     sink.write(index, restored)
     return index
