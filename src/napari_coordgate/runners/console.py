@@ -67,12 +67,16 @@ class LineProgress:
         self.clock = time.monotonic if clock is None else clock
         self.t0 = self.clock()
         self.last = None
+        self._text = None
 
     def line(self, text: str, force: bool = False) -> None:
+        """Print ``text`` if ``force`` or the period has passed; never the same text twice in a row."""
         now = self.clock()
+        if text == self._text:
+            return
         if force or self.last is None or now - self.last >= self.every:
             print(f"{self.label}: {text} [{now - self.t0:.0f} s]", file=self.stream, flush=True)
-            self.last = now
+            self.last, self._text = now, text
 
 
 def _train_line(u) -> str:
