@@ -416,3 +416,19 @@ def test_an_empty_tiff_or_a_folder_as_the_image_is_one_line_naming_it(tmp_path, 
                 "evaluate": ["evaluate", "-m", model_file, "--sharp", bad, "--blurred", bad]}[command]
         code, _, err = _run(capsys, *argv)
         assert code == 1 and says in err and str(bad) in err and err.count("\n") == 1, err
+
+
+def test_a_diverging_train_says_so_keeps_its_best_model_and_exits_nonzero(tmp_path, capsys, image_tif, monkeypatch):
+    from napari_coordgate.engine import training
+
+    real, calls = training._step, []
+
+    def step(*args, **kwargs):  # the first epoch trains, then the loss is NaN
+        calls.append(1)
+        return real(*args, **kwargs) if len(calls) <= 2 else float("nan")
+
+    monkeypatch.setattr(training, "_step", step)
+    code, out, err = _run(capsys, *_train_argv(tmp_path, image_tif, tmp_path / "run", "--epochs", 3))
+
+    assert code == 1 and (tmp_path / "run.cgmodel").is_file()
+    assert "error: training diverged (the loss became nan at step 3): the best model so far is kept at" in err

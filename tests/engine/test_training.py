@@ -430,3 +430,35 @@ def test_devices_say_where_bf16_is_fast(monkeypatch):
     assert bf16_is_fast(torch.device("cpu")) is False
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert bf16_is_fast(torch.device("cpu")) is True
+
+
+def test_a_diverging_run_stops_at_once_keeps_the_best_model_and_writes_no_broken_checkpoint(tmp_path, monkeypatch):
+    from napari_coordgate.engine import training
+    from napari_coordgate.model_io import load_checkpoint
+
+    real, calls = training._step, []
+
+    def step(*args, **kwargs):  # finite for two epochs of 4 steps, then the loss is NaN
+        calls.append(1)
+        return real(*args, **kwargs) if len(calls) <= 8 else float("nan")
+
+    monkeypatch.setattr(training, "_step", step)
+    sharp, blurred = _pairs()
+    res = train(TINY, _quick(epochs=4, steps_per_epoch=4), PairSource(sharp, blurred), out_path=tmp_path / "m",
+                checkpoint_path=tmp_path / "m.cgckpt")
+
+    assert res.stopped == "diverged" and len(calls) == 9  # no step after the first NaN
+    assert any(u.message == "the loss became nan at step 9" for u in res.history)
+    assert all(torch.isfinite(v).all() for v in load_model(tmp_path / "m.cgmodel").model.state_dict().values())
+    assert load_checkpoint(tmp_path / "m.cgckpt")["meta"]["epoch"] == 2  # the last finite epoch's, still resumable
+
+
+def test_a_run_diverging_before_its_first_validation_keeps_the_starting_weights(monkeypatch):
+    from napari_coordgate.engine import training
+
+    monkeypatch.setattr(training, "_step", lambda *args, **kwargs: float("inf"))
+    sharp, blurred = _pairs()
+    res = train(TINY, _quick(epochs=2, steps_per_epoch=4), PairSource(sharp, blurred))
+
+    assert res.stopped == "diverged" and res.best_val_psnr is not None and np.isfinite(res.best_val_psnr)
+    assert all(torch.isfinite(v).all() for v in res.saved.model.state_dict().values())

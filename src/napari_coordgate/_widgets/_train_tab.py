@@ -313,9 +313,10 @@ class TrainTab(QWidget):
         self.device_used.setText(result.device)
         self.dock.set_model(result.saved, f"trained in this session ({result.stopped})")
         psnr = "-" if result.best_val_psnr is None else f"{result.best_val_psnr:.2f} dB"
-        if result.stopped.startswith("crashed"):
+        if result.stopped.startswith("crashed") or result.stopped == "diverged":
+            hint = "; train again with a lower learning rate" if result.stopped == "diverged" else ""
             show_warning(f"CoordGate: training {result.stopped}; kept the best model so far: validation PSNR "
-                         f"{psnr} (epoch {result.best_epoch})")
+                         f"{psnr} (epoch {result.best_epoch}){hint}")
             return
         show_info(f"CoordGate: training {result.stopped}; best validation PSNR {psnr} (epoch {result.best_epoch})")
 

@@ -39,7 +39,7 @@ class TrainResult:
     history: list[Update] = field(default_factory=list)
     best_val_psnr: float | None = None
     best_epoch: int = 0
-    stopped: str = "budget"  # "budget", "early_stop", "stopped"
+    stopped: str = "budget"  # "budget", "early_stop", "stopped", "diverged" (the loss became NaN or Inf)
     device: str = "cpu"
 
 

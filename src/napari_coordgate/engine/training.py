@@ -8,6 +8,7 @@ best model is kept after every validation and a checkpoint written after every e
 
 from __future__ import annotations
 
+import math
 import time
 from functools import partial
 from pathlib import Path
@@ -104,21 +105,28 @@ def _step(model, opt, batch: Batch, device, cfg: TrainConfig, field_shape, use_a
 
 
 def _train_epoch(run: Run, model, plateau, rng, should_stop, use_amp: bool) -> bool:
-    """Up to ``steps_per_epoch`` steps (fewer when the time budget runs out); False if a stop was requested."""
+    """Up to ``steps_per_epoch`` steps (fewer when the time budget runs out); False, with ``run.stop_reason`` set,
+    if a stop was requested ("stopped") or the loss stopped being a number ("diverged")."""
     cfg = run.train_cfg
     run.running, run.count = 0.0, 0
     for _ in range(cfg.steps_per_epoch):
         if should_stop is not None and should_stop():
+            run.stop_reason = "stopped"
             return False
         if cfg.epochs == 0 and run.progress() >= 1.0:
             break
         batch = run.data.batch(rng)
         if plateau is None:
             set_learning_rate(run.opt, cfg, run.progress())
-        run.running += _step(model, run.opt, batch, run.device, cfg, run.data.field_shape, use_amp)
+        loss = _step(model, run.opt, batch, run.device, cfg, run.data.field_shape, use_amp)
         run.step += 1
-        run.count += 1
         run.at_epoch_end = False
+        if not math.isfinite(loss):  # the weights are no model any more: keep the best so far, write nothing new
+            run.stop_reason = "diverged"
+            run.emit("step", loss, message=f"the loss became {loss} at step {run.step}")
+            return False
+        run.running += loss
+        run.count += 1
         if run.step % 10 == 0 or run.step == 1:  # the first step shows at once that training runs
             run.emit("step", run.running / run.count)
     return True
@@ -167,6 +175,8 @@ def _end_epoch(run: Run, model, plateau, use_amp: bool) -> float:
 def _finish(run: Run, model, use_amp: bool) -> TrainResult:
     """Load the best weights (scoring the current ones if no epoch ended) and report the end of the run."""
     if run.best_psnr is None:  # stopped before the first validation: score what we have so the result is usable
+        if run.stop_reason == "diverged":  # the starting weights, not the diverged ones
+            model.load_state_dict(run.best_state)
         run.best_psnr = _validate(run, model, use_amp)
         run.best_state = {k: v.clone() for k, v in model.state_dict().items()}
         run.save_best()
@@ -246,7 +256,6 @@ def train(
         if data.simulated and run.epoch > 0:
             data.new_epoch(run.epoch)
         if not _train_epoch(run, model, plateau, rng, should_stop, use_amp):
-            run.stop_reason = "stopped"
             break
         val = _end_epoch(run, model, plateau, use_amp)
         _checkpoint(checkpoint_path, run, model, plateau, rng, fingerprint)
