@@ -57,7 +57,7 @@ def bf16_is_fast(dev) -> bool:
     instructions (AVX512-BF16 or AMX), where a channels-last convolution runs about 4x faster in bf16 (a CoordGate
     U-Net(2) training step 1.5x, ``benchmarks/bench_threads.py --bf16``; other CPUs emulate bf16 and are slower with
     it), and CUDA GPUs, where autocast was the default before (on an H200 it did not pay at U-Net(2)'s size:
-    ``README.md``, GPU)."""
+    ``benchmarks/README.md``, GPU)."""
     import torch
 
     if dev.type == "cuda":

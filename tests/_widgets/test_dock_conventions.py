@@ -1,4 +1,4 @@
-"""README claims about the dock that need a viewer: drag-and-drop loading, Preferences honoured."""
+"""Claims of docs/napari.md about the dock that need a viewer: drag-and-drop loading, Preferences honoured."""
 
 from __future__ import annotations
 

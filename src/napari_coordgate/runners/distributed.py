@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 INSTALL_HINT = "pip install 'napari-coordgate[distributed]'"
-CONNECT_TIMEOUT_S = 5.0  # the whole wait for a scheduler; the README promises a failure within 10 s
+CONNECT_TIMEOUT_S = 5.0  # the whole wait for a scheduler; docs/big-data.md promises a failure within 10 s
 _TARGET_HELP = "give 'local' or a scheduler address such as tcp://node01:8786"
 _NOT_SCHEDULERS = ("Worker", "Nanny")  # dask servers that answer a handshake but cannot run a client's tasks
 _TASK_PREFIX = "napari-coordgate-plane"
