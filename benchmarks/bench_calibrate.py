@@ -54,7 +54,7 @@ from napari_coordgate.samples.beads import EllipticalOptics, PupilOptics, bead_s
 
 OPTICS = {"na": 0.8, "wavelength_um": 0.52, "immersion": 1.0, "pixel_size_um": 0.16}
 TRAIN_CASE = (300, 3000.0)  # beads, photons of the slides the training comparison calibrates
-STEPS_10_MIN = 1500  # optimiser steps (batch 8, 128^2 crops) in about 10 minutes on one torch thread (benchmarks/README.md)
+STEPS_10_MIN = 1500  # optimiser steps (batch 8, 128^2 crops) in about 10 min on 1 torch thread (benchmarks/README.md)
 TEST_SEED = 1235  # the held-out fields; never a training seed's specimens
 
 

@@ -5,8 +5,8 @@ autocast, tiles one at a time or batched (``predict(..., batch_tiles=N)``); peak
     python benchmarks/bench_gpu.py --quick           # tiny sizes on the CPU, seconds (the test suite runs this)
     python benchmarks/bench_gpu.py --size 4096 --train-steps 100 --device cuda
 
-Training: the recipe's shape (docs/method.md) (random 128^2 crops whose offsets are drawn with ``sampling="cover"`` on the
-pooling grid of a synthetic 512^2 field stack, L2 loss, Adam 3e-3), a plain loop built from ``build_model``,
+Training: the recipe's shape (docs/method.md: random 128^2 crops whose offsets are drawn with ``sampling="cover"`` on
+the pooling grid of a synthetic 512^2 field stack, L2 loss, Adam 3e-3), a plain loop built from ``build_model``,
 timed after a warm-up with the device synchronised around the timing; one loss read back per step, as
 ``engine.train`` does. Inference: ``engine.predict`` on a ``size x size`` plane (a procedural specimen tiled to
 that size), end to end (reading, normalising, copies to and from the device). The ``max|d|`` column is the

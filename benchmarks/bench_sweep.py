@@ -13,7 +13,7 @@ then every model trains for the same wall-clock budget on one torch thread, ``--
 Prints a table (parameters, PSNR/SSIM overall and PSNR by field ring, optimiser steps, inference MP/s on a
 1024^2 image with ``--threads`` threads after training) and writes a plot (parameters vs PSNR) to ``--png``.
 
-    python benchmarks/bench_sweep.py --minutes 3                  # the benchmarks/README.md table (about 20 min on 2 cores)
+    python benchmarks/bench_sweep.py --minutes 3                  # benchmarks/README.md (about 20 min on 2 cores)
     python benchmarks/bench_sweep.py --quick                      # < 2 minutes, smoke test
     python benchmarks/bench_sweep.py --device cuda --jobs 1 --steps 1500   # on a GPU, equal steps per model
 """
