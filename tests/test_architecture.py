@@ -37,7 +37,7 @@ def _modules():
 def _type_checking_lines(tree) -> set[int]:
     lines = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
             for inner in node.body:
                 lines.update(range(inner.lineno, inner.end_lineno + 1))
     return lines

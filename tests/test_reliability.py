@@ -432,3 +432,30 @@ def test_a_diverging_train_says_so_keeps_its_best_model_and_exits_nonzero(tmp_pa
 
     assert code == 1 and (tmp_path / "run.cgmodel").is_file()
     assert "error: training diverged (the loss became nan at step 3): the best model so far is kept at" in err
+
+
+def test_an_input_named_through_a_link_and_dotdot_is_still_the_input(tmp_path):
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    (tmp_path / "data" / "raw.tif").write_bytes(b"x")
+    (tmp_path / "link").symlink_to(tmp_path / "data" / "sub")
+    tricky = f"{tmp_path / 'link'}/../raw.tif"  # the system opens data/raw.tif; the text says tmp_path/raw.tif
+    with pytest.raises(OutputError, match="is the input"):
+        check_outputs([tmp_path / "data" / "raw.tif"], [tricky])
+    with pytest.raises(OutputError, match="is the input"):
+        check_outputs([tricky], [tmp_path / "data" / "raw.tif"])
+
+
+def test_a_writer_that_fails_while_starting_gives_its_lock_up(tmp_path, monkeypatch):
+    from napari_coordgate.image_io import omezarr
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(omezarr._zarr(), "open_group", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        omezarr.create_ome_zarr(tmp_path / "o.zarr", (2, 8, 8))
+    monkeypatch.undo()
+    assert not (tmp_path / "o.zarr.lock").exists()
+    with omezarr.create_ome_zarr(tmp_path / "o.zarr", (1, 8, 8)) as writer:  # this process can write it again
+        writer.write_plane((0,), np.ones((8, 8)))
+    assert writer.complete

@@ -343,7 +343,7 @@ def _apply_dask(args, cfg, roi, jobs) -> int:
             t0 = time.perf_counter()
             writer = create_ome_zarr(dest, data.shape, axes=image.axes, scale=image.scale,
                                      translation=image.translation, overwrite=args.overwrite)
-            with progress(Path(p).name, "plane") as on_progress:
+            with writer, progress(Path(p).name, "plane") as on_progress:
                 apply_distributed(client, saved, ImageSource(str(Path(p).resolve()), tuple(data.shape)), writer,
                                   roi=roi, predict_kwargs=cfg.predict_kwargs(), threads=threads,
                                   on_progress=on_progress)
@@ -432,12 +432,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             return _predict_with_bar(saved, data, label=Path(p).name, roi=roi, out=target, **cfg.predict_kwargs())
 
         if is_zarr(dest):  # OME-Zarr: at OUT.zarr.partial until every plane is written
-            writer = create_ome_zarr(dest, data.shape, axes=image.axes, scale=image.scale,
-                                     translation=image.translation, overwrite=args.overwrite)
-            try:
+            with create_ome_zarr(dest, data.shape, axes=image.axes, scale=image.scale,
+                                 translation=image.translation, overwrite=args.overwrite) as writer:
                 run(writer).finalize()
-            finally:
-                writer.release()
         else:  # memory-mapped out: a stack larger than RAM goes through tile by tile
             write_tiff_streamed(dest, data.shape, run, image.tiff)
         print(f"{p} -> {dest}  ({data.size / 1e6:.1f} MP in {time.perf_counter() - t0:.1f} s)")
@@ -750,7 +747,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as exc:
         if isinstance(exc, Terminated):
-            print("napari-coordgate: terminated (SIGTERM); unfinished outputs were removed", file=sys.stderr)
+            print("napari-coordgate: terminated (SIGTERM); temporary files removed (an OME-Zarr output stays at "
+                  "OUT.zarr.partial until a run completes it)", file=sys.stderr)
             return 143
         print("napari-coordgate: interrupted", file=sys.stderr)
         return 130

@@ -23,24 +23,43 @@ class OutputError(ValueError):
 
 
 def real_path(path: str | os.PathLike) -> Path:
-    """``path`` absolute, with every link resolved (a path that does not exist yet: its existing part)."""
-    return Path(os.path.realpath(os.path.abspath(os.fspath(path))))
+    """``path`` absolute, with every link resolved (a path that does not exist yet: its existing part).
+
+    ``realpath`` alone: it follows a link before it applies a ``..`` after it (``abspath`` first would drop
+    ``link/..`` as text and name another file than the one the system opens).
+    """
+    return Path(os.path.realpath(os.fspath(path)))
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def _identity(path: Path) -> tuple[int, int] | None:
     try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist
-        return False
+        st = os.stat(path)
+    except OSError:  # does not exist (yet)
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _chain(path: Path) -> list[tuple[int, int]]:
+    """The identities of ``path`` and of each of its existing ancestors: what a file system means by the path,
+    whatever its spelling (case-insensitive file systems, hard links)."""
+    ids = [_identity(p) for p in (path, *path.parents)]
+    return [i for i in ids if i is not None]
 
 
 def _relation(out: Path, inp: Path) -> str | None:
-    """How ``out`` would harm ``inp``: 'is', 'holds', 'inside' or None."""
-    if out == inp or _same_file(out, inp):
+    """How ``out`` would harm ``inp``: 'is', 'holds', 'inside' or None (by path, then by file identity)."""
+    if out == inp:
         return "is"
     if out in inp.parents:
         return "holds"
     if inp in out.parents:
+        return "inside"
+    out_id, inp_id = _identity(out), _identity(inp)
+    if out_id is not None and out_id == inp_id:
+        return "is"
+    if out_id is not None and out_id in _chain(inp)[1:]:
+        return "holds"
+    if inp_id is not None and inp_id in _chain(out)[1:]:
         return "inside"
     return None
 
@@ -114,8 +133,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; the file gets the mode a plain open would give
+        mode = _file_mode(path)
         write(tmp)
+        os.chmod(tmp, mode)  # mkstemp makes 0600; the file gets the mode a plain open would give (after writing:
+        # a read-only mode must not lock the writer out of its own temporary file)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)

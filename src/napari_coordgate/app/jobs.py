@@ -142,7 +142,7 @@ def apply_job(req: ApplyRequest, *, report: Report, should_stop: ShouldStop) -> 
 
     if req.out_path is not None:
         p = str(req.out_path)
-        outs = [p, f"{p}.partial"] if p.endswith(".zarr") else [p if p.endswith(".npy") else f"{p}.npy"]
+        outs = [p, f"{p}.partial", f"{p}.lock"] if p.endswith(".zarr") else [p if p.endswith(".npy") else f"{p}.npy"]
         check_outputs(outs, req.inputs)
     models = [load_any(m, "cpu") if isinstance(m, str) else m for m in req.models]
     shape = tuple(req.image.shape)

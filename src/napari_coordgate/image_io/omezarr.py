@@ -157,8 +157,12 @@ class _WriterLock:
             if not same:  # the holder released and unlinked it between our open and lock: take the new file
                 os.close(fd)
                 continue
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+            except BaseException:
+                os.close(fd)  # closing releases the lock
+                raise
             self._fd = fd
 
     def release(self) -> None:
@@ -605,6 +609,14 @@ class OmeZarrWriter:
             self.release()
             return self.path
 
+    def __enter__(self) -> OmeZarrWriter:
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        """Leaving a ``with`` block gives the lock up, finished or not (an unfinished store stays ``.partial``)."""
+        self.release()
+        return False
+
     def release(self) -> None:
         """Give up the output's lock (done by :meth:`finalize`; call it when abandoning an unfinished store)."""
         if self._writer_lock is not None:
@@ -702,20 +714,23 @@ def create_ome_zarr(path: str | os.PathLike, shape: Sequence[int], *, axes: Sequ
 
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
     lock = _WriterLock(final.with_name(final.name + LOCK_SUFFIX))  # before touching a partial store another run owns
-    if partial.exists():  # left by a failed run
-        shutil.rmtree(partial)
-    group = zarr.open_group(str(partial), mode="w", zarr_format=2)
-    try:
-        write_multiscales_metadata(group, [{"path": "0", "coordinateTransformations": transforms}],
-                                   fmt=FormatV04(), axes=out_axes, name=name or final.name.split(".")[0])
-    except ValueError as exc:
-        shutil.rmtree(partial, ignore_errors=True)
+    try:  # whatever fails from here (a full disk, permissions, a file named like the store) gives the lock up
+        if partial.exists():  # left by a failed run
+            shutil.rmtree(partial)
+        group = zarr.open_group(str(partial), mode="w", zarr_format=2)
+        try:
+            write_multiscales_metadata(group, [{"path": "0", "coordinateTransformations": transforms}],
+                                       fmt=FormatV04(), axes=out_axes, name=name or final.name.split(".")[0])
+        except ValueError as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise InputError(f"cannot write axes ({names}) as OME-Zarr NGFF {NGFF_WRITE_VERSION}: {exc}") from None
+        group.attrs[_WRITER_KEY] = {"written_by": f"napari-coordgate {__version__}"}
+        array = group.create_array(
+            "0", shape=tuple(shape[i] for i in order), chunks=tuple(chunks[i] for i in order), dtype="float32",
+            fill_value=float("nan"), chunk_key_encoding={"name": "v2", "separator": "/"},
+            config={"write_empty_chunks": True},
+        )
+    except BaseException:
         lock.release()
-        raise InputError(f"cannot write axes ({names}) as OME-Zarr NGFF {NGFF_WRITE_VERSION}: {exc}") from None
-    group.attrs[_WRITER_KEY] = {"written_by": f"napari-coordgate {__version__}"}
-    array = group.create_array(
-        "0", shape=tuple(shape[i] for i in order), chunks=tuple(chunks[i] for i in order), dtype="float32",
-        fill_value=float("nan"), chunk_key_encoding={"name": "v2", "separator": "/"},
-        config={"write_empty_chunks": True},
-    )
+        raise
     return OmeZarrWriter(final, partial, shape, order, array, lock)

@@ -495,6 +495,7 @@ def apply_distributed(client, saved, source: ImageSource, writer: OmeZarrWriter,
             if on_progress is not None:
                 on_progress(done, len(indices))
     except BaseException:
+        writer.release()  # the unfinished store stays .partial; the next run may write it
         client.cancel(list(futures))
         raise
     finally:

@@ -1,7 +1,7 @@
 """The model shipped for the bundled sample optics: *Open Sample -> Apply -> Evaluate* works without training.
 
 It is a CoordGate U-Net(2) (the dock's default network) trained on the synthetic calibration pair of
-``_sample_data.calibration_pair`` (preset ``gaussian``, 256 x 256) only: it knows those synthetic optics, not
+``samples.sample_data.calibration_pair`` (preset ``gaussian``, 256 x 256) only: it knows those synthetic optics, not
 any real microscope. Regenerate it with::
 
     python -m napari_coordgate.samples.sample_model   # writes samples/models/sample_gaussian.cgmodel
