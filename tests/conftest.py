@@ -198,3 +198,26 @@ def tiny_model(pair64):
                             steps_per_epoch=3, device="cpu"), engine.PairSource(*pair64),
                             report=lambda u: None, should_stop=lambda: False)
     return result.saved
+
+
+@pytest.fixture(scope="module")
+def model():
+    """An untrained CoordGate U-Net(2) on a 96 x 80 field (random weights: what the I/O and scale-out tests compare
+    is equal outputs)."""
+    import torch
+
+    from napari_coordgate.config import ModelConfig
+    from napari_coordgate.model_io import SavedModel
+    from napari_coordgate.nn import build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(depth=2, channels=4, gate="coordgate")
+    return SavedModel(build_model(cfg).eval(), cfg, (96, 80), {"offset": 100.0, "scale": 900.0})
+
+
+@pytest.fixture
+def model_file(model, tmp_path):
+    """:func:`model` saved as ``scope.cgmodel``."""
+    from napari_coordgate.model_io import save_model
+
+    return save_model(tmp_path / "scope.cgmodel", model)

@@ -13,7 +13,6 @@ zarr = pytest.importorskip("zarr")
 pytest.importorskip("ome_zarr")
 
 from napari_coordgate.cli import main  # noqa: E402
-from napari_coordgate.config import ModelConfig  # noqa: E402
 from napari_coordgate.data import InputError  # noqa: E402
 from napari_coordgate.engine import Cancelled, predict  # noqa: E402
 from napari_coordgate.image_io.omezarr import (  # noqa: E402
@@ -23,27 +22,9 @@ from napari_coordgate.image_io.omezarr import (  # noqa: E402
     create_ome_zarr,
     read_zarr,
 )
-from napari_coordgate.model_io import SavedModel, save_model  # noqa: E402
 
 FIELD = (96, 80)
 UM = "micrometer"
-
-
-@pytest.fixture(scope="module")
-def model():
-    """An untrained CoordGate U-Net(2) on a 96 x 80 field (random weights: what matters is equal outputs)."""
-    import torch
-
-    from napari_coordgate.nn import build_model
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(depth=2, channels=4, gate="coordgate")
-    return SavedModel(build_model(cfg).eval(), cfg, FIELD, {"offset": 100.0, "scale": 900.0})
-
-
-@pytest.fixture
-def model_file(model, tmp_path):
-    return save_model(tmp_path / "scope.cgmodel", model)
 
 
 @pytest.fixture(scope="module")

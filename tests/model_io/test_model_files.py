@@ -430,18 +430,24 @@ def test_a_model_file_is_not_a_psf_model_file(tmp_path, saved):
         load_psf_model(tmp_path / "evil.cgpsf")
 
 
-def test_checkpoint_round_trip_restores_weights_and_optimizer_state(tmp_path):
+def _trained_checkpoint(tmp_path):
+    """A checkpoint of a U-Net(1) after one Adam step: (path, network, optimiser, torch RNG state it holds)."""
     cfg = ModelConfig(depth=1, channels=2)
     model = build_model(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model(torch.rand(2, 1, 16, 16)).square().mean().backward()
     opt.step()
-
     best = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     path = modelio.save_checkpoint(tmp_path / "run", weights=model.state_dict(), best=best,
                                    optimizer=opt.state_dict(), rng_tensors={"torch": rng},
                                    state={"epoch": 3, "model": cfg.to_dict()})
+    return path, model, opt, rng
+
+
+def test_checkpoint_round_trip_restores_weights_and_optimizer_state(tmp_path):
+    path, model, opt, rng = _trained_checkpoint(tmp_path)
+    cfg = ModelConfig(depth=1, channels=2)
     ck = modelio.load_checkpoint(path)
 
     assert path.suffix == ".cgckpt" and ck["meta"]["epoch"] == 3
@@ -598,15 +604,7 @@ def test_a_psf_file_whose_measured_grid_is_too_large_is_refused(tmp_path):
 
 # -- checkpoints ------------------------------------------------------------------------------------------------
 def _checkpoint(tmp_path) -> Path:
-    cfg = ModelConfig(depth=1, channels=2)
-    model = build_model(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model(torch.rand(2, 1, 16, 16)).square().mean().backward()
-    opt.step()
-    best = {k: v.clone() for k, v in model.state_dict().items()}
-    return modelio.save_checkpoint(tmp_path / "run", weights=model.state_dict(), best=best,
-                                   optimizer=opt.state_dict(), rng_tensors={"torch": torch.get_rng_state()},
-                                   state={"epoch": 3, "model": cfg.to_dict()})
+    return _trained_checkpoint(tmp_path)[0]
 
 
 def test_a_checkpoint_changed_after_it_was_written_is_refused(tmp_path):

@@ -24,9 +24,7 @@ zarr = pytest.importorskip("zarr")
 pytest.importorskip("ome_zarr")
 
 from napari_coordgate.cli import main  # noqa: E402
-from napari_coordgate.config import ModelConfig  # noqa: E402
 from napari_coordgate.image_io.omezarr import create_ome_zarr, read_zarr  # noqa: E402
-from napari_coordgate.model_io import SavedModel, save_model  # noqa: E402
 from napari_coordgate.runners.distributed import (  # noqa: E402
     ImageSource,
     ModelPlugin,
@@ -46,22 +44,6 @@ PREDICT = {"tile": 48, "device": "cpu"}
 TIMEOUT = 2.0  # connect()'s bound in these tests
 MARGIN = 3.0  # event loop start and teardown on a loaded 2-core machine (a hang is minutes)
 posix_signals = pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
-
-
-@pytest.fixture(scope="module")
-def model():
-    import torch
-
-    from napari_coordgate.nn import build_model
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(depth=2, channels=4, gate="coordgate")
-    return SavedModel(build_model(cfg).eval(), cfg, FIELD, {"offset": 100.0, "scale": 900.0})
-
-
-@pytest.fixture
-def model_file(model, tmp_path):
-    return save_model(tmp_path / "scope.cgmodel", model)
 
 
 @pytest.fixture
