@@ -12,7 +12,21 @@ __all__ = ["CalibrationError", "CalibrationCancelled"]
 
 
 class CalibrationError(ValueError):
-    """A bead image cannot be calibrated; the message says why and what to do."""
+    """A bead image cannot be calibrated; the message says why and what to do.
+
+    ``beads`` is the table of every detected spot (a :class:`~napari_coordgate.calibration.detect.BeadTable`,
+    with why each was rejected) when detection got that far, else None, and ``field_shape`` the (H, W) of the
+    bead images: a failed calibration can still show (points layer, report) what it saw. Both travel with the
+    exception through pickling (the training process, dask).
+    """
+
+    def __init__(self, message: str, beads=None, field_shape=None):
+        super().__init__(message)
+        self.beads = beads
+        self.field_shape = None if field_shape is None else tuple(int(n) for n in field_shape)
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.beads, self.field_shape))
 
 
 class CalibrationCancelled(Exception):

@@ -155,6 +155,8 @@ def calibrate(
     report: Callable[[CalibrationUpdate], None] | None = None,
     source: str | Sequence[str] | None = None,
     min_snr: float = 5.0,
+    bead_diameter_nm: float | None = None,
+    holdout: float = 0.0,
 ) -> CalibrationResult:
     """Measure a microscope's field-dependent PSF from an image of sub-resolution beads.
 
@@ -187,6 +189,13 @@ def calibrate(
         Names of the bead files, for the model's provenance.
     min_snr
         Beads whose peak is below ``min_snr`` times the background noise are rejected as too faint.
+    bead_diameter_nm
+        Diameter of the beads (nm; needs ``pixel_size_um``). The beads' own size is removed from the measured
+        PSFs (:mod:`~napari_coordgate.calibration.beadsize`); None or 0: point sources are assumed (the result's
+        warnings say so).
+    holdout
+        Fraction (0 to 0.5) of the usable beads kept out of every fit, to check the model later without ground
+        truth (``evaluate --holdout-from``); the table's ``holdout`` column marks them.
 
     Returns
     -------
@@ -201,7 +210,8 @@ def calibrate(
         ``should_stop()`` returned True before a model was fitted.
     """
     settings = {"model": model, "grid": grid, "na": na, "wavelength_um": wavelength_um, "immersion": immersion,
-                "pixel_size_um": pixel_size_um, "psf_size": psf_size, "min_snr": min_snr, "device": device}
+                "pixel_size_um": pixel_size_um, "psf_size": psf_size, "min_snr": min_snr, "device": device,
+                "bead_diameter_nm": bead_diameter_nm, "holdout": holdout}
     run = _Run(settings, _check_settings(settings), should_stop, report)
     run.detect(*_check_images(images))
     run.choose_window(psf_size)
@@ -227,6 +237,15 @@ def _check_settings(settings: dict) -> dict | None:
     for key, value in given.items():
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise CalibrationError(f"{key} must be a positive number, got {value!r}")
+    holdout = settings["holdout"]
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0.0 <= holdout <= 0.5:
+        raise CalibrationError(f"holdout must be a fraction from 0 to 0.5 of the beads, got {holdout!r}")
+    from napari_coordgate.optics.bead import bead_diameter_px
+
+    try:
+        bead_diameter_px(settings["bead_diameter_nm"], settings["pixel_size_um"])
+    except ValueError as exc:
+        raise CalibrationError(str(exc)) from None
     missing = [k for k, v in given.items() if v is None]
     if model == "pupil" and missing:
         raise CalibrationError(f"the pupil model needs the NA, emission wavelength, immersion index and pixel size; "
@@ -307,11 +326,12 @@ class _Run:
         spots = ~np.isin(table.reason, ["hot pixel", "fit failed", "too faint"])
         self.n_spots = int(spots.sum())
         if self.n_spots == 0:
-            raise CalibrationError(table.nothing_found())
+            raise CalibrationError(table.nothing_found(), beads=table, field_shape=self.field_shape)
         self.n_sat = int((table.reason == "saturated").sum())
         if self.n_sat == self.n_spots:
             raise CalibrationError(f"all {self.n_sat} beads are saturated (pixels at the camera's maximum); lower "
-                                   "the exposure time or the excitation power and image the slide again")
+                                   "the exposure time or the excitation power and image the slide again",
+                                   beads=table, field_shape=self.field_shape)
 
     def choose_window(self, psf_size: int | None) -> None:
         h, w = self.field_shape
@@ -333,7 +353,8 @@ class _Run:
             raise CalibrationError(
                 f"the {what} needs at least {need} usable beads, found {ok.size}"
                 + (f" (rejected: {counts})" if counts else "")
-                + "; image more beads (a denser slide, or several positions of the slide as a series)")
+                + "; image more beads (a denser slide, or several positions of the slide as a series)",
+                beads=table, field_shape=self.field_shape)
         patches = extract_patches(self.cleaned, self.noises, table.image[ok], table.y[ok], table.x[ok],
                                   table.y_norm[ok], table.x_norm[ok], ok, self.size, _MARGIN)
         good = np.isfinite(patches.flux) & (patches.flux > 0) & np.all(np.isfinite(patches.patches), axis=(1, 2))

@@ -56,7 +56,8 @@ class BeadTable:
     orientation of the major axis (degrees from the +x axis towards +y, i.e. clockwise on screen, in (-90, 90])
     come from the elliptical Gaussian fit (not corrected for the pixel's own width). ``reason`` is ``""`` for
     accepted beads, else a key of :data:`REASONS`; ``detail`` says more. ``held_out`` marks beads kept out of
-    the fits to compare the models; ``residual`` is the bead's relative L2 misfit to the chosen model (noise
+    the fits to compare the models; ``holdout`` marks the beads kept out of every fit (``calibrate(holdout=F)``)
+    to check the final model without ground truth; ``residual`` is the bead's relative L2 misfit to the chosen model (noise
     included; NaN for rejected beads).
     """
 
@@ -75,6 +76,7 @@ class BeadTable:
     reason: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
     detail: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
     held_out: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    holdout: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     residual: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def __len__(self) -> int:
@@ -405,7 +407,8 @@ def _empty(n: int, image_index: int) -> BeadTable:
         image=np.full(n, image_index, dtype=int), y=nan.copy(), x=nan.copy(), y_norm=nan.copy(), x_norm=nan.copy(),
         peak=nan.copy(), background=nan.copy(), snr=nan.copy(), fwhm_x=nan.copy(), fwhm_y=nan.copy(),
         ellipticity=nan.copy(), orientation_deg=nan.copy(), reason=np.full(n, "", dtype=object),
-        detail=np.full(n, "", dtype=object), held_out=np.zeros(n, bool), residual=nan.copy(),
+        detail=np.full(n, "", dtype=object), held_out=np.zeros(n, bool), holdout=np.zeros(n, bool),
+        residual=nan.copy(),
     )
 
 
