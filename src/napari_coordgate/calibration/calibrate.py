@@ -127,8 +127,11 @@ def _coverage_warnings(table: BeadTable, field_shape) -> tuple[list[str], np.nda
     return out, counts
 
 
-def _score(model: PSFModel, patches: Patches, field_shape) -> tuple[float, dict]:
-    psfs = model.psfs_at(patches.y_norm, patches.x_norm, field_shape)
+def _score(model: PSFModel, patches: Patches, field_shape, bead_px: float = 0.0) -> tuple[float, dict]:
+    """Held-out misfit of ``model`` to the beads: its PSFs, as beads of ``bead_px`` image them, fitted to each."""
+    from napari_coordgate.optics.bead import blur_by_bead
+
+    psfs = blur_by_bead(model.psfs_at(patches.y_norm, patches.x_norm, field_shape), bead_px)
     s, w = psfs.shape[-1], patches.psf_size
     if s > w:  # a pupil model keeps the halo beyond the data's window; compare on the window (amplitude is free)
         lo = (s - w) // 2
@@ -298,6 +301,9 @@ class _Run:
         self.candidates: dict[str, PSFModel] = {}
         self.device = "cpu"
         self.pupil_fit = None
+        from napari_coordgate.optics.bead import bead_diameter_px
+
+        self.bead_px = bead_diameter_px(settings["bead_diameter_nm"], settings["pixel_size_um"])
         self.need = max(GRID_MIN_BEADS, math.ceil(self.grid * self.grid / 2) if self.grid else 0)
         if self.model == "pupil":
             self.need = max(self.need, PUPIL_MIN_BEADS)
@@ -387,8 +393,9 @@ class _Run:
 
     def fit_grid(self, train: Patches, test: Patches) -> None:
         self.say("grid", 0.3, f"fitting the measured grid to {len(train)} beads")
-        self.grid_fit, grid_model, self.lam = _fit_grid_model(train, self.grid, self.settings["pixel_size_um"])
-        self.residuals["grid"] = _score(grid_model, test, self.field_shape)[0]
+        self.grid_fit, grid_model, self.lam = _fit_grid_model(train, self.grid, self.settings["pixel_size_um"],
+                                                              self.bead_px)
+        self.residuals["grid"] = _score(grid_model, test, self.field_shape, self.bead_px)[0]
         self.candidates["grid"] = grid_model
 
     def fit_pupil(self, train: Patches, test: Patches) -> None:
@@ -416,7 +423,7 @@ class _Run:
             self.warnings.append("stopped during the pupil fit: the measured grid is used")
             return
         self.pupil_fit = fit
-        self.residuals["pupil"] = _score(fit.model, test, self.field_shape)[0]
+        self.residuals["pupil"] = _score(fit.model, test, self.field_shape, self.bead_px)[0]
         self.candidates["pupil"] = fit.model
 
     def refit(self, patches: Patches) -> PSFModel:
@@ -429,7 +436,7 @@ class _Run:
             self.chosen = "grid"
         self.say("refit", 0.85, f"refitting the {self.chosen} model on all {len(patches)} beads")
         if self.chosen == "grid":
-            self.grid_fit = fit_grid(patches, self.grid_fit.k, self.lam)
+            self.grid_fit = fit_grid(patches, self.grid_fit.k, self.lam, bead_diameter_px=self.bead_px)
             final: PSFModel = _grid_model(self.grid_fit, self.settings["pixel_size_um"])
         else:
             from napari_coordgate.calibration.pupilfit import fit_pupil_poly
@@ -443,7 +450,7 @@ class _Run:
             final = refit.model
             if refit.stopped:
                 self.warnings.append("stopped during the final pupil refit: its coefficients so far are used")
-        _, fit_all = _score(final, patches, self.field_shape)
+        _, fit_all = _score(final, patches, self.field_shape, self.bead_px)
         self.table.residual[patches.index] = fit_all["relative"]
         return final
 
@@ -462,6 +469,9 @@ class _Run:
         if n_close > 0.3 * self.n_spots:
             self.warnings.append(f"{n_close} of {self.n_spots} beads are too close to a neighbour: a sparser slide "
                                  "would use more")
+        if not self.bead_px:
+            self.warnings.append("no bead diameter given: the beads were taken for point sources; beads wider than "
+                                 "about a third of the PSF make it look broader (give the bead diameter)")
         if n < 30:
             self.warnings.append(f"only {n} beads were usable: the model is noisy; a few hundred beads over the "
                                  "field are better")
@@ -491,7 +501,8 @@ class _Run:
         return prov
 
 
-def _fit_grid_model(train: Patches, grid: int | None, pixel_size_um) -> tuple[GridFit, MeasuredGridPSF, float]:
+def _fit_grid_model(train: Patches, grid: int | None, pixel_size_um, bead_px: float = 0.0
+                    ) -> tuple[GridFit, MeasuredGridPSF, float]:
     n = len(train)
     if grid is None:
         kmax = int(np.clip(math.floor(math.sqrt(n / 3.0)) + 1, 1, 15))
@@ -499,7 +510,7 @@ def _fit_grid_model(train: Patches, grid: int | None, pixel_size_um) -> tuple[Gr
     else:
         ks = [int(grid)]
     k, lam, scores = choose_grid(train, ks)
-    fit = fit_grid(train, k, lam)
+    fit = fit_grid(train, k, lam, bead_diameter_px=bead_px)
     fit.cv_scores = {f"{kk}/{ll:g}": v for (kk, ll), v in scores.items()}
     return fit, _grid_model(fit, pixel_size_um), lam
 

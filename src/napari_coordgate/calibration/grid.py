@@ -161,8 +161,22 @@ def _harmonic_fill(psfs: np.ndarray, known: np.ndarray) -> np.ndarray:
     return out
 
 
-def fit_grid(patches: Patches, k: int, lam: float = 0.03, *, min_node_weight: float = 0.25) -> GridFit:
-    """Fit the K x K node PSFs to the beads' registered patches (see the module docstring)."""
+def _outer_noise(psfs: np.ndarray, width: int = 3) -> np.ndarray:
+    """(N,) per-pixel noise of (N, s, s) PSFs from the differences of neighbouring pixels in their outer ring
+    (robust: the median absolute difference, which a smooth remainder of the PSF hardly moves)."""
+    s = psfs.shape[-1]
+    ring = np.ones((s, s - 1), bool)
+    ring[width:-width, width:-width] = False
+    d = np.diff(psfs, axis=2)[:, ring]
+    mad = np.median(np.abs(d - np.median(d, axis=1, keepdims=True)), axis=1)
+    return 1.4826 * mad / math.sqrt(2.0)
+
+
+def fit_grid(patches: Patches, k: int, lam: float = 0.03, *, min_node_weight: float = 0.25,
+             bead_diameter_px: float = 0.0) -> GridFit:
+    """Fit the K x K node PSFs to the beads' registered patches (see the module docstring); with a bead
+    diameter, the bead is divided out of each node before it is denoised
+    (:func:`~napari_coordgate.calibration.beadsize.remove_bead`)."""
     n, s = len(patches), patches.psf_size
     p = patches.patches.reshape(n, -1)
     w = _bead_weights(patches)
@@ -179,7 +193,14 @@ def fit_grid(patches: Patches, k: int, lam: float = 0.03, *, min_node_weight: fl
     node_var = c * np.einsum("ij,jk,ki->i", a_inv, a, a_inv)
     node_weight = (t * u[:, None]).sum(axis=0).reshape(k, k)
     psfs = g.reshape(k * k, s, s)
-    psfs = np.stack([_denoise(psfs[i], math.sqrt(max(node_var[i], 0.0))) for i in range(k * k)]).reshape(k, k, s, s)
+    node_sigma = np.sqrt(np.maximum(node_var, 0.0))
+    if bead_diameter_px > 0:
+        from napari_coordgate.calibration.beadsize import remove_bead
+
+        # the pooled residual above counts the PSF's change across a cell as noise, which would keep the bead
+        # in: the bead is divided out against each node's own noise, measured where its PSF has faded
+        psfs, node_sigma = remove_bead(psfs, bead_diameter_px, np.minimum(node_sigma, _outer_noise(psfs)))
+    psfs = np.stack([_denoise(psfs[i], node_sigma[i]) for i in range(k * k)]).reshape(k, k, s, s)
     known = node_weight >= min_node_weight
     if not known.any():  # too few beads for any node on its own: keep the joint solution everywhere
         known[...] = True

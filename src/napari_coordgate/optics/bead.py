@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-__all__ = ["sphere_otf", "sphere_kernel", "bead_diameter_px", "BEAD_LIMITS_NM"]
+__all__ = ["sphere_otf", "sphere_kernel", "blur_by_bead", "bead_diameter_px", "BEAD_LIMITS_NM"]
 
 #: the bead diameters (nm) calibration accepts: from 0 (a point) to 5 µm
 BEAD_LIMITS_NM = (0.0, 5000.0)
@@ -83,3 +83,18 @@ def bead_diameter_px(diameter_nm: float | None, pixel_size_um: float | None) -> 
         raise ValueError("a bead diameter needs the pixel size (from the image's metadata or --pixel-size) to "
                          "know how many pixels the bead spans")
     return float(diameter_nm) / 1000.0 / float(pixel_size_um)
+
+
+def blur_by_bead(psfs: np.ndarray, diameter_px: float) -> np.ndarray:
+    """(..., s, s) PSFs as a bead of ``diameter_px`` images them: each convolved with the bead (its spectrum
+    times :func:`sphere_otf`, zero-padded so nothing wraps around), cropped back to s x s. Unchanged for 0."""
+    if not diameter_px > 0:
+        return np.asarray(psfs, dtype=np.float64)
+    psfs = np.asarray(psfs, dtype=np.float64)
+    s = psfs.shape[-1]
+    pad = int(math.ceil(diameter_px)) + 2
+    size = s + 2 * pad
+    widths = [(0, 0)] * (psfs.ndim - 2) + [(pad, pad), (pad, pad)]
+    big = np.pad(psfs, widths)
+    out = np.fft.ifft2(np.fft.fft2(big) * sphere_otf((size, size), diameter_px)).real
+    return out[..., pad : pad + s, pad : pad + s]

@@ -151,6 +151,8 @@ def bead_slide(
     full_well: float | None = None,
     noise: bool = True,
     seed: int = 0,
+    bead_diameter_px: float = 0.0,
+    positions: "tuple[np.ndarray, np.ndarray] | None" = None,
 ) -> tuple[np.ndarray, dict]:
     """A 2-D image of sub-resolution beads through ``optics``, with camera noise.
 
@@ -184,6 +186,14 @@ def bead_slide(
         False renders the expected image (no shot, read or hot-pixel noise; clipping still applies).
     seed
         Seed of everything random.
+    bead_diameter_px
+        Diameter of the beads in pixels (0: points). A finite bead is rendered as point sources on a fine grid
+        over its projected disc (at most 0.3 px apart), each weighted by the sphere's thickness there and drawn
+        with the optics at its own sub-pixel position: the bead's image is summed from shifted PSFs, not made by
+        the transfer function that calibration divides out (:func:`napari_coordgate.optics.bead.sphere_otf`).
+    positions
+        (y, x) arrays of the ordinary beads' positions (px) instead of uniform random ones (crowded slides, point
+        arrays); ``n_beads`` is then ignored.
 
     Returns
     -------
@@ -193,8 +203,8 @@ def bead_slide(
     """
     rng = np.random.default_rng(seed)
     h, w = (int(n) for n in shape)
-    ys, xs, kinds, rel = _place(rng, h, w, n_beads, n_touching, n_saturated, brightness)
-    expected, flux = _render(optics, ys, xs, rel, kinds != "saturated", photons, h, w)
+    ys, xs, kinds, rel = _place(rng, h, w, n_beads, n_touching, n_saturated, brightness, positions)
+    expected, flux = _render(optics, ys, xs, rel, kinds != "saturated", photons, h, w, bead_diameter_px)
     gy, gx = field_axis(h), field_axis(w)
     expected = expected + background * photons * (1.0 + 0.5 * gradient * (0.8 * gx[None, :] + 0.6 * gy[:, None]))
     hot = np.zeros((0, 2), int)
@@ -211,14 +221,20 @@ def bead_slide(
         full_well = 1.6 * photons
     if full_well is not None:
         image = np.minimum(image, full_well)
-    truth = {"y": ys, "x": xs, "kind": kinds, "flux": flux, "hot": hot, "full_well": full_well}
+    truth = {"y": ys, "x": xs, "kind": kinds, "flux": flux, "hot": hot, "full_well": full_well,
+             "bead_diameter_px": float(bead_diameter_px)}
     return (image + offset).astype(np.float32), truth
 
 
-def _place(rng, h: int, w: int, n_beads: int, n_touching: int, n_saturated: int, brightness):
-    """Bead positions (px), kinds and relative brightness: uniform beads, touching pairs, saturating beads."""
-    ys = list(rng.uniform(0, h - 1, n_beads))
-    xs = list(rng.uniform(0, w - 1, n_beads))
+def _place(rng, h: int, w: int, n_beads: int, n_touching: int, n_saturated: int, brightness, positions=None):
+    """Bead positions (px), kinds and relative brightness: uniform beads (or the given ``positions``), touching
+    pairs, saturating beads."""
+    if positions is not None:
+        ys, xs = (list(np.asarray(a, dtype=np.float64)) for a in positions)
+        n_beads = len(ys)
+    else:
+        ys = list(rng.uniform(0, h - 1, n_beads))
+        xs = list(rng.uniform(0, w - 1, n_beads))
     kinds = ["bead"] * n_beads
     rel = list(rng.uniform(*brightness, n_beads))
     for _ in range(n_touching):
@@ -237,11 +253,48 @@ def _place(rng, h: int, w: int, n_beads: int, n_touching: int, n_saturated: int,
     return np.array(ys), np.array(xs), np.array(kinds, dtype=object), np.array(rel)
 
 
-def _render(optics, ys, xs, rel, ordinary, photons: float, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """The expected image of the beads (each PSF at its exact sub-pixel position) and their fluxes, scaled so the
+def _sphere_points(diameter_px: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dy, dx, weight) of point sources filling a projected uniform sphere: a square grid at most 0.3 px apart
+    over its disc, weights the sphere's thickness at each point (unit sum)."""
+    if not diameter_px > 0:
+        return np.zeros(1), np.zeros(1), np.ones(1)
+    r = 0.5 * float(diameter_px)
+    n = max(3, int(math.ceil(diameter_px / 0.3)))
+    n += 1 - n % 2
+    t = (np.arange(n) - (n - 1) / 2.0) * (diameter_px / n)
+    dy, dx = (a.ravel() for a in np.meshgrid(t, t, indexing="ij"))
+    thick = np.sqrt(np.clip(r * r - dy * dy - dx * dx, 0.0, None))
+    keep = thick > 0
+    return dy[keep], dx[keep], thick[keep] / thick[keep].sum()
+
+
+def _bead_psfs(optics, yn, xn, dy, dx, diameter_px: float, chunk: int = 4096) -> np.ndarray:
+    """(N, s, s) images of beads at normalised positions (yn, xn), moved by (dy, dx) px: one PSF each for
+    points, a thickness-weighted sum of PSFs at the sphere's points for finite beads."""
+    py, px, wt = _sphere_points(diameter_px)
+    m, n = wt.size, yn.size
+    if m == 1:
+        return optics.psfs(yn, xn, dy, dx)
+    out = None
+    per = max(1, chunk // m)
+    for a in range(0, n, per):
+        b = min(n, a + per)
+        k = b - a
+        ps = optics.psfs(np.repeat(yn[a:b], m), np.repeat(xn[a:b], m), (dy[a:b, None] + py[None, :]).ravel(),
+                         (dx[a:b, None] + px[None, :]).ravel())
+        block = np.tensordot(ps.reshape(k, m, *ps.shape[1:]), wt, axes=([1], [0]))
+        if out is None:
+            out = np.empty((n, *ps.shape[1:]))
+        out[a:b] = block
+    return out
+
+
+def _render(optics, ys, xs, rel, ordinary, photons: float, h: int, w: int, diameter_px: float = 0.0
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """The expected image of the beads (each at its exact sub-pixel position) and their fluxes, scaled so the
     brightest ordinary bead's peak pixel gets ``photons``."""
     iy, ix = np.round(ys).astype(int), np.round(xs).astype(int)
-    psfs = optics.psfs(field_position(ys, h), field_position(xs, w), ys - iy, xs - ix)
+    psfs = _bead_psfs(optics, field_position(ys, h), field_position(xs, w), ys - iy, xs - ix, diameter_px)
     peak_per_flux = psfs.reshape(len(ys), -1).max(axis=1)
     flux = rel * photons / np.max(rel[ordinary] * peak_per_flux[ordinary])
     s = psfs.shape[-1]

@@ -1,0 +1,70 @@
+"""Remove the beads' own size from measured PSFs.
+
+A bead of diameter ``d`` images as the PSF convolved with the bead (:mod:`napari_coordgate.optics.bead`), so
+PSFs averaged from bead patches are too broad by the bead: a 2.5 px bead under a 2.5 px FWHM PSF lowers its peak
+by about a quarter. Averaging commutes with the convolution (every bead has the same size), so the grid's node
+PSFs are measured with the bead in them and the bead is divided out of each node afterwards, once, where the
+averaging has already beaten the noise down.
+
+The division is a Wiener filter whose signal power comes from the node itself: at each spatial frequency
+``G = M conj(B) S / (|B|² S + N)``, with ``M`` the measured node spectrum, ``B`` the bead's transfer function,
+``N`` the node's noise power (its per-pixel noise variance times the window's pixel count) and
+``S = max(|M|² - N, 0) / |B|²`` the PSF's power estimated from a lightly smoothed ``|M|²``. Where the measurement
+stands far above its noise this is ``M / B``; where it is noise (beyond the optics' cutoff) it is zero, so the
+bead's near-zeros never amplify noise into the PSF. The result's noise level is returned too, for the denoising
+that follows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from napari_coordgate.optics.bead import sphere_otf
+
+__all__ = ["remove_bead"]
+
+_OVER = 3.0  # how far above its mean noise power a frequency must stand to be trusted
+_FLOOR = 0.1  # the bead's transfer function is never divided by less than this (a gain of at most 10)
+
+
+def remove_bead(psfs: np.ndarray, diameter_px: float, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Divide a bead of ``diameter_px`` out of measured PSFs.
+
+    Parameters
+    ----------
+    psfs
+        (N, s, s) measured PSFs (unit sum or any scale; bead-broadened).
+    diameter_px
+        Bead diameter in pixels; 0 returns the PSFs unchanged.
+    noise
+        (N,) per-pixel noise standard deviation of each measured PSF (in its units).
+
+    Returns
+    -------
+    psfs : (N, s, s) the PSFs of a point, same scale (sum) as given
+    noise : (N,) their per-pixel noise standard deviation after the filter
+    """
+    psfs = np.asarray(psfs, dtype=np.float64)
+    noise = np.broadcast_to(np.asarray(noise, dtype=np.float64), psfs.shape[:1]).copy()
+    if not diameter_px > 0:
+        return psfs, noise
+    n, s, _ = psfs.shape
+    pad = s // 2
+    size = s + 2 * pad
+    big = np.pad(psfs, ((0, 0), (pad, pad), (pad, pad)))
+    m = np.fft.fft2(big)
+    b = sphere_otf((size, size), diameter_px)[None]
+    npow = (noise**2 * s * s)[:, None, None]
+    # the measured power, smoothed a little across frequencies (its noise is chi-square with 2 degrees of freedom)
+    mpow = np.fft.ifftshift(ndimage.uniform_filter(np.fft.fftshift(np.abs(m) ** 2, axes=(1, 2)), size=(1, 3, 3),
+                                                   mode="wrap"), axes=(1, 2))
+    # the PSF's power through the bead, E = |B|² S: what stands clearly above the noise (a chance excess of
+    # the noise over its mean must not count, hence the factor), so gain = E / (E + N) / B
+    excess = np.maximum(mpow - _OVER * npow, 0.0)
+    gain = b * excess / np.maximum(b * b, _FLOOR**2) / (excess + npow + 1e-30)
+    gain[:, 0, 0] = 1.0 / b[0, 0, 0]  # keep the flux
+    out = np.fft.ifft2(m * gain).real[:, pad : pad + s, pad : pad + s]
+    # white noise of variance sigma² per pixel goes through the filter with variance sigma² mean(gain²)
+    new_noise = noise * np.sqrt(np.mean(gain**2, axis=(1, 2)))
+    return out, new_noise
