@@ -48,6 +48,7 @@ _MIN_SIDE = 16  # the smallest bead image side: a PSF window and its background 
 _MARGIN = 3  # width of the background ring around each PSF window
 _HOLD_OUT = 5  # every 5th accepted bead is held out to compare the models
 _OUTLIER_RATIO = 10.0
+_DEBLEND_SWEEPS = 2  # refits of the PSF model from windows with the neighbours' light removed
 _REGIONS = (("top-left corner", "top edge", "top-right corner"), ("left edge", "centre", "right edge"),
             ("bottom-left corner", "bottom edge", "bottom-right corner"))
 
@@ -349,38 +350,95 @@ class _Run:
         reject_by_window(self.table, self.shapes, size, _MARGIN)
 
     def usable_patches(self) -> Patches:
-        """Registered patches of the accepted beads, without outliers; CalibrationError when too few."""
-        table, need = self.table, self.need
-        ok = np.flatnonzero(table.accepted)
-        if ok.size < need:
-            counts = ", ".join(f"{v} {k}" for k, v in table.counts().items() if k != "accepted")
-            what = ("pupil model" if self.model == "pupil" else f"{self.grid} x {self.grid} grid" if self.grid
-                    else "measured grid")
-            raise CalibrationError(
-                f"the {what} needs at least {need} usable beads, found {ok.size}"
-                + (f" (rejected: {counts})" if counts else "")
-                + "; image more beads (a denser slide, or several positions of the slide as a series)",
-                beads=table, field_shape=self.field_shape)
-        patches = extract_patches(self.cleaned, self.noises, table.image[ok], table.y[ok], table.x[ok],
-                                  table.y_norm[ok], table.x_norm[ok], ok, self.size, _MARGIN)
-        good = np.isfinite(patches.flux) & (patches.flux > 0) & np.all(np.isfinite(patches.patches), axis=(1, 2))
-        if not good.all():
-            table.reject(np.isin(np.arange(len(table)), patches.index[~good]), "fit failed",
-                         "no light above the local background")
-            patches = patches.subset(good)
-        # outliers (touching pairs, debris): beads that a robust grid through all beads cannot explain
+        """Registered patches of the accepted beads, their neighbours' light removed, without outliers;
+        CalibrationError when too few."""
+        table = self.table
+        self._enough(np.flatnonzero(table.accepted).size)
+        patches = self._patches(np.flatnonzero(table.accepted))
         k0 = self.grid or int(np.clip(round(math.sqrt(len(patches) / 8.0)), 1, 7))
-        pre = fit_grid(patches, k0)
+        pre = fit_grid(patches, k0, bead_diameter_px=self.bead_px)
+        for sweep in range(_DEBLEND_SWEEPS):
+            if self.stopped():
+                raise CalibrationCancelled("calibration stopped before fitting")
+            self.say("deblend", 0.22 + 0.03 * sweep, "removing the neighbours' light from each bead's window")
+            windows = self._deblend(patches.index, _grid_model(pre, None))
+            patches = self._patches(patches.index, windows)
+            pre = fit_grid(patches, k0, bead_diameter_px=self.bead_px)
+        # outliers (touching pairs, debris): beads that a robust grid through all beads cannot explain
         out = pre.outlier_ratio > _OUTLIER_RATIO
-        if out.any() and (len(patches) - out.sum()) >= need:
+        if out.any() and (len(patches) - out.sum()) >= self.need:
             rows = patches.index[out]
             detail = np.full(len(table), "", dtype=object)
             detail[rows] = [f"misfit {r:.0f}x the median" for r in pre.outlier_ratio[out]]
             table.reject(np.isin(np.arange(len(table)), rows), "outlier", detail)
             patches = patches.subset(~out)
+        self._enough(len(patches))
         if self.stopped():
             raise CalibrationCancelled("calibration stopped before fitting")
         return patches
+
+    def _enough(self, n: int) -> None:
+        """CalibrationError (with the bead table) when fewer than the needed beads are usable."""
+        if n >= self.need:
+            return
+        table = self.table
+        counts = ", ".join(f"{v} {k}" for k, v in table.counts().items() if k != "accepted")
+        what = ("pupil model" if self.model == "pupil" else f"{self.grid} x {self.grid} grid" if self.grid
+                else "measured grid")
+        raise CalibrationError(
+            f"the {what} needs at least {self.need} usable beads, found {n}"
+            + (f" (rejected: {counts})" if counts else "")
+            + "; image more beads (a denser slide, or several positions of the slide as a series)",
+            beads=table, field_shape=self.field_shape)
+
+    def _patches(self, rows: np.ndarray, windows: np.ndarray | None = None) -> Patches:
+        """Patches of table ``rows`` (beads without light above their background are rejected)."""
+        table = self.table
+        patches = extract_patches(self.cleaned, self.noises, table.image[rows], table.y[rows], table.x[rows],
+                                  table.y_norm[rows], table.x_norm[rows], rows, self.size, _MARGIN, windows)
+        good = np.isfinite(patches.flux) & (patches.flux > 0) & np.all(np.isfinite(patches.patches), axis=(1, 2))
+        if not good.all():
+            table.reject(np.isin(np.arange(len(table)), patches.index[~good]), "fit failed",
+                         "no light above the local background")
+            patches = patches.subset(good)
+        return patches
+
+    def _deblend(self, rows: np.ndarray, model: PSFModel) -> np.ndarray:
+        """Windows of the beads ``rows`` with every other spot's modelled light removed; the beads' centres in
+        the table are refined on the way (:mod:`~napari_coordgate.calibration.crowd`)."""
+        from napari_coordgate.calibration.crowd import Sources, isolate_windows, model_sources
+        from napari_coordgate.coords import field_position
+        from napari_coordgate.optics.bead import blur_by_bead
+
+        table = self.table
+        size = self.size + 2 * _MARGIN
+        windows = np.empty((rows.size, size, size))
+        spots = np.flatnonzero((table.reason != "hot pixel") & np.isfinite(table.y) & np.isfinite(table.x))
+        for i, img in enumerate(self.cleaned):
+            src_rows = spots[table.image[spots] == i]
+            mine = np.flatnonzero(table.image[rows] == i)
+            if mine.size == 0:
+                continue
+            psfs = blur_by_bead(model.psfs_at(table.y_norm[src_rows], table.x_norm[src_rows], self.field_shape),
+                                self.bead_px)
+            psfs = np.clip(psfs, 0.0, None)
+            psfs /= psfs.sum(axis=(1, 2), keepdims=True)
+            amp0 = np.nan_to_num(table.peak[src_rows] / psfs.max(axis=(1, 2)), nan=0.0)
+            src = model_sources(img, self.noises[i], Sources(table.y[src_rows], table.x[src_rows], psfs, amp0))
+            where = np.searchsorted(src_rows, rows[mine])
+            h, w = img.shape
+            # refined centres that stay where their window fits
+            y, x = src.y[where], src.x[where]
+            moved = np.hypot(y - table.y[rows[mine]], x - table.x[rows[mine]]) < 1.5
+            table.y[rows[mine]] = np.where(moved, y, table.y[rows[mine]])
+            table.x[rows[mine]] = np.where(moved, x, table.x[rows[mine]])
+            table.y_norm[rows[mine]] = field_position(table.y[rows[mine]], h)
+            table.x_norm[rows[mine]] = field_position(table.x[rows[mine]], w)
+            src.iy[where], src.ix[where] = np.round(table.y[rows[mine]]).astype(int), np.round(
+                table.x[rows[mine]]).astype(int)
+            src.shift[where] = np.stack([table.y[rows[mine]] - src.iy[where], table.x[rows[mine]] - src.ix[where]], 1)
+            windows[mine] = isolate_windows(img, src, where, size)
+        return windows
 
     def split(self, patches: Patches) -> tuple[Patches, Patches]:
         """Every 5th bead held out to compare the models."""

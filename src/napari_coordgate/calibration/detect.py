@@ -38,7 +38,8 @@ REASONS = {
     "hot pixel": "a single-pixel spike (camera defect or cosmic ray), not a bead",
     "saturated": "pixels at the camera's maximum: the peak is clipped, the PSF shape is wrong",
     "edge": "clipped by the frame edge: the PSF window does not fit in the image",
-    "too close": "too close to a neighbour: their PSFs overlap in the window",
+    "too close": "a saturated or too large spot (whose light cannot be modelled) reaches into the PSF window",
+    "clump": "touching beads: a neighbour closer than a PSF width, the two cannot be told apart",
     "too faint": "peak below the SNR threshold: too noisy to help",
     "fit failed": "not bead-like: the Gaussian fit did not converge to a compact spot",
     "too large": "wider than the PSF window: an aggregate or debris, not a single bead",
@@ -413,8 +414,12 @@ def _empty(n: int, image_index: int) -> BeadTable:
 
 
 def reject_by_window(table: BeadTable, shapes: list[tuple[int, int]], psf_size: int, margin: int) -> None:
-    """Reject beads whose PSF window (plus its background ring) leaves the frame, or that have a neighbour
-    close enough for their PSFs to overlap in the window; also spots too wide for the window."""
+    """Reject beads whose PSF window (plus its background ring) leaves the frame, spots too wide for the window,
+    beads in a clump (a neighbour closer than a PSF width: the two cannot be told apart), and beads with a
+    neighbour whose light cannot be modelled (saturated or too large) close enough to reach into the window.
+
+    Other neighbours are not a reason: their light is modelled and removed (:mod:`~napari_coordgate.calibration.crowd`).
+    """
     half = psf_size // 2 + margin
     for i, (h, w) in enumerate(shapes):
         sel = table.image == i
@@ -426,22 +431,60 @@ def reject_by_window(table: BeadTable, shapes: list[tuple[int, int]], psf_size: 
     table.reject(np.nan_to_num(major) > psf_size / 2.0, "too large",
                  np.array([f"FWHM {m:.1f} px > half the {psf_size} px window" for m in np.nan_to_num(major)],
                           dtype=object))
-    # neighbours: every spot that is a real source (not a hot pixel) counts, accepted or not
+    _reject_neighbours(table, psf_size, major)
+
+
+def local_fwhm(table: BeadTable, major: np.ndarray, k: int = 8) -> np.ndarray:
+    """(N,) the median FWHM (px) of the ``k`` nearest accepted spots of each row's image: the PSF width expected
+    at that place (a crowded spot's own Gaussian fit is widened by its neighbours)."""
+    from scipy.spatial import cKDTree
+
+    out = np.full(len(table), np.nan)
+    ok = table.accepted & np.isfinite(major)
+    fallback = float(np.nanmedian(major[ok])) if ok.any() else 2.0
+    for i in np.unique(table.image):
+        sel = np.flatnonzero(table.image == i)
+        ref = np.flatnonzero(ok & (table.image == i))
+        if ref.size == 0:
+            out[sel] = fallback
+            continue
+        kk = min(k, ref.size)
+        _, nn = cKDTree(np.stack([table.y[ref], table.x[ref]], 1)).query(np.stack([table.y[sel], table.x[sel]], 1),
+                                                                         k=kk)
+        nn = np.asarray(nn).reshape(sel.size, kk)
+        out[sel] = np.median(major[ref][nn], axis=1)
+    return out
+
+
+def _reject_neighbours(table: BeadTable, psf_size: int, major: np.ndarray) -> None:
+    from scipy.spatial import cKDTree
+
     real = table.reason != "hot pixel"
-    # the neighbour's core (about 1.5 FWHM in radius) must stay outside the window
-    fwhm = float(np.nanmedian(major[table.accepted])) if table.accepted.any() else 2.0
-    limit = psf_size / 2.0 + max(2.0, 1.5 * fwhm)
-    close = np.zeros(len(table), bool)
-    dist = np.full(len(table), np.inf)
+    unmodelled = np.isin(table.reason, ["saturated", "too large"])
+    fwhm = local_fwhm(table, major)
+    # a neighbour reaches into the window when its core (about 1.5 FWHM in radius) does
+    reach = psf_size / 2.0 + np.maximum(2.0, 1.5 * fwhm)
+    clump = np.maximum(2.0, 1.0 * fwhm)
+    is_clump = np.zeros(len(table), bool)
+    blocked = np.zeros(len(table), bool)
+    nearest = np.full(len(table), np.inf)
     for i in np.unique(table.image):
         idx = np.flatnonzero((table.image == i) & real)
         if idx.size < 2:
             continue
-        from scipy.spatial import cKDTree
-
         pts = np.stack([table.y[idx], table.x[idx]], axis=1)
-        d, _ = cKDTree(pts).query(pts, k=2)
-        close[idx] = d[:, 1] < limit
-        dist[idx] = d[:, 1]
-    table.reject(close, "too close",
-                 np.array([f"neighbour at {d:.1f} px < {limit:.1f} px" for d in dist], dtype=object))
+        tree = cKDTree(pts)
+        d, _ = tree.query(pts, k=2)
+        nearest[idx] = d[:, 1]
+        is_clump[idx] = d[:, 1] < clump[idx]
+        bad = idx[unmodelled[idx]]
+        if bad.size:
+            db, _ = cKDTree(pts[unmodelled[idx]]).query(pts, k=min(2, bad.size))
+            db = np.asarray(db).reshape(idx.size, -1)
+            own = unmodelled[idx]  # an unmodelled spot is its own nearest: look at its second
+            dist = np.where(own, db[:, -1] if db.shape[1] > 1 else np.inf, db[:, 0])
+            blocked[idx] = dist < reach[idx]
+    table.reject(is_clump, "clump",
+                 np.array([f"neighbour at {d:.1f} px, closer than a PSF width ({c:.1f} px)"
+                           for d, c in zip(nearest, clump)], dtype=object))
+    table.reject(blocked, "too close", "a saturated or too large spot's light reaches into the window")

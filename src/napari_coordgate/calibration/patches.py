@@ -79,18 +79,23 @@ class Patches:
 
 def extract_patches(images: list[np.ndarray], noises: list[float], image_of: np.ndarray, ys: np.ndarray,
                     xs: np.ndarray, y_norm: np.ndarray, x_norm: np.ndarray, index: np.ndarray, psf_size: int,
-                    margin: int) -> Patches:
-    """Cut, background-subtract, register and normalise the patches of beads whose windows fit in the frame."""
+                    margin: int, windows: np.ndarray | None = None) -> Patches:
+    """Cut, background-subtract, register and normalise the patches of beads whose windows fit in the frame.
+
+    ``windows``: the beads' (N, s + 2m, s + 2m) windows centred on their nearest pixels, already cut (e.g. with
+    their neighbours' light removed, :func:`~napari_coordgate.calibration.crowd.isolate_windows`)."""
     s, m = psf_size, margin
     size = s + 2 * m
     r = size // 2
     iy, ix = np.round(ys).astype(int), np.round(xs).astype(int)
     off = np.arange(size) - r
-    windows = np.empty((ys.size, size, size))
-    for k, img in enumerate(images):
-        sel = np.flatnonzero(image_of == k)
-        if sel.size:
-            windows[sel] = img[(iy[sel, None, None] + off[None, :, None]), (ix[sel, None, None] + off[None, None, :])]
+    if windows is None:
+        windows = np.empty((ys.size, size, size))
+        for k, img in enumerate(images):
+            sel = np.flatnonzero(image_of == k)
+            if sel.size:
+                windows[sel] = img[(iy[sel, None, None] + off[None, :, None]),
+                                   (ix[sel, None, None] + off[None, None, :])]
     ring = np.ones((size, size), bool)
     ring[m : m + s, m : m + s] = False
     background = np.median(windows[:, ring], axis=1)

@@ -24,7 +24,8 @@ import numpy as np
 
 from napari_coordgate.coords import field_axis, field_position, grid_positions
 
-__all__ = ["PupilOptics", "EllipticalOptics", "bead_slide", "psf_error"]
+__all__ = ["PupilOptics", "EllipticalOptics", "bead_slide", "psf_error", "local_fwhm", "crowded_positions",
+           "array_positions"]
 
 
 class PupilOptics:
@@ -336,3 +337,50 @@ def psf_error(model, optics, field_shape: Sequence[int], n: int = 5) -> np.ndarr
     a, b = _centred(true, size), _centred(est, size)
     err = np.linalg.norm((a - b).reshape(n * n, -1), axis=1) / np.linalg.norm(a.reshape(n * n, -1), axis=1)
     return err.reshape(n, n)
+
+
+def local_fwhm(optics, y_norm, x_norm) -> np.ndarray:
+    """(N,) FWHM (px) of the optics' PSF at normalised positions: the diameter of a disc with the area of the
+    pixels above half the peak (on a 4x finer grid, so a sharp PSF is measured too)."""
+    y = np.atleast_1d(np.asarray(y_norm, float))
+    x = np.atleast_1d(np.asarray(x_norm, float))
+    o = 4
+    offs = (np.arange(o) + 0.5) / o - 0.5
+    oy, ox = (a.ravel() for a in np.meshgrid(offs, offs, indexing="ij"))
+    psfs = optics.psfs(np.repeat(y, o * o), np.repeat(x, o * o), np.tile(oy, y.size), np.tile(ox, x.size))
+    psfs = psfs.reshape(y.size, o * o, *psfs.shape[1:])
+    area = np.array([np.mean([(p >= 0.5 * p.max()).sum() for p in group]) for group in psfs])
+    return 2.0 * np.sqrt(area / math.pi)
+
+
+def crowded_positions(optics, shape: Sequence[int], n_beads: int, *, close: float = 0.5,
+                      distance: tuple[float, float] = (1.2, 3.0), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(y, x) of a crowded slide: ``1 - close`` of the beads uniform at random, each of the others placed beside
+    one of those at ``distance`` (in units of the local FWHM, uniform) in a random direction, so a fraction
+    ``close`` of the beads lies within ``distance[1]`` local FWHM of another."""
+    rng = np.random.default_rng(seed)
+    h, w = (int(n) for n in shape)
+    n_far = n_beads - int(round(close * n_beads))
+    ys, xs = rng.uniform(0, h - 1, n_far), rng.uniform(0, w - 1, n_far)
+    n_near = n_beads - n_far
+    host = rng.integers(0, max(n_far, 1), n_near)
+    fwhm = local_fwhm(optics, field_position(ys[host], h), field_position(xs[host], w))
+    d = rng.uniform(*distance, n_near) * fwhm
+    ang = rng.uniform(0, 2 * math.pi, n_near)
+    ny, nx = np.clip(ys[host] + d * np.sin(ang), 0, h - 1), np.clip(xs[host] + d * np.cos(ang), 0, w - 1)
+    return np.concatenate([ys, ny]), np.concatenate([xs, nx])
+
+
+def array_positions(shape: Sequence[int], pitch: float, *, margin: float = 0.0, angle_deg: float = 0.0,
+                    offset: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
+    """(y, x) of a square point array (pinhole / nanohole array, focal-spot array) of ``pitch`` px, turned by
+    ``angle_deg`` about the frame centre, moved by ``offset`` px, kept ``margin`` px inside the frame."""
+    h, w = (int(n) for n in shape)
+    n = int(math.ceil(math.hypot(h, w) / pitch)) + 2
+    k = (np.arange(n) - n // 2) * pitch
+    gy, gx = (a.ravel() for a in np.meshgrid(k, k, indexing="ij"))
+    t = math.radians(angle_deg)
+    y = (h - 1) / 2 + offset[0] + gy * math.cos(t) + gx * math.sin(t)
+    x = (w - 1) / 2 + offset[1] - gy * math.sin(t) + gx * math.cos(t)
+    keep = (y >= margin) & (y <= h - 1 - margin) & (x >= margin) & (x <= w - 1 - margin)
+    return y[keep], x[keep]
