@@ -1,5 +1,7 @@
 """The calibration path from the command line: bead image -> PSF model file -> trained model -> applied."""
 
+import re
+
 import numpy as np
 import pytest
 import tifffile
@@ -91,3 +93,122 @@ def test_apply_warns_when_the_pixel_size_differs_from_the_calibration(tmp_path, 
     assert code == 0 and "0.1 µm pixels but the model was calibrated at 0.16 µm" in err
     code, _, err = _run(capsys, "apply", "-m", tmp_path / "m", beads_tif, "-o", tmp_path / "p.tif", "--device", "cpu")
     assert code == 0 and "calibrated at" not in err
+
+
+# -- issue 22: the config's flags, failures that still report, the held-out beads check -----------------------------
+@pytest.fixture(scope="module")
+def sparse_tif(tmp_path_factory):
+    """Too few beads (and hot pixels): calibration fails after detecting them."""
+    image, _ = bead_slide(OPTICS, (128, 128), n_beads=4, photons=3000, hot_fraction=1e-3, seed=1)
+    path = tmp_path_factory.mktemp("sparse") / "sparse.tif"
+    tifffile.imwrite(path, image.astype(np.uint16))
+    return path
+
+
+def test_a_failed_calibration_still_writes_its_figure_and_json_then_one_error_line(tmp_path, capsys, sparse_tif):
+    import json
+
+    code, out, err = _run(capsys, "calibrate", sparse_tif, "-o", tmp_path / "scope", "--model", "grid",
+                          "--png", tmp_path / "r.png", "--json", tmp_path / "r.json", "--device", "cpu")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "needs at least 5 usable beads" in err
+    assert not (tmp_path / "scope.cgpsf").exists() and (tmp_path / "r.png").stat().st_size > 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["failed"] is True and report["error"] in err and report["settings"]["model"] == "grid"
+    assert sum(report["counts"].values()) == len(report["beads"]["reason"]) and "holdout" in report["beads"]
+    assert "what to change: " in out and "hot pixel" in out
+
+
+def test_the_calibrate_flags_reach_calibrate_in_its_units(tmp_path, capsys, beads_tif, monkeypatch):
+    from napari_coordgate.calibration import CalibrationError
+    from napari_coordgate.calibration import calibrate as module
+
+    seen = {}
+
+    def fake(images, **kwargs):
+        seen.update(kwargs)
+        raise CalibrationError("stopped by the test")
+
+    monkeypatch.setattr(module, "calibrate", fake)
+    code, _, err = _run(capsys, "calibrate", beads_tif, "-o", tmp_path / "x", "--grid", 4, "--na", 1.4,
+                        "--wavelength", 520, "--immersion", 1.518, "--bead-diameter", 200, "--psf-size", 21,
+                        "--min-snr", 3, "--holdout", 0.2, "--device", "cpu")
+    assert code == 1 and "stopped by the test" in err
+    assert seen["wavelength_um"] == pytest.approx(0.52) and seen["pixel_size_um"] == pytest.approx(0.16)
+    assert {k: seen[k] for k in ("grid", "na", "immersion", "bead_diameter_nm", "psf_size", "min_snr", "holdout",
+                                 "model", "device")} == {"grid": 4, "na": 1.4, "immersion": 1.518,
+                                                         "bead_diameter_nm": 200.0, "psf_size": 21, "min_snr": 3.0,
+                                                         "holdout": 0.2, "model": "auto", "device": "cpu"}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--grid", "26"], r"grid \(--grid\) must be in \[1, 25\]"),
+    (["--psf-size", "8"], r"psf_size \(--psf-size\) must be odd"),
+    (["--bead-diameter", "6000"], r"bead_diameter_nm \(--bead-diameter\) must be in \[0.0, 5000.0\]"),
+    (["--wavelength", "0.52"], r"wavelength_nm \(--wavelength\) must be in \[200.0, 2000.0\]"),
+    (["--holdout", "0.9"], r"\(--holdout\) must be in \[0.0, 0.5\]"),
+])
+def test_a_bad_calibrate_flag_is_one_line_naming_it_before_any_image_is_read(tmp_path, capsys, flags, message):
+    code, _, err = _run(capsys, "calibrate", tmp_path / "missing.tif", "-o", tmp_path / "x", *flags)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert re.search(message, err), err
+
+
+@pytest.fixture(scope="module")
+def bead_model(tmp_path_factory):
+    """An untrained CoordGate U-Net(2) of the bead image's 256 x 256 field, as a file."""
+    import torch
+
+    from napari_coordgate.config import ModelConfig
+    from napari_coordgate.model_io import SavedModel, save_model
+    from napari_coordgate.nn import build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(depth=2, channels=4)
+    saved = SavedModel(build_model(cfg).eval(), cfg, (256, 256), {"offset": 100.0, "scale": 3000.0})
+    return save_model(tmp_path_factory.mktemp("model") / "m.cgmodel", saved)
+
+
+def _holdout_report(path, beads_tif, **extra):
+    """A calibration report by hand: every third accepted bead of the image held out."""
+    import json
+
+    from napari_coordgate.calibration.detect import find_beads
+
+    table, _, _ = find_beads(tifffile.imread(beads_tif))
+    table.holdout[np.flatnonzero(table.accepted)[::3]] = True
+    report = {"field_shape": [256, 256], "beads": table.to_dict(), **extra}
+    path.write_text(json.dumps(report))
+    return int(table.holdout.sum())
+
+
+def test_evaluate_scores_only_the_holdout_beads_of_a_calibration_report(tmp_path, capsys, beads_tif, bead_model):
+    import json
+
+    n = _holdout_report(tmp_path / "report.json", beads_tif)
+    code, out, err = _run(capsys, "evaluate", "-m", bead_model, "--beads", beads_tif, "--holdout-from",
+                          tmp_path / "report.json", "--json", tmp_path / "holdout.json", "--device", "cpu")
+    assert code == 0, err
+    assert f"{n} of {n} found" in out and "FWHM (px) before" in out and "energy after" in out
+    rep = json.loads((tmp_path / "holdout.json").read_text())
+    assert rep["holdout_beads"] == rep["matched"] == n and len(rep["beads"]) == n
+    assert [r["name"] for r in rep["before"]["rings"]] == ["centre", "middle", "edge"]
+    assert 1.0 < rep["radius_px"] < 5.0 and 0.5 < rep["before"]["energy_median"] <= 1.0
+
+
+def test_evaluate_holdout_errors_are_one_line_each(tmp_path, capsys, beads_tif, bead_model):
+    import json
+
+    (tmp_path / "none.json").write_text(json.dumps({"beads": {"y": [1.0], "x": [1.0], "holdout": [False]}}))
+    (tmp_path / "bad.json").write_text("{not json")
+    _holdout_report(tmp_path / "small.json", beads_tif)
+    small = json.loads((tmp_path / "small.json").read_text())
+    (tmp_path / "small.json").write_text(json.dumps(dict(small, field_shape=[128, 128])))
+    cases = [(["--holdout-from", tmp_path / "none.json"], "add --beads IMG"),
+             (["--beads", beads_tif, "--holdout-from", tmp_path / "none.json"], "calibrate with --holdout F"),
+             (["--beads", beads_tif, "--holdout-from", tmp_path / "gone.json"], "gone.json does not exist"),
+             (["--beads", beads_tif, "--holdout-from", tmp_path / "bad.json"], "bad.json is not JSON"),
+             (["--beads", beads_tif, "--holdout-from", tmp_path / "small.json"], "give the bead image that was "
+                                                                                  "calibrated")]
+    for flags, message in cases:
+        code, _, err = _run(capsys, "evaluate", "-m", bead_model, *flags, "--device", "cpu")
+        assert code == 1 and message in err and len(err.strip().splitlines()) == 1, (flags, err)

@@ -115,15 +115,26 @@ MODEL_HELP = "model file (.cgmodel, suffix optional) or a bioimage.io package (.
 TRAIN_FLAGS = ("crop", "batch", "steps_per_epoch", "lr", "seed", "device", "threads", "register", "photons",
                "intensity", "amp")
 PREDICT_FLAGS = ("tile", "binning", "device", "precision", "batch_tiles", "threads")
+CALIBRATE_FLAGS = ("model", "grid", "na", "wavelength_nm", "immersion", "pixel_size_um", "bead_diameter_nm",
+                   "psf_size", "min_snr", "holdout", "device")
+# the calibrate flags named by what users type (and as before CalibrateConfig): the unit is the field's, in its help
+CALIBRATE_FLAG_NAMES = {"wavelength_nm": ("--wavelength", "NM"), "pixel_size_um": ("--pixel-size", "UM"),
+                        "bead_diameter_nm": ("--bead-diameter", "NM"), "grid": ("--grid", "K"),
+                        "psf_size": ("--psf-size", "PX"), "min_snr": ("--min-snr", "SNR"),
+                        "holdout": ("--holdout", "F"), "immersion": ("--immersion", "N")}
 
 
-def _add_config_flags(p, cls, names, *, defaults: dict | None = None) -> None:
-    """One ``--name`` flag per config field, typed, with its choices, default and help from ``config.py``."""
+def _add_config_flags(p, cls, names, *, defaults: dict | None = None,
+                      flags: dict[str, tuple[str, str]] | None = None) -> None:
+    """One ``--name`` flag per config field, typed, with its choices, default and help from ``config.py``.
+
+    ``flags`` renames some: field -> (flag, metavar), e.g. ``wavelength_nm`` -> ``("--wavelength", "NM")``.
+    """
     from .config import field_specs
 
     for spec in field_specs(cls, names):
         default = (defaults or {}).get(spec.name, spec.default)
-        flag = "--" + spec.name.replace("_", "-")
+        flag, metavar = (flags or {}).get(spec.name, ("--" + spec.name.replace("_", "-"), spec.name.upper()))
         help_ = spec.help if default == spec.default else spec.help.replace(f"default {spec.default}",
                                                                             f"default {default}")
         if spec.kind is bool:
@@ -131,12 +142,21 @@ def _add_config_flags(p, cls, names, *, defaults: dict | None = None) -> None:
         else:
             choices = spec.options if spec.options is not None and not spec.device else None
             p.add_argument(flag, dest=spec.name, type=spec.kind, default=default, choices=choices, help=help_,
-                           metavar=spec.name.upper() if choices is None else None)
+                           metavar=metavar if choices is None else None)
 
 
-def _config_from_flags(cls, args, names, **extra):
-    """The config built from the flags (bounds are checked there: one clear error for a bad value)."""
-    return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)}, **extra)
+def _config_from_flags(cls, args, names, *, flags: dict[str, tuple[str, str]] | None = None, **extra):
+    """The config built from the flags (bounds are checked there: one clear error for a bad value, naming the flag
+    where ``flags`` renamed it)."""
+    from .config import ConfigError
+
+    try:
+        return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)}, **extra)
+    except ConfigError as exc:
+        text = str(exc)
+        for name, (flag, _) in (flags or {}).items():
+            text = text.replace(f"{cls.__name__}.{name} ", f"{cls.__name__}.{name} ({flag}) ")
+        raise ConfigError(text) from None
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -461,7 +481,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .model_io.bioimageio import load_any
     from .report import write_report_png
 
-    _report_outputs(args, [args.sharp, args.blurred, [args.beads] if args.beads else None])
+    _report_outputs(args, [args.sharp, args.blurred, [args.beads] if args.beads else None,
+                           [args.holdout_from] if args.holdout_from else None])
+    if args.holdout_from:
+        if not args.beads:
+            raise CLIError("--holdout-from scores held-out beads in a bead image: add --beads IMG (the image that "
+                           "was calibrated)")
+        return _evaluate_holdout(args, _read_report(args.holdout_from))
     saved = load_any(args.model)
     if args.beads:
         return _evaluate_beads(args, saved)
@@ -502,13 +528,8 @@ def _evaluate_beads(args, saved) -> int:
 
     from .calibration.beadcheck import bead_fwhm_report
     from .engine import field_geometry
-    from .image_io.read import read_planes
 
-    image = read_planes([args.beads], "bead")
-    if image.ndim == 3 and image.shape[0] == 1:
-        image = image[0]
-    if image.ndim != 2:
-        raise CLIError(f"--beads expects one 2-D bead image, got shape {image.shape}")
+    image = _bead_image(args.beads)
     cfg, roi = _predict_cfg(args), _roi(args.roi)
     field_shape, offset = field_geometry(image.shape, saved.field_shape, roi, cfg.binning)
     restored = _predict_with_bar(saved, image, label="beads", roi=roi, **cfg.predict_kwargs())
@@ -519,6 +540,67 @@ def _evaluate_beads(args, saved) -> int:
         r = rep[name]
         rings = "".join(f"{x['fwhm']:>9.2f}" if x["fwhm"] is not None else f"{'-':>9}" for x in r["rings"])
         print(f"{name:<16}{r['beads']:>7}{r['fwhm_median']:>8.2f}{r['fwhm_spread']:>8.2f}{rings}")
+    if args.json:
+        print(f"report: {_write_json(Path(args.json), json.dumps(rep, indent=2))}")
+    return 0
+
+
+def _bead_image(path):
+    """The one 2-D image ``evaluate --beads`` takes."""
+    from .image_io.read import read_planes
+
+    image = read_planes([path], "bead")
+    if image.ndim == 3 and image.shape[0] == 1:
+        image = image[0]
+    if image.ndim != 2:
+        raise CLIError(f"--beads expects one 2-D bead image, got shape {image.shape}")
+    return image
+
+
+def _read_report(path) -> dict:
+    """A calibration's JSON report (``calibrate --json``)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CLIError(f"{path} does not exist; give the JSON report of a calibration (calibrate --json)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CLIError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        report = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"{path} is not JSON ({exc.msg}, line {exc.lineno}); give the JSON report of a calibration "
+                       "(calibrate --json)") from None
+    if not isinstance(report, dict):
+        raise CLIError(f"{path} is not a calibration report (calibrate --json)")
+    return report
+
+
+def _evaluate_holdout(args, report: dict) -> int:
+    """The held-out beads of a calibration, before and after the model: FWHM and energy within the in-focus FWHM,
+    per field ring."""
+    from .calibration.beadcheck import holdout_beads, holdout_report
+    from .engine import field_geometry
+    from .model_io.bioimageio import load_any
+
+    image = _bead_image(args.beads)
+    y, x = holdout_beads(report, image.shape, what=str(args.holdout_from))  # before the model is loaded
+    saved = load_any(args.model)
+    cfg, roi = _predict_cfg(args), _roi(args.roi)
+    field_shape, offset = field_geometry(image.shape, saved.field_shape, roi, cfg.binning)
+    restored = _predict_with_bar(saved, image, label="beads", roi=roi, **cfg.predict_kwargs())
+    rep = holdout_report(image, restored, y, x, field_shape, offset)
+    rep.update(model=str(args.model), beads_image=str(args.beads), holdout_from=str(args.holdout_from))
+    print(f"holdout beads: {rep['matched']} of {rep['holdout_beads']} found in {args.beads} (within "
+          f"{rep['match_px']:g} px), {rep['matched'] - rep['outside']} measured; energy within "
+          f"{rep['radius_px']:.2f} px (the in-focus FWHM: median of the {rep['radius_ring']} ring before)")
+    print(f"{'':<18}{'beads':>7}" + "".join(f"{ring:>9}" for ring in ("centre", "middle", "edge")))
+    print(f"{'beads per ring':<18}{rep['before']['beads']:>7}"
+          + "".join(f"{r['beads']:>9}" for r in rep["before"]["rings"]))
+    for key, label in (("fwhm", "FWHM (px)"), ("energy", "energy")):
+        for name in ("before", "after"):
+            r = rep[name]
+            cells = "".join(f"{x[key]:>9.2f}" if x[key] is not None else f"{'-':>9}" for x in r["rings"])
+            print(f"{label + ' ' + name:<18}{r['beads']:>7}{cells}")
     if args.json:
         print(f"report: {_write_json(Path(args.json), json.dumps(rep, indent=2))}")
     return 0
@@ -545,31 +627,68 @@ def _calibrate_outputs(args, channels) -> dict[int, dict[str, Path | None]]:
     return plan
 
 
+def _calibrate_cfg(args, metadata_pixel_size: float | None):
+    """The calibration's config from the flags, with the pixel size of the images' metadata where --pixel-size is not
+    given (a warning when the two differ)."""
+    from .config import CalibrateConfig, ConfigError
+
+    cfg = _config_from_flags(CalibrateConfig, args, CALIBRATE_FLAGS, flags=CALIBRATE_FLAG_NAMES)
+    given, meta = cfg.pixel_size_um, metadata_pixel_size
+    if given and meta and abs(given - meta) > 0.02 * meta:
+        print(f"napari-coordgate: warning: --pixel-size {given:g} µm differs from the {meta:.4g} µm the bead "
+              "images' metadata state; using --pixel-size", file=sys.stderr)
+    if given is None and meta is not None:
+        try:
+            cfg = cfg.replace(pixel_size_um=meta)
+        except ConfigError as exc:
+            raise CLIError(f"the bead images' metadata state {meta:g} µm pixels, which cannot be right ({exc}); give "
+                           "the pixel size with --pixel-size UM") from None
+    return cfg
+
+
+def _calibration_failed(exc, stack, files: dict, cfg) -> None:
+    """A calibration that failed after finding spots still writes its --png and --json (every candidate with why it
+    was rejected) and says what to change; the error itself is then raised as one line."""
+    from .calibration.advice import advice_lines
+    from .calibration.report import write_failure_png
+    from .calibration.result import failure_json
+
+    if exc.beads is None:
+        return
+    if files["figure"]:
+        print(f"  report: {_write_png(files['figure'], lambda tmp: write_failure_png(exc, stack, tmp))}")
+    if files["JSON report"]:
+        print(f"  report: {_write_json(files['JSON report'], failure_json(exc, cfg.calibrate_kwargs()))}")
+    for line in advice_lines(exc.beads.counts()):
+        print(f"  what to change: {line}")
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibration import CalibrationError
     from .calibration.calibrate import calibrate
     from .image_io.read import read_bead_images
     from .model_io import save_psf_model
 
+    _calibrate_cfg(args, None)  # a bad flag fails before the images are read
     channels, pixel_size = read_bead_images(args.beads)
     plan = _calibrate_outputs(args, channels)
-    if args.pixel_size and pixel_size and abs(args.pixel_size - pixel_size) > 0.02 * pixel_size:
-        print(f"napari-coordgate: warning: --pixel-size {args.pixel_size:g} µm differs from the {pixel_size:.4g} µm "
-              "the bead images' metadata state; using --pixel-size", file=sys.stderr)
-    pixel_size = args.pixel_size or pixel_size
+    cfg = _calibrate_cfg(args, pixel_size)
     for c, stack in channels.items():
-        dest, png, js = plan[c]["PSF model"], plan[c]["figure"], plan[c]["JSON report"]
-        res = calibrate(stack if len(stack) > 1 else stack[0], model=args.model, grid=args.grid, na=args.na,
-                        wavelength_um=None if args.wavelength is None else args.wavelength / 1000.0,
-                        immersion=args.immersion, pixel_size_um=pixel_size, device=args.device,
-                        source=[str(p) for p in args.beads])
-        written = save_psf_model(dest, res.model)
+        files = plan[c]
+        try:
+            res = calibrate(stack if len(stack) > 1 else stack[0], **cfg.calibrate_kwargs(),
+                            source=[str(p) for p in args.beads])
+        except CalibrationError as exc:
+            _calibration_failed(exc, stack, files, cfg)
+            raise
+        written = save_psf_model(files["PSF model"], res.model)
         print(("" if len(channels) == 1 else f"channel {c}: ") + res.summary())
         for warning in res.warnings:
             print(f"  warning: {warning}")
-        if png:
-            print(f"  report: {_write_png(png, res.report_png)}")
-        if js:
-            print(f"  report: {_write_json(js, res.to_json())}")
+        if files["figure"]:
+            print(f"  report: {_write_png(files['figure'], res.report_png)}")
+        if files["JSON report"]:
+            print(f"  report: {_write_json(files['JSON report'], res.to_json())}")
         print(f"PSF model: {written}")
     return 0
 
@@ -606,22 +725,17 @@ def _add_dask_flags(p) -> None:
 
 
 def _add_calibrate_parser(sub) -> None:
-    from .config import TrainConfig
+    from .config import CalibrateConfig
 
     p = sub.add_parser("calibrate", help="measure the field-dependent PSF from bead images -> PSF model (.cgpsf)")
     p.add_argument("beads", nargs="+", help="2-D images of sub-resolution beads in the focal plane (one field; "
                                              "several files are pooled; a channel axis gives one model per channel)")
     p.add_argument("-o", "--output", required=True, help="PSF model file (.cgpsf is added if missing)")
-    p.add_argument("--model", default="auto", choices=("auto", "pupil", "grid"),
-                   help="auto: the pupil fit (needs the optics) or the measured grid, by held-out-bead residual")
-    p.add_argument("--grid", type=int, help="K of the measured K x K PSF grid (default: chosen from the bead count)")
-    p.add_argument("--na", type=float, help="numerical aperture (pupil model)")
-    p.add_argument("--wavelength", type=float, help="emission wavelength in nm (pupil model)")
-    p.add_argument("--immersion", type=float, help="refractive index of the immersion medium (pupil model)")
-    p.add_argument("--pixel-size", type=float, help="pixel size in the specimen plane, µm (default: from metadata)")
-    p.add_argument("--png", help="write the calibration report figure")
-    p.add_argument("--json", help="write the calibration report as JSON")
-    _add_config_flags(p, TrainConfig, ("device",))
+    _add_config_flags(p, CalibrateConfig, CALIBRATE_FLAGS, flags=CALIBRATE_FLAG_NAMES)
+    p.add_argument("--png", help="write the calibration report figure (also when too few beads are usable: every "
+                                 "candidate marked by why it was rejected)")
+    p.add_argument("--json", help="write the calibration report as JSON (also when too few beads are usable: the "
+                                  "bead table, counts and the error)")
     p.set_defaults(func=_cmd_calibrate)
 
 
@@ -634,6 +748,8 @@ def _add_evaluate_parser(sub) -> None:
     p.add_argument("--blurred", nargs="+", help="TIFF, OME-Zarr or zarr files")
     p.add_argument("--beads", help="a bead image instead of sharp/blurred pairs: bead FWHM across the field "
                                    "before and after (no ground truth needed)")
+    p.add_argument("--holdout-from", metavar="REPORT.json", help="with --beads (the image calibrated): score only the "
+                   "beads the calibration's JSON report lists as held out of its fit (calibrate --holdout F)")
     p.add_argument("--json", help="write the report as JSON")
     p.add_argument("--png", help="write the report figure")
     p.add_argument("--roi", help="Y,X of the images' top-left pixel inside the training field")

@@ -11,23 +11,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-__all__ = ["ConfigError", "Config", "ModelConfig", "TrainConfig", "PredictConfig", "FieldSpec", "field_specs",
-           "bounded", "choice", "device_choice", "parse_roi", "GATES", "GATE_ACTIVATIONS", "PREFILTERS", "DEVICES",
-           "PRECISIONS"]
+__all__ = ["ConfigError", "Config", "ModelConfig", "TrainConfig", "PredictConfig", "CalibrateConfig", "FieldSpec",
+           "field_specs", "bounded", "choice", "device_choice", "parse_roi", "GATES", "GATE_ACTIVATIONS", "PREFILTERS",
+           "DEVICES", "PRECISIONS", "CALIBRATION_MODELS"]
 
 
 class ConfigError(ValueError):
     """A configuration value is missing, of the wrong type, out of range or unknown."""
 
 
-def bounded(default, lo=None, hi=None, *, kind=None, doc=""):
-    """A dataclass field with inclusive numeric bounds (``None`` = unbounded on that side)."""
+def bounded(default, lo=None, hi=None, *, kind=None, doc="", step=None):
+    """A dataclass field with inclusive numeric bounds (``None`` = unbounded on that side).
+
+    A default of None makes the value optional ("not given": None is then valid too); ``kind`` must say its type.
+    ``step`` is the increment a form's spin box offers (default: from the default value).
+    """
+    if default is None and kind is None:
+        raise TypeError("an optional field (default None) needs its kind")
     kind = kind or type(default)
-    return field(default=default, metadata={"lo": lo, "hi": hi, "kind": kind, "doc": doc})
+    return field(default=default, metadata={"lo": lo, "hi": hi, "kind": kind, "doc": doc, "step": step})
 
 
 def choice(default, options, *, doc=""):
@@ -53,6 +60,12 @@ class FieldSpec:
     options: tuple | None = None
     doc: str = ""
     device: bool = False  # options plus cuda:N
+    step: Any = None  # the increment a form offers (None: from the default)
+
+    @property
+    def optional(self) -> bool:
+        """None is a valid value ("not given"): the field's default is None."""
+        return self.default is None
 
     @property
     def help(self) -> str:
@@ -62,7 +75,7 @@ class FieldSpec:
             parts.append("one of " + ", ".join(self.options))
         elif self.lo is not None or self.hi is not None:
             parts.append(f"{'-inf' if self.lo is None else self.lo} to {'inf' if self.hi is None else self.hi}")
-        parts.append(f"default {self.default}")
+        parts.append("not given by default" if self.optional else f"default {self.default}")
         return "; ".join(parts)
 
 
@@ -77,7 +90,7 @@ def field_specs(cls: type, names: "tuple[str, ...] | list[str] | None" = None) -
         f = fields[name]
         meta = f.metadata
         out.append(FieldSpec(name, meta.get("kind", type(f.default)), f.default, meta.get("lo"), meta.get("hi"),
-                             meta.get("options"), meta.get("doc", ""), bool(meta.get("device"))))
+                             meta.get("options"), meta.get("doc", ""), bool(meta.get("device")), meta.get("step")))
     return out
 
 
@@ -95,7 +108,7 @@ def _check_value(cls_name: str, f: dataclasses.Field, value: Any) -> Any:
     meta = f.metadata
     kind = meta.get("kind")
     where = f"{cls_name}.{f.name}"
-    if kind is None:
+    if kind is None or (value is None and f.default is None):  # an optional field left out
         return value
     if kind is bool:
         if not isinstance(value, bool):
@@ -325,3 +338,81 @@ class PredictConfig(Config):
         """``engine.predict``'s keyword arguments (a tile of 0 = chosen from the memory budget)."""
         return {"tile": self.tile or None, "binning": self.binning, "device": self.device,
                 "precision": self.precision, "batch_tiles": self.batch_tiles}
+
+
+CALIBRATION_MODELS = ("auto", "pupil", "grid")
+# the bead diameters calibration accepts (nm): those of optics.bead.BEAD_LIMITS_NM, which this base module cannot
+# import (optics is a layer above); tests/test_calibrate_config.py checks that the two agree
+_BEAD_NM = (0.0, 5000.0)
+
+
+@dataclass(frozen=True)
+class CalibrateConfig(Config):
+    """How to calibrate a microscope from bead images: the keyword arguments of
+    :func:`napari_coordgate.calibration.calibrate.calibrate`, with their units fixed here.
+
+    Units: ``wavelength_nm`` and ``bead_diameter_nm`` in nanometres, ``pixel_size_um`` in micrometres (the camera
+    pixel in the specimen plane). A field left at None is not given: ``grid`` and ``psf_size`` are then chosen from
+    the beads, and the optics (``na``, ``wavelength_nm``, ``immersion``, ``pixel_size_um``) are unknown; the pupil
+    model needs all four, the pixel size may also come from the image's metadata. The ``calibrate`` command's flags
+    and the dock's Calibrate form are generated from these fields.
+    """
+
+    KIND: ClassVar[str] = "calibrate"
+
+    model: str = choice("auto", CALIBRATION_MODELS,
+                        doc="PSF model; auto: the pupil model (needs the optics) or the measured grid, whichever "
+                            "predicts held-out beads better")
+    grid: int | None = bounded(None, 1, 25, kind=int, doc="K of the measured K x K PSF grid (chosen from the bead "
+                                                          "count when not given)")
+    na: float | None = bounded(None, 0.01, 1.7, kind=float, step=0.05, doc="numerical aperture (pupil model)")
+    wavelength_nm: float | None = bounded(None, 200.0, 2000.0, kind=float, step=1.0,
+                                          doc="emission wavelength in nm, in vacuum (pupil model)")
+    immersion: float | None = bounded(None, 1.0, 3.0, kind=float, step=0.001,
+                                      doc="refractive index of the immersion medium (pupil model)")
+    pixel_size_um: float | None = bounded(None, 0.0001, 100.0, kind=float, step=0.001,
+                                          doc="pixel size in the specimen plane, µm (from the image's metadata "
+                                              "when not given)")
+    psf_size: int | None = bounded(None, 7, None, kind=int, step=2,
+                                   doc="PSF side in pixels, odd (from the widest beads when not given)")
+    min_snr: float = bounded(5.0, 0.0, 1000.0, step=0.5, doc="beads whose peak is below this many times the "
+                                                             "background noise are rejected as too faint")
+    bead_diameter_nm: float = bounded(0.0, *_BEAD_NM, step=10.0,
+                                      doc="bead diameter in nm, removed from the measured PSFs (needs the pixel "
+                                          "size); 0 = point sources")
+    holdout: float = bounded(0.0, 0.0, 0.5, step=0.05,
+                             doc="fraction of the usable beads kept out of every fit and listed in the JSON report, "
+                                 "to check the model without ground truth (evaluate --holdout-from)")
+    device: str = device_choice(doc="device of the pupil fit: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or "
+                                    "mps")
+
+    def _validate(self) -> None:
+        if self.psf_size is not None and self.psf_size % 2 == 0:
+            raise ConfigError(f"CalibrateConfig.psf_size must be odd (a PSF has a centre pixel), got {self.psf_size}")
+        if self.na is not None and self.immersion is not None and self.na >= self.immersion:
+            raise ConfigError(f"CalibrateConfig.na ({self.na:g}) must be smaller than the immersion index "
+                              f"({self.immersion:g})")
+
+    def calibrate_kwargs(self) -> dict[str, Any]:
+        """``calibrate()``'s keyword arguments: the wavelength in µm (``wavelength_um``), a bead diameter of 0 as
+        None (point sources), everything else as it is."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        nm = out.pop("wavelength_nm")
+        out["wavelength_um"] = None if nm is None else nm / 1000.0
+        out["bead_diameter_nm"] = self.bead_diameter_nm or None
+        return out
+
+    @classmethod
+    def from_calibrate_kwargs(cls, **kwargs: Any) -> "CalibrateConfig":
+        """The config of ``calibrate()``'s keyword arguments (``wavelength_um`` in µm; a bead diameter of None is
+        0; integer-valued numbers of any type, e.g. numpy's, are accepted): the inverse of
+        :meth:`calibrate_kwargs`. Unknown keys and bad values raise :class:`ConfigError`."""
+        values = {k: (int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v)
+                  for k, v in kwargs.items()}
+        if "wavelength_um" in values:
+            um = values.pop("wavelength_um")
+            values["wavelength_nm"] = (round(um * 1000.0, 9) if isinstance(um, (int, float)) and not isinstance(
+                um, bool) else um)
+        if values.get("bead_diameter_nm", 0.0) is None:
+            values["bead_diameter_nm"] = 0.0
+        return cls.from_dict(values)

@@ -49,3 +49,30 @@ def test_the_apply_tab_passes_precision_and_batching_to_the_job(viewer_dock, tin
     tab.roi.setText("1,x")
     with pytest.raises(ConfigError, match="'Y,X'"):
         tab.request()
+
+
+def test_the_calibrate_form_has_calibrate_configs_ranges_and_shows_unset_fields_as_not_given(viewer_dock):
+    from napari_coordgate._widgets._form import NOT_GIVEN
+    from napari_coordgate.config import CalibrateConfig
+
+    _, dock = viewer_dock
+    form = dock.calibrate_tab.form
+    widgets = {w.name: w for w in form}
+    for spec in field_specs(CalibrateConfig, list(widgets)):
+        w = widgets[spec.name]
+        assert spec.doc in (w.tooltip or ""), spec.name
+        if spec.options is not None:
+            assert list(w.choices) == list(spec.options) and w.value == spec.default, spec.name
+        elif spec.optional:
+            step = spec.step or 1
+            assert w.min == pytest.approx(spec.lo - step) and w.value == w.min, spec.name
+            assert w.native.text() == NOT_GIVEN, spec.name
+            assert w.max == min(spec.hi or 2**31 - 1, 2**31 - 1), spec.name
+        else:
+            assert (w.min, w.max, w.value) == (spec.lo, spec.hi, spec.default), spec.name
+    assert form.config() == CalibrateConfig()
+    form.psf_size.value = 8
+    with pytest.raises(ConfigError, match="psf_size must be odd"):
+        form.config()
+    form.set_config(CalibrateConfig(psf_size=15, na=0.8))
+    assert form.config() == CalibrateConfig(psf_size=15, na=0.8) and form.grid.native.text() == NOT_GIVEN

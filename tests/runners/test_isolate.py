@@ -111,3 +111,28 @@ def test_large_and_lazy_arrays_travel_as_memory_mapped_files(tmp_path):
     np.testing.assert_array_equal(source.sharp, big)
     np.testing.assert_array_equal(source.blurred, big[::-1])
     assert not isinstance(kwargs["small"], np.memmap) and len(list(tmp_path.glob("*.npy"))) == 2
+
+
+class _NeedsTwo(ValueError):
+    def __init__(self, a, b):
+        super().__init__(f"{a} and {b}")
+
+
+def test_an_exception_crosses_whole_where_it_can_else_as_its_type_or_its_text():
+    import pickle
+
+    from napari_coordgate.calibration import CalibrationError
+    from napari_coordgate.calibration.detect import find_beads
+
+    table, _, _ = find_beads(np.random.default_rng(0).normal(100, 2, (32, 32)))
+    whole = isolate.portable_exception(CalibrationError("too few beads", beads=table, field_shape=(32, 32)))
+    back = pickle.loads(pickle.dumps(whole))
+    assert back.beads is not None and len(back.beads) == len(table) and back.field_shape == (32, 32)
+    odd = ValueError("bad")
+    odd.callback = lambda: None  # does not pickle: the type and message still do
+    plain = isolate.portable_exception(odd)
+    assert type(plain) is ValueError and str(plain) == "bad" and not hasattr(plain, "callback")
+    odder = _NeedsTwo("a", "b")
+    odder.callback = lambda: None  # does not pickle, nor can its type be rebuilt from its message: its text does
+    text = isolate.portable_exception(odder)
+    assert type(text) is RuntimeError and str(text) == "_NeedsTwo: a and b"

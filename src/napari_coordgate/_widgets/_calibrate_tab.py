@@ -1,43 +1,36 @@
 """Calibrate tab: a bead image layer -> a measured PSF model (beads as points, PSF grid and FWHM map as layers),
-which *Use for training* makes the Train tab's PSF source. The calibration runs in a separate process."""
+which *Use for training* makes the Train tab's PSF source. The calibration runs in a separate process, which also
+draws the PSF grid and the FWHM map; the form is generated from :class:`~napari_coordgate.config.CalibrateConfig`.
+
+When too few beads are usable the calibration is still an error, but every candidate is shown, coloured by why it
+was rejected, with a count per reason and what to change."""
 
 from __future__ import annotations
 
+import html
+
 import numpy as np
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtWidgets import (
-    QComboBox,
-    QDoubleSpinBox,
-    QFileDialog,
-    QFormLayout,
-    QHBoxLayout,
-    QLabel,
-    QPushButton,
-    QSpinBox,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QFileDialog, QFormLayout, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from napari_coordgate.app.jobs import calibrate_job
 from napari_coordgate.app.state import State
+from napari_coordgate.calibration.advice import advice_line
+from napari_coordgate.calibration.report import reason_colour
+from napari_coordgate.config import CalibrateConfig, ConfigError
 from napari_coordgate.model_io import PSF_SUFFIX
 
+from ._form import ConfigForm
 from ._layers import LayerCombo, layer_array, spatial_kwargs
 from ._settings import remember_folder
 
-ACCEPTED, REJECTED = "#39d353", "#ff5c5c"
-
-
-def _optional(spin, lo, hi, decimals=None, step=None):
-    """A spin box whose minimum means 'not given' (shown as '-')."""
-    spin.setRange(lo, hi)
-    if decimals is not None:
-        spin.setDecimals(decimals)
-    if step is not None:
-        spin.setSingleStep(step)
-    spin.setSpecialValueText("-")
-    spin.setValue(lo)
-    return spin
+FIELDS = ("model", "grid", "psf_size", "na", "wavelength_nm", "immersion", "pixel_size_um", "bead_diameter_nm",
+          "min_snr", "holdout")
+LABELS = {"grid": "grid K", "psf_size": "PSF size (px)", "na": "NA", "wavelength_nm": "wavelength (nm)",
+          "immersion": "immersion index", "pixel_size_um": "pixel size (µm)", "bead_diameter_nm": "bead diameter (nm)",
+          "min_snr": "min SNR", "holdout": "holdout fraction"}
+_MICRONS = ("micrometer", "micron", "µm", "um")
 
 
 class CalibrateTab(QWidget):
@@ -46,31 +39,26 @@ class CalibrateTab(QWidget):
         self.dock = dock
         self.result = None
         self.beads = LayerCombo(dock.viewer, prefer="bead")
-        self.model = QComboBox()
-        self.model.addItems(["auto", "grid", "pupil"])
-        self.grid = _optional(QSpinBox(), 0, 15)
-        self.na = _optional(QDoubleSpinBox(), 0.0, 1.7, 2, 0.05)
-        self.wavelength = _optional(QSpinBox(), 0, 2000)
-        self.immersion = _optional(QDoubleSpinBox(), 0.0, 3.0, 3, 0.01)
-        self.pixel_size = _optional(QDoubleSpinBox(), 0.0, 100.0, 4, 0.01)
+        self.form = ConfigForm(CalibrateConfig, FIELDS, labels=LABELS)
+        for name in FIELDS:
+            setattr(self, name, getattr(self.form, name))
         self.run_btn = QPushButton("Calibrate")
         self.cancel_btn = QPushButton("Cancel")
         self.use_btn = QPushButton("Use for training")
         self.save_btn = QPushButton("Save PSF model…")
         self.summary = QLabel("Image a slide of sub-resolution beads in focus, open it as a layer, and calibrate.")
         self.summary.setWordWrap(True)
-        form = QFormLayout()
-        for label, w in (("bead image", self.beads), ("model", self.model), ("grid K (- = auto)", self.grid),
-                         ("NA", self.na), ("wavelength (nm)", self.wavelength), ("immersion index", self.immersion),
-                         ("pixel size (µm)", self.pixel_size)):
-            form.addRow(label, w)
+        self.summary.setTextFormat(Qt.RichText)
+        source = QFormLayout()
+        source.addRow("bead image", self.beads)
         row, row2 = QHBoxLayout(), QHBoxLayout()
         for b in (self.run_btn, self.cancel_btn):
             row.addWidget(b)
         for b in (self.use_btn, self.save_btn):
             row2.addWidget(b)
         layout = QVBoxLayout(self)
-        layout.addLayout(form)
+        layout.addLayout(source)
+        layout.addWidget(self.form.native)
         layout.addLayout(row)
         layout.addLayout(row2)
         layout.addWidget(self.summary)
@@ -82,53 +70,63 @@ class CalibrateTab(QWidget):
         self.actions = {"calibrate": self.run_btn, "cancel": self.cancel_btn, "use_psf": self.use_btn,
                         "save_psf": self.save_btn}
 
-    def settings(self) -> dict:
-        """calibrate()'s keyword arguments from the form ('-' = not given)."""
-        def given(w, scale=1.0):
-            return None if w.value() == w.minimum() else float(w.value()) * scale
-
-        grid = self.grid.value() or None
-        return {"model": self.model.currentText(), "grid": grid, "na": given(self.na),
-                "wavelength_um": given(self.wavelength, 1e-3), "immersion": given(self.immersion),
-                "pixel_size_um": given(self.pixel_size), "device": self.dock.training_device(),
-                "source": [self.beads.currentText()]}
+    def config(self, meta: dict | None = None) -> CalibrateConfig:
+        """The calibration's settings from the form, on the Train tab's device; without a pixel size, the layer's
+        (``meta``: its :func:`spatial_kwargs`) when its axes are in µm. ConfigError for a bad value."""
+        cfg = self.form.config(device=self.dock.training_device())
+        if cfg.pixel_size_um is None and meta is not None:
+            cfg = cfg.replace(pixel_size_um=_layer_pixel_size(meta))
+        return cfg
 
     def calibrate(self) -> None:
         layer = self.beads.layer()
         if layer is None:
             show_error("CoordGate: open a bead image as a layer first (a 2-D image of the focal plane)")
             return
+        meta = spatial_kwargs(layer, ndim=2)
         try:
+            cfg = self.config(meta)
             images = np.asarray(layer_array(layer))
-        except ValueError as exc:
+        except (ConfigError, ValueError) as exc:
             show_error(f"CoordGate: {exc}")
             return
-        meta = spatial_kwargs(layer, ndim=2)
-        self.dock.run_task("calibrate", calibrate_job, images, self.settings(), state=State.APPLYING,
-                           on_returned=lambda result: self.show_result(result, layer.name, meta))
+        self.dock.run_task("calibrate", calibrate_job, images, cfg, [layer.name], state=State.APPLYING,
+                           on_returned=lambda outcome: self.show_outcome(outcome, layer.name, meta))
 
-    def show_result(self, result, name: str, meta: dict) -> None:
-        """Beads (accepted and rejected, reason on hover), the PSF grid and the FWHM map as layers."""
-        from napari_coordgate.optics.models import render_psf_grid
+    def show_outcome(self, outcome, name: str, meta: dict) -> None:
+        """A calibration's layers and summary (:meth:`show_result`), or those of one that failed with its beads
+        (:meth:`show_failure`)."""
+        if outcome.error is not None:
+            self.show_failure(outcome.error, name, meta)
+        else:
+            self.show_result(outcome, name, meta)
 
-        self.result = result
-        viewer, t = self.dock.viewer, result.beads
-        ok = t.accepted
-        reasons = np.where(ok, "accepted", t.reason.astype(str))
-        props = {"reason": reasons, "fwhm_x": np.round(t.fwhm_x, 2), "fwhm_y": np.round(t.fwhm_y, 2)}
-        points = np.stack([t.y, t.x], axis=1)
-        for layer_name in (f"beads ({name})", f"PSF grid ({name})", f"bead FWHM ({name})"):
-            if layer_name in viewer.layers:
-                viewer.layers.remove(layer_name)
-        viewer.add_points(points, name=f"beads ({name})", properties=props, size=8, symbol="ring",
-                          border_color=np.where(ok[:, None], _rgba(ACCEPTED), _rgba(REJECTED)),
-                          face_color="transparent", **meta)
-        viewer.add_image(render_psf_grid(result.model, result.field_shape), name=f"PSF grid ({name})",
-                         colormap="magma")
-        viewer.add_image(_fwhm_map(t, result.field_shape), name=f"bead FWHM ({name})", colormap="viridis",
-                         opacity=0.6, **meta)
-        self.summary.setText(result.summary() + "".join(f"\n⚠ {w}" for w in result.warnings))
+    def show_result(self, outcome, name: str, meta: dict) -> None:
+        """Beads (coloured by reason, reason on hover), the PSF grid and the FWHM map (drawn in the worker)."""
+        result = self.result = outcome.result
+        viewer = self.dock.viewer
+        _remove(viewer, name)
+        _add_beads(viewer, result.beads, name, meta)
+        viewer.add_image(outcome.psf_grid, name=f"PSF grid ({name})", colormap="magma")
+        viewer.add_image(outcome.fwhm_map, name=f"bead FWHM ({name})", colormap="viridis", opacity=0.6, **meta)
+        self.summary.setText(html.escape(result.summary()) + "".join(f"<br>⚠ {html.escape(w)}"
+                                                                     for w in result.warnings)
+                             + _legend(result.beads.counts()))
         (show_warning if result.warnings else show_info)(f"CoordGate: {result.summary()}")
+        self.dock.refresh_actions()
+
+    def show_failure(self, error, name: str, meta: dict) -> None:
+        """Every candidate of a calibration that found too few usable beads, coloured by why it was rejected, the
+        counts with what to change, and the error as a notification and on the status line."""
+        self.result = None
+        viewer = self.dock.viewer
+        _remove(viewer, name)
+        if len(error.beads):
+            _add_beads(viewer, error.beads, name, meta)
+        self.summary.setText(f"<b>Calibration failed</b>: {html.escape(str(error))}" + _legend(error.beads.counts()))
+        show_error(f"CoordGate calibrate failed: {error} (the beads layer shows every candidate and why it was "
+                   "rejected; the Calibrate tab says what to change)")
+        self.dock.status.setText(f"failed: {error}")  # the dock keeps a 'failed' status after the task
         self.dock.refresh_actions()
 
     def use_for_training(self) -> None:
@@ -158,21 +156,41 @@ class CalibrateTab(QWidget):
         show_info(f"CoordGate: saved {written}")
 
 
+def _layer_pixel_size(meta: dict) -> float | None:
+    """The layer's pixel size in µm when both axes are in µm with (nearly) the same scale, else None."""
+    units, scale = meta.get("units", ()), meta.get("scale", ())
+    if len(units) != 2 or not all(str(u) in _MICRONS for u in units):
+        return None
+    sy, sx = (float(s) for s in scale)
+    return sx if sx > 0 and abs(sy - sx) <= 0.02 * sx else None
+
+
+def _remove(viewer, name: str) -> None:
+    for layer_name in (f"beads ({name})", f"PSF grid ({name})", f"bead FWHM ({name})"):
+        if layer_name in viewer.layers:
+            viewer.layers.remove(layer_name)
+
+
+def _add_beads(viewer, table, name: str, meta: dict) -> None:
+    """Every detected spot as a ring in its class's colour (accepted or the rejection reason); reason, detail and
+    FWHM on hover."""
+    reasons = np.where(table.accepted, "accepted", table.reason.astype(str))
+    props = {"reason": reasons, "detail": table.detail.astype(str), "fwhm_x": np.round(table.fwhm_x, 2),
+             "fwhm_y": np.round(table.fwhm_y, 2)}
+    colours = np.array([_rgba(reason_colour(r)) for r in reasons]).reshape(-1, 4)
+    viewer.add_points(np.stack([table.y, table.x], axis=1), name=f"beads ({name})", properties=props, size=8,
+                      symbol="ring", border_color=colours, face_color="transparent", **meta)
+
+
+def _legend(counts: dict) -> str:
+    """Rich text: a coloured dot, the count and what to change for each class of spot."""
+    lines = []
+    for key, n in counts.items():
+        dot = f'<span style="color:{reason_colour(key)}">●</span>'
+        text = f"{n} accepted" if key == "accepted" else advice_line(key, n)
+        lines.append(f"{dot} {html.escape(text)}")
+    return "<br><br>" + "<br>".join(lines) if lines else ""
+
+
 def _rgba(hex_color: str) -> np.ndarray:
     return np.array([int(hex_color[i:i + 2], 16) / 255 for i in (1, 3, 5)] + [1.0])
-
-
-def _fwhm_map(table, field_shape, block: int = 32) -> np.ndarray:
-    """Median bead FWHM (geometric mean of x and y, px) in blocks of the field, NaN where there is no bead."""
-    h, w = field_shape
-    ny, nx = -(-h // block), -(-w // block)
-    out = np.full((ny, nx), np.nan, np.float32)
-    ok = table.accepted
-    fwhm = np.sqrt(table.fwhm_x[ok] * table.fwhm_y[ok])
-    iy, ix = (table.y[ok] // block).astype(int), (table.x[ok] // block).astype(int)
-    for by in range(ny):
-        for bx in range(nx):
-            sel = (iy == by) & (ix == bx)
-            if sel.any():
-                out[by, bx] = np.median(fwhm[sel])
-    return np.kron(out, np.ones((block, block), np.float32))[:h, :w]

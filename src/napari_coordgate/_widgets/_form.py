@@ -11,6 +11,20 @@ from magicgui.widgets import Container, create_widget
 from napari_coordgate.config import DEVICES, field_specs
 
 _INT_MAX = 2**31 - 1
+NOT_GIVEN = "not given"  # what an optional number's spin box shows at its minimum
+
+
+def _default_step(spec) -> float:
+    if spec.step is not None:
+        return spec.step
+    if spec.kind is int:
+        return 1
+    return 10 ** (len(str(spec.default).split(".")[-1]) * -1) if spec.default else 0.1
+
+
+def _decimals(*values: float) -> int:
+    """Decimals that show each of ``values`` (up to 6)."""
+    return max(len(f"{abs(v):.6f}".rstrip("0").split(".")[1]) for v in values)
 
 
 def _options(spec) -> dict[str, Any]:
@@ -18,23 +32,51 @@ def _options(spec) -> dict[str, Any]:
     if spec.options is not None:
         opts["choices"] = list(spec.options)
     elif spec.kind in (int, float):
+        step = _default_step(spec)
         lo = spec.lo if spec.lo is not None else -_INT_MAX
         hi = spec.hi if spec.hi is not None else _INT_MAX
+        if spec.optional:  # one step below the lowest value stands for "not given"
+            lo -= step
         opts["min"], opts["max"] = lo, min(hi, _INT_MAX)
-        if spec.kind is float:
-            opts["step"] = 10 ** (len(str(spec.default).split(".")[-1]) * -1) if spec.default else 0.1
+        if spec.kind is float or spec.optional:
+            opts["step"] = step
     return opts
 
 
 def field_widget(spec, value: Any = None, label: str | None = None):
-    """A magicgui widget for one config field (a :class:`~napari_coordgate.config.FieldSpec`)."""
-    value = spec.default if value is None else value
+    """A magicgui widget for one config field (a :class:`~napari_coordgate.config.FieldSpec`).
+
+    An optional number (default None) is a spin box whose minimum, one step below the field's lowest value, reads
+    :data:`NOT_GIVEN` and stands for None (:func:`widget_value`).
+    """
+    value = spec.default if value is None and not spec.optional else value
     annotation = str if spec.options is not None else spec.kind
     opts = _options(spec)
     if spec.device:
         opts["choices"] = list(dict.fromkeys([*DEVICES, *_gpu_indices(), value]))
-    return create_widget(value=value, annotation=annotation, name=spec.name,
-                         label=label or spec.name.replace("_", " "), options=opts)
+    label = label or spec.name.replace("_", " ")
+    if not (spec.optional and spec.kind in (int, float)):
+        return create_widget(value=value, annotation=annotation, name=spec.name, label=label, options=opts)
+    # a QDoubleSpinBox (whole numbers for an int): Qt shows its special text at the minimum; the int spin box
+    # magicgui uses for int does not
+    widget = create_widget(value=opts["min"], annotation=float, name=spec.name, label=label, options=opts,
+                           widget_type="FloatSpinBox")
+    native = widget.native
+    native.setDecimals(0 if spec.kind is int else _decimals(opts["step"], spec.lo or 0.0))
+    native.setRange(opts["min"], opts["max"])
+    native.setSpecialValueText(NOT_GIVEN)
+    widget.value = opts["min"] if value is None else value
+    return widget
+
+
+def widget_value(spec, widget) -> Any:
+    """The config value a field's widget holds: None for an optional number at its minimum, an int for an int."""
+    value = widget.value
+    if spec.optional and spec.kind in (int, float):
+        if value <= widget.min:
+            return None
+        return int(round(value)) if spec.kind is int else float(value)
+    return value
 
 
 def known_device(name: str) -> str:
@@ -64,13 +106,14 @@ class ConfigForm(Container):
         self._cls = cls
         self._base = cls() if base is None else base
         specs = field_specs(cls, fields)
+        self._specs = {s.name: s for s in specs}
         widgets = [field_widget(s, getattr(self._base, s.name), (labels or {}).get(s.name)) for s in specs]
         super().__init__(widgets=widgets, labels=True)
         self.margins = (0, 0, 0, 0)
 
     def config(self, **changes: Any):
         """The validated config from the inputs (``ConfigError`` names the field and its bounds)."""
-        values = {w.name: w.value for w in self}
+        values = {w.name: widget_value(self._specs[w.name], w) for w in self}
         values.update(changes)
         return self._base.replace(**values)
 
@@ -78,4 +121,5 @@ class ConfigForm(Container):
         """Show ``cfg``; it is also the base for the fields the form does not show."""
         self._base = cfg
         for w in self:
-            w.value = getattr(cfg, w.name)
+            value = getattr(cfg, w.name)
+            w.value = w.min if value is None else value

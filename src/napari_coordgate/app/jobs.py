@@ -249,19 +249,55 @@ def evaluate_job(gt, restored, blurred, bin: int, *, report: Report, should_stop
 
 
 # -- calibrate ------------------------------------------------------------------------------------
-def _calibrate_in_child(images, settings: dict, *, report: Report, should_stop: ShouldStop, workdir):
+@dataclass
+class CalibrationOutcome:
+    """What the Calibrate tab shows of a calibration, all computed off the GUI thread.
+
+    ``result`` (a :class:`~napari_coordgate.calibration.result.CalibrationResult`) with ``psf_grid`` (the model's
+    PSFs tiled, :func:`~napari_coordgate.optics.models.render_psf_grid`) and ``fwhm_map`` (bead FWHM across the
+    field, :func:`~napari_coordgate.calibration.report.bead_fwhm_map`); or, when the calibration failed after
+    detecting spots, ``error``, the :class:`~napari_coordgate.calibration.CalibrationError` with its bead table
+    (``error.beads``), and the rest None.
+    """
+
+    result: Any = None
+    psf_grid: np.ndarray | None = None
+    fwhm_map: np.ndarray | None = None
+    error: Exception | None = None
+
+
+def _calibrate_in_child(images, cfg, source, *, report: Report, should_stop: ShouldStop,
+                        workdir) -> CalibrationOutcome:
     from ..calibration.calibrate import calibrate
+    from ..calibration.report import bead_fwhm_map
+    from ..optics.models import render_psf_grid
 
     def progress(u) -> None:
         report(Progress("calibrate", int(1000 * u.progress), 1000, f"{u.stage}: {u.message}"))
 
-    return calibrate(images, **settings, report=progress, should_stop=should_stop)
+    result = calibrate(images, **cfg.calibrate_kwargs(), source=source, report=progress, should_stop=should_stop)
+    report(Progress("calibrate", 1000, 1000, "drawing the PSF grid and the FWHM map"))
+    return CalibrationOutcome(result, render_psf_grid(result.model, result.field_shape),
+                              bead_fwhm_map(result.beads, result.field_shape))
 
 
-def calibrate_job(images, settings: dict, *, report: Report, should_stop: ShouldStop):
-    """Bead image(s) -> ``CalibrationResult``, in a separate process (the pupil fit runs torch autograd, which must
-    not load the compiler stack into the viewer's process; see :mod:`napari_coordgate.runners.isolate`)."""
+def calibrate_job(images, cfg, source: Sequence[str] = (), *, report: Report,
+                  should_stop: ShouldStop) -> CalibrationOutcome:
+    """Bead image(s) and a :class:`~napari_coordgate.config.CalibrateConfig` -> :class:`CalibrationOutcome`, in a
+    separate process (the pupil fit runs torch autograd, which must not load the compiler stack into the viewer's
+    process; see :mod:`napari_coordgate.runners.isolate`). ``source``: names of the bead images (provenance).
+
+    A :class:`~napari_coordgate.calibration.CalibrationError` that carries its bead table (too few usable beads,
+    all saturated, ...) is returned as the outcome's ``error``, so that the table can be shown; any other error
+    is raised.
+    """
+    from ..calibration import CalibrationError
     from ..runners.isolate import run_isolated
 
-    return run_isolated("napari_coordgate.app.jobs:_calibrate_in_child", images, settings, report=report,
-                        should_stop=should_stop)
+    try:
+        return run_isolated("napari_coordgate.app.jobs:_calibrate_in_child", images, cfg, list(source),
+                            report=report, should_stop=should_stop)
+    except CalibrationError as exc:
+        if exc.beads is None:
+            raise
+        return CalibrationOutcome(error=exc)

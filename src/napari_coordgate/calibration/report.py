@@ -1,4 +1,6 @@
-"""The calibration report figure (matplotlib's Agg canvas directly: no pyplot, no global backend change)."""
+"""What a calibration shows: the report figure (matplotlib's Agg canvas directly: no pyplot, no global backend
+change), of a result or of a failure that still has its bead table, the map of bead FWHM across the field, and the
+colour of each rejection reason (the same in the figure and the Calibrate tab's points layer)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,39 @@ import numpy as np
 from napari_coordgate.coords import grid_positions
 
 if TYPE_CHECKING:  # pragma: no cover
+    from napari_coordgate.calibration import CalibrationError
+    from napari_coordgate.calibration.detect import BeadTable
     from napari_coordgate.calibration.result import CalibrationResult
 
-__all__ = ["write_report_png", "montage"]
+__all__ = ["write_report_png", "write_failure_png", "montage", "bead_fwhm_map", "reason_colour", "REASON_COLOURS"]
+
+#: a colour per spot class: ``"accepted"`` and each key of :data:`~napari_coordgate.calibration.detect.REASONS`
+REASON_COLOURS = {
+    "accepted": "#39d353", "hot pixel": "#ff40ff", "saturated": "#ff3030", "edge": "#a0a0a0",
+    "too close": "#ff9900", "clump": "#00c8a0", "too faint": "#40c4ff", "fit failed": "#ffe135",
+    "too large": "#a0522d", "outlier": "#9966ff",
+}
+_OTHER = "#ffffff"  # a reason without a colour of its own
+
+
+def reason_colour(reason: str) -> str:
+    """The hex colour of a spot class (``"accepted"`` or a rejection reason; ``""`` counts as accepted)."""
+    return REASON_COLOURS.get(reason or "accepted", _OTHER)
+
+
+def bead_fwhm_map(table: "BeadTable", field_shape, block: int = 32) -> np.ndarray:
+    """Median FWHM (px, geometric mean of x and y) of the accepted beads in each ``block`` x ``block`` block of the
+    field, expanded to an (H, W) float32 map that overlays the bead image; NaN where a block has no bead."""
+    h, w = (int(n) for n in field_shape)
+    ny, nx = -(-h // block), -(-w // block)
+    out = np.full((ny, nx), np.nan, np.float32)
+    ok = table.accepted
+    fwhm = np.sqrt(table.fwhm_x[ok] * table.fwhm_y[ok])
+    iy = np.clip((table.y[ok] // block).astype(int), 0, ny - 1)
+    ix = np.clip((table.x[ok] // block).astype(int), 0, nx - 1)
+    for by, bx in set(zip(iy.tolist(), ix.tolist())):
+        out[by, bx] = np.median(fwhm[(iy == by) & (ix == bx)])
+    return np.kron(out, np.ones((block, block), np.float32))[:h, :w]
 
 
 def montage(psfs: np.ndarray, gap: int = 2, gamma: float = 0.5) -> np.ndarray:
@@ -161,3 +193,47 @@ def _rect(fig, x, y, size):
     from matplotlib.patches import Rectangle
 
     return Rectangle((x, y), size, size, fill=False, edgecolor="cyan", linewidth=1.2)
+
+
+def write_failure_png(error: "CalibrationError", images, path: "str | Path") -> Path:
+    """The report of a calibration that failed but saw its beads (``error.beads`` is a table): the bead image with
+    every candidate circled in its reason's colour (:data:`REASON_COLOURS`), and below it the error, the counts and
+    what to change (:mod:`~napari_coordgate.calibration.advice`). ``images``: the bead image (H, W) or the series
+    (N, H, W) calibrated; the first image is drawn with its candidates. Writes a PNG; returns the path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from napari_coordgate.calibration.advice import advice_lines
+
+    table = error.beads
+    if table is None:
+        raise ValueError("this calibration failed before it found any spots: there is nothing to draw")
+    planes = np.asarray(images)
+    plane = np.asarray(planes if planes.ndim == 2 else planes[0], dtype=np.float64)
+    path = Path(path)
+    fig = Figure(figsize=(12, 13.5), dpi=90)
+    FigureCanvasAgg(fig)
+    gs = fig.add_gridspec(2, 1, height_ratios=[1, 0.32], hspace=0.12)
+    ax = fig.add_subplot(gs[0])
+    lo, hi = np.percentile(plane, [1.0, 99.9])
+    ax.imshow(plane, cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-12), interpolation="nearest")
+    classes = np.where(table.accepted, "accepted", table.reason.astype(str))
+    mine = table.image == 0
+    for key, n in table.counts().items():
+        sel = mine & (classes == key)
+        ax.scatter(table.x[sel], table.y[sel], s=70, facecolors="none", edgecolors=reason_colour(key),
+                   linewidths=1.3, label=f"{key} ({n})")
+    ax.legend(fontsize=8, loc="upper right", framealpha=0.8)
+    series = "" if planes.ndim == 2 or len(planes) == 1 else f" (image 1 of {len(planes)}; counts of all)"
+    ax.set_title(f"every candidate spot, by why it was rejected{series}", fontsize=11)
+    _field_axes(ax, plane.shape)
+    ax = fig.add_subplot(gs[1])
+    ax.axis("off")
+    counts = ", ".join(f"{v} {k}" for k, v in table.counts().items())
+    lines = [f"calibration failed: {error}", f"spots: {counts}", "what to change:"]
+    lines += [f"- {line}" for line in advice_lines(table.counts())] or ["- nothing was rejected"]
+    text = "\n".join(textwrap.fill(line, 130, subsequent_indent="  ") for line in lines)
+    ax.text(0.0, 1.0, text, va="top", ha="left", fontsize=9, family="monospace", transform=ax.transAxes)
+    fig.suptitle("Bead calibration report: failed", fontsize=13)
+    fig.savefig(path, format="png")
+    return path

@@ -1,19 +1,24 @@
-"""What :func:`~napari_coordgate.calibration.calibrate.calibrate` returns, and its progress messages."""
+"""What :func:`~napari_coordgate.calibration.calibrate.calibrate` returns, its progress messages, and the JSON
+report of a calibration that failed with its bead table."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from napari_coordgate.calibration.advice import advice_lines
 from napari_coordgate.calibration.detect import REASONS, BeadTable
 from napari_coordgate.calibration.grid import GridFit
 from napari_coordgate.optics.psfmodel import PSFModel
 
-__all__ = ["CalibrationResult", "CalibrationUpdate"]
+if TYPE_CHECKING:  # pragma: no cover
+    from napari_coordgate.calibration import CalibrationError
+
+__all__ = ["CalibrationResult", "CalibrationUpdate", "failure_dict", "failure_json"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,7 @@ class CalibrationResult:
             "device": self.device,
             "provenance": self.model.provenance,
             "rejection_reasons": {k: v for k, v in REASONS.items()},
+            "advice": advice_lines(self.beads.counts()),
             "beads": self.beads.to_dict(),
         }
         if self.grid_fit is not None:
@@ -113,6 +119,24 @@ class CalibrationResult:
         from napari_coordgate.calibration.report import write_report_png
 
         return write_report_png(self, path)
+
+
+def failure_dict(error: "CalibrationError", settings: dict | None = None) -> dict[str, Any]:
+    """The JSON report of a failed calibration: its message, and, when it got as far as detecting spots, the
+    counts, what to change and the bead table (``beads``, the columns of :class:`BeadTable`, ``holdout``
+    included) as in :meth:`CalibrationResult.to_dict`. ``settings``: what it was run with, recorded as given."""
+    table = error.beads
+    out: dict[str, Any] = {"failed": True, "error": str(error), "settings": dict(settings or {}),
+                           "field_shape": None if error.field_shape is None else list(error.field_shape)}
+    if table is not None:
+        out.update(counts=table.counts(), rejection_reasons=dict(REASONS), advice=advice_lines(table.counts()),
+                   beads=table.to_dict())
+    return out
+
+
+def failure_json(error: "CalibrationError", settings: dict | None = None, indent: int | None = 2) -> str:
+    """:func:`failure_dict` as JSON text."""
+    return json.dumps(failure_dict(error, settings), indent=indent, allow_nan=False, default=_json_default)
 
 
 def _json_default(obj):

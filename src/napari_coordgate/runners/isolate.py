@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["IsolationError", "run_isolated", "train_isolated"]
+__all__ = ["IsolationError", "run_isolated", "train_isolated", "portable_exception"]
 
 _STOP = "stop"
 _POLL_S = 0.1
@@ -140,14 +140,31 @@ def _child_main(conn, folder: Path, target: str) -> None:
         conn.send(("result", result))
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the caller, nothing is lost here
         try:
-            pickle.dumps(exc)
-            payload = exc
-        except Exception:  # an exception that does not pickle travels as its text
-            payload = RuntimeError(f"{type(exc).__name__}: {exc}")
-        try:
-            conn.send(("error", payload, traceback.format_exc()))
+            conn.send(("error", portable_exception(exc), traceback.format_exc()))
         except OSError:
             pass
+
+
+def portable_exception(exc: BaseException) -> BaseException:
+    """``exc`` as it can cross to another process: itself, whole (its attributes too, e.g. a
+    :class:`~napari_coordgate.calibration.CalibrationError`'s bead table), when it survives a pickling round trip;
+    else its type with its message only; else a RuntimeError naming its type, with its message."""
+    def survives(e: BaseException) -> bool:
+        try:
+            pickle.loads(pickle.dumps(e))  # some pickle but fail to load (a required keyword argument)
+            return True
+        except Exception:
+            return False
+
+    if survives(exc):
+        return exc
+    try:
+        plain = type(exc)(str(exc))
+    except Exception:
+        plain = None
+    if plain is not None and survives(plain):
+        return plain
+    return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
 def _child_entry() -> None:
