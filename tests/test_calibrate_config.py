@@ -8,6 +8,7 @@ import inspect
 import numpy as np
 import pytest
 
+from napari_coordgate import config
 from napari_coordgate.config import CalibrateConfig, ConfigError, field_specs
 
 NOT_SETTINGS = {"images", "should_stop", "report", "source"}  # what calibrate() takes beside its settings
@@ -39,7 +40,7 @@ def test_the_bead_diameter_bounds_are_those_of_optics_bead():
     from napari_coordgate.optics.bead import BEAD_LIMITS_NM
 
     spec = field_specs(CalibrateConfig, ["bead_diameter_nm"])[0]
-    assert (spec.lo, spec.hi) == BEAD_LIMITS_NM
+    assert (spec.lo, spec.hi) == BEAD_LIMITS_NM == config.BEAD_LIMITS_NM
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -11,12 +11,14 @@
     napari-coordgate apply -m MODEL|PACKAGE.zip INPUT.tif|INPUT.zarr [...] -o OUT[.zarr] [--tile N] [--roi Y,X]
             [--binning B] [--device ...] [--precision fp32|bf16|fp16] [--batch-tiles N]
             [--dask local|SCHEDULER_ADDRESS [--workers N]]
-
-Option flags, their types, ranges, choices, defaults and help come from the configs in ``config.py``.
     napari-coordgate evaluate -m MODEL --sharp S.tif --blurred B.tif [--json REPORT.json] [--png REPORT.png]
+    napari-coordgate evaluate -m MODEL --beads BEADS.tif [--holdout-from CALIBRATION.json] [--json REPORT.json]
     napari-coordgate export -m MODEL -o PACKAGE.zip [--test-image FIELD.tif]
     napari-coordgate calibrate BEADS.tif [...] -o PSF.cgpsf [--model auto|pupil|grid] [--grid K]
-            [--na NA --wavelength NM --immersion N] [--pixel-size UM] [--png REPORT.png] [--json REPORT.json]
+            [--na NA --wavelength NM --immersion N] [--pixel-size UM] [--bead-diameter NM] [--psf-size PX]
+            [--min-snr SNR] [--holdout F] [--png REPORT.png] [--json REPORT.json]
+
+Option flags, their types, ranges, choices, defaults and help come from the configs in ``config.py``.
 
 Errors are one clear message and a non-zero exit, never a traceback (``--debug`` shows the traceback).
 """

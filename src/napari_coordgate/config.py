@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 __all__ = ["ConfigError", "Config", "ModelConfig", "TrainConfig", "PredictConfig", "CalibrateConfig", "FieldSpec",
            "field_specs", "bounded", "choice", "device_choice", "parse_roi", "GATES", "GATE_ACTIVATIONS", "PREFILTERS",
-           "DEVICES", "PRECISIONS", "CALIBRATION_MODELS"]
+           "DEVICES", "PRECISIONS", "CALIBRATION_MODELS", "BEAD_LIMITS_NM"]
 
 
 class ConfigError(ValueError):
@@ -341,9 +341,9 @@ class PredictConfig(Config):
 
 
 CALIBRATION_MODELS = ("auto", "pupil", "grid")
-# the bead diameters calibration accepts (nm): those of optics.bead.BEAD_LIMITS_NM, which this base module cannot
-# import (optics is a layer above); tests/test_calibrate_config.py checks that the two agree
-_BEAD_NM = (0.0, 5000.0)
+#: the bead diameters (nm) calibration accepts, from 0 (a point) to 5 µm; optics.bead.BEAD_LIMITS_NM holds the same
+#: (this base module cannot import optics, a layer above; tests/test_calibrate_config.py checks that the two agree)
+BEAD_LIMITS_NM = (0.0, 5000.0)
 
 
 @dataclass(frozen=True)
@@ -377,7 +377,7 @@ class CalibrateConfig(Config):
                                    doc="PSF side in pixels, odd (from the widest beads when not given)")
     min_snr: float = bounded(5.0, 0.0, 1000.0, step=0.5, doc="beads whose peak is below this many times the "
                                                              "background noise are rejected as too faint")
-    bead_diameter_nm: float = bounded(0.0, *_BEAD_NM, step=10.0,
+    bead_diameter_nm: float = bounded(0.0, *BEAD_LIMITS_NM, step=10.0,
                                       doc="bead diameter in nm, removed from the measured PSFs (needs the pixel "
                                           "size); 0 = point sources")
     holdout: float = bounded(0.0, 0.0, 0.5, step=0.05,
