@@ -1,5 +1,6 @@
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,3 +278,116 @@ def test_pupil_samples_grow_with_the_aberrations_and_the_margin():
     assert pupil_samples(cfg, worst=np.full(6, 0.5), margin=1.0) < strong
     assert pupil_samples(PRESETS["strong_astigmatism"]) > pupil_samples(PRESETS["strong_astigmatism"].replace(
         astig_0=0.0, astig_h2=0.0, defocus_h2=0.0, coma_h=0.0))
+
+
+# -- the Zernike terms beyond the primary six ----------------------------------------------------------------------
+
+
+def _disc(n=801):
+    """Polar coordinates of a fine grid's points inside the unit disc, and the area of one point."""
+    t = (np.arange(n) - (n - 1) / 2) * (2.0 / n)
+    yy, xx = np.meshgrid(t, t, indexing="ij")
+    inside = np.hypot(yy, xx) < 1.0
+    return np.hypot(yy, xx)[inside], np.arctan2(yy, xx)[inside], (2.0 / n) ** 2
+
+
+def _noll(n, m, rho, theta):
+    """Noll's Zernike polynomial (n, m) written out from its general formula (m < 0: the sine term)."""
+    from math import factorial
+
+    k = abs(m)
+    radial = sum((-1) ** j * factorial(n - j) / (factorial(j) * factorial((n + k) // 2 - j) * factorial((n - k) // 2 - j))
+                 * rho ** (n - 2 * j) for j in range((n - k) // 2 + 1))
+    if m == 0:
+        return np.sqrt(n + 1) * radial
+    return np.sqrt(2 * (n + 1)) * radial * (np.cos(k * theta) if m > 0 else np.sin(k * theta))
+
+
+def test_zernike_terms_are_the_noll_polynomials_of_their_orders_orthonormal_over_the_pupil():
+    from napari_coordgate.optics.psf import PRIMARY_TERMS, ZERNIKE_ORDERS, ZERNIKE_TERMS, _zernike_basis
+
+    rho, theta, area = _disc()
+    basis = np.array(_zernike_basis(rho, theta))
+
+    assert len(ZERNIKE_TERMS) == len(ZERNIKE_ORDERS) == basis.shape[0] >= 10
+    assert ZERNIKE_TERMS[:6] == PRIMARY_TERMS == ("defocus", "astig_0", "astig_45", "coma_x", "coma_y", "spherical")
+    assert {"trefoil_0", "trefoil_30", "astig2_0", "astig2_45"} <= set(ZERNIKE_TERMS)
+    for b, (n, m) in zip(basis, ZERNIKE_ORDERS):
+        np.testing.assert_allclose(b, _noll(n, m, rho, theta), atol=1e-12)
+    gram = basis @ basis.T * area / np.pi  # mean over the disc: unit RMS (Noll) and orthogonal
+    np.testing.assert_allclose(gram, np.eye(len(basis)), atol=3e-3)
+
+
+def test_max_slope_of_each_term_is_its_steepest_gradient_over_the_pupil():
+    from napari_coordgate.optics.psf import _MAX_SLOPE, _zernike_basis
+
+    t = np.linspace(-1, 1, 1201)
+    yy, xx = np.meshgrid(t, t, indexing="ij")
+    rho, theta = np.hypot(yy, xx), np.arctan2(yy, xx)
+    inside = rho <= 1.0
+    for b, slope in zip(_zernike_basis(rho, theta), _MAX_SLOPE):
+        gy, gx = np.gradient(b, t, t)
+        steepest = np.hypot(gy, gx)[inside & (rho < 0.999)].max()
+        assert abs(steepest - slope) < 0.01 * slope, (steepest, slope)
+
+
+def test_pupil_presets_give_the_psfs_they_gave_before_the_further_terms():
+    # tests/data/pupil_presets_psfs.npz was written by the code of commit b91323f (six Zernike terms)
+    stored = np.load(Path(__file__).parents[1] / "data" / "pupil_presets_psfs.npz")
+    y, x = np.array([-1.0, 0.25, 1.0]), np.array([1.0, -0.5, -0.9])
+    assert sorted(stored.files) == sorted(n for n, c in PRESETS.items() if c.model == "pupil")
+    for name in stored.files:
+        np.testing.assert_array_equal(PRESETS[name].psfs_at(y, x, (100, 160)), stored[name])
+
+
+def test_zero_further_terms_leave_every_psf_as_the_primary_terms_give_it():
+    from napari_coordgate.optics.psf import ZERNIKE_TERMS
+
+    pupil = Pupil(PRESETS["edge_defocus_astigmatism"])
+    primary = np.random.default_rng(0).normal(0.0, 0.1, (4, 6))
+    padded = np.concatenate([primary, np.zeros((4, len(ZERNIKE_TERMS) - 6))], axis=1)
+
+    np.testing.assert_array_equal(pupil.psfs_numpy(padded), pupil.psfs_numpy(primary))
+    with pytest.raises(ValueError, match="Zernike coefficients"):
+        pupil.psfs_numpy(np.zeros((1, len(ZERNIKE_TERMS) + 1)))
+
+
+def test_trefoil_and_secondary_astigmatism_give_psfs_of_their_symmetry():
+    from napari_coordgate.optics.psf import ZERNIKE_TERMS
+
+    pupil = Pupil(PRESETS["diffraction_limited"].replace(psf_size=15), samples=96)
+    coef = np.zeros((3, len(ZERNIKE_TERMS)))
+    coef[0, ZERNIKE_TERMS.index("trefoil_0")] = 0.15  # cos 3θ: even in θ, odd under a half turn
+    coef[1, ZERNIKE_TERMS.index("astig2_0")] = 0.15  # cos 2θ: even in θ and under a half turn
+    trefoil, astig2, perfect = pupil.psfs_numpy(coef)
+
+    np.testing.assert_allclose(trefoil, trefoil[::-1, :], atol=1e-12)  # mirror y -> -y
+    assert np.abs(trefoil - trefoil[::-1, ::-1]).max() > 0.05 * trefoil.max()  # odd: not centrosymmetric
+    np.testing.assert_allclose(astig2, astig2[::-1, :], atol=1e-12)  # cos 2θ: mirror y -> -y
+    np.testing.assert_allclose(astig2, astig2[::-1, ::-1], atol=1e-12)  # even: centrosymmetric
+    assert trefoil.max() < 0.8 * perfect.max() and astig2.max() < 0.8 * perfect.max()
+
+
+def test_pair_bound_gives_each_term_of_a_pair_their_sum():
+    from napari_coordgate.optics.psf import ZERNIKE_TERMS, pair_bound
+
+    bound = np.arange(1.0, len(ZERNIKE_TERMS) + 1)
+    got = dict(zip(ZERNIKE_TERMS, pair_bound(bound)))
+    b = dict(zip(ZERNIKE_TERMS, bound))
+
+    assert got["defocus"] == b["defocus"] and got["spherical"] == b["spherical"]
+    for pair in [("astig_0", "astig_45"), ("coma_x", "coma_y"), ("trefoil_0", "trefoil_30"),
+                 ("astig2_0", "astig2_45")]:
+        assert got[pair[0]] == got[pair[1]] == b[pair[0]] + b[pair[1]]
+    np.testing.assert_array_equal(pair_bound(bound[:6]), pair_bound(bound)[:6])  # fewer terms: the same rule
+
+
+def test_pupil_samples_grow_with_the_further_terms_and_refuse_too_many():
+    from napari_coordgate.optics.psf import ZERNIKE_TERMS
+
+    cfg = PRESETS["diffraction_limited"]
+    primary = np.full(6, 0.1)
+    assert pupil_samples(cfg, primary) == pupil_samples(cfg, np.concatenate([primary, np.zeros(4)]))
+    assert pupil_samples(cfg, np.concatenate([primary, [0.0, 0.0, 0.3, 0.3]])) > pupil_samples(cfg, primary)
+    with pytest.raises(ValueError, match="at most"):
+        pupil_samples(cfg, np.zeros(len(ZERNIKE_TERMS) + 1))

@@ -348,3 +348,77 @@ def test_a_psf_model_file_under_another_name_is_read_as_one(tmp_path, fake_psf):
     path.write_bytes(save_psf_model(tmp_path / "beads", fake_psf).read_bytes())
 
     np.testing.assert_array_equal(resolve_psf(path).sigmas, fake_psf.sigmas)
+
+
+# -- the pupil_poly model with more Zernike terms ------------------------------------------------------------------
+
+POLY_OPTICS = dict(na=0.8, wavelength_um=0.52, refractive_index=1.0, pixel_size_um=0.16, psf_size=15)
+
+
+def _poly_with_trefoil():
+    from napari_coordgate.optics.psf import ZERNIKE_TERMS
+    from napari_coordgate.optics.pupil_poly import PupilPolyPSF
+
+    coef = np.zeros((len(ZERNIKE_TERMS), 6))
+    coef[0, [0, 3, 5]] = [0.05, 0.1, 0.1]
+    coef[ZERNIKE_TERMS.index("trefoil_0"), [0, 1]] = [0.08, 0.04]
+    coef[ZERNIKE_TERMS.index("astig2_45"), 4] = 0.03
+    return PupilPolyPSF(coef, **POLY_OPTICS, name="with trefoil")
+
+
+def test_a_pupil_poly_model_with_trefoil_round_trips_as_a_version_2_record_with_the_same_psfs():
+    from napari_coordgate.optics.psf import ZERNIKE_TERMS
+
+    model = _poly_with_trefoil()
+    meta, arrays = model.to_record()
+    back = psf_model_from_record(json.loads(json.dumps(meta)), arrays)
+    y, x = np.array([-1.0, 0.3, 0.9]), np.array([0.5, -0.2, 1.0])
+
+    assert meta["version"] == 2 and meta["terms"] == list(ZERNIKE_TERMS) and back.terms == ZERNIKE_TERMS
+    np.testing.assert_array_equal(back.coefficients, model.coefficients)
+    np.testing.assert_array_equal(back.psfs_at(y, x), model.psfs_at(y, x))
+    assert "10 Zernike" in back.describe()
+
+
+def test_a_six_term_pupil_poly_record_is_written_as_before_so_older_releases_read_it():
+    from napari_coordgate.optics.psf import PRIMARY_TERMS
+    from napari_coordgate.optics.pupil_poly import PupilPolyPSF
+
+    model = PupilPolyPSF.from_psf_config("edge_defocus_astigmatism", psf_size=15)
+    meta, arrays = model.to_record()
+
+    assert meta["version"] == 1 and meta["terms"] == list(PRIMARY_TERMS) and arrays["coefficients"].shape == (6, 6)
+    assert model.terms == PRIMARY_TERMS
+
+
+def test_the_further_terms_change_the_psfs_and_their_pupil_is_sampled_for_them():
+    from napari_coordgate.optics.psf import pupil_samples
+    from napari_coordgate.optics.pupil_poly import PupilPolyPSF
+
+    model = _poly_with_trefoil()
+    primary = PupilPolyPSF(model.coefficients[:6], **POLY_OPTICS)
+    y, x = np.array([0.0, 1.0]), np.array([0.0, 1.0])
+
+    assert np.abs(model.psfs_at(y, x) - primary.psfs_at(y, x)).max() > 0.05 * primary.psfs_at(y, x).max()
+    assert model._samples > primary._samples == pupil_samples(primary._cfg)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m, a: m.update(terms=m["terms"][:5] + ["trefoil_0"]), "terms"),
+    (lambda m, a: m.update(terms=m["terms"][::-1]), "terms"),
+    (lambda m, a: a.update(coefficients=a["coefficients"][:6]), "one row per term"),
+    (lambda m, a: m.update(version=3), "newer"),
+])
+def test_a_pupil_poly_record_whose_terms_do_not_match_is_refused(edit, match):
+    meta, arrays = _poly_with_trefoil().to_record()
+    edit(meta, arrays)
+    with pytest.raises(ValueError, match=match):
+        psf_model_from_record(meta, arrays)
+
+
+@pytest.mark.parametrize("rows", [5, 11])
+def test_a_pupil_poly_model_needs_the_primary_terms_and_at_most_all_terms(rows):
+    from napari_coordgate.optics.pupil_poly import PupilPolyPSF
+
+    with pytest.raises(ValueError, match="shape"):
+        PupilPolyPSF(np.zeros((rows, 6)), **POLY_OPTICS)

@@ -1,16 +1,19 @@
 """Fit the pupil model with field-polynomial aberrations (:class:`~napari_coordgate.optics.pupil_poly.PupilPolyPSF`)
-to all beads jointly, with torch autograd.
+to all beads jointly: Levenberg-Marquardt with analytic derivatives (torch, any device).
 
-:class:`TorchPupil` is the package's one pupil PSF (:class:`napari_coordgate.optics.psf.Pupil`: torch, differentiable,
-a sub-pixel shift of each PSF as a linear phase across the pupil), sampled for the aberrations a fit may reach,
-with the PSFs' analytic derivatives.
+:class:`TorchPupil` is the package's one pupil PSF (:class:`napari_coordgate.optics.psf.Pupil`: torch, a sub-pixel
+shift of each PSF as a linear phase across the pupil), sampled for the aberrations a fit may reach, with the PSFs'
+analytic derivatives, and optionally the image of a finite bead instead of a point (``bead_diameter_px``: the PSF
+convolved with a projected uniform sphere, :func:`napari_coordgate.optics.bead.sphere_otf`).
 
-The fit minimises ``sum_b ||D_b - a_b PSF(c(x_b, y_b), shift_b) - o_b||² / noise_b²`` over the 36 polynomial
-coefficients ``C`` (6 Zernike terms x 6 monomials) and each bead's shift. Each bead's amplitude ``a_b`` and
-offset ``o_b`` are solved in closed form inside the loss (variable projection), so L-BFGS only sees ``C`` and the
-shifts. The even Zernike terms (defocus, astigmatism, spherical) have zero gradient at zero aberration and the
-in-focus PSF cannot tell their common sign, so the fit starts from a few small positive defocus values (a
-constants-only model on a subset of beads) and keeps the best.
+The fit minimises ``sum_b ||D_b - a_b B(c(x_b, y_b), shift_b) - o_b||² / noise_b²`` over the polynomial
+coefficients ``C`` (T Zernike terms x 6 monomials) and each bead's shift, amplitude ``a_b`` and offset ``o_b``;
+``B`` is the PSF of a point, or of a bead of the given diameter, while the fitted model stays the PSF of a point.
+It starts from PSFs measured on a grid (:func:`init_from_nodes`) or from a few small positive defocus values (the
+even Zernike terms have zero gradient at zero aberration, and the in-focus PSF cannot tell their common sign),
+fits the six primary terms, and then adds trefoil and secondary astigmatism (``ZERNIKE_TERMS``) only when the
+beads call for them and they help (:meth:`_JointFit.extend`: a score test at the six-term optimum, then beads held
+out of the trial fit).
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import torch
 
 from napari_coordgate.calibration.patches import fit_amplitude_shift
 from napari_coordgate.coords import grid_positions
-from napari_coordgate.optics.psf import ZERNIKE_TERMS, PSFConfig, Pupil, pupil_samples
+from napari_coordgate.optics.bead import sphere_otf
+from napari_coordgate.optics.psf import (PRIMARY_TERMS, ZERNIKE_ORDERS, ZERNIKE_TERMS, PSFConfig, Pupil, pair_bound,
+                                         pupil_samples)
 from napari_coordgate.optics.pupil_poly import MONOMIALS, PupilPolyPSF, monomials
 
 __all__ = ["TorchPupil", "PupilFit", "fit_pupil_poly"]
@@ -48,52 +53,92 @@ class TorchPupil(Pupil):
         pupil of these optics. Larger aberrations need more (see :meth:`for_aberrations`).
     device, dtype
         Torch device, and ``torch.float32`` or ``torch.float64`` (complex64 / complex128 inside).
+    bead_diameter_px
+        0 (default): the PSFs of points. Larger: the images of beads of this diameter (camera pixels), each the PSF
+        convolved with a projected uniform sphere. The convolution is a product with the sphere's transfer function
+        (:func:`~napari_coordgate.optics.bead.sphere_otf`) on the oversampled grid, before the binning to camera
+        pixels, where the intensity is finely sampled whatever the camera's pixel: the field is computed on a crop
+        ``2 * pad`` pixels wider than ``psf_size`` (``pad`` = half the bead and 2 px), so the light of the PSF's
+        halo outside the crop that the bead spreads into it is there and the FFT's wrap-around stays in the margin,
+        which is then cut away. Being linear, the same filter applies to the derivatives.
     """
 
     def __init__(self, na: float, wavelength_um: float, refractive_index: float, pixel_size_um: float,
                  psf_size: int, oversample: int = 3, pupil_samples: int | None = None, *,
-                 device: "str | torch.device" = "cpu", dtype: torch.dtype = torch.float64):
-        super().__init__(_optics(na, wavelength_um, refractive_index, pixel_size_um, psf_size, oversample),
+                 device: "str | torch.device" = "cpu", dtype: torch.dtype = torch.float64,
+                 bead_diameter_px: float = 0.0):
+        pad = _bead_pad(bead_diameter_px)
+        super().__init__(_optics(na, wavelength_um, refractive_index, pixel_size_um, psf_size + 2 * pad, oversample),
                          pupil_samples, device=device, dtype=dtype)
+        self.size, self.pad, self.bead_diameter_px = int(psf_size), pad, float(bead_diameter_px)
+        self.otf = None
+        if pad:
+            fine = (self.size + 2 * pad) * self.os
+            otf = sphere_otf((fine, fine), self.bead_diameter_px * self.os)[:, : fine // 2 + 1]  # the rfft2 half
+            self.otf = torch.as_tensor(otf, device=self.device, dtype=self.dtype)
 
     @classmethod
     def for_aberrations(cls, na: float, wavelength_um: float, refractive_index: float, pixel_size_um: float,
-                        psf_size: int, bound: np.ndarray, oversample: int = 3, **kwargs) -> "TorchPupil":
-        """A pupil sampled finely enough (for fitting) for Zernike coefficients up to ``bound`` (6, waves RMS)."""
-        b = np.minimum(np.abs(np.asarray(bound, dtype=np.float64)), 3.0)
-        worst = b.copy()
-        worst[1:3] = b[1] + b[2]
-        worst[3:5] = b[3] + b[4]
+                        psf_size: int, bound: np.ndarray, oversample: int = 3, *, bead_diameter_px: float = 0.0,
+                        **kwargs) -> "TorchPupil":
+        """A pupil sampled finely enough (for fitting) for Zernike coefficients up to ``bound`` (T waves RMS: the
+        largest |coefficient| of each of the first T terms of ``ZERNIKE_TERMS``)."""
+        worst = pair_bound(np.minimum(np.abs(np.asarray(bound, dtype=np.float64)), 3.0))
         # a quarter of the margin against phase wrapping that PSFConfig's PSFs get: for fitting, a pupil this fine
         # changes the PSF by well under 1 % (the soft aperture edge dominates), and the fit is several times faster
-        cfg = _optics(na, wavelength_um, refractive_index, pixel_size_um, psf_size, oversample)
+        cfg = _optics(na, wavelength_um, refractive_index, pixel_size_um, psf_size + 2 * _bead_pad(bead_diameter_px),
+                      oversample)
         return cls(na, wavelength_um, refractive_index, pixel_size_um, psf_size, oversample,
-                   pupil_samples(cfg, worst, margin=1.0), **kwargs)
+                   pupil_samples(cfg, worst, margin=1.0), bead_diameter_px=bead_diameter_px, **kwargs)
+
+    def camera(self, fine):
+        """(N, s, s) camera images, unit sum, of (N, S, S) intensities on the oversampled crop: the PSFs of
+        points (as :class:`Pupil` gives them) or, with a bead diameter, the images of beads."""
+        if self.otf is None:
+            return super().camera(fine)
+        b = self._camera_raw(fine)
+        return b / b.sum(dim=(-2, -1), keepdim=True)
+
+    def _camera_raw(self, fine: torch.Tensor) -> torch.Tensor:
+        """(..., s, s) camera pixels of (..., S, S) oversampled intensities (or their derivatives), not normalised:
+        with a bead, filtered by its transfer function, then binned and cropped to ``psf_size``."""
+        if self.otf is not None:
+            fine = torch.fft.irfft2(torch.fft.rfft2(fine) * self.otf, s=fine.shape[-2:])
+        c, o, p = self.size + 2 * self.pad, self.os, self.pad
+        b = fine.reshape(*fine.shape[:-2], c, o, c, o).sum(dim=(-3, -1))
+        return b[..., p : p + self.size, p : p + self.size] if p else b
 
     def psfs_and_derivatives(self, coeffs: torch.Tensor, shifts: torch.Tensor
                              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """PSFs (N, s, s) and their derivatives (N, 8, s, s) with respect to the 6 Zernike coefficients and the
-        shift (dy, dx), analytically: d|E|² = 2 Re(conj(E) dE), dE the field of the pupil times the derivative
-        of its phase; then the binning and the unit-sum normalisation."""
+        """PSFs (N, s, s) (bead images with a bead diameter) for (N, T) coefficients of the first T Zernike terms,
+        and their derivatives (N, T + 2, s, s) with respect to those coefficients and the shift (dy, dx),
+        analytically: d|E|² = 2 Re(conj(E) dE), dE the field of the pupil times the derivative of its phase; then
+        the bead's filter, the binning and the unit-sum normalisation."""
         coeffs = coeffs.to(device=self.device, dtype=self.dtype)
         shifts = shifts.to(device=self.device, dtype=self.dtype)
-        n = coeffs.shape[0]
+        n, k = coeffs.shape[0], coeffs.shape[1] + 2
         pupil = torch.polar(self.amplitude.expand(n, -1), self.phase(coeffs, shifts))  # (N, M²)
-        gens = torch.cat([self.basis, -self.fy[None], -self.fx[None]])  # d(phase)/d(param) / 2 pi, (8, M²)
-        dpupil = (2j * math.pi) * gens[None] * pupil[:, None]  # (N, 8, M²)
-        allp = torch.cat([pupil[:, None], dpupil], dim=1).reshape(n * 9, -1)
+        gens = torch.cat([self.basis[: k - 2], -self.fy[None], -self.fx[None]])  # d(phase)/d(param) / 2 pi, (K, M²)
+        dpupil = (2j * math.pi) * gens[None] * pupil[:, None]  # (N, K, M²)
+        allp = torch.cat([pupil[:, None], dpupil], dim=1).reshape(n * (k + 1), -1)
         fields = self.fields(allp)
-        fields = fields.reshape(n, 9, *fields.shape[1:])
+        fields = fields.reshape(n, k + 1, *fields.shape[1:])
         e, de = fields[:, 0], fields[:, 1:]
         inten = e.real**2 + e.imag**2
         dinten = 2 * (e.real[:, None] * de.real + e.imag[:, None] * de.imag)
-        s, o = self.size, self.os
-        b = inten.reshape(n, s, o, s, o).sum(dim=(2, 4))
-        db = dinten.reshape(n, 8, s, o, s, o).sum(dim=(3, 5))
+        b, db = self._camera_raw(inten), self._camera_raw(dinten)
         tot = b.sum(dim=(1, 2))
         psf = b / tot[:, None, None]
         dpsf = (db - psf[:, None] * db.sum(dim=(2, 3))[:, :, None, None]) / tot[:, None, None, None]
         return psf, dpsf
+
+
+def _bead_pad(diameter_px: float) -> int:
+    """Camera pixels added around the crop of a bead image: half the bead, and 2 px for the tails of its filter."""
+    d = float(diameter_px)
+    if not (math.isfinite(d) and d >= 0):
+        raise ValueError(f"bead_diameter_px must be a finite number >= 0, got {diameter_px!r}")
+    return int(math.ceil(d / 2)) + 2 if d > 0 else 0
 
 
 def _optics(na: float, wavelength_um: float, refractive_index: float, pixel_size_um: float, psf_size: int,
@@ -129,18 +174,18 @@ class _Joint:
         accumulated chunk by chunk (the P Jacobian columns of every pixel of every bead would not fit at once).
         The 4 per-bead unknowns are dy, dx, amplitude, offset."""
         f64 = {"dtype": torch.float64, "device": self.pupil.device}
-        npar = theta.numel()
+        npar, t = theta.numel(), theta.shape[0]
         big_a, g_a = torch.zeros(npar, npar, **f64), torch.zeros(npar, **f64)
         cross, local, g_d = [], [], []
         for b in self._chunks():
             p, dp = self.pupil.psfs_and_derivatives(self.ph[b] @ theta.to(self.pupil.dtype).T,
                                                     shifts[b].to(self.pupil.dtype))
-            p, dp = p.reshape(p.shape[0], -1), dp.reshape(dp.shape[0], 8, -1)
+            p, dp = p.reshape(p.shape[0], -1), dp.reshape(dp.shape[0], t + 2, -1)
             ab = amp[b]
             r = (self.d[b] - ab[:, None] * p - off[b, None]).to(torch.float64)
-            jt = ((ab[:, None, None] * dp[:, :6])[:, :, None, :] * self.ph[b, None, :, None]).reshape(
+            jt = ((ab[:, None, None] * dp[:, :t])[:, :, None, :] * self.ph[b, None, :, None]).reshape(
                 p.shape[0], npar, -1).to(torch.float64)
-            jl = torch.stack([ab[:, None] * dp[:, 6], ab[:, None] * dp[:, 7], p, torch.ones_like(p)], 1)
+            jl = torch.stack([ab[:, None] * dp[:, t], ab[:, None] * dp[:, t + 1], p, torch.ones_like(p)], 1)
             jl, wc = jl.to(torch.float64), weights[b]
             big_a += torch.einsum("n,nip,njp->ij", wc, jt, jt)
             g_a += torch.einsum("n,nip,np->i", wc, jt, r)
@@ -165,6 +210,16 @@ class _Joint:
                                g_a - torch.einsum("nij,nj->i", cross, d_inv_g))
         return x, d_inv_g - torch.einsum("nji,i->nj", d_inv_bt, x)
 
+    @staticmethod
+    def gauss_newton_decrease(blocks, shared: int | None = None) -> tuple[float, torch.Tensor]:
+        """The decrease of the weighted misfit that the undamped step predicts, ``g . step``, and the shared step;
+        with ``shared``, freeing only the first ``shared`` shared unknowns (the others stay where they are)."""
+        big_a, g_a, cross, local, g_d = blocks
+        if shared is not None:
+            big_a, g_a, cross = big_a[:shared, :shared], g_a[:shared], cross[:, :shared]
+        x, loc = _Joint.damped_step((big_a, g_a, cross, local, g_d), 0.0)
+        return float(x @ g_a + (loc * g_d).sum()), x
+
 
 def _cauchy(c2: torch.Tensor) -> torch.Tensor:
     return 1.0 / (1.0 + (c2 / (3.0 * torch.median(c2))) ** 2)
@@ -176,11 +231,11 @@ def _lm_fit(pupil: TorchPupil, data: np.ndarray, noise: np.ndarray, phi: np.ndar
     """Levenberg-Marquardt on the shared polynomial coefficients and every bead's shift, amplitude and offset.
 
     The model of bead b is ``a_b PSF(phi_b C^T, shift_b) + o_b``; the Jacobian is analytic
-    (:meth:`TorchPupil.psfs_and_derivatives`) and the normal equations (36 shared + 4 per bead unknowns) are
+    (:meth:`TorchPupil.psfs_and_derivatives`) and the normal equations (T x P shared + 4 per bead unknowns) are
     solved through their Schur complement, so the cost grows linearly with the number of beads.
     Robust: Cauchy weights of each bead's misfit over the median misfit, updated every iteration.
 
-    Returns (coefficients (6, 6), shifts (N, 2), chi2 per bead, robust weights, iterations, stopped).
+    Returns (coefficients (T, P), shifts (N, 2), chi2 per bead, robust weights, iterations, stopped).
     """
     dev = pupil.device
     problem = _Joint(pupil, data, noise, phi, chunk)
@@ -228,6 +283,11 @@ class PupilFit:
     stopped: bool
     shifts: np.ndarray  # (N, 2) fitted sub-pixel shifts of the beads
     weights: np.ndarray  # (N,) final robust weight of each bead (1 = trusted)
+    # the test of the further Zernike terms (:meth:`_JointFit.extend`): their predicted gain over its threshold (> 1:
+    # the beads call for them) and, where it passed, the median over held-out beads of their misfit with them over
+    # without (< 1: they help, and the model has them); NaN where not run
+    extension_score: float = math.nan
+    extension_held_out: float = math.nan
 
 
 def _solve_amplitude_offset(psf: torch.Tensor, data: torch.Tensor, pixel_w: torch.Tensor | None = None
@@ -246,13 +306,13 @@ def _solve_amplitude_offset(psf: torch.Tensor, data: torch.Tensor, pixel_w: torc
 
 def _lm_independent(pupil: TorchPupil, data: np.ndarray, coef0: np.ndarray, iterations: int,
                     should_stop=None) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Levenberg-Marquardt of independent problems: each (s, s) square its own constant Zernike coefficients,
-    shift, amplitude and offset (10 unknowns, a 10 x 10 system per square, its own damping).
+    """Levenberg-Marquardt of independent problems: each (s, s) square its own constant coefficients of the first T
+    Zernike terms, shift, amplitude and offset (T + 4 unknowns, a system per square, its own damping).
 
-    Returns (coefficients (N, 6), chi2 per square (unit noise), stopped).
+    Returns (coefficients (N, T), chi2 per square (unit noise), stopped).
     """
     dev = pupil.device
-    n = data.shape[0]
+    n, t = data.shape[0], coef0.shape[1]
     d = torch.as_tensor(data.reshape(n, -1), device=dev, dtype=pupil.dtype)
     coef = torch.as_tensor(coef0, device=dev, dtype=pupil.dtype).clone()
     shifts = torch.zeros(n, 2, device=dev, dtype=pupil.dtype)
@@ -269,18 +329,18 @@ def _lm_independent(pupil: TorchPupil, data: np.ndarray, coef0: np.ndarray, iter
     for _ in range(iterations):
         with torch.no_grad():
             psf, dpsf = pupil.psfs_and_derivatives(coef, shifts)
-            psf, dpsf = psf.reshape(n, -1), dpsf.reshape(n, 8, -1)
+            psf, dpsf = psf.reshape(n, -1), dpsf.reshape(n, t + 2, -1)
             r = d - amp[:, None] * psf - off[:, None]
             jac = torch.cat([amp[:, None, None] * dpsf, psf[:, None], torch.ones_like(psf)[:, None]], 1)
             jac = jac.to(torch.float64)
-            h = jac @ jac.transpose(1, 2)  # (N, 10, 10)
+            h = jac @ jac.transpose(1, 2)  # (N, T + 4, T + 4)
             g = (jac @ r.to(torch.float64)[:, :, None])[..., 0]
             diag = torch.clamp(torch.diagonal(h, dim1=1, dim2=2), min=1e-12)
             step = torch.linalg.solve(h + lam[:, None, None] * torch.diag_embed(diag)
-                                      + 1e-12 * torch.eye(10, dtype=torch.float64, device=dev), g)
+                                      + 1e-12 * torch.eye(t + 4, dtype=torch.float64, device=dev), g)
             step = step.to(pupil.dtype)
-            c_new = coef + step[:, :6]
-            s_new = shifts + step[:, 6:8].clamp(-1.0, 1.0)
+            c_new = coef + step[:, :t]
+            s_new = shifts + step[:, t : t + 2].clamp(-1.0, 1.0)
             new, p_new, a_new, o_new = cost_of(c_new, s_new)
             better = torch.isfinite(new) & (new < cost)
             coef = torch.where(better[:, None], c_new, coef)
@@ -320,21 +380,31 @@ def _align_signs(even: np.ndarray, design: np.ndarray) -> np.ndarray:
     return s
 
 
-_EVEN = [ZERNIKE_TERMS.index(t) for t in ("defocus", "astig_0", "astig_45", "spherical")]
+# the even terms (even m, and so even n: defocus, astigmatism, spherical, secondary astigmatism), whose common sign the
+# in-focus PSF cannot tell: the PSF of -W(-r) is the PSF of W(r)
+_EVEN = [t for t, (_, m) in enumerate(ZERNIKE_ORDERS) if m % 2 == 0]
+_START_BOUND = np.array([0.6, 0.35, 0.35, 0.2, 0.2, 0.15])  # the primary terms a start may reach, waves RMS
+# room a fit's pupil leaves each term beyond 1.5 x its start: generous for the primary terms; little for the further
+# ones, whose steep rims (secondary astigmatism: 31.6 waves per unit radius per wave) need many pupil samples
+_ROOM = np.array([0.15] * len(PRIMARY_TERMS) + [0.05] * (len(ZERNIKE_TERMS) - len(PRIMARY_TERMS)))
+_EXTEND_ITERATIONS = 12  # on the subset, from the primary fit, when the further terms are fitted
 
 
 def init_from_nodes(node_psfs: np.ndarray, *, na: float, wavelength_um: float, refractive_index: float,
                     pixel_size_um: float, device: "str | torch.device" = "cpu", nodes_per_axis: int = 3,
-                    iterations: int = 25, should_stop=None) -> tuple[np.ndarray, bool]:
+                    iterations: int = 25, terms: int = len(PRIMARY_TERMS), should_stop=None
+                    ) -> tuple[np.ndarray, bool]:
     """Starting polynomial coefficients from PSFs measured on a grid (e.g. the measured-grid model's nodes).
 
     A pupil with constant aberrations is fitted to the core of each of up to ``nodes_per_axis``² node PSFs from
     several starts (defocus 0.1 / 0.35 waves, without astigmatism and with astigmatism along and across the node
     PSF's long axis; Levenberg-Marquardt, :func:`_lm_independent`), the best start per node is kept, the group
     signs of the even terms are made consistent across the field
-    (:func:`_align_signs`) and a quadratic is fitted through the nodes' coefficients.
+    (:func:`_align_signs`) and a quadratic is fitted through the nodes' coefficients. With ``terms`` more than the
+    six primary ones, each node's best fit is then refitted with the first ``terms`` of ``ZERNIKE_TERMS``, the
+    further ones from zero.
 
-    Returns (coefficients (6, 6), stopped).
+    Returns (coefficients (terms, 6), stopped).
     """
     k, _, s, _ = node_psfs.shape
     idx = np.unique(np.round(np.linspace(0, k - 1, min(k, nodes_per_axis))).astype(int))
@@ -358,26 +428,32 @@ def init_from_nodes(node_psfs: np.ndarray, *, na: float, wavelength_um: float, r
     two_theta = np.arctan2(2 * sxy, sxx - syy)
     starts = [(d0, a) for d0 in (0.1, 0.35) for a in (0.0, 0.12, -0.12)]
     nn, ns = len(ii), len(starts)
-    coef0 = np.zeros((ns * nn, len(ZERNIKE_TERMS)))
+    coef0 = np.zeros((ns * nn, len(PRIMARY_TERMS)))
     for si, (d0, a) in enumerate(starts):
         coef0[si * nn : (si + 1) * nn, 0] = d0
         coef0[si * nn : (si + 1) * nn, 1] = a * np.cos(two_theta)
         coef0[si * nn : (si + 1) * nn, 2] = a * np.sin(two_theta)
     dev = torch.device(device)
-    pupil = TorchPupil.for_aberrations(na, wavelength_um, refractive_index, pixel_size_um, w,
-                                       bound=np.array([0.6, 0.35, 0.35, 0.2, 0.2, 0.15]), device=dev,
-                                       dtype=torch.float32)
+    optics = dict(na=na, wavelength_um=wavelength_um, refractive_index=refractive_index, pixel_size_um=pixel_size_um)
+    pupil = TorchPupil.for_aberrations(**optics, psf_size=w, bound=_START_BOUND, device=dev, dtype=torch.float32)
     data = np.tile(psfs / psfs.max(axis=(1, 2), keepdims=True), (ns, 1, 1))
     theta, c2, stopped = _lm_independent(pupil, data, coef0, iterations, should_stop=should_stop)
     best = np.argmin(c2.reshape(ns, nn), axis=0)
     coef = theta.reshape(ns, nn, -1)[best, np.arange(nn)]  # (nodes, 6)
+    if terms > len(PRIMARY_TERMS) and not stopped:
+        more = np.zeros((nn, terms))
+        more[:, : coef.shape[1]] = coef
+        bound = np.abs(more).max(axis=0) * 1.5 + _ROOM[:terms]
+        pupil = TorchPupil.for_aberrations(**optics, psf_size=w, bound=bound, device=dev, dtype=torch.float32)
+        coef, _, stopped = _lm_independent(pupil, data[:nn], more, iterations, should_stop=should_stop)
     design = monomials(yn, xn)
     if nn < design.shape[1]:  # too few nodes for a quadratic: constants only
         design = design[:, :1]
-    signs = _align_signs(coef[:, _EVEN], design)
-    coef[:, _EVEN] *= signs[:, None]
-    fit = np.linalg.lstsq(design, coef, rcond=None)[0].T  # (6, P)
-    out = np.zeros((len(ZERNIKE_TERMS), len(MONOMIALS)))
+    even = [t for t in _EVEN if t < terms]
+    signs = _align_signs(coef[:, even], design)
+    coef[:, even] *= signs[:, None]
+    fit = np.linalg.lstsq(design, coef, rcond=None)[0].T  # (terms, P)
+    out = np.zeros((terms, len(MONOMIALS)))
     out[:, : fit.shape[1]] = fit
     return out, stopped
 
@@ -401,6 +477,8 @@ def fit_pupil_poly(
     subset: int = 120,
     polish_iterations: int = 6,
     extent_energy: float | None = 0.99,
+    terms: int | None = None,
+    bead_diameter_px: float = 0.0,
     should_stop: Callable[[], bool] | None = None,
     on_iteration: Callable[[int, int, float], None] | None = None,
     chunk: int = 64,
@@ -418,21 +496,33 @@ def fit_pupil_poly(
     grid, device
         K of the fitted model's blur grid; torch device (float32 computation).
     init, node_psfs
-        The start: (6, 6) coefficients (e.g. a previous fit), else a fit through (K, K, s, s) PSFs measured on a
-        grid (:func:`init_from_nodes`), else a multi-start of constants.
+        The start: (T, 6) coefficients (e.g. a previous fit; its T terms are the ones fitted unless ``terms`` says
+        more), else a fit through (K, K, s, s) PSFs of points measured on a grid (:func:`init_from_nodes`), else a
+        multi-start of constants.
     max_iterations, subset, polish_iterations
         Levenberg-Marquardt iterations on at most ``subset`` beads spread over the field, then on all beads.
     extent_energy
         The model's PSF side holds this fraction of the light everywhere (:func:`extent`; at least the data's
         side); None keeps the data's side.
+    terms
+        How many of ``ZERNIKE_TERMS`` the model uses (6 to ``len(ZERNIKE_TERMS)``). None: with ``init``, its own;
+        otherwise the six primary ones, then all of them when the beads call for them and beads held out of their
+        fit confirm it (:meth:`_JointFit.extend`; ``PupilFit.extension_score``, ``extension_held_out``). A number
+        larger than the start's: the further terms are fitted after the start's, from zero, without the tests.
+    bead_diameter_px
+        Diameter of the beads in camera pixels: the fit compares each bead with the PSF convolved with a projected
+        uniform sphere of this size (:class:`TorchPupil`); the fitted model is the PSF of a point. 0: point sources.
     should_stop, on_iteration, chunk
         Checked between iterations (True ends the fit with the coefficients so far, ``stopped``); called as
         ``on_iteration(done, total, loss)``; beads per forward pass (bounds memory).
     """
     t0 = time.perf_counter()
     optics = dict(na=na, wavelength_um=wavelength_um, refractive_index=refractive_index, pixel_size_um=pixel_size_um)
+    start_terms = len(PRIMARY_TERMS) if init is None else np.shape(init)[0]
+    want = _terms_wanted(terms, start_terms, init is None)
     fit = _JointFit(data, monomials(y_norm, x_norm), np.asarray(shifts, dtype=np.float64), noise, optics,
-                    torch.device(device), should_stop, on_iteration, chunk)
+                    torch.device(device), float(bead_diameter_px), should_stop, on_iteration, chunk)
+    fit.budget = max_iterations + polish_iterations + (2 * _EXTEND_ITERATIONS + polish_iterations) * (want > start_terms)
     if init is not None:
         coef0, stopped = np.asarray(init, dtype=np.float64), False
     elif node_psfs is not None:
@@ -441,33 +531,56 @@ def fit_pupil_poly(
         coef0, stopped = fit.constant_start()
     if not stopped:
         coef0, stopped = fit.refine(coef0, max_iterations, subset, polish_iterations)
+    if not stopped and want > coef0.shape[0]:
+        coef0, stopped = fit.extend(coef0, want, terms is not None, subset, polish_iterations, node_psfs)
     coef0 = _limit(coef0)
     size = extent(coef0, optics, data.shape[-1], energy=extent_energy) if extent_energy else data.shape[-1]
     model = PupilPolyPSF(coef0, **optics, psf_size=size, grid=grid, name="pupil fit")
-    return PupilFit(model, fit.loss, fit.iterations, time.perf_counter() - t0, stopped, fit.shifts, fit.weights)
+    return PupilFit(model, fit.loss, fit.iterations, time.perf_counter() - t0, stopped, fit.shifts, fit.weights,
+                    fit.extension_score, fit.extension_held_out)
+
+
+def _terms_wanted(terms: int | None, start: int, auto: bool) -> int:
+    """The number of Zernike terms the fit ends with (see :func:`fit_pupil_poly`'s ``terms``)."""
+    if terms is None:
+        return len(ZERNIKE_TERMS) if auto else start
+    if not (isinstance(terms, (int, np.integer)) and start <= terms <= len(ZERNIKE_TERMS)):
+        raise ValueError(f"terms must be a whole number from {start} (the start's) to {len(ZERNIKE_TERMS)}, got "
+                         f"{terms!r}")
+    return int(terms)
 
 
 class _JointFit:
     """The stages of :func:`fit_pupil_poly` on one set of beads."""
 
-    def __init__(self, data, phi, shift0, noise, optics, device, should_stop, on_iteration, chunk):
+    def __init__(self, data, phi, shift0, noise, optics, device, bead, should_stop, on_iteration, chunk):
         self.data, self.phi, self.shift0, self.noise = data, phi, shift0, noise
-        self.optics, self.device, self.chunk = optics, device, chunk
+        self.optics, self.device, self.bead, self.chunk = optics, device, bead, chunk
         self.should_stop, self.on_iteration = should_stop, on_iteration
         self.n, self.s = data.shape[0], data.shape[-1]
-        self.iterations, self.loss = 0, math.nan
+        self.iterations, self.loss, self.extension_score, self.extension_held_out = 0, math.nan, math.nan, math.nan
         self.shifts, self.weights = shift0.copy(), np.ones(self.n)
+        self.budget, self.reported = 0, 0  # iterations announced to on_iteration, and the stages' slots so far
+        self.pupil: TorchPupil | None = None
+
+    def pupil_for(self, bound: np.ndarray) -> TorchPupil:
+        """The fit's pupil (float32, the beads' size) sampled for coefficients up to ``bound`` (T,)."""
+        return TorchPupil.for_aberrations(**self.optics, psf_size=self.s, bound=bound, device=self.device,
+                                          dtype=torch.float32, bead_diameter_px=self.bead)
+
+    def subset(self, size: int, among: np.ndarray | None = None) -> np.ndarray:
+        """At most ``size`` beads (of ``among``, default all) spread over the field (the beads come in table
+        order)."""
+        among = np.arange(self.n) if among is None else among
+        return among[np.unique(np.linspace(0, len(among) - 1, min(size, len(among))).round().astype(int))]
 
     def constant_start(self) -> tuple[np.ndarray, bool]:
         """Constant coefficients from a few small defocus values, on a subset of beads."""
-        n = self.n
-        sub = np.arange(n) if n <= 48 else np.linspace(0, n - 1, 48).round().astype(int)
-        pupil = TorchPupil.for_aberrations(**self.optics, psf_size=self.s,
-                                           bound=np.array([0.6, 0.35, 0.35, 0.2, 0.2, 0.15]), device=self.device,
-                                           dtype=torch.float32)
+        sub = self.subset(48)
+        pupil = self.pupil_for(_START_BOUND)
         best, stopped = None, False
         for d0 in (0.1, 0.35):
-            start = np.zeros((len(ZERNIKE_TERMS), 1))
+            start = np.zeros((len(PRIMARY_TERMS), 1))
             start[0, 0] = d0
             th, _, c2, u, it, stopped = _lm_fit(pupil, self.data[sub], self.noise[sub], self.phi[sub, :1], start,
                                                 self.shift0[sub], 15, should_stop=self.should_stop, chunk=self.chunk)
@@ -477,41 +590,137 @@ class _JointFit:
                 best = (th[:, 0], loss)
             if stopped:
                 break
-        coef0 = np.zeros((len(ZERNIKE_TERMS), len(MONOMIALS)))
+        coef0 = np.zeros((len(PRIMARY_TERMS), len(MONOMIALS)))
         coef0[:, 0] = best[0]
         return coef0, stopped
 
-    def refine(self, coef0: np.ndarray, max_iterations: int, subset: int, polish: int) -> tuple[np.ndarray, bool]:
-        """From ``coef0``: the shifts by cross-correlation, LM on a subset, then on all beads."""
+    def refine(self, coef0: np.ndarray, max_iterations: int, subset: int, polish: int,
+               pupil: TorchPupil | None = None) -> tuple[np.ndarray, bool]:
+        """From ``coef0``: LM on a subset, then on all beads. Without ``pupil`` (the first stage) a pupil sampled
+        for what the field may reach from the start, and each bead's shift from cross-correlation."""
         n, data, phi, noise = self.n, self.data, self.phi, self.noise
         total = max_iterations + polish
-        # the pupil sampled for what the field may reach: the start's range, with room to grow
-        bound = PupilPolyPSF._bound(coef0) * 1.5 + 0.15
-        pupil = TorchPupil.for_aberrations(**self.optics, psf_size=self.s, bound=bound, device=self.device,
-                                           dtype=torch.float32)
-        # start each bead's shift where the starting model's PSF matches it best: a comatic pupil PSF's centre
-        # can sit a pixel or more from the detector's Gaussian centre, too far for the gradient to find
-        with torch.no_grad():
-            start = torch.as_tensor(phi @ coef0.T, device=self.device, dtype=torch.float32)
-            model0 = torch.cat([pupil.psfs(start[a : a + self.chunk]) for a in range(0, n, self.chunk)])
-        self.shifts = fit_amplitude_shift(model0.cpu().numpy().astype(np.float64), data, self.shift0, noise)["shift"]
-        common = {"should_stop": self.should_stop, "on_iteration": self.on_iteration, "report_total": total,
+        if pupil is None:
+            # the pupil sampled for what the field may reach: the start's range, with room to grow
+            pupil = self.pupil_for(PupilPolyPSF._bound(coef0) * 1.5 + _ROOM[: coef0.shape[0]])
+            # start each bead's shift where the starting model's PSF matches it best: a comatic pupil PSF's centre
+            # can sit a pixel or more from the detector's Gaussian centre, too far for the gradient to find
+            with torch.no_grad():
+                start = torch.as_tensor(phi @ coef0.T, device=self.device, dtype=torch.float32)
+                model0 = torch.cat([pupil.psfs(start[a : a + self.chunk]) for a in range(0, n, self.chunk)])
+            self.shifts = fit_amplitude_shift(model0.cpu().numpy().astype(np.float64), data, self.shift0,
+                                              noise)["shift"]
+        self.pupil = pupil
+        common = {"should_stop": self.should_stop, "on_iteration": self.on_iteration, "report_total": self.budget,
                   "chunk": self.chunk}
-        stopped = False
-        if n > subset:  # most iterations on a subset spread over the field (the beads come in table order)
-            sub = np.unique(np.linspace(0, n - 1, subset).round().astype(int))
+        stopped, offset = False, self.reported
+        self.reported += total
+        if n > subset and max_iterations > 0:  # most iterations on a subset spread over the field
+            sub = self.subset(subset)
             coef0, sh, _, _, it, stopped = _lm_fit(pupil, data[sub], noise[sub], phi[sub], coef0, self.shifts[sub],
-                                                   max_iterations, **common)
+                                                   max_iterations, report_offset=offset, **common)
             self.shifts[sub] = sh
             self.iterations += it
         else:
             polish = total
         if not stopped:
             coef0, self.shifts, c2, self.weights, it, stopped = _lm_fit(
-                pupil, data, noise, phi, coef0, self.shifts, polish, report_offset=total - polish, **common)
+                pupil, data, noise, phi, coef0, self.shifts, polish, report_offset=offset + total - polish, **common)
             self.iterations += it
             self.loss = float(np.sum(self.weights * c2) / (np.sum(self.weights) * self.s * self.s))
         return coef0, stopped
+
+    def extend(self, coef: np.ndarray, rows: int, forced: bool, subset: int, polish: int,
+               node_psfs: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
+        """The first ``rows`` Zernike terms fitted from ``coef`` (fewer rows, converged), unless ``forced`` only
+        when the beads call for them and they help.
+
+        The beads call for them when a score test at ``coef`` says so (:meth:`score_test`: cheap, and most
+        optics stop there). They are then fitted to three beads of four, from two starts (``coef`` with the
+        further terms at zero, and given ``node_psfs`` the nodes fitted with all the terms,
+        :func:`init_from_nodes`: a primary fit may have bent its terms towards the missing ones, into a valley the
+        further terms do not lead out of), and the better fit is kept only if it also describes most of the fourth
+        beads better than ``coef`` does (the median of their misfit ratios, each bead with its own shift, amplitude
+        and offset, :func:`~napari_coordgate.calibration.patches.fit_amplitude_shift`, below 1): what a misfit the
+        primary terms leave for another reason (a neighbour's light, a bead unlike the others) fits, the held-out
+        beads do not confirm. Kept, it is polished on all beads.
+        """
+        start = np.zeros((rows, coef.shape[1]))
+        start[: coef.shape[0]] = coef
+        self.extension_score, guess = self.score_test(start, coef.shape[0], self.subset(subset))
+        held = np.arange(self.n) % 4 == 3
+        if not forced and (self.extension_score <= 1.0 or held.sum() < 3):
+            return coef, False
+        sub = self.subset(subset, np.flatnonzero(~held) if not forced else None)
+        # the pupil sampled for where the step points (at most 0.2 waves: the undamped step from a primary fit bent
+        # towards the missing terms overshoots, and each wave of secondary astigmatism costs 60 pupil samples)
+        reach = np.maximum(PupilPolyPSF._bound(start), np.minimum(PupilPolyPSF._bound(guess), 0.2))
+        starts = [start]
+        if node_psfs is not None:
+            nodes, stopped = init_from_nodes(node_psfs, **self.optics, device=self.device, terms=rows,
+                                             should_stop=self.should_stop)
+            if stopped:
+                return coef, True
+            starts.append(nodes)
+            reach = np.maximum(reach, PupilPolyPSF._bound(nodes))
+        pupil = self.pupil_for(reach * 1.5 + _ROOM[:rows])
+        best, stopped = None, False
+        for c in starts:
+            th, sh, c2, _, it, stopped = _lm_fit(
+                pupil, self.data[sub], self.noise[sub], self.phi[sub], c, self.shifts[sub], _EXTEND_ITERATIONS,
+                should_stop=self.should_stop, on_iteration=self.on_iteration, report_total=self.budget,
+                report_offset=self.reported, chunk=self.chunk)
+            self.iterations += it
+            self.reported += _EXTEND_ITERATIONS
+            cost = float(np.sum(self.weights[sub] * c2))  # both with the primary fit's robust weights
+            if best is None or cost < best[0]:
+                best = (cost, th, sh)
+            if stopped:
+                return best[1], True
+        if not forced:
+            beads = np.flatnonzero(held)
+            ratio = self.held_out_misfit(pupil, best[1], beads) / self.held_out_misfit(pupil, start, beads)
+            self.extension_held_out = float(np.median(ratio))
+            if not self.extension_held_out < 1.0:
+                return coef, False
+        self.shifts[sub] = best[2]
+        return self.refine(best[1], 0, subset, polish, pupil)
+
+    def held_out_misfit(self, pupil: TorchPupil, coef: np.ndarray, beads: np.ndarray) -> np.ndarray:
+        """The misfit (chi2) of each of ``beads`` to the model ``coef``, each bead with its own shift, amplitude
+        and offset (from the shifts so far)."""
+        with torch.no_grad():
+            z = torch.as_tensor(self.phi[beads] @ coef.T, device=self.device, dtype=torch.float32)
+            model = torch.cat([pupil.psfs(z[a : a + self.chunk]) for a in range(0, len(beads), self.chunk)])
+        chi2 = fit_amplitude_shift(model.cpu().numpy().astype(np.float64), self.data[beads], self.shifts[beads],
+                                   self.noise[beads], search=False)["chi2"]
+        return np.maximum(chi2, 1e-30)
+
+    def score_test(self, start: np.ndarray, fitted: int, sub: np.ndarray) -> tuple[float, np.ndarray]:
+        """How strongly the beads ``sub`` call for the terms of ``start`` after its first ``fitted`` (at zero,
+        the others converged): (score, where the Gauss-Newton step points).
+
+        The decrease of the weighted misfit that the Gauss-Newton step predicts when the further coefficients are
+        freed, beyond what it predicts without them, in units of the misfit per pixel (which estimates the noise),
+        over the Bayesian information criterion's price of those coefficients (their number times the log of the
+        pixels): above 1, they are worth fitting. One evaluation of the derivatives. Even terms with no first-order
+        effect on the PSF at zero (secondary astigmatism in an otherwise perfect, in-focus system) are not seen.
+        """
+        problem = _Joint(self.pupil, self.data[sub], self.noise[sub], self.phi[sub], self.chunk)
+        shifts = torch.as_tensor(self.shifts[sub], dtype=torch.float64, device=self.device)
+        theta = torch.as_tensor(start, dtype=torch.float64, device=self.device)
+        u = torch.as_tensor(self.weights[sub], dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            amp, off, c2 = problem.evaluate(theta, shifts)
+            blocks = problem.normal_equations(theta, shifts, amp, off, (problem.w * u).to(torch.float64))
+            gain, step = _Joint.gauss_newton_decrease(blocks)
+            gain -= _Joint.gauss_newton_decrease(blocks, fitted * start.shape[1])[0]
+        pixels = float(u.sum()) * self.s * self.s
+        # the noise per pixel: the misfit left, but not below the noise the caller gave (the weights' unit), so a
+        # model error far below the noise (noiseless data, the pupil's sampling) does not pass for a signal
+        per_pixel = max(float((u * c2).sum()) / pixels, 1.0)
+        score = gain / per_pixel / ((start.shape[0] - fitted) * start.shape[1] * math.log(pixels))
+        return score, start + step.cpu().numpy().reshape(start.shape)
 
 
 def extent(coef: np.ndarray, optics: dict, min_size: int, energy: float = 0.99, max_size: int = 63) -> int:

@@ -6,7 +6,9 @@ Two models describe how a microscope blurs each point of its field of view:
 ``"pupil"``
     A scalar Fourier-optics model. The pupil of a circular aperture (cut-off ``NA / wavelength``) carries
     a wavefront error built from Zernike polynomials (Noll normalisation, so each coefficient is the RMS
-    wavefront error of its term, in waves). The coherent field is the pupil's Fourier transform, the PSF
+    wavefront error of its term, in waves): the primary aberrations (defocus, astigmatism, coma, spherical)
+    whose field laws a config sets; :class:`Pupil` also renders trefoil and secondary astigmatism
+    (``ZERNIKE_TERMS``), which the fitted :class:`~napari_coordgate.optics.pupil_poly.PupilPolyPSF` may use. The coherent field is the pupil's Fourier transform, the PSF
     its squared modulus, computed on a grid ``oversample`` times finer than the camera and binned to
     camera pixels so small PSFs are not aliased, then normalised to unit sum.
 ``"gaussian"``
@@ -45,19 +47,30 @@ __all__ = [
     "UndersamplingWarning",
     "field_polar",
     "nyquist_pixel_size_um",
+    "ZERNIKE_TERMS",
+    "ZERNIKE_ORDERS",
+    "PRIMARY_TERMS",
     "zernike_coefficients",
+    "pair_bound",
     "pupil_samples",
     "Pupil",
 ]
 
 PSF_MODELS = ("pupil", "gaussian")
 
-# Zernike terms of the pupil model, in the order of the coefficient vectors used below.
-ZERNIKE_TERMS = ("defocus", "astig_0", "astig_45", "coma_x", "coma_y", "spherical")
-# Largest slope of each Noll-normalised term over the unit pupil, in waves per unit pupil radius; it sets
-# how finely the pupil must be sampled so the phase does not wrap between neighbouring samples.
-_MAX_SLOPE = np.array([4 * math.sqrt(3), 2 * math.sqrt(6), 2 * math.sqrt(6), 7 * math.sqrt(8), 7 * math.sqrt(8),
-                       12 * math.sqrt(5)])
+# The Zernike terms of the pupil model: (name, n, m) in Noll's normalisation, m < 0 the sine (45°, 30°, y) term of
+# a pair. Their order is the order of every coefficient vector; the first six are the primary aberrations, which
+# PSFConfig's field laws set and which the coefficient arrays of files written before the others existed hold.
+_ZERNIKE = (("defocus", 2, 0), ("astig_0", 2, 2), ("astig_45", 2, -2), ("coma_x", 3, 1), ("coma_y", 3, -1),
+            ("spherical", 4, 0), ("trefoil_0", 3, 3), ("trefoil_30", 3, -3), ("astig2_0", 4, 2), ("astig2_45", 4, -2))
+ZERNIKE_TERMS = tuple(name for name, _, _ in _ZERNIKE)
+ZERNIKE_ORDERS = tuple((n, m) for _, n, m in _ZERNIKE)  # (radial order n, azimuthal frequency m) of each term
+PRIMARY_TERMS = ZERNIKE_TERMS[:6]  # PSFConfig's terms (zernike_coefficients); older files' coefficient rows
+# Largest slope of each Noll-normalised term over the unit pupil, in waves per unit pupil radius: at the rim, the
+# radial slope (n (n + 2) - m²) / 2 times the normalisation. It sets how finely the pupil must be sampled so the
+# phase does not wrap between neighbouring samples.
+_MAX_SLOPE = np.array([math.sqrt((n + 1) * (1 if m == 0 else 2)) * ((n * (n + 2) - m * m) // 2)
+                       for n, m in ZERNIKE_ORDERS])
 _MIN_PUPIL_SAMPLES = 32
 _CHUNK = 256  # PSFs computed together; bounds memory for brute-force use (thousands of PSFs)
 
@@ -300,8 +313,8 @@ def _max_field_height(cfg: PSFConfig) -> float:
 
 
 def zernike_coefficients(cfg: PSFConfig, h: np.ndarray, phi: np.ndarray) -> np.ndarray:
-    """(..., 6) Zernike coefficients (waves RMS, in the order of ``ZERNIKE_TERMS``) of ``cfg``'s field laws at field
-    heights ``h`` and angles ``phi`` (:func:`field_polar`)."""
+    """(..., 6) Zernike coefficients (waves RMS, of the ``PRIMARY_TERMS``, the first six of ``ZERNIKE_TERMS``) of
+    ``cfg``'s field laws at field heights ``h`` and angles ``phi`` (:func:`field_polar`); a config has no others."""
     h2 = h * h
     astig = cfg.astig_h2 * h2
     coma = cfg.coma_h * h
@@ -318,20 +331,37 @@ def zernike_coefficients(cfg: PSFConfig, h: np.ndarray, phi: np.ndarray) -> np.n
     )
 
 
+def pair_bound(bound: np.ndarray) -> np.ndarray:
+    """What each term may reach at any orientation: ``bound`` (T, the largest |coefficient| of each of the first T
+    terms of ``ZERNIKE_TERMS``, waves RMS) with the two terms of each pair (e.g. astigmatism 0° and 45°) given
+    their sum, a bound of ``a cos mθ + b sin mθ`` turned to either axis. The ``worst`` of :func:`pupil_samples`."""
+    bound = np.abs(np.asarray(bound, dtype=np.float64))
+    orders = ZERNIKE_ORDERS[: bound.shape[0]]
+    out = bound.copy()
+    for t, (n, m) in enumerate(orders):
+        if m != 0:
+            out[t] = sum(bound[u] for u, (n2, m2) in enumerate(orders) if n2 == n and abs(m2) == abs(m))
+    return out
+
+
 def pupil_samples(cfg: PSFConfig, worst: np.ndarray | None = None, margin: float = 4.0) -> int:
     """Pupil samples across the diameter (even) for the PSFs of ``cfg``.
 
-    Enough that the phase of Zernike coefficients up to ``worst`` (6, waves RMS, per term; default: the largest
-    ``cfg`` reaches in its field) moves less than ``1 / margin`` wave between neighbouring samples (a quarter
-    wave by default: no wrap-around), at least ``_MIN_PUPIL_SAMPLES``, and enough that the periodic copies of
-    the field (period ``m * wavelength / (2 NA)``) stay at least one PSF crop away from the crop.
+    Enough that the phase of Zernike coefficients up to ``worst`` (T <= ``len(ZERNIKE_TERMS)``, waves RMS, for the
+    first T terms; default: the largest ``cfg`` reaches in its field, :func:`pair_bound`) moves less than
+    ``1 / margin`` wave between neighbouring samples (a quarter wave by default: no wrap-around), at least
+    ``_MIN_PUPIL_SAMPLES``, and enough that the periodic copies of the field (period ``m * wavelength / (2 NA)``)
+    stay at least one PSF crop away from the crop.
     """
     if worst is None:
         h = _max_field_height(cfg)
         worst = np.abs(zernike_coefficients(cfg, np.array([h]), np.array([0.0]))[0])
         worst[1:3] = abs(cfg.astig_0) + abs(cfg.astig_45) + abs(cfg.astig_h2) * h * h
         worst[3:5] = abs(cfg.coma_x) + abs(cfg.coma_y) + abs(cfg.coma_h) * h
-    radius = max(_MIN_PUPIL_SAMPLES / 2, margin * float(np.asarray(worst) @ _MAX_SLOPE))
+    worst = np.asarray(worst, dtype=np.float64)
+    if worst.ndim != 1 or worst.shape[0] > len(ZERNIKE_TERMS):
+        raise ValueError(f"worst must hold at most {len(ZERNIKE_TERMS)} coefficients, got shape {worst.shape}")
+    radius = max(_MIN_PUPIL_SAMPLES / 2, margin * float(worst @ _MAX_SLOPE[: worst.shape[0]]))
     radius = max(radius, 2.0 * cfg.psf_size * cfg.pixel_size_um * cfg.na / cfg.wavelength_um)
     return 2 * int(math.ceil(radius))
 
@@ -380,20 +410,12 @@ class Pupil:
         # aplanatic detection objective: light per pupil area grows as 1 / cos(angle in the medium)
         sin_t = np.clip(cfg.na * np.minimum(rho, 1.0) / cfg.refractive_index, 0.0, 0.999999)
         amplitude = coverage * (1.0 - sin_t**2) ** -0.25
-        r2 = rho**2
-        basis = [
-            math.sqrt(3) * (2 * r2 - 1),
-            math.sqrt(6) * r2 * np.cos(2 * theta),
-            math.sqrt(6) * r2 * np.sin(2 * theta),
-            math.sqrt(8) * (3 * r2 - 2) * rho * np.cos(theta),
-            math.sqrt(8) * (3 * r2 - 2) * rho * np.sin(theta),
-            math.sqrt(5) * (6 * r2 * r2 - 6 * r2 + 1),
-        ]
+        basis = _zernike_basis(rho, theta)
         fine = self.size * self.os
         u = (np.arange(fine) - (fine - 1) / 2.0) * (cfg.pixel_size_um / self.os)
         real = {"device": self.device, "dtype": self.dtype}
         cplx = {"device": self.device, "dtype": torch.complex128 if self.dtype == torch.float64 else torch.complex64}
-        self.basis = torch.as_tensor(np.stack([np.where(inside, b, 0.0).ravel() for b in basis]), **real)  # (6, M²)
+        self.basis = torch.as_tensor(np.stack([np.where(inside, b, 0.0).ravel() for b in basis]), **real)  # (T, M²)
         self.amplitude = torch.as_tensor(amplitude.ravel(), **real)
         # phase per pixel of shift: a shift (dy, dx) adds -2 pi (dy fy + dx fx) * pixel
         self.fy = torch.as_tensor(fy.ravel() * cfg.pixel_size_um, **real)
@@ -402,11 +424,15 @@ class Pupil:
         self.fourier_t = torch.as_tensor(np.exp(2j * np.pi * np.outer(f, u)), **cplx)  # (M, S)
 
     def phase(self, coeffs, shifts=None):
-        """(N, M²) pupil phase in radians for (N, 6) Zernike coefficients and optional (N, 2) shifts (px)."""
+        """(N, M²) pupil phase in radians for (N, T) Zernike coefficients of the first T terms of ``ZERNIKE_TERMS``
+        (6: the primary ones, up to all) and optional (N, 2) shifts (px)."""
+        if not 1 <= coeffs.shape[1] <= self.basis.shape[0]:
+            raise ValueError(f"expected (N, T) Zernike coefficients with 1 <= T <= {self.basis.shape[0]} "
+                             f"({', '.join(ZERNIKE_TERMS)}), got shape {tuple(coeffs.shape)}")
         # term by term in a fixed order, not a matrix product (whose rounding depends on the batch): a PSF
-        # comes out the same whatever else is computed with it
+        # comes out the same whatever else is computed with it (and the same with or without zero terms after it)
         phase = coeffs[:, :1] * self.basis[0]
-        for j in range(1, self.basis.shape[0]):
+        for j in range(1, coeffs.shape[1]):
             phase = phase + coeffs[:, j : j + 1] * self.basis[j]
         phase = (2 * math.pi) * phase
         if shifts is not None:
@@ -422,9 +448,9 @@ class Pupil:
         return field_t.reshape(n, s, s).transpose(1, 2)
 
     def psfs(self, coeffs, shifts=None):
-        """(N, s, s) PSFs (torch, unit sum) for (N, 6) Zernike coefficients (waves RMS) and optional (N, 2)
-        shifts (dy, dx) in pixels; a shift moves the PSF towards larger coordinates (the point's image at
-        ``centre + shift``)."""
+        """(N, s, s) PSFs (torch, unit sum) for (N, T) Zernike coefficients (waves RMS, the first T terms of
+        ``ZERNIKE_TERMS``) and optional (N, 2) shifts (dy, dx) in pixels; a shift moves the PSF towards larger
+        coordinates (the point's image at ``centre + shift``)."""
         import torch
 
         coeffs = coeffs.to(device=self.device, dtype=self.dtype)
@@ -432,16 +458,21 @@ class Pupil:
             shifts = shifts.to(device=self.device, dtype=self.dtype)
         pupil = torch.polar(self.amplitude.expand(coeffs.shape[0], -1), self.phase(coeffs, shifts))
         field = self.fields(pupil)
-        return _bin(field.real**2 + field.imag**2, self.size, self.os)
+        return self.camera(field.real**2 + field.imag**2)
+
+    def camera(self, fine):
+        """(N, s, s) camera PSFs, unit sum, of (N, S, S) intensities on the oversampled crop: binned."""
+        return _bin(fine, self.size, self.os)
 
     def psfs_numpy(self, coeffs: np.ndarray, shifts: np.ndarray | None = None) -> np.ndarray:
-        """:meth:`psfs` of (N, 6) numpy coefficients (and (N, 2) shifts), without autograd, in chunks of
-        ``_CHUNK`` PSFs; float64 (N, s, s)."""
+        """:meth:`psfs` of (N, T) numpy coefficients (one (T,) vector: N = 1; and (N, 2) shifts), without
+        autograd, in chunks of ``_CHUNK`` PSFs; float64 (N, s, s)."""
         # torch, not NumPy: the caller controls its threads (torch.set_num_threads), while NumPy's BLAS picks
         # its own and its spinning threads can be many times slower on a busy machine
         import torch
 
-        coeffs = np.asarray(coeffs, dtype=np.float64).reshape(-1, len(ZERNIKE_TERMS))
+        coeffs = np.atleast_2d(np.asarray(coeffs, dtype=np.float64))
+        coeffs = coeffs.reshape(-1, coeffs.shape[-1])
         out = np.empty((coeffs.shape[0], self.size, self.size))
         with torch.no_grad():
             for a in range(0, coeffs.shape[0], _CHUNK):
@@ -449,6 +480,24 @@ class Pupil:
                 sh = None if shifts is None else torch.from_numpy(np.ascontiguousarray(shifts[a : a + _CHUNK]))
                 out[a : a + c.shape[0]] = self.psfs(c, sh).cpu().numpy()
         return out
+
+
+def _zernike_basis(rho: np.ndarray, theta: np.ndarray) -> list[np.ndarray]:
+    """The Noll-normalised Zernike polynomials of ``ZERNIKE_TERMS`` (unit RMS over the unit disc), in their order."""
+    r2 = rho**2
+    basis = [
+        math.sqrt(3) * (2 * r2 - 1),
+        math.sqrt(6) * r2 * np.cos(2 * theta),
+        math.sqrt(6) * r2 * np.sin(2 * theta),
+        math.sqrt(8) * (3 * r2 - 2) * rho * np.cos(theta),
+        math.sqrt(8) * (3 * r2 - 2) * rho * np.sin(theta),
+        math.sqrt(5) * (6 * r2 * r2 - 6 * r2 + 1),
+        math.sqrt(8) * r2 * rho * np.cos(3 * theta),
+        math.sqrt(8) * r2 * rho * np.sin(3 * theta),
+        math.sqrt(10) * (4 * r2 - 3) * r2 * np.cos(2 * theta),
+        math.sqrt(10) * (4 * r2 - 3) * r2 * np.sin(2 * theta),
+    ]
+    return basis
 
 
 def _bin(fine, size: int, os_: int):

@@ -7,9 +7,13 @@ laws of the field height, each coefficient here is a polynomial of degree 2 of t
 
     c_t(x, y) = C[t, 0] + C[t, 1] x + C[t, 2] y + C[t, 3] x² + C[t, 4] x y + C[t, 5] y²
 
-for the terms ``t`` of :data:`~napari_coordgate.optics.psf.ZERNIKE_TERMS` (defocus, astigmatism 0° / 45°,
-coma x / y, spherical). This family holds every ``PSFConfig`` preset exactly (their field laws are quadratic in
-x and y) and any smooth misalignment of the objective a quadratic can describe.
+for the first T terms ``t`` of :data:`~napari_coordgate.optics.psf.ZERNIKE_TERMS`: the six primary ones (defocus,
+astigmatism 0° / 45°, coma x / y, spherical), optionally followed by trefoil 0° / 30° and secondary astigmatism
+0° / 45°. This family holds every ``PSFConfig`` preset exactly (their field laws are quadratic in x and y, and use
+the primary terms only) and any smooth misalignment of the objective a quadratic can describe.
+
+Records (``.cgpsf``) of six-term models are written as before (version 1), so older releases read them; a model
+with more terms is a version 2 record.
 
 numpy only at import (torch is imported by the pupil computation when PSFs are asked for).
 """
@@ -21,14 +25,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from napari_coordgate.coords import grid_positions
-from napari_coordgate.optics.psf import ZERNIKE_TERMS, PSFConfig, Pupil
+from napari_coordgate.optics.psf import PRIMARY_TERMS, ZERNIKE_TERMS, PSFConfig, Pupil, pair_bound, pupil_samples
 from napari_coordgate.optics.psfmodel import PSFModel, binned_psf_size, register_psf_model
 
 __all__ = ["PupilPolyPSF", "MONOMIALS", "monomials"]
 
 #: the monomials of the field coordinates (x: columns, y: rows, normalised to [-1, 1]), in coefficient order
 MONOMIALS = ("1", "x", "y", "x2", "xy", "y2")
-_RECORD_VERSION = 1
+_RECORD_VERSION = 2  # the newest record this reads: 1 holds the primary terms only, 2 more of them
 _MAX_WAVES = 3.0  # the pupil sampling (and PSFConfig) is built for at most this many waves RMS per term
 
 
@@ -47,8 +51,9 @@ class PupilPolyPSF(PSFModel):
     Parameters
     ----------
     coefficients
-        (6, 6) array: ``coefficients[t, p]`` multiplies monomial ``MONOMIALS[p]`` in the coefficient of Zernike
-        term ``ZERNIKE_TERMS[t]`` (waves RMS, Noll).
+        (T, 6) array: ``coefficients[t, p]`` multiplies monomial ``MONOMIALS[p]`` in the coefficient of Zernike
+        term ``ZERNIKE_TERMS[t]`` (waves RMS, Noll); T from ``len(PRIMARY_TERMS)`` (6) to ``len(ZERNIKE_TERMS)``:
+        the primary terms, then as many of the others as the model uses.
     na, wavelength_um, refractive_index, pixel_size_um
         Numerical aperture, emission wavelength (µm, vacuum), immersion index, camera pixel in the specimen
         plane (µm).
@@ -79,9 +84,11 @@ class PupilPolyPSF(PSFModel):
         provenance: Mapping[str, Any] | None = None,
     ):
         coef = np.array(coefficients, dtype=np.float64)
-        if coef.shape != (len(ZERNIKE_TERMS), len(MONOMIALS)):
-            raise ValueError(f"coefficients must have shape ({len(ZERNIKE_TERMS)}, {len(MONOMIALS)}) "
-                             f"(terms {', '.join(ZERNIKE_TERMS)} x monomials {', '.join(MONOMIALS)}), got {coef.shape}")
+        if coef.ndim != 2 or coef.shape[1] != len(MONOMIALS) or not (
+                len(PRIMARY_TERMS) <= coef.shape[0] <= len(ZERNIKE_TERMS)):
+            raise ValueError(f"coefficients must have shape (T, {len(MONOMIALS)}) with T from {len(PRIMARY_TERMS)} "
+                             f"to {len(ZERNIKE_TERMS)} (the first T terms of {', '.join(ZERNIKE_TERMS)} x monomials "
+                             f"{', '.join(MONOMIALS)}), got {coef.shape}")
         if not np.all(np.isfinite(coef)):
             raise ValueError("pupil_poly coefficients contain NaN or Inf")
         bound = self._bound(coef)
@@ -91,13 +98,15 @@ class PupilPolyPSF(PSFModel):
                 "per term is supported (a fit that ran away, or a file edited into nonsense)"
             )
         # PSFConfig validates the optics (NA < index, odd sizes, bounds); its constant terms carry the largest
-        # |coefficient| of each term over the field so that the pupil is sampled finely enough everywhere
+        # |coefficient| of each primary term over the field (which set the pupil sampling of six-term models)
         self._cfg = PSFConfig(
             name=str(name), model="pupil", na=float(na), wavelength_um=float(wavelength_um),
             pixel_size_um=float(pixel_size_um), refractive_index=float(refractive_index), psf_size=int(psf_size),
             oversample=int(oversample), grid=int(grid),
-            **{term: float(b) for term, b in zip(ZERNIKE_TERMS, bound)},
+            **{term: float(b) for term, b in zip(PRIMARY_TERMS, bound)},
         )
+        # the pupil sampled finely enough for every term everywhere (for six terms: what the config alone gives)
+        self._samples = pupil_samples(self._cfg, pair_bound(bound))
         self._coef = coef
         self._coef.setflags(write=False)
         self._provenance = dict(provenance or {})
@@ -122,7 +131,7 @@ class PupilPolyPSF(PSFModel):
         t = grid_positions(7)
         yy, xx = np.meshgrid(t, t, indexing="ij")
         h, phi = field_polar(cfg, yy, xx, field_shape)
-        z = zernike_coefficients(cfg, h, phi).reshape(-1, len(ZERNIKE_TERMS))
+        z = zernike_coefficients(cfg, h, phi).reshape(-1, len(PRIMARY_TERMS))
         coef = np.linalg.lstsq(monomials(yy, xx).reshape(-1, len(MONOMIALS)), z, rcond=None)[0].T
         kwargs = dict(na=cfg.na, wavelength_um=cfg.wavelength_um, refractive_index=cfg.refractive_index,
                       pixel_size_um=cfg.pixel_size_um, psf_size=cfg.psf_size, oversample=cfg.oversample,
@@ -161,8 +170,13 @@ class PupilPolyPSF(PSFModel):
 
     @property
     def coefficients(self) -> np.ndarray:
-        """(6, 6) polynomial coefficients (read-only view), terms x monomials."""
+        """(T, 6) polynomial coefficients (read-only view), terms (the first T of ``ZERNIKE_TERMS``) x monomials."""
         return self._coef
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        """The Zernike terms the model uses: the first T of ``ZERNIKE_TERMS``."""
+        return ZERNIKE_TERMS[: self._coef.shape[0]]
 
     @property
     def optics(self) -> dict[str, float]:
@@ -181,7 +195,7 @@ class PupilPolyPSF(PSFModel):
         return dict(self._provenance)
 
     def zernike_at(self, y, x) -> np.ndarray:
-        """(..., 6) Zernike coefficients (waves RMS, order of ``ZERNIKE_TERMS``) at normalised positions."""
+        """(..., T) Zernike coefficients (waves RMS, of :attr:`terms`) at normalised positions."""
         return monomials(y, x) @ self._coef.T
 
     # ------------------------------------------------------------------------------------------- PSFs
@@ -189,7 +203,7 @@ class PupilPolyPSF(PSFModel):
     def psfs_at(self, y, x, field_shape: Sequence[int] | None = None) -> np.ndarray:
         y, x = np.broadcast_arrays(np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64))
         if self._pupil is None:
-            self._pupil = Pupil(self._cfg)
+            self._pupil = Pupil(self._cfg, self._samples)
         s = self.psf_size
         flat = self._pupil.psfs_numpy(self.zernike_at(y.ravel(), x.ravel()))
         return flat.reshape(*y.shape, s, s)
@@ -212,7 +226,7 @@ class PupilPolyPSF(PSFModel):
         c = self._cfg
         meta = {
             "kind": self.kind,
-            "version": _RECORD_VERSION,
+            "version": 1 if len(self.terms) == len(PRIMARY_TERMS) else 2,  # older releases read six-term files
             "name": c.name,
             "na": c.na,
             "wavelength_um": c.wavelength_um,
@@ -221,7 +235,7 @@ class PupilPolyPSF(PSFModel):
             "psf_size": c.psf_size,
             "oversample": c.oversample,
             "grid": c.grid,
-            "terms": list(ZERNIKE_TERMS),
+            "terms": list(self.terms),
             "monomials": list(MONOMIALS),
         }
         return meta, {"coefficients": self._coef.copy()}
@@ -236,16 +250,20 @@ class PupilPolyPSF(PSFModel):
                 f"{cls.kind} PSF record version {version!r} is newer than this napari-coordgate reads "
                 f"({_RECORD_VERSION}); upgrade napari-coordgate"
             )
-        if list(meta.get("terms", ZERNIKE_TERMS)) != list(ZERNIKE_TERMS) or list(
-                meta.get("monomials", MONOMIALS)) != list(MONOMIALS):
-            raise ValueError(f"{cls.kind} PSF record uses terms {meta.get('terms')} / monomials "
-                             f"{meta.get('monomials')}; this napari-coordgate reads {list(ZERNIKE_TERMS)} / "
-                             f"{list(MONOMIALS)}")
         if "coefficients" not in arrays:
             raise ValueError(f"{cls.kind} PSF record has no 'coefficients' array")
         coef = np.asarray(arrays["coefficients"])
         if coef.dtype.kind != "f":
             raise ValueError(f"{cls.kind} PSF record: 'coefficients' must be a float array, got {coef.dtype}")
+        terms = meta.get("terms", ZERNIKE_TERMS[: coef.shape[0] if coef.ndim else 0])
+        if (not isinstance(terms, list | tuple) or list(terms) != list(ZERNIKE_TERMS[: len(terms)])
+                or list(meta.get("monomials", MONOMIALS)) != list(MONOMIALS)):
+            raise ValueError(f"{cls.kind} PSF record uses terms {meta.get('terms')} / monomials "
+                             f"{meta.get('monomials')}; this napari-coordgate reads the first 6 to "
+                             f"{len(ZERNIKE_TERMS)} of {list(ZERNIKE_TERMS)} / {list(MONOMIALS)}")
+        if coef.ndim != 2 or coef.shape[0] != len(terms):
+            raise ValueError(f"{cls.kind} PSF record: 'coefficients' has shape {coef.shape}, expected one row per "
+                             f"term ({len(terms)}) and one column per monomial ({len(MONOMIALS)})")
         missing = [k for k in ("na", "wavelength_um", "refractive_index", "pixel_size_um", "psf_size") if k not in meta]
         if missing:
             raise ValueError(f"{cls.kind} PSF record lacks {', '.join(missing)}")
@@ -263,5 +281,5 @@ class PupilPolyPSF(PSFModel):
     def describe(self) -> str:
         c = self._cfg
         return (f"pupil_poly PSF model {c.name!r} (NA {c.na:g}, {1000 * c.wavelength_um:g} nm, n = "
-                f"{c.refractive_index:g}, {c.pixel_size_um:g} µm pixels, {c.psf_size} px PSFs; Zernike "
-                f"coefficients quadratic in the field)")
+                f"{c.refractive_index:g}, {c.pixel_size_um:g} µm pixels, {c.psf_size} px PSFs; "
+                f"{len(self.terms)} Zernike coefficients quadratic in the field)")
