@@ -49,6 +49,8 @@ _MARGIN = 3  # width of the background ring around each PSF window
 _HOLD_OUT = 5  # every 5th accepted bead is held out to compare the models
 _OUTLIER_RATIO = 10.0
 _DEBLEND_SWEEPS = 2  # refits of the PSF model from windows with the neighbours' light removed
+_LIKENESS = 0.7  # correlation with its PSF below which a spot found in the residual is not a bead
+_FOUND = "found beside a neighbour, in the residual of the modelled spots"
 _REGIONS = (("top-left corner", "top edge", "top-right corner"), ("left edge", "centre", "right edge"),
             ("bottom-left corner", "bottom edge", "bottom-right corner"))
 
@@ -354,17 +356,22 @@ class _Run:
         CalibrationError when too few."""
         table = self.table
         self._enough(np.flatnonzero(table.accepted).size)
-        patches = self._patches(np.flatnonzero(table.accepted))
+        # the first model from the beads without a neighbour within reach, when there are enough of them
+        alone = table.accepted & _alone(table, self.size)
+        patches = self._patches(np.flatnonzero(alone if alone.sum() >= max(self.need, 8) else table.accepted))
         k0 = self.grid or int(np.clip(round(math.sqrt(len(patches) / 8.0)), 1, 7))
         pre = fit_grid(patches, k0, bead_diameter_px=self.bead_px)
         for sweep in range(_DEBLEND_SWEEPS):
             if self.stopped():
                 raise CalibrationCancelled("calibration stopped before fitting")
             self.say("deblend", 0.22 + 0.03 * sweep, "removing the neighbours' light from each bead's window")
-            windows = self._deblend(patches.index, _grid_model(pre, None))
-            patches = self._patches(patches.index, windows)
+            sources = self._model_spots(_grid_model(pre, None), find=True)
+            rows = np.flatnonzero(self.table.accepted)
+            self._enough(rows.size)
+            patches = self._patches(rows, self._isolated(rows, sources))
             pre = fit_grid(patches, k0, bead_diameter_px=self.bead_px)
         # outliers (touching pairs, debris): beads that a robust grid through all beads cannot explain
+        table = self.table  # spots found beside their neighbours made it longer
         out = pre.outlier_ratio > _OUTLIER_RATIO
         if out.any() and (len(patches) - out.sum()) >= self.need:
             rows = patches.index[out]
@@ -403,41 +410,142 @@ class _Run:
             patches = patches.subset(good)
         return patches
 
-    def _deblend(self, rows: np.ndarray, model: PSFModel) -> np.ndarray:
-        """Windows of the beads ``rows`` with every other spot's modelled light removed; the beads' centres in
-        the table are refined on the way (:mod:`~napari_coordgate.calibration.crowd`)."""
-        from napari_coordgate.calibration.crowd import Sources, isolate_windows, model_sources
-        from napari_coordgate.coords import field_position
+    def _model_spots(self, model: PSFModel, find: bool) -> list:
+        """Every spot of each image modelled with ``model`` (:func:`~napari_coordgate.calibration.crowd.model_sources`);
+        with ``find``, spots the detection merged with a neighbour are looked for in the residual and added to the
+        table (then the window rules run again). The table's centres of accepted beads are refined. Returns the
+        :class:`~napari_coordgate.calibration.crowd.Sources` of each image with the table rows they belong to."""
+        from scipy.spatial import cKDTree
+
+        from napari_coordgate.calibration.crowd import find_missed, model_sources, psf_fwhm, recentre_on_rest
         from napari_coordgate.optics.bead import blur_by_bead
 
-        table = self.table
+        out = []
+        t = self.table
+        if find:  # spots the detection could not fit or judged touching are judged again once modelled
+            t.reason[np.isin(t.reason, ["fit failed", "clump", "too close"]) & np.isfinite(t.y)] = ""
+        for i, img in enumerate(self.cleaned):
+            src_rows, src = self._sources(i, model)
+            model_sources(img, self.noises[i], src)
+            if find:
+                sigma = max(0.7, float(np.nanmedian(psf_fwhm(src.psfs))) / 2.3548 if len(src) else 1.0)
+                pad = src.psfs.shape[-1]
+                image_model = src.render(img.shape, pad)[pad:-pad, pad:-pad]
+                new = find_missed(img, image_model, self.noises[i], sigma,
+                                  np.stack([src.y, src.x], axis=1))
+                if len(new):
+                    self._add_spots(i, new, src, src_rows)
+                    src_rows, src = self._sources(i, model)
+                    model_sources(img, self.noises[i], src, sweeps=1)
+                    fresh = np.flatnonzero(self.table.detail[src_rows] == _FOUND)
+                    d, j = cKDTree(np.stack([src.y, src.x], 1)).query(np.stack([src.y[fresh], src.x[fresh]], 1),
+                                                                       k=2)
+                    recentre_on_rest(img, src, np.unique(j[:, 1]), sigma, 2.5 * sigma)
+                    model_sources(img, self.noises[i], src, sweeps=5)
+                    if self._drop_artefacts(img, src_rows, src, self.noises[i]):
+                        src_rows, src = self._sources(i, model)
+                        model_sources(img, self.noises[i], src, sweeps=2)
+            self._refine_centres(src_rows, src, img.shape, everyone=find)
+            out.append((src_rows, src))
+        if find:
+            t = self.table
+            psfs = blur_by_bead(model.psfs_at(t.y_norm, t.x_norm, self.field_shape), self.bead_px)
+            reject_by_window(t, self.shapes, self.size, _MARGIN, fwhm=psf_fwhm(psfs))
+        return out
+
+    def _sources(self, i: int, model: PSFModel):
+        """(table rows, Sources) of every real spot of image ``i``, PSFs from ``model`` as the beads image them."""
+        from napari_coordgate.calibration.crowd import Sources
+        from napari_coordgate.optics.bead import blur_by_bead
+
+        t = self.table
+        rows = np.flatnonzero((t.image == i) & (t.reason != "hot pixel") & np.isfinite(t.y) & np.isfinite(t.x))
+        psfs = np.clip(blur_by_bead(model.psfs_at(t.y_norm[rows], t.x_norm[rows], self.field_shape), self.bead_px),
+                       0.0, None)
+        psfs /= psfs.sum(axis=(1, 2), keepdims=True)
+        amp0 = np.nan_to_num(t.peak[rows] / psfs.max(axis=(1, 2)), nan=0.0)
+        return rows, Sources(t.y[rows], t.x[rows], psfs, amp0)
+
+    def _add_spots(self, i: int, yx: np.ndarray, src, src_rows) -> None:
+        """Rows for spots found in the residual of image ``i`` (accepted unless a rule rejects them later)."""
+        from napari_coordgate.calibration.detect import empty_table
+        from napari_coordgate.coords import field_position
+
+        new = empty_table(len(yx), i)
+        h, w = self.shapes[i]
+        new.y, new.x = yx[:, 0].astype(float), yx[:, 1].astype(float)
+        new.y_norm, new.x_norm = field_position(new.y, h), field_position(new.x, w)
+        new.detail[:] = _FOUND
+        img = self.cleaned[i]
+        new.background = np.full(len(yx), float(np.median(src.offset)) if len(src) else 0.0)
+        new.peak = img[yx[:, 0], yx[:, 1]] - new.background
+        new.snr = new.peak / self.noises[i]
+        new.reject(new.snr < self.settings["min_snr"], "too faint", "below the SNR threshold")
+        self.table = BeadTable.concat([self.table, new])
+
+    def _drop_artefacts(self, img: np.ndarray, rows: np.ndarray, src, noise: float) -> bool:
+        """Remove spots found in the residual that the joint fit does not confirm: too faint once fitted, a
+        fraction of a brighter neighbour closer than its FWHM, or not shaped like the PSF (the model a little
+        off around a bead, not a bead). True when any was removed."""
+        from scipy.spatial import cKDTree
+
+        from napari_coordgate.calibration.crowd import likeness, psf_fwhm
+
+        t = self.table
+        fresh = t.detail[rows] == _FOUND
+        if not fresh.any() or len(src) < 2:
+            return False
+        peak = src.amplitude * src.psfs.max(axis=(1, 2))
+        d, j = cKDTree(np.stack([src.y, src.x], 1)).query(np.stack([src.y, src.x], 1), k=2)
+        d, j = d[:, 1], j[:, 1]
+        shadow = (d < psf_fwhm(src.psfs)) & (src.amplitude < 0.5 * src.amplitude[j])
+        unlike = np.zeros(len(src), bool)
+        which = np.flatnonzero(fresh)
+        unlike[which] = likeness(img, src, which, 1.5 * float(np.median(psf_fwhm(src.psfs[which])))) < _LIKENESS
+        drop = fresh & ((peak < self.settings["min_snr"] * noise) | shadow | unlike)
+        if not drop.any():
+            return False
+        keep = np.ones(len(t), bool)
+        keep[rows[drop]] = False
+        self.table = t.take(keep)
+        return True
+
+    def _refine_centres(self, rows: np.ndarray, src, shape, everyone: bool = False) -> None:
+        """The modelled centres of accepted beads (``everyone``: of all spots) into the table (moves of more than
+        1.5 px are not trusted, except for spots found in the residual); spots the model gives no light are
+        rejected as not fitted."""
+        from napari_coordgate.coords import field_position
+
+        t = self.table
+        dark = np.zeros(len(t), bool)
+        dark[rows[~(src.amplitude > 0)]] = True
+        t.reject(dark, "fit failed", "no light left once its neighbours were modelled")
+        acc = t.accepted[rows] | everyone
+        r = rows[acc]
+        y, x = src.y[acc], src.x[acc]
+        fresh = ~np.isfinite(t.fwhm_x[r])  # found in the residual: no centre of their own yet
+        near = (np.hypot(y - t.y[r], x - t.x[r]) < 1.5) | fresh
+        t.y[r] = np.where(near, y, t.y[r])
+        t.x[r] = np.where(near, x, t.x[r])
+        t.y_norm[r], t.x_norm[r] = field_position(t.y[r], shape[0]), field_position(t.x[r], shape[1])
+        amp_peak = src.amplitude[acc] * src.psfs[acc].max(axis=(1, 2))
+        t.peak[r] = np.where(fresh, amp_peak, t.peak[r])
+
+    def _isolated(self, rows: np.ndarray, sources: list) -> np.ndarray:
+        """Windows of the beads ``rows`` with every other spot's modelled light removed."""
+        from napari_coordgate.calibration.crowd import isolate_windows
+
         size = self.size + 2 * _MARGIN
         windows = np.empty((rows.size, size, size))
-        spots = np.flatnonzero((table.reason != "hot pixel") & np.isfinite(table.y) & np.isfinite(table.x))
-        for i, img in enumerate(self.cleaned):
-            src_rows = spots[table.image[spots] == i]
-            mine = np.flatnonzero(table.image[rows] == i)
+        for i, (src_rows, src) in enumerate(sources):
+            mine = np.flatnonzero(self.table.image[rows] == i)
             if mine.size == 0:
                 continue
-            psfs = blur_by_bead(model.psfs_at(table.y_norm[src_rows], table.x_norm[src_rows], self.field_shape),
-                                self.bead_px)
-            psfs = np.clip(psfs, 0.0, None)
-            psfs /= psfs.sum(axis=(1, 2), keepdims=True)
-            amp0 = np.nan_to_num(table.peak[src_rows] / psfs.max(axis=(1, 2)), nan=0.0)
-            src = model_sources(img, self.noises[i], Sources(table.y[src_rows], table.x[src_rows], psfs, amp0))
             where = np.searchsorted(src_rows, rows[mine])
-            h, w = img.shape
-            # refined centres that stay where their window fits
-            y, x = src.y[where], src.x[where]
-            moved = np.hypot(y - table.y[rows[mine]], x - table.x[rows[mine]]) < 1.5
-            table.y[rows[mine]] = np.where(moved, y, table.y[rows[mine]])
-            table.x[rows[mine]] = np.where(moved, x, table.x[rows[mine]])
-            table.y_norm[rows[mine]] = field_position(table.y[rows[mine]], h)
-            table.x_norm[rows[mine]] = field_position(table.x[rows[mine]], w)
-            src.iy[where], src.ix[where] = np.round(table.y[rows[mine]]).astype(int), np.round(
-                table.x[rows[mine]]).astype(int)
-            src.shift[where] = np.stack([table.y[rows[mine]] - src.iy[where], table.x[rows[mine]] - src.ix[where]], 1)
-            windows[mine] = isolate_windows(img, src, where, size)
+            t = self.table
+            src.iy[where], src.ix[where] = np.round(t.y[rows[mine]]).astype(int), np.round(t.x[rows[mine]]).astype(int)
+            src.shift[where] = np.stack([t.y[rows[mine]] - src.iy[where], t.x[rows[mine]] - src.ix[where]], 1)
+            windows[mine] = isolate_windows(self.cleaned[i], src, where, size)
         return windows
 
     def split(self, patches: Patches) -> tuple[Patches, Patches]:
@@ -557,6 +665,22 @@ class _Run:
 
         prov["napari_coordgate"] = __version__
         return prov
+
+
+def _alone(table: BeadTable, psf_size: int) -> np.ndarray:
+    """Rows without another real spot of their image within a PSF window and a neighbour's core."""
+    from scipy.spatial import cKDTree
+
+    out = np.ones(len(table), bool)
+    real = (table.reason != "hot pixel") & np.isfinite(table.y)
+    reach = psf_size / 2.0 + 2.0 * float(np.nanmedian(np.fmax(table.fwhm_x, table.fwhm_y)[real]))
+    for i in np.unique(table.image):
+        idx = np.flatnonzero((table.image == i) & real)
+        if idx.size > 1:
+            pts = np.stack([table.y[idx], table.x[idx]], axis=1)
+            d, _ = cKDTree(pts).query(pts, k=2)
+            out[idx] = d[:, 1] >= reach
+    return out
 
 
 def _fit_grid_model(train: Patches, grid: int | None, pixel_size_um, bead_px: float = 0.0

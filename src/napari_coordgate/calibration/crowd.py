@@ -8,8 +8,9 @@ place, with a sub-pixel position, and the model of all *other* sources is subtra
 before its patch is cut (as crowded-field photometry does):
 
 1. the current model's PSF at each source, as its bead images it (:func:`~napari_coordgate.optics.bead.blur_by_bead`);
-2. a few Jacobi sweeps: each source's amplitude, offset and sub-pixel position are fitted to its central square
-   with every other source's current model subtracted (:func:`~napari_coordgate.calibration.patches.fit_amplitude_shift`);
+2. a few sweeps: all amplitudes by one sparse least-squares fit, then each source's sub-pixel position fitted to
+   its central square with every other source's model subtracted; spots the detection merged with a neighbour
+   are found in the residual (:func:`find_missed`) and kept when the joint fit confirms them;
 3. the beads' windows with the other sources' models subtracted.
 
 The caller refits the PSF model from those windows and repeats. Sources too close to be told apart (a clump) and
@@ -24,7 +25,8 @@ import numpy as np
 from napari_coordgate.calibration.patches import fit_amplitude_shift
 from napari_coordgate.optics.shift import fourier_shift
 
-__all__ = ["Sources", "model_sources", "isolate_windows"]
+__all__ = ["Sources", "model_sources", "isolate_windows", "find_missed", "psf_fwhm", "recentre_on_rest",
+           "likeness"]
 
 
 class Sources:
@@ -79,26 +81,77 @@ def _cut(image: np.ndarray, iy: np.ndarray, ix: np.ndarray, size: int, pad: int)
 
 
 def model_sources(image: np.ndarray, noise: float, sources: Sources, sweeps: int = 3) -> Sources:
-    """Fit every source's amplitude, offset and sub-pixel position with the others' models subtracted
-    (``sweeps`` Jacobi sweeps; the sources are updated in place and returned)."""
+    """Fit every source's amplitude and sub-pixel position, the others' light included.
+
+    Each sweep solves all amplitudes at once, by linear least squares of the image minus its smooth background
+    over every pixel a source reaches (sparse: each source covers its PSF's square), then moves each source's
+    centre by a Gauss-Newton step fitted with the others' models subtracted. Jointly solved amplitudes do not
+    oscillate between touching neighbours as one-at-a-time fits do. Sources are updated in place and returned;
+    a source the image gives no light ends with amplitude 0.
+    """
+    from napari_coordgate.calibration.detect import background_map
+
     s = sources.psfs.shape[-1]
     pad = s
-    padded = np.pad(image, pad, mode="edge")
+    flat = image - background_map(image)
+    padded = np.pad(flat, pad, mode="edge")
     for _ in range(sweeps):
+        _solve_amplitudes(padded, sources, pad)
         model = sources.render(image.shape, pad)
         own = sources.shifted() * sources.amplitude[:, None, None]
         data = _cut(padded, sources.iy, sources.ix, s, pad) - (_cut(model, sources.iy, sources.ix, s, pad) - own)
         fit = fit_amplitude_shift(sources.psfs, data, sources.shift, np.full(len(sources), noise), iterations=2,
                                   search=False)
         ok = np.isfinite(fit["amplitude"]) & (fit["amplitude"] > 0) & np.all(np.abs(fit["shift"]) < 1.5, axis=1)
-        sources.amplitude = np.where(ok, fit["amplitude"], 0.0)
-        sources.offset = np.where(ok, fit["offset"], 0.0)
-        new = np.where(ok[:, None], fit["shift"], sources.shift)
+        step = np.clip(np.where(ok[:, None], fit["shift"], sources.shift) - sources.shift, -0.5, 0.5)
+        new = sources.shift + step
         # a shift past half a pixel moves the source's integer centre
-        step = np.round(new).astype(int)
-        sources.iy, sources.ix = sources.iy + step[:, 0], sources.ix + step[:, 1]
-        sources.shift = new - step
+        whole = np.round(new).astype(int)
+        sources.iy, sources.ix = sources.iy + whole[:, 0], sources.ix + whole[:, 1]
+        sources.shift = new - whole
+    _solve_amplitudes(padded, sources, pad)
     return sources
+
+
+def _solve_amplitudes(padded: np.ndarray, sources: Sources, pad: int) -> None:
+    """All amplitudes (and one constant) by sparse least squares; negative ones are set to 0 and re-solved
+    without those sources."""
+    from scipy import sparse
+    from scipy.sparse.linalg import spsolve
+
+    n = len(sources)
+    if n == 0:
+        return
+    s = sources.psfs.shape[-1]
+    r = s // 2
+    hh, ww = padded.shape
+    moved = sources.shifted()
+    off = np.arange(s) - r
+    py = (sources.iy[:, None, None] + pad + off[None, :, None]) + np.zeros((1, 1, s), int)
+    px = (sources.ix[:, None, None] + pad + off[None, None, :]) + np.zeros((1, s, 1), int)
+    inside = (py >= 0) & (py < hh) & (px >= 0) & (px < ww)
+    pix = np.where(inside, py * ww + px, 0)
+    cols = np.broadcast_to(np.arange(n)[:, None, None], pix.shape)
+    used, inv = np.unique(pix[inside], return_inverse=True)
+    a = sparse.csr_matrix((moved[inside], (inv, cols[inside])), shape=(used.size, n))
+    b = padded.ravel()[used]
+    active = np.ones(n, bool)
+    amp = np.zeros(n)
+    for _ in range(3):
+        # normal equations: sparse (sources overlap only their neighbours), plus one dense row for the constant
+        sub = sparse.hstack([a[:, active], np.ones((used.size, 1))]).tocsc()
+        ata = (sub.T @ sub).tocsc()
+        ata = ata + sparse.identity(ata.shape[0], format="csc") * (1e-9 * ata.diagonal().max())
+        sol = np.atleast_1d(spsolve(ata, sub.T @ b))
+        amp[:] = 0.0
+        amp[active] = sol[:-1]
+        neg = active & (amp <= 0)
+        if not neg.any():
+            break
+        active &= ~neg
+        amp[neg] = 0.0
+    sources.amplitude = np.maximum(amp, 0.0)
+    sources.offset = np.zeros(n)
 
 
 def isolate_windows(image: np.ndarray, sources: Sources, beads: np.ndarray, size: int) -> np.ndarray:
@@ -118,3 +171,100 @@ def isolate_windows(image: np.ndarray, sources: Sources, beads: np.ndarray, size
     a, b = lo - (r - rr), s - ((r + rr + 1) - hi)
     windows[:, lo:hi, lo:hi] += moved[:, a:b, a:b]
     return windows
+
+
+def find_missed(image: np.ndarray, model: np.ndarray, noise: float, sigma: float, known: np.ndarray, *,
+                z: float = 6.0, contrast: float = 0.3) -> np.ndarray:
+    """(M, 2) integer (y, x) of sources the model lacks: significant peaks of the residual ``image - model``.
+
+    Two beads closer than about two PSF widths are often found as one spot; once that spot is modelled (and has
+    moved onto the brighter of the two), the second bead stands out in the residual, as crowded-field photometry
+    finds faint companions. A peak of the residual smoothed at ``sigma`` (px, the PSF's) counts when it is ``z``
+    times the smoothed noise above the residual's own smooth background, at least ``contrast`` times the
+    smoothed model there (a model that is a little off around a bright bead is not a new source), and further
+    than ``2 sigma`` (0.85 FWHM) from every ``known`` (N, 2) source: a slightly misplaced model leaves a lobe of
+    residual about a pixel from its centre, which is not a bead, while a companion closer than that would be a
+    clump anyway.
+    """
+    from scipy import ndimage
+    from scipy.spatial import cKDTree
+    from skimage.feature import peak_local_max
+
+    from napari_coordgate.calibration.detect import background_map
+
+    resid = image - model
+    resid = resid - background_map(resid)
+    sm = ndimage.gaussian_filter(resid, sigma, mode="nearest")
+    msm = ndimage.gaussian_filter(model, sigma, mode="nearest")
+    level = noise / (2.0 * np.sqrt(np.pi) * sigma)  # white noise after a unit-sum Gaussian of width sigma
+    peaks = peak_local_max(sm, min_distance=max(1, int(round(sigma))), threshold_abs=z * level,
+                           exclude_border=False)
+    if peaks.size == 0:
+        return np.zeros((0, 2), int)
+    keep = sm[peaks[:, 0], peaks[:, 1]] > contrast * msm[peaks[:, 0], peaks[:, 1]]
+    if known.size:
+        d, _ = cKDTree(known).query(peaks.astype(float))
+        keep &= d > max(1.5, 2.0 * sigma)
+    return peaks[keep]
+
+
+def psf_fwhm(psfs: np.ndarray, upsample: int = 4) -> np.ndarray:
+    """(N,) FWHM (px) of (N, s, s) PSFs: the diameter of the disc whose area is that above half the peak, measured
+    on a ``upsample`` x finer bilinear grid (a 2 px PSF covers only a few pixels)."""
+    from scipy import ndimage
+
+    out = np.empty(len(psfs))
+    for k, p in enumerate(psfs):
+        fine = ndimage.zoom(p, upsample, order=1)
+        area = float((fine >= 0.5 * fine.max()).sum()) / upsample**2
+        out[k] = 2.0 * np.sqrt(area / np.pi)
+    return out
+
+
+def recentre_on_rest(image: np.ndarray, sources: Sources, which: np.ndarray, sigma: float, radius: float) -> None:
+    """Move the sources ``which`` (indices) to the brightest point, within ``radius`` px, of the image with every
+    other source's model removed (smoothed at ``sigma`` px): a spot first detected between two beads sits on
+    the one left once its neighbour, found later, is modelled. In place; sub-pixel positions are fitted after."""
+    from scipy import ndimage
+
+    if len(which) == 0:
+        return
+    s = sources.psfs.shape[-1]
+    pad = s
+    h = s // 2
+    r = max(h, int(np.ceil(radius)) + int(np.ceil(3 * sigma)) + 1)
+    size = 2 * r + 1
+    padded = np.pad(image, pad + size, mode="edge")
+    model = np.pad(sources.render(image.shape, pad), size)
+    own = sources.shifted() * sources.amplitude[:, None, None]
+    off = np.arange(size) - r
+    yy, xx = np.meshgrid(off, off, indexing="ij")
+    disc = np.hypot(yy, xx) <= radius
+    for k in which:
+        cy, cx = sources.iy[k] + pad + size, sources.ix[k] + pad + size
+        rest = padded[cy - r : cy + r + 1, cx - r : cx + r + 1] - model[cy - r : cy + r + 1, cx - r : cx + r + 1]
+        rest[r - h : r + h + 1, r - h : r + h + 1] += own[k]
+        sm = ndimage.gaussian_filter(rest, sigma, mode="nearest")
+        j = np.argmax(np.where(disc, sm, -np.inf))
+        sources.iy[k] += int(yy.ravel()[j])
+        sources.ix[k] += int(xx.ravel()[j])
+        sources.shift[k] = 0.0
+
+
+def likeness(image: np.ndarray, sources: Sources, which: np.ndarray, radius: float) -> np.ndarray:
+    """(M,) correlation, within ``radius`` px of each source ``which``, between the image with every other
+    source's model removed and the source's own PSF: near 1 for a bead, low for the structured remainder a
+    slightly wrong model leaves in a bright neighbour's halo."""
+    s = sources.psfs.shape[-1]
+    pad = s
+    padded = np.pad(image, pad, mode="edge")
+    model = sources.render(image.shape, pad)
+    own = sources.shifted() * sources.amplitude[:, None, None]
+    iy, ix = sources.iy[which], sources.ix[which]
+    data = _cut(padded, iy, ix, s, pad) - (_cut(model, iy, ix, s, pad) - own[which])
+    psf = sources.shifted()[which]
+    off = np.arange(s) - s // 2
+    disc = np.hypot(off[:, None], off[None, :]) <= radius
+    d = data[:, disc] - data[:, disc].mean(axis=1, keepdims=True)
+    m = psf[:, disc] - psf[:, disc].mean(axis=1, keepdims=True)
+    return np.sum(d * m, axis=1) / np.maximum(np.linalg.norm(d, axis=1) * np.linalg.norm(m, axis=1), 1e-30)

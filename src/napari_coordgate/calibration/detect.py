@@ -58,8 +58,8 @@ class BeadTable:
     come from the elliptical Gaussian fit (not corrected for the pixel's own width). ``reason`` is ``""`` for
     accepted beads, else a key of :data:`REASONS`; ``detail`` says more. ``held_out`` marks beads kept out of
     the fits to compare the models; ``holdout`` marks the beads kept out of every fit (``calibrate(holdout=F)``)
-    to check the final model without ground truth; ``residual`` is the bead's relative L2 misfit to the chosen model (noise
-    included; NaN for rejected beads).
+    to check the final model without ground truth; ``residual`` is the bead's relative L2 misfit to the chosen
+    model (noise included; NaN for rejected beads).
     """
 
     image: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
@@ -123,6 +123,10 @@ class BeadTable:
             else:
                 out[f.name] = col.tolist()
         return out
+
+    def take(self, rows) -> "BeadTable":
+        """The table of ``rows`` only (indices or a boolean mask)."""
+        return BeadTable(**{f.name: getattr(self, f.name)[rows] for f in fields(BeadTable)})
 
     @staticmethod
     def concat(tables: "list[BeadTable]") -> "BeadTable":
@@ -220,7 +224,8 @@ def _log_candidates(sig: np.ndarray, z_threshold: float, scales: np.ndarray
         if not keep[i]:
             continue
         d = np.hypot(ys[i + 1 :] - ys[i], xs[i + 1 :] - xs[i])
-        keep[i + 1 :] &= ~(d < max(2.0, 1.5 * sc[i]))
+        # a weaker maximum within either one's scale is the same spot, or a blend of it with a neighbour
+        keep[i + 1 :] &= ~(d < np.maximum(2.0, 1.5 * np.maximum(sc[i], sc[i + 1 :])))
     return ys[keep], xs[keep], sc[keep]
 
 
@@ -361,7 +366,7 @@ def find_beads(
 
     table = _refine(raw, cleaned, ys, xs, sc, noise, min_snr, image_index)
     hy, hx = np.nonzero(hot)
-    hot_rows = _empty(hy.size, image_index)
+    hot_rows = empty_table(hy.size, image_index)
     hot_rows.y, hot_rows.x = hy.astype(float), hx.astype(float)
     hot_rows.peak = image[hy, hx] - bg[hy, hx]
     hot_rows.background = bg[hy, hx]
@@ -376,7 +381,7 @@ def find_beads(
 def _refine(raw, cleaned, ys, xs, sc, noise: float, min_snr: float, image_index: int) -> BeadTable:
     """Candidates -> table rows: Gaussian fit (centre, peak, widths), then the saturated / narrower than a pixel /
     fit failed / too faint rejections."""
-    table = _empty(ys.size, image_index)
+    table = empty_table(ys.size, image_index)
     if not ys.size:
         return table
     wsize = int(np.clip(2 * math.ceil(2.5 * np.percentile(sc, 90)) + 1, 9, 25))
@@ -402,7 +407,8 @@ def _refine(raw, cleaned, ys, xs, sc, noise: float, min_snr: float, image_index:
     return table
 
 
-def _empty(n: int, image_index: int) -> BeadTable:
+def empty_table(n: int, image_index: int) -> BeadTable:
+    """A table of ``n`` accepted rows of image ``image_index``, every measurement NaN."""
     nan = np.full(n, np.nan)
     return BeadTable(
         image=np.full(n, image_index, dtype=int), y=nan.copy(), x=nan.copy(), y_norm=nan.copy(), x_norm=nan.copy(),
@@ -413,12 +419,14 @@ def _empty(n: int, image_index: int) -> BeadTable:
     )
 
 
-def reject_by_window(table: BeadTable, shapes: list[tuple[int, int]], psf_size: int, margin: int) -> None:
+def reject_by_window(table: BeadTable, shapes: list[tuple[int, int]], psf_size: int, margin: int,
+                     fwhm: np.ndarray | None = None) -> None:
     """Reject beads whose PSF window (plus its background ring) leaves the frame, spots too wide for the window,
     beads in a clump (a neighbour closer than a PSF width: the two cannot be told apart), and beads with a
     neighbour whose light cannot be modelled (saturated or too large) close enough to reach into the window.
 
     Other neighbours are not a reason: their light is modelled and removed (:mod:`~napari_coordgate.calibration.crowd`).
+    ``fwhm``: the PSF's FWHM (px) expected at each row (from a PSF model); default :func:`local_fwhm`.
     """
     half = psf_size // 2 + margin
     for i, (h, w) in enumerate(shapes):
@@ -431,7 +439,7 @@ def reject_by_window(table: BeadTable, shapes: list[tuple[int, int]], psf_size: 
     table.reject(np.nan_to_num(major) > psf_size / 2.0, "too large",
                  np.array([f"FWHM {m:.1f} px > half the {psf_size} px window" for m in np.nan_to_num(major)],
                           dtype=object))
-    _reject_neighbours(table, psf_size, major)
+    _reject_neighbours(table, psf_size, local_fwhm(table, major) if fwhm is None else fwhm)
 
 
 def local_fwhm(table: BeadTable, major: np.ndarray, k: int = 8) -> np.ndarray:
@@ -456,12 +464,11 @@ def local_fwhm(table: BeadTable, major: np.ndarray, k: int = 8) -> np.ndarray:
     return out
 
 
-def _reject_neighbours(table: BeadTable, psf_size: int, major: np.ndarray) -> None:
+def _reject_neighbours(table: BeadTable, psf_size: int, fwhm: np.ndarray) -> None:
     from scipy.spatial import cKDTree
 
-    real = table.reason != "hot pixel"
+    real = (table.reason != "hot pixel") & np.isfinite(table.y)
     unmodelled = np.isin(table.reason, ["saturated", "too large"])
-    fwhm = local_fwhm(table, major)
     # a neighbour reaches into the window when its core (about 1.5 FWHM in radius) does
     reach = psf_size / 2.0 + np.maximum(2.0, 1.5 * fwhm)
     clump = np.maximum(2.0, 1.0 * fwhm)

@@ -188,13 +188,10 @@ def bead_slide(
     seed
         Seed of everything random.
     bead_diameter_px
-        Diameter of the beads in pixels (0: points). A finite bead is rendered as point sources on a fine grid
-        over its projected disc (at most 0.3 px apart), each weighted by the sphere's thickness there and drawn
-        with the optics at its own sub-pixel position: the bead's image is summed from shifted PSFs, not made by
-        the transfer function that calibration divides out (:func:`napari_coordgate.optics.bead.sphere_otf`).
+        Diameter of the beads in pixels (0: points), rendered as point sources over the sphere
+        (:func:`_sphere_points`): summed from shifted PSFs, not with the ``sphere_otf`` calibration divides out.
     positions
-        (y, x) arrays of the ordinary beads' positions (px) instead of uniform random ones (crowded slides, point
-        arrays); ``n_beads`` is then ignored.
+        (y, x) of the ordinary beads (px) instead of uniform random ones; ``n_beads`` is then ignored.
 
     Returns
     -------
@@ -208,16 +205,8 @@ def bead_slide(
     expected, flux = _render(optics, ys, xs, rel, kinds != "saturated", photons, h, w, bead_diameter_px)
     gy, gx = field_axis(h), field_axis(w)
     expected = expected + background * photons * (1.0 + 0.5 * gradient * (0.8 * gx[None, :] + 0.6 * gy[:, None]))
-    hot = np.zeros((0, 2), int)
-    if noise:
-        image = rng.poisson(expected).astype(np.float64) + rng.normal(0.0, read_noise, expected.shape)
-        n_hot = rng.binomial(h * w, hot_fraction) if hot_fraction > 0 else 0
-        if n_hot:
-            flat = rng.choice(h * w, n_hot, replace=False)
-            hot = np.stack(np.unravel_index(flat, (h, w)), axis=1)
-            image[hot[:, 0], hot[:, 1]] += rng.uniform(0.3, 3.0, n_hot) * photons
-    else:
-        image = expected
+    image, hot = (expected, np.zeros((0, 2), int)) if not noise else _camera(rng, expected, read_noise,
+                                                                              hot_fraction, photons)
     if full_well is None and n_saturated:
         full_well = 1.6 * photons
     if full_well is not None:
@@ -225,6 +214,19 @@ def bead_slide(
     truth = {"y": ys, "x": xs, "kind": kinds, "flux": flux, "hot": hot, "full_well": full_well,
              "bead_diameter_px": float(bead_diameter_px)}
     return (image + offset).astype(np.float32), truth
+
+
+def _camera(rng, expected: np.ndarray, read_noise: float, hot_fraction: float, photons: float):
+    """(image, hot pixel indices): shot and read noise, and hot pixels of +0.3 to 3 x ``photons``."""
+    h, w = expected.shape
+    image = rng.poisson(expected).astype(np.float64) + rng.normal(0.0, read_noise, expected.shape)
+    hot = np.zeros((0, 2), int)
+    n_hot = rng.binomial(h * w, hot_fraction) if hot_fraction > 0 else 0
+    if n_hot:
+        flat = rng.choice(h * w, n_hot, replace=False)
+        hot = np.stack(np.unravel_index(flat, (h, w)), axis=1)
+        image[hot[:, 0], hot[:, 1]] += rng.uniform(0.3, 3.0, n_hot) * photons
+    return image, hot
 
 
 def _place(rng, h: int, w: int, n_beads: int, n_touching: int, n_saturated: int, brightness, positions=None):
