@@ -341,8 +341,7 @@ class PredictConfig(Config):
 
 
 CALIBRATION_MODELS = ("auto", "pupil", "grid")
-#: the bead diameters (nm) calibration accepts, from 0 (a point) to 5 µm; optics.bead.BEAD_LIMITS_NM holds the same
-#: (this base module cannot import optics, a layer above; tests/test_calibrate_config.py checks that the two agree)
+#: the bead diameters (nm) calibration accepts, from 0 (a point) to 5 µm (optics.bead takes them from here)
 BEAD_LIMITS_NM = (0.0, 5000.0)
 
 

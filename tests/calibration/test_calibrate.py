@@ -411,3 +411,19 @@ def test_calibration_benchmark_quick_mode_prints_its_table():
     rows = [line for line in result.stdout.splitlines() if line.startswith("| moffat") or line.startswith("| pupil")]
     assert len(rows) == 2, result.stdout
     assert "err median" in result.stdout
+
+
+def test_holdout_beads_are_kept_out_of_every_fit_and_listed_in_the_json_report():
+    import json
+
+    image, _ = bead_slide(GAUSS, (256, 256), n_beads=40, photons=3000, seed=7)
+    full = calibrate(image, model="grid")
+    held = calibrate(image, model="grid", holdout=0.25)
+    marked = held.beads.holdout
+    assert marked.sum() == round(0.25 * full.n_beads)
+    assert held.n_beads == full.n_beads - marked.sum()
+    assert np.all(held.beads.accepted[marked])  # usable beads, just not used
+    assert not np.any(held.beads.held_out[marked])  # nor used to choose between the models
+    report = json.loads(held.to_json())
+    assert sum(report["beads"]["holdout"]) == marked.sum()
+    assert held.model.provenance["holdout_beads"] == marked.sum()

@@ -35,13 +35,14 @@ from napari_coordgate.calibration.detect import BeadTable, find_beads, reject_by
 from napari_coordgate.calibration.grid import GridFit, choose_grid, fit_grid
 from napari_coordgate.calibration.patches import Patches, extract_patches, fit_beads, window_size
 from napari_coordgate.calibration.result import CalibrationResult, CalibrationUpdate
+from napari_coordgate.config import CALIBRATION_MODELS
 from napari_coordgate.optics.measured import MeasuredGridPSF
 from napari_coordgate.optics.psfmodel import PSFModel
 
 __all__ = ["calibrate", "CalibrationResult", "CalibrationUpdate", "CalibrationError", "CalibrationCancelled",
            "BeadTable", "MODELS", "PUPIL_MIN_BEADS", "GRID_MIN_BEADS"]
 
-MODELS = ("auto", "pupil", "grid")
+MODELS = CALIBRATION_MODELS
 PUPIL_MIN_BEADS = 10  # 36 polynomial coefficients, but each bead constrains its position's 6 aberrations
 GRID_MIN_BEADS = 5  # four to fit, one to check
 _MIN_SIDE = 16  # the smallest bead image side: a PSF window and its background ring
@@ -221,7 +222,7 @@ def calibrate(
     run = _Run(settings, _check_settings(settings), should_stop, report)
     run.detect(*_check_images(images))
     run.choose_window(psf_size)
-    patches = run.usable_patches()
+    patches = run.hold_out(run.usable_patches())
     train, test = run.split(patches)
     run.fit_grid(train, test)
     run.fit_pupil(train, test)
@@ -229,39 +230,32 @@ def calibrate(
 
 
 def _check_settings(settings: dict) -> dict | None:
-    """The optics as the pupil fit wants them (None when not all given); CalibrationError for bad settings."""
-    model, grid, psf_size = settings["model"], settings["grid"], settings["psf_size"]
-    if model not in MODELS:
-        raise CalibrationError(f"model must be one of {', '.join(MODELS)}; got {model!r}")
-    if grid is not None and (isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or not 1 <= grid <= 25):
-        raise CalibrationError(f"grid must be an integer from 1 to 25 (K of the K x K PSF grid), got {grid!r}")
-    if psf_size is not None and (isinstance(psf_size, bool) or not isinstance(psf_size, (int, np.integer))
-                                 or psf_size < 7 or psf_size % 2 == 0):
-        raise CalibrationError(f"psf_size must be an odd integer of at least 7 pixels, got {psf_size!r}")
-    given = {"na": settings["na"], "wavelength": settings["wavelength_um"], "immersion": settings["immersion"],
-             "pixel size": settings["pixel_size_um"]}
-    for key, value in given.items():
-        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise CalibrationError(f"{key} must be a positive number, got {value!r}")
-    holdout = settings["holdout"]
-    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0.0 <= holdout <= 0.5:
-        raise CalibrationError(f"holdout must be a fraction from 0 to 0.5 of the beads, got {holdout!r}")
+    """The optics as the pupil fit wants them (None when not all given); CalibrationError for bad settings.
+
+    Each setting's type and bounds are :class:`~napari_coordgate.config.CalibrateConfig`'s (their one home); here
+    only the rules that tie settings to the run: the pupil model needs all four optics, a bead diameter a pixel
+    size."""
+    from napari_coordgate.config import CalibrateConfig, ConfigError
     from napari_coordgate.optics.bead import bead_diameter_px
 
     try:
-        bead_diameter_px(settings["bead_diameter_nm"], settings["pixel_size_um"])
+        cfg = CalibrateConfig.from_calibrate_kwargs(**settings)
+    except ConfigError as exc:
+        raise CalibrationError(str(exc)) from None
+    try:
+        bead_diameter_px(cfg.bead_diameter_nm, cfg.pixel_size_um)
     except ValueError as exc:
         raise CalibrationError(str(exc)) from None
+    given = {"na": cfg.na, "wavelength": cfg.wavelength_nm, "immersion": cfg.immersion,
+             "pixel size": cfg.pixel_size_um}
     missing = [k for k, v in given.items() if v is None]
-    if model == "pupil" and missing:
+    if cfg.model == "pupil" and missing:
         raise CalibrationError(f"the pupil model needs the NA, emission wavelength, immersion index and pixel size; "
                                f"missing: {', '.join(missing)} (or use model 'grid', which needs none)")
     if missing:
         return None
-    if given["na"] >= given["immersion"]:
-        raise CalibrationError(f"na ({given['na']}) must be smaller than the immersion index ({given['immersion']})")
-    return {"na": float(given["na"]), "wavelength_um": float(given["wavelength"]),
-            "refractive_index": float(given["immersion"]), "pixel_size_um": float(given["pixel size"])}
+    return {"na": float(cfg.na), "wavelength_um": float(settings["wavelength_um"]),
+            "refractive_index": float(cfg.immersion), "pixel_size_um": float(cfg.pixel_size_um)}
 
 
 def _optics_warnings(optics: dict | None, table, chosen: str, residuals: dict) -> list[str]:
@@ -548,6 +542,21 @@ class _Run:
             windows[mine] = isolate_windows(self.cleaned[i], src, where, size)
         return windows
 
+    def hold_out(self, patches: Patches) -> Patches:
+        """Without the ``holdout`` fraction of the beads (a seeded random choice, marked in the table's
+        ``holdout`` column), kept out of every fit to check the model later; never below the beads it needs."""
+        frac = float(self.settings["holdout"] or 0.0)
+        n = len(patches)
+        k = min(int(round(frac * n)), n - self.need)
+        if frac <= 0 or k <= 0:
+            if frac > 0:
+                self.warnings.append(f"no beads held out: the {n} usable beads are all needed for the fit")
+            return patches
+        held = np.zeros(n, bool)
+        held[np.random.default_rng(0).permutation(n)[:k]] = True
+        self.table.holdout[patches.index[held]] = True
+        return patches.subset(~held)
+
     def split(self, patches: Patches) -> tuple[Patches, Patches]:
         """Every 5th bead held out to compare the models."""
         n = len(patches)
@@ -580,6 +589,7 @@ class _Run:
         self.say("pupil", 0.4, f"fitting the pupil model to {len(train)} beads")
         fit = fit_pupil_poly(train.core(), train.y_norm, train.x_norm, train.shift, train.noise, **self.optics,
                              grid=7, device=dev, node_psfs=self.grid_fit.psfs, should_stop=self.should_stop,
+                             bead_diameter_px=self.bead_px,
                              on_iteration=lambda d, t, loss: self.say("pupil", 0.4 + 0.4 * d / max(t, 1),
                                                                       f"pupil fit: iteration {d} of {t}, "
                                                                       f"loss {loss:.4g}"))
@@ -610,6 +620,7 @@ class _Run:
             refit = fit_pupil_poly(patches.core(), patches.y_norm, patches.x_norm, patches.shift, patches.noise,
                                    **self.optics, grid=7, device=self.device,
                                    init=self.pupil_fit.model.coefficients, max_iterations=0, polish_iterations=8,
+                                   bead_diameter_px=self.bead_px,
                                    should_stop=self.should_stop,
                                    on_iteration=lambda d, t, _loss: self.say(
                                        "refit", 0.85 + 0.1 * d / max(t, 1), f"pupil refit: iteration {d} of {t}"))
@@ -660,6 +671,8 @@ class _Run:
             "held_out_residuals": {k: v for k, v in self.residuals.items() if v is not None},
             "chosen_model": self.chosen,
             "psf_size": self.size,
+            "bead_diameter_px": self.bead_px,
+            "holdout_beads": int(self.table.holdout.sum()),
         }
         from napari_coordgate._version import __version__
 

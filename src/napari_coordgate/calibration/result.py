@@ -69,8 +69,8 @@ class CalibrationResult:
 
     @property
     def n_beads(self) -> int:
-        """Accepted beads."""
-        return int(self.beads.accepted.sum())
+        """Beads the model was fitted to: accepted, and not held out to check it (``holdout``)."""
+        return int((self.beads.accepted & ~self.beads.holdout).sum())
 
     def summary(self) -> str:
         """One line: bead count, chosen model and its held-out residual."""

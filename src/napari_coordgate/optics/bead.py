@@ -19,10 +19,10 @@ import math
 
 import numpy as np
 
+from napari_coordgate.config import BEAD_LIMITS_NM
+
 __all__ = ["sphere_otf", "sphere_kernel", "blur_by_bead", "bead_diameter_px", "BEAD_LIMITS_NM"]
 
-#: the bead diameters (nm) calibration accepts: from 0 (a point) to 5 µm
-BEAD_LIMITS_NM = (0.0, 5000.0)
 
 
 def sphere_otf(shape, diameter_px: float) -> np.ndarray:
