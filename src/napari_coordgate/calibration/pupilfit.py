@@ -283,7 +283,7 @@ class PupilFit:
     stopped: bool
     shifts: np.ndarray  # (N, 2) fitted sub-pixel shifts of the beads
     weights: np.ndarray  # (N,) final robust weight of each bead (1 = trusted)
-    # the test of the further Zernike terms (:meth:`_JointFit.extend`): their predicted gain over its threshold (> 1:
+    # the test of the further Zernike terms (:meth:`_JointFit.extend`): their predicted gain over its BIC price (> 2:
     # the beads call for them) and, where it passed, the median over held-out beads of their misfit with them over
     # without (< 1: they help, and the model has them); NaN where not run
     extension_score: float = math.nan
@@ -387,7 +387,12 @@ _START_BOUND = np.array([0.6, 0.35, 0.35, 0.2, 0.2, 0.15])  # the primary terms 
 # room a fit's pupil leaves each term beyond 1.5 x its start: generous for the primary terms; little for the further
 # ones, whose steep rims (secondary astigmatism: 31.6 waves per unit radius per wave) need many pupil samples
 _ROOM = np.array([0.15] * len(PRIMARY_TERMS) + [0.05] * (len(ZERNIKE_TERMS) - len(PRIMARY_TERMS)))
-_EXTEND_ITERATIONS = 12  # on the subset, from the primary fit, when the further terms are fitted
+# iterations of each trial fit of the further terms (on the subset), and then of the one kept
+_TRIAL_ITERATIONS, _EXTEND_ITERATIONS = 6, 12
+# the score test's gain must exceed its BIC price this many times over: the price assumes the misfit is noise, and a
+# primary fit's misfit is also a bent fit's and the beads' own (windows, neighbours), which the further terms partly
+# absorb; optics whose beads show trefoil score several times the price with two dozen beads
+_SCORE_MARGIN = 2.0
 
 
 def init_from_nodes(node_psfs: np.ndarray, *, na: float, wavelength_um: float, refractive_index: float,
@@ -406,56 +411,80 @@ def init_from_nodes(node_psfs: np.ndarray, *, na: float, wavelength_um: float, r
 
     Returns (coefficients (terms, 6), stopped).
     """
-    k, _, s, _ = node_psfs.shape
-    idx = np.unique(np.round(np.linspace(0, k - 1, min(k, nodes_per_axis))).astype(int))
-    t = grid_positions(k)
-    ii, jj = np.meshgrid(idx, idx, indexing="ij")
-    ii, jj = ii.ravel(), jj.ravel()
-    # the core holds what the start needs; a smaller square makes the many start fits cheap
-    w = min(s, 19)
-    lo = (s - w) // 2
-    psfs = node_psfs[ii, jj][:, lo : lo + w, lo : lo + w]
-    yn, xn = t[ii], t[jj]
-    # the long axis of each node PSF (second moments) orients the astigmatic starts
-    c = np.arange(w) - w // 2
-    yy, xx = np.meshgrid(c, c, indexing="ij")
-    tot = psfs.sum(axis=(1, 2))
-    my = (psfs * yy).sum(axis=(1, 2)) / tot
-    mx = (psfs * xx).sum(axis=(1, 2)) / tot
-    sxx = (psfs * (xx - mx[:, None, None]) ** 2).sum(axis=(1, 2)) / tot
-    syy = (psfs * (yy - my[:, None, None]) ** 2).sum(axis=(1, 2)) / tot
-    sxy = (psfs * (xx - mx[:, None, None]) * (yy - my[:, None, None])).sum(axis=(1, 2)) / tot
-    two_theta = np.arctan2(2 * sxy, sxx - syy)
-    starts = [(d0, a) for d0 in (0.1, 0.35) for a in (0.0, 0.12, -0.12)]
-    nn, ns = len(ii), len(starts)
-    coef0 = np.zeros((ns * nn, len(PRIMARY_TERMS)))
-    for si, (d0, a) in enumerate(starts):
-        coef0[si * nn : (si + 1) * nn, 0] = d0
-        coef0[si * nn : (si + 1) * nn, 1] = a * np.cos(two_theta)
-        coef0[si * nn : (si + 1) * nn, 2] = a * np.sin(two_theta)
-    dev = torch.device(device)
     optics = dict(na=na, wavelength_um=wavelength_um, refractive_index=refractive_index, pixel_size_um=pixel_size_um)
-    pupil = TorchPupil.for_aberrations(**optics, psf_size=w, bound=_START_BOUND, device=dev, dtype=torch.float32)
-    data = np.tile(psfs / psfs.max(axis=(1, 2), keepdims=True), (ns, 1, 1))
-    theta, c2, stopped = _lm_independent(pupil, data, coef0, iterations, should_stop=should_stop)
-    best = np.argmin(c2.reshape(ns, nn), axis=0)
-    coef = theta.reshape(ns, nn, -1)[best, np.arange(nn)]  # (nodes, 6)
-    if terms > len(PRIMARY_TERMS) and not stopped:
-        more = np.zeros((nn, terms))
-        more[:, : coef.shape[1]] = coef
-        bound = np.abs(more).max(axis=0) * 1.5 + _ROOM[:terms]
-        pupil = TorchPupil.for_aberrations(**optics, psf_size=w, bound=bound, device=dev, dtype=torch.float32)
-        coef, _, stopped = _lm_independent(pupil, data[:nn], more, iterations, should_stop=should_stop)
-    design = monomials(yn, xn)
-    if nn < design.shape[1]:  # too few nodes for a quadratic: constants only
-        design = design[:, :1]
-    even = [t for t in _EVEN if t < terms]
-    signs = _align_signs(coef[:, even], design)
-    coef[:, even] *= signs[:, None]
-    fit = np.linalg.lstsq(design, coef, rcond=None)[0].T  # (terms, P)
-    out = np.zeros((terms, len(MONOMIALS)))
-    out[:, : fit.shape[1]] = fit
-    return out, stopped
+    return _Nodes(node_psfs, optics, device, nodes_per_axis, iterations, should_stop).polynomial(terms)
+
+
+class _Nodes:
+    """The constant-aberration pupil fits of :func:`init_from_nodes`, kept so that more terms can be added later."""
+
+    def __init__(self, node_psfs: np.ndarray, optics: dict, device, nodes_per_axis: int = 3, iterations: int = 25,
+                 should_stop=None):
+        k, _, s, _ = node_psfs.shape
+        idx = np.unique(np.round(np.linspace(0, k - 1, min(k, nodes_per_axis))).astype(int))
+        t = grid_positions(k)
+        ii, jj = np.meshgrid(idx, idx, indexing="ij")
+        ii, jj = ii.ravel(), jj.ravel()
+        # the core holds what the start needs; a smaller square makes the many start fits cheap
+        self.w = w = min(s, 19)
+        lo = (s - w) // 2
+        psfs = node_psfs[ii, jj][:, lo : lo + w, lo : lo + w]
+        self.data = psfs / psfs.max(axis=(1, 2), keepdims=True)
+        self.yn, self.xn = t[ii], t[jj]
+        self.optics, self.device = optics, torch.device(device)
+        self.iterations, self.should_stop = iterations, should_stop
+        self.coef, self.stopped = self._primary()  # (nodes, T)
+
+    def _primary(self) -> tuple[np.ndarray, bool]:
+        """The best of several starts per node, with the primary terms."""
+        psfs, w = self.data, self.w
+        # the long axis of each node PSF (second moments) orients the astigmatic starts
+        c = np.arange(w) - w // 2
+        yy, xx = np.meshgrid(c, c, indexing="ij")
+        tot = psfs.sum(axis=(1, 2))
+        my = (psfs * yy).sum(axis=(1, 2)) / tot
+        mx = (psfs * xx).sum(axis=(1, 2)) / tot
+        sxx = (psfs * (xx - mx[:, None, None]) ** 2).sum(axis=(1, 2)) / tot
+        syy = (psfs * (yy - my[:, None, None]) ** 2).sum(axis=(1, 2)) / tot
+        sxy = (psfs * (xx - mx[:, None, None]) * (yy - my[:, None, None])).sum(axis=(1, 2)) / tot
+        two_theta = np.arctan2(2 * sxy, sxx - syy)
+        starts = [(d0, a) for d0 in (0.1, 0.35) for a in (0.0, 0.12, -0.12)]
+        nn, ns = len(psfs), len(starts)
+        coef0 = np.zeros((ns * nn, len(PRIMARY_TERMS)))
+        for si, (d0, a) in enumerate(starts):
+            coef0[si * nn : (si + 1) * nn, 0] = d0
+            coef0[si * nn : (si + 1) * nn, 1] = a * np.cos(two_theta)
+            coef0[si * nn : (si + 1) * nn, 2] = a * np.sin(two_theta)
+        pupil = TorchPupil.for_aberrations(**self.optics, psf_size=w, bound=_START_BOUND, device=self.device,
+                                           dtype=torch.float32)
+        theta, c2, stopped = _lm_independent(pupil, np.tile(psfs, (ns, 1, 1)), coef0, self.iterations,
+                                             should_stop=self.should_stop)
+        best = np.argmin(c2.reshape(ns, nn), axis=0)
+        return theta.reshape(ns, nn, -1)[best, np.arange(nn)], stopped
+
+    def polynomial(self, terms: int = len(PRIMARY_TERMS)) -> tuple[np.ndarray, bool]:
+        """(terms, 6) coefficients through the nodes' fits (refitted first with all ``terms``), and stopped."""
+        coef = self.coef[:, :terms]
+        if terms > coef.shape[1] and not self.stopped:
+            more = np.zeros((len(coef), terms))
+            more[:, : coef.shape[1]] = coef
+            bound = np.abs(more).max(axis=0) * 1.5 + _ROOM[:terms]
+            pupil = TorchPupil.for_aberrations(**self.optics, psf_size=self.w, bound=bound, device=self.device,
+                                               dtype=torch.float32)
+            self.coef, _, self.stopped = _lm_independent(pupil, self.data, more, self.iterations,
+                                                         should_stop=self.should_stop)
+            coef = self.coef
+        coef = coef.copy()
+        design = monomials(self.yn, self.xn)
+        if len(coef) < design.shape[1]:  # too few nodes for a quadratic: constants only
+            design = design[:, :1]
+        even = [t for t in _EVEN if t < coef.shape[1]]
+        signs = _align_signs(coef[:, even], design)
+        coef[:, even] *= signs[:, None]
+        fit = np.linalg.lstsq(design, coef, rcond=None)[0].T  # (terms, P)
+        out = np.zeros((coef.shape[1], len(MONOMIALS)))
+        out[:, : fit.shape[1]] = fit
+        return out, self.stopped
 
 
 def fit_pupil_poly(
@@ -518,21 +547,24 @@ def fit_pupil_poly(
     """
     t0 = time.perf_counter()
     optics = dict(na=na, wavelength_um=wavelength_um, refractive_index=refractive_index, pixel_size_um=pixel_size_um)
+    nodes = None
     start_terms = len(PRIMARY_TERMS) if init is None else np.shape(init)[0]
     want = _terms_wanted(terms, start_terms, init is None)
     fit = _JointFit(data, monomials(y_norm, x_norm), np.asarray(shifts, dtype=np.float64), noise, optics,
                     torch.device(device), float(bead_diameter_px), should_stop, on_iteration, chunk)
-    fit.budget = max_iterations + polish_iterations + (2 * _EXTEND_ITERATIONS + polish_iterations) * (want > start_terms)
+    extension = 2 * _TRIAL_ITERATIONS + _EXTEND_ITERATIONS + polish_iterations if want > start_terms else 0
+    fit.budget = max_iterations + polish_iterations + extension
     if init is not None:
         coef0, stopped = np.asarray(init, dtype=np.float64), False
     elif node_psfs is not None:
-        coef0, stopped = init_from_nodes(node_psfs, **optics, device=fit.device, should_stop=should_stop)
+        nodes = _Nodes(node_psfs, optics, fit.device, should_stop=should_stop)
+        coef0, stopped = nodes.polynomial()
     else:
         coef0, stopped = fit.constant_start()
     if not stopped:
         coef0, stopped = fit.refine(coef0, max_iterations, subset, polish_iterations)
     if not stopped and want > coef0.shape[0]:
-        coef0, stopped = fit.extend(coef0, want, terms is not None, subset, polish_iterations, node_psfs)
+        coef0, stopped = fit.extend(coef0, want, terms is not None, subset, polish_iterations, nodes)
     coef0 = _limit(coef0)
     size = extent(coef0, optics, data.shape[-1], energy=extent_energy) if extent_energy else data.shape[-1]
     model = PupilPolyPSF(coef0, **optics, psf_size=size, grid=grid, name="pupil fit")
@@ -603,13 +635,7 @@ class _JointFit:
         if pupil is None:
             # the pupil sampled for what the field may reach: the start's range, with room to grow
             pupil = self.pupil_for(PupilPolyPSF._bound(coef0) * 1.5 + _ROOM[: coef0.shape[0]])
-            # start each bead's shift where the starting model's PSF matches it best: a comatic pupil PSF's centre
-            # can sit a pixel or more from the detector's Gaussian centre, too far for the gradient to find
-            with torch.no_grad():
-                start = torch.as_tensor(phi @ coef0.T, device=self.device, dtype=torch.float32)
-                model0 = torch.cat([pupil.psfs(start[a : a + self.chunk]) for a in range(0, n, self.chunk)])
-            self.shifts = fit_amplitude_shift(model0.cpu().numpy().astype(np.float64), data, self.shift0,
-                                              noise)["shift"]
+            self.shifts = self.start_shifts(pupil, coef0, np.arange(n), self.shift0)
         self.pupil = pupil
         common = {"should_stop": self.should_stop, "on_iteration": self.on_iteration, "report_total": self.budget,
                   "chunk": self.chunk}
@@ -631,70 +657,82 @@ class _JointFit:
         return coef0, stopped
 
     def extend(self, coef: np.ndarray, rows: int, forced: bool, subset: int, polish: int,
-               node_psfs: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
+               nodes: "_Nodes | None" = None) -> tuple[np.ndarray, bool]:
         """The first ``rows`` Zernike terms fitted from ``coef`` (fewer rows, converged), unless ``forced`` only
         when the beads call for them and they help.
 
         The beads call for them when a score test at ``coef`` says so (:meth:`score_test`: cheap, and most
-        optics stop there). They are then fitted to three beads of four, from two starts (``coef`` with the
-        further terms at zero, and given ``node_psfs`` the nodes fitted with all the terms,
-        :func:`init_from_nodes`: a primary fit may have bent its terms towards the missing ones, into a valley the
-        further terms do not lead out of), and the better fit is kept only if it also describes most of the fourth
-        beads better than ``coef`` does (the median of their misfit ratios, each bead with its own shift, amplitude
-        and offset, :func:`~napari_coordgate.calibration.patches.fit_amplitude_shift`, below 1): what a misfit the
-        primary terms leave for another reason (a neighbour's light, a bead unlike the others) fits, the held-out
-        beads do not confirm. Kept, it is polished on all beads.
+        optics stop there). They are then fitted to three beads of four, from two starts: ``coef`` with the
+        further terms at zero, and (given the fits of the ``nodes`` the start came from) those refitted with all
+        the terms, since a primary fit may have bent its terms towards the missing ones, into a valley the further
+        terms do not lead out of. The trial that describes the fourth beads best is kept if it describes most of
+        them better than ``coef`` does (the median of their misfit ratios below 1, each bead with its own shift,
+        amplitude and offset, :func:`~napari_coordgate.calibration.patches.fit_amplitude_shift`): what a misfit
+        the primary terms leave for another reason (a neighbour's light, a bead unlike the others) fits, the
+        held-out beads do not confirm. Kept, it is fitted further on the subset (trials are short), then on all
+        beads. ``forced``: no tests, and the trial with the smaller misfit is kept.
         """
         start = np.zeros((rows, coef.shape[1]))
         start[: coef.shape[0]] = coef
         self.extension_score, guess = self.score_test(start, coef.shape[0], self.subset(subset))
-        held = np.arange(self.n) % 4 == 3
-        if not forced and (self.extension_score <= 1.0 or held.sum() < 3):
+        held = np.flatnonzero(np.arange(self.n) % 4 == 3) if not forced else np.zeros(0, int)
+        if not forced and (self.extension_score <= _SCORE_MARGIN or len(held) < 3):
             return coef, False
-        sub = self.subset(subset, np.flatnonzero(~held) if not forced else None)
-        # the pupil sampled for where the step points (at most 0.2 waves: the undamped step from a primary fit bent
-        # towards the missing terms overshoots, and each wave of secondary astigmatism costs 60 pupil samples)
-        reach = np.maximum(PupilPolyPSF._bound(start), np.minimum(PupilPolyPSF._bound(guess), 0.2))
-        starts = [start]
-        if node_psfs is not None:
-            nodes, stopped = init_from_nodes(node_psfs, **self.optics, device=self.device, terms=rows,
-                                             should_stop=self.should_stop)
+        # each start's pupil sampled for it; the zero start's further terms for where the step points, at most 0.1
+        # waves (the undamped step from a bent primary fit overshoots, and each wave of secondary astigmatism costs
+        # 60 pupil samples)
+        starts = [(start, np.maximum(PupilPolyPSF._bound(start), np.minimum(PupilPolyPSF._bound(guess), 0.1)))]
+        if nodes is not None:
+            from_nodes, stopped = nodes.polynomial(rows)
             if stopped:
                 return coef, True
-            starts.append(nodes)
-            reach = np.maximum(reach, PupilPolyPSF._bound(nodes))
-        pupil = self.pupil_for(reach * 1.5 + _ROOM[:rows])
-        best, stopped = None, False
-        for c in starts:
+            starts.append((from_nodes, PupilPolyPSF._bound(from_nodes)))
+        sub = self.subset(subset, np.setdiff1d(np.arange(self.n), held))
+        best, primary = None, None
+        for c, reach in starts:
+            pupil = self.pupil_for(reach * 1.5 + _ROOM[:rows])
+            shifts = self.start_shifts(pupil, c, sub, self.shifts[sub]) if c is not start else self.shifts[sub]
             th, sh, c2, _, it, stopped = _lm_fit(
-                pupil, self.data[sub], self.noise[sub], self.phi[sub], c, self.shifts[sub], _EXTEND_ITERATIONS,
+                pupil, self.data[sub], self.noise[sub], self.phi[sub], c, shifts, _TRIAL_ITERATIONS,
                 should_stop=self.should_stop, on_iteration=self.on_iteration, report_total=self.budget,
                 report_offset=self.reported, chunk=self.chunk)
             self.iterations += it
-            self.reported += _EXTEND_ITERATIONS
-            cost = float(np.sum(self.weights[sub] * c2))  # both with the primary fit's robust weights
-            if best is None or cost < best[0]:
-                best = (cost, th, sh)
+            self.reported += _TRIAL_ITERATIONS
             if stopped:
-                return best[1], True
+                return th, True
+            if forced:
+                key = float(np.sum(self.weights[sub] * c2))
+            else:
+                primary = self.held_out_misfit(pupil, start, held) if primary is None else primary
+                key = float(np.median(self.held_out_misfit(pupil, th, held) / primary))
+            if best is None or key < best[0]:
+                best = (key, th, sh, pupil)
         if not forced:
-            beads = np.flatnonzero(held)
-            ratio = self.held_out_misfit(pupil, best[1], beads) / self.held_out_misfit(pupil, start, beads)
-            self.extension_held_out = float(np.median(ratio))
-            if not self.extension_held_out < 1.0:
+            self.extension_held_out = best[0]
+            if not best[0] < 1.0:
                 return coef, False
         self.shifts[sub] = best[2]
-        return self.refine(best[1], 0, subset, polish, pupil)
+        return self.refine(best[1], _EXTEND_ITERATIONS, subset, polish, best[3])
+
+    def _amplitude_shift(self, pupil: TorchPupil, coef: np.ndarray, beads: np.ndarray, shift0: np.ndarray,
+                         search: bool) -> dict:
+        """Each of ``beads`` fitted by the model ``coef`` with its own shift, amplitude and offset
+        (:func:`~napari_coordgate.calibration.patches.fit_amplitude_shift`; ``search``: from cross-correlation)."""
+        with torch.no_grad():
+            z = torch.as_tensor(self.phi[beads] @ coef.T, device=self.device, dtype=torch.float32)
+            model = torch.cat([pupil.psfs(z[a : a + self.chunk]) for a in range(0, len(beads), self.chunk)])
+        return fit_amplitude_shift(model.cpu().numpy().astype(np.float64), self.data[beads], shift0,
+                                   self.noise[beads], search=search)
+
+    def start_shifts(self, pupil: TorchPupil, coef: np.ndarray, beads: np.ndarray, shift0: np.ndarray) -> np.ndarray:
+        """Where the model ``coef``'s PSF matches each of ``beads`` best: a comatic (or trefoil) pupil PSF's centre
+        can sit a pixel or more from where another model put it, too far for the gradient to find."""
+        return self._amplitude_shift(pupil, coef, beads, shift0, True)["shift"]
 
     def held_out_misfit(self, pupil: TorchPupil, coef: np.ndarray, beads: np.ndarray) -> np.ndarray:
         """The misfit (chi2) of each of ``beads`` to the model ``coef``, each bead with its own shift, amplitude
         and offset (from the shifts so far)."""
-        with torch.no_grad():
-            z = torch.as_tensor(self.phi[beads] @ coef.T, device=self.device, dtype=torch.float32)
-            model = torch.cat([pupil.psfs(z[a : a + self.chunk]) for a in range(0, len(beads), self.chunk)])
-        chi2 = fit_amplitude_shift(model.cpu().numpy().astype(np.float64), self.data[beads], self.shifts[beads],
-                                   self.noise[beads], search=False)["chi2"]
-        return np.maximum(chi2, 1e-30)
+        return np.maximum(self._amplitude_shift(pupil, coef, beads, self.shifts[beads], False)["chi2"], 1e-30)
 
     def score_test(self, start: np.ndarray, fitted: int, sub: np.ndarray) -> tuple[float, np.ndarray]:
         """How strongly the beads ``sub`` call for the terms of ``start`` after its first ``fitted`` (at zero,
@@ -703,8 +741,9 @@ class _JointFit:
         The decrease of the weighted misfit that the Gauss-Newton step predicts when the further coefficients are
         freed, beyond what it predicts without them, in units of the misfit per pixel (which estimates the noise),
         over the Bayesian information criterion's price of those coefficients (their number times the log of the
-        pixels): above 1, they are worth fitting. One evaluation of the derivatives. Even terms with no first-order
-        effect on the PSF at zero (secondary astigmatism in an otherwise perfect, in-focus system) are not seen.
+        pixels): above ``_SCORE_MARGIN``, they are worth trying. One evaluation of the derivatives. Even terms
+        with no first-order effect on the PSF at zero (secondary astigmatism in an otherwise perfect, in-focus
+        system) are not seen.
         """
         problem = _Joint(self.pupil, self.data[sub], self.noise[sub], self.phi[sub], self.chunk)
         shifts = torch.as_tensor(self.shifts[sub], dtype=torch.float64, device=self.device)
