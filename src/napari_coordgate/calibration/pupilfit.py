@@ -547,20 +547,13 @@ def fit_pupil_poly(
     """
     t0 = time.perf_counter()
     optics = dict(na=na, wavelength_um=wavelength_um, refractive_index=refractive_index, pixel_size_um=pixel_size_um)
-    nodes = None
     start_terms = len(PRIMARY_TERMS) if init is None else np.shape(init)[0]
     want = _terms_wanted(terms, start_terms, init is None)
     fit = _JointFit(data, monomials(y_norm, x_norm), np.asarray(shifts, dtype=np.float64), noise, optics,
                     torch.device(device), float(bead_diameter_px), should_stop, on_iteration, chunk)
     extension = 2 * _TRIAL_ITERATIONS + _EXTEND_ITERATIONS + polish_iterations if want > start_terms else 0
     fit.budget = max_iterations + polish_iterations + extension
-    if init is not None:
-        coef0, stopped = np.asarray(init, dtype=np.float64), False
-    elif node_psfs is not None:
-        nodes = _Nodes(node_psfs, optics, fit.device, should_stop=should_stop)
-        coef0, stopped = nodes.polynomial()
-    else:
-        coef0, stopped = fit.constant_start()
+    coef0, nodes, stopped = fit.start(init, node_psfs)
     if not stopped:
         coef0, stopped = fit.refine(coef0, max_iterations, subset, polish_iterations)
     if not stopped and want > coef0.shape[0]:
@@ -605,6 +598,19 @@ class _JointFit:
         order)."""
         among = np.arange(self.n) if among is None else among
         return among[np.unique(np.linspace(0, len(among) - 1, min(size, len(among))).round().astype(int))]
+
+    def start(self, init: np.ndarray | None, node_psfs: np.ndarray | None
+              ) -> tuple[np.ndarray, "_Nodes | None", bool]:
+        """The starting coefficients (``init``, else through ``node_psfs``' fits, else :meth:`constant_start`),
+        the node fits (kept for :meth:`extend`) and stopped."""
+        if init is not None:
+            return np.asarray(init, dtype=np.float64), None, False
+        if node_psfs is None:
+            coef, stopped = self.constant_start()
+            return coef, None, stopped
+        nodes = _Nodes(node_psfs, self.optics, self.device, should_stop=self.should_stop)
+        coef, stopped = nodes.polynomial()
+        return coef, nodes, stopped
 
     def constant_start(self) -> tuple[np.ndarray, bool]:
         """Constant coefficients from a few small defocus values, on a subset of beads."""
