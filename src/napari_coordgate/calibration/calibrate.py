@@ -653,6 +653,7 @@ class _Run:
             self.warnings.append(f"only {n} beads were usable: the model is noisy; a few hundred beads over the "
                                  "field are better")
         self.warnings.extend(_optics_warnings(self.optics, table, self.chosen, self.residuals))
+        self.warnings.extend(_array_warning(self.cleaned, table))
         final = _with_provenance(final, self._provenance(n, source))
         self.candidates[self.chosen] = final
         self.say("done", 1.0, "calibration done")
@@ -678,6 +679,29 @@ class _Run:
 
         prov["napari_coordgate"] = __version__
         return prov
+
+
+def _array_warning(images: list[np.ndarray], table: BeadTable) -> list[str]:
+    """A warning when the image is a dense point array (its local maxima on a lattice whose pitch is under
+    three PSF widths): such spots are modelled one neighbour at a time, which does not hold for touching spots."""
+    from scipy import ndimage
+    from skimage.feature import peak_local_max
+
+    from napari_coordgate.calibration.lattice import fit_lattice
+
+    ok = table.accepted
+    if not ok.any():
+        return []
+    fwhm = float(np.median(np.sqrt(table.fwhm_x[ok] * table.fwhm_y[ok])))
+    sm = ndimage.gaussian_filter(images[0], 1.0)
+    lo, hi = np.percentile(sm, [1, 99.9])
+    pk = peak_local_max(sm, min_distance=2, threshold_abs=lo + 0.2 * (hi - lo), exclude_border=False)
+    lattice = fit_lattice(pk[:, 0], pk[:, 1])
+    if lattice is None or lattice.explained < 0.6 or lattice.pitch > 3.0 * fwhm:
+        return []
+    return [f"the spots sit on a lattice of pitch {lattice.pitch:.1f} px, {lattice.pitch / fwhm:.1f} PSF widths: a "
+            "dense point array; its spots are measured as beads with their neighbours modelled, which is not "
+            "reliable for spots this close (image scattered beads, or an array of a larger pitch)"]
 
 
 def _alone(table: BeadTable, psf_size: int) -> np.ndarray:
