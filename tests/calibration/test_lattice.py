@@ -31,12 +31,21 @@ def test_scattered_beads_are_no_lattice():
     assert fit_lattice(y[:10], x[:10]) is None  # too few spots to call anything a lattice
 
 
-def test_calibrating_a_dense_point_array_warns_that_it_is_one():
+def test_calibrating_a_dense_point_array_says_it_is_one():
+    import pytest
+
+    from napari_coordgate.calibration import CalibrationError
     from napari_coordgate.calibration.calibrate import calibrate
     from napari_coordgate.samples.beads import EllipticalOptics, bead_slide
 
     optics = EllipticalOptics(width=1.6, radial=0.3, tangential=0.1, beta=3.0, psf_size=21)
-    pos = array_positions((128, 128), 4.5, margin=2, angle_deg=2.0)  # 2.3 PSF widths
+    # 5 px: 2.7 PSF widths, calibrated with a warning; 4.5 px: the crowd hides the noise, nothing is measured
+    pos = array_positions((128, 128), 5.0, margin=2, angle_deg=2.0)
     image, _ = bead_slide(optics, (128, 128), n_beads=0, photons=3000, positions=pos, hot_fraction=0, seed=0)
     result = calibrate(image, model="grid", grid=1)
-    assert any("point array" in w for w in result.warnings)
+    assert any("dense point array" in w for w in result.warnings)
+    pos = array_positions((128, 128), 4.5, margin=2, angle_deg=2.0)
+    image, _ = bead_slide(optics, (128, 128), n_beads=0, photons=3000, positions=pos, hot_fraction=0, seed=0)
+    with pytest.raises(CalibrationError, match="dense point array") as err:
+        calibrate(image, model="grid", grid=1)
+    assert err.value.beads is not None

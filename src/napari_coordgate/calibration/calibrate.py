@@ -329,7 +329,8 @@ class _Run:
         spots = ~np.isin(table.reason, ["hot pixel", "fit failed", "too faint"])
         self.n_spots = int(spots.sum())
         if self.n_spots == 0:
-            raise CalibrationError(table.nothing_found(), beads=table, field_shape=self.field_shape)
+            dense = _dense_array(self.cleaned, table)
+            raise CalibrationError(dense or table.nothing_found(), beads=table, field_shape=self.field_shape)
         self.n_sat = int((table.reason == "saturated").sum())
         if self.n_sat == self.n_spots:
             raise CalibrationError(f"all {self.n_sat} beads are saturated (pixels at the camera's maximum); lower "
@@ -386,11 +387,12 @@ class _Run:
         counts = ", ".join(f"{v} {k}" for k, v in table.counts().items() if k != "accepted")
         what = ("pupil model" if self.model == "pupil" else f"{self.grid} x {self.grid} grid" if self.grid
                 else "measured grid")
-        raise CalibrationError(
-            f"the {what} needs at least {self.need} usable beads, found {n}"
-            + (f" (rejected: {counts})" if counts else "")
-            + "; image more beads (a denser slide, or several positions of the slide as a series)",
-            beads=table, field_shape=self.field_shape)
+        message = (f"the {what} needs at least {self.need} usable beads, found {n}"
+                   + (f" (rejected: {counts})" if counts else "")
+                   + "; image more beads (a denser slide, or several positions of the slide as a series)")
+        dense = _dense_array(self.cleaned, table)
+        raise CalibrationError(f"{dense}; {n} usable spots" if dense else message, beads=table,
+                               field_shape=self.field_shape)
 
     def _patches(self, rows: np.ndarray, windows: np.ndarray | None = None) -> Patches:
         """Patches of table ``rows`` (beads without light above their background are rejected)."""
@@ -653,7 +655,9 @@ class _Run:
             self.warnings.append(f"only {n} beads were usable: the model is noisy; a few hundred beads over the "
                                  "field are better")
         self.warnings.extend(_optics_warnings(self.optics, table, self.chosen, self.residuals))
-        self.warnings.extend(_array_warning(self.cleaned, table))
+        dense = _dense_array(self.cleaned, table)
+        if dense:
+            self.warnings.append(dense)
         final = _with_provenance(final, self._provenance(n, source))
         self.candidates[self.chosen] = final
         self.say("done", 1.0, "calibration done")
@@ -681,27 +685,30 @@ class _Run:
         return prov
 
 
-def _array_warning(images: list[np.ndarray], table: BeadTable) -> list[str]:
-    """A warning when the image is a dense point array (its local maxima on a lattice whose pitch is under
-    three PSF widths): such spots are modelled one neighbour at a time, which does not hold for touching spots."""
+def _dense_array(images: list[np.ndarray], table: BeadTable) -> str | None:
+    """A sentence when the image is a dense point array (its local maxima on a lattice whose pitch is under three
+    PSF widths, or any lattice when no bead could be measured), else None: such spots are modelled one neighbour
+    at a time, which does not hold for touching spots, and their crowd hides the noise from the detection."""
     from scipy import ndimage
     from skimage.feature import peak_local_max
 
     from napari_coordgate.calibration.lattice import fit_lattice
 
-    ok = table.accepted
-    if not ok.any():
-        return []
-    fwhm = float(np.median(np.sqrt(table.fwhm_x[ok] * table.fwhm_y[ok])))
     sm = ndimage.gaussian_filter(images[0], 1.0)
     lo, hi = np.percentile(sm, [1, 99.9])
     pk = peak_local_max(sm, min_distance=2, threshold_abs=lo + 0.2 * (hi - lo), exclude_border=False)
     lattice = fit_lattice(pk[:, 0], pk[:, 1])
-    if lattice is None or lattice.explained < 0.6 or lattice.pitch > 3.0 * fwhm:
-        return []
-    return [f"the spots sit on a lattice of pitch {lattice.pitch:.1f} px, {lattice.pitch / fwhm:.1f} PSF widths: a "
-            "dense point array; its spots are measured as beads with their neighbours modelled, which is not "
-            "reliable for spots this close (image scattered beads, or an array of a larger pitch)"]
+    if lattice is None or lattice.explained < 0.6:
+        return None
+    ok = table.accepted
+    widths = np.sqrt(table.fwhm_x[ok] * table.fwhm_y[ok])
+    fwhm = float(np.median(widths[np.isfinite(widths)])) if np.isfinite(widths).any() else None
+    if fwhm is not None and lattice.pitch > 3.0 * fwhm:
+        return None
+    width = f", {lattice.pitch / fwhm:.1f} PSF widths" if fwhm else ""
+    return (f"the spots sit on a lattice of pitch {lattice.pitch:.1f} px{width}: a dense point array, which "
+            "calibration does not support yet (its spots are measured as beads with their neighbours modelled one "
+            "at a time, not reliable this close); image scattered beads, or an array of a larger pitch")
 
 
 def _alone(table: BeadTable, psf_size: int) -> np.ndarray:
