@@ -387,8 +387,8 @@ _START_BOUND = np.array([0.6, 0.35, 0.35, 0.2, 0.2, 0.15])  # the primary terms 
 # room a fit's pupil leaves each term beyond 1.5 x its start: generous for the primary terms; little for the further
 # ones, whose steep rims (secondary astigmatism: 31.6 waves per unit radius per wave) need many pupil samples
 _ROOM = np.array([0.15] * len(PRIMARY_TERMS) + [0.05] * (len(ZERNIKE_TERMS) - len(PRIMARY_TERMS)))
-# iterations of each trial fit of the further terms (on the subset), and then of the one kept
-_TRIAL_ITERATIONS, _EXTEND_ITERATIONS = 6, 12
+# iterations and beads of each trial fit of the further terms, and then iterations of the one kept (on the subset)
+_TRIAL_ITERATIONS, _TRIAL_BEADS, _EXTEND_ITERATIONS = 6, 48, 12
 # the score test's gain must exceed its BIC price this many times over: the price assumes the misfit is noise, and a
 # primary fit's misfit is also a bent fit's and the beads' own (windows, neighbours), which the further terms partly
 # absorb; optics whose beads show trefoil score several times the price with two dozen beads
@@ -668,10 +668,10 @@ class _JointFit:
         when the beads call for them and they help.
 
         The beads call for them when a score test at ``coef`` says so (:meth:`score_test`: cheap, and most
-        optics stop there). They are then fitted to three beads of four, from two starts: ``coef`` with the
-        further terms at zero, and (given the fits of the ``nodes`` the start came from) those refitted with all
-        the terms, since a primary fit may have bent its terms towards the missing ones, into a valley the further
-        terms do not lead out of. The trial that describes the fourth beads best is kept if it describes most of
+        optics stop there). They are then fitted to three beads of four (at most ``_TRIAL_BEADS`` of them), from
+        two starts: ``coef`` with the further terms at zero, and (given the fits of the ``nodes`` the start came
+        from) those refitted with all the terms, since a primary fit may have bent its terms towards the missing
+        ones, into a valley the further terms do not lead out of. The trial that describes the fourth beads best is kept if it describes most of
         them better than ``coef`` does (the median of their misfit ratios below 1, each bead with its own shift,
         amplitude and offset, :func:`~napari_coordgate.calibration.patches.fit_amplitude_shift`): what a misfit
         the primary terms leave for another reason (a neighbour's light, a bead unlike the others) fits, the
@@ -693,7 +693,7 @@ class _JointFit:
             if stopped:
                 return coef, True
             starts.append((from_nodes, PupilPolyPSF._bound(from_nodes)))
-        sub = self.subset(subset, np.setdiff1d(np.arange(self.n), held))
+        sub = self.subset(min(subset, _TRIAL_BEADS), np.setdiff1d(np.arange(self.n), held))
         best, primary = None, None
         for c, reach in starts:
             pupil = self.pupil_for(reach * 1.5 + _ROOM[:rows])
