@@ -413,6 +413,15 @@ def test_calibration_benchmark_quick_mode_prints_its_table():
     assert "err median" in result.stdout
 
 
+def test_calibration_benchmark_replicas_quick_mode_prints_its_table():
+    result = subprocess.run([sys.executable, str(BENCH / "bench_calibrate.py"), "--real", "--quick"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| Moffat")]
+    assert len(rows) == 2, result.stdout
+    assert "lost %" in result.stdout and "8-bit" in result.stdout
+
+
 def test_holdout_beads_are_kept_out_of_every_fit_and_listed_in_the_json_report():
     import json
 

@@ -296,7 +296,8 @@ def _noll(n, m, rho, theta):
     from math import factorial
 
     k = abs(m)
-    radial = sum((-1) ** j * factorial(n - j) / (factorial(j) * factorial((n + k) // 2 - j) * factorial((n - k) // 2 - j))
+    radial = sum((-1) ** j * factorial(n - j)
+                 / (factorial(j) * factorial((n + k) // 2 - j) * factorial((n - k) // 2 - j))
                  * rho ** (n - 2 * j) for j in range((n - k) // 2 + 1))
     if m == 0:
         return np.sqrt(n + 1) * radial

@@ -49,6 +49,7 @@ _MIN_SIDE = 16  # the smallest bead image side: a PSF window and its background 
 _MARGIN = 3  # width of the background ring around each PSF window
 _HOLD_OUT = 5  # every 5th accepted bead is held out to compare the models
 _OUTLIER_RATIO = 10.0
+_MIN_ALONE = 8  # beads without a neighbour in reach needed to start modelling the crowded ones
 _DEBLEND_SWEEPS = 2  # refits of the PSF model from windows with the neighbours' light removed
 _LIKENESS = 0.7  # correlation with its PSF below which a spot found in the residual is not a bead
 _FOUND = "found beside a neighbour, in the residual of the modelled spots"
@@ -353,7 +354,18 @@ class _Run:
         self._enough(np.flatnonzero(table.accepted).size)
         # the first model from the beads without a neighbour within reach, when there are enough of them
         alone = table.accepted & _alone(table, self.size)
-        patches = self._patches(np.flatnonzero(alone if alone.sum() >= max(self.need, 8) else table.accepted))
+        if alone.sum() < max(self.need, _MIN_ALONE):
+            # the first PSF model comes from beads without neighbours; crowds are measured with its help only
+            rows = np.flatnonzero(table.accepted & ~alone)
+            detail = np.full(len(table), "", dtype=object)
+            detail[rows] = "too crowded: too few beads without neighbours to start the PSF model"
+            table.reject(np.isin(np.arange(len(table)), rows), "too close", detail)
+            need = max(self.need, _MIN_ALONE)
+            raise CalibrationError(f"too crowded: {int(alone.sum())} of {rows.size + int(alone.sum())} beads have no "
+                                   f"neighbour within reach of their {self.size} px window, and {need} are needed to "
+                                   "start the PSF model the crowded ones are measured with; image a sparser slide "
+                                   "(or give a smaller PSF size)", beads=table, field_shape=self.field_shape)
+        patches = self._patches(np.flatnonzero(alone))
         k0 = self.grid or int(np.clip(round(math.sqrt(len(patches) / 8.0)), 1, 7))
         pre = fit_grid(patches, k0, bead_diameter_px=self.bead_px)
         for sweep in range(_DEBLEND_SWEEPS):

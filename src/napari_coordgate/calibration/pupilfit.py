@@ -29,8 +29,15 @@ import torch
 from napari_coordgate.calibration.patches import fit_amplitude_shift
 from napari_coordgate.coords import grid_positions
 from napari_coordgate.optics.bead import sphere_otf
-from napari_coordgate.optics.psf import (PRIMARY_TERMS, ZERNIKE_ORDERS, ZERNIKE_TERMS, PSFConfig, Pupil, pair_bound,
-                                         pupil_samples)
+from napari_coordgate.optics.psf import (
+    PRIMARY_TERMS,
+    ZERNIKE_ORDERS,
+    ZERNIKE_TERMS,
+    PSFConfig,
+    Pupil,
+    pair_bound,
+    pupil_samples,
+)
 from napari_coordgate.optics.pupil_poly import MONOMIALS, PupilPolyPSF, monomials
 
 __all__ = ["TorchPupil", "PupilFit", "fit_pupil_poly"]
@@ -671,8 +678,9 @@ class _JointFit:
         optics stop there). They are then fitted to three beads of four (at most ``_TRIAL_BEADS`` of them), from
         two starts: ``coef`` with the further terms at zero, and (given the fits of the ``nodes`` the start came
         from) those refitted with all the terms, since a primary fit may have bent its terms towards the missing
-        ones, into a valley the further terms do not lead out of. The trial that describes the fourth beads best is kept if it describes most of
-        them better than ``coef`` does (the median of their misfit ratios below 1, each bead with its own shift,
+        ones, into a valley the further terms do not lead out of. The trial that describes the fourth beads best
+        is kept if it describes most of them better than ``coef`` does (the median of their misfit ratios below 1,
+        each bead with its own shift,
         amplitude and offset, :func:`~napari_coordgate.calibration.patches.fit_amplitude_shift`): what a misfit
         the primary terms leave for another reason (a neighbour's light, a bead unlike the others) fits, the
         held-out beads do not confirm. Kept, it is fitted further on the subset (trials are short), then on all

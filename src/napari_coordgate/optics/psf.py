@@ -8,7 +8,8 @@ Two models describe how a microscope blurs each point of its field of view:
     a wavefront error built from Zernike polynomials (Noll normalisation, so each coefficient is the RMS
     wavefront error of its term, in waves): the primary aberrations (defocus, astigmatism, coma, spherical)
     whose field laws a config sets; :class:`Pupil` also renders trefoil and secondary astigmatism
-    (``ZERNIKE_TERMS``), which the fitted :class:`~napari_coordgate.optics.pupil_poly.PupilPolyPSF` may use. The coherent field is the pupil's Fourier transform, the PSF
+    (``ZERNIKE_TERMS``), which the fitted :class:`~napari_coordgate.optics.pupil_poly.PupilPolyPSF` may use. The
+    coherent field is the pupil's Fourier transform, the PSF
     its squared modulus, computed on a grid ``oversample`` times finer than the camera and binned to
     camera pixels so small PSFs are not aliased, then normalised to unit sum.
 ``"gaussian"``

@@ -8,7 +8,12 @@ at exact sub-pixel positions), plus ``psf_size``.
 - :class:`PupilOptics`: a pupil :class:`~napari_coordgate.optics.psf.PSFConfig` (e.g. a preset), rendered with
   the sub-pixel shift as a pupil phase ramp (inside the family the pupil fit can express);
 - :class:`EllipticalOptics`: an elliptical Moffat (or Gaussian) whose widths and orientation change across the
-  field, integrated over the pixels (outside the pupil family).
+  field, integrated over the pixels (outside the pupil family);
+- :class:`TiltedOptics`: a tilted, decentred pupil system with trefoil, whose aberrations are not quadratic in the
+  field (outside the pupil fit's family too).
+
+Beads may have a size (``bead_slide(bead_diameter_px=)``) and planted positions (:func:`crowded_positions`,
+:func:`array_positions`).
 
 Both give themselves as a PSF model (``as_psf_model``): the reference that training from a measured model is
 compared with.
@@ -24,8 +29,8 @@ import numpy as np
 
 from napari_coordgate.coords import field_axis, field_position, grid_positions
 
-__all__ = ["PupilOptics", "EllipticalOptics", "bead_slide", "psf_error", "local_fwhm", "crowded_positions",
-           "array_positions"]
+__all__ = ["PupilOptics", "EllipticalOptics", "TiltedOptics", "bead_slide", "psf_error", "local_fwhm",
+           "crowded_positions", "array_positions"]
 
 
 class PupilOptics:
@@ -60,6 +65,61 @@ class PupilOptics:
     def as_psf_model(self, grid: int | None = None):
         """The true optics as a PSF model: the pupil config itself (its blur grid ``grid``, default its own)."""
         return self.cfg if grid is None else self.cfg.replace(grid=int(grid))
+
+
+class TiltedOptics:
+    """A pupil system outside the pupil fit's family (its aberrations are not quadratic in the field): a tilted
+    specimen (defocus from 0 on the left to ``defocus`` waves on the right, with a cubic bend), astigmatism and
+    coma about an axis off the frame centre (``axis``, normalised), trefoil growing across the field, a little
+    spherical aberration. All ten Zernike terms of :data:`~napari_coordgate.optics.psf.ZERNIKE_TERMS`."""
+
+    def __init__(self, field_shape: Sequence[int], *, defocus: float = 0.6, astig: float = 0.15, coma: float = 0.12,
+                 trefoil: float = 0.12, axis: tuple[float, float] = (0.25, -0.3), psf_size: int = 41,
+                 na: float = 0.8, wavelength_um: float = 0.52, pixel_size_um: float = 0.16):
+        from napari_coordgate.optics.psf import PSFConfig, Pupil, pupil_samples
+
+        self.cfg = PSFConfig(name="tilted", na=na, wavelength_um=wavelength_um, pixel_size_um=pixel_size_um,
+                             psf_size=psf_size)
+        self.field_shape = tuple(int(n) for n in field_shape)
+        self.psf_size = psf_size
+        self.params = (defocus, astig, coma, trefoil, axis)
+        worst = np.array([defocus * 1.1, astig * 3, astig * 3, coma * 2, coma * 2, 0.03, trefoil * 2, trefoil * 2,
+                          0.0, 0.0])
+        self._pupil = Pupil(self.cfg, pupil_samples(self.cfg, worst))
+        self.name = "tilted, decentred, trefoil"
+
+    def coefficients(self, y, x) -> np.ndarray:
+        """(N, 10) Zernike coefficients (waves RMS) at normalised positions."""
+        defocus, astig, coma, trefoil, (ay, ax) = self.params
+        y, x = np.asarray(y, float).ravel(), np.asarray(x, float).ravel()
+        dy, dx = y - ay, x - ax
+        h2 = dy * dy + dx * dx
+        h = np.sqrt(h2)
+        phi = np.arctan2(dy, dx)
+        out = np.zeros((y.size, 10))
+        out[:, 0] = defocus * (0.5 * (x + 1.0) + 0.15 * x * (x * x - 1.0))  # the tilt, a little bent
+        out[:, 1], out[:, 2] = astig * h2 * np.cos(2 * phi), astig * h2 * np.sin(2 * phi)
+        out[:, 3], out[:, 4] = coma * h * np.cos(phi), coma * h * np.sin(phi)
+        out[:, 5] = 0.03
+        out[:, 6], out[:, 7] = trefoil * (0.5 + 0.5 * x), trefoil * 0.5 * y * y
+        return out
+
+    def psfs(self, y, x, dy=None, dx=None) -> np.ndarray:
+        y = np.atleast_1d(np.asarray(y, float))
+        x = np.atleast_1d(np.asarray(x, float))
+        shifts = None
+        if dy is not None:
+            shifts = np.stack([np.broadcast_to(dy, y.shape), np.broadcast_to(dx, y.shape)], 1).astype(np.float64)
+        return self._pupil.psfs_numpy(self.coefficients(y, x), shifts)
+
+    def as_psf_model(self, grid: int = 9):
+        """The exact PSFs on a ``grid`` x ``grid`` grid of the field (a reference model for training)."""
+        from napari_coordgate.optics.measured import MeasuredGridPSF
+
+        t = grid_positions(grid)
+        yy, xx = np.meshgrid(t, t, indexing="ij")
+        psfs = self.psfs(yy.ravel(), xx.ravel()).reshape(grid, grid, self.psf_size, self.psf_size)
+        return MeasuredGridPSF(psfs, pixel_size_um=self.cfg.pixel_size_um, name=f"true {self.name} ({grid}x{grid})")
 
 
 @dataclass
