@@ -1,8 +1,10 @@
 """The pieces of bead calibration (:func:`napari_coordgate.calibration.calibrate.calibrate` puts them together).
 
-One idea per module: ``detect`` (beads in a 2-D focal-plane image), ``patches`` (registered PSF patches and
-the fit of a PSF model to each bead), ``grid`` (the measured K x K PSF grid), ``pupilfit`` (the pupil model with
-field-polynomial aberrations, fitted with torch autograd), ``report`` (the report figure and JSON).
+One idea per module: ``detect`` (beads in a 2-D focal-plane image), ``crowd`` (every spot's light modelled, so a
+bead's window loses its neighbours'), ``lattice`` (the lattice of a point array), ``patches`` (registered PSF
+patches and the fit of a PSF model to each bead), ``beadsize`` (the beads' own size divided out), ``grid`` (the
+measured K x K PSF grid), ``pupilfit`` (the pupil model with field-polynomial aberrations, fitted with torch
+autograd), ``report`` (the report figure and JSON), ``advice`` (what to change per rejection reason).
 Nothing here imports Qt or napari.
 """
 

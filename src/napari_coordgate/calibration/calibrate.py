@@ -43,7 +43,7 @@ __all__ = ["calibrate", "CalibrationResult", "CalibrationUpdate", "CalibrationEr
            "BeadTable", "MODELS", "PUPIL_MIN_BEADS", "GRID_MIN_BEADS"]
 
 MODELS = CALIBRATION_MODELS
-PUPIL_MIN_BEADS = 10  # 36 polynomial coefficients, but each bead constrains its position's 6 aberrations
+PUPIL_MIN_BEADS = 10  # 36 (60 with trefoil and secondary astigmatism) coefficients, each bead constrains its place's
 GRID_MIN_BEADS = 5  # four to fit, one to check
 _MIN_SIDE = 16  # the smallest bead image side: a PSF window and its background ring
 _MARGIN = 3  # width of the background ring around each PSF window

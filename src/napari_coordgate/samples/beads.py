@@ -60,14 +60,14 @@ class PupilOptics:
         shifts = None
         if dy is not None:
             shifts = np.stack([np.broadcast_to(dy, y.shape), np.broadcast_to(dx, y.shape)], 1).astype(np.float64)
-        return self._pupil.psfs_numpy(self.coefficients(y, x).reshape(-1, 6), shifts)
+        return self._pupil.psfs_numpy(self.coefficients(y, x).reshape(y.size, -1), shifts)
 
     def as_psf_model(self, grid: int | None = None):
         """The true optics as a PSF model: the pupil config itself (its blur grid ``grid``, default its own)."""
         return self.cfg if grid is None else self.cfg.replace(grid=int(grid))
 
 
-class TiltedOptics:
+class TiltedOptics(PupilOptics):
     """A pupil system outside the pupil fit's family (its aberrations are not quadratic in the field): a tilted
     specimen (defocus from 0 on the left to ``defocus`` waves on the right, with a cubic bend), astigmatism and
     coma about an axis off the frame centre (``axis``, normalised), trefoil growing across the field, a little
@@ -103,14 +103,6 @@ class TiltedOptics:
         out[:, 5] = 0.03
         out[:, 6], out[:, 7] = trefoil * (0.5 + 0.5 * x), trefoil * 0.5 * y * y
         return out
-
-    def psfs(self, y, x, dy=None, dx=None) -> np.ndarray:
-        y = np.atleast_1d(np.asarray(y, float))
-        x = np.atleast_1d(np.asarray(x, float))
-        shifts = None
-        if dy is not None:
-            shifts = np.stack([np.broadcast_to(dy, y.shape), np.broadcast_to(dx, y.shape)], 1).astype(np.float64)
-        return self._pupil.psfs_numpy(self.coefficients(y, x), shifts)
 
     def as_psf_model(self, grid: int = 9):
         """The exact PSFs on a ``grid`` x ``grid`` grid of the field (a reference model for training)."""
