@@ -157,13 +157,16 @@ def _held_out(true_model, shape):
 def _calibrated(optics_name: str, optics, args, beads: int, photons: float):
     """The measured PSF model of a slide of ``beads`` beads through ``optics``, and a line about it."""
     size = (args.size, args.size)
-    image, _ = bead_slide(optics, size, n_beads=beads, photons=photons, n_saturated=3, n_touching=3, seed=args.seed)
+    image, _ = bead_slide(optics, size, n_beads=beads, photons=photons, n_saturated=3, n_touching=3, seed=args.seed,
+                          bead_diameter_px=args.bead_diameter)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    diameter_nm = args.bead_diameter * OPTICS["pixel_size_um"] * 1000.0 if args.bead_diameter else None
     result = calibrate(image, model=args.model, device=args.device, source=f"{optics_name}-{beads}-{photons:g}.tif",
-                       **OPTICS)
+                       bead_diameter_nm=diameter_nm, **OPTICS)
     err = psf_error(result.model, optics, size)
-    line = (f"{optics_name}: slide {args.size}^2, {beads} beads / {photons:g} photons -> {result.n_beads} used, "
+    line = (f"{optics_name}: slide {args.size}^2, {beads} beads of {args.bead_diameter:g} px (diameter given) / "
+            f"{photons:g} photons -> {result.n_beads} used, "
             f"model {result.chosen} ({result.model.describe()}), PSF error median {np.median(err):.3f} max "
             f"{err.max():.3f}, {time.perf_counter() - t0:.0f} s")
     return result.model, line
@@ -195,6 +198,10 @@ def run_training_case(optics_name: str, args, beads: int, photons: float) -> lis
     rows.append([optics_name, "mean ± std", f"{mean[0]:.2f} ± {std[0]:.2f} ({mean[1]:.2f})",
                  f"{mean[2]:.2f} ± {std[2]:.2f} ({mean[3]:.2f})",
                  f"{d.mean():+.2f} ± {d.std():.2f} ({de.mean():+.2f} ± {de.std():.2f})", ""])
+    if len(d) > 1:  # the paired difference's standard error
+        se, see = d.std(ddof=1) / np.sqrt(len(d)), de.std(ddof=1) / np.sqrt(len(d))
+        rows.append([optics_name, "mean ± s.e.", "", "", f"{d.mean():+.2f} ± {se:.2f} ({de.mean():+.2f} ± {see:.2f})",
+                     ""])
     return rows
 
 
@@ -369,6 +376,42 @@ def main_real(args) -> None:
     table(header, rows)
 
 
+def main_fibre(args) -> None:
+    """The fibre-like 8-bit replica end to end (``--fibre``): calibrate, train from the measured model, deblur a
+    held-out bead slide of the same optics, bead FWHM by ring before and after."""
+    from napari_coordgate.calibration.beadcheck import bead_fwhm_report
+    from napari_coordgate.config import ModelConfig, TrainConfig
+    from napari_coordgate.engine import SimulatedSource, predict, train
+
+    size = 512 if args.quick else args.size
+    steps = 20 if args.quick else args.steps
+    case = dict(real_cases(size)[-1], beads=max(30, 60 * size * size // 1024**2))
+    torch.set_num_threads(args.threads)
+    rows = []
+    for seed in ([0] if args.quick else args.seeds):
+        optics, image, _ = _slide(case, size, seed)
+        result = calibrate(image, model="grid", device=args.device, **OPTICS)
+        err = psf_error(result.model, optics, (size, size))
+        sharp = _builtin_sharp(result.model, seed)
+        args.steps = steps
+        cfg = TrainConfig(seed=seed, device="cpu", threads=args.train_threads, **_budget(args))
+        trained = train(ModelConfig(depth=2, channels=16, gate="coordgate"), cfg,
+                        SimulatedSource(sharp=sharp, psf=result.model))
+        _, held, _ = _slide(case, size, seed + 100)
+        report = bead_fwhm_report(held.astype(np.float64), predict(trained.saved, held, device="cpu"))
+        before = [r["fwhm"] for r in report["before"]["rings"]]
+        after = [r["fwhm"] for r in report["after"]["rings"]]
+        cut = [f"{100 * (1 - a / b):.0f}" if a and b else "-" for a, b in zip(after, before)]
+        rows.append([f"{seed}", f"{result.n_beads}", f"{np.median(err):.3f}",
+                     " / ".join(f"{b:.2f}" if b else "-" for b in before),
+                     " / ".join(f"{a:.2f}" if a else "-" for a in after), " / ".join(cut)])
+        print("  " + " | ".join(rows[-1]), flush=True)
+    print(f"fibre-like 8-bit replica ({case['beads']} beads, clusters, {size}^2): calibrate (grid), train CoordGate "
+          f"U-Net(2) {steps} steps from the measured model on {args.train_threads} thread(s), deblur a held-out slide "
+          "(seed + 100); bead FWHM (px) by ring centre / middle / edge; target: smaller by >= 25 % in every ring")
+    table(["seed", "beads used", "PSF error", "FWHM before", "FWHM after", "smaller by %"], rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny slides (seconds)")
@@ -389,10 +432,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=0.0,
                         help="--train: wall minutes per model instead of --steps (an idle machine!)")
     parser.add_argument("--train-threads", type=int, default=1, help="--train: torch threads of training (default 1)")
+    parser.add_argument("--bead-diameter", type=float, default=0.0,
+                        help="--train: beads of this diameter in px, rendered as spheres and given to calibrate")
     parser.add_argument("--real", action="store_true",
                         help="replicas of real slides: finite beads, crowded, 8-bit, tilted optics, a point array, a "
                              "fibre-like PSF (seeds from --seeds)")
+    parser.add_argument("--fibre", action="store_true",
+                        help="the fibre-like 8-bit replica end to end: calibrate, train (--steps), deblur held-out "
+                             "beads, bead FWHM by ring before and after (seeds from --seeds)")
     args = parser.parse_args(argv)
+    if args.fibre:
+        main_fibre(args)
+        return
     if args.real:
         torch.set_num_threads(args.threads)
         if args.seeds == [0, 1, 2] and not args.quick:

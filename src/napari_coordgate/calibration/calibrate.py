@@ -267,11 +267,12 @@ def _optics_warnings(optics: dict | None, table, chosen: str, residuals: dict) -
     if optics is not None and table.accepted.any():
         na, lam, px = optics["na"], optics["wavelength_um"], optics["pixel_size_um"]
         ok = table.accepted
-        measured = float(np.median(np.sqrt(table.fwhm_x[ok] * table.fwhm_y[ok])))
+        widths = np.sqrt(table.fwhm_x[ok] * table.fwhm_y[ok])  # NaN for spots found beside a neighbour
+        measured = float(np.median(widths[np.isfinite(widths)])) if np.isfinite(widths).any() else math.nan
         # the Airy FWHM 0.51 lambda / NA, as a camera pixel (about 1 px wide itself) records it
         expected = math.hypot(0.51 * lam / na / px, 1.0)
         optics_text = f"{px:g} µm pixels, NA {na:g}, {lam * 1000:g} nm"
-        if not 0.5 <= measured / expected <= 2.0:
+        if math.isfinite(measured) and not 0.5 <= measured / expected <= 2.0:
             out.append(f"the beads are {measured:.2f} px wide (median FWHM) but the diffraction limit at "
                        f"{optics_text} is {expected:.2f} px: check the pixel size (--pixel-size, metadata) and NA")
         nyquist = lam / (4.0 * na)
