@@ -453,3 +453,16 @@ def test_dim_sharp_8bit_beads_are_beads_and_single_pixel_spikes_stay_hot_pixels(
     assert (table.reason[row[found]] == "hot pixel").mean() <= 0.05
     dh, rh = tree.query(truth["hot"].astype(float))
     assert (table.reason[rh[dh < 0.5]] == "hot pixel").sum() >= 0.75 * len(truth["hot"])
+
+
+def test_noise_of_an_8bit_image_whose_differences_are_mostly_zero_is_not_zero():
+    from napari_coordgate.calibration.detect import robust_noise
+
+    rng = np.random.default_rng(0)
+    for sigma in (0.4, 0.8, 3.0):
+        image = np.round(20 + rng.normal(0, sigma, (128, 128))).astype(np.uint8)
+        expected = np.sqrt(sigma**2 + 1 / 12)  # the noise plus the rounding's
+        assert robust_noise(image) == pytest.approx(expected, rel=0.25)
+    # a float image keeps the plain estimate
+    image = 20 + rng.normal(0, 0.5, (128, 128))
+    assert robust_noise(image) == pytest.approx(0.5, rel=0.1)

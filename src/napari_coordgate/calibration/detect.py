@@ -142,6 +142,7 @@ def robust_noise(image: np.ndarray) -> float:
     +-1 and their median absolute value says little (0 when more than half are equal): there the noise is the
     root mean square of the differences without their largest 2 % (beads, edges), and never below the rounding's
     own 1 / sqrt(12) count."""
+    image = np.asarray(image, dtype=np.float64)  # an unsigned difference would wrap around
     d = np.diff(image, axis=1).ravel()
     if d.size == 0:
         d = np.diff(image, axis=0).ravel()
