@@ -351,6 +351,8 @@ def main_real(args) -> None:
     size = 256 if args.quick else args.size
     seeds = [0] if args.quick else args.seeds
     cases = real_cases(size)
+    if args.only:
+        cases = [c for c in cases if any(word in c["name"] for word in args.only)]
     if args.quick:  # two cases, as many beads per area as the full slides
         cases = [dict(c, beads=max(20, c["beads"] // 16)) for c in (cases[3], cases[7])]
     print(f"napari-coordgate calibration on replicas of real slides ({'quick' if args.quick else 'full'}); torch "
@@ -437,6 +439,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--real", action="store_true",
                         help="replicas of real slides: finite beads, crowded, 8-bit, tilted optics, a point array, a "
                              "fibre-like PSF (seeds from --seeds)")
+    parser.add_argument("--only", nargs="+", metavar="WORD", help="--real: only the cases whose name has a WORD")
     parser.add_argument("--fibre", action="store_true",
                         help="the fibre-like 8-bit replica end to end: calibrate, train (--steps), deblur held-out "
                              "beads, bead FWHM by ring before and after (seeds from --seeds)")
