@@ -8,6 +8,7 @@ was rejected, with a count per reason and what to change."""
 from __future__ import annotations
 
 import html
+from types import MappingProxyType
 
 import numpy as np
 from napari.utils.notifications import show_error, show_info, show_warning
@@ -27,9 +28,10 @@ from ._settings import remember_folder
 
 FIELDS = ("model", "grid", "psf_size", "na", "wavelength_nm", "immersion", "pixel_size_um", "bead_diameter_nm",
           "min_snr", "holdout")
-LABELS = {"grid": "grid K", "psf_size": "PSF size (px)", "na": "NA", "wavelength_nm": "wavelength (nm)",
-          "immersion": "immersion index", "pixel_size_um": "pixel size (µm)", "bead_diameter_nm": "bead diameter (nm)",
-          "min_snr": "min SNR", "holdout": "holdout fraction"}
+LABELS = MappingProxyType({
+    "grid": "grid K", "psf_size": "PSF size (px)", "na": "NA", "wavelength_nm": "wavelength (nm)",
+    "immersion": "immersion index", "pixel_size_um": "pixel size (µm)", "bead_diameter_nm": "bead diameter (nm)",
+    "min_snr": "min SNR", "holdout": "holdout fraction"})
 _MICRONS = ("micrometer", "micron", "µm", "um")
 
 
