@@ -347,6 +347,9 @@ class _Run:
         if size > limit:
             raise CalibrationError(f"psf_size {size} does not fit in a {h} x {w} frame with its background ring")
         reject_by_window(self.table, self.shapes, size, _MARGIN)
+        dense = _dense_array(self.cleaned, self.table)
+        if dense:  # before any modelling: tens of thousands of touching spots would take long, for nothing
+            raise CalibrationError(dense, beads=self.table, field_shape=self.field_shape)
 
     def usable_patches(self) -> Patches:
         """Registered patches of the accepted beads, their neighbours' light removed, without outliers;
@@ -668,9 +671,6 @@ class _Run:
             self.warnings.append(f"only {n} beads were usable: the model is noisy; a few hundred beads over the "
                                  "field are better")
         self.warnings.extend(_optics_warnings(self.optics, table, self.chosen, self.residuals))
-        dense = _dense_array(self.cleaned, table)
-        if dense:
-            self.warnings.append(dense)
         final = _with_provenance(final, self._provenance(n, source))
         self.candidates[self.chosen] = final
         self.say("done", 1.0, "calibration done")
