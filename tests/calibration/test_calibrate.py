@@ -450,9 +450,9 @@ def test_dim_sharp_8bit_beads_are_beads_and_single_pixel_spikes_stay_hot_pixels(
     d, row = tree.query(np.stack([truth["y"], truth["x"]], 1))
     found = d < 1.0
     assert found.mean() >= 0.95
-    assert (table.reason[row[found]] == "hot pixel").mean() <= 0.05
+    assert (table.reason[row[found]] == "hot pixel").mean() <= 0.1  # 14 of 59 with a fixed rule
     dh, rh = tree.query(truth["hot"].astype(float))
-    assert (table.reason[rh[dh < 0.5]] == "hot pixel").sum() >= 0.75 * len(truth["hot"])
+    assert (table.reason[rh[dh < 0.5]] == "hot pixel").sum() >= 0.9 * len(truth["hot"])
 
 
 def test_noise_of_an_8bit_image_whose_differences_are_mostly_zero_is_not_zero():

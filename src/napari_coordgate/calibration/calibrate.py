@@ -358,21 +358,24 @@ class _Run:
         self._enough(np.flatnonzero(table.accepted).size)
         # the first model from the beads without a neighbour within reach, when there are enough of them
         alone = table.accepted & _alone(table, self.size)
-        if alone.sum() < max(self.need, _MIN_ALONE):
+        crowded = table.accepted & ~alone
+        sweeps = _DEBLEND_SWEEPS
+        if crowded.any() and alone.sum() < _MIN_ALONE:
+            sweeps = 0
             # the first PSF model comes from beads without neighbours; crowds are measured with its help only
-            rows = np.flatnonzero(table.accepted & ~alone)
             detail = np.full(len(table), "", dtype=object)
-            detail[rows] = "too crowded: too few beads without neighbours to start the PSF model"
-            table.reject(np.isin(np.arange(len(table)), rows), "too close", detail)
-            need = max(self.need, _MIN_ALONE)
-            raise CalibrationError(f"too crowded: {int(alone.sum())} of {rows.size + int(alone.sum())} beads have no "
-                                   f"neighbour within reach of their {self.size} px window, and {need} are needed to "
-                                   "start the PSF model the crowded ones are measured with; image a sparser slide "
-                                   "(or give a smaller PSF size)", beads=table, field_shape=self.field_shape)
+            detail[crowded] = "too crowded: too few beads without neighbours to start the PSF model"
+            table.reject(crowded, "too close", detail)
+            if alone.sum() < self.need:
+                raise CalibrationError(f"too crowded: {int(alone.sum())} of {int(alone.sum() + crowded.sum())} beads "
+                                       f"have no neighbour within reach of their {self.size} px window, and "
+                                       f"{_MIN_ALONE} are needed to start the PSF model the crowded ones are measured "
+                                       "with; image a sparser slide (or give a smaller PSF size)", beads=table,
+                                       field_shape=self.field_shape)
         patches = self._patches(np.flatnonzero(alone))
         k0 = self.grid or int(np.clip(round(math.sqrt(len(patches) / 8.0)), 1, 7))
         pre = fit_grid(patches, k0, bead_diameter_px=self.bead_px)
-        for sweep in range(_DEBLEND_SWEEPS):
+        for sweep in range(sweeps):
             if self.stopped():
                 raise CalibrationCancelled("calibration stopped before fitting")
             self.say("deblend", 0.22 + 0.03 * sweep, "removing the neighbours' light from each bead's window")

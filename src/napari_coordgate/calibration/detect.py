@@ -376,7 +376,7 @@ def find_beads(
     table = _refine(raw, cleaned, ys, xs, sc, noise, min_snr, image_index)
     # a spike as sharp as the spots around it is one of them (a bead of a sharp, undersampled or dim 8-bit
     # image), not a camera defect: judged against the local PSF width, then everything is detected again
-    bead_like = _like_local_beads(image, bg, hot, table)
+    bead_like = _like_local_beads(image, bg, hot, table, noise)
     if bead_like.any():
         hot &= ~bead_like
         cleaned = _clean(image, hot)
@@ -411,10 +411,10 @@ def _local_sigma(table: BeadTable, ys, xs, k: int = 8) -> np.ndarray:
     return np.median(width[ref][np.asarray(nn).reshape(np.size(ys), kk)], axis=1)
 
 
-def _like_local_beads(image, bg, hot, table: BeadTable) -> np.ndarray:
-    """Mask of the ``hot`` pixels whose eight neighbours hold at least half the light a PSF as wide as the spots
-    around it puts there (a Gaussian of width sigma centred on a pixel puts exp(-1 / (2 sigma²)) of its peak into
-    the nearest neighbours)."""
+def _like_local_beads(image, bg, hot, table: BeadTable, noise: float) -> np.ndarray:
+    """Mask of the ``hot`` pixels whose eight neighbours hold, two noise deviations clear of the noise, at least
+    half the light a PSF as wide as the spots around it puts there (a Gaussian of width sigma centred on a pixel
+    puts exp(-1 / (2 sigma²)) of its peak into the nearest neighbours)."""
     out = np.zeros_like(hot)
     ys, xs = np.nonzero(hot)
     if ys.size == 0:
@@ -423,7 +423,7 @@ def _like_local_beads(image, bg, hot, table: BeadTable) -> np.ndarray:
     sig = image[ys, xs] - bg[ys, xs]
     neighbours = ndimage.maximum_filter(image, footprint=_RING, mode="mirror")[ys, xs] - bg[ys, xs]
     expected = np.exp(-1.0 / (2.0 * np.maximum(sigma, 1e-3) ** 2))
-    like = np.isfinite(sigma) & (neighbours >= 0.5 * expected * sig)
+    like = np.isfinite(sigma) & (neighbours - 2.0 * noise >= 0.5 * expected * sig)
     out[ys[like], xs[like]] = True
     return out
 
