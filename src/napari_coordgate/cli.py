@@ -254,6 +254,17 @@ def _builtin_specimens(psf, seed: int):
     return specimen_fields(n, (h, w), seed=seed, sources=TRAIN_SOURCES)
 
 
+def _builtin_validation(field_shape):
+    """The held-out specimens that training on the built-in ones validates on (never trained on, the same for
+    every run): about 0.4 megapixels, 1 to 6 fields of ``field_shape``."""
+    from .samples.specimens import VALIDATION_SOURCES, validation_fields
+
+    h, w = int(field_shape[0]), int(field_shape[1])
+    n = int(min(len(VALIDATION_SOURCES), max(1, -(-400_000 // (h * w)))))
+    print(f"validation images: {n} held-out specimen fields ({', '.join(VALIDATION_SOURCES[:n])})")
+    return validation_fields((h, w), n)
+
+
 def _train_outputs(args) -> tuple[Path, Path, Path | None]:
     """(model, checkpoint, checkpoint to resume from) of ``train``; none of the outputs may replace an input (the
     checkpoint of a resumed run is its own to update)."""
@@ -317,7 +328,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                            "the k-th sharp file pairs with the k-th blurred file")
         source = PairSource(sharp, blurred, psf=psf)
     else:
-        source = SimulatedSource(sharp, psf)
+        source = SimulatedSource(sharp, psf, val_sharp=None if args.sharp else _builtin_validation(sharp.shape[-2:]))
     _set_threads(args.threads)
     before = {p: _stamp(p) for p in (out, ckpt)}
     try:

@@ -171,10 +171,11 @@ def test_resume_from_a_psf_model_refuses_another_psf_model(tmp_path):
 def _source(kind):
     if kind == "pairs":
         return PairSource(*_pairs())
-    return SimulatedSource((_specimen(2) * 1000).astype(np.float32), "gaussian")
+    held_out = (_specimen(2, seed=1) * 1000).astype(np.float32) if kind == "psf, held-out validation" else None
+    return SimulatedSource((_specimen(2) * 1000).astype(np.float32), "gaussian", val_sharp=held_out)
 
 
-@pytest.mark.parametrize("kind", ["pairs", "psf"])
+@pytest.mark.parametrize("kind", ["pairs", "psf", "psf, held-out validation"])
 def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path, kind):
     cfg = ModelConfig(depth=1, channels=2)
     recipe = TrainConfig(epochs=4, crop=32, batch=2, steps_per_epoch=3, seed=0, threads=1, device="cpu")

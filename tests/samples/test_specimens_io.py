@@ -4,7 +4,18 @@ import tifffile
 
 from napari_coordgate.image_io.tiff import read_tiff, write_tiff
 from napari_coordgate.report import write_report_png
-from napari_coordgate.samples.specimens import BUNDLED, bundled_specimen, procedural_specimen, specimen_fields
+from napari_coordgate.samples.specimens import (
+    BUNDLED,
+    TRAIN_SOURCES,
+    VALIDATION_SOURCES,
+    bundled_specimen,
+    procedural_specimen,
+    specimen_fields,
+    validation_fields,
+)
+
+# what the demo and the benchmarks test and tune on: in neither the training nor the validation specimens
+TEST_IMAGES = {"moon", "hubble_deep_field", "retina"}
 
 
 def test_procedural_specimen_is_seeded_unit_range_and_structured():
@@ -28,6 +39,40 @@ def test_bundled_specimens_load_without_network():
 def test_specimen_fields_crop_or_upscale_to_the_field():
     f = specimen_fields(3, (700, 40), seed=0, sources=("cell", "procedural", "coins"))
     assert f.shape == (3, 700, 40) and np.isfinite(f).all()
+
+
+def test_validation_specimens_are_other_images_than_the_training_and_test_ones():
+    bundled_val, bundled_train = set(VALIDATION_SOURCES) - {"procedural"}, set(TRAIN_SOURCES) - {"procedural"}
+    assert bundled_val and bundled_val <= set(BUNDLED) and "procedural" in VALIDATION_SOURCES
+    assert not bundled_val & bundled_train
+    assert not TEST_IMAGES & (bundled_val | bundled_train)
+
+
+def test_validation_fields_are_fixed_and_never_among_the_training_fields():
+    shape = (96, 80)
+    val = validation_fields(shape)
+    assert val.shape == (len(VALIDATION_SOURCES), *shape) and val.dtype == np.float32
+    assert np.array_equal(val, validation_fields(shape)) and np.array_equal(val[:2], validation_fields(shape, 2))
+    for seed in range(4):  # the training seed never reaches them, and no training field is one of them
+        train = specimen_fields(16, shape, seed=seed, sources=TRAIN_SOURCES)
+        gaps = np.abs(val[:, None] - train[None]).mean(axis=(2, 3))
+        assert gaps.min() > 0.02, f"seed {seed}: a validation field within {gaps.min():.4f} of a training field"
+    with pytest.raises(ValueError, match="at least 1"):
+        validation_fields(shape, 0)
+
+
+def test_train_without_sharp_images_validates_on_held_out_specimens_only(capsys):
+    from napari_coordgate.cli import _builtin_specimens, _builtin_validation
+    from napari_coordgate.optics.psf import PRESETS
+
+    psf = PRESETS["gaussian"].with_provenance({"field_shape": [128, 160]})
+    sharp = _builtin_specimens(psf, seed=0)  # what `train --psf` without --sharp trains and validates on
+    val = _builtin_validation(sharp.shape[-2:])
+    out = capsys.readouterr().out
+    assert f"validation images: {len(val)} held-out specimen fields" in out and len(val) == 6
+    assert val.shape[1:] == sharp.shape[1:] == (128, 160)
+    assert np.abs(val[:, None] - sharp[None]).mean(axis=(2, 3)).min() > 0.02
+    assert len(_builtin_validation((1024, 1024))) == 1  # about 0.4 megapixels of validation
 
 
 def test_tiff_round_trip_keeps_pixel_size_and_axes(tmp_path):

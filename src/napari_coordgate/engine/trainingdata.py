@@ -49,10 +49,17 @@ class PairSource:
 
 @dataclass
 class SimulatedSource:
-    """Sharp images plus a PSF model; blurred images are simulated, with fresh noise every epoch."""
+    """Sharp images plus a PSF model; blurred images are simulated, with fresh noise every epoch.
+
+    ``val_sharp`` optionally holds sharp validation images of the same field shape, kept out of training (e.g.
+    :func:`~napari_coordgate.samples.specimens.validation_fields`): then every ``sharp`` plane trains and only these
+    validate, each with noise drawn once per run. Without them the last ``max(1, n // 8)`` planes of ``sharp`` are
+    held out (see :class:`TrainingData`).
+    """
 
     sharp: Any
     psf: Any  # PSFModel, preset name, .json / .cgpsf path or dict
+    val_sharp: Any = None
 
 
 @dataclass
@@ -89,6 +96,23 @@ def _check_psf_field(psf, shape) -> None:
                      "frames of the calibrated camera field")
 
 
+# added to the run's noise seed for the noise of the planes held out apart, drawn once per run
+_HELD_OUT_NOISE = 2**31
+
+
+def _held_out_pairs(val_sharp, psf, field_shape, min_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A :class:`SimulatedSource`'s validation planes and their clean blurred images, checked against the
+    training planes' field."""
+    from ..optics.blur import synthesize_pairs
+
+    check_image(val_sharp, "val_sharp", max_ndim=3, min_size=min_size, allow_constant=False)
+    if tuple(np.shape(val_sharp)[-2:]) != tuple(field_shape):
+        h, w = np.shape(val_sharp)[-2:]
+        raise InputError(f"the validation sharp images are {h} x {w} but the training ones {field_shape[0]} x "
+                         f"{field_shape[1]}: validate on images of the training field")
+    return tuple(as_planes(a) for a in synthesize_pairs(val_sharp, psf))
+
+
 def _crop_size(train_cfg: TrainConfig, field_shape: tuple[int, int], align: int) -> tuple[int, int]:
     """The training crop (h, w): the configured side, inside the field, on the pooling grid."""
     H, W = field_shape
@@ -100,12 +124,14 @@ def _crop_size(train_cfg: TrainConfig, field_shape: tuple[int, int], align: int)
 class TrainingData:
     """Validated calibration planes on the host and everything a run draws from them.
 
-    Build with :meth:`from_source`. The split: whole held-out planes when there are several pairs (the last
-    ``max(1, n // 8)``), otherwise a sparse checkerboard of tiles of the single pair, masked out of the loss.
+    Build with :meth:`from_source`. The split: the ``held_out`` planes given apart from the training ones (the
+    last ``held_out`` of the stacks: a :class:`SimulatedSource`'s ``val_sharp``), else whole held-out planes when
+    there are several pairs (the last ``max(1, n // 8)``), otherwise a sparse checkerboard of tiles of the single
+    pair, masked out of the loss.
     """
 
     def __init__(self, sharp, blurred, registered: dict[int, np.ndarray], *, simulated_from, known_psf,
-                 model_cfg: ModelConfig, train_cfg: TrainConfig):
+                 model_cfg: ModelConfig, train_cfg: TrainConfig, held_out: int = 0):
         self.sharp, self._clean, self._registered = sharp, blurred, registered
         self.simulated_from, self.known_psf = simulated_from, known_psf
         self.model_cfg, self.train_cfg = model_cfg, train_cfg
@@ -113,7 +139,8 @@ class TrainingData:
         self.field_shape = (H, W)
         self.align = model_cfg.min_size
         self.crop = _crop_size(train_cfg, self.field_shape, self.align)
-        n_val = max(1, self.n // 8) if self.n >= 2 else 0
+        self.held_out = held_out
+        n_val = held_out or (max(1, self.n // 8) if self.n >= 2 else 0)
         self.train_idx = np.arange(self.n - n_val)
         self.val_idx = np.arange(self.n - n_val, self.n) if n_val else np.arange(1)
         self.val_mask = None if n_val else checkerboard_mask(self.field_shape, train_cfg.val_tile)
@@ -143,9 +170,14 @@ class TrainingData:
             check_image(source.sharp, "sharp", max_ndim=3, min_size=m, allow_constant=False)
             psf = resolve_psf(source.psf)
             _check_psf_field(psf, np.shape(source.sharp)[-2:])
-            sharp, clean = synthesize_pairs(source.sharp, psf)
-            return cls(as_planes(sharp), as_planes(clean), {}, simulated_from=psf, known_psf=psf,
-                       model_cfg=model_cfg, train_cfg=train_cfg)
+            sharp, clean = (as_planes(a) for a in synthesize_pairs(source.sharp, psf))
+            if source.val_sharp is None:
+                return cls(sharp, clean, {}, simulated_from=psf, known_psf=psf, model_cfg=model_cfg,
+                           train_cfg=train_cfg)
+            val_sharp, val_clean = _held_out_pairs(source.val_sharp, psf, sharp.shape[-2:], m)
+            return cls(np.concatenate([sharp, val_sharp]), np.concatenate([clean, val_clean]), {},
+                       simulated_from=psf, known_psf=psf, model_cfg=model_cfg, train_cfg=train_cfg,
+                       held_out=len(val_sharp))
         raise TypeError(f"source must be a PairSource or SimulatedSource, got {type(source).__name__}")
 
     # -- the stacks, one plane or window at a time, as float32 ------------------------------------------------
@@ -188,17 +220,28 @@ class TrainingData:
 
     def start(self, norm: Normalization, noise_seed: int | None) -> None:
         """Fix the normalisation and (simulated pairs) the noise seed, and draw epoch 0's noise."""
-        self.norm, self.noise_seed = norm, noise_seed
+        self.norm, self.noise_seed, self._noisy = norm, noise_seed, None
         self.new_epoch(0)
         self._plane_norms = [norm.for_plane(self.blurred_plane(i)) for i in range(self.n)] if norm.per_image else []
 
     def new_epoch(self, epoch: int) -> None:
-        """Simulated pairs get fresh noise every epoch (relative to each plane's peak, in image units)."""
-        if self.simulated:
-            from ..optics.blur import add_noise
+        """Simulated pairs get fresh noise every epoch (relative to each plane's peak, in image units); planes
+        held out apart get theirs once per run (from the run's noise seed), so every epoch validates on the same
+        images."""
+        if not self.simulated:
+            return
+        from ..optics.blur import add_noise
 
-            self._noisy = add_noise(self._clean, photons=self.train_cfg.photons, read_noise=self.train_cfg.read_noise,
-                                    seed=self.noise_seed + epoch)
+        noise = {"photons": self.train_cfg.photons, "read_noise": self.train_cfg.read_noise}
+        if not self.held_out:
+            self._noisy = add_noise(self._clean, **noise, seed=self.noise_seed + epoch)
+            return
+        nt = len(self.train_idx)
+        if self._noisy is None:
+            self._noisy = np.empty(self._clean.shape, np.float32)
+            # the noise seed is below 2**31, so this seed is no epoch's (an epoch's is noise_seed + epoch)
+            self._noisy[nt:] = add_noise(self._clean[nt:], **noise, seed=self.noise_seed + _HELD_OUT_NOISE)
+        self._noisy[:nt] = add_noise(self._clean[:nt], **noise, seed=self.noise_seed + epoch)
 
     # -- crops ------------------------------------------------------------------------------------------------
     def batch(self, rng: np.random.Generator) -> Batch:
@@ -228,23 +271,27 @@ class TrainingData:
         """A fingerprint (SHA-256) of the data and the model config, and a short description.
 
         Calibration pairs are hashed whole (shapes, every pixel of the checked sharp and (registered) blurred
-        stacks as float32, about 1 s per GB, one plane at a time); simulated pairs by their sharp stack, PSF model
-        and noise settings. The budget, the seed and the rest of the recipe are not part of it: a resumed run may
-        train longer.
+        stacks as float32, about 1 s per GB, one plane at a time); simulated pairs by their sharp stack (held-out
+        validation planes included, and how many they are), PSF model and noise settings. The budget, the seed and
+        the rest of the recipe are not part of it: a resumed run may train longer.
         """
         cfg = self.train_cfg
-        digest = hashlib.sha256(json.dumps({
+        identity = {
             "model": self.model_cfg.to_dict(),
             "psf": None if self.known_psf is None else _psf_identity(self.known_psf),
             "noise": [cfg.photons, cfg.read_noise] if self.simulated else None,
-        }, sort_keys=True).encode())
+        }
+        if self.held_out:  # only then: runs without held-out planes keep the fingerprints their checkpoints hold
+            identity["held_out"] = self.held_out
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
         stacks = [self.sharp_plane] if self.simulated else [self.sharp_plane, self._clean_plane]
         for plane in stacks:
             digest.update(f"{np.dtype(np.float32).str}{(self.n, *self.field_shape)}".encode())
             for i in range(self.n):
                 digest.update(np.ascontiguousarray(plane(i)))
         n, (h, w) = self.n, self.field_shape
-        what = (f"{n} sharp plane(s) of {h}x{w} blurred with" if self.simulated
+        held = f" (and {self.held_out} held-out validation plane(s))" if self.held_out else ""
+        what = (f"{n - self.held_out} sharp plane(s) of {h}x{w}{held} blurred with" if self.simulated
                 else f"{n} calibration pair(s) of {h}x{w}")
         if self.known_psf is not None:
             what += f"{'' if self.simulated else ' with'} PSF model '{self.known_psf.name}'"

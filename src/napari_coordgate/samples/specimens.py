@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["BUNDLED", "TRAIN_SOURCES", "bundled_specimen", "procedural_specimen", "specimen_fields"]
+__all__ = ["BUNDLED", "TRAIN_SOURCES", "VALIDATION_SOURCES", "bundled_specimen", "procedural_specimen",
+           "specimen_fields", "validation_fields"]
 
 # images shipped inside scikit-image (no network); colour ones are converted to grey
 BUNDLED = ("cell", "coins", "camera", "moon", "immunohistochemistry", "hubble_deep_field", "retina", "brick",
@@ -74,22 +75,56 @@ def procedural_specimen(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
 
 
 #: the training specimens of the demo and of ``train`` without sharp images: procedural plus bundled images of
-#: varied structure (moon and hubble_deep_field stay out: the demo and the benchmarks test and tune on them)
+#: varied structure (moon, hubble_deep_field and retina stay out: the demo and the benchmarks test and tune on them)
 TRAIN_SOURCES = ("procedural", "cell", "coins", "immunohistochemistry", "brick", "gravel", "astronaut", "camera")
+
+#: the held-out validation specimens of training from a PSF model with the built-in specimens: bundled images in
+#: neither TRAIN_SOURCES nor the test and tuning images (moon, hubble_deep_field, retina), and procedural fields
+#: from a seed stream of their own (:func:`validation_fields`), so the best epoch is never picked on training content
+VALIDATION_SOURCES = ("procedural", "grass", "coffee", "procedural", "chelsea", "rocket")
+_VALIDATION_SEED = 7_310_421  # one fixed stream: every run validates on the same fields
+# procedural seeds: specimen_fields draws them below 2**31, validation_fields at or above, so no field is in both
+_PROCEDURAL_SEEDS = 2**31
 
 
 def specimen_fields(n: int, field_shape: tuple[int, int], *, seed: int = 0, sources=("procedural",)) -> np.ndarray:
     """``n`` sharp fields of ``field_shape``: random crops of the given sources (bundled names or
     ``"procedural"``), cycling through them. Returns float32 (n, H, W) in [0, 1]."""
+    return _fields(n, field_shape, np.random.default_rng(seed), sources, procedural_base=0)
+
+
+def validation_fields(field_shape: tuple[int, int], n: int = len(VALIDATION_SOURCES)) -> np.ndarray:
+    """The fixed held-out validation fields of ``field_shape``: the first ``n`` of :data:`VALIDATION_SOURCES`
+    (cycling), cropped and seeded from their own stream. The same for every run and training seed, and never
+    among :func:`specimen_fields` of :data:`TRAIN_SOURCES` (other images, other procedural seeds).
+
+    Parameters
+    ----------
+    field_shape
+        (H, W) of the training fields.
+    n
+        How many fields (at least 1).
+
+    Returns
+    -------
+    ndarray, float32, (n, H, W) in [0, 1]
+    """
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    return _fields(n, field_shape, np.random.default_rng(_VALIDATION_SEED), VALIDATION_SOURCES,
+                   procedural_base=_PROCEDURAL_SEEDS)
+
+
+def _fields(n: int, field_shape: tuple[int, int], rng: np.random.Generator, sources, *,
+            procedural_base: int) -> np.ndarray:
     from skimage.transform import resize
 
-    rng = np.random.default_rng(seed)
     h, w = field_shape
     out = np.empty((n, h, w), np.float32)
     for i in range(n):
         src = sources[i % len(sources)]
         if src == "procedural":
-            out[i] = procedural_specimen((h, w), seed=int(rng.integers(2**31)))
+            out[i] = procedural_specimen((h, w), seed=procedural_base + int(rng.integers(_PROCEDURAL_SEEDS)))
             continue
         img = bundled_specimen(src)
         if img.shape[0] < h or img.shape[1] < w:
