@@ -322,6 +322,45 @@ class TrainConfig(Config):
 
 
 @dataclass(frozen=True)
+class AdaptConfig(Config):
+    """How to adapt a model to the user's own blurred images (no sharp images): the budget and the recipe of
+    :func:`napari_coordgate.engine.adapt`, the ``adapt`` command's flags and the Train tab's *Adapt* button.
+
+    The loss is PSF consistency: the model's restoration of a re-corrupted image, blurred by the PSF model, must
+    explain an independently re-corrupted copy (``alpha`` sets the split of the noise); the best state is chosen on
+    held-out tiles by the same criterion, never by ground truth.
+    """
+
+    KIND: ClassVar[str] = "adapt"
+
+    minutes: float = bounded(2.0, 0.0, 100_000.0, doc="budget in wall minutes when epochs is 0")
+    epochs: int = bounded(0, 0, 1_000_000, doc="budget in epochs; 0 = use minutes")
+    steps_per_epoch: int = bounded(25, 1, 1_000_000, doc="optimiser steps between checks on the held-out tiles")
+    crop: int = bounded(128, 32, 4096, doc="crop side in pixels (the PSF's half-width at its border is not scored)")
+    batch: int = bounded(4, 1, 512, doc="crops per optimiser step")
+    lr: float = bounded(1e-3, 1e-7, 1.0, doc="Adam learning rate (constant)")
+    alpha: float = bounded(0.5, 0.05, 5.0, doc="re-corruption split: the input gets alpha x noise, the target "
+                                               "1/alpha x (independent of each other)")
+    prior: float = bounded(1.0, 0.0, 100.0, doc="weight of the prior: pairs simulated from the restored centre "
+                                                "of the field, re-blurred at other places; 0 = consistency only")
+    val_tile: int = bounded(32, 8, 1024, doc="tile side of the held-out checkerboard")
+    seed: int = bounded(0, 0, 2**31 - 1, doc="random seed (crops, re-corruption)")
+    device: str = device_choice()
+    threads: int = bounded(0, 0, 1024, doc="torch CPU threads; 0 = leave torch's default")
+    gain: float | None = bounded(None, 1e-9, 1e9, kind=float,
+                                 doc="camera gain, image units per photo-electron (with offset; measured from the "
+                                     "images when not given)")
+    offset: float | None = bounded(None, -1e9, 1e9, kind=float, doc="camera offset, image units (with gain)")
+
+    def _validate(self) -> None:
+        if self.epochs == 0 and not self.minutes > 0:
+            raise ConfigError("AdaptConfig: give a budget: epochs > 0 or minutes > 0")
+        if (self.gain is None) != (self.offset is None):
+            raise ConfigError("AdaptConfig: give the camera's gain and offset together, or neither (the noise is "
+                              "then measured from the images)")
+
+
+@dataclass(frozen=True)
 class PredictConfig(Config):
     """How to apply a model: tiling, device, precision. The CLI's apply flags and the Apply tab come from it."""
 

@@ -24,8 +24,8 @@ __all__ = ["NoiseModel", "estimate_noise"]
 #: variance; it is blind to any signal that is linear or quadratic along either axis (less signal left in it than
 #: in a Laplacian's on blurred images: slope within 10 % of the truth where the Laplacian's was 30 % high)
 _HIGHPASS = np.outer([1.0, -2.0, 1.0], [1.0, -2.0, 1.0]) / 6.0
-_BINS = 24
-_MIN_BIN = 256  # pixels a bin of the local mean needs for a robust variance
+_BINS = 24  # bins of the local mean per plane (fewer on small planes)
+_MIN_BIN = 128  # pixels a bin needs for a robust variance
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,8 @@ def _bins(planes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         p = np.asarray(plane, np.float64)
         resid = convolve(p, _HIGHPASS, mode="reflect")[2:-2, 2:-2]
         local = uniform_filter(p, 5, mode="reflect")[2:-2, 2:-2]
-        edges = np.unique(np.quantile(local, np.linspace(0.0, 1.0, _BINS + 1)))
+        bins = int(np.clip(local.size // (2 * _MIN_BIN), 2, _BINS))
+        edges = np.unique(np.quantile(local, np.linspace(0.0, 1.0, bins + 1)))
         which = np.clip(np.searchsorted(edges, local, side="right") - 1, 0, len(edges) - 2)
         for k in range(len(edges) - 1):
             r = resid[which == k]

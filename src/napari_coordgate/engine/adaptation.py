@@ -1,0 +1,355 @@
+"""Adaptation: fine-tune a model on the user's own blurred images, with no sharp images (issue 23).
+
+A model trained from a PSF model has learnt the microscope on built-in specimens, not on the user's samples. Here
+it keeps learning on the very images to restore, with the PSF model it carries as the only teacher:
+
+* **PSF consistency with re-corrupted pairs.** For a blurred image ``y`` with camera noise of variance ``v(y)``
+  (:mod:`napari_coordgate.optics.noise`: measured from the images, or from the camera's gain and offset), draw
+  ``g ~ N(0, v)`` and form ``y_in = y + alpha g`` and ``y_target = y - g / alpha``: their noises are independent,
+  so the loss ``|B f(y_in) - y_target|^2 / v`` (``B``: the field-dependent blur of the PSF model at the crop's
+  place in the field) is, up to a constant, the error of the re-blurred restoration against the noise-free image.
+  The network cannot lower it by copying noise.
+* **The prior is what the model learnt**: training starts from its weights (and its normalisation), at a small
+  constant learning rate, and stops at its best state.
+* **Model selection without ground truth.** A sparse checkerboard of tiles is held out of the loss; after every
+  epoch the same consistency criterion is measured there, on whole planes, with one fixed re-corruption. The best
+  state by that criterion is kept; if no state beats the original model, the original is kept and the result says
+  so.
+
+Pixels within half a PSF of a crop's (or the frame's) border are not scored: the light there came partly from
+outside the crop.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..config import AdaptConfig
+from ..data import InputError, as_planes, check_image, checkerboard_mask, float32
+from ..devices import resolve_device
+from ..model_io import SavedModel, save_model
+from .prediction import field_geometry, plan_tiles, predict_batch, tile_batches
+from .run import Update
+
+__all__ = ["adapt", "AdaptResult", "AdaptationData"]
+
+_FIXED_SEED = 20231  # the held-out criterion's one re-corruption (the same for every state that is compared)
+_MAX_BLURS = 256  # blur operators of crop positions kept (each holds the FFTs of a few PSFs)
+_MIN_GAIN = 1e-3  # a state must lower the held-out criterion by this fraction to replace the original
+
+
+@dataclass
+class AdaptResult:
+    """The adapted model (or the original, when adaptation did not help by the held-out criterion)."""
+
+    saved: SavedModel
+    criterion_before: float  # held-out consistency of the original model (1 = noise level alone)
+    criterion_best: float
+    kept_original: bool
+    noise: Any  # the NoiseModel used, in image units
+    history: list[Update] = field(default_factory=list)
+    stopped: str = "budget"  # "budget", "stopped" or "diverged"
+    device: str = "cpu"
+    steps: int = 0
+
+
+def _check_model(saved: SavedModel, psf) -> Any:
+    """The PSF model to adapt with: ``psf`` or the model's own; a clear error for models that cannot adapt."""
+    from ..model_io import resolve_psf
+
+    if getattr(saved.config, "ndim", 2) != 2:
+        raise InputError("adaptation works on 2-D models only: a 3-D model cannot be adapted yet")
+    if saved.config.in_channels != 1 or saved.config.out_channels != 1:
+        raise InputError("adaptation needs a one-channel model (grey images in, grey images out)")
+    if psf is not None:
+        return resolve_psf(psf)
+    if saved.psf is None:
+        raise InputError("this model carries no PSF model (it was trained on calibration pairs only): give the PSF "
+                         "model of its optics (--psf PRESET|CONFIG.json|MODEL.cgpsf) to adapt it")
+    return saved.psf
+
+
+class AdaptationData:
+    """The user's blurred planes, normalised as the model reads them, with their noise, the held-out tiles, the
+    blur of every crop position and the fixed re-corruption of the criterion."""
+
+    def __init__(self, saved: SavedModel, images, cfg: AdaptConfig, psf, *, roi: Sequence[int] | None = None,
+                 binning: int = 1, device="cpu"):
+        from ..optics.noise import estimate_noise
+
+        planes = as_planes(np.asarray(check_image(images, "images", max_ndim=3, min_size=saved.config.min_size,
+                                                  allow_constant=False)))
+        self.shape = tuple(int(s) for s in planes.shape[-2:])
+        self.field, self.offset = field_geometry(self.shape, saved.field_shape, roi, binning)
+        self.psf = psf.binned(binning) if binning > 1 else psf
+        try:
+            self.noise = estimate_noise(planes, cfg.gain, cfg.offset)
+        except ValueError as exc:
+            raise InputError(f"cannot measure the images' noise: {exc}") from None
+        norms = [saved.normalization.for_plane(p) for p in planes]
+        self.y = np.stack([n.apply(float32(p)) for n, p in zip(norms, planes)])
+        self.var = np.stack([self.noise.scaled(n.offset, n.scale).variance(_smooth(p)) for n, p in
+                             zip(norms, self.y)]).astype(np.float32)
+        self.cfg = cfg
+        self.pad = self.psf.psf_size // 2
+        crop = min(cfg.crop, *self.shape)
+        self.crop = max(saved.config.min_size, crop - crop % saved.config.min_size)
+        if self.crop <= 2 * self.pad:
+            raise InputError(f"images of {self.shape[0]} x {self.shape[1]} are too small to adapt on with PSFs of "
+                             f"{self.psf.psf_size} px: each crop must be larger than a PSF")
+        self.held_out = checkerboard_mask(self.shape, cfg.val_tile)
+        inner = np.zeros(self.shape, bool)
+        inner[self.pad : self.shape[0] - self.pad, self.pad : self.shape[1] - self.pad] = True
+        self.scored = self.held_out & inner
+        self._train_weight = (~self.held_out).astype(np.float32)
+        g = np.random.default_rng(_FIXED_SEED).standard_normal(self.y.shape).astype(np.float32) * np.sqrt(self.var)
+        self.fixed_in, self.fixed_target = self.y + cfg.alpha * g, self.y - g / cfg.alpha
+        self._nodes = None
+        self._blurs: OrderedDict = OrderedDict()
+        self.device = resolve_device(device)
+
+    def blur(self, y0: int, x0: int, h: int, w: int):
+        """The blur operator of an (h, w) window at (y0, x0) of the images (their place in the field added)."""
+        from ..optics.blur import SpatiallyVaryingBlur
+        from ..optics.measured import MeasuredGridPSF
+
+        key = (y0, x0, h, w)
+        if key in self._blurs:
+            self._blurs.move_to_end(key)
+            return self._blurs[key]
+        if self._nodes is None:  # the node PSFs once: every operator then shares them
+            self._nodes = MeasuredGridPSF(self.psf.psf_grid(self.field)[0], name=self.psf.name)
+        op = SpatiallyVaryingBlur(self._nodes, (h, w), offset=(self.offset[0] + y0, self.offset[1] + x0),
+                                  full_field=self.field, device=self.device)
+        self._blurs[key] = op
+        if len(self._blurs) > _MAX_BLURS:
+            self._blurs.popitem(last=False)
+        return op
+
+    def crops(self, rng: np.random.Generator) -> tuple[list[tuple[int, int]], np.ndarray]:
+        """A batch of (plane, crop offset) draws: offsets on a coarse grid so their blurs are reused."""
+        step = max(self.crop // 4, 1)
+        planes = rng.integers(0, len(self.y), self.cfg.batch)
+        offs = [(int(rng.integers(0, (self.shape[0] - self.crop) // step + 1)) * step,
+                 int(rng.integers(0, (self.shape[1] - self.crop) // step + 1)) * step) for _ in planes]
+        return offs, planes
+
+    def loss(self, model, rng: np.random.Generator, device):
+        """The consistency loss of one batch of crops (held-out tiles and crop borders not scored)."""
+        import torch
+
+        offs, planes = self.crops(rng)
+        c, p = self.crop, self.pad
+        win = [(int(i), oy, ox) for i, (oy, ox) in zip(planes, offs)]
+        y = np.stack([self.y[i, oy : oy + c, ox : ox + c] for i, oy, ox in win])
+        var = np.stack([self.var[i, oy : oy + c, ox : ox + c] for i, oy, ox in win])
+        g = rng.standard_normal(y.shape).astype(np.float32) * np.sqrt(var)
+        a = self.cfg.alpha
+        x_in = torch.from_numpy(y + a * g).to(device)
+        target = torch.from_numpy(y - g / a).to(device)
+        field_off = torch.tensor([(self.offset[0] + oy, self.offset[1] + ox) for _, oy, ox in win], device=device)
+        out = model(x_in[:, None], offset=field_off, field_shape=self.field)[:, 0]
+        total = 0.0
+        for k, (_, oy, ox) in enumerate(win):
+            resid = self.blur(oy, ox, c, c).apply(out[k].float()) - target[k]
+            weight = torch.from_numpy(self._train_weight[oy + p : oy + c - p, ox + p : ox + c - p]
+                                      / var[k, p : c - p, p : c - p]).to(device)
+            total = total + (resid[p : c - p, p : c - p].square() * weight).sum() / weight.numel()
+        # the target's own noise is var / alpha^2: scaled by alpha^2, a restoration that re-blurs to the noise-free
+        # image scores about 1 (a little more: the input's noise passes the network)
+        return total / len(win) * a**2
+
+    def criterion(self, model, device) -> float:
+        """Held-out consistency on whole planes with the fixed re-corruption; 1 is the noise level alone
+        (a restoration that, re-blurred, equals the noise-free image scores about 1)."""
+        import torch
+
+        tiles = plan_tiles(self.shape, model.cfg)
+        total, count = 0.0, 0
+        full = self.blur(0, 0, *self.shape)
+        was_training = model.training
+        model.eval()
+        for i in range(len(self.y)):
+            out = np.empty(self.shape, np.float32)
+
+            def read(window, i=i):
+                y0, y1, x0, x1 = window
+                return self.fixed_in[i, y0:y1, x0:x1]
+
+            for group in tile_batches(tiles, 1):
+                for (y0, y1, x0, x1), pred in predict_batch(model, read, tiles, group, self.offset, self.field,
+                                                            device):
+                    out[y0:y1, x0:x1] = pred
+            with torch.no_grad():
+                reblurred = full.apply(torch.from_numpy(out)).cpu().numpy()
+            r2 = (reblurred - self.fixed_target[i]) ** 2 / self.var[i]
+            total += float(r2[self.scored].sum())
+            count += int(self.scored.sum())
+        model.train(was_training)
+        a = self.cfg.alpha
+        return total / max(count, 1) * a**2
+
+
+def _smooth(plane: np.ndarray) -> np.ndarray:
+    """The local mean the noise variance is read at (a noisy pixel's own value would bias it)."""
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(plane, 1.5, mode="reflect")
+
+
+@dataclass
+class _Progress:
+    cfg: AdaptConfig
+    device: Any
+    on_update: Callable[[Update], None] | None
+    history: list[Update]
+    t0: float = field(default_factory=time.perf_counter)
+    epoch: int = 0
+    step: int = 0
+    best: float | None = None
+    before: float | None = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def fraction(self) -> float:
+        if self.cfg.epochs > 0:
+            return self.step / (self.cfg.steps_per_epoch * self.cfg.epochs)
+        return self.elapsed() / (60.0 * self.cfg.minutes)
+
+    def emit(self, kind: str, loss: float, val: float | None = None, message: str = "") -> None:
+        # the criterion is reported in the PSNR slots as -10 log10: higher is better, like a validation PSNR
+        def db(c):
+            return None if c is None else -10.0 * math.log10(max(c, 1e-12))
+
+        u = Update(kind, self.epoch, self.step, float(loss), db(val), db(self.best), self.elapsed(),
+                   min(self.fraction(), 1.0), self.cfg.lr, str(self.device), message, db(self.before))
+        self.history.append(u)
+        if self.on_update is not None:
+            self.on_update(u)
+
+
+def _with_weights(saved: SavedModel, state: dict, provenance: dict) -> SavedModel:
+    from ..nn.unet import build_model
+
+    net = build_model(saved.config)
+    net.load_state_dict(state)
+    net.eval()
+    return SavedModel(model=net, config=saved.config, field_shape=saved.field_shape,
+                      normalization=saved.normalization, psf=saved.psf, provenance=provenance)
+
+
+def _epoch(model, opt, data: AdaptationData, rng, prog: _Progress, should_stop, device) -> str | None:
+    """One epoch of steps; the reason to stop ("stopped", "diverged", "budget") or None to go on."""
+    cfg = data.cfg
+    running, n = 0.0, 0
+    for _ in range(cfg.steps_per_epoch):
+        if should_stop is not None and should_stop():
+            return "stopped"
+        if cfg.epochs == 0 and prog.fraction() >= 1.0:
+            break
+        loss = data.loss(model, rng, device)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        prog.step += 1
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            prog.emit("step", value, message=f"the loss became {value} at step {prog.step}")
+            return "diverged"
+        running, n = running + value, n + 1
+        if prog.step % 10 == 0 or prog.step == 1:
+            prog.emit("step", running / n)
+    return None
+
+
+def adapt(
+    saved: SavedModel,
+    images,
+    cfg: AdaptConfig | None = None,
+    *,
+    psf=None,
+    roi: Sequence[int] | None = None,
+    binning: int = 1,
+    on_update: Callable[[Update], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    out_path=None,
+) -> AdaptResult:
+    """Adapt ``saved`` to the user's blurred ``images`` (H, W) or (N, H, W), in the camera's units.
+
+    Parameters
+    ----------
+    saved
+        The model to adapt (it must carry a PSF model, or give ``psf``).
+    images
+        The blurred images to restore, of the model's field (or a region of it at ``roi``, binned by ``binning``).
+    cfg
+        Budget and recipe (:class:`~napari_coordgate.config.AdaptConfig`); the camera's gain and offset there,
+        or the noise is measured from the images.
+    psf
+        A PSF model (any form :func:`~napari_coordgate.model_io.resolve_psf` reads) instead of the model's own.
+    on_update, should_stop
+        Progress (:class:`Update`: the held-out criterion in the ``val_psnr`` slots as ``-10 log10``, so higher is
+        better) and cancellation, checked every step; a stop keeps the best state so far.
+    out_path
+        Where the best model so far is written whenever it improves (the original if nothing beat it).
+
+    Returns
+    -------
+    AdaptResult
+    """
+    import torch
+
+    cfg = cfg or AdaptConfig()
+    psf_model = _check_model(saved, psf)
+    device = resolve_device(cfg.device)
+    data = AdaptationData(saved, images, cfg, psf_model, roi=roi, binning=binning, device=device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = copy.deepcopy(saved.model).to(device).train()
+    prog = _Progress(cfg, device, on_update, [])
+    prog.before = prog.best = data.criterion(model, device)
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    improved = False
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    stopped = "budget"
+    while (prog.epoch < cfg.epochs) if cfg.epochs > 0 else prog.fraction() < 1.0:
+        reason = _epoch(model, opt, data, rng, prog, should_stop, device)
+        if reason in ("stopped", "diverged"):
+            stopped = reason
+            break
+        prog.epoch += 1
+        value = data.criterion(model, device)
+        if value < prog.best and value < prog.before * (1.0 - _MIN_GAIN):
+            prog.best, improved = value, True
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if out_path is not None:
+                save_model(out_path, _with_weights(saved, best_state, _provenance(saved, data, prog, True)))
+        prog.emit("epoch", float("nan"), value)
+    if out_path is not None and not improved:
+        save_model(out_path, saved)
+    result = saved if not improved else _with_weights(saved, best_state, _provenance(saved, data, prog, True))
+    prog.emit("done", float("nan"), prog.best, stopped)
+    return AdaptResult(result, prog.before, prog.best, not improved, data.noise, prog.history, stopped,
+                       str(device), prog.step)
+
+
+def _provenance(saved: SavedModel, data: AdaptationData, prog: _Progress, improved: bool) -> dict:
+    """The original model's provenance with this adaptation added (the recipe, the noise, the criterion)."""
+    out = copy.deepcopy(saved.provenance)
+    out.setdefault("adaptations", []).append({
+        "planes": int(len(data.y)), "shape": list(data.shape), "roi": list(data.offset),
+        "steps": int(prog.step), "seconds": round(prog.elapsed(), 1), "adapt_config": data.cfg.to_dict(),
+        "noise": {"slope": data.noise.slope, "intercept": data.noise.intercept, "measured": data.noise.estimated},
+        "criterion_before": prog.before, "criterion_best": prog.best, "psf": data.psf.name,
+    })
+    return out

@@ -1,0 +1,98 @@
+"""engine.adapt: self-supervised fine-tuning on the user's blurred images with the model's PSF model."""
+
+import numpy as np
+import pytest
+import torch
+from engine_helpers import TINY, _specimen
+
+from napari_coordgate.config import AdaptConfig, ConfigError
+from napari_coordgate.data import InputError, Normalization
+from napari_coordgate.engine import adapt
+from napari_coordgate.model_io import SavedModel, load_model
+from napari_coordgate.nn import build_model
+from napari_coordgate.optics.blur import synthesize_pairs
+
+PSF = "gaussian"  # 21 px PSFs, wider toward the edges
+
+
+def _saved(psf=PSF, seed=0):
+    torch.manual_seed(seed)
+    return SavedModel(build_model(TINY).eval(), TINY, (64, 64), Normalization(0.0, 1.0, (1.0, 99.8)), psf=psf)
+
+
+def _blurred(n=2, seed=0):
+    _, blurred = synthesize_pairs(_specimen(n, seed=seed) * 2000 + 100, PSF, photons=500, seed=seed)
+    return blurred
+
+
+def _cfg(**kw):
+    return AdaptConfig(**{**dict(epochs=3, steps_per_epoch=6, crop=32, batch=2, val_tile=8, device="cpu",
+                                 lr=3e-3, seed=0), **kw})
+
+
+def _weights(saved):
+    return torch.cat([p.detach().flatten() for p in saved.model.state_dict().values()])
+
+
+def test_adapted_model_lowers_the_held_out_criterion_and_records_the_adaptation(tmp_path):
+    original = _saved()
+    res = adapt(original, _blurred(), _cfg(), out_path=tmp_path / "a.cgmodel")
+    assert not res.kept_original and res.criterion_best < res.criterion_before
+    assert not torch.equal(_weights(res.saved), _weights(original))
+    written = load_model(tmp_path / "a.cgmodel")
+    assert torch.equal(_weights(written), _weights(res.saved))
+    record = written.provenance["adaptations"][-1]
+    assert record["criterion_best"] == pytest.approx(res.criterion_best) and record["planes"] == 2
+    assert [u.kind for u in res.history].count("epoch") == 3 and res.history[-1].kind == "done"
+
+
+def test_adaptation_keeps_the_original_when_no_state_beats_it(tmp_path):
+    original = _saved()
+    res = adapt(original, _blurred(), _cfg(lr=1e-7, epochs=1), out_path=tmp_path / "a.cgmodel")
+    assert res.kept_original and res.saved is original
+    assert res.criterion_best == res.criterion_before
+    assert torch.equal(_weights(load_model(tmp_path / "a.cgmodel")), _weights(original))
+
+
+def test_adaptation_is_seeded():
+    a = adapt(_saved(), _blurred(), _cfg(epochs=1))
+    b = adapt(_saved(), _blurred(), _cfg(epochs=1))
+    c = adapt(_saved(), _blurred(), _cfg(epochs=1, seed=1))
+    assert torch.equal(_weights(a.saved), _weights(b.saved))
+    assert not torch.equal(_weights(a.saved), _weights(c.saved))
+
+
+def test_a_stop_keeps_the_best_state_so_far():
+    calls = iter(range(1000))
+    res = adapt(_saved(), _blurred(), _cfg(epochs=50), should_stop=lambda: next(calls) >= 14)
+    assert res.stopped == "stopped" and res.steps == 14
+    assert res.criterion_best <= res.criterion_before
+
+
+def test_adapt_refuses_a_model_without_a_psf_model_unless_one_is_given():
+    with pytest.raises(InputError, match="--psf"):
+        adapt(_saved(psf=None), _blurred(), _cfg(epochs=1))
+    assert adapt(_saved(psf=None), _blurred(), _cfg(epochs=1), psf=PSF).steps == 6
+
+
+def test_adapt_refuses_images_of_another_field_and_too_small_crops():
+    with pytest.raises(InputError, match="--roi"):
+        adapt(_saved(), _blurred()[:, :48, :48], _cfg())
+    res = adapt(_saved(), _blurred()[:, 8:56, 16:64], _cfg(epochs=1), roi=(8, 16))
+    assert res.steps == 6
+    with pytest.raises(InputError, match="too small"):  # 32 px crops, 33 px PSFs
+        adapt(_saved(), _blurred(), _cfg(crop=32), psf={"model": "gaussian", "psf_size": 33, "sigma_px": 1.0})
+
+
+def test_adapt_config_needs_gain_and_offset_together():
+    with pytest.raises(ConfigError, match="together"):
+        AdaptConfig(gain=2.0)
+    res = adapt(_saved(), _blurred(), _cfg(epochs=1, gain=4.0, offset=100.0))
+    assert not res.noise.estimated and res.noise.slope == 4.0
+
+
+def test_adapt_refuses_nan_images():
+    bad = _blurred()
+    bad[0, 3, 3] = np.nan
+    with pytest.raises(InputError, match="NaN|finite"):
+        adapt(_saved(), bad, _cfg())
