@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ._version import __version__
+from .runners.console import adapt_with_bar as _adapt_with_bar
 from .runners.console import format_table as _format_table
 from .runners.console import predict_with_bar as _predict_with_bar
 from .runners.console import progress
@@ -114,6 +115,8 @@ def _set_threads(n: int) -> None:
 # the options a user sets on each command; everything else keeps the config's default
 MODEL_FLAGS = ("depth", "channels", "gate", "prefilter")
 MODEL_HELP = "model file (.cgmodel, suffix optional) or a bioimage.io package (.zip) exported by napari-coordgate"
+ADAPT_FLAGS = ("crop", "batch", "steps_per_epoch", "lr", "alpha", "val_tile", "seed", "device", "threads", "gain",
+               "offset")
 TRAIN_FLAGS = ("crop", "batch", "steps_per_epoch", "lr", "seed", "device", "threads", "register", "photons",
                "intensity", "amp")
 PREDICT_FLAGS = ("tile", "binning", "device", "precision", "batch_tiles", "threads")
@@ -346,6 +349,38 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise CLIError(f"training diverged ({why}): the best model so far is kept at {out}; train again with a lower "
                        "--lr")
     # Ctrl-C stops training and keeps the best model, but the run did not finish: the exit status says so
+    return 130 if res.stopped == "stopped" else 0
+
+
+def _cmd_adapt(args: argparse.Namespace) -> int:
+    from .config import AdaptConfig
+    from .image_io.read import read_planes
+    from .model_io import MODEL_SUFFIX, resolve_psf
+    from .model_io.bioimageio import load_any
+    from .outputs import check_outputs
+
+    out = _output_file(args.output, MODEL_SUFFIX)
+    check_outputs({out: "model"}, [*args.images, *_model_inputs(args.model), args.psf])
+    budget = {"epochs": args.epochs, "minutes": 0.0} if args.epochs else {"minutes": args.minutes}
+    cfg = _config_from_flags(AdaptConfig, args, ADAPT_FLAGS, **budget)  # a bad flag fails before anything is read
+    roi = _roi(args.roi)
+    if args.binning < 1:
+        raise CLIError(f"--binning must be a positive integer, got {args.binning}")
+    saved = load_any(args.model, "cpu")
+    psf = resolve_psf(args.psf) if args.psf else None
+    images = read_planes(args.images, "image")
+    _set_threads(args.threads)
+    res = _adapt_with_bar(saved, images, cfg, psf=psf, roi=roi, binning=args.binning, out_path=out,
+                          label=f"adapt on {len(images)} plane(s)")
+    print(res.noise.describe())
+    change = f"held-out consistency {res.criterion_before:.4f} -> {res.criterion_best:.4f}"
+    if res.kept_original:
+        print(f"adaptation did not improve the held-out consistency ({res.criterion_before:.4f}, the original's, "
+              f"not beaten in {res.steps} steps): the original model is kept and written to {out}")
+    else:
+        print(f"model: {out}  ({change}, {res.steps} steps, {res.stopped}, device {res.device})")
+    if res.stopped == "diverged":
+        raise CLIError(f"adaptation diverged: the best state so far is kept at {out}; adapt again with a lower --lr")
     return 130 if res.stopped == "stopped" else 0
 
 
@@ -780,7 +815,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    from .config import ModelConfig, PredictConfig, TrainConfig
+    from .config import AdaptConfig, ModelConfig, PredictConfig, TrainConfig
     from .model_io import PSF_SUFFIX
     from .optics.psf import PRESETS
 
@@ -815,6 +850,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, TrainConfig, TRAIN_FLAGS)
     p.add_argument("--resume", help="checkpoint (.cgckpt) to continue from")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("adapt", help="fine-tune a model on your own blurred images (no sharp images needed), "
+                                     "with the PSF model it carries")
+    p.add_argument("-m", "--model", required=True, help=MODEL_HELP)
+    p.add_argument("images", nargs="+", help="the blurred images to restore (TIFF files, OME-Zarr or zarr; stacks "
+                                             "are read plane by plane)")
+    p.add_argument("-o", "--output", required=True, help="adapted model file (.cgmodel is added if missing); the "
+                                                         "original when adaptation does not help")
+    p.add_argument("--psf", help=psf_help + ": instead of the model's own (needed for a model trained on pairs only)")
+    p.add_argument("--roi", help="Y,X of the images' top-left pixel inside the training field (a camera ROI)")
+    p.add_argument("--binning", type=int, default=1, help="camera binning of the images relative to the training "
+                                                        "field (default 1)")
+    budget = p.add_mutually_exclusive_group()
+    _add_config_flags(budget, AdaptConfig, ("minutes", "epochs"))
+    _add_config_flags(p, AdaptConfig, ADAPT_FLAGS)
+    p.set_defaults(func=_cmd_adapt)
 
     p = sub.add_parser("apply", help="deblur TIFF, OME-Zarr or zarr images or stacks with a model")
     p.add_argument("-m", "--model", required=True, help=MODEL_HELP)

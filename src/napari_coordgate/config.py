@@ -16,7 +16,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-__all__ = ["ConfigError", "Config", "ModelConfig", "TrainConfig", "PredictConfig", "CalibrateConfig", "FieldSpec",
+__all__ = ["ConfigError", "Config", "ModelConfig", "TrainConfig", "PredictConfig", "CalibrateConfig", "AdaptConfig",
+           "FieldSpec",
            "field_specs", "bounded", "choice", "device_choice", "parse_roi", "GATES", "GATE_ACTIVATIONS", "PREFILTERS",
            "DEVICES", "PRECISIONS", "CALIBRATION_MODELS", "BEAD_LIMITS_NM"]
 
@@ -327,8 +328,9 @@ class AdaptConfig(Config):
     :func:`napari_coordgate.engine.adapt`, the ``adapt`` command's flags and the Train tab's *Adapt* button.
 
     The loss is PSF consistency: the model's restoration of a re-corrupted image, blurred by the PSF model, must
-    explain an independently re-corrupted copy (``alpha`` sets the split of the noise); the best state is chosen on
-    held-out tiles by the same criterion, never by ground truth.
+    explain an independently re-corrupted copy (``alpha`` sets the split of the noise); the prior is the model's own
+    weights (training starts from them at a small constant rate); the best state is chosen on held-out tiles by the
+    same criterion, never by ground truth.
     """
 
     KIND: ClassVar[str] = "adapt"
@@ -341,8 +343,8 @@ class AdaptConfig(Config):
     lr: float = bounded(1e-3, 1e-7, 1.0, doc="Adam learning rate (constant)")
     alpha: float = bounded(0.5, 0.05, 5.0, doc="re-corruption split: the input gets alpha x noise, the target "
                                                "1/alpha x (independent of each other)")
-    prior: float = bounded(1.0, 0.0, 100.0, doc="weight of the prior: pairs simulated from the restored centre "
-                                                "of the field, re-blurred at other places; 0 = consistency only")
+    whiten: float = bounded(1e-2, 0.0, 1e6, doc="balance of the whitening filter 1 / (|OTF|^2 + whiten) the "
+                                                "residual is compared through; 0 = compare blurred images")
     val_tile: int = bounded(32, 8, 1024, doc="tile side of the held-out checkerboard")
     seed: int = bounded(0, 0, 2**31 - 1, doc="random seed (crops, re-corruption)")
     device: str = device_choice()

@@ -8,7 +8,12 @@ it keeps learning on the very images to restore, with the PSF model it carries a
   ``g ~ N(0, v)`` and form ``y_in = y + alpha g`` and ``y_target = y - g / alpha``: their noises are independent,
   so the loss ``|B f(y_in) - y_target|^2 / v`` (``B``: the field-dependent blur of the PSF model at the crop's
   place in the field) is, up to a constant, the error of the re-blurred restoration against the noise-free image.
-  The network cannot lower it by copying noise.
+  The network cannot lower it by copying noise. The residual is compared after a whitening filter ``W`` with
+  ``|W|^2 = 1 / (|H|^2 + whiten)`` (``H``: the transfer function of the PSF at the images' centre): a fixed linear
+  filter leaves the noise independent of the restoration, so the loss stays unbiased, but ``W B`` is close to the
+  identity wherever the optics pass signal, so the loss measures the restoration's error as an image error rather
+  than a blurred one. Without it, the frequencies the blur attenuates receive gradients ``|H|^2`` times smaller and
+  adaptation crawls (measured in ``benchmarks/bench_adapt.py``).
 * **The prior is what the model learnt**: training starts from its weights (and its normalisation), at a small
   constant learning rate, and stops at its best state.
 * **Model selection without ground truth.** A sparse checkerboard of tiles is held out of the loss; after every
@@ -43,6 +48,9 @@ __all__ = ["adapt", "AdaptResult", "AdaptationData"]
 _FIXED_SEED = 20231  # the held-out criterion's one re-corruption (the same for every state that is compared)
 _MAX_BLURS = 256  # blur operators of crop positions kept (each holds the FFTs of a few PSFs)
 _MIN_GAIN = 1e-3  # a state must lower the held-out criterion by this fraction to replace the original
+# planes whose checkerboard tiles are held out (evenly spread through the stack): the criterion predicts these whole
+# planes after every epoch, so a long stack costs no more to check than two planes; the others train on every pixel
+_CRITERION_PLANES = 2
 
 
 @dataclass
@@ -108,12 +116,33 @@ class AdaptationData:
         inner = np.zeros(self.shape, bool)
         inner[self.pad : self.shape[0] - self.pad, self.pad : self.shape[1] - self.pad] = True
         self.scored = self.held_out & inner
-        self._train_weight = (~self.held_out).astype(np.float32)
-        g = np.random.default_rng(_FIXED_SEED).standard_normal(self.y.shape).astype(np.float32) * np.sqrt(self.var)
-        self.fixed_in, self.fixed_target = self.y + cfg.alpha * g, self.y - g / cfg.alpha
+        n = len(self.y)
+        self.checked = np.unique(np.linspace(0, n - 1, min(n, _CRITERION_PLANES)).round().astype(int))
+        self._train_weight = np.ones((n, *self.shape), np.float32)
+        self._train_weight[self.checked] = ~self.held_out
+        g = np.random.default_rng(_FIXED_SEED).standard_normal((len(self.checked), *self.shape)).astype(np.float32)
+        g *= np.sqrt(self.var[self.checked])
+        self.fixed_in = self.y[self.checked] + cfg.alpha * g
+        self.fixed_target = self.y[self.checked] - g / cfg.alpha
         self._nodes = None
         self._blurs: OrderedDict = OrderedDict()
         self.device = resolve_device(device)
+        centre = [(o + n / 2.0) / f * 2.0 - 1.0 for o, n, f in zip(self.offset, self.shape, self.field)]
+        self._centre_psf = np.asarray(self.psf.psf_at(centre[0], centre[1], self.field), np.float64)
+        self._filters: dict = {}
+
+    def whiten(self, resid):
+        """``resid`` (..., h, w) through the whitening filter (identity when ``AdaptConfig.whiten`` is 0)."""
+        import torch
+
+        if not self.cfg.whiten:
+            return resid
+        shape = tuple(int(n) for n in resid.shape[-2:])
+        key = (shape, str(resid.device))
+        if key not in self._filters:
+            self._filters[key] = torch.from_numpy(_whitening(self._centre_psf, shape, self.cfg.whiten)).to(
+                resid.device)
+        return torch.fft.irfft2(torch.fft.rfft2(resid) * self._filters[key], s=shape)
 
     def blur(self, y0: int, x0: int, h: int, w: int):
         """The blur operator of an (h, w) window at (y0, x0) of the images (their place in the field added)."""
@@ -157,11 +186,12 @@ class AdaptationData:
         field_off = torch.tensor([(self.offset[0] + oy, self.offset[1] + ox) for _, oy, ox in win], device=device)
         out = model(x_in[:, None], offset=field_off, field_shape=self.field)[:, 0]
         total = 0.0
-        for k, (_, oy, ox) in enumerate(win):
+        for k, (i, oy, ox) in enumerate(win):
             resid = self.blur(oy, ox, c, c).apply(out[k].float()) - target[k]
-            weight = torch.from_numpy(self._train_weight[oy + p : oy + c - p, ox + p : ox + c - p]
-                                      / var[k, p : c - p, p : c - p]).to(device)
-            total = total + (resid[p : c - p, p : c - p].square() * weight).sum() / weight.numel()
+            mask = torch.from_numpy(self._train_weight[i, oy + p : oy + c - p, ox + p : ox + c - p]).to(device)
+            scaled = resid[p : c - p, p : c - p] / torch.from_numpy(np.sqrt(var[k, p : c - p, p : c - p])).to(device)
+            # held-out pixels are zeroed before the filter, so none of their residual reaches the loss
+            total = total + (self.whiten(scaled * mask).square() * mask).sum() / mask.sum().clamp_min(1.0)
         # the target's own noise is var / alpha^2: scaled by alpha^2, a restoration that re-blurs to the noise-free
         # image scores about 1 (a little more: the input's noise passes the network)
         return total / len(win) * a**2
@@ -176,12 +206,12 @@ class AdaptationData:
         full = self.blur(0, 0, *self.shape)
         was_training = model.training
         model.eval()
-        for i in range(len(self.y)):
+        for k, i in enumerate(self.checked):
             out = np.empty(self.shape, np.float32)
 
-            def read(window, i=i):
+            def read(window, k=k):
                 y0, y1, x0, x1 = window
-                return self.fixed_in[i, y0:y1, x0:x1]
+                return self.fixed_in[k, y0:y1, x0:x1]
 
             for group in tile_batches(tiles, 1):
                 for (y0, y1, x0, x1), pred in predict_batch(model, read, tiles, group, self.offset, self.field,
@@ -189,12 +219,25 @@ class AdaptationData:
                     out[y0:y1, x0:x1] = pred
             with torch.no_grad():
                 reblurred = full.apply(torch.from_numpy(out)).cpu().numpy()
-            r2 = (reblurred - self.fixed_target[i]) ** 2 / self.var[i]
+            scaled = (reblurred - self.fixed_target[k]) / np.sqrt(self.var[i]) * self.scored
+            r2 = self.whiten(torch.from_numpy(scaled.astype(np.float32))).square().numpy()
             total += float(r2[self.scored].sum())
             count += int(self.scored.sum())
         model.train(was_training)
         a = self.cfg.alpha
         return total / max(count, 1) * a**2
+
+
+def _whitening(psf: np.ndarray, shape: tuple[int, int], balance: float) -> np.ndarray:
+    """``|W|`` on the rfft2 grid of ``shape``: ``1 / sqrt(|H|^2 + balance)`` for the PSF's transfer function ``H``,
+    scaled so that white noise keeps its variance (mean ``|W|^2`` = 1)."""
+    h, w = shape
+    s = psf.shape[0]
+    iy, ix = np.meshgrid((np.arange(s) - s // 2) % h, (np.arange(s) - s // 2) % w, indexing="ij")
+    kernel = np.zeros((h, w), np.float64)
+    np.add.at(kernel, (iy, ix), psf / psf.sum())  # centred on pixel (0, 0), wrapped: any frame size works
+    inverse = 1.0 / (np.abs(np.fft.rfft2(kernel)) ** 2 + balance)
+    return np.sqrt(inverse / inverse.mean()).astype(np.float32)
 
 
 def _smooth(plane: np.ndarray) -> np.ndarray:

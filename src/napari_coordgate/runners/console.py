@@ -6,7 +6,8 @@ from __future__ import annotations
 import signal
 import sys
 
-__all__ = ["StopFlag", "LineProgress", "progress", "train_with_bar", "predict_with_bar", "format_table"]
+__all__ = ["StopFlag", "LineProgress", "progress", "train_with_bar", "adapt_with_bar", "predict_with_bar",
+           "format_table"]
 
 
 class StopFlag:
@@ -86,12 +87,9 @@ def _train_line(u) -> str:
     return text + f" ({100 * u.progress:.0f} %, {u.device})"
 
 
-def train_with_bar(model_cfg, train_cfg, source, *, out_path=None, checkpoint_path=None, resume=None, label=""):
-    """:func:`~napari_coordgate.engine.train` with Ctrl-C handling and progress: a bar on a terminal, a line per
-    epoch (and every 30 s) in a log."""
-    from ..engine import train
-
-    label = label or "train"
+def _update_callbacks(label: str, line, postfix):
+    """(on_update, close) for a run's :class:`~napari_coordgate.engine.Update` records: a bar on a terminal (with
+    ``postfix(u)``), a line per epoch (and every 30 s) in a log (``line(u)``)."""
     if _interactive(sys.stderr):
         from tqdm import tqdm
 
@@ -100,27 +98,62 @@ def train_with_bar(model_cfg, train_cfg, source, *, out_path=None, checkpoint_pa
 
         def on_update(u) -> None:
             bar.n = int(1000 * u.progress)
-            post = f"epoch {u.epoch} loss {u.loss:.4f}"
-            if u.best_val_psnr is not None:
-                post += f" val {u.best_val_psnr:.2f} dB"
-            bar.set_postfix_str(post + f" [{u.device}]")
+            bar.set_postfix_str(postfix(u) + f" [{u.device}]")
 
         def close() -> None:
             bar.n = bar.total
             bar.close()
-    else:
-        log = LineProgress(label)
 
-        def on_update(u) -> None:
-            log.line(_train_line(u), force=u.kind in ("epoch", "done"))
+        return on_update, close
+    log = LineProgress(label)
 
-        def close() -> None:
-            pass
+    def on_log(u) -> None:
+        log.line(line(u), force=u.kind in ("epoch", "done"))
 
+    return on_log, lambda: None
+
+
+def _train_postfix(u) -> str:
+    post = f"epoch {u.epoch} loss {u.loss:.4f}"
+    if u.best_val_psnr is not None:
+        post += f" val {u.best_val_psnr:.2f} dB"
+    return post
+
+
+def train_with_bar(model_cfg, train_cfg, source, *, out_path=None, checkpoint_path=None, resume=None, label=""):
+    """:func:`~napari_coordgate.engine.train` with Ctrl-C handling and progress: a bar on a terminal, a line per
+    epoch (and every 30 s) in a log."""
+    from ..engine import train
+
+    on_update, close = _update_callbacks(label or "train", _train_line, _train_postfix)
     try:
         with StopFlag() as stop:
             return train(model_cfg, train_cfg, source, on_update=on_update, should_stop=stop,
                          out_path=out_path, checkpoint_path=checkpoint_path, resume=resume)
+    finally:
+        close()
+
+
+def _adapt_gain(u) -> str:
+    """The held-out criterion's best gain over the original model (its ``-10 log10`` values are in the Update)."""
+    if u.best_val_psnr is None or u.input_psnr is None:
+        return ""
+    return f" held-out consistency {u.best_val_psnr - u.input_psnr:+.3f} dB"
+
+
+def _adapt_line(u) -> str:
+    return f"epoch {u.epoch} step {u.step}{_adapt_gain(u)} ({100 * u.progress:.0f} %, {u.device})"
+
+
+def adapt_with_bar(saved, images, cfg, *, psf=None, roi=None, binning: int = 1, out_path=None, label="adapt"):
+    """:func:`~napari_coordgate.engine.adapt` with Ctrl-C handling (a stop keeps the best state) and progress."""
+    from ..engine import adapt
+
+    on_update, close = _update_callbacks(label, _adapt_line, lambda u: f"epoch {u.epoch}{_adapt_gain(u)}")
+    try:
+        with StopFlag() as stop:
+            return adapt(saved, images, cfg, psf=psf, roi=roi, binning=binning, on_update=on_update,
+                         should_stop=stop, out_path=out_path)
     finally:
         close()
 
