@@ -19,6 +19,7 @@ BENCH = Path(__file__).parents[1] / "benchmarks"
     ("bench_bioimageio_tiles.py", "off the pooling grid"),
     ("bench_memory.py", "peak host RSS above baseline"),
     ("bench_camera.py", "| fixed | 3000 | 500 | uint16 |"),
+    ("bench_adapt.py", "adapted - PSF only, edge ring"),
 ])
 def test_benchmark_quick_mode_prints_its_table(script, expect):
     result = subprocess.run([sys.executable, str(BENCH / script), "--quick"], capture_output=True, text=True,
