@@ -36,6 +36,7 @@ class NoiseModel:
     intercept: float
     estimated: bool = True  # measured from the images (False: gain and offset given, read noise measured)
     offset: float | None = None
+    dark: float = 0.0  # the darkest local mean measured: the read noise is read there when the offset is unknown
 
     @classmethod
     def from_camera(cls, gain: float, offset: float, read_variance: float = 0.0) -> "NoiseModel":
@@ -49,8 +50,8 @@ class NoiseModel:
 
     @property
     def read_variance(self) -> float:
-        """Variance at the offset (at the darkest level when the offset is unknown: the intercept)."""
-        at = 0.0 if self.offset is None else self.offset
+        """Variance at the offset (at the darkest level measured when the offset is unknown: an upper bound)."""
+        at = self.dark if self.offset is None else self.offset
         return max(self.slope * at + self.intercept, 0.0)
 
     def variance(self, mean: np.ndarray) -> np.ndarray:
@@ -60,13 +61,14 @@ class NoiseModel:
     def scaled(self, offset: float, scale: float) -> "NoiseModel":
         """The same noise seen through the map ``(x - offset) / scale`` (a model's intensity normalisation)."""
         return NoiseModel(self.slope / scale, (self.intercept + self.slope * offset) / scale**2, self.estimated,
-                          None if self.offset is None else (self.offset - offset) / scale)
+                          None if self.offset is None else (self.offset - offset) / scale, (self.dark - offset) / scale)
 
     def describe(self) -> str:
         """One line for a report: the gain and read noise, and whether they were given or measured."""
         how = "measured from the images" if self.estimated else "gain and offset given, read noise measured"
+        where = "at the darkest level" if self.offset is None else "at the offset"
         return (f"noise: variance = {self.slope:.4g} x mean {self.intercept:+.4g} (gain {self.slope:.4g} units per "
-                f"electron, read noise {np.sqrt(self.read_variance):.4g} units; {how})")
+                f"electron, noise {np.sqrt(self.read_variance):.4g} units {where}; {how})")
 
 
 def _bins(planes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -147,4 +149,4 @@ def estimate_noise(planes, gain: float | None = None, offset: float | None = Non
         intercept = float(np.median(variances))
     lowest = float(means.min())
     intercept = max(intercept, tiny - slope * lowest)  # positive variance across the images' range
-    return NoiseModel(slope, intercept)
+    return NoiseModel(slope, intercept, dark=lowest)
