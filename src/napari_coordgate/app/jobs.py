@@ -33,6 +33,18 @@ def train_job(model_cfg, train_cfg, source, init=None, *, report: Report, should
     return train_isolated(model_cfg, train_cfg, source, report=report, should_stop=should_stop, init=init)
 
 
+def adapt_job(saved, images, cfg, psf=None, *, report: Report, should_stop: ShouldStop):
+    """Adapt ``saved`` to the user's blurred ``images`` (H, W) or (N, H, W) in a separate process, like training.
+
+    ``cfg``: an :class:`~napari_coordgate.config.AdaptConfig`; ``psf``: a PSF model instead of the model's own.
+    Every :class:`~napari_coordgate.engine.Update` goes to ``report`` (the held-out consistency criterion in its
+    PSNR slots). Returns an ``AdaptResult`` (:func:`napari_coordgate.runners.isolate.adapt_isolated`).
+    """
+    from napari_coordgate.runners.isolate import adapt_isolated
+
+    return adapt_isolated(saved, images, cfg, report=report, should_stop=should_stop, psf=psf)
+
+
 def save_job(path: str, saved, *, report: Report, should_stop: ShouldStop) -> str:
     from napari_coordgate.model_io import save_model
 

@@ -19,8 +19,9 @@ class State(Enum):
 NEEDS_MODEL = frozenset({"save", "export", "apply", "gates"})
 
 _ENABLED = MappingProxyType({
-    State.IDLE: frozenset({"train", "load", "sample", "save", "export", "apply", "compare", "evaluate", "gates",
-                           "psf_grid", "calibrate", "use_psf", "save_psf"}),
+    # "adapt" is enabled without a model: its button then says to train or load one first
+    State.IDLE: frozenset({"train", "adapt", "load", "sample", "save", "export", "apply", "compare", "evaluate",
+                           "gates", "psf_grid", "calibrate", "use_psf", "save_psf"}),
     State.BUSY: frozenset(),
     State.TRAINING: frozenset({"stop"}),
     State.APPLYING: frozenset({"cancel"}),

@@ -14,7 +14,7 @@ arguments is written once into the job's temporary folder, plane by plane, and t
 caller's memory therefore never holds a second full copy of the data (writes go to the page cache).
 
 No Qt and no napari here: the dock's worker thread calls :func:`run_isolated` (or :func:`train_isolated`),
-passing its ``report`` and ``should_stop`` callables.
+passing its ``report`` and ``should_stop`` callables; :func:`adapt_isolated` does the same for adaptation.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["IsolationError", "run_isolated", "train_isolated", "portable_exception"]
+__all__ = ["IsolationError", "run_isolated", "train_isolated", "adapt_isolated", "portable_exception"]
 
 _STOP = "stop"
 _POLL_S = 0.1
@@ -366,3 +366,57 @@ def train_isolated(model_cfg, train_cfg, source, *, report: Callable[[Any], None
     return run_isolated("napari_coordgate.runners.isolate:_train_in_child", model_cfg, train_cfg, source, init,
                         report=relay, should_stop=should_stop, on_result=finished, on_death=recovered)
 
+
+# -- adaptation -----------------------------------------------------------------------------------
+def _adapt_in_child(saved, images, cfg, psf=None, *, report, should_stop, workdir: Path):
+    from .. import engine
+
+    result = engine.adapt(saved, images, cfg, psf=psf, on_update=report, should_stop=should_stop,
+                          out_path=workdir / _BEST)
+    return dataclasses.replace(result, saved=None, history=[])  # the model travels as a file
+
+
+def _criterion(db: float | None) -> float | None:
+    """The held-out criterion back from the ``-10 log10`` an adaptation ``Update`` carries it as."""
+    return None if db is None else 10.0 ** (-db / 10.0)
+
+
+def adapt_isolated(saved, images, cfg, *, report: Callable[[Any], None], should_stop: Callable[[], bool],
+                   psf=None):
+    """:func:`napari_coordgate.engine.adapt` in a spawned process; returns its ``AdaptResult``.
+
+    Adaptation runs torch's optimiser like training, so it must not run in the viewer's process either. Every
+    :class:`~napari_coordgate.engine.Update` reaches ``report`` (the held-out criterion in its PSNR slots as
+    ``-10 log10``); a stop keeps the best state so far. When adaptation did not help, the result holds ``saved``
+    itself (``kept_original``). If the process dies, the best adapted model it had written is returned with
+    ``stopped`` saying why (its ``noise`` is then None: it was measured in the process); if it died before any
+    state beat the original, :class:`IsolationError` says so. An error of the job (a model without a PSF model,
+    images of another field) is raised here with its type and message.
+    """
+    from ..model_io import load_model
+
+    history: list = []
+
+    def relay(msg: Any) -> None:
+        history.append(msg)
+        report(msg)
+
+    def recovered(folder: Path, reason: str):
+        from ..engine import AdaptResult
+
+        best = folder / _BEST
+        if not best.is_file():
+            raise IsolationError(f"adaptation failed: {reason} before any state beat the original model, "
+                                 "which is unchanged")
+        last = history[-1] if history else None
+        before = _criterion(getattr(last, "input_psnr", None))
+        return AdaptResult(load_model(best, "cpu"), before, _criterion(getattr(last, "best_val_psnr", None)),
+                           False, None, history, f"crashed: {reason}", getattr(last, "device", "cpu"),
+                           getattr(last, "step", 0))
+
+    def finished(folder: Path, result):
+        model = saved if result.kept_original else load_model(folder / _BEST, "cpu")
+        return dataclasses.replace(result, saved=model, history=history)
+
+    return run_isolated("napari_coordgate.runners.isolate:_adapt_in_child", saved, images, cfg, psf,
+                        report=relay, should_stop=should_stop, on_result=finished, on_death=recovered)
