@@ -1,8 +1,10 @@
 """The model shipped for the bundled sample optics: *Open Sample -> Apply -> Evaluate* works without training.
 
-It is a CoordGate U-Net(2) (the dock's default network) trained on the synthetic calibration pair of
-``samples.sample_data.calibration_pair`` (preset ``gaussian``, 256 x 256) only: it knows those synthetic optics, not
-any real microscope. Regenerate it with::
+It is a CoordGate U-Net(2) (the dock's default network) trained from the PSF model of the sample data (preset
+``gaussian`` on a 256 x 256 field, 1000-photon noise) on the built-in training specimens (bundled and procedural,
+:data:`~napari_coordgate.samples.specimens.TRAIN_SOURCES`), the best epoch picked on the held-out validation
+specimens (:func:`~napari_coordgate.samples.specimens.validation_fields`). It knows those synthetic optics, not any
+real microscope. Regenerate it with::
 
     python -m napari_coordgate.samples.sample_model   # writes samples/models/sample_gaussian.cgmodel
 """
@@ -15,7 +17,8 @@ from pathlib import Path
 SAMPLE_MODEL = Path(__file__).parent / "models" / "sample_gaussian.cgmodel"
 # the recipe: the dock's defaults, an epochs budget so the file is reproducible on any machine (seeded, 1 thread,
 # float32: no bf16 autocast, which only CPUs with bf16 instructions would use)
-EPOCHS, STEPS_PER_EPOCH = 30, 20
+EPOCHS, STEPS_PER_EPOCH = 60, 25
+TRAIN_FIELDS = 48  # six fields of each training source
 
 
 def sample_model_path() -> Path:
@@ -27,18 +30,20 @@ def sample_model_path() -> Path:
 
 
 def make_sample_model(out: Path = SAMPLE_MODEL) -> Path:
-    """Train the sample model on the bundled calibration pair and write it to ``out``."""
+    """Train the sample model from the sample optics on the built-in specimens and write it to ``out``."""
     from .. import engine
     from ..config import ModelConfig, TrainConfig
     from ..model_io import save_model
-    from .sample_data import calibration_pair
+    from .sample_data import SAMPLE_PHOTONS, SAMPLE_PRESET, SAMPLE_SHAPE
+    from .specimens import TRAIN_SOURCES, specimen_fields, validation_fields
 
-    (sharp, _, _), (blurred, meta, _) = calibration_pair()
-    result = engine.train(ModelConfig(), TrainConfig(epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH, device="cpu",
-                                                     threads=1, seed=0, amp=False),
-                          engine.PairSource(sharp, blurred, psf=meta["metadata"]["psf_preset"]))
-    result.saved.provenance["note"] = ("trained on the synthetic sample pair only (preset 'gaussian'); "
-                                       "not a model of any real microscope")
+    source = engine.SimulatedSource(specimen_fields(TRAIN_FIELDS, SAMPLE_SHAPE, seed=0, sources=TRAIN_SOURCES),
+                                    SAMPLE_PRESET, val_sharp=validation_fields(SAMPLE_SHAPE))
+    recipe = TrainConfig(epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH, device="cpu", threads=1, seed=0, amp=False,
+                         photons=SAMPLE_PHOTONS, read_noise=0.0)  # the sample data's noise
+    result = engine.train(ModelConfig(), recipe, source)
+    result.saved.provenance["note"] = (f"trained from the synthetic sample optics (preset {SAMPLE_PRESET!r}) on the "
+                                       "built-in specimens; not a model of any real microscope")
     out.parent.mkdir(parents=True, exist_ok=True)
     return save_model(out, result.saved)
 
