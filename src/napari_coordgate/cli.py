@@ -805,6 +805,26 @@ def _add_evaluate_parser(sub) -> None:
     p.set_defaults(func=_cmd_evaluate)
 
 
+def _add_adapt_parser(sub, psf_help: str) -> None:
+    from .config import AdaptConfig
+
+    p = sub.add_parser("adapt", help="fine-tune a model on your own blurred images (no sharp images needed), "
+                                     "with the PSF model it carries")
+    p.add_argument("-m", "--model", required=True, help=MODEL_HELP)
+    p.add_argument("images", nargs="+", help="the blurred images to restore (TIFF files, OME-Zarr or zarr; stacks "
+                                             "are read plane by plane)")
+    p.add_argument("-o", "--output", required=True, help="adapted model file (.cgmodel is added if missing); the "
+                                                         "original when adaptation does not help")
+    p.add_argument("--psf", help=psf_help + ": instead of the model's own (needed for a model trained on pairs only)")
+    p.add_argument("--roi", help="Y,X of the images' top-left pixel inside the training field (a camera ROI)")
+    p.add_argument("--binning", type=int, default=1, help="camera binning of the images relative to the training "
+                                                        "field (default 1)")
+    budget = p.add_mutually_exclusive_group()
+    _add_config_flags(budget, AdaptConfig, ("minutes", "epochs"))
+    _add_config_flags(p, AdaptConfig, ADAPT_FLAGS)
+    p.set_defaults(func=_cmd_adapt)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="napari-coordgate",
@@ -815,7 +835,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    from .config import AdaptConfig, ModelConfig, PredictConfig, TrainConfig
+    from .config import ModelConfig, PredictConfig, TrainConfig
     from .model_io import PSF_SUFFIX
     from .optics.psf import PRESETS
 
@@ -851,22 +871,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="checkpoint (.cgckpt) to continue from")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("adapt", help="fine-tune a model on your own blurred images (no sharp images needed), "
-                                     "with the PSF model it carries")
-    p.add_argument("-m", "--model", required=True, help=MODEL_HELP)
-    p.add_argument("images", nargs="+", help="the blurred images to restore (TIFF files, OME-Zarr or zarr; stacks "
-                                             "are read plane by plane)")
-    p.add_argument("-o", "--output", required=True, help="adapted model file (.cgmodel is added if missing); the "
-                                                         "original when adaptation does not help")
-    p.add_argument("--psf", help=psf_help + ": instead of the model's own (needed for a model trained on pairs only)")
-    p.add_argument("--roi", help="Y,X of the images' top-left pixel inside the training field (a camera ROI)")
-    p.add_argument("--binning", type=int, default=1, help="camera binning of the images relative to the training "
-                                                        "field (default 1)")
-    budget = p.add_mutually_exclusive_group()
-    _add_config_flags(budget, AdaptConfig, ("minutes", "epochs"))
-    _add_config_flags(p, AdaptConfig, ADAPT_FLAGS)
-    p.set_defaults(func=_cmd_adapt)
-
+    _add_adapt_parser(sub, psf_help)
     p = sub.add_parser("apply", help="deblur TIFF, OME-Zarr or zarr images or stacks with a model")
     p.add_argument("-m", "--model", required=True, help=MODEL_HELP)
     p.add_argument("inputs", nargs="+", help="TIFF files, OME-Zarr images (NGFF 0.4/0.5) or zarr arrays (..., y, x)")
