@@ -343,7 +343,7 @@ class AdaptConfig(Config):
     lr: float = bounded(1e-3, 1e-7, 1.0, doc="Adam learning rate (constant)")
     alpha: float = bounded(0.5, 0.05, 5.0, doc="re-corruption split: the input gets alpha x noise, the target "
                                                "1/alpha x (independent of each other)")
-    whiten: float = bounded(1e-2, 0.0, 1e6, doc="balance of the whitening filter 1 / (|OTF|^2 + whiten) the "
+    whiten: float = bounded(0.1, 0.0, 1e6, doc="balance of the whitening filter 1 / (|OTF|^2 + whiten) the "
                                                 "residual is compared through; 0 = compare blurred images")
     val_tile: int = bounded(32, 8, 1024, doc="tile side of the held-out checkerboard")
     seed: int = bounded(0, 0, 2**31 - 1, doc="random seed (crops, re-corruption)")
