@@ -59,23 +59,26 @@ class PlotCanvas(FigureCanvasQTAgg):
         self.draw_idle()
 
     def plot_training(self, steps: Sequence[int], loss: Sequence[float],
-                      val_steps: Sequence[int], val_psnr: Sequence[float], input_psnr: float | None = None) -> None:
+                      val_steps: Sequence[int], val_psnr: Sequence[float], input_psnr: float | None = None, *,
+                      loss_label: str = "training loss", val_label: str = "val PSNR (dB)",
+                      input_label: str = "input") -> None:
         """Training loss (left axis) and validation PSNR (right axis) against optimiser steps.
 
         ``input_psnr``, the validation PSNR of the unrestored input, is drawn as a dashed line: the curve's
-        distance above it is what the model has learnt.
+        distance above it is what the model has learnt. The labels name other series plotted the same way
+        (adaptation: the consistency loss and the held-out criterion, the original model's as the line).
         """
         self.clear()
         self.ax.plot(steps, loss, color="#4fa3ff", lw=1.2, label="loss")
         self.ax.set_xlabel("step", fontsize=8)
-        self.ax.set_ylabel("training loss", fontsize=8, color="#4fa3ff")
+        self.ax.set_ylabel(loss_label, fontsize=8, color="#4fa3ff")
         if self.ax2 is not None:
             self.ax2.plot(val_steps, val_psnr, "o-", color="#ffb347", ms=3, lw=1.2)
             if input_psnr is not None:
                 self.ax2.axhline(input_psnr, color="#aaaaaa", ls="--", lw=1.0)
-                self.ax2.annotate("input", (0.01, input_psnr), xycoords=("axes fraction", "data"),
+                self.ax2.annotate(input_label, (0.01, input_psnr), xycoords=("axes fraction", "data"),
                                   color="#aaaaaa", fontsize=7, va="bottom")
-            self.ax2.set_ylabel("val PSNR (dB)", fontsize=8, color="#ffb347")
+            self.ax2.set_ylabel(val_label, fontsize=8, color="#ffb347")
         self.draw_idle()
 
     def plot_radial(self, r: np.ndarray, series: dict[str, np.ndarray]) -> None:

@@ -1,27 +1,32 @@
-"""Train tab: pick the training source, model size, budget and device; start, stop, watch, save."""
+"""Train tab: pick the training source, model size, budget and device; start, stop, watch, save; adapt the current
+model to the user's own blurred images."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from magicgui.widgets import ComboBox, Container
 from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
+    QFrame,
     QGroupBox,
     QHBoxLayout,
     QLabel,
     QPushButton,
+    QScrollArea,
     QVBoxLayout,
     QWidget,
 )
 
-from napari_coordgate.app.jobs import psf_grid_job, train_job
+from napari_coordgate.app.jobs import adapt_job, psf_grid_job, train_job
 from napari_coordgate.app.state import State
-from napari_coordgate.config import ConfigError, ModelConfig, TrainConfig
+from napari_coordgate.config import AdaptConfig, ConfigError, ModelConfig, TrainConfig
 from napari_coordgate.model_io import PSF_SUFFIX
 from napari_coordgate.optics.psf import PSFConfig
 
@@ -33,7 +38,9 @@ from ._settings import remember_folder
 PAIRS, SIMULATED = "calibration pairs (sharp + blurred layers)", "sharp layers + PSF model"
 PSF_FIELDS = ("model", "na", "wavelength_um", "pixel_size_um", "psf_size", "grid", "defocus", "defocus_h2",
               "astig_h2", "coma_h", "spherical", "sigma_px", "sigma_radial_h2", "sigma_tangential_h2")
-
+# while adapting, the plot's series are the consistency loss and the held-out criterion (-10 log10, in the PSNR
+# slots of the Updates), the original model's value as the line to rise above: never call them PSNR
+ADAPT_PLOT = {"loss_label": "consistency loss", "val_label": "held-out (dB)", "input_label": "original"}
 
 
 class TrainTab(QWidget):
@@ -45,14 +52,34 @@ class TrainTab(QWidget):
         # the PSF combo's entries: the presets, then PSF models from files (any kind, e.g. measured from beads)
         self._psf_sources: dict = dict(PRESETS)
         self.history: list = []
-        layout = QVBoxLayout(self)
+        self._adapt_layer_chosen = False  # the user picked the images to adapt to: keep their pick
+        self.task = "train"  # what the Updates now arriving are from: "train" or "adapt"
+        content = QWidget()
+        layout = QVBoxLayout(content)
         layout.addWidget(self._source_box())
         layout.addWidget(self._config_box())
         layout.addWidget(self._run_box())
+        layout.addWidget(self.plot, 1)  # shared by training and adaptation
+        # last: on a short screen the training controls and the plot keep their place and this scrolls into view
+        layout.addWidget(self._adapt_box())
+        self._scroll(content)
         self._connect()
         self._preset_changed(self.preset.currentText())
         self._mode_changed(self.mode.currentText())
         self.keep_pair_distinct()
+
+    def _scroll(self, content: QWidget) -> None:
+        """The tab scrolls vertically: its height must never force the viewer's window taller than a laptop's
+        screen (as a plain layout's minimum height does)."""
+        area = QScrollArea()
+        area.setWidget(content)
+        area.setWidgetResizable(True)
+        area.setFrameShape(QFrame.Shape.NoFrame)
+        area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        area.setMinimumWidth(content.minimumSizeHint().width() + area.verticalScrollBar().sizeHint().width())
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(area)
 
     def _source_box(self) -> QGroupBox:
         """Training data: calibration pairs, or sharp layers and a PSF model (preset, editable, or a file)."""
@@ -117,7 +144,7 @@ class TrainTab(QWidget):
         return box
 
     def _run_box(self) -> QWidget:
-        """Fine-tune switch, Start / Stop / Save, and the live plot."""
+        """Fine-tune switch and Start / Stop / Save (the live plot, shared with adaptation, goes below)."""
         self.finetune = QCheckBox("continue from the current model (fine-tune on this data)")
         self.finetune.setToolTip("Start from the dock's model (trained here or loaded) instead of fresh weights; the "
                                  "network settings are taken from it")
@@ -133,7 +160,35 @@ class TrainTab(QWidget):
         v.setContentsMargins(0, 0, 0, 0)
         v.addWidget(self.finetune)
         v.addLayout(row)
-        v.addWidget(self.plot)
+        return box
+
+    def _adapt_box(self) -> QGroupBox:
+        """Adapt the current model to a layer of the user's blurred images: the layer, the budget, the camera."""
+        self.adapt_layer = LayerCombo(self.dock.viewer, prefer="blurred")
+        self.adapt_layer.setToolTip("The blurred images to restore: one image or a stack of planes (N, H, W) of the "
+                                    "model's field; they are never compared with sharp images")
+        self.adapt_form = ConfigForm(AdaptConfig, ("minutes",), labels={"minutes": "budget (minutes)"})
+        # the camera's gain and offset are rarely known: hidden until asked for (the noise is measured otherwise)
+        self.camera = QCheckBox("camera gain and offset known")
+        self.camera.setToolTip("Give the camera's gain and offset instead of measuring the noise from the images")
+        self.camera_form = ConfigForm(AdaptConfig, ("gain", "offset"),
+                                      labels={"gain": "camera gain", "offset": "camera offset"})
+        self.camera_form.native.setVisible(False)
+        self.camera.toggled.connect(self.camera_form.native.setVisible)
+        self.adapt_btn = QPushButton("Adapt to these images")
+        self.adapt_btn.setToolTip("Fine-tune the current model on these images with its PSF model (no sharp images; "
+                                  "Stop keeps the best state); the original is kept when adapting does not help")
+        rows = QFormLayout()
+        rows.addRow("images", self.adapt_layer)
+        run = QHBoxLayout()
+        run.addWidget(self.adapt_form.native, 1)
+        run.addWidget(self.adapt_btn)
+        box = QGroupBox("Adapt to your images")
+        v = QVBoxLayout(box)
+        v.addLayout(rows)
+        v.addLayout(run)
+        v.addWidget(self.camera)
+        v.addWidget(self.camera_form.native)
         return box
 
     def _connect(self) -> None:
@@ -149,8 +204,10 @@ class TrainTab(QWidget):
         self.start_btn.clicked.connect(self.start)
         self.stop_btn.clicked.connect(self.dock.stop_task)
         self.save_btn.clicked.connect(self.dock.choose_and_save_model)
+        self.adapt_btn.clicked.connect(self.adapt)
+        self.adapt_layer.activated.connect(self._adapt_layer_picked)
         self.actions = {"train": self.start_btn, "stop": self.stop_btn, "save": self.save_btn,
-                        "psf_grid": self.grid_btn}
+                        "psf_grid": self.grid_btn, "adapt": self.adapt_btn}
 
     # -- form -----------------------------------------------------------------------------------------
     @property
@@ -169,13 +226,27 @@ class TrainTab(QWidget):
         self.blurred.setEnabled(mode == PAIRS)
 
     def keep_pair_distinct(self, *_) -> None:
-        """Never offer the same layer as sharp and blurred: move the blurred pick to another layer."""
+        """Never offer the same layer as sharp and blurred: move the blurred pick to another layer. (Called after
+        every change of the viewer's layers: the images to adapt to are picked here as well.)"""
+        self._pick_adapt_layer()
         if self.blurred.currentText() != self.sharp.currentText() or self.blurred.count() < 2:
             return
         others = [self.blurred.itemText(i) for i in range(self.blurred.count())
                   if self.blurred.itemText(i) != self.sharp.currentText()]
         preferred = [n for n in others if "blurred" in n.lower()]
         self.blurred.setCurrentText((preferred or others)[0])
+
+    def _pick_adapt_layer(self) -> None:
+        """Until the user picks the images to adapt to, a layer whose name (or sample metadata) says blurred: the
+        combo alone keeps the first layer it saw, often the sharp one, and adapting to sharp images is no use."""
+        if self._adapt_layer_chosen:
+            return
+        layers = self.dock.viewer.layers
+        names = [self.adapt_layer.itemText(i) for i in range(self.adapt_layer.count())]
+        blurred = [n for n in names if n in layers and (layers[n].metadata.get("role") == "blurred"
+                                                         or "blurred" in n.lower())]
+        if blurred and self.adapt_layer.currentText() not in blurred:
+            self.adapt_layer.setCurrentText(blurred[0])
 
     def _preset_changed(self, name: str) -> None:
         # the parameter editor edits pupil/Gaussian configs; a measured PSF model has no such parameters
@@ -287,26 +358,28 @@ class TrainTab(QWidget):
             show_error(f"CoordGate: {exc}")
             self.dock.status.setText(f"not started: {exc}")
             return
-        self.history = []
-        self.plot.clear()
-        self.device_used.setText("-")
+        self._begin("train")
         self.dock.run_task("train", train_job, model_cfg, train_cfg, source, init, state=State.TRAINING,
                            on_returned=self._finished)
 
+    def _begin(self, task: str) -> None:
+        self.task = task
+        self.history = []
+        self.plot.clear()
+        self.device_used.setText("-")
+
     def on_update(self, u) -> None:
+        """An engine Update of the running training or adaptation: the plot, the status line, the device."""
         self.history.append(u)
         self.device_used.setText(u.device)
+        adapting = self.task == "adapt"
         steps = [h.step for h in self.history if h.kind == "step"]
         loss = [h.loss for h in self.history if h.kind == "step"]
         epochs = [h for h in self.history if h.kind == "epoch" and h.val_psnr is not None]
         if u.kind in ("epoch", "done") or len(steps) % 5 == 1:  # redraw sparingly
             self.plot.plot_training(steps, loss, [h.step for h in epochs], [h.val_psnr for h in epochs],
-                                    u.input_psnr)
-        best = "-" if u.best_val_psnr is None else f"{u.best_val_psnr:.2f} dB"
-        if u.best_val_psnr is not None and u.input_psnr is not None:
-            best += f" (input {u.input_psnr:.2f} dB)"
-        self.dock.status.setText(f"train: epoch {u.epoch}, step {u.step}, loss {u.loss:.4f}, best val {best}, "
-                                 f"{u.elapsed:.0f} s on {u.device}")
+                                    u.input_psnr, **(ADAPT_PLOT if adapting else {}))
+        self.dock.status.setText(_adapt_status(u) if adapting else _train_status(u))
 
     def _finished(self, result) -> None:
         self.dock.last_result = result
@@ -319,6 +392,72 @@ class TrainTab(QWidget):
                          f"{psnr} (epoch {result.best_epoch}){hint}")
             return
         show_info(f"CoordGate: training {result.stopped}; best validation PSNR {psnr} (epoch {result.best_epoch})")
+
+    # -- adaptation -----------------------------------------------------------------------------------
+    def _adapt_layer_picked(self, *_) -> None:
+        self._adapt_layer_chosen = True
+
+    def adapt_config(self) -> AdaptConfig:
+        """The budget and camera from the inputs, on the device chosen for training."""
+        camera = {}
+        if self.camera.isChecked():
+            given = self.camera_form.config()  # a gain without an offset is refused here
+            camera = {"gain": given.gain, "offset": given.offset}
+        return self.adapt_form.config(device=self.device.value, **camera)
+
+    def adapt_images(self, saved):
+        """The chosen layer's planes for adapting ``saved`` (GUI thread only); ValueError says what to change."""
+        layer = self.adapt_layer.layer()
+        if layer is None:
+            raise ValueError("pick the image layer to adapt to (the blurred images to restore)")
+        if saved.psf is None:
+            raise ValueError("this model carries no PSF model (it was trained on calibration pairs only), and "
+                             "adapting needs one: train from sharp layers and a PSF model, or adapt from the "
+                             "command line with --psf")
+        # no copy here: the adaptation job writes the arrays once into its process's files, as training does
+        images = layer_array(layer, copy=False)
+        shape, field = tuple(images.shape), tuple(saved.field_shape)
+        if len(shape) not in (2, 3) or shape[-2:] != field:
+            raise ValueError(f"layer {layer.name!r} has shape {shape}: adapting needs an image or a stack of planes "
+                             f"(N, H, W) of the model's {field[0]} x {field[1]} field (a camera ROI or binning: "
+                             "napari-coordgate adapt --roi/--binning)")
+        return images
+
+    def adapt(self) -> None:
+        """Adapt the dock's model to the chosen layer in the training process; Stop keeps the best state."""
+        saved = self.dock.model
+        if saved is None:
+            show_warning("CoordGate: no model to adapt: train one here or load one (Model tab) first")
+            self.dock.status.setText("not started: no model to adapt")
+            return
+        try:
+            cfg, images = self.adapt_config(), self.adapt_images(saved)
+        except (ConfigError, ValueError) as exc:
+            show_error(f"CoordGate: {exc}")
+            self.dock.status.setText(f"not started: {exc}")
+            return
+        self._begin("adapt")
+        name, origin = self.adapt_layer.currentText(), self.dock.model_origin
+        self.dock.run_task("adapt", adapt_job, saved, images, cfg, None, state=State.TRAINING,
+                           on_returned=lambda result: self._adapted(result, name, origin))
+
+    def _adapted(self, result, name: str, origin: str) -> None:
+        self.dock.last_result = result
+        self.device_used.setText(result.device)
+        noise = "" if result.noise is None else f" {result.noise.describe()}."
+        if result.kept_original:  # the dock's model is unchanged: it keeps its own origin
+            show_info(f"CoordGate: adapting to {name!r} did not improve the held-out consistency of the original "
+                      f"model ({result.steps} steps, {result.stopped}), so the original model is kept.{noise}")
+            return
+        self.dock.set_model(result.saved, f"adapted in this session to {name!r} ({result.stopped}, "
+                                          f"{result.steps} steps) from {origin or 'the previous model'}")
+        change = f"held-out consistency {_gain_db(result)} over the original"
+        if result.stopped.startswith("crashed") or result.stopped == "diverged":
+            show_warning(f"CoordGate: adaptation {result.stopped}; kept the best adapted model so far: {change}."
+                         f"{noise}")
+            return
+        show_info(f"CoordGate: adapted to {name!r} ({result.stopped}, {result.steps} steps): {change} "
+                  f"({result.criterion_before:.4f} -> {result.criterion_best:.4f}).{noise}")
 
     def show_psf_grid(self) -> None:
         layer = self.sharp.layer()
@@ -337,3 +476,25 @@ class TrainTab(QWidget):
                 self.dock.viewer.add_image(grid, name=name, colormap="magma")
 
         self.dock.run_task("PSF grid", psf_grid_job, psf, field, on_returned=done)
+
+
+def _train_status(u) -> str:
+    best = "-" if u.best_val_psnr is None else f"{u.best_val_psnr:.2f} dB"
+    if u.best_val_psnr is not None and u.input_psnr is not None:
+        best += f" (input {u.input_psnr:.2f} dB)"
+    return f"train: epoch {u.epoch}, step {u.step}, loss {u.loss:.4f}, best val {best}, {u.elapsed:.0f} s on {u.device}"
+
+
+def _adapt_status(u) -> str:
+    """The best state's held-out consistency over the original model's (its PSNR slots hold -10 log10 of it)."""
+    gain = "-" if u.best_val_psnr is None or u.input_psnr is None else f"{u.best_val_psnr - u.input_psnr:+.2f} dB"
+    return (f"adapt: epoch {u.epoch}, step {u.step}, held-out consistency {gain} over the original, "
+            f"{u.elapsed:.0f} s on {u.device}")
+
+
+def _gain_db(result) -> str:
+    """How far the adapted model's held-out criterion is below the original's, in dB (higher is better)."""
+    before, best = result.criterion_before, result.criterion_best
+    if not before or not best:  # a process that died before reporting them
+        return "-"
+    return f"{10.0 * math.log10(before / best):+.2f} dB"
