@@ -148,6 +148,13 @@ def _sv_rl(blurred, psf, tune_sharp, tune_blurred, iterations):
     return run(blurred, best), best
 
 
+def _adapt_cfg(args, seed: int) -> AdaptConfig:
+    extra = {"epochs": 2, "steps_per_epoch": 3} if args.quick else {}
+    if args.whiten is not None:
+        extra["whiten"] = args.whiten
+    return AdaptConfig(minutes=args.adapt_minutes, seed=seed, threads=args.threads, device="cpu", **extra)
+
+
 def run_content(kind, base, args, seed, psf, shape, log) -> dict:
     """The four rows for one content and seed."""
     test = content_fields(kind, args.planes, shape, 10_000 + seed)
@@ -155,9 +162,7 @@ def run_content(kind, base, args, seed, psf, shape, log) -> dict:
     rows = {"blurred": _scores(test, blurred)}
     rows["PSF model only"] = _scores(test, predict(base, blurred, device="cpu"))
     t = time.perf_counter()
-    res = adapt(base, blurred, AdaptConfig(minutes=args.adapt_minutes, seed=seed, threads=args.threads,
-                                           device="cpu", **({"epochs": 2, "steps_per_epoch": 3} if args.quick
-                                                            else {})))
+    res = adapt(base, blurred, _adapt_cfg(args, seed))
     adapt_s = time.perf_counter() - t
     rows["adapted"] = _scores(test, predict(res.saved, blurred, device="cpu"))
     rows["adapted"]["kept original"] = res.kept_original
@@ -202,8 +207,7 @@ def stack_figure(args, log) -> None:
             blurred = _blur(test, psf, 20_000 + seed)
             before = _scores(test, predict(base, blurred, device="cpu"))
             t = time.perf_counter()
-            res = adapt(base, blurred, AdaptConfig(minutes=args.adapt_minutes, seed=seed, threads=args.threads,
-                                                   device="cpu"))
+            res = adapt(base, blurred, _adapt_cfg(args, seed))
             after = _scores(test, predict(res.saved, blurred, device="cpu"))
             results.setdefault(kind, []).append(after["psnr"] - before["psnr"])
             log(f"  {kind}: {args.planes} x {shape[0]}^2, {(time.perf_counter() - t) / 60:.2f} min, {res.steps} "
@@ -226,6 +230,8 @@ def main(argv=None) -> None:
     p.add_argument("--train-fields", type=int, default=16)
     p.add_argument("--ref-fields", type=int, default=16, help="fields of the same content for the upper reference")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--whiten", type=float, default=None, help="AdaptConfig.whiten (default: the config's; 0 = "
+                                                               "compare blurred residuals)")
     p.add_argument("--stack", action="store_true", help="the 2-minute figure on 8 planes of 512^2")
     p.add_argument("--quick", action="store_true", help="tiny run for the test suite")
     args = p.parse_args(argv)
@@ -243,7 +249,8 @@ def main(argv=None) -> None:
 
     log(f"# bench_adapt: {platform.processor() or platform.machine()}, {args.threads} torch thread(s), PSF "
         f"{args.psf}, field {args.size}^2, {args.planes} test planes, models trained "
-        f"{f'{args.steps} steps' if args.steps else f'{args.minutes:g} min'}, adaptation {args.adapt_minutes:g} min")
+        f"{f'{args.steps} steps' if args.steps else f'{args.minutes:g} min'}, adaptation {args.adapt_minutes:g} min, "
+        f"{_adapt_cfg(args, 0)}")
     if args.stack:
         stack_figure(args, log)
         return
