@@ -289,13 +289,13 @@ def _with_weights(saved: SavedModel, state: dict, provenance: dict) -> SavedMode
                       normalization=saved.normalization, psf=saved.psf, provenance=provenance)
 
 
-def _epoch(model, opt, data: AdaptationData, rng, prog: _Progress, should_stop, device) -> str | None:
-    """One epoch of steps; the reason to stop ("stopped", "diverged", "budget") or None to go on."""
+def _epoch(model, opt, data: AdaptationData, rng, prog: _Progress, should_stop, device) -> tuple[str | None, float]:
+    """One epoch of steps: the reason to stop ("stopped", "diverged") or None to go on, and the epoch's mean loss."""
     cfg = data.cfg
     running, n = 0.0, 0
     for _ in range(cfg.steps_per_epoch):
         if should_stop is not None and should_stop():
-            return "stopped"
+            return "stopped", running / max(n, 1)
         if cfg.epochs == 0 and prog.fraction() >= 1.0:
             break
         loss = data.loss(model, rng, device)
@@ -306,11 +306,11 @@ def _epoch(model, opt, data: AdaptationData, rng, prog: _Progress, should_stop, 
         value = float(loss.detach())
         if not math.isfinite(value):
             prog.emit("step", value, message=f"the loss became {value} at step {prog.step}")
-            return "diverged"
+            return "diverged", value
         running, n = running + value, n + 1
         if prog.step % 10 == 0 or prog.step == 1:
             prog.emit("step", running / n)
-    return None
+    return None, running / max(n, 1)
 
 
 def adapt(
@@ -366,7 +366,7 @@ def adapt(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     stopped = "budget"
     while (prog.epoch < cfg.epochs) if cfg.epochs > 0 else prog.fraction() < 1.0:
-        reason = _epoch(model, opt, data, rng, prog, should_stop, device)
+        reason, mean_loss = _epoch(model, opt, data, rng, prog, should_stop, device)
         if reason in ("stopped", "diverged"):
             stopped = reason
             break
@@ -376,17 +376,17 @@ def adapt(
             prog.best, improved = value, True
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if out_path is not None:
-                save_model(out_path, _with_weights(saved, best_state, _provenance(saved, data, prog, True)))
-        prog.emit("epoch", float("nan"), value)
+                save_model(out_path, _with_weights(saved, best_state, _provenance(saved, data, prog)))
+        prog.emit("epoch", mean_loss, value)
     if out_path is not None and not improved:
         save_model(out_path, saved)
-    result = saved if not improved else _with_weights(saved, best_state, _provenance(saved, data, prog, True))
-    prog.emit("done", float("nan"), prog.best, stopped)
+    result = saved if not improved else _with_weights(saved, best_state, _provenance(saved, data, prog))
+    prog.emit("done", prog.history[-1].loss if prog.history else 0.0, prog.best, stopped)
     return AdaptResult(result, prog.before, prog.best, not improved, data.noise, prog.history, stopped,
                        str(device), prog.step)
 
 
-def _provenance(saved: SavedModel, data: AdaptationData, prog: _Progress, improved: bool) -> dict:
+def _provenance(saved: SavedModel, data: AdaptationData, prog: _Progress) -> dict:
     """The original model's provenance with this adaptation added (the recipe, the noise, the criterion)."""
     out = copy.deepcopy(saved.provenance)
     out.setdefault("adaptations", []).append({
