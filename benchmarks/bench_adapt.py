@@ -129,7 +129,7 @@ def _scores(sharp, restored) -> dict:
     reps = [quality_report(s, r) for s, r in zip(sharp, restored)]
     edge = [r["psnr_by_ring"][-1]["psnr"] for r in reps]
     return {"psnr": float(np.mean([r["psnr"] for r in reps])), "ssim": float(np.mean([r["ssim"] for r in reps])),
-            "edge": float(np.mean(edge))}
+            "edge": float(np.mean(edge)), "planes": [r["psnr"] for r in reps]}
 
 
 def _train(sharp, psf, minutes, seed, threads, val=None, steps=None):
@@ -192,6 +192,10 @@ def _table(results: dict[str, list[dict]], log) -> None:
             log(f"{'':<10}adapted - PSF only, {label}: {np.mean(gains):+.2f} dB (per seed "
                 f"{', '.join(f'{g:+.2f}' for g in gains)}); gap to upper {np.mean(gaps):.2f} dB; closed "
                 f"{100 * closed:.0f} %")
+        worst = min(min(np.subtract(r["adapted"]["planes"], r["PSF model only"]["planes"])) for r in per_seed)
+        kept = sum(bool(r["adapted"]["kept original"]) for r in per_seed)
+        log(f"{'':<10}worst single image: adapted - PSF only {worst:+.2f} dB; original kept in {kept} of "
+            f"{len(per_seed)} run(s)")
 
 
 def stack_figure(args, log) -> None:
