@@ -55,9 +55,10 @@ def test_adaptation_keeps_the_original_when_no_state_beats_it(tmp_path):
 
 
 def test_adaptation_is_seeded():
-    a = adapt(_saved(), _blurred(), _cfg(epochs=1))
-    b = adapt(_saved(), _blurred(), _cfg(epochs=1))
-    c = adapt(_saved(), _blurred(), _cfg(epochs=1, seed=1))
+    a = adapt(_saved(), _blurred(), _cfg())
+    b = adapt(_saved(), _blurred(), _cfg())
+    c = adapt(_saved(), _blurred(), _cfg(seed=1))
+    assert not a.kept_original and not c.kept_original
     assert torch.equal(_weights(a.saved), _weights(b.saved))
     assert not torch.equal(_weights(a.saved), _weights(c.saved))
 
@@ -96,3 +97,15 @@ def test_adapt_refuses_nan_images():
     bad[0, 3, 3] = np.nan
     with pytest.raises(InputError, match="NaN|finite"):
         adapt(_saved(), bad, _cfg())
+
+
+def test_crops_reach_every_border_of_the_frame_and_score_it():
+    from napari_coordgate.engine.adaptation import AdaptationData
+    from napari_coordgate.optics.models import get_psf_model
+
+    data = AdaptationData(_saved(), _blurred()[:, :, :60], _cfg(), get_psf_model(PSF), roi=(0, 0))
+    rng = np.random.default_rng(0)
+    offsets = np.array([o for _ in range(200) for o in data.crops(rng)[0]])
+    assert offsets[:, 0].min() == 0 and offsets[:, 0].max() == 64 - data.crop
+    assert offsets[:, 1].min() == 0 and offsets[:, 1].max() == 60 - data.crop  # 60 is off the crop grid
+    assert data.scored_window(0, 60 - data.crop) == (0, data.crop - data.pad, data.pad, data.crop)

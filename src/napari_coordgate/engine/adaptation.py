@@ -21,8 +21,9 @@ it keeps learning on the very images to restore, with the PSF model it carries a
   state by that criterion is kept; if no state beats the original model, the original is kept and the result says
   so.
 
-Pixels within half a PSF of a crop's (or the frame's) border are not scored: the light there came partly from
-outside the crop.
+Pixels within half a PSF of a crop side inside the frame are not scored (the light there came partly from outside
+the crop); at the frame's own border the blur reflects the frame, as the PSF model's simulations do, so the edge of
+the field, where the blur is worst, is trained and checked too. Crop centres are uniform over the frame.
 """
 
 from __future__ import annotations
@@ -113,9 +114,7 @@ class AdaptationData:
             raise InputError(f"images of {self.shape[0]} x {self.shape[1]} are too small to adapt on with PSFs of "
                              f"{self.psf.psf_size} px: each crop must be larger than a PSF")
         self.held_out = checkerboard_mask(self.shape, cfg.val_tile)
-        inner = np.zeros(self.shape, bool)
-        inner[self.pad : self.shape[0] - self.pad, self.pad : self.shape[1] - self.pad] = True
-        self.scored = self.held_out & inner
+        self.scored = self.held_out  # whole planes are predicted and re-blurred: the frame border is scored too
         n = len(self.y)
         self.checked = np.unique(np.linspace(0, n - 1, min(n, _CRITERION_PLANES)).round().astype(int))
         self._train_weight = np.ones((n, *self.shape), np.float32)
@@ -163,19 +162,35 @@ class AdaptationData:
         return op
 
     def crops(self, rng: np.random.Generator) -> tuple[list[tuple[int, int]], np.ndarray]:
-        """A batch of (plane, crop offset) draws: offsets on a coarse grid so their blurs are reused."""
+        """A batch of (plane, crop offset) draws. The crop's centre is uniform over the frame and the crop clipped
+        inside it, so the frame's border is in a crop as often as the centre is ("cover" sampling: the edge ring is
+        where the field's blur is worst); offsets are snapped to a grid that includes the last one, so their blurs
+        are reused."""
         step = max(self.crop // 4, 1)
         planes = rng.integers(0, len(self.y), self.cfg.batch)
-        offs = [(int(rng.integers(0, (self.shape[0] - self.crop) // step + 1)) * step,
-                 int(rng.integers(0, (self.shape[1] - self.crop) // step + 1)) * step) for _ in planes]
+        offs = []
+        for _ in planes:
+            off = []
+            for n in self.shape:
+                start = float(np.clip(rng.uniform(0, n) - self.crop / 2, 0, n - self.crop))
+                off.append(int(min(round(start / step) * step, n - self.crop)))
+            offs.append((off[0], off[1]))
         return offs, planes
+
+    def scored_window(self, oy: int, ox: int) -> tuple[int, int, int, int]:
+        """The part of a crop at (oy, ox) whose residual is scored: half a PSF in from a crop side inside the frame
+        (light from outside the crop reached it), up to the frame's own border (where the blur reflects the frame,
+        as the PSF model's simulations do)."""
+        c, p = self.crop, self.pad
+        h, w = self.shape
+        return (p if oy > 0 else 0, c - p if oy + c < h else c, p if ox > 0 else 0, c - p if ox + c < w else c)
 
     def loss(self, model, rng: np.random.Generator, device):
         """The consistency loss of one batch of crops (held-out tiles and crop borders not scored)."""
         import torch
 
         offs, planes = self.crops(rng)
-        c, p = self.crop, self.pad
+        c = self.crop
         win = [(int(i), oy, ox) for i, (oy, ox) in zip(planes, offs)]
         y = np.stack([self.y[i, oy : oy + c, ox : ox + c] for i, oy, ox in win])
         var = np.stack([self.var[i, oy : oy + c, ox : ox + c] for i, oy, ox in win])
@@ -188,8 +203,9 @@ class AdaptationData:
         total = 0.0
         for k, (i, oy, ox) in enumerate(win):
             resid = self.blur(oy, ox, c, c).apply(out[k].float()) - target[k]
-            mask = torch.from_numpy(self._train_weight[i, oy + p : oy + c - p, ox + p : ox + c - p]).to(device)
-            scaled = resid[p : c - p, p : c - p] / torch.from_numpy(np.sqrt(var[k, p : c - p, p : c - p])).to(device)
+            r0, r1, c0, c1 = self.scored_window(oy, ox)
+            mask = torch.from_numpy(self._train_weight[i, oy + r0 : oy + r1, ox + c0 : ox + c1]).to(device)
+            scaled = resid[r0:r1, c0:c1] / torch.from_numpy(np.sqrt(var[k, r0:r1, c0:c1])).to(device)
             # held-out pixels are zeroed before the filter, so none of their residual reaches the loss
             total = total + (self.whiten(scaled * mask).square() * mask).sum() / mask.sum().clamp_min(1.0)
         # the target's own noise is var / alpha^2: scaled by alpha^2, a restoration that re-blurs to the noise-free
