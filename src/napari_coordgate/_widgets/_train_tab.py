@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import MappingProxyType
 
 from magicgui.widgets import ComboBox, Container
 from napari.utils.notifications import show_error, show_info, show_warning
@@ -40,7 +41,8 @@ PSF_FIELDS = ("model", "na", "wavelength_um", "pixel_size_um", "psf_size", "grid
               "astig_h2", "coma_h", "spherical", "sigma_px", "sigma_radial_h2", "sigma_tangential_h2")
 # while adapting, the plot's series are the consistency loss and the held-out criterion (-10 log10, in the PSNR
 # slots of the Updates), the original model's value as the line to rise above: never call them PSNR
-ADAPT_PLOT = {"loss_label": "consistency loss", "val_label": "held-out (dB)", "input_label": "original"}
+ADAPT_PLOT = MappingProxyType({"loss_label": "consistency loss", "val_label": "held-out (dB)",
+                               "input_label": "original"})
 
 
 class TrainTab(QWidget):
