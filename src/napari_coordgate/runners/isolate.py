@@ -320,6 +320,18 @@ def _pump(proc, conn, report, should_stop, stop_grace_s: float) -> tuple:
 
 
 # -- training -------------------------------------------------------------------------------------
+def _relaying(report: Callable[[Any], None]) -> tuple[list, Callable[[Any], None]]:
+    """(history, relay): ``relay`` passes each message to ``report`` and keeps it in ``history`` (what a crashed
+    run's result is rebuilt from)."""
+    history: list = []
+
+    def relay(msg: Any) -> None:
+        history.append(msg)
+        report(msg)
+
+    return history, relay
+
+
 _BEST = "best.cgmodel"
 
 
@@ -342,11 +354,7 @@ def train_isolated(model_cfg, train_cfg, source, *, report: Callable[[Any], None
     """
     from ..model_io import load_model
 
-    history: list = []
-
-    def relay(msg: Any) -> None:
-        history.append(msg)
-        report(msg)
+    history, relay = _relaying(report)
 
     def recovered(folder: Path, reason: str):
         from ..engine import TrainResult
@@ -395,11 +403,7 @@ def adapt_isolated(saved, images, cfg, *, report: Callable[[Any], None], should_
     """
     from ..model_io import load_model
 
-    history: list = []
-
-    def relay(msg: Any) -> None:
-        history.append(msg)
-        report(msg)
+    history, relay = _relaying(report)
 
     def recovered(folder: Path, reason: str):
         from ..engine import AdaptResult
