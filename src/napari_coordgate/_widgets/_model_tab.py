@@ -71,8 +71,9 @@ class ModelTab(QWidget):
         self.load_btn = QPushButton("Load model…")
         self.save_btn = QPushButton("Save model…")
         self.sample_btn = QPushButton("Sample model")
-        self.sample_btn.setToolTip("A model shipped with the plugin, trained on the synthetic sample pair only "
-                                   "(File > Open Sample > CoordGate deblur): Apply and Evaluate at once, no training")
+        self.sample_btn.setToolTip("A model shipped with the plugin for the sample data's synthetic optics (File > "
+                                   "Open Sample > CoordGate deblur), trained on built-in specimens: Apply and "
+                                   "Evaluate at once, no training")
         self.load_btn.clicked.connect(self._choose_and_load)
         self.save_btn.clicked.connect(self.choose_and_save)
         self.sample_btn.clicked.connect(self.load_sample_model)
