@@ -290,7 +290,7 @@ class TrainTab(QWidget):
         self.preset.setCurrentText(label)
 
     def use_psf_model(self, model, label: str) -> None:
-        """Train from sharp layers (or the built-in specimens) blurred by ``model``: the PSF source and the mode."""
+        """Train from sharp layers blurred by ``model``: the PSF source and the mode."""
         self.set_psf_model(model, label)
         self.mode.setCurrentText(SIMULATED)
 
