@@ -405,3 +405,14 @@ def test_ctrl_c_while_the_local_cluster_starts_closes_it_and_passes_the_interrup
 
     (made,) = Starting.made
     assert made.sigint_blocked and made.closed
+
+
+def test_a_connect_cut_by_its_deadline_still_says_the_port_refused():
+    # on a loaded machine dask's last connect attempt can be cancelled by the deadline, losing the refusals before it
+    from napari_coordgate.runners.distributed import _probe
+
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]
+    assert _probe(f"tcp://127.0.0.1:{port}") == "connection refused"
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        assert _probe(f"tcp://127.0.0.1:{listening.getsockname()[1]}") == "no answer in time"

@@ -181,7 +181,7 @@ def _probe_scheduler(address: str, timeout: float) -> None:
             root = exc
             while root.__cause__ is not None:
                 root = root.__cause__
-            why = (getattr(root, "strerror", None) or str(root) or "no answer").lower()
+            why = (getattr(root, "strerror", None) or str(root) or _probe(address)).lower()
             raise SchedulerUnreachableError(
                 f"{failed} ({why}; start one with 'dask scheduler' or check the address)") from None
         how = "it closed the connection" if isinstance(exc, OSError) else "it does not speak dask's protocol"
@@ -193,6 +193,25 @@ def _probe_scheduler(address: str, timeout: float) -> None:
         raise SchedulerUnreachableError(
             f"{address} is a dask {kind.lower()}, not a scheduler; give the scheduler's address (it prints it when "
             "it starts, usually on port 8786)")
+
+
+def _probe(address: str) -> str:
+    """Why a TCP address did not answer, when dask's connect only says it timed out: on a loaded machine its last
+    attempt can be cut by the deadline, and the refusals before it are not kept. One plain connection says whether
+    the port refuses (nothing listens) or stays silent."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address)
+    if parts.scheme not in ("tcp", "tls") or parts.hostname is None or parts.port is None:
+        return "no answer"
+    try:
+        with socket.create_connection((parts.hostname, parts.port), timeout=0.5):
+            return "no answer in time"
+    except ConnectionRefusedError:
+        return "connection refused"
+    except OSError:
+        return "no answer"
 
 
 def dask_setup(worker) -> None:
