@@ -113,8 +113,8 @@ class AdaptationData:
         if self.crop <= 2 * self.pad:
             raise InputError(f"images of {self.shape[0]} x {self.shape[1]} are too small to adapt on with PSFs of "
                              f"{self.psf.psf_size} px: each crop must be larger than a PSF")
+        # the criterion re-blurs whole planes, so held-out tiles at the frame border are scored too
         self.held_out = checkerboard_mask(self.shape, cfg.val_tile)
-        self.scored = self.held_out  # whole planes are predicted and re-blurred: the frame border is scored too
         n = len(self.y)
         self.checked = np.unique(np.linspace(0, n - 1, min(n, _CRITERION_PLANES)).round().astype(int))
         self._train_weight = np.ones((n, *self.shape), np.float32)
@@ -203,7 +203,7 @@ class AdaptationData:
         total = 0.0
         for k, (i, oy, ox) in enumerate(win):
             resid = self.blur(oy, ox, c, c).apply(out[k].float()) - target[k]
-            r0, r1, c0, c1 = self.scored_window(oy, ox)
+            r0, r1, c0, c1 = self.held_out_window(oy, ox)
             mask = torch.from_numpy(self._train_weight[i, oy + r0 : oy + r1, ox + c0 : ox + c1]).to(device)
             scaled = resid[r0:r1, c0:c1] / torch.from_numpy(np.sqrt(var[k, r0:r1, c0:c1])).to(device)
             # held-out pixels are zeroed before the filter, so none of their residual reaches the loss
@@ -235,10 +235,10 @@ class AdaptationData:
                     out[y0:y1, x0:x1] = pred
             with torch.no_grad():
                 reblurred = full.apply(torch.from_numpy(out)).cpu().numpy()
-            scaled = (reblurred - self.fixed_target[k]) / np.sqrt(self.var[i]) * self.scored
+            scaled = (reblurred - self.fixed_target[k]) / np.sqrt(self.var[i]) * self.held_out
             r2 = self.whiten(torch.from_numpy(scaled.astype(np.float32))).square().numpy()
-            total += float(r2[self.scored].sum())
-            count += int(self.scored.sum())
+            total += float(r2[self.held_out].sum())
+            count += int(self.held_out.sum())
         model.train(was_training)
         a = self.cfg.alpha
         return total / max(count, 1) * a**2
