@@ -203,7 +203,7 @@ class AdaptationData:
         total = 0.0
         for k, (i, oy, ox) in enumerate(win):
             resid = self.blur(oy, ox, c, c).apply(out[k].float()) - target[k]
-            r0, r1, c0, c1 = self.held_out_window(oy, ox)
+            r0, r1, c0, c1 = self.scored_window(oy, ox)
             mask = torch.from_numpy(self._train_weight[i, oy + r0 : oy + r1, ox + c0 : ox + c1]).to(device)
             scaled = resid[r0:r1, c0:c1] / torch.from_numpy(np.sqrt(var[k, r0:r1, c0:c1])).to(device)
             # held-out pixels are zeroed before the filter, so none of their residual reaches the loss
