@@ -121,3 +121,57 @@ def test_train_config_rejects_unknown_keys_and_other_kinds():
         TrainConfig.from_dict({**TrainConfig().to_dict(), "momentum": 0.9})
     with pytest.raises(ConfigError, match="expected a 'train' config"):
         TrainConfig.from_dict(ModelConfig().to_dict())
+
+
+# -- ModelConfig in 3-D -------------------------------------------------------------------------------------------
+def test_a_model_config_without_ndim_loads_as_the_2d_model_it_was():
+    old = {k: v for k, v in ModelConfig(depth=3).to_dict().items() if k not in ("ndim", "z_pool_start")}
+    cfg = ModelConfig.from_dict(old)
+    assert (cfg.ndim, cfg.z_pool_start, cfg.min_depth) == (2, 1, 1)
+    assert cfg == ModelConfig(depth=3)
+
+
+def test_3d_config_round_trips_and_counts_its_z_poolings():
+    cfg = ModelConfig(ndim=3, depth=4, z_pool_start=3)
+    assert ModelConfig.from_json(cfg.to_json()) == cfg
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert [cfg.pools_z(p) for p in (1, 2, 3)] == [False, False, True]
+    assert (cfg.z_poolings, cfg.min_depth, cfg.min_size) == (1, 2, 8)
+    assert ModelConfig(ndim=3, depth=4).min_depth == 8  # isotropic
+    assert ModelConfig(ndim=3, depth=4, z_pool_start=4).min_depth == 1
+    assert ModelConfig(ndim=3, depth=4, z_pool_start=8).min_depth == 1
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"prefilter": "wiener"}, "Wiener first stage is 2-D only.*prefilter='none'"),
+    ({"gate": "coordconv"}, "CoordConv is 2-D only.*gate='coordgate'"),
+])
+def test_a_3d_config_refuses_the_2d_only_parts_and_says_why(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig(ndim=3, **changes)
+    assert ModelConfig(**changes).ndim == 2
+
+
+def test_z_pooling_is_refused_for_a_2d_model_and_ndim_is_bounded():
+    with pytest.raises(ConfigError, match="z_pool_start applies to 3-D models only"):
+        ModelConfig(z_pool_start=2)
+    with pytest.raises(ConfigError, match="ModelConfig.ndim"):
+        ModelConfig(ndim=4)
+
+
+@pytest.mark.parametrize("z_step, pixel, start", [
+    (0.1, 0.1, 1), (0.2, 0.1, 2), (0.3, 0.1, 3), (0.4, 0.1, 3), (0.05, 0.1, 1), (0.25, 0.065, 3), (1e6, 1.0, 8),
+])
+def test_z_pool_start_pools_z_once_the_xy_pooling_reaches_the_z_step(z_step, pixel, start):
+    from napari_coordgate.config import z_pool_start_for
+
+    assert z_pool_start_for(z_step, pixel) == start
+    assert ModelConfig(ndim=3, depth=8, z_pool_start=start).z_pool_start == start  # a valid value
+
+
+@pytest.mark.parametrize("z_step, pixel", [(0.0, 0.1), (0.1, -1.0), (float("nan"), 0.1), (True, 0.1)])
+def test_z_pool_start_for_refuses_what_is_not_a_positive_length(z_step, pixel):
+    from napari_coordgate.config import z_pool_start_for
+
+    with pytest.raises(ConfigError, match="must be a positive number"):
+        z_pool_start_for(z_step, pixel)

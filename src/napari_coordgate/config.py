@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 import re
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any, ClassVar
 __all__ = ["ConfigError", "Config", "ModelConfig", "TrainConfig", "PredictConfig", "CalibrateConfig", "AdaptConfig",
            "FieldSpec",
            "field_specs", "bounded", "choice", "device_choice", "parse_roi", "GATES", "GATE_ACTIVATIONS", "PREFILTERS",
-           "DEVICES", "PRECISIONS", "CALIBRATION_MODELS", "BEAD_LIMITS_NM"]
+           "DEVICES", "PRECISIONS", "CALIBRATION_MODELS", "BEAD_LIMITS_NM", "z_pool_start_for"]
 
 
 class ConfigError(ValueError):
@@ -226,6 +227,11 @@ class ModelConfig(Config):
 
     depth is the number of resolution levels (``depth - 1`` poolings); channels at level ``l`` are
     ``round(channels * growth**l)``.
+
+    ``ndim = 3`` builds the network for z-stacks (3x3x3 convolutions); its gates still read the (y, x) field
+    position only. Poolings are numbered from 1 (pooling ``l`` leads to level ``l``); pooling ``l`` halves z too
+    when ``l >= z_pool_start``, so ``z_pool_start = 1`` pools isotropically and ``z_pool_start >= depth`` never
+    pools z (for a z-step much coarser than the pixel; :func:`z_pool_start_for` derives it from the two).
     """
 
     KIND: ClassVar[str] = "model"
@@ -247,8 +253,21 @@ class ModelConfig(Config):
     prefilter_balance: float = bounded(0.02, 1e-6, 100.0, doc="Wiener regularisation (Laplacian) weight")
     in_channels: int = bounded(1, 1, 16)
     out_channels: int = bounded(1, 1, 16)
+    ndim: int = bounded(2, 2, 3, doc="2 = images, plane by plane; 3 = z-stacks: 3-D convolutions, gates from the "
+                                     "(y, x) field position")
+    z_pool_start: int = bounded(1, 1, 8, doc="3-D: pooling l (1 = the first) halves z too only from this pooling "
+                                             "on; 1 = isotropic, depth or more = never pools z")
 
     def _validate(self) -> None:
+        if self.ndim == 3 and self.prefilter != "none":
+            raise ConfigError("ModelConfig: the Wiener first stage is 2-D only (its filters are planar PSFs); use "
+                              "prefilter='none' for a 3-D model")
+        if self.ndim == 3 and self.gate == "coordconv":
+            raise ConfigError("ModelConfig: CoordConv is 2-D only (its coordinate channels are planar); use "
+                              "gate='coordgate' or 'none' for a 3-D model")
+        if self.ndim == 2 and self.z_pool_start != 1:
+            raise ConfigError(f"ModelConfig.z_pool_start applies to 3-D models only (ndim=3); leave it at 1 for a "
+                              f"2-D model, got {self.z_pool_start}")
         if self.prefilter_size % 2 == 0:
             raise ConfigError(f"ModelConfig.prefilter_size must be odd, got {self.prefilter_size}")
         if self.residual and self.in_channels != self.out_channels:
@@ -271,6 +290,34 @@ class ModelConfig(Config):
         """Smallest image side the network accepts (the coarsest level keeps at least one pixel)."""
         return 2 ** (self.depth - 1)
 
+    def pools_z(self, pooling: int) -> bool:
+        """Whether pooling ``pooling`` (1 to ``depth - 1``; pooling ``l`` leads to level ``l``) halves z too."""
+        return self.ndim == 3 and pooling >= self.z_pool_start
+
+    @property
+    def z_poolings(self) -> int:
+        """Number of poolings that halve z (0 for a 2-D model)."""
+        return sum(self.pools_z(p) for p in range(1, self.depth))
+
+    @property
+    def min_depth(self) -> int:
+        """Smallest z extent (planes) a 3-D network accepts, ``2**z_poolings``; 1 for a 2-D model."""
+        return 2**self.z_poolings
+
+
+def z_pool_start_for(z_step: float, pixel_size: float) -> int:
+    """The :attr:`ModelConfig.z_pool_start` for z-stacks whose planes are ``z_step`` apart, with pixels of
+    ``pixel_size`` (the same unit): z is pooled only once the xy pooling has coarsened the pixel to the z-step,
+    ``1 + round(log2(max(1, z_step / pixel_size)))`` (1 = isotropic), capped at the field's maximum, 8.
+
+    >>> z_pool_start_for(0.1, 0.1), z_pool_start_for(0.4, 0.1), z_pool_start_for(0.05, 0.1)
+    (1, 3, 1)
+    """
+    for name, v in (("z_step", z_step), ("pixel_size", pixel_size)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
+            raise ConfigError(f"z_pool_start_for: {name} must be a positive number, got {v!r}")
+    return min(8, 1 + int(round(math.log2(max(1.0, z_step / pixel_size)))))
+
 
 LOSSES = ("l1", "l2")
 SCHEDULES = ("cosine", "plateau", "constant")
@@ -288,6 +335,8 @@ class TrainConfig(Config):
     KIND: ClassVar[str] = "train"
 
     crop: int = bounded(128, 16, 4096, doc="training crop side in pixels (aligned to the pooling grid)")
+    crop_depth: int = bounded(16, 1, 1024, doc="3-D models: training crop depth in planes (aligned to the z "
+                                               "pooling grid)")
     batch: int = bounded(8, 1, 512, doc="crops per optimiser step")
     # cover + gate_lr_scale 10: the recipe measured best in benchmarks/README.md (edge ring +2 dB at 600 steps)
     sampling: str = choice("cover", ("uniform", "cover"),

@@ -11,6 +11,10 @@ Field coordinates: a pixel's position in the full sensor frame, each axis normal
 centres at ``(2 p - (N - 1)) / (N - 1)``. A crop or tile passes its offset inside the field and the field
 shape, so the same pixel gets the same gate whatever the crop. A pixel of downsampling level ``l`` stands
 for a block of ``2**l`` full-resolution pixels and takes the coordinate of the block's centre.
+
+A 3-D feature map ``(B, C, d, h, w)`` of a z-stack is gated by the (y, x) position alone: the gate is the 2-D
+gate ``(B|1, C, h, w)`` of its place, computed and cached exactly as for a plane, broadcast over z as
+``(B|1, C, 1, h, w)``.
 """
 
 from __future__ import annotations
@@ -176,7 +180,10 @@ class CoordGate(nn.Module):
         with torch.autocast(device_type=coords.device.type, enabled=False):
             m = coords.float().permute(0, 2, 3, 1)  # (B, h, w, 2)
             for mod in self.mlp:
-                m = F.linear(m, mod.weight.flatten(1), mod.bias) if isinstance(mod, nn.Conv2d) else mod(m)
+                if isinstance(mod, nn.Conv2d):  # float32 also for a model of another dtype (float64)
+                    m = F.linear(m, mod.weight.flatten(1).float(), mod.bias.float())
+                else:
+                    m = mod(m)
             m = self._activate(m).permute(0, 3, 1, 2)  # (B, C, h, w) with channels-last strides
         return m if channels_last else m.contiguous()
 
@@ -233,8 +240,12 @@ class CoordGate(nn.Module):
         ``offset`` is the crop's (y, x) in full-resolution field pixels, or a (B, 2) tensor with one offset per
         sample; ``multiple`` is the size the network pads the field to a multiple of (tiles at the far edge
         reach that far). ``inplace``: multiply ``x`` itself (inference on a feature map nothing else uses).
+        A 3-D ``x`` (B, C, d, h, w) is multiplied by the gate of its (y, x) place, the same on every plane.
         """
-        g = self.field_gate(x, field_shape, offset, level, multiple).to(x.dtype)
+        if x.dim() == 5:
+            g = self.field_gate(x[:, :, 0], field_shape, offset, level, multiple).to(x.dtype).unsqueeze(2)
+        else:
+            g = self.field_gate(x, field_shape, offset, level, multiple).to(x.dtype)
         return x.mul_(g) if inplace else x * g
 
     def field_gate(self, x: torch.Tensor, field_shape: Sequence[int], offset, level: int, multiple: int = 1

@@ -14,6 +14,15 @@ position before the first convolution.
 The network accepts any image of at least ``cfg.min_size`` pixels per side: it pads at the bottom and right to
 the multiple the poolings need and crops back. Padding only at the far edges keeps a crop's offset aligned,
 so a crop at an offset that is a multiple of ``2**(depth-1)`` sees the same pooling grid as the whole field.
+
+3-D (``cfg.ndim = 3``, z-stacks ``(B, C, D, H, W)``): the same U-Net with 3x3x3 convolutions, max-poolings of
+``(2 or 1, 2, 2)`` (z is pooled only from pooling ``cfg.z_pool_start`` on, for z-steps coarser than the pixel),
+transposed convolutions of the same strides and a 1x1x1 head. The PSF of a widefield microscope varies across
+the field far more than along z within a stack's few microns, so each CoordGate still reads the pixel's (y, x)
+field position only: its gate is the 2-D gate of that place (same MLP input, same cache, same slice of the
+whole-field gate), broadcast over the planes. The volume is padded at the far side in z, y and x to the pooling
+multiples (``cfg.min_depth``, ``cfg.min_size``, ``cfg.min_size``); tiles in z need :func:`receptive_halo_z`.
+CoordConv and the Wiener first stage are 2-D only (the config refuses them with ``ndim = 3``).
 """
 
 from __future__ import annotations
@@ -31,17 +40,18 @@ from ..config import ModelConfig
 from .coordgate import CoordGate, field_coordinates
 from .prefilter import FilterBank
 
-__all__ = ["UNet", "build_model", "count_parameters", "ImageTooSmallError", "receptive_halo"]
+__all__ = ["UNet", "build_model", "count_parameters", "ImageTooSmallError", "receptive_halo", "receptive_halo_z"]
 
 
 class ImageTooSmallError(ValueError):
     """The image is smaller than the network's minimum size."""
 
 
-def _block(cin: int, cout: int) -> nn.Sequential:
+def _block(cin: int, cout: int, ndim: int = 2) -> nn.Sequential:
+    conv = nn.Conv2d if ndim == 2 else nn.Conv3d
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU(inplace=True),
+        conv(cin, cout, 3, padding=1), nn.ReLU(inplace=True),
+        conv(cout, cout, 3, padding=1), nn.ReLU(inplace=True),
     )
 
 
@@ -69,10 +79,11 @@ def _cpu_autocast() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
-def _conv_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def _conv_relu(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     """``relu(conv(x))`` for inference, computed in ``x``'s dtype (the weights cast to it on the fly, so a float32
     model runs in bfloat16 without a bfloat16 copy of the model). On an x86 CPU the ReLU is fused into oneDNN's
-    convolution (the same values as torch's own oneDNN convolution followed by a ReLU)."""
+    convolution (the same values as torch's own oneDNN convolution followed by a ReLU); in 3-D this is also the
+    fast path for float32, which torch's own ``conv3d`` runs about 10x slower on a CPU."""
     w, b = conv.weight.to(x.dtype), conv.bias.to(x.dtype)
     use_fused = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
                  and torch.backends.mkldnn.enabled and not _cpu_autocast())
@@ -80,7 +91,8 @@ def _conv_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     if op is not None:
         return op(x, w, b, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, "relu", [None],
                   "")
-    return F.relu(F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups), inplace=True)
+    forward = F.conv2d if x.dim() == 4 else F.conv3d
+    return F.relu(forward(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups), inplace=True)
 
 
 def _run_block(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
@@ -96,10 +108,11 @@ def _conv_as(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if conv.weight.dtype == x.dtype or torch.is_grad_enabled():
         return conv(x)
     w, b = conv.weight.to(x.dtype), conv.bias.to(x.dtype)
-    if isinstance(conv, nn.ConvTranspose2d):
-        return F.conv_transpose2d(x, w, b, conv.stride, conv.padding, conv.output_padding, conv.groups,
-                                  conv.dilation)
-    return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if isinstance(conv, (nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        transpose = F.conv_transpose2d if isinstance(conv, nn.ConvTranspose2d) else F.conv_transpose3d
+        return transpose(x, w, b, conv.stride, conv.padding, conv.output_padding, conv.groups, conv.dilation)
+    forward = F.conv2d if isinstance(conv, nn.Conv2d) else F.conv3d
+    return forward(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -110,12 +123,14 @@ def count_parameters(model: nn.Module) -> int:
 class UNet(nn.Module):
     """U-Net built from a :class:`~napari_coordgate.config.ModelConfig` alone.
 
-    ``forward(x, offset=None, field_shape=None, compute_dtype=None)``: ``x`` is ``(B, C, H, W)``; ``offset`` is
-    the crop's (y, x) position in the field, shared by the batch, or a ``(B, 2)`` integer tensor with one offset
-    per sample; ``field_shape`` is the full frame's (H, W), defaulting to the input's own shape (the input *is*
-    the field). ``compute_dtype`` (inference only, e.g. ``torch.bfloat16`` on a CPU with bf16 instructions): the
-    convolutions and feature maps use that dtype, the weights cast on the fly, the gates computed in float32 and
-    cached in that dtype; the input, the residual and the output stay in ``x``'s dtype.
+    ``forward(x, offset=None, field_shape=None, compute_dtype=None)``: ``x`` is ``(B, C, H, W)``, or
+    ``(B, C, D, H, W)`` for a 3-D model (``cfg.ndim = 3``); ``offset`` is the crop's (y, x) position in the field,
+    shared by the batch, or a ``(B, 2)`` integer tensor with one offset per sample; ``field_shape`` is the full
+    frame's (H, W), defaulting to the input's own (the input *is* the field). A 3-D crop's z position needs no
+    offset: the gates depend on (y, x) only. ``compute_dtype`` (inference only, e.g. ``torch.bfloat16`` on a CPU
+    with bf16 instructions): the convolutions and feature maps use that dtype, the weights cast on the fly, the
+    gates computed in float32 and cached in that dtype; the input, the residual and the output stay in ``x``'s
+    dtype.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -128,14 +143,16 @@ class UNet(nn.Module):
         self.prefilter = FilterBank(cfg.prefilter_channels, cfg.prefilter_size) if cfg.prefilter_channels else None
         cin = n_in = cfg.in_channels * (1 + cfg.prefilter_channels)
         for level in range(cfg.depth):
-            self.down.append(_block(cin + extra, ch[level]))
+            self.down.append(_block(cin + extra, ch[level], cfg.ndim))
             cin = ch[level]
         self.upconv = nn.ModuleList()
         self.up = nn.ModuleList()
+        transpose = nn.ConvTranspose2d if cfg.ndim == 2 else nn.ConvTranspose3d
         for level in reversed(range(cfg.depth - 1)):
-            self.upconv.append(nn.ConvTranspose2d(ch[level + 1], ch[level], 2, stride=2))
-            self.up.append(_block(2 * ch[level] + extra, ch[level]))
-        self.head = nn.Conv2d(ch[0], cfg.out_channels, 1)
+            k = self._pool_kernel(level + 1)  # undoes the pooling into level + 1
+            self.upconv.append(transpose(ch[level + 1], ch[level], k, stride=k))
+            self.up.append(_block(2 * ch[level] + extra, ch[level], cfg.ndim))
+        self.head = (nn.Conv2d if cfg.ndim == 2 else nn.Conv3d)(ch[0], cfg.out_channels, 1)
         if cfg.residual:
             # start as the identity: a fresh model returns its input, training learns the correction
             nn.init.zeros_(self.head.weight)
@@ -156,17 +173,50 @@ class UNet(nn.Module):
             self.up_gates = nn.ModuleList()
 
     # -- geometry -----------------------------------------------------------------------------------
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"expected a (batch, channels, height, width) tensor, got shape {tuple(x.shape)}")
-        if x.shape[1] != self.cfg.in_channels:
-            raise ValueError(f"expected {self.cfg.in_channels} input channel(s), got {x.shape[1]}")
+    def _pool_kernel(self, pooling: int) -> int | tuple[int, int, int]:
+        """Kernel (= stride) of pooling ``pooling`` (1 to depth - 1): 2, or (2 or 1, 2, 2) in 3-D."""
+        if self.cfg.ndim == 2:
+            return 2
+        return (2 if self.cfg.pools_z(pooling) else 1, 2, 2)
+
+    def _multiples(self) -> tuple[int, ...]:
+        """The size each spatial axis is padded to a multiple of: (H, W), or (D, H, W) in 3-D."""
         m = self.cfg.min_size
-        if x.shape[-2] < m or x.shape[-1] < m:
+        return (m, m) if self.cfg.ndim == 2 else (self.cfg.min_depth, m, m)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        cfg = self.cfg
+        if x.ndim != cfg.ndim + 2:
+            axes = "height, width" if cfg.ndim == 2 else "depth, height, width"
+            model = "" if cfg.ndim == 2 else " for a 3-D model"
+            raise ValueError(f"expected a (batch, channels, {axes}) tensor{model}, got shape {tuple(x.shape)}")
+        if x.shape[1] != cfg.in_channels:
+            raise ValueError(f"expected {cfg.in_channels} input channel(s), got {x.shape[1]}")
+        mins = self._multiples()
+        if any(n < k for n, k in zip(x.shape[2:], mins)):
+            if cfg.ndim == 2:
+                raise ImageTooSmallError(
+                    f"image of {x.shape[-2]}x{x.shape[-1]} pixels is smaller than the minimum {mins[0]}x{mins[1]} "
+                    f"for a depth-{cfg.depth} U-Net"
+                )
             raise ImageTooSmallError(
-                f"image of {x.shape[-2]}x{x.shape[-1]} pixels is smaller than the minimum {m}x{m} "
-                f"for a depth-{self.cfg.depth} U-Net"
+                f"volume of {' x '.join(map(str, x.shape[2:]))} voxels is smaller than the minimum "
+                f"{' x '.join(map(str, mins))} (depth x height x width) for a depth-{cfg.depth} 3-D U-Net"
             )
+
+    @staticmethod
+    def _geometry(x: torch.Tensor, offset, field_shape) -> tuple:
+        """``(field (H, W), offset (y, x) or a (B, 2) tensor)`` of the input's place in the field."""
+        H, W = x.shape[-2:]
+        field = (int(H), int(W)) if field_shape is None else (int(field_shape[0]), int(field_shape[1]))
+        if offset is None:
+            offset = (0, 0)
+        if isinstance(offset, torch.Tensor):
+            if offset.shape != (x.shape[0], 2):
+                raise ValueError(f"offset tensor must have shape ({x.shape[0]}, 2), got {tuple(offset.shape)}")
+        else:
+            offset = (int(offset[0]), int(offset[1]))
+        return field, offset
 
     def _coords(self, geom, shape, level, x: torch.Tensor) -> torch.Tensor:
         field, offset = geom
@@ -196,40 +246,37 @@ class UNet(nn.Module):
         self._check_input(x)
         if compute_dtype is not None and torch.is_grad_enabled():
             raise ValueError("compute_dtype is for inference (under torch.no_grad()); train under autocast")
-        H, W = x.shape[-2:]
-        field = (int(H), int(W)) if field_shape is None else (int(field_shape[0]), int(field_shape[1]))
-        if offset is None:
-            offset = (0, 0)
-        if isinstance(offset, torch.Tensor):
-            if offset.shape != (x.shape[0], 2):
-                raise ValueError(f"offset tensor must have shape ({x.shape[0]}, 2), got {tuple(offset.shape)}")
-        else:
-            offset = (int(offset[0]), int(offset[1]))
-        geom = (field, offset)
-
-        m = self.cfg.min_size
-        pad_h, pad_w = (-H) % m, (-W) % m
+        geom = self._geometry(x, offset, field_shape)
+        sizes = x.shape[2:]
+        pads = [(-n) % k for n, k in zip(sizes, self._multiples())]
         inp = x
-        if pad_h or pad_w:
-            mode = "reflect" if pad_h < H and pad_w < W else "replicate"
-            inp = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
-
-        skips = []
+        if any(pads):
+            # at the far side only, so a crop's offset stays on the pooling grid
+            mode = "reflect" if all(p < n for p, n in zip(pads, sizes)) else "replicate"
+            inp = F.pad(x, [v for p in reversed(pads) for v in (0, p)], mode=mode)
         h = inp
         if self.prefilter is not None:
             # filtered on the unpadded image (reflection at the true border), then padded like the input
             filt = self.prefilter(x)
-            if pad_h or pad_w:
-                filt = F.pad(filt, (0, pad_w, 0, pad_h), mode=mode)
+            if any(pads):
+                filt = F.pad(filt, [v for p in reversed(pads) for v in (0, p)], mode=mode)
             h = torch.cat([inp, filt], dim=1)
             if self.input_gate is not None:
                 h = self._gate(self.input_gate, h, geom, 0)
         if compute_dtype is not None:
             h = h.to(compute_dtype)
+        out = _conv_as(self.head, self._levels(h, geom)).to(x.dtype)
+        if self.cfg.residual:
+            out = out + inp
+        return out[(...,) + tuple(slice(0, n) for n in sizes)]
+
+    def _levels(self, h: torch.Tensor, geom) -> torch.Tensor:
+        """The U from the first block's input to the last block's output."""
+        skips = []
         depth = self.cfg.depth
         for level in range(depth):
             if level > 0:
-                h = F.max_pool2d(h, 2)
+                h = F.max_pool2d(h, 2) if self.cfg.ndim == 2 else F.max_pool3d(h, self._pool_kernel(level))
             h = _run_block(self.down[level], self._with_coords(h, geom, level))
             if self.down_gates and (level < depth - 1 or depth == 1):
                 h = self._gate(self.down_gates[level], h, geom, level)
@@ -240,10 +287,7 @@ class UNet(nn.Module):
                 h = self._gate(self.up_gates[i], h, geom, level)
             h = torch.cat([h, skips[level]], dim=1)
             h = _run_block(self.up[i], self._with_coords(h, geom, level))
-        out = _conv_as(self.head, h).to(x.dtype)
-        if self.cfg.residual:
-            out = out + inp
-        return out[..., :H, :W]
+        return h
 
     def clear_gate_cache(self) -> None:
         extra = [self.input_gate] if self.input_gate is not None else []
@@ -259,14 +303,32 @@ def build_model(cfg: ModelConfig) -> UNet:
 
 
 def receptive_halo(cfg: ModelConfig) -> int:
-    """Overlap (pixels) a tile needs on each side so its core equals whole-image output.
+    """Overlap (pixels) a tile needs on each side in y and x so its core equals whole-image output.
 
     The receptive radius of the U-Net is 2**(depth+2) - 6 pixels (two 3x3 convolutions per level on the way
     down and up, plus pooling and transposed-convolution footprints), plus the radius of a Wiener first stage's
-    kernels; rounded up to the pooling grid.
+    kernels; rounded up to the pooling grid. The same in y and x for a 3-D model (z: :func:`receptive_halo_z`).
     """
     m = cfg.min_size
     r = 2 ** (cfg.depth + 2) - 6 + 2
     if cfg.prefilter_channels:
         r += cfg.prefilter_size // 2  # the first stage's kernels reach this much further
     return int(math.ceil(r / m) * m)
+
+
+def receptive_halo_z(cfg: ModelConfig) -> int:
+    """Overlap (planes) a tile of a 3-D model needs on each side in z so its core equals whole-volume output; 0
+    for a 2-D model.
+
+    A plane of level ``l`` stands for ``s_l = 2**(z poolings up to l)`` input planes. Each level's convolutions
+    reach ``s_l`` planes each (two on the way down, two on the way up, the coarsest level's two once), a pooling
+    that halves z reaches one plane of its level further (the transposed convolutions, of stride = kernel, add
+    nothing); plus 2 planes of margin as in :func:`receptive_halo`, rounded up to ``cfg.min_depth`` so tiles stay
+    on the z pooling grid. Isotropic pooling gives at most the xy halo.
+    """
+    if cfg.ndim == 2:
+        return 0
+    scale = [2 ** sum(cfg.pools_z(p) for p in range(1, level + 1)) for level in range(cfg.depth)]
+    r = 4 * sum(scale) - 2 * scale[-1] + sum(scale[lv] for lv in range(cfg.depth - 1) if cfg.pools_z(lv + 1)) + 2
+    md = cfg.min_depth
+    return int(math.ceil(r / md) * md)
