@@ -113,12 +113,12 @@ def _set_threads(n: int) -> None:
 
 # -- flags from the configs (config.py is the one home of every option's name, bounds, choices, default) --
 # the options a user sets on each command; everything else keeps the config's default
-MODEL_FLAGS = ("depth", "channels", "gate", "prefilter")
+MODEL_FLAGS = ("depth", "channels", "gate", "prefilter", "ndim")
 MODEL_HELP = "model file (.cgmodel, suffix optional) or a bioimage.io package (.zip) exported by napari-coordgate"
 ADAPT_FLAGS = ("crop", "batch", "steps_per_epoch", "lr", "alpha", "val_tile", "seed", "device", "threads", "gain",
                "offset")
-TRAIN_FLAGS = ("crop", "batch", "steps_per_epoch", "lr", "seed", "device", "threads", "register", "photons",
-               "intensity", "amp")
+TRAIN_FLAGS = ("crop", "crop_depth", "batch", "steps_per_epoch", "lr", "seed", "device", "threads", "register",
+               "photons", "intensity", "amp")
 PREDICT_FLAGS = ("tile", "binning", "device", "precision", "batch_tiles", "threads")
 CALIBRATE_FLAGS = ("model", "grid", "na", "wavelength_nm", "immersion", "pixel_size_um", "bead_diameter_nm",
                    "psf_size", "min_snr", "holdout", "device")
@@ -309,8 +309,6 @@ def _report_written(out: Path, ckpt: Path, before: dict, resume: Path | None, in
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .engine import PairSource, SimulatedSource
-    from .image_io.read import read_planes
     from .model_io import resolve_psf
 
     out, ckpt, resume = _train_outputs(args)
@@ -319,24 +317,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not args.blurred and not args.psf:
         raise CLIError("give calibration pairs (--blurred, with --psf too if the PSF model is known) or a PSF "
                        "model (--psf) to simulate pairs from")
+    if args.blurred and len(args.blurred) != len(args.sharp):
+        raise CLIError(f"{len(args.sharp)} sharp file(s) but {len(args.blurred)} blurred file(s); "
+                       "the k-th sharp file pairs with the k-th blurred file")
     if args.prefilter != "none" and not args.psf:
         raise CLIError("--prefilter wiener needs the PSF model of the optics: add --psf PRESET|CONFIG.json|MODEL.cgpsf")
     model_cfg, train_cfg = _model_cfg(args), _train_cfg(args)  # a bad flag or --psf fails before images are read
     psf = resolve_psf(args.psf) if args.psf else None
-    sharp = read_planes(args.sharp, "sharp") if args.sharp else _builtin_specimens(psf, args.seed)
-    if args.blurred:
-        blurred = read_planes(args.blurred, "blurred")
-        if len(args.blurred) != len(args.sharp):
-            raise CLIError(f"{len(args.sharp)} sharp file(s) but {len(args.blurred)} blurred file(s); "
-                           "the k-th sharp file pairs with the k-th blurred file")
-        source = PairSource(sharp, blurred, psf=psf)
+    if model_cfg.ndim == 3 or (psf is not None and psf.ndim == 3):
+        source, model_cfg = _volume_source(args, psf, model_cfg)
     else:
-        source = SimulatedSource(sharp, psf, val_sharp=None if args.sharp else _builtin_validation(sharp.shape[-2:]))
+        source = _plane_source(args, psf)
     _set_threads(args.threads)
     before = {p: _stamp(p) for p in (out, ckpt)}
     try:
         res = _train_with_bar(model_cfg, train_cfg, source, out_path=out, checkpoint_path=ckpt,
-                              resume=resume, label=f"train {args.gate} U-Net({args.depth})")
+                              resume=resume, label=f"train {args.gate} U-Net({args.depth})"
+                                                   f"{' 3-D' if model_cfg.ndim == 3 else ''}")
     except KeyboardInterrupt:  # a second Ctrl-C, or SIGTERM: the files written so far are complete
         _report_written(out, ckpt, before, resume, interrupted=True)
         raise
@@ -350,6 +347,80 @@ def _cmd_train(args: argparse.Namespace) -> int:
                        "--lr")
     # Ctrl-C stops training and keeps the best model, but the run did not finish: the exit status says so
     return 130 if res.stopped == "stopped" else 0
+
+
+def _plane_source(args, psf):
+    """What a 2-D model trains on: calibration pairs, or sharp images (the user's or built-in) and a PSF model."""
+    from .engine import PairSource, SimulatedSource
+    from .image_io.read import read_planes
+
+    sharp = read_planes(args.sharp, "sharp") if args.sharp else _builtin_specimens(psf, args.seed)
+    if args.blurred:
+        source = PairSource(sharp, read_planes(args.blurred, "blurred"), psf=psf)
+    else:
+        source = SimulatedSource(sharp, psf, val_sharp=None if args.sharp else _builtin_validation(sharp.shape[-2:]))
+    return source
+
+
+def _volume_source(args, psf, model_cfg):
+    """What a 3-D model trains on (z-stack pairs, or sharp volumes and a 3-D PSF model), and its config with the
+    z pooling that the z-step and pixel size call for."""
+    from dataclasses import replace
+
+    from .config import z_pool_start_for
+    from .engine import PairSource, SimulatedSource
+    from .image_io.read import read_volumes
+
+    if psf is not None and psf.ndim != 3:
+        raise CLIError(f"--ndim 3 needs a 3-D PSF model (a pupil through focus, or 3-D PSFs measured from a bead "
+                       f"z-stack); {args.psf} is 2-D")
+    model_cfg = replace(model_cfg, ndim=3)
+    z_step, pixel = args.z_step, None if psf is None else psf.pixel_size_um
+    if args.sharp:
+        sharp, meta_step, meta_pixel = read_volumes(args.sharp, "sharp")
+        z_step, pixel = z_step or meta_step, pixel or meta_pixel
+    else:
+        sharp = _builtin_volumes(psf, args.seed)
+    z_step = z_step or (None if psf is None else psf.z_step_um)
+    if z_step is None:
+        raise CLIError("give the z-step of the volumes (--z-step UM): their metadata states none")
+    if pixel:  # pool z only once the xy pooling has reached the z-step
+        model_cfg = replace(model_cfg, z_pool_start=z_pool_start_for(z_step, pixel))
+    if args.blurred:
+        blurred, _, _ = read_volumes(args.blurred, "blurred")
+        return PairSource(sharp, blurred, psf=psf, z_step_um=z_step), model_cfg
+    val = None if args.sharp else _builtin_volumes(psf, args.seed, validation=True)
+    return SimulatedSource(sharp, psf, val_sharp=val), model_cfg
+
+
+#: built-in 3-D training specimens: this many voxels in all (at least 3 volumes), at most this many per volume
+_BUILTIN_VOXELS, _MAX_BUILTIN_VOLUME = 24_000_000, 2**27
+
+
+def _builtin_volumes(psf, seed: int, validation: bool = False):
+    """Sharp training volumes when the user gives none: procedural nuclei, filaments and puncta at the field shape
+    a measured 3-D PSF model was calibrated on, 32 planes (more for a deep PSF), in the PSF's voxel units;
+    ``validation``: one more volume of each kind from a fixed stream, never trained on."""
+    from .samples.volumes import VOLUME_KINDS, specimen_volumes
+
+    shape = (psf.provenance or {}).get("field_shape") if psf is not None else None
+    if not shape:
+        raise CLIError("give sharp volumes (--sharp), or a 3-D PSF model measured from beads (its field shape is "
+                       "known); a preset or JSON PSF model does not say how large the field is")
+    depth = int(min(64, max(32, 2 * psf.psf_depth)))
+    h, w = int(shape[0]), int(shape[1])
+    if depth * h * w > _MAX_BUILTIN_VOLUME:
+        raise CLIError(f"the PSF model's field is {h} x {w}; built-in volumes go up to {_MAX_BUILTIN_VOLUME // depth} "
+                       "pixels per plane: give sharp volumes of the field (--sharp)")
+    anisotropy = psf.z_step_um / psf.pixel_size_um if psf.pixel_size_um else 1.0
+    kinds = VOLUME_KINDS[1:]
+    if validation:
+        print(f"validation volumes: {len(kinds)} held-out procedural volumes ({', '.join(kinds)})")
+        return specimen_volumes(len(kinds), (depth, h, w), seed=7_310_421, kinds=kinds, anisotropy=anisotropy)
+    n = int(min(8, max(3, -(-_BUILTIN_VOXELS // (depth * h * w)))))
+    print(f"training volumes: {n} built-in procedural volumes of {depth} x {h} x {w} (nuclei, filaments, puncta, "
+          "mixed)")
+    return specimen_volumes(n, (depth, h, w), seed=seed, kinds=VOLUME_KINDS, anisotropy=anisotropy)
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
@@ -404,6 +475,9 @@ def _apply_dask(args, cfg, roi, jobs) -> int:
     inputs = [(open_image(p), p, dest) for p, dest in jobs]  # missing or bad inputs fail before a cluster starts
     with connect(args.dask, workers=args.workers, threads=threads) as client:  # nothing is written before this
         saved = load_any(args.model)
+        if saved.config.ndim == 3:
+            raise CLIError("a 3-D model does not run on a dask cluster yet (z-slabs with halos come next); apply it "
+                           "without --dask: it streams the volume slab by slab")
         n_workers = len(client.scheduler_info()["workers"])
         for image, p, dest in inputs:
             _warn_pixel_size(saved, image.pixel_size_um, p, cfg.binning)
@@ -496,8 +570,11 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         _warn_pixel_size(saved, image.pixel_size_um, p, cfg.binning)
         t0 = time.perf_counter()
 
-        def run(target, data=data, p=p):
-            return _predict_with_bar(saved, data, label=Path(p).name, roi=roi, out=target, **cfg.predict_kwargs())
+        z_step = image.z_step_um if saved.config.ndim == 3 else None  # a 3-D model refuses another z-step
+
+        def run(target, data=data, p=p, z_step=z_step):
+            return _predict_with_bar(saved, data, label=Path(p).name, roi=roi, out=target, z_step_um=z_step,
+                                     **cfg.predict_kwargs())
 
         if is_zarr(dest):  # OME-Zarr: at OUT.zarr.partial until every plane is written
             with create_ome_zarr(dest, data.shape, axes=image.axes, scale=image.scale,
@@ -522,9 +599,20 @@ def _report_outputs(args, input_lists) -> None:
     check_outputs(outputs, [p for paths in input_lists if paths for p in paths] + _model_inputs(args.model))
 
 
+def _format_depth_table(rep: dict) -> str:
+    """PSNR by depth (planes z0 to z1 - 1), blurred and restored, one row per slab."""
+    lines = [f"{'planes':<12}{'blurred':>9}{'restored':>10}", "-" * 31]
+    for b, r in zip(rep["psnr_by_depth_blurred"], rep["psnr_by_depth"]):
+        z0, z1 = r["planes"]
+        lines.append(f"{f'{z0}-{z1 - 1}':<12}{b['psnr']:>9.2f}{r['psnr']:>10.2f}")
+    return "\n".join(lines)
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from .engine import field_geometry
-    from .image_io.read import read_planes
+    from .image_io.read import read_planes, read_volumes
     from .metrics import quality_report
     from .model_io.bioimageio import load_any
     from .report import write_report_png
@@ -541,7 +629,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         return _evaluate_beads(args, saved)
     if not (args.sharp and args.blurred):
         raise CLIError("give --sharp and --blurred images of the same fields, or a bead image (--beads)")
-    sharp, blurred = read_planes(args.sharp, "sharp"), read_planes(args.blurred, "blurred")
+    z_step = None
+    if saved.config.ndim == 3:  # volumes: scored by ring and by depth
+        (sharp, z_step, _), (blurred, _, _) = read_volumes(args.sharp, "sharp"), read_volumes(args.blurred, "blurred")
+    else:
+        sharp, blurred = read_planes(args.sharp, "sharp"), read_planes(args.blurred, "blurred")
     if sharp.shape != blurred.shape:
         raise CLIError(f"sharp {sharp.shape} and blurred {blurred.shape} must have the same shape")
     cfg, roi = _predict_cfg(args), _roi(args.roi)
@@ -549,10 +641,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     field_shape, offset = field_geometry(sharp.shape[-2:], saved.field_shape, roi, cfg.binning)
     _set_threads(cfg.threads)
     t0 = time.perf_counter()
-    restored = _predict_with_bar(saved, blurred, label="evaluate", roi=roi, **cfg.predict_kwargs())
+    restored = _predict_with_bar(saved, blurred, label="evaluate", roi=roi, z_step_um=z_step, **cfg.predict_kwargs())
     secs = time.perf_counter() - t0
-    rep = quality_report(sharp, restored, blurred, field_shape=field_shape, offset=offset)
-    rep.update(model=str(args.model), planes=int(sharp.shape[0]), mp_per_s=sharp.size / 1e6 / secs,
+    rep = quality_report(sharp, restored, blurred, field_shape=field_shape, offset=offset,
+                         volumes=saved.config.ndim == 3)
+    rep.update(model=str(args.model), planes=int(np.prod(sharp.shape[:-2])), mp_per_s=sharp.size / 1e6 / secs,
                field_shape=list(field_shape), offset=list(offset))
     rows = [
         {"method": "blurred", "psnr": rep["psnr_blurred"], "ssim": rep["ssim_blurred"],
@@ -561,11 +654,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
          "psnr_by_ring": _table_rings(rep["psnr_by_ring"]), "mp_per_s": rep["mp_per_s"]},
     ]
     print(_format_table(rows))
+    if "psnr_by_depth" in rep:
+        print(_format_depth_table(rep))
     if args.json:
         print(f"report: {_write_json(Path(args.json), json.dumps(rep, indent=2, default=float))}")
     if args.png:
         def draw(tmp, title=Path(args.model).name):
-            write_report_png(tmp, sharp, blurred, restored, title=title)
+            # volumes: the figure shows each one's middle plane
+            mid = (slice(None), sharp.shape[-3] // 2) if saved.config.ndim == 3 else ()
+            write_report_png(tmp, sharp[mid], blurred[mid], restored[mid], title=title)
 
         print(f"figure: {_write_png(Path(args.png), draw)}")
     return 0
@@ -868,6 +965,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group()
     _add_config_flags(budget, TrainConfig, ("minutes", "epochs"))
     _add_config_flags(p, TrainConfig, TRAIN_FLAGS)
+    p.add_argument("--z-step", type=float, metavar="UM", help="z-stacks (--ndim 3): distance between planes, µm "
+                   "(default: from the volumes' metadata, or the 3-D PSF model's)")
     p.add_argument("--resume", help="checkpoint (.cgckpt) to continue from")
     p.set_defaults(func=_cmd_train)
 

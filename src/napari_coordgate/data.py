@@ -77,10 +77,11 @@ PLANE_SAMPLE_PIXELS = 1 << 20
 
 
 def plane_sample(plane) -> np.ndarray:
-    """A regular subsample of a 2-D plane (numpy, memory map, dask...) of at most about
-    :data:`PLANE_SAMPLE_PIXELS` pixels, as a flat float64 array: what per-image normalisation reads."""
-    h, w = plane.shape[-2:]
-    k = max(1, int(np.ceil(np.sqrt(h * w / PLANE_SAMPLE_PIXELS))))
+    """A regular subsample of a 2-D plane or a 3-D volume (numpy, memory map, dask...) of at most about
+    :data:`PLANE_SAMPLE_PIXELS` pixels (every k-th row and column of every plane), as a flat float64 array: what
+    per-image normalisation reads."""
+    n = int(np.prod(plane.shape[-3:] if plane.ndim >= 3 else plane.shape[-2:], dtype=np.int64))
+    k = max(1, int(np.ceil(np.sqrt(n / PLANE_SAMPLE_PIXELS))))
     sub = plane[..., ::k, ::k]
     sub = sub.compute() if hasattr(sub, "compute") else sub
     return np.asarray(sub, dtype=np.float64).reshape(-1)

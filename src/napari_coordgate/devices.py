@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["resolve_device", "memory_format", "on_device", "bf16_is_fast"]
+__all__ = ["resolve_device", "memory_format", "model_memory_format", "on_device", "bf16_is_fast"]
 
 
 def resolve_device(device: Any = "auto"):
@@ -47,9 +47,20 @@ def memory_format(dev):
     return torch.channels_last if dev.type == "cpu" else torch.contiguous_format
 
 
+def model_memory_format(model, dev):
+    """The layout of ``model``'s parameters on ``dev``: :func:`memory_format`, except for 3-D networks (5-D
+    convolution weights), which stay in the usual layout (channels-last is a 4-D layout: their coordinate MLPs'
+    4-D weights and their 5-D ones cannot share it)."""
+    import torch
+
+    if any(p.dim() == 5 for p in model.parameters()):
+        return torch.contiguous_format
+    return memory_format(dev)
+
+
 def on_device(model, dev):
-    """``model`` moved to ``dev`` in that device's :func:`memory_format` (parameters converted in place)."""
-    return model.to(dev, memory_format=memory_format(dev))
+    """``model`` moved to ``dev`` in its :func:`model_memory_format` (parameters converted in place)."""
+    return model.to(dev, memory_format=model_memory_format(model, dev))
 
 
 def bf16_is_fast(dev) -> bool:

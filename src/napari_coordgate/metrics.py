@@ -27,6 +27,7 @@ __all__ = [
     "ssim",
     "field_radius",
     "ring_masks",
+    "depth_psnr",
     "error_map",
     "ring_psnr",
     "radial_profile",
@@ -89,8 +90,11 @@ class PSNRAccumulator:
         self.pixels = 0
 
     def add(self, gt: np.ndarray, img: np.ndarray, mask: np.ndarray | None = None) -> None:
-        """Add the squared errors of ``img`` against ``gt`` (where ``mask`` is True, if given)."""
-        diff = gt - img if mask is None else (gt - img)[mask]
+        """Add the squared errors of ``img`` against ``gt`` (where ``mask`` is True, if given; a (h, w) mask of a
+        volume's window holds for each of its planes)."""
+        diff = gt - img
+        if mask is not None:
+            diff = diff[np.broadcast_to(mask, diff.shape)]
         self.total += float(np.sum(np.square(diff, dtype=np.float64)))
         self.pixels += int(diff.size)
 
@@ -189,23 +193,38 @@ def radial_profile(gt, img, n_bins: int = 12, data_range: float | None = None, *
     return 0.5 * (edges[1:] + edges[:-1]), prof
 
 
+def depth_psnr(gt, img, data_range: float | None = None, bins: int = 8) -> list[dict]:
+    """PSNR of volumes (..., D, H, W) by depth: the D planes cut into at most ``bins`` consecutive slabs (one per
+    plane when D <= bins), each ``{"planes": [z0, z1], "psnr": dB}`` over every volume's planes z0 to z1 - 1."""
+    gt, img = _pair(gt, img)
+    if gt.ndim < 3:
+        raise ValueError(f"PSNR by depth needs volumes (..., D, H, W), got shape {gt.shape}")
+    dr = data_range or _range(gt)
+    d = gt.shape[-3]
+    edges = np.unique(np.linspace(0, d, min(d, int(bins)) + 1).round().astype(int))
+    out = []
+    for z0, z1 in zip(edges[:-1], edges[1:]):
+        acc = PSNRAccumulator(dr)
+        acc.add(gt[..., z0:z1, :, :], img[..., z0:z1, :, :])
+        out.append({"planes": [int(z0), int(z1)], "psnr": acc.value})
+    return out
+
+
 def quality_report(gt, restored, blurred=None, *, field_shape: Sequence[int] | None = None,
-                   offset: Sequence[int] = (0, 0)) -> dict:
-    """JSON-able quality report: psnr, ssim, psnr_by_ring (and the same for the blurred input).
+                   offset: Sequence[int] = (0, 0), volumes: bool = False) -> dict:
+    """JSON-able quality report: psnr, ssim, psnr_by_ring (and the same for the blurred input); for ``volumes``
+    (..., D, H, W) also psnr_by_depth (:func:`depth_psnr`).
 
     ``field_shape`` and ``offset`` place the image in the field for the rings (default: the whole field).
     """
     gt = np.asarray(gt)
     dr = _range(np.asarray(gt, dtype=np.float64))
-    rep = {
-        "data_range": dr,
-        "psnr": psnr(gt, restored, dr),
-        "ssim": ssim(gt, restored, dr),
-        "psnr_by_ring": ring_psnr(gt, restored, data_range=dr, field_shape=field_shape, offset=offset),
-    }
-    if blurred is not None:
-        rep["psnr_blurred"] = psnr(gt, blurred, dr)
-        rep["ssim_blurred"] = ssim(gt, blurred, dr)
-        rep["psnr_by_ring_blurred"] = ring_psnr(gt, blurred, data_range=dr, field_shape=field_shape,
-                                                offset=offset)
+    pieces = {"": restored} if blurred is None else {"": restored, "_blurred": blurred}
+    rep: dict = {"data_range": dr}
+    for suffix, img in pieces.items():
+        rep["psnr" + suffix] = psnr(gt, img, dr)
+        rep["ssim" + suffix] = ssim(gt, img, dr)
+        rep["psnr_by_ring" + suffix] = ring_psnr(gt, img, data_range=dr, field_shape=field_shape, offset=offset)
+        if volumes:
+            rep["psnr_by_depth" + suffix] = depth_psnr(gt, img, dr)
     return rep

@@ -18,11 +18,11 @@ import numpy as np
 from ..checks import InputError, check_layout, check_values
 from ..config import PRECISIONS, ModelConfig
 from ..data import Normalization, plane_sample
-from ..devices import memory_format, on_device, resolve_device
+from ..devices import model_memory_format, on_device, resolve_device
 from ..model_io import SavedModel
-from ..nn.unet import receptive_halo
+from ..nn.unet import receptive_halo, receptive_halo_z
 
-__all__ = ["Cancelled", "predict", "predict_batch", "plan_tiles", "field_geometry"]
+__all__ = ["Cancelled", "predict", "predict_batch", "plan_tiles", "plan_tiles_3d", "axis_tiles", "field_geometry"]
 
 Window = tuple[int, int, int, int]  # (y0, y1, x0, x1)
 
@@ -53,20 +53,52 @@ def plan_tiles(shape: tuple[int, int], cfg: ModelConfig, tile: int | None = None
         # benchmarks/bench_engine.py); keep the halo overhead small with a core of at least 4 halos
         tile = max(min(side - 2 * halo, max(256, 4 * halo)), m)
     tile = max(m, int(tile) - int(tile) % m)
-    if tile >= H and tile >= W:
-        return [((0, H, 0, W), (0, H, 0, W))]
+    rows, cols = axis_tiles(H, tile, halo, m), axis_tiles(W, tile, halo, m)
+    return [((y0, y1, x0, x1), (wy0, wy1, wx0, wx1)) for y0, y1, wy0, wy1 in rows for x0, x1, wx0, wx1 in cols]
+
+
+def plan_tiles_3d(shape: tuple[int, int, int], cfg: ModelConfig, tile: int | None = None,
+                  memory_mb: float = 1024.0, tile_z: int | None = None) -> list[tuple[tuple, tuple]]:
+    """The 3-D tile plan of a (D, H, W) volume: (core, window) pairs as (z0, z1, y0, y1, x0, x1).
+
+    Slabs of ``tile_z`` planes (default: the whole depth up to 32 planes) with the network's z halo, each cut into
+    ``tile`` x ``tile`` columns with the xy halo, all on the pooling grid, so tiled output equals whole-volume
+    output; by default the column side is chosen so one window's activations fit in ``memory_mb``. Slabs come
+    one after another: a volume is restored (and written) slab by slab.
+    """
+    D, H, W = shape
+    m, mz = cfg.min_size, cfg.min_depth
+    halo, halo_z = receptive_halo(cfg), receptive_halo_z(cfg)
+    if tile_z is None:
+        tile_z = D if D <= 32 else 32
+    tile_z = max(mz, int(tile_z) - int(tile_z) % mz)
+    if tile is None:
+        depth = min(D, tile_z + 2 * halo_z)
+        side = int(math.sqrt(memory_mb * 2**20 / (_bytes_per_pixel(cfg) * depth)))
+        tile = max(min(side - 2 * halo, max(128, 4 * halo)), m)
+    tile = max(m, int(tile) - int(tile) % m)
+    slabs = axis_tiles(D, tile_z, halo_z, mz)
+    rows, cols = axis_tiles(H, tile, halo, m), axis_tiles(W, tile, halo, m)
+    return [((z0, z1, y0, y1, x0, x1), (wz0, wz1, wy0, wy1, wx0, wx1))
+            for z0, z1, wz0, wz1 in slabs for y0, y1, wy0, wy1 in rows for x0, x1, wx0, wx1 in cols]
+
+
+def axis_tiles(n: int, tile: int, halo: int, multiple: int) -> list[tuple[int, int, int, int]]:
+    """One axis of a tile plan: (core start, core end, window start, window end) per tile of ``n`` pixels.
+
+    Cores of ``tile`` pixels (a multiple of ``multiple``, the pooling grid) each see ``halo`` more on both sides
+    where the image goes on; a window shorter than ``multiple`` is extended back inside the image on the grid. One
+    tile when ``tile >= n``.
+    """
+    if tile >= n:
+        return [(0, n, 0, n)]
     out = []
-    for y0 in range(0, H, tile):
-        for x0 in range(0, W, tile):
-            y1, x1 = min(y0 + tile, H), min(x0 + tile, W)
-            wy0, wx0 = max(0, y0 - halo), max(0, x0 - halo)
-            wy1, wx1 = min(H, y1 + halo), min(W, x1 + halo)
-            # the window must reach the network's minimum size; extend it back inside the image
-            if wy1 - wy0 < m:
-                wy0 = max(0, wy1 - m) // m * m
-            if wx1 - wx0 < m:
-                wx0 = max(0, wx1 - m) // m * m
-            out.append(((y0, y1, x0, x1), (wy0, wy1, wx0, wx1)))
+    for c0 in range(0, n, tile):
+        c1 = min(c0 + tile, n)
+        w0, w1 = max(0, c0 - halo), min(n, c1 + halo)
+        if w1 - w0 < multiple:  # the window must reach the network's minimum size
+            w0 = max(0, w1 - multiple) // multiple * multiple
+        out.append((c0, c1, w0, w1))
     return out
 
 
@@ -155,9 +187,9 @@ def tile_batches(tiles, batch_tiles: int) -> list[list[int]]:
 
     Groups come in the plan order of their first tile, so ``batch_tiles=1`` is the plan order itself.
     """
-    by_shape: dict[tuple[int, int], list[int]] = {}
-    for i, (_, (wy0, wy1, wx0, wx1)) in enumerate(tiles):
-        by_shape.setdefault((wy1 - wy0, wx1 - wx0), []).append(i)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, (_, window) in enumerate(tiles):
+        by_shape.setdefault(_extent(window), []).append(i)
     groups = [ids[k : k + batch_tiles] for ids in by_shape.values() for k in range(0, len(ids), batch_tiles)]
     return sorted(groups, key=lambda g: g[0])
 
@@ -174,20 +206,31 @@ def predict_batch(model, read: Callable[[Window], np.ndarray], tiles, group: Seq
 
     wins = [read(tiles[i][1]) for i in group]
     x = torch.from_numpy(wins[0][None] if len(wins) == 1 else np.stack(wins)).to(dev)
-    offs = [(offset[0] + tiles[i][1][0], offset[1] + tiles[i][1][2]) for i in group]
+    # a window's (y, x) origin in the image: its last two axes' starts ((y0, y1, x0, x1) or (z0, z1, y0, ...))
+    offs = [(offset[0] + tiles[i][1][-4], offset[1] + tiles[i][1][-2]) for i in group]
     with torch.no_grad():
         pred = _forward_windows(model, x, offs, field_shape, amp_dtype).cpu().numpy()
     cores = []
     for k, i in enumerate(group):
-        (y0, y1, x0, x1), (wy0, _, wx0, _) = tiles[i]
-        cores.append((tiles[i][0], pred[k, y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0]))
+        core, window = tiles[i]
+        inside = tuple(slice(core[2 * a] - window[2 * a], core[2 * a + 1] - window[2 * a])
+                       for a in range(len(core) // 2))
+        cores.append((core, pred[(k, *inside)]))
     return cores
 
 
+def _extent(window) -> tuple[int, ...]:
+    """The shape of a window (y0, y1, x0, x1) or (z0, z1, y0, y1, x0, x1)."""
+    return tuple(window[2 * a + 1] - window[2 * a] for a in range(len(window) // 2))
+
+
+def _slices(window) -> tuple[slice, ...]:
+    return tuple(slice(window[2 * a], window[2 * a + 1]) for a in range(len(window) // 2))
+
+
 def _read_window(image, idx, norm, window) -> np.ndarray:
-    """One halo window of one plane, read lazily, checked and normalised to float32."""
-    wy0, wy1, wx0, wx1 = window
-    win = image[idx + (slice(wy0, wy1), slice(wx0, wx1))]
+    """One halo window of one plane (or volume), read lazily, checked and normalised to float32."""
+    win = image[idx + _slices(window)]
     win = np.asarray(win.compute() if hasattr(win, "compute") else win)
     win = win.astype(np.float64 if win.dtype.kind in "iu" else np.float32, copy=False)
     check_values(win, f"image plane {idx or 0}")
@@ -209,7 +252,7 @@ def _in_place(model, dev) -> bool:
     import torch
 
     target = torch.empty(0, device=dev).device  # "cuda" -> the current GPU, where .to("cuda") would put it
-    fmt = memory_format(dev)
+    fmt = model_memory_format(model, dev)
     return all(t.device == target and (t.dim() != 4 or t.is_contiguous(memory_format=fmt))
                for t in (*model.parameters(), *model.buffers()))
 
@@ -234,17 +277,40 @@ def _network_on(model, dev):
             m.training = training
 
 
-def _check_call(saved: SavedModel, image, precision: str, batch_tiles, binning: int) -> tuple[int, ...]:
+def _check_call(saved: SavedModel, image, precision: str, batch_tiles, binning: int, z_step_um=None
+                ) -> tuple[int, ...]:
     """The image's shape, after the checks its shape, dtype and the call's options allow without reading it."""
     shape = tuple(image.shape)
     cfg = saved.config
-    check_layout(shape, np.dtype(getattr(image, "dtype", np.float32)), "image", min_size=cfg.min_size)
+    if cfg.ndim == 3 and len(shape) < 3:
+        raise InputError(f"this is a 3-D model: it restores z-stacks (D, H, W), got a {len(shape)}-D image of shape "
+                         f"{shape}; use a 2-D model for single planes")
+    check_layout(shape, np.dtype(getattr(image, "dtype", np.float32)), "image", min_ndim=cfg.ndim,
+                 min_size=cfg.min_size)
+    if cfg.ndim == 3:
+        _check_volume_call(saved, shape, z_step_um)
     _check_precision(precision)
     if isinstance(batch_tiles, bool) or not isinstance(batch_tiles, (int, np.integer)) or batch_tiles < 1:
         raise InputError(f"batch_tiles must be a positive integer, got {batch_tiles!r}")
     if binning != 1 and cfg.prefilter_channels:
         raise InputError("this model's Wiener first stage is built for unbinned pixels; apply it to unbinned images")
     return shape
+
+
+#: how far a volume's z-step may differ from a 3-D model's before it is refused (relative)
+Z_STEP_TOLERANCE = 0.02
+
+
+def _check_volume_call(saved: SavedModel, shape: tuple[int, ...], z_step_um) -> None:
+    """A 3-D model restores (D, H, W) volumes of its own z-step and at least its minimum depth."""
+    mz = saved.config.min_depth
+    if shape[-3] < mz:
+        raise InputError(f"the volume has {shape[-3]} plane(s), fewer than the {mz} this 3-D network needs")
+    model_step = saved.z_step_um
+    if z_step_um is not None and model_step is not None and abs(z_step_um / model_step - 1) > Z_STEP_TOLERANCE:
+        raise InputError(f"the volume's z-step is {z_step_um:g} µm but the model was trained at {model_step:g} µm: "
+                         "its 3-D PSF would be squeezed or stretched; resample the stack to the model's z-step "
+                         "(--resample-z) or train a model at this z-step")
 
 
 def predict(
@@ -261,8 +327,10 @@ def predict(
     out=None,
     on_progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    z_step_um: float | None = None,
 ) -> np.ndarray:
-    """Deblur a 2-D image or every 2-D plane of a (..., H, W) stack.
+    """Deblur a 2-D image or every 2-D plane of a (..., H, W) stack; with a 3-D model, a (D, H, W) volume or
+    every volume of a (..., D, H, W) stack (a TZYX time-lapse volume by volume).
 
     Parameters
     ----------
@@ -296,13 +364,15 @@ def predict(
     should_stop
         Checked before every batch of tiles (every tile with ``batch_tiles=1``); True raises :class:`Cancelled`
         (``out`` keeps the planes done so far).
+    z_step_um
+        A 3-D model only: the volume's z-step (µm), when known; one other than the model's is refused.
 
     Returns
     -------
     The restored float32 array (``out`` if given), in each plane's own units (per-image normalisation: ``a * x + c``
     gives ``a * f(x) + c``), or in the training images' units for older models.
     """
-    shape = _check_call(saved, image, precision, batch_tiles, binning)
+    shape = _check_call(saved, image, precision, batch_tiles, binning, z_step_um)
     field_shape, offset = field_geometry(shape[-2:], saved.field_shape, roi, binning)
     dev = resolve_device(device)
     amp_dtype = autocast_dtype(precision, dev)
@@ -310,7 +380,10 @@ def predict(
         out = np.empty(shape, dtype=np.float32)
     elif tuple(out.shape) != shape:
         raise InputError(f"out has shape {tuple(out.shape)}, expected {shape}")
-    tiles = plan_tiles(shape[-2:], saved.config, tile, memory_mb)
+    if saved.config.ndim == 3:  # slab by slab through the volume, columns of tile x tile pixels
+        tiles = plan_tiles_3d(shape[-3:], saved.config, tile, memory_mb)
+    else:
+        tiles = plan_tiles(shape[-2:], saved.config, tile, memory_mb)
     batches = tile_batches(tiles, int(batch_tiles))
     with _network_on(saved.model, dev) as model:
         run = partial(predict_batch, model, offset=offset, field_shape=field_shape, dev=dev, amp_dtype=amp_dtype)
@@ -319,19 +392,20 @@ def predict(
 
 
 def _predict_planes(run, image, norm: Normalization, out, tiles, batches, on_progress, should_stop) -> None:
-    """:func:`predict`'s loop over the planes and their batches of tiles; ``run(read, tiles, group)`` is
-    :func:`predict_batch` with the network and the field placement bound."""
+    """:func:`predict`'s loop over the planes (volumes, for a 3-D model) and their batches of tiles;
+    ``run(read, tiles, group)`` is :func:`predict_batch` with the network and the field placement bound."""
     shape = tuple(out.shape)
-    total = int(np.prod(shape[:-2], dtype=np.int64)) * len(tiles)
+    nd = len(tiles[0][0]) // 2  # 2: tiles of planes; 3: tiles of volumes
+    total = int(np.prod(shape[:-nd], dtype=np.int64)) * len(tiles)
     done = 0
-    for idx in np.ndindex(*shape[:-2]):
+    for idx in np.ndindex(*shape[:-nd]):
         pnorm = _plane_normalization(norm, image, idx)
         for group in batches:
             if should_stop is not None and should_stop():
                 raise Cancelled(f"prediction cancelled after {done} of {total} tiles")
             read = partial(_read_window, image, idx, pnorm)
-            for (y0, y1, x0, x1), core in run(read, tiles, group):
-                out[idx + (slice(y0, y1), slice(x0, x1))] = pnorm.invert(core)
+            for core_window, core in run(read, tiles, group):
+                out[idx + _slices(core_window)] = pnorm.invert(core)
                 done += 1
                 if on_progress is not None:
                     on_progress(done, total)

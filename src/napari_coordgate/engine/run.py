@@ -130,4 +130,5 @@ class Run:
             # a measured PSF model's own provenance (bead images, bead count, fit residual...) travels along
             provenance["psf"] = data.known_psf.provenance
         return SavedModel(model=net, config=self.model_cfg, field_shape=data.field_shape,
-                          normalization=data.norm, psf=data.known_psf, provenance=provenance)
+                          normalization=data.norm, psf=data.known_psf, provenance=provenance,
+                          z_step_um=data.z_step_um)

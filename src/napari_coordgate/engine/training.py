@@ -22,7 +22,7 @@ from ..devices import bf16_is_fast, on_device, resolve_device
 from ..metrics import PSNRAccumulator
 from ..model_io import SavedModel
 from .optimizer import build_optimizer, set_learning_rate
-from .prediction import plan_tiles, predict_batch, tile_batches
+from .prediction import plan_tiles, plan_tiles_3d, predict_batch, tile_batches
 from .resume import (
     check_init,
     checkpoint_to_resume,
@@ -32,6 +32,7 @@ from .resume import (
 )
 from .run import Run, TrainResult, Update
 from .trainingdata import Batch, PairSource, SimulatedSource, TrainingData
+from .volumes import TrainingVolumes
 
 __all__ = ["train"]
 
@@ -138,7 +139,10 @@ def _validate(run: Run, model, use_amp: bool) -> float:
     import torch
 
     data = run.data
-    tiles = plan_tiles(data.field_shape, run.model_cfg)
+    if data.ndim == 3:
+        tiles = plan_tiles_3d(data.volume_shape, run.model_cfg)
+    else:
+        tiles = plan_tiles(data.field_shape, run.model_cfg)
     acc = PSNRAccumulator(run.val_range)
     model.eval()
     for i in data.val_idx:
@@ -146,7 +150,7 @@ def _validate(run: Run, model, use_amp: bool) -> float:
         for group in tile_batches(tiles, 1):
             for core, pred in predict_batch(model, read, tiles, group, (0, 0), data.field_shape, run.device,
                                             torch.bfloat16 if use_amp else None):
-                y0, y1, x0, x1 = core
+                y0, y1, x0, x1 = core[-4:]  # a volume's tile: its columns' mask holds for every plane
                 mask = None if data.val_mask is None else data.val_mask[y0:y1, x0:x1]
                 acc.add(data.target_window(int(i), core), pred, mask)
     model.train()
@@ -232,7 +236,7 @@ def train(
     TrainResult
         With the best model (by validation PSNR) as a :class:`SavedModel`.
     """
-    data = TrainingData.from_source(source, model_cfg, train_cfg)
+    data = (TrainingVolumes if model_cfg.ndim == 3 else TrainingData).from_source(source, model_cfg, train_cfg)
     check_init(init, model_cfg, data.field_shape, resume)
     if init is not None and data.known_psf is None:
         data.known_psf = init.psf

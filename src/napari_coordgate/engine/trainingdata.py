@@ -34,7 +34,8 @@ __all__ = ["PairSource", "SimulatedSource", "TrainingData", "Batch"]
 
 @dataclass
 class PairSource:
-    """Calibration pairs: sharp and blurred images of the same field, (H, W) or (N, H, W).
+    """Calibration pairs: sharp and blurred images of the same field, (H, W) or (N, H, W); for a 3-D model
+    volumes (D, H, W) or (N, D, H, W) and their ``z_step_um``.
 
     Any array that slices like numpy (a memory map...) is read plane by plane and crop by crop, never copied whole.
     ``psf`` optionally describes the optics (any :class:`~napari_coordgate.optics.psfmodel.PSFModel`, or a preset
@@ -45,6 +46,7 @@ class PairSource:
     sharp: Any
     blurred: Any
     psf: Any = None
+    z_step_um: float | None = None  # z-stacks (a 3-D model): the distance between planes, µm
 
 
 @dataclass
@@ -129,6 +131,9 @@ class TrainingData:
     there are several pairs (the last ``max(1, n // 8)``), otherwise a sparse checkerboard of tiles of the single
     pair, masked out of the loss.
     """
+
+    ndim = 2  # planes (TrainingVolumes: 3)
+    z_step_um = None  # planes have no z-step
 
     def __init__(self, sharp, blurred, registered: dict[int, np.ndarray], *, simulated_from, known_psf,
                  model_cfg: ModelConfig, train_cfg: TrainConfig, held_out: int = 0):

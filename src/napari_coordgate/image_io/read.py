@@ -17,8 +17,10 @@ import numpy as np
 from ..checks import InputError, check_layout
 from .omezarr import axes_from_tiff, is_zarr, read_zarr
 from .tiff import TiffImage, pixel_size_um, read_tiff
+from .units import um_per_unit
 
-__all__ = ["OpenedImage", "open_image", "image_shape", "read_plane", "read_planes", "read_bead_images"]
+__all__ = ["OpenedImage", "open_image", "image_shape", "read_plane", "read_planes", "read_volumes",
+           "read_bead_images"]
 
 
 @dataclass
@@ -37,6 +39,15 @@ class OpenedImage:
     translation: list[float] | None
     tiff: TiffImage | None
     pixel_size_um: float | None
+
+    @property
+    def z_step_um(self) -> float | None:
+        """The distance between z planes (µm) that the metadata states (a ``z`` axis with a length unit), or None."""
+        for axis, step in zip(self.axes, self.scale):
+            if axis.get("name") == "z":
+                factor = um_per_unit(axis.get("unit")) if axis.get("unit") else None
+                return None if factor is None or not step > 0 else float(step) * factor
+        return None
 
 
 def _existing(path: str | os.PathLike) -> Path:
@@ -119,6 +130,34 @@ def read_planes(paths: Sequence[str | os.PathLike], what: str) -> np.ndarray:
     if len(shapes) > 1:
         raise InputError(f"{what} files have different frame shapes {sorted(shapes)}; they must share one field")
     return np.concatenate(planes, axis=0)
+
+
+def read_volumes(paths: Sequence[str | os.PathLike], what: str) -> tuple[np.ndarray, float | None, float | None]:
+    """The z-stacks of several inputs of one field as one (N, D, H, W) array (a file holds a (D, H, W) volume or a
+    (T, D, H, W) series of them), with the z-step and pixel size (µm) their metadata states (None where none does).
+
+    ``what`` names the volumes in messages ("sharp", "blurred").
+    """
+    if not paths:
+        raise InputError(f"no {what} files given")
+    vols, steps, pixels = [], set(), set()
+    for p in paths:
+        image = open_image(p)
+        data = np.asarray(image.data)
+        if data.ndim not in (3, 4):
+            raise InputError(f"{p}: a 3-D model trains on z-stacks (D, H, W) or series of them (T, D, H, W), got "
+                             f"shape {data.shape}")
+        check_layout(data.shape, data.dtype, str(p), min_ndim=3, max_ndim=4)
+        vols.append(data.reshape((-1,) + data.shape[-3:]))
+        steps.add(image.z_step_um)
+        pixels.add(image.pixel_size_um)
+    shapes = {a.shape[-3:] for a in vols}
+    if len(shapes) > 1:
+        raise InputError(f"{what} files have different volume shapes {sorted(shapes)}; they must share one field and "
+                         "depth")
+    step = next(iter(steps)) if len(steps) == 1 else None
+    pixel = next(iter(pixels)) if len(pixels) == 1 else None
+    return np.concatenate(vols, axis=0), step, pixel
 
 
 def read_bead_images(paths: Sequence[str | os.PathLike]) -> tuple[dict[int, np.ndarray], float | None]:

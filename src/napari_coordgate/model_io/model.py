@@ -44,6 +44,7 @@ class SavedModel:
     normalization: Normalization = field(default_factory=Normalization)
     psf: Any = None  # PSFModel | None
     provenance: dict[str, Any] = field(default_factory=dict)
+    z_step_um: float | None = None  # a 3-D model's z-step (µm): the volumes it restores must have it
 
     def __post_init__(self) -> None:
         norm = self.normalization
@@ -54,6 +55,19 @@ class SavedModel:
         self.normalization = Normalization.from_dict(norm)
         if self.psf is not None:
             self.psf = resolve_psf(self.psf)
+        self.z_step_um = _checked_z_step(self.config, self.z_step_um)
+
+
+def _checked_z_step(cfg: ModelConfig, z_step) -> float | None:
+    """A model's z-step: a positive number of µm for a 3-D model, None for a 2-D one (ValueError otherwise)."""
+    if cfg.ndim == 2:
+        if z_step is not None:
+            raise ValueError(f"a 2-D model has no z-step, got z_step_um={z_step!r}")
+        return None
+    ok = isinstance(z_step, (int, float)) and not isinstance(z_step, bool) and 0 < z_step < 1e3
+    if not ok:
+        raise ValueError(f"a 3-D model needs its z-step in µm (0 to 1000), got z_step_um={z_step!r}")
+    return float(z_step)
 
 
 def save_model(path: str | os.PathLike, saved: SavedModel) -> Path:
@@ -73,6 +87,8 @@ def save_model(path: str | os.PathLike, saved: SavedModel) -> Path:
         "psf": record,
         "provenance": stamped_provenance(saved.provenance),
     }
+    if saved.z_step_um is not None:  # 3-D models only: 2-D files stay as they were
+        meta["z_step_um"] = float(saved.z_step_um)
     return atomic_write_bytes(path, encode(tensors, meta))
 
 
@@ -120,6 +136,7 @@ def load_model(path: str | os.PathLike, device: str | Any = "cpu") -> SavedModel
         cfg = ModelConfig.from_dict(meta["model"])
         field_shape = tuple(int(s) for s in meta["field_shape"])
         norm = Normalization.from_dict(meta["normalization"])
+        z_step = _checked_z_step(cfg, meta.get("z_step_um"))
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise ModelFileError(f"{path}: model metadata is invalid: {exc}") from None
     if len(field_shape) != 2 or min(field_shape) < 1:
@@ -141,4 +158,5 @@ def load_model(path: str | os.PathLike, device: str | Any = "cpu") -> SavedModel
         normalization=norm,
         psf=psf,
         provenance=provenance,
+        z_step_um=z_step,
     )
