@@ -79,15 +79,21 @@ def _cpu_autocast() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
+def _onednn_conv(x: torch.Tensor):
+    """oneDNN's pointwise-fused convolution for ``x`` (see :func:`_fused_conv_relu`), or None where it does not
+    apply: off the CPU, other dtypes, oneDNN disabled, or under autocast (which does not know the op)."""
+    use = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+           and torch.backends.mkldnn.enabled and not _cpu_autocast())
+    return _fused_conv_relu(x.dtype) if use else None
+
+
 def _conv_relu(conv: nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     """``relu(conv(x))`` for inference, computed in ``x``'s dtype (the weights cast to it on the fly, so a float32
     model runs in bfloat16 without a bfloat16 copy of the model). On an x86 CPU the ReLU is fused into oneDNN's
     convolution (the same values as torch's own oneDNN convolution followed by a ReLU); in 3-D this is also the
     fast path for float32, which torch's own ``conv3d`` runs about 10x slower on a CPU."""
     w, b = conv.weight.to(x.dtype), conv.bias.to(x.dtype)
-    use_fused = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-                 and torch.backends.mkldnn.enabled and not _cpu_autocast())
-    op = _fused_conv_relu(x.dtype) if use_fused else None
+    op = _onednn_conv(x)
     if op is not None:
         return op(x, w, b, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, "relu", [None],
                   "")
@@ -105,6 +111,12 @@ def _run_block(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
 def _conv_as(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` in ``x``'s dtype: the module's own call while autograd records or where the weights already
     have that dtype, else with the weights cast to it (inference with a ``compute_dtype``, or under autocast)."""
+    op = _onednn_conv(x) if isinstance(conv, nn.Conv3d) and not torch.is_grad_enabled() else None
+    if op is not None:
+        # torch's own conv3d of a 3-D head (1x1x1) is a slow path with a copy of its input on a CPU
+        w, b = conv.weight.to(x.dtype), conv.bias.to(x.dtype)
+        return op(x, w, b, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, "none", [None],
+                  "")
     if conv.weight.dtype == x.dtype or torch.is_grad_enabled():
         return conv(x)
     w, b = conv.weight.to(x.dtype), conv.bias.to(x.dtype)
