@@ -131,6 +131,26 @@ def test_each_coordgate_multiplies_by_a_factor_of_the_yx_position_only(cfg):
         torch.testing.assert_close(factor[ok], per_yx[ok], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("cfg", [GATED[2], GATED[4]], ids=_ids)
+def test_training_batch_gathered_from_the_field_gate_matches_crop_by_crop(cfg):
+    # six crops of a 32x32 field: the field's gate is cheaper than one per crop pixel, so it is gathered
+    model = _randomise(build_model(cfg)).train()
+    x = _volume(6, 1, 4, 16, 16, seed=5)
+    m = cfg.min_size
+    offs = torch.tensor([[0, 0], [16, 16], [8, 0], [0, 16], [16, 8], [8, 8]]) // m * m
+    batched = model(x, offset=offs, field_shape=(32, 32))
+    batched.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if "gate" in n}
+    model.zero_grad()
+    one_by_one = torch.cat([model(x[i : i + 1], offset=tuple(offs[i].tolist()), field_shape=(32, 32))
+                            for i in range(6)])
+    one_by_one.square().sum().backward()
+    torch.testing.assert_close(batched, one_by_one, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        if "gate" in n:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-4, msg=n)
+
+
 @pytest.mark.parametrize("cfg", GATED, ids=_ids)
 def test_wrong_offset_changes_gated_output(cfg):
     model = _randomise(build_model(cfg)).eval()
