@@ -1,5 +1,5 @@
 """Optics: the PSF-model interface and its pupil/Zernike model, spatially varying blur and noise, classical
-deconvolution baselines.
+deconvolution baselines; their 3-D counterparts for z-stacks (``psf3d``, ``blur3d``, ``deconv3d``).
 
 Plain numpy/torch: nothing here imports napari or Qt. Names are re-exported lazily so that importing
 :mod:`napari_coordgate.optics.psf` (numpy only) does not import torch.
@@ -29,6 +29,14 @@ _EXPORTS = {
     "wiener_central": "deconv",
     "sv_richardson_lucy": "deconv",
     "sv_wiener": "deconv",
+    "Pupil3DPSF": "psf3d",
+    "MeasuredGrid3DPSF": "psf3d",
+    "PRESETS_3D": "psf3d",
+    "SpatiallyVaryingBlur3D": "blur3d",
+    "brute_force_blur3d": "blur3d",
+    "synthesize_pairs3d": "blur3d",
+    "richardson_lucy_3d_central": "deconv3d",
+    "sv_richardson_lucy_3d": "deconv3d",
 }
 
 __all__ = sorted(_EXPORTS)

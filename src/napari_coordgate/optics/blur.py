@@ -39,7 +39,7 @@ from napari_coordgate.checks import as_float, check_image
 from napari_coordgate.coords import field_axis, field_position, grid_positions, tent_weights
 from napari_coordgate.devices import resolve_device
 from napari_coordgate.optics.models import get_psf_model
-from napari_coordgate.optics.psfmodel import PSFModel
+from napari_coordgate.optics.psfmodel import PSFModel, require_ndim
 
 __all__ = [
     "SpatiallyVaryingBlur",
@@ -51,6 +51,9 @@ __all__ = [
     "normalized_coordinates",
     "resolve_device",
 ]
+
+# what the 2-D blur tells a caller who hands it a 3-D PSF model (psfmodel.require_ndim)
+_USE_3D = "use SpatiallyVaryingBlur3D (napari_coordgate.optics.blur3d) to blur z-stacks with a 3-D model"
 
 
 def normalized_coordinates(n: int) -> np.ndarray:
@@ -138,7 +141,7 @@ class SpatiallyVaryingBlur:
         device: "str | torch.device" = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
-        self.psf_model = get_psf_model(psf)
+        self.psf_model = require_ndim(get_psf_model(psf), 2, _USE_3D)
         shape = tuple(int(n) for n in field_shape)
         if len(shape) != 2 or min(shape) < 1:
             raise ValueError(f"field_shape must be (H, W) with positive sides, got {tuple(field_shape)}")
@@ -362,7 +365,7 @@ def brute_force_blur(image, psf: "PSFModel | str | dict") -> np.ndarray:
     -------
     ndarray, float32, same shape as ``image`` (computed in float64)
     """
-    model = get_psf_model(psf)
+    model = require_ndim(get_psf_model(psf), 2, _USE_3D)
     arr = check_image(image).astype(np.float64)
     h, w = arr.shape[-2:]
     s = model.psf_size

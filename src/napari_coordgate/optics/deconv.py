@@ -26,10 +26,13 @@ from napari_coordgate.checks import as_float, check_image
 from napari_coordgate.coords import field_axis, grid_positions, tent_weights
 from napari_coordgate.optics.blur import SpatiallyVaryingBlur
 from napari_coordgate.optics.models import get_psf_model
-from napari_coordgate.optics.psfmodel import PSFModel
+from napari_coordgate.optics.psfmodel import PSFModel, require_ndim
 
 __all__ = ["central_psf", "richardson_lucy_central", "wiener_central", "sv_richardson_lucy", "wiener_kernels",
            "sv_wiener"]
+
+# what the 2-D baselines tell a caller who hands them a 3-D PSF model (psfmodel.require_ndim)
+_USE_3D = "use richardson_lucy_3d_central / sv_richardson_lucy_3d (napari_coordgate.optics.deconv3d) for z-stacks"
 
 
 def central_psf(psf: "PSFModel | str | dict", field_shape=None) -> np.ndarray:
@@ -48,7 +51,7 @@ def central_psf(psf: "PSFModel | str | dict", field_shape=None) -> np.ndarray:
     ndarray, float64, shape (psf_size, psf_size)
         Sums to one.
     """
-    return get_psf_model(psf).psf_at(0.0, 0.0, field_shape)
+    return require_ndim(get_psf_model(psf), 2, _USE_3D).psf_at(0.0, 0.0, field_shape)
 
 
 def _check_iterations(iterations: int) -> int:
@@ -257,7 +260,7 @@ def wiener_kernels(
     -------
     ndarray, float32, shape (grid * grid, size, size)
     """
-    model = get_psf_model(psf)
+    model = require_ndim(get_psf_model(psf), 2, _USE_3D)
     if size % 2 == 0 or size < 3:
         raise ValueError(f"size must be an odd number >= 3, got {size}")
     if not (isinstance(balance, (int, float)) and balance > 0 and np.isfinite(balance)):

@@ -2,8 +2,9 @@
 :class:`~napari_coordgate.optics.psfmodel.PSFModel`.
 
 Importing this module imports every implementation (the pupil :class:`~napari_coordgate.optics.psf.PSFConfig`,
-the :class:`~napari_coordgate.optics.measured.MeasuredGridPSF` and the
-:class:`~napari_coordgate.optics.pupil_poly.PupilPolyPSF`), so each has registered its ``kind``. Files are not read
+the :class:`~napari_coordgate.optics.measured.MeasuredGridPSF`, the
+:class:`~napari_coordgate.optics.pupil_poly.PupilPolyPSF` and the 3-D models of
+:mod:`~napari_coordgate.optics.psf3d`), so each has registered its ``kind``. Files are not read
 here: :func:`napari_coordgate.model_io.resolve_psf` reads ``.cgpsf`` and ``.json`` files and then comes here.
 
 numpy only: no torch, no Qt.
@@ -17,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from napari_coordgate.config import ConfigError
-from napari_coordgate.optics import measured, pupil_poly  # noqa: F401 - they register "measured_grid", "pupil_poly"
+from napari_coordgate.optics import measured, psf3d, pupil_poly  # noqa: F401 - they register their kinds
 from napari_coordgate.optics.psf import PRESETS, PSFConfig
 from napari_coordgate.optics.psfmodel import PSFModel, check_record_sizes, registered_kinds
 

@@ -31,11 +31,14 @@ import numpy as np
 from napari_coordgate.coords import grid_positions
 
 __all__ = ["PSFModel", "binned_psf_size", "register_psf_model", "registered_kinds", "check_field_shape",
-           "check_record_sizes", "GRID_BOUNDS", "PSF_SIZE_BOUNDS", "MAX_FIELD_SIDE"]
+           "check_record_sizes", "require_ndim", "GRID_BOUNDS", "PSF_SIZE_BOUNDS", "PSF_DEPTH_BOUNDS",
+           "MAX_FIELD_SIDE"]
 
 #: inclusive bounds of the K of a K x K PSF grid and of a PSF's side, for every kind (PSFConfig's fields use them)
 GRID_BOUNDS = (1, 64)
 PSF_SIZE_BOUNDS = (3, 255)
+#: inclusive bounds of the planes of a 3-D PSF (odd); a 2-D model has one
+PSF_DEPTH_BOUNDS = (1, 255)
 
 #: largest side of a field (H or W) a record or a provenance may name: more than any camera, and a bound on the
 #: images that are sized from it (training specimens for a measured model)
@@ -51,6 +54,8 @@ class PSFModel(abc.ABC):
 
     #: name of the kind in files (``"pupil"``, ``"measured_grid"``, ...)
     kind: ClassVar[str] = ""
+    #: 2: PSFs (s, s) of one plane; 3: PSFs (psf_depth, s, s) through focus, planes ``z_step_um`` apart
+    ndim: ClassVar[int] = 2
 
     @property
     @abc.abstractmethod
@@ -77,6 +82,16 @@ class PSFModel(abc.ABC):
         """True when the PSF is the same everywhere in the field."""
         return False
 
+    @property
+    def z_step_um(self) -> float | None:
+        """Distance between the planes of a 3-D PSF (µm); None for a 2-D model."""
+        return None
+
+    @property
+    def psf_depth(self) -> int:
+        """Planes of every PSF (odd): 1 for a 2-D model; a 3-D model's PSFs are (psf_depth, s, s)."""
+        return 1
+
     @abc.abstractmethod
     def psfs_at(self, y, x, field_shape: Sequence[int] | None = None) -> np.ndarray:
         """PSFs at normalised field positions.
@@ -90,12 +105,15 @@ class PSFModel(abc.ABC):
 
         Returns
         -------
-        ndarray, float64, shape ``S + (psf_size, psf_size)``
-            Each PSF sums to one and is centred on its middle pixel.
+        ndarray, float64, shape ``S + (psf_size, psf_size)``, or ``S + (psf_depth, psf_size, psf_size)`` for a 3-D
+        model (:attr:`ndim` 3)
+            Each PSF sums to one (over the whole stored volume for a 3-D model) and is centred on its middle pixel
+            (voxel: the middle plane is in focus where the local focus is at z = 0).
         """
 
     def psf_at(self, y: float, x: float, field_shape: Sequence[int] | None = None) -> np.ndarray:
-        """The PSF at one normalised field position, shape (psf_size, psf_size)."""
+        """The PSF at one normalised field position, shape (psf_size, psf_size) (3-D: (psf_depth, psf_size,
+        psf_size))."""
         return self.psfs_at(np.atleast_1d(float(y)), np.atleast_1d(float(x)), field_shape)[0]
 
     def psf_grid(self, field_shape: Sequence[int] | None = None, k: int | None = None
@@ -103,7 +121,7 @@ class PSFModel(abc.ABC):
         """PSFs on the K x K grid of nodes ``linspace(-1, 1, K)`` (``[0]`` for K = 1).
 
         Returns ``(psfs, ys, xs)`` with ``psfs[i, j]`` the PSF at row node ``ys[i]``, column node ``xs[j]``,
-        shape (K, K, psf_size, psf_size).
+        shape (K, K, psf_size, psf_size) (3-D: (K, K, psf_depth, psf_size, psf_size)).
         """
         nodes = grid_positions(self.grid if k is None else int(k))
         yy, xx = np.meshgrid(nodes, nodes, indexing="ij")
@@ -124,6 +142,9 @@ class PSFModel(abc.ABC):
 
     def describe(self) -> str:
         """One line for people: kind, name and the essentials."""
+        if self.ndim == 3:
+            return (f"{self.kind} 3-D PSF model {self.name!r} ({self.psf_depth} planes {self.z_step_um:g} µm apart x "
+                    f"{self.psf_size} px, {self.grid} x {self.grid} grid)")
         return f"{self.kind} PSF model {self.name!r} ({self.psf_size} px PSFs, {self.grid} x {self.grid} grid)"
 
     @property
@@ -180,14 +201,28 @@ def check_field_shape(shape: Any, what: str = "field_shape") -> tuple[int, int]:
 def check_record_sizes(meta: dict[str, Any]) -> None:
     """The sizes a record declares, checked before its kind builds (or a consumer allocates) anything from them:
     a K x K grid of PSFs of side s costs K² s² numbers, so an edited ``"grid": 5000`` must not reach the blur."""
-    sizes = {"grid": GRID_BOUNDS, "nodes": GRID_BOUNDS, "psf_size": PSF_SIZE_BOUNDS}
+    sizes = {"grid": GRID_BOUNDS, "nodes": GRID_BOUNDS, "psf_size": PSF_SIZE_BOUNDS, "psf_depth": PSF_DEPTH_BOUNDS}
+    odd_keys = ("psf_size", "psf_depth")
     for key, (lo, hi) in sizes.items():
         value = meta.get(key)
         if value is None:
             continue
         whole = isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer())
-        if isinstance(value, bool) or not whole or not lo <= value <= hi or (key == "psf_size" and value % 2 == 0):
-            odd = "an odd" if key == "psf_size" else "an"
+        if isinstance(value, bool) or not whole or not lo <= value <= hi or (key in odd_keys and value % 2 == 0):
+            odd = "an odd" if key in odd_keys else "an"
             raise ValueError(f"PSF record: {key!r} must be {odd} integer from {lo} to {hi}, got {value!r}")
     if meta.get("field_shape") is not None:
         check_field_shape(meta["field_shape"], "PSF record: 'field_shape'")
+
+
+def require_ndim(model: PSFModel, ndim: int, use: str) -> PSFModel:
+    """``model`` if its PSFs are ``ndim``-D; otherwise a ``ValueError`` that says what it is and what to use.
+
+    The one check of the 2-D consumers (blur, baselines) against 3-D models and of the 3-D ones against 2-D models;
+    ``use`` completes the message ("use SpatiallyVaryingBlur3D ...").
+    """
+    if model.ndim == ndim:
+        return model
+    if model.ndim == 3:
+        raise ValueError(f"{model.describe()} is a 3-D PSF model (z-step {model.z_step_um:g} µm); {use}")
+    raise ValueError(f"{model.describe()} is a {model.ndim}-D PSF model; {use}")
