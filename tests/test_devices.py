@@ -35,10 +35,15 @@ def test_cpu_networks_are_laid_out_channels_last_and_other_devices_keep_nchw():
     import torch
 
     from napari_coordgate.config import ModelConfig
-    from napari_coordgate.devices import memory_format, on_device
+    from napari_coordgate.devices import on_device, tensor_layout
     from napari_coordgate.nn import build_model
 
-    assert memory_format(torch.device("cpu")) is torch.channels_last
-    assert memory_format(torch.device("cuda")) is torch.contiguous_format
-    model = on_device(build_model(ModelConfig(depth=2, channels=4)), torch.device("cpu"))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert tensor_layout(4, cpu) is torch.channels_last and tensor_layout(5, cpu) is torch.channels_last_3d
+    assert tensor_layout(1, cpu) is tensor_layout(4, cuda) is tensor_layout(5, cuda) is torch.contiguous_format
+    model = on_device(build_model(ModelConfig(depth=2, channels=4)), cpu)
     assert model.down[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    # a 3-D network: its 3-D convolutions channels-last-3d, its gates' 4-D MLP weights channels-last
+    model3 = on_device(build_model(ModelConfig(depth=2, channels=4, ndim=3)), cpu)
+    assert model3.down[0][0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert model3.down_gates[0].mlp[0].weight.is_contiguous(memory_format=torch.channels_last)

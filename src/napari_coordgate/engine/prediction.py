@@ -18,7 +18,7 @@ import numpy as np
 from ..checks import InputError, check_layout, check_values
 from ..config import PRECISIONS, ModelConfig
 from ..data import Normalization, plane_sample
-from ..devices import model_memory_format, on_device, resolve_device
+from ..devices import on_device, resolve_device, tensor_layout
 from ..model_io import SavedModel
 from ..nn.unet import receptive_halo, receptive_halo_z
 
@@ -248,12 +248,11 @@ def _plane_normalization(norm: Normalization, image, idx) -> Normalization:
 
 
 def _in_place(model, dev) -> bool:
-    """Whether every parameter and buffer of ``model`` is on ``dev`` in its :func:`memory_format` already."""
+    """Whether every parameter and buffer of ``model`` is on ``dev`` in its :func:`tensor_layout` already."""
     import torch
 
     target = torch.empty(0, device=dev).device  # "cuda" -> the current GPU, where .to("cuda") would put it
-    fmt = model_memory_format(model, dev)
-    return all(t.device == target and (t.dim() != 4 or t.is_contiguous(memory_format=fmt))
+    return all(t.device == target and t.is_contiguous(memory_format=tensor_layout(t.dim(), dev))
                for t in (*model.parameters(), *model.buffers()))
 
 
