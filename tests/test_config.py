@@ -175,3 +175,14 @@ def test_z_pool_start_for_refuses_what_is_not_a_positive_length(z_step, pixel):
 
     with pytest.raises(ConfigError, match="must be a positive number"):
         z_pool_start_for(z_step, pixel)
+
+
+def test_2d_model_config_dict_is_the_one_written_before_3d_models_existed():
+    from napari_coordgate.config import ModelConfig
+
+    d2 = ModelConfig(depth=3).to_dict()
+    assert "ndim" not in d2 and "z_pool_start" not in d2
+    assert ModelConfig.from_dict(d2) == ModelConfig(depth=3)
+    d3 = ModelConfig(ndim=3, z_pool_start=2, depth=3).to_dict()
+    assert d3["ndim"] == 3 and d3["z_pool_start"] == 2
+    assert ModelConfig.from_dict(d3) == ModelConfig(ndim=3, z_pool_start=2, depth=3)

@@ -290,6 +290,15 @@ class ModelConfig(Config):
         """Smallest image side the network accepts (the coarsest level keeps at least one pixel)."""
         return 2 ** (self.depth - 1)
 
+    def to_dict(self) -> dict[str, Any]:
+        """As :meth:`Config.to_dict`; a 2-D config leaves out the 3-D fields, so 2-D model files and the
+        fingerprints of checkpoints written before 3-D models existed stay as they were."""
+        out = super().to_dict()
+        if self.ndim == 2:
+            for name in ("ndim", "z_pool_start"):
+                out.pop(name)
+        return out
+
     def pools_z(self, pooling: int) -> bool:
         """Whether pooling ``pooling`` (1 to ``depth - 1``; pooling ``l`` leads to level ``l``) halves z too."""
         return self.ndim == 3 and pooling >= self.z_pool_start
