@@ -5,8 +5,11 @@ Prints two tables:
 1. seconds to build :class:`~napari_coordgate.optics.blur3d.SpatiallyVaryingBlur3D` for, and to blur (forward) and
    apply the adjoint to, one volume of the 3-D preset ``tilted_curved_3d`` (K = 5, 17 x 25 x 25 voxel PSFs), with
    the torch threads given (default 2; the target is 10 s per 64 x 256 x 256 volume on two CPU threads);
-2. the largest difference between the fast operator and the voxel-by-voxel reference
-   (:func:`~napari_coordgate.optics.blur3d.brute_force_blur3d`) on a small volume, relative to the output's peak.
+   and the memory the operator's block OTFs hold;
+2. on a small volume, for K = 3, 5, 7: the largest difference between the fast operator and its voxel-by-voxel
+   reference (:func:`~napari_coordgate.optics.blur3d.brute_force_blur3d`: the same interpolated node PSFs; float64,
+   relative to the output's peak), and the relative L2 error of the K x K interpolation against the exact blur
+   (``exact=True``: every pixel with its own pupil-model PSF).
 
 Usage::
 
@@ -48,15 +51,24 @@ def speed_rows(model, shape, threads, repeats):
         with torch.no_grad():
             fwd = _best(lambda: op.apply(volume), repeats)
             adj = _best(lambda: op.apply_adjoint(volume), repeats)
-        rows.append((shape, model.grid, (model.psf_depth, model.psf_size, model.psf_size), n, build, fwd, adj))
+        otf_mib = sum(b.otf.numel() * b.otf.element_size() for b in op._blocks) / 2**20
+        rows.append((shape, model.grid, (model.psf_depth, model.psf_size, model.psf_size), n, build, fwd, adj,
+                     otf_mib))
     return rows
 
 
-def accuracy_row(model, shape):
+def accuracy_rows(model, shape, grids):
     volume = np.random.default_rng(1).random(shape)
-    fast = SpatiallyVaryingBlur3D(model, shape, dtype=torch.float64).forward(volume)
-    exact = brute_force_blur3d(volume, model)
-    return shape, float(np.abs(fast - exact).max() / np.abs(exact).max())
+    exact = brute_force_blur3d(volume, model, exact=True).astype(np.float64)
+    rows = []
+    for k in grids:
+        m = model.replace(pupil=model.pupil.replace(grid=k))
+        with torch.no_grad():
+            fast = SpatiallyVaryingBlur3D(m, shape, dtype=torch.float64).apply(torch.from_numpy(volume)).numpy()
+        reference = brute_force_blur3d(volume, m).astype(np.float64)
+        implementation = float(np.abs(fast - reference).max() / np.abs(reference).max())
+        rows.append((shape, k, implementation, float(np.linalg.norm(fast - exact) / np.linalg.norm(exact))))
+    return rows
 
 
 def main(argv=None) -> None:
@@ -74,13 +86,14 @@ def main(argv=None) -> None:
     print(f"# 3-D blur, preset tilted_curved_3d ({platform.processor() or platform.machine()}, torch "
           f"{torch.__version__}); PSF grid computed in {psf_time:.2f} s (part of 'build')")
     print(f"{'shape (D, H, W)':>18} {'K':>3} {'PSF (D, s, s)':>14} {'threads':>8} {'build s':>8} "
-          f"{'forward s/vol':>14} {'adjoint s/vol':>14}")
-    for shp, k, psf, n, build, fwd, adj in speed_rows(model, shape, args.threads, repeats):
-        print(f"{str(shp):>18} {k:>3} {str(psf):>14} {n:>8} {build:>8.2f} {fwd:>14.2f} {adj:>14.2f}")
+          f"{'forward s/vol':>14} {'adjoint s/vol':>14} {'OTFs MiB':>9}")
+    for shp, k, psf, n, build, fwd, adj, mib in speed_rows(model, shape, args.threads, repeats):
+        print(f"{str(shp):>18} {k:>3} {str(psf):>14} {n:>8} {build:>8.2f} {fwd:>14.2f} {adj:>14.2f} {mib:>9.0f}")
     print()
-    print(f"{'reference shape':>18} {'max |fast - brute force| / peak':>32}")
-    shp, err = accuracy_row(model, (9, 24, 28) if args.quick else (21, 40, 48))
-    print(f"{str(shp):>18} {err:>32.2e}")
+    print(f"{'reference shape':>18} {'K':>3} {'max |fast - reference| / peak':>30} {'L2 error vs exact PSFs':>23}")
+    small = (5, 12, 12) if args.quick else (17, 24, 24)
+    for shp, k, impl, interp in accuracy_rows(model, small, (3, 5) if args.quick else (3, 5, 7)):
+        print(f"{str(shp):>18} {k:>3} {impl:>30.1e} {interp:>23.2e}")
 
 
 if __name__ == "__main__":

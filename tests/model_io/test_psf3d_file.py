@@ -31,6 +31,6 @@ def test_a_3d_psf_model_round_trips_through_a_cgpsf_file(tmp_path, model):
 
 def test_a_pupil3d_config_json_is_resolved_like_a_2d_one(tmp_path):
     path = tmp_path / "optics.json"
-    path.write_text(__import__("json").dumps(PUPIL3D.to_record()[0]))
+    path.write_text(PUPIL3D.to_json())
 
     assert resolve_psf(path) == PUPIL3D

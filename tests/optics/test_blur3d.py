@@ -37,6 +37,17 @@ def test_fast_blur_equals_the_voxel_by_voxel_reference(model, shape):
     np.testing.assert_allclose(fast, brute_force_blur3d(volume, model), atol=1e-6)
 
 
+def test_the_exact_reference_differs_from_the_interpolated_one_by_the_grids_interpolation_error():
+    volume = np.random.default_rng(8).random((5, 12, 14))
+    measured = _measured(d=3, s=5)
+
+    np.testing.assert_allclose(brute_force_blur3d(volume, measured, exact=True), brute_force_blur3d(volume, measured),
+                               atol=1e-6)  # a measured grid's PSFs are its interpolated nodes
+    exact = brute_force_blur3d(volume, SMALL, exact=True)
+    interpolated = brute_force_blur3d(volume, SMALL)
+    assert 0 < np.linalg.norm(exact - interpolated) / np.linalg.norm(exact) < 0.1  # 3.7 %: K = 3, strong aberrations
+
+
 def test_a_uniform_model_is_an_ordinary_3d_convolution_with_reflected_borders():
     psf = np.random.default_rng(2).random((5, 7, 7))
     model = MeasuredGrid3DPSF(np.broadcast_to(psf, (3, 3, 5, 7, 7)), z_step_um=0.2)
@@ -92,6 +103,17 @@ def test_a_region_is_blurred_with_the_psfs_of_its_place_in_the_field():
 
     # away from the region's own borders (2 pixels: the PSF radius) it is the whole field's blur there
     np.testing.assert_allclose(region[:, 2:-2, 2:-2], whole[:, 10:20, 14:30], atol=1e-6)
+
+
+def test_operator_runs_on_the_requested_device(device):
+    volume = np.random.default_rng(9).random((5, 20, 24)).astype(np.float32)
+    cpu = SpatiallyVaryingBlur3D(SMALL, volume.shape, device="cpu")
+
+    on_device = SpatiallyVaryingBlur3D(SMALL, volume.shape, device=device)
+
+    assert on_device.device.type == device.type
+    np.testing.assert_allclose(on_device.forward(volume), cpu.forward(volume), atol=1e-5)
+    np.testing.assert_allclose(on_device.adjoint(volume), cpu.adjoint(volume), atol=1e-5)
 
 
 def test_a_series_of_volumes_is_blurred_volume_by_volume():

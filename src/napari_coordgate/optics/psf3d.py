@@ -86,8 +86,8 @@ class Pupil3DPSF(Config, PSFModel):
     Build one from a 2-D pupil config with :meth:`from_pupil`; ``binned`` bins x and y only (z keeps its step).
     """
 
-    KIND: ClassVar[str] = "psf3d"  # the config kind in its dict / JSON
-    kind: ClassVar[str] = "pupil3d"  # the PSF-model kind in records
+    KIND: ClassVar[str] = "pupil3d"  # the config kind in its dict / JSON: the PSF-model kind, so its JSON is a record
+    kind: ClassVar[str] = "pupil3d"
     ndim: ClassVar[int] = 3
 
     name: str = field(default="custom", metadata={"kind": str, "doc": "label (the preset name, or custom)"})
@@ -203,8 +203,8 @@ class Pupil3DPSF(Config, PSFModel):
         return super().from_dict(data)
 
     def to_record(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """(this config's dict with ``"kind": "pupil3d"``, the 2-D pupil nested as its dict; no arrays)."""
-        return {**self.to_dict(), "kind": self.kind}, {}
+        """(this config's dict, ``"kind": "pupil3d"``, the 2-D pupil nested as its dict; no arrays)."""
+        return self.to_dict(), {}
 
     @classmethod
     def from_record(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> "Pupil3DPSF":
@@ -212,7 +212,6 @@ class Pupil3DPSF(Config, PSFModel):
         if arrays:
             raise ConfigError(f"a pupil3d PSF model has no arrays; the record holds {', '.join(sorted(arrays))}")
         data = dict(meta)
-        data.pop("kind", None)
         if not isinstance(data.get("pupil"), dict):
             raise ConfigError("a pupil3d PSF record needs its 2-D pupil config as a dict under 'pupil'")
         return cls.from_dict(data)

@@ -224,5 +224,6 @@ def require_ndim(model: PSFModel, ndim: int, use: str) -> PSFModel:
     if model.ndim == ndim:
         return model
     if model.ndim == 3:
-        raise ValueError(f"{model.describe()} is a 3-D PSF model (z-step {model.z_step_um:g} µm); {use}")
+        step = "no z-step" if model.z_step_um is None else f"z-step {model.z_step_um:g} µm"
+        raise ValueError(f"{model.describe()} is a 3-D PSF model ({step}); {use}")
     raise ValueError(f"{model.describe()} is a {model.ndim}-D PSF model; {use}")
