@@ -17,8 +17,9 @@ whole volume's, about 4).
 Why blocks and not a low-rank (SVD) expansion of the grid into a few eigen-PSFs: the blocks are exact (the
 operator equals the tent-interpolation model to rounding, and so does its adjoint), while a rank-r expansion
 costs r whole-volume convolutions plus an error that depends on how the PSFs vary. On the 3-D preset (K = 5,
-17 x 25 x 25 PSFs) the blocks blur a 64 x 256 x 256 volume in 0.3 to 0.5 s on the project's 2-core CPU machine
-(``benchmarks/bench_blur3d.py``; the target was 10 s on two threads), so the exact operator is the one here. Its
+17 x 25 x 25 PSFs) the blocks blur a 64 x 256 x 256 volume in 0.25 s on two threads and 0.5 s on one, forward or
+adjoint, on the project's 2-core CPU machine (``benchmarks/bench_blur3d.py``; up to 2.5 s when other jobs share the
+cores; the target was 10 s on two threads), so the exact operator is the one here. Its
 price is memory: one OTF per block, about 170 MiB for that volume in float32. Against the exact blur (every
 pixel with its own pupil-model PSF) the K x K interpolation of that preset errs by 1.2 % (K = 3), 0.4 % (K = 5)
 and 0.2 % (K = 7) in relative L2 norm.

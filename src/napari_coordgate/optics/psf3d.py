@@ -30,8 +30,8 @@ Every 3-D PSF sums to one over its **stored volume**, not plane by plane: a defo
 crop because its light spreads beyond it. Light beyond the stored volume (further from focus than
 ``psf_depth // 2`` planes, or outside the crop) is not modelled, so choose ``psf_depth`` and ``psf_size`` to cover
 the defocus range that matters: :class:`Pupil3DPSF` refuses a depth that does not reach the best focus of every
-field position, and its middle plane is in focus where ``focus(y, x) = 0`` (the frame centre, for no constant
-shift).
+field position, and its middle plane is in focus where ``focus(y, x) = 0`` (the frame centre when the optical axis
+is centred; a constant Zernike ``defocus`` of the 2-D config blurs the middle plane everywhere, as in 2-D).
 
 numpy (and torch, only to compute pupil PSFs, as in 2-D): no Qt.
 """
