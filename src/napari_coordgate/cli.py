@@ -934,7 +934,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .config import ModelConfig, PredictConfig, TrainConfig
     from .model_io import PSF_SUFFIX
-    from .optics.psf import PRESETS
+    from .optics.models import ALL_PRESETS
 
     p = sub.add_parser("demo", help="train plain and CoordGate U-Nets on a synthetic calibration set; compare")
     p.add_argument("-o", "--output", default="coordgate-demo", help="output folder (default: coordgate-demo)")
@@ -943,7 +943,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, TrainConfig, ("seed", "device", "threads"))
     p.set_defaults(func=_cmd_demo)
 
-    psf_help = (f"PSF preset ({', '.join(PRESETS)}), a PSF config JSON file, or a PSF model file ({PSF_SUFFIX}, "
+    psf_help = (f"PSF preset ({', '.join(ALL_PRESETS)}), a PSF config JSON file, or a PSF model file ({PSF_SUFFIX}, "
                 "e.g. measured from beads)")
     p = sub.add_parser("simulate", help="blur sharp TIFFs with a PSF model -> OUTDIR/<stem>_blurred.tif")
     p.add_argument("sharp", nargs="+")

@@ -135,3 +135,25 @@ def test_volume_sources_are_checked_with_one_line_messages():
     bad[0, 3, 5, 5] = np.nan
     with pytest.raises(InputError, match="NaN"):
         TrainingVolumes.from_source(PairSource(sharp, bad, z_step_um=0.3), cfg, tc)
+
+
+def test_3d_training_from_a_3d_psf_model_simulates_volumes_and_validates_on_held_out_ones():
+    from napari_coordgate.engine import SimulatedSource
+    from napari_coordgate.optics.psf3d import PRESETS_3D
+
+    psf = PRESETS_3D["tilted_curved_3d"]
+    sharp = specimen_volumes(2, (16, 32, 32), seed=3)
+    val = specimen_volumes(1, (16, 32, 32), seed=4)
+    cfg = ModelConfig(ndim=3, depth=2, channels=4)
+    res = train(cfg, TrainConfig(epochs=1, steps_per_epoch=2, batch=2, crop=16, crop_depth=8, threads=1),
+                SimulatedSource(sharp, psf, val_sharp=val))
+    assert res.saved.z_step_um == psf.z_step_um and res.saved.psf is not None
+    assert np.isfinite(res.best_val_psnr)
+
+
+def test_a_2d_psf_model_is_refused_for_a_3d_model():
+    from napari_coordgate.engine import SimulatedSource
+
+    with pytest.raises(InputError, match="2-D PSF model"):
+        TrainingVolumes.from_source(SimulatedSource(specimen_volumes(1, (8, 32, 32)), "gaussian"),
+                                    ModelConfig(ndim=3, depth=2, channels=4), TrainConfig(epochs=1))

@@ -192,14 +192,11 @@ class TrainingVolumes:
         self._noisy[:stop] = self._noise(self._clean[:stop], self.noise_seed + epoch)
 
     def _noise(self, clean: np.ndarray, seed: int) -> np.ndarray:
-        """Camera noise with the photon budget at each volume's brightest voxel: a volume is passed to
-        :func:`~napari_coordgate.optics.blur.add_noise` as one (D * H, W) plane, so out-of-focus planes stay dim."""
-        from ..optics.blur import add_noise
+        """Camera noise with the photon budget at each volume's brightest voxel (out-of-focus planes stay dim)."""
+        from ..optics.blur3d import add_volume_noise
 
-        n, (d, h, w) = len(clean), self.volume_shape
-        flat = clean.reshape(n, d * h, w)
-        noisy = add_noise(flat, photons=self.train_cfg.photons, read_noise=self.train_cfg.read_noise, seed=seed)
-        return noisy.reshape(clean.shape)
+        return add_volume_noise(clean, photons=self.train_cfg.photons, read_noise=self.train_cfg.read_noise,
+                                seed=seed)
 
     # -- crops ------------------------------------------------------------------------------------------------
     def batch(self, rng: np.random.Generator) -> Batch:
@@ -250,12 +247,7 @@ class TrainingVolumes:
 
 
 def _blur_volumes(sharp: np.ndarray, psf) -> np.ndarray:
-    """The clean blurred volumes of sharp ones (their minimum kept, as :func:`synthesize_pairs` does)."""
-    from ..optics.blur3d import SpatiallyVaryingBlur3D
+    """The clean blurred volumes of sharp ones, one at a time (each one's minimum kept)."""
+    from ..optics.blur3d import synthesize_pairs3d
 
-    op = SpatiallyVaryingBlur3D(psf, sharp.shape[1:])
-    out = np.empty(sharp.shape, np.float32)
-    for i, vol in enumerate(sharp):
-        lo = float(vol.min())
-        out[i] = op.forward(np.asarray(vol, np.float32) - lo) + lo
-    return out
+    return np.stack([synthesize_pairs3d(vol, psf)[1] for vol in sharp])

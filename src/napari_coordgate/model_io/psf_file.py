@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..config import ConfigError
-from ..optics.models import get_psf_model, psf_model_from_record
-from ..optics.psf import PRESETS
+from ..optics.models import ALL_PRESETS, get_psf_model, psf_model_from_record
 from ..optics.psfmodel import PSFModel, check_field_shape
 from ..outputs import atomic_write_bytes
 from .container import (
@@ -158,7 +157,7 @@ def resolve_psf(spec: "PSFModel | str | os.PathLike | Mapping[str, Any]") -> "PS
     ModelFileError
         For a ``.cgpsf`` file that is corrupt, foreign, or from a newer napari-coordgate.
     """
-    if not isinstance(spec, (str, os.PathLike)) or (isinstance(spec, str) and spec in PRESETS):
+    if not isinstance(spec, (str, os.PathLike)) or (isinstance(spec, str) and spec in ALL_PRESETS):
         return get_psf_model(spec)
     path = Path(spec)
     suffix = path.suffix.lower()
@@ -168,8 +167,9 @@ def resolve_psf(spec: "PSFModel | str | os.PathLike | Mapping[str, Any]") -> "PS
     if what == "psf":  # a PSF model file under another name
         return load_psf_model(path)
     if what is not None:
-        raise ConfigError(f"{path} is {what}, not a PSF model; a PSF model is a preset name ({', '.join(PRESETS)}), "
-                          f"a PSF config .json file or a {PSF_SUFFIX} PSF model file (measured from beads)")
+        raise ConfigError(f"{path} is {what}, not a PSF model; a PSF model is a preset name "
+                          f"({', '.join(ALL_PRESETS)}), a PSF config .json file or a {PSF_SUFFIX} PSF model file "
+                          "(measured from beads)")
     if suffix == ".json" or path.is_file():
         try:
             text = path.read_text(encoding="utf-8")
@@ -184,7 +184,7 @@ def resolve_psf(spec: "PSFModel | str | os.PathLike | Mapping[str, Any]") -> "PS
             raise ConfigError(f"{str(path)!r} holds a JSON {type(data).__name__}, not a PSF config object")
         return psf_model_from_record(data)
     raise ConfigError(
-        f"unknown PSF preset {str(spec)!r}; valid presets: {', '.join(PRESETS)} "
+        f"unknown PSF preset {str(spec)!r}; valid presets: {', '.join(ALL_PRESETS)} "
         f"(or give the path of a .json PSF config or a {PSF_SUFFIX} PSF model file)"
     )
 

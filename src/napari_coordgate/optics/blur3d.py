@@ -46,7 +46,7 @@ from napari_coordgate.optics.models import get_psf_model
 from napari_coordgate.optics.psf3d import tent_interpolate
 from napari_coordgate.optics.psfmodel import PSFModel, require_ndim
 
-__all__ = ["SpatiallyVaryingBlur3D", "brute_force_blur3d", "synthesize_pairs3d", "check_volume"]
+__all__ = ["SpatiallyVaryingBlur3D", "brute_force_blur3d", "synthesize_pairs3d", "add_volume_noise", "check_volume"]
 
 _USE_2D = "use SpatiallyVaryingBlur (plane by plane) for a 2-D model, or build a 3-D one (Pupil3DPSF.from_pupil)"
 
@@ -324,6 +324,19 @@ def _stacked_volumes(sharp_volumes) -> np.ndarray:
     return arr.astype(np.float32).reshape(-1, *arr.shape[-3:])
 
 
+def add_volume_noise(volumes, *, photons: float | None = 1000.0, read_noise: float = 0.0, offset: float = 0.0,
+                     seed: int | None = 0) -> np.ndarray:
+    """:func:`~napari_coordgate.optics.blur.add_noise` with the photon scale of each whole volume of (N, D, H, W)
+    (or one (D, H, W)): its brightest voxel collects ``photons`` photons and every plane is counted on that scale,
+    so planes far from focus stay dim and noisy as in a real z-stack (each volume is given to ``add_noise`` as one
+    plane). Returns float32 of the input's shape."""
+    arr = np.asarray(volumes)
+    if arr.ndim not in (3, 4):
+        raise ValueError(f"expected a volume (D, H, W) or volumes (N, D, H, W), got shape {arr.shape}")
+    flat = arr.reshape(-1, 1, int(np.prod(arr.shape[-3:])))
+    return add_noise(flat, photons=photons, read_noise=read_noise, offset=offset, seed=seed).reshape(arr.shape)
+
+
 def synthesize_pairs3d(sharp_volumes, psf: "PSFModel | str | dict", *, seed: int | None = 0,
                        photons: float | None = None, read_noise: float = 0.0, offset: float = 0.0,
                        device: "str | torch.device" = "cpu") -> tuple[np.ndarray, np.ndarray]:
@@ -358,8 +371,6 @@ def synthesize_pairs3d(sharp_volumes, psf: "PSFModel | str | dict", *, seed: int
     lo = sharp.min()
     blurred = op.forward(sharp - lo) + lo
     if photons is not None or read_noise > 0 or offset != 0:
-        n, d, h, w = blurred.shape
-        blurred = add_noise(blurred.reshape(n, 1, d * h * w), photons=photons, read_noise=read_noise,
-                            offset=offset, seed=seed).reshape(n, d, h, w)
+        blurred = add_volume_noise(blurred, photons=photons, read_noise=read_noise, offset=offset, seed=seed)
     blurred = blurred.astype(np.float32)
     return (sharp[0], blurred[0]) if one else (sharp, blurred)

@@ -20,10 +20,14 @@ import numpy as np
 from napari_coordgate.config import ConfigError
 from napari_coordgate.optics import measured, psf3d, pupil_poly  # noqa: F401 - they register their kinds
 from napari_coordgate.optics.psf import PRESETS, PSFConfig
+from napari_coordgate.optics.psf3d import PRESETS_3D
 from napari_coordgate.optics.psfmodel import PSFModel, check_record_sizes, registered_kinds
 
-__all__ = ["get_psf_model", "get_psf_config", "psf_model_from_record", "psf_model_kinds", "psf_at", "psfs_at",
-           "psf_grid", "render_psf_grid"]
+#: every named PSF model: the 2-D pupil/Gaussian presets and the 3-D ones (a preset name selects one everywhere)
+ALL_PRESETS: Mapping[str, PSFModel] = {**PRESETS, **PRESETS_3D}
+
+__all__ = ["ALL_PRESETS", "get_psf_model", "get_psf_config", "psf_model_from_record", "psf_model_kinds", "psf_at",
+           "psfs_at", "psf_grid", "render_psf_grid"]
 
 
 def psf_model_kinds() -> tuple[str, ...]:
@@ -52,7 +56,7 @@ def psf_model_from_record(meta: dict[str, Any], arrays: dict[str, np.ndarray] | 
 
 def get_psf_model(spec: "PSFModel | str | Mapping[str, Any]") -> PSFModel:
     """The PSF model that ``spec`` names: a :class:`PSFModel` (returned unchanged), a preset name
-    (:data:`~napari_coordgate.optics.psf.PRESETS`) or a dict (a record's metadata with ``"kind"``, or a
+    (:data:`ALL_PRESETS`: 2-D and 3-D) or a dict (a record's metadata with ``"kind"``, or a
     ``PSFConfig`` dict).
 
     Files (``.cgpsf``, ``.json``) are read by :func:`napari_coordgate.model_io.resolve_psf`, which ends here.
@@ -68,10 +72,10 @@ def get_psf_model(spec: "PSFModel | str | Mapping[str, Any]") -> PSFModel:
         return spec
     if isinstance(spec, Mapping):
         return psf_model_from_record(dict(spec))
-    if isinstance(spec, str) and spec in PRESETS:
-        return PRESETS[spec]
+    if isinstance(spec, str) and spec in ALL_PRESETS:
+        return ALL_PRESETS[spec]
     if isinstance(spec, (str, os.PathLike)):
-        raise ConfigError(f"unknown PSF preset {str(spec)!r}; valid presets: {', '.join(PRESETS)} (a PSF config "
+        raise ConfigError(f"unknown PSF preset {str(spec)!r}; valid presets: {', '.join(ALL_PRESETS)} (a PSF config "
                           ".json or a .cgpsf file is read by napari_coordgate.model_io.resolve_psf)")
     raise ConfigError(f"a PSF model must be a PSF model object, a preset name or a dict; got {type(spec).__name__}")
 
