@@ -91,3 +91,14 @@ def test_a_3d_psf_preset_with_sharp_volumes_makes_a_3d_model(tmp_path, capsys):
     info = read_model_info(str(model) + ".cgmodel")
     assert info["model"]["ndim"] == 3 and info["z_step_um"] == pytest.approx(0.25)
     assert info["model"]["z_pool_start"] == 2  # 0.25 µm planes, 0.13 µm pixels: pool z from the second pooling
+
+
+def test_apply_resample_z_restores_a_volume_of_another_z_step(tmp_path, capsys, volume_pair):
+    sharp, blurred = volume_pair
+    model = tmp_path / "m3"
+    assert _run(capsys, "train", "--sharp", sharp, "--blurred", blurred, "--ndim", 3, "-o", model, *SMALL)[0] == 0
+    other = _write(tmp_path / "other.tif", tifffile.imread(blurred)[::2], spacing=0.6)
+    code, out, err = _run(capsys, "apply", "-m", model, other, "-o", tmp_path / "o.tif", "--device", "cpu",
+                          "--resample-z")
+    assert code == 0, err
+    assert tifffile.imread(tmp_path / "o.tif").shape == (6, 40, 40)

@@ -119,7 +119,7 @@ ADAPT_FLAGS = ("crop", "batch", "steps_per_epoch", "lr", "alpha", "val_tile", "s
                "offset")
 TRAIN_FLAGS = ("crop", "crop_depth", "batch", "steps_per_epoch", "lr", "seed", "device", "threads", "register",
                "photons", "intensity", "amp")
-PREDICT_FLAGS = ("tile", "binning", "device", "precision", "batch_tiles", "threads")
+PREDICT_FLAGS = ("tile", "binning", "device", "precision", "batch_tiles", "threads", "resample_z")
 CALIBRATE_FLAGS = ("model", "grid", "na", "wavelength_nm", "immersion", "pixel_size_um", "bead_diameter_nm",
                    "psf_size", "min_snr", "holdout", "device")
 # the calibrate flags named by what users type (and as before CalibrateConfig): the unit is the field's, in its help

@@ -432,11 +432,13 @@ class PredictConfig(Config):
     batch_tiles: int = bounded(1, 1, 1024, doc="tiles of equal shape run as one batch (helps on a GPU)")
     binning: int = bounded(1, 1, 64, doc="camera binning of the images relative to the training field")
     threads: int = bounded(0, 0, 1024, doc="torch CPU threads; 0 = leave torch's default")
+    resample_z: bool = bounded(False, doc="3-D models: restore volumes of another z-step resampled to the model's "
+                                          "(linear interpolation) and back, instead of refusing them")
 
     def predict_kwargs(self) -> dict:
         """``engine.predict``'s keyword arguments (a tile of 0 = chosen from the memory budget)."""
         return {"tile": self.tile or None, "binning": self.binning, "device": self.device,
-                "precision": self.precision, "batch_tiles": self.batch_tiles}
+                "precision": self.precision, "batch_tiles": self.batch_tiles, "resample_z": self.resample_z}
 
 
 CALIBRATION_MODELS = ("auto", "pupil", "grid")

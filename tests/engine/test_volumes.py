@@ -157,3 +157,25 @@ def test_a_2d_psf_model_is_refused_for_a_3d_model():
     with pytest.raises(InputError, match="2-D PSF model"):
         TrainingVolumes.from_source(SimulatedSource(specimen_volumes(1, (8, 32, 32)), "gaussian"),
                                     ModelConfig(ndim=3, depth=2, channels=4), TrainConfig(epochs=1))
+
+
+def test_resampling_in_depth_is_linear_and_round_trips_on_a_common_grid():
+    from napari_coordgate.engine.prediction import resample_depth
+
+    vol = np.arange(5, dtype=np.float32)[:, None, None] * np.ones((5, 2, 3), np.float32)  # plane k holds k
+    finer = resample_depth(vol, 0.4, 0.2)  # planes 0.2 apart over the same 1.6 µm
+    assert finer.shape == (9, 2, 3)
+    np.testing.assert_allclose(finer[:, 0, 0], np.arange(9) / 2)
+    np.testing.assert_allclose(resample_depth(finer, 0.2, 0.4, planes=5), vol)
+
+
+def test_resample_z_restores_a_volume_of_another_z_step_on_the_model_grid():
+    cfg = ModelConfig(ndim=3, depth=2, channels=4)
+    saved = SavedModel(_random_model(cfg), cfg, (32, 32), z_step_um=0.2)
+    vol = np.random.default_rng(0).random((6, 32, 32)).astype(np.float32)
+    with pytest.raises(InputError, match="resample"):
+        predict(saved, vol, z_step_um=0.4)
+    out = predict(saved, vol, z_step_um=0.4, resample_z=True)
+    assert out.shape == vol.shape and np.isfinite(out).all()
+    # at the model's own z-step nothing is resampled
+    np.testing.assert_array_equal(predict(saved, vol, z_step_um=0.2, resample_z=True), predict(saved, vol))

@@ -22,7 +22,8 @@ from ..devices import on_device, resolve_device, tensor_layout
 from ..model_io import SavedModel
 from ..nn.unet import receptive_halo, receptive_halo_z
 
-__all__ = ["Cancelled", "predict", "predict_batch", "plan_tiles", "plan_tiles_3d", "axis_tiles", "field_geometry"]
+__all__ = ["Cancelled", "predict", "predict_batch", "plan_tiles", "plan_tiles_3d", "axis_tiles", "field_geometry",
+           "resample_depth"]
 
 Window = tuple[int, int, int, int]  # (y0, y1, x0, x1)
 
@@ -300,13 +301,53 @@ def _check_call(saved: SavedModel, image, precision: str, batch_tiles, binning: 
 Z_STEP_TOLERANCE = 0.02
 
 
+def _z_steps_differ(saved: SavedModel, z_step_um) -> bool:
+    """Whether a volume's known z-step differs from its 3-D model's by more than :data:`Z_STEP_TOLERANCE`."""
+    model_step = saved.z_step_um
+    return (saved.config.ndim == 3 and z_step_um is not None and model_step is not None
+            and abs(z_step_um / model_step - 1) > Z_STEP_TOLERANCE)
+
+
+def resample_depth(volume: np.ndarray, step_from: float, step_to: float, planes: int | None = None) -> np.ndarray:
+    """``volume`` (..., D, H, W) with planes ``step_from`` apart, linearly interpolated onto planes ``step_to`` apart
+    from its first plane: ``planes`` of them (default: as many as its extent holds), float32. Planes beyond the
+    volume's last repeat it."""
+    d = volume.shape[-3]
+    n = int(planes) if planes is not None else int(math.floor((d - 1) * step_from / step_to + 1e-6)) + 1
+    z = np.clip(np.arange(n) * (step_to / step_from), 0, d - 1)
+    i0 = np.floor(z).astype(int)
+    i1 = np.minimum(i0 + 1, d - 1)
+    f = (z - i0).astype(np.float32)[:, None, None]
+    vol = np.asarray(volume, dtype=np.float32)
+    return vol[..., i0, :, :] * (1 - f) + vol[..., i1, :, :] * f
+
+
+def _predict_resampled(saved: SavedModel, image, z_step_um: float, out, on_progress, kwargs) -> np.ndarray:
+    """:func:`predict` of every volume resampled to the model's z-step, resampled back to its own planes."""
+    shape = tuple(image.shape)
+    if len(shape) < 3:
+        raise InputError(f"this is a 3-D model: it restores z-stacks (D, H, W), got shape {shape}")
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    lead = list(np.ndindex(*shape[:-3]))
+    for k, idx in enumerate(lead):
+        vol = np.asarray(image[idx], dtype=np.float32)
+        there = resample_depth(vol, z_step_um, saved.z_step_um)
+        restored = predict(saved, there, z_step_um=saved.z_step_um, **kwargs)
+        back = resample_depth(restored, saved.z_step_um, z_step_um, planes=shape[-3])
+        out[idx] = back
+        if on_progress is not None:
+            on_progress(k + 1, len(lead))
+    return out
+
+
 def _check_volume_call(saved: SavedModel, shape: tuple[int, ...], z_step_um) -> None:
     """A 3-D model restores (D, H, W) volumes of its own z-step and at least its minimum depth."""
     mz = saved.config.min_depth
     if shape[-3] < mz:
         raise InputError(f"the volume has {shape[-3]} plane(s), fewer than the {mz} this 3-D network needs")
     model_step = saved.z_step_um
-    if z_step_um is not None and model_step is not None and abs(z_step_um / model_step - 1) > Z_STEP_TOLERANCE:
+    if _z_steps_differ(saved, z_step_um):
         raise InputError(f"the volume's z-step is {z_step_um:g} µm but the model was trained at {model_step:g} µm: "
                          "its 3-D PSF would be squeezed or stretched; resample the stack to the model's z-step "
                          "(--resample-z) or train a model at this z-step")
@@ -327,6 +368,7 @@ def predict(
     on_progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     z_step_um: float | None = None,
+    resample_z: bool = False,
 ) -> np.ndarray:
     """Deblur a 2-D image or every 2-D plane of a (..., H, W) stack; with a 3-D model, a (D, H, W) volume or
     every volume of a (..., D, H, W) stack (a TZYX time-lapse volume by volume).
@@ -364,13 +406,21 @@ def predict(
         Checked before every batch of tiles (every tile with ``batch_tiles=1``); True raises :class:`Cancelled`
         (``out`` keeps the planes done so far).
     z_step_um
-        A 3-D model only: the volume's z-step (µm), when known; one other than the model's is refused.
+        A 3-D model only: the volume's z-step (µm), when known; one other than the model's is refused unless
+        ``resample_z``.
+    resample_z
+        A 3-D model and a volume of another z-step: each volume is resampled (linearly) to the model's z-step,
+        restored, and resampled back to its own planes; each volume is then read whole into memory.
 
     Returns
     -------
     The restored float32 array (``out`` if given), in each plane's own units (per-image normalisation: ``a * x + c``
     gives ``a * f(x) + c``), or in the training images' units for older models.
     """
+    if resample_z and _z_steps_differ(saved, z_step_um):
+        kwargs = {"roi": roi, "binning": binning, "tile": tile, "memory_mb": memory_mb, "device": device,
+                  "precision": precision, "batch_tiles": batch_tiles, "should_stop": should_stop}
+        return _predict_resampled(saved, image, z_step_um, out, on_progress, kwargs)
     shape = _check_call(saved, image, precision, batch_tiles, binning, z_step_um)
     field_shape, offset = field_geometry(shape[-2:], saved.field_shape, roi, binning)
     dev = resolve_device(device)
