@@ -41,6 +41,19 @@ coordinates continue their grid there) and a level-``l`` feature pixel takes the
 coordinates, which is the block's centre. A tile that starts on a multiple of ``2**(depth-1)`` pixels sees the
 pooling grid of the whole image and gives the whole image's output inside its halo; any other tile is correct
 for its own pooling grid, which differs slightly.
+
+3-D (z-stacks)
+--------------
+:class:`CoordGateUNet3D` is the same network for z-stacks (napari-coordgate's ``ModelConfig(ndim=3)``): 3x3x3
+convolutions, max-poolings of (2 or 1, 2, 2) (z is pooled only from pooling ``z_pool_start`` on, counting from 1),
+transposed convolutions of the same strides, a 1x1x1 head; plain or CoordGate. ``image`` is (B, C, Z, Y, X) and
+``coords`` (B, 2, Z, Y, X) holds the same (x, y) field coordinates on every plane: the gates depend on the (y, x)
+field position only (the blur varies across the field far more than along z within a stack), so a gate is the 2-D
+gate of its place broadcast over the planes. The network reads the middle plane of ``coords``, finds the padding
+in y and x from it as above, and pads the volume at the far side in z, y and x to the pooling multiples. Padding in
+z cannot be recognised (the coordinates do not change along z): a tool's z padding at the first and last planes
+is seen as part of the volume. Per-image normalisation reads the whole volume (every k-th row and column of every
+plane, about ``sample_pixels`` voxels).
 """
 
 import math
@@ -49,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CoordGateUNet"]
+__all__ = ["CoordGateUNet", "CoordGateUNet3D"]
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -336,3 +349,174 @@ class CoordGateUNet(nn.Module):
             out = out + inp
         out = out[:, :, :H, :W]
         return out * scale + offset
+
+
+def _block3d(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv3d(cin, cout, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv3d(cout, cout, 3, padding=1), nn.ReLU(inplace=True),
+    )
+
+
+def _plane_spans(plane: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """(y0, y1, x0, x1) per sample of the grid part of a (B, 2, Y, X) coordinate plane (see :func:`_grid_span`)."""
+    spans: list[tuple[int, int, int, int]] = []
+    for b in range(plane.shape[0]):
+        y0, y1 = _grid_span(plane[b, 1], plane[b, 0], 0)
+        x0, x1 = _grid_span(plane[b, 0], plane[b, 1], 1)
+        spans.append((y0, y1, x0, x1))
+    return spans
+
+
+class CoordGateUNet3D(nn.Module):
+    """The napari-coordgate 3-D U-Net (plain or CoordGate) for z-stacks, normalisation included; see the module
+    doc. ``z_pool_start``: pooling ``l`` (1 to ``depth - 1``) halves z too when ``l >= z_pool_start``."""
+
+    def __init__(
+        self,
+        depth: int,
+        level_channels: list[int],
+        z_pool_start: int = 1,
+        gate: str = "coordgate",
+        gate_hidden: int = 32,
+        gate_layers: int = 2,
+        gate_activation: str = "one_plus",
+        residual: bool = True,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        offset: float = 0.0,
+        scale: float = 1.0,
+        percentiles: list[float] | None = None,
+        sample_pixels: int = 1 << 20,
+    ) -> None:
+        super().__init__()
+        if gate not in ("none", "coordgate"):
+            raise ValueError(f"unknown gate {gate!r} for a 3-D network (none or coordgate)")
+        if len(level_channels) != depth:
+            raise ValueError(f"level_channels needs {depth} entries, got {len(level_channels)}")
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        ch = [int(c) for c in level_channels]
+        kernels = [(2 if p >= z_pool_start else 1, 2, 2) for p in range(1, depth)]
+        self.depth = depth
+        self.min_size = 2 ** (depth - 1)
+        self.min_depth = 2 ** sum(1 for k in kernels if k[0] == 2)
+        self.gated = gate == "coordgate"
+        self.residual = residual
+        self.in_channels = in_channels
+        self.offset = float(offset)
+        self.scale = float(scale)
+        self.percentiles = None if percentiles is None else [float(p) / 100.0 for p in percentiles]
+        self.sample_pixels = int(sample_pixels)
+        # level l's input is pooled by pools[l] (nothing before level 0): no weights, so the state dict is unchanged
+        self.pools = nn.ModuleList([nn.Identity()] + [nn.MaxPool3d(k) for k in kernels])
+        self.down = nn.ModuleList(_block3d(in_channels if lv == 0 else ch[lv - 1], ch[lv]) for lv in range(depth))
+        self.upconv = nn.ModuleList()
+        self.up = nn.ModuleList()
+        for level in reversed(range(depth - 1)):
+            self.upconv.append(nn.ConvTranspose3d(ch[level + 1], ch[level], kernels[level], stride=kernels[level]))
+            self.up.append(_block3d(2 * ch[level], ch[level]))
+        self.head = nn.Conv3d(ch[0], out_channels, 1)
+        self.down_gates = nn.ModuleList()
+        self.up_gates = nn.ModuleList()
+        if self.gated:
+            for level in range(max(1, depth - 1)):
+                self.down_gates.append(Gate(ch[level], gate_hidden, gate_layers, gate_activation))
+            for level in reversed(range(depth - 1)):
+                self.up_gates.append(Gate(ch[level], gate_hidden, gate_layers, gate_activation))
+
+    def forward(self, image: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if image.dim() != 5 or coords.dim() != 5:
+            raise ValueError("expected image (B, C, Z, Y, X) and coords (B, 2, Z, Y, X)")
+        if coords.shape[1] != 2:
+            raise ValueError("coords must have 2 channels (x, y)")
+        if image.shape[0] != coords.shape[0] or image.shape[-3:] != coords.shape[-3:]:
+            raise ValueError("image and coords must have the same batch size and spatial shape")
+        if image.shape[1] != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} image channel(s), got {image.shape[1]}")
+        image = image.float()
+        coords = coords.float()
+        # every plane holds the same (x, y); the middle one is never part of a tool's z padding
+        plane = coords[:, :, coords.shape[2] // 2]
+        spans = _plane_spans(plane)
+        same = True
+        for s in spans:
+            same = same and s == spans[0]
+        if same:
+            return self._padded(image, plane, spans[0]), coords
+        outs: list[torch.Tensor] = []
+        for b in range(image.shape[0]):
+            outs.append(self._padded(image[b : b + 1], plane[b : b + 1], spans[b]))
+        return torch.cat(outs, dim=0), coords
+
+    def _padded(self, image: torch.Tensor, plane: torch.Tensor, span: tuple[int, int, int, int]) -> torch.Tensor:
+        """The network on the (y, x) grid part ``span`` of the volume, padded back (edge values) to its shape."""
+        y0, y1, x0, x1 = span
+        H, W = image.shape[-2], image.shape[-1]
+        part = image[:, :, :, y0:y1, x0:x1]
+        offset, scale = self._units(part)
+        out = self._restore(part, plane[:, :, y0:y1, x0:x1], offset, scale)
+        if y0 > 0 or x0 > 0 or y1 < H or x1 < W:
+            out = F.pad(out, [x0, W - x1, y0, H - y1, 0, 0], mode="replicate")
+        return out
+
+    def _units(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(offset, scale), each (B, C, 1, 1, 1): the stored ones, or (per-image) each volume's percentiles."""
+        B, C = image.shape[0], image.shape[1]
+        if self.percentiles is None:
+            return (torch.full((B, C, 1, 1, 1), self.offset, device=image.device),
+                    torch.full((B, C, 1, 1, 1), self.scale, device=image.device))
+        D, H, W = image.shape[-3], image.shape[-2], image.shape[-1]
+        k = max(1, int(math.ceil(math.sqrt(D * H * W / self.sample_pixels))))
+        sample = image[:, :, :, ::k, ::k].reshape(B, C, -1).double()
+        q = torch.quantile(sample, torch.tensor(self.percentiles, dtype=torch.float64, device=image.device), dim=-1)
+        lo, hi = q[0], q[1]
+        scale = torch.where(hi > lo, hi - lo, torch.full_like(lo, self.scale))
+        return lo.float()[:, :, None, None, None], scale.float()[:, :, None, None, None]
+
+    def _restore(self, image: torch.Tensor, plane: torch.Tensor, offset: torch.Tensor,
+                 scale: torch.Tensor) -> torch.Tensor:
+        D, H, W = image.shape[-3], image.shape[-2], image.shape[-1]
+        m, mz = self.min_size, self.min_depth
+        if D < mz or H < m or W < m:
+            raise ValueError(f"volume of {D}x{H}x{W} voxels is smaller than the minimum {mz}x{m}x{m} (z, y, x) of "
+                             "this network")
+        x = (image - offset) / scale
+        pad_d, pad_h, pad_w = (-D) % mz, (-H) % m, (-W) % m
+        inp = x
+        c = plane
+        if pad_d > 0 or pad_h > 0 or pad_w > 0:
+            # at the far side only, so the field offset of the first voxel stays on the pooling grid
+            mode = "reflect" if pad_d < D and pad_h < H and pad_w < W else "replicate"
+            inp = F.pad(x, [0, pad_w, 0, pad_h, 0, pad_d], mode=mode)
+            c = _extend_grid(plane, pad_h, pad_w)
+        out = self.head(self._levels(inp, c))
+        if self.residual:
+            out = out + inp
+        out = out[:, :, :D, :H, :W]
+        return out * scale + offset
+
+    def _levels(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The U from the first block's input to the last block's output; ``c`` the (B, 2, Y, X) coordinates."""
+        level_coords: list[torch.Tensor] = []
+        skips: list[torch.Tensor] = []
+        for level, (pool, block) in enumerate(zip(self.pools, self.down)):
+            if level > 0:
+                h = pool(h)
+                # y and x are halved by every pooling: a level-l pixel's coordinate is its 2**l block's mean
+                c = F.avg_pool2d(c, 2)
+            level_coords.append(c)
+            h = block(h)
+            for j, g in enumerate(self.down_gates):
+                if j == level and (level < self.depth - 1 or self.depth == 1):
+                    h = h * g(c).unsqueeze(2)  # the (y, x) gate, the same on every plane
+            skips.append(h)
+        for i, (upconv, block) in enumerate(zip(self.upconv, self.up)):
+            level = self.depth - 2 - i
+            h = upconv(h)
+            for j, g in enumerate(self.up_gates):
+                if j == i:
+                    h = h * g(level_coords[level]).unsqueeze(2)
+            h = torch.cat([h, skips[level]], dim=1)
+            h = block(h)
+        return h

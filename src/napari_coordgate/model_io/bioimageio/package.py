@@ -15,6 +15,12 @@ description is built and validated with ``bioimageio.spec``, the optional extra 
 - test input and output tensors computed by the exported network, a README with the CoordGate citation, the
   training provenance, the field and the PSF model, and the original ``.cgmodel`` file as an attachment.
 
+A 3-D model (``ModelConfig(ndim=3)``) gets the same package with a z axis: ``image``, ``coords`` (the same (x, y)
+on every plane: the gates depend on the field position only) and both outputs are (batch, channel, z, y, x), the
+outputs with the z halo of :func:`napari_coordgate.nn.unet.receptive_halo_z`; the architecture is the file's
+``CoordGateUNet3D``, the test tensors a small volume, and the z-step goes in the z axes' descriptions, the
+``config`` and the attached model file (loading the package back gives it).
+
 The intensity normalisation lives inside the network, not in pre/postprocessing: the network computes
 ``(x - offset) / scale`` and ``y * scale + offset`` as :func:`napari_coordgate.engine.predict` does (with per-image
 normalisation, offset and scale from each input's own percentiles; bioimage.io's ``scale_linear`` has no inverse
@@ -63,10 +69,15 @@ PACKAGE_FORMAT = "napari-coordgate-bioimageio"
 PACKAGE_SCHEMA_VERSION = 1
 ARCH_FILE = "coordgate_unet.py"
 ARCH_CALLABLE = "CoordGateUNet"
+ARCH_CALLABLE_3D = "CoordGateUNet3D"  # the architecture of 3-D models (ModelConfig.ndim = 3), in the same file
 MODEL_FILE = "model" + MODEL_SUFFIX
 FORMAT_VERSION = "0.5.12"  # the bioimage.io model format written (and validated with bioimageio.spec 0.5.12)
 _RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 _TEST_SIDE = 256  # test tensors: a crop of at most this side from the field's centre
+#: 3-D models: a volume of at most this side in y and x and this many planes, or the smallest bioimage.io tools
+#: accept if larger (twice the halo plus the network's minimum, per axis; bioimageio.core's test needs it)
+_TEST_SIDE_3D = 64
+_TEST_PLANES = 16
 #: largest uncompressed member a package may hold: far more than a model file of any network napari-coordgate trains
 #: (a U-Net of 64 base channels and depth 5 is about 100 MB); a member is read whole into memory
 MAX_MEMBER_BYTES = 2 << 30
@@ -90,7 +101,7 @@ class PackageError(ModelFileError):
 def arch_kwargs(saved: SavedModel) -> dict[str, Any]:
     """Keyword arguments of the architecture file's ``CoordGateUNet`` for ``saved``."""
     cfg = saved.config
-    return {
+    kwargs = {
         "depth": int(cfg.depth),
         "level_channels": [int(c) for c in cfg.level_channels()],
         "gate": cfg.gate,
@@ -107,6 +118,16 @@ def arch_kwargs(saved: SavedModel) -> dict[str, Any]:
         "percentiles": saved.normalization.to_dict().get("percentiles"),
         "sample_pixels": PLANE_SAMPLE_PIXELS,
     }
+    if cfg.ndim == 3:  # CoordGateUNet3D: no Wiener first stage (2-D only), z pooled from pooling z_pool_start on
+        del kwargs["prefilter_channels"], kwargs["prefilter_size"]
+        kwargs = {"depth": kwargs.pop("depth"), "level_channels": kwargs.pop("level_channels"),
+                  "z_pool_start": int(cfg.z_pool_start), **kwargs}
+    return kwargs
+
+
+def arch_callable(saved: SavedModel) -> str:
+    """The name of the architecture file's network class for ``saved``: 2-D or 3-D."""
+    return ARCH_CALLABLE_3D if saved.config.ndim == 3 else ARCH_CALLABLE
 
 
 def _architecture_source() -> str:
@@ -117,9 +138,9 @@ def _standalone_network(saved: SavedModel):
     """The exported network (architecture file + the model's state dict, keys unchanged), on CPU, eval."""
     import torch
 
-    from .arch import CoordGateUNet
+    from . import arch
 
-    net = CoordGateUNet(**arch_kwargs(saved))
+    net = getattr(arch, arch_callable(saved))(**arch_kwargs(saved))
     state = {k: v.detach().to("cpu") for k, v in saved.model.state_dict().items()}
     mismatch = state_dict_mismatch(net.state_dict(), state)
     if mismatch is not None:  # a network this module does not know how to export
@@ -143,39 +164,84 @@ def _synthetic_field(shape: tuple[int, int], channels: int, norm: Normalization)
     return np.repeat(img[None], channels, axis=0).astype(np.float32)
 
 
+def _synthetic_volume(shape: tuple[int, int, int], channels: int, norm: Normalization) -> np.ndarray:
+    """A deterministic test volume (3-D models): blurred 3-D blobs and a gradient in the normalisation range."""
+    rng = np.random.default_rng(0)
+    D, H, W = shape
+    zz, yy, xx = np.mgrid[0:D, 0:H, 0:W].astype(np.float64)
+    img = 0.1 + 0.2 * (xx / max(W - 1, 1))
+    for _ in range(max(8, D * H * W // 2000)):
+        cz, cy, cx = rng.uniform(0, D), rng.uniform(0, H), rng.uniform(0, W)
+        s = rng.uniform(1.0, 3.0)
+        img = img + rng.uniform(0.2, 0.8) * np.exp(-((zz - cz) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
+    img = np.clip(img, 0.0, 1.2)
+    img = norm.offset + norm.scale * img
+    return np.repeat(img[None], channels, axis=0).astype(np.float32)
+
+
+def _checked_test_input(test_input, cfg, H: int, W: int) -> np.ndarray:
+    """``test_input`` as (C, H, W), or (C, D, H, W) for a 3-D model, checked against the training field."""
+    field = np.asarray(test_input)
+    if field.ndim == cfg.ndim:
+        field = field[None]
+    if cfg.ndim == 2:
+        ok = field.ndim == 3 and field.shape[0] == cfg.in_channels and field.shape[1:] == (H, W)
+        want = f"{H}x{W}" if cfg.in_channels == 1 else f"({cfg.in_channels}, {H}, {W})"
+        what = f"an image of the training field's shape {want}"
+    else:
+        min_z = _z_geometry(cfg)[1]  # the test tensor must be a size bioimage.io tools accept
+        ok = (field.ndim == 4 and field.shape[0] == cfg.in_channels and field.shape[2:] == (H, W)
+              and field.shape[1] >= min_z)
+        want = f"(D, {H}, {W})" if cfg.in_channels == 1 else f"({cfg.in_channels}, D, {H}, {W})"
+        what = f"a volume of the training field's shape {want} with D >= {min_z} planes"
+    if not ok:
+        raise ValueError(f"test_input must be {what} (the test tensor is cut from its centre); got shape "
+                         f"{tuple(np.shape(test_input))}")
+    if not np.issubdtype(field.dtype, np.number) or np.issubdtype(field.dtype, np.complexfloating):
+        raise ValueError(f"test_input must hold grey values, got dtype {field.dtype}")
+    if not np.isfinite(field).all():
+        raise ValueError("test_input contains NaN or Inf values")
+    return field
+
+
 def _test_crop(saved: SavedModel, test_input) -> tuple[np.ndarray, np.ndarray]:
-    """Test tensors: (1, C, h, w) image and (1, 2, h, w) coordinates of a centre crop of the field."""
+    """Test tensors: (1, C, h, w) image and (1, 2, h, w) coordinates of a centre crop of the field; for a 3-D
+    model a (1, C, d, h, w) volume and its (1, 2, d, h, w) coordinates (the same (x, y) on every plane)."""
     from ...nn.coordgate import field_coordinates
+    from ...nn.unet import receptive_halo
 
     cfg = saved.config
     H, W = (int(s) for s in saved.field_shape)
     m = cfg.min_size
-    if test_input is None:
-        field = None
-    else:
-        field = np.asarray(test_input)
-        if field.ndim == 2:
-            field = field[None]
-        if field.ndim != 3 or field.shape[0] != cfg.in_channels or field.shape[1:] != (H, W):
-            want = f"{H}x{W}" if cfg.in_channels == 1 else f"({cfg.in_channels}, {H}, {W})"
-            raise ValueError(
-                f"test_input must be an image of the training field's shape {want} (the test tensor is cut from "
-                f"its centre); got shape {tuple(np.shape(test_input))}"
-            )
-        if not np.issubdtype(field.dtype, np.number) or np.issubdtype(field.dtype, np.complexfloating):
-            raise ValueError(f"test_input must hold grey values, got dtype {field.dtype}")
-        if not np.isfinite(field).all():
-            raise ValueError("test_input contains NaN or Inf values")
-    h, w = min(H, _TEST_SIDE) // m * m, min(W, _TEST_SIDE) // m * m
+    field = None if test_input is None else _checked_test_input(test_input, cfg, H, W)
+    side = _TEST_SIDE if cfg.ndim == 2 else max(_TEST_SIDE_3D, 2 * receptive_halo(cfg) + m)
+    h, w = min(H, side) // m * m, min(W, side) // m * m
     if h < m or w < m:
         raise PackageError(f"the {H}x{W} field is smaller than the network's minimum {m}x{m}")
     oy, ox = (H - h) // 2 // m * m, (W - w) // 2 // m * m
+    coords = field_coordinates((H, W), (oy, ox), (h, w)).numpy().astype(np.float32)
+    if cfg.ndim == 3:
+        return _test_volume(saved, field, (oy, ox, h, w), coords)
     if field is None:
         img = _synthetic_field((h, w), cfg.in_channels, saved.normalization)
     else:
         img = field[:, oy : oy + h, ox : ox + w].astype(np.float32)
-    coords = field_coordinates((H, W), (oy, ox), (h, w)).numpy().astype(np.float32)
     return img[None], coords[None]
+
+
+def _test_volume(saved: SavedModel, field, box, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_test_crop` of a 3-D model: ``box`` = (oy, ox, h, w) in the field, ``coords`` its (2, h, w)."""
+    oy, ox, h, w = box
+    mz = saved.config.min_depth
+    planes = _TEST_PLANES if field is None else field.shape[1]
+    d = max(_z_geometry(saved.config)[1], min(planes, _TEST_PLANES) // mz * mz)
+    if field is None:
+        img = _synthetic_volume((d, h, w), saved.config.in_channels, saved.normalization)
+    else:
+        oz = (planes - d) // 2
+        img = field[:, oz : oz + d, oy : oy + h, ox : ox + w].astype(np.float32)
+    volume_coords = np.repeat(coords[:, None], d, axis=1)
+    return img[None], volume_coords[None]
 
 
 def _psf_text(psf) -> str:
@@ -210,35 +276,41 @@ def _doc_intro(saved: SavedModel, name: str, created: str) -> str:
     H, W = (int(s) for s in saved.field_shape)
     gate = {"coordgate": "CoordGate", "coordconv": "CoordConv", "none": "plain (no position input)"}[cfg.gate]
     first = " with a Wiener first stage" if cfg.prefilter_channels else ""
+    net, what = ("U-Net", "images") if cfg.ndim == 2 else ("3-D U-Net", f"z-stacks ({saved.z_step_um:g} µm z-step)")
     return f"""# {name}
 
-Deblurring network exported by napari-coordgate {__version__} ({created}): a {gate} U-Net with {cfg.depth}
-resolution level(s){first}, trained to undo the spatially varying blur of one microscope. It restores images of
+Deblurring network exported by napari-coordgate {__version__} ({created}): a {gate} {net} with {cfg.depth}
+resolution level(s){first}, trained to undo the spatially varying blur of one microscope. It restores {what} of
 that microscope's {H} x {W} pixel field (or regions of it); the gate of every pixel depends on where the pixel lies
 in that field.
 
 """
 
 
-def _doc_units(norm: Normalization) -> str:
+def _axes_text(cfg) -> str:
+    return "batch, channel, y, x" if cfg.ndim == 2 else "batch, channel, z, y, x"
+
+
+def _doc_units(norm: Normalization, axes: str = "batch, channel, y, x", whole: str = "planes") -> str:
     if norm.percentiles is None:
-        return f"""- `image` (batch, channel, y, x), float32: the raw image, in the intensity units of the training
+        return f"""- `image` ({axes}), float32: the raw image, in the intensity units of the training
   images. The network normalises it itself (`(image - {norm.offset!r}) / {norm.scale!r}`) and maps its
   output back, so no pre- or postprocessing is needed; do not rescale the image."""
     lo, hi = norm.percentiles
-    return f"""- `image` (batch, channel, y, x), float32: the raw image, in any units (camera offset and gain
+    return f"""- `image` ({axes}), float32: the raw image, in any units (camera offset and gain
   included). The network normalises each sample itself (its {lo:g} and {hi:g} percentiles become 0 and 1) and
-  maps its output back to the input's units, so no pre- or postprocessing is needed. Give whole planes: a tile
+  maps its output back to the input's units, so no pre- or postprocessing is needed. Give whole {whole}: a tile
   would be normalised by its own percentiles."""
 
 
 def _doc_inputs(saved: SavedModel) -> str:
     H, W = (int(s) for s in saved.field_shape)
     norm = saved.normalization
+    axes = _axes_text(saved.config)
     return f"""## Inputs
 
-{_doc_units(norm)}
-- `coords` (batch, channel, y, x) with channel 0 = x (column) and channel 1 = y (row), float32: the position of
+{_doc_units(norm, axes, "planes" if saved.config.ndim == 2 else "volumes")}
+- `coords` ({axes}) with channel 0 = x (column) and channel 1 = y (row), float32: the position of
   every pixel in the {H} x {W} training field, each axis normalised to [-1, 1] at pixel centres:
 
   ```
@@ -261,14 +333,15 @@ def _doc_inputs(saved: SavedModel) -> str:
 """
 
 
-def _doc_tiles(m: int, halo: int, min_side: int, per_image: bool = False) -> str:
+def _doc_tiles(m: int, halo: int, min_side: int, per_image: bool = False, axes: str = "batch, channel, y, x",
+               whole_input: str = "planes") -> str:
     whole = ("- This model normalises each input by its own percentiles: a tile is normalised by the tile's, so tiles "
              "differ\n  from the whole image's output (a U-Net(2) trained 1 minute on napari-coordgate's sample pair, "
              "96 x 96\n  tiles on the pooling grid: medians up to 5e-5 of the range, single pixels up to 0.26). Run "
-             "whole planes.\n") if per_image else ""
+             f"whole {whole_input}.\n") if per_image else ""
     return f"""## Outputs
 
-- `restored` (batch, channel, y, x): the deblurred image, same shape and units as `image`.
+- `restored` ({axes}): the deblurred image, same shape and units as `image`.
 - `coords_echo`: `coords` passed through. Ignore it: it exists so that bioimage.io tools pad and tile the
   coordinates exactly as they pad and tile the image (a tool pads an input by the halo of an output that refers
   to it).
@@ -319,7 +392,40 @@ Network config (napari-coordgate `ModelConfig`):
 {cfg.to_json()}
 ```
 
-Test tensors: a {test_shape[0]} x {test_shape[1]} crop from the centre of the field and its coordinates.
+Test tensors: a {" x ".join(map(str, test_shape))} crop from the centre of the field and its coordinates.
+
+"""
+
+
+def _z_geometry(cfg) -> tuple[int, int]:
+    """A 3-D model's (z halo, smallest z extent a bioimage.io tool may give): as y and x, twice the halo plus the
+    network's minimum depth."""
+    from ...nn.unet import receptive_halo_z
+
+    halo_z = receptive_halo_z(cfg)
+    return halo_z, 2 * halo_z + cfg.min_depth
+
+
+def _doc_z(saved: SavedModel) -> str:
+    mz = saved.config.min_depth
+    halo_z, min_z = _z_geometry(saved.config)
+    z = saved.z_step_um
+    return f"""## z-stacks (3-D)
+
+- Planes {z:g} µm apart: the z-step of the training volumes. Resample stacks of another z-step to it
+  (`napari-coordgate apply` refuses them): the network learnt the PSF's extent in planes. The z-step is in the
+  z axes' descriptions and in `config`, not in their `scale`: bioimageio.spec computes an output's size from its
+  input's as `int(size * scale / scale)`, which for many scales comes out one plane short.
+- Every plane of `coords` holds the same (x, y) coordinates: the gates depend on the (y, x) field position only.
+  For a volume of D planes, `coords = np.repeat(coords[:, :, None], D, axis=2)` (1, 2, D, H, W) from the 2-D
+  snippet above. Tile `coords` in z with the volume (the `coords_echo` output makes bioimage.io tools do so).
+- The network runs on volumes of at least {mz} plane(s) (it pads z to a multiple of {mz} itself); bioimage.io
+  tools ask for at least {min_z} (twice the z halo plus {mz}). z halo: {halo_z} planes (rounded up to {mz}, so
+  z tiles that start on a multiple of {mz} planes give the whole volume's output inside their halo).
+- At the first and last planes a tool pads the volume in z. The network cannot tell z padding from planes (the
+  coordinates do not change along z), so the output's planes within the z halo of either end see the mirrored
+  stack where napari-coordgate sees nothing beyond it, and differ from its output; the other planes equal it. Run
+  `napari-coordgate apply -m PACKAGE.zip` for napari-coordgate's output at the ends.
 
 """
 
@@ -340,7 +446,9 @@ def _documentation(saved: SavedModel, name: str, halo: int, min_side: int, test_
     return (
         _doc_intro(saved, name, created)
         + _doc_inputs(saved)
-        + _doc_tiles(saved.config.min_size, halo, min_side, saved.normalization.per_image)
+        + _doc_tiles(saved.config.min_size, halo, min_side, saved.normalization.per_image, _axes_text(saved.config),
+                     "planes" if saved.config.ndim == 2 else "volumes")
+        + (_doc_z(saved) if saved.config.ndim == 3 else "")
         + _doc_field_psf_provenance(saved, test_shape)
         + _doc_citation()
     )
@@ -403,7 +511,10 @@ def export_package(model: SavedModel | str | os.PathLike, out_zip: str | os.Path
     test_input
         Optional image of the training field's shape ((H, W), or (C, H, W) for several channels) from whose
         centre the test tensor is cut (at most 256 x 256 pixels); by default a synthetic image in the model's
-        intensity range.
+        intensity range. For a 3-D model a volume ((D, H, W) or (C, D, H, W), D at least twice the z halo plus
+        the network's minimum depth), from whose centre a test volume of at most 16 x 64 x 64 voxels (or the
+        smallest that bioimage.io tools accept, twice the halo plus the network's minimum per axis, if larger) is
+        cut; by default a synthetic one.
 
     Returns
     -------
@@ -431,7 +542,8 @@ def export_package(model: SavedModel | str | os.PathLike, out_zip: str | os.Path
     min_side = 2 * halo + m
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     gate_name = {"coordgate": "CoordGate", "coordconv": "CoordConv", "none": "plain"}[cfg.gate]
-    name = f"napari-coordgate {gate_name} U-Net({cfg.depth}) deblurring ({H}x{W} field)"
+    net_name = "U-Net" if cfg.ndim == 2 else "3-D U-Net"
+    name = f"napari-coordgate {gate_name} {net_name}({cfg.depth}) deblurring ({H}x{W} field)"
 
     net = _standalone_network(saved)
     image, coords = _test_crop(saved, test_input)
@@ -450,7 +562,7 @@ def export_package(model: SavedModel | str | os.PathLike, out_zip: str | os.Path
         else:
             save_model(d / MODEL_FILE, saved)
         (d / "README.md").write_text(
-            _documentation(saved, name, halo, min_side, image.shape[-2:], created), encoding="utf-8"
+            _documentation(saved, name, halo, min_side, image.shape[2:], created), encoding="utf-8"
         )
         rdf = _rdf(saved, d, name, halo, min_side, torch.__version__)
         _validate(rdf, d)
@@ -486,23 +598,34 @@ def _float32() -> dict:
     return {"type": "float32"}  # a new dict each time: YAML would otherwise write anchors and aliases
 
 
+def _z_axes(saved: SavedModel, tensor: str | None = None) -> list[dict]:
+    """A 3-D model's z axis (none for a 2-D model): of an input, or of an output whose size is ``tensor``'s."""
+    if saved.config.ndim == 2:
+        return []
+    halo_z, min_z = _z_geometry(saved.config)
+    # the z-step in words only: a scale would meet bioimageio.spec's int(size * scale / scale) (see _doc_z)
+    note = {"description": f"planes {saved.z_step_um:g} micrometer apart (the z-step of the training volumes)"}
+    return [{**(_tile("z", min_z) if tensor is None else _out_axis("z", tensor, halo_z)), **note}]
+
+
 def _rdf_inputs(saved: SavedModel, d: Path, min_side: int) -> list[dict]:
     cfg = saved.config
     H, W = (int(v) for v in saved.field_shape)
     in_names = ["raw"] if cfg.in_channels == 1 else [f"raw{i}" for i in range(cfg.in_channels)]
+    same = ", the same on every plane" if cfg.ndim == 3 else ""
     return [
         {
             "id": "image",
             "description": "raw image in the training images' units (normalised inside the network)",
-            "axes": [{"type": "batch"}, {"type": "channel", "channel_names": in_names},
+            "axes": [{"type": "batch"}, {"type": "channel", "channel_names": in_names}, *_z_axes(saved),
                      _tile("y", min_side), _tile("x", min_side)],
             "data": _float32(),
             "test_tensor": _file(d, "test_input_image.npy"),
         },
         {
             "id": "coords",
-            "description": f"field coordinates (x, y in [-1, 1] over the {H}x{W} field) of every image pixel",
-            "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["x", "y"]},
+            "description": f"field coordinates (x, y in [-1, 1] over the {H}x{W} field) of every image pixel{same}",
+            "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["x", "y"]}, *_z_axes(saved),
                      _tile("y", min_side), _tile("x", min_side)],
             "data": _float32(),
             "test_tensor": _file(d, "test_input_coords.npy"),
@@ -517,7 +640,7 @@ def _rdf_outputs(saved: SavedModel, d: Path, halo: int) -> list[dict]:
         {
             "id": "restored",
             "description": "deblurred image, same units as the input image",
-            "axes": [{"type": "batch"}, {"type": "channel", "channel_names": out_names},
+            "axes": [{"type": "batch"}, {"type": "channel", "channel_names": out_names}, *_z_axes(saved, "image"),
                      _out_axis("y", "image", halo), _out_axis("x", "image", halo)],
             "data": _float32(),
             "test_tensor": _file(d, "test_output_restored.npy"),
@@ -525,7 +648,7 @@ def _rdf_outputs(saved: SavedModel, d: Path, halo: int) -> list[dict]:
         {
             "id": "coords_echo",
             "description": "the coords input passed through (makes tools pad and tile coords with the image)",
-            "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["x", "y"]},
+            "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["x", "y"]}, *_z_axes(saved, "coords"),
                      _out_axis("y", "coords", halo), _out_axis("x", "coords", halo)],
             "data": _float32(),
             "test_tensor": _file(d, "test_output_coords_echo.npy"),
@@ -538,7 +661,7 @@ def _rdf_weights(saved: SavedModel, d: Path, torch_version: str) -> dict:
     return {
         "pytorch_state_dict": {
             **_file(d, "weights.pt"),
-            "architecture": {**_file(d, ARCH_FILE), "callable": ARCH_CALLABLE, "kwargs": arch_kwargs(saved)},
+            "architecture": {**_file(d, ARCH_FILE), "callable": arch_callable(saved), "kwargs": arch_kwargs(saved)},
             "pytorch_version": version,
         },
         "torchscript": {
@@ -553,16 +676,32 @@ def _rdf_weights(saved: SavedModel, d: Path, torch_version: str) -> dict:
 
 def _rdf_config(saved: SavedModel) -> dict:
     H, W = (int(v) for v in saved.field_shape)
-    return {
-        PACKAGE_FORMAT: {
-            "schema_version": PACKAGE_SCHEMA_VERSION,
-            "package_version": __version__,
-            "model_file": MODEL_FILE,
-            "field_shape": [H, W],
-            "normalization": saved.normalization.to_dict(),
-            "model": saved.config.to_dict(),
-        }
+    ours = {
+        "schema_version": PACKAGE_SCHEMA_VERSION,
+        "package_version": __version__,
+        "model_file": MODEL_FILE,
+        "field_shape": [H, W],
+        "normalization": saved.normalization.to_dict(),
+        "model": saved.config.to_dict(),
     }
+    if saved.z_step_um is not None:  # 3-D models only: 2-D descriptions stay as they were
+        ours["z_step_um"] = float(saved.z_step_um)
+    return {PACKAGE_FORMAT: ours}
+
+
+def _rdf_description(saved: SavedModel) -> str:
+    cfg = saved.config
+    H, W = (int(v) for v in saved.field_shape)
+    if cfg.ndim == 3:
+        return (f"Position-aware 3-D deblurring of z-stacks ({saved.z_step_um:g} micrometer z-step) of one "
+                f"microscope's spatially varying blur ({cfg.gate}, depth {cfg.depth}); inputs: the volume and the "
+                f"field coordinates of its voxels (x, y in [-1, 1] over the {H}x{W} training field, the same on "
+                "every plane).")
+    return (
+        f"Position-aware deblurring of one microscope's spatially varying blur ({cfg.gate}, depth {cfg.depth}); "
+        f"inputs: the image and the field coordinates of its pixels (x, y in [-1, 1] over the {H}x{W} "
+        "training field)."
+    )
 
 
 def _rdf(saved: SavedModel, d: Path, name: str, halo: int, min_side: int, torch_version: str) -> dict:
@@ -573,21 +712,17 @@ def _rdf(saved: SavedModel, d: Path, name: str, halo: int, min_side: int, torch_
     its ``SerializationInfo`` where pydantic now requires an index key), while its validation works.
     """
     cfg = saved.config
-    H, W = (int(v) for v in saved.field_shape)
+    tags = ["deblurring", "deconvolution", "spatially-varying", "coordgate", "u-net", "napari-coordgate"]
     return {
         "type": "model",
         "format_version": FORMAT_VERSION,
         "name": name,
-        "description": (
-            f"Position-aware deblurring of one microscope's spatially varying blur ({cfg.gate}, depth {cfg.depth}); "
-            f"inputs: the image and the field coordinates of its pixels (x, y in [-1, 1] over the {H}x{W} "
-            "training field)."
-        ),
+        "description": _rdf_description(saved),
         "authors": [{"name": "napari-coordgate user"}],
         "cite": [{"text": COORDGATE_CITATION, "doi": COORDGATE_DOI}],
         "license": "BSD-3-Clause",
         "documentation": _file(d, "README.md"),
-        "tags": ["deblurring", "deconvolution", "spatially-varying", "coordgate", "u-net", "napari-coordgate"],
+        "tags": tags if cfg.ndim == 2 else [*tags, "3d"],
         "inputs": _rdf_inputs(saved, d, min_side),
         "outputs": _rdf_outputs(saved, d, halo),
         "weights": _rdf_weights(saved, d, torch_version),
