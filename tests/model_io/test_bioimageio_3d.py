@@ -178,9 +178,10 @@ def test_3d_test_tensors_are_a_small_volume_and_its_coordinates(packages):
     assert "(batch, channel, z, y, x)" in doc
 
 
-def test_bioimageio_core_model_test_passes_for_3d(packages):
+@pytest.mark.parametrize("name", ["isotropic-d2", "no-z-pooling-d2"])
+def test_bioimageio_core_model_test_passes_for_3d(packages, name):
     core = _need("bioimageio.core")
-    _, path = packages["isotropic-d2"]
+    _, path = packages[name]
     summary = core.test_model(path)  # both weight formats: test tensors reproduced, parametrised sizes run
     failed = [(d.name, [e.msg for e in d.errors]) for d in summary.details if d.status == "failed"]
     assert summary.status == "passed", failed

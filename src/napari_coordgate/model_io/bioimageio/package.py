@@ -412,10 +412,10 @@ def _doc_z(saved: SavedModel) -> str:
     z = saved.z_step_um
     return f"""## z-stacks (3-D)
 
-- Planes {z:g} µm apart: the z-step of the training volumes. Resample stacks of another z-step to it
-  (`napari-coordgate apply` refuses them): the network learnt the PSF's extent in planes. The z-step is in the
-  z axes' descriptions and in `config`, not in their `scale`: bioimageio.spec computes an output's size from its
-  input's as `int(size * scale / scale)`, which for many scales comes out one plane short.
+- Planes {z:g} µm apart: the z-step of the training volumes. Resample stacks of another z-step to it (the
+  network learnt the PSF's extent in planes; `napari-coordgate apply --resample-z` does it for you). The z-step
+  is in the z axes' descriptions and in `config`, not in their `scale`: bioimageio.spec computes an output's size
+  from its input's as `int(size * scale / scale)`, which for many scales comes out one plane short.
 - Every plane of `coords` holds the same (x, y) coordinates: the gates depend on the (y, x) field position only.
   For a volume of D planes, `coords = np.repeat(coords[:, :, None], D, axis=2)` (1, 2, D, H, W) from the 2-D
   snippet above. Tile `coords` in z with the volume (the `coords_echo` output makes bioimage.io tools do so).
