@@ -405,12 +405,9 @@ def predict(
     should_stop
         Checked before every batch of tiles (every tile with ``batch_tiles=1``); True raises :class:`Cancelled`
         (``out`` keeps the planes done so far).
-    z_step_um
-        A 3-D model only: the volume's z-step (µm), when known; one other than the model's is refused unless
-        ``resample_z``.
-    resample_z
-        A 3-D model and a volume of another z-step: each volume is resampled (linearly) to the model's z-step,
-        restored, and resampled back to its own planes; each volume is then read whole into memory.
+    z_step_um, resample_z
+        A 3-D model only: the volume's z-step (µm), when known; one other than the model's is refused, or with
+        ``resample_z`` each volume is read whole, resampled (linearly) to it, restored and resampled back.
 
     Returns
     -------
@@ -429,10 +426,9 @@ def predict(
         out = np.empty(shape, dtype=np.float32)
     elif tuple(out.shape) != shape:
         raise InputError(f"out has shape {tuple(out.shape)}, expected {shape}")
-    if saved.config.ndim == 3:  # slab by slab through the volume, columns of tile x tile pixels
-        tiles = plan_tiles_3d(shape[-3:], saved.config, tile, memory_mb)
-    else:
-        tiles = plan_tiles(shape[-2:], saved.config, tile, memory_mb)
+    # a 3-D model goes slab by slab through each volume, columns of tile x tile pixels
+    plan = partial(plan_tiles_3d, shape[-3:]) if saved.config.ndim == 3 else partial(plan_tiles, shape[-2:])
+    tiles = plan(saved.config, tile, memory_mb)
     batches = tile_batches(tiles, int(batch_tiles))
     with _network_on(saved.model, dev) as model:
         run = partial(predict_batch, model, offset=offset, field_shape=field_shape, dev=dev, amp_dtype=amp_dtype)
