@@ -411,8 +411,7 @@ def predict(
 
     Returns
     -------
-    The restored float32 array (``out`` if given), in each plane's own units (per-image normalisation: ``a * x + c``
-    gives ``a * f(x) + c``), or in the training images' units for older models.
+    The restored float32 array (``out`` if given), in each plane's own units (``a * x + c`` gives ``a * f(x) + c``).
     """
     if resample_z and _z_steps_differ(saved, z_step_um):
         kwargs = {"roi": roi, "binning": binning, "tile": tile, "memory_mb": memory_mb, "device": device,
