@@ -411,7 +411,8 @@ def predict(
 
     Returns
     -------
-    The restored float32 array (``out`` if given), in each plane's own units (``a * x + c`` gives ``a * f(x) + c``).
+    The restored float32 array (``out`` if given), in each plane's own units (``a * x + c`` gives ``a * f(x) + c``;
+    models of fixed normalisation: the training images' units).
     """
     if resample_z and _z_steps_differ(saved, z_step_um):
         kwargs = {"roi": roi, "binning": binning, "tile": tile, "memory_mb": memory_mb, "device": device,
