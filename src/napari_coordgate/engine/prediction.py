@@ -398,8 +398,7 @@ def predict(
         with 16, ``benchmarks/bench_gpu.py``; on a CPU it gains nothing). Output equals one-tile-at-a-time output
         to float rounding; a batch needs ``batch_tiles`` times one window's memory. 1 (default): one at a time.
     out
-        Optional array-like (numpy, memmap, zarr) of the image's shape that receives the float32 result;
-        by default a new float32 numpy array.
+        Optional array-like (numpy, memmap, zarr) of the image's shape for the result (default: a new array).
     on_progress
         Called as ``on_progress(done_tiles, total_tiles)`` after every tile.
     should_stop
