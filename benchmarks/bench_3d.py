@@ -116,7 +116,7 @@ def _speed(saved, vol, threads: int) -> dict:
     torch.set_num_threads(threads)
     out = {}
     for precision in ("fp32", "bf16"):
-        predict(saved, vol[:, :64, :64], precision=precision)  # warm the gates and kernels
+        predict(saved, vol[:, :64, :64], roi=(0, 0), precision=precision)  # warm the gates and kernels
         t0 = time.perf_counter()
         predict(saved, vol, precision=precision)
         out[precision] = vol.size / 1e6 / (time.perf_counter() - t0)
@@ -128,19 +128,24 @@ def run_seed(args, seed: int, log) -> dict:
     torch.set_num_threads(args.threads)
     train_s, val, tune, (test, test_b) = _volumes(args, seed, psf)
     rows: dict[str, dict] = {}
+
+    def add(name, restored, minutes, note):
+        rows[name] = {**_score(test, restored, test_b), "minutes": minutes, "note": note}
+        log(f"  seed {seed} {name}: {rows[name]['psnr']:.2f} dB (edge {rows[name]['rings'][2]:.2f}), "
+            f"{minutes:.1f} min, {note}")
+
     restored, rl_its, rl_s = _rl(richardson_lucy_3d_central, tune, test_b, psf, args.rl_iterations)
-    rows["3-D RL central PSF"] = {**_score(test, restored, test_b), "minutes": rl_s / 60, "note": f"{rl_its} it"}
+    add("3-D RL central PSF", restored, rl_s / 60, f"{rl_its} it")
     restored, sv_its, sv_s = _rl(sv_richardson_lucy_3d, tune, test_b, psf, args.rl_iterations)
-    rows["3-D SV-RL true PSFs"] = {**_score(test, restored, test_b), "minutes": sv_s / 60, "note": f"{sv_its} it"}
+    add("3-D SV-RL true PSFs", restored, sv_s / 60, f"{sv_its} it")
     res2 = _train_2d_planes(args, train_s, val, psf, seed)
     restored = predict(res2.saved, test_b.reshape(-1, *test_b.shape[-2:])).reshape(test_b.shape)
-    rows["2-D CoordGate per plane"] = {**_score(test, restored, test_b), "minutes": _minutes(res2),
-                                       "note": f"{_steps(res2)} steps"}
+    add("2-D CoordGate per plane", restored, _minutes(res2), f"{_steps(res2)} steps")
     speed = None
     for gate, name in (("none", "3-D plain U-Net"), ("coordgate", "3-D CoordGate")):
         res = _train_3d(args, gate, train_s, val, psf, seed)
         restored = predict(res.saved, test_b, z_step_um=psf.z_step_um)
-        rows[name] = {**_score(test, restored, test_b), "minutes": _minutes(res), "note": f"{_steps(res)} steps"}
+        add(name, restored, _minutes(res), f"{_steps(res)} steps")
         if gate == "coordgate":
             speed = _speed(res.saved, test_b[0], args.threads)
     blurred = next(iter(rows.values()))["blurred"]
@@ -203,7 +208,7 @@ def main(argv=None) -> None:
         args.epochs, args.steps, args.batch, args.crop, args.crop_depth = 1, 2, 2, 32, 8
         args.channels, args.rl_iterations = 4, (2, 4)
     t0 = time.perf_counter()
-    results = [run_seed(args, seed, print) for seed in args.seeds]
+    results = [run_seed(args, seed, lambda line: print(line, flush=True)) for seed in args.seeds]
     _table(results, args)
     print(f"\nwall time {(time.perf_counter() - t0) / 60:.1f} min")
 
