@@ -102,3 +102,19 @@ def test_apply_resample_z_restores_a_volume_of_another_z_step(tmp_path, capsys, 
                           "--resample-z")
     assert code == 0, err
     assert tifffile.imread(tmp_path / "o.tif").shape == (6, 40, 40)
+
+
+def test_simulate_blurs_a_z_stack_with_a_3d_psf_model_and_keeps_its_metadata(tmp_path, capsys):
+    vol = specimen_volumes(1, (10, 32, 32), seed=1)[0]
+    src = _write(tmp_path / "s.tif", vol, spacing=0.25)
+    code, out, err = _run(capsys, "simulate", src, "--psf", "tilted_curved_3d", "-o", tmp_path / "sim",
+                          "--photons", 500)
+    assert code == 0, err
+    with tifffile.TiffFile(tmp_path / "sim" / "s_blurred.tif") as tf:
+        blurred = tf.asarray()
+        assert tf.series[0].axes == "ZYX" and tf.imagej_metadata["spacing"] == pytest.approx(0.25)
+    assert blurred.shape == vol.shape and not np.allclose(blurred, vol)
+    flat = _write(tmp_path / "flat.tif", vol[0], spacing=None, axes="YX")
+    code, out, err = _run(capsys, "simulate", flat, "--psf", "tilted_curved_3d", "-o", tmp_path / "sim2")
+    assert code != 0 and len(err.strip().splitlines()) == 1
+    assert "is a 2-D image; the 3-D PSF model 'tilted_curved_3d' blurs z-stacks" in err

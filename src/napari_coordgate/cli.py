@@ -210,11 +210,20 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         dests.append(outdir / f"{stem}_blurred.tif")
     check_outputs(dests, [*args.sharp, args.psf])
     _out_dir(outdir)
+    noise = {"photons": args.photons or None, "read_noise": args.read_noise, "device": args.device}
     for i, (p, dest) in enumerate(zip(args.sharp, dests)):
         img = read_tiff(p)
-        sharp = check_image(img.data, str(p), max_ndim=3, allow_constant=False)
-        _, blurred = synthesize_pairs(sharp, psf, seed=args.seed + i, photons=args.photons or None,
-                                      read_noise=args.read_noise, device=args.device)
+        if psf.ndim == 3:  # a 3-D PSF model blurs z-stacks (Z, Y, X) or series of them in 3-D
+            from .optics.blur3d import check_volume, synthesize_pairs3d
+
+            if np.ndim(img.data) == 2:
+                raise CLIError(f"{p} is a 2-D image; the 3-D PSF model {psf.name!r} blurs z-stacks (Z, Y, X): give a "
+                               "z-stack, or a 2-D PSF model")
+            sharp = check_volume(img.data, str(p), max_ndim=4)
+            _, blurred = synthesize_pairs3d(sharp, psf, seed=args.seed + i, **noise)
+        else:
+            sharp = check_image(img.data, str(p), max_ndim=3, allow_constant=False)
+            _, blurred = synthesize_pairs(sharp, psf, seed=args.seed + i, **noise)
         dest = write_tiff(dest, np.asarray(blurred, np.float32), img)
         print(f"{p} -> {dest}")
     return 0
