@@ -118,3 +118,18 @@ def test_simulate_blurs_a_z_stack_with_a_3d_psf_model_and_keeps_its_metadata(tmp
     code, out, err = _run(capsys, "simulate", flat, "--psf", "tilted_curved_3d", "-o", tmp_path / "sim2")
     assert code != 0 and len(err.strip().splitlines()) == 1
     assert "is a 2-D image; the 3-D PSF model 'tilted_curved_3d' blurs z-stacks" in err
+
+
+def test_apply_restores_a_tzyx_time_lapse_volume_by_volume(tmp_path, capsys, volume_pair):
+    sharp, blurred = volume_pair
+    model = tmp_path / "m3"
+    assert _run(capsys, "train", "--sharp", sharp, "--blurred", blurred, "--ndim", 3, "-o", model, *SMALL)[0] == 0
+    vol = tifffile.imread(blurred)
+    series = _write(tmp_path / "t.tif", np.stack([vol, vol[:, ::-1]]), axes="TZYX")
+    code, out, err = _run(capsys, "apply", "-m", model, series, "-o", tmp_path / "o.tif", "--device", "cpu")
+    assert code == 0, err
+    restored = tifffile.imread(tmp_path / "o.tif")
+    single = tmp_path / "one.tif"
+    assert _run(capsys, "apply", "-m", model, blurred, "-o", single, "--device", "cpu")[0] == 0
+    assert restored.shape == (2, 12, 40, 40)
+    np.testing.assert_array_equal(restored[0], tifffile.imread(single))
