@@ -210,8 +210,9 @@ def sv_richardson_lucy(
 
 
 def _sv_rl_plane(op, plane: np.ndarray, norm, eps: float, iterations: int, background: float, should_stop,
-                 on_iteration) -> tuple[np.ndarray, bool]:
-    """Richardson-Lucy iterations on one plane: (the estimate, whether a stop was requested).
+                 on_iteration, on_estimate=None) -> tuple[np.ndarray, bool]:
+    """Richardson-Lucy iterations on one plane (or volume): (the estimate, whether a stop was requested).
+    ``on_estimate(done, estimate)`` sees each iteration's estimate (float32 numpy), e.g. to choose the count.
 
     With no iteration done (zero iterations, or a stop before the first) the plane comes back as it came, not
     the flat start.
@@ -230,6 +231,8 @@ def _sv_rl_plane(op, plane: np.ndarray, norm, eps: float, iterations: int, backg
         done = it + 1
         if on_iteration is not None:
             on_iteration(done, iterations)
+        if on_estimate is not None:
+            on_estimate(done, x.to("cpu", torch.float32).numpy())
     return (x.to("cpu", torch.float32).numpy() if done else plane), False
 
 

@@ -56,7 +56,7 @@ def _check_background(background) -> float:
 def richardson_lucy_3d_central(volume, psf: "PSFModel | str | dict", iterations: int = 30, *,
                                background: float = 0.0, should_stop: Callable[[], bool] | None = None,
                                full_field: Sequence[int] | None = None,
-                               device: "str | torch.device" = "cpu") -> np.ndarray:
+                               device: "str | torch.device" = "cpu", on_estimate=None) -> np.ndarray:
     """Richardson–Lucy deconvolution of z-stacks with the central 3-D PSF only (FFT, reflected borders).
 
     Parameters
@@ -77,6 +77,8 @@ def richardson_lucy_3d_central(volume, psf: "PSFModel | str | dict", iterations:
         (H, W) of the whole field when the volume is a region of it: the PSF at that field's centre is used.
     device
         Torch device.
+    on_estimate
+        As for :func:`sv_richardson_lucy_3d`.
 
     Returns
     -------
@@ -87,7 +89,7 @@ def richardson_lucy_3d_central(volume, psf: "PSFModel | str | dict", iterations:
     kernel = central_psf3d(model, arr.shape[-2:] if full_field is None else full_field)
     central = MeasuredGrid3DPSF(kernel[None, None], z_step_um=model.z_step_um, name=f"{model.name} (centre)")
     return sv_richardson_lucy_3d(arr, central, iterations, background=background, should_stop=should_stop,
-                                 device=device)
+                                 device=device, on_estimate=on_estimate)
 
 
 def sv_richardson_lucy_3d(
@@ -101,6 +103,7 @@ def sv_richardson_lucy_3d(
     offset: Sequence[int] = (0, 0),
     full_field: Sequence[int] | None = None,
     device: "str | torch.device" = "cpu",
+    on_estimate: Callable[[int, np.ndarray], None] | None = None,
 ) -> np.ndarray:
     """Spatially varying 3-D Richardson–Lucy with the 3-D PSF-interpolation operator and its exact adjoint.
 
@@ -126,6 +129,10 @@ def sv_richardson_lucy_3d(
         Used when ``op_or_psf`` is a PSF model.
     device
         Torch device, used when ``op_or_psf`` is a PSF model.
+    on_estimate
+        Called after every iteration as ``on_estimate(done, estimate)`` with that iteration's estimate of the volume
+        (float32, the units of the volume's non-negative part): one run shows the whole course, e.g. to choose the
+        number of iterations on a tuning volume.
 
     Returns
     -------
@@ -152,5 +159,6 @@ def sv_richardson_lucy_3d(
                 out[n] = vol
                 continue
             # the RL iterations of the 2-D baseline: nothing in them depends on the number of axes
-            out[n], stopped = _sv_rl_plane(op, vol, norm, eps, iterations, background, should_stop, on_iteration)
+            out[n], stopped = _sv_rl_plane(op, vol, norm, eps, iterations, background, should_stop, on_iteration,
+                                           on_estimate)
     return out.reshape(arr.shape)
