@@ -61,6 +61,17 @@ def test_sv_rl_3d_of_a_series_is_volume_by_volume_and_reports_progress(point_clo
     assert calls == [(1, 3), (2, 3), (3, 3)] * 2
 
 
+def test_on_estimate_sees_each_iteration_whose_last_is_the_result(point_cloud):
+    _, noisy, op = point_cloud
+    seen = {}
+
+    out = sv_richardson_lucy_3d(noisy, op, iterations=4, on_estimate=lambda done, x: seen.update({done: x.copy()}))
+
+    assert sorted(seen) == [1, 2, 3, 4]
+    np.testing.assert_array_equal(seen[4], out)
+    np.testing.assert_array_equal(seen[2], sv_richardson_lucy_3d(noisy, op, iterations=2))
+
+
 def test_a_stop_returns_the_estimate_so_far_and_later_volumes_unchanged(point_cloud):
     _, noisy, op = point_cloud
     asked = []
