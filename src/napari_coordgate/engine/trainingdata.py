@@ -123,7 +123,74 @@ def _crop_size(train_cfg: TrainConfig, field_shape: tuple[int, int], align: int)
     return min(crop, H), min(crop, W)
 
 
-class TrainingData:
+class _RunData:
+    """What the data of a 2-D run (:class:`TrainingData`: planes) and of a 3-D run
+    (:class:`~.volumes.TrainingVolumes`: volumes) share: the split, each item's normalisation, normalised windows,
+    the noise schedule of simulated pairs and the validation range. An item is a plane or a volume; subclasses read
+    items and windows (``sharp_plane``, ``blurred_plane``) and draw noise (``_noise``)."""
+
+    def _split(self, n: int, train_cfg: TrainConfig, held_out: int) -> None:
+        """The held-out items (given apart, else the last eighth of several) or a checkerboard mask of one."""
+        self.held_out = held_out
+        n_val = held_out or (max(1, n // 8) if n >= 2 else 0)
+        self.train_idx = np.arange(n - n_val)
+        self.val_idx = np.arange(n - n_val, n) if n_val else np.arange(1)
+        self.val_mask = None if n_val else checkerboard_mask(self.field_shape, train_cfg.val_tile)
+        self._weight = None if n_val else (~self.val_mask).astype(np.float32)
+        self.norm = Normalization()
+        self._plane_norms: list[Normalization] = []  # each item's fixed map (per-image normalisation)
+        self.noise_seed: int | None = None
+        self._noisy = None  # this epoch's simulated blurred stack
+
+    def norm_of(self, i: int) -> Normalization:
+        """Item ``i``'s intensity map (sharp and blurred alike): the run's, or with per-image normalisation the
+        one measured on the item's blurred input at the start of the run (kept, so validation stays comparable
+        across epochs of fresh simulated noise)."""
+        return self._plane_norms[i] if self._plane_norms else self.norm
+
+    def input_window(self, i: int, window) -> np.ndarray:
+        """The network's input: this epoch's blurred item ``i`` (or its ``window``), normalised."""
+        return self.norm_of(i).apply(self.blurred_plane(i, window))
+
+    def target_window(self, i: int, window=None) -> np.ndarray:
+        """The network's target: sharp item ``i`` (or its ``window``), normalised as its input."""
+        return self.norm_of(i).apply(self.sharp_plane(i, window))
+
+    @property
+    def simulated(self) -> bool:
+        return self.simulated_from is not None
+
+    def start(self, norm: Normalization, noise_seed: int | None) -> None:
+        """Fix the normalisation and (simulated pairs) the noise seed, and draw epoch 0's noise."""
+        self.norm, self.noise_seed, self._noisy = norm, noise_seed, None
+        self.new_epoch(0)
+        self._plane_norms = [norm.for_plane(self.blurred_plane(i)) for i in range(self.n)] if norm.per_image else []
+
+    def new_epoch(self, epoch: int) -> None:
+        """Simulated pairs get fresh noise every epoch; items held out apart get theirs once per run (from the run's
+        noise seed), so every epoch validates on the same images."""
+        if not self.simulated:
+            return
+        if not self.held_out:
+            self._noisy = self._noise(self._clean, self.noise_seed + epoch)
+            return
+        nt = len(self.train_idx)
+        if self._noisy is None:
+            self._noisy = np.empty(self._clean.shape, np.float32)
+            # the noise seed is below 2**31, so this seed is no epoch's (an epoch's is noise_seed + epoch)
+            self._noisy[nt:] = self._noise(self._clean[nt:], self.noise_seed + _HELD_OUT_NOISE)
+        self._noisy[:nt] = self._noise(self._clean[:nt], self.noise_seed + epoch)
+
+    def val_range(self) -> float:
+        """Data range of the normalised validation sharp items (the PSNR's peak)."""
+        lo, hi = np.inf, -np.inf
+        for i in self.val_idx:  # one item at a time
+            item = self.target_window(int(i))
+            lo, hi = min(lo, item.min()), max(hi, item.max())
+        return float(np.float32(hi) - np.float32(lo))
+
+
+class TrainingData(_RunData):
     """Validated calibration planes on the host and everything a run draws from them.
 
     Build with :meth:`from_source`. The split: the ``held_out`` planes given apart from the training ones (the
@@ -144,16 +211,7 @@ class TrainingData:
         self.field_shape = (H, W)
         self.align = model_cfg.min_size
         self.crop = _crop_size(train_cfg, self.field_shape, self.align)
-        self.held_out = held_out
-        n_val = held_out or (max(1, self.n // 8) if self.n >= 2 else 0)
-        self.train_idx = np.arange(self.n - n_val)
-        self.val_idx = np.arange(self.n - n_val, self.n) if n_val else np.arange(1)
-        self.val_mask = None if n_val else checkerboard_mask(self.field_shape, train_cfg.val_tile)
-        self._weight = None if n_val else (~self.val_mask).astype(np.float32)
-        self.norm = Normalization()
-        self._plane_norms: list[Normalization] = []  # each plane's fixed map (per-image normalisation)
-        self.noise_seed: int | None = None
-        self._noisy = None  # this epoch's simulated blurred stack
+        self._split(self.n, train_cfg, held_out)
 
     @classmethod
     def from_source(cls, source, model_cfg: ModelConfig, train_cfg: TrainConfig) -> "TrainingData":
@@ -200,53 +258,16 @@ class TrainingData:
             return self._registered[i][y0:y1, x0:x1]
         return float32(self._clean[i, y0:y1, x0:x1])
 
-    def norm_of(self, i: int) -> Normalization:
-        """Plane ``i``'s intensity map (sharp and blurred alike): the run's, or with per-image normalisation the
-        one measured on the plane's blurred input at the start of the run (kept, so validation stays comparable
-        across epochs of fresh simulated noise)."""
-        return self._plane_norms[i] if self._plane_norms else self.norm
-
-    def input_window(self, i: int, window) -> np.ndarray:
-        """The network's input: this epoch's blurred plane ``i`` (or its ``window``), normalised."""
-        return self.norm_of(i).apply(self.blurred_plane(i, window))
-
-    def target_window(self, i: int, window=None) -> np.ndarray:
-        """The network's target: sharp plane ``i`` (or its ``window``), normalised as its input."""
-        return self.norm_of(i).apply(self.sharp_plane(i, window))
-
     # -- normalisation and noise ------------------------------------------------------------------------------
-    @property
-    def simulated(self) -> bool:
-        return self.simulated_from is not None
-
     def fit_normalization(self) -> Normalization:
         """Fit the intensity normalisation on the training sharp planes (they are the first planes)."""
         return fit_normalization(self.sharp[: len(self.train_idx)], per_image=self.train_cfg.intensity == "per_image")
 
-    def start(self, norm: Normalization, noise_seed: int | None) -> None:
-        """Fix the normalisation and (simulated pairs) the noise seed, and draw epoch 0's noise."""
-        self.norm, self.noise_seed, self._noisy = norm, noise_seed, None
-        self.new_epoch(0)
-        self._plane_norms = [norm.for_plane(self.blurred_plane(i)) for i in range(self.n)] if norm.per_image else []
-
-    def new_epoch(self, epoch: int) -> None:
-        """Simulated pairs get fresh noise every epoch (relative to each plane's peak, in image units); planes
-        held out apart get theirs once per run (from the run's noise seed), so every epoch validates on the same
-        images."""
-        if not self.simulated:
-            return
+    def _noise(self, clean: np.ndarray, seed: int) -> np.ndarray:
+        """Camera noise relative to each plane's peak, in image units."""
         from ..optics.blur import add_noise
 
-        noise = {"photons": self.train_cfg.photons, "read_noise": self.train_cfg.read_noise}
-        if not self.held_out:
-            self._noisy = add_noise(self._clean, **noise, seed=self.noise_seed + epoch)
-            return
-        nt = len(self.train_idx)
-        if self._noisy is None:
-            self._noisy = np.empty(self._clean.shape, np.float32)
-            # the noise seed is below 2**31, so this seed is no epoch's (an epoch's is noise_seed + epoch)
-            self._noisy[nt:] = add_noise(self._clean[nt:], **noise, seed=self.noise_seed + _HELD_OUT_NOISE)
-        self._noisy[:nt] = add_noise(self._clean[:nt], **noise, seed=self.noise_seed + epoch)
+        return add_noise(clean, photons=self.train_cfg.photons, read_noise=self.train_cfg.read_noise, seed=seed)
 
     # -- crops ------------------------------------------------------------------------------------------------
     def batch(self, rng: np.random.Generator) -> Batch:
@@ -261,15 +282,6 @@ class TrainingData:
         if self._weight is not None:
             weight = np.stack([self._weight[y0:y1, x0:x1] for y0, y1, x0, x1 in windows])[:, None]
         return Batch(x[:, None], y[:, None], offs, weight)
-
-    # -- validation -------------------------------------------------------------------------------------------
-    def val_range(self) -> float:
-        """Data range of the normalised validation sharp planes (the PSNR's peak)."""
-        lo, hi = np.inf, -np.inf
-        for i in self.val_idx:  # one plane at a time
-            plane = self.target_window(int(i))
-            lo, hi = min(lo, plane.min()), max(hi, plane.max())
-        return float(np.float32(hi) - np.float32(lo))
 
     # -- what the run trains on -------------------------------------------------------------------------------
     def fingerprint(self) -> dict:

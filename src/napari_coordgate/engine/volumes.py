@@ -19,16 +19,13 @@ from ..data import (
     InputError,
     Normalization,
     check_image,
-    checkerboard_mask,
     fit_normalization,
     float32,
     sample_offsets,
 )
-from .trainingdata import Batch, PairSource, SimulatedSource, _check_psf_field, _crop_size, _psf_identity
+from .trainingdata import Batch, PairSource, SimulatedSource, _check_psf_field, _crop_size, _psf_identity, _RunData
 
 __all__ = ["TrainingVolumes"]
-
-_HELD_OUT_NOISE = 2**31  # as in TrainingData: the held-out volumes' noise seed is no epoch's
 
 
 def _as_volumes(arr, name: str, model_cfg: ModelConfig) -> np.ndarray:
@@ -77,7 +74,7 @@ def _check_3d_psf(psf, what: str) -> None:
                          "of 3-D PSFs measured from a bead z-stack)")
 
 
-class TrainingVolumes:
+class TrainingVolumes(_RunData):
     """Validated volumes on the host and everything a 3-D run draws from them (see the module docstring).
 
     Build with :meth:`from_source`: a :class:`PairSource` of (D, H, W) or (N, D, H, W) stacks with ``z_step_um``,
@@ -97,17 +94,7 @@ class TrainingVolumes:
         self.crop = _crop_size(train_cfg, self.field_shape, self.align)
         depth = min(train_cfg.crop_depth, D)
         self.crop_depth = max(self.align_z, depth - depth % self.align_z)
-        self.held_out = held_out
-        n_val = held_out or (max(1, self.n // 8) if self.n >= 2 else 0)
-        self.train_idx = np.arange(self.n - n_val)
-        self.val_idx = np.arange(self.n - n_val, self.n) if n_val else np.arange(1)
-        # one pair: columns of a (y, x) checkerboard held out through the whole depth
-        self.val_mask = None if n_val else checkerboard_mask(self.field_shape, train_cfg.val_tile)
-        self._weight = None if n_val else (~self.val_mask).astype(np.float32)
-        self.norm = Normalization()
-        self._volume_norms: list[Normalization] = []
-        self.noise_seed: int | None = None
-        self._noisy = None
+        self._split(self.n, train_cfg, held_out)  # one pair: (y, x) checkerboard columns through the whole depth
 
     @classmethod
     def from_source(cls, source, model_cfg: ModelConfig, train_cfg: TrainConfig) -> "TrainingVolumes":
@@ -153,43 +140,12 @@ class TrainingVolumes:
         """This epoch's blurred volume ``i`` (or its ``window``) as float32."""
         return self._window(self._noisy if self._noisy is not None else self._clean, i, window)
 
-    def norm_of(self, i: int) -> Normalization:
-        return self._volume_norms[i] if self._volume_norms else self.norm
-
-    def input_window(self, i: int, window) -> np.ndarray:
-        return self.norm_of(i).apply(self.blurred_plane(i, window))
-
-    def target_window(self, i: int, window=None) -> np.ndarray:
-        return self.norm_of(i).apply(self.sharp_plane(i, window))
-
     # -- normalisation and noise ------------------------------------------------------------------------------
-    @property
-    def simulated(self) -> bool:
-        return self.simulated_from is not None
-
     def fit_normalization(self) -> Normalization:
         """The intensity normalisation from the training sharp volumes (their planes, sampled)."""
         nt = len(self.train_idx)
         planes = self.sharp[:nt].reshape(-1, *self.field_shape)
         return fit_normalization(planes, per_image=self.train_cfg.intensity == "per_image")
-
-    def start(self, norm: Normalization, noise_seed: int | None) -> None:
-        self.norm, self.noise_seed, self._noisy = norm, noise_seed, None
-        self.new_epoch(0)
-        self._volume_norms = ([norm.for_plane(self.blurred_plane(i)) for i in range(self.n)] if norm.per_image
-                              else [])
-
-    def new_epoch(self, epoch: int) -> None:
-        """Fresh simulated noise for the training volumes; the held-out ones get theirs once per run."""
-        if not self.simulated:
-            return
-        nt = len(self.train_idx)
-        if self._noisy is None:
-            self._noisy = np.empty(self._clean.shape, np.float32)
-            if self.held_out:
-                self._noisy[nt:] = self._noise(self._clean[nt:], self.noise_seed + _HELD_OUT_NOISE)
-        stop = nt if self.held_out else self.n
-        self._noisy[:stop] = self._noise(self._clean[:stop], self.noise_seed + epoch)
 
     def _noise(self, clean: np.ndarray, seed: int) -> np.ndarray:
         """Camera noise with the photon budget at each volume's brightest voxel (out-of-focus planes stay dim)."""
@@ -216,13 +172,6 @@ class TrainingVolumes:
             cols = np.stack([self._weight[w[2]:w[3], w[4]:w[5]] for w in windows])  # (B, h, w)
             weight = np.broadcast_to(cols[:, None, None], x[:, None].shape).copy()
         return Batch(x[:, None], y[:, None], offs, weight)
-
-    def val_range(self) -> float:
-        lo, hi = np.inf, -np.inf
-        for i in self.val_idx:
-            vol = self.target_window(int(i))
-            lo, hi = min(lo, vol.min()), max(hi, vol.max())
-        return float(np.float32(hi) - np.float32(lo))
 
     def fingerprint(self) -> dict:
         """As :meth:`TrainingData.fingerprint`, of the volumes (and the z-step)."""
