@@ -42,8 +42,8 @@ from napari_coordgate.checks import as_float, check_image
 from napari_coordgate.coords import field_axis, grid_positions
 from napari_coordgate.devices import resolve_device
 from napari_coordgate.optics.blur import _axis_weights, _reflect_index, _support, add_noise
+from napari_coordgate.optics.measured import tent_interpolate
 from napari_coordgate.optics.models import get_psf_model
-from napari_coordgate.optics.psf3d import tent_interpolate
 from napari_coordgate.optics.psfmodel import PSFModel, require_ndim
 
 __all__ = ["SpatiallyVaryingBlur3D", "brute_force_blur3d", "synthesize_pairs3d", "add_volume_noise", "check_volume"]

@@ -8,13 +8,15 @@ interpolation of the four surrounding node PSFs, with the weights that
 model built from this grid blurs exactly as :meth:`MeasuredGridPSF.psfs_at` says each point is blurred.
 
 Nodes that had too few beads nearby were filled from their neighbours (``filled``); the calibration report says
-where. numpy only: no torch, no Qt (reading a ``.cgpsf`` file must not need them).
+where. What a grid of node PSFs is whatever their dimensions (properties, checks, binning with :func:`bin_xy`,
+records) lives in :class:`NodeGridPSF`, which the 3-D :class:`~napari_coordgate.optics.psf3d.MeasuredGrid3DPSF`
+shares. numpy only: no torch, no Qt (reading a ``.cgpsf`` file must not need them).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
@@ -22,84 +24,137 @@ from napari_coordgate.coords import grid_positions, tent_weights
 from napari_coordgate.optics.psfmodel import GRID_BOUNDS, PSFModel, binned_psf_size, register_psf_model
 from napari_coordgate.optics.shift import fourier_shift
 
-__all__ = ["MeasuredGridPSF"]
+__all__ = ["MeasuredGridPSF", "NodeGridPSF", "tent_interpolate", "bin_xy"]
 
 _RECORD_VERSION = 1
 
 
-@register_psf_model
-class MeasuredGridPSF(PSFModel):
-    """PSFs measured on a K x K grid of the field, interpolated bilinearly between nodes.
+def tent_interpolate(node_psfs: np.ndarray, y, x) -> np.ndarray:
+    """The tent (bilinear) interpolation of a K x K grid of node PSFs at normalised field positions.
 
     Parameters
     ----------
-    psfs
-        (K, K, s, s) PSFs, ``psfs[i, j]`` at row node ``i`` and column node ``j`` of ``linspace(-1, 1, K)``;
-        ``s`` odd. Each is normalised to unit sum (negative values are refused: a measured PSF is light).
-    filled
-        (K, K) booleans: True where a node had too few beads and was filled from its neighbours.
-        Default: none filled.
-    pixel_size_um
-        Camera pixel size in the specimen plane (µm) the beads were imaged at, or None when unknown.
-    name
-        A label for people (e.g. the bead file's name).
-    provenance
-        JSON-able facts about the measurement (source images, bead count, fit residual, date, ...).
-    blur_grid
-        K of the grid the fast blur uses by default; default the measured grid's K (its nodes exactly).
+    node_psfs
+        (K, K, ...) PSFs at the nodes ``linspace(-1, 1, K)`` (any trailing shape: (s, s) or (D, s, s)).
+    y, x
+        Normalised field coordinates, broadcastable to one shape ``S``.
+
+    Returns
+    -------
+    ndarray, float64, shape ``S + node_psfs.shape[2:]``
+        With the weights of :func:`~napari_coordgate.coords.tent_weights` per axis (the blur's weights).
+    """
+    y, x = np.broadcast_arrays(np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64))
+    k = node_psfs.shape[0]
+    out = np.einsum("ni,nj,ij...->n...", tent_weights(y.ravel(), k), tent_weights(x.ravel(), k), node_psfs,
+                    optimize=True)
+    return out.reshape(*y.shape, *node_psfs.shape[2:])
+
+
+def bin_xy(psfs: np.ndarray, binning: int) -> np.ndarray:
+    """(N, s, s) PSFs sum-pooled ``binning`` x ``binning`` onto an odd side (:func:`binned_psf_size`).
+
+    The centre of the binned middle pixel stays on the point's position: for an even binning the PSFs are moved by
+    half a pixel (band-limited interpolation) before pooling. Not normalised (pooling keeps the sums up to the
+    clipped ringing of that move).
+    """
+    out_size = binned_psf_size(psfs.shape[-1], binning)
+    b, s, n = int(binning), psfs.shape[-1], psfs.shape[0]
+    fine = out_size * b
+    # the middle fine pixel (or, for even b, the corner between the two middle ones) of the pooled array must hold
+    # the PSF's centre: place the PSF with an integer offset, then a half-pixel move if needed
+    off = (fine - s) // 2
+    canvas = np.zeros((n, fine + 2 * b, fine + 2 * b))
+    canvas[:, b + off : b + off + s, b + off : b + off + s] = psfs
+    if (fine - s) % 2:
+        canvas = fourier_shift(canvas, 0.5, 0.5)
+    canvas = np.clip(canvas[:, b : b + fine, b : b + fine], 0.0, None)
+    return canvas.reshape(n, out_size, b, out_size, b).sum(axis=(2, 4))
+
+
+def _positive_or_none(value, what: str) -> float | None:
+    """``value`` as a float if it is a positive finite number, None if None; ``ValueError`` naming ``what``."""
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not (ok and math.isfinite(float(value)) and float(value) > 0):
+        raise ValueError(f"{what} must be a positive number, got {value!r}")
+    return float(value)
+
+
+class NodeGridPSF(PSFModel):
+    """What every grid of measured PSFs is: K x K node PSFs at ``linspace(-1, 1, K)``, the nodes filled from their
+    neighbours, a pixel size, a name, provenance and the K of the fast blur's grid.
+
+    :class:`MeasuredGridPSF` (node PSFs (s, s)) and
+    :class:`~napari_coordgate.optics.psf3d.MeasuredGrid3DPSF` (node PSFs (D, s, s)) differ only in the trailing
+    shape of their node PSFs (:attr:`psf_dims`), the arguments and record fields that come with it
+    (``z_step_um``, ``psf_depth``) and how they interpolate and describe themselves. Not registered: no file holds
+    this kind.
     """
 
-    kind = "measured_grid"
+    #: dimensions of one node PSF: 2 for (s, s), 3 for (D, s, s)
+    psf_dims: ClassVar[int] = 2
+    #: the label of the node PSFs in messages, and the shape their grid must have
+    _label: ClassVar[str] = "measured"
+    _grid_shape: ClassVar[str] = "(K, K, s, s)"
+    #: record fields that must match an axis of the ``psfs`` array (written in this order after ``grid``)
+    _record_axes: ClassVar[tuple[tuple[str, int], ...]] = (("psf_size", -1),)
+    #: constructor arguments beyond this class's, each also a property and a record field (after the axes)
+    _extra_args: ClassVar[tuple[str, ...]] = ()
+    #: whether :meth:`binned` renormalises each pooled PSF itself (the 2-D grid always has, so its binned files
+    #: keep their bits) or leaves it to the constructor (which renormalises sums off by more than 1e-9)
+    _binned_renormalises: ClassVar[bool] = False
 
-    def __init__(
-        self,
-        psfs: np.ndarray,
-        *,
-        filled: np.ndarray | None = None,
-        pixel_size_um: float | None = None,
-        name: str = "measured",
-        provenance: Mapping[str, Any] | None = None,
-        blur_grid: int | None = None,
-    ):
-        arr = np.array(psfs, dtype=np.float64)  # a copy: the model never shares memory with the caller
-        if arr.ndim != 4 or arr.shape[0] != arr.shape[1] or arr.shape[2] != arr.shape[3] or arr.shape[0] < 1:
-            raise ValueError(f"measured PSF grid must have shape (K, K, s, s), got {arr.shape}")
-        if arr.shape[2] % 2 == 0 or arr.shape[2] < 3:
-            raise ValueError(f"measured PSFs must have an odd side of at least 3 pixels, got {arr.shape[2]}")
-        if not np.all(np.isfinite(arr)):
-            raise ValueError("measured PSF grid contains NaN or Inf values")
-        if arr.min() < -1e-12:
-            raise ValueError(f"measured PSFs must be non-negative (light), smallest value is {arr.min():.3g}")
-        sums = arr.sum(axis=(2, 3))
-        if np.any(sums <= 0):
-            raise ValueError("a measured PSF of the grid is all zero; every node needs a PSF")
-        arr = np.clip(arr, 0.0, None)
-        if np.any(np.abs(sums - 1.0) > 1e-9):  # already-normalised grids keep their exact bits (files round-trip)
-            arr /= arr.sum(axis=(2, 3))[..., None, None]
+    def __init__(self, psfs: np.ndarray, *, filled: np.ndarray | None = None, pixel_size_um: float | None = None,
+                 name: str = "measured", provenance: Mapping[str, Any] | None = None, blur_grid: int | None = None):
+        arr = self._checked_psfs(psfs)
         k = arr.shape[0]
-        if filled is None:
-            flags = np.zeros((k, k), dtype=bool)
-        else:
-            flags = np.asarray(filled)
-            if flags.shape != (k, k):
-                raise ValueError(f"filled must have shape ({k}, {k}) like the grid, got {flags.shape}")
-            flags = flags.astype(bool)
-        if pixel_size_um is not None:
-            pixel_size_um = float(pixel_size_um)
-            if not (math.isfinite(pixel_size_um) and pixel_size_um > 0):
-                raise ValueError(f"pixel_size_um must be positive or None, got {pixel_size_um!r}")
-        bg = k if blur_grid is None else int(blur_grid)
+        flags = np.zeros((k, k), dtype=bool) if filled is None else np.asarray(filled)
+        if flags.shape != (k, k):
+            raise ValueError(f"filled must have shape ({k}, {k}) like the grid, got {flags.shape}")
+        bg = k if blur_grid is None else blur_grid
+        whole = isinstance(bg, (int, np.integer)) or (isinstance(bg, (float, np.floating)) and float(bg).is_integer())
+        if isinstance(bg, bool) or not whole:
+            raise ValueError(f"blur_grid must be an integer, got {blur_grid!r}")
         lo, hi = GRID_BOUNDS
         if not lo <= bg <= hi:  # the fast blur holds bg² PSFs: a grid beyond PSFConfig's bound is a mistake
-            raise ValueError(f"blur_grid must be from 1 to {hi}, got {blur_grid!r}")
+            raise ValueError(f"blur_grid must be from {lo} to {hi}, got {blur_grid!r}")
         self._psfs = arr
         self._psfs.setflags(write=False)
-        self._filled = flags
+        self._filled = flags.astype(bool)
         self._filled.setflags(write=False)
-        self._pixel_size = pixel_size_um
+        self._pixel_size = _positive_or_none(pixel_size_um, "pixel_size_um")
         self._name = str(name)
         self._provenance = dict(provenance or {})
-        self._blur_grid = bg
+        self._blur_grid = int(bg)
+
+    @classmethod
+    def _checked_psfs(cls, psfs) -> np.ndarray:
+        """(K, K, ..., s, s) non-negative node PSFs as a new float64 array, each normalised to unit sum."""
+        arr = np.array(psfs, dtype=np.float64)  # a copy: the model never shares memory with the caller
+        label, axes = cls._label, tuple(range(2, 2 + cls.psf_dims))
+        if arr.ndim != 2 + cls.psf_dims or arr.shape[0] != arr.shape[1] or arr.shape[-2] != arr.shape[-1] \
+                or arr.shape[0] < 1:
+            raise ValueError(f"a {label} PSF grid must have shape {cls._grid_shape}, got {arr.shape}")
+        if arr.shape[-1] % 2 == 0 or arr.shape[-1] < 3:
+            raise ValueError(f"{label} PSFs must have an odd side of at least 3 pixels, got {arr.shape[-1]}")
+        cls._check_depth(arr)
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"the {label} PSF grid contains NaN or Inf values")
+        if arr.min() < -1e-12:
+            raise ValueError(f"{label} PSFs must be non-negative (light), smallest value is {arr.min():.3g}")
+        sums = arr.sum(axis=axes)
+        if np.any(sums <= 0):
+            raise ValueError(f"a {label} PSF of the grid is all zero; every node needs a PSF")
+        arr = np.clip(arr, 0.0, None)
+        if np.any(np.abs(sums - 1.0) > 1e-9):  # already-normalised grids keep their exact bits (files round-trip)
+            arr /= arr.sum(axis=axes)[(...,) + (None,) * cls.psf_dims]
+        return arr
+
+    @classmethod
+    def _check_depth(cls, arr: np.ndarray) -> None:
+        """Refuse node PSFs whose planes cannot be (3-D grids); a 2-D grid has none."""
 
     # --------------------------------------------------------------------------------------- properties
 
@@ -130,7 +185,7 @@ class MeasuredGridPSF(PSFModel):
 
     @property
     def node_psfs(self) -> np.ndarray:
-        """(K, K, s, s) node PSFs (read-only view)."""
+        """(K, K, s, s) node PSFs ((K, K, D, s, s) for a 3-D grid; read-only view)."""
         return self._psfs
 
     @property
@@ -145,17 +200,6 @@ class MeasuredGridPSF(PSFModel):
 
     # ------------------------------------------------------------------------------------------- PSFs
 
-    def psfs_at(self, y, x, field_shape: Sequence[int] | None = None) -> np.ndarray:
-        # the blur's weights too are tent_weights of normalised coordinates, so the frame shape does not matter
-        y, x = np.broadcast_arrays(np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64))
-        shape = y.shape
-        k, s = self.nodes, self.psf_size
-        wy = tent_weights(y.ravel(), k)  # (N, K)
-        wx = tent_weights(x.ravel(), k)
-        out = np.einsum("ni,nj,ijab->nab", wy, wx, self._psfs, optimize=True)
-        out /= out.sum(axis=(1, 2), keepdims=True)
-        return out.reshape(*shape, s, s)
-
     def psf_grid(self, field_shape: Sequence[int] | None = None, k: int | None = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         k = self.grid if k is None else int(k)
@@ -164,94 +208,123 @@ class MeasuredGridPSF(PSFModel):
             return self._psfs.copy(), nodes, nodes.copy()
         return super().psf_grid(field_shape, k)
 
-    def binned(self, binning: int) -> "MeasuredGridPSF":
-        """The grid seen by a camera binned ``binning`` x ``binning``: each PSF sum-pooled, odd output side.
+    def binned(self, binning: int) -> "NodeGridPSF":
+        """The grid seen by a camera binned ``binning`` x ``binning`` in x and y: each PSF (every plane of a 3-D
+        one) sum-pooled onto an odd side (:func:`bin_xy`), then normalised again; z keeps its planes and step.
 
         The centre of the binned PSF's middle pixel stays on the point's position: for an even binning the
         PSFs are moved by half a pixel (band-limited interpolation) before pooling.
         """
-        out_size = binned_psf_size(self.psf_size, binning)
+        binned_psf_size(self.psf_size, binning)  # checks the argument
         b = int(binning)
         if b == 1:
             return self
         s = self.psf_size
-        fine = out_size * b
-        k = self.nodes
-        psfs = self._psfs.reshape(k * k, s, s)
-        # the middle fine pixel (or, for even b, the corner between the two middle ones) of the pooled array
-        # must hold the PSF's centre: place the PSF with an integer offset, then a half-pixel move if needed
-        off = (fine - s) // 2
-        canvas = np.zeros((k * k, fine + 2 * b, fine + 2 * b))
-        canvas[:, b + off : b + off + s, b + off : b + off + s] = psfs
-        if (fine - s) % 2:
-            canvas = fourier_shift(canvas, 0.5, 0.5)
-        canvas = np.clip(canvas[:, b : b + fine, b : b + fine], 0.0, None)
-        pooled = canvas.reshape(k * k, out_size, b, out_size, b).sum(axis=(2, 4))
-        pooled /= pooled.sum(axis=(1, 2), keepdims=True)
+        pooled = bin_xy(self._psfs.reshape(-1, s, s), b)
+        if self._binned_renormalises:
+            pooled /= pooled.sum(axis=(1, 2), keepdims=True)
         prov = dict(self._provenance)
         prov["binning"] = b * int(prov.get("binning", 1))
-        return MeasuredGridPSF(
-            pooled.reshape(k, k, out_size, out_size),
-            filled=self._filled,
-            pixel_size_um=None if self._pixel_size is None else self._pixel_size * b,
-            name=self._name,
-            provenance=prov,
-            blur_grid=self._blur_grid,
-        )
+        return type(self)(pooled.reshape(*self._psfs.shape[:-2], *pooled.shape[-2:]), filled=self._filled,
+                          pixel_size_um=None if self._pixel_size is None else self._pixel_size * b, name=self._name,
+                          provenance=prov, blur_grid=self._blur_grid,
+                          **{key: getattr(self, key) for key in self._extra_args})
 
     # ---------------------------------------------------------------------------------------- records
 
     def to_record(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        meta = {
-            "kind": self.kind,
-            "version": _RECORD_VERSION,
-            "name": self._name,
-            "nodes": self.nodes,
-            "grid": self._blur_grid,
-            "psf_size": self.psf_size,
-            "pixel_size_um": self._pixel_size,
-        }
-        arrays = {"psfs": self._psfs.copy(), "filled": self._filled.astype(np.float64)}
-        return meta, arrays
+        meta = {"kind": self.kind, "version": _RECORD_VERSION, "name": self._name, "nodes": self.nodes,
+                "grid": self._blur_grid, **{key: getattr(self, key) for key, _ in self._record_axes},
+                **{key: getattr(self, key) for key in self._extra_args}, "pixel_size_um": self._pixel_size}
+        return meta, {"psfs": self._psfs.copy(), "filled": self._filled.astype(np.float64)}
 
     @classmethod
-    def from_record(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> "MeasuredGridPSF":
-        if not isinstance(meta, dict) or meta.get("kind") != cls.kind:
-            kind = meta.get("kind") if isinstance(meta, dict) else None
-            raise ValueError(f"not a {cls.kind} PSF record (kind {kind!r})")
+    def from_record(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> "NodeGridPSF":
+        psfs, filled = cls._checked_record(meta, arrays)
+        extra = {key: meta.get(key) for key in cls._extra_args}
+        try:
+            return cls(psfs, filled=filled, pixel_size_um=meta.get("pixel_size_um"),
+                       name=str(meta.get("name", "measured")), provenance=meta.get("provenance") or {},
+                       blur_grid=meta.get("grid"), **extra)
+        except ValueError as exc:
+            raise ValueError(f"{cls.kind} PSF record: {exc}") from None
+
+    @classmethod
+    def _checked_record(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]):
+        """(psfs, filled or None) of a record of this kind, its declared sizes checked against its arrays."""
+        kind = cls.kind
+        if not isinstance(meta, dict) or meta.get("kind") != kind:
+            raise ValueError(f"not a {kind} PSF record (kind {meta.get('kind') if isinstance(meta, dict) else None!r})")
         version = meta.get("version", 1)
         if not isinstance(version, int) or version > _RECORD_VERSION:
-            raise ValueError(
-                f"{cls.kind} PSF record version {version!r} is newer than this napari-coordgate reads "
-                f"({_RECORD_VERSION}); upgrade napari-coordgate"
-            )
+            raise ValueError(f"{kind} PSF record version {version!r} is newer than this napari-coordgate reads "
+                             f"({_RECORD_VERSION}); upgrade napari-coordgate")
         if "psfs" not in arrays:
-            raise ValueError(f"{cls.kind} PSF record has no 'psfs' array")
+            raise ValueError(f"{kind} PSF record has no 'psfs' array")
         psfs = np.asarray(arrays["psfs"])
         if psfs.dtype.kind != "f":
-            raise ValueError(f"{cls.kind} PSF record: 'psfs' must be a float array, got {psfs.dtype}")
-        k = int(meta.get("nodes", psfs.shape[0] if psfs.ndim else 0))
-        if psfs.ndim != 4 or psfs.shape[:2] != (k, k) or psfs.shape[2] != psfs.shape[3]:
-            raise ValueError(f"{cls.kind} PSF record: 'psfs' has shape {psfs.shape}, expected ({k}, {k}, s, s)")
-        if "psf_size" in meta and meta["psf_size"] != psfs.shape[-1]:
-            raise ValueError(
-                f"{cls.kind} PSF record: psf_size {meta['psf_size']!r} does not match the PSFs' side {psfs.shape[-1]}"
-            )
-        if psfs.ndim == 4 and np.all(np.isfinite(psfs)):
-            sums = psfs.sum(axis=(2, 3))
+            raise ValueError(f"{kind} PSF record: 'psfs' must be a float array, got {psfs.dtype}")
+        k = meta.get("nodes", psfs.shape[0] if psfs.ndim else 0)
+        if psfs.ndim != 2 + cls.psf_dims or psfs.shape[:2] != (k, k) or psfs.shape[-2] != psfs.shape[-1]:
+            expected = cls._grid_shape.replace("K", str(k))
+            raise ValueError(f"{kind} PSF record: 'psfs' has shape {psfs.shape}, expected {expected}")
+        for key, axis in cls._record_axes:
+            if key in meta and meta[key] != psfs.shape[axis]:
+                raise ValueError(f"{kind} PSF record: {key} {meta[key]!r} does not match the PSFs' {psfs.shape[axis]}")
+        if np.all(np.isfinite(psfs)):
+            sums = psfs.sum(axis=tuple(range(2, psfs.ndim)))
             if np.any(np.abs(sums - 1.0) > 1e-3):
-                raise ValueError(f"{cls.kind} PSF record: the PSFs do not sum to one (sums {sums.min():.4g} .. "
+                raise ValueError(f"{kind} PSF record: the PSFs do not sum to one (sums {sums.min():.4g} .. "
                                  f"{sums.max():.4g}); the file was edited or damaged")
         filled = arrays.get("filled")
         if filled is not None:
             filled = np.asarray(filled)
             if filled.shape != (k, k) or not np.all(np.isin(filled, (0, 1))):
-                raise ValueError(f"{cls.kind} PSF record: 'filled' must be ({k}, {k}) zeros and ones")
+                raise ValueError(f"{kind} PSF record: 'filled' must be ({k}, {k}) zeros and ones")
+            filled = filled != 0
         provenance = meta.get("provenance") or {}
         if not isinstance(provenance, dict):
-            raise ValueError(f"{cls.kind} PSF record: provenance must be a dict, got {type(provenance).__name__}")
-        return cls(psfs, filled=None if filled is None else filled != 0, pixel_size_um=meta.get("pixel_size_um"),
-                   name=str(meta.get("name", "measured")), provenance=provenance, blur_grid=meta.get("grid"))
+            raise ValueError(f"{kind} PSF record: provenance must be a dict, got {type(provenance).__name__}")
+        return psfs, filled
+
+
+@register_psf_model
+class MeasuredGridPSF(NodeGridPSF):
+    """PSFs measured on a K x K grid of the field, interpolated bilinearly between nodes.
+
+    Parameters
+    ----------
+    psfs
+        (K, K, s, s) PSFs, ``psfs[i, j]`` at row node ``i`` and column node ``j`` of ``linspace(-1, 1, K)``;
+        ``s`` odd. Each is normalised to unit sum (negative values are refused: a measured PSF is light).
+    filled
+        (K, K) booleans: True where a node had too few beads and was filled from its neighbours.
+        Default: none filled.
+    pixel_size_um
+        Camera pixel size in the specimen plane (µm) the beads were imaged at, or None when unknown.
+    name
+        A label for people (e.g. the bead file's name).
+    provenance
+        JSON-able facts about the measurement (source images, bead count, fit residual, date, ...).
+    blur_grid
+        K of the grid the fast blur uses by default; default the measured grid's K (its nodes exactly).
+    """
+
+    kind = "measured_grid"
+    _binned_renormalises = True
+
+    def psfs_at(self, y, x, field_shape: Sequence[int] | None = None) -> np.ndarray:
+        # the blur's weights too are tent_weights of normalised coordinates, so the frame shape does not matter;
+        # spelled out rather than tent_interpolate's "ij...": numpy contracts the two differently, and 2-D PSFs
+        # have always been these bits
+        y, x = np.broadcast_arrays(np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64))
+        shape = y.shape
+        k, s = self.nodes, self.psf_size
+        wy = tent_weights(y.ravel(), k)  # (N, K)
+        wx = tent_weights(x.ravel(), k)
+        out = np.einsum("ni,nj,ijab->nab", wy, wx, self._psfs, optimize=True)
+        out /= out.sum(axis=(1, 2), keepdims=True)
+        return out.reshape(*shape, s, s)
 
     def describe(self) -> str:
         n = int(self._filled.sum())

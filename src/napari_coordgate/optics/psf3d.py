@@ -41,12 +41,12 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
 from napari_coordgate.config import Config, ConfigError, bounded
-from napari_coordgate.coords import grid_positions, tent_weights
+from napari_coordgate.optics.measured import NodeGridPSF, _positive_or_none, tent_interpolate
 from napari_coordgate.optics.psf import (
     PSFConfig,
     Pupil,
@@ -56,18 +56,10 @@ from napari_coordgate.optics.psf import (
     pupil_samples,
     zernike_coefficients,
 )
-from napari_coordgate.optics.psfmodel import (
-    GRID_BOUNDS,
-    PSF_DEPTH_BOUNDS,
-    PSFModel,
-    binned_psf_size,
-    register_psf_model,
-)
-from napari_coordgate.optics.shift import fourier_shift
+from napari_coordgate.optics.psfmodel import PSF_DEPTH_BOUNDS, PSFModel, register_psf_model
 
-__all__ = ["Pupil3DPSF", "MeasuredGrid3DPSF", "PRESETS_3D", "axial_nyquist_um", "tent_interpolate", "bin_xy"]
+__all__ = ["Pupil3DPSF", "MeasuredGrid3DPSF", "PRESETS_3D", "axial_nyquist_um"]
 
-_RECORD_VERSION = 1
 _CHUNK = 128  # pupil PSF planes computed together: bounds the memory of the (N, M²) pupils
 
 
@@ -294,47 +286,6 @@ def _through_focus(cfg: PSFConfig, coeffs: np.ndarray, dz: np.ndarray, dz_max: f
     return out / out.sum(axis=(1, 2, 3), keepdims=True)
 
 
-def tent_interpolate(node_psfs: np.ndarray, y, x) -> np.ndarray:
-    """The tent (bilinear) interpolation of a K x K grid of node PSFs at normalised field positions.
-
-    Parameters
-    ----------
-    node_psfs
-        (K, K, ...) PSFs at the nodes ``linspace(-1, 1, K)`` (any trailing shape: (s, s) or (D, s, s)).
-    y, x
-        Normalised field coordinates, broadcastable to one shape ``S``.
-
-    Returns
-    -------
-    ndarray, float64, shape ``S + node_psfs.shape[2:]``
-        With the weights of :func:`~napari_coordgate.coords.tent_weights` per axis (the blur's weights).
-    """
-    y, x = np.broadcast_arrays(np.asarray(y, dtype=np.float64), np.asarray(x, dtype=np.float64))
-    k = node_psfs.shape[0]
-    out = np.einsum("ni,nj,ij...->n...", tent_weights(y.ravel(), k), tent_weights(x.ravel(), k), node_psfs,
-                    optimize=True)
-    return out.reshape(*y.shape, *node_psfs.shape[2:])
-
-
-def bin_xy(psfs: np.ndarray, binning: int) -> np.ndarray:
-    """(N, s, s) PSFs sum-pooled ``binning`` x ``binning`` onto an odd side (:func:`binned_psf_size`).
-
-    The centre of the binned middle pixel stays on the point's position: for an even binning the PSFs are moved by
-    half a pixel (band-limited interpolation) before pooling. Not normalised (pooling keeps the sums up to the
-    clipped ringing of that move).
-    """
-    out_size = binned_psf_size(psfs.shape[-1], binning)
-    b, s, n = int(binning), psfs.shape[-1], psfs.shape[0]
-    fine = out_size * b
-    off = (fine - s) // 2
-    canvas = np.zeros((n, fine + 2 * b, fine + 2 * b))
-    canvas[:, b + off : b + off + s, b + off : b + off + s] = psfs
-    if (fine - s) % 2:
-        canvas = fourier_shift(canvas, 0.5, 0.5)
-    canvas = np.clip(canvas[:, b : b + fine, b : b + fine], 0.0, None)
-    return canvas.reshape(n, out_size, b, out_size, b).sum(axis=(2, 4))
-
-
 PRESETS_3D: dict[str, Pupil3DPSF] = {
     "tilted_curved_3d": Pupil3DPSF.from_pupil(
         PSFConfig(name="tilted_curved_3d", na=0.8, wavelength_um=0.52, pixel_size_um=0.13, refractive_index=1.0,
@@ -347,44 +298,13 @@ PRESETS_3D: dict[str, Pupil3DPSF] = {
 (0.6 µm at the corners), with radial astigmatism and a little coma towards the edge."""
 
 
-def _checked_grid3d(psfs) -> np.ndarray:
-    """(K, K, D, s, s) non-negative node PSFs as a new float64 array, each normalised over its volume."""
-    arr = np.array(psfs, dtype=np.float64)  # a copy: the model never shares memory with the caller
-    if arr.ndim != 5 or arr.shape[0] != arr.shape[1] or arr.shape[3] != arr.shape[4] or arr.shape[0] < 1:
-        raise ValueError(f"a 3-D PSF grid must have shape (K, K, D, s, s), got {arr.shape}")
-    if arr.shape[3] % 2 == 0 or arr.shape[3] < 3:
-        raise ValueError(f"3-D PSFs must have an odd side of at least 3 pixels, got {arr.shape[3]}")
-    lo, hi = PSF_DEPTH_BOUNDS
-    if arr.shape[2] % 2 == 0 or not lo <= arr.shape[2] <= hi:
-        raise ValueError(f"3-D PSFs must have an odd number of planes from {lo} to {hi} (the middle one at z = 0), "
-                         f"got {arr.shape[2]}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("the 3-D PSF grid contains NaN or Inf values")
-    if arr.min() < -1e-12:
-        raise ValueError(f"3-D PSFs must be non-negative (light), smallest value is {arr.min():.3g}")
-    sums = arr.sum(axis=(2, 3, 4))
-    if np.any(sums <= 0):
-        raise ValueError("a 3-D PSF of the grid is all zero; every node needs a PSF")
-    arr = np.clip(arr, 0.0, None)
-    if np.any(np.abs(sums - 1.0) > 1e-9):  # already-normalised grids keep their exact bits (files round-trip)
-        arr /= arr.sum(axis=(2, 3, 4))[..., None, None, None]
-    return arr
-
-
-def _positive_or_none(value, what: str) -> float | None:
-    if value is None:
-        return None
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    if not (ok and math.isfinite(float(value)) and float(value) > 0):
-        raise ValueError(f"{what} must be a positive number, got {value!r}")
-    return float(value)
-
-
 @register_psf_model
-class MeasuredGrid3DPSF(PSFModel):
+class MeasuredGrid3DPSF(NodeGridPSF):
     """3-D PSFs measured on a K x K grid of the field (from bead z-stacks), interpolated bilinearly in (y, x).
 
-    The PSF varies across the field but not with depth; every node PSF is normalised over its stored volume.
+    The PSF varies across the field but not with depth; every node PSF is normalised over its stored volume. What
+    the grid shares with the 2-D :class:`~napari_coordgate.optics.measured.MeasuredGridPSF` (properties, binning,
+    records) lives in :class:`~napari_coordgate.optics.measured.NodeGridPSF`.
 
     Parameters
     ----------
@@ -405,40 +325,25 @@ class MeasuredGrid3DPSF(PSFModel):
 
     kind = "measured_grid3d"
     ndim = 3
+    psf_dims = 3
+    _label = "3-D"
+    _grid_shape = "(K, K, D, s, s)"
+    _record_axes = (("psf_size", -1), ("psf_depth", 2))
+    _extra_args = ("z_step_um",)
 
-    def __init__(self, psfs: np.ndarray, *, z_step_um: float, filled: np.ndarray | None = None,
-                 pixel_size_um: float | None = None, name: str = "measured",
-                 provenance: Mapping[str, Any] | None = None, blur_grid: int | None = None):
-        arr = _checked_grid3d(psfs)
-        k = arr.shape[0]
-        flags = np.zeros((k, k), dtype=bool) if filled is None else np.asarray(filled)
-        if flags.shape != (k, k):
-            raise ValueError(f"filled must have shape ({k}, {k}) like the grid, got {flags.shape}")
+    def __init__(self, psfs: np.ndarray, *, z_step_um: float, **kwargs):
+        super().__init__(psfs, **kwargs)
         z_step = _positive_or_none(z_step_um, "z_step_um")
         if z_step is None:
             raise ValueError("a 3-D PSF grid needs z_step_um, the distance between its planes in µm")
-        bg = k if blur_grid is None else blur_grid
-        lo, hi = GRID_BOUNDS
-        if isinstance(bg, bool) or int(bg) != bg or not lo <= bg <= hi:
-            raise ValueError(f"blur_grid must be an integer from {lo} to {hi}, got {blur_grid!r}")
-        self._psfs = arr
-        self._psfs.setflags(write=False)
-        self._filled = flags.astype(bool)
-        self._filled.setflags(write=False)
         self._z_step = z_step
-        self._pixel_size = _positive_or_none(pixel_size_um, "pixel_size_um")
-        self._name = str(name)
-        self._provenance = dict(provenance or {})
-        self._blur_grid = int(bg)
 
-    # --------------------------------------------------------------------------------------- properties
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def psf_size(self) -> int:
-        return int(self._psfs.shape[-1])
+    @classmethod
+    def _check_depth(cls, arr: np.ndarray) -> None:
+        lo, hi = PSF_DEPTH_BOUNDS
+        if arr.shape[2] % 2 == 0 or not lo <= arr.shape[2] <= hi:
+            raise ValueError(f"3-D PSFs must have an odd number of planes from {lo} to {hi} (the middle one at "
+                             f"z = 0), got {arr.shape[2]}")
 
     @property
     def psf_depth(self) -> int:
@@ -448,82 +353,10 @@ class MeasuredGrid3DPSF(PSFModel):
     def z_step_um(self) -> float:
         return self._z_step
 
-    @property
-    def grid(self) -> int:
-        return self._blur_grid
-
-    @property
-    def nodes(self) -> int:
-        """K of the measured grid."""
-        return int(self._psfs.shape[0])
-
-    @property
-    def pixel_size_um(self) -> float | None:
-        return self._pixel_size
-
-    @property
-    def is_uniform(self) -> bool:
-        return bool(np.all(self._psfs == self._psfs[:1, :1]))
-
-    @property
-    def node_psfs(self) -> np.ndarray:
-        """(K, K, D, s, s) node PSFs (read-only view)."""
-        return self._psfs
-
-    @property
-    def filled(self) -> np.ndarray:
-        """(K, K) booleans: nodes filled from their neighbours (read-only view)."""
-        return self._filled
-
-    @property
-    def provenance(self) -> dict[str, Any]:
-        return dict(self._provenance)
-
-    # ------------------------------------------------------------------------------------------- PSFs
     def psfs_at(self, y, x, field_shape: Sequence[int] | None = None) -> np.ndarray:
         # the tent weights are of normalised coordinates, so the frame shape does not matter
         out = tent_interpolate(self._psfs, y, x)
         return out / out.sum(axis=(-3, -2, -1), keepdims=True)
-
-    def psf_grid(self, field_shape: Sequence[int] | None = None, k: int | None = None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        k = self.grid if k is None else int(k)
-        if k == self.nodes:
-            nodes = grid_positions(k)
-            return self._psfs.copy(), nodes, nodes.copy()
-        return super().psf_grid(field_shape, k)
-
-    def binned(self, binning: int) -> "MeasuredGrid3DPSF":
-        """The grid seen by a camera binned ``binning`` x ``binning`` in x and y (:func:`bin_xy`, every plane); z
-        keeps its planes and step. Each PSF is normalised over its volume again."""
-        binned_psf_size(self.psf_size, binning)  # checks the argument
-        if binning == 1:
-            return self
-        k, d, s = self.nodes, self.psf_depth, self.psf_size
-        pooled = bin_xy(self._psfs.reshape(k * k * d, s, s), binning)
-        pooled = pooled.reshape(k, k, d, *pooled.shape[-2:])
-        prov = dict(self._provenance)
-        prov["binning"] = int(binning) * int(prov.get("binning", 1))
-        return MeasuredGrid3DPSF(pooled, z_step_um=self._z_step, filled=self._filled,
-                                 pixel_size_um=None if self._pixel_size is None else self._pixel_size * binning,
-                                 name=self._name, provenance=prov, blur_grid=self._blur_grid)
-
-    # ---------------------------------------------------------------------------------------- records
-    def to_record(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        meta = {"kind": self.kind, "version": _RECORD_VERSION, "name": self._name, "nodes": self.nodes,
-                "grid": self._blur_grid, "psf_size": self.psf_size, "psf_depth": self.psf_depth,
-                "z_step_um": self._z_step, "pixel_size_um": self._pixel_size}
-        return meta, {"psfs": self._psfs.copy(), "filled": self._filled.astype(np.float64)}
-
-    @classmethod
-    def from_record(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> "MeasuredGrid3DPSF":
-        psfs, filled = _checked_record3d(cls.kind, meta, arrays)
-        try:
-            return cls(psfs, z_step_um=meta.get("z_step_um"), filled=filled, pixel_size_um=meta.get("pixel_size_um"),
-                       name=str(meta.get("name", "measured")), provenance=meta.get("provenance") or {},
-                       blur_grid=meta.get("grid"))
-        except ValueError as exc:
-            raise ValueError(f"{cls.kind} PSF record: {exc}") from None
 
     def describe(self) -> str:
         n = int(self._filled.sum())
@@ -531,38 +364,3 @@ class MeasuredGrid3DPSF(PSFModel):
         px = "" if self._pixel_size is None else f", {self._pixel_size:g} µm pixels"
         return (f"measured_grid3d 3-D PSF model {self._name!r} ({self.psf_depth} x {self.psf_size} x {self.psf_size} "
                 f"voxel PSFs, z-step {self._z_step:g} µm, measured on a {self.nodes} x {self.nodes} grid{filled}{px})")
-
-
-def _checked_record3d(kind: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]):
-    """(psfs, filled or None) of a ``measured_grid3d`` record, its declared sizes checked against its arrays."""
-    if not isinstance(meta, dict) or meta.get("kind") != kind:
-        raise ValueError(f"not a {kind} PSF record (kind {meta.get('kind') if isinstance(meta, dict) else None!r})")
-    version = meta.get("version", 1)
-    if not isinstance(version, int) or version > _RECORD_VERSION:
-        raise ValueError(f"{kind} PSF record version {version!r} is newer than this napari-coordgate reads "
-                         f"({_RECORD_VERSION}); upgrade napari-coordgate")
-    if "psfs" not in arrays:
-        raise ValueError(f"{kind} PSF record has no 'psfs' array")
-    psfs = np.asarray(arrays["psfs"])
-    if psfs.dtype.kind != "f":
-        raise ValueError(f"{kind} PSF record: 'psfs' must be a float array, got {psfs.dtype}")
-    k = meta.get("nodes", psfs.shape[0] if psfs.ndim else 0)
-    if psfs.ndim != 5 or psfs.shape[:2] != (k, k) or psfs.shape[3] != psfs.shape[4]:
-        raise ValueError(f"{kind} PSF record: 'psfs' has shape {psfs.shape}, expected ({k}, {k}, D, s, s)")
-    for key, axis in (("psf_size", 4), ("psf_depth", 2)):
-        if key in meta and meta[key] != psfs.shape[axis]:
-            raise ValueError(f"{kind} PSF record: {key} {meta[key]!r} does not match the PSFs' {psfs.shape[axis]}")
-    if np.all(np.isfinite(psfs)):
-        sums = psfs.sum(axis=(2, 3, 4))
-        if np.any(np.abs(sums - 1.0) > 1e-3):
-            raise ValueError(f"{kind} PSF record: the PSFs do not sum to one (sums {sums.min():.4g} .. "
-                             f"{sums.max():.4g}); the file was edited or damaged")
-    filled = arrays.get("filled")
-    if filled is not None:
-        filled = np.asarray(filled)
-        if filled.shape != (k, k) or not np.all(np.isin(filled, (0, 1))):
-            raise ValueError(f"{kind} PSF record: 'filled' must be ({k}, {k}) zeros and ones")
-        filled = filled != 0
-    if not isinstance(meta.get("provenance") or {}, dict):
-        raise ValueError(f"{kind} PSF record: provenance must be a dict")
-    return psfs, filled
