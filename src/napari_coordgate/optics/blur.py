@@ -92,15 +92,66 @@ def _axis_weights(n: int, pad: int, k: int, field_n: int, offset: int) -> np.nda
 
 
 class _Block(NamedTuple):
-    """One term PSF_k ∗ (w_k · image): the support of w_k in the padded image and where it lands."""
+    """One term PSF_k ∗ (w_k · image): the (y, x) support of w_k in the padded image and where it lands (the 2-D
+    and the 3-D blur: a 3-D block holds every plane)."""
 
     rows: tuple[int, int]  # support rows [r0, r1) in the reflect-padded image
     cols: tuple[int, int]
-    size: tuple[int, int]  # FFT size, at least the linear-convolution size
-    weight: torch.Tensor  # w_k on the support
-    otf: torch.Tensor  # rfft2 of PSF_k at ``size``
+    size: tuple[int, ...]  # FFT size ((z,) y, x), at least the linear-convolution size
+    weight: torch.Tensor  # w_k on the support, (rows, cols)
+    otf: torch.Tensor  # rfftn of PSF_k at ``size``
     frame: tuple[int, int, int, int]  # frame rows/cols [fr0, fr1) x [fc0, fc1) the term reaches
     local: tuple[int, int, int, int]  # the same region in the block's full-convolution coordinates
+
+
+def _checked_region(shape: tuple[int, int], offset, full_field) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(full_field, offset) as int tuples if a frame of ``shape`` at ``offset`` fits inside ``full_field``."""
+    full = shape if full_field is None else tuple(int(n) for n in full_field)
+    off = tuple(int(o) for o in offset)
+    fits = len(full) == 2 and len(off) == 2 and min(off) >= 0
+    if not (fits and off[0] + shape[0] <= full[0] and off[1] + shape[1] <= full[1]):
+        raise ValueError(f"a frame of {shape[0]}x{shape[1]} at offset {tuple(offset)} does not fit inside the field "
+                         f"{tuple(full)}; give the frame's (y, x) inside the field and the field's (H, W)")
+    return full, off  # type: ignore[return-value]
+
+
+def _node_blocks(psfs: np.ndarray, frame: tuple[int, int], full_field: tuple[int, int], offset: tuple[int, int],
+                 dtype: torch.dtype, device: torch.device, depth: tuple[int, ...] = ()) -> list[_Block]:
+    """The blocks of the nodes whose tents reach a frame: (K, K, s, s) PSFs (K, K, D, s, s in 3-D, with ``depth``
+    the FFT length along z), the frame's (H, W) at ``offset`` in ``full_field``."""
+    k, p = psfs.shape[0], psfs.shape[-1] // 2
+    h, w = frame
+    wy, wx = _axis_weights(h, p, k, full_field[0], offset[0]), _axis_weights(w, p, k, full_field[1], offset[1])
+    blocks = []
+    for i in range(k):
+        if not wy[i].any():  # a node whose tent misses this region of the field
+            continue
+        r0, r1 = _support(wy[i])
+        for j in range(k):
+            if not wx[j].any():
+                continue
+            c0, c1 = _support(wx[j])
+            size = (*depth, next_fast_len(r1 - r0 + 2 * p, real=True), next_fast_len(c1 - c0 + 2 * p, real=True))
+            weight = torch.as_tensor(np.outer(wy[i, r0:r1], wx[j, c0:c1]), dtype=dtype, device=device)
+            otf = torch.fft.rfftn(torch.as_tensor(psfs[i, j], dtype=dtype, device=device), s=size)
+            # frame rows touched by the block's full convolution (padded row r0 + m lands on frame row r0 + m - 2p;
+            # in 3-D plane z likewise from padded plane 0), clipped to the frame
+            fr0, fr1, fc0, fc1 = max(r0 - 2 * p, 0), min(r1, h), max(c0 - 2 * p, 0), min(c1, w)
+            local = (fr0 - r0 + 2 * p, fr1 - r0 + 2 * p, fc0 - c0 + 2 * p, fc1 - c0 + 2 * p)
+            blocks.append(_Block((r0, r1), (c0, c1), size, weight, otf, (fr0, fr1, fc0, fc1), local))
+    return blocks
+
+
+def _numpy_items(arr: np.ndarray, item_shape: tuple[int, ...], fn, device: torch.device) -> np.ndarray:
+    """``fn`` (a tensor operator) applied to each ``item_shape`` item of ``arr`` (an image plane, a volume) in turn:
+    bounded memory for long stacks; float32 numpy of ``arr``'s shape."""
+    items = arr.reshape(-1, *item_shape)
+    out = np.empty(items.shape, dtype=np.float32)
+    with torch.no_grad():
+        for i, item in enumerate(items):
+            t = torch.as_tensor(np.ascontiguousarray(item), device=device)
+            out[i] = fn(t).to("cpu", torch.float32).numpy()
+    return out.reshape(arr.shape)
 
 
 class SpatiallyVaryingBlur:
@@ -147,46 +198,18 @@ class SpatiallyVaryingBlur:
             raise ValueError(f"field_shape must be (H, W) with positive sides, got {tuple(field_shape)}")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        full = shape if full_field is None else tuple(int(n) for n in full_field)
-        off = tuple(int(o) for o in offset)
-        fits = len(full) == 2 and len(off) == 2 and min(off) >= 0
-        if not (fits and off[0] + shape[0] <= full[0] and off[1] + shape[1] <= full[1]):
-            raise ValueError(
-                f"a frame of {shape[0]}x{shape[1]} at offset {tuple(offset)} does not fit inside the field "
-                f"{tuple(full)}; give the frame's (y, x) inside the field and the field's (H, W)"
-            )
+        full, off = _checked_region(shape, offset, full_field)
         self.field_shape: tuple[int, int] = shape  # type: ignore[assignment]
-        self.full_field: tuple[int, int] = full  # type: ignore[assignment]
-        self.offset: tuple[int, int] = off  # type: ignore[assignment]
+        self.full_field: tuple[int, int] = full
+        self.offset: tuple[int, int] = off
         self.device = resolve_device(device)
         self.dtype = dtype
         self.psfs, self.grid_y, self.grid_x = _checked_grid(self.psf_model, full)
-        k, s = self.psfs.shape[0], self.psfs.shape[-1]
-        self.pad = p = s // 2
+        self.pad = p = self.psfs.shape[-1] // 2
         h, w = shape
         self._iy = torch.as_tensor(_reflect_index(h, p), device=self.device)
         self._ix = torch.as_tensor(_reflect_index(w, p), device=self.device)
-        wy, wx = _axis_weights(h, p, k, full[0], off[0]), _axis_weights(w, p, k, full[1], off[1])
-        self._blocks: list[_Block] = []
-        for i in range(k):
-            if not wy[i].any():  # a node whose tent misses this region of the field
-                continue
-            r0, r1 = _support(wy[i])
-            for j in range(k):
-                if not wx[j].any():
-                    continue
-                c0, c1 = _support(wx[j])
-                ny, nx = r1 - r0, c1 - c0
-                size = (next_fast_len(ny + 2 * p, real=True), next_fast_len(nx + 2 * p, real=True))
-                weight = torch.as_tensor(np.outer(wy[i, r0:r1], wx[j, c0:c1]), dtype=dtype, device=self.device)
-                psf = torch.as_tensor(self.psfs[i, j], dtype=dtype, device=self.device)
-                otf = torch.fft.rfft2(psf, s=size)
-                # frame rows touched by the block's full convolution (padded row r0 + m lands on frame row
-                # r0 + m - 2p), clipped to the frame
-                fr0, fr1 = max(r0 - 2 * p, 0), min(r1, h)
-                fc0, fc1 = max(c0 - 2 * p, 0), min(c1, w)
-                local = (fr0 - r0 + 2 * p, fr1 - r0 + 2 * p, fc0 - c0 + 2 * p, fc1 - c0 + 2 * p)
-                self._blocks.append(_Block((r0, r1), (c0, c1), size, weight, otf, (fr0, fr1, fc0, fc1), local))
+        self._blocks = _node_blocks(self.psfs, shape, full, off, dtype, self.device)
 
     def __repr__(self) -> str:
         region = "" if self.full_field == self.field_shape else f", offset={self.offset}, full_field={self.full_field}"
@@ -279,13 +302,7 @@ class SpatiallyVaryingBlur:
                 f"image frame is {arr.shape[-2:]} but this operator was built for {self.field_shape}; "
                 "build a SpatiallyVaryingBlur for that shape"
             )
-        planes = arr.reshape(-1, *self.field_shape)
-        out = np.empty(planes.shape, dtype=np.float32)
-        with torch.no_grad():
-            for i, plane in enumerate(planes):  # plane by plane: bounded memory for long stacks
-                t = torch.as_tensor(np.ascontiguousarray(plane), device=self.device)
-                out[i] = fn(t).to("cpu", torch.float32).numpy()
-        return out.reshape(arr.shape)
+        return _numpy_items(arr, self.field_shape, fn, self.device)
 
     def forward(self, image) -> np.ndarray:
         """Blur an image (H, W) or a stack (..., H, W) plane by plane.

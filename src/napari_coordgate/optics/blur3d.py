@@ -32,7 +32,7 @@ region of a larger field (``offset`` in ``full_field``), as in 2-D.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from scipy.fft import next_fast_len
 from napari_coordgate.checks import as_float, check_image
 from napari_coordgate.coords import field_axis, grid_positions
 from napari_coordgate.devices import resolve_device
-from napari_coordgate.optics.blur import _axis_weights, _reflect_index, _support, add_noise
+from napari_coordgate.optics.blur import _checked_region, _node_blocks, _numpy_items, _reflect_index, add_noise
 from napari_coordgate.optics.measured import tent_interpolate
 from napari_coordgate.optics.models import get_psf_model
 from napari_coordgate.optics.psfmodel import PSFModel, require_ndim
@@ -65,33 +65,11 @@ def check_volume(volume, name: str = "volume", *, max_ndim: int | None = None) -
     return check_image(arr, name, min_ndim=3, max_ndim=max_ndim)
 
 
-class _Block(NamedTuple):
-    """One term PSF3D_k ∗ (w_k · volume): the (y, x) support of w_k in the padded volume and where it lands."""
-
-    rows: tuple[int, int]  # support rows [r0, r1) in the reflect-padded volume
-    cols: tuple[int, int]
-    size: tuple[int, int, int]  # FFT size (z, y, x), at least the linear-convolution size
-    weight: torch.Tensor  # w_k on the support, (rows, cols)
-    otf: torch.Tensor  # rfftn of PSF3D_k at ``size``
-    frame: tuple[int, int, int, int]  # frame rows/cols [fr0, fr1) x [fc0, fc1) the term reaches
-    local: tuple[int, int, int, int]  # the same region in the block's full-convolution coordinates
-
-
 def _checked_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     out = tuple(int(n) for n in shape)
     if len(out) != 3 or min(out) < 1:
         raise ValueError(f"shape must be (D, H, W) with positive sides (planes, rows, columns), got {tuple(shape)}")
     return out  # type: ignore[return-value]
-
-
-def _checked_region(shape: tuple[int, int], offset, full_field) -> tuple[tuple[int, int], tuple[int, int]]:
-    full = shape if full_field is None else tuple(int(n) for n in full_field)
-    off = tuple(int(o) for o in offset)
-    fits = len(full) == 2 and len(off) == 2 and min(off) >= 0
-    if not (fits and off[0] + shape[0] <= full[0] and off[1] + shape[1] <= full[1]):
-        raise ValueError(f"a frame of {shape[0]}x{shape[1]} at offset {tuple(offset)} does not fit inside the field "
-                         f"{tuple(full)}; give the frame's (y, x) inside the field and the field's (H, W)")
-    return full, off  # type: ignore[return-value]
 
 
 def _checked_grid3d(model: PSFModel, full_field) -> np.ndarray:
@@ -152,33 +130,10 @@ class SpatiallyVaryingBlur3D:
         d, h, w = self.shape
         self._iz, self._iy, self._ix = (torch.as_tensor(_reflect_index(n, p), device=self.device)
                                         for n, p in ((d, self.pad_z), (h, self.pad), (w, self.pad)))
-        self._blocks = self._build_blocks()
-
-    def _build_blocks(self) -> list[_Block]:
-        k, p, pz = self.psfs.shape[0], self.pad, self.pad_z
-        d, h, w = self.shape
-        wy = _axis_weights(h, p, k, self.full_field[0], self.offset[0])
-        wx = _axis_weights(w, p, k, self.full_field[1], self.offset[1])
-        nz = next_fast_len(d + 4 * pz, real=True)  # every block holds all planes: the padded depth plus the PSF's
-        blocks = []
-        for i in range(k):
-            if not wy[i].any():  # a node whose tent misses this region of the field
-                continue
-            r0, r1 = _support(wy[i])
-            for j in range(k):
-                if not wx[j].any():
-                    continue
-                c0, c1 = _support(wx[j])
-                size = (nz, next_fast_len(r1 - r0 + 2 * p, real=True), next_fast_len(c1 - c0 + 2 * p, real=True))
-                weight = torch.as_tensor(np.outer(wy[i, r0:r1], wx[j, c0:c1]), dtype=self.dtype, device=self.device)
-                psf = torch.as_tensor(self.psfs[i, j], dtype=self.dtype, device=self.device)
-                otf = torch.fft.rfftn(psf, s=size)
-                # padded row r0 + m of the block's full convolution lands on frame row r0 + m - 2p (z likewise,
-                # from padded plane 0), clipped to the frame
-                fr0, fr1, fc0, fc1 = max(r0 - 2 * p, 0), min(r1, h), max(c0 - 2 * p, 0), min(c1, w)
-                local = (fr0 - r0 + 2 * p, fr1 - r0 + 2 * p, fc0 - c0 + 2 * p, fc1 - c0 + 2 * p)
-                blocks.append(_Block((r0, r1), (c0, c1), size, weight, otf, (fr0, fr1, fc0, fc1), local))
-        return blocks
+        # every block holds all planes: the padded depth plus the PSF's
+        nz = next_fast_len(d + 4 * self.pad_z, real=True)
+        self._blocks = _node_blocks(self.psfs, self.field_shape, self.full_field, self.offset, dtype, self.device,
+                                    (nz,))
 
     def __repr__(self) -> str:
         region = "" if self.full_field == self.field_shape else f", offset={self.offset}, full_field={self.full_field}"
@@ -241,13 +196,7 @@ class SpatiallyVaryingBlur3D:
         if arr.shape[-3:] != self.shape:
             raise ValueError(f"volume is {arr.shape[-3:]} but this operator was built for {self.shape} (D, H, W); "
                              "build a SpatiallyVaryingBlur3D for that shape")
-        vols = arr.reshape(-1, *self.shape)
-        out = np.empty(vols.shape, dtype=np.float32)
-        with torch.no_grad():
-            for i, vol in enumerate(vols):  # volume by volume: bounded memory for long series
-                t = torch.as_tensor(np.ascontiguousarray(vol), device=self.device)
-                out[i] = fn(t).to("cpu", torch.float32).numpy()
-        return out.reshape(arr.shape)
+        return _numpy_items(arr, self.shape, fn, self.device)
 
     def forward(self, volume) -> np.ndarray:
         """Blur a volume (D, H, W) or a series (..., D, H, W); float32 numpy of the same shape."""
