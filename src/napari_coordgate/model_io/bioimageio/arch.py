@@ -177,7 +177,116 @@ def _extend_grid(coords: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
     return torch.stack([cx, cy], dim=1)
 
 
-class CoordGateUNet(nn.Module):
+def _plane_spans(plane: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """(y0, y1, x0, x1) per sample of the grid part of a (B, 2, Y, X) coordinate plane (see :func:`_grid_span`)."""
+    spans: list[tuple[int, int, int, int]] = []
+    for b in range(plane.shape[0]):
+        y0, y1 = _grid_span(plane[b, 1], plane[b, 0], 0)
+        x0, x1 = _grid_span(plane[b, 0], plane[b, 1], 1)
+        spans.append((y0, y1, x0, x1))
+    return spans
+
+
+class _UNet(nn.Module):
+    """What the 2-D and 3-D networks share: their common arguments, the gates, the border handling (the grid part of
+    the input, padded back) and the normalisation. Each subclass builds its layers and runs its U (``_restore``)."""
+
+    def _setup(self, spatial_dims: int, depth: int, level_channels: list[int], gate: str, residual: bool,
+               in_channels: int, offset: float, scale: float, percentiles: list[float] | None,
+               sample_pixels: int) -> list[int]:
+        """Check and keep the common arguments; the channels of each level. ``spatial_dims``: 2 for inputs
+        (B, C, H, W), 3 for (B, C, Z, Y, X)."""
+        if len(level_channels) != depth:
+            raise ValueError(f"level_channels needs {depth} entries, got {len(level_channels)}")
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.spatial_dims = spatial_dims
+        self.depth = depth
+        self.min_size = 2 ** (depth - 1)
+        self.gated = gate == "coordgate"
+        self.residual = residual
+        self.in_channels = in_channels
+        self.offset = float(offset)
+        self.scale = float(scale)
+        # per-image normalisation: each sample's own percentiles (of a regular subsample of about sample_pixels)
+        self.percentiles = None if percentiles is None else [float(p) / 100.0 for p in percentiles]
+        self.sample_pixels = int(sample_pixels)
+        return [int(c) for c in level_channels]
+
+    def _add_gates(self, ch: list[int], hidden: int, layers: int, activation: str) -> None:
+        """A gate after every down block but the bottom one (the only one when depth is 1) and every upsampling."""
+        self.down_gates = nn.ModuleList()
+        self.up_gates = nn.ModuleList()
+        if self.gated:
+            for level in range(max(1, self.depth - 1)):
+                self.down_gates.append(Gate(ch[level], hidden, layers, activation))
+            for level in reversed(range(self.depth - 1)):
+                self.up_gates.append(Gate(ch[level], hidden, layers, activation))
+
+    def forward(self, image: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        axes = "H, W" if self.spatial_dims == 2 else "Z, Y, X"
+        if image.dim() != 2 + self.spatial_dims or coords.dim() != 2 + self.spatial_dims:
+            raise ValueError(f"expected image (B, C, {axes}) and coords (B, 2, {axes})")
+        if coords.shape[1] != 2:
+            raise ValueError("coords must have 2 channels (x, y)")
+        if image.shape[0] != coords.shape[0] or image.shape[2:] != coords.shape[2:]:
+            raise ValueError("image and coords must have the same batch size and spatial shape")
+        if image.shape[1] != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} image channel(s), got {image.shape[1]}")
+        image = image.float()
+        coords = coords.float()
+        # 3-D: every plane holds the same (x, y); the middle one is never part of a tool's z padding
+        plane = coords if coords.dim() == 4 else coords[:, :, coords.shape[2] // 2]
+        spans = _plane_spans(plane)
+        same = True
+        for s in spans:
+            same = same and s == spans[0]
+        if same:
+            return self._padded(image, plane, spans[0]), coords
+        outs: list[torch.Tensor] = []
+        for b in range(image.shape[0]):
+            outs.append(self._padded(image[b : b + 1], plane[b : b + 1], spans[b]))
+        return torch.cat(outs, dim=0), coords
+
+    def _padded(self, image: torch.Tensor, plane: torch.Tensor, span: tuple[int, int, int, int]) -> torch.Tensor:
+        """The network on the (y, x) grid part ``span`` of the input, padded back (edge values) to its shape."""
+        y0, y1, x0, x1 = span
+        H, W = image.shape[-2], image.shape[-1]
+        part = image[..., y0:y1, x0:x1]
+        offset, scale = self._units(part)
+        out = self._restore(part, plane[:, :, y0:y1, x0:x1], offset, scale)
+        if y0 > 0 or x0 > 0 or y1 < H or x1 < W:
+            pad = [x0, W - x1, y0, H - y1]
+            if out.dim() == 5:
+                pad = pad + [0, 0]
+            out = F.pad(out, pad, mode="replicate")
+        return out
+
+    def _units(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(offset, scale), each (B, C, 1, 1) (3-D: (B, C, 1, 1, 1)): the stored ones, or (per-image) each sample's
+        percentiles (of every k-th row and column of every plane)."""
+        B, C = image.shape[0], image.shape[1]
+        shape = [B, C] + [1] * (image.dim() - 2)
+        if self.percentiles is None:
+            return (torch.full(shape, self.offset, device=image.device),
+                    torch.full(shape, self.scale, device=image.device))
+        pixels = 1
+        for n in image.shape[2:]:
+            pixels *= n
+        k = max(1, int(math.ceil(math.sqrt(pixels / self.sample_pixels))))
+        sample = image[..., ::k, ::k].reshape(B, C, -1).double()
+        q = torch.quantile(sample, torch.tensor(self.percentiles, dtype=torch.float64, device=image.device), dim=-1)
+        lo, hi = q[0], q[1]
+        scale = torch.where(hi > lo, hi - lo, torch.full_like(lo, self.scale))
+        return lo.float().reshape(shape), scale.float().reshape(shape)
+
+    def _restore(self, image: torch.Tensor, plane: torch.Tensor, offset: torch.Tensor,
+                 scale: torch.Tensor) -> torch.Tensor:
+        """The network on the grid part of the input: normalised, padded to the pooling multiples, the U, back."""
+        raise NotImplementedError
+
+
+class CoordGateUNet(_UNet):
     """The napari-coordgate U-Net (plain, CoordGate or CoordConv), normalisation included; see the module doc."""
 
     def __init__(
@@ -201,23 +310,10 @@ class CoordGateUNet(nn.Module):
         super().__init__()
         if gate not in ("none", "coordgate", "coordconv"):
             raise ValueError(f"unknown gate {gate!r}")
-        if len(level_channels) != depth:
-            raise ValueError(f"level_channels needs {depth} entries, got {len(level_channels)}")
-        if not scale > 0:
-            raise ValueError(f"scale must be > 0, got {scale}")
-        ch = [int(c) for c in level_channels]
-        self.depth = depth
-        self.min_size = 2 ** (depth - 1)
+        ch = self._setup(2, depth, level_channels, gate, residual, in_channels, offset, scale, percentiles,
+                         sample_pixels)
         self.gate = gate
         self.coordconv = gate == "coordconv"
-        self.gated = gate == "coordgate"
-        self.residual = residual
-        self.in_channels = in_channels
-        self.offset = float(offset)
-        self.scale = float(scale)
-        # per-image normalisation: each sample's own percentiles (of a regular subsample of about sample_pixels)
-        self.percentiles = None if percentiles is None else [float(p) / 100.0 for p in percentiles]
-        self.sample_pixels = int(sample_pixels)
         extra = 2 if self.coordconv else 0
         self.has_prefilter = prefilter_channels > 0
         self.prefilter = FilterBank(prefilter_channels, prefilter_size) if self.has_prefilter else nn.Identity()
@@ -236,68 +332,9 @@ class CoordGateUNet(nn.Module):
         self.input_gate = (
             Gate(n_in, gate_hidden, gate_layers, gate_activation) if self.has_input_gate else nn.Identity()
         )
-        self.down_gates = nn.ModuleList()
-        self.up_gates = nn.ModuleList()
-        if self.gated:
-            for level in range(max(1, depth - 1)):
-                self.down_gates.append(Gate(ch[level], gate_hidden, gate_layers, gate_activation))
-            for level in reversed(range(depth - 1)):
-                self.up_gates.append(Gate(ch[level], gate_hidden, gate_layers, gate_activation))
+        self._add_gates(ch, gate_hidden, gate_layers, gate_activation)
 
-    def forward(self, image: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if image.dim() != 4 or coords.dim() != 4:
-            raise ValueError("expected image (B, C, H, W) and coords (B, 2, H, W)")
-        if coords.shape[1] != 2:
-            raise ValueError("coords must have 2 channels (x, y)")
-        if image.shape[0] != coords.shape[0] or image.shape[-2:] != coords.shape[-2:]:
-            raise ValueError("image and coords must have the same batch size and spatial shape")
-        if image.shape[1] != self.in_channels:
-            raise ValueError(f"expected {self.in_channels} image channel(s), got {image.shape[1]}")
-        image = image.float()
-        coords = coords.float()
-        spans: list[tuple[int, int, int, int]] = []
-        for b in range(image.shape[0]):
-            y0, y1 = _grid_span(coords[b, 1], coords[b, 0], 0)
-            x0, x1 = _grid_span(coords[b, 0], coords[b, 1], 1)
-            spans.append((y0, y1, x0, x1))
-        outs: list[torch.Tensor] = []
-        same = True
-        for s in spans:
-            same = same and s == spans[0]
-        if same:
-            outs.append(self._padded(image, coords, spans[0]))
-        else:
-            for b in range(image.shape[0]):
-                outs.append(self._padded(image[b : b + 1], coords[b : b + 1], spans[b]))
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-        return out, coords
-
-    def _padded(self, image: torch.Tensor, coords: torch.Tensor, span: tuple[int, int, int, int]) -> torch.Tensor:
-        """The network on the grid part ``span`` of the input, padded back (edge values) to the input's shape."""
-        y0, y1, x0, x1 = span
-        H, W = image.shape[-2], image.shape[-1]
-        part = image[:, :, y0:y1, x0:x1]
-        offset, scale = self._units(part)
-        out = self._restore(part, coords[:, :, y0:y1, x0:x1], offset, scale)
-        if y0 > 0 or x0 > 0 or y1 < H or x1 < W:
-            out = F.pad(out, [x0, W - x1, y0, H - y1], mode="replicate")
-        return out
-
-    def _units(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(offset, scale), each (B, C, 1, 1): the stored ones, or (per-image) each sample's percentiles."""
-        B, C = image.shape[0], image.shape[1]
-        if self.percentiles is None:
-            return (torch.full((B, C, 1, 1), self.offset, device=image.device),
-                    torch.full((B, C, 1, 1), self.scale, device=image.device))
-        H, W = image.shape[-2], image.shape[-1]
-        k = max(1, int(math.ceil(math.sqrt(H * W / self.sample_pixels))))
-        sample = image[:, :, ::k, ::k].reshape(B, C, -1).double()
-        q = torch.quantile(sample, torch.tensor(self.percentiles, dtype=torch.float64, device=image.device), dim=-1)
-        lo, hi = q[0], q[1]
-        scale = torch.where(hi > lo, hi - lo, torch.full_like(lo, self.scale))
-        return lo.float()[:, :, None, None], scale.float()[:, :, None, None]
-
-    def _restore(self, image: torch.Tensor, coords: torch.Tensor, offset: torch.Tensor,
+    def _restore(self, image: torch.Tensor, plane: torch.Tensor, offset: torch.Tensor,
                  scale: torch.Tensor) -> torch.Tensor:
         H, W = image.shape[-2], image.shape[-1]
         m = self.min_size
@@ -307,10 +344,10 @@ class CoordGateUNet(nn.Module):
         pad_h, pad_w = (-H) % m, (-W) % m
         mode = "reflect" if pad_h < H and pad_w < W else "replicate"
         inp = x
-        c = coords
+        c = plane
         if pad_h > 0 or pad_w > 0:
             inp = F.pad(x, [0, pad_w, 0, pad_h], mode=mode)
-            c = _extend_grid(coords, pad_h, pad_w)
+            c = _extend_grid(plane, pad_h, pad_w)
         h = inp
         if self.has_prefilter:
             filt = self.prefilter(x)
@@ -358,17 +395,7 @@ def _block3d(cin: int, cout: int) -> nn.Sequential:
     )
 
 
-def _plane_spans(plane: torch.Tensor) -> list[tuple[int, int, int, int]]:
-    """(y0, y1, x0, x1) per sample of the grid part of a (B, 2, Y, X) coordinate plane (see :func:`_grid_span`)."""
-    spans: list[tuple[int, int, int, int]] = []
-    for b in range(plane.shape[0]):
-        y0, y1 = _grid_span(plane[b, 1], plane[b, 0], 0)
-        x0, x1 = _grid_span(plane[b, 0], plane[b, 1], 1)
-        spans.append((y0, y1, x0, x1))
-    return spans
-
-
-class CoordGateUNet3D(nn.Module):
+class CoordGateUNet3D(_UNet):
     """The napari-coordgate 3-D U-Net (plain or CoordGate) for z-stacks, normalisation included; see the module
     doc. ``z_pool_start``: pooling ``l`` (1 to ``depth - 1``) halves z too when ``l >= z_pool_start``."""
 
@@ -392,22 +419,10 @@ class CoordGateUNet3D(nn.Module):
         super().__init__()
         if gate not in ("none", "coordgate"):
             raise ValueError(f"unknown gate {gate!r} for a 3-D network (none or coordgate)")
-        if len(level_channels) != depth:
-            raise ValueError(f"level_channels needs {depth} entries, got {len(level_channels)}")
-        if not scale > 0:
-            raise ValueError(f"scale must be > 0, got {scale}")
-        ch = [int(c) for c in level_channels]
+        ch = self._setup(3, depth, level_channels, gate, residual, in_channels, offset, scale, percentiles,
+                         sample_pixels)
         kernels = [(2 if p >= z_pool_start else 1, 2, 2) for p in range(1, depth)]
-        self.depth = depth
-        self.min_size = 2 ** (depth - 1)
         self.min_depth = 2 ** sum(1 for k in kernels if k[0] == 2)
-        self.gated = gate == "coordgate"
-        self.residual = residual
-        self.in_channels = in_channels
-        self.offset = float(offset)
-        self.scale = float(scale)
-        self.percentiles = None if percentiles is None else [float(p) / 100.0 for p in percentiles]
-        self.sample_pixels = int(sample_pixels)
         # level l's input is pooled by pools[l] (nothing before level 0): no weights, so the state dict is unchanged
         self.pools = nn.ModuleList([nn.Identity()] + [nn.MaxPool3d(k) for k in kernels])
         self.down = nn.ModuleList(_block3d(in_channels if lv == 0 else ch[lv - 1], ch[lv]) for lv in range(depth))
@@ -417,62 +432,7 @@ class CoordGateUNet3D(nn.Module):
             self.upconv.append(nn.ConvTranspose3d(ch[level + 1], ch[level], kernels[level], stride=kernels[level]))
             self.up.append(_block3d(2 * ch[level], ch[level]))
         self.head = nn.Conv3d(ch[0], out_channels, 1)
-        self.down_gates = nn.ModuleList()
-        self.up_gates = nn.ModuleList()
-        if self.gated:
-            for level in range(max(1, depth - 1)):
-                self.down_gates.append(Gate(ch[level], gate_hidden, gate_layers, gate_activation))
-            for level in reversed(range(depth - 1)):
-                self.up_gates.append(Gate(ch[level], gate_hidden, gate_layers, gate_activation))
-
-    def forward(self, image: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if image.dim() != 5 or coords.dim() != 5:
-            raise ValueError("expected image (B, C, Z, Y, X) and coords (B, 2, Z, Y, X)")
-        if coords.shape[1] != 2:
-            raise ValueError("coords must have 2 channels (x, y)")
-        if image.shape[0] != coords.shape[0] or image.shape[-3:] != coords.shape[-3:]:
-            raise ValueError("image and coords must have the same batch size and spatial shape")
-        if image.shape[1] != self.in_channels:
-            raise ValueError(f"expected {self.in_channels} image channel(s), got {image.shape[1]}")
-        image = image.float()
-        coords = coords.float()
-        # every plane holds the same (x, y); the middle one is never part of a tool's z padding
-        plane = coords[:, :, coords.shape[2] // 2]
-        spans = _plane_spans(plane)
-        same = True
-        for s in spans:
-            same = same and s == spans[0]
-        if same:
-            return self._padded(image, plane, spans[0]), coords
-        outs: list[torch.Tensor] = []
-        for b in range(image.shape[0]):
-            outs.append(self._padded(image[b : b + 1], plane[b : b + 1], spans[b]))
-        return torch.cat(outs, dim=0), coords
-
-    def _padded(self, image: torch.Tensor, plane: torch.Tensor, span: tuple[int, int, int, int]) -> torch.Tensor:
-        """The network on the (y, x) grid part ``span`` of the volume, padded back (edge values) to its shape."""
-        y0, y1, x0, x1 = span
-        H, W = image.shape[-2], image.shape[-1]
-        part = image[:, :, :, y0:y1, x0:x1]
-        offset, scale = self._units(part)
-        out = self._restore(part, plane[:, :, y0:y1, x0:x1], offset, scale)
-        if y0 > 0 or x0 > 0 or y1 < H or x1 < W:
-            out = F.pad(out, [x0, W - x1, y0, H - y1, 0, 0], mode="replicate")
-        return out
-
-    def _units(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(offset, scale), each (B, C, 1, 1, 1): the stored ones, or (per-image) each volume's percentiles."""
-        B, C = image.shape[0], image.shape[1]
-        if self.percentiles is None:
-            return (torch.full((B, C, 1, 1, 1), self.offset, device=image.device),
-                    torch.full((B, C, 1, 1, 1), self.scale, device=image.device))
-        D, H, W = image.shape[-3], image.shape[-2], image.shape[-1]
-        k = max(1, int(math.ceil(math.sqrt(D * H * W / self.sample_pixels))))
-        sample = image[:, :, :, ::k, ::k].reshape(B, C, -1).double()
-        q = torch.quantile(sample, torch.tensor(self.percentiles, dtype=torch.float64, device=image.device), dim=-1)
-        lo, hi = q[0], q[1]
-        scale = torch.where(hi > lo, hi - lo, torch.full_like(lo, self.scale))
-        return lo.float()[:, :, None, None, None], scale.float()[:, :, None, None, None]
+        self._add_gates(ch, gate_hidden, gate_layers, gate_activation)
 
     def _restore(self, image: torch.Tensor, plane: torch.Tensor, offset: torch.Tensor,
                  scale: torch.Tensor) -> torch.Tensor:
