@@ -156,6 +156,13 @@ class NodeGridPSF(PSFModel):
     def _check_depth(cls, arr: np.ndarray) -> None:
         """Refuse node PSFs whose planes cannot be (3-D grids); a 2-D grid has none."""
 
+    def _described_extras(self) -> str:
+        """The end of :meth:`describe`: ", n node(s) filled from neighbours, p µm pixels" as far as they apply."""
+        n = int(self._filled.sum())
+        filled = f", {n} node(s) filled from neighbours" if n else ""
+        px = "" if self._pixel_size is None else f", {self._pixel_size:g} µm pixels"
+        return filled + px
+
     # --------------------------------------------------------------------------------------- properties
 
     @property
@@ -327,8 +334,5 @@ class MeasuredGridPSF(NodeGridPSF):
         return out.reshape(*shape, s, s)
 
     def describe(self) -> str:
-        n = int(self._filled.sum())
-        filled = f", {n} node(s) filled from neighbours" if n else ""
-        px = "" if self._pixel_size is None else f", {self._pixel_size:g} µm pixels"
         return (f"measured_grid PSF model {self._name!r} ({self.psf_size} px PSFs measured on a {self.nodes} x "
-                f"{self.nodes} grid{filled}{px})")
+                f"{self.nodes} grid{self._described_extras()})")

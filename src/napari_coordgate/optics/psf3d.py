@@ -359,8 +359,6 @@ class MeasuredGrid3DPSF(NodeGridPSF):
         return out / out.sum(axis=(-3, -2, -1), keepdims=True)
 
     def describe(self) -> str:
-        n = int(self._filled.sum())
-        filled = f", {n} node(s) filled from neighbours" if n else ""
-        px = "" if self._pixel_size is None else f", {self._pixel_size:g} µm pixels"
         return (f"measured_grid3d 3-D PSF model {self._name!r} ({self.psf_depth} x {self.psf_size} x {self.psf_size} "
-                f"voxel PSFs, z-step {self._z_step:g} µm, measured on a {self.nodes} x {self.nodes} grid{filled}{px})")
+                f"voxel PSFs, z-step {self._z_step:g} µm, measured on a {self.nodes} x {self.nodes} grid"
+                f"{self._described_extras()})")
