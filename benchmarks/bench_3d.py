@@ -11,8 +11,8 @@ Rows, each scored on the same test volumes (never trained or tuned on):
 
 - ``blurred``: the input;
 - ``3-D RL central PSF`` and ``3-D SV-RL true PSFs``: Richardson-Lucy with the central 3-D PSF, and spatially varying
-  RL with the true PSF model; the iteration count (up to 300) chosen on a separate tuning volume (never the test
-  ones), scored after every iteration of one run;
+  RL with the true PSF model; the iteration count chosen on a separate tuning volume (never the test ones), scored
+  after every iteration of one run that goes on until 25 iterations bring no gain (at most 2000);
 - ``2-D CoordGate per plane``: a 2-D CoordGate U-Net trained for the same budget on the planes of the same training
   volumes (sharp plane, blurred plane), applied plane by plane;
 - ``3-D plain U-Net`` and ``3-D CoordGate``: 3-D U-Nets of the same size trained for the same budget from the same
@@ -48,7 +48,7 @@ from napari_coordgate.optics.psf3d import PRESETS_3D
 from napari_coordgate.samples.volumes import VOLUME_KINDS, specimen_volumes
 
 PHOTONS, READ_NOISE = 1000.0, 2.0
-RL_MAX_ITERATIONS = 300
+RL_MAX_ITERATIONS = 2000
 
 
 def _volumes(args, seed: int, psf):
@@ -77,9 +77,9 @@ def _score(sharp, restored, blurred) -> dict:
     }
 
 
-def _rl(method, tune, test_b, psf, max_iterations: int):
-    """A Richardson-Lucy row: the iteration count chosen on the tuning volume (one run of ``max_iterations``, scored
-    after every iteration), then the test volumes."""
+def _rl(method, tune, test_b, psf, max_iterations: int, patience: int = 25):
+    """A Richardson-Lucy row: the iteration count chosen on the tuning volume (one run scored after every iteration,
+    until ``patience`` iterations pass without a better PSNR, at most ``max_iterations``), then the test volumes."""
     t0 = time.perf_counter()
     tune_s, tune_b = tune
     lo = float(tune_b[0].min())
@@ -88,7 +88,10 @@ def _rl(method, tune, test_b, psf, max_iterations: int):
     def score(done, estimate):
         scores[done] = psnr(tune_s[0], estimate + lo)
 
-    method(tune_b[0] - lo, psf, iterations=max_iterations, on_estimate=score)
+    def past_the_peak() -> bool:
+        return bool(scores) and len(scores) - max(scores, key=scores.get) >= patience
+
+    method(tune_b[0] - lo, psf, iterations=max_iterations, on_estimate=score, should_stop=past_the_peak)
     best = max(scores, key=scores.get)
     out = np.stack([method(v - float(v.min()), psf, iterations=best) + float(v.min()) for v in test_b])
     note = f"{best} it" + (" (the most tried)" if best >= max_iterations - 1 else "")
