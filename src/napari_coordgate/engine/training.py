@@ -224,10 +224,9 @@ def train(
         a fingerprint of the data and the model config) is written after every epoch.
     resume
         A checkpoint to continue from (epoch count, optimiser and schedule state, normalisation, RNG states):
-        interrupted and resumed training gives the same weights as one uninterrupted run (for a 3-D model under
-        bf16 autocast on a CPU, ``TrainConfig.amp``, to float rounding only: oneDNN's bf16 3-D convolutions are not
-        bit-reproducible from run to run). The budget may grow; other data or another model config is refused with
-        an error that says so.
+        interrupted and resumed training gives the same weights as one uninterrupted run (a 3-D model under bf16
+        autocast on a CPU: to float rounding; oneDNN's bf16 3-D convolutions are not bit-reproducible). The budget
+        may grow; other data or another model config is refused with an error that says so.
     init
         A model to fine-tune (a :class:`SavedModel`, e.g. :func:`~napari_coordgate.model_io.load_model`): training
         starts from its weights and keeps its normalisation and PSF model (unless the source names one). It must
