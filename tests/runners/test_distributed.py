@@ -391,7 +391,10 @@ def test_ctrl_c_while_the_local_cluster_starts_closes_it_and_passes_the_interrup
             self.sigint_blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
             self.closed = False
             Starting.made.append(self)
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the cluster comes up; only the caller can take it
+            # Ctrl-C while the cluster comes up, at the caller's thread (the one a terminal's Ctrl-C reaches when
+            # every other thread blocks SIGINT; a process-directed kill could land in a thread an earlier test of
+            # this long-lived process left behind)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
             time.sleep(0.3)
 
         def close(self):
