@@ -112,3 +112,9 @@ def test_zstack_calibration_warns_when_the_beads_focus_near_the_stack_end():
     stack, _ = bead_zstack(OPTICS, (21, 256, 256), 40, photons=3000, seed=4, psf_size=25, slide_plane=3.3)
     result = calibrate_zstack(stack, z_step_um=0.25, psf_depth=5)
     assert any("first or last plane" in w for w in result.warnings)
+
+
+def test_zstack_report_png_is_written(calibrated, tmp_path):
+    result, _, _ = calibrated
+    path = result.report_png(tmp_path / "report.png")
+    assert path.stat().st_size > 10_000 and path.read_bytes()[:4] == b"\x89PNG"

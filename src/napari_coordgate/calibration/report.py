@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from napari_coordgate.calibration.detect import BeadTable
     from napari_coordgate.calibration.result import CalibrationResult
 
-__all__ = ["write_report_png", "write_failure_png", "montage", "bead_fwhm_map", "reason_colour", "REASON_COLOURS"]
+__all__ = ["write_report_png", "write_zstack_report_png", "write_failure_png", "montage", "bead_fwhm_map", "reason_colour", "REASON_COLOURS"]
 
 #: a colour per spot class: ``"accepted"`` and each key of :data:`~napari_coordgate.calibration.detect.REASONS`
 REASON_COLOURS = {
@@ -87,6 +87,62 @@ def write_report_png(result: "CalibrationResult", path: "str | Path") -> Path:
     fig.suptitle("Bead calibration report", fontsize=13)
     fig.savefig(path, format="png")
     return path
+
+
+def write_zstack_report_png(result, path: "str | Path") -> Path:
+    """The report of a bead z-stack calibration (:class:`~napari_coordgate.calibration.zstack.ZStackCalibration`):
+    the best-focus map with each used bead's own focus, the xz and yz sections of the model's 3-D PSFs at 3 x 3 field
+    positions (focus shift visible as the peak moving up and down), the summary and warnings."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    fig = Figure(figsize=(17, 11), dpi=90)
+    FigureCanvasAgg(fig)
+    gs = fig.add_gridspec(2, 3, height_ratios=[1, 0.4], hspace=0.3, wspace=0.25)
+    t, (h, w) = result.beads, result.field_shape
+    ax = fig.add_subplot(gs[0, 0])
+    fm = result.focus_map_um(64)
+    im = ax.imshow(fm, extent=(0, w - 1, h - 1, 0), cmap="coolwarm", vmin=-np.abs(fm).max(), vmax=np.abs(fm).max())
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).set_label("µm", fontsize=8)
+    ok = t.accepted & np.isfinite(result.focus_z)
+    ax.scatter(t.x[ok], t.y[ok], c=(result.focus_z[ok] - result.slide_plane) * result.z_step_um, cmap="coolwarm",
+               vmin=-np.abs(fm).max(), vmax=np.abs(fm).max(), s=16, edgecolors="k", linewidths=0.4)
+    ax.set_title("best focus relative to the field centre (surface; dots: each bead)", fontsize=10)
+    _field_axes(ax, result.field_shape)
+    for col, (name, axis) in enumerate((("xz", 1), ("yz", 2)), start=1):
+        ax = fig.add_subplot(gs[0, col])
+        ax.imshow(_sections(result.model, axis), cmap="inferno", vmin=0, vmax=1, aspect=result.z_step_um
+                  / max(float(result.model.pixel_size_um or result.z_step_um), 1e-9))
+        ax.set_title(f"model PSFs: {name} sections at 3 x 3 field positions\n(through the centre; z down; "
+                     "each peak 1, gamma 0.5)", fontsize=10)
+        ax.axis("off")
+    ax = fig.add_subplot(gs[1, :])
+    ax.axis("off")
+    counts_line = ", ".join(f"{v} {key}" for key, v in t.counts().items())
+    lines = [result.summary(), f"spots: {counts_line}", result.model.describe()]
+    lines += [f"warning: {wline}" for wline in result.warnings] or ["no warnings"]
+    ax.text(0.0, 1.0, "\n".join(textwrap.fill(line, 180) for line in lines), va="top", ha="left", fontsize=9,
+            family="monospace", transform=ax.transAxes)
+    fig.suptitle("Bead z-stack calibration report", fontsize=13)
+    fig.savefig(path, format="png")
+    return path
+
+
+def _sections(model, axis: int, n: int = 3, gap: int = 2) -> np.ndarray:
+    """(rows, cols) montage of the model's central sections (axis 1: xz, the row through the centre; axis 2: yz)
+    at n x n field positions, each scaled to peak 1 with gamma 0.5."""
+    t = np.linspace(-1.0, 1.0, n)
+    yy, xx = np.meshgrid(t, t, indexing="ij")
+    vols = model.psfs_at(yy.ravel(), xx.ravel())
+    d, s = vols.shape[1], vols.shape[-1]
+    cut = vols[:, :, s // 2, :] if axis == 1 else vols[:, :, :, s // 2]
+    out = np.full((n * d + (n + 1) * gap, n * s + (n + 1) * gap), np.nan)
+    for k, sec in enumerate(cut):
+        i, j = divmod(k, n)
+        r, c = gap + i * (d + gap), gap + j * (s + gap)
+        out[r : r + d, c : c + s] = np.clip(sec / max(float(sec.max()), 1e-30), 0.0, 1.0) ** 0.5
+    return out
 
 
 def _field_axes(ax, shape):
