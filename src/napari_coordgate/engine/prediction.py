@@ -22,8 +22,8 @@ from ..devices import on_device, resolve_device, tensor_layout
 from ..model_io import SavedModel
 from ..nn.unet import receptive_halo, receptive_halo_z
 
-__all__ = ["Cancelled", "predict", "predict_batch", "plan_tiles", "plan_tiles_3d", "axis_tiles", "field_geometry",
-           "resample_depth"]
+__all__ = ["Cancelled", "predict", "predict_batch", "predict_slab", "plan_tiles", "plan_tiles_3d", "axis_tiles",
+           "field_geometry", "resample_depth", "volume_normalization", "volume_slabs", "z_slabs", "SLAB_DEPTH"]
 
 Window = tuple[int, int, int, int]  # (y0, y1, x0, x1)
 
@@ -62,26 +62,42 @@ def plan_tiles_3d(shape: tuple[int, int, int], cfg: ModelConfig, tile: int | Non
                   memory_mb: float = 1024.0, tile_z: int | None = None) -> list[tuple[tuple, tuple]]:
     """The 3-D tile plan of a (D, H, W) volume: (core, window) pairs as (z0, z1, y0, y1, x0, x1).
 
-    Slabs of ``tile_z`` planes (default: the whole depth up to 32 planes) with the network's z halo, each cut into
-    ``tile`` x ``tile`` columns with the xy halo, all on the pooling grid, so tiled output equals whole-volume
-    output; by default the column side is chosen so one window's activations fit in ``memory_mb``. Slabs come
-    one after another: a volume is restored (and written) slab by slab.
+    Slabs of ``tile_z`` planes (default: the whole depth up to :data:`SLAB_DEPTH` planes) with the network's z
+    halo (:func:`z_slabs`), each cut into ``tile`` x ``tile`` columns with the xy halo, all on the pooling grid, so
+    tiled output equals whole-volume output; by default the column side is chosen so one window's activations fit
+    in ``memory_mb``. Slabs come one after another: a volume is restored (and written) slab by slab.
     """
     D, H, W = shape
-    m, mz = cfg.min_size, cfg.min_depth
-    halo, halo_z = receptive_halo(cfg), receptive_halo_z(cfg)
-    if tile_z is None:
-        tile_z = D if D <= 32 else 32
-    tile_z = max(mz, int(tile_z) - int(tile_z) % mz)
+    m = cfg.min_size
+    halo, tile_z = receptive_halo(cfg), _slab_depth(D, cfg, tile_z)
     if tile is None:
-        depth = min(D, tile_z + 2 * halo_z)
+        depth = min(D, tile_z + 2 * receptive_halo_z(cfg))
         side = int(math.sqrt(memory_mb * 2**20 / (_bytes_per_pixel(cfg) * depth)))
         tile = max(min(side - 2 * halo, max(128, 4 * halo)), m)
     tile = max(m, int(tile) - int(tile) % m)
-    slabs = axis_tiles(D, tile_z, halo_z, mz)
+    slabs = z_slabs(D, cfg, tile_z)
     rows, cols = axis_tiles(H, tile, halo, m), axis_tiles(W, tile, halo, m)
     return [((z0, z1, y0, y1, x0, x1), (wz0, wz1, wy0, wy1, wx0, wx1))
             for z0, z1, wz0, wz1 in slabs for y0, y1, wy0, wy1 in rows for x0, x1, wx0, wx1 in cols]
+
+
+#: planes per z-slab of a 3-D prediction (a deeper volume is restored slab by slab; a dask task each): bounds the
+#: memory of one slab's windows
+SLAB_DEPTH = 32
+
+
+def _slab_depth(depth: int, cfg: ModelConfig, tile_z: int | None = None) -> int:
+    """The core depth of the z-slabs of a volume of ``depth`` planes: ``tile_z`` (default: the whole depth up to
+    :data:`SLAB_DEPTH`) rounded down to the z pooling grid."""
+    if tile_z is None:
+        tile_z = min(depth, SLAB_DEPTH)
+    return max(cfg.min_depth, int(tile_z) - int(tile_z) % cfg.min_depth)
+
+
+def z_slabs(depth: int, cfg: ModelConfig, tile_z: int | None = None) -> list[tuple[int, int, int, int]]:
+    """The z-slabs of :func:`plan_tiles_3d` in a volume of ``depth`` planes: (core start, core end, window start,
+    window end) each, the window reaching the network's z halo further where the volume goes on."""
+    return axis_tiles(depth, _slab_depth(depth, cfg, tile_z), receptive_halo_z(cfg), cfg.min_depth)
 
 
 def axis_tiles(n: int, tile: int, halo: int, multiple: int) -> list[tuple[int, int, int, int]]:
@@ -186,11 +202,13 @@ def _computes_in(amp_dtype, dev) -> bool:
 def tile_batches(tiles, batch_tiles: int) -> list[list[int]]:
     """Indices into ``tiles`` in groups of at most ``batch_tiles`` whose windows have the same shape.
 
-    Groups come in the plan order of their first tile, so ``batch_tiles=1`` is the plan order itself.
+    Groups come in the plan order of their first tile, so ``batch_tiles=1`` is the plan order itself. A group of
+    3-D tiles stays within one z-slab: a volume is restored slab by slab, and a slab alone (:func:`predict_slab`)
+    is batched as within the whole volume.
     """
     by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, (_, window) in enumerate(tiles):
-        by_shape.setdefault(_extent(window), []).append(i)
+    for i, (core, window) in enumerate(tiles):
+        by_shape.setdefault((*core[:-4], *_extent(window)), []).append(i)
     groups = [ids[k : k + batch_tiles] for ids in by_shape.values() for k in range(0, len(ids), batch_tiles)]
     return sorted(groups, key=lambda g: g[0])
 
@@ -282,9 +300,8 @@ def _check_call(saved: SavedModel, image, precision: str, batch_tiles, binning: 
     """The image's shape, after the checks its shape, dtype and the call's options allow without reading it."""
     shape = tuple(image.shape)
     cfg = saved.config
-    if cfg.ndim == 3 and len(shape) < 3:
-        raise InputError(f"this is a 3-D model: it restores z-stacks (D, H, W), got a {len(shape)}-D image of shape "
-                         f"{shape}; use a 2-D model for single planes")
+    if cfg.ndim == 3:
+        _require_volumes(shape)
     check_layout(shape, np.dtype(getattr(image, "dtype", np.float32)), "image", min_ndim=cfg.ndim,
                  min_size=cfg.min_size)
     if cfg.ndim == 3:
@@ -295,6 +312,12 @@ def _check_call(saved: SavedModel, image, precision: str, batch_tiles, binning: 
     if binning != 1 and cfg.prefilter_channels:
         raise InputError("this model's Wiener first stage is built for unbinned pixels; apply it to unbinned images")
     return shape
+
+
+def _require_volumes(shape: tuple[int, ...]) -> None:
+    if len(shape) < 3:
+        raise InputError(f"this is a 3-D model: it restores z-stacks (D, H, W), got a {len(shape)}-D image of shape "
+                         f"{shape}; use a 2-D model for single planes")
 
 
 #: how far a volume's z-step may differ from a 3-D model's before it is refused (relative)
@@ -325,8 +348,7 @@ def resample_depth(volume: np.ndarray, step_from: float, step_to: float, planes:
 def _predict_resampled(saved: SavedModel, image, z_step_um: float, out, on_progress, kwargs) -> np.ndarray:
     """:func:`predict` of every volume resampled to the model's z-step, resampled back to its own planes."""
     shape = tuple(image.shape)
-    if len(shape) < 3:
-        raise InputError(f"this is a 3-D model: it restores z-stacks (D, H, W), got shape {shape}")
+    _require_volumes(shape)
     if out is None:
         out = np.empty(shape, dtype=np.float32)
     lead = list(np.ndindex(*shape[:-3]))
@@ -413,25 +435,100 @@ def predict(
     The restored float32 array (``out`` if given), in each plane's own units (``a * x + c`` gives ``a * f(x) + c``;
     models of fixed normalisation: the training images' units).
     """
+    kwargs = {"roi": roi, "binning": binning, "tile": tile, "memory_mb": memory_mb, "device": device,
+              "precision": precision, "batch_tiles": batch_tiles}
     if resample_z and _z_steps_differ(saved, z_step_um):
-        kwargs = {"roi": roi, "binning": binning, "tile": tile, "memory_mb": memory_mb, "device": device,
-                  "precision": precision, "batch_tiles": batch_tiles, "should_stop": should_stop}
-        return _predict_resampled(saved, image, z_step_um, out, on_progress, kwargs)
+        return _predict_resampled(saved, image, z_step_um, out, on_progress, dict(kwargs, should_stop=should_stop))
+    with _planned(saved, image, z_step_um=z_step_um, **kwargs) as (shape, tiles, run):
+        if out is None:
+            out = np.empty(shape, dtype=np.float32)
+        elif tuple(out.shape) != shape:
+            raise InputError(f"out has shape {tuple(out.shape)}, expected {shape}")
+        batches = tile_batches(tiles, int(batch_tiles))
+        _predict_planes(run, image, saved.normalization, out, tiles, batches, on_progress, should_stop)
+    return out
+
+
+@contextmanager
+def _planned(saved: SavedModel, image, *, roi, binning, tile, memory_mb, device, precision, batch_tiles, z_step_um):
+    """:func:`predict`'s checks, field placement, device and tile plan: yields (the image's shape, the tiles of one
+    plane or volume, ``run(read, tiles, group)``: :func:`predict_batch` with the network on the device)."""
     shape = _check_call(saved, image, precision, batch_tiles, binning, z_step_um)
     field_shape, offset = field_geometry(shape[-2:], saved.field_shape, roi, binning)
     dev = resolve_device(device)
     amp_dtype = autocast_dtype(precision, dev)
-    if out is None:
-        out = np.empty(shape, dtype=np.float32)
-    elif tuple(out.shape) != shape:
-        raise InputError(f"out has shape {tuple(out.shape)}, expected {shape}")
     # a 3-D model goes slab by slab through each volume, columns of tile x tile pixels
     plan = partial(plan_tiles_3d, shape[-3:]) if saved.config.ndim == 3 else partial(plan_tiles, shape[-2:])
     tiles = plan(saved.config, tile, memory_mb)
-    batches = tile_batches(tiles, int(batch_tiles))
     with _network_on(saved.model, dev) as model:
-        run = partial(predict_batch, model, offset=offset, field_shape=field_shape, dev=dev, amp_dtype=amp_dtype)
-        _predict_planes(run, image, saved.normalization, out, tiles, batches, on_progress, should_stop)
+        yield shape, tiles, partial(predict_batch, model, offset=offset, field_shape=field_shape, dev=dev,
+                                    amp_dtype=amp_dtype)
+
+
+def volume_slabs(saved: SavedModel, shape: Sequence[int], *, z_step_um: float | None = None,
+                 resample_z: bool = False) -> list[tuple[int, int, int, int]]:
+    """The z-slabs :func:`predict` restores one after another in each (D, H, W) volume of a (..., D, H, W) stack
+    of ``shape`` with a 3-D model: (core start, core end, window start, window end) each (:func:`z_slabs`); one
+    slab, the whole volume, where ``resample_z`` resamples it (such a volume is read whole).
+
+    Raises
+    ------
+    InputError
+        A stack :func:`predict` refuses by its shape and z-step alone, with the same message.
+    """
+    shape = tuple(int(s) for s in shape)
+    _require_volumes(shape)
+    if resample_z and _z_steps_differ(saved, z_step_um):
+        return [(0, shape[-3], 0, shape[-3])]
+    _check_volume_call(saved, shape, z_step_um)
+    return z_slabs(shape[-3], saved.config)
+
+
+def volume_normalization(saved: SavedModel, volume) -> Normalization:
+    """The intensity map :func:`predict` uses for one (D, H, W) volume (or 2-D plane): the model's, or with
+    per-image normalisation the one measured on a sample of it (every plane read, a few of its pixels kept)."""
+    return _plane_normalization(saved.normalization, volume, ())
+
+
+def predict_slab(saved: SavedModel, volume, planes: tuple[int, int], *, normalization: Normalization | None = None,
+                 roi: Sequence[int] | None = None, binning: int = 1, tile: int | None = None,
+                 memory_mb: float = 1024.0, device: str = "auto", precision: str = "fp32", batch_tiles: int = 1,
+                 z_step_um: float | None = None) -> np.ndarray:
+    """The planes ``z0:z1`` of :func:`predict`'s output for one (D, H, W) ``volume`` with a 3-D model, bit for bit,
+    computed from their z-slabs alone: the same tiles, batches and normalisation (a dask task each).
+
+    Parameters
+    ----------
+    volume
+        Any (D, H, W) array that slices lazily: only the windows of the slabs' tiles (``z_slabs``' windows) are
+        read.
+    planes
+        (z0, z1): the cores of one or more consecutive slabs of :func:`volume_slabs`.
+    normalization
+        :func:`volume_normalization` of the volume, measured once for all its slabs (default: measured here).
+    roi, binning, tile, memory_mb, device, precision, batch_tiles, z_step_um
+        As for :func:`predict`.
+
+    Returns
+    -------
+    The restored float32 planes, (z1 - z0, H, W).
+    """
+    z0, z1 = (int(z) for z in planes)
+    if saved.config.ndim != 3 or len(volume.shape) != 3:
+        raise InputError(f"predict_slab restores one (D, H, W) volume with a 3-D model, got a {saved.config.ndim}-D "
+                         f"model and shape {tuple(volume.shape)}")
+    with _planned(saved, volume, roi=roi, binning=binning, tile=tile, memory_mb=memory_mb, device=device,
+                  precision=precision, batch_tiles=batch_tiles, z_step_um=z_step_um) as (shape, tiles, run):
+        groups = [g for g in tile_batches(tiles, int(batch_tiles)) if z0 <= tiles[g[0]][0][0] < z1]
+        cores = {tiles[i][0][:2] for g in groups for i in g}
+        if not cores or sum(c1 - c0 for c0, c1 in cores) != z1 - z0 or max(c1 for _, c1 in cores) > z1:
+            raise ValueError(f"planes {z0}:{z1} are not the cores of whole z-slabs {sorted(cores)} of this volume")
+        norm = volume_normalization(saved, volume) if normalization is None else normalization
+        out = np.empty((z1 - z0, *shape[1:]), dtype=np.float32)
+        read = partial(_read_window, volume, (), norm)
+        for group in groups:
+            for core, pred in run(read, tiles, group):
+                out[(slice(core[0] - z0, core[1] - z0), *_slices(core[2:]))] = norm.invert(pred)
     return out
 
 
