@@ -474,7 +474,9 @@ def _roi(text):
 
 
 def _apply_dask(args, cfg, roi, jobs) -> int:
-    """``apply --dask``: every plane a dask.distributed task; each input into one OME-Zarr store."""
+    """``apply --dask``: every plane (a 3-D model: every z-slab of every volume) a dask.distributed task; each input
+    into one OME-Zarr store."""
+    from .engine.prediction import volume_slabs
     from .image_io.omezarr import create_ome_zarr
     from .image_io.read import open_image
     from .model_io.bioimageio import load_any
@@ -484,20 +486,20 @@ def _apply_dask(args, cfg, roi, jobs) -> int:
     inputs = [(open_image(p), p, dest) for p, dest in jobs]  # missing or bad inputs fail before a cluster starts
     with connect(args.dask, workers=args.workers, threads=threads) as client:  # nothing is written before this
         saved = load_any(args.model)
-        if saved.config.ndim == 3:
-            raise CLIError("a 3-D model does not run on a dask cluster yet (z-slabs with halos come next); apply it "
-                           "without --dask: it streams the volume slab by slab")
         n_workers = len(client.scheduler_info()["workers"])
         for image, p, dest in inputs:
             _warn_pixel_size(saved, image.pixel_size_um, p, cfg.binning)
             data = image.data
+            z_step = image.z_step_um if saved.config.ndim == 3 else None  # a 3-D model refuses another z-step
+            if saved.config.ndim == 3:  # ... before its output is created
+                volume_slabs(saved, data.shape, z_step_um=z_step, resample_z=cfg.resample_z)
             t0 = time.perf_counter()
             writer = create_ome_zarr(dest, data.shape, axes=image.axes, scale=image.scale,
                                      translation=image.translation, overwrite=args.overwrite)
             with writer, progress(Path(p).name, "plane") as on_progress:
                 apply_distributed(client, saved, ImageSource(str(Path(p).resolve()), tuple(data.shape)), writer,
                                   roi=roi, predict_kwargs=cfg.predict_kwargs(), threads=threads,
-                                  on_progress=on_progress)
+                                  on_progress=on_progress, z_step_um=z_step)
             print(f"{p} -> {dest}  ({data.size / 1e6:.1f} MP in {time.perf_counter() - t0:.1f} s on {n_workers} "
                   f"dask worker(s), {threads} torch thread(s) each)")
     return 0

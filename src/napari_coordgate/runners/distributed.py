@@ -1,4 +1,5 @@
-"""Batch runs on a dask.distributed cluster: every plane of a stack is one task, all write into one OME-Zarr store.
+"""Batch runs on a dask.distributed cluster: every plane of a stack (every z-slab of a volume, for a 3-D model) is
+one task, all write into one OME-Zarr store.
 
 ::
 
@@ -12,6 +13,15 @@ later get it from the scheduler. Each task reads its plane (through the zarr chu
 :func:`napari_coordgate.engine.predict` on it with the caller's tile plan and torch thread count, so the result is
 bit-identical to a single-process run with the same options, and writes the plane into the unfinished store. The
 input and the output must be on a file system that every worker sees.
+
+A 3-D model's volumes go as z-slabs, the slabs :func:`napari_coordgate.engine.predict` itself goes through
+(:func:`~napari_coordgate.engine.prediction.volume_slabs`: cores of up to ``SLAB_DEPTH`` planes, so a task's memory
+stays bounded): each task reads its slab's window (the core and the network's z halo, clipped at the volume's ends),
+runs :func:`~napari_coordgate.engine.prediction.predict_slab` (the same tiles, batches and normalisation as the
+whole volume's) and writes only its core planes, so the store is again bit-identical to a single-process run; its
+chunks are single planes, so no two tasks write one chunk. With per-image normalisation one more task per volume
+measures it first. A volume of another z-step is refused before any task (as without a cluster), or with
+``resample_z`` restored whole in one task, as a single process does.
 
 Failures: an address where no dask scheduler answers (nothing listening, a web server, a socket that never
 speaks) fails in :func:`connect` within its ``timeout`` (before anything is written); a worker that dies
@@ -33,6 +43,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -63,7 +74,7 @@ INSTALL_HINT = "pip install 'napari-coordgate[distributed]'"
 CONNECT_TIMEOUT_S = 5.0  # the whole wait for a scheduler; docs/big-data.md promises a failure within 10 s
 _TARGET_HELP = "give 'local' or a scheduler address such as tcp://node01:8786"
 _NOT_SCHEDULERS = ("Worker", "Nanny")  # dask servers that answer a handshake but cannot run a client's tasks
-_TASK_PREFIX = "napari-coordgate-plane"
+_TASK_PREFIX = "napari-coordgate"  # task keys: napari-coordgate-{plane,slab,norm}-...
 
 
 class SchedulerUnreachableError(ConnectionError):
@@ -435,32 +446,139 @@ class ModelPlugin(_WorkerPluginBase):
             torch.set_num_threads(self.threads)
 
 
-def _run_plane(plugin_name: str, source: ImageSource, sink: PlaneSink, index: tuple[int, ...], roi,
-               predict_kwargs: dict, threads: int) -> tuple[int, ...]:
-    """One task: read a plane, deblur it with the worker's model, write it into the unfinished store."""
+@contextmanager
+def _worker_model(plugin_name: str, device: str, threads: int) -> Iterator:
+    """The worker's model (:class:`ModelPlugin`) on ``device``, held by the calling task alone meanwhile."""
     import torch
 
     from ..devices import on_device, resolve_device
-    from ..engine import predict
 
     plugin = _distributed().get_worker().plugins[plugin_name]
-    plane = source.read_plane(index)
     with plugin.lock:
         if threads > 0:
             torch.set_num_threads(threads)  # in this thread too: torch's OpenMP thread count is per thread
-        dev = resolve_device(predict_kwargs.get("device", "auto"))
-        if plugin.placed != str(dev):  # once per worker: the model and its gate cache then serve every plane
+        dev = resolve_device(device)
+        if plugin.placed != str(dev):  # once per worker: the model and its gate cache then serve every task
             on_device(plugin.saved.model, dev)
             plugin.placed = str(dev)
-        restored = predict(plugin.saved, plane, roi=roi, **predict_kwargs)
+        yield plugin.saved
+
+
+def _run_plane(plugin_name: str, source: ImageSource, sink: PlaneSink, index: tuple[int, ...], roi,
+               predict_kwargs: dict, threads: int) -> tuple[int, ...]:
+    """One task: read a plane, deblur it with the worker's model, write it into the unfinished store."""
+    from ..engine import predict
+
+    plane = source.read_plane(index)
+    with _worker_model(plugin_name, predict_kwargs.get("device", "auto"), threads) as saved:
+        restored = predict(saved, plane, roi=roi, **predict_kwargs)
     sink.write(index, restored)
     return index
 
 
+class _VolumeView:
+    """One (D, H, W) volume of an :class:`ImageSource` as the engine slices it, read plane by plane (zarr chunks or
+    TIFF pages); the last ``keep`` planes read stay in memory, so a slab's overlapping windows read each plane once
+    and a sample of every plane (per-image normalisation) holds one at a time."""
+
+    ndim = 3
+
+    def __init__(self, source: ImageSource, lead: tuple[int, ...], keep: int = 1):
+        self.source, self.lead, self.keep = source, tuple(lead), max(1, int(keep))
+        self.shape = tuple(source.shape[-3:])
+        self._planes: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    @property
+    def dtype(self) -> np.dtype:
+        return (next(iter(self._planes.values())) if self._planes else self.plane(0)).dtype
+
+    def plane(self, z: int) -> np.ndarray:
+        if z in self._planes:
+            self._planes.move_to_end(z)
+            return self._planes[z]
+        plane = self._planes[z] = np.asarray(self.source.read_plane(self.lead + (z,)))
+        while len(self._planes) > self.keep:
+            self._planes.popitem(last=False)
+        return plane
+
+    def load(self, z0: int, z1: int) -> _VolumeView:
+        """Read the planes ``z0:z1`` now (the caller then computes without waiting on files)."""
+        for z in range(z0, z1):
+            self.plane(z)
+        return self
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if key and key[0] is Ellipsis:
+            key = (slice(None),) * (4 - len(key)) + key[1:]
+        zs, ys, xs = (key + (slice(None),) * 3)[:3]
+        if len(key) > 3 or not all(isinstance(k, slice) for k in (zs, ys, xs)):
+            raise TypeError(f"a volume of {self.source.path} takes three slices, got {key!r}")
+        return np.stack([self.plane(z)[ys, xs] for z in range(*zs.indices(self.shape[0]))])
+
+
+def _measure_volume(plugin_name: str, source: ImageSource, lead: tuple[int, ...]):
+    """One task: the per-image normalisation of one volume, measured once for all its slabs."""
+    from ..engine.prediction import volume_normalization
+
+    saved = _distributed().get_worker().plugins[plugin_name].saved  # only its normalisation: no lock needed
+    return volume_normalization(saved, _VolumeView(source, lead))
+
+
+def _run_slab(plugin_name: str, source: ImageSource, sink: PlaneSink, lead: tuple[int, ...],
+              slab: tuple[int, int, int, int], normalization, roi, predict_kwargs: dict,
+              threads: int) -> list[tuple[int, ...]]:
+    """One task: read a slab's window (its core and z halo), restore the core planes, write them; their indices."""
+    from ..engine.prediction import predict, predict_slab
+
+    z0, z1, w0, w1 = slab
+    volume = _VolumeView(source, lead, keep=w1 - w0).load(w0, w1)
+    kwargs = dict(predict_kwargs)
+    with _worker_model(plugin_name, kwargs.get("device", "auto"), threads) as saved:
+        if (z0, z1) == (0, volume.shape[0]):  # one slab: the volume as predict restores it (resampled, too)
+            restored = predict(saved, volume, roi=roi, **kwargs)
+        else:
+            kwargs.pop("resample_z", None)
+            restored = predict_slab(saved, volume, (z0, z1), normalization=normalization, roi=roi, **kwargs)
+    indices = [lead + (z,) for z in range(z0, z1)]
+    for index, plane in zip(indices, restored):
+        sink.write(index, plane)
+    return indices
+
+
+def _submit_planes(client, plugin_name: str, source: ImageSource, sink: PlaneSink, roi, kwargs: dict,
+                   threads: int, token: str) -> dict:
+    """A task per plane: future -> what it restores (for messages)."""
+    indices = np.ndindex(*source.shape[:-2])
+    return {client.submit(_run_plane, plugin_name, source, sink, idx, roi, kwargs, threads,
+                          key=f"{_TASK_PREFIX}-plane-{token}-{k}", pure=False, retries=0): f"plane {idx}"
+            for k, idx in enumerate(indices)}
+
+
+def _submit_slabs(client, saved, plugin_name: str, source: ImageSource, sink: PlaneSink, slabs: list, roi,
+                  kwargs: dict, threads: int, token: str) -> dict:
+    """A task per z-slab (:func:`~napari_coordgate.engine.prediction.volume_slabs`) of every volume, and one per
+    volume measuring its per-image normalisation where it has several slabs: future -> what it restores."""
+    futures, k = {}, 0
+    for lead in np.ndindex(*source.shape[:-3]):
+        norm = None  # the model's own, or measured within the one slab
+        where = f" of volume {lead}" if lead else ""
+        if len(slabs) > 1 and saved.normalization.per_image:
+            norm = client.submit(_measure_volume, plugin_name, source, lead, key=f"{_TASK_PREFIX}-norm-{token}-{k}",
+                                 pure=False, retries=0)
+            futures[norm], k = f"the normalisation{where}", k + 1
+        for slab in slabs:
+            fut = client.submit(_run_slab, plugin_name, source, sink, lead, slab, norm, roi, kwargs, threads,
+                                key=f"{_TASK_PREFIX}-slab-{token}-{k}", pure=False, retries=0)
+            futures[fut], k = f"planes {slab[0]}-{slab[1] - 1}{where}", k + 1
+    return futures
+
+
 def apply_distributed(client, saved, source: ImageSource, writer: OmeZarrWriter, *,
                       roi: Sequence[int] | None = None, predict_kwargs: dict | None = None, threads: int = 1,
-                      on_progress: Callable[[int, int], None] | None = None) -> Path:
-    """Deblur every plane of ``source`` as one task each on ``client``'s cluster, into ``writer``'s store.
+                      on_progress: Callable[[int, int], None] | None = None, z_step_um: float | None = None) -> Path:
+    """Deblur every plane of ``source`` as one task each on ``client``'s cluster (with a 3-D model every z-slab of
+    every volume), into ``writer``'s store.
 
     Parameters
     ----------
@@ -478,6 +596,9 @@ def apply_distributed(client, saved, source: ImageSource, writer: OmeZarrWriter,
         torch threads per task (with the same number, the output equals a single-process run bit for bit).
     on_progress
         Called as ``on_progress(done_planes, total_planes)``.
+    z_step_um
+        A 3-D model only: the volumes' z-step (µm), when known; checked as by ``predict`` (``resample_z`` in
+        ``predict_kwargs`` resamples a volume of another z-step, else it is refused before any task starts).
 
     Returns
     -------
@@ -486,33 +607,43 @@ def apply_distributed(client, saved, source: ImageSource, writer: OmeZarrWriter,
     Raises
     ------
     WorkerDiedError
-        A plane's workers died more often than the scheduler's ``allowed-failures``.
+        A task's workers died more often than the scheduler's ``allowed-failures``.
+    napari_coordgate.checks.InputError
+        A volume a 3-D model refuses (fewer planes than it needs, another z-step without ``resample_z``).
     Exception
         The first task error (a bad plane, a path a worker cannot see); the remaining tasks are cancelled.
     """
     distributed = _distributed()
     if tuple(source.shape) != tuple(writer.shape):
         raise ValueError(f"input shape {source.shape} and output shape {writer.shape} differ")
+    kwargs, slabs = dict(predict_kwargs or {}), None
+    if saved.config.ndim == 3:  # a volume predict would refuse (too few planes, another z-step) fails before any task
+        from ..engine.prediction import volume_slabs
+
+        slabs = volume_slabs(saved, source.shape, z_step_um=z_step_um, resample_z=bool(kwargs.get("resample_z")))
     plugin = ModelPlugin(_model_bytes(saved), threads)
     client.register_plugin(plugin, name=plugin.name)
-    sink, kwargs = writer.sink(), dict(predict_kwargs or {})
-    indices = list(np.ndindex(*writer.shape[:-2]))
-    token = uuid.uuid4().hex[:8]
-    futures = {
-        client.submit(_run_plane, plugin.name, source, sink, idx, roi, kwargs, threads,
-                      key=f"{_TASK_PREFIX}-{token}-{k}", pure=False, retries=0): idx
-        for k, idx in enumerate(indices)
-    }
+    sink, token = writer.sink(), uuid.uuid4().hex[:8]
+    if slabs is None:
+        futures = _submit_planes(client, plugin.name, source, sink, roi, kwargs, threads, token)
+    else:
+        futures = _submit_slabs(client, saved, plugin.name, source, sink, slabs, roi,
+                                dict(kwargs, z_step_um=z_step_um), threads, token)
+    total, done = int(np.prod(writer.shape[:-2], dtype=np.int64)), 0
     try:
-        for done, fut in enumerate(distributed.as_completed(futures), start=1):
+        for fut in distributed.as_completed(futures):
             try:
-                writer.mark_written(fut.result())
+                result = fut.result()  # a plane's index, a slab's plane indices, or a volume's normalisation
             except distributed.KilledWorker:
                 raise WorkerDiedError(
-                    f"plane {futures[fut]}: every worker that ran it died (out of memory? see the worker logs); "
+                    f"{futures[fut]}: every worker that ran it died (out of memory? see the worker logs); "
                     f"the run stopped and the output stays at {writer.store_path}") from None
-            if on_progress is not None:
-                on_progress(done, len(indices))
+            written = [result] if isinstance(result, tuple) else result if isinstance(result, list) else []
+            for index in written:
+                writer.mark_written(index)
+            done += len(written)
+            if on_progress is not None and written:
+                on_progress(done, total)
     except BaseException:
         writer.release()  # the unfinished store stays .partial; the next run may write it
         client.cancel(list(futures))
