@@ -36,12 +36,14 @@ Usage::
     python benchmarks/bench_calibrate.py --train --seeds 0 1 2                  # measured vs true PSF model, 1024^2
     python benchmarks/bench_calibrate.py --train --optics moffat --threads 1    # one optics (run two side by side)
     python benchmarks/bench_calibrate.py --train --quick       # tiny: 256^2 slide, 20 steps, 1 seed
+    python benchmarks/bench_calibrate.py --3d [...]            # bead z-stacks: bench_calibrate3d.py and its flags
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -415,6 +417,12 @@ def main_fibre(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--3d" in argv:  # bead z-stacks: bench_calibrate3d.py (its own flags)
+        from bench_calibrate3d import main as main_3d
+
+        main_3d([a for a in argv if a != "--3d"])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny slides (seconds)")
     parser.add_argument("--size", type=int, default=1024, help="side of the square bead image (default 1024)")

@@ -50,12 +50,12 @@ def test_bead_image_to_psf_model_to_trained_model_to_applied(tmp_path, capsys, b
     assert code == 0, err and (tmp_path / "restored.tif").is_file()
 
 
-def test_a_z_stack_is_refused_with_what_to_give_instead(tmp_path, capsys):
+def test_a_z_stack_without_its_z_step_is_refused_with_what_to_give_instead(tmp_path, capsys):
     stack = np.random.default_rng(0).integers(0, 1000, (5, 64, 64)).astype(np.uint16)
     tifffile.imwrite(tmp_path / "z.tif", stack, imagej=True, metadata={"axes": "ZYX"})
     code, _, err = _run(capsys, "calibrate", tmp_path / "z.tif", "-o", tmp_path / "x")
-    assert code == 1 and "z-stack" in err and "focal plane" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "x.cgpsf").exists()
+    assert code == 1 and "z-stack" in err and "--z-step" in err and "focal plane" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x.cgpsf").exists()
 
 
 def test_training_without_sharp_images_needs_a_measured_psf_model(tmp_path, capsys):

@@ -30,6 +30,7 @@ _FACADE = {
     "predict": "napari_coordgate.engine",
     "adapt": "napari_coordgate.engine",
     "calibrate": "napari_coordgate.calibration.calibrate",
+    "calibrate_zstack": "napari_coordgate.calibration.zstack",
     "resolve_psf": "napari_coordgate.model_io",
     "load_model": "napari_coordgate.model_io",
     "save_model": "napari_coordgate.model_io",

@@ -17,6 +17,7 @@
     napari-coordgate calibrate BEADS.tif [...] -o PSF.cgpsf [--model auto|pupil|grid] [--grid K]
             [--na NA --wavelength NM --immersion N] [--pixel-size UM] [--bead-diameter NM] [--psf-size PX]
             [--min-snr SNR] [--holdout F] [--png REPORT.png] [--json REPORT.json]
+    napari-coordgate calibrate BEADS_ZYX.tif --z-step UM [--psf-depth PLANES] -o PSF3D.cgpsf [...]
 
 Option flags, their types, ranges, choices, defaults and help come from the configs in ``config.py``.
 
@@ -802,9 +803,10 @@ def _calibrate_cfg(args, metadata_pixel_size: float | None):
     return cfg
 
 
-def _calibration_failed(exc, stack, files: dict, cfg) -> None:
+def _calibration_failed(exc, stack, files: dict, settings: dict) -> None:
     """A calibration that failed after finding spots still writes its --png and --json (every candidate with why it
-    was rejected) and says what to change; the error itself is then raised as one line."""
+    was rejected, and the ``settings`` it ran with) and says what to change; the error itself is then raised as one
+    line. ``stack``: the (N, H, W) bead images the figure shows (a z-stack's maximum projection)."""
     from .calibration.advice import advice_lines
     from .calibration.report import write_failure_png
     from .calibration.result import failure_json
@@ -814,9 +816,72 @@ def _calibration_failed(exc, stack, files: dict, cfg) -> None:
     if files["figure"]:
         print(f"  report: {_write_png(files['figure'], lambda tmp: write_failure_png(exc, stack, tmp))}")
     if files["JSON report"]:
-        print(f"  report: {_write_json(files['JSON report'], failure_json(exc, cfg.calibrate_kwargs()))}")
+        print(f"  report: {_write_json(files['JSON report'], failure_json(exc, settings))}")
     for line in advice_lines(exc.beads.counts()):
         print(f"  what to change: {line}")
+
+
+def _is_bead_zstack(args) -> bool:
+    """``calibrate`` of a bead z-stack: --z-step given, or one file whose metadata has a z axis of several planes."""
+    from .image_io.read import open_image
+
+    if args.z_step is not None or args.psf_depth is not None:
+        return True
+    if len(args.beads) != 1:
+        return False
+    image = open_image(args.beads[0])
+    names = [a.get("name") for a in image.axes]
+    return "z" in names and image.data.shape[names.index("z")] > 1
+
+
+# the 2-D calibration's settings a z-stack calibration does not take (yet): flag -> what it would need
+_NOT_3D = {"model": "--model pupil (a pupil fit through focus)", "na": "--na", "wavelength_nm": "--wavelength",
+           "immersion": "--immersion", "bead_diameter_nm": "--bead-diameter", "holdout": "--holdout"}
+
+
+def _calibrate_zstack(args) -> int:
+    """``calibrate`` of one bead z-stack: the measured 3-D PSF grid and the best-focus map."""
+    from .calibration import CalibrationError
+    from .calibration.zstack import calibrate_zstack
+    from .config import CalibrateConfig
+    from .image_io.read import read_volumes
+    from .model_io import save_psf_model
+
+    cfg = _calibrate_cfg(args, None)
+    default = CalibrateConfig()
+    given = [flag for name, flag in _NOT_3D.items() if getattr(cfg, name) != getattr(default, name)
+             and not (name == "model" and cfg.model == "grid")]
+    if given:
+        raise CLIError(f"a bead z-stack is calibrated as a measured 3-D PSF grid; {', '.join(given)} not yet in 3-D: "
+                       "leave them out")
+    if len(args.beads) != 1:
+        raise CLIError("give one bead z-stack (Z, Y, X) at a time")
+    vols, meta_step, meta_pixel = read_volumes(args.beads, "bead")
+    if len(vols) != 1:
+        raise CLIError(f"{args.beads[0]} holds {len(vols)} z-stacks; give one bead z-stack (Z, Y, X)")
+    z_step = args.z_step if args.z_step is not None else meta_step
+    if z_step is None:
+        raise CLIError(f"{args.beads[0]} is a z-stack that does not state its z-step: give it with --z-step UM to "
+                       "calibrate in 3-D, or give 2-D images of the focal plane")
+    cfg = _calibrate_cfg(args, meta_pixel)
+    files = _calibrate_outputs(args, [0])[0]
+    settings = {"z_step_um": z_step, "pixel_size_um": cfg.pixel_size_um, "grid": cfg.grid, "psf_size": cfg.psf_size,
+                "psf_depth": args.psf_depth, "min_snr": cfg.min_snr}
+    try:
+        res = calibrate_zstack(vols[0], **settings, source=[str(p) for p in args.beads])
+    except CalibrationError as exc:
+        _calibration_failed(exc, vols[0].max(axis=0)[None], files, settings)
+        raise
+    written = save_psf_model(files["PSF model"], res.model)
+    print(res.summary())
+    for warning in res.warnings:
+        print(f"  warning: {warning}")
+    if files["figure"]:
+        print(f"  report: {_write_png(files['figure'], res.report_png)}")
+    if files["JSON report"]:
+        print(f"  report: {_write_json(files['JSON report'], res.to_json())}")
+    print(f"PSF model: {written}")
+    return 0
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
@@ -826,6 +891,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .model_io import save_psf_model
 
     _calibrate_cfg(args, None)  # a bad flag fails before the images are read
+    if _is_bead_zstack(args):
+        return _calibrate_zstack(args)
     channels, pixel_size = read_bead_images(args.beads)
     plan = _calibrate_outputs(args, channels)
     cfg = _calibrate_cfg(args, pixel_size)
@@ -835,7 +902,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             res = calibrate(stack if len(stack) > 1 else stack[0], **cfg.calibrate_kwargs(),
                             source=[str(p) for p in args.beads])
         except CalibrationError as exc:
-            _calibration_failed(exc, stack, files, cfg)
+            _calibration_failed(exc, stack, files, cfg.calibrate_kwargs())
             raise
         written = save_psf_model(files["PSF model"], res.model)
         print(("" if len(channels) == 1 else f"channel {c}: ") + res.summary())
@@ -885,9 +952,15 @@ def _add_calibrate_parser(sub) -> None:
 
     p = sub.add_parser("calibrate", help="measure the field-dependent PSF from bead images -> PSF model (.cgpsf)")
     p.add_argument("beads", nargs="+", help="2-D images of sub-resolution beads in the focal plane (one field; "
-                                             "several files are pooled; a channel axis gives one model per channel)")
+                                             "several files are pooled; a channel axis gives one model per channel), "
+                                             "or one z-stack of them through focus (--z-step)")
     p.add_argument("-o", "--output", required=True, help="PSF model file (.cgpsf is added if missing)")
     _add_config_flags(p, CalibrateConfig, CALIBRATE_FLAGS, flags=CALIBRATE_FLAG_NAMES)
+    p.add_argument("--z-step", type=float, metavar="UM", help="BEADS is a z-stack through focus (Z, Y, X) with planes "
+                   "UM µm apart: measure the 3-D PSF grid and the best-focus map (a z-stack whose metadata states its "
+                   "z-step is calibrated in 3-D without this flag)")
+    p.add_argument("--psf-depth", type=int, metavar="PLANES", help="z-stack: the 3-D PSFs' depth in planes, odd "
+                   "(default: as deep as the stack allows around the slide, up to the PSF's reach)")
     p.add_argument("--png", help="write the calibration report figure (also when too few beads are usable: every "
                                  "candidate marked by why it was rejected)")
     p.add_argument("--json", help="write the calibration report as JSON (also when too few beads are usable: the "

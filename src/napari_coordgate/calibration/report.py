@@ -17,7 +17,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from napari_coordgate.calibration.detect import BeadTable
     from napari_coordgate.calibration.result import CalibrationResult
 
-__all__ = ["write_report_png", "write_zstack_report_png", "write_failure_png", "montage", "bead_fwhm_map", "reason_colour", "REASON_COLOURS"]
+__all__ = ["write_report_png", "write_zstack_report_png", "write_failure_png",
+           "montage", "bead_fwhm_map", "reason_colour", "REASON_COLOURS"]
 
 #: a colour per spot class: ``"accepted"`` and each key of :data:`~napari_coordgate.calibration.detect.REASONS`
 REASON_COLOURS = {

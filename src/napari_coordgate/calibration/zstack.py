@@ -47,7 +47,6 @@ from napari_coordgate.calibration.detect import REASONS, BeadTable, find_beads, 
 from napari_coordgate.calibration.grid import _harmonic_fill, _robust_fit, choose_grid, tent_matrix
 from napari_coordgate.calibration.patches import Patches, window_size
 from napari_coordgate.calibration.result import _json_default
-from napari_coordgate.coords import field_position
 from napari_coordgate.optics.psf3d import MeasuredGrid3DPSF
 from napari_coordgate.optics.psfmodel import PSF_DEPTH_BOUNDS
 from napari_coordgate.optics.shift import fourier_shift

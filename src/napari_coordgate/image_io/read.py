@@ -162,7 +162,8 @@ def read_volumes(paths: Sequence[str | os.PathLike], what: str) -> tuple[np.ndar
 
 def read_bead_images(paths: Sequence[str | os.PathLike]) -> tuple[dict[int, np.ndarray], float | None]:
     """Bead images of one field as (N, H, W) per channel (a ``C`` axis gives one stack per channel), and the
-    pixel size (µm) their metadata states. A z-stack is refused: calibration takes the focal plane."""
+    pixel size (µm) their metadata states. A z-stack among them is refused (one z-stack alone is calibrated in 3-D,
+    :func:`~napari_coordgate.calibration.zstack.calibrate_zstack`, without this function)."""
     per_channel: dict[int, list] = {}
     sizes = []
     for p in paths:
@@ -170,8 +171,8 @@ def read_bead_images(paths: Sequence[str | os.PathLike]) -> tuple[dict[int, np.n
         axes, data = (img.axes or "").upper(), np.asarray(img.data)
         _check_not_empty(data.shape, p)
         if "Z" in axes and data.shape[axes.index("Z")] > 1:
-            raise InputError(f"{p} is a z-stack (axes {axes}); z-stacks are out of scope: give the focal plane, a "
-                             "2-D image (several 2-D images of the same field are pooled)")
+            raise InputError(f"{p} is a z-stack (axes {axes}): give it alone (a bead z-stack is calibrated in 3-D), "
+                             "or 2-D images of the focal plane (several 2-D images of the same field are pooled)")
         channels = [data] if "C" not in axes else list(np.moveaxis(data, axes.index("C"), 0))
         for c, plane in enumerate(channels):
             per_channel.setdefault(c, []).append(plane.reshape(-1, *plane.shape[-2:]))

@@ -83,7 +83,7 @@ def bead_zstack(optics, shape: Sequence[int], n_beads: int, *, photons: float = 
     slide = (z - 1) / 2.0 + 0.25 if slide_plane is None else float(slide_plane)
     ys, xs = _spread(rng, h, w, n_beads, psf_size / 2.0, margin)
     zc = int(math.floor(slide))
-    depth = 2 * z + 1  # reaches every plane of the stack from the slide
+    depth = 2 * max(zc, z - 1 - zc) + 1  # reaches every plane of the stack from the slide
     vols = optics.volumes(field_position(ys, h), field_position(xs, w), slide - zc, ys - np.round(ys),
                           xs - np.round(xs), depth, psf_size)
     peak = vols.reshape(len(ys), -1).max(axis=1)
