@@ -35,13 +35,15 @@ class Lattice:
         return (self.coef @ _terms(i, j)).T
 
     def sites(self, shape, margin: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-        """(N, 2) positions and (N, 2) indices of every site at least ``margin`` px inside a frame of ``shape``."""
+        """(N, 2) positions and (N, 2) indices of every site at least ``margin`` px inside a frame of ``shape``;
+        a negative ``margin`` adds the sites up to ``-margin`` px outside it (whose light still reaches it)."""
         h, w = shape
         a = np.linalg.inv(self.coef[:, 1:3])  # linear part: (i, j) from (y, x) - o
         corners = np.array([[0, 0], [0, w - 1], [h - 1, 0], [h - 1, w - 1]], float) - self.coef[:, 0]
         ij = corners @ a.T
-        lo = np.floor(ij.min(axis=0)) - 3
-        hi = np.ceil(ij.max(axis=0)) + 3
+        reach = 3 + int(np.ceil(max(0.0, -float(margin)) / self.pitch))  # the quadratic term's bend, then the margin
+        lo = np.floor(ij.min(axis=0)) - reach
+        hi = np.ceil(ij.max(axis=0)) + reach
         ii, jj = np.meshgrid(np.arange(lo[0], hi[0] + 1), np.arange(lo[1], hi[1] + 1), indexing="ij")
         ii, jj = ii.ravel(), jj.ravel()
         p = self.positions(ii, jj)
