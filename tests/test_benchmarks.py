@@ -24,6 +24,7 @@ BENCH = Path(__file__).parents[1] / "benchmarks"
     ("bench_3d.py", "3-D CoordGate minus"),
     ("bench_apply3d.py", "peak host RSS above baseline"),
     ("bench_calibrate3d.py", "best-focus error"),
+    ("bench_arrays.py", "pitch/FWHM"),
 ])
 def test_benchmark_quick_mode_prints_its_table(script, expect):
     result = subprocess.run([sys.executable, str(BENCH / script), "--quick"], capture_output=True, text=True,

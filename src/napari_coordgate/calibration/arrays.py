@@ -341,6 +341,19 @@ class _PSFProblem:
     smooth: float
     prior: np.ndarray  # (K², S, S) what the radial penalty pulls towards
 
+    @classmethod
+    def build(cls, sites: _Sites, amp: np.ndarray, weight: np.ndarray, image: np.ndarray, by: np.ndarray,
+              bx: np.ndarray, prior: np.ndarray, env: np.ndarray, radial: float, smooth: float) -> "_PSFProblem":
+        """The problem with its penalties relative to the data term's size (its mean diagonal per node);
+        ``env`` (K², 1, 1) the distance where the radial penalty reaches ``radial`` times that."""
+        k = int(round(math.sqrt(len(prior))))
+        m = sites.index.shape[1] // 2
+        centre = sites.embed(weight)[sites.index[:, m, m]]
+        scale = float(np.mean((sites.tent**2).T @ (amp**2 * centre)))
+        u = np.arange(sites.size) - sites.size // 2
+        r2 = (u[:, None] ** 2 + u[None, :] ** 2).astype(float)
+        return cls(sites, amp, weight, image, by, bx, k, radial * scale * r2 / env**2, smooth * scale, prior)
+
     def _split(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         s, kb = self.sites.size, self.by.shape[1]
         n = self.k * self.k * s * s
@@ -511,11 +524,16 @@ def _first_guess(sites: _Sites, image: np.ndarray, weight: np.ndarray, by: np.nd
 
 
 def _widths(h: np.ndarray) -> np.ndarray:
-    """(K²,) FWHM (px) of each (S, S) PSF: the diameter of a disc with the area of the pixels above half the
-    peak of a lightly smoothed copy (noise cannot add area far away), between 1.5 and S / 2."""
-    sm = ndimage.gaussian_filter(h, (0, 0.7, 0.7), mode="constant")
-    area = (sm >= 0.5 * sm.max(axis=(1, 2), keepdims=True)).sum(axis=(1, 2))
-    return np.clip(2.0 * np.sqrt(area / np.pi), 1.5, h.shape[-1] / 2.0)
+    """(K²,) the FWHM (px) of the Gaussian with the second moments of each (S, S) PSF (its covariance's
+    determinant to the 1/4: the geometric mean of the two axes), at least 1."""
+    u = np.arange(h.shape[-1]) - h.shape[-1] // 2
+    tot = h.sum(axis=(1, 2))
+    my, mx = (h.sum(axis=2) @ u) / tot, (h.sum(axis=1) @ u) / tot
+    vyy = (h.sum(axis=2) @ u**2) / tot - my**2
+    vxx = (h.sum(axis=1) @ u**2) / tot - mx**2
+    vxy = np.einsum("nij,i,j->n", h, u, u) / tot - my * mx
+    det = np.maximum(vyy * vxx - vxy**2, 1e-12)
+    return np.maximum(2.0 * math.sqrt(2.0 * math.log(2.0)) * det**0.25, 1.0)
 
 
 def _node_residuals(chi2: np.ndarray, k: int) -> np.ndarray:
@@ -536,12 +554,39 @@ def _finish(h: np.ndarray, k: int) -> np.ndarray:
     return (out / sums).reshape(k, k, s, s)
 
 
-def _checked_sizes(grid, psf_size) -> tuple[int, int]:
-    for value, what in ((grid, "grid"), (psf_size, "psf_size")):
+def _alternate(sites: _Sites, image: np.ndarray, weight: np.ndarray, basis: tuple, gauss: np.ndarray,
+               env: np.ndarray, prior: float, inside: np.ndarray, floor: float, iterations: int, cg_iterations: int,
+               penalties: tuple[float, float], should_stop):
+    """Amplitudes, then node PSFs and background, then pixel weights, until the PSFs settle: (psfs, amplitudes,
+    model, weights, noise model, iterations, conjugate-gradient steps)."""
+    by, bx = basis
+    psfs, steps, done, coef = gauss, 0, 0, (float("nan"), float("nan"))
+    for done in range(1, iterations + 1):
+        if should_stop is not None and should_stop():
+            raise CalibrationCancelled("the point-array measurement was stopped")
+        amp, beta = _solve_amplitudes(sites, sites.windows(psfs), image, weight, by, bx, prior)
+        problem = _PSFProblem.build(sites, amp, weight, image, by, bx, gauss, env, *penalties)
+        new, beta, n = problem.solve(psfs, beta, cg_iterations)
+        steps += n
+        model = problem.model(np.concatenate([new.ravel(), beta.ravel()]))
+        total = float(new.sum(axis=(1, 2)).mean())  # amplitudes in light per site, PSFs of unit sum on average
+        new, amp = new / total, amp * total
+        prior = float(np.median(amp[inside]))
+        var, coef = _variance(image - model, model, floor)
+        weight = 1.0 / var
+        change = float(np.linalg.norm(new - psfs) / max(np.linalg.norm(new), 1e-30))
+        psfs = new
+        if change < 1e-3:
+            break
+    return psfs, amp, model, weight, coef, done, steps
+
+
+def _checked_sizes(grid, psf_size, iterations) -> tuple[int, int]:
+    for value, what in ((grid, "grid"), (psf_size, "psf_size"), (iterations, "iterations")):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise CalibrationError(f"{what} must be a whole number, got {value!r}")
-    if grid < 1:
-        raise CalibrationError(f"grid must be at least 1, got {grid}")
+        if value < 1:
+            raise CalibrationError(f"{what} must be at least 1, got {value}")
     if psf_size < 3 or psf_size % 2 == 0:
         raise CalibrationError(f"psf_size must be odd and at least 3, got {psf_size}")
     return int(grid), int(psf_size)
@@ -565,8 +610,8 @@ def measure_array_psfs(image: np.ndarray, *, grid: int, psf_size: int, pixel_siz
     pixel_size_um
         Camera pixel size in the specimen plane, only recorded in the diagnostics.
     noise
-        The background noise's standard deviation (image units) to start the pixel weights from; default
-        measured from the image. The weights then follow the fitted read + shot noise model.
+        The background noise's standard deviation (image units) to start the pixel weights from (default
+        measured from the image); the weights then follow the fitted read + shot noise model.
     lattice
         The sites' lattice when known (e.g. from the array's design); default found in the image's spots.
     iterations, cg_iterations
@@ -582,12 +627,11 @@ def measure_array_psfs(image: np.ndarray, *, grid: int, psf_size: int, pixel_siz
     psfs : ndarray (K, K, S, S)
         Non-negative, unit sum, centroids on the middle pixel.
     diagnostics : dict
-        ``sites`` (modelled: in the frame and around it), ``sites_in_frame``, ``sites_lit`` and
-        ``sites_missing`` (in the frame, amplitude above or below a quarter of the median), ``pitch_px``,
-        ``lattice_explained``, ``spots_detected``, ``residual`` ((K, K) weighted mean squared residual over the
-        fitted noise variance around each node: 1 at the noise), ``iterations``, ``cg_steps``, ``noise_model``
-        ((c0, c1) of the variance ``c0 + c1 * model``), ``positions`` (N, 2), ``amplitudes`` (N,),
-        ``pixel_size_um``, ``seconds``.
+        ``sites`` (modelled, in and around the frame), ``sites_in_frame``, ``sites_lit`` / ``sites_missing``
+        (in the frame, amplitude above / below a quarter of the median), ``pitch_px``, ``lattice_explained``,
+        ``spots_detected``, ``residual`` ((K, K) mean squared residual over the fitted noise variance around
+        each node: 1 at the noise), ``iterations``, ``cg_steps``, ``noise_model`` ((c0, c1) of the variance
+        ``c0 + c1 * model``), ``positions`` (N, 2), ``amplitudes`` (N,), ``pixel_size_um``, ``seconds``.
 
     Raises
     ------
@@ -596,46 +640,25 @@ def measure_array_psfs(image: np.ndarray, *, grid: int, psf_size: int, pixel_siz
     """
     t0 = time.perf_counter()
     image = _checked_image(image)
-    k, s = _checked_sizes(grid, psf_size)
+    k, s = _checked_sizes(grid, psf_size, iterations)
     pos, info = _lattice_sites(image, s, k, lattice)
     sites = _Sites.build(pos, image.shape, k, s)
     h, w = image.shape
     kb = 2  # a bilinear background: where spots overlap, a freer one would trade places with their wings
     by, bx = tent_weights(field_axis(h), kb), tent_weights(field_axis(w), kb)
     sigma = robust_noise(image) if noise is None else float(noise)
-    floor = max((0.1 * sigma) ** 2, 1e-12)
+    floor = max((0.1 * sigma) ** 2, 1e-12)  # no pixel weighs more than 100 background pixels
     weight = np.full(image.shape, 1.0 / max(sigma**2, floor))
-    u = np.arange(s) - s // 2
-    r2 = (u[:, None] ** 2 + u[None, :] ** 2).astype(float)
     inside = (pos[:, 0] >= 0) & (pos[:, 0] <= h - 1) & (pos[:, 1] >= 0) & (pos[:, 1] <= w - 1)
     gauss, prior = _first_guess(sites, image, weight, by, bx, k, info["pitch_px"], inside)
-    # the penalty grows with the distance from the centre relative to each node's own width (corner PSFs may
-    # be several times the centre's) and pulls towards the Gaussian guess, not towards nothing
+    # the penalty grows with the distance from the centre relative to each node's own width (corner PSFs may be
+    # several times the centre's) and pulls towards the Gaussian guess, not towards nothing
     env = _ENVELOPE * _widths(gauss)[:, None, None]
-    psfs, steps, done, coef = gauss, 0, 0, (sigma**2, 0.0)
-    for done in range(1, iterations + 1):
-        if should_stop is not None and should_stop():
-            raise CalibrationCancelled("the point-array measurement was stopped")
-        amp, beta = _solve_amplitudes(sites, sites.windows(psfs), image, weight, by, bx, prior)
-        centre = sites.embed(weight)[sites.index[:, s // 2 + _TAPS, s // 2 + _TAPS]]
-        scale = float(np.mean((sites.tent**2).T @ (amp**2 * centre)))
-        problem = _PSFProblem(sites, amp, weight, image, by, bx, k, radial_penalty * scale * r2 / env**2,
-                              node_smoothing * scale, gauss)
-        new, beta, n = problem.solve(psfs, beta, cg_iterations)
-        steps += n
-        model = problem.model(np.concatenate([new.ravel(), beta.ravel()]))
-        total = float(new.sum(axis=(1, 2)).mean())
-        new, amp = new / total, amp * total
-        prior = float(np.median(amp[inside]))
-        var, coef = _variance(image - model, model, floor)
-        weight = 1.0 / var
-        change = float(np.linalg.norm(new - psfs) / max(np.linalg.norm(new), 1e-30))
-        psfs = new
-        if change < 1e-3:
-            break
+    psfs, amp, model, weight, coef, done, steps = _alternate(
+        sites, image, weight, (by, bx), gauss, env, prior, inside, floor, iterations, cg_iterations,
+        (radial_penalty, node_smoothing), should_stop)
     lit = amp > 0.25 * np.median(amp[inside])
     info.update(sites=len(sites), sites_lit=int((lit & inside).sum()), sites_missing=int((~lit & inside).sum()),
                 residual=_node_residuals((image - model) ** 2 * weight, k), iterations=done, cg_steps=steps,
-                noise_model=coef, positions=pos, amplitudes=amp, pixel_size_um=pixel_size_um,
-                seconds=time.perf_counter() - t0)
-    return _finish(psfs, k), info
+                noise_model=coef, positions=pos, amplitudes=amp, pixel_size_um=pixel_size_um)
+    return _finish(psfs, k), {**info, "seconds": time.perf_counter() - t0}
