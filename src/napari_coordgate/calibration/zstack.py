@@ -9,10 +9,9 @@ is sharpest at plane ``z_s + f(y, x)``. The steps:
    :func:`~napari_coordgate.calibration.detect.find_beads`: hot pixels, saturation, sub-pixel centres, widths).
 2. **Focus of each bead**: its axial profile (the light of a 3 x 3 px square on the bead, plane by plane, minus
    the bead's background) and the vertex of a parabola through the logarithm of the profile's top five planes.
-3. **The best-focus surface** ``f``: a quadratic in (y, x) fitted robustly (Cauchy weights) to the beads' foci;
-   its value at the field centre is the slide's plane ``z_s`` (so ``f(0, 0) = 0``, the convention of
-   :class:`~napari_coordgate.optics.psf3d.Pupil3DPSF`, whose middle plane is in focus on the axis). Beads far off
-   the surface (debris above the slide, a bead in the mounting medium) are rejected as outliers.
+3. **A first best-focus surface** ``f``: a quadratic in (y, x) fitted robustly (Cauchy weights) to the beads' foci;
+   its value at the field centre is a first estimate of the slide's plane ``z_s``. Beads far off the surface
+   (debris above the slide, a bead in the mounting medium) are rejected as outliers.
 4. **3-D patches**: every bead's window of ``D`` planes centred on ``z_s`` (cubic interpolation between planes:
    one sub-plane shift for all beads), its background (the median of the window's outer ring over all planes)
    removed, moved laterally by its sub-pixel centre (Fourier shift), cut to ``D x s x s`` and normalised to unit
@@ -23,6 +22,12 @@ is sharpest at plane ``z_s + f(y, x)``. The steps:
    node's noise, grown by two voxels), nodes without beads filled from their neighbours, each node moved
    laterally so its centroid sits on the middle pixel (not axially: the focus shift is the measurement), and
    normalised to unit sum over its stored volume (:class:`~napari_coordgate.optics.psf3d.MeasuredGrid3DPSF`).
+6. **The best-focus map**: the plane of each measured node's smallest spot (:func:`psf_focus`: the lateral second
+   moment's minimum; the nodes average many beads, so it is nearly noise-free) and the quadratic surface through
+   them, ``f(0, 0) = 0`` (the convention of :class:`~napari_coordgate.optics.psf3d.Pupil3DPSF`, whose middle plane
+   is in focus on the axis). The brightest square of step 2 is biased where astigmatism and coma meet (by up to
+   2.4 planes at the corners of the ``tilted_curved_3d`` preset, 0.3 for the second moment): it only places the
+   windows. When the surface moves the slide's plane by more than 0.05 plane, steps 4-6 run once more there.
 
 The result also reports the best-focus map (µm, relative to the field centre) and warns about beads whose focus
 lies near the stack's ends (their PSFs are cut there) and a stack too short for the PSF's axial reach.
@@ -44,7 +49,7 @@ from scipy import ndimage
 
 from napari_coordgate.calibration import CalibrationError
 from napari_coordgate.calibration.detect import REASONS, BeadTable, find_beads, reject_by_window
-from napari_coordgate.calibration.grid import _harmonic_fill, _robust_fit, choose_grid, tent_matrix
+from napari_coordgate.calibration.grid import _harmonic_fill, _outer_noise, _robust_fit, choose_grid, tent_matrix
 from napari_coordgate.calibration.patches import Patches, window_size
 from napari_coordgate.calibration.result import _json_default
 from napari_coordgate.optics.psf3d import MeasuredGrid3DPSF
@@ -225,15 +230,22 @@ def _catmull_rom(stack: np.ndarray, start: float, depth: int) -> np.ndarray:
     return out
 
 
-def _patches3d(slab: np.ndarray, ys: np.ndarray, xs: np.ndarray, size: int, margin: int
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(N, D, s, s) unit-sum registered patches from a slab (D, H, W) at the beads, their flux and background."""
-    win = size + 2 * margin
-    r = win // 2
+def _windows(volume: np.ndarray, ys: np.ndarray, xs: np.ndarray, win: int) -> np.ndarray:
+    """(N, D, win, win) windows of a (D, H, W) volume centred on the pixels nearest (ys, xs)."""
     iy, ix = np.round(ys).astype(int), np.round(xs).astype(int)
-    off = np.arange(win) - r
-    windows = slab[:, iy[:, None, None] + off[None, :, None], ix[:, None, None] + off[None, None, :]]
-    windows = np.moveaxis(windows, 0, 1)  # (N, D, win, win)
+    off = np.arange(win) - win // 2
+    return np.moveaxis(volume[:, iy[:, None, None] + off[None, :, None], ix[:, None, None] + off[None, None, :]], 0, 1)
+
+
+def _patches3d(slab: np.ndarray, ys: np.ndarray, xs: np.ndarray, size: int, margin: int,
+               others: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N, D, s, s) unit-sum registered patches from a slab (D, H, W) at the beads, their flux and background;
+    ``others``: (N, D, s + 2 margin, s + 2 margin) light of the neighbours in each window, removed first."""
+    win = size + 2 * margin
+    iy, ix = np.round(ys).astype(int), np.round(xs).astype(int)
+    windows = _windows(slab, ys, xs, win)
+    if others is not None:
+        windows = windows - others
     ring = np.ones((win, win), bool)
     ring[margin : margin + size, margin : margin + size] = False
     background = np.median(windows[:, :, ring].reshape(len(ys), -1), axis=1)
@@ -271,6 +283,25 @@ def _denoise3d(g: np.ndarray, sigma: float) -> np.ndarray:
     return out if out.sum() > 0 else np.clip(g, 0.0, None)
 
 
+def psf_focus(psfs: np.ndarray) -> np.ndarray:
+    """(N,) best focus of 3-D PSFs (N, D, s, s), in planes from their middle plane: where the PSF's lateral second
+    moment (about each plane's own centroid, within the inscribed disc) is smallest, the vertex of a parabola through
+    the five planes around the minimum. The smallest spot, not the brightest pixel: with astigmatism and coma together
+    the light of a fixed small square peaks away from the medial focus (by planes at this project's 3-D preset's
+    corners), the second moment does not (in the geometric limit it is smallest where the wavefront's defocus term is
+    zero). NaN where the minimum is within two planes of an end."""
+    n, d, s, _ = psfs.shape
+    c = s // 2
+    yy, xx = np.mgrid[:s, :s] - c
+    disc = (yy * yy + xx * xx) <= c * c
+    w = np.clip(psfs, 0.0, None) * disc
+    tot = np.maximum(w.sum(axis=(2, 3)), 1e-30)
+    cy = (w * yy).sum(axis=(2, 3)) / tot
+    cx = (w * xx).sum(axis=(2, 3)) / tot
+    var = (w * ((yy - cy[..., None, None]) ** 2 + (xx - cx[..., None, None]) ** 2)).sum(axis=(2, 3)) / tot
+    return best_focus(1.0 / np.maximum(var, 1e-30)) - d // 2 if d >= 5 else np.full(n, np.nan)
+
+
 def _recentre_lateral(psfs: np.ndarray) -> np.ndarray:
     """(N, D, s, s) PSFs moved in (y, x) so each volume's centroid sits on the middle pixel (zero-padded)."""
     n, d, s, _ = psfs.shape
@@ -287,34 +318,44 @@ def _recentre_lateral(psfs: np.ndarray) -> np.ndarray:
     return out
 
 
-def _fit_grid3d(patches: np.ndarray, flux: np.ndarray, y_norm: np.ndarray, x_norm: np.ndarray,
-                grid: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(K, K, D, s, s) node PSFs, (K, K) filled flags, (K, K) beads' worth of weight per node, (N,) robust weights."""
-    n, d, s, _ = patches.shape
-    holder = Patches(np.arange(n), patches, np.zeros(n), np.zeros((n, 2)), patches, flux, np.ones(n), y_norm,
-                     x_norm, s, 0)
+def _fit_grid3d(patches: np.ndarray, pad: int, flux: np.ndarray, y_norm: np.ndarray, x_norm: np.ndarray,
+                grid: int | None, surface: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(K, K, D, s, s) node PSFs from (N, D + 2 pad, s, s) patches, (K, K) filled flags, (K, K) beads' worth of
+    weight per node, and K.
+
+    K and the smoothness are cross-validated over the beads as in 2-D. A z-translation is not a linear combination of
+    PSFs, so beads of different focus, solved for jointly as they are, would blur the nodes axially where the focus
+    changes fast: each bead is moved along z by the best-focus surface at its place (``surface``, planes; ``pad``
+    spare planes each side hold the move), the nodes' focus-free shapes are solved jointly (the 2-D grid's robust
+    tent least squares), and each node is moved back to its own focus."""
+    n, dp, s, _ = patches.shape
+    d = dp - 2 * pad
+    core = patches[:, pad : pad + d]
+    holder = Patches(np.arange(n), core, np.zeros(n), np.zeros((n, 2)), core, flux, np.ones(n), y_norm, x_norm, s, 0)
     ks = [int(grid)] if grid else list(range(1, int(np.clip(math.floor(math.sqrt(n / 3.0)) + 1, 1, 9)) + 1))
     k, lam, _ = choose_grid(holder, ks)
-    p = patches.reshape(n, -1)
     med = max(float(np.median(np.maximum(flux, 0.0))), 1e-30)
     w = np.clip(np.maximum(flux, 0.0) / med, 0.1, 5.0)
     t = tent_matrix(y_norm, x_norm, k)
-    g, u, _ = _robust_fit(t, p, w, k, lam)
-    resid = p - t @ g
-    wu = w * u
-    # per-voxel noise of the node estimates: the pooled residual through the tent weights' effective count
-    c = float(np.sum(wu[:, None] * resid**2)) / (max(n - k * k, 1) * p.shape[1])
+    nodes = np.linspace(-1.0, 1.0, k)
+    ny, nx = (a.ravel() for a in np.meshgrid(nodes, nodes, indexing="ij"))
+    node_f, bead_f = focus_surface(surface, ny, nx), focus_surface(surface, y_norm, x_norm)
+    # every bead moved to focus 0 (its focus-free shape), the nodes' focus-free shapes solved jointly, each node
+    # moved back to its own focus
+    aligned = np.stack([_catmull_rom(patches[b], bead_f[b], dp) for b in range(n)])
+    g, u, _ = _robust_fit(t, aligned.reshape(n, -1), w, k, lam)
+    g = g.reshape(k * k, dp, s, s)
+    psfs = np.stack([_catmull_rom(g[j], pad - node_f[j], d) for j in range(k * k)])
     node_weight = (t * u[:, None]).sum(axis=0)
-    eff = np.maximum((t * wu[:, None]).sum(axis=0) ** 2 / np.maximum((t**2 * wu[:, None]).sum(axis=0), 1e-30), 1e-3)
-    sigma = np.sqrt(c / eff)
-    psfs = np.stack([_denoise3d(g[i].reshape(d, s, s), sigma[i]) for i in range(k * k)])
+    sigma = np.median(_outer_noise(psfs.reshape(k * k * d, s, s)).reshape(k * k, d), axis=1)
+    psfs = np.stack([_denoise3d(psfs[i], sigma[i]) for i in range(k * k)])
     known = node_weight.reshape(k, k) >= 0.25
     filled = ~known if known.any() else np.zeros((k, k), bool)
     psfs = _harmonic_fill(psfs.reshape(k, k, d, s, s), known if known.any() else ~filled)
     psfs = _recentre_lateral(psfs.reshape(k * k, d, s, s)).reshape(k, k, d, s, s)
     psfs = np.clip(psfs, 0.0, None)
     psfs /= psfs.sum(axis=(2, 3, 4), keepdims=True)
-    return psfs, filled, node_weight.reshape(k, k), u
+    return psfs, filled, node_weight.reshape(k, k), k
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -489,23 +530,134 @@ def calibrate_zstack(
                                f"({_counts(table)})", beads=table, field_shape=field_shape)
     _stop(should_stop, "before the grid fit")
     _stage(report, t0, "grid", 0.5, f"fitting the 3-D PSF grid to {rows.size} beads")
-    patches, flux, _ = _patches3d(slab, table.y[rows], table.x[rows], size, _MARGIN)
-    good = np.isfinite(patches).all(axis=(1, 2, 3)) & (flux > 0)
-    table.reject(np.isin(np.arange(len(table)), rows[~good]), "fit failed", "no light left after its background")
-    rows, patches, flux = rows[good], patches[good], flux[good]
-    psfs, filled, node_weight, u = _fit_grid3d(patches, flux, table.y_norm[rows], table.x_norm[rows], grid)
+    def refit():
+        _stage(report, t0, "grid", 0.7, "refitting the grid at the refined focus")
+
+    psfs, filled, node_weight, rows, coef = _grid_and_focus(data, table, coef, depth, size, grid, refit)
+    _stop(should_stop, "before the neighbours' light is removed")
+    _stage(report, t0, "grid", 0.85, "refitting with the neighbours' light removed from every window")
+    crowd = MeasuredGrid3DPSF(psfs, z_step_um=float(z_step_um), filled=filled)
+    psfs, filled, node_weight, rows, coef = _grid_and_focus(data, table, coef, depth, size, grid, refit, rounds=1,
+                                                            crowd=crowd)
+    slide = float(coef[0])
     warnings += _zstack_warnings(table, focus, z, filled)
-    src = [source] if isinstance(source, str) else list(source or [])
-    prov = {"source": src, "beads": int(rows.size), "z_step_um": float(z_step_um), "slide_plane": round(slide, 4),
-            "best_focus_surface_planes": [round(float(v), 5) for v in coef], "stack_depth": z, "calibrated": "z-stack"}
-    name = "measured from " + ", ".join(Path(s).name for s in src) if src else "measured"
-    model = MeasuredGrid3DPSF(psfs, z_step_um=float(z_step_um), filled=filled, pixel_size_um=pixel_size_um,
-                              name=name, provenance=prov, blur_grid=psfs.shape[0])
+    model = _measured_model(psfs, filled, z_step_um, pixel_size_um, source, rows.size, coef, z)
     settings = {"z_step_um": z_step_um, "pixel_size_um": pixel_size_um, "grid": grid, "psf_size": psf_size,
                 "psf_depth": psf_depth, "min_snr": min_snr}
     _stage(report, t0, "done", 1.0, f"3-D PSF grid from {rows.size} beads")
     return ZStackCalibration(model, table, focus, coef, slide, float(z_step_um), field_shape, z, size, depth,
                              [float(noise)], node_weight, warnings, settings, time.perf_counter() - t0)
+
+
+_MODELLED = ("", "edge", "clump", "outlier", "too close")  # spots whose light is modelled in their neighbours' windows
+
+
+def _neighbour_light(table: BeadTable, rows: np.ndarray, model: MeasuredGrid3DPSF, shape: tuple[int, int, int],
+                     pad: int, win: int, flux: np.ndarray) -> np.ndarray:
+    """(N, D + 2 pad, win, win) light of every other spot in the windows of ``rows``, from ``model`` (its middle
+    plane on the slab's plane ``pad + D // 2``): each spot's PSF at its place, scaled to its flux. The accepted beads'
+    fluxes are ``flux`` (their windows' light); the others' are their peak over the model's peak there, times the
+    median of that ratio's relation to flux among the beads."""
+    dp, h, w = shape
+    spots = np.flatnonzero(np.isin(table.reason, _MODELLED) & np.isfinite(table.y))
+    vols = model.psfs_at(table.y_norm[spots], table.x_norm[spots])  # (M, D, s, s)
+    d, s = vols.shape[1], vols.shape[-1]
+    peak_model = vols.reshape(len(spots), -1).max(axis=1)
+    where = {int(r): i for i, r in enumerate(rows)}
+    known = np.array([where.get(int(r), -1) for r in spots])
+    scale = np.median(flux[known[known >= 0]] * peak_model[known >= 0] / table.peak[spots[known >= 0]])
+    spot_flux = np.where(known >= 0, flux[np.maximum(known, 0)], scale * table.peak[spots] / peak_model)
+    lo = pad + (dp - 2 * pad - d) // 2
+    m = (win - s) // 2
+    big = np.zeros((len(spots), dp, win, win))
+    big[:, lo : lo + d, m : m + s, m : m + s] = vols * spot_flux[:, None, None, None]
+    iy, ix = np.round(table.y[spots]).astype(int), np.round(table.x[spots]).astype(int)
+    big = fourier_shift(big, (table.y[spots] - iy)[:, None], (table.x[spots] - ix)[:, None])
+    r = win // 2
+    light = np.zeros((dp, h + 2 * r, w + 2 * r))
+    for i in range(len(spots)):
+        light[:, iy[i] : iy[i] + win, ix[i] : ix[i] + win] += big[i]
+    out = _windows(light, table.y[rows] + r, table.x[rows] + r, win)
+    own = known >= 0
+    out[known[own]] -= big[own]  # a bead's own light stays in its window
+    return out
+
+
+def _grid_at(data: np.ndarray, table: BeadTable, slide: float, depth: int, size: int, grid: int | None,
+             surface: np.ndarray, crowd: MeasuredGrid3DPSF | None = None):
+    """The 3-D grid from the accepted beads' windows centred on plane ``slide`` (with spare planes each side for
+    moving them by the best-focus ``surface``, planes, relative to the slide: :func:`_fit_grid3d`), with the
+    neighbours' light of a previous pass's model (``crowd``) removed: node PSFs, filled flags, node weights and the
+    rows used (beads without light after their background are rejected)."""
+    t = np.linspace(-1.0, 1.0, 9)
+    pad = int(math.ceil(np.abs(focus_surface(surface, *np.meshgrid(t, t, indexing="ij"))).max())) + 2
+    slab = _catmull_rom(data, slide - depth // 2 - pad, depth + 2 * pad)
+    rows = np.flatnonzero(table.accepted)
+    patches, flux, _ = _patches3d(slab, table.y[rows], table.x[rows], size, _MARGIN)
+    if crowd is not None:  # the neighbours' light, from the previous pass's model, out of every window
+        others = _neighbour_light(table, rows, crowd, slab.shape, pad, size + 2 * _MARGIN, flux)
+        patches, flux, _ = _patches3d(slab, table.y[rows], table.x[rows], size, _MARGIN, others)
+    good = np.isfinite(patches).all(axis=(1, 2, 3)) & (flux > 0)
+    table.reject(np.isin(np.arange(len(table)), rows[~good]), "fit failed", "no light left after its background")
+    rows, patches, flux = rows[good], patches[good], flux[good]
+    psfs, filled, node_weight, _ = _fit_grid3d(patches, pad, flux, table.y_norm[rows], table.x_norm[rows], grid,
+                                               surface)
+    return psfs, filled, node_weight, rows
+
+
+def _grid_and_focus(data: np.ndarray, table: BeadTable, coef: np.ndarray, depth: int, size: int, grid: int | None,
+                    on_refit: Callable[[], None], rounds: int = 3, crowd: MeasuredGrid3DPSF | None = None):
+    """The 3-D grid and the best-focus surface, refined together: the nodes' foci (:func:`psf_focus`, their smallest
+    spots; not the beads' brightest squares) give a surface, which moves the slide's plane (the windows are cut
+    again there) and the beads' alignment to their nodes, for ``rounds`` rounds or until the slide moves by less
+    than 0.05 plane (``crowd``: the neighbours' light removed, :func:`_grid_at`). Returns psfs, filled, node weights,
+    rows used and the surface (planes; its constant the slide's plane)."""
+    coef = np.asarray(coef, np.float64).copy()
+    for i in range(rounds):
+        rel = np.concatenate([[0.0], coef[1:]])
+        psfs, filled, node_weight, rows = _grid_at(data, table, float(coef[0]), depth, size, grid, rel, crowd)
+        surface = _node_surface(psfs, filled)
+        if surface is None:
+            break
+        moved = float(coef[0] + surface[0])
+        done = abs(surface[0]) <= 0.05 and np.allclose(surface[1:], coef[1:], atol=0.05)
+        if not _fits(data.shape[0], moved, depth):
+            break
+        coef = np.concatenate([[moved], surface[1:]])
+        if done or i == rounds - 1:
+            break
+        on_refit()
+    return psfs, filled, node_weight, rows, coef
+
+
+def _node_surface(psfs: np.ndarray, filled: np.ndarray) -> np.ndarray | None:
+    """The best-focus surface (planes from the PSFs' middle plane) through the measured nodes' foci
+    (:func:`psf_focus`), or None with fewer than 6 measured nodes whose focus is found."""
+    k = psfs.shape[0]
+    t = np.linspace(-1.0, 1.0, k)
+    yy, xx = (a.ravel() for a in np.meshgrid(t, t, indexing="ij"))
+    foci = psf_focus(psfs.reshape(k * k, *psfs.shape[2:]))
+    use = ~filled.ravel() & np.isfinite(foci)
+    if use.sum() < 6:
+        return None
+    return fit_focus_surface(yy[use], xx[use], foci[use])[0]
+
+
+def _fits(z: int, slide: float, depth: int) -> bool:
+    """Whether ``depth`` planes around ``slide`` (and the interpolation's spare plane each side) lie in the stack."""
+    return math.floor(slide) - depth // 2 - 1 >= 0 and math.ceil(slide) + depth // 2 + 1 <= z - 1
+
+
+def _measured_model(psfs, filled, z_step_um, pixel_size_um, source, n_beads: int, coef: np.ndarray, z: int
+                    ) -> MeasuredGrid3DPSF:
+    """The calibration's PSF model with its provenance (sources, bead count, the best-focus surface)."""
+    src = [source] if isinstance(source, str) else list(source or [])
+    prov = {"source": src, "beads": int(n_beads), "z_step_um": float(z_step_um), "slide_plane": round(float(coef[0]),
+            4), "best_focus_surface_planes": [round(float(v), 5) for v in coef], "stack_depth": z,
+            "calibrated": "z-stack"}
+    name = "measured from " + ", ".join(Path(p).name for p in src) if src else "measured"
+    return MeasuredGrid3DPSF(psfs, z_step_um=float(z_step_um), filled=filled, pixel_size_um=pixel_size_um, name=name,
+                             provenance=prov, blur_grid=psfs.shape[0])
 
 
 def _lateral_size(table: BeadTable, slab: np.ndarray, field_shape, psf_size: int | None) -> int:
