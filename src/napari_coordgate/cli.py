@@ -14,7 +14,8 @@
     napari-coordgate evaluate -m MODEL --sharp S.tif --blurred B.tif [--json REPORT.json] [--png REPORT.png]
     napari-coordgate evaluate -m MODEL --beads BEADS.tif [--holdout-from CALIBRATION.json] [--json REPORT.json]
     napari-coordgate export -m MODEL -o PACKAGE.zip [--test-image FIELD.tif]
-    napari-coordgate calibrate BEADS.tif [...] -o PSF.cgpsf [--model auto|pupil|grid] [--grid K]
+    napari-coordgate calibrate BEADS.tif [...] -o PSF.cgpsf [--target auto|beads|array] [--model auto|pupil|grid]
+            [--grid K]
             [--na NA --wavelength NM --immersion N] [--pixel-size UM] [--bead-diameter NM] [--psf-size PX]
             [--min-snr SNR] [--holdout F] [--png REPORT.png] [--json REPORT.json]
     napari-coordgate calibrate BEADS_ZYX.tif --z-step UM [--psf-depth PLANES] -o PSF3D.cgpsf [...]
@@ -121,7 +122,7 @@ ADAPT_FLAGS = ("crop", "batch", "steps_per_epoch", "lr", "alpha", "val_tile", "s
 TRAIN_FLAGS = ("crop", "crop_depth", "batch", "steps_per_epoch", "lr", "seed", "device", "threads", "register",
                "photons", "intensity", "amp")
 PREDICT_FLAGS = ("tile", "binning", "device", "precision", "batch_tiles", "threads", "resample_z")
-CALIBRATE_FLAGS = ("model", "grid", "na", "wavelength_nm", "immersion", "pixel_size_um", "bead_diameter_nm",
+CALIBRATE_FLAGS = ("target", "model", "grid", "na", "wavelength_nm", "immersion", "pixel_size_um", "bead_diameter_nm",
                    "psf_size", "min_snr", "holdout", "device")
 # the calibrate flags named by what users type (and as before CalibrateConfig): the unit is the field's, in its help
 CALIBRATE_FLAG_NAMES = {"wavelength_nm": ("--wavelength", "NM"), "pixel_size_um": ("--pixel-size", "UM"),
@@ -835,8 +836,9 @@ def _is_bead_zstack(args) -> bool:
 
 
 # the 2-D calibration's settings a z-stack calibration does not take (yet): flag -> what it would need
-_NOT_3D = {"model": "--model pupil (a pupil fit through focus)", "na": "--na", "wavelength_nm": "--wavelength",
-           "immersion": "--immersion", "bead_diameter_nm": "--bead-diameter", "holdout": "--holdout"}
+_NOT_3D = {"target": "--target", "model": "--model pupil (a pupil fit through focus)", "na": "--na",
+           "wavelength_nm": "--wavelength", "immersion": "--immersion", "bead_diameter_nm": "--bead-diameter",
+           "holdout": "--holdout"}
 
 
 def _calibrate_zstack(args) -> int:

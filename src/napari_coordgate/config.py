@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 __all__ = ["ConfigError", "Config", "ModelConfig", "TrainConfig", "PredictConfig", "CalibrateConfig", "AdaptConfig",
            "FieldSpec",
            "field_specs", "bounded", "choice", "device_choice", "parse_roi", "GATES", "GATE_ACTIVATIONS", "PREFILTERS",
-           "DEVICES", "PRECISIONS", "CALIBRATION_MODELS", "BEAD_LIMITS_NM", "z_pool_start_for"]
+           "DEVICES", "PRECISIONS", "CALIBRATION_MODELS", "CALIBRATION_TARGETS", "BEAD_LIMITS_NM", "z_pool_start_for"]
 
 
 class ConfigError(ValueError):
@@ -442,6 +442,7 @@ class PredictConfig(Config):
 
 
 CALIBRATION_MODELS = ("auto", "pupil", "grid")
+CALIBRATION_TARGETS = ("auto", "beads", "array")
 #: the bead diameters (nm) calibration accepts, from 0 (a point) to 5 µm (optics.bead takes them from here)
 BEAD_LIMITS_NM = (0.0, 5000.0)
 
@@ -463,6 +464,10 @@ class CalibrateConfig(Config):
     model: str = choice("auto", CALIBRATION_MODELS,
                         doc="PSF model; auto: the pupil model (needs the optics) or the measured grid, whichever "
                             "predicts held-out beads better")
+    target: str = choice("auto", CALIBRATION_TARGETS,
+                         doc="what the image shows: beads, or a point array (pinholes, nanoholes, a scanned spot "
+                             "array: every lattice site modelled jointly, for spots that nearly touch); auto: a dense "
+                             "point array is measured as an array, anything else as beads")
     grid: int | None = bounded(None, 1, 25, kind=int, doc="K of the measured K x K PSF grid (chosen from the bead "
                                                           "count when not given)")
     na: float | None = bounded(None, 0.01, 1.7, kind=float, step=0.05, doc="numerical aperture (pupil model)")

@@ -1,4 +1,4 @@
-"""Point arrays: the lattice of the spots (calibration.lattice) and the warning for dense arrays."""
+"""Point arrays: the lattice of the spots (calibration.lattice); a dense array measured as one, refused as beads."""
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -31,21 +31,24 @@ def test_scattered_beads_are_no_lattice():
     assert fit_lattice(y[:10], x[:10]) is None  # too few spots to call anything a lattice
 
 
-def test_calibrating_a_dense_point_array_says_it_is_one():
+def test_a_dense_point_array_is_measured_as_an_array_and_refused_as_beads():
     import pytest
 
     from napari_coordgate.calibration import CalibrationError
     from napari_coordgate.calibration.calibrate import calibrate
-    from napari_coordgate.samples.beads import EllipticalOptics, bead_slide
+    from napari_coordgate.samples.beads import EllipticalOptics, bead_slide, psf_error
 
     optics = EllipticalOptics(width=1.6, radial=0.3, tangential=0.1, beta=3.0, psf_size=21)
     # 5 px: 2.7 PSF widths; 4.5 px: the crowd hides the noise, the detection measures no spot at all
     for pitch in (5.0, 4.5):
         pos = array_positions((128, 128), pitch, margin=2, angle_deg=2.0)
         image, _ = bead_slide(optics, (128, 128), n_beads=0, photons=3000, positions=pos, hot_fraction=0, seed=0)
-        with pytest.raises(CalibrationError, match="dense point array") as err:
-            calibrate(image, model="grid", grid=1)
+        with pytest.raises(CalibrationError, match="dense point array.*--target array") as err:
+            calibrate(image, model="grid", grid=1, target="beads")
         assert err.value.beads is not None
+        result = calibrate(image, model="grid", grid=1)  # target auto
+        assert any("measured as a point array" in w for w in result.warnings)
+        assert result.n_beads >= 0.9 * len(pos[0]) and np.median(psf_error(result.model, optics, (128, 128))) < 0.1
     # a sparse array is calibrated like beads
     pos = array_positions((256, 256), 24.0, margin=2, angle_deg=2.0)
     image, _ = bead_slide(optics, (256, 256), n_beads=0, photons=3000, positions=pos, hot_fraction=0, seed=0)

@@ -662,3 +662,51 @@ def measure_array_psfs(image: np.ndarray, *, grid: int, psf_size: int, pixel_siz
                 residual=_node_residuals((image - model) ** 2 * weight, k), iterations=done, cg_steps=steps,
                 noise_model=coef, positions=pos, amplitudes=amp, pixel_size_um=pixel_size_um)
     return _finish(psfs, k), {**info, "seconds": time.perf_counter() - t0}
+
+
+def default_psf_size(lattice: Lattice) -> int:
+    """The node PSFs' side for an array of this lattice: four pitches (a dense array's spots reach about that far),
+    odd, 11 to 51 px."""
+    n = int(np.clip(round(4.0 * lattice.pitch), 11, 51))
+    return n + 1 - n % 2
+
+
+def array_calibration(image: np.ndarray, settings: dict, *, should_stop=None, source=None, t0: float | None = None):
+    """:func:`~napari_coordgate.calibration.calibrate.calibrate`'s result for one image of a point array: the node
+    PSFs of :func:`measure_array_psfs` as a measured grid (K from ``settings["grid"]``, default 5; the side from
+    ``settings["psf_size"]``, default :func:`default_psf_size`), the lattice sites as the bead table (lit sites
+    accepted, unlit ones rejected as too faint), the mean normalised residual as the grid's residual."""
+    from napari_coordgate.calibration.detect import empty_table
+    from napari_coordgate.calibration.result import CalibrationResult
+    from napari_coordgate.optics.measured import MeasuredGridPSF
+
+    t0 = time.perf_counter() if t0 is None else t0
+    image = _checked_image(image).astype(np.float64)
+    lattice, count = find_array(image)
+    if lattice is None or lattice.explained < _MIN_EXPLAINED:
+        raise CalibrationError(f"no point array found: {count} spots detected and no lattice explains "
+                               f"{_MIN_EXPLAINED:.0%} of them; calibrate scattered beads with target 'beads'")
+    k = int(settings.get("grid") or 5)
+    size = int(settings.get("psf_size") or default_psf_size(lattice))
+    psfs, diag = measure_array_psfs(image, grid=k, psf_size=size, pixel_size_um=settings.get("pixel_size_um"),
+                                    lattice=lattice, should_stop=should_stop)
+    h, w = image.shape
+    pos, amp = np.asarray(diag["positions"]), np.asarray(diag["amplitudes"])
+    inside = (pos[:, 0] >= 0) & (pos[:, 0] <= h - 1) & (pos[:, 1] >= 0) & (pos[:, 1] <= w - 1)
+    pos, amp = pos[inside], amp[inside]
+    table = empty_table(len(pos), 0)
+    table.y, table.x = pos[:, 0], pos[:, 1]
+    table.y_norm, table.x_norm = field_position(pos[:, 0], h), field_position(pos[:, 1], w)
+    table.peak = amp
+    dark = amp < 0.25 * np.median(amp[amp > 0]) if (amp > 0).any() else np.ones(len(amp), bool)
+    table.reject(dark, "too faint", "a lattice site without light (a missing or blocked hole)")
+    src = [source] if isinstance(source, str) else list(source or [])
+    prov = {"source": src, "target": "array", "sites": int(diag["sites_lit"]), "pitch_px": round(lattice.pitch, 3),
+            "lattice_explained": round(float(lattice.explained), 3)}
+    model = MeasuredGridPSF(psfs, pixel_size_um=settings.get("pixel_size_um"), name="point array" if not src else
+                            "measured from " + ", ".join(src), provenance=prov, blur_grid=k)
+    warnings = [f"measured as a point array: {diag['sites_lit']} lit sites of {diag['sites_in_frame']} in the frame, "
+                f"pitch {lattice.pitch:.1f} px; every site modelled jointly"]
+    return CalibrationResult(model, "grid", {"grid": float(np.mean(diag["residual"])), "pupil": None}, table, warnings,
+                             {"grid": model}, (h, w), size, [float(robust_noise(image))], settings=dict(settings),
+                             seconds=time.perf_counter() - t0, device="cpu")

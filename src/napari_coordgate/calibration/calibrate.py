@@ -165,6 +165,7 @@ def calibrate(
     min_snr: float = 5.0,
     bead_diameter_nm: float | None = None,
     holdout: float = 0.0,
+    target: str = "auto",
 ) -> CalibrationResult:
     """Measure a microscope's field-dependent PSF from an image of sub-resolution beads.
 
@@ -172,15 +173,13 @@ def calibrate(
     ----------
     images
         A 2-D image (H, W) of the beads in the focal plane, or a series (N, H, W) / list of 2-D images of the
-        *same field* (e.g. several slide positions or repeated exposures: their beads are pooled). Never a
-        z-stack: only in-focus 2-D images are calibrated (give the focal plane). Multichannel data: call once
-        per channel (one PSF model per channel). Raw camera units (any real dtype); offset and gain do not
-        matter. RGB images are refused.
+        *same field* (their beads are pooled); a z-stack: :func:`~napari_coordgate.calibration.zstack.
+        calibrate_zstack`. One channel per call. Raw camera units (any real dtype); RGB images are refused.
     model
         ``"auto"`` (both models when the optics are given, else the grid; the one with the smaller held-out
         residual wins), ``"pupil"`` or ``"grid"``.
     grid
-        K of the measured K x K grid; default: chosen by cross-validation from the bead count.
+        K of the measured K x K grid; default: cross-validated from the bead count.
     na, wavelength_um, immersion, pixel_size_um
         Numerical aperture, emission wavelength (µm, vacuum), immersion index and camera pixel size in the
         specimen plane (µm). The pupil model needs all four; the grid stores the pixel size when given.
@@ -188,26 +187,25 @@ def calibrate(
         PSF side in pixels (odd); default from the widest beads (and the Airy rings when the optics are known).
     device
         Torch device of the pupil fit: ``"auto"`` (CUDA, MPS, CPU), ``"cpu"``, ``"cuda"``, ...
-    should_stop
-        Checked between stages and during the pupil fit. A stop during the pupil fit keeps the grid model; a
-        stop before any model exists raises :class:`CalibrationCancelled`.
-    report
-        Called with a :class:`CalibrationUpdate` at each stage.
-    source
-        Names of the bead files, for the model's provenance.
-    min_snr
-        Beads whose peak is below ``min_snr`` times the background noise are rejected as too faint.
+    should_stop, report
+        Checked between stages and during the pupil fit (a stop during the pupil fit keeps the grid model; before
+        any model exists it raises :class:`CalibrationCancelled`); called with a :class:`CalibrationUpdate` at
+        each stage.
+    source, min_snr
+        Names of the bead files, for the model's provenance; beads whose peak is below ``min_snr`` times the
+        background noise are rejected as too faint.
     bead_diameter_nm
         Diameter of the beads (nm; needs ``pixel_size_um``). The beads' own size is removed from the measured
         PSFs (:mod:`~napari_coordgate.calibration.beadsize`); None or 0: point sources are assumed (the result's
         warnings say so).
+    target
+        ``"beads"``, ``"array"`` (a point array, every site modelled jointly: :func:`_as_array`) or ``"auto"`` (a
+        dense point array, pitch under three PSF widths, as an array; anything else as beads).
     holdout
         Fraction (0 to 0.5) of the usable beads kept out of every fit, to check the model later without ground
         truth (``evaluate --holdout-from``); the table's ``holdout`` column marks them.
 
-    Returns
-    -------
-    CalibrationResult
+    Returns :class:`CalibrationResult`.
 
     Raises
     ------
@@ -219,10 +217,11 @@ def calibrate(
     """
     settings = {"model": model, "grid": grid, "na": na, "wavelength_um": wavelength_um, "immersion": immersion,
                 "pixel_size_um": pixel_size_um, "psf_size": psf_size, "min_snr": min_snr, "device": device,
-                "bead_diameter_nm": bead_diameter_nm, "holdout": holdout}
+                "bead_diameter_nm": bead_diameter_nm, "holdout": holdout, "target": target}
     run = _Run(settings, _check_settings(settings), should_stop, report)
-    run.detect(*_check_images(images))
-    run.choose_window(psf_size)
+    array = _detect(run, images, psf_size, should_stop, source)
+    if array is not None:  # a point array
+        return array
     patches = run.hold_out(run.usable_patches())
     train, test = run.split(patches)
     run.fit_grid(train, test)
@@ -332,7 +331,8 @@ class _Run:
         self.n_spots = int(spots.sum())
         if self.n_spots == 0:
             dense = _dense_array(self.cleaned, table)
-            raise CalibrationError(dense or table.nothing_found(), beads=table, field_shape=self.field_shape)
+            raise (DenseArrayError if dense else CalibrationError)(dense or table.nothing_found(), beads=table,
+                                                                  field_shape=self.field_shape)
         self.n_sat = int((table.reason == "saturated").sum())
         if self.n_sat == self.n_spots:
             raise CalibrationError(f"all {self.n_sat} beads are saturated (pixels at the camera's maximum); lower "
@@ -349,7 +349,7 @@ class _Run:
         reject_by_window(self.table, self.shapes, size, _MARGIN)
         dense = _dense_array(self.cleaned, self.table)
         if dense:  # before any modelling: tens of thousands of touching spots would take long, for nothing
-            raise CalibrationError(dense, beads=self.table, field_shape=self.field_shape)
+            raise DenseArrayError(dense, beads=self.table, field_shape=self.field_shape)
 
     def usable_patches(self) -> Patches:
         """Registered patches of the accepted beads, their neighbours' light removed, without outliers;
@@ -701,6 +701,42 @@ class _Run:
         return prov
 
 
+def _detect(run: "_Run", images, psf_size, should_stop, source) -> CalibrationResult | None:
+    """Detect the beads and choose the window; or, for target ``"array"`` (or ``"auto"`` and a dense array), the
+    point-array calibration's result."""
+    raw, planes = _check_images(images)
+    target = run.settings["target"]
+    if target == "array":
+        return _as_array(planes, run.settings, should_stop, source)
+    try:
+        run.detect(raw, planes)
+        run.choose_window(psf_size)
+    except DenseArrayError:
+        if target != "auto":
+            raise
+        return _as_array(planes, run.settings, should_stop, source)
+    return None
+
+
+class DenseArrayError(CalibrationError):
+    """The bead image is a dense point array (target ``"auto"`` measures it as one)."""
+
+
+def _as_array(planes: list[np.ndarray], settings: dict, should_stop, source) -> CalibrationResult:
+    """The point-array calibration of the first image (pinholes, nanoholes, a scanned spot array: every lattice
+    site modelled jointly, :func:`~napari_coordgate.calibration.arrays.array_calibration`; a measured grid of
+    K = ``grid`` or 5); what it does not take is refused."""
+    from napari_coordgate.calibration.arrays import array_calibration
+
+    given = [name for name, off in (("model pupil", settings["model"] == "pupil"),
+                                    ("bead diameter", bool(settings["bead_diameter_nm"])),
+                                    ("holdout", bool(settings["holdout"]))) if off]
+    if given:
+        raise CalibrationError(f"a point array is measured as a PSF grid of its sites; {', '.join(given)} do not apply "
+                               "to it: leave them out")
+    return array_calibration(planes[0], settings, should_stop=should_stop, source=source)
+
+
 def _dense_array(images: list[np.ndarray], table: BeadTable) -> str | None:
     """A sentence when the image is a dense point array (its local maxima on a lattice whose pitch is under three
     PSF widths, or any lattice when no bead could be measured), else None: such spots are modelled one neighbour
@@ -722,9 +758,9 @@ def _dense_array(images: list[np.ndarray], table: BeadTable) -> str | None:
     if fwhm is not None and lattice.pitch > 3.0 * fwhm:
         return None
     width = f", {lattice.pitch / fwhm:.1f} PSF widths" if fwhm else ""
-    return (f"the spots sit on a lattice of pitch {lattice.pitch:.1f} px{width}: a dense point array, which "
-            "calibration does not support yet (its spots are measured as beads with their neighbours modelled one "
-            "at a time, not reliable this close); image scattered beads, or an array of a larger pitch")
+    return (f"the spots sit on a lattice of pitch {lattice.pitch:.1f} px{width}: a dense point array, whose spots "
+            "cannot be measured as beads (their neighbours modelled one at a time are not reliable this close); "
+            "calibrate it as an array (target 'array', --target array), or image scattered beads")
 
 
 def _alone(table: BeadTable, psf_size: int) -> np.ndarray:
