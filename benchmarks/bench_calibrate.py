@@ -368,7 +368,7 @@ def main_real(args) -> None:
     for case in cases:
         out = [run_real_case(case, size, seed, args.device) for seed in seeds]
         ok = [o for o in out if "err" in o]
-        notes = sorted({o["error"] for o in out if "error" in o} | ({"dense-array warning"} if any(
+        notes = sorted({o["error"] for o in out if "error" in o} | ({"measured as a point array"} if any(
             o.get("dense") for o in ok) else set()))
         rows.append([case["name"], f"{case['beads']} / {case['photons']:g}",
                      "given" if case["given"] else ("-" if not case["diameter"] else "not given"),
