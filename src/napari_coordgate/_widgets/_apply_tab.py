@@ -1,4 +1,8 @@
-"""Apply tab: deblur the selected image layer (2-D, stack, multichannel, dask) and compare with RL/SV-RL."""
+"""Apply tab: deblur the selected image layer (2-D, stack, multichannel, dask) and compare with RL/SV-RL.
+
+A 2-D model restores every plane of a layer; a 3-D model restores a (..., Z, Y, X) layer volume by volume, its
+z-step the layer's z scale when the z axis has a length unit (one other than the model's is refused, or resampled
+with *resample z*)."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_coordgate.app.axes import check_model_fits, z_step_um
 from napari_coordgate.app.jobs import ApplyRequest, apply_job, compare_job
 from napari_coordgate.app.state import State
 from napari_coordgate.config import PredictConfig, parse_roi
@@ -24,6 +29,7 @@ from ._form import ConfigForm, known_device
 from ._layers import LayerCombo, layer_array, spatial_kwargs
 
 NO_CHANNELS = "none"
+PREDICT_FIELDS = ("tile", "device", "precision", "batch_tiles", "binning", "resample_z")
 
 
 class ApplyTab(QWidget):
@@ -36,11 +42,12 @@ class ApplyTab(QWidget):
         self.models.setPlaceholderText("current model for every channel")
         self.models.setToolTip("One .cgmodel path per channel, separated by ';' (PSFs depend on wavelength)")
         self.models_btn = QPushButton("…")
-        # tiling, device, precision, binning: inputs generated from PredictConfig (the CLI's apply flags too)
-        self.predict_form = ConfigForm(PredictConfig, ("tile", "device", "precision", "batch_tiles", "binning"),
+        # tiling, device, precision, binning, z resampling: inputs generated from PredictConfig (the CLI's apply
+        # flags too)
+        self.predict_form = ConfigForm(PredictConfig, PREDICT_FIELDS,
                                        base=PredictConfig(tile=int(dock.settings["tile"]),
                                                           device=known_device(dock.settings["device"])))
-        for name in ("tile", "device", "precision", "batch_tiles", "binning"):
+        for name in PREDICT_FIELDS:
             setattr(self, name, getattr(self.predict_form, name))
         self.roi = QLineEdit()
         self.roi.setPlaceholderText("whole field")
@@ -114,9 +121,15 @@ class ApplyTab(QWidget):
             raise ValueError("no model: train one, or load a .cgmodel file in the Model tab")
         out = self.out_path.text().strip() or None
         source = getattr(getattr(layer, "source", None), "path", None)  # the file the layer was opened from
-        req = ApplyRequest(image=layer_array(layer), models=paths or [self.dock.model], channel_axis=axis,
-                           predict=self.predict_form.config(), out_path=out, roi=self.roi_value(),
-                           inputs=tuple(str(p) for p in (source, *paths) if p))
+        predict = self.predict_form.config()
+        z_step = z_step_um(layer.scale, layer.units)  # None: the z axis has no length unit
+        image = layer_array(layer)
+        if not paths:  # a model file is checked where it is loaded, by the engine
+            model = self.dock.model
+            check_model_fits(model.config.ndim, model.z_step_um, image.shape, axis, z_step, predict.resample_z)
+        req = ApplyRequest(image=image, models=paths or [self.dock.model], channel_axis=axis,
+                           predict=predict, out_path=out, roi=self.roi_value(),
+                           inputs=tuple(str(p) for p in (source, *paths) if p), z_step_um=z_step)
         return req, layer
 
     def roi_value(self) -> tuple[int, int] | None:
@@ -128,6 +141,10 @@ class ApplyTab(QWidget):
         except ValueError as exc:
             show_error(f"CoordGate: {exc}")
             return
+        model = None if isinstance(req.models[0], str) else req.models[0]  # a file: loaded in the worker
+        if model is not None and model.config.ndim == 3 and req.z_step_um is None:
+            show_info(f"CoordGate: the layer's z axis has no length unit: its planes are taken to be the model's "
+                      f"{model.z_step_um:g} µm apart")
         meta = spatial_kwargs(layer)
         name = f"{layer.name} (CoordGate)"
 

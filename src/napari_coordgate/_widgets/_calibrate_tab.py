@@ -1,5 +1,7 @@
 """Calibrate tab: a bead image layer -> a measured PSF model (beads as points, PSF grid and FWHM map as layers),
-which *Use for training* makes the Train tab's PSF source. The calibration runs in a separate process, which also
+which *Use for training* makes the Train tab's PSF source. A bead z-stack (a (Z, Y, X) layer whose z axis has a
+length unit: its scale is the z-step) gives a measured 3-D PSF grid instead, shown as the node PSFs tiled plane by
+plane and the best-focus map. The calibration runs in a separate process, which also
 draws the PSF grid and the FWHM map; the form is generated from :class:`~napari_coordgate.config.CalibrateConfig`.
 
 When too few beads are usable the calibration is still an error, but every candidate is shown, coloured by why it
@@ -15,6 +17,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFileDialog, QFormLayout, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
+from napari_coordgate.app.axes import z_step_um, zstack_settings
 from napari_coordgate.app.jobs import calibrate_job
 from napari_coordgate.app.state import State
 from napari_coordgate.calibration.advice import advice_line
@@ -81,36 +84,55 @@ class CalibrateTab(QWidget):
         return cfg
 
     def calibrate(self) -> None:
+        """Calibrate the selected layer: a (Z, Y, X) layer whose z axis has a length unit (its scale the z-step) as
+        a bead z-stack, anything else as 2-D bead image(s) of the focal plane."""
         layer = self.beads.layer()
         if layer is None:
-            show_error("CoordGate: open a bead image as a layer first (a 2-D image of the focal plane)")
+            show_error("CoordGate: open a bead image as a layer first (a 2-D image of the focal plane, or a z-stack "
+                       "with its z scale in µm)")
             return
         meta = spatial_kwargs(layer, ndim=2)
+        z_step = z_step_um(layer.scale, layer.units) if layer.ndim == 3 else None
         try:
             cfg = self.config(meta)
             images = np.asarray(layer_array(layer))
         except (ConfigError, ValueError) as exc:
             show_error(f"CoordGate: {exc}")
             return
-        self.dock.run_task("calibrate", calibrate_job, images, cfg, [layer.name], state=State.APPLYING,
-                           on_returned=lambda outcome: self.show_outcome(outcome, layer.name, meta))
+        if z_step is not None:
+            ignored = zstack_settings(cfg, z_step)[1]
+            if ignored:
+                show_warning("CoordGate: a bead z-stack is calibrated as a measured 3-D PSF grid; "
+                             f"{', '.join(ignored)} not used in 3-D")
+        volume = spatial_kwargs(layer) if z_step is not None else None
+        self.dock.run_task("calibrate", calibrate_job, images, cfg, [layer.name], z_step, state=State.APPLYING,
+                           on_returned=lambda outcome: self.show_outcome(outcome, layer.name, meta, volume))
 
-    def show_outcome(self, outcome, name: str, meta: dict) -> None:
+    def show_outcome(self, outcome, name: str, meta: dict, volume: dict | None = None) -> None:
         """A calibration's layers and summary (:meth:`show_result`), or those of one that failed with its beads
-        (:meth:`show_failure`)."""
+        (:meth:`show_failure`). ``meta``: the layer's :func:`spatial_kwargs` of Y, X; ``volume``: of Z, Y, X (a
+        z-stack's)."""
         if outcome.error is not None:
             self.show_failure(outcome.error, name, meta)
         else:
-            self.show_result(outcome, name, meta)
+            self.show_result(outcome, name, meta, volume)
 
-    def show_result(self, outcome, name: str, meta: dict) -> None:
-        """Beads (coloured by reason, reason on hover), the PSF grid and the FWHM map (drawn in the worker)."""
+    def show_result(self, outcome, name: str, meta: dict, volume: dict | None = None) -> None:
+        """Beads (coloured by reason, reason on hover), the PSF grid and the FWHM map (drawn in the worker); of a
+        z-stack, the 3-D PSF grid (in the stack's voxel size) and the best-focus map instead of the FWHM map."""
         result = self.result = outcome.result
         viewer = self.dock.viewer
         _remove(viewer, name)
         _add_beads(viewer, result.beads, name, meta)
-        viewer.add_image(outcome.psf_grid, name=f"PSF grid ({name})", colormap="magma")
-        viewer.add_image(outcome.fwhm_map, name=f"bead FWHM ({name})", colormap="viridis", opacity=0.6, **meta)
+        if outcome.focus_map is None:
+            viewer.add_image(outcome.psf_grid, name=f"PSF grid ({name})", colormap="magma")
+            viewer.add_image(outcome.fwhm_map, name=f"bead FWHM ({name})", colormap="viridis", opacity=0.6, **meta)
+        else:  # a z-stack: the node PSFs tiled plane by plane, in the stack's voxel size; the focus over the field
+            scale = volume["scale"] if volume else (1.0, 1.0, 1.0)
+            units = volume["units"] if volume else ("pixel",) * 3
+            viewer.add_image(outcome.psf_grid, name=_psf_grid_3d_name(name), colormap="magma", scale=scale,
+                             units=units)
+            viewer.add_image(outcome.focus_map, name=_focus_name(name), colormap="viridis", opacity=0.6, **meta)
         self.summary.setText(html.escape(result.summary()) + "".join(f"<br>⚠ {html.escape(w)}"
                                                                      for w in result.warnings)
                              + _legend(result.beads.counts()))
@@ -134,6 +156,10 @@ class CalibrateTab(QWidget):
     def use_for_training(self) -> None:
         if self.result is None:
             show_error("CoordGate: calibrate first")
+            return
+        if getattr(self.result.model, "ndim", 2) == 3:  # the Train tab trains 2-D models from sharp layers
+            show_error("CoordGate: this is a 3-D PSF model; the Train tab trains 2-D models: save it (Save PSF "
+                       "model…) and train a 3-D model with `napari-coordgate train --psf FILE.cgpsf` on z-stacks")
             return
         self.dock.train_with_psf_model(self.result.model, f"measured: {self.result.model.name}")
 
@@ -167,8 +193,17 @@ def _layer_pixel_size(meta: dict) -> float | None:
     return sx if sx > 0 and abs(sy - sx) <= 0.02 * sx else None
 
 
+def _psf_grid_3d_name(name: str) -> str:
+    return f"3-D PSF grid, node PSFs over z ({name})"
+
+
+def _focus_name(name: str) -> str:
+    return f"best focus, µm from the centre's ({name})"
+
+
 def _remove(viewer, name: str) -> None:
-    for layer_name in (f"beads ({name})", f"PSF grid ({name})", f"bead FWHM ({name})"):
+    for layer_name in (f"beads ({name})", f"PSF grid ({name})", f"bead FWHM ({name})", _psf_grid_3d_name(name),
+                       _focus_name(name)):
         if layer_name in viewer.layers:
             viewer.layers.remove(layer_name)
 

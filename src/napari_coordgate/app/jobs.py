@@ -90,6 +90,7 @@ class ApplyRequest:
     out_path: str | None = None  # ``.zarr`` (needs zarr) or ``.npy`` (memory-mapped); None = in memory
     roi: tuple[int, int] | None = None  # (y, x) of the image inside the training field
     inputs: tuple[str, ...] = ()  # files the job reads (the layer's source, model files): the output never replaces one
+    z_step_um: float | None = None  # of a z-stack (3-D models check it against theirs), None when not known
 
 
 @dataclass
@@ -145,8 +146,26 @@ def make_output(shape: tuple[int, ...], out_path: str | None):
     return out
 
 
+def _check_channels(shape: tuple[int, ...], ax: int | None, models: list) -> int:
+    """The number of channels, after checking the channel axis against the image and the models."""
+    if ax is None:
+        if len(models) != 1:
+            raise ValueError("several models need a channel axis (one model per channel)")
+        return 1
+    lead = len(shape) - max(m.config.ndim for m in models)  # a 3-D model's Z axis is no channel axis
+    if not 0 <= ax < lead:
+        raise ValueError(f"channel axis {ax} must be one of the leading axes of an image of shape {shape}"
+                         + (" (before Z, Y, X with a 3-D model)" if lead < len(shape) - 2 else ""))
+    n_ch = shape[ax]
+    if len(models) not in (1, n_ch):
+        raise ValueError(f"the image has {n_ch} channels along axis {ax} but {len(models)} models were "
+                         "given; give one model for all channels or one per channel")
+    return n_ch
+
+
 def apply_job(req: ApplyRequest, *, report: Report, should_stop: ShouldStop) -> JobResult:
-    """Deblur every plane (and channel) of ``req.image`` with the engine, reporting per-plane progress."""
+    """Deblur every plane (2-D model) or volume (3-D model, z-step checked) of ``req.image``, and every channel, with
+    the engine, reporting per-plane or per-volume progress."""
     from napari_coordgate import engine
 
     from ..model_io.bioimageio import load_any
@@ -159,36 +178,28 @@ def apply_job(req: ApplyRequest, *, report: Report, should_stop: ShouldStop) -> 
     models = [load_any(m, "cpu") if isinstance(m, str) else m for m in req.models]
     shape = tuple(req.image.shape)
     ax = req.channel_axis
-    if ax is not None:
-        if not 0 <= ax < len(shape) - 2:
-            raise ValueError(f"channel axis {ax} must be one of the leading axes of an image of shape {shape}")
-        n_ch = shape[ax]
-        if len(models) not in (1, n_ch):
-            raise ValueError(f"the image has {n_ch} channels along axis {ax} but {len(models)} models were "
-                             "given; give one model for all channels or one per channel")
-    else:
-        n_ch = 1
-        if len(models) != 1:
-            raise ValueError("several models need a channel axis (one model per channel)")
+    n_ch = _check_channels(shape, ax, models)
     out = make_output(shape, req.out_path)
-    planes_per_ch = math.prod(shape[:-2]) // n_ch
-    n_planes = planes_per_ch * n_ch
     for c in range(n_ch):
         saved = models[c] if len(models) > 1 else models[0]
+        nd = saved.config.ndim
+        unit = "volume" if nd == 3 else "plane"
+        per_ch = math.prod(shape[:-nd]) // n_ch  # planes or volumes per channel
         if ax is None:
             image, target = req.image, out
         else:
             image = req.image[(slice(None),) * ax + (c,)]
             target = _AxisSlot(out, ax, c)
 
-        def on_progress(done: int, total: int, c=c) -> None:
-            per_plane = max(total // planes_per_ch, 1)
-            plane = c * planes_per_ch + -(-done // per_plane)
-            report(Progress("apply", c * total + done, n_ch * total, f"plane {plane} of {n_planes}"))
+        def on_progress(done: int, total: int, c=c, per_ch=per_ch, unit=unit) -> None:
+            per_unit = max(total // per_ch, 1)
+            k = c * per_ch + -(-done // per_unit)
+            report(Progress("apply", c * total + done, n_ch * total, f"{unit} {k} of {per_ch * n_ch}"))
 
+        z_step = req.z_step_um if nd == 3 else None
         try:
             engine.predict(saved, image, roi=req.roi, **req.predict.predict_kwargs(), out=target,
-                           on_progress=on_progress, should_stop=should_stop)
+                           on_progress=on_progress, should_stop=should_stop, z_step_um=z_step)
         except BaseException as exc:
             if hasattr(out, "release"):  # an unfinished OME-Zarr output: let the next run write it
                 out.release()
@@ -267,7 +278,10 @@ class CalibrationOutcome:
 
     ``result`` (a :class:`~napari_coordgate.calibration.result.CalibrationResult`) with ``psf_grid`` (the model's
     PSFs tiled, :func:`~napari_coordgate.optics.models.render_psf_grid`) and ``fwhm_map`` (bead FWHM across the
-    field, :func:`~napari_coordgate.calibration.report.bead_fwhm_map`); or, when the calibration failed after
+    field, :func:`~napari_coordgate.calibration.report.bead_fwhm_map`); of a bead z-stack, ``result`` a
+    :class:`~napari_coordgate.calibration.zstack.ZStackCalibration` with ``psf_grid`` (D, K s', K s') the node PSFs
+    tiled plane by plane (:func:`psf_grid_3d`) and ``focus_map`` (H, W) the best-focus map in µm relative to the
+    field centre, ``fwhm_map`` None; or, when the calibration failed after
     detecting spots, ``error``, the :class:`~napari_coordgate.calibration.CalibrationError` with its bead table
     (``error.beads``), and the rest None.
     """
@@ -276,6 +290,7 @@ class CalibrationOutcome:
     psf_grid: np.ndarray | None = None
     fwhm_map: np.ndarray | None = None
     error: Exception | None = None
+    focus_map: np.ndarray | None = None  # a z-stack's: best focus (µm from the centre's) at every pixel of the field
 
 
 def _calibrate_in_child(images, cfg, source, *, report: Report, should_stop: ShouldStop,
@@ -293,11 +308,56 @@ def _calibrate_in_child(images, cfg, source, *, report: Report, should_stop: Sho
                               bead_fwhm_map(result.beads, result.field_shape))
 
 
-def calibrate_job(images, cfg, source: Sequence[str] = (), *, report: Report,
+def psf_grid_3d(psfs: np.ndarray, gap: int = 2) -> np.ndarray:
+    """(K, K, D, s, s) node PSFs tiled as in the field, plane by plane: (D, K s + (K + 1) gap, K s + (K + 1) gap)
+    float32, each node scaled to the peak of its volume (so its focus shows as the plane where it is brightest)."""
+    k, _, d, s, _ = psfs.shape
+    peaks = np.maximum(psfs.max(axis=(2, 3, 4), keepdims=True), 1e-30)
+    psfs = np.nan_to_num(psfs / peaks).astype(np.float32)
+    side = k * s + (k + 1) * gap
+    out = np.zeros((d, side, side), np.float32)
+    for i in range(k):
+        for j in range(k):
+            r, c = gap + i * (s + gap), gap + j * (s + gap)
+            out[:, r : r + s, c : c + s] = psfs[i, j]
+    return out
+
+
+def focus_map_field(result) -> np.ndarray:
+    """A z-stack calibration's best-focus surface at every pixel of its field, µm relative to the field centre
+    (:meth:`~napari_coordgate.calibration.zstack.ZStackCalibration.focus_map_um` at the pixel centres), float32."""
+    from ..calibration.zstack import focus_surface
+    from ..coords import field_position
+
+    h, w = result.field_shape
+    c = np.array(result.focus_coefficients, dtype=np.float64)
+    c[0] = 0.0
+    y, x = np.meshgrid(field_position(np.arange(h), h), field_position(np.arange(w), w), indexing="ij")
+    return (focus_surface(c, y, x) * result.z_step_um).astype(np.float32)
+
+
+def _calibrate_zstack_in_child(stack, settings: dict, source, *, report: Report, should_stop: ShouldStop,
+                               workdir) -> CalibrationOutcome:
+    from ..calibration.zstack import calibrate_zstack
+
+    def progress(u) -> None:
+        report(Progress("calibrate", int(1000 * u.progress), 1000, f"{u.stage}: {u.message}"))
+
+    result = calibrate_zstack(stack, **settings, source=source, report=progress, should_stop=should_stop)
+    report(Progress("calibrate", 1000, 1000, "drawing the 3-D PSF grid and the best-focus map"))
+    return CalibrationOutcome(result, psf_grid_3d(result.model.psf_grid(result.field_shape)[0]),
+                              focus_map=focus_map_field(result))
+
+
+def calibrate_job(images, cfg, source: Sequence[str] = (), z_step_um: float | None = None, *, report: Report,
                   should_stop: ShouldStop) -> CalibrationOutcome:
     """Bead image(s) and a :class:`~napari_coordgate.config.CalibrateConfig` -> :class:`CalibrationOutcome`, in a
     separate process (the pupil fit runs torch autograd, which must not load the compiler stack into the viewer's
     process; see :mod:`napari_coordgate.runners.isolate`). ``source``: names of the bead images (provenance).
+
+    With ``z_step_um``, ``images`` is one bead z-stack (Z, Y, X) with planes that far apart, calibrated by
+    :func:`~napari_coordgate.calibration.zstack.calibrate_zstack` with the settings of ``cfg`` it takes
+    (:func:`~napari_coordgate.app.axes.zstack_settings`).
 
     A :class:`~napari_coordgate.calibration.CalibrationError` that carries its bead table (too few usable beads,
     all saturated, ...) is returned as the outcome's ``error``, so that the table can be shown; any other error
@@ -305,9 +365,14 @@ def calibrate_job(images, cfg, source: Sequence[str] = (), *, report: Report,
     """
     from ..calibration import CalibrationError
     from ..runners.isolate import run_isolated
+    from .axes import zstack_settings
 
+    if z_step_um is None:
+        target, args = "_calibrate_in_child", (images, cfg)
+    else:
+        target, args = "_calibrate_zstack_in_child", (images, zstack_settings(cfg, z_step_um)[0])
     try:
-        return run_isolated("napari_coordgate.app.jobs:_calibrate_in_child", images, cfg, list(source),
+        return run_isolated(f"napari_coordgate.app.jobs:{target}", *args, list(source),
                             report=report, should_stop=should_stop)
     except CalibrationError as exc:
         if exc.beads is None:

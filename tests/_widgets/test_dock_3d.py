@@ -1,0 +1,145 @@
+"""The dock follows z-stacks: a 3-D model restores a (Z, Y, X) layer as one volume at the layer's z-step (another
+z-step refused in one line, or resampled when *resample z* is ticked; a 2-D layer refused), a 2-D model still
+restores it plane by plane, and a bead z-stack layer calibrates into a 3-D PSF grid and a best-focus map."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import wait_idle
+from test_dock import _notifications
+
+from napari_coordgate.app.state import State
+from napari_coordgate.engine import predict
+
+Z_STEP = 0.3
+PIXEL = 0.1
+
+
+@pytest.fixture(scope="module")
+def saved3d():
+    """An untrained, seeded 3-D CoordGate U-Net(2) on 0.3 µm planes (random weights, none zero: what is compared is
+    equal outputs)."""
+    import torch
+
+    from napari_coordgate.config import ModelConfig
+    from napari_coordgate.model_io import SavedModel
+    from napari_coordgate.nn import build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(ndim=3, depth=2, channels=4, gate="coordgate")
+    net = build_model(cfg)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.2)
+    return SavedModel(net.eval(), cfg, (32, 32), {"offset": 0.0, "scale": 1.0}, z_step_um=Z_STEP)
+
+
+def _volume(shape=(8, 32, 32)):
+    return np.random.default_rng(0).random(shape).astype(np.float32)
+
+
+def _add_stack(viewer, data, z_step, name="stack", units="µm"):
+    return viewer.add_image(data, name=name, scale=(z_step, PIXEL, PIXEL), units=(units,) * 3)
+
+
+def _apply(dock, qtbot, name="stack"):
+    dock.apply_tab.image.setCurrentText(name)
+    dock.apply_tab.device.value = "cpu"
+    dock.apply_tab.apply_btn.click()
+    wait_idle(qtbot, dock)
+
+
+def test_a_3d_model_restores_a_zstack_layer_as_one_volume_keeping_its_scale(viewer_dock, qtbot, saved3d):
+    viewer, dock = viewer_dock
+    dock.set_model(saved3d, "test")
+    vol = _volume()
+    _add_stack(viewer, vol, Z_STEP)
+
+    _apply(dock, qtbot)
+
+    out = viewer.layers["stack (CoordGate)"]
+    np.testing.assert_array_equal(out.data, predict(saved3d, vol, z_step_um=Z_STEP, device="cpu"))
+    assert tuple(out.scale) == pytest.approx((Z_STEP, PIXEL, PIXEL))
+    assert [str(u) for u in out.units] == ["micrometer"] * 3
+
+
+def test_a_zstack_in_nanometres_is_read_at_its_z_step_in_micrometres(viewer_dock, qtbot, saved3d):
+    viewer, dock = viewer_dock
+    dock.set_model(saved3d, "test")
+    viewer.add_image(_volume(), name="stack", scale=(1000 * Z_STEP, 100, 100), units="nm")
+
+    _apply(dock, qtbot)
+
+    assert "stack (CoordGate)" in viewer.layers
+
+
+def test_another_z_step_is_refused_in_one_line_and_resampled_when_ticked(viewer_dock, qtbot, saved3d):
+    viewer, dock = viewer_dock
+    dock.set_model(saved3d, "test")
+    vol = _volume()
+    _add_stack(viewer, vol, 2 * Z_STEP)
+    seen = _notifications()
+
+    _apply(dock, qtbot)
+
+    assert "stack (CoordGate)" not in viewer.layers and dock.state is State.IDLE
+    msg = [m for m in seen if "z-step" in m]
+    assert len(msg) == 1 and "\n" not in msg[0] and "resample z" in msg[0]
+    dock.apply_tab.resample_z.value = True
+    _apply(dock, qtbot)
+    np.testing.assert_array_equal(viewer.layers["stack (CoordGate)"].data,
+                                  predict(saved3d, vol, z_step_um=2 * Z_STEP, resample_z=True, device="cpu"))
+
+
+def test_a_3d_model_on_a_2d_layer_is_refused_and_nothing_runs(viewer_dock, qtbot, saved3d):
+    viewer, dock = viewer_dock
+    dock.set_model(saved3d, "test")
+    viewer.add_image(_volume((32, 32)), name="plane")
+    seen = _notifications()
+
+    _apply(dock, qtbot, "plane")
+
+    assert "plane (CoordGate)" not in viewer.layers and dock.state is State.IDLE
+    msg = [m for m in seen if "3-D model" in m]
+    assert len(msg) == 1 and "\n" not in msg[0] and "2-D model" in msg[0]
+
+
+def test_a_2d_model_restores_a_zstack_layer_plane_by_plane(viewer_dock, qtbot, model):
+    viewer, dock = viewer_dock
+    dock.set_model(model, "test")
+    stack = _volume((3, 96, 80))
+    _add_stack(viewer, stack, Z_STEP)
+
+    _apply(dock, qtbot)
+
+    out = viewer.layers["stack (CoordGate)"].data
+    np.testing.assert_array_equal(out[1], predict(model, stack[1], device="cpu"))
+    assert tuple(viewer.layers["stack (CoordGate)"].scale) == pytest.approx((Z_STEP, PIXEL, PIXEL))
+
+
+def test_a_bead_zstack_layer_calibrates_into_a_3d_psf_grid_and_a_focus_map(viewer_dock, qtbot, tmp_path):
+    from napari_coordgate.model_io import resolve_psf
+    from napari_coordgate.samples.beadstack import AstigmaticBeam3D, bead_zstack
+
+    viewer, dock = viewer_dock
+    stack, _ = bead_zstack(AstigmaticBeam3D(), (25, 192, 192), 30, photons=3000, seed=5, psf_size=25)
+    viewer.add_image(stack.astype(np.float32), name="beads", scale=(0.1, 0.065, 0.065), units="µm")
+    tab = dock.calibrate_tab
+
+    tab.run_btn.click()
+    wait_idle(qtbot, dock, timeout=180_000)
+
+    assert tab.result is not None, dock.status.text()
+    psfs = tab.result.model.node_psfs
+    k, d, s = psfs.shape[0], psfs.shape[2], psfs.shape[-1]
+    grid = viewer.layers["3-D PSF grid, node PSFs over z (beads)"]
+    assert grid.data.shape == (d, k * s + 2 * (k + 1), k * s + 2 * (k + 1))
+    assert tuple(grid.scale) == pytest.approx((0.1, 0.065, 0.065))
+    focus = viewer.layers["best focus, µm from the centre's (beads)"]
+    assert focus.data.shape == (192, 192) and tuple(focus.scale) == pytest.approx((0.065, 0.065))
+    assert focus.data[95:97, 95:97].max() == pytest.approx(0.0, abs=0.01)  # relative to the centre
+    assert "bead FWHM (beads)" not in viewer.layers and "beads (beads)" in viewer.layers
+    assert tab.result.model.z_step_um == pytest.approx(0.1) and tab.result.model.pixel_size_um == pytest.approx(0.065)
+    tab.save(str(tmp_path / "scope3d"))
+    assert resolve_psf(tmp_path / "scope3d.cgpsf").to_record()[0] == tab.result.model.to_record()[0]
