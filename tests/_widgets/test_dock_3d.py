@@ -92,6 +92,24 @@ def test_another_z_step_is_refused_in_one_line_and_resampled_when_ticked(viewer_
                                   predict(saved3d, vol, z_step_um=2 * Z_STEP, resample_z=True, device="cpu"))
 
 
+def test_a_zstack_opened_by_napari_takes_the_z_step_its_file_states(viewer_dock, qtbot, saved3d, tmp_path):
+    import tifffile
+
+    viewer, dock = viewer_dock
+    dock.set_model(saved3d, "test")
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, _volume(), imagej=True, resolution=(10.0, 10.0),
+                     metadata={"unit": "um", "axes": "ZYX", "spacing": 2 * Z_STEP})
+    layer = viewer.open(str(path), plugin="napari")[0]
+    assert [str(u) for u in layer.units] == ["pixel"] * 3  # napari's reader keeps no physical scale
+    seen = _notifications()
+
+    _apply(dock, qtbot, layer.name)
+
+    assert f"{layer.name} (CoordGate)" not in viewer.layers
+    assert any(f"z-step is {2 * Z_STEP:g} µm" in m for m in seen)
+
+
 def test_a_3d_model_on_a_2d_layer_is_refused_and_nothing_runs(viewer_dock, qtbot, saved3d):
     viewer, dock = viewer_dock
     dock.set_model(saved3d, "test")

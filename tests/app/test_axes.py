@@ -3,9 +3,18 @@ model restores which layer (one-line refusals that say what to do) and the setti
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import tifffile
 
-from napari_coordgate.app.axes import axis_step_um, check_model_fits, z_step_um, zstack_settings
+from napari_coordgate.app.axes import (
+    axis_step_um,
+    check_model_fits,
+    layer_z_step_um,
+    source_steps_um,
+    z_step_um,
+    zstack_settings,
+)
 from napari_coordgate.config import CalibrateConfig
 
 
@@ -19,6 +28,27 @@ def test_an_axis_step_is_in_micrometres_only_for_a_length_unit(scale, unit, step
 def test_the_z_step_is_the_third_last_axis_and_unknown_for_a_plane():
     assert z_step_um((2.0, 0.3, 0.1, 0.1), ("second", "µm", "µm", "µm")) == pytest.approx(0.3)
     assert z_step_um((0.1, 0.1), ("µm", "µm")) is None
+
+
+def _imagej_stack(path, shape=(8, 32, 32), spacing=0.6):
+    tifffile.imwrite(path, np.zeros(shape, np.float32), imagej=True, resolution=(10.0, 10.0),
+                     metadata={"unit": "um", "axes": "ZYX", "spacing": spacing})
+    return str(path)
+
+
+def test_a_layer_without_a_length_unit_takes_the_z_step_its_file_states(tmp_path):
+    path = _imagej_stack(tmp_path / "z.tif")
+    assert source_steps_um(path, (8, 32, 32)) == (pytest.approx(0.6), pytest.approx(0.1))
+    assert layer_z_step_um((1, 1, 1), ("pixel",) * 3, (8, 32, 32), path) == pytest.approx(0.6)
+    assert layer_z_step_um((0.3, 1, 1), ("µm",) * 3, (8, 32, 32), path) == pytest.approx(0.3)  # the layer's first
+
+
+def test_a_file_of_another_shape_or_none_says_nothing(tmp_path):
+    path = _imagej_stack(tmp_path / "z.tif")
+    assert source_steps_um(path, (4, 32, 32)) == (None, None)  # the layer is not that image (a crop, a projection)
+    assert source_steps_um(tmp_path / "missing.tif", (8, 32, 32)) == (None, None)
+    assert source_steps_um(None, (8, 32, 32)) == (None, None)
+    assert layer_z_step_um((1, 1), ("pixel",) * 2, (32, 32), path) is None
 
 
 def test_a_2d_model_fits_any_image():

@@ -1,8 +1,8 @@
 """Apply tab: deblur the selected image layer (2-D, stack, multichannel, dask) and compare with RL/SV-RL.
 
 A 2-D model restores every plane of a layer; a 3-D model restores a (..., Z, Y, X) layer volume by volume, its
-z-step the layer's z scale when the z axis has a length unit (one other than the model's is refused, or resampled
-with *resample z*)."""
+z-step the layer's z scale when the z axis has a length unit, else what the layer's file states (one other than the
+model's is refused, or resampled with *resample z*)."""
 
 from __future__ import annotations
 
@@ -20,13 +20,13 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_coordgate.app.axes import check_model_fits, z_step_um
+from napari_coordgate.app.axes import check_model_fits, layer_z_step_um
 from napari_coordgate.app.jobs import ApplyRequest, apply_job, compare_job
 from napari_coordgate.app.state import State
 from napari_coordgate.config import PredictConfig, parse_roi
 
 from ._form import ConfigForm, known_device
-from ._layers import LayerCombo, layer_array, spatial_kwargs
+from ._layers import LayerCombo, layer_array, layer_source, spatial_kwargs
 
 NO_CHANNELS = "none"
 PREDICT_FIELDS = ("tile", "device", "precision", "batch_tiles", "binning", "resample_z")
@@ -120,10 +120,11 @@ class ApplyTab(QWidget):
         if not paths and self.dock.model is None:
             raise ValueError("no model: train one, or load a .cgmodel file in the Model tab")
         out = self.out_path.text().strip() or None
-        source = getattr(getattr(layer, "source", None), "path", None)  # the file the layer was opened from
+        source = layer_source(layer)  # the file the layer was opened from
         predict = self.predict_form.config()
-        z_step = z_step_um(layer.scale, layer.units)  # None: the z axis has no length unit
         image = layer_array(layer)
+        # None: neither the z axis's unit nor the layer's file says
+        z_step = layer_z_step_um(layer.scale, layer.units, image.shape, source)
         if not paths:  # a model file is checked where it is loaded, by the engine
             model = self.dock.model
             check_model_fits(model.config.ndim, model.z_step_um, image.shape, axis, z_step, predict.resample_z)
@@ -143,8 +144,8 @@ class ApplyTab(QWidget):
             return
         model = None if isinstance(req.models[0], str) else req.models[0]  # a file: loaded in the worker
         if model is not None and model.config.ndim == 3 and req.z_step_um is None:
-            show_info(f"CoordGate: the layer's z axis has no length unit: its planes are taken to be the model's "
-                      f"{model.z_step_um:g} µm apart")
+            show_info(f"CoordGate: the layer's z-step is not known (its z axis has no length unit): its planes are "
+                      f"taken to be the model's {model.z_step_um:g} µm apart")
         meta = spatial_kwargs(layer)
         name = f"{layer.name} (CoordGate)"
 

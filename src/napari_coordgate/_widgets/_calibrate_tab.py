@@ -1,8 +1,8 @@
 """Calibrate tab: a bead image layer -> a measured PSF model (beads as points, PSF grid and FWHM map as layers),
-which *Use for training* makes the Train tab's PSF source. A bead z-stack (a (Z, Y, X) layer whose z axis has a
-length unit: its scale is the z-step) gives a measured 3-D PSF grid instead, shown as the node PSFs tiled plane by
-plane and the best-focus map. The calibration runs in a separate process, which also
-draws the PSF grid and the FWHM map; the form is generated from :class:`~napari_coordgate.config.CalibrateConfig`.
+which *Use for training* makes the Train tab's PSF source. A bead z-stack (a (Z, Y, X) layer whose z-step is known:
+its z scale in a length unit, or its file's metadata) gives a measured 3-D PSF grid instead, shown as the node PSFs
+tiled plane by plane and the best-focus map. The calibration runs in a separate process, which also draws the PSF
+grid and the FWHM map; the form is generated from :class:`~napari_coordgate.config.CalibrateConfig`.
 
 When too few beads are usable the calibration is still an error, but every candidate is shown, coloured by why it
 was rejected, with a count per reason and what to change."""
@@ -17,7 +17,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFileDialog, QFormLayout, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
-from napari_coordgate.app.axes import z_step_um, zstack_settings
+from napari_coordgate.app.axes import layer_z_step_um, source_steps_um, zstack_settings
 from napari_coordgate.app.jobs import calibrate_job
 from napari_coordgate.app.state import State
 from napari_coordgate.calibration.advice import advice_line
@@ -26,7 +26,7 @@ from napari_coordgate.config import CalibrateConfig, ConfigError
 from napari_coordgate.model_io import PSF_SUFFIX
 
 from ._form import ConfigForm
-from ._layers import LayerCombo, layer_array, spatial_kwargs
+from ._layers import LayerCombo, layer_array, layer_source, spatial_kwargs
 from ._settings import remember_folder
 
 FIELDS = ("model", "grid", "psf_size", "na", "wavelength_nm", "immersion", "pixel_size_um", "bead_diameter_nm",
@@ -84,22 +84,26 @@ class CalibrateTab(QWidget):
         return cfg
 
     def calibrate(self) -> None:
-        """Calibrate the selected layer: a (Z, Y, X) layer whose z axis has a length unit (its scale the z-step) as
-        a bead z-stack, anything else as 2-D bead image(s) of the focal plane."""
+        """Calibrate the selected layer: a (Z, Y, X) layer whose z-step is known (its z axis's scale in a length unit,
+        or the metadata of the file it was opened from) as a bead z-stack, anything else as 2-D bead image(s) of the
+        focal plane."""
         layer = self.beads.layer()
         if layer is None:
             show_error("CoordGate: open a bead image as a layer first (a 2-D image of the focal plane, or a z-stack "
                        "with its z scale in µm)")
             return
         meta = spatial_kwargs(layer, ndim=2)
-        z_step = z_step_um(layer.scale, layer.units) if layer.ndim == 3 else None
         try:
             cfg = self.config(meta)
             images = np.asarray(layer_array(layer))
         except (ConfigError, ValueError) as exc:
             show_error(f"CoordGate: {exc}")
             return
+        source = layer_source(layer)
+        z_step = layer_z_step_um(layer.scale, layer.units, images.shape, source) if images.ndim == 3 else None
         if z_step is not None:
+            if cfg.pixel_size_um is None:  # nor in the form, nor the layer's scale: the layer's file may state it
+                cfg = cfg.replace(pixel_size_um=source_steps_um(source, images.shape)[1])
             ignored = zstack_settings(cfg, z_step)[1]
             if ignored:
                 show_warning("CoordGate: a bead z-stack is calibrated as a measured 3-D PSF grid; "

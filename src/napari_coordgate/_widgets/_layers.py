@@ -77,3 +77,8 @@ def spatial_kwargs(layer: Image, ndim: int | None = None) -> dict:
         "units": tuple(str(u) for u in layer.units[-n:]),
     }
     return kw
+
+
+def layer_source(layer: Image) -> str | None:
+    """The file the layer was opened from (napari's ``layer.source.path``), or None."""
+    return getattr(getattr(layer, "source", None), "path", None)

@@ -1,5 +1,6 @@
-"""What the dock reads from a layer's axes, without Qt: the z-step of a z-stack (its scale in a length unit), whether
-a model can restore a layer of that shape and z-step, and which settings a z-stack calibration takes."""
+"""What the dock reads from a layer's axes, without Qt: the z-step of a z-stack (its scale in a length unit, or the
+metadata of the file it was opened from), whether a model can restore a layer of that shape and z-step, and which
+settings a z-stack calibration takes."""
 
 from __future__ import annotations
 
@@ -26,6 +27,33 @@ def z_step_um(scale: Sequence[float], units: Sequence[Any]) -> float | None:
     if len(scale) < 3 or len(units) < 3:
         return None
     return axis_step_um(scale[-3], units[-3])
+
+
+def source_steps_um(source, shape: Sequence[int]) -> tuple[float | None, float | None]:
+    """(z-step, pixel size) in µm that the metadata of the file a layer was opened from states (napari's own readers
+    keep no physical scale), or None for each it does not state; (None, None) without a readable file, or when
+    the file's image has another shape than the layer's (the layer is not that image)."""
+    from ..image_io.read import open_image
+
+    if not source:
+        return None, None
+    try:
+        image = open_image(source)
+    except (OSError, ValueError):  # not a file this package reads (InputError is a ValueError)
+        return None, None
+    if tuple(image.data.shape) != tuple(shape):
+        return None, None
+    return image.z_step_um, image.pixel_size_um
+
+
+def layer_z_step_um(scale: Sequence[float], units: Sequence[Any], shape: Sequence[int], source=None
+                    ) -> float | None:
+    """The z-step (µm) of a (..., Z, Y, X) layer: from its scale (:func:`z_step_um`), else from the metadata of the
+    file it was opened from (:func:`source_steps_um`), else None."""
+    if len(shape) < 3:
+        return None
+    step = z_step_um(scale, units)
+    return step if step is not None else source_steps_um(source, shape)[0]
 
 
 def check_model_fits(model_ndim: int, model_z_step: float | None, shape: Sequence[int], channel_axis: int | None,
