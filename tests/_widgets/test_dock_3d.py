@@ -136,7 +136,7 @@ def test_a_2d_model_restores_a_zstack_layer_plane_by_plane(viewer_dock, qtbot, m
     assert tuple(viewer.layers["stack (CoordGate)"].scale) == pytest.approx((Z_STEP, PIXEL, PIXEL))
 
 
-def test_a_bead_zstack_layer_calibrates_into_a_3d_psf_grid_and_a_focus_map(viewer_dock, qtbot, tmp_path):
+def test_a_bead_zstack_layer_calibrates_into_a_3d_psf_grid_and_a_focus_map_saved_as_cgpsf(viewer_dock, qtbot, tmp_path):
     from napari_coordgate.model_io import resolve_psf
     from napari_coordgate.samples.beadstack import AstigmaticBeam3D, bead_zstack
 
@@ -161,3 +161,7 @@ def test_a_bead_zstack_layer_calibrates_into_a_3d_psf_grid_and_a_focus_map(viewe
     assert tab.result.model.z_step_um == pytest.approx(0.1) and tab.result.model.pixel_size_um == pytest.approx(0.065)
     tab.save(str(tmp_path / "scope3d"))
     assert resolve_psf(tmp_path / "scope3d.cgpsf").to_record()[0] == tab.result.model.to_record()[0]
+    seen = _notifications()
+    tab.use_btn.click()  # the Train tab trains 2-D models: it says so, and the Train tab's PSF source stays
+    assert any("3-D PSF model" in m and "train" in m for m in seen)
+    assert dock.tabs.currentWidget() is not dock.train_tab
