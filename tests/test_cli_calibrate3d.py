@@ -51,14 +51,15 @@ def test_calibrate_zstack_flag_overrides_a_stack_without_metadata(tmp_path, caps
 
     beads = tmp_path / "beads.tif"
     tifffile.imwrite(beads, stack)  # no axes, no spacing: (Z, Y, X) read as a series without --z-step
-    code, _, err = _run(capsys, "calibrate", beads, "-o", tmp_path / "s", "--z-step", 0.3)
+    code, out, err = _run(capsys, "calibrate", beads, "-o", tmp_path / "s", "--z-step", 0.3, "--pixel-size", 0.1,
+                          "--bead-diameter", 200)
     assert code == 0, err
     assert load_psf_model(tmp_path / "s.cgpsf").z_step_um == pytest.approx(0.3)
+    assert "taken for points" not in out
 
 
 @pytest.mark.parametrize("flags, message", [
     (("--model", "pupil"), "--model pupil"),
-    (("--bead-diameter", 200, "--pixel-size", 0.1), "--bead-diameter"),
     (("--holdout", 0.2), "--holdout"),
     (("--psf-depth", 8), "psf_depth must be odd"),
 ])

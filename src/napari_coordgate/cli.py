@@ -837,8 +837,7 @@ def _is_bead_zstack(args) -> bool:
 
 # the 2-D calibration's settings a z-stack calibration does not take (yet): flag -> what it would need
 _NOT_3D = {"target": "--target", "model": "--model pupil (a pupil fit through focus)", "na": "--na",
-           "wavelength_nm": "--wavelength", "immersion": "--immersion", "bead_diameter_nm": "--bead-diameter",
-           "holdout": "--holdout"}
+           "wavelength_nm": "--wavelength", "immersion": "--immersion", "holdout": "--holdout"}
 
 
 def _calibrate_zstack(args) -> int:
@@ -868,7 +867,7 @@ def _calibrate_zstack(args) -> int:
     cfg = _calibrate_cfg(args, meta_pixel)
     files = _calibrate_outputs(args, [0])[0]
     settings = {"z_step_um": z_step, "pixel_size_um": cfg.pixel_size_um, "grid": cfg.grid, "psf_size": cfg.psf_size,
-                "psf_depth": args.psf_depth, "min_snr": cfg.min_snr}
+                "psf_depth": args.psf_depth, "min_snr": cfg.min_snr, "bead_diameter_nm": cfg.bead_diameter_nm or None}
     try:
         res = calibrate_zstack(vols[0], **settings, source=[str(p) for p in args.beads])
     except CalibrationError as exc:

@@ -118,3 +118,19 @@ def test_zstack_report_png_is_written(calibrated, tmp_path):
     result, _, _ = calibrated
     path = result.report_png(tmp_path / "report.png")
     assert path.stat().st_size > 10_000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_zstack_calibration_divides_the_beads_size_out_of_its_psfs():
+    optics = AstigmaticBeam3D(sigma0=0.9)
+    # 2.5 px beads (250 nm at 0.1 µm pixels), planes 2.5 px apart: rendered as points filling the sphere
+    stack, _ = bead_zstack(optics, (31, 384, 384), 80, photons=3000, seed=3, psf_size=31, bead_diameter_px=2.5,
+                           z_step_px=2.5)
+    points = calibrate_zstack(stack, z_step_um=0.25, pixel_size_um=0.1)
+    beads = calibrate_zstack(stack, z_step_um=0.25, pixel_size_um=0.1, bead_diameter_nm=250.0)
+    before = np.median(psf3d_error(points.model, optics, (384, 384)))
+    after = np.median(psf3d_error(beads.model, optics, (384, 384)))
+    assert after <= 0.8 * before and after <= 0.1
+    assert any("taken for points" in w for w in points.warnings)
+    assert not any("taken for points" in w for w in beads.warnings)
+    with pytest.raises(CalibrationError, match="pixel size"):
+        calibrate_zstack(stack, z_step_um=0.25, bead_diameter_nm=250.0)

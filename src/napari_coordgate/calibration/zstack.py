@@ -16,18 +16,21 @@ is sharpest at plane ``z_s + f(y, x)``. The steps:
    one sub-plane shift for all beads), its background (the median of the window's outer ring over all planes)
    removed, moved laterally by its sub-pixel centre (Fourier shift), cut to ``D x s x s`` and normalised to unit
    sum. Centring on the slide plane, not on each bead's own focus, keeps the focus shift in the PSFs.
-5. **The K x K grid**: the node PSFs solved jointly by tent-weighted least squares, exactly as the 2-D grid
-   (:mod:`~napari_coordgate.calibration.grid`: K and the smoothness chosen by cross-validation over the beads,
-   robust weights), then kept on their 3-D support (the voxels where a lightly smoothed copy stands above the
-   node's noise, grown by two voxels), nodes without beads filled from their neighbours, each node moved
-   laterally so its centroid sits on the middle pixel (not axially: the focus shift is the measurement), and
-   normalised to unit sum over its stored volume (:class:`~napari_coordgate.optics.psf3d.MeasuredGrid3DPSF`).
-6. **The best-focus map**: the plane of each measured node's smallest spot (:func:`psf_focus`: the lateral second
-   moment's minimum; the nodes average many beads, so it is nearly noise-free) and the quadratic surface through
+5. **The best-focus map**: each bead's focus measured again in its window as the plane of its smallest spot
+   (:func:`psf_focus`: the lateral second moment within four in-focus FWHM), and the quadratic surface through
    them, ``f(0, 0) = 0`` (the convention of :class:`~napari_coordgate.optics.psf3d.Pupil3DPSF`, whose middle plane
    is in focus on the axis). The brightest square of step 2 is biased where astigmatism and coma meet (by up to
-   2.4 planes at the corners of the ``tilted_curved_3d`` preset, 0.3 for the second moment): it only places the
-   windows. When the surface moves the slide's plane by more than 0.05 plane, steps 4-6 run once more there.
+   2.4 planes at the corners of the ``tilted_curved_3d`` preset): it only places the first windows. When the surface
+   moves the slide's plane by more than 0.05 plane, the windows are cut again there.
+6. **The K x K grid**: the node PSFs solved jointly by tent-weighted least squares, as the 2-D grid
+   (:mod:`~napari_coordgate.calibration.grid`: K and the smoothness cross-validated over the beads, robust
+   weights), each bead moved along z to focus 0 by the surface before the solve and each node moved back to its own
+   focus after it (a z-translation is no linear combination of PSFs); the bead divided out of each node when its
+   diameter is given; each node kept on its 3-D support (the voxels where a lightly smoothed copy stands above the
+   node's noise, grown by two voxels), nodes without beads filled from their neighbours, moved laterally so its
+   centroid sits on the middle pixel and normalised to unit sum over its stored volume
+   (:class:`~napari_coordgate.optics.psf3d.MeasuredGrid3DPSF`). Then steps 4-6 once more with the neighbours' light
+   (every detected spot's PSF from this first grid, scaled to its flux) removed from every window.
 
 The result also reports the best-focus map (µm, relative to the field centre) and warns about beads whose focus
 lies near the stack's ends (their PSFs are cut there) and a stack too short for the PSF's axial reach.
@@ -37,6 +40,7 @@ numpy and scipy only: no torch, no Qt.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -48,10 +52,12 @@ import numpy as np
 from scipy import ndimage
 
 from napari_coordgate.calibration import CalibrationError
+from napari_coordgate.calibration.beadsize import remove_bead
 from napari_coordgate.calibration.detect import REASONS, BeadTable, find_beads, reject_by_window
 from napari_coordgate.calibration.grid import _harmonic_fill, _outer_noise, _robust_fit, choose_grid, tent_matrix
 from napari_coordgate.calibration.patches import Patches, window_size
 from napari_coordgate.calibration.result import _json_default
+from napari_coordgate.optics.bead import blur_by_bead
 from napari_coordgate.optics.psf3d import MeasuredGrid3DPSF
 from napari_coordgate.optics.psfmodel import PSF_DEPTH_BOUNDS
 from napari_coordgate.optics.shift import fourier_shift
@@ -260,6 +266,16 @@ def _patches3d(slab: np.ndarray, ys: np.ndarray, xs: np.ndarray, size: int, marg
 # ----------------------------------------------------------------------------------------------- grid
 
 
+@dataclass(frozen=True)
+class _GridOptions:
+    """How the grid is fitted: K (None: cross-validated), the beads' diameter and the planes' distance in px."""
+
+    grid: int | None = None
+    bead_px: float = 0.0
+    z_step_px: float = 1.0
+    focus_radius: int = 12  # px of the disc in which each bead's spot size is measured (:func:`psf_focus`)
+
+
 def _denoise3d(g: np.ndarray, sigma: float) -> np.ndarray:
     """Keep a 3-D PSF on its support: where a lightly smoothed copy stands above the noise (the components that
     reach the central 3 x 3 column), grown by two voxels, with a soft edge."""
@@ -319,9 +335,10 @@ def _recentre_lateral(psfs: np.ndarray) -> np.ndarray:
 
 
 def _fit_grid3d(patches: np.ndarray, pad: int, flux: np.ndarray, y_norm: np.ndarray, x_norm: np.ndarray,
-                grid: int | None, surface: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+                opts: _GridOptions, surface: np.ndarray) -> tuple[np.ndarray, ...]:
     """(K, K, D, s, s) node PSFs from (N, D + 2 pad, s, s) patches, (K, K) filled flags, (K, K) beads' worth of
-    weight per node, and K.
+    weight per node, and (N,) each bead's focus (:func:`psf_focus` within ``opts.focus_radius`` px, in planes from
+    the slab's middle plane).
 
     K and the smoothness are cross-validated over the beads as in 2-D. A z-translation is not a linear combination of
     PSFs, so beads of different focus, solved for jointly as they are, would blur the nodes axially where the focus
@@ -332,7 +349,7 @@ def _fit_grid3d(patches: np.ndarray, pad: int, flux: np.ndarray, y_norm: np.ndar
     d = dp - 2 * pad
     core = patches[:, pad : pad + d]
     holder = Patches(np.arange(n), core, np.zeros(n), np.zeros((n, 2)), core, flux, np.ones(n), y_norm, x_norm, s, 0)
-    ks = [int(grid)] if grid else list(range(1, int(np.clip(math.floor(math.sqrt(n / 3.0)) + 1, 1, 9)) + 1))
+    ks = [int(opts.grid)] if opts.grid else list(range(1, int(np.clip(math.floor(math.sqrt(n / 3.0)) + 1, 1, 9)) + 1))
     k, lam, _ = choose_grid(holder, ks)
     med = max(float(np.median(np.maximum(flux, 0.0))), 1e-30)
     w = np.clip(np.maximum(flux, 0.0) / med, 0.1, 5.0)
@@ -348,6 +365,8 @@ def _fit_grid3d(patches: np.ndarray, pad: int, flux: np.ndarray, y_norm: np.ndar
     psfs = np.stack([_catmull_rom(g[j], pad - node_f[j], d) for j in range(k * k)])
     node_weight = (t * u[:, None]).sum(axis=0)
     sigma = np.median(_outer_noise(psfs.reshape(k * k * d, s, s)).reshape(k * k, d), axis=1)
+    if opts.bead_px > 0:  # the bead divided out of each node, against the node's own noise (as in 2-D)
+        psfs, sigma = remove_bead(psfs, opts.bead_px, sigma, z_step_px=opts.z_step_px)
     psfs = np.stack([_denoise3d(psfs[i], sigma[i]) for i in range(k * k)])
     known = node_weight.reshape(k, k) >= 0.25
     filled = ~known if known.any() else np.zeros((k, k), bool)
@@ -355,7 +374,9 @@ def _fit_grid3d(patches: np.ndarray, pad: int, flux: np.ndarray, y_norm: np.ndar
     psfs = _recentre_lateral(psfs.reshape(k * k, d, s, s)).reshape(k, k, d, s, s)
     psfs = np.clip(psfs, 0.0, None)
     psfs /= psfs.sum(axis=(2, 3, 4), keepdims=True)
-    return psfs, filled, node_weight.reshape(k, k), k
+    c, r = s // 2, min(opts.focus_radius, s // 2)
+    foci = psf_focus(patches[:, :, c - r : c + r + 1, c - r : c + r + 1])  # each bead's own, unaligned
+    return psfs, filled, node_weight.reshape(k, k), foci
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -480,6 +501,7 @@ def calibrate_zstack(
     psf_size: int | None = None,
     psf_depth: int | None = None,
     min_snr: float = 5.0,
+    bead_diameter_nm: float | None = None,
     should_stop: Callable[[], bool] | None = None,
     report: Callable[[Any], None] | None = None,
     source: str | Sequence[str] | None = None,
@@ -497,17 +519,16 @@ def calibrate_zstack(
     grid, psf_size, psf_depth
         K of the K x K grid (default: cross-validated), the PSFs' side in pixels and depth in planes (odd;
         default: from the beads and the stack).
-    min_snr, should_stop, report, source
-        As :func:`~napari_coordgate.calibration.calibrate.calibrate`.
+    min_snr, bead_diameter_nm, should_stop, report, source
+        As :func:`~napari_coordgate.calibration.calibrate.calibrate` (the bead, a sphere, is divided out of each
+        node in 3-D; it needs ``pixel_size_um``).
 
-    Raises
-    ------
-    CalibrationError
-        Not a z-stack (fewer than 7 planes, not 3-D), NaN/Inf, a constant stack, no beads, fewer than 5 usable
-        beads, a slide at the stack's end.
+    Raises :class:`CalibrationError` for what is not a z-stack (fewer than 7 planes, not 3-D), NaN/Inf, a constant
+    stack, no beads, fewer than 5 usable beads, a slide at the stack's end, a bead diameter without a pixel size.
     """
     t0 = time.perf_counter()
     raw = _check_stack(stack, z_step_um)
+    opts = _GridOptions(grid, _bead_px(bead_diameter_nm, pixel_size_um), z_step_um / (pixel_size_um or z_step_um))
     z, h, w = raw.shape
     field_shape = (h, w)
     _stage(report, t0, "detect", 0.05, "detecting beads in the maximum projection")
@@ -533,17 +554,20 @@ def calibrate_zstack(
     def refit():
         _stage(report, t0, "grid", 0.7, "refitting the grid at the refined focus")
 
-    psfs, filled, node_weight, rows, coef = _grid_and_focus(data, table, coef, depth, size, grid, refit)
+    opts = dataclasses.replace(opts, focus_radius=_focus_radius(table))
+    psfs, filled, node_weight, rows, coef = _grid_and_focus(data, table, coef, depth, size, opts, refit)
     _stop(should_stop, "before the neighbours' light is removed")
     _stage(report, t0, "grid", 0.85, "refitting with the neighbours' light removed from every window")
-    crowd = MeasuredGrid3DPSF(psfs, z_step_um=float(z_step_um), filled=filled)
-    psfs, filled, node_weight, rows, coef = _grid_and_focus(data, table, coef, depth, size, grid, refit, rounds=1,
+    crowd = _as_beads(psfs, filled, opts, z_step_um)
+    psfs, filled, node_weight, rows, coef = _grid_and_focus(data, table, coef, depth, size, opts, refit, rounds=3,
                                                             crowd=crowd)
     slide = float(coef[0])
     warnings += _zstack_warnings(table, focus, z, filled)
     model = _measured_model(psfs, filled, z_step_um, pixel_size_um, source, rows.size, coef, z)
     settings = {"z_step_um": z_step_um, "pixel_size_um": pixel_size_um, "grid": grid, "psf_size": psf_size,
-                "psf_depth": psf_depth, "min_snr": min_snr}
+                "psf_depth": psf_depth, "min_snr": min_snr, "bead_diameter_nm": bead_diameter_nm}
+    if not opts.bead_px:
+        warnings.append("no bead diameter given: the beads were taken for points (give it to remove their size)")
     _stage(report, t0, "done", 1.0, f"3-D PSF grid from {rows.size} beads")
     return ZStackCalibration(model, table, focus, coef, slide, float(z_step_um), field_shape, z, size, depth,
                              [float(noise)], node_weight, warnings, settings, time.perf_counter() - t0)
@@ -583,7 +607,7 @@ def _neighbour_light(table: BeadTable, rows: np.ndarray, model: MeasuredGrid3DPS
     return out
 
 
-def _grid_at(data: np.ndarray, table: BeadTable, slide: float, depth: int, size: int, grid: int | None,
+def _grid_at(data: np.ndarray, table: BeadTable, slide: float, depth: int, size: int, opts: _GridOptions,
              surface: np.ndarray, crowd: MeasuredGrid3DPSF | None = None):
     """The 3-D grid from the accepted beads' windows centred on plane ``slide`` (with spare planes each side for
     moving them by the best-focus ``surface``, planes, relative to the slide: :func:`_fit_grid3d`), with the
@@ -600,13 +624,13 @@ def _grid_at(data: np.ndarray, table: BeadTable, slide: float, depth: int, size:
     good = np.isfinite(patches).all(axis=(1, 2, 3)) & (flux > 0)
     table.reject(np.isin(np.arange(len(table)), rows[~good]), "fit failed", "no light left after its background")
     rows, patches, flux = rows[good], patches[good], flux[good]
-    psfs, filled, node_weight, _ = _fit_grid3d(patches, pad, flux, table.y_norm[rows], table.x_norm[rows], grid,
+    psfs, filled, node_weight, foci = _fit_grid3d(patches, pad, flux, table.y_norm[rows], table.x_norm[rows], opts,
                                                surface)
-    return psfs, filled, node_weight, rows
+    return psfs, filled, node_weight, rows, foci
 
 
-def _grid_and_focus(data: np.ndarray, table: BeadTable, coef: np.ndarray, depth: int, size: int, grid: int | None,
-                    on_refit: Callable[[], None], rounds: int = 3, crowd: MeasuredGrid3DPSF | None = None):
+def _grid_and_focus(data: np.ndarray, table: BeadTable, coef: np.ndarray, depth: int, size: int, opts: _GridOptions,
+                    on_refit: Callable[[], None], rounds: int = 8, crowd: MeasuredGrid3DPSF | None = None):
     """The 3-D grid and the best-focus surface, refined together: the nodes' foci (:func:`psf_focus`, their smallest
     spots; not the beads' brightest squares) give a surface, which moves the slide's plane (the windows are cut
     again there) and the beads' alignment to their nodes, for ``rounds`` rounds or until the slide moves by less
@@ -615,12 +639,13 @@ def _grid_and_focus(data: np.ndarray, table: BeadTable, coef: np.ndarray, depth:
     coef = np.asarray(coef, np.float64).copy()
     for i in range(rounds):
         rel = np.concatenate([[0.0], coef[1:]])
-        psfs, filled, node_weight, rows = _grid_at(data, table, float(coef[0]), depth, size, grid, rel, crowd)
-        surface = _node_surface(psfs, filled)
-        if surface is None:
+        psfs, filled, node_weight, rows, foci = _grid_at(data, table, float(coef[0]), depth, size, opts, rel, crowd)
+        ok = np.isfinite(foci)
+        if ok.sum() < 6:
             break
+        surface = fit_focus_surface(table.y_norm[rows][ok], table.x_norm[rows][ok], foci[ok])[0]
         moved = float(coef[0] + surface[0])
-        done = abs(surface[0]) <= 0.05 and np.allclose(surface[1:], coef[1:], atol=0.05)
+        done = abs(surface[0]) <= 0.05 and np.allclose(surface[1:], coef[1:], atol=0.02)
         if not _fits(data.shape[0], moved, depth):
             break
         coef = np.concatenate([[moved], surface[1:]])
@@ -630,22 +655,33 @@ def _grid_and_focus(data: np.ndarray, table: BeadTable, coef: np.ndarray, depth:
     return psfs, filled, node_weight, rows, coef
 
 
-def _node_surface(psfs: np.ndarray, filled: np.ndarray) -> np.ndarray | None:
-    """The best-focus surface (planes from the PSFs' middle plane) through the measured nodes' foci
-    (:func:`psf_focus`), or None with fewer than 6 measured nodes whose focus is found."""
-    k = psfs.shape[0]
-    t = np.linspace(-1.0, 1.0, k)
-    yy, xx = (a.ravel() for a in np.meshgrid(t, t, indexing="ij"))
-    foci = psf_focus(psfs.reshape(k * k, *psfs.shape[2:]))
-    use = ~filled.ravel() & np.isfinite(foci)
-    if use.sum() < 6:
-        return None
-    return fit_focus_surface(yy[use], xx[use], foci[use])[0]
-
-
 def _fits(z: int, slide: float, depth: int) -> bool:
     """Whether ``depth`` planes around ``slide`` (and the interpolation's spare plane each side) lie in the stack."""
     return math.floor(slide) - depth // 2 - 1 >= 0 and math.ceil(slide) + depth // 2 + 1 <= z - 1
+
+
+def _focus_radius(table: BeadTable) -> int:
+    """The disc (px) in which each bead's spot size is measured: four in-focus FWHM of the accepted beads (the
+    aberrated wings count, the noise beyond them does not), 6 to 30 px."""
+    ok = table.accepted
+    fwhm = float(np.nanmedian(np.sqrt(table.fwhm_x[ok] * table.fwhm_y[ok]))) if ok.any() else 3.0
+    return int(np.clip(round(4.0 * fwhm), 6, 30))
+
+
+def _as_beads(psfs: np.ndarray, filled: np.ndarray, opts: _GridOptions, z_step_um: float) -> MeasuredGrid3DPSF:
+    """The grid as its beads image (the bead put back in: the neighbours whose light is modelled are beads)."""
+    beads = np.clip(blur_by_bead(psfs, opts.bead_px, opts.z_step_px), 0.0, None)
+    return MeasuredGrid3DPSF(beads / beads.sum(axis=(2, 3, 4), keepdims=True), z_step_um=float(z_step_um),
+                             filled=filled)
+
+
+def _bead_px(diameter_nm: float | None, pixel_size_um: float | None) -> float:
+    from napari_coordgate.optics.bead import bead_diameter_px
+
+    try:
+        return bead_diameter_px(diameter_nm, pixel_size_um)
+    except ValueError as exc:
+        raise CalibrationError(str(exc)) from None
 
 
 def _measured_model(psfs, filled, z_step_um, pixel_size_um, source, n_beads: int, coef: np.ndarray, z: int

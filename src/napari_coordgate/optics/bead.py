@@ -25,28 +25,40 @@ __all__ = ["sphere_otf", "sphere_kernel", "blur_by_bead", "bead_diameter_px", "B
 
 
 
-def sphere_otf(shape, diameter_px: float) -> np.ndarray:
-    """The transfer function of a projected uniform sphere on the ``np.fft.fft2`` frequencies of ``shape``.
+def sphere_otf(shape, diameter_px: float, z_step_px: float | None = None) -> np.ndarray:
+    """The transfer function of a uniform sphere: projected on the ``np.fft.fft2`` frequencies of an (H, W)
+    ``shape``, or in 3-D on the ``np.fft.fftn`` frequencies of a (D, H, W) ``shape`` whose planes are ``z_step_px``
+    pixels apart (the same formula: the sphere's 3-D transform, ``u = 2 pi |f| R`` with ``f`` in cycles per pixel
+    along every axis).
 
     Parameters
     ----------
     shape
         (H, W) of the images it multiplies (spectra from ``np.fft.fft2``), or (H, W // 2 + 1) with ``rfft2``:
-        pass ``(H, W)`` and slice; both axes use ``np.fft.fftfreq``.
+        pass ``(H, W)`` and slice; both axes use ``np.fft.fftfreq``. (D, H, W) with ``z_step_px`` for volumes.
     diameter_px
         Bead diameter in pixels; 0 gives ones (a point source).
+    z_step_px
+        3-D only: the distance between planes in pixels (z-step over pixel size).
 
     Returns
     -------
     ndarray, float64, ``shape``: real and even (the sphere is symmetric), 1 at zero frequency.
     """
-    h, w = (int(n) for n in shape)
+    dims = [int(n) for n in shape]
     if not diameter_px > 0:
-        return np.ones((h, w))
-    fy = np.fft.fftfreq(h)[:, None]
-    fx = np.fft.fftfreq(w)[None, :]
-    u = 2.0 * math.pi * np.hypot(fy, fx) * (0.5 * float(diameter_px))
-    out = np.ones((h, w))
+        return np.ones(dims)
+    if len(dims) == 3:
+        if not (z_step_px and z_step_px > 0):
+            raise ValueError("a 3-D sphere transfer function needs z_step_px, the planes' distance in pixels")
+        fz = np.fft.fftfreq(dims[0])[:, None, None] / float(z_step_px)
+        fy = np.fft.fftfreq(dims[1])[None, :, None]
+        fx = np.fft.fftfreq(dims[2])[None, None, :]
+        f = np.sqrt(fz * fz + fy * fy + fx * fx)
+    else:
+        f = np.hypot(np.fft.fftfreq(dims[0])[:, None], np.fft.fftfreq(dims[1])[None, :])
+    u = 2.0 * math.pi * f * (0.5 * float(diameter_px))
+    out = np.ones(dims)
     big = u > 1e-3
     ub = u[big]
     out[big] = 3.0 * (np.sin(ub) - ub * np.cos(ub)) / ub**3
@@ -85,16 +97,19 @@ def bead_diameter_px(diameter_nm: float | None, pixel_size_um: float | None) -> 
     return float(diameter_nm) / 1000.0 / float(pixel_size_um)
 
 
-def blur_by_bead(psfs: np.ndarray, diameter_px: float) -> np.ndarray:
+def blur_by_bead(psfs: np.ndarray, diameter_px: float, z_step_px: float | None = None) -> np.ndarray:
     """(..., s, s) PSFs as a bead of ``diameter_px`` images them: each convolved with the bead (its spectrum
-    times :func:`sphere_otf`, zero-padded so nothing wraps around), cropped back to s x s. Unchanged for 0."""
+    times :func:`sphere_otf`, zero-padded so nothing wraps around), cropped back to s x s. Unchanged for 0.
+    With ``z_step_px``: (..., D, s, s) 3-D PSFs convolved with the sphere in 3-D (planes ``z_step_px`` px apart)."""
     if not diameter_px > 0:
         return np.asarray(psfs, dtype=np.float64)
     psfs = np.asarray(psfs, dtype=np.float64)
-    s = psfs.shape[-1]
-    pad = int(math.ceil(diameter_px)) + 2
-    size = s + 2 * pad
-    widths = [(0, 0)] * (psfs.ndim - 2) + [(pad, pad), (pad, pad)]
+    nd = 2 if z_step_px is None else 3
+    dims = psfs.shape[-nd:]
+    pads = [int(math.ceil(diameter_px / (z_step_px if (nd == 3 and i == 0) else 1.0))) + 2 for i in range(nd)]
+    widths = [(0, 0)] * (psfs.ndim - nd) + [(p, p) for p in pads]
     big = np.pad(psfs, widths)
-    out = np.fft.ifft2(np.fft.fft2(big) * sphere_otf((size, size), diameter_px)).real
-    return out[..., pad : pad + s, pad : pad + s]
+    axes = tuple(range(-nd, 0))
+    otf = sphere_otf(big.shape[-nd:], diameter_px, z_step_px)
+    out = np.fft.ifftn(np.fft.fftn(big, axes=axes) * otf, axes=axes).real
+    return out[(Ellipsis,) + tuple(slice(p, p + n) for p, n in zip(pads, dims))]

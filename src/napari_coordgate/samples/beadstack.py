@@ -71,12 +71,14 @@ def _pixel_gauss(edges: np.ndarray, centre: np.ndarray, sigma: np.ndarray) -> np
 
 def bead_zstack(optics, shape: Sequence[int], n_beads: int, *, photons: float = 3000.0, slide_plane: float | None
                 = None, seed: int = 0, background: float = 10.0, read_noise: float = 2.0, psf_size: int = 31,
-                margin: int = 0) -> tuple[np.ndarray, dict]:
+                margin: int = 0, bead_diameter_px: float = 0.0, z_step_px: float = 1.0) -> tuple[np.ndarray, dict]:
     """A bead slide imaged through focus: (Z, H, W) float64 electrons and the truth.
 
     Beads are placed uniformly (no two closer than ``psf_size / 2``, at least ``margin`` px from the border) on
     the slide at plane ``slide_plane`` (default the middle plus a quarter plane); their in-focus peak pixel gets
-    about ``photons`` (0.5-1 x, random). Returns the stack and ``{"y", "x", "flux", "slide_plane"}``.
+    about ``photons`` (0.5-1 x, random). A finite bead (``bead_diameter_px``, planes ``z_step_px`` px apart) is
+    the sum of point PSFs on a grid filling the sphere (0.5 px apart; not the transfer function the calibration
+    divides out). Returns the stack and ``{"y", "x", "flux", "slide_plane"}``.
     """
     z, h, w = (int(n) for n in shape)
     rng = np.random.default_rng(seed)
@@ -84,8 +86,10 @@ def bead_zstack(optics, shape: Sequence[int], n_beads: int, *, photons: float = 
     ys, xs = _spread(rng, h, w, n_beads, psf_size / 2.0, margin)
     zc = int(math.floor(slide))
     depth = 2 * max(zc, z - 1 - zc) + 1  # reaches every plane of the stack from the slide
-    vols = optics.volumes(field_position(ys, h), field_position(xs, w), slide - zc, ys - np.round(ys),
-                          xs - np.round(xs), depth, psf_size)
+    vols = 0.0
+    for pz, py, px, wt in zip(*_sphere(bead_diameter_px, z_step_px)):
+        vols = vols + wt * optics.volumes(field_position(ys, h), field_position(xs, w), slide - zc + pz,
+                                          ys - np.round(ys) + py, xs - np.round(xs) + px, depth, psf_size)
     peak = vols.reshape(len(ys), -1).max(axis=1)
     flux = rng.uniform(0.5, 1.0, len(ys)) * photons / peak
     r = psf_size // 2
@@ -98,6 +102,20 @@ def bead_zstack(optics, shape: Sequence[int], n_beads: int, *, photons: float = 
     expected = expected[:, r : r + h, r : r + w] + background
     stack = rng.poisson(expected).astype(np.float64) + rng.normal(0.0, read_noise, expected.shape)
     return stack, {"y": ys, "x": xs, "flux": flux, "slide_plane": slide}
+
+
+def _sphere(diameter_px: float, z_step_px: float) -> tuple[np.ndarray, ...]:
+    """(dz planes, dy px, dx px, weight) of points filling a sphere of ``diameter_px`` on a 0.5 px grid (one point
+    for 0), equal weights summing to one."""
+    if not diameter_px > 0:
+        return np.zeros(1), np.zeros(1), np.zeros(1), np.ones(1)
+    r = 0.5 * float(diameter_px)
+    t = np.arange(-r, r + 1e-9, 0.5)
+    t = t - t.mean()
+    zz, yy, xx = (a.ravel() for a in np.meshgrid(t, t, t, indexing="ij"))
+    keep = zz * zz + yy * yy + xx * xx <= r * r
+    n = int(keep.sum())
+    return zz[keep] / float(z_step_px), yy[keep], xx[keep], np.full(n, 1.0 / n)
 
 
 def _spread(rng, h: int, w: int, n: int, min_dist: float, margin: int) -> tuple[np.ndarray, np.ndarray]:
