@@ -134,3 +134,10 @@ def test_zstack_calibration_divides_the_beads_size_out_of_its_psfs():
     assert not any("taken for points" in w for w in beads.warnings)
     with pytest.raises(CalibrationError, match="pixel size"):
         calibrate_zstack(stack, z_step_um=0.25, bead_diameter_nm=250.0)
+
+
+def test_zstack_calibration_of_a_small_crowded_stack_fails_with_a_message_not_a_crash():
+    stack, _ = bead_zstack(OPTICS, (25, 128, 128), 25, photons=3000, seed=0, psf_size=25)
+    with pytest.raises(CalibrationError, match="at least 5 usable beads") as info:
+        calibrate_zstack(stack, z_step_um=0.25)
+    assert info.value.beads is not None and "\n" not in str(info.value)

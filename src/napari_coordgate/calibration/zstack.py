@@ -624,6 +624,9 @@ def _grid_at(data: np.ndarray, table: BeadTable, slide: float, depth: int, size:
     good = np.isfinite(patches).all(axis=(1, 2, 3)) & (flux > 0)
     table.reject(np.isin(np.arange(len(table)), rows[~good]), "fit failed", "no light left after its background")
     rows, patches, flux = rows[good], patches[good], flux[good]
+    if rows.size < _MIN_BEADS:
+        raise CalibrationError(f"the 3-D grid needs at least {_MIN_BEADS} usable beads, found {rows.size} "
+                               f"({_counts(table)})", beads=table, field_shape=data.shape[1:])
     psfs, filled, node_weight, foci = _fit_grid3d(patches, pad, flux, table.y_norm[rows], table.x_norm[rows], opts,
                                                surface)
     return psfs, filled, node_weight, rows, foci
