@@ -846,7 +846,6 @@ def _calibrate_zstack(args) -> int:
     from .calibration.zstack import calibrate_zstack
     from .config import CalibrateConfig
     from .image_io.read import read_volumes
-    from .model_io import save_psf_model
 
     cfg = _calibrate_cfg(args, None)
     default = CalibrateConfig()
@@ -873,8 +872,16 @@ def _calibrate_zstack(args) -> int:
     except CalibrationError as exc:
         _calibration_failed(exc, vols[0].max(axis=0)[None], files, settings)
         raise
+    _calibration_written(res, files)
+    return 0
+
+
+def _calibration_written(res, files: dict, label: str = "") -> None:
+    """Save a calibration's PSF model and its --png / --json reports; say what was found and written."""
+    from .model_io import save_psf_model
+
     written = save_psf_model(files["PSF model"], res.model)
-    print(res.summary())
+    print(label + res.summary())
     for warning in res.warnings:
         print(f"  warning: {warning}")
     if files["figure"]:
@@ -882,14 +889,12 @@ def _calibrate_zstack(args) -> int:
     if files["JSON report"]:
         print(f"  report: {_write_json(files['JSON report'], res.to_json())}")
     print(f"PSF model: {written}")
-    return 0
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibration import CalibrationError
     from .calibration.calibrate import calibrate
     from .image_io.read import read_bead_images
-    from .model_io import save_psf_model
 
     _calibrate_cfg(args, None)  # a bad flag fails before the images are read
     if _is_bead_zstack(args):
@@ -905,15 +910,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         except CalibrationError as exc:
             _calibration_failed(exc, stack, files, cfg.calibrate_kwargs())
             raise
-        written = save_psf_model(files["PSF model"], res.model)
-        print(("" if len(channels) == 1 else f"channel {c}: ") + res.summary())
-        for warning in res.warnings:
-            print(f"  warning: {warning}")
-        if files["figure"]:
-            print(f"  report: {_write_png(files['figure'], res.report_png)}")
-        if files["JSON report"]:
-            print(f"  report: {_write_json(files['JSON report'], res.to_json())}")
-        print(f"PSF model: {written}")
+        _calibration_written(res, files, "" if len(channels) == 1 else f"channel {c}: ")
     return 0
 
 

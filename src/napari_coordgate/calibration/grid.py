@@ -123,16 +123,18 @@ def choose_grid(patches: Patches, ks: list[int], lams=(0.003, 0.03, 0.3), folds:
 
 
 def _denoise(g: np.ndarray, sigma: float) -> np.ndarray:
-    """Keep a PSF on its support (where a lightly smoothed copy stands above the noise), with a soft edge."""
-    s = g.shape[0]
+    """Keep a PSF, (s, s) or (D, s, s), on its support (where a lightly smoothed copy stands above the noise: the
+    components that reach the central 3 x 3 pixels, or column), with a soft edge."""
+    s = g.shape[-1]
     smooth = ndimage.gaussian_filter(g, 1.0, mode="constant")
-    # white noise of std sigma has std sigma / (2 sqrt(pi)) after a unit Gaussian filter
-    thresh = max(3.0 * sigma / (2.0 * math.sqrt(math.pi)), 1e-4 * float(smooth.max()))
+    # white noise of std sigma has std sigma / (2 sqrt(pi))^(ndim / 2) after a unit Gaussian filter
+    scale = 2.0 * math.sqrt(math.pi) if g.ndim == 2 else (2.0 * math.sqrt(math.pi)) ** (g.ndim / 2)
+    thresh = max(3.0 * sigma / scale, 1e-4 * float(smooth.max()))
     support = smooth > thresh
     labels, n = ndimage.label(support)
     if n > 1:
         c = s // 2
-        centre_labels = set(labels[c - 1 : c + 2, c - 1 : c + 2].ravel()) - {0}
+        centre_labels = set(labels[..., c - 1 : c + 2, c - 1 : c + 2].ravel()) - {0}
         if centre_labels:
             support = np.isin(labels, list(centre_labels))
         else:

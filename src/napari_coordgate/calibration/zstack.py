@@ -49,12 +49,18 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from napari_coordgate.calibration import CalibrationError
 from napari_coordgate.calibration.beadsize import remove_bead
 from napari_coordgate.calibration.detect import REASONS, BeadTable, find_beads, reject_by_window
-from napari_coordgate.calibration.grid import _harmonic_fill, _outer_noise, _robust_fit, choose_grid, tent_matrix
+from napari_coordgate.calibration.grid import (
+    _denoise,
+    _harmonic_fill,
+    _outer_noise,
+    _robust_fit,
+    choose_grid,
+    tent_matrix,
+)
 from napari_coordgate.calibration.patches import Patches, window_size
 from napari_coordgate.calibration.result import _json_default
 from napari_coordgate.optics.bead import blur_by_bead
@@ -276,29 +282,6 @@ class _GridOptions:
     focus_radius: int = 12  # px of the disc in which each bead's spot size is measured (:func:`psf_focus`)
 
 
-def _denoise3d(g: np.ndarray, sigma: float) -> np.ndarray:
-    """Keep a 3-D PSF on its support: where a lightly smoothed copy stands above the noise (the components that
-    reach the central 3 x 3 column), grown by two voxels, with a soft edge."""
-    d, s, _ = g.shape
-    smooth = ndimage.gaussian_filter(g, 1.0, mode="constant")
-    # white noise of std sigma has std sigma / (2 sqrt(pi))^(3/2) after a unit 3-D Gaussian filter
-    thresh = max(3.0 * sigma / (2.0 * math.sqrt(math.pi)) ** 1.5, 1e-4 * float(smooth.max()))
-    support = smooth > thresh
-    labels, n = ndimage.label(support)
-    if n > 1:
-        c = s // 2
-        core = set(labels[:, c - 1 : c + 2, c - 1 : c + 2].ravel()) - {0}
-        if core:
-            support = np.isin(labels, list(core))
-        else:
-            sums = ndimage.sum(g, labels, range(1, n + 1))
-            support = labels == (1 + int(np.argmax(sums)))
-    support = ndimage.binary_dilation(support, iterations=2)
-    taper = np.clip(ndimage.gaussian_filter(support.astype(float), 0.7, mode="constant") * 1.5, 0.0, 1.0)
-    out = np.clip(g * taper, 0.0, None)
-    return out if out.sum() > 0 else np.clip(g, 0.0, None)
-
-
 def psf_focus(psfs: np.ndarray) -> np.ndarray:
     """(N,) best focus of 3-D PSFs (N, D, s, s), in planes from their middle plane: where the PSF's lateral second
     moment (about each plane's own centroid, within the inscribed disc) is smallest, the vertex of a parabola through
@@ -367,7 +350,7 @@ def _fit_grid3d(patches: np.ndarray, pad: int, flux: np.ndarray, y_norm: np.ndar
     sigma = np.median(_outer_noise(psfs.reshape(k * k * d, s, s)).reshape(k * k, d), axis=1)
     if opts.bead_px > 0:  # the bead divided out of each node, against the node's own noise (as in 2-D)
         psfs, sigma = remove_bead(psfs, opts.bead_px, sigma, z_step_px=opts.z_step_px)
-    psfs = np.stack([_denoise3d(psfs[i], sigma[i]) for i in range(k * k)])
+    psfs = np.stack([_denoise(psfs[i], sigma[i]) for i in range(k * k)])
     known = node_weight.reshape(k, k) >= 0.25
     filled = ~known if known.any() else np.zeros((k, k), bool)
     psfs = _harmonic_fill(psfs.reshape(k, k, d, s, s), known if known.any() else ~filled)
