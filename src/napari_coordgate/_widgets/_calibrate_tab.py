@@ -29,9 +29,10 @@ from ._form import ConfigForm
 from ._layers import LayerCombo, layer_array, layer_source, spatial_kwargs
 from ._settings import remember_folder
 
-FIELDS = ("model", "grid", "psf_size", "na", "wavelength_nm", "immersion", "pixel_size_um", "bead_diameter_nm",
-          "min_snr", "holdout")
+FIELDS = ("target", "model", "grid", "psf_size", "na", "wavelength_nm", "immersion", "pixel_size_um",
+          "bead_diameter_nm", "min_snr", "holdout")
 LABELS = MappingProxyType({
+    "target": "the image shows",
     "grid": "grid K", "psf_size": "PSF size (px)", "na": "NA", "wavelength_nm": "wavelength (nm)",
     "immersion": "immersion index", "pixel_size_um": "pixel size (µm)", "bead_diameter_nm": "bead diameter (nm)",
     "min_snr": "min SNR", "holdout": "holdout fraction"})
@@ -51,7 +52,8 @@ class CalibrateTab(QWidget):
         self.cancel_btn = QPushButton("Cancel")
         self.use_btn = QPushButton("Use for training")
         self.save_btn = QPushButton("Save PSF model…")
-        self.summary = QLabel("Image a slide of sub-resolution beads in focus, open it as a layer, and calibrate.")
+        self.summary = QLabel("Image a slide of sub-resolution beads in focus (or through focus: a z-stack gives "
+                              "3-D PSFs), or a point array; open it as a layer, and calibrate.")
         self.summary.setWordWrap(True)
         self.summary.setTextFormat(Qt.RichText)
         source = QFormLayout()
