@@ -221,3 +221,26 @@ def model_file(model, tmp_path):
     from napari_coordgate.model_io import save_model
 
     return save_model(tmp_path / "scope.cgmodel", model)
+
+
+@pytest.fixture(scope="session")
+def random_3d_model():
+    """A factory of untrained, seeded 3-D CoordGate U-Net(2)s (random weights, none zero: tests compare equal
+    outputs): ``random_3d_model(field, norm, z_step_um)`` -> SavedModel."""
+
+    def make(field, norm, z_step_um):
+        import torch
+
+        from napari_coordgate.config import ModelConfig
+        from napari_coordgate.model_io import SavedModel
+        from napari_coordgate.nn import build_model
+
+        torch.manual_seed(0)
+        cfg = ModelConfig(ndim=3, depth=2, channels=4, gate="coordgate")
+        net = build_model(cfg)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.normal_(0.0, 0.2)
+        return SavedModel(net.eval(), cfg, field, norm, z_step_um=z_step_um)
+
+    return make

@@ -17,22 +17,8 @@ PIXEL = 0.1
 
 
 @pytest.fixture(scope="module")
-def saved3d():
-    """An untrained, seeded 3-D CoordGate U-Net(2) on 0.3 µm planes (random weights, none zero: what is compared is
-    equal outputs)."""
-    import torch
-
-    from napari_coordgate.config import ModelConfig
-    from napari_coordgate.model_io import SavedModel
-    from napari_coordgate.nn import build_model
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(ndim=3, depth=2, channels=4, gate="coordgate")
-    net = build_model(cfg)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0.0, 0.2)
-    return SavedModel(net.eval(), cfg, (32, 32), {"offset": 0.0, "scale": 1.0}, z_step_um=Z_STEP)
+def saved3d(random_3d_model):
+    return random_3d_model((32, 32), {"offset": 0.0, "scale": 1.0}, Z_STEP)
 
 
 def _volume(shape=(8, 32, 32)):

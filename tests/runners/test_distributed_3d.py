@@ -20,23 +20,8 @@ cluster = test_distributed.cluster  # the fixture: a 2-worker LocalCluster reach
 
 
 @pytest.fixture(scope="module")
-def saved3d():
-    """An untrained, seeded 3-D CoordGate U-Net(2) with per-image normalisation, on 0.3 µm planes (random weights,
-    none zero: what is compared is equal outputs)."""
-    import torch
-
-    from napari_coordgate.config import ModelConfig
-    from napari_coordgate.model_io import SavedModel
-    from napari_coordgate.nn import build_model
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(ndim=3, depth=2, channels=4, gate="coordgate")
-    net = build_model(cfg)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0.0, 0.2)
-    norm = {"offset": 100.0, "scale": 900.0, "percentiles": [1.0, 99.8]}
-    return SavedModel(net.eval(), cfg, FIELD, norm, z_step_um=Z_STEP)
+def saved3d(random_3d_model):
+    return random_3d_model(FIELD, {"offset": 100.0, "scale": 900.0, "percentiles": [1.0, 99.8]}, Z_STEP)
 
 
 @pytest.fixture(scope="module")
