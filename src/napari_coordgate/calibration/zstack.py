@@ -107,10 +107,6 @@ class ZStackCalibration:
     def n_beads(self) -> int:
         return int(self.beads.accepted.sum())
 
-    @property
-    def psf_model(self) -> MeasuredGrid3DPSF:
-        return self.model
-
     def focus_map_um(self, n: int = 9) -> np.ndarray:
         """(n, n) best-focus shift (µm) relative to the field centre at ``linspace(-1, 1, n)`` (rows y, columns x)."""
         t = np.linspace(-1.0, 1.0, n)
@@ -406,10 +402,8 @@ def _foci(stack: np.ndarray, table: BeadTable, field_shape) -> tuple[np.ndarray,
     robust scale; beads without a focus or far off the surface are rejected."""
     ok = table.accepted
     focus = np.full(len(table), np.nan)
-    bg = np.median(stack, axis=0)
     rows = np.flatnonzero(ok)
-    prof = axial_profiles(stack, table.y[rows], table.x[rows],
-                          bg[np.round(table.y[rows]).astype(int), np.round(table.x[rows]).astype(int)])
+    prof = _profiles(stack, table, rows)
     focus[rows] = best_focus(prof)
     table.reject(ok & ~np.isfinite(focus), "fit failed", "no axial focus: its brightest plane is at the stack's "
                  "end, or its light does not peak through focus")
@@ -464,12 +458,15 @@ def _depth(z: int, slide: float, coef: np.ndarray, psf_depth: int | None, axial_
     return 2 * half + 1, warnings
 
 
+def _profiles(stack: np.ndarray, table: BeadTable, rows: np.ndarray) -> np.ndarray:
+    """The axial profiles of ``rows``, each less the median over z of its own pixel (its background)."""
+    iy, ix = np.round(table.y[rows]).astype(int), np.round(table.x[rows]).astype(int)
+    return axial_profiles(stack, table.y[rows], table.x[rows], np.median(stack[:, iy, ix], axis=0))
+
+
 def _axial_fwhm(stack: np.ndarray, table: BeadTable, focus: np.ndarray) -> float:
     """Median axial FWHM (planes) of the beads' profiles (at least 1)."""
-    rows = np.flatnonzero(table.accepted)
-    bg = np.median(stack, axis=0)
-    prof = axial_profiles(stack, table.y[rows], table.x[rows],
-                          bg[np.round(table.y[rows]).astype(int), np.round(table.x[rows]).astype(int)])
+    prof = _profiles(stack, table, np.flatnonzero(table.accepted))
     peak = prof.max(axis=1, keepdims=True)
     widths = np.sum(prof >= 0.5 * peak, axis=1)
     return max(1.0, float(np.median(widths)))
