@@ -404,34 +404,17 @@ def _volume_source(args, psf, model_cfg):
     return SimulatedSource(sharp, psf, val_sharp=val), model_cfg
 
 
-#: built-in 3-D training specimens: this many voxels in all (at least 3 volumes), at most this many per volume
-_BUILTIN_VOXELS, _MAX_BUILTIN_VOLUME = 24_000_000, 2**27
-
-
 def _builtin_volumes(psf, seed: int, validation: bool = False):
-    """Sharp training volumes when the user gives none: procedural nuclei, filaments and puncta at the field shape
-    a measured 3-D PSF model was calibrated on, 32 planes (more for a deep PSF), in the PSF's voxel units;
-    ``validation``: one more volume of each kind from a fixed stream, never trained on."""
-    from .samples.volumes import VOLUME_KINDS, specimen_volumes
+    """Sharp training (or held-out validation) volumes when the user gives none
+    (:func:`~napari_coordgate.samples.volumes.builtin_volumes`), saying what they are."""
+    from .samples.volumes import builtin_volumes
 
-    shape = (psf.provenance or {}).get("field_shape") if psf is not None else None
-    if not shape:
-        raise CLIError("give sharp volumes (--sharp), or a 3-D PSF model measured from beads (its field shape is "
-                       "known); a preset or JSON PSF model does not say how large the field is")
-    depth = int(min(64, max(32, 2 * psf.psf_depth)))
-    h, w = int(shape[0]), int(shape[1])
-    if depth * h * w > _MAX_BUILTIN_VOLUME:
-        raise CLIError(f"the PSF model's field is {h} x {w}; built-in volumes go up to {_MAX_BUILTIN_VOLUME // depth} "
-                       "pixels per plane: give sharp volumes of the field (--sharp)")
-    anisotropy = psf.z_step_um / psf.pixel_size_um if psf.pixel_size_um else 1.0
-    kinds = VOLUME_KINDS[1:]
-    if validation:
-        print(f"validation volumes: {len(kinds)} held-out procedural volumes ({', '.join(kinds)})")
-        return specimen_volumes(len(kinds), (depth, h, w), seed=7_310_421, kinds=kinds, anisotropy=anisotropy)
-    n = int(min(8, max(3, -(-_BUILTIN_VOXELS // (depth * h * w)))))
-    print(f"training volumes: {n} built-in procedural volumes of {depth} x {h} x {w} (nuclei, filaments, puncta, "
-          "mixed)")
-    return specimen_volumes(n, (depth, h, w), seed=seed, kinds=VOLUME_KINDS, anisotropy=anisotropy)
+    try:
+        volumes, what = builtin_volumes(psf, seed, validation)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    print(f"{'validation' if validation else 'training'} volumes: {what}")
+    return volumes
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:

@@ -21,15 +21,38 @@ Report = Callable[[Any], None]
 ShouldStop = Callable[[], bool]
 
 
+@dataclass(frozen=True)
+class BuiltinVolumes:
+    """A training source the job makes: the built-in 3-D specimens at the field of the measured 3-D PSF model
+    ``psf`` (:func:`~napari_coordgate.samples.volumes.builtin_volumes`), blurred by it, with held-out validation
+    volumes; drawn from the stream ``seed``."""
+
+    psf: Any
+    seed: int = 0
+
+    def source(self):
+        """The :class:`~napari_coordgate.engine.SimulatedSource` (volumes drawn here, off the GUI thread)."""
+        from ..engine import SimulatedSource
+        from ..samples.volumes import builtin_volumes
+
+        hint = "sharp (Z, Y, X) layers and a PSF model"
+        sharp, _ = builtin_volumes(self.psf, self.seed, sharp_hint=hint)
+        val, _ = builtin_volumes(self.psf, self.seed, validation=True, sharp_hint=hint)
+        return SimulatedSource(sharp, self.psf, val_sharp=val)
+
+
 def train_job(model_cfg, train_cfg, source, init=None, *, report: Report, should_stop: ShouldStop):
     """Train in a separate process (never in the viewer's: see :mod:`napari_coordgate.runners.isolate`).
 
-    ``init``: a loaded model to fine-tune on this data. Every :class:`~napari_coordgate.engine.Update` goes to
-    ``report``. Returns a ``TrainResult``; if the
-    training process dies, its ``stopped`` starts with "crashed" and it holds the best model written so far.
+    ``source``: an engine source, or :class:`BuiltinVolumes` (drawn here, in the worker). ``init``: a loaded model
+    to fine-tune on this data. Every :class:`~napari_coordgate.engine.Update` goes to ``report``. Returns a
+    ``TrainResult``; if the training process dies, its ``stopped`` starts with "crashed" and it holds the best model
+    written so far.
     """
     from napari_coordgate.runners.isolate import train_isolated
 
+    if isinstance(source, BuiltinVolumes):
+        source = source.source()
     return train_isolated(model_cfg, train_cfg, source, report=report, should_stop=should_stop, init=init)
 
 
@@ -66,9 +89,12 @@ def export_job(path: str, saved, *, report: Report, should_stop: ShouldStop) -> 
 
 
 def psf_grid_job(psf, field_shape, *, report: Report, should_stop: ShouldStop) -> np.ndarray:
-    """The PSF model's K x K grid of PSFs tiled into one image (any PSF model)."""
+    """The PSF model's K x K grid of PSFs tiled into one image (any PSF model); of a 3-D PSF model one such image
+    per plane of its PSFs (:func:`psf_grid_3d`)."""
     from napari_coordgate.optics.models import render_psf_grid
 
+    if getattr(psf, "ndim", 2) == 3:
+        return psf_grid_3d(psf.psf_grid(field_shape)[0])
     return render_psf_grid(psf, field_shape)
 
 
@@ -258,12 +284,22 @@ def compare_job(image, psf, iterations: int, field_shape: tuple[int, int] | None
 
 
 # -- evaluate -------------------------------------------------------------------------------------
-def evaluate_job(gt, restored, blurred, bin: int, *, report: Report, should_stop: ShouldStop) -> JobResult:
-    """Quality report, error-by-position map and radial PSNR profiles."""
+def evaluate_job(gt, restored, blurred, bin: int, volumes: bool = False, *, report: Report,
+                 should_stop: ShouldStop) -> JobResult:
+    """Quality report, error-by-position map and radial PSNR profiles.
+
+    ``volumes``: the images are (..., Z, Y, X) volumes: the report also gives PSNR by depth
+    (``psnr_by_depth``, :func:`~napari_coordgate.metrics.quality_report`) and the error map is a (Z, Y, X) volume,
+    each plane's map averaged over the volumes; otherwise the map is (Y, X), averaged over all planes.
+    """
     from napari_coordgate import metrics
 
-    rep = metrics.quality_report(gt, restored, blurred)
-    emap = metrics.error_map(gt, restored, bin)
+    rep = metrics.quality_report(gt, restored, blurred, volumes=volumes)
+    if volumes:
+        emap = np.stack([metrics.error_map(gt[..., z, :, :], restored[..., z, :, :], bin)
+                         for z in range(np.shape(gt)[-3])])
+    else:
+        emap = metrics.error_map(gt, restored, bin)
     r, prof = metrics.radial_profile(gt, restored, data_range=rep["data_range"])
     radial = {"restored": prof}
     if blurred is not None:

@@ -5,7 +5,8 @@ voxel size: nuclei are textured ellipsoids a few micrometres across, filaments a
 neurites) thinner than the resolution, puncta are sub-resolution points (vesicles, beads). Voxels are anisotropic
 when the z-step is coarser than the pixel: sizes along z are divided by the ``anisotropy`` (z-step / pixel).
 
-Used by 3-D training without sharp volumes (``train --psf scope3d.cgpsf``), the 3-D benchmarks and the tests.
+Used by 3-D training without sharp volumes (``train --psf scope3d.cgpsf``, the dock's *built-in 3-D specimens*:
+:func:`builtin_volumes`), the 3-D benchmarks and the tests.
 Outputs are float32 (D, H, W) in [0, 1]; the same arguments give the same volume.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["VOLUME_KINDS", "specimen_volume", "specimen_volumes"]
+__all__ = ["VOLUME_KINDS", "builtin_volume_shape", "builtin_volumes", "specimen_volume", "specimen_volumes"]
 
 #: the procedural contents: one of each, or all three mixed
 VOLUME_KINDS = ("mixed", "nuclei", "filaments", "puncta")
@@ -140,3 +141,44 @@ def specimen_volumes(n: int, shape, *, seed: int = 0, kinds=("mixed",), anisotro
     seeds = np.random.default_rng(seed).integers(0, 2**31, size=n)
     return np.stack([specimen_volume(shape, kinds[i % len(kinds)], seed=int(s), anisotropy=anisotropy)
                      for i, s in enumerate(seeds)])
+
+
+#: built-in 3-D training specimens: this many voxels in all (at least 3 volumes), at most this many per volume
+BUILTIN_VOXELS, MAX_BUILTIN_VOLUME = 24_000_000, 2**27
+
+
+def builtin_volume_shape(psf, sharp_hint: str = "--sharp") -> tuple[int, int, int, int]:
+    """(N, D, H, W) of the built-in training volumes for ``psf`` (:func:`builtin_volumes`): its calibrated field,
+    32 planes (more for a deep PSF), N for about :data:`BUILTIN_VOXELS` voxels in all (3 to 8 volumes).
+
+    Raises ValueError (saying to give sharp volumes, ``sharp_hint`` naming how) for a PSF model whose field shape
+    is not known (a preset) or too large."""
+    shape = (psf.provenance or {}).get("field_shape") if psf is not None else None
+    if not shape:
+        raise ValueError(f"give sharp volumes ({sharp_hint}), or a 3-D PSF model measured from beads (its field shape "
+                         "is known); a preset or JSON PSF model does not say how large the field is")
+    depth = int(min(64, max(32, 2 * psf.psf_depth)))
+    h, w = int(shape[0]), int(shape[1])
+    if depth * h * w > MAX_BUILTIN_VOLUME:
+        raise ValueError(f"the PSF model's field is {h} x {w}; built-in volumes go up to "
+                         f"{MAX_BUILTIN_VOLUME // depth} pixels per plane: give sharp volumes of the field "
+                         f"({sharp_hint})")
+    return int(min(8, max(3, -(-BUILTIN_VOXELS // (depth * h * w))))), depth, h, w
+
+
+def builtin_volumes(psf, seed: int, validation: bool = False, sharp_hint: str = "--sharp") -> tuple[np.ndarray, str]:
+    """Sharp training volumes when the user gives none: procedural nuclei, filaments and puncta of
+    :func:`builtin_volume_shape`, in the PSF's voxel units; ``validation``: one more volume of each kind from a
+    fixed stream, never trained on.
+
+    Returns the (N, D, H, W) volumes and a line that says what they are; raises ValueError as
+    :func:`builtin_volume_shape` does.
+    """
+    n, depth, h, w = builtin_volume_shape(psf, sharp_hint)
+    anisotropy = psf.z_step_um / psf.pixel_size_um if psf.pixel_size_um else 1.0
+    kinds = VOLUME_KINDS[1:]
+    if validation:
+        return (specimen_volumes(len(kinds), (depth, h, w), seed=7_310_421, kinds=kinds, anisotropy=anisotropy),
+                f"{len(kinds)} held-out procedural volumes ({', '.join(kinds)})")
+    return (specimen_volumes(n, (depth, h, w), seed=seed, kinds=VOLUME_KINDS, anisotropy=anisotropy),
+            f"{n} built-in procedural volumes of {depth} x {h} x {w} (nuclei, filaments, puncta, mixed)")
