@@ -1,4 +1,8 @@
-"""Evaluate tab: PSNR/SSIM against a ground truth, the error-by-position map, a radial PSNR plot, gate maps."""
+"""Evaluate tab: PSNR/SSIM against a ground truth, the error-by-position map, a radial PSNR plot, gate maps.
+
+Z-stacks (layers of a known z-step, or any (..., Z, Y, X) layers with a 3-D model;
+:func:`~napari_coordgate.app.axes.scored_as_volumes`) are scored as volumes: PSNR by depth besides the rings, and
+the error map a (Z, Y, X) volume."""
 
 from __future__ import annotations
 
@@ -16,20 +20,27 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_coordgate.app.axes import layer_axes, scored_as_volumes
 from napari_coordgate.app.jobs import evaluate_job, gates_job
 
-from ._layers import LayerCombo, layer_array, spatial_kwargs
+from ._layers import LayerCombo, layer_array, layer_source, spatial_kwargs
 from ._plot import PlotCanvas
 
 COLUMNS = ("blurred", "restored")
 
 
 def report_rows(rep: dict) -> list[tuple[str, float | None, float]]:
-    """(metric, blurred value or None, restored value) rows of a ``metrics.quality_report``."""
+    """(metric, blurred value or None, restored value) rows of a ``metrics.quality_report``: overall, by ring and,
+    for volumes, by depth (planes z0 to z1 - 1)."""
     rows = [("PSNR (dB)", rep.get("psnr_blurred"), rep["psnr"]), ("SSIM", rep.get("ssim_blurred"), rep["ssim"])]
     blurred_rings = {r["name"]: r["psnr"] for r in rep.get("psnr_by_ring_blurred", [])}
     for ring in rep["psnr_by_ring"]:
         rows.append((f"PSNR {ring['name']} (dB)", blurred_rings.get(ring["name"]), ring["psnr"]))
+    blurred_depth = {tuple(d["planes"]): d["psnr"] for d in rep.get("psnr_by_depth_blurred", [])}
+    for slab in rep.get("psnr_by_depth", []):
+        z0, z1 = slab["planes"]
+        planes = f"plane {z0}" if z1 == z0 + 1 else f"planes {z0}-{z1 - 1}"
+        rows.append((f"PSNR {planes} (dB)", blurred_depth.get((z0, z1)), slab["psnr"]))
     return rows
 
 
@@ -80,7 +91,10 @@ class EvaluateTab(QWidget):
         except ValueError as exc:
             show_error(f"CoordGate: {exc}")
             return
-        meta = spatial_kwargs(restored, ndim=2)
+        layers = [layer_axes(la.name, la.data.shape, la.scale, la.units, layer_source(la))
+                  for la in (gt, restored, blurred) if la is not None]
+        volumes = scored_as_volumes(layers, None if self.dock.model is None else self.dock.model.config.ndim)
+        meta = spatial_kwargs(restored, ndim=3 if volumes else 2)
         name = f"error map ({restored.name})"
 
         def done(result) -> None:
@@ -92,7 +106,7 @@ class EvaluateTab(QWidget):
             viewer.add_image(result.extra["error_map"], name=name, colormap="inferno", blending="additive",
                              opacity=0.7, **meta)
 
-        self.dock.run_task("evaluate", evaluate_job, *arrays, self.bin.value(), on_returned=done)
+        self.dock.run_task("evaluate", evaluate_job, *arrays, self.bin.value(), volumes, on_returned=done)
 
     def show_report(self, rep: dict) -> None:
         rows = report_rows(rep)

@@ -1,5 +1,9 @@
 """Train tab: pick the training source, model size, budget and device; start, stop, watch, save; adapt the current
-model to the user's own blurred images."""
+model to the user's own blurred images.
+
+The PSF model and the layers decide what is trained (:func:`~napari_coordgate.app.axes.train_plan`, shown in the
+form): a 3-D PSF model (measured from a bead z-stack, or a 3-D preset) trains a 3-D model on sharp (Z, Y, X) layers
+or the built-in 3-D specimens, z-stack calibration pairs a 3-D model too; anything else a 2-D model as before."""
 
 from __future__ import annotations
 
@@ -25,18 +29,21 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_coordgate.app.jobs import adapt_job, psf_grid_job, train_job
+from napari_coordgate.app.axes import layer_axes, train_plan
+from napari_coordgate.app.jobs import BuiltinVolumes, adapt_job, psf_grid_job, train_job
 from napari_coordgate.app.state import State
 from napari_coordgate.config import AdaptConfig, ConfigError, ModelConfig, TrainConfig
 from napari_coordgate.model_io import PSF_SUFFIX
 from napari_coordgate.optics.psf import PSFConfig
 
 from ._form import ConfigForm, known_device
-from ._layers import LayerCombo, layer_array
+from ._layers import LayerCombo, layer_array, layer_source
 from ._plot import PlotCanvas
 from ._settings import remember_folder
 
 PAIRS, SIMULATED = "calibration pairs (sharp + blurred layers)", "sharp layers + PSF model"
+BUILTIN = "built-in 3-D specimens + 3-D PSF model"
+PLAN_SOURCES = MappingProxyType({PAIRS: "pairs", SIMULATED: "simulated", BUILTIN: "builtin"})
 PSF_FIELDS = ("model", "na", "wavelength_um", "pixel_size_um", "psf_size", "grid", "defocus", "defocus_h2",
               "astig_h2", "coma_h", "spherical", "sigma_px", "sigma_radial_h2", "sigma_tangential_h2")
 # while adapting, the plot's series are the consistency loss and the held-out criterion (-10 log10, in the PSNR
@@ -49,10 +56,12 @@ class TrainTab(QWidget):
     def __init__(self, dock):
         super().__init__()
         from napari_coordgate.optics.psf import PRESETS
+        from napari_coordgate.optics.psf3d import PRESETS_3D
 
         self.dock = dock
-        # the PSF combo's entries: the presets, then PSF models from files (any kind, e.g. measured from beads)
-        self._psf_sources: dict = dict(PRESETS)
+        # the PSF combo's entries: the presets (2-D, then 3-D), then PSF models from files (any kind, e.g. measured
+        # from beads)
+        self._psf_sources: dict = {**PRESETS, **PRESETS_3D}
         self.history: list = []
         self._adapt_layer_chosen = False  # the user picked the images to adapt to: keep their pick
         self.task = "train"  # what the Updates now arriving are from: "train" or "adapt"
@@ -69,6 +78,7 @@ class TrainTab(QWidget):
         self._preset_changed(self.preset.currentText())
         self._mode_changed(self.mode.currentText())
         self.keep_pair_distinct()
+        self.show_plan()
 
     def _scroll(self, content: QWidget) -> None:
         """The tab scrolls vertically: its height must never force the viewer's window taller than a laptop's
@@ -84,16 +94,19 @@ class TrainTab(QWidget):
         outer.addWidget(area)
 
     def _source_box(self) -> QGroupBox:
-        """Training data: calibration pairs, or sharp layers and a PSF model (preset, editable, or a file)."""
-        from napari_coordgate.optics.psf import PRESETS
-
+        """Training data: calibration pairs, sharp layers and a PSF model (preset, editable, or a file), or the
+        built-in 3-D specimens and a 3-D PSF model; below them what will be trained."""
         viewer = self.dock.viewer
         self.mode = QComboBox()
-        self.mode.addItems([PAIRS, SIMULATED])
+        self.mode.addItems(list(PLAN_SOURCES))
         self.sharp = LayerCombo(viewer, prefer="sharp")
         self.blurred = LayerCombo(viewer, prefer="blurred")
         self.preset = QComboBox()
-        self.preset.addItems(list(PRESETS))
+        self.preset.addItems(list(self._psf_sources))
+        self.plan_label = QLabel("-")
+        self.plan_label.setWordWrap(True)
+        self.plan_label.setToolTip("What Start trains: a 3-D model when the PSF model is 3-D or the calibration pairs "
+                                   "are z-stacks (layers with a z scale in µm, or files that state their z-step)")
         self.psf_file_btn = QPushButton("PSF model file…")
         self.psf_file_btn.setToolTip(f"Use a PSF model file ({PSF_SUFFIX}, e.g. measured from beads, or a .json PSF "
                                      "config) instead of a preset")
@@ -113,6 +126,7 @@ class TrainTab(QWidget):
         psf_row.addWidget(self.preset, 1)
         psf_row.addWidget(self.psf_file_btn)
         src.addRow("PSF model", psf_row)
+        src.addRow("trains", self.plan_label)
         box = QGroupBox("Training data")
         v = QVBoxLayout(box)
         v.addLayout(src)
@@ -199,6 +213,11 @@ class TrainTab(QWidget):
         self.mode.currentTextChanged.connect(self._mode_changed)
         self.preset.currentTextChanged.connect(self._preset_changed)
         self.sharp.currentTextChanged.connect(self._sharp_changed)
+        for combo in (self.mode, self.preset, self.sharp, self.blurred):
+            combo.currentTextChanged.connect(self.show_plan)
+        for name in ("prefilter", "gate"):
+            getattr(self, name).changed.connect(self.show_plan)
+        self.finetune.toggled.connect(self.show_plan)
         self.sharp.currentTextChanged.connect(self.keep_pair_distinct)
         self.blurred.currentTextChanged.connect(self.keep_pair_distinct)
         self.grid_btn.clicked.connect(self.show_psf_grid)
@@ -226,6 +245,31 @@ class TrainTab(QWidget):
 
     def _mode_changed(self, mode: str) -> None:
         self.blurred.setEnabled(mode == PAIRS)
+        self.sharp.setEnabled(mode != BUILTIN)
+
+    def _layer_axes(self, combo: LayerCombo):
+        layer = combo.layer()
+        if layer is None:
+            return None
+        return layer_axes(layer.name, layer.data.shape, layer.scale, layer.units, layer_source(layer))
+
+    def plan(self):
+        """What Start trains (a :class:`~napari_coordgate.app.axes.TrainPlan`); ValueError says what it refuses."""
+        mode = self.mode.currentText()
+        if mode == PAIRS:  # the PSF model does not decide what pairs train
+            return train_plan("pairs", None, self._layer_axes(self.sharp), self._layer_axes(self.blurred))
+        return train_plan(PLAN_SOURCES[mode], self.psf_model(), self._layer_axes(self.sharp))
+
+    def show_plan(self, *_) -> None:
+        """Say in the form what Start will train, or why it will not start (the data, or a network setting that
+        such a model refuses)."""
+        try:
+            plan = self.plan()
+            self.model_config(plan)
+            text = plan.describe()
+        except (ConfigError, ValueError) as exc:
+            text = f"nothing: {exc}"
+        self.plan_label.setText(text)
 
     def keep_pair_distinct(self, *_) -> None:
         """Never offer the same layer as sharp and blurred: move the blurred pick to another layer. (Called after
@@ -287,12 +331,16 @@ class TrainTab(QWidget):
             self.preset.addItem(label)
         if self.preset.currentText() == label:
             self._preset_changed(label)  # the same entry with a new model: no change signal
+            self.show_plan()
         self.preset.setCurrentText(label)
 
     def use_psf_model(self, model, label: str) -> None:
-        """Train from sharp layers blurred by ``model``: the PSF source and the mode."""
+        """Train from sharp layers blurred by ``model``: the PSF source and the mode (a 3-D model's: the built-in
+        3-D specimens, unless the sharp layer picked is a stack)."""
         self.set_psf_model(model, label)
-        self.mode.setCurrentText(SIMULATED)
+        sharp = self.sharp.layer()
+        stack = sharp is not None and sharp.ndim in (3, 4)
+        self.mode.setCurrentText(BUILTIN if getattr(model, "ndim", 2) == 3 and not stack else SIMULATED)
 
     def load_psf_file(self, path: str) -> bool:
         """Read a PSF model file (``.cgpsf``, or a ``.json`` config) and make it the PSF source; False on error."""
@@ -314,18 +362,25 @@ class TrainTab(QWidget):
             remember_folder(self.dock.settings, path)
             self.load_psf_file(path)
 
-    def model_config(self) -> ModelConfig:
+    def model_config(self, plan=None) -> ModelConfig:
+        """The network's config: the form's, made 3-D as ``plan`` says (a setting a 3-D model refuses raises
+        ConfigError); the dock model's when fine-tuning."""
         if self.finetune.isChecked() and self.dock.model is not None:
             return self.dock.model.config  # fine-tuning keeps the network of the model it starts from
-        return self.model_form.config()
+        cfg = self.model_form.config()
+        return cfg if plan is None else plan.model_config(cfg)
 
-    def init_model(self):
-        """The model to fine-tune, or None to start from fresh weights."""
+    def init_model(self, plan=None):
+        """The model to fine-tune (of the dimensionality ``plan`` trains), or None to start from fresh weights."""
         if not self.finetune.isChecked():
             return None
         if self.dock.model is None:
             raise ValueError("no model to continue from: load or train one, or untick 'continue from the current "
                              "model'")
+        have = self.dock.model.config.ndim
+        if plan is not None and have != plan.ndim:
+            raise ValueError(f"the current model is {have}-D but this data trains a {plan.ndim}-D model: untick "
+                             "'continue from the current model', or pick data of its kind")
         return self.dock.model
 
     def train_config(self) -> TrainConfig:
@@ -333,10 +388,13 @@ class TrainTab(QWidget):
             return self.train_form.config()
         return self.train_form.config(epochs=0)
 
-    def source(self):
-        """Copies of the chosen layers' data, as an engine source (GUI thread only)."""
+    def source(self, plan=None):
+        """The chosen layers' data, as an engine source (GUI thread only); the built-in 3-D specimens as a
+        :class:`~napari_coordgate.app.jobs.BuiltinVolumes` that the job draws."""
         from napari_coordgate.engine import PairSource, SimulatedSource
 
+        if self.mode.currentText() == BUILTIN:
+            return BuiltinVolumes(self.psf_model(), seed=self.seed.value)
         sharp = self.sharp.layer()
         if sharp is None:
             raise ValueError("pick a sharp image layer to train on (File > Open Sample > Calibration pair)")
@@ -349,13 +407,15 @@ class TrainTab(QWidget):
                              "the same field, or train from sharp layers and a PSF model")
         # the PSF model travels with the pairs only when the Wiener first stage needs it
         psf = self.psf_model() if self.prefilter.value != "none" else None
-        return PairSource(layer_array(sharp, copy=False), layer_array(blurred, copy=False), psf=psf)
+        z_step = plan.z_step_um if plan is not None and plan.ndim == 3 else None
+        return PairSource(layer_array(sharp, copy=False), layer_array(blurred, copy=False), psf=psf, z_step_um=z_step)
 
     # -- actions --------------------------------------------------------------------------------------
     def start(self) -> None:
         try:
-            model_cfg, train_cfg, source = self.model_config(), self.train_config(), self.source()
-            init = self.init_model()
+            plan = self.plan()
+            model_cfg, train_cfg, source = self.model_config(plan), self.train_config(), self.source(plan)
+            init = self.init_model(plan)
         except (ConfigError, ValueError) as exc:
             show_error(f"CoordGate: {exc}")
             self.dock.status.setText(f"not started: {exc}")
@@ -409,6 +469,10 @@ class TrainTab(QWidget):
 
     def adapt_images(self, saved):
         """The chosen layer's planes for adapting ``saved`` (GUI thread only); ValueError says what to change."""
+        if saved.config.ndim == 3:
+            raise ValueError("this is a 3-D model: adapting works on 2-D models only; fine-tune it on z-stack "
+                             "calibration pairs or simulated volumes instead (Start training, 'continue from the "
+                             "current model')")
         layer = self.adapt_layer.layer()
         if layer is None:
             raise ValueError("pick the image layer to adapt to (the blurred images to restore)")
