@@ -72,6 +72,41 @@ def test_the_built_in_3d_specimens_train_a_3d_model_at_a_measured_psf_models_fie
     assert saved.config.ndim == 3 and tuple(saved.field_shape) == (32, 32)
 
 
+def test_zstack_calibration_pairs_train_a_3d_model_at_their_z_step(viewer_dock, qtbot):
+    from scipy.ndimage import gaussian_filter
+
+    viewer, dock = viewer_dock
+    sharp = _add_stack(viewer, "sharp", z_step=0.3).data
+    viewer.add_image(gaussian_filter(sharp, (1.0, 1.2, 1.2)), name="blurred", scale=(0.3, PIXEL, PIXEL),
+                     units=("µm",) * 3)
+    t = dock.train_tab
+    t.mode.setCurrentText(PAIRS)
+    t.sharp.setCurrentText("sharp")
+    t.blurred.setCurrentText("blurred")
+    assert t.plan_label.text().startswith("3-D model, z-step 0.3 µm")
+    _tiny_3d(dock)
+
+    saved = _train(dock, qtbot)
+
+    assert saved.config.ndim == 3 and saved.z_step_um == pytest.approx(0.3)
+
+
+def test_fine_tuning_a_model_of_the_other_dimensionality_is_refused_in_one_line(viewer_dock, random_3d_model):
+    viewer, dock = viewer_dock
+    dock.set_model(random_3d_model((64, 64), {"offset": 0.0, "scale": 1.0}, Z_STEP), "test")
+    viewer.add_image(np.random.default_rng(0).random((64, 64)).astype(np.float32), name="sharp")
+    t = dock.train_tab
+    t.mode.setCurrentText(SIMULATED)
+    t.preset.setCurrentText("gaussian")
+    t.finetune.setChecked(True)
+    seen = _notifications()
+
+    t.start_btn.click()
+
+    msg = [m for m in seen if "the current model is 3-D" in m]
+    assert len(msg) == 1 and "\n" not in msg[0] and dock.state is State.IDLE and not dock.runner.busy
+
+
 def test_a_3d_preset_is_offered_and_a_2d_psf_model_still_trains_a_2d_model(viewer_dock, qtbot, pair64):
     viewer, dock = viewer_dock
     t = dock.train_tab
