@@ -9,6 +9,7 @@ import pytest
 from conftest import wait_idle
 from test_dock import _notifications
 
+from napari_coordgate._widgets._train_tab import BUILTIN
 from napari_coordgate.app.state import State
 from napari_coordgate.engine import predict
 
@@ -147,7 +148,7 @@ def test_a_bead_zstack_layer_calibrates_into_a_3d_psf_grid_and_a_focus_map_saved
     assert tab.result.model.z_step_um == pytest.approx(0.1) and tab.result.model.pixel_size_um == pytest.approx(0.065)
     tab.save(str(tmp_path / "scope3d"))
     assert resolve_psf(tmp_path / "scope3d.cgpsf").to_record()[0] == tab.result.model.to_record()[0]
-    seen = _notifications()
-    tab.use_btn.click()  # the Train tab trains 2-D models: it says so, and the Train tab's PSF source stays
-    assert any("3-D PSF model" in m and "train" in m for m in seen)
-    assert dock.tabs.currentWidget() is not dock.train_tab
+    tab.use_btn.click()  # a 3-D PSF model trains a 3-D model on the built-in 3-D specimens at its field
+    assert dock.tabs.currentWidget() is dock.train_tab and dock.train_tab.mode.currentText() == BUILTIN
+    assert dock.train_tab.plan_label.text().startswith("3-D model, z-step 0.1 µm") and "x 192 x 192" in \
+        dock.train_tab.plan_label.text()

@@ -87,6 +87,7 @@ def test_zstack_model_roundtrips_through_a_cgpsf_file(calibrated, tmp_path):
     back = load_psf_model(path)
     assert np.array_equal(back.node_psfs, result.model.node_psfs)
     assert back.provenance["calibrated"] == "z-stack"
+    assert back.provenance["field_shape"] == list(result.field_shape)  # built-in training volumes are sized by it
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -163,10 +163,6 @@ class CalibrateTab(QWidget):
         if self.result is None:
             show_error("CoordGate: calibrate first")
             return
-        if getattr(self.result.model, "ndim", 2) == 3:  # the Train tab trains 2-D models from sharp layers
-            show_error("CoordGate: this is a 3-D PSF model; the Train tab trains 2-D models: save it (Save PSF "
-                       "model…) and train a 3-D model with `napari-coordgate train --psf FILE.cgpsf` on z-stacks")
-            return
         self.dock.train_with_psf_model(self.result.model, f"measured: {self.result.model.name}")
 
     def _choose_and_save(self) -> None:

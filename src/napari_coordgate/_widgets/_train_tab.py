@@ -336,11 +336,9 @@ class TrainTab(QWidget):
 
     def use_psf_model(self, model, label: str) -> None:
         """Train from sharp layers blurred by ``model``: the PSF source and the mode (a 3-D model's: the built-in
-        3-D specimens, unless the sharp layer picked is a stack)."""
+        3-D specimens at its field; sharp z-stack layers are a pick of the mode away)."""
         self.set_psf_model(model, label)
-        sharp = self.sharp.layer()
-        stack = sharp is not None and sharp.ndim in (3, 4)
-        self.mode.setCurrentText(BUILTIN if getattr(model, "ndim", 2) == 3 and not stack else SIMULATED)
+        self.mode.setCurrentText(BUILTIN if getattr(model, "ndim", 2) == 3 else SIMULATED)
 
     def load_psf_file(self, path: str) -> bool:
         """Read a PSF model file (``.cgpsf``, or a ``.json`` config) and make it the PSF source; False on error."""

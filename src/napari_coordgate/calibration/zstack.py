@@ -543,7 +543,7 @@ def calibrate_zstack(
                                                             crowd=crowd)
     slide = float(coef[0])
     warnings += _zstack_warnings(table, focus, z, filled)
-    model = _measured_model(psfs, filled, z_step_um, pixel_size_um, source, rows.size, coef, z)
+    model = _measured_model(psfs, filled, z_step_um, pixel_size_um, source, rows.size, coef, z, field_shape)
     settings = {"z_step_um": z_step_um, "pixel_size_um": pixel_size_um, "grid": grid, "psf_size": psf_size,
                 "psf_depth": psf_depth, "min_snr": min_snr, "bead_diameter_nm": bead_diameter_nm}
     if not opts.bead_px:
@@ -667,13 +667,14 @@ def _bead_px(diameter_nm: float | None, pixel_size_um: float | None) -> float:
         raise CalibrationError(str(exc)) from None
 
 
-def _measured_model(psfs, filled, z_step_um, pixel_size_um, source, n_beads: int, coef: np.ndarray, z: int
-                    ) -> MeasuredGrid3DPSF:
-    """The calibration's PSF model with its provenance (sources, bead count, the best-focus surface)."""
+def _measured_model(psfs, filled, z_step_um, pixel_size_um, source, n_beads: int, coef: np.ndarray, z: int,
+                    field_shape) -> MeasuredGrid3DPSF:
+    """The calibration's PSF model with its provenance (sources, bead count, the best-focus surface, and the field it
+    describes: what training without sharp volumes sizes the built-in ones by)."""
     src = [source] if isinstance(source, str) else list(source or [])
     prov = {"source": src, "beads": int(n_beads), "z_step_um": float(z_step_um), "slide_plane": round(float(coef[0]),
             4), "best_focus_surface_planes": [round(float(v), 5) for v in coef], "stack_depth": z,
-            "calibrated": "z-stack"}
+            "field_shape": [int(n) for n in field_shape], "calibrated": "z-stack"}
     name = "measured from " + ", ".join(Path(p).name for p in src) if src else "measured"
     return MeasuredGrid3DPSF(psfs, z_step_um=float(z_step_um), filled=filled, pixel_size_um=pixel_size_um, name=name,
                              provenance=prov, blur_grid=psfs.shape[0])
