@@ -182,19 +182,24 @@ def test_adapting_a_3d_model_is_refused_in_one_line(viewer_dock, random_3d_model
     assert dock.state is State.IDLE and not dock.runner.busy
 
 
+def _evaluate(dock, qtbot, picks: dict):
+    """Evaluate with the layers ``picks`` names for each of the tab's pickers; the tab once it is done."""
+    tab = dock.eval_tab
+    for picker, name in picks.items():
+        getattr(tab, picker).setCurrentText(name)
+    tab.eval_btn.click()
+    wait_idle(qtbot, dock)
+    return tab
+
+
 def test_evaluating_zstack_layers_reports_psnr_by_depth_and_adds_a_3d_error_map(viewer_dock, qtbot):
     viewer, dock = viewer_dock
     gt = _add_stack(viewer, "truth", seed=1).data
     viewer.add_image(gt + 0.01 * np.arange(8, dtype=np.float32)[:, None, None], name="restored",
                      scale=(Z_STEP, PIXEL, PIXEL), units=("µm",) * 3)
     _add_stack(viewer, "blurred", seed=2)
-    tab = dock.eval_tab
-    tab.gt.setCurrentText("truth")
-    tab.restored.setCurrentText("restored")
-    tab.blurred.setCurrentText("blurred")
 
-    tab.eval_btn.click()
-    wait_idle(qtbot, dock)
+    tab = _evaluate(dock, qtbot, {"gt": "truth", "restored": "restored", "blurred": "blurred"})
 
     rows = [tab.table.verticalHeaderItem(i).text() for i in range(tab.table.rowCount())]
     assert rows[:2] == ["PSNR (dB)", "SSIM"] and "PSNR plane 0 (dB)" in rows and "PSNR plane 7 (dB)" in rows
