@@ -48,22 +48,33 @@ class PupilStack:
         return self.preset.focus_um(y_norm, x_norm) / self.z_step_um
 
     def volumes(self, y_norm, x_norm, dz0: float, dy, dx, depth: int, size: int) -> np.ndarray:
-        from napari_coordgate.optics.psf3d import Pupil3DPSF
         from napari_coordgate.optics.shift import fourier_shift
 
         q = OVERSAMPLE_Z
         off = int(round(dz0 * q))
-        fine = Pupil3DPSF.from_pupil(self.pupil.replace(psf_size=size), z_step_um=self.z_step_um / q,
-                                     psf_depth=q * (depth + 2) + 1, tilt_y_um=self.preset.tilt_y_um,
-                                     tilt_x_um=self.preset.tilt_x_um, curvature_um=self.preset.curvature_um)
-        y, x = np.atleast_1d(y_norm), np.atleast_1d(x_norm)
-        mid = fine.psf_depth // 2
+        fine = self._fine(np.atleast_1d(y_norm), np.atleast_1d(x_norm), depth, size)
+        mid = fine.shape[1] // 2
         planes = mid + q * (np.arange(depth) - depth // 2) - off  # plane d sits d - D//2 - dz0 from the emitter
-        out = np.empty((y.size, depth, size, size))
-        for a in range(0, y.size, 8):
-            v = fine.psfs_at(y[a : a + 8], x[a : a + 8])[:, planes] * q  # per-plane light as the coarse grid's
+        out = np.empty((fine.shape[0], depth, size, size))
+        for a in range(0, out.shape[0], 8):
+            v = fine[a : a + 8, planes] * q  # per-plane light as the coarse grid's
             out[a : a + 8] = fourier_shift(v, np.atleast_1d(dy)[a : a + 8, None], np.atleast_1d(dx)[a : a + 8, None])
         return np.clip(out, 0.0, None)
+
+    def _fine(self, y: np.ndarray, x: np.ndarray, depth: int, size: int) -> np.ndarray:
+        """Each bead's PSF on the fine axial grid (kept for the next call with the same beads: a finite bead's
+        points share their bead's PSF)."""
+        from napari_coordgate.optics.psf3d import Pupil3DPSF
+
+        key = (y.tobytes(), x.tobytes(), depth, size)
+        if getattr(self, "_key", None) != key:
+            q = OVERSAMPLE_Z
+            model = Pupil3DPSF.from_pupil(self.pupil.replace(psf_size=size), z_step_um=self.z_step_um / q,
+                                          psf_depth=q * (depth + 2) + 1, tilt_y_um=self.preset.tilt_y_um,
+                                          tilt_x_um=self.preset.tilt_x_um, curvature_um=self.preset.curvature_um)
+            self._psfs = np.concatenate([model.psfs_at(y[a : a + 8], x[a : a + 8]) for a in range(0, y.size, 8)])
+            self._key = key
+        return self._psfs
 
 
 def run_case(optics, shape, beads: int, photons: float, seed: int, z_step: float) -> dict:

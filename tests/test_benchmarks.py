@@ -35,6 +35,17 @@ def test_benchmark_quick_mode_prints_its_table(script, expect):
     assert len(rows) >= 3, result.stdout  # a header and at least two rows
 
 
+def test_3d_benchmark_quick_mode_trains_a_coordgate_from_a_bead_zstack_calibration_beside_the_true_model():
+    result = subprocess.run([sys.executable, str(BENCH / "bench_3d.py"), "--quick", "--rows", "coordgate",
+                             "--calibrated", "30", "--bead-diameter", "200"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line.split("  ")[0].strip(): line for line in result.stdout.splitlines()}
+    assert "3-D CoordGate" in rows and "3-D CoordGate, 30-bead cal." in rows, result.stdout
+    assert "beads used" in rows["3-D CoordGate, 30-bead cal."], result.stdout
+    assert "3-D CoordGate minus: 3-D CoordGate, 30-bead cal." in result.stdout
+
+
 def test_gpu_benchmark_quick_mode_runs_on_the_cpu_and_prints_both_tables():
     result = subprocess.run([sys.executable, str(BENCH / "bench_gpu.py"), "--quick"], capture_output=True, text=True,
                             timeout=300)

@@ -105,12 +105,12 @@ def bead_zstack(optics, shape: Sequence[int], n_beads: int, *, photons: float = 
 
 
 def _sphere(diameter_px: float, z_step_px: float) -> tuple[np.ndarray, ...]:
-    """(dz planes, dy px, dx px, weight) of points filling a sphere of ``diameter_px`` on a 0.5 px grid (one point
-    for 0), equal weights summing to one."""
+    """(dz planes, dy px, dx px, weight) of points filling a sphere of ``diameter_px`` on a grid 0.5 px apart (finer
+    for beads under 2 px: at least 4 points across; one point for 0), equal weights summing to one."""
     if not diameter_px > 0:
         return np.zeros(1), np.zeros(1), np.zeros(1), np.ones(1)
     r = 0.5 * float(diameter_px)
-    t = np.arange(-r, r + 1e-9, 0.5)
+    t = np.arange(-r, r + 1e-9, min(0.5, r / 2))
     t = t - t.mean()
     zz, yy, xx = (a.ravel() for a in np.meshgrid(t, t, t, indexing="ij"))
     keep = zz * zz + yy * yy + xx * xx <= r * r
