@@ -142,3 +142,21 @@ def test_zstack_calibration_of_a_small_crowded_stack_fails_with_a_message_not_a_
     with pytest.raises(CalibrationError, match="at least 5 usable beads") as info:
         calibrate_zstack(stack, z_step_um=0.25)
     assert info.value.beads is not None and "\n" not in str(info.value)
+
+
+def test_a_bead_on_the_frames_last_pixel_gets_an_axial_profile_and_its_own_background():
+    from napari_coordgate.calibration.detect import BeadTable
+    from napari_coordgate.calibration.zstack import _profiles
+
+    z, h, w = 9, 40, 30
+    stack = np.full((z, h, w), 10.0)
+    stack[:, h - 2 :, w - 2 :] += 5.0  # a brighter corner: the bead's own background
+    stack[4, h - 2 :, w - 2 :] += 100.0
+    y, x = np.array([h - 0.6, 20.0]), np.array([w - 0.6, 15.0])  # the first rounds to a pixel past the frame
+    table = BeadTable(y=y, x=x, reason=np.array(["", ""], dtype=object))
+    prof = _profiles(stack, table, np.arange(2))
+    assert prof.shape == (2, z)
+    # its square (kept inside the frame) holds the 4 bright corner pixels; its background is its centre pixel's
+    assert prof[0].argmax() == 4 and prof[0, 0] == pytest.approx(-5 * 5.0)
+    assert prof[0, 4] == pytest.approx(4 * 100.0 - 5 * 5.0)
+    assert np.allclose(prof[1], 0.0)

@@ -159,12 +159,16 @@ class ZStackCalibration:
 
 def axial_profiles(stack: np.ndarray, ys: np.ndarray, xs: np.ndarray, background: np.ndarray) -> np.ndarray:
     """(N, Z) light of a 3 x 3 px square on each bead (nearest pixel), plane by plane, minus 9 x its background."""
-    z, h, w = stack.shape
-    iy = np.clip(np.round(ys).astype(int), 1, h - 2)
-    ix = np.clip(np.round(xs).astype(int), 1, w - 2)
+    iy, ix = _square_centres(stack.shape, ys, xs)
     off = np.arange(-1, 2)
     sq = stack[:, iy[:, None, None] + off[None, :, None], ix[:, None, None] + off[None, None, :]]  # (Z, N, 3, 3)
     return sq.sum(axis=(2, 3)).T - 9.0 * np.asarray(background, dtype=np.float64)[:, None]
+
+
+def _square_centres(shape, ys: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The centre pixel of each bead's 3 x 3 square: its nearest pixel, kept a pixel inside the frame."""
+    h, w = shape[-2:]
+    return np.clip(np.round(ys).astype(int), 1, h - 2), np.clip(np.round(xs).astype(int), 1, w - 2)
 
 
 def best_focus(profiles: np.ndarray, half: int = 2) -> np.ndarray:
@@ -460,7 +464,7 @@ def _depth(z: int, slide: float, coef: np.ndarray, psf_depth: int | None, axial_
 
 def _profiles(stack: np.ndarray, table: BeadTable, rows: np.ndarray) -> np.ndarray:
     """The axial profiles of ``rows``, each less the median over z of its own pixel (its background)."""
-    iy, ix = np.round(table.y[rows]).astype(int), np.round(table.x[rows]).astype(int)
+    iy, ix = _square_centres(stack.shape, table.y[rows], table.x[rows])
     return axial_profiles(stack, table.y[rows], table.x[rows], np.median(stack[:, iy, ix], axis=0))
 
 
