@@ -152,7 +152,7 @@ def test_a_bead_on_the_frames_last_pixel_gets_an_axial_profile_and_its_own_backg
     stack = np.full((z, h, w), 10.0)
     stack[:, h - 2 :, w - 2 :] += 5.0  # a brighter corner: the bead's own background
     stack[4, h - 2 :, w - 2 :] += 100.0
-    y, x = np.array([h - 0.6, 20.0]), np.array([w - 0.6, 15.0])  # the first rounds to a pixel past the frame
+    y, x = np.array([h - 0.3, 20.0]), np.array([w - 0.3, 15.0])  # the first rounds to a pixel past the frame
     table = BeadTable(y=y, x=x, reason=np.array(["", ""], dtype=object))
     prof = _profiles(stack, table, np.arange(2))
     assert prof.shape == (2, z)
