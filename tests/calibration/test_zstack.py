@@ -160,3 +160,21 @@ def test_a_bead_on_the_frames_last_pixel_gets_an_axial_profile_and_its_own_backg
     assert prof[0].argmax() == 4 and prof[0, 0] == pytest.approx(-5 * 5.0)
     assert prof[0, 4] == pytest.approx(4 * 100.0 - 5 * 5.0)
     assert np.allclose(prof[1], 0.0)
+
+
+def test_a_neighbour_on_the_frames_last_half_pixel_still_lights_the_windows_beside_it():
+    from napari_coordgate.calibration.detect import BeadTable
+    from napari_coordgate.calibration.zstack import _neighbour_light
+
+    d, s, h, w, pad, win = 5, 7, 40, 40, 1, 21
+    r2 = ((np.arange(s) - s // 2)[:, None] ** 2 + (np.arange(s) - s // 2)[None, :] ** 2).astype(float)
+    psf = np.zeros((d, s, s))
+    psf[d // 2] = np.exp(-r2 / 2.0) / np.exp(-r2 / 2.0).sum()
+    model = MeasuredGrid3DPSF(np.broadcast_to(psf, (2, 2, d, s, s)), z_step_um=0.25)
+    y, x = np.array([h - 0.3, h - 8.0]), np.array([20.0, 20.0])  # an edge spot past the last pixel's centre
+    table = BeadTable(y=y, x=x, y_norm=y / h * 2 - 1, x_norm=x / w * 2 - 1, peak=np.array([1.0, 1.0]),
+                      reason=np.array(["edge", ""], dtype=object))
+    light = _neighbour_light(table, np.array([1]), model, (d + 2 * pad, h, w), pad, win, np.array([1.0]))
+    assert light.shape == (1, d + 2 * pad, win, win)
+    assert light.sum() == pytest.approx(1.0, abs=5e-3)  # the edge spot's light (scaled like the bead's) and only it
+    assert light[0, pad + d // 2].sum() == pytest.approx(1.0, abs=5e-3)

@@ -579,7 +579,9 @@ def _neighbour_light(table: BeadTable, rows: np.ndarray, model: MeasuredGrid3DPS
     m = (win - s) // 2
     big = np.zeros((len(spots), dp, win, win))
     big[:, lo : lo + d, m : m + s, m : m + s] = vols * spot_flux[:, None, None, None]
-    iy, ix = np.round(table.y[spots]).astype(int), np.round(table.x[spots]).astype(int)
+    # each spot's nearest pixel, kept inside the frame (a spot on its last half pixel rounds past it)
+    iy = np.clip(np.round(table.y[spots]).astype(int), 0, h - 1)
+    ix = np.clip(np.round(table.x[spots]).astype(int), 0, w - 1)
     big = fourier_shift(big, (table.y[spots] - iy)[:, None], (table.x[spots] - ix)[:, None])
     r = win // 2
     light = np.zeros((dp, h + 2 * r, w + 2 * r))
