@@ -53,6 +53,10 @@ _MIN_ALONE = 8  # beads without a neighbour in reach needed to start modelling t
 _DEBLEND_SWEEPS = 2  # refits of the PSF model from windows with the neighbours' light removed
 _LIKENESS = 0.7  # correlation with its PSF below which a spot found in the residual is not a bead
 _FOUND = "found beside a neighbour, in the residual of the modelled spots"
+# a spot closer than a PSF width to another is dropped when taking it out raises the chi-square of its square by less
+# than this (noise variances): the others explain its light (a bead at the detection's 5-sigma floor: hundreds)
+_EVIDENCE = 25.0
+_UNNEEDED_ROUNDS = 3
 _REGIONS = (("top-left corner", "top edge", "top-right corner"), ("left edge", "centre", "right edge"),
             ("bottom-left corner", "bottom edge", "bottom-right corner"))
 
@@ -460,11 +464,19 @@ class _Run:
                     if self._drop_artefacts(img, src_rows, src, self.noises[i]):
                         src_rows, src = self._sources(i, model)
                         model_sources(img, self.noises[i], src, sweeps=2)
+                for _ in range(_UNNEEDED_ROUNDS):
+                    if not self._drop_unneeded(img, src_rows, src, self.noises[i]):
+                        break
+                    src_rows, src = self._sources(i, model)
+                    model_sources(img, self.noises[i], src, sweeps=2)
             self._refine_centres(src_rows, src, img.shape, everyone=find)
             out.append((src_rows, src))
+        # the rows again: spots a later image dropped moved every row after them up the table
+        out = [(self._source_rows(i), src) for i, (_, src) in enumerate(out)]
         if find:
             t = self.table
             psfs = blur_by_bead(model.psfs_at(t.y_norm, t.x_norm, self.field_shape), self.bead_px)
+            self._measure_widths_alone(out)
             reject_by_window(t, self.shapes, self.size, _MARGIN, fwhm=psf_fwhm(psfs))
         return out
 
@@ -474,12 +486,17 @@ class _Run:
         from napari_coordgate.optics.bead import blur_by_bead
 
         t = self.table
-        rows = np.flatnonzero((t.image == i) & (t.reason != "hot pixel") & np.isfinite(t.y) & np.isfinite(t.x))
+        rows = self._source_rows(i)
         psfs = np.clip(blur_by_bead(model.psfs_at(t.y_norm[rows], t.x_norm[rows], self.field_shape), self.bead_px),
                        0.0, None)
         psfs /= psfs.sum(axis=(1, 2), keepdims=True)
         amp0 = np.nan_to_num(t.peak[rows] / psfs.max(axis=(1, 2)), nan=0.0)
         return rows, Sources(t.y[rows], t.x[rows], psfs, amp0)
+
+    def _source_rows(self, i: int) -> np.ndarray:
+        """The table rows of image ``i``'s real spots (all but hot pixels), in table order."""
+        t = self.table
+        return np.flatnonzero((t.image == i) & (t.reason != "hot pixel") & np.isfinite(t.y) & np.isfinite(t.x))
 
     def _add_spots(self, i: int, yx: np.ndarray, src, src_rows) -> None:
         """Rows for spots found in the residual of image ``i`` (accepted unless a rule rejects them later)."""
@@ -525,6 +542,46 @@ class _Run:
         self.table = t.take(keep)
         return True
 
+    def _measure_widths_alone(self, modelled: list) -> None:
+        """Spots whose detection fit was too wide for the window (``"too large"`` to come) but that look like
+        their PSF once their neighbours' light is removed (:func:`~napari_coordgate.calibration.crowd.likeness`)
+        were several beads fitted as one: their width becomes their modelled PSF's. Debris stays too large."""
+        from napari_coordgate.calibration.crowd import likeness, psf_fwhm
+
+        t = self.table
+        for i, (rows, src) in enumerate(modelled):
+            wide = np.flatnonzero(np.nan_to_num(np.maximum(t.fwhm_x[rows], t.fwhm_y[rows])) > self.size / 2.0)
+            if wide.size == 0:
+                continue
+            fw = psf_fwhm(src.psfs[wide])
+            alone = likeness(self.cleaned[i], src, wide, 1.5 * float(np.median(fw))) >= _LIKENESS
+            t.fwhm_x[rows[wide[alone]]] = t.fwhm_y[rows[wide[alone]]] = fw[alone]
+
+    def _drop_unneeded(self, img: np.ndarray, rows: np.ndarray, src, noise: float) -> bool:
+        """Remove spots closer than a PSF width to another that the joint fit does not need (the others explain
+        their light: :func:`~napari_coordgate.calibration.crowd.evidence` below :data:`_EVIDENCE`): what the
+        detection found between two beads it first saw as one. Of two such neighbours only the less needed goes
+        in a round. True when any was removed."""
+        from scipy.spatial import cKDTree
+
+        from napari_coordgate.calibration.crowd import evidence, psf_fwhm
+
+        if len(src) < 2:
+            return False
+        d, j = cKDTree(np.stack([src.y, src.x], 1)).query(np.stack([src.y, src.x], 1), k=2)
+        close = np.flatnonzero(d[:, 1] < psf_fwhm(src.psfs))
+        if close.size == 0:
+            return False
+        ev = np.full(len(src), np.inf)
+        ev[close] = evidence(img, noise, src, close)
+        weak = (ev < _EVIDENCE) & ~((ev[j[:, 1]] < ev) | ((ev[j[:, 1]] == ev) & (j[:, 1] < np.arange(len(src)))))
+        if not weak.any():
+            return False
+        keep = np.ones(len(self.table), bool)
+        keep[rows[weak]] = False
+        self.table = self.table.take(keep)
+        return True
+
     def _refine_centres(self, rows: np.ndarray, src, shape, everyone: bool = False) -> None:
         """The modelled centres of accepted beads (``everyone``: of all spots) into the table (moves of more than
         1.5 px are not trusted, except for spots found in the residual); spots the model gives no light are
@@ -560,7 +617,7 @@ class _Run:
             t = self.table
             src.iy[where], src.ix[where] = np.round(t.y[rows[mine]]).astype(int), np.round(t.x[rows[mine]]).astype(int)
             src.shift[where] = np.stack([t.y[rows[mine]] - src.iy[where], t.x[rows[mine]] - src.ix[where]], 1)
-            windows[mine] = isolate_windows(self.cleaned[i], src, where, size)
+            windows[mine] = isolate_windows(self.cleaned[i], src, where, size, self.noises[i])
         return windows
 
     def hold_out(self, patches: Patches) -> Patches:
