@@ -42,3 +42,24 @@ def test_a_faint_real_bead_beside_a_bright_one_is_needed():
     src = model_sources(img, 3.0, Sources(y + 0.2, x - 0.2, np.repeat(_gauss(s, sigma)[None], 2, 0), np.full(2, 500.)))
     ev = evidence(img, 3.0, src, np.arange(2))
     assert ev.min() > 25.0, ev
+
+
+def test_where_a_neighbours_light_outshines_the_bead_its_window_holds_the_beads_model_not_the_leftover():
+    from napari_coordgate.calibration.crowd import isolate_windows
+
+    rng = np.random.default_rng(2)
+    sigma, s, size = 1.4, 15, 21
+    y, x = np.array([48.0, 48.0]), np.array([44.0, 51.0])  # 2.1 FWHM apart
+    img = _pair_image(rng, y, x, [2000.0, 20000.0], sigma, noise=1.0)
+    psfs = np.repeat(_gauss(s, sigma)[None], 2, 0)
+    src = model_sources(img, 1.0, Sources(y, x, psfs, np.full(2, 1000.0)))
+    src.amplitude[1] *= 1.05  # the bright neighbour's model 5 % off: its leftover would be the bead's misfit
+    plain = isolate_windows(img, src, np.array([0]), size)[0]
+    masked = isolate_windows(img, src, np.array([0]), size, noise=1.0)[0]
+    r = size // 2
+    own = np.zeros((size, size))
+    own[r - s // 2 : r + s // 2 + 1, r - s // 2 : r + s // 2 + 1] = src.shifted()[0] * src.amplitude[0]
+    at_neighbour = (r, r + 7)  # the neighbour's centre, in the bead's window
+    assert plain[at_neighbour] - 20.0 < -20.0  # the over-subtracted neighbour leaves a hole
+    assert abs(masked[at_neighbour] - 20.0 - own[at_neighbour]) < 3.0  # masked: the bead's model on the background
+    assert np.array_equal(masked[r - 1 : r + 2, r - 1 : r + 2], plain[r - 1 : r + 2, r - 1 : r + 2])  # the core kept
