@@ -198,14 +198,14 @@ def run_seed(args, seed: int, log) -> dict:
             continue
         res = _train_3d(args, gate, train_s, val, psf, seed)
         restored = predict(res.saved, test_b, z_step_um=psf.z_step_um)
-        add(name, restored, _minutes(res), f"{_steps(res)} steps")
+        add(name, restored, _minutes(res), _run_note(res))
         if gate == "coordgate":
             speed = _speed(res.saved, test_b[0], args.threads)
     for beads in args.calibrated:
         model, note = _calibrated(args, beads, seed, log)
         res = _train_3d(args, "coordgate", train_s, val, model, seed)
         restored = predict(res.saved, test_b, z_step_um=psf.z_step_um)
-        add(f"3-D CoordGate, {beads}-bead cal.", restored, _minutes(res), f"{_steps(res)} steps; {note}")
+        add(f"3-D CoordGate, {beads}-bead cal.", restored, _minutes(res), f"{_run_note(res)}; {note}")
     blurred = _score(test, test_b, test_b)
     log(f"seed {seed}: blurred {blurred['psnr']:.2f} dB; " + "; ".join(f"{k} {v['psnr']:.2f}" for k, v in rows.items()))
     return {"rows": rows, "speed": speed, "blurred": blurred}
@@ -213,6 +213,14 @@ def run_seed(args, seed: int, log) -> dict:
 
 def _minutes(res) -> float:
     return res.history[-1].elapsed / 60 if res.history else 0.0
+
+
+def _run_note(res) -> str:
+    """Steps, and the epoch whose model was kept (best validation PSNR) when it was not the last."""
+    last = res.history[-1].epoch if res.history else 0
+    if res.best_epoch == last:
+        return f"{_steps(res)} steps"
+    return f"{_steps(res)} steps, best epoch {res.best_epoch} of {last} ({res.best_val_psnr:.2f} dB val.)"
 
 
 def _steps(res) -> int:
