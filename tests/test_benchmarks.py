@@ -40,7 +40,9 @@ def test_3d_benchmark_quick_mode_trains_a_coordgate_from_a_bead_zstack_calibrati
                              "--calibrated", "30", "--bead-diameter", "200"], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = {line.split("  ")[0].strip(): line for line in result.stdout.splitlines()}
+    rows: dict[str, str] = {}
+    for line in result.stdout.splitlines():  # the first table's row of each name (the depth table's come later)
+        rows.setdefault(line.split("  ")[0].strip(), line)
     assert "3-D CoordGate" in rows and "3-D CoordGate, 30-bead cal." in rows, result.stdout
     assert "beads used" in rows["3-D CoordGate, 30-bead cal."], result.stdout
     assert "3-D CoordGate minus: 3-D CoordGate, 30-bead cal." in result.stdout
