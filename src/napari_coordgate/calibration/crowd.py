@@ -169,7 +169,8 @@ def isolate_windows(image: np.ndarray, sources: Sources, beads: np.ndarray, size
     iy, ix = sources.iy[beads], sources.ix[beads]
     one = Sources(sources.y[beads], sources.x[beads], sources.psfs[beads], sources.amplitude[beads])
     # a bead's own model is added back per window: the model of the others is the whole model minus its own
-    windows = _cut(padded, iy, ix, size, pad) - _cut(model, iy, ix, size, pad)
+    modelled = _cut(model, iy, ix, size, pad)
+    windows = _cut(padded, iy, ix, size, pad) - modelled
     s = one.psfs.shape[-1]
     r, rr = size // 2, s // 2
     own = np.zeros_like(windows)
@@ -178,7 +179,7 @@ def isolate_windows(image: np.ndarray, sources: Sources, beads: np.ndarray, size
     own[:, lo:hi, lo:hi] = (one.shifted() * one.amplitude[:, None, None])[:, a:b, a:b]
     windows += own
     if noise is not None:
-        others = _cut(model, iy, ix, size, pad) - own
+        others = modelled - own
         masked = (others > 2.0 * noise) & (others > own)
         if masked.any():
             ring = np.ones((size, size), bool)
