@@ -71,8 +71,13 @@ def test_train_config_defaults_are_the_measured_recipe_and_a_ten_minute_budget()
 
     cfg = TrainConfig()
     assert (cfg.minutes, cfg.epochs) == (10.0, 0)
-    assert (cfg.crop, cfg.batch, cfg.sampling, cfg.loss, cfg.lr, cfg.gate_lr_scale, cfg.schedule) == (
-        128, 8, "cover", "l2", 3e-3, 10.0, "cosine")
+    assert (cfg.crop, cfg.batch, cfg.sampling, cfg.loss, cfg.lr, cfg.schedule) == (
+        128, 8, "cover", "l2", 3e-3, "cosine")
+    # the coordinate MLPs' rate: 10x in 2-D (the recipe), 1x in 3-D (10x collapsed 3-D runs), unless given
+    assert cfg.gate_lr_scale is None
+    assert (cfg.gate_lr_scale_for(2), cfg.gate_lr_scale_for(3)) == (10.0, 1.0)
+    given = TrainConfig(gate_lr_scale=3.0)
+    assert given.gate_lr_scale_for(3) == given.gate_lr_scale_for(2) == 3.0
     assert (cfg.device, cfg.threads, cfg.register, cfg.val_tile) == ("auto", 0, False, 32)
 
 

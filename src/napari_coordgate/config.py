@@ -354,7 +354,11 @@ class TrainConfig(Config):
     # L2 and 3e-3 measured best in benchmarks/README.md (L1's sign gradients are noise on dark backgrounds)
     lr: float = bounded(3e-3, 1e-6, 1.0, doc="Adam learning rate")
     loss: str = choice("l2", LOSSES)
-    gate_lr_scale: float = bounded(10.0, 0.01, 100.0, doc="learning-rate multiplier of the coordinate MLPs")
+    # None: 10 for 2-D models (the recipe), 1 for 3-D ones: at 10 a 3-D CoordGate U-Net(2) collapsed within its first
+    # 100 steps (gates driven to zero, the output its input: benchmarks/README.md, 3-D section)
+    gate_lr_scale: float | None = bounded(None, 0.01, 100.0, kind=float,
+                                          doc="learning-rate multiplier of the coordinate MLPs (default 10 for 2-D "
+                                              "models, 1 for 3-D)")
     schedule: str = choice("cosine", SCHEDULES)
     epochs: int = bounded(0, 0, 1_000_000, doc="budget in epochs; 0 = use minutes")
     minutes: float = bounded(10.0, 0.0, 100_000.0, doc="budget in wall minutes when epochs is 0")
@@ -378,6 +382,13 @@ class TrainConfig(Config):
     def _validate(self) -> None:
         if self.epochs == 0 and not self.minutes > 0:
             raise ConfigError("TrainConfig: give a budget: epochs > 0 or minutes > 0")
+
+    def gate_lr_scale_for(self, ndim: int) -> float:
+        """The coordinate MLPs' learning-rate multiplier for a model of ``ndim`` spatial axes: the one given, else
+        10 in 2-D and 1 in 3-D."""
+        if self.gate_lr_scale is not None:
+            return float(self.gate_lr_scale)
+        return 1.0 if ndim == 3 else 10.0
 
 
 @dataclass(frozen=True)

@@ -201,3 +201,30 @@ def test_an_interrupted_3d_run_resumed_equals_the_uninterrupted_one(tmp_path, si
     a, b = whole.saved.model.state_dict(), resumed.saved.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.best_val_psnr == whole.best_val_psnr and resumed.saved.z_step_um == whole.saved.z_step_um
+
+
+def test_3d_coordinate_mlps_learn_at_the_base_rate_unless_a_scale_is_given():
+    from napari_coordgate.engine.optimizer import build_optimizer
+
+    def gate_lr(ndim, **given):
+        cfg = ModelConfig(ndim=ndim, depth=2, channels=4, gate="coordgate")
+        tc = TrainConfig(epochs=1, lr=1e-3, **given)
+        opt, _ = build_optimizer(build_model(cfg), tc, ndim)
+        (gates,) = [g for g in opt.param_groups if g["lr_scale"] != 1.0 or g is not opt.param_groups[0]]
+        return gates["lr"]
+
+    # 10x (the 2-D recipe) drove a 3-D CoordGate U-Net's gates to zero within its first 100 steps
+    assert gate_lr(2) == pytest.approx(1e-2)
+    assert gate_lr(3) == pytest.approx(1e-3)
+    assert gate_lr(3, gate_lr_scale=4.0) == gate_lr(2, gate_lr_scale=4.0) == pytest.approx(4e-3)
+
+
+def test_a_checkpoint_of_the_old_explicit_gate_rate_resumes_without_a_change_unless_the_rate_differs():
+    from napari_coordgate.engine.resume import changed_settings
+
+    old = TrainConfig(epochs=1, gate_lr_scale=10.0).to_dict()  # what runs before the ndim-dependent default wrote
+    assert changed_settings({"train": old, "model": ModelConfig().to_dict()}, TrainConfig(epochs=1)) == []
+    assert changed_settings({"train": old, "model": ModelConfig(ndim=3).to_dict()}, TrainConfig(epochs=1)) == [
+        "gate_lr_scale 10.0 -> 1.0"]
+    fresh = TrainConfig(epochs=1).to_dict()  # not given on either side
+    assert changed_settings({"train": fresh, "model": ModelConfig(ndim=3).to_dict()}, TrainConfig(epochs=1)) == []

@@ -10,11 +10,11 @@ from ..config import TrainConfig
 __all__ = ["build_optimizer", "lr_factor", "set_learning_rate"]
 
 
-def build_optimizer(model, cfg: TrainConfig):
-    """(Adam, ReduceLROnPlateau or None) for ``model`` under the recipe ``cfg``.
+def build_optimizer(model, cfg: TrainConfig, ndim: int = 2):
+    """(Adam, ReduceLROnPlateau or None) for ``model`` (of ``ndim`` spatial axes) under the recipe ``cfg``.
 
-    The coordinate MLPs may learn at their own rate (``cfg.gate_lr_scale``): they start as the identity and must
-    move before the position dependence shows. Each parameter group carries its ``lr_scale``.
+    The coordinate MLPs may learn at their own rate (``cfg.gate_lr_scale_for(ndim)``): they start as the identity
+    and must move before the position dependence shows. Each parameter group carries its ``lr_scale``.
     """
     import torch
 
@@ -22,7 +22,7 @@ def build_optimizer(model, cfg: TrainConfig):
     ids = {id(p) for p in gate_params}
     groups = [{"params": [p for p in model.parameters() if id(p) not in ids], "lr_scale": 1.0}]
     if gate_params:
-        groups.append({"params": gate_params, "lr_scale": cfg.gate_lr_scale})
+        groups.append({"params": gate_params, "lr_scale": cfg.gate_lr_scale_for(ndim)})
     for g in groups:
         g["lr"] = cfg.lr * g["lr_scale"]
     opt = torch.optim.Adam(groups, lr=cfg.lr)

@@ -82,6 +82,12 @@ def changed_settings(meta: dict, train_cfg: TrainConfig) -> list[str]:
     old, new = meta.get("train"), train_cfg.to_dict()
     if not isinstance(old, dict):
         return []
+    model = meta.get("model")
+    ndim = model.get("ndim", 2) if isinstance(model, dict) else 2
+    if "gate_lr_scale" in old:  # compared as the rates they give (not given: the default of the model's ndim)
+        given = old["gate_lr_scale"]
+        old = {**old, "gate_lr_scale": given if given is not None else TrainConfig().gate_lr_scale_for(ndim)}
+        new["gate_lr_scale"] = train_cfg.gate_lr_scale_for(ndim)
     return [f"{k} {old[k]!r} -> {new[k]!r}" for k in sorted(new)
             if k in old and k not in _FREE_TO_CHANGE and old[k] != new[k]]
 

@@ -249,7 +249,7 @@ def train(
     _start_data(data, rng, ck, init)
     val_range = data.val_range()
     model = _build_network(model_cfg, data, device, init)
-    opt, plateau = build_optimizer(model, train_cfg)
+    opt, plateau = build_optimizer(model, train_cfg, model_cfg.ndim)
     run = Run(model_cfg, train_cfg, data, device, opt, on_update, out_path, _input_psnr(data, val_range), val_range)
     run.best_state = {k: v.clone() for k, v in model.state_dict().items()}
     if ck is not None:
