@@ -359,6 +359,11 @@ class TrainConfig(Config):
     gate_lr_scale: float | None = bounded(None, 0.01, 100.0, kind=float,
                                           doc="learning-rate multiplier of the coordinate MLPs (default 10 for 2-D "
                                               "models, 1 for 3-D)")
+    # None: 1 for 3-D models, off for 2-D ones: without it 3-D CoordGate runs stalled at their input from the first
+    # epochs (all units dead) on some seeds and PSF models (benchmarks/README.md, 3-D section)
+    grad_clip: float | None = bounded(None, 0.0, 1e6, kind=float,
+                                      doc="clip the gradient's norm to this before each step; 0 = off (default 1 "
+                                          "for 3-D models, off for 2-D)")
     schedule: str = choice("cosine", SCHEDULES)
     epochs: int = bounded(0, 0, 1_000_000, doc="budget in epochs; 0 = use minutes")
     minutes: float = bounded(10.0, 0.0, 100_000.0, doc="budget in wall minutes when epochs is 0")
@@ -389,6 +394,13 @@ class TrainConfig(Config):
         if self.gate_lr_scale is not None:
             return float(self.gate_lr_scale)
         return 1.0 if ndim == 3 else 10.0
+
+    def grad_clip_for(self, ndim: int) -> float:
+        """The gradient-norm bound of a model of ``ndim`` spatial axes: the one given, else 1 in 3-D and none (0)
+        in 2-D."""
+        if self.grad_clip is not None:
+            return float(self.grad_clip)
+        return 1.0 if ndim == 3 else 0.0
 
 
 @dataclass(frozen=True)

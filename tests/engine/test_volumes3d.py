@@ -228,3 +228,30 @@ def test_a_checkpoint_of_the_old_explicit_gate_rate_resumes_without_a_change_unl
         "gate_lr_scale 10.0 -> 1.0"]
     fresh = TrainConfig(epochs=1).to_dict()  # not given on either side
     assert changed_settings({"train": fresh, "model": ModelConfig(ndim=3).to_dict()}, TrainConfig(epochs=1)) == []
+    # a 3-D run written before gradient clipping existed did not clip: resuming it now says so
+    before = {k: v for k, v in old.items() if k != "grad_clip"}
+    assert changed_settings({"train": before, "model": ModelConfig(ndim=3).to_dict()}, TrainConfig(epochs=1)) == [
+        "gate_lr_scale 10.0 -> 1.0", "grad_clip 0.0 -> 1.0"]
+    assert changed_settings({"train": before, "model": ModelConfig().to_dict()}, TrainConfig(epochs=1)) == []
+
+
+def test_3d_runs_clip_the_gradient_norm_by_default_and_2d_runs_do_not():
+    assert (TrainConfig().grad_clip_for(3), TrainConfig().grad_clip_for(2)) == (1.0, 0.0)
+    assert TrainConfig(grad_clip=0.0).grad_clip_for(3) == 0.0
+    assert TrainConfig(grad_clip=5.0).grad_clip_for(2) == 5.0
+
+
+def test_a_clipped_step_moves_the_weights_by_a_bounded_gradient(monkeypatch):
+    seen = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, bound: seen.append(
+        (float(real(params, bound)), bound, float(torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]))))))
+    sharp, blurred = _pairs(n=2, shape=(8, 32, 32))
+    cfg = ModelConfig(ndim=3, depth=2, channels=4, gate="coordgate", z_pool_start=1)
+    train(cfg, TrainConfig(epochs=1, steps_per_epoch=2, batch=2, crop=16, crop_depth=4, seed=0, threads=1,
+                           grad_clip=1e-3), PairSource(sharp, blurred, z_step_um=0.3))
+    # every step clipped: the norm before it is above the bound, after it the gradient's norm is the bound (torch
+    # divides by the norm + 1e-6)
+    assert len(seen) == 2 and all(before > bound and after == pytest.approx(bound, rel=1e-3)
+                                  for before, bound, after in seen)

@@ -84,10 +84,13 @@ def changed_settings(meta: dict, train_cfg: TrainConfig) -> list[str]:
         return []
     model = meta.get("model")
     ndim = model.get("ndim", 2) if isinstance(model, dict) else 2
-    if "gate_lr_scale" in old:  # compared as the rates they give (not given: the default of the model's ndim)
-        given = old["gate_lr_scale"]
-        old = {**old, "gate_lr_scale": given if given is not None else TrainConfig().gate_lr_scale_for(ndim)}
-        new["gate_lr_scale"] = train_cfg.gate_lr_scale_for(ndim)
+    defaults = TrainConfig()
+    for key, rule in (("gate_lr_scale", TrainConfig.gate_lr_scale_for), ("grad_clip", TrainConfig.grad_clip_for)):
+        # compared as the values they give (not given, or written before the setting existed: the default of the
+        # model's ndim)
+        given = old.get(key, 0.0 if key == "grad_clip" else None)  # runs before grad_clip did not clip
+        old = {**old, key: given if given is not None else rule(defaults, ndim)}
+        new[key] = rule(train_cfg, ndim)
     return [f"{k} {old[k]!r} -> {new[k]!r}" for k in sorted(new)
             if k in old and k not in _FREE_TO_CHANGE and old[k] != new[k]]
 

@@ -89,8 +89,10 @@ def _loss(out, target, weight, kind: str):
     return (err * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-def _step(model, opt, batch: Batch, device, cfg: TrainConfig, field_shape, use_amp: bool) -> float:
-    """One optimiser step on a batch (moved to the device here); returns its loss."""
+def _step(model, opt, batch: Batch, device, cfg: TrainConfig, field_shape, use_amp: bool,
+          clip: float = 0.0) -> float:
+    """One optimiser step on a batch (moved to the device here), the gradient's norm clipped to ``clip`` when > 0;
+    returns its loss."""
     import torch
 
     x = torch.from_numpy(batch.blurred).to(device)
@@ -101,6 +103,8 @@ def _step(model, opt, batch: Batch, device, cfg: TrainConfig, field_shape, use_a
     loss = _loss(out, y, w, cfg.loss)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
     opt.step()
     return float(loss.detach())
 
@@ -119,7 +123,8 @@ def _train_epoch(run: Run, model, plateau, rng, should_stop, use_amp: bool) -> b
         batch = run.data.batch(rng)
         if plateau is None:
             set_learning_rate(run.opt, cfg, run.progress())
-        loss = _step(model, run.opt, batch, run.device, cfg, run.data.field_shape, use_amp)
+        loss = _step(model, run.opt, batch, run.device, cfg, run.data.field_shape, use_amp,
+                     clip=cfg.grad_clip_for(run.model_cfg.ndim))
         run.step += 1
         run.at_epoch_end = False
         if not math.isfinite(loss):  # the weights are no model any more: keep the best so far, write nothing new
