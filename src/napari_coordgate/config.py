@@ -354,8 +354,9 @@ class TrainConfig(Config):
     # L2 and 3e-3 measured best in benchmarks/README.md (L1's sign gradients are noise on dark backgrounds)
     lr: float = bounded(3e-3, 1e-6, 1.0, doc="Adam learning rate")
     loss: str = choice("l2", LOSSES)
-    # None: 10 for 2-D models (the recipe), 1 for 3-D ones: at 10 a 3-D CoordGate U-Net(2) collapsed within its first
-    # 100 steps (gates driven to zero, the output its input: benchmarks/README.md, 3-D section)
+    # None: 10 for 2-D models (the recipe), 1 for 3-D ones: at 10 a 3-D CoordGate U-Net(2) froze within its first
+    # 100 steps, its output its input (benchmarks/README.md, 3-D section); 1 alone did not stop it for every PSF model
+    # (hence grad_clip)
     gate_lr_scale: float | None = bounded(None, 0.01, 100.0, kind=float,
                                           doc="learning-rate multiplier of the coordinate MLPs (default 10 for 2-D "
                                               "models, 1 for 3-D)")
