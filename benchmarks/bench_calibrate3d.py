@@ -35,14 +35,19 @@ OVERSAMPLE_Z = 4  # the renderer's axial grid: this many planes per z-step
 class PupilStack:
     """The ``tilted_curved_3d`` pupil model as a bead renderer (the interface of
     :class:`~napari_coordgate.samples.beadstack.AstigmaticBeam3D`): exact PSFs per bead, sub-plane slide positions
-    from a finer axial grid, sub-pixel positions by Fourier shift."""
+    from a finer axial grid, sub-pixel positions by Fourier shift.
 
-    def __init__(self, psf_size: int = 41):
+    ``extent`` (planes, pixels), when given, keeps only the light within that box around each emitter (the box the
+    preset's own PSFs are cut to, ``(psf_depth, psf_size)``): beads then carry what the preset blurs volumes with,
+    and none of the far out-of-focus light the preset drops. Without it every bead carries all its light."""
+
+    def __init__(self, psf_size: int = 41, extent: tuple[int, int] | None = None):
         from napari_coordgate.optics.psf3d import PRESETS_3D
 
         self.preset = PRESETS_3D["tilted_curved_3d"]
         self.pupil = self.preset.pupil.replace(psf_size=psf_size)
         self.z_step_um = self.preset.z_step_um
+        self.extent = extent
 
     def focus_planes(self, y_norm, x_norm) -> np.ndarray:
         return self.preset.focus_um(y_norm, x_norm) / self.z_step_um
@@ -73,8 +78,19 @@ class PupilStack:
                                           psf_depth=q * (depth + 2) + 1, tilt_y_um=self.preset.tilt_y_um,
                                           tilt_x_um=self.preset.tilt_x_um, curvature_um=self.preset.curvature_um)
             self._psfs = np.concatenate([model.psfs_at(y[a : a + 8], x[a : a + 8]) for a in range(0, y.size, 8)])
+            if self.extent is not None:
+                self._psfs *= self._box(self._psfs.shape[1], size)
             self._key = key
         return self._psfs
+
+    def _box(self, fine_depth: int, size: int) -> np.ndarray:
+        """(fine planes, size, size) mask of the ``extent`` box centred on the emitter (the fine grid's middle)."""
+        depth, width = self.extent
+        if width > size:
+            raise ValueError(f"PupilStack: extent {width} px is wider than the rendered {size} px")
+        z = np.abs(np.arange(fine_depth) - fine_depth // 2) <= OVERSAMPLE_Z * (depth // 2)
+        xy = np.abs(np.arange(size) - size // 2) <= width // 2
+        return z[:, None, None] & xy[None, :, None] & xy[None, None, :]
 
 
 def run_case(optics, shape, beads: int, photons: float, seed: int, z_step: float) -> dict:
