@@ -191,3 +191,40 @@ def test_a_number_of_terms_the_fit_cannot_give_is_refused(terms, init, match):
     args, _ = _beads(_primary(), n=3, s=9)
     with pytest.raises(ValueError, match=match):
         fit_pupil_poly(*args, **OPTICS, terms=terms, init=init)
+
+
+# ------------------------------------------------------------------------------------------- starts from grid nodes
+
+
+def test_start_squares_hold_the_light_of_defocused_rings():
+    from napari_coordgate.calibration.pupilfit import _core_side
+    from napari_coordgate.samples.beads import TiltedOptics
+
+    optics = TiltedOptics((512, 512), psf_size=41)
+    sharp, ring = optics.psfs(np.array([0.0, 0.0]), np.array([-1.0, 1.0]))  # in focus on the left, 0.6 waves right
+    assert _core_side(sharp[None]) == 19  # a sharp PSF keeps the cheap square
+    side = _core_side(np.stack([sharp, ring]))
+    lo = (41 - side) // 2
+    assert 19 < side < 41 and side % 2 == 1
+    assert ring[lo : lo + side, lo : lo + side].sum() >= 0.95 * ring.sum()
+
+
+def test_starts_from_exact_nodes_of_a_tilted_system_give_its_aberrations_at_the_nodes():
+    """Defocused rings 20 px across on the right of the field: each node's start fit sees the whole ring, and the
+    quadratic through the 3 x 3 nodes' fits (trefoil included) is the truth there (the system's cubic bend vanishes
+    at the nodes), up to the even terms' common sign, which the PSF cannot tell."""
+    from napari_coordgate.calibration.pupilfit import _EVEN, init_from_nodes
+    from napari_coordgate.optics.pupil_poly import monomials
+    from napari_coordgate.samples.beads import TiltedOptics
+
+    torch.manual_seed(0)
+    optics = TiltedOptics((1024, 1024), psf_size=41)
+    nodes = np.asarray(optics.as_psf_model(3).node_psfs)
+    coef, _ = init_from_nodes(nodes, **OPTICS, terms=8)
+    t = np.array([-1.0, 0.0, 1.0])
+    yy, xx = (a.ravel() for a in np.meshgrid(t, t, indexing="ij"))
+    got, true = monomials(yy, xx) @ coef.T, optics.coefficients(yy, xx)[:, :8]
+    flipped = got.copy()
+    flipped[:, [e for e in _EVEN if e < 8]] *= -1
+    err = min(np.abs(got - true).max(), np.abs(flipped - true).max())
+    assert err < 0.02, err
