@@ -20,9 +20,10 @@ Rows, each scored on the same test volumes (never trained or tuned on):
 - ``3-D CoordGate, N-bead calibration`` (``--calibrated N``, issue 25): the same 3-D CoordGate, same volumes, seed
   and budget, trained from the PSF model that ``calibrate_zstack`` measured on a bead slide imaged through focus
   (41 planes of 1024 x 1024, N beads, 3000 photons, each bead the exact pupil PSF of its own field position from a
-  4x finer axial grid, as ``bench_calibrate3d.py`` renders them; ``--bead-diameter`` renders beads as spheres and
-  divides them out) instead of the true one; its validation volume is blurred by the calibrated model too. The
-  test volumes are the same (blurred by the true optics).
+  4x finer axial grid, as ``bench_calibrate3d.py`` renders them, but cut to the preset's own 17 x 25² box around
+  the emitter, so the beads carry exactly the light the test volumes are blurred with; ``--bead-diameter`` renders
+  beads as spheres and divides them out) instead of the true one; its validation volume is blurred by the
+  calibrated model too. The test volumes are the same (blurred by the true optics).
 
 Printed: PSNR / SSIM overall, PSNR by ring (centre, middle, edge) and by depth (8 slabs of 8 planes), mean over the
 test volumes (and over seeds), with the CPU minutes and threads of each model; and the 3-D CoordGate's inference
@@ -275,7 +276,8 @@ def main(argv=None) -> None:
     ap.add_argument("--channels", type=int, default=16)
     ap.add_argument("--crop-depth", type=int, default=16, help="3-D training crops: planes (default 16)")
     ap.add_argument("--batch", type=int, default=4, help="3-D training crops per step (default 4)")
-    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, help="which rows to measure (default all)")
+    ap.add_argument("--rows", nargs="*", default=list(ROWS), choices=ROWS,
+                    help="which rows to measure (default all; none: only the --calibrated rows)")
     ap.add_argument("--epochs", type=int, default=0,
                     help="a fixed budget of epochs of 50 steps per model instead of --minutes (0: minutes)")
     ap.add_argument("--calibrated", type=int, nargs="*", default=[],
