@@ -152,3 +152,16 @@ def test_a_bead_zstack_layer_calibrates_into_a_3d_psf_grid_and_a_focus_map_saved
     assert dock.tabs.currentWidget() is dock.train_tab and dock.train_tab.mode.currentText() == BUILTIN
     assert dock.train_tab.plan_label.text().startswith("3-D model, z-step 0.1 µm") and "x 192 x 192" in \
         dock.train_tab.plan_label.text()
+
+
+def test_a_3d_layer_without_a_z_step_is_calibrated_plane_by_plane_and_the_user_is_told(viewer_dock, qtbot):
+    viewer, dock = viewer_dock
+    noise = np.random.default_rng(0).poisson(20.0, (3, 96, 96)).astype(np.float32)
+    viewer.add_image(noise, name="beads", scale=(0.25, 0.13, 0.13))  # napari's default units: no length unit
+    seen = _notifications()
+
+    dock.calibrate_tab.run_btn.click()
+    wait_idle(qtbot, dock, timeout=120_000)
+
+    msg = [m for m in seen if "no z-step" in m]
+    assert len(msg) == 1 and "\n" not in msg[0] and "3 planes" in msg[0] and "--z-step" in msg[0]

@@ -110,6 +110,11 @@ class CalibrateTab(QWidget):
             if ignored:
                 show_warning("CoordGate: a bead z-stack is calibrated as a measured 3-D PSF grid; "
                              f"{', '.join(ignored)} not used in 3-D")
+        elif images.ndim == 3:
+            show_warning(f"CoordGate: '{layer.name}' has no z-step (its z scale has no length unit and its file states "
+                         f"none): calibrating its {images.shape[0]} planes as separate images of the focal plane; for "
+                         "a bead z-stack through focus give the layer's scale in µm (layer.units) or use "
+                         "`napari-coordgate calibrate --z-step`")
         volume = spatial_kwargs(layer) if z_step is not None else None
         self.dock.run_task("calibrate", calibrate_job, images, cfg, [layer.name], z_step, state=State.APPLYING,
                            on_returned=lambda outcome: self.show_outcome(outcome, layer.name, meta, volume))
