@@ -165,3 +165,4 @@ def test_a_3d_layer_without_a_z_step_is_calibrated_plane_by_plane_and_the_user_i
 
     msg = [m for m in seen if "no z-step" in m]
     assert len(msg) == 1 and "\n" not in msg[0] and "3 planes" in msg[0] and "--z-step" in msg[0]
+    assert not any("3-D PSF grid" in layer.name or "best focus" in layer.name for layer in viewer.layers)
