@@ -337,7 +337,8 @@ def run_real_case(case: dict, size: int, seed: int, device: str) -> dict:
     err = psf_error(result.model, optics, (size, size))
     ref = _reference(truth, optics, (size, size), result.psf_size)
     return {"err": float(np.median(err)), "err_max": float(err.max()), "used": result.n_beads,
-            "ref": int(ref.sum()), "lost": _lost(result, truth, ref), "seconds": seconds, "chosen": result.chosen,
+            "ref": int(ref.sum()), "lost": _lost(result, truth, ref), "seconds": seconds,
+            "chosen": result.chosen + (" (cubic defocus)" if getattr(result.model, "degree", 2) == 3 else ""),
             "dense": any("point array" in w for w in result.warnings)}
 
 
@@ -371,6 +372,7 @@ def main_real(args) -> None:
         ok = [o for o in out if "err" in o]
         notes = sorted({o["error"] for o in out if "error" in o} | ({"measured as a point array"} if any(
             o.get("dense") for o in ok) else set()))
+        notes += [f"model: {', '.join(sorted({o['chosen'] for o in ok}))}"] if ok else []
         rows.append([case["name"], f"{case['beads']} / {case['photons']:g}",
                      "given" if case["given"] else ("-" if not case["diameter"] else "not given"),
                      f"{np.mean([o['used'] for o in out]):.0f}", f"{100 * np.mean([o['lost'] for o in out]):.1f}",

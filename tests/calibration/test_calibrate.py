@@ -18,7 +18,7 @@ from napari_coordgate.calibration.pupilfit import TorchPupil, fit_pupil_poly
 from napari_coordgate.optics.measured import MeasuredGridPSF
 from napari_coordgate.optics.models import psf_model_from_record, psfs_at
 from napari_coordgate.optics.psf import PRESETS, Pupil, pupil_samples
-from napari_coordgate.optics.pupil_poly import MONOMIALS, PupilPolyPSF
+from napari_coordgate.optics.pupil_poly import QUADRATIC, PupilPolyPSF
 from napari_coordgate.samples.beads import EllipticalOptics, PupilOptics, bead_slide, psf_error
 
 BENCH = Path(__file__).parents[2] / "benchmarks"
@@ -227,7 +227,7 @@ def test_pupil_poly_from_a_preset_gives_the_presets_psfs():
     ref = psfs_at(cfg, y, x, (100, 160))
     # the model samples its pupil for its own coefficients (the preset's pupil grid differs a little)
     assert np.abs(model.psfs_at(y, x, (100, 160)) - ref).max() < 2e-3 * ref.max()
-    assert model.coefficients.shape == (6, len(MONOMIALS))
+    assert model.coefficients.shape == (6, QUADRATIC) and model.degree == 2
 
 
 @pytest.mark.parametrize("change, message", [

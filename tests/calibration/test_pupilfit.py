@@ -228,3 +228,78 @@ def test_starts_from_exact_nodes_of_a_tilted_system_give_its_aberrations_at_the_
     flipped[:, [e for e in _EVEN if e < 8]] *= -1
     err = min(np.abs(got - true).max(), np.abs(flipped - true).max())
     assert err < 0.02, err
+
+
+# ------------------------------------------------------------------------------------------- a bent focal surface
+
+
+def _bent(y, x, bend):
+    """(N, 6) primary coefficients of a tilted specimen whose focal surface bends as ``bend`` sin(pi x) (not a
+    polynomial: outside the fit's family either way), with astigmatism and coma across the field."""
+    z = np.zeros((len(y), 6))
+    z[:, 0] = 0.05 + 0.125 * (x + 1) + bend * np.sin(np.pi * x) + 0.1 * y * y
+    z[:, 1], z[:, 2], z[:, 3], z[:, 4] = 0.1 * (x * x - y * y), 0.15 * x * y, 0.06 * x, 0.06 * y
+    return z
+
+
+class _BentOptics:
+    """True optics for psf_error: :func:`_bent`'s PSFs, finely sampled pupil, on a crop wide enough for halos."""
+
+    psf_size = 61
+
+    def __init__(self, bend):
+        self.bend, self.pupil = bend, TorchPupil(**OPTICS, psf_size=61, pupil_samples=128)
+
+    def psfs(self, y, x, dy=None, dx=None):
+        y, x = np.atleast_1d(y).ravel(), np.atleast_1d(x).ravel()
+        return self.pupil.psfs(torch.as_tensor(_bent(y, x, self.bend))).numpy()
+
+
+def _bent_beads(bend, n=48, s=15, seed=0):
+    rng = np.random.default_rng(seed)
+    yn, xn = rng.uniform(-1, 1, n), rng.uniform(-1, 1, n)
+    shifts = rng.uniform(-0.5, 0.5, (n, 2))
+    pupil = TorchPupil(**OPTICS, psf_size=s, pupil_samples=128)
+    psf = pupil.psfs(torch.as_tensor(_bent(yn, xn, bend)), torch.as_tensor(shifts)).numpy()
+    expected = 3000.0 * rng.uniform(0.6, 1.0, (n, 1, 1)) * psf / psf.max(axis=(1, 2), keepdims=True) + 60.0
+    data = rng.poisson(expected) + rng.normal(0.0, 2.0, expected.shape)
+    t = np.linspace(-1, 1, 4)
+    yy, xx = (a.ravel() for a in np.meshgrid(t, t, indexing="ij"))
+    nodes = pupil.psfs(torch.as_tensor(_bent(yy, xx, bend))).numpy().reshape(4, 4, s, s)
+    return (data, yn, xn, shifts + rng.normal(0, 0.1, (n, 2)), np.full(n, 8.0)), nodes
+
+
+def test_a_focal_surface_a_quadratic_cannot_follow_gets_a_cubic_defocus_law_and_a_much_smaller_psf_error():
+    torch.manual_seed(0)
+    args, nodes = _bent_beads(0.08)
+
+    quadratic = fit_pupil_poly(*args, **OPTICS, node_psfs=nodes, max_iterations=10, terms=6, degree=2)
+    auto = fit_pupil_poly(*args, **OPTICS, node_psfs=nodes, max_iterations=10, terms=6)
+
+    assert quadratic.model.degree == 2 and auto.model.degree == 3
+    assert auto.bend_score > 10 and auto.bend_held_out < 0.7
+    errors = [np.median(psf_error(f.model, _BentOptics(0.08), (256, 256))) for f in (quadratic, auto)]
+    assert errors[1] < 0.1 < 0.3 < errors[0], errors
+    # only defocus bends: the other terms keep a quadratic law
+    assert np.all(auto.model.coefficients[1:, 6:] == 0) and abs(auto.model.coefficients[0, 6]) > 0.1
+    # refitted from its own coefficients (the calibration's final refit), it stays cubic
+    again = fit_pupil_poly(*args, **OPTICS, init=auto.model.coefficients, max_iterations=0, polish_iterations=2)
+    assert again.model.degree == 3 and np.abs(again.model.coefficients - auto.model.coefficients).max() < 0.02
+
+
+def test_a_flat_focal_surface_keeps_the_quadratic_law():
+    torch.manual_seed(0)
+    args, nodes = _bent_beads(0.0)
+
+    fit = fit_pupil_poly(*args, **OPTICS, node_psfs=nodes, max_iterations=10, terms=6)
+
+    assert fit.bend_score < 2.0 and fit.model.degree == 2
+    assert np.median(psf_error(fit.model, _BentOptics(0.0), (256, 256))) < 0.03
+
+
+@pytest.mark.parametrize("degree, init, match", [(4, None, "2 or 3"), (1, None, "2 or 3"),
+                                                 (2, np.zeros((6, 10)), "start is cubic")])
+def test_a_field_law_the_fit_cannot_give_is_refused(degree, init, match):
+    args, _ = _bent_beads(0.0, n=3, s=9)
+    with pytest.raises(ValueError, match=match):
+        fit_pupil_poly(*args, **OPTICS, degree=degree, init=init)

@@ -407,7 +407,9 @@ def test_the_further_terms_change_the_psfs_and_their_pupil_is_sampled_for_them()
     (lambda m, a: m.update(terms=m["terms"][:5] + ["trefoil_0"]), "terms"),
     (lambda m, a: m.update(terms=m["terms"][::-1]), "terms"),
     (lambda m, a: a.update(coefficients=a["coefficients"][:6]), "one row per term"),
-    (lambda m, a: m.update(version=3), "newer"),
+    (lambda m, a: m.update(version=4), "newer"),
+    (lambda m, a: m.update(monomials=m["monomials"][:5] + ["x3"]), "monomials"),
+    (lambda m, a: m.update(monomials=m["monomials"] + ["x3", "x2y", "xy2", "y3"]), "one column per monomial"),
 ])
 def test_a_pupil_poly_record_whose_terms_do_not_match_is_refused(edit, match):
     meta, arrays = _poly_with_trefoil().to_record()
@@ -416,9 +418,33 @@ def test_a_pupil_poly_record_whose_terms_do_not_match_is_refused(edit, match):
         psf_model_from_record(meta, arrays)
 
 
-@pytest.mark.parametrize("rows", [5, 11])
-def test_a_pupil_poly_model_needs_the_primary_terms_and_at_most_all_terms(rows):
+@pytest.mark.parametrize("rows, columns", [(5, 6), (11, 6), (6, 7), (6, 3)])
+def test_a_pupil_poly_model_needs_the_primary_terms_at_most_all_terms_and_a_quadratic_or_cubic_law(rows, columns):
     from napari_coordgate.optics.pupil_poly import PupilPolyPSF
 
     with pytest.raises(ValueError, match="shape"):
-        PupilPolyPSF(np.zeros((rows, 6)), **POLY_OPTICS)
+        PupilPolyPSF(np.zeros((rows, columns)), **POLY_OPTICS)
+
+
+def test_a_cubic_field_law_round_trips_as_a_version_3_record_and_bends_the_focal_surface():
+    from napari_coordgate.optics.pupil_poly import MONOMIALS, PupilPolyPSF
+
+    quadratic = _poly_with_trefoil()
+    coef = np.zeros((quadratic.coefficients.shape[0], len(MONOMIALS)))
+    coef[:, :6] = quadratic.coefficients
+    coef[0, MONOMIALS.index("x3")] = 0.1  # defocus grows as x³ on top of the quadratic
+    cubic = PupilPolyPSF(coef, **POLY_OPTICS, name="bent")
+    meta, arrays = cubic.to_record()
+    back = psf_model_from_record(json.loads(json.dumps(meta)), arrays)
+    y, x = np.array([0.0, 0.2, -0.5]), np.array([1.0, 0.0, -1.0])
+
+    assert meta["version"] == 3 and meta["monomials"] == list(MONOMIALS) and back.degree == 3
+    np.testing.assert_array_equal(back.psfs_at(y, x), cubic.psfs_at(y, x))
+    assert "cubic" in back.describe() and quadratic.degree == 2
+    # defocus moves by 0.1 x³: +0.1 waves at x = 1, -0.1 at x = -1, unchanged on the axis x = 0
+    np.testing.assert_allclose(cubic.zernike_at(y, x)[:, 0] - quadratic.zernike_at(y, x)[:, 0], [0.1, 0.0, -0.1],
+                               atol=1e-12)
+    assert np.abs(cubic.psfs_at(0.0, 1.0) - quadratic.psfs_at(0.0, 1.0)).max() > 0.02 * quadratic.psfs_at(0, 1).max()
+    # on the axis only the pupil's sampling differs (sampled for the larger defocus the cubic reaches)
+    axis = quadratic.psfs_at(0.2, 0.0)
+    assert np.abs(cubic.psfs_at(0.2, 0.0) - axis).max() < 0.01 * axis.max()

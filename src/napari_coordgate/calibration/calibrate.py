@@ -5,7 +5,8 @@
 
 - ``"grid"``: a measured K x K grid of PSFs (:class:`~napari_coordgate.optics.measured.MeasuredGridPSF`,
   :mod:`~napari_coordgate.calibration.grid`), for any optics;
-- ``"pupil"``: a pupil model whose Zernike aberrations are quadratic polynomials of the field position
+- ``"pupil"``: a pupil model whose Zernike aberrations are quadratic polynomials of the field position (defocus
+  cubic where the beads show a bent focal surface)
   (:class:`~napari_coordgate.optics.pupil_poly.PupilPolyPSF`, :mod:`~napari_coordgate.calibration.pupilfit`),
   fitted to all beads jointly with torch autograd; it needs the NA, emission wavelength, immersion index and pixel
   size.
@@ -43,7 +44,8 @@ __all__ = ["calibrate", "CalibrationResult", "CalibrationUpdate", "CalibrationEr
            "BeadTable", "MODELS", "PUPIL_MIN_BEADS", "GRID_MIN_BEADS"]
 
 MODELS = CALIBRATION_MODELS
-PUPIL_MIN_BEADS = 10  # 36 (60 with trefoil and secondary astigmatism) coefficients, each bead constrains its place's
+PUPIL_MIN_BEADS = 10  # 36 (60 with trefoil and secondary astigmatism, 4 more for a cubic defocus) coefficients, each
+# bead constrains its place's
 GRID_MIN_BEADS = 5  # four to fit, one to check
 _MIN_SIDE = 16  # the smallest bead image side: a PSF window and its background ring
 _MARGIN = 3  # width of the background ring around each PSF window

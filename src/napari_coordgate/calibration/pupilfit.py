@@ -13,7 +13,8 @@ It starts from PSFs measured on a grid (:func:`init_from_nodes`) or from a few s
 even Zernike terms have zero gradient at zero aberration, and the in-focus PSF cannot tell their common sign),
 fits the six primary terms, and then adds trefoil and secondary astigmatism (``ZERNIKE_TERMS``) only when the
 beads call for them and they help (:meth:`_JointFit.extend`: a score test at the six-term optimum, then beads held
-out of the trial fit).
+out of the trial fit), and in the same way a cubic field law for defocus (:meth:`_JointFit.bend`: a focal surface
+that a quadratic does not follow).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from napari_coordgate.optics.psf import (
     pair_bound,
     pupil_samples,
 )
-from napari_coordgate.optics.pupil_poly import MONOMIALS, PupilPolyPSF, monomials
+from napari_coordgate.optics.pupil_poly import MONOMIALS, QUADRATIC, PupilPolyPSF, monomials
 
 __all__ = ["TorchPupil", "PupilFit", "fit_pupil_poly"]
 
@@ -155,15 +156,24 @@ def _optics(na: float, wavelength_um: float, refractive_index: float, pixel_size
 
 
 class _Joint:
-    """The joint least-squares problem of the beads: model of bead b ``a_b PSF(phi_b C^T, shift_b) + o_b``."""
+    """The joint least-squares problem of the beads: model of bead b ``a_b PSF(phi_b C^T, shift_b) + o_b``; the
+    shared unknowns are the coefficients ``C`` (T, P) where ``free`` (a bool (T, P) mask; None: all of them)."""
 
-    def __init__(self, pupil: TorchPupil, data: np.ndarray, noise: np.ndarray, phi: np.ndarray, chunk: int):
+    def __init__(self, pupil: TorchPupil, data: np.ndarray, noise: np.ndarray, phi: np.ndarray, chunk: int,
+                 free: np.ndarray | None = None):
         self.pupil, self.chunk = pupil, chunk
         kw = {"device": pupil.device, "dtype": pupil.dtype}
         self.n = data.shape[0]
         self.d = torch.as_tensor(data.reshape(self.n, -1), **kw)
         self.w = torch.as_tensor(1.0 / np.maximum(noise, 1e-30) ** 2, **kw)
         self.ph = torch.as_tensor(phi, **kw)
+        self.free = None if free is None else torch.as_tensor(np.flatnonzero(free), device=pupil.device)
+
+    def moved(self, theta: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """``theta`` with the shared ``step`` (one value per free coefficient) added."""
+        if self.free is None:
+            return theta + step.reshape(theta.shape)
+        return theta.flatten().index_add(0, self.free, step.to(theta.dtype)).reshape(theta.shape)
 
     def evaluate(self, theta: torch.Tensor, shifts: torch.Tensor):
         """(amplitudes, offsets, chi2 per bead) at the coefficients ``theta`` and ``shifts``."""
@@ -181,7 +191,7 @@ class _Joint:
         accumulated chunk by chunk (the P Jacobian columns of every pixel of every bead would not fit at once).
         The 4 per-bead unknowns are dy, dx, amplitude, offset."""
         f64 = {"dtype": torch.float64, "device": self.pupil.device}
-        npar, t = theta.numel(), theta.shape[0]
+        npar, t = theta.numel() if self.free is None else len(self.free), theta.shape[0]
         big_a, g_a = torch.zeros(npar, npar, **f64), torch.zeros(npar, **f64)
         cross, local, g_d = [], [], []
         for b in self._chunks():
@@ -191,7 +201,9 @@ class _Joint:
             ab = amp[b]
             r = (self.d[b] - ab[:, None] * p - off[b, None]).to(torch.float64)
             jt = ((ab[:, None, None] * dp[:, :t])[:, :, None, :] * self.ph[b, None, :, None]).reshape(
-                p.shape[0], npar, -1).to(torch.float64)
+                p.shape[0], theta.numel(), -1).to(torch.float64)
+            if self.free is not None:
+                jt = jt[:, self.free]
             jl = torch.stack([ab[:, None] * dp[:, t], ab[:, None] * dp[:, t + 1], p, torch.ones_like(p)], 1)
             jl, wc = jl.to(torch.float64), weights[b]
             big_a += torch.einsum("n,nip,njp->ij", wc, jt, jt)
@@ -218,12 +230,12 @@ class _Joint:
         return x, d_inv_g - torch.einsum("nji,i->nj", d_inv_bt, x)
 
     @staticmethod
-    def gauss_newton_decrease(blocks, shared: int | None = None) -> tuple[float, torch.Tensor]:
+    def gauss_newton_decrease(blocks, shared: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
         """The decrease of the weighted misfit that the undamped step predicts, ``g . step``, and the shared step;
-        with ``shared``, freeing only the first ``shared`` shared unknowns (the others stay where they are)."""
+        with ``shared`` (indices), freeing only those shared unknowns (the others stay where they are)."""
         big_a, g_a, cross, local, g_d = blocks
         if shared is not None:
-            big_a, g_a, cross = big_a[:shared, :shared], g_a[:shared], cross[:, :shared]
+            big_a, g_a, cross = big_a[shared][:, shared], g_a[shared], cross[:, shared]
         x, loc = _Joint.damped_step((big_a, g_a, cross, local, g_d), 0.0)
         return float(x @ g_a + (loc * g_d).sum()), x
 
@@ -240,12 +252,13 @@ def _lm_fit(pupil: TorchPupil, data: np.ndarray, noise: np.ndarray, phi: np.ndar
     The model of bead b is ``a_b PSF(phi_b C^T, shift_b) + o_b``; the Jacobian is analytic
     (:meth:`TorchPupil.psfs_and_derivatives`) and the normal equations (T x P shared + 4 per bead unknowns) are
     solved through their Schur complement, so the cost grows linearly with the number of beads.
-    Robust: Cauchy weights of each bead's misfit over the median misfit, updated every iteration.
+    Robust: Cauchy weights of each bead's misfit over the median misfit, updated every iteration. Of a cubic field
+    law only defocus's cubic coefficients are fitted (:func:`_free`); ``phi`` holds at least ``coef0``'s monomials.
 
     Returns (coefficients (T, P), shifts (N, 2), chi2 per bead, robust weights, iterations, stopped).
     """
     dev = pupil.device
-    problem = _Joint(pupil, data, noise, phi, chunk)
+    problem = _Joint(pupil, data, noise, phi[:, : np.shape(coef0)[1]], chunk, _free(np.shape(coef0)))
     theta = torch.tensor(np.array(coef0, dtype=np.float64), device=dev)
     shifts = torch.as_tensor(shift0, dtype=torch.float64, device=dev).clone()
     amp, off, c2 = problem.evaluate(theta, shifts)
@@ -256,7 +269,7 @@ def _lm_fit(pupil: TorchPupil, data: np.ndarray, noise: np.ndarray, phi: np.ndar
         improved = False
         for _ in range(8):
             x, loc = _Joint.damped_step(blocks, lam)
-            th_new, sh_new = theta + x.reshape(theta.shape), shifts + loc[:, :2].clamp(-1.0, 1.0)
+            th_new, sh_new = problem.moved(theta, x), shifts + loc[:, :2].clamp(-1.0, 1.0)
             a_new, o_new, c2_new = problem.evaluate(th_new, sh_new)
             new_cost = float((u * c2_new).sum())
             if math.isfinite(new_cost) and new_cost < cost:
@@ -295,6 +308,9 @@ class PupilFit:
     # without (< 1: they help, and the model has them); NaN where not run
     extension_score: float = math.nan
     extension_held_out: float = math.nan
+    # the same test of a cubic field law for defocus (:meth:`_JointFit.bend`)
+    bend_score: float = math.nan
+    bend_held_out: float = math.nan
 
 
 def _solve_amplitude_offset(psf: torch.Tensor, data: torch.Tensor, pixel_w: torch.Tensor | None = None
@@ -508,7 +524,7 @@ class _Nodes:
         signs = _align_signs(coef[:, even], design)
         coef[:, even] *= signs[:, None]
         fit = np.linalg.lstsq(design, coef, rcond=None)[0].T  # (terms, P)
-        out = np.zeros((coef.shape[1], len(MONOMIALS)))
+        out = np.zeros((coef.shape[1], QUADRATIC))
         out[:, : fit.shape[1]] = fit
         return out, self.stopped
 
@@ -533,6 +549,7 @@ def fit_pupil_poly(
     polish_iterations: int = 6,
     extent_energy: float | None = 0.99,
     terms: int | None = None,
+    degree: int | None = None,
     bead_diameter_px: float = 0.0,
     should_stop: Callable[[], bool] | None = None,
     on_iteration: Callable[[int, int, float], None] | None = None,
@@ -564,6 +581,11 @@ def fit_pupil_poly(
         otherwise the six primary ones, then all of them when the beads call for them and beads held out of their
         fit confirm it (:meth:`_JointFit.extend`; ``PupilFit.extension_score``, ``extension_held_out``). A number
         larger than the start's: the further terms are fitted after the start's, from zero, without the tests.
+    degree
+        The field law of defocus: 2 (quadratic, like every other term) or 3 (cubic). None: with ``init``, its own;
+        otherwise quadratic, then cubic when the beads call for it and beads held out of its fit confirm it
+        (:meth:`_JointFit.bend`; ``PupilFit.bend_score``, ``bend_held_out``). 3 from a quadratic start: without
+        the tests.
     bead_diameter_px
         Diameter of the beads in camera pixels: the fit compares each bead with the PSF convolved with a projected
         uniform sphere of this size (:class:`TorchPupil`); the fitted model is the PSF of a point. 0: point sources.
@@ -574,21 +596,26 @@ def fit_pupil_poly(
     t0 = time.perf_counter()
     optics = dict(na=na, wavelength_um=wavelength_um, refractive_index=refractive_index, pixel_size_um=pixel_size_um)
     start_terms = len(PRIMARY_TERMS) if init is None else np.shape(init)[0]
+    start_degree = 2 if init is None or np.shape(init)[1] == QUADRATIC else 3
     want = _terms_wanted(terms, start_terms, init is None)
-    fit = _JointFit(data, monomials(y_norm, x_norm), np.asarray(shifts, dtype=np.float64), noise, optics,
-                    torch.device(device), float(bead_diameter_px), should_stop, on_iteration, chunk)
+    want_degree = _degree_wanted(degree, start_degree, init is None)
+    fit = _JointFit(data, monomials(y_norm, x_norm, len(MONOMIALS)), np.asarray(shifts, dtype=np.float64), noise,
+                    optics, torch.device(device), float(bead_diameter_px), should_stop, on_iteration, chunk)
     extension = 2 * _TRIAL_ITERATIONS + _EXTEND_ITERATIONS + polish_iterations if want > start_terms else 0
-    fit.budget = max_iterations + polish_iterations + extension
+    bending = _TRIAL_ITERATIONS + _EXTEND_ITERATIONS + polish_iterations if want_degree > start_degree else 0
+    fit.budget = max_iterations + polish_iterations + extension + bending
     coef0, nodes, stopped = fit.start(init, node_psfs)
     if not stopped:
         coef0, stopped = fit.refine(coef0, max_iterations, subset, polish_iterations)
     if not stopped and want > coef0.shape[0]:
         coef0, stopped = fit.extend(coef0, want, terms is not None, subset, polish_iterations, nodes)
+    if not stopped and want_degree > start_degree:
+        coef0, stopped = fit.bend(coef0, degree is not None, subset, polish_iterations)
     coef0 = _limit(coef0)
     size = extent(coef0, optics, data.shape[-1], energy=extent_energy) if extent_energy else data.shape[-1]
     model = PupilPolyPSF(coef0, **optics, psf_size=size, grid=grid, name="pupil fit")
     return PupilFit(model, fit.loss, fit.iterations, time.perf_counter() - t0, stopped, fit.shifts, fit.weights,
-                    fit.extension_score, fit.extension_held_out)
+                    fit.extension_score, fit.extension_held_out, fit.bend_score, fit.bend_held_out)
 
 
 def _terms_wanted(terms: int | None, start: int, auto: bool) -> int:
@@ -601,6 +628,27 @@ def _terms_wanted(terms: int | None, start: int, auto: bool) -> int:
     return int(terms)
 
 
+def _degree_wanted(degree: int | None, start: int, auto: bool) -> int:
+    """The degree of the field law of defocus the fit ends with (see :func:`fit_pupil_poly`'s ``degree``)."""
+    if degree is None:
+        return 3 if auto else start
+    if degree not in (2, 3) or degree < start:
+        raise ValueError(f"degree must be {'2 or 3' if start == 2 else '3 (the start is cubic)'}, got {degree!r}")
+    return int(degree)
+
+
+def _free(shape: tuple[int, int]) -> np.ndarray | None:
+    """Which coefficients of a (T, P) field law a fit moves: None (all) for a quadratic one; of a cubic one, the
+    quadratic part of every term and defocus's cubic part (the focal surface of a bent specimen, or field
+    curvature beyond h²; the other terms' cubic columns stay as they are)."""
+    if shape[1] == QUADRATIC:
+        return None
+    free = np.zeros(shape, dtype=bool)
+    free[:, :QUADRATIC] = True
+    free[0] = True
+    return free
+
+
 class _JointFit:
     """The stages of :func:`fit_pupil_poly` on one set of beads."""
 
@@ -610,6 +658,7 @@ class _JointFit:
         self.should_stop, self.on_iteration = should_stop, on_iteration
         self.n, self.s = data.shape[0], data.shape[-1]
         self.iterations, self.loss, self.extension_score, self.extension_held_out = 0, math.nan, math.nan, math.nan
+        self.bend_score, self.bend_held_out = math.nan, math.nan
         self.shifts, self.weights = shift0.copy(), np.ones(self.n)
         self.budget, self.reported = 0, 0  # iterations announced to on_iteration, and the stages' slots so far
         self.pupil: TorchPupil | None = None
@@ -654,7 +703,7 @@ class _JointFit:
                 best = (th[:, 0], loss)
             if stopped:
                 break
-        coef0 = np.zeros((len(PRIMARY_TERMS), len(MONOMIALS)))
+        coef0 = np.zeros((len(PRIMARY_TERMS), QUADRATIC))
         coef0[:, 0] = best[0]
         return coef0, stopped
 
@@ -707,7 +756,9 @@ class _JointFit:
         """
         start = np.zeros((rows, coef.shape[1]))
         start[: coef.shape[0]] = coef
-        self.extension_score, guess = self.score_test(start, coef.shape[0], self.subset(subset))
+        free = np.ones(start.shape, dtype=bool) if _free(start.shape) is None else _free(start.shape)
+        fitted = free & (np.arange(rows) < coef.shape[0])[:, None]
+        self.extension_score, guess = self.score_test(start, free, fitted, self.subset(subset))
         held = np.flatnonzero(np.arange(self.n) % 4 == 3) if not forced else np.zeros(0, int)
         if not forced and (self.extension_score <= _SCORE_MARGIN or len(held) < 3):
             return coef, False
@@ -747,12 +798,46 @@ class _JointFit:
         self.shifts[sub] = best[2]
         return self.refine(best[1], _EXTEND_ITERATIONS, subset, polish, best[3])
 
+    def bend(self, coef: np.ndarray, forced: bool, subset: int, polish: int) -> tuple[np.ndarray, bool]:
+        """Defocus with a cubic field law from the quadratic ``coef`` (converged), unless ``forced`` only when the
+        beads call for it and beads held out of its trial fit confirm it, as :meth:`extend` adds terms: the score
+        test of the four cubic coefficients at ``coef``, a trial fit from ``coef`` (cubic part zero) on three beads
+        of four, kept if it describes most of the fourth better. Kept, it is fitted further on the subset, then on
+        all beads."""
+        start = np.zeros((coef.shape[0], len(MONOMIALS)))
+        start[:, :QUADRATIC] = coef
+        free = _free(start.shape)
+        fitted = free & (np.arange(len(MONOMIALS)) < QUADRATIC)[None, :]
+        self.bend_score, guess = self.score_test(start, free, fitted, self.subset(subset))
+        held = np.flatnonzero(np.arange(self.n) % 4 == 3) if not forced else np.zeros(0, int)
+        if not forced and (self.bend_score <= _SCORE_MARGIN or len(held) < 3):
+            return coef, False
+        reach = np.maximum(PupilPolyPSF._bound(start), np.minimum(PupilPolyPSF._bound(guess),
+                                                                   PupilPolyPSF._bound(start) + 0.2))
+        pupil = self.pupil_for(reach * 1.5 + _ROOM[: start.shape[0]])
+        sub = self.subset(min(subset, _TRIAL_BEADS), np.setdiff1d(np.arange(self.n), held))
+        th, sh, _, _, it, stopped = _lm_fit(
+            pupil, self.data[sub], self.noise[sub], self.phi[sub], start, self.shifts[sub], _TRIAL_ITERATIONS,
+            should_stop=self.should_stop, on_iteration=self.on_iteration, report_total=self.budget,
+            report_offset=self.reported, chunk=self.chunk)
+        self.iterations += it
+        self.reported += _TRIAL_ITERATIONS
+        if stopped:
+            return th, True
+        if not forced:
+            self.bend_held_out = float(np.median(self.held_out_misfit(pupil, th, held)
+                                                 / self.held_out_misfit(pupil, start, held)))
+            if not self.bend_held_out < 1.0:
+                return coef, False
+        self.shifts[sub] = sh
+        return self.refine(th, _EXTEND_ITERATIONS, subset, polish, pupil)
+
     def _amplitude_shift(self, pupil: TorchPupil, coef: np.ndarray, beads: np.ndarray, shift0: np.ndarray,
                          search: bool) -> dict:
         """Each of ``beads`` fitted by the model ``coef`` with its own shift, amplitude and offset
         (:func:`~napari_coordgate.calibration.patches.fit_amplitude_shift`; ``search``: from cross-correlation)."""
         with torch.no_grad():
-            z = torch.as_tensor(self.phi[beads] @ coef.T, device=self.device, dtype=torch.float32)
+            z = torch.as_tensor(self.phi[beads, : coef.shape[1]] @ coef.T, device=self.device, dtype=torch.float32)
             model = torch.cat([pupil.psfs(z[a : a + self.chunk]) for a in range(0, len(beads), self.chunk)])
         return fit_amplitude_shift(model.cpu().numpy().astype(np.float64), self.data[beads], shift0,
                                    self.noise[beads], search=search)
@@ -767,9 +852,10 @@ class _JointFit:
         and offset (from the shifts so far)."""
         return np.maximum(self._amplitude_shift(pupil, coef, beads, self.shifts[beads], False)["chi2"], 1e-30)
 
-    def score_test(self, start: np.ndarray, fitted: int, sub: np.ndarray) -> tuple[float, np.ndarray]:
-        """How strongly the beads ``sub`` call for the terms of ``start`` after its first ``fitted`` (at zero,
-        the others converged): (score, where the Gauss-Newton step points).
+    def score_test(self, start: np.ndarray, free: np.ndarray, fitted: np.ndarray, sub: np.ndarray
+                   ) -> tuple[float, np.ndarray]:
+        """How strongly the beads ``sub`` call for the coefficients of ``start`` where ``free`` but not ``fitted``
+        (bool (T, P) masks; those at zero, the fitted ones converged): (score, where the Gauss-Newton step points).
 
         The decrease of the weighted misfit that the Gauss-Newton step predicts when the further coefficients are
         freed, beyond what it predicts without them, in units of the misfit per pixel (which estimates the noise),
@@ -778,7 +864,7 @@ class _JointFit:
         with no first-order effect on the PSF at zero (secondary astigmatism in an otherwise perfect, in-focus
         system) are not seen.
         """
-        problem = _Joint(self.pupil, self.data[sub], self.noise[sub], self.phi[sub], self.chunk)
+        problem = _Joint(self.pupil, self.data[sub], self.noise[sub], self.phi[sub, : start.shape[1]], self.chunk, free)
         shifts = torch.as_tensor(self.shifts[sub], dtype=torch.float64, device=self.device)
         theta = torch.as_tensor(start, dtype=torch.float64, device=self.device)
         u = torch.as_tensor(self.weights[sub], dtype=torch.float64, device=self.device)
@@ -786,13 +872,14 @@ class _JointFit:
             amp, off, c2 = problem.evaluate(theta, shifts)
             blocks = problem.normal_equations(theta, shifts, amp, off, (problem.w * u).to(torch.float64))
             gain, step = _Joint.gauss_newton_decrease(blocks)
-            gain -= _Joint.gauss_newton_decrease(blocks, fitted * start.shape[1])[0]
+            old = torch.as_tensor(np.flatnonzero(fitted[free]), device=self.device)
+            gain -= _Joint.gauss_newton_decrease(blocks, old)[0]
         pixels = float(u.sum()) * self.s * self.s
         # the noise per pixel: the misfit left, but not below the noise the caller gave (the weights' unit), so a
         # model error far below the noise (noiseless data, the pupil's sampling) does not pass for a signal
         per_pixel = max(float((u * c2).sum()) / pixels, 1.0)
-        score = gain / per_pixel / ((start.shape[0] - fitted) * start.shape[1] * math.log(pixels))
-        return score, start + step.cpu().numpy().reshape(start.shape)
+        score = gain / per_pixel / (int(free.sum() - fitted.sum()) * math.log(pixels))
+        return score, problem.moved(theta, step).cpu().numpy()
 
 
 def extent(coef: np.ndarray, optics: dict, min_size: int, energy: float = 0.99, max_size: int = 63) -> int:

@@ -14,6 +14,7 @@ from napari_coordgate.calibration.advice import advice_lines
 from napari_coordgate.calibration.detect import REASONS, BeadTable
 from napari_coordgate.calibration.grid import GridFit
 from napari_coordgate.optics.psfmodel import PSFModel
+from napari_coordgate.optics.pupil_poly import MONOMIALS
 
 if TYPE_CHECKING:  # pragma: no cover
     from napari_coordgate.calibration import CalibrationError
@@ -107,6 +108,8 @@ class CalibrationResult:
                            "filled": self.grid_fit.filled.tolist()}
         if self.model.kind == "pupil_poly":
             out["model"]["coefficients"] = np.round(self.model.coefficients, 5).tolist()  # type: ignore[attr-defined]
+            out["model"]["terms"] = list(self.model.terms)  # type: ignore[attr-defined]
+            out["model"]["monomials"] = list(MONOMIALS[: self.model.coefficients.shape[1]])  # type: ignore
         return out
 
     def to_json(self, indent: int | None = 2) -> str:

@@ -7,13 +7,16 @@ laws of the field height, each coefficient here is a polynomial of degree 2 of t
 
     c_t(x, y) = C[t, 0] + C[t, 1] x + C[t, 2] y + C[t, 3] x² + C[t, 4] x y + C[t, 5] y²
 
+or of degree 3 (four more columns: x³, x² y, x y², y³), which the pupil fit uses for defocus when the beads show a
+focal surface that a quadratic does not follow (a bent specimen or cover glass, field curvature beyond h²)
+
 for the first T terms ``t`` of :data:`~napari_coordgate.optics.psf.ZERNIKE_TERMS`: the six primary ones (defocus,
 astigmatism 0° / 45°, coma x / y, spherical), optionally followed by trefoil 0° / 30° and secondary astigmatism
 0° / 45°. This family holds every ``PSFConfig`` preset exactly (their field laws are quadratic in x and y, and use
 the primary terms only) and any smooth misalignment of the objective a quadratic can describe.
 
-Records (``.cgpsf``) of six-term models are written as before (version 1), so older releases read them; a model
-with more terms is a version 2 record.
+Records (``.cgpsf``) of six-term quadratic models are written as before (version 1), so older releases read them;
+a quadratic model with more terms is a version 2 record, a cubic one version 3.
 
 numpy only at import (torch is imported by the pupil computation when PSFs are asked for).
 """
@@ -28,20 +31,26 @@ from napari_coordgate.coords import grid_positions
 from napari_coordgate.optics.psf import PRIMARY_TERMS, ZERNIKE_TERMS, PSFConfig, Pupil, pair_bound, pupil_samples
 from napari_coordgate.optics.psfmodel import PSFModel, binned_psf_size, register_psf_model
 
-__all__ = ["PupilPolyPSF", "MONOMIALS", "monomials"]
+__all__ = ["PupilPolyPSF", "MONOMIALS", "QUADRATIC", "monomials"]
 
-#: the monomials of the field coordinates (x: columns, y: rows, normalised to [-1, 1]), in coefficient order
-MONOMIALS = ("1", "x", "y", "x2", "xy", "y2")
-_RECORD_VERSION = 2  # the newest record this reads: 1 holds the primary terms only, 2 more of them
+#: the monomials of the field coordinates (x: columns, y: rows, normalised to [-1, 1]), in coefficient order: the
+#: first :data:`QUADRATIC` make a quadratic field law, all of them a cubic one
+MONOMIALS = ("1", "x", "y", "x2", "xy", "y2", "x3", "x2y", "xy2", "y3")
+QUADRATIC = 6
+_COLUMNS = (QUADRATIC, len(MONOMIALS))  # the field laws a model may have: quadratic or cubic
+# the newest record this reads: 1 holds the primary terms only, 2 more of them, 3 a cubic field law
+_RECORD_VERSION = 3
 _MAX_WAVES = 3.0  # the pupil sampling (and PSFConfig) is built for at most this many waves RMS per term
 
 
-def monomials(y, x) -> np.ndarray:
-    """(..., 6) values of :data:`MONOMIALS` at normalised field positions (clamped to [-1, 1])."""
+def monomials(y, x, count: int = QUADRATIC) -> np.ndarray:
+    """(..., count) values of the first ``count`` :data:`MONOMIALS` at normalised field positions (clamped to
+    [-1, 1])."""
     y = np.clip(np.asarray(y, dtype=np.float64), -1.0, 1.0)
     x = np.clip(np.asarray(x, dtype=np.float64), -1.0, 1.0)
     y, x = np.broadcast_arrays(y, x)
-    return np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=-1)
+    values = [np.ones_like(x), x, y, x * x, x * y, y * y, x**3, x * x * y, x * y * y, y**3]
+    return np.stack(values[:count], axis=-1)
 
 
 @register_psf_model
@@ -51,9 +60,10 @@ class PupilPolyPSF(PSFModel):
     Parameters
     ----------
     coefficients
-        (T, 6) array: ``coefficients[t, p]`` multiplies monomial ``MONOMIALS[p]`` in the coefficient of Zernike
+        (T, P) array: ``coefficients[t, p]`` multiplies monomial ``MONOMIALS[p]`` in the coefficient of Zernike
         term ``ZERNIKE_TERMS[t]`` (waves RMS, Noll); T from ``len(PRIMARY_TERMS)`` (6) to ``len(ZERNIKE_TERMS)``:
-        the primary terms, then as many of the others as the model uses.
+        the primary terms, then as many of the others as the model uses; P 6 (a quadratic field law) or 10
+        (cubic).
     na, wavelength_um, refractive_index, pixel_size_um
         Numerical aperture, emission wavelength (µm, vacuum), immersion index, camera pixel in the specimen
         plane (µm).
@@ -84,11 +94,12 @@ class PupilPolyPSF(PSFModel):
         provenance: Mapping[str, Any] | None = None,
     ):
         coef = np.array(coefficients, dtype=np.float64)
-        if coef.ndim != 2 or coef.shape[1] != len(MONOMIALS) or not (
+        if coef.ndim != 2 or coef.shape[1] not in _COLUMNS or not (
                 len(PRIMARY_TERMS) <= coef.shape[0] <= len(ZERNIKE_TERMS)):
-            raise ValueError(f"coefficients must have shape (T, {len(MONOMIALS)}) with T from {len(PRIMARY_TERMS)} "
-                             f"to {len(ZERNIKE_TERMS)} (the first T terms of {', '.join(ZERNIKE_TERMS)} x monomials "
-                             f"{', '.join(MONOMIALS)}), got {coef.shape}")
+            raise ValueError(f"coefficients must have shape (T, P) with T from {len(PRIMARY_TERMS)} to "
+                             f"{len(ZERNIKE_TERMS)} (the first T terms of {', '.join(ZERNIKE_TERMS)}) and P "
+                             f"{' or '.join(map(str, _COLUMNS))} (the first P monomials of {', '.join(MONOMIALS)}), "
+                             f"got {coef.shape}")
         if not np.all(np.isfinite(coef)):
             raise ValueError("pupil_poly coefficients contain NaN or Inf")
         bound = self._bound(coef)
@@ -132,7 +143,7 @@ class PupilPolyPSF(PSFModel):
         yy, xx = np.meshgrid(t, t, indexing="ij")
         h, phi = field_polar(cfg, yy, xx, field_shape)
         z = zernike_coefficients(cfg, h, phi).reshape(-1, len(PRIMARY_TERMS))
-        coef = np.linalg.lstsq(monomials(yy, xx).reshape(-1, len(MONOMIALS)), z, rcond=None)[0].T
+        coef = np.linalg.lstsq(monomials(yy, xx).reshape(-1, QUADRATIC), z, rcond=None)[0].T
         kwargs = dict(na=cfg.na, wavelength_um=cfg.wavelength_um, refractive_index=cfg.refractive_index,
                       pixel_size_um=cfg.pixel_size_um, psf_size=cfg.psf_size, oversample=cfg.oversample,
                       grid=cfg.grid, name=cfg.name)
@@ -141,10 +152,10 @@ class PupilPolyPSF(PSFModel):
 
     @staticmethod
     def _bound(coef: np.ndarray) -> np.ndarray:
-        """Largest |coefficient| of each term over the field (on a fine grid; the polynomials are quadratic)."""
+        """Largest |coefficient| of each term over the field (on a fine grid; the polynomials are at most cubic)."""
         t = grid_positions(21)
         yy, xx = np.meshgrid(t, t, indexing="ij")
-        return np.abs(monomials(yy, xx) @ coef.T).reshape(-1, coef.shape[0]).max(axis=0)
+        return np.abs(monomials(yy, xx, coef.shape[1]) @ coef.T).reshape(-1, coef.shape[0]).max(axis=0)
 
     # --------------------------------------------------------------------------------------- properties
 
@@ -170,8 +181,14 @@ class PupilPolyPSF(PSFModel):
 
     @property
     def coefficients(self) -> np.ndarray:
-        """(T, 6) polynomial coefficients (read-only view), terms (the first T of ``ZERNIKE_TERMS``) x monomials."""
+        """(T, P) polynomial coefficients (read-only view), terms (the first T of ``ZERNIKE_TERMS``) x monomials (the
+        first P of ``MONOMIALS``)."""
         return self._coef
+
+    @property
+    def degree(self) -> int:
+        """The degree of the field law: 2 (quadratic) or 3 (cubic)."""
+        return 2 if self._coef.shape[1] == QUADRATIC else 3
 
     @property
     def terms(self) -> tuple[str, ...]:
@@ -196,7 +213,7 @@ class PupilPolyPSF(PSFModel):
 
     def zernike_at(self, y, x) -> np.ndarray:
         """(..., T) Zernike coefficients (waves RMS, of :attr:`terms`) at normalised positions."""
-        return monomials(y, x) @ self._coef.T
+        return monomials(y, x, self._coef.shape[1]) @ self._coef.T
 
     # ------------------------------------------------------------------------------------------- PSFs
 
@@ -226,7 +243,8 @@ class PupilPolyPSF(PSFModel):
         c = self._cfg
         meta = {
             "kind": self.kind,
-            "version": 1 if len(self.terms) == len(PRIMARY_TERMS) else 2,  # older releases read six-term files
+            # older releases read six-term quadratic files, and (from version 2) more terms
+            "version": 3 if self.degree == 3 else 1 if len(self.terms) == len(PRIMARY_TERMS) else 2,
             "name": c.name,
             "na": c.na,
             "wavelength_um": c.wavelength_um,
@@ -236,7 +254,7 @@ class PupilPolyPSF(PSFModel):
             "oversample": c.oversample,
             "grid": c.grid,
             "terms": list(self.terms),
-            "monomials": list(MONOMIALS),
+            "monomials": list(MONOMIALS[: self._coef.shape[1]]),
         }
         return meta, {"coefficients": self._coef.copy()}
 
@@ -256,14 +274,17 @@ class PupilPolyPSF(PSFModel):
         if coef.dtype.kind != "f":
             raise ValueError(f"{cls.kind} PSF record: 'coefficients' must be a float array, got {coef.dtype}")
         terms = meta.get("terms", ZERNIKE_TERMS[: coef.shape[0] if coef.ndim else 0])
+        names = meta.get("monomials", MONOMIALS[:QUADRATIC])
         if (not isinstance(terms, list | tuple) or list(terms) != list(ZERNIKE_TERMS[: len(terms)])
-                or list(meta.get("monomials", MONOMIALS)) != list(MONOMIALS)):
+                or not isinstance(names, list | tuple) or len(names) not in _COLUMNS
+                or list(names) != list(MONOMIALS[: len(names)])):
             raise ValueError(f"{cls.kind} PSF record uses terms {meta.get('terms')} / monomials "
                              f"{meta.get('monomials')}; this napari-coordgate reads the first 6 to "
-                             f"{len(ZERNIKE_TERMS)} of {list(ZERNIKE_TERMS)} / {list(MONOMIALS)}")
-        if coef.ndim != 2 or coef.shape[0] != len(terms):
+                             f"{len(ZERNIKE_TERMS)} of {list(ZERNIKE_TERMS)} / the first "
+                             f"{' or '.join(map(str, _COLUMNS))} of {list(MONOMIALS)}")
+        if coef.ndim != 2 or coef.shape != (len(terms), len(names)):
             raise ValueError(f"{cls.kind} PSF record: 'coefficients' has shape {coef.shape}, expected one row per "
-                             f"term ({len(terms)}) and one column per monomial ({len(MONOMIALS)})")
+                             f"term ({len(terms)}) and one column per monomial ({len(names)})")
         missing = [k for k in ("na", "wavelength_um", "refractive_index", "pixel_size_um", "psf_size") if k not in meta]
         if missing:
             raise ValueError(f"{cls.kind} PSF record lacks {', '.join(missing)}")
@@ -282,4 +303,5 @@ class PupilPolyPSF(PSFModel):
         c = self._cfg
         return (f"pupil_poly PSF model {c.name!r} (NA {c.na:g}, {1000 * c.wavelength_um:g} nm, n = "
                 f"{c.refractive_index:g}, {c.pixel_size_um:g} µm pixels, {c.psf_size} px PSFs; "
-                f"{len(self.terms)} Zernike coefficients quadratic in the field)")
+                f"{len(self.terms)} Zernike coefficients {'quadratic' if self.degree == 2 else 'cubic'} in the "
+                "field)")
