@@ -597,20 +597,11 @@ def fit_pupil_poly(
     optics = dict(na=na, wavelength_um=wavelength_um, refractive_index=refractive_index, pixel_size_um=pixel_size_um)
     start_terms = len(PRIMARY_TERMS) if init is None else np.shape(init)[0]
     start_degree = 2 if init is None or np.shape(init)[1] == QUADRATIC else 3
-    want = _terms_wanted(terms, start_terms, init is None)
-    want_degree = _degree_wanted(degree, start_degree, init is None)
+    want = (_terms_wanted(terms, start_terms, init is None), _degree_wanted(degree, start_degree, init is None))
     fit = _JointFit(data, monomials(y_norm, x_norm, len(MONOMIALS)), np.asarray(shifts, dtype=np.float64), noise,
                     optics, torch.device(device), float(bead_diameter_px), should_stop, on_iteration, chunk)
-    extension = 2 * _TRIAL_ITERATIONS + _EXTEND_ITERATIONS + polish_iterations if want > start_terms else 0
-    bending = 2 * _TRIAL_ITERATIONS + _EXTEND_ITERATIONS + polish_iterations if want_degree > start_degree else 0
-    fit.budget = max_iterations + polish_iterations + extension + bending
-    coef0, nodes, stopped = fit.start(init, node_psfs)
-    if not stopped:
-        coef0, stopped = fit.refine(coef0, max_iterations, subset, polish_iterations)
-    if not stopped and want > coef0.shape[0]:
-        coef0, stopped = fit.extend(coef0, want, terms is not None, subset, polish_iterations, nodes)
-    if not stopped and want_degree > start_degree:
-        coef0, stopped = fit.bend(coef0, degree is not None, subset, polish_iterations)
+    coef0, stopped = fit.run(init, node_psfs, want, (terms is not None, degree is not None), max_iterations, subset,
+                             polish_iterations)
     coef0 = _limit(coef0)
     size = extent(coef0, optics, data.shape[-1], energy=extent_energy) if extent_energy else data.shape[-1]
     model = PupilPolyPSF(coef0, **optics, psf_size=size, grid=grid, name="pupil fit")
@@ -662,6 +653,25 @@ class _JointFit:
         self.shifts, self.weights = shift0.copy(), np.ones(self.n)
         self.budget, self.reported = 0, 0  # iterations announced to on_iteration, and the stages' slots so far
         self.pupil: TorchPupil | None = None
+
+    def run(self, init: np.ndarray | None, node_psfs: np.ndarray | None, want: tuple[int, int],
+            forced: tuple[bool, bool], max_iterations: int, subset: int, polish: int) -> tuple[np.ndarray, bool]:
+        """The stages: the start, LM on a subset then all beads, the further terms (up to ``want[0]``), the cubic
+        defocus law (``want[1]`` 3 from a quadratic start); ``forced``: without their tests. (coefficients,
+        stopped)."""
+        terms0 = len(PRIMARY_TERMS) if init is None else np.shape(init)[0]
+        cubic0 = init is not None and np.shape(init)[1] > QUADRATIC
+        extension = 2 * _TRIAL_ITERATIONS + _EXTEND_ITERATIONS + polish if want[0] > terms0 else 0
+        bending = 2 * _TRIAL_ITERATIONS + _EXTEND_ITERATIONS + polish if want[1] == 3 and not cubic0 else 0
+        self.budget = max_iterations + polish + extension + bending
+        coef, nodes, stopped = self.start(init, node_psfs)
+        if not stopped:
+            coef, stopped = self.refine(coef, max_iterations, subset, polish)
+        if not stopped and want[0] > coef.shape[0]:
+            coef, stopped = self.extend(coef, want[0], forced[0], subset, polish, nodes)
+        if not stopped and bending:
+            coef, stopped = self.bend(coef, forced[1], subset, polish)
+        return coef, stopped
 
     def pupil_for(self, bound: np.ndarray) -> TorchPupil:
         """The fit's pupil (float32, the beads' size) sampled for coefficients up to ``bound`` (T,)."""
