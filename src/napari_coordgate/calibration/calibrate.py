@@ -34,7 +34,7 @@ import numpy as np
 from napari_coordgate.calibration import CalibrationCancelled, CalibrationError
 from napari_coordgate.calibration.detect import BeadTable, find_beads, reject_by_window
 from napari_coordgate.calibration.grid import GridFit, choose_grid, fit_grid
-from napari_coordgate.calibration.patches import Patches, extract_patches, fit_beads, window_size
+from napari_coordgate.calibration.patches import REGIONS, Patches, extract_patches, fit_beads, sizes_at, window_sizes
 from napari_coordgate.calibration.result import CalibrationResult, CalibrationUpdate
 from napari_coordgate.config import CALIBRATION_MODELS
 from napari_coordgate.optics.measured import MeasuredGridPSF
@@ -151,7 +151,7 @@ def _score(model: PSFModel, patches: Patches, field_shape, bead_px: float = 0.0)
         lo = (w - s) // 2
         psfs = np.pad(psfs, ((0, 0), (lo, lo), (lo, lo)))
     fit = fit_beads(psfs, patches)
-    return float(np.sum(fit["chi2"]) / (len(patches) * patches.psf_size**2)), fit
+    return float(np.sum(fit["chi2"]) / np.sum(fit["pixels"])), fit
 
 
 def calibrate(
@@ -348,14 +348,25 @@ class _Run:
     def choose_window(self, psf_size: int | None) -> None:
         h, w = self.field_shape
         limit = min(h, w) - 2 * _MARGIN - 3
-        self.size = size = (int(psf_size) if psf_size is not None
-                            else window_size(self.table, self.cleaned, limit, self.optics, _MARGIN))
+        # a window per region of the field (a given psf_size: that one everywhere); self.size, the largest, is the
+        # side of every bead's arrays
+        self.region_sizes, self.region_cores = (
+            (np.full(REGIONS * REGIONS, int(psf_size)),) * 2 if psf_size is not None
+            else window_sizes(self.table, self.cleaned, limit, self.optics, _MARGIN))
+        self.size = size = int(self.region_sizes.max())
         if size > limit:
             raise CalibrationError(f"psf_size {size} does not fit in a {h} x {w} frame with its background ring")
-        reject_by_window(self.table, self.shapes, size, _MARGIN)
+        reject_by_window(self.table, self.shapes, self.sizes(), _MARGIN)
         dense = _dense_array(self.cleaned, self.table)
         if dense:  # before any modelling: tens of thousands of touching spots would take long, for nothing
             raise DenseArrayError(dense, beads=self.table, field_shape=self.field_shape)
+
+    def sizes(self, rows: np.ndarray | None = None, core: bool = False) -> np.ndarray:
+        """(N,) the window side of table ``rows`` (default all), from the region each sits in; ``core``: the side
+        of its light above the noise (:func:`~napari_coordgate.calibration.patches.window_sizes`)."""
+        t = self.table
+        rows = np.arange(len(t)) if rows is None else rows
+        return sizes_at(self.region_cores if core else self.region_sizes, t.y_norm[rows], t.x_norm[rows])
 
     def usable_patches(self) -> Patches:
         """Registered patches of the accepted beads, their neighbours' light removed, without outliers;
@@ -363,7 +374,7 @@ class _Run:
         table = self.table
         self._enough(np.flatnonzero(table.accepted).size)
         # the first model from the beads without a neighbour within reach, when there are enough of them
-        alone = table.accepted & _alone(table, self.size)
+        alone = table.accepted & _alone(table, self.sizes(core=True))
         crowded = table.accepted & ~alone
         sweeps = _DEBLEND_SWEEPS
         if crowded.any() and alone.sum() < _MIN_ALONE:
@@ -373,8 +384,9 @@ class _Run:
             detail[crowded] = "too crowded: too few beads without neighbours to start the PSF model"
             table.reject(crowded, "too close", detail)
             if alone.sum() < self.need:
+                light = int(self.region_cores.max())
                 raise CalibrationError(f"too crowded: {int(alone.sum())} of {int(alone.sum() + crowded.sum())} beads "
-                                       f"have no neighbour within reach of their {self.size} px window, and "
+                                       f"have no neighbour within reach of their light ({light} px), and "
                                        f"{_MIN_ALONE} are needed to start the PSF model the crowded ones are measured "
                                        "with; image a sparser slide (or give a smaller PSF size)", beads=table,
                                        field_shape=self.field_shape)
@@ -423,7 +435,8 @@ class _Run:
         """Patches of table ``rows`` (beads without light above their background are rejected)."""
         table = self.table
         patches = extract_patches(self.cleaned, self.noises, table.image[rows], table.y[rows], table.x[rows],
-                                  table.y_norm[rows], table.x_norm[rows], rows, self.size, _MARGIN, windows)
+                                  table.y_norm[rows], table.x_norm[rows], rows, self.size, _MARGIN, windows,
+                                  self.sizes(rows))
         good = np.isfinite(patches.flux) & (patches.flux > 0) & np.all(np.isfinite(patches.patches), axis=(1, 2))
         if not good.all():
             table.reject(np.isin(np.arange(len(table)), patches.index[~good]), "fit failed",
@@ -479,7 +492,7 @@ class _Run:
             t = self.table
             psfs = blur_by_bead(model.psfs_at(t.y_norm, t.x_norm, self.field_shape), self.bead_px)
             self._measure_widths_alone(out)
-            reject_by_window(t, self.shapes, self.size, _MARGIN, fwhm=psf_fwhm(psfs))
+            reject_by_window(t, self.shapes, self.sizes(), _MARGIN, fwhm=psf_fwhm(psfs))
         return out
 
     def _sources(self, i: int, model: PSFModel):
@@ -491,6 +504,10 @@ class _Run:
         rows = self._source_rows(i)
         psfs = np.clip(blur_by_bead(model.psfs_at(t.y_norm[rows], t.x_norm[rows], self.field_shape), self.bead_px),
                        0.0, None)
+        side = min(int(self.region_cores.max()), psfs.shape[-1])
+        if side < psfs.shape[-1]:  # a neighbour's light above the noise is what its model must remove; the faint
+            lo = (psfs.shape[-1] - side) // 2  # halo beyond only slows every step of the joint fit
+            psfs = psfs[:, lo : lo + side, lo : lo + side]
         psfs /= psfs.sum(axis=(1, 2), keepdims=True)
         amp0 = np.nan_to_num(t.peak[rows] / psfs.max(axis=(1, 2)), nan=0.0)
         return rows, Sources(t.y[rows], t.x[rows], psfs, amp0)
@@ -552,7 +569,7 @@ class _Run:
 
         t = self.table
         for i, (rows, src) in enumerate(modelled):
-            wide = np.flatnonzero(np.nan_to_num(np.maximum(t.fwhm_x[rows], t.fwhm_y[rows])) > self.size / 2.0)
+            wide = np.flatnonzero(np.nan_to_num(np.maximum(t.fwhm_x[rows], t.fwhm_y[rows])) > self.sizes(rows) / 2.0)
             if wide.size == 0:
                 continue
             fw = psf_fwhm(src.psfs[wide])
@@ -667,9 +684,9 @@ class _Run:
         dev = resolve_device(self.settings["device"])
         self.device = str(dev)
         self.say("pupil", 0.4, f"fitting the pupil model to {len(train)} beads")
-        fit = fit_pupil_poly(train.core(), train.y_norm, train.x_norm, train.shift, train.noise, **self.optics,
-                             grid=7, device=dev, node_psfs=self.grid_fit.psfs, should_stop=self.should_stop,
-                             bead_diameter_px=self.bead_px,
+        fit = fit_pupil_poly(self._pupil_data(train), train.y_norm, train.x_norm, train.shift, train.noise,
+                             **self.optics, grid=7, device=dev, node_psfs=self.grid_fit.psfs,
+                             should_stop=self.should_stop, bead_diameter_px=self.bead_px,
                              on_iteration=lambda d, t, loss: self.say("pupil", 0.4 + 0.4 * d / max(t, 1),
                                                                       f"pupil fit: iteration {d} of {t}, "
                                                                       f"loss {loss:.4g}"))
@@ -681,6 +698,12 @@ class _Run:
         self.pupil_fit = fit
         self.residuals["pupil"] = _score(fit.model, test, self.field_shape, self.bead_px)[0]
         self.candidates["pupil"] = fit.model
+
+    def _pupil_data(self, patches: Patches) -> np.ndarray:
+        """The beads' squares the pupil fit reads: each bead's light above its noise (its region's core), NaN beyond;
+        the model carries its own halo (:func:`~napari_coordgate.calibration.pupilfit.extent`), and the faint wings
+        that the grid's windows hold would only slow it."""
+        return patches.core_within(sizes_at(self.region_cores, patches.y_norm, patches.x_norm))
 
     def refit(self, patches: Patches) -> PSFModel:
         """The chosen model refitted on all beads; per-bead residuals into the table."""
@@ -697,8 +720,8 @@ class _Run:
         else:
             from napari_coordgate.calibration.pupilfit import fit_pupil_poly
 
-            refit = fit_pupil_poly(patches.core(), patches.y_norm, patches.x_norm, patches.shift, patches.noise,
-                                   **self.optics, grid=7, device=self.device,
+            refit = fit_pupil_poly(self._pupil_data(patches), patches.y_norm, patches.x_norm, patches.shift,
+                                   patches.noise, **self.optics, grid=7, device=self.device,
                                    init=self.pupil_fit.model.coefficients, max_iterations=0, polish_iterations=8,
                                    bead_diameter_px=self.bead_px,
                                    should_stop=self.should_stop,
@@ -751,6 +774,9 @@ class _Run:
             "held_out_residuals": {k: v for k, v in self.residuals.items() if v is not None},
             "chosen_model": self.chosen,
             "psf_size": self.size,
+            # the window side of each region of the field (rows of a 3 x 3 partition), and its light above the noise
+            "windows_by_region": self.region_sizes.reshape(REGIONS, REGIONS).tolist(),
+            "cores_by_region": self.region_cores.reshape(REGIONS, REGIONS).tolist(),
             "bead_diameter_px": self.bead_px,
             "holdout_beads": int(self.table.holdout.sum()),
         }
@@ -822,19 +848,21 @@ def _dense_array(images: list[np.ndarray], table: BeadTable) -> str | None:
             "calibrate it as an array (target 'array', --target array), or image scattered beads")
 
 
-def _alone(table: BeadTable, psf_size: int) -> np.ndarray:
-    """Rows without another real spot of their image within a PSF window and a neighbour's core."""
+def _alone(table: BeadTable, psf_size) -> np.ndarray:
+    """Rows without another real spot of their image within their PSF window (``psf_size``: one side for all, or
+    (N,) one per row) and a neighbour's core."""
     from scipy.spatial import cKDTree
 
     out = np.ones(len(table), bool)
     real = (table.reason != "hot pixel") & np.isfinite(table.y)
-    reach = psf_size / 2.0 + 2.0 * float(np.nanmedian(np.fmax(table.fwhm_x, table.fwhm_y)[real]))
+    reach = np.asarray(psf_size) / 2.0 + 2.0 * float(np.nanmedian(np.fmax(table.fwhm_x, table.fwhm_y)[real]))
+    reach = np.broadcast_to(reach, (len(table),))
     for i in np.unique(table.image):
         idx = np.flatnonzero((table.image == i) & real)
         if idx.size > 1:
             pts = np.stack([table.y[idx], table.x[idx]], axis=1)
             d, _ = cKDTree(pts).query(pts, k=2)
-            out[idx] = d[:, 1] >= reach
+            out[idx] = d[:, 1] >= reach[idx]
     return out
 
 
@@ -854,14 +882,14 @@ def _fit_grid_model(train: Patches, grid: int | None, pixel_size_um, bead_px: fl
 
 def _grid_model(fit: GridFit, pixel_size_um) -> MeasuredGridPSF:
     return MeasuredGridPSF(fit.psfs, filled=fit.filled, pixel_size_um=pixel_size_um, name="measured",
-                           blur_grid=fit.k)
+                           blur_grid=fit.k, supports=fit.supports)
 
 
 def _with_provenance(model: PSFModel, prov: dict) -> PSFModel:
     name = "measured from " + ", ".join(Path(s).name for s in prov["source"]) if prov["source"] else model.name
     if isinstance(model, MeasuredGridPSF):
         return MeasuredGridPSF(model.node_psfs, filled=model.filled, pixel_size_um=model.pixel_size_um, name=name,
-                               provenance=prov, blur_grid=model.grid)
+                               provenance=prov, blur_grid=model.grid, supports=model.supports)
     from napari_coordgate.optics.pupil_poly import PupilPolyPSF
 
     assert isinstance(model, PupilPolyPSF)

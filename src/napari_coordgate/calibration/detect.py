@@ -474,27 +474,30 @@ def empty_table(n: int, image_index: int) -> BeadTable:
     )
 
 
-def reject_by_window(table: BeadTable, shapes: list[tuple[int, int]], psf_size: int, margin: int,
+def reject_by_window(table: BeadTable, shapes: list[tuple[int, int]], psf_size, margin: int,
                      fwhm: np.ndarray | None = None) -> None:
     """Reject beads whose PSF window (plus its background ring) leaves the frame, spots too wide for the window,
     beads in a clump (a neighbour closer than a PSF width: the two cannot be told apart), and beads with a
     neighbour whose light cannot be modelled (saturated or too large) close enough to reach into the window.
 
     Other neighbours are not a reason: their light is modelled and removed (:mod:`~napari_coordgate.calibration.crowd`).
+    ``psf_size``: the window side, one for all rows or (N,) one per row (windows chosen per region).
     ``fwhm``: the PSF's FWHM (px) expected at each row (from a PSF model); default :func:`local_fwhm`.
     """
-    half = psf_size // 2 + margin
+    size = np.broadcast_to(np.asarray(psf_size, dtype=int), (len(table),))
+    half = size // 2 + margin
     for i, (h, w) in enumerate(shapes):
         sel = table.image == i
         y, x = table.y, table.x
         out = sel & ((np.round(y) < half) | (np.round(x) < half) | (np.round(y) > h - 1 - half)
                      | (np.round(x) > w - 1 - half))
-        table.reject(out, "edge", f"within {half} px of the frame edge (PSF window {psf_size} px + ring {margin} px)")
+        table.reject(out, "edge", np.array([f"within {hh} px of the frame edge (PSF window {s} px + ring {margin} px)"
+                                            for hh, s in zip(half, size)], dtype=object))
     major = np.maximum(table.fwhm_x, table.fwhm_y)
-    table.reject(np.nan_to_num(major) > psf_size / 2.0, "too large",
-                 np.array([f"FWHM {m:.1f} px > half the {psf_size} px window" for m in np.nan_to_num(major)],
+    table.reject(np.nan_to_num(major) > size / 2.0, "too large",
+                 np.array([f"FWHM {m:.1f} px > half the {s} px window" for m, s in zip(np.nan_to_num(major), size)],
                           dtype=object))
-    _reject_neighbours(table, psf_size, local_fwhm(table, major) if fwhm is None else fwhm)
+    _reject_neighbours(table, size, local_fwhm(table, major) if fwhm is None else fwhm)
 
 
 def local_fwhm(table: BeadTable, major: np.ndarray, k: int = 8) -> np.ndarray:
@@ -519,7 +522,7 @@ def local_fwhm(table: BeadTable, major: np.ndarray, k: int = 8) -> np.ndarray:
     return out
 
 
-def _reject_neighbours(table: BeadTable, psf_size: int, fwhm: np.ndarray) -> None:
+def _reject_neighbours(table: BeadTable, psf_size: np.ndarray, fwhm: np.ndarray) -> None:
     from scipy.spatial import cKDTree
 
     real = (table.reason != "hot pixel") & np.isfinite(table.y)

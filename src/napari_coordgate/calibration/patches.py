@@ -1,10 +1,15 @@
 """Per-bead PSF patches, and the fit of a model PSF to each bead.
 
-A bead's *window* is ``psf_size + 2 margin`` pixels square, centred on the pixel nearest the bead's sub-pixel
-centre. The ``margin``-wide ring around the central ``psf_size`` square gives the bead's local background (its
-median). The *registered patch* is the window minus that background, moved by the sub-pixel remainder of the
-centre with a Fourier shift (band-limited interpolation) so the bead sits exactly on the middle pixel, cropped
-to ``psf_size`` and divided by its sum (the bead's flux).
+A bead's *window* is ``support + 2 margin`` pixels square, centred on the pixel nearest the bead's sub-pixel
+centre, where ``support`` (odd) is the side its PSF needs at its place in the field (:func:`window_sizes`: a PSF five
+times wider in the corners than in the centre needs larger windows there, and a small one in the centre keeps its
+neighbours and the frame edge out). The ``margin``-wide ring around the central ``support`` square gives the bead's
+local background (its median). The *registered patch* is the window minus that background, moved by the sub-pixel
+remainder of the centre with a Fourier shift (band-limited interpolation) so the bead sits exactly on the middle
+pixel, cropped to ``support`` and divided by its light in the smallest window of the set (its sum, the bead's
+flux, where all windows are one size). Every bead's arrays are held at the largest
+side (``psf_size``), zero beyond its own support; :meth:`Patches.mask` says which pixels are its own, and every fit
+weighs only those.
 
 :func:`fit_beads` fits a model PSF to each raw window (amplitude, offset and a sub-pixel shift refined by
 Gauss-Newton), the same way for every model, so held-out residuals compare models fairly.
@@ -13,6 +18,7 @@ Gauss-Newton), the same way for every model, so held-out residuals compare model
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,8 +29,8 @@ from napari_coordgate.optics.shift import fourier_shift, shift_phase
 if TYPE_CHECKING:  # pragma: no cover
     from napari_coordgate.calibration.detect import BeadTable
 
-__all__ = ["Patches", "window_size", "extract_patches", "fit_beads", "fit_amplitude_shift",
-           "xcorr_shift", "centroid", "recentre"]
+__all__ = ["Patches", "window_size", "window_sizes", "sizes_at", "support_masks", "extract_patches", "fit_beads",
+           "fit_amplitude_shift", "xcorr_shift", "centroid", "recentre"]
 
 
 def centroid(psfs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -60,53 +66,104 @@ class Patches:
     noise: np.ndarray  # (N,) background noise of the bead's image
     y_norm: np.ndarray
     x_norm: np.ndarray
-    psf_size: int
+    psf_size: int  # the largest support: the side of every array
     margin: int
+    support: np.ndarray | None = None  # (N,) odd side of each bead's own square (None: psf_size for all)
 
-    def core(self) -> np.ndarray:
-        """(N, s, s) raw central squares of the windows."""
+    def __post_init__(self) -> None:
+        if self.support is None:
+            self.support = np.full(self.index.size, self.psf_size, dtype=int)
+        self.support = np.asarray(self.support, dtype=int)
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every bead's support is the whole ``psf_size`` square."""
+        return bool(np.all(self.support == self.psf_size))
+
+    def mask(self) -> np.ndarray:
+        """(N, s, s) booleans: the pixels of each bead's own support square (centred in the ``psf_size`` one)."""
+        return support_masks(self.support, self.psf_size)
+
+    def core(self, missing: float = 0.0) -> np.ndarray:
+        """(N, s, s) raw central squares of the windows, ``missing`` beyond each bead's support (NaN: what the pupil
+        fit and :func:`fit_amplitude_shift` read as not the bead's pixels)."""
         m, s = self.margin, self.psf_size
-        return self.windows[:, m : m + s, m : m + s]
+        core = self.windows[:, m : m + s, m : m + s]
+        return core if self.uniform else np.where(self.mask(), core, missing)
+
+    def core_within(self, sides: np.ndarray, missing: float = np.nan) -> np.ndarray:
+        """(N, S, S) raw central squares of side S = the largest of ``sides`` (N,), ``missing`` beyond each bead's
+        own ``sides[i]`` (or its support, where smaller): the data of a fit whose model carries its own halo and
+        needs only the pixels where a bead's light stands out."""
+        sides = np.minimum(np.asarray(sides, dtype=int), self.support)
+        side = int(sides.max())
+        lo = self.margin + (self.psf_size - side) // 2
+        core = self.windows[:, lo : lo + side, lo : lo + side]
+        return np.where(support_masks(sides, side), core, missing)
 
     def subset(self, sel) -> "Patches":
         return Patches(self.index[sel], self.windows[sel], self.background[sel], self.shift[sel], self.patches[sel],
                        self.flux[sel], self.noise[sel], self.y_norm[sel], self.x_norm[sel], self.psf_size,
-                       self.margin)
+                       self.margin, self.support[sel])
 
     def __len__(self) -> int:
         return int(self.index.size)
 
 
+def support_masks(support: np.ndarray, size: int) -> np.ndarray:
+    """(N, size, size) booleans: each row's centred square of side ``support[i]`` (odd, at most ``size``)."""
+    c = np.abs(np.arange(size) - size // 2)
+    cheb = np.maximum(c[:, None], c[None, :])
+    return cheb[None] <= (np.asarray(support, dtype=int) // 2)[:, None, None]
+
+
 def extract_patches(images: list[np.ndarray], noises: list[float], image_of: np.ndarray, ys: np.ndarray,
                     xs: np.ndarray, y_norm: np.ndarray, x_norm: np.ndarray, index: np.ndarray, psf_size: int,
-                    margin: int, windows: np.ndarray | None = None) -> Patches:
+                    margin: int, windows: np.ndarray | None = None, support: np.ndarray | None = None) -> Patches:
     """Cut, background-subtract, register and normalise the patches of beads whose windows fit in the frame.
 
-    ``windows``: the beads' (N, s + 2m, s + 2m) windows centred on their nearest pixels, already cut (e.g. with
-    their neighbours' light removed, :func:`~napari_coordgate.calibration.crowd.isolate_windows`)."""
+    ``support``: (N,) odd side of each bead's own square (at most ``psf_size``, the side of the arrays; default
+    ``psf_size`` for all): its background ring lies just outside it, and its patch is zero beyond it.
+    ``windows``: the beads' (N, psf_size + 2m, psf_size + 2m) windows centred on their nearest pixels, already cut
+    (e.g. with their neighbours' light removed, :func:`~napari_coordgate.calibration.crowd.isolate_windows`)."""
     s, m = psf_size, margin
     size = s + 2 * m
     r = size // 2
+    sup = np.full(ys.size, s, dtype=int) if support is None else np.asarray(support, dtype=int)
     iy, ix = np.round(ys).astype(int), np.round(xs).astype(int)
     off = np.arange(size) - r
     if windows is None:
-        windows = np.empty((ys.size, size, size))
+        windows = np.zeros((ys.size, size, size))
         for k, img in enumerate(images):
             sel = np.flatnonzero(image_of == k)
-            if sel.size:
-                windows[sel] = img[(iy[sel, None, None] + off[None, :, None]),
-                                   (ix[sel, None, None] + off[None, None, :])]
-    ring = np.ones((size, size), bool)
-    ring[m : m + s, m : m + s] = False
-    background = np.median(windows[:, ring], axis=1)
+            if sel.size:  # a bead's own window is inside the frame; the rest of a larger square may not be
+                padded = np.pad(img, r)
+                windows[sel] = padded[(iy[sel, None, None] + r + off[None, :, None]),
+                                      (ix[sel, None, None] + r + off[None, None, :])]
+    windows = np.where(support_masks(sup + 2 * m, size), windows, 0.0)
+    c = np.abs(off)
+    cheb = np.maximum(c[:, None], c[None, :])
+    background = np.empty(ys.size)
+    for u in np.unique(sup):
+        rows = np.flatnonzero(sup == u)
+        ring = (cheb > u // 2) & (cheb <= u // 2 + m)
+        background[rows] = np.median(windows[rows][:, ring], axis=1)
     shift = np.stack([ys - iy, xs - ix], axis=1)
-    sub = windows - background[:, None, None]
+    # the ring moves with the bead (as it always has): a zero edge right at the support would ring in the shift
+    sub = np.where(support_masks(sup + 2 * m, size), windows - background[:, None, None], 0.0)
     moved = fourier_shift(sub, -shift[:, 0], -shift[:, 1])[:, m : m + s, m : m + s]
+    moved = np.where(support_masks(sup, s), moved, 0.0)
     flux = moved.sum(axis=(1, 2))
-    patches = moved / np.where(flux > 0, flux, np.nan)[:, None, None]
+    # each patch divided by its light in the smallest window of the set: the same measure for every bead (a bead's
+    # own window would count the wings of some and not of others, and scale them apart); with one window, its flux
+    norm = flux
+    if np.any(sup != sup.min()):
+        lo = (s - int(sup.min())) // 2
+        norm = moved[:, lo : s - lo, lo : s - lo].sum(axis=(1, 2))
+    patches = moved / np.where((flux > 0) & (norm > 0), norm, np.nan)[:, None, None]
     noise = np.asarray(noises, dtype=np.float64)[image_of]
     return Patches(np.asarray(index), windows, background, shift, patches, flux, noise, np.asarray(y_norm),
-                   np.asarray(x_norm), s, m)
+                   np.asarray(x_norm), s, m, sup)
 
 
 def xcorr_shift(psfs: np.ndarray, data: np.ndarray, radius: int = 3) -> np.ndarray:
@@ -153,21 +210,31 @@ def fit_beads(psfs: np.ndarray, patches: Patches, iterations: int = 3, search: b
     Returns
     -------
     dict
-        ``chi2`` (sum of squared residuals over noise², per bead), ``relative`` (residual norm / model signal
-        norm), ``amplitude``, ``offset``, ``shift`` ((N, 2) px).
+        ``chi2`` (sum of squared residuals over noise², per bead, over its own support), ``relative`` (residual
+        norm / model signal norm), ``amplitude``, ``offset``, ``shift`` ((N, 2) px), ``pixels`` (each bead's).
     """
-    return fit_amplitude_shift(psfs, patches.core(), patches.shift, patches.noise, iterations, search)
+    mask = None if patches.uniform else patches.mask()
+    return fit_amplitude_shift(psfs, patches.core(), patches.shift, patches.noise, iterations, search, mask)
 
 
 def fit_amplitude_shift(psfs: np.ndarray, data: np.ndarray, shift0: np.ndarray, noise: np.ndarray,
-                        iterations: int = 3, search: bool = True) -> dict[str, np.ndarray]:
-    """:func:`fit_beads` on plain arrays: (N, s, s) PSFs and data squares, (N, 2) starting shifts, (N,) noise."""
+                        iterations: int = 3, search: bool = True, mask: np.ndarray | None = None
+                        ) -> dict[str, np.ndarray]:
+    """:func:`fit_beads` on plain arrays: (N, s, s) PSFs and data squares, (N, 2) starting shifts, (N,) noise;
+    ``mask`` (N, s, s), where given, the pixels each bead's fit weighs (the rest are not its data)."""
     n, s, _ = psfs.shape
     p = s // 2
     data = data.reshape(n, -1)
+    if mask is None and not np.all(np.isfinite(data)):  # NaN: beyond the bead's window, not its data
+        mask = np.isfinite(data)
+        data = np.where(mask, data, 0.0)
+    wpx = np.ones((n, s * s)) if mask is None else np.asarray(mask, dtype=np.float64).reshape(n, -1)
     shift = np.asarray(shift0, dtype=np.float64).copy()
     if search:
-        found = xcorr_shift(psfs, data.reshape(n, s, s))
+        seen = data
+        if mask is not None:  # a bead's pixels only, about their own mean
+            seen = (data - (data * wpx).sum(axis=1, keepdims=True) / wpx.sum(axis=1, keepdims=True)) * wpx
+        found = xcorr_shift(psfs, seen.reshape(n, s, s))
         shift = np.where(np.isfinite(found), found, shift)
     big = np.pad(psfs, ((0, 0), (p, p), (p, p)))
     ky = np.fft.fftfreq(big.shape[1])[None, :, None]  # for the derivatives of the shift's phase
@@ -183,8 +250,9 @@ def fit_amplitude_shift(psfs: np.ndarray, data: np.ndarray, shift0: np.ndarray, 
             gy = np.fft.ifft2(f * (-2j * np.pi * ky)).real[:, p : p + s, p : p + s].reshape(n, -1)
             gx = np.fft.ifft2(f * (-2j * np.pi * kx)).real[:, p : p + s, p : p + s].reshape(n, -1)
             basis = np.stack([model, ones, gy, gx], axis=2)
-        ata = np.einsum("npi,npj->nij", basis, basis)
-        atb = np.einsum("npi,np->ni", basis, data)
+        wb = basis if mask is None else basis * wpx[:, :, None]
+        ata = np.einsum("npi,npj->nij", wb, basis)
+        atb = np.einsum("npi,np->ni", wb, data)
         sol = np.linalg.solve(ata + 1e-12 * np.eye(basis.shape[2]), atb[..., None])[..., 0]
         if it < iterations:
             amp = sol[:, 0]
@@ -194,10 +262,10 @@ def fit_amplitude_shift(psfs: np.ndarray, data: np.ndarray, shift0: np.ndarray, 
     amp, off = sol[:, 0], sol[:, 1]
     fitted = model * amp[:, None] + off[:, None]
     resid = data - fitted
-    sq = np.sum(resid**2, axis=1)
-    signal = np.linalg.norm(model * amp[:, None], axis=1)
+    sq = np.sum(wpx * resid**2, axis=1)
+    signal = np.linalg.norm(wpx * model * amp[:, None], axis=1)
     return {"chi2": sq / np.asarray(noise) ** 2, "relative": np.sqrt(sq) / np.maximum(signal, 1e-30),
-            "amplitude": amp, "offset": off, "shift": shift}
+            "amplitude": amp, "offset": off, "shift": shift, "pixels": wpx.sum(axis=1)}
 
 
 def _odd(n: float) -> int:
@@ -205,59 +273,173 @@ def _odd(n: float) -> int:
     return n + 1 - n % 2
 
 
-def window_size(table: "BeadTable", cleaned: list[np.ndarray], limit: int, optics: dict | None, margin: int) -> int:
-    """PSF side (odd) that holds the measurable light of the widest beads.
+#: the largest PSF side a calibration measures (a PSF of 10 px FWHM in the corners needs about 81 px)
+MAX_WINDOW = 81
+#: at most this fraction of a PSF's light may lie beyond its window
+TRUNCATED_LIGHT = 0.01
+#: the field is cut into REGIONS x REGIONS cells, each with the window its own widest beads need
+REGIONS = 3
 
-    The widest beads' windows (as large as the frame allows, up to 61 px) are background-subtracted, scaled by
-    their core's light and median-stacked (the median ignores the neighbours that wander into large windows);
-    the radius where the stack's azimuthal mean sinks into its noise sets the size (plus a pixel of margin). At
-    least the Airy pattern's first rings when the optics are known, at least 11 px, at most 51 px.
-    """
-    ok = table.accepted
-    major = np.fmax(table.fwhm_x, table.fwhm_y)
+
+def _floor_and_big(cleaned: list[np.ndarray], limit: int, optics: dict | None, margin: int,
+                   reach: int = MAX_WINDOW + 20) -> tuple[int, int]:
+    """(smallest window, side of the stacks that measure it: at most ``reach``)."""
     floor = 11
     if optics is not None:
         airy = 1.2 * optics["wavelength_um"] / optics["na"] / optics["pixel_size_um"]
         floor = max(floor, _odd(2 * math.ceil(2.0 * airy) + 1))
-    big = int(min(61, limit + 2 * margin, 2 * (min(cleaned[0].shape) // 4) + 1))
-    big -= 1 - big % 2
+    big = int(min(reach, limit + 2 * margin, 2 * (min(cleaned[0].shape) // 4) + 1))
+    return floor, big - (1 - big % 2)
+
+
+def _stack_size(table: "BeadTable", cleaned: list[np.ndarray], rows: np.ndarray, big: int, floor: int,
+                limit: int) -> tuple[int, int, int] | None:
+    """(core, noise, window) sides the beads ``rows`` need (the radii of :func:`_needed_radius` on the median stack
+    of their widest beads' windows, as sides; the noise's at most 51 px), or None when fewer than 5 can be stacked."""
+    major = np.fmax(table.fwhm_x, table.fwhm_y)
     half = big // 2
-    cand = np.flatnonzero(ok & np.isfinite(major) & (table.snr >= 20))
-    inside = [i for i in cand if half <= round(table.y[i]) < cleaned[table.image[i]].shape[0] - half
-              and half <= round(table.x[i]) < cleaned[table.image[i]].shape[1] - half]
-    if len(inside) < 5:
-        sigma = float(np.nanpercentile(major[ok], 90)) / 2.3548 if ok.any() else 1.5
-        return int(np.clip(_odd(2 * math.ceil(5.0 * sigma) + 1), floor, max(floor, min(51, limit))))
-    inside = np.array(inside)
+    # beads whose whole stack window is inside the frame (a partial window's background and light are not
+    # comparable); a region with fewer takes the whole field's sizes
+    inside = np.array([i for i in rows if half <= round(table.y[i]) < cleaned[table.image[i]].shape[0] - half
+                       and half <= round(table.x[i]) < cleaned[table.image[i]].shape[1] - half], dtype=int)
+    if inside.size < 5:
+        return None
     wide = inside[np.argsort(-major[inside])][: max(5, min(40, int(0.4 * inside.size)))]
     off = np.arange(big) - half
-    yy, xx = np.meshgrid(off, off, indexing="ij")
-    rr = np.hypot(yy, xx)
+    rr = np.hypot(off[:, None], off[None, :])
     ring = rr >= half - 2
-    stack = []
+    stack, padded = [], {}
     for i in wide:
-        img = cleaned[table.image[i]]
-        cy, cx = int(round(table.y[i])), int(round(table.x[i]))
+        if table.image[i] not in padded:
+            padded[table.image[i]] = np.pad(cleaned[table.image[i]].astype(np.float64), half, constant_values=np.nan)
+        img = padded[table.image[i]]
+        cy, cx = int(round(table.y[i])) + half, int(round(table.x[i])) + half
         win = img[cy - half : cy + half + 1, cx - half : cx + half + 1]
-        win = win - np.median(win[ring])
-        core = win[rr <= max(3.0, major[i])].sum()
+        if not np.isfinite(win[ring]).any():
+            continue
+        win = win - np.nanmedian(win[ring])
+        core = np.nansum(win[rr <= max(3.0, major[i])])
         if core > 0:
             stack.append(win / core)
     if len(stack) < 5:
-        return int(np.clip(floor, floor, max(floor, min(51, limit))))
-    med = np.median(np.stack(stack), axis=0)
-    med = med - np.mean(med[(rr >= half - 8) & ~ring])  # the stack's residual floor (background estimate bias)
-    # the radius where the stack's azimuthal mean sinks into its own noise (two radii in a row below 2 sigma)
-    outer = med[(rr >= half - 8) & ~ring]
+        return None
+    with warnings.catch_warnings():  # a pixel beyond every bead's frame stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(np.stack(stack), axis=0)
+    radii = _needed_radius(med, rr, half, len(stack))
+    core, noise, window = (int(np.clip(_odd(2 * r + 3), floor, max(floor, min(cap, limit))))
+                           for r, cap in zip(radii, (MAX_WINDOW, 51, MAX_WINDOW)))
+    return core, noise, window
+
+
+def _needed_radius(med: np.ndarray, rr: np.ndarray, half: int, beads: int = 1) -> tuple[int, int, int]:
+    """(core, noise, window) radii of a median stack of ``beads`` beads. The core: where the stack's azimuthal mean
+    sinks into one bead's noise (the light a neighbour's window must keep clear of). The noise: where it sinks into
+    the stack's own noise. The window: that, or further where a power law through the outer half of the measured
+    radii (no shallower than an Airy pattern's r^-3) says more than :data:`TRUNCATED_LIGHT` of the light lies
+    beyond, at most twice as far (a power law read off a few radii says little further out). NaN: pixels no bead
+    of the stack had."""
+    rr = np.where(np.isfinite(med), rr, np.inf)
+    med = np.nan_to_num(med)
+    band = (rr >= half - 8) & (rr < half - 2)
+    med = med - np.mean(med[band])  # the stack's residual floor (background bias)
+    outer = med[band]
     sigma = 1.4826 * float(np.median(np.abs(outer - np.median(outer))))
-    radius = 3
-    below = 0
+    profile = {}
     for r in range(1, half - 8):
         shell = (rr >= r - 0.5) & (rr < r + 0.5)
-        if med[shell].mean() > 2.0 * sigma / math.sqrt(shell.sum()):
-            radius, below = r, 0
-        else:
-            below += 1
-            if below >= 2:
-                break
-    return int(np.clip(_odd(2 * radius + 3), floor, max(floor, min(51, limit))))
+        if shell.any():
+            profile[r] = (float(med[shell].mean()), 2.0 * sigma / math.sqrt(shell.sum()))
+
+    def sinks(scale: float) -> int:  # the last radius above the noise before two radii in a row below it
+        radius, below = 3, 0
+        for r, (mean, noise) in profile.items():
+            if mean > scale * noise:
+                radius, below = r, 0
+            else:
+                below += 1
+                if below >= 2:
+                    break
+        return radius
+
+    radius = sinks(1.0)
+    core = min(sinks(math.sqrt(max(beads, 1))), radius)
+    rs = np.array([r for r in range(max(2, radius // 2), radius + 1) if profile.get(r, (0.0,))[0] > 0], float)
+    if rs.size < 3:
+        return core, radius, radius
+    slope, icpt = np.polyfit(np.log(rs), np.log([profile[int(r)][0] for r in rs]), 1)
+    a = max(-slope, 3.0)
+    tail = 2.0 * math.pi * math.exp(icpt) * (radius + 0.5) ** (2.0 - a) / (a - 2.0)
+    inside = float(med[rr <= radius + 0.5].sum())
+    if inside <= 0 or tail <= TRUNCATED_LIGHT * (inside + tail):
+        return core, radius, radius
+    grown = (radius + 0.5) * (tail / (TRUNCATED_LIGHT * (inside + tail))) ** (1.0 / (a - 2.0))
+    return core, radius, int(min(math.ceil(grown), 2 * radius, half))
+
+
+def window_size(table: "BeadTable", cleaned: list[np.ndarray], limit: int, optics: dict | None, margin: int, *,
+                reach: int = MAX_WINDOW + 20, grow: bool = True) -> int:
+    """PSF side (odd) that holds the light of the widest beads.
+
+    The widest beads' windows (as large as the frame allows, up to ``reach`` px) are background-subtracted, scaled
+    by their core's light and median-stacked (the median ignores the neighbours that wander into large windows);
+    the radius where the stack's azimuthal mean sinks into its noise, grown where its tail still holds more than
+    :data:`TRUNCATED_LIGHT` of the light (:func:`_needed_radius`; not with ``grow`` False, then at most 51 px), sets
+    the size (plus a pixel of margin). At least the Airy pattern's first rings when the optics are known, at least
+    11 px, at most :data:`MAX_WINDOW`.
+    """
+    sides = _whole(table, cleaned, limit, optics, margin, reach)
+    return sides[2] if grow else sides[1]
+
+
+def _whole(table: "BeadTable", cleaned: list[np.ndarray], limit: int, optics: dict | None, margin: int,
+           reach: int = MAX_WINDOW + 20) -> tuple[int, int, int]:
+    """(core, noise, window) sides of :func:`window_size` (all the same where too few beads can be stacked)."""
+    ok = table.accepted
+    major = np.fmax(table.fwhm_x, table.fwhm_y)
+    floor, big = _floor_and_big(cleaned, limit, optics, margin, reach)
+    sizes = _stack_size(table, cleaned, np.flatnonzero(ok & np.isfinite(major) & (table.snr >= 20)), big, floor,
+                        limit)
+    if sizes is None:
+        sigma = float(np.nanpercentile(major[ok], 90)) / 2.3548 if ok.any() else 1.5
+        size = int(np.clip(_odd(2 * math.ceil(5.0 * sigma) + 1), floor, max(floor, min(51, limit))))
+        return size, size, size
+    return sizes
+
+
+def window_sizes(table: "BeadTable", cleaned: list[np.ndarray], limit: int, optics: dict | None, margin: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(windows, cores): (REGIONS², ) each the PSF side (odd) each region of the field needs (row-major cells of a
+    :data:`REGIONS` x :data:`REGIONS` partition; :func:`sizes_at` reads them at any place). The window holds all but
+    :data:`TRUNCATED_LIGHT` of the light; the core is where the light stands above the noise (what a neighbour must
+    keep clear of for a bead to count as alone). Each is :func:`window_size`'s rule on the region's own beads; a
+    region with too few beads to measure takes the whole field's sizes, and no region's is above them. Where the PSF
+    grows across the field, the beads in the centre keep small windows (their neighbours and the frame edge stay
+    out) and those in the corners get windows that hold their light."""
+    whole = _whole(table, cleaned, limit, optics, margin)
+    whole = (whole[0], whole[2])
+    ok = table.accepted & np.isfinite(np.fmax(table.fwhm_x, table.fwhm_y)) & (table.snr >= 20)
+    floor, big = _floor_and_big(cleaned, limit, optics, margin)
+    cell = _region_of(table.y_norm, table.x_norm)
+    cores = np.full(REGIONS * REGIONS, whole[0], dtype=int)
+    windows = np.full(REGIONS * REGIONS, whole[1], dtype=int)
+    for c in range(REGIONS * REGIONS):
+        sizes = _stack_size(table, cleaned, np.flatnonzero(ok & (cell == c)), big, floor, limit)
+        if sizes is not None:
+            cores[c], windows[c] = min(sizes[0], whole[0]), min(sizes[2], whole[1])
+    return windows, cores
+
+
+def sizes_at(sizes: np.ndarray, y_norm: np.ndarray, x_norm: np.ndarray) -> np.ndarray:
+    """(N,) the window side of :func:`window_sizes`' regions at normalised positions (the largest where unknown)."""
+    cell = _region_of(np.asarray(y_norm, float), np.asarray(x_norm, float))
+    return np.where(cell >= 0, np.asarray(sizes)[np.maximum(cell, 0)], int(np.max(sizes))).astype(int)
+
+
+def _region_of(y_norm: np.ndarray, x_norm: np.ndarray) -> np.ndarray:
+    """(N,) the cell (row-major) of :func:`window_sizes`' partition at normalised positions (-1 where unknown)."""
+    def axis(v):
+        return np.clip(np.floor((np.nan_to_num(v, nan=0.0) + 1.0) / 2.0 * REGIONS), 0, REGIONS - 1).astype(int)
+
+    out = axis(y_norm) * REGIONS + axis(x_norm)
+    return np.where(np.isfinite(y_norm) & np.isfinite(x_norm), out, -1)

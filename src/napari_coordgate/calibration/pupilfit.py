@@ -164,7 +164,10 @@ class _Joint:
         self.pupil, self.chunk = pupil, chunk
         kw = {"device": pupil.device, "dtype": pupil.dtype}
         self.n = data.shape[0]
-        self.d = torch.as_tensor(data.reshape(self.n, -1), **kw)
+        flat = data.reshape(self.n, -1)
+        seen = np.isfinite(flat)  # NaN: not this bead's pixel (beyond its window); weighed zero
+        self.m = None if seen.all() else torch.as_tensor(seen, **kw)
+        self.d = torch.as_tensor(np.where(seen, flat, 0.0), **kw)
         self.w = torch.as_tensor(1.0 / np.maximum(noise, 1e-30) ** 2, **kw)
         self.ph = torch.as_tensor(phi, **kw)
         self.free = None if free is None else torch.as_tensor(np.flatnonzero(free), device=pupil.device)
@@ -179,8 +182,10 @@ class _Joint:
         """(amplitudes, offsets, chi2 per bead) at the coefficients ``theta`` and ``shifts``."""
         psf = torch.cat([self.pupil.psfs(self.ph[b] @ theta.to(self.pupil.dtype).T, shifts[b].to(self.pupil.dtype))
                          .reshape(-1, self.d.shape[1]) for b in self._chunks()])
-        a, o = _solve_amplitude_offset(psf, self.d)
+        a, o = _solve_amplitude_offset(psf, self.d, self.m)
         r = self.d - a[:, None] * psf - o[:, None]
+        if self.m is not None:
+            r = r * self.m
         return a, o, (r * r).sum(1) * self.w
 
     def _chunks(self):
@@ -206,6 +211,9 @@ class _Joint:
                 jt = jt[:, self.free]
             jl = torch.stack([ab[:, None] * dp[:, t], ab[:, None] * dp[:, t + 1], p, torch.ones_like(p)], 1)
             jl, wc = jl.to(torch.float64), weights[b]
+            if self.m is not None:  # a bead's residuals and derivatives on its own pixels only
+                mb = self.m[b].to(torch.float64)
+                r, jt, jl = r * mb, jt * mb[:, None, :], jl * mb[:, None, :]
             big_a += torch.einsum("n,nip,njp->ij", wc, jt, jt)
             g_a += torch.einsum("n,nip,np->i", wc, jt, r)
             cross.append(torch.einsum("n,nip,njp->nij", wc, jt, jl))
@@ -318,7 +326,11 @@ def _solve_amplitude_offset(psf: torch.Tensor, data: torch.Tensor, pixel_w: torc
     """Closed-form least-squares amplitude and offset of ``data ≈ a psf + o`` per row (no gradient needed:
     at the optimum the loss's gradient does not depend on how a and o move, variable projection)."""
     with torch.no_grad():
-        npx = psf.shape[1]
+        if pixel_w is not None:  # only the weighted pixels count (data already zero elsewhere)
+            npx = pixel_w.sum(1)
+            psf = psf * pixel_w
+        else:
+            npx = psf.shape[1]
         sp, sd = psf.sum(1), data.sum(1)
         spp, spd = (psf * psf).sum(1), (psf * data).sum(1)
         det = spp * npx - sp * sp
@@ -648,6 +660,7 @@ class _JointFit:
         self.optics, self.device, self.bead, self.chunk = optics, device, bead, chunk
         self.should_stop, self.on_iteration = should_stop, on_iteration
         self.n, self.s = data.shape[0], data.shape[-1]
+        self.pixels = float(np.isfinite(data).sum()) / max(self.n, 1)  # per bead (NaN: beyond its window)
         self.iterations, self.loss, self.extension_score, self.extension_held_out = 0, math.nan, math.nan, math.nan
         self.bend_score, self.bend_held_out = math.nan, math.nan
         self.shifts, self.weights = shift0.copy(), np.ones(self.n)
@@ -744,7 +757,7 @@ class _JointFit:
             coef0, self.shifts, c2, self.weights, it, stopped = _lm_fit(
                 pupil, data, noise, phi, coef0, self.shifts, polish, report_offset=offset + total - polish, **common)
             self.iterations += it
-            self.loss = float(np.sum(self.weights * c2) / (np.sum(self.weights) * self.s * self.s))
+            self.loss = float(np.sum(self.weights * c2) / (np.sum(self.weights) * self.pixels))
         return coef0, stopped
 
     def extend(self, coef: np.ndarray, rows: int, forced: bool, subset: int, polish: int,

@@ -695,7 +695,8 @@ def _lateral_size(table: BeadTable, slab: np.ndarray, field_shape, psf_size: int
         if size % 2 == 0 or size < 3 or size > limit:
             raise CalibrationError(f"psf_size must be odd, from 3 to {limit} for {h} x {w} planes, got {size}")
         return size
-    return window_size(table, [slab.sum(axis=0)], limit, None, _MARGIN)
+    # one window for the whole stack (per-region windows as in 2-D are not done in 3-D yet)
+    return window_size(table, [slab.sum(axis=0)], limit, None, _MARGIN, reach=61, grow=False)
 
 
 def _zstack_warnings(table: BeadTable, focus: np.ndarray, z: int, filled: np.ndarray) -> list[str]:

@@ -8,9 +8,12 @@ interpolation of the four surrounding node PSFs, with the weights that
 model built from this grid blurs exactly as :meth:`MeasuredGridPSF.psfs_at` says each point is blurred.
 
 Nodes that had too few beads nearby were filled from their neighbours (``filled``); the calibration report says
-where. What a grid of node PSFs is whatever their dimensions (properties, checks, binning with :func:`bin_xy`,
-records) lives in :class:`NodeGridPSF`, which the 3-D :class:`~napari_coordgate.optics.psf3d.MeasuredGrid3DPSF`
-shares. numpy only: no torch, no Qt (reading a ``.cgpsf`` file must not need them).
+where. Where the PSF grows across the field, each node's PSF may end at its own ``supports`` side (odd, centred; zero
+beyond): the grid holds every node on the largest side and records each node's own (record version 2; a grid whose
+nodes all fill the square is written as version 1, as before, and version-1 files load unchanged). What a grid of
+node PSFs is whatever their dimensions (properties, checks, binning with :func:`bin_xy`, records) lives in
+:class:`NodeGridPSF`, which the 3-D :class:`~napari_coordgate.optics.psf3d.MeasuredGrid3DPSF` shares. numpy only:
+no torch, no Qt (reading a ``.cgpsf`` file must not need them).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from napari_coordgate.optics.shift import fourier_shift
 
 __all__ = ["MeasuredGridPSF", "NodeGridPSF", "tent_interpolate", "bin_xy"]
 
-_RECORD_VERSION = 1
+_RECORD_VERSION = 2  # 2: the nodes' own supports ("supports"); written only where they differ from the side
 
 
 def tent_interpolate(node_psfs: np.ndarray, y, x) -> np.ndarray:
@@ -107,9 +110,11 @@ class NodeGridPSF(PSFModel):
     _binned_renormalises: ClassVar[bool] = False
 
     def __init__(self, psfs: np.ndarray, *, filled: np.ndarray | None = None, pixel_size_um: float | None = None,
-                 name: str = "measured", provenance: Mapping[str, Any] | None = None, blur_grid: int | None = None):
+                 name: str = "measured", provenance: Mapping[str, Any] | None = None, blur_grid: int | None = None,
+                 supports: np.ndarray | None = None):
         arr = self._checked_psfs(psfs)
         k = arr.shape[0]
+        self._supports = self._checked_supports(supports, arr)
         flags = np.zeros((k, k), dtype=bool) if filled is None else np.asarray(filled)
         if flags.shape != (k, k):
             raise ValueError(f"filled must have shape ({k}, {k}) like the grid, got {flags.shape}")
@@ -153,6 +158,31 @@ class NodeGridPSF(PSFModel):
         return arr
 
     @classmethod
+    def _checked_supports(cls, supports, arr: np.ndarray) -> np.ndarray:
+        """(K, K) odd node sides (default the whole square), checked against the PSFs: no light beyond them."""
+        k, s = arr.shape[0], arr.shape[-1]
+        if supports is None:
+            out = np.full((k, k), s, dtype=int)
+        else:
+            sup = np.asarray(supports)
+            whole = sup.dtype.kind in "iu" or (sup.dtype.kind == "f" and np.all(np.isfinite(sup))
+                                                 and np.all(sup == np.round(sup)))
+            if sup.shape != (k, k) or not whole:
+                raise ValueError(f"supports must be ({k}, {k}) whole numbers like the grid, got shape {sup.shape}")
+            out = sup.astype(int)
+            if np.any(out % 2 == 0) or out.min() < 3 or out.max() > s:
+                raise ValueError(f"supports must be odd sides from 3 to the PSFs' {s} px, got {out.min()} .. "
+                                 f"{out.max()}")
+            c = np.abs(np.arange(s) - s // 2)
+            cheb = np.maximum(c[:, None], c[None, :])
+            beyond = cheb[None, None] > (out // 2)[:, :, None, None]
+            light = np.where(beyond[(slice(None), slice(None)) + (None,) * (arr.ndim - 4)], arr, 0.0)
+            if np.any(light.sum(axis=tuple(range(2, arr.ndim))) > 1e-9):
+                raise ValueError("a node's PSF has light beyond its recorded support")
+        out.setflags(write=False)
+        return out
+
+    @classmethod
     def _check_depth(cls, arr: np.ndarray) -> None:
         """Refuse node PSFs whose planes cannot be (3-D grids); a 2-D grid has none."""
 
@@ -161,7 +191,9 @@ class NodeGridPSF(PSFModel):
         n = int(self._filled.sum())
         filled = f", {n} node(s) filled from neighbours" if n else ""
         px = "" if self._pixel_size is None else f", {self._pixel_size:g} µm pixels"
-        return filled + px
+        lo = int(self._supports.min())
+        own = f", node supports {lo} to {self.psf_size} px" if lo < self.psf_size else ""
+        return own + filled + px
 
     # --------------------------------------------------------------------------------------- properties
 
@@ -194,6 +226,11 @@ class NodeGridPSF(PSFModel):
     def node_psfs(self) -> np.ndarray:
         """(K, K, s, s) node PSFs ((K, K, D, s, s) for a 3-D grid; read-only view)."""
         return self._psfs
+
+    @property
+    def supports(self) -> np.ndarray:
+        """(K, K) odd side of each node's PSF, centred in the ``psf_size`` square (zero beyond; read-only)."""
+        return self._supports
 
     @property
     def filled(self) -> np.ndarray:
@@ -232,18 +269,31 @@ class NodeGridPSF(PSFModel):
             pooled /= pooled.sum(axis=(1, 2), keepdims=True)
         prov = dict(self._provenance)
         prov["binning"] = b * int(prov.get("binning", 1))
-        return type(self)(pooled.reshape(*self._psfs.shape[:-2], *pooled.shape[-2:]), filled=self._filled,
+        out = pooled.reshape(*self._psfs.shape[:-2], *pooled.shape[-2:])
+        supports = None
+        if np.any(self._supports != s):  # each node's side binned as the whole one is, and nothing beyond it
+            supports = np.vectorize(lambda u: binned_psf_size(int(u), b))(self._supports)
+            c = np.abs(np.arange(out.shape[-1]) - out.shape[-1] // 2)
+            inside = np.maximum(c[:, None], c[None, :])[None, None] <= (supports // 2)[:, :, None, None]
+            out = out * inside[(slice(None), slice(None)) + (None,) * (out.ndim - 4)]
+            if not self._binned_renormalises:
+                out = out / out.sum(axis=tuple(range(2, out.ndim)), keepdims=True)
+        return type(self)(out, filled=self._filled,
                           pixel_size_um=None if self._pixel_size is None else self._pixel_size * b, name=self._name,
-                          provenance=prov, blur_grid=self._blur_grid,
+                          provenance=prov, blur_grid=self._blur_grid, supports=supports,
                           **{key: getattr(self, key) for key in self._extra_args})
 
     # ---------------------------------------------------------------------------------------- records
 
     def to_record(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        meta = {"kind": self.kind, "version": _RECORD_VERSION, "name": self._name, "nodes": self.nodes,
+        own = bool(np.any(self._supports != self.psf_size))  # only then version 2: older releases read the rest
+        meta = {"kind": self.kind, "version": 2 if own else 1, "name": self._name, "nodes": self.nodes,
                 "grid": self._blur_grid, **{key: getattr(self, key) for key, _ in self._record_axes},
                 **{key: getattr(self, key) for key in self._extra_args}, "pixel_size_um": self._pixel_size}
-        return meta, {"psfs": self._psfs.copy(), "filled": self._filled.astype(np.float64)}
+        arrays = {"psfs": self._psfs.copy(), "filled": self._filled.astype(np.float64)}
+        if own:
+            arrays["supports"] = self._supports.astype(np.float64)
+        return meta, arrays
 
     @classmethod
     def from_record(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> "NodeGridPSF":
@@ -252,7 +302,7 @@ class NodeGridPSF(PSFModel):
         try:
             return cls(psfs, filled=filled, pixel_size_um=meta.get("pixel_size_um"),
                        name=str(meta.get("name", "measured")), provenance=meta.get("provenance") or {},
-                       blur_grid=meta.get("grid"), **extra)
+                       blur_grid=meta.get("grid"), supports=arrays.get("supports"), **extra)
         except ValueError as exc:
             raise ValueError(f"{cls.kind} PSF record: {exc}") from None
 
