@@ -1,0 +1,89 @@
+"""Windows per region of the field: where the PSF grows toward the corners, the beads there get windows that hold
+their light, those in the centre keep small ones, and the grid's fit weighs each bead on its own window only."""
+
+import numpy as np
+import pytest
+
+from napari_coordgate.calibration.grid import fit_grid
+from napari_coordgate.calibration.patches import Patches, support_masks
+
+
+def _gauss(size: int, sigma: float) -> np.ndarray:
+    c = np.arange(size) - size // 2
+    g = np.exp(-(c[:, None] ** 2 + c[None, :] ** 2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def _patches(support_left: int, n: int = 240, size: int = 31, seed: int = 0):
+    """Beads over the field whose PSF is the tent interpolation along x of a sharp PSF (x = -1 and 1) and a wide
+    one (x = 0), on a 3 x 3 grid; beads left of the centre have windows of ``support_left`` px (zero beyond: the
+    wide PSF's light there is cut), the others the whole square. Returns (patches, truth (3, s, s) by column)."""
+    rng = np.random.default_rng(seed)
+    y, x = rng.uniform(-1, 1, n), rng.uniform(-1, 1, n)
+    truth = np.stack([_gauss(size, 1.2), _gauss(size, 5.0), _gauss(size, 1.2)])
+    t = 1.0 - np.abs(x)  # the wide PSF's weight: 1 in the centre, 0 at both sides
+    psfs = (1 - t)[:, None, None] * truth[0] + t[:, None, None] * truth[1]
+    support = np.where(x < 0, support_left, size)
+    psfs = np.where(support_masks(support, size), psfs, 0.0)  # what each window holds
+    ones = np.ones(n)
+    return Patches(np.arange(n), np.zeros((n, size + 6, size + 6)), np.zeros(n), np.zeros((n, 2)), psfs, ones,
+                   ones, y, x, size, 3, support), truth
+
+
+def test_the_grid_fit_weighs_each_bead_on_its_own_window_and_recovers_psfs_its_small_windows_cut():
+    patches, truth = _patches(support_left=21)
+
+    fit = fit_grid(patches, 3, lam=1e-6)
+
+    got = fit.psfs[1]  # the middle row: columns x = -1, 0, 1
+    err = np.linalg.norm(got - truth, axis=(1, 2)) / np.linalg.norm(truth, axis=(1, 2))
+    beyond = ~support_masks(np.array([21]), patches.psf_size)[0]
+    wings = got[1][beyond].sum() / truth[1][beyond].sum()  # the wide PSF's light beyond the small windows
+    assert err.max() < 0.01 and abs(wings - 1.0) < 0.02, (err, wings)
+    assert np.array_equal(fit.supports[1], [21, 31, 31])  # each node as far as its beads' windows reach
+
+
+@pytest.mark.parametrize("declared", ["own windows", "one window for all"])
+def test_pixels_beyond_a_beads_window_are_not_read_as_darkness(declared):
+    rng = np.random.default_rng(1)
+    n, size = 60, 31
+    psf = _gauss(size, 5.0)
+    support = np.where(np.arange(n) % 2 == 0, 21, size)  # half the beads' windows cut the PSF's wings
+    data = np.where(support_masks(support, size), psf, 0.0)
+    ones = np.ones(n)
+    patches = Patches(np.arange(n), np.zeros((n, size + 6, size + 6)), np.zeros(n), np.zeros((n, 2)), data, ones,
+                      ones, rng.uniform(-1, 1, n), rng.uniform(-1, 1, n), size, 3,
+                      support if declared == "own windows" else None)
+
+    fit = fit_grid(patches, 1, lam=1e-6)
+
+    beyond = ~support_masks(np.array([21]), size)[0]
+    wings = fit.psfs[0, 0][beyond].sum() / psf[beyond].sum()
+    if declared == "own windows":
+        assert abs(wings - 1.0) < 0.02, wings
+    else:
+        assert wings < 0.7, wings  # the cut half read as zeros
+
+
+def test_a_psf_five_times_wider_in_the_corners_gets_small_windows_in_the_centre_and_windows_that_hold_it_there():
+    from napari_coordgate.calibration.calibrate import calibrate
+    from napari_coordgate.coords import grid_positions
+    from napari_coordgate.samples.beads import EllipticalOptics, bead_slide, psf_error
+
+    optics = EllipticalOptics(width=1.6, radial=4.0, tangential=2.5, beta=4.0, twist=0.0, psf_size=81)
+    image, _ = bead_slide(optics, (512, 512), n_beads=140, photons=5000, n_saturated=0, n_touching=0, seed=0)
+
+    result = calibrate(image, model="grid")
+
+    windows = np.array(result.model.provenance["windows_by_region"])
+    assert windows[1, 1] <= 15 and windows[[0, 0, 2, 2], [0, 2, 0, 2]].min() >= 17
+    model = result.model
+    t = grid_positions(model.nodes)
+    yy, xx = np.meshgrid(t, t, indexing="ij")
+    true = optics.psfs(yy.ravel(), xx.ravel())
+    c = true.shape[-1] // 2
+    held = [true[i, c - u // 2 : c + u // 2 + 1, c - u // 2 : c + u // 2 + 1].sum()
+            for i, u in enumerate(model.supports.ravel())]
+    assert min(held) >= 0.97  # 0.83 in the corners with the centre's 13 px
+    assert model.supports.min() < model.psf_size  # the file records where each node ends
+    assert np.median(psf_error(model, optics, (512, 512))) < 0.1
