@@ -303,3 +303,23 @@ def test_a_field_law_the_fit_cannot_give_is_refused(degree, init, match):
     args, _ = _bent_beads(0.0, n=3, s=9)
     with pytest.raises(ValueError, match=match):
         fit_pupil_poly(*args, **OPTICS, degree=degree, init=init)
+
+
+def test_pixels_marked_nan_are_not_a_beads_data_and_what_lies_there_does_not_move_the_fit():
+    (data, yn, xn, shifts, noise), nodes = _beads(_primary(), n=24, s=15)
+    junk = data.copy()
+    junk[::2, :3, :] += 2000.0  # half the beads with a neighbour's glare along the top of their squares
+    cut = junk.copy()
+    cut[::2, :3, :] = np.nan  # ... beyond their windows: not their data
+    common = dict(**OPTICS, node_psfs=nodes, max_iterations=10, terms=6, degree=2)
+
+    clean = fit_pupil_poly(data, yn, xn, shifts, noise, **common)
+    masked = fit_pupil_poly(cut, yn, xn, shifts, noise, **common)
+    read = fit_pupil_poly(junk, yn, xn, shifts, noise, **common)
+
+    truth = _PolyOptics(_primary())
+    err = {name: np.median(psf_error(f.model, truth, (256, 256)))
+           for name, f in (("clean", clean), ("masked", masked), ("read", read))}
+    assert err["masked"] < err["clean"] + 0.01 and err["masked"] < 0.04, err
+    assert err["read"] > 1.5 * err["masked"], err  # the robust weights alone do not undo the glare
+    assert masked.weights[::2].min() > 0.3  # the masked beads are trusted: their own pixels fit

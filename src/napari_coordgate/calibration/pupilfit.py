@@ -779,7 +779,8 @@ class _JointFit:
         """
         start = np.zeros((rows, coef.shape[1]))
         start[: coef.shape[0]] = coef
-        free = np.ones(start.shape, dtype=bool) if _free(start.shape) is None else _free(start.shape)
+        free = _free(start.shape)
+        free = np.ones(start.shape, dtype=bool) if free is None else free
         fitted = free & (np.arange(rows) < coef.shape[0])[:, None]
         self.extension_score, guess = self.score_test(start, free, fitted, self.subset(subset))
         held = np.flatnonzero(np.arange(self.n) % 4 == 3) if not forced else np.zeros(0, int)
