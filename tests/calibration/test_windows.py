@@ -65,18 +65,18 @@ def test_pixels_beyond_a_beads_window_are_not_read_as_darkness(declared):
         assert wings < 0.7, wings  # the cut half read as zeros
 
 
-def test_a_psf_five_times_wider_in_the_corners_gets_small_windows_in_the_centre_and_windows_that_hold_it_there():
+def test_a_psf_five_times_wider_in_the_corners_gets_small_windows_in_the_centre_and_larger_ones_in_the_corners():
     from napari_coordgate.calibration.calibrate import calibrate
     from napari_coordgate.coords import grid_positions
     from napari_coordgate.samples.beads import EllipticalOptics, bead_slide, psf_error
 
     optics = EllipticalOptics(width=1.6, radial=4.0, tangential=2.5, beta=4.0, twist=0.0, psf_size=81)
-    image, _ = bead_slide(optics, (512, 512), n_beads=140, photons=5000, n_saturated=0, n_touching=0, seed=0)
+    image, _ = bead_slide(optics, (512, 512), n_beads=250, photons=5000, n_saturated=0, n_touching=0, seed=0)
 
     result = calibrate(image, model="grid")
 
     windows = np.array(result.model.provenance["windows_by_region"])
-    assert windows[1, 1] <= 15 and windows[[0, 0, 2, 2], [0, 2, 0, 2]].min() >= 17
+    assert windows[1, 1] <= 13 and windows[[0, 0, 2, 2], [0, 2, 0, 2]].min() >= 17
     model = result.model
     t = grid_positions(model.nodes)
     yy, xx = np.meshgrid(t, t, indexing="ij")
@@ -84,6 +84,6 @@ def test_a_psf_five_times_wider_in_the_corners_gets_small_windows_in_the_centre_
     c = true.shape[-1] // 2
     held = [true[i, c - u // 2 : c + u // 2 + 1, c - u // 2 : c + u // 2 + 1].sum()
             for i, u in enumerate(model.supports.ravel())]
-    assert min(held) >= 0.97  # 0.83 in the corners with the centre's 13 px
+    assert min(held) >= 0.95  # 0.83 with the centre's 13 px everywhere (the 1024² replica: benchmarks/README.md)
     assert model.supports.min() < model.psf_size  # the file records where each node ends
     assert np.median(psf_error(model, optics, (512, 512))) < 0.1

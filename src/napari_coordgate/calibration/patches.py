@@ -277,6 +277,9 @@ def _odd(n: float) -> int:
 MAX_WINDOW = 81
 #: at most this fraction of a PSF's light may lie beyond its window
 TRUNCATED_LIGHT = 0.01
+#: a region measures its own window from at least this many beads (the widest 40 % of them stacked): the stack of
+#: fewer is too noisy to place a 1 % tail (5 beads of an 8-bit slide gave 57-81 px windows for 7 px PSFs)
+REGION_BEADS = 15
 #: the field is cut into REGIONS x REGIONS cells, each with the window its own widest beads need
 REGIONS = 3
 
@@ -293,16 +296,17 @@ def _floor_and_big(cleaned: list[np.ndarray], limit: int, optics: dict | None, m
 
 
 def _stack_size(table: "BeadTable", cleaned: list[np.ndarray], rows: np.ndarray, big: int, floor: int,
-                limit: int) -> tuple[int, int, int] | None:
+                limit: int, least: int = 5) -> tuple[int, int, int] | None:
     """(core, noise, window) sides the beads ``rows`` need (the radii of :func:`_needed_radius` on the median stack
-    of their widest beads' windows, as sides; the noise's at most 51 px), or None when fewer than 5 can be stacked."""
+    of their widest beads' windows, as sides; the noise's at most 51 px), or None when fewer than ``least`` beads
+    are measurable."""
     major = np.fmax(table.fwhm_x, table.fwhm_y)
     half = big // 2
     # beads whose whole stack window is inside the frame (a partial window's background and light are not
     # comparable); a region with fewer takes the whole field's sizes
     inside = np.array([i for i in rows if half <= round(table.y[i]) < cleaned[table.image[i]].shape[0] - half
                        and half <= round(table.x[i]) < cleaned[table.image[i]].shape[1] - half], dtype=int)
-    if inside.size < 5:
+    if inside.size < least:
         return None
     wide = inside[np.argsort(-major[inside])][: max(5, min(40, int(0.4 * inside.size)))]
     off = np.arange(big) - half
@@ -345,6 +349,8 @@ def _needed_radius(med: np.ndarray, rr: np.ndarray, half: int, beads: int = 1) -
     med = med - np.mean(med[band])  # the stack's residual floor (background bias)
     outer = med[band]
     sigma = 1.4826 * float(np.median(np.abs(outer - np.median(outer))))
+    if sigma <= 0:  # quantised (8-bit) images: most of the band is one value, its median deviation 0
+        sigma = float(np.std(outer))
     profile = {}
     for r in range(1, half - 8):
         shell = (rr >= r - 0.5) & (rr < r + 0.5)
@@ -413,9 +419,9 @@ def window_sizes(table: "BeadTable", cleaned: list[np.ndarray], limit: int, opti
     :data:`REGIONS` x :data:`REGIONS` partition; :func:`sizes_at` reads them at any place). The window holds all but
     :data:`TRUNCATED_LIGHT` of the light; the core is where the light stands above the noise (what a neighbour must
     keep clear of for a bead to count as alone). Each is :func:`window_size`'s rule on the region's own beads; a
-    region with too few beads to measure takes the whole field's sizes, and no region's is above them. Where the PSF
-    grows across the field, the beads in the centre keep small windows (their neighbours and the frame edge stay
-    out) and those in the corners get windows that hold their light."""
+    region with fewer than :data:`REGION_BEADS` measurable beads takes the whole field's sizes, and no region's is
+    above them. Where the PSF grows across the field, the beads in the centre keep small windows (their neighbours
+    and the frame edge stay out) and those in the corners get windows that hold their light."""
     whole = _whole(table, cleaned, limit, optics, margin)
     whole = (whole[0], whole[2])
     ok = table.accepted & np.isfinite(np.fmax(table.fwhm_x, table.fwhm_y)) & (table.snr >= 20)
@@ -424,7 +430,7 @@ def window_sizes(table: "BeadTable", cleaned: list[np.ndarray], limit: int, opti
     cores = np.full(REGIONS * REGIONS, whole[0], dtype=int)
     windows = np.full(REGIONS * REGIONS, whole[1], dtype=int)
     for c in range(REGIONS * REGIONS):
-        sizes = _stack_size(table, cleaned, np.flatnonzero(ok & (cell == c)), big, floor, limit)
+        sizes = _stack_size(table, cleaned, np.flatnonzero(ok & (cell == c)), big, floor, limit, REGION_BEADS)
         if sizes is not None:
             cores[c], windows[c] = min(sizes[0], whole[0]), min(sizes[2], whole[1])
     return windows, cores
