@@ -419,9 +419,11 @@ def window_sizes(table: "BeadTable", cleaned: list[np.ndarray], limit: int, opti
     :data:`REGIONS` x :data:`REGIONS` partition; :func:`sizes_at` reads them at any place). The window holds all but
     :data:`TRUNCATED_LIGHT` of the light; the core is where the light stands above the noise (what a neighbour must
     keep clear of for a bead to count as alone). Each is :func:`window_size`'s rule on the region's own beads; a
-    region with fewer than :data:`REGION_BEADS` measurable beads takes the whole field's sizes, and no region's is
-    above them. Where the PSF grows across the field, the beads in the centre keep small windows (their neighbours
-    and the frame edge stay out) and those in the corners get windows that hold their light."""
+    region with fewer than :data:`REGION_BEADS` measurable beads takes the whole field's sizes. A region's window may
+    exceed the whole field's (whose stack mixes the PSFs of every corner, each smeared its own way, and its median
+    keeps the light they share); its core may not. Where the PSF grows across the field, the beads in the centre
+    keep small windows (their neighbours and the frame edge stay out) and those in the corners get windows that hold
+    their light."""
     whole = _whole(table, cleaned, limit, optics, margin)
     whole = (whole[0], whole[2])
     ok = table.accepted & np.isfinite(np.fmax(table.fwhm_x, table.fwhm_y)) & (table.snr >= 20)
@@ -432,7 +434,7 @@ def window_sizes(table: "BeadTable", cleaned: list[np.ndarray], limit: int, opti
     for c in range(REGIONS * REGIONS):
         sizes = _stack_size(table, cleaned, np.flatnonzero(ok & (cell == c)), big, floor, limit, REGION_BEADS)
         if sizes is not None:
-            cores[c], windows[c] = min(sizes[0], whole[0]), min(sizes[2], whole[1])
+            cores[c], windows[c] = min(sizes[0], whole[0]), sizes[2]
     return windows, cores
 
 
