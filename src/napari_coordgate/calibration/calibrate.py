@@ -34,8 +34,9 @@ import numpy as np
 from napari_coordgate.calibration import CalibrationCancelled, CalibrationError
 from napari_coordgate.calibration.detect import BeadTable, find_beads, reject_by_window
 from napari_coordgate.calibration.grid import GridFit, choose_grid, fit_grid
-from napari_coordgate.calibration.patches import REGIONS, Patches, extract_patches, fit_beads, sizes_at, window_sizes
+from napari_coordgate.calibration.patches import Patches, extract_patches, fit_beads
 from napari_coordgate.calibration.result import CalibrationResult, CalibrationUpdate
+from napari_coordgate.calibration.windows import REGIONS, sizes_at, window_sizes
 from napari_coordgate.config import CALIBRATION_MODELS
 from napari_coordgate.optics.measured import MeasuredGridPSF
 from napari_coordgate.optics.psfmodel import PSFModel
@@ -363,7 +364,7 @@ class _Run:
 
     def sizes(self, rows: np.ndarray | None = None, core: bool = False) -> np.ndarray:
         """(N,) the window side of table ``rows`` (default all), from the region each sits in; ``core``: the side
-        of its light above the noise (:func:`~napari_coordgate.calibration.patches.window_sizes`)."""
+        of its light above the noise (:func:`~napari_coordgate.calibration.windows.window_sizes`)."""
         t = self.table
         rows = np.arange(len(t)) if rows is None else rows
         return sizes_at(self.region_cores if core else self.region_sizes, t.y_norm[rows], t.x_norm[rows])

@@ -61,8 +61,9 @@ from napari_coordgate.calibration.grid import (
     choose_grid,
     tent_matrix,
 )
-from napari_coordgate.calibration.patches import Patches, window_size
+from napari_coordgate.calibration.patches import Patches
 from napari_coordgate.calibration.result import _json_default
+from napari_coordgate.calibration.windows import window_size
 from napari_coordgate.optics.bead import blur_by_bead
 from napari_coordgate.optics.psf3d import MeasuredGrid3DPSF
 from napari_coordgate.optics.psfmodel import PSF_DEPTH_BOUNDS

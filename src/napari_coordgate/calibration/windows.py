@@ -1,0 +1,208 @@
+"""How large a window each bead's PSF needs, where in the field it is.
+
+A PSF may grow several-fold from the centre of the field to its corners (a fibre bundle, a wide-field objective's
+edge). A window too small cuts its wings (the fit reads them as darkness), one too large everywhere takes in the
+neighbours and the frame edge of the small PSFs in the centre. :func:`window_sizes` cuts the field into
+:data:`REGIONS` x :data:`REGIONS` regions and reads each region's window off a median stack of its widest beads
+(:func:`_needed_radius`: where the light sinks into the noise, grown where a power law says more than
+:data:`TRUNCATED_LIGHT` of it lies beyond); :func:`window_size` is the one window of the whole field (bead z-stacks).
+Below the calibration's pipeline: a bead table and images in, sides out.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from napari_coordgate.calibration.detect import BeadTable
+
+__all__ = ["window_size", "window_sizes", "sizes_at", "MAX_WINDOW", "TRUNCATED_LIGHT", "REGIONS", "REGION_BEADS"]
+
+
+def _odd(n: float) -> int:
+    n = int(math.ceil(n))
+    return n + 1 - n % 2
+
+
+#: the largest PSF side a calibration measures (a PSF of 10 px FWHM in the corners needs about 81 px)
+MAX_WINDOW = 81
+#: at most this fraction of a PSF's light may lie beyond its window
+TRUNCATED_LIGHT = 0.01
+#: a region measures its own window from at least this many beads (the widest 40 % of them stacked): the stack of
+#: fewer is too noisy to place a 1 % tail (5 beads of an 8-bit slide gave 57-81 px windows for 7 px PSFs)
+REGION_BEADS = 15
+#: the field is cut into REGIONS x REGIONS cells, each with the window its own widest beads need
+REGIONS = 3
+
+
+def _floor_and_big(cleaned: list[np.ndarray], limit: int, optics: dict | None, margin: int,
+                   reach: int = MAX_WINDOW + 20) -> tuple[int, int]:
+    """(smallest window, side of the stacks that measure it: at most ``reach``)."""
+    floor = 11
+    if optics is not None:
+        airy = 1.2 * optics["wavelength_um"] / optics["na"] / optics["pixel_size_um"]
+        floor = max(floor, _odd(2 * math.ceil(2.0 * airy) + 1))
+    big = int(min(reach, limit + 2 * margin, 2 * (min(cleaned[0].shape) // 4) + 1))
+    return floor, big - (1 - big % 2)
+
+
+def _stack_size(table: "BeadTable", cleaned: list[np.ndarray], rows: np.ndarray, big: int, floor: int,
+                limit: int, least: int = 5) -> tuple[int, int, int] | None:
+    """(core, noise, window) sides the beads ``rows`` need (the radii of :func:`_needed_radius` on the median stack
+    of their widest beads' windows, as sides; the noise's at most 51 px), or None when fewer than ``least`` beads
+    are measurable."""
+    major = np.fmax(table.fwhm_x, table.fwhm_y)
+    half = big // 2
+    # beads whose whole stack window is inside the frame (a partial window's background and light are not
+    # comparable); a region with fewer takes the whole field's sizes
+    inside = np.array([i for i in rows if half <= round(table.y[i]) < cleaned[table.image[i]].shape[0] - half
+                       and half <= round(table.x[i]) < cleaned[table.image[i]].shape[1] - half], dtype=int)
+    if inside.size < least:
+        return None
+    wide = inside[np.argsort(-major[inside])][: max(5, min(40, int(0.4 * inside.size)))]
+    off = np.arange(big) - half
+    rr = np.hypot(off[:, None], off[None, :])
+    ring = rr >= half - 2
+    stack, padded = [], {}
+    for i in wide:
+        if table.image[i] not in padded:
+            padded[table.image[i]] = np.pad(cleaned[table.image[i]].astype(np.float64), half, constant_values=np.nan)
+        img = padded[table.image[i]]
+        cy, cx = int(round(table.y[i])) + half, int(round(table.x[i])) + half
+        win = img[cy - half : cy + half + 1, cx - half : cx + half + 1]
+        if not np.isfinite(win[ring]).any():
+            continue
+        win = win - np.nanmedian(win[ring])
+        core = np.nansum(win[rr <= max(3.0, major[i])])
+        if core > 0:
+            stack.append(win / core)
+    if len(stack) < 5:
+        return None
+    with warnings.catch_warnings():  # a pixel beyond every bead's frame stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(np.stack(stack), axis=0)
+    radii = _needed_radius(med, rr, half, len(stack))
+    core, noise, window = (int(np.clip(_odd(2 * r + 3), floor, max(floor, min(cap, limit))))
+                           for r, cap in zip(radii, (MAX_WINDOW, 51, MAX_WINDOW)))
+    return core, noise, window
+
+
+def _needed_radius(med: np.ndarray, rr: np.ndarray, half: int, beads: int = 1) -> tuple[int, int, int]:
+    """(core, noise, window) radii of a median stack of ``beads`` beads. The core: where the stack's azimuthal mean
+    sinks into one bead's noise (the light a neighbour's window must keep clear of). The noise: where it sinks into
+    the stack's own noise. The window: that, or further where a power law through the outer half of the measured
+    radii (no shallower than an Airy pattern's r^-3) says more than :data:`TRUNCATED_LIGHT` of the light lies
+    beyond, at most twice as far (a power law read off a few radii says little further out). NaN: pixels no bead
+    of the stack had."""
+    rr = np.where(np.isfinite(med), rr, np.inf)
+    med = np.nan_to_num(med)
+    band = (rr >= half - 8) & (rr < half - 2)
+    med = med - np.mean(med[band])  # the stack's residual floor (background bias)
+    outer = med[band]
+    sigma = 1.4826 * float(np.median(np.abs(outer - np.median(outer))))
+    if sigma <= 0:  # quantised (8-bit) images: most of the band is one value, its median deviation 0
+        sigma = float(np.std(outer))
+    profile = {}
+    for r in range(1, half - 8):
+        shell = (rr >= r - 0.5) & (rr < r + 0.5)
+        if shell.any():
+            profile[r] = (float(med[shell].mean()), 2.0 * sigma / math.sqrt(shell.sum()))
+
+    def sinks(scale: float) -> int:  # the last radius above the noise before two radii in a row below it
+        radius, below = 3, 0
+        for r, (mean, noise) in profile.items():
+            if mean > scale * noise:
+                radius, below = r, 0
+            else:
+                below += 1
+                if below >= 2:
+                    break
+        return radius
+
+    radius = sinks(1.0)
+    core = min(sinks(math.sqrt(max(beads, 1))), radius)
+    rs = np.array([r for r in range(max(2, radius // 2), radius + 1) if profile.get(r, (0.0,))[0] > 0], float)
+    if rs.size < 3:
+        return core, radius, radius
+    slope, icpt = np.polyfit(np.log(rs), np.log([profile[int(r)][0] for r in rs]), 1)
+    a = max(-slope, 3.0)
+    tail = 2.0 * math.pi * math.exp(icpt) * (radius + 0.5) ** (2.0 - a) / (a - 2.0)
+    inside = float(med[rr <= radius + 0.5].sum())
+    if inside <= 0 or tail <= TRUNCATED_LIGHT * (inside + tail):
+        return core, radius, radius
+    grown = (radius + 0.5) * (tail / (TRUNCATED_LIGHT * (inside + tail))) ** (1.0 / (a - 2.0))
+    return core, radius, int(min(math.ceil(grown), 2 * radius, half))
+
+
+def window_size(table: "BeadTable", cleaned: list[np.ndarray], limit: int, optics: dict | None, margin: int, *,
+                reach: int = MAX_WINDOW + 20, grow: bool = True) -> int:
+    """PSF side (odd) that holds the light of the widest beads.
+
+    The widest beads' windows (as large as the frame allows, up to ``reach`` px) are background-subtracted, scaled
+    by their core's light and median-stacked (the median ignores the neighbours that wander into large windows);
+    the radius where the stack's azimuthal mean sinks into its noise, grown where its tail still holds more than
+    :data:`TRUNCATED_LIGHT` of the light (:func:`_needed_radius`; not with ``grow`` False, then at most 51 px), sets
+    the size (plus a pixel of margin). At least the Airy pattern's first rings when the optics are known, at least
+    11 px, at most :data:`MAX_WINDOW`.
+    """
+    sides = _whole(table, cleaned, limit, optics, margin, reach)
+    return sides[2] if grow else sides[1]
+
+
+def _whole(table: "BeadTable", cleaned: list[np.ndarray], limit: int, optics: dict | None, margin: int,
+           reach: int = MAX_WINDOW + 20) -> tuple[int, int, int]:
+    """(core, noise, window) sides of :func:`window_size` (all the same where too few beads can be stacked)."""
+    ok = table.accepted
+    major = np.fmax(table.fwhm_x, table.fwhm_y)
+    floor, big = _floor_and_big(cleaned, limit, optics, margin, reach)
+    sizes = _stack_size(table, cleaned, np.flatnonzero(ok & np.isfinite(major) & (table.snr >= 20)), big, floor,
+                        limit)
+    if sizes is None:
+        sigma = float(np.nanpercentile(major[ok], 90)) / 2.3548 if ok.any() else 1.5
+        size = int(np.clip(_odd(2 * math.ceil(5.0 * sigma) + 1), floor, max(floor, min(51, limit))))
+        return size, size, size
+    return sizes
+
+
+def window_sizes(table: "BeadTable", cleaned: list[np.ndarray], limit: int, optics: dict | None, margin: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(windows, cores): (REGIONS², ) each the PSF side (odd) each region of the field needs (row-major cells of a
+    :data:`REGIONS` x :data:`REGIONS` partition; :func:`sizes_at` reads them at any place). The window holds all but
+    :data:`TRUNCATED_LIGHT` of the light; the core is where the light stands above the noise (what a neighbour must
+    keep clear of for a bead to count as alone). Each is :func:`window_size`'s rule on the region's own beads; a
+    region with fewer than :data:`REGION_BEADS` measurable beads takes the whole field's sizes. A region's window may
+    exceed the whole field's (whose stack mixes the PSFs of every corner, each smeared its own way, and its median
+    keeps the light they share); its core may not. Where the PSF grows across the field, the beads in the centre
+    keep small windows (their neighbours and the frame edge stay out) and those in the corners get windows that hold
+    their light."""
+    whole = _whole(table, cleaned, limit, optics, margin)
+    whole = (whole[0], whole[2])
+    ok = table.accepted & np.isfinite(np.fmax(table.fwhm_x, table.fwhm_y)) & (table.snr >= 20)
+    floor, big = _floor_and_big(cleaned, limit, optics, margin)
+    cell = _region_of(table.y_norm, table.x_norm)
+    cores = np.full(REGIONS * REGIONS, whole[0], dtype=int)
+    windows = np.full(REGIONS * REGIONS, whole[1], dtype=int)
+    for c in range(REGIONS * REGIONS):
+        sizes = _stack_size(table, cleaned, np.flatnonzero(ok & (cell == c)), big, floor, limit, REGION_BEADS)
+        if sizes is not None:
+            cores[c], windows[c] = min(sizes[0], whole[0]), sizes[2]
+    return windows, cores
+
+
+def sizes_at(sizes: np.ndarray, y_norm: np.ndarray, x_norm: np.ndarray) -> np.ndarray:
+    """(N,) the window side of :func:`window_sizes`' regions at normalised positions (the largest where unknown)."""
+    cell = _region_of(np.asarray(y_norm, float), np.asarray(x_norm, float))
+    return np.where(cell >= 0, np.asarray(sizes)[np.maximum(cell, 0)], int(np.max(sizes))).astype(int)
+
+
+def _region_of(y_norm: np.ndarray, x_norm: np.ndarray) -> np.ndarray:
+    """(N,) the cell (row-major) of :func:`window_sizes`' partition at normalised positions (-1 where unknown)."""
+    def axis(v):
+        return np.clip(np.floor((np.nan_to_num(v, nan=0.0) + 1.0) / 2.0 * REGIONS), 0, REGIONS - 1).astype(int)
+
+    out = axis(y_norm) * REGIONS + axis(x_norm)
+    return np.where(np.isfinite(y_norm) & np.isfinite(x_norm), out, -1)
