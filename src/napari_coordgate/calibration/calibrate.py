@@ -36,7 +36,7 @@ from napari_coordgate.calibration.detect import BeadTable, find_beads, reject_by
 from napari_coordgate.calibration.grid import GridFit, choose_grid, fit_grid
 from napari_coordgate.calibration.patches import Patches, extract_patches, fit_beads
 from napari_coordgate.calibration.result import CalibrationResult, CalibrationUpdate
-from napari_coordgate.calibration.windows import REGIONS, sizes_at, window_sizes
+from napari_coordgate.calibration.windows import Windows, window_sizes
 from napari_coordgate.config import CALIBRATION_MODELS
 from napari_coordgate.optics.measured import MeasuredGridPSF
 from napari_coordgate.optics.psfmodel import PSFModel
@@ -351,10 +351,9 @@ class _Run:
         limit = min(h, w) - 2 * _MARGIN - 3
         # a window per region of the field (a given psf_size: that one everywhere); self.size, the largest, is the
         # side of every bead's arrays
-        self.region_sizes, self.region_cores = (
-            (np.full(REGIONS * REGIONS, int(psf_size)),) * 2 if psf_size is not None
-            else window_sizes(self.table, self.cleaned, limit, self.optics, _MARGIN))
-        self.size = size = int(self.region_sizes.max())
+        self.windows = (Windows.one(psf_size) if psf_size is not None
+                        else window_sizes(self.table, self.cleaned, limit, self.optics, _MARGIN))
+        self.size = size = self.windows.largest()
         if size > limit:
             raise CalibrationError(f"psf_size {size} does not fit in a {h} x {w} frame with its background ring")
         reject_by_window(self.table, self.shapes, self.sizes(), _MARGIN)
@@ -363,11 +362,11 @@ class _Run:
             raise DenseArrayError(dense, beads=self.table, field_shape=self.field_shape)
 
     def sizes(self, rows: np.ndarray | None = None, core: bool = False) -> np.ndarray:
-        """(N,) the window side of table ``rows`` (default all), from the region each sits in; ``core``: the side
+        """(N,) the window side of table ``rows`` (default all), at the place each sits in; ``core``: the side
         of its light above the noise (:func:`~napari_coordgate.calibration.windows.window_sizes`)."""
         t = self.table
         rows = np.arange(len(t)) if rows is None else rows
-        return sizes_at(self.region_cores if core else self.region_sizes, t.y_norm[rows], t.x_norm[rows])
+        return self.windows.at(t.y_norm[rows], t.x_norm[rows], core=core)
 
     def usable_patches(self) -> Patches:
         """Registered patches of the accepted beads, their neighbours' light removed, without outliers;
@@ -385,7 +384,7 @@ class _Run:
             detail[crowded] = "too crowded: too few beads without neighbours to start the PSF model"
             table.reject(crowded, "too close", detail)
             if alone.sum() < self.need:
-                light = int(self.region_cores.max())
+                light = int(self.windows.cores.max())
                 raise CalibrationError(f"too crowded: {int(alone.sum())} of {int(alone.sum() + crowded.sum())} beads "
                                        f"have no neighbour within reach of their light ({light} px), and "
                                        f"{_MIN_ALONE} are needed to start the PSF model the crowded ones are measured "
@@ -505,7 +504,7 @@ class _Run:
         rows = self._source_rows(i)
         psfs = np.clip(blur_by_bead(model.psfs_at(t.y_norm[rows], t.x_norm[rows], self.field_shape), self.bead_px),
                        0.0, None)
-        side = min(int(self.region_cores.max()), psfs.shape[-1])
+        side = min(int(self.windows.cores.max()), psfs.shape[-1])
         if side < psfs.shape[-1]:  # a neighbour's light above the noise is what its model must remove; the faint
             lo = (psfs.shape[-1] - side) // 2  # halo beyond only slows every step of the joint fit
             psfs = psfs[:, lo : lo + side, lo : lo + side]
@@ -704,7 +703,7 @@ class _Run:
         """The beads' squares the pupil fit reads: each bead's light above its noise (its region's core), NaN beyond;
         the model carries its own halo (:func:`~napari_coordgate.calibration.pupilfit.extent`), and the faint wings
         that the grid's windows hold would only slow it."""
-        return patches.core_within(sizes_at(self.region_cores, patches.y_norm, patches.x_norm))
+        return patches.core_within(self.windows.at(patches.y_norm, patches.x_norm, core=True))
 
     def refit(self, patches: Patches) -> PSFModel:
         """The chosen model refitted on all beads; per-bead residuals into the table."""
@@ -776,8 +775,7 @@ class _Run:
             "chosen_model": self.chosen,
             "psf_size": self.size,
             # the window side of each region of the field (rows of a 3 x 3 partition), and its light above the noise
-            "windows_by_region": self.region_sizes.reshape(REGIONS, REGIONS).tolist(),
-            "cores_by_region": self.region_cores.reshape(REGIONS, REGIONS).tolist(),
+            **self.windows.provenance(),
             "bead_diameter_px": self.bead_px,
             "holdout_beads": int(self.table.holdout.sum()),
         }

@@ -78,12 +78,12 @@ class Patches:
         """(N, s, s) booleans: the pixels of each bead's own support square (centred in the ``psf_size`` one)."""
         return support_masks(self.support, self.psf_size)
 
-    def core(self, missing: float = 0.0) -> np.ndarray:
-        """(N, s, s) raw central squares of the windows, ``missing`` beyond each bead's support (NaN: what the pupil
-        fit and :func:`fit_amplitude_shift` read as not the bead's pixels)."""
+    def core(self) -> np.ndarray:
+        """(N, s, s) raw central squares of the windows, zero beyond each bead's support (the fits weigh only
+        :meth:`mask`'s pixels)."""
         m, s = self.margin, self.psf_size
         core = self.windows[:, m : m + s, m : m + s]
-        return core if self.uniform else np.where(self.mask(), core, missing)
+        return core if self.uniform else np.where(self.mask(), core, 0.0)
 
     def core_within(self, sides: np.ndarray, missing: float = np.nan) -> np.ndarray:
         """(N, S, S) raw central squares of side S = the largest of ``sides`` (N,), ``missing`` beyond each bead's

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
     from napari_coordgate.calibration.detect import BeadTable
 
-__all__ = ["window_size", "window_sizes", "sizes_at", "MAX_WINDOW", "TRUNCATED_LIGHT", "REGIONS", "REGION_BEADS"]
+__all__ = ["Windows", "window_size", "window_sizes", "sizes_at", "MAX_WIDENING", "MAX_WINDOW", "TRUNCATED_LIGHT",
+           "REGIONS", "REGION_BEADS"]
 
 
 def _odd(n: float) -> int:
@@ -37,6 +39,8 @@ TRUNCATED_LIGHT = 0.01
 REGION_BEADS = 15
 #: the field is cut into REGIONS x REGIONS cells, each with the window its own widest beads need
 REGIONS = 3
+#: a window grows toward where the PSF is wider than the stack that measured it, at most this many times
+MAX_WIDENING = 2.0
 
 
 def _floor_and_big(cleaned: list[np.ndarray], limit: int, optics: dict | None, margin: int,
@@ -51,10 +55,11 @@ def _floor_and_big(cleaned: list[np.ndarray], limit: int, optics: dict | None, m
 
 
 def _stack_size(table: "BeadTable", cleaned: list[np.ndarray], rows: np.ndarray, big: int, floor: int,
-                limit: int, least: int = 5) -> tuple[int, int, int] | None:
-    """(core, noise, window) sides the beads ``rows`` need (the radii of :func:`_needed_radius` on the median stack
-    of their widest beads' windows, as sides; the noise's at most 51 px), or None when fewer than ``least`` beads
-    are measurable."""
+                limit: int, least: int = 5, law=None) -> tuple[int, int, int, float] | None:
+    """(core, noise, window, width) the beads ``rows`` need (the radii of :func:`_needed_radius` on the median stack
+    of their widest beads' windows, as sides; the noise's at most 51 px; ``width``: the median of ``law``, the
+    beads' FWHM law of :func:`_width_law`, at the stacked beads, NaN without one), or None when fewer than ``least``
+    beads are measurable."""
     major = np.fmax(table.fwhm_x, table.fwhm_y)
     half = big // 2
     # beads whose whole stack window is inside the frame (a partial window's background and light are not
@@ -88,7 +93,8 @@ def _stack_size(table: "BeadTable", cleaned: list[np.ndarray], rows: np.ndarray,
     radii = _needed_radius(med, rr, half, len(stack))
     core, noise, window = (int(np.clip(_odd(2 * r + 3), floor, max(floor, min(cap, limit))))
                            for r, cap in zip(radii, (MAX_WINDOW, 51, MAX_WINDOW)))
-    return core, noise, window
+    width = float(np.median(law(table.y_norm[wide], table.x_norm[wide]))) if law is not None else math.nan
+    return core, noise, window, width
 
 
 def _needed_radius(med: np.ndarray, rr: np.ndarray, half: int, beads: int = 1) -> tuple[int, int, int]:
@@ -154,43 +160,120 @@ def window_size(table: "BeadTable", cleaned: list[np.ndarray], limit: int, optic
 
 
 def _whole(table: "BeadTable", cleaned: list[np.ndarray], limit: int, optics: dict | None, margin: int,
-           reach: int = MAX_WINDOW + 20) -> tuple[int, int, int]:
-    """(core, noise, window) sides of :func:`window_size` (all the same where too few beads can be stacked)."""
+           reach: int = MAX_WINDOW + 20, law=None) -> tuple[int, int, int, float]:
+    """(core, noise, window, width) of :func:`_stack_size` for the whole field's beads (the sides all the same, the
+    width NaN, where too few beads can be stacked)."""
     ok = table.accepted
     major = np.fmax(table.fwhm_x, table.fwhm_y)
     floor, big = _floor_and_big(cleaned, limit, optics, margin, reach)
     sizes = _stack_size(table, cleaned, np.flatnonzero(ok & np.isfinite(major) & (table.snr >= 20)), big, floor,
-                        limit)
+                        limit, law=law)
     if sizes is None:
         sigma = float(np.nanpercentile(major[ok], 90)) / 2.3548 if ok.any() else 1.5
         size = int(np.clip(_odd(2 * math.ceil(5.0 * sigma) + 1), floor, max(floor, min(51, limit))))
-        return size, size, size
+        return size, size, size, math.nan
     return sizes
 
 
+@dataclass
+class Windows:
+    """The window side (odd) a bead needs at its place in the field, and its core's (where its light stands above
+    the noise: what a neighbour must keep clear of for the bead to count as alone).
+
+    ``regions``/``cores``: (REGIONS²,) the sides each region's stack of beads needs (row-major cells of a
+    :data:`REGIONS` x :data:`REGIONS` partition). The stack is of a region's widest beads, but the region's PSF
+    keeps growing toward its outer edge, where the grid's outer nodes sit and beads are few (a corner region's
+    stack held 97.6 % of the field corner's light): where ``law`` (the beads' FWHM over the field,
+    :func:`_width_law`) says a place is wider than the stacked beads (``widths``, the law's median over them), the
+    window's radius there grows in proportion, at most :data:`MAX_WIDENING` times and to ``cap`` px. The core
+    does not grow.
+    """
+
+    regions: np.ndarray
+    cores: np.ndarray
+    widths: np.ndarray | None = None
+    law: Callable | None = None
+    cap: int = MAX_WINDOW
+
+    @classmethod
+    def one(cls, side: int) -> "Windows":
+        """The same window (and core) everywhere: a ``psf_size`` the user gave."""
+        sides = np.full(REGIONS * REGIONS, int(side))
+        return cls(sides, sides.copy(), cap=int(side))
+
+    def at(self, y_norm, x_norm, core: bool = False) -> np.ndarray:
+        """(N,) the window (``core``: the core) side at normalised positions (the largest region's where unknown)."""
+        y, x = np.asarray(y_norm, float), np.asarray(x_norm, float)
+        base = sizes_at(self.cores if core else self.regions, y, x)
+        if core or self.law is None or self.widths is None:
+            return base
+        cell = _region_of(y, x)
+        ref = np.asarray(self.widths, float)[np.maximum(cell, 0)]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            grow = self.law(np.nan_to_num(y), np.nan_to_num(x)) / ref
+        grow = np.where((cell >= 0) & np.isfinite(grow), np.clip(grow, 1.0, MAX_WIDENING), 1.0)
+        grown = np.array([_odd((b - 3) * g + 3) for b, g in zip(base.ravel(), grow.ravel())], dtype=int)
+        return np.maximum(base, np.minimum(grown.reshape(base.shape), self.cap)).astype(int)
+
+    def largest(self) -> int:
+        """The largest window anywhere in the field (the side of every bead's arrays)."""
+        t = np.linspace(-1.0, 1.0, 4 * REGIONS * 3 + 1)
+        yy, xx = np.meshgrid(t, t, indexing="ij")
+        return int(max(np.max(self.regions), np.max(self.at(yy.ravel(), xx.ravel()))))
+
+    def provenance(self) -> dict:
+        """The sides by region (and the grown window at the field's four corners) for a calibration's report."""
+        c = np.array([-1.0, -1.0, 1.0, 1.0]), np.array([-1.0, 1.0, -1.0, 1.0])
+        return {"windows_by_region": np.asarray(self.regions).reshape(REGIONS, REGIONS).tolist(),
+                "cores_by_region": np.asarray(self.cores).reshape(REGIONS, REGIONS).tolist(),
+                "windows_at_corners": [int(v) for v in self.at(*c)]}
+
+
+def _width_law(table: "BeadTable", rows: np.ndarray) -> Callable | None:
+    """The beads' major FWHM (px) as a quadratic of the field position, fitted with a 3-MAD outlier cut (a blend of
+    two beads is not the PSF): a callable ``law(y_norm, x_norm)`` (at least 0.5 px), or None with fewer than 12
+    beads."""
+    def design(y, x):
+        y, x = np.asarray(y, float), np.asarray(x, float)
+        return np.stack([np.ones_like(y), y, x, y * y, y * x, x * x], -1)
+
+    w = np.fmax(table.fwhm_x, table.fwhm_y)[rows]
+    a = design(table.y_norm[rows], table.x_norm[rows])
+    usable = keep = np.isfinite(w) & np.isfinite(a).all(-1)
+    if keep.sum() < 12:
+        return None
+    for _ in range(5):
+        coef = np.linalg.lstsq(a[keep], w[keep], rcond=None)[0]
+        res = np.where(usable, w - np.nan_to_num(a) @ coef, np.inf)
+        cut = usable & (np.abs(res) <= 3.0 * 1.4826 * float(np.median(np.abs(res[keep]))) + 1e-9)
+        if cut.sum() < 12 or (cut == keep).all():
+            break
+        keep = cut
+    return lambda y, x: np.maximum(design(y, x) @ coef, 0.5)
+
+
 def window_sizes(table: "BeadTable", cleaned: list[np.ndarray], limit: int, optics: dict | None, margin: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """(windows, cores): (REGIONS², ) each the PSF side (odd) each region of the field needs (row-major cells of a
-    :data:`REGIONS` x :data:`REGIONS` partition; :func:`sizes_at` reads them at any place). The window holds all but
-    :data:`TRUNCATED_LIGHT` of the light; the core is where the light stands above the noise (what a neighbour must
-    keep clear of for a bead to count as alone). Each is :func:`window_size`'s rule on the region's own beads; a
-    region with fewer than :data:`REGION_BEADS` measurable beads takes the whole field's sizes. A region's window may
-    exceed the whole field's (whose stack mixes the PSFs of every corner, each smeared its own way, and its median
-    keeps the light they share); its core may not. Where the PSF grows across the field, the beads in the centre
-    keep small windows (their neighbours and the frame edge stay out) and those in the corners get windows that hold
-    their light."""
-    whole = _whole(table, cleaned, limit, optics, margin)
-    whole = (whole[0], whole[2])
+                 ) -> Windows:
+    """The :class:`Windows` of the field: each region's by :func:`window_size`'s rule on its own beads (the window
+    holds all but :data:`TRUNCATED_LIGHT` of the light of its stack), grown toward where the PSF is wider than its
+    stack. A region with fewer than :data:`REGION_BEADS` measurable beads takes the whole field's sides (and its
+    stack's width). A region's window may exceed the whole field's (whose stack mixes the PSFs of every corner, each
+    smeared its own way, and its median keeps the light they share); its core may not. Where the PSF grows across
+    the field, the beads in the centre keep small windows (their neighbours and the frame edge stay out) and those
+    in the corners get windows that hold their light."""
     ok = table.accepted & np.isfinite(np.fmax(table.fwhm_x, table.fwhm_y)) & (table.snr >= 20)
+    law = _width_law(table, np.flatnonzero(ok))
+    whole = _whole(table, cleaned, limit, optics, margin, law=law)
     floor, big = _floor_and_big(cleaned, limit, optics, margin)
     cell = _region_of(table.y_norm, table.x_norm)
     cores = np.full(REGIONS * REGIONS, whole[0], dtype=int)
-    windows = np.full(REGIONS * REGIONS, whole[1], dtype=int)
+    windows = np.full(REGIONS * REGIONS, whole[2], dtype=int)
+    widths = np.full(REGIONS * REGIONS, whole[3])
     for c in range(REGIONS * REGIONS):
-        sizes = _stack_size(table, cleaned, np.flatnonzero(ok & (cell == c)), big, floor, limit, REGION_BEADS)
+        sizes = _stack_size(table, cleaned, np.flatnonzero(ok & (cell == c)), big, floor, limit, REGION_BEADS, law)
         if sizes is not None:
-            cores[c], windows[c] = min(sizes[0], whole[0]), sizes[2]
-    return windows, cores
+            cores[c], windows[c], widths[c] = min(sizes[0], whole[0]), sizes[2], sizes[3]
+    return Windows(windows, cores, widths, law, cap=int(min(MAX_WINDOW, max(limit, floor))))
 
 
 def sizes_at(sizes: np.ndarray, y_norm: np.ndarray, x_norm: np.ndarray) -> np.ndarray:
