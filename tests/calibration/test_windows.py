@@ -84,9 +84,10 @@ def test_a_psf_five_times_wider_in_the_corners_gets_small_windows_in_the_centre_
     c = true.shape[-1] // 2
     held = [true[i, c - u // 2 : c + u // 2 + 1, c - u // 2 : c + u // 2 + 1].sum()
             for i, u in enumerate(model.supports.ravel())]
-    # 0.83 with the centre's 13 px everywhere, 0.957 with one window per region (the corner node's PSF is wider than
-    # any stacked bead's); 0.992 with windows grown toward the corners (the 1024² replica: benchmarks/README.md)
-    assert min(held) >= 0.99
+    # this slide: 0.83 with the centre's 13 px everywhere, 0.957 with one window per region (the corner node's PSF
+    # is wider than any stacked bead's), 0.992 with windows grown toward the corners (the 1024² growing replica:
+    # benchmarks/README.md)
+    assert min(held) >= 0.985
     assert model.supports.min() < model.psf_size  # the file records where each node ends
     assert np.median(psf_error(model, optics, (512, 512))) < 0.1
 
@@ -100,8 +101,9 @@ def test_a_window_grows_in_proportion_to_how_much_wider_the_psf_is_than_the_stac
     w = Windows(np.full(9, 21), np.full(9, 9), np.full(9, 3.0), law, cap=81)
     y = np.zeros(4)
     sides = w.at(y, np.array([-0.5, 0.0, 0.5, 1.0]))
-    assert list(sides) == [21, 21, 31, 39]  # radius 9 px -> 13.5 (x 1.5) -> 18 (x 2)
-    assert MAX_WIDENING == 2.0
+    assert list(sides) == [21, 21, 31, 39]  # radius 9 px -> 13.5 (x 1.5) -> 18 (x MAX_WIDENING = 2)
+    assert sides[-1] == 2 * round(9 * MAX_WIDENING) + 3
+    assert list(w.at(np.array([0.0, np.nan]), np.array([np.nan, 1.0]))) == [21, 21]  # unknown: ungrown
     assert list(w.at(y, np.array([-0.5, 0.0, 0.5, 1.0]), core=True)) == [9] * 4  # a core does not grow
     assert w.largest() == 39
     assert list(Windows(w.regions, w.cores, w.widths, law, cap=35).at(y[:1], np.array([1.0]))) == [35]
@@ -125,3 +127,18 @@ def test_the_beads_fwhm_law_follows_the_field_and_ignores_blends():
     law = _width_law(table, np.arange(200))
     assert np.allclose(law(np.array([0.0, 1.0, -1.0]), np.array([0.0, 1.0, 0.0])), [2.0, 5.0, 3.5], atol=0.15)
     assert _width_law(table, np.arange(11)) is None  # too few beads for a law
+
+
+def test_no_bead_gets_a_window_larger_than_the_largest_the_arrays_are_made_for():
+    from napari_coordgate.calibration.windows import Windows
+
+    def law(y, x):  # wider to the right; each column of regions measured on beads of its own width
+        return 4.0 + 2.0 * np.asarray(x, float)
+
+    w = Windows(np.full(9, 41), np.full(9, 9), np.tile([2.0, 14.0 / 3.0, 6.0], 3), law, cap=81)
+    t = np.linspace(-1.0, 1.0, 601)
+    yy, xx = np.meshgrid(t, t, indexing="ij")
+    sides = w.at(yy.ravel(), xx.ravel())
+    largest = w.largest()
+    assert sides.max() <= largest and largest > 41  # the left column grows most at its inner edge (x -> -1/3)
+    assert sides.max() >= largest - 2

@@ -774,7 +774,8 @@ class _Run:
             "held_out_residuals": {k: v for k, v in self.residuals.items() if v is not None},
             "chosen_model": self.chosen,
             "psf_size": self.size,
-            # the window side of each region of the field (rows of a 3 x 3 partition), and its light above the noise
+            # the window side of each region of the field (rows of a 3 x 3 partition), its light above the noise, and
+            # the windows grown at the four corners of the field
             **self.windows.provenance(),
             "bead_diameter_px": self.bead_px,
             "holdout_beads": int(self.table.holdout.sum()),

@@ -5,16 +5,19 @@ edge). A window too small cuts its wings (the fit reads them as darkness), one t
 neighbours and the frame edge of the small PSFs in the centre. :func:`window_sizes` cuts the field into
 :data:`REGIONS` x :data:`REGIONS` regions and reads each region's window off a median stack of its widest beads
 (:func:`_needed_radius`: where the light sinks into the noise, grown where a power law says more than
-:data:`TRUNCATED_LIGHT` of it lies beyond); :func:`window_size` is the one window of the whole field (bead z-stacks).
-Below the calibration's pipeline: a bead table and images in, sides out.
+:data:`TRUNCATED_LIGHT` of it lies beyond), and grows it toward the places of the region where the beads' FWHM says
+the PSF is wider than at the stacked beads; :class:`Windows` answers a bead's window at its place.
+:func:`window_size` is the one window of the whole field (bead z-stacks). Below the calibration's pipeline: a bead
+table and images in, sides out.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -55,7 +58,7 @@ def _floor_and_big(cleaned: list[np.ndarray], limit: int, optics: dict | None, m
 
 
 def _stack_size(table: "BeadTable", cleaned: list[np.ndarray], rows: np.ndarray, big: int, floor: int,
-                limit: int, least: int = 5, law=None) -> tuple[int, int, int, float] | None:
+                limit: int, least: int = 5, law: Callable | None = None) -> tuple[int, int, int, float] | None:
     """(core, noise, window, width) the beads ``rows`` need (the radii of :func:`_needed_radius` on the median stack
     of their widest beads' windows, as sides; the noise's at most 51 px; ``width``: the median of ``law``, the
     beads' FWHM law of :func:`_width_law`, at the stacked beads, NaN without one), or None when fewer than ``least``
@@ -72,7 +75,7 @@ def _stack_size(table: "BeadTable", cleaned: list[np.ndarray], rows: np.ndarray,
     off = np.arange(big) - half
     rr = np.hypot(off[:, None], off[None, :])
     ring = rr >= half - 2
-    stack, padded = [], {}
+    stack, stacked, padded = [], [], {}
     for i in wide:
         if table.image[i] not in padded:
             padded[table.image[i]] = np.pad(cleaned[table.image[i]].astype(np.float64), half, constant_values=np.nan)
@@ -85,6 +88,7 @@ def _stack_size(table: "BeadTable", cleaned: list[np.ndarray], rows: np.ndarray,
         core = np.nansum(win[rr <= max(3.0, major[i])])
         if core > 0:
             stack.append(win / core)
+            stacked.append(i)
     if len(stack) < 5:
         return None
     with warnings.catch_warnings():  # a pixel beyond every bead's frame stays NaN
@@ -93,7 +97,8 @@ def _stack_size(table: "BeadTable", cleaned: list[np.ndarray], rows: np.ndarray,
     radii = _needed_radius(med, rr, half, len(stack))
     core, noise, window = (int(np.clip(_odd(2 * r + 3), floor, max(floor, min(cap, limit))))
                            for r, cap in zip(radii, (MAX_WINDOW, 51, MAX_WINDOW)))
-    width = float(np.median(law(table.y_norm[wide], table.x_norm[wide]))) if law is not None else math.nan
+    stacked = np.array(stacked, dtype=int)
+    width = float(np.nanmedian(law(table.y_norm[stacked], table.x_norm[stacked]))) if law is not None else math.nan
     return core, noise, window, width
 
 
@@ -160,7 +165,7 @@ def window_size(table: "BeadTable", cleaned: list[np.ndarray], limit: int, optic
 
 
 def _whole(table: "BeadTable", cleaned: list[np.ndarray], limit: int, optics: dict | None, margin: int,
-           reach: int = MAX_WINDOW + 20, law=None) -> tuple[int, int, int, float]:
+           reach: int = MAX_WINDOW + 20, law: Callable | None = None) -> tuple[int, int, int, float]:
     """(core, noise, window, width) of :func:`_stack_size` for the whole field's beads (the sides all the same, the
     width NaN, where too few beads can be stacked)."""
     ok = table.accepted
@@ -175,18 +180,18 @@ def _whole(table: "BeadTable", cleaned: list[np.ndarray], limit: int, optics: di
     return sizes
 
 
-@dataclass
+@dataclass(eq=False)
 class Windows:
     """The window side (odd) a bead needs at its place in the field, and its core's (where its light stands above
     the noise: what a neighbour must keep clear of for the bead to count as alone).
 
     ``regions``/``cores``: (REGIONS²,) the sides each region's stack of beads needs (row-major cells of a
     :data:`REGIONS` x :data:`REGIONS` partition). The stack is of a region's widest beads, but the region's PSF
-    keeps growing toward its outer edge, where the grid's outer nodes sit and beads are few (a corner region's
-    stack held 97.6 % of the field corner's light): where ``law`` (the beads' FWHM over the field,
-    :func:`_width_law`) says a place is wider than the stacked beads (``widths``, the law's median over them), the
-    window's radius there grows in proportion, at most :data:`MAX_WIDENING` times and to ``cap`` px. The core
-    does not grow.
+    keeps growing toward its outer edge, where the grid's outer nodes sit and beads are few (on the 1024² growing
+    replica the field corner's node kept 97.6 % of its light within its region's window): where ``law`` (the beads'
+    FWHM over the field, :func:`_width_law`) says a place is wider than the stacked beads (``widths``, the law's
+    median over them), the window's radius there grows in proportion, at most :data:`MAX_WIDENING` times and to
+    ``cap`` px. The core does not grow.
     """
 
     regions: np.ndarray
@@ -201,25 +206,41 @@ class Windows:
         sides = np.full(REGIONS * REGIONS, int(side))
         return cls(sides, sides.copy(), cap=int(side))
 
-    def at(self, y_norm, x_norm, core: bool = False) -> np.ndarray:
-        """(N,) the window (``core``: the core) side at normalised positions (the largest region's where unknown)."""
-        y, x = np.asarray(y_norm, float), np.asarray(x_norm, float)
-        base = sizes_at(self.cores if core else self.regions, y, x)
-        if core or self.law is None or self.widths is None:
+    def _grown(self, cell: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """(N,) the window of region ``cell`` (all known) grown to the law's width at (y, x)."""
+        base = np.asarray(self.regions, int)[cell]
+        if self.law is None or self.widths is None:
             return base
-        cell = _region_of(y, x)
-        ref = np.asarray(self.widths, float)[np.maximum(cell, 0)]
         with np.errstate(invalid="ignore", divide="ignore"):
-            grow = self.law(np.nan_to_num(y), np.nan_to_num(x)) / ref
-        grow = np.where((cell >= 0) & np.isfinite(grow), np.clip(grow, 1.0, MAX_WIDENING), 1.0)
-        grown = np.array([_odd((b - 3) * g + 3) for b, g in zip(base.ravel(), grow.ravel())], dtype=int)
-        return np.maximum(base, np.minimum(grown.reshape(base.shape), self.cap)).astype(int)
+            grow = self.law(y, x) / np.asarray(self.widths, float)[cell]
+        grow = np.where(np.isfinite(grow), np.clip(grow, 1.0, MAX_WIDENING), 1.0)
+        grown = np.array([_odd((b - 3) * g + 3) for b, g in zip(base, grow)], dtype=int)
+        return np.maximum(base, np.minimum(grown, self.cap))
 
     def largest(self) -> int:
-        """The largest window anywhere in the field (the side of every bead's arrays)."""
-        t = np.linspace(-1.0, 1.0, 4 * REGIONS * 3 + 1)
-        yy, xx = np.meshgrid(t, t, indexing="ij")
-        return int(max(np.max(self.regions), np.max(self.at(yy.ravel(), xx.ravel()))))
+        """The largest window anywhere in the field (the side of every bead's arrays): each region's grown window
+        over its closed cell (edges included, 9 x 9 points: the law is a quadratic), and never less than a region's
+        own."""
+        t = np.linspace(0.0, 1.0, 9)
+        out = int(np.max(self.regions))
+        for c in range(REGIONS * REGIONS):
+            ys, xs = -1.0 + 2.0 * (c // REGIONS + t) / REGIONS, -1.0 + 2.0 * (c % REGIONS + t) / REGIONS
+            yy, xx = (v.ravel() for v in np.meshgrid(ys, xs, indexing="ij"))
+            out = max(out, int(self._grown(np.full(yy.size, c), yy, xx).max()))
+        return out
+
+    def at(self, y_norm, x_norm, core: bool = False) -> np.ndarray:
+        """(N,) the window (``core``: the core) side at normalised positions (the largest region's, ungrown, where
+        unknown), at most :meth:`largest`."""
+        y, x = np.asarray(y_norm, float).ravel(), np.asarray(x_norm, float).ravel()
+        base = sizes_at(self.cores if core else self.regions, y, x)
+        cell = _region_of(y, x)
+        if core or self.law is None or self.widths is None or not (cell >= 0).any():
+            return base
+        known = cell >= 0
+        out = base.copy()
+        out[known] = np.minimum(self._grown(cell[known], y[known], x[known]), self.largest())
+        return out
 
     def provenance(self) -> dict:
         """The sides by region (and the grown window at the field's four corners) for a calibration's report."""
@@ -277,7 +298,8 @@ def window_sizes(table: "BeadTable", cleaned: list[np.ndarray], limit: int, opti
 
 
 def sizes_at(sizes: np.ndarray, y_norm: np.ndarray, x_norm: np.ndarray) -> np.ndarray:
-    """(N,) the window side of :func:`window_sizes`' regions at normalised positions (the largest where unknown)."""
+    """(N,) the side of the region (``sizes``: one per region, as :attr:`Windows.regions`) at normalised positions
+    (the largest where unknown), not grown: a bead's window is :meth:`Windows.at`."""
     cell = _region_of(np.asarray(y_norm, float), np.asarray(x_norm, float))
     return np.where(cell >= 0, np.asarray(sizes)[np.maximum(cell, 0)], int(np.max(sizes))).astype(int)
 
