@@ -110,6 +110,12 @@ def test_a_window_grows_in_proportion_to_how_much_wider_the_psf_is_than_the_stac
     stacked_at_right = Windows(np.full(9, 21), np.full(9, 9), np.full(9, 6.0), law)
     assert list(stacked_at_right.at(y[:1], np.array([1.0]))) == [21]  # no wider than its stack: unchanged
     assert list(stacked_at_right.at(y[:1], np.array([-1.0]))) == [21]  # narrower: never smaller
+    # what grows is the side that holds the stack's light; a window that reached further (where the stack sank into
+    # its noise) already holds the wider PSF's light there
+    lit = Windows(np.full(9, 21), np.full(9, 9), np.full(9, 3.0), law, lights=np.full(9, 11))
+    assert list(lit.at(y[:1], np.array([1.0]))) == [21]  # 11 -> 19 px at x 2: within the region's 21
+    lit = Windows(np.full(9, 21), np.full(9, 9), np.full(9, 3.0), law, lights=np.full(9, 15))
+    assert list(lit.at(y[:1], np.array([1.0]))) == [27]
     given = Windows.one(15)
     assert list(given.at(np.array([-1.0, 1.0]), np.array([1.0, np.nan]))) == [15, 15] and given.largest() == 15
 

@@ -17,7 +17,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -57,12 +57,22 @@ def _floor_and_big(cleaned: list[np.ndarray], limit: int, optics: dict | None, m
     return floor, big - (1 - big % 2)
 
 
+class _Sides(NamedTuple):
+    """What a stack of beads needs: the sides of :func:`_needed_radius`'s radii, and ``width``, the median of the
+    beads' FWHM law (:func:`_width_law`) at the stacked beads (NaN without one)."""
+
+    core: int
+    noise: int
+    window: int
+    light: int
+    width: float
+
+
 def _stack_size(table: "BeadTable", cleaned: list[np.ndarray], rows: np.ndarray, big: int, floor: int,
-                limit: int, least: int = 5, law: Callable | None = None) -> tuple[int, int, int, float] | None:
-    """(core, noise, window, width) the beads ``rows`` need (the radii of :func:`_needed_radius` on the median stack
-    of their widest beads' windows, as sides; the noise's at most 51 px; ``width``: the median of ``law``, the
-    beads' FWHM law of :func:`_width_law`, at the stacked beads, NaN without one), or None when fewer than ``least``
-    beads are measurable."""
+                limit: int, least: int = 5, law: Callable | None = None) -> _Sides | None:
+    """The :class:`_Sides` the beads ``rows`` need (the radii of :func:`_needed_radius` on the median stack of their
+    widest beads' windows, as sides; the noise's at most 51 px), or None when fewer than ``least`` beads are
+    measurable."""
     major = np.fmax(table.fwhm_x, table.fwhm_y)
     half = big // 2
     # beads whose whole stack window is inside the frame (a partial window's background and light are not
@@ -97,18 +107,21 @@ def _stack_size(table: "BeadTable", cleaned: list[np.ndarray], rows: np.ndarray,
     radii = _needed_radius(med, rr, half, len(stack))
     core, noise, window = (int(np.clip(_odd(2 * r + 3), floor, max(floor, min(cap, limit))))
                            for r, cap in zip(radii, (MAX_WINDOW, 51, MAX_WINDOW)))
+    light = int(np.clip(_odd(2 * radii[3] + 3), 3, max(floor, min(MAX_WINDOW, limit))))  # measured: no floor
     stacked = np.array(stacked, dtype=int)
     width = float(np.nanmedian(law(table.y_norm[stacked], table.x_norm[stacked]))) if law is not None else math.nan
-    return core, noise, window, width
+    return _Sides(core, noise, window, light, width)
 
 
-def _needed_radius(med: np.ndarray, rr: np.ndarray, half: int, beads: int = 1) -> tuple[int, int, int]:
-    """(core, noise, window) radii of a median stack of ``beads`` beads. The core: where the stack's azimuthal mean
-    sinks into one bead's noise (the light a neighbour's window must keep clear of). The noise: where it sinks into
-    the stack's own noise. The window: that, or further where a power law through the outer half of the measured
-    radii (no shallower than an Airy pattern's r^-3) says more than :data:`TRUNCATED_LIGHT` of the light lies
-    beyond, at most twice as far (a power law read off a few radii says little further out). NaN: pixels no bead
-    of the stack had."""
+def _needed_radius(med: np.ndarray, rr: np.ndarray, half: int, beads: int = 1) -> tuple[int, int, int, int]:
+    """(core, noise, window, light) radii of a median stack of ``beads`` beads. The core: where the stack's
+    azimuthal mean sinks into one bead's noise (the light a neighbour's window must keep clear of). The noise: where
+    it sinks into the stack's own noise. The window: that, or further where a power law through the outer half of
+    the measured radii (no shallower than an Airy pattern's r^-3) says more than :data:`TRUNCATED_LIGHT` of the
+    light lies beyond, at most twice as far (a power law read off a few radii says little further out). The light:
+    where that power law says :data:`TRUNCATED_LIGHT` of the light lies beyond (the window where it grew the
+    window; where the noise comes later, nearer, but not nearer than the power law's first radius): a wider PSF
+    elsewhere needs this radius scaled, not the noise's. NaN: pixels no bead of the stack had."""
     rr = np.where(np.isfinite(med), rr, np.inf)
     med = np.nan_to_num(med)
     band = (rr >= half - 8) & (rr < half - 2)
@@ -138,15 +151,18 @@ def _needed_radius(med: np.ndarray, rr: np.ndarray, half: int, beads: int = 1) -
     core = min(sinks(math.sqrt(max(beads, 1))), radius)
     rs = np.array([r for r in range(max(2, radius // 2), radius + 1) if profile.get(r, (0.0,))[0] > 0], float)
     if rs.size < 3:
-        return core, radius, radius
+        return core, radius, radius, radius
     slope, icpt = np.polyfit(np.log(rs), np.log([profile[int(r)][0] for r in rs]), 1)
     a = max(-slope, 3.0)
     tail = 2.0 * math.pi * math.exp(icpt) * (radius + 0.5) ** (2.0 - a) / (a - 2.0)
     inside = float(med[rr <= radius + 0.5].sum())
-    if inside <= 0 or tail <= TRUNCATED_LIGHT * (inside + tail):
-        return core, radius, radius
-    grown = (radius + 0.5) * (tail / (TRUNCATED_LIGHT * (inside + tail))) ** (1.0 / (a - 2.0))
-    return core, radius, int(min(math.ceil(grown), 2 * radius, half))
+    if inside <= 0:
+        return core, radius, radius, radius
+    light = (radius + 0.5) * (tail / (TRUNCATED_LIGHT * (inside + tail))) ** (1.0 / (a - 2.0))
+    if light <= radius:
+        return core, radius, radius, int(max(math.ceil(light), rs[0]))
+    window = int(min(math.ceil(light), 2 * radius, half))
+    return core, radius, window, window
 
 
 def window_size(table: "BeadTable", cleaned: list[np.ndarray], limit: int, optics: dict | None, margin: int, *,
@@ -161,13 +177,13 @@ def window_size(table: "BeadTable", cleaned: list[np.ndarray], limit: int, optic
     11 px, at most :data:`MAX_WINDOW`.
     """
     sides = _whole(table, cleaned, limit, optics, margin, reach)
-    return sides[2] if grow else sides[1]
+    return sides.window if grow else sides.noise
 
 
 def _whole(table: "BeadTable", cleaned: list[np.ndarray], limit: int, optics: dict | None, margin: int,
-           reach: int = MAX_WINDOW + 20, law: Callable | None = None) -> tuple[int, int, int, float]:
-    """(core, noise, window, width) of :func:`_stack_size` for the whole field's beads (the sides all the same, the
-    width NaN, where too few beads can be stacked)."""
+           reach: int = MAX_WINDOW + 20, law: Callable | None = None) -> _Sides:
+    """The :class:`_Sides` of :func:`_stack_size` for the whole field's beads (the sides all the same, the width
+    NaN, where too few beads can be stacked)."""
     ok = table.accepted
     major = np.fmax(table.fwhm_x, table.fwhm_y)
     floor, big = _floor_and_big(cleaned, limit, optics, margin, reach)
@@ -176,7 +192,7 @@ def _whole(table: "BeadTable", cleaned: list[np.ndarray], limit: int, optics: di
     if sizes is None:
         sigma = float(np.nanpercentile(major[ok], 90)) / 2.3548 if ok.any() else 1.5
         size = int(np.clip(_odd(2 * math.ceil(5.0 * sigma) + 1), floor, max(floor, min(51, limit))))
-        return size, size, size, math.nan
+        return _Sides(size, size, size, size, math.nan)
     return sizes
 
 
@@ -190,8 +206,10 @@ class Windows:
     keeps growing toward its outer edge, where the grid's outer nodes sit and beads are few (on the 1024² growing
     replica the field corner's node kept 97.6 % of its light within its region's window): where ``law`` (the beads'
     FWHM over the field, :func:`_width_law`) says a place is wider than the stacked beads (``widths``, the law's
-    median over them), the window's radius there grows in proportion, at most :data:`MAX_WIDENING` times and to
-    ``cap`` px. The core does not grow.
+    median over them), the radius that holds the stack's light (``lights``: all but :data:`TRUNCATED_LIGHT`) grows
+    in proportion there, at most :data:`MAX_WIDENING` times and to ``cap`` px; the window is the larger of that and
+    the region's own (which reaches where the stack sinks into its noise, often further than its light). The core
+    does not grow.
     """
 
     regions: np.ndarray
@@ -199,6 +217,7 @@ class Windows:
     widths: np.ndarray | None = None
     law: Callable | None = None
     cap: int = MAX_WINDOW
+    lights: np.ndarray | None = None  # (REGIONS²,) the side holding all but TRUNCATED_LIGHT (None: ``regions``)
 
     @classmethod
     def one(cls, side: int) -> "Windows":
@@ -211,10 +230,11 @@ class Windows:
         base = np.asarray(self.regions, int)[cell]
         if self.law is None or self.widths is None:
             return base
+        light = np.asarray(self.regions if self.lights is None else self.lights, int)[cell]
         with np.errstate(invalid="ignore", divide="ignore"):
             grow = self.law(y, x) / np.asarray(self.widths, float)[cell]
         grow = np.where(np.isfinite(grow), np.clip(grow, 1.0, MAX_WIDENING), 1.0)
-        grown = np.array([_odd((b - 3) * g + 3) for b, g in zip(base, grow)], dtype=int)
+        grown = np.array([_odd((b - 3) * g + 3) for b, g in zip(light, grow)], dtype=int)
         return np.maximum(base, np.minimum(grown, self.cap))
 
     def largest(self) -> int:
@@ -287,14 +307,15 @@ def window_sizes(table: "BeadTable", cleaned: list[np.ndarray], limit: int, opti
     whole = _whole(table, cleaned, limit, optics, margin, law=law)
     floor, big = _floor_and_big(cleaned, limit, optics, margin)
     cell = _region_of(table.y_norm, table.x_norm)
-    cores = np.full(REGIONS * REGIONS, whole[0], dtype=int)
-    windows = np.full(REGIONS * REGIONS, whole[2], dtype=int)
-    widths = np.full(REGIONS * REGIONS, whole[3])
+    cores = np.full(REGIONS * REGIONS, whole.core, dtype=int)
+    windows = np.full(REGIONS * REGIONS, whole.window, dtype=int)
+    lights = np.full(REGIONS * REGIONS, whole.light, dtype=int)
+    widths = np.full(REGIONS * REGIONS, whole.width)
     for c in range(REGIONS * REGIONS):
         sizes = _stack_size(table, cleaned, np.flatnonzero(ok & (cell == c)), big, floor, limit, REGION_BEADS, law)
         if sizes is not None:
-            cores[c], windows[c], widths[c] = min(sizes[0], whole[0]), sizes[2], sizes[3]
-    return Windows(windows, cores, widths, law, cap=int(min(MAX_WINDOW, max(limit, floor))))
+            cores[c], windows[c], lights[c], widths[c] = min(sizes.core, whole.core), *sizes[2:]
+    return Windows(windows, cores, widths, law, cap=int(min(MAX_WINDOW, max(limit, floor))), lights=lights)
 
 
 def sizes_at(sizes: np.ndarray, y_norm: np.ndarray, x_norm: np.ndarray) -> np.ndarray:
