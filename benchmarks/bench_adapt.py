@@ -150,6 +150,8 @@ def _sv_rl(blurred, psf, tune_sharp, tune_blurred, iterations):
 
 def _adapt_cfg(args, seed: int) -> AdaptConfig:
     extra = {"epochs": 2, "steps_per_epoch": 3} if args.quick else {}
+    if args.adapt_steps and not args.quick:  # a steps budget: the same work however loaded the machine is
+        extra["epochs"] = max(1, args.adapt_steps // AdaptConfig().steps_per_epoch)
     if args.whiten is not None:
         extra["whiten"] = args.whiten
     return AdaptConfig(minutes=args.adapt_minutes, seed=seed, threads=args.threads, device="cpu", **extra)
@@ -231,6 +233,8 @@ def main(argv=None) -> None:
     p.add_argument("--minutes", type=float, default=4.0, help="training minutes of each trained model")
     p.add_argument("--steps", type=int, default=None, help="a steps budget for the trained models instead")
     p.add_argument("--adapt-minutes", type=float, default=None, help="adaptation budget (default 4; 2 with --stack)")
+    p.add_argument("--adapt-steps", type=int, default=None,
+                   help="an adaptation budget in optimiser steps instead (whole epochs of 25)")
     p.add_argument("--train-fields", type=int, default=16)
     p.add_argument("--ref-fields", type=int, default=16, help="fields of the same content for the upper reference")
     p.add_argument("--threads", type=int, default=1)
@@ -253,7 +257,8 @@ def main(argv=None) -> None:
 
     log(f"# bench_adapt: {platform.processor() or platform.machine()}, {args.threads} torch thread(s), PSF "
         f"{args.psf}, field {args.size}^2, {args.planes} test planes, models trained "
-        f"{f'{args.steps} steps' if args.steps else f'{args.minutes:g} min'}, adaptation {args.adapt_minutes:g} min, "
+        f"{f'{args.steps} steps' if args.steps else f'{args.minutes:g} min'}, adaptation "
+        f"{f'{args.adapt_steps} steps' if args.adapt_steps else f'{args.adapt_minutes:g} min'}, "
         f"{_adapt_cfg(args, 0)}")
     if args.stack:
         stack_figure(args, log)
