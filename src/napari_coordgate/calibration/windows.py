@@ -24,7 +24,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from napari_coordgate.calibration.detect import BeadTable
 
-__all__ = ["Windows", "window_size", "window_sizes", "sizes_at", "MAX_WIDENING", "MAX_WINDOW", "TRUNCATED_LIGHT",
+__all__ = ["Windows", "window_size", "window_sizes", "MAX_WIDENING", "MAX_WINDOW", "TRUNCATED_LIGHT",
            "REGIONS", "REGION_BEADS"]
 
 
@@ -253,7 +253,7 @@ class Windows:
         """(N,) the window (``core``: the core) side at normalised positions (the largest region's, ungrown, where
         unknown), at most :meth:`largest`."""
         y, x = np.asarray(y_norm, float).ravel(), np.asarray(x_norm, float).ravel()
-        base = sizes_at(self.cores if core else self.regions, y, x)
+        base = _sizes_at(self.cores if core else self.regions, y, x)
         cell = _region_of(y, x)
         if core or self.law is None or self.widths is None or not (cell >= 0).any():
             return base
@@ -318,7 +318,7 @@ def window_sizes(table: "BeadTable", cleaned: list[np.ndarray], limit: int, opti
     return Windows(windows, cores, widths, law, cap=int(min(MAX_WINDOW, max(limit, floor))), lights=lights)
 
 
-def sizes_at(sizes: np.ndarray, y_norm: np.ndarray, x_norm: np.ndarray) -> np.ndarray:
+def _sizes_at(sizes: np.ndarray, y_norm: np.ndarray, x_norm: np.ndarray) -> np.ndarray:
     """(N,) the side of the region (``sizes``: one per region, as :attr:`Windows.regions`) at normalised positions
     (the largest where unknown), not grown: a bead's window is :meth:`Windows.at`."""
     cell = _region_of(np.asarray(y_norm, float), np.asarray(x_norm, float))
