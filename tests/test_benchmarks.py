@@ -25,6 +25,7 @@ BENCH = Path(__file__).parents[1] / "benchmarks"
     ("bench_apply3d.py", "peak host RSS above baseline"),
     ("bench_calibrate3d.py", "best-focus error"),
     ("bench_arrays.py", "pitch/FWHM"),
+    ("bench_sample_model.py", "the sample pair"),
 ])
 def test_benchmark_quick_mode_prints_its_table(script, expect):
     result = subprocess.run([sys.executable, str(BENCH / script), "--quick"], capture_output=True, text=True,

@@ -27,6 +27,31 @@ def test_procedural_specimen_is_seeded_unit_range_and_structured():
     assert a.std() > 0.02
 
 
+def test_puncta_are_sub_pixel_point_sources_that_keep_their_light():
+    # flux conserved and centroids where planted, each spot narrower than the 1.6 px spots of the older points
+    from napari_coordgate.samples.specimens import _puncta
+
+    n = 12
+    img = _puncta((120, 120), n, np.random.default_rng(0))
+    rng = np.random.default_rng(0)  # the same draws
+    ys, xs, flux = rng.uniform(0, 120, n), rng.uniform(0, 120, n), rng.uniform(1.0, 2.5, n)
+    checked = 0
+    for y, x, f in zip(ys, xs, flux):
+        alone = np.sum(np.hypot(ys - y, xs - x) < 8) == 1
+        if not alone or not (4 < y < 116 and 4 < x < 116):
+            continue
+        r0, c0 = int(y) - 3, int(x) - 3
+        spot = img[r0 : r0 + 7, c0 : c0 + 7]
+        assert spot.sum() == pytest.approx(f, rel=1e-6)
+        rr, cc = np.mgrid[0:7, 0:7] + 0.5  # pixel i covers [i, i + 1)
+        cy, cx = (spot * rr).sum() / f + r0, (spot * cc).sum() / f + c0
+        assert abs(cy - y) < 0.05 and abs(cx - x) < 0.05  # binning biases a centroid a little
+        sigma = np.sqrt((spot * (rr + r0 - cy) ** 2).sum() / f)
+        assert 0.4 < sigma < 0.55  # the Gaussian's 0.4 px and the pixel's own sqrt(1/12)
+        checked += 1
+    assert checked >= 5
+
+
 def test_bundled_specimens_load_without_network():
     for name in ("cell", "coins", "moon"):
         img = bundled_specimen(name)

@@ -21,6 +21,23 @@ EPOCHS, STEPS_PER_EPOCH = 60, 25
 TRAIN_FIELDS = 48  # six fields of each training source
 
 
+#: images in neither its training nor its validation specimens, blurred by its optics: two fixed crops of each
+#: (what tests/samples/test_sample_model.py and benchmarks/bench_sample_model.py score it on)
+HELD_OUT = tuple((name, crop) for name in ("moon", "hubble_deep_field", "retina") for crop in (0, 1))
+
+
+def held_out_pair(name: str, crop: int):
+    """(sharp, blurred) float32 of one of :data:`HELD_OUT`: a crop of the sample field's shape, blurred by the
+    sample optics with the sample photons, its noise seeded by its place in the list."""
+    from ..optics.blur import synthesize_pairs
+    from .sample_data import SAMPLE_PHOTONS, SAMPLE_PRESET, SAMPLE_SHAPE
+    from .specimens import specimen_fields
+
+    sharp = specimen_fields(1, SAMPLE_SHAPE, seed=crop, sources=(name,))[0]
+    _, blurred = synthesize_pairs(sharp, SAMPLE_PRESET, photons=SAMPLE_PHOTONS, seed=10 + HELD_OUT.index((name, crop)))
+    return sharp, blurred
+
+
 def sample_model_path() -> Path:
     """The shipped model file (raises FileNotFoundError with the regeneration command if it is missing)."""
     if not SAMPLE_MODEL.is_file():

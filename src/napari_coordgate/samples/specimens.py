@@ -71,7 +71,32 @@ def procedural_specimen(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
     n = max(1, area // 800)
     pts[rng.integers(0, h, n), rng.integers(0, w, n)] = rng.uniform(0.5, 1.0, n)
     img += gaussian_filter(pts, 0.7) * 6
+    # puncta below the pixel (single molecules, small vesicles, beads) at sub-pixel places: without them the
+    # sharpest thing a network trained on these fields sees is a 1.6 px spot, and it restores points no narrower
+    img += _puncta((h, w), max(1, area // 1600), rng)
     return _unit(img + 0.02)
+
+
+def _puncta(shape: tuple[int, int], n: int, rng: np.random.Generator, sigma: float = 0.4) -> np.ndarray:
+    """``n`` point sources at uniform sub-pixel places, each a Gaussian of ``sigma`` px integrated over the pixels
+    (5 x 5 stamps), fluxes 1-2.5."""
+    from scipy.special import erf
+
+    h, w = shape
+    out = np.zeros((h + 4, w + 4))
+    ys, xs = rng.uniform(0, h, n), rng.uniform(0, w, n)
+    flux = rng.uniform(1.0, 2.5, n)
+    offsets = np.arange(-2, 3)
+
+    def weights(c):  # (n, 5) fraction of a 1-D Gaussian at c in each of the 5 pixels around it
+        edges = np.floor(c)[:, None] + offsets[None, :] - c[:, None]
+        return 0.5 * (erf((edges + 1) / (sigma * np.sqrt(2))) - erf(edges / (sigma * np.sqrt(2))))
+
+    stamps = flux[:, None, None] * weights(ys)[:, :, None] * weights(xs)[:, None, :]
+    rows = np.floor(ys).astype(int)[:, None, None] + offsets[None, :, None] + 2
+    cols = np.floor(xs).astype(int)[:, None, None] + offsets[None, None, :] + 2
+    np.add.at(out, (rows, cols), stamps)
+    return out[2:-2, 2:-2]
 
 
 #: the training specimens of the demo and of ``train`` without sharp images: procedural plus bundled images of
