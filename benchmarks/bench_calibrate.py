@@ -118,26 +118,29 @@ def _budget(args) -> dict:
     return {"epochs": max(1, round(args.steps / per_epoch)), "steps_per_epoch": per_epoch, "minutes": 0.0}
 
 
-def _builtin_sharp(measured, seed: int):
-    """The sharp images ``train --psf MEASURED.cgpsf`` uses without ``--sharp`` (its own message muted)."""
+def _builtin_fields(measured, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation) sharp fields as ``train --psf MEASURED.cgpsf`` takes them without ``--sharp``: every
+    built-in specimen field trains, the held-out validation specimens validate (its messages muted)."""
     import contextlib
     import io
 
-    from napari_coordgate.cli import _builtin_specimens
+    from napari_coordgate.cli import _builtin_specimens, _builtin_validation
 
     with contextlib.redirect_stdout(io.StringIO()):
-        return _builtin_specimens(measured, seed)
+        sharp = _builtin_specimens(measured, seed)
+        return sharp, _builtin_validation(sharp.shape[-2:])
 
 
-def _train_and_score(psf, sharp, test, seed: int, args) -> tuple[float, float, float]:
-    """(PSNR, edge PSNR, seconds) of a CoordGate U-Net trained on ``sharp`` blurred by ``psf``, on ``test``."""
+def _train_and_score(psf, fields, test, seed: int, args) -> tuple[float, float, float]:
+    """(PSNR, edge PSNR, seconds) of a CoordGate U-Net trained on ``fields`` (training, validation sharp fields)
+    blurred by ``psf``, on ``test``."""
     from napari_coordgate.config import ModelConfig, TrainConfig
     from napari_coordgate.engine import SimulatedSource, predict, train
 
     model_cfg = ModelConfig(depth=2, channels=16, gate="coordgate")
     train_cfg = TrainConfig(seed=seed, device="cpu", threads=args.train_threads, **_budget(args))
     t0 = time.perf_counter()
-    result = train(model_cfg, train_cfg, SimulatedSource(sharp=sharp, psf=psf))
+    result = train(model_cfg, train_cfg, SimulatedSource(sharp=fields[0], psf=psf, val_sharp=fields[1]))
     seconds = time.perf_counter() - t0
     restored = predict(result.saved, test[1], device="cpu")
     return (*_scores(test[0], restored), seconds)
@@ -187,9 +190,9 @@ def run_training_case(optics_name: str, args, beads: int, photons: float) -> lis
              "", ""]]
     diffs = []
     for seed in args.seeds:
-        sharp = _builtin_sharp(measured, seed)
-        m = _train_and_score(measured, sharp, test, seed, args)
-        t = _train_and_score(true, sharp, test, seed, args)
+        fields = _builtin_fields(measured, seed)
+        m = _train_and_score(measured, fields, test, seed, args)
+        t = _train_and_score(true, fields, test, seed, args)
         diffs.append((m[0], m[1], t[0], t[1]))
         rows.append([optics_name, f"{seed}", f"{m[0]:.2f} ({m[1]:.2f})", f"{t[0]:.2f} ({t[1]:.2f})",
                      f"{m[0] - t[0]:+.2f} ({m[1] - t[1]:+.2f})", f"{m[2]:.0f} / {t[2]:.0f}"])
@@ -447,8 +450,9 @@ def main_fibre(args) -> None:
         if steps > 0:
             args.steps = steps
             cfg = TrainConfig(seed=seed, device="cpu", threads=args.train_threads, **_budget(args))
+            sharp, val = _builtin_fields(result.model, seed)
             trained = train(ModelConfig(depth=2, channels=16, gate="coordgate"), cfg,
-                            SimulatedSource(sharp=_builtin_sharp(result.model, seed), psf=result.model))
+                            SimulatedSource(sharp, result.model, val_sharp=val))
             report = bead_fwhm_report(held.astype(np.float64), predict(trained.saved, held, device="cpu"))
             after = [r["fwhm"] for r in report["after"]["rings"]]
         cut = [f"{100 * (1 - a / b):.0f}" if a and b else "-" for a, b in zip(after, before)]
