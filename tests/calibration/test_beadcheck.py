@@ -1,4 +1,4 @@
-"""The check without ground truth: held-out beads of a calibration report, found in the bead image and measured
+"""The check without ground truth: the beads of a bead image, and held-out beads of a calibration report found in it,
 before and after deblurring (FWHM and the light within one in-focus FWHM, per field ring)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from napari_coordgate.calibration.beadcheck import holdout_beads, holdout_report
+from napari_coordgate.calibration.beadcheck import bead_fwhm_report, holdout_beads, holdout_report
 from napari_coordgate.coords import field_position
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
@@ -100,3 +100,41 @@ def test_beads_are_matched_within_two_pixels_and_the_others_left_out(slide):
     assert (rep["holdout_beads"], rep["matched"]) == (5, 4)
     with pytest.raises(ValueError, match="none of the 2 holdout beads is within 2 px"):
         holdout_report(blurry, sharp, y[:2] + 16.0, x[:2] + 16.0)
+
+
+# -- bead_fwhm_report: the beads of the bead image, measured at the same place after deblurring ---------------------
+def test_bead_report_measures_after_at_the_bead_images_beads_not_at_spots_the_model_made(slide):
+    y, x, blurry, sharp = slide
+    rng = np.random.default_rng(3)
+    sy, sx = rng.uniform(8, 248, 40), rng.uniform(8, 248, 40)  # 40 sharp spots made of noise, between the beads
+    far = np.min(np.hypot(sy[:, None] - y[None], sx[:, None] - x[None]), axis=1) > 8
+    spotted = sharp + _beads(sy[far], sx[far], np.full(far.sum(), 1.0), photons=3000.0, noise=False) - 100.0
+    clean, noisy = bead_fwhm_report(blurry, sharp), bead_fwhm_report(blurry, spotted)
+    assert noisy["after"]["beads"] == noisy["before"]["beads"] == clean["after"]["beads"] >= 60
+    assert noisy["after"]["positions"] == noisy["before"]["positions"]
+    for ring_clean, ring_noisy in zip(clean["after"]["rings"], noisy["after"]["rings"]):
+        assert ring_noisy["fwhm"] == pytest.approx(ring_clean["fwhm"], rel=0.02), ring_clean["name"]
+        assert ring_noisy["fwhm"] == pytest.approx(2.0, rel=0.1), "the sharp slide's beads are 2 px"
+
+
+def test_bead_report_measures_a_bead_restored_below_a_pixel_instead_of_dropping_it_as_a_hot_pixel(slide):
+    y, x, blurry, _ = slide
+    restored = _beads(y, x, np.full(y.size, 0.5), photons=20000.0, seed=4)  # the detector takes them for hot pixels
+    rep = bead_fwhm_report(blurry, restored)
+    assert rep["after"]["beads"] == rep["before"]["beads"]
+    # the half-maximum area of a spot sampled at pixel centres, interpolated, is about a pixel and a third across
+    assert all(0.4 < ring["fwhm"] < 1.5 for ring in rep["after"]["rings"]), rep["after"]["rings"]
+    assert all(ring["fwhm"] > 2.4 for ring in rep["before"]["rings"])
+
+
+def test_bead_report_ellipticity_is_one_minus_minor_over_major():
+    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]].astype(float)
+    image = np.full(SHAPE, 100.0)
+    y, x = (a.ravel() + 0.3 for a in np.meshgrid(GRID[1:7], GRID[1:7], indexing="ij"))
+    for b, a in zip(y, x):  # sigma 3 px along x, 1.5 px along y: ellipticity 0.5
+        image += 5000.0 * np.exp(-((yy - b) ** 2) / (2 * 1.5**2) - (xx - a) ** 2 / (2 * 3.0**2))
+    rep = bead_fwhm_report(image, image)
+    for ring in rep["before"]["rings"]:
+        if ring["beads"]:
+            assert ring["ellipticity"] == pytest.approx(0.5, abs=0.05), ring["name"]
+    assert rep["before"] == rep["after"]

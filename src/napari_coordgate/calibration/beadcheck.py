@@ -1,8 +1,9 @@
 """A check of a trained model that needs no ground truth: the beads of a bead image before and after deblurring.
 
 A good model makes the bead images small and the same everywhere: their FWHM shrinks and stops growing toward
-the edge of the field. :func:`bead_fwhm_report` detects the beads of both images with the calibration's
-detector and summarises their FWHM by field ring (:data:`napari_coordgate.metrics.RINGS`: centre r < 0.5, middle
+the edge of the field. :func:`bead_fwhm_report` detects the beads of the bead image with the calibration's
+detector, measures each at the same place in the deblurred image (what a model made of noise or of a hot pixel is
+not a bead) and summarises their FWHM by field ring (:data:`napari_coordgate.metrics.RINGS`: centre r < 0.5, middle
 0.5-1, edge r >= 1, per-axis radius as everywhere in this package). :func:`holdout_report` scores only the beads
 a calibration kept out of every fit (``calibrate --holdout F``, listed in its JSON report), so the model is judged
 on beads it never saw: their FWHM and how much of each bead's light lies within one in-focus FWHM of its centre.
@@ -27,46 +28,69 @@ _RING_WIDTH = 3  # width (px) of the ring around the window where a bead's backg
 _UPSAMPLE = 8  # sub-pixel factor of the half-maximum area
 
 
-def _beads(image: np.ndarray, field_shape, offset, what: str) -> dict:
-    from .detect import find_beads
-
-    table, _, _ = find_beads(np.asarray(image))
-    ok = table.accepted
-    if not ok.any():  # no statistics of nothing (a table of NaN), nor of what a model made of noise
-        raise ValueError(table.nothing_found(what) or f"no usable beads in {what} ({table.counts()})")
-    y = field_position(offset[0] + table.y[ok], field_shape[0])
-    x = field_position(offset[1] + table.x[ok], field_shape[1])
-    fwhm = np.sqrt(table.fwhm_x[ok] * table.fwhm_y[ok])  # geometric mean of the two axes
-    return {"r": np.hypot(y, x), "fwhm": fwhm, "ellipticity": table.ellipticity[ok], "y": table.y[ok],
-            "x": table.x[ok]}
-
-
 def bead_fwhm_report(before: np.ndarray, after: np.ndarray, field_shape: Sequence[int] | None = None,
                      offset: Sequence[int] = (0, 0)) -> dict:
     """Bead FWHM (pixels) and ellipticity by field ring, before and after, and how uniform FWHM is.
 
-    ``field_shape``/``offset``: the image's place in the training field (default: it is the whole field).
-    Returns a JSON-able dict with, per image, the bead count, median FWHM and ellipticity per ring and the
-    field-wide spread of FWHM (interquartile range / median), plus the bead positions and FWHMs.
+    The beads are those the calibration's detector accepts in ``before`` (hot pixels, saturated and failed spots
+    left out); each is measured at the same place in both images, as :func:`holdout_report` measures (no
+    detection in ``after``: a sharply restored bead is measured like any other, and a deblurred hot pixel or a spot
+    the model made of noise is not a bead). ``field_shape``/``offset``: the image's place in the training field
+    (default: it is the whole field). Returns a JSON-able dict with, per image, the bead count, median FWHM and
+    ellipticity per ring and the field-wide spread of FWHM (interquartile range / median), plus the bead positions
+    and FWHMs (beads whose window leaves the frame are not measured).
     """
     from ..checks import check_image
+    from .detect import find_beads
 
-    if np.shape(before) != np.shape(after) or np.ndim(before) != 2:
-        raise ValueError(f"expected two 2-D images of one shape, got {np.shape(before)} and {np.shape(after)}")
+    before, after = np.asarray(before), np.asarray(after)
+    if before.shape != after.shape or before.ndim != 2:
+        raise ValueError(f"expected two 2-D images of one shape, got {before.shape} and {after.shape}")
     check_image(before, "the bead image", max_ndim=2, allow_constant=False)  # NaN, Inf, a constant frame
-    field_shape = tuple(np.shape(before)) if field_shape is None else tuple(field_shape)
+    check_image(after, "the deblurred bead image", max_ndim=2)
+    field_shape = tuple(before.shape) if field_shape is None else tuple(field_shape)
+    table, _, _ = find_beads(before)
+    ok = table.accepted
+    if not ok.any():  # no statistics of nothing (a table of NaN)
+        raise ValueError(table.nothing_found("the bead image") or f"no usable beads in the bead image "
+                                                                   f"({table.counts()})")
+    y, x = table.y[ok], table.x[ok]
+    rings, _, _, fwhm, ellipticity = _measure(before, after, y, x, np.sqrt(table.fwhm_x[ok] * table.fwhm_y[ok]),
+                                              field_shape, offset)
     out = {}
-    for name, image in (("before", before), ("after", after)):
-        b = _beads(image, field_shape, offset, "the bead image" if name == "before" else "the deblurred bead image")
-        rings = []
-        for ring, _, _, sel in ring_masks(b["r"]):
-            rings.append({"name": ring, "beads": int(sel.sum()),
-                          "fwhm": float(np.median(b["fwhm"][sel])) if sel.any() else None,
-                          "ellipticity": float(np.median(b["ellipticity"][sel])) if sel.any() else None})
-        q1, med, q3 = np.percentile(b["fwhm"], [25, 50, 75]) if len(b["fwhm"]) else (np.nan,) * 3
-        out[name] = {"beads": int(len(b["fwhm"])), "fwhm_median": float(med), "fwhm_spread": float((q3 - q1) / med),
-                     "rings": rings, "positions": np.stack([b["y"], b["x"]], 1).tolist(), "fwhm": b["fwhm"].tolist()}
+    for name in ("before", "after"):
+        f, e = fwhm[name], ellipticity[name]
+        measured = np.isfinite(f)
+        if not measured.any():
+            why = "their windows leave the frame" if name == "before" else "no light above the background there"
+            raise ValueError(f"none of the {len(f)} beads of the bead image could be measured {name} ({why})")
+        q1, med, q3 = np.percentile(f[measured], [25, 50, 75])
+        out[name] = {"beads": int(measured.sum()), "fwhm_median": float(med), "fwhm_spread": float((q3 - q1) / med),
+                     "rings": [{"name": ring, "beads": int((sel & measured).sum()), "fwhm": _median(f[sel]),
+                                "ellipticity": _median(e[sel])} for ring, _, _, sel in rings],
+                     "positions": np.stack([y[measured], x[measured]], 1).tolist(), "fwhm": f[measured].tolist()}
     return out
+
+
+def _median(values: np.ndarray) -> float | None:
+    values = values[np.isfinite(values)]
+    return float(np.median(values)) if values.size else None
+
+
+def _measure(before: np.ndarray, after: np.ndarray, y: np.ndarray, x: np.ndarray, det_fwhm: np.ndarray,
+             field_shape, offset) -> tuple:
+    """Each bead at (y, x) (px; ``det_fwhm``: its detected FWHM) measured at the same place in both images:
+    ``(rings, windows, cuts, fwhm, ellipticity)``, the last three dicts by image name ("before", "after"), NaN
+    for a bead whose window leaves the frame or that has no light above its background."""
+    r = np.hypot(field_position(offset[0] + y, field_shape[0]), field_position(offset[1] + x, field_shape[1]))
+    window = _windows(before.shape, y, x, det_fwhm)
+    reach = np.maximum(1.5, det_fwhm)  # the centroid's and the peak's reach: the bead's detected FWHM
+    cuts = {name: [_cut(img, a, b, win, rc) for a, b, win, rc in zip(y, x, window, reach)]
+            for name, img in (("before", before), ("after", after))}
+    shapes = {name: np.array([(np.nan, np.nan) if c is None else _half_max(*c, rc) for c, rc in zip(cut, reach)],
+                             dtype=np.float64).reshape(-1, 2) for name, cut in cuts.items()}
+    return (ring_masks(r), window, cuts, {k: v[:, 0] for k, v in shapes.items()},
+            {k: v[:, 1] for k, v in shapes.items()})
 
 
 # -- held-out beads ------------------------------------------------------------------------------------------------
@@ -150,9 +174,10 @@ def _cut(image: np.ndarray, y: float, x: float, window: int, reach: float):
     return sig, gy, gx, cy, cx
 
 
-def _fwhm(sig, gy, gx, cy, cx, reach: float) -> float:
-    """The diameter of the disc whose area equals that of the region above half the peak (``sig`` cubic-spline
-    interpolated 8x; the region connected to the highest point within ``reach`` of the centre)."""
+def _half_max(sig, gy, gx, cy, cx, reach: float) -> tuple[float, float]:
+    """(FWHM, ellipticity) of the region above half the peak (``sig`` cubic-spline interpolated 8x; the region
+    connected to the highest point within ``reach`` of the centre): the diameter of the disc of its area, and
+    ``1 - minor / major`` of its second moments. NaN, NaN without light above the background."""
     from scipy import ndimage
 
     # grid_mode: fine pixel i sits at (i + 0.5) / 8 - 0.5 of the patch's pixels, each 1/64 of a pixel
@@ -162,10 +187,14 @@ def _fwhm(sig, gy, gx, cy, cx, reach: float) -> float:
     core = np.hypot(f[:, None] - cy, f[None, :] - cx) <= reach
     peak = float(fine[core].max())
     if not peak > 0:
-        return np.nan
+        return np.nan, np.nan
     labels, _ = ndimage.label(fine >= peak / 2)
-    top = labels[core][np.argmax(fine[core])]
-    return 2.0 * float(np.sqrt(np.count_nonzero(labels == top) / _UPSAMPLE**2 / np.pi))
+    region = labels == labels[core][np.argmax(fine[core])]
+    iy, ix = np.nonzero(region)
+    cov = np.cov(np.stack([f[iy], f[ix]])) if iy.size > 1 else np.zeros((2, 2))
+    lo, hi = np.linalg.eigvalsh(cov)
+    ellipticity = 1.0 - float(np.sqrt(max(lo, 0.0) / hi)) if hi > 0 else 0.0
+    return 2.0 * float(np.sqrt(region.sum() / _UPSAMPLE**2 / np.pi)), ellipticity
 
 
 def _energy(sig, gy, gx, cy, cx, window: int, radius: float) -> float:
@@ -176,10 +205,7 @@ def _energy(sig, gy, gx, cy, cx, window: int, radius: float) -> float:
 
 
 def _summary(fwhm: np.ndarray, energy: np.ndarray, rings: list) -> dict:
-    def med(v):
-        v = v[np.isfinite(v)]
-        return float(np.median(v)) if v.size else None
-
+    med = _median
     return {"beads": int(np.isfinite(fwhm).sum()), "fwhm_median": med(fwhm), "energy_median": med(energy),
             "rings": [{"name": name, "beads": int((sel & np.isfinite(fwhm)).sum()), "fwhm": med(fwhm[sel]),
                        "energy": med(energy[sel])} for name, _, _, sel in rings]}
@@ -231,14 +257,7 @@ def holdout_report(before: np.ndarray, after: np.ndarray, y, x, field_shape: Seq
         raise ValueError(f"none of the {len(y)} holdout beads is within {MATCH_PX:g} px of a spot in the bead image: "
                          "give the bead image that was calibrated")
     my, mx, det_fwhm = my[found], mx[found], det_fwhm[found]
-    r = np.hypot(field_position(offset[0] + my, field_shape[0]), field_position(offset[1] + mx, field_shape[1]))
-    rings = ring_masks(r)
-    window = _windows(before.shape, my, mx, det_fwhm)
-    reach = np.maximum(1.5, det_fwhm)  # the centroid's and the peak's reach: the bead's detected FWHM
-    cuts = {name: [_cut(img, a, b, win, rc) for a, b, win, rc in zip(my, mx, window, reach)]
-            for name, img in (("before", before), ("after", after))}
-    fwhm = {name: np.array([np.nan if c is None else _fwhm(*c, rc) for c, rc in zip(cut, reach)])
-            for name, cut in cuts.items()}
+    rings, window, cuts, fwhm, _ = _measure(before, after, my, mx, det_fwhm, field_shape, offset)
     radius, ring_name = None, None
     for name, _, _, sel in rings:  # the centre ring, or the nearest one with a measured bead
         ok = sel & np.isfinite(fwhm["before"])
