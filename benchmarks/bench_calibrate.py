@@ -111,11 +111,13 @@ def _scores(gt, img) -> tuple[float, float]:
 
 
 def _budget(args) -> dict:
-    """TrainConfig budget fields: ``--steps`` optimiser steps (validation every 50), or ``--minutes``."""
+    """TrainConfig budget fields: ``--steps`` optimiser steps (validation every 50), or ``--minutes``; and
+    ``--brightness`` where given (else TrainConfig's default)."""
+    extra = {} if getattr(args, "brightness", None) is None else {"brightness": args.brightness}
     if args.minutes:
-        return {"minutes": args.minutes, "epochs": 0}
+        return {"minutes": args.minutes, "epochs": 0, **extra}
     per_epoch = min(50, args.steps)
-    return {"epochs": max(1, round(args.steps / per_epoch)), "steps_per_epoch": per_epoch, "minutes": 0.0}
+    return {"epochs": max(1, round(args.steps / per_epoch)), "steps_per_epoch": per_epoch, "minutes": 0.0, **extra}
 
 
 def _builtin_fields(measured, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -464,8 +466,10 @@ def main_fibre(args) -> None:
                      " / ".join(cut), fmt(floor)])
         print("  " + " | ".join(rows[-1]), flush=True)
     print(f"fibre-like 8-bit replica ({case['beads']} beads, clusters, {size}^2): calibrate (grid), train CoordGate "
-          f"U-Net(2) {steps} steps from the measured model on {args.train_threads} thread(s), deblur a held-out slide "
-          "(seed + 100); bead FWHM (px) by ring centre / middle / edge; target: smaller by >= 25 % in every ring")
+          f"U-Net(2) {steps} steps (brightness {TrainConfig(**_budget(args)).brightness:g}) from the measured model on "
+          f"{args.train_threads} thread(s), deblur a held-out slide (seed + 100); bead FWHM (px) by ring centre / "
+          "middle / edge, each bead the detector accepts in the held-out slide measured at the same place in the "
+          "output (beadcheck.bead_fwhm_report); target: smaller by >= 25 % in every ring")
     table(["seed", "beads used", "PSF error", "FWHM before", "FWHM after", "smaller by %", "FWHM sharp"], rows)
 
 
@@ -494,6 +498,8 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"--train: optimiser steps per model (default {STEPS_10_MIN}, about 10 CPU-minutes)")
     parser.add_argument("--minutes", type=float, default=0.0,
                         help="--train: wall minutes per model instead of --steps (an idle machine!)")
+    parser.add_argument("--brightness", type=float, default=None,
+                        help="--train/--fibre: TrainConfig.brightness (default: TrainConfig's)")
     parser.add_argument("--train-threads", type=int, default=1, help="--train: torch threads of training (default 1)")
     parser.add_argument("--bead-diameter", type=float, default=0.0,
                         help="--train: beads of this diameter in px, rendered as spheres and given to calibrate")

@@ -463,3 +463,53 @@ def test_a_run_diverging_before_its_first_validation_keeps_the_starting_weights(
 
     assert res.stopped == "diverged" and res.best_val_psnr is not None and np.isfinite(res.best_val_psnr)
     assert all(torch.isfinite(v).all() for v in res.saved.model.state_dict().values())
+
+
+# -- brightness: crop pairs scaled up, the loss in each crop's own units ------------------------------------------
+def _batch(n=4, size=16, seed=0):
+    from napari_coordgate.engine.trainingdata import Batch
+
+    rng = np.random.default_rng(seed)
+    sharp = rng.random((n, 1, size, size)).astype(np.float32)
+    return Batch(sharp + 0.1 * rng.random(sharp.shape).astype(np.float32), sharp, np.zeros((n, 2)), None)
+
+
+def test_brightness_one_leaves_the_batch_and_the_random_stream_alone():
+    from napari_coordgate.engine.trainingdata import brighten
+
+    batch, rng = _batch(), np.random.default_rng(5)
+    assert brighten(batch, rng, 1.0) is batch and rng.random() == np.random.default_rng(5).random()
+
+
+def test_brightness_scales_half_the_crop_pairs_each_by_one_factor_up_to_the_bound():
+    from napari_coordgate.engine.trainingdata import brighten
+
+    batch = _batch(n=64)
+    out = brighten(batch, np.random.default_rng(1), 32.0)
+    s = out.scale.reshape(-1)
+    assert out.scale.shape == (64, 1, 1, 1) and s.min() >= 1.0 and s.max() <= 32.0
+    assert 0.3 < np.mean(s == 1.0) < 0.7, "about half keep their own brightness"
+    assert s.max() > 8.0 and np.min(s[s > 1.0]) < 2.0, "the others log-uniform over the range"
+    np.testing.assert_allclose(out.sharp, batch.sharp * out.scale, rtol=1e-6)
+    np.testing.assert_allclose(out.blurred, batch.blurred * out.scale, rtol=1e-6)
+
+
+def test_a_brightened_batch_costs_a_scale_equivariant_network_what_the_batch_does():
+    from napari_coordgate.engine.training import _step
+    from napari_coordgate.engine.trainingdata import brighten
+
+    class Linear(torch.nn.Module):  # no bias: f(s x) = s f(x)
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False)
+
+        def forward(self, x, offset=None, field_shape=None):
+            return self.conv(x)
+
+    batch, net = _batch(), Linear()
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    plain = _step(net, opt, batch, torch.device("cpu"), TrainConfig(), (16, 16), False)
+    bright = _step(net, opt, brighten(batch, np.random.default_rng(2), 100.0), torch.device("cpu"), TrainConfig(),
+                   (16, 16), False)
+    assert bright == pytest.approx(plain, rel=1e-5)

@@ -100,6 +100,9 @@ def _step(model, opt, batch: Batch, device, cfg: TrainConfig, field_shape, use_a
     w = None if batch.weight is None else torch.from_numpy(batch.weight).to(device)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
         out = model(x, offset=torch.from_numpy(batch.offsets).to(device), field_shape=field_shape)
+    if batch.scale is not None:  # brightened crops: their error in the crop's own units
+        s = torch.from_numpy(batch.scale).to(device)
+        out, y = out / s, y / s
     loss = _loss(out, y, w, cfg.loss)
     opt.zero_grad(set_to_none=True)
     loss.backward()

@@ -67,12 +67,34 @@ class SimulatedSource:
 @dataclass
 class Batch:
     """One optimiser step's crops on the host: normalised float32 (B, 1, h, w), their field offsets (B, 2) and,
-    for a single pair, the loss weights (B, 1, h, w; 0 on validation pixels)."""
+    for a single pair, the loss weights (B, 1, h, w; 0 on validation pixels); ``scale``: each crop's brightness
+    factor (B, 1, 1, 1) where :attr:`TrainConfig.brightness <napari_coordgate.config.TrainConfig.brightness>` drew
+    one (the loss divides it out, so a brighter crop weighs as much as any other)."""
 
     blurred: np.ndarray
     sharp: np.ndarray
     offsets: np.ndarray
     weight: np.ndarray | None
+    scale: np.ndarray | None = None
+
+
+#: the fraction of crops :func:`brighten` leaves at their own brightness, so the training images' range keeps its
+#: weight (all crops brightened cost up to 1 dB of validation PSNR on ordinary specimens, benchmarks/README.md)
+KEEP_BRIGHTNESS = 0.5
+
+
+def brighten(batch: Batch, rng: np.random.Generator, brightness: float) -> Batch:
+    """``batch`` with each crop pair multiplied by its own factor, log-uniform in [1, ``brightness``] for half of
+    them (:data:`KEEP_BRIGHTNESS`), 1 for the others (nothing drawn for ``brightness`` 1). Blur and noise scale
+    with the light, so a brighter pair is as true a pair, and the network learns objects brighter than the training
+    images' range (a sparse bead slide's beads, normalised, reach 10-20)."""
+    if not brightness > 1.0:
+        return batch
+    n = batch.blurred.shape[0]
+    scale = np.exp(rng.uniform(0.0, np.log(brightness), n))
+    scale = np.where(rng.random(n) < KEEP_BRIGHTNESS, 1.0, scale)
+    scale = scale.astype(np.float32).reshape((n,) + (1,) * (batch.blurred.ndim - 1))
+    return Batch(batch.blurred * scale, batch.sharp * scale, batch.offsets, batch.weight, scale)
 
 
 def _psf_identity(psf) -> dict:
@@ -281,7 +303,7 @@ class TrainingData(_RunData):
         weight = None
         if self._weight is not None:
             weight = np.stack([self._weight[y0:y1, x0:x1] for y0, y1, x0, x1 in windows])[:, None]
-        return Batch(x[:, None], y[:, None], offs, weight)
+        return brighten(Batch(x[:, None], y[:, None], offs, weight), rng, cfg.brightness)
 
     # -- what the run trains on -------------------------------------------------------------------------------
     def fingerprint(self) -> dict:

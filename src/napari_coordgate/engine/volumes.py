@@ -23,7 +23,16 @@ from ..data import (
     float32,
     sample_offsets,
 )
-from .trainingdata import Batch, PairSource, SimulatedSource, _check_psf_field, _crop_size, _psf_identity, _RunData
+from .trainingdata import (
+    Batch,
+    PairSource,
+    SimulatedSource,
+    _check_psf_field,
+    _crop_size,
+    _psf_identity,
+    _RunData,
+    brighten,
+)
 
 __all__ = ["TrainingVolumes"]
 
@@ -171,7 +180,7 @@ class TrainingVolumes(_RunData):
         if self._weight is not None:
             cols = np.stack([self._weight[w[2]:w[3], w[4]:w[5]] for w in windows])  # (B, h, w)
             weight = np.broadcast_to(cols[:, None, None], x[:, None].shape).copy()
-        return Batch(x[:, None], y[:, None], offs, weight)
+        return brighten(Batch(x[:, None], y[:, None], offs, weight), rng, cfg.brightness)
 
     def fingerprint(self) -> dict:
         """As :meth:`TrainingData.fingerprint`, of the volumes (and the z-step)."""
