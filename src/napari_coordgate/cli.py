@@ -120,7 +120,7 @@ MODEL_HELP = "model file (.cgmodel, suffix optional) or a bioimage.io package (.
 ADAPT_FLAGS = ("crop", "batch", "steps_per_epoch", "lr", "alpha", "val_tile", "seed", "device", "threads", "gain",
                "offset")
 TRAIN_FLAGS = ("crop", "crop_depth", "batch", "steps_per_epoch", "lr", "seed", "device", "threads", "register",
-               "photons", "intensity", "amp")
+               "photons", "brightness", "intensity", "amp")
 PREDICT_FLAGS = ("tile", "binning", "device", "precision", "batch_tiles", "threads", "resample_z")
 CALIBRATE_FLAGS = ("target", "model", "grid", "na", "wavelength_nm", "immersion", "pixel_size_um", "bead_diameter_nm",
                    "psf_size", "min_snr", "holdout", "device")

@@ -380,9 +380,9 @@ class TrainConfig(Config):
     register: bool = bounded(False, doc="register misaligned calibration pairs instead of warning")
     photons: float = bounded(1000.0, 1.0, 1e9, doc="photon budget of simulated pairs (PSF source)")
     read_noise: float = bounded(2.0, 0.0, 1e6, doc="read noise (photo-electrons) of simulated pairs")
-    brightness: float = bounded(1.0, 1.0, 1000.0, doc="scale each training crop pair by a random factor up to "
-                                                      "this (log-uniform; 1 = off), for objects brighter than the "
-                                                      "training images (beads, puncta on a dark background)")
+    brightness: float = bounded(1.0, 1.0, 1000.0, doc="scale half the training crop pairs, each by a random factor "
+                                                      "up to this (log-uniform; 1 = off): objects brighter than "
+                                                      "the training images (beads, puncta on a dark background)")
     intensity: str = choice("per_image", INTENSITY_MODES,
                             doc="intensity normalisation: per_image (each image's own background and range, so "
                                 "camera offset and gain do not matter) or fixed (one offset and scale from the "
