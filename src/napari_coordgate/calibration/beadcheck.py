@@ -205,10 +205,9 @@ def _energy(sig, gy, gx, cy, cx, window: int, radius: float) -> float:
 
 
 def _summary(fwhm: np.ndarray, energy: np.ndarray, rings: list) -> dict:
-    med = _median
-    return {"beads": int(np.isfinite(fwhm).sum()), "fwhm_median": med(fwhm), "energy_median": med(energy),
-            "rings": [{"name": name, "beads": int((sel & np.isfinite(fwhm)).sum()), "fwhm": med(fwhm[sel]),
-                       "energy": med(energy[sel])} for name, _, _, sel in rings]}
+    return {"beads": int(np.isfinite(fwhm).sum()), "fwhm_median": _median(fwhm), "energy_median": _median(energy),
+            "rings": [{"name": name, "beads": int((sel & np.isfinite(fwhm)).sum()), "fwhm": _median(fwhm[sel]),
+                       "energy": _median(energy[sel])} for name, _, _, sel in rings]}
 
 
 def holdout_report(before: np.ndarray, after: np.ndarray, y, x, field_shape: Sequence[int] | None = None,
