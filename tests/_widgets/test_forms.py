@@ -35,6 +35,8 @@ def test_the_train_tab_builds_its_configs_from_the_forms(viewer_dock):
     assert t.train_config().epochs == 7
     t.budget_kind.value = "minutes"
     assert t.train_config().epochs == 0
+    t.train_form.brightness.value, t.train_form.photons.value = 32.0, 5000.0  # bright beads, a brighter camera
+    assert (t.train_config().brightness, t.train_config().photons) == (32.0, 5000.0)
 
 
 def test_the_apply_tab_passes_precision_and_batching_to_the_job(viewer_dock, tiny_model, pair64):

@@ -140,8 +140,9 @@ class TrainTab(QWidget):
                                      labels={"gate": "position gate", "prefilter": "first stage"})
         self.budget_kind = ComboBox(choices=["minutes", "epochs"], value="minutes", label="budget in")
         self.train_form = ConfigForm(TrainConfig, ("minutes", "epochs", "steps_per_epoch", "crop", "batch", "seed",
-                                                   "device"),
-                                     labels={"minutes": "budget (minutes)", "epochs": "budget (epochs)"},
+                                                   "device", "photons", "brightness"),
+                                     labels={"minutes": "budget (minutes)", "epochs": "budget (epochs)",
+                                             "photons": "photons (PSF model)", "brightness": "brighter objects, up to"},
                                      base=TrainConfig(device=known_device(self.dock.settings["device"])))
         for name in ("depth", "channels", "gate", "prefilter"):
             setattr(self, name, getattr(self.model_form, name))
