@@ -118,7 +118,7 @@ def _budget(args) -> dict:
     extra = {k: v for k, v in given.items() if v is not None}
     if args.minutes:
         return {"minutes": args.minutes, "epochs": 0, **extra}
-    per_epoch = min(50, args.steps)
+    per_epoch = max(1, min(50, args.steps))
     return {"epochs": max(1, round(args.steps / per_epoch)), "steps_per_epoch": per_epoch, "minutes": 0.0, **extra}
 
 
