@@ -460,6 +460,10 @@ def _fibre_seed(case: dict, size: int, seed: int, steps: int, args) -> list[str]
         args.steps = steps
         cfg = TrainConfig(seed=seed, device="cpu", threads=args.train_threads, **_budget(args))
         sharp, val_fields = _builtin_fields(result.model, seed)
+        if args.specimens == "procedural":  # as many procedural fields (nuclei, filaments, puncta) instead
+            from napari_coordgate.samples.specimens import specimen_fields
+
+            sharp = specimen_fields(len(sharp), sharp.shape[-2:], seed=seed, sources=("procedural",))
         trained = train(ModelConfig(depth=2, channels=16, gate="coordgate"), cfg,
                         SimulatedSource(sharp, psf, val_sharp=val_fields))
         report = bead_fwhm_report(held, predict(trained.saved, held, device="cpu"))
@@ -493,7 +497,8 @@ def main_fibre(args) -> None:
         print("  " + " | ".join(rows[-1]), flush=True)
     cfg = TrainConfig(**_budget(args))
     print(f"fibre-like 8-bit replica ({case['beads']} beads, clusters, {size}^2): calibrate (grid), train CoordGate "
-          f"U-Net(2) {steps} steps (brightness {cfg.brightness:g}, photons {cfg.photons:g}) from the "
+          f"U-Net(2) {steps} steps (brightness {cfg.brightness:g}, photons {cfg.photons:g}, {args.specimens} "
+          f"specimens) from the "
           f"{'true optics' if args.true_psf else 'measured model'} on {args.train_threads} thread(s), deblur a "
           "held-out slide (seed + 100); bead FWHM (px) by ring centre / middle / edge, each bead the detector accepts "
           "in the held-out slide measured at the same place in the output (beadcheck.bead_fwhm_report); target: "
@@ -535,6 +540,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--true-psf", action="store_true",
                         help="--fibre: train from the true optics (a 9 x 9 grid of its PSFs) instead of the measured "
                              "model: what the calibration costs")
+    parser.add_argument("--specimens", default="builtin", choices=["builtin", "procedural"],
+                        help="--fibre: train on the built-in specimens as train --psf does, or on procedural fields "
+                             "only (richer in point sources)")
     parser.add_argument("--train-threads", type=int, default=1, help="--train: torch threads of training (default 1)")
     parser.add_argument("--bead-diameter", type=float, default=0.0,
                         help="--train: beads of this diameter in px, rendered as spheres and given to calibrate")
