@@ -22,7 +22,8 @@ def test_a_six_term_pupil_poly_file_from_before_the_further_terms_loads_unchange
 
     assert model.kind == "pupil_poly" and model.terms == PRIMARY_TERMS and model.coefficients.shape == (6, 6)
     assert model.name == "six-term fit" and model.provenance["beads"] == 42 and model.grid == 5
-    np.testing.assert_array_equal(model.psfs_at(y, x), np.load(DATA / "pupil_poly_6terms_psfs.npy"))
+    # to rounding: FFTs and BLAS round differently on other CPUs (5e-16 relative on an AMD EPYC), a change is far larger
+    np.testing.assert_allclose(model.psfs_at(y, x), np.load(DATA / "pupil_poly_6terms_psfs.npy"), rtol=1e-12, atol=0)
     # written back, it is the same record (a release before the further terms reads it)
     stored = modelio.decode(path, "napari-coordgate-psf")[1]["psf"]
     again = modelio.decode(save_psf_model(tmp_path / "again", model), "napari-coordgate-psf")[1]["psf"]

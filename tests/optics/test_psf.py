@@ -338,7 +338,8 @@ def test_pupil_presets_give_the_psfs_they_gave_before_the_further_terms():
     y, x = np.array([-1.0, 0.25, 1.0]), np.array([1.0, -0.5, -0.9])
     assert sorted(stored.files) == sorted(n for n, c in PRESETS.items() if c.model == "pupil")
     for name in stored.files:
-        np.testing.assert_array_equal(PRESETS[name].psfs_at(y, x, (100, 160)), stored[name])
+        # to rounding: other CPUs' FFTs and BLAS round differently (5e-16 relative on an AMD EPYC)
+        np.testing.assert_allclose(PRESETS[name].psfs_at(y, x, (100, 160)), stored[name], rtol=1e-12, atol=0)
 
 
 def test_zero_further_terms_leave_every_psf_as_the_primary_terms_give_it():
