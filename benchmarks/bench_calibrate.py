@@ -482,7 +482,8 @@ def _fibre_seed(case: dict, size: int, seed: int, steps: int, args) -> list[str]
 def main_fibre(args) -> None:
     """The fibre-like 8-bit replica end to end (``--fibre``): calibrate, train from the measured model (the true
     optics with ``--true-psf``), deblur a held-out bead slide of the same optics, bead FWHM by ring before and after;
-    for reference, SV-RL with the true PSFs and the same beads imaged through a pixel-limited PSF (*sharp*: what a
+    for reference, SV-RL with the true PSFs and with the measured model, and the same beads imaged through a
+    pixel-limited PSF (*sharp*: what a
     perfect restoration would show through the same detector). ``--steps 0``: no training."""
     from napari_coordgate.config import TrainConfig
 
