@@ -54,6 +54,7 @@ import torch
 
 from napari_coordgate.calibration.calibrate import calibrate
 from napari_coordgate.samples.beads import EllipticalOptics, PupilOptics, bead_slide, psf_error
+from napari_coordgate.samples.specimens import SPECIMEN_SETS
 
 OPTICS = {"na": 0.8, "wavelength_um": 0.52, "immersion": 1.0, "pixel_size_um": 0.16}
 TRAIN_CASE = (300, 3000.0)  # beads, photons of the slides the training comparison calibrates
@@ -122,16 +123,17 @@ def _budget(args) -> dict:
     return {"epochs": max(1, round(args.steps / per_epoch)), "steps_per_epoch": per_epoch, "minutes": 0.0, **extra}
 
 
-def _builtin_fields(measured, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(training, validation) sharp fields as ``train --psf MEASURED.cgpsf`` takes them without ``--sharp``: every
-    built-in specimen field trains, the held-out validation specimens validate (its messages muted)."""
+def _builtin_fields(measured, seed: int, specimens: str = "mixed") -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation) sharp fields as ``train --psf MEASURED.cgpsf [--specimens S]`` takes them without
+    ``--sharp``: every built-in specimen field trains, the held-out validation specimens validate (its messages
+    muted)."""
     import contextlib
     import io
 
     from napari_coordgate.cli import _builtin_specimens, _builtin_validation
 
     with contextlib.redirect_stdout(io.StringIO()):
-        sharp = _builtin_specimens(measured, seed)
+        sharp = _builtin_specimens(measured, seed, specimens)
         return sharp, _builtin_validation(sharp.shape[-2:])
 
 
@@ -459,11 +461,7 @@ def _fibre_seed(case: dict, size: int, seed: int, steps: int, args) -> list[str]
             psf.provenance = {"field_shape": [size, size]}
         args.steps = steps
         cfg = TrainConfig(seed=seed, device="cpu", threads=args.train_threads, **_budget(args))
-        sharp, val_fields = _builtin_fields(result.model, seed)
-        if args.specimens == "procedural":  # as many procedural fields (nuclei, filaments, puncta) instead
-            from napari_coordgate.samples.specimens import specimen_fields
-
-            sharp = specimen_fields(len(sharp), sharp.shape[-2:], seed=seed, sources=("procedural",))
+        sharp, val_fields = _builtin_fields(result.model, seed, args.specimens)
         trained = train(ModelConfig(depth=2, channels=16, gate="coordgate"), cfg,
                         SimulatedSource(sharp, psf, val_sharp=val_fields))
         report = bead_fwhm_report(held, predict(trained.saved, held, device="cpu"))
@@ -541,9 +539,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--true-psf", action="store_true",
                         help="--fibre: train from the true optics (a 9 x 9 grid of its PSFs) instead of the measured "
                              "model: what the calibration costs")
-    parser.add_argument("--specimens", default="builtin", choices=["builtin", "procedural"],
-                        help="--fibre: train on the built-in specimens as train --psf does, or on procedural fields "
-                             "only (richer in point sources)")
+    parser.add_argument("--specimens", default="mixed", choices=list(SPECIMEN_SETS),
+                        help="--fibre: the built-in specimens that train, as train --psf --specimens: mixed "
+                             "(default) or fluorescence (procedural fields only, richer in point sources)")
     parser.add_argument("--train-threads", type=int, default=1, help="--train: torch threads of training (default 1)")
     parser.add_argument("--bead-diameter", type=float, default=0.0,
                         help="--train: beads of this diameter in px, rendered as spheres and given to calibrate")

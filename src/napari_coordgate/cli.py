@@ -250,10 +250,12 @@ def _predict_cfg(args):
     return _config_from_flags(PredictConfig, args, PREDICT_FLAGS)
 
 
-def _builtin_specimens(psf, seed: int):
-    """Sharp training images when the user gives none: the demo's bundled and procedural specimens, at the field
-    shape a measured PSF model was calibrated on (about 1.6 megapixels in all, at least 4 fields)."""
-    from .samples.specimens import TRAIN_SOURCES, specimen_fields
+def _builtin_specimens(psf, seed: int, specimens: str = "mixed"):
+    """Sharp training images when the user gives none: the built-in specimens of ``specimens`` (a key of
+    :data:`~napari_coordgate.samples.specimens.SPECIMEN_SETS`: the demo's bundled and procedural ones, or procedural
+    fluorescence-like fields only), at the field shape a measured PSF model was calibrated on (about 1.6 megapixels
+    in all, at least 4 fields)."""
+    from .samples.specimens import SPECIMEN_SETS, specimen_fields
 
     shape = (psf.provenance or {}).get("field_shape") if psf is not None else None
     if not shape:
@@ -264,8 +266,9 @@ def _builtin_specimens(psf, seed: int):
         raise CLIError(f"the PSF model's field is {h} x {w}; built-in specimens go up to 64 megapixels: give sharp "
                        "images of the field (--sharp)")
     n = int(min(32, max(4, -(-1_600_000 // (h * w)))))
-    print(f"training images: {n} built-in specimen fields of {h} x {w} (bundled + procedural)")
-    return specimen_fields(n, (h, w), seed=seed, sources=TRAIN_SOURCES)
+    kind = "bundled + procedural" if specimens == "mixed" else "procedural: nuclei, filaments, puncta"
+    print(f"training images: {n} built-in specimen fields of {h} x {w} ({specimens}: {kind})")
+    return specimen_fields(n, (h, w), seed=seed, sources=SPECIMEN_SETS[specimens])
 
 
 def _builtin_validation(field_shape):
@@ -365,7 +368,11 @@ def _plane_source(args, psf):
     from .engine import PairSource, SimulatedSource
     from .image_io.read import read_planes
 
-    sharp = read_planes(args.sharp, "sharp") if args.sharp else _builtin_specimens(psf, args.seed)
+    if args.sharp and args.specimens:
+        raise CLIError("--specimens chooses the built-in training specimens; with --sharp your images train instead: "
+                       "leave one out")
+    sharp = (read_planes(args.sharp, "sharp") if args.sharp
+             else _builtin_specimens(psf, args.seed, args.specimens or "mixed"))
     if args.blurred:
         source = PairSource(sharp, read_planes(args.blurred, "blurred"), psf=psf)
     else:
@@ -1000,6 +1007,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import ModelConfig, PredictConfig, TrainConfig
     from .model_io import PSF_SUFFIX
     from .optics.models import ALL_PRESETS
+    from .samples.specimens import SPECIMEN_SETS
 
     p = sub.add_parser("demo", help="train plain and CoordGate U-Nets on a synthetic calibration set; compare")
     p.add_argument("-o", "--output", default="coordgate-demo", help="output folder (default: coordgate-demo)")
@@ -1022,6 +1030,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from calibration pairs or a PSF model")
     p.add_argument("--sharp", nargs="+", help="sharp images (without them, with a PSF model measured from beads: "
                                                "built-in specimens at its field shape)")
+    p.add_argument("--specimens", choices=list(SPECIMEN_SETS), help="without --sharp: which built-in specimens "
+                   "train: mixed (default; bundled images + procedural fields) or fluorescence (procedural "
+                   "nuclei, filaments and sub-pixel puncta only: for punctate samples and beads)")
     p.add_argument("--blurred", nargs="+", help="blurred calibration images, one per sharp file")
     p.add_argument("--psf", help=psf_help + ": without --blurred, pairs are simulated from it; with --blurred, "
                                            "it describes the optics for --prefilter wiener")

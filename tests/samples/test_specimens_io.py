@@ -100,6 +100,20 @@ def test_train_without_sharp_images_validates_on_held_out_specimens_only(capsys)
     assert len(_builtin_validation((1024, 1024))) == 1  # about 0.4 megapixels of validation
 
 
+def test_the_fluorescence_specimens_are_procedural_fields_only_and_mixed_is_the_default(capsys):
+    from napari_coordgate.cli import _builtin_specimens
+    from napari_coordgate.optics.psf import PRESETS
+    from napari_coordgate.samples.specimens import SPECIMEN_SETS, TRAIN_SOURCES, specimen_fields
+
+    psf = PRESETS["gaussian"].with_provenance({"field_shape": [96, 112]})
+    mixed, fluo = _builtin_specimens(psf, seed=3), _builtin_specimens(psf, seed=3, specimens="fluorescence")
+    assert SPECIMEN_SETS["mixed"] == TRAIN_SOURCES and SPECIMEN_SETS["fluorescence"] == ("procedural",)
+    assert np.array_equal(mixed, specimen_fields(len(mixed), (96, 112), seed=3, sources=TRAIN_SOURCES))
+    assert np.array_equal(fluo, specimen_fields(len(mixed), (96, 112), seed=3, sources=("procedural",)))
+    assert not np.array_equal(mixed, fluo)
+    assert "(fluorescence: procedural: nuclei, filaments, puncta)" in capsys.readouterr().out
+
+
 def test_tiff_round_trip_keeps_pixel_size_and_axes(tmp_path):
     data = (np.random.default_rng(0).random((2, 16, 24)) * 1000).astype(np.uint16)
     tifffile.imwrite(tmp_path / "a.tif", data, imagej=True, resolution=(5.0, 5.0),

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["BUNDLED", "TRAIN_SOURCES", "VALIDATION_SOURCES", "bundled_specimen", "procedural_specimen",
-           "specimen_fields", "validation_fields"]
+__all__ = ["BUNDLED", "SPECIMEN_SETS", "TRAIN_SOURCES", "VALIDATION_SOURCES", "bundled_specimen",
+           "procedural_specimen", "specimen_fields", "validation_fields"]
 
 # images shipped inside scikit-image (no network); colour ones are converted to grey
 BUNDLED = ("cell", "coins", "camera", "moon", "immunohistochemistry", "hubble_deep_field", "retina", "brick",
@@ -102,6 +102,11 @@ def _puncta(shape: tuple[int, int], n: int, rng: np.random.Generator, sigma: flo
 #: the training specimens of the demo and of ``train`` without sharp images: procedural plus bundled images of
 #: varied structure (moon, hubble_deep_field and retina stay out: the demo and the benchmarks test and tune on them)
 TRAIN_SOURCES = ("procedural", "cell", "coins", "immunohistochemistry", "brick", "gravel", "astronaut", "camera")
+
+#: the sets of built-in specimens ``train --specimens`` chooses from: ``mixed`` (:data:`TRAIN_SOURCES`, the default:
+#: varied structure) or ``fluorescence`` (procedural fluorescence-like fields only: nuclei, filaments and puncta below
+#: the pixel; richer in point sources, for punctate samples and beads)
+SPECIMEN_SETS = {"mixed": TRAIN_SOURCES, "fluorescence": ("procedural",)}
 
 #: the held-out validation specimens of training from a PSF model with the built-in specimens: bundled images in
 #: neither TRAIN_SOURCES nor the test and tuning images (moon, hubble_deep_field, retina), and procedural fields
