@@ -125,16 +125,10 @@ def _budget(args) -> dict:
 
 def _builtin_fields(measured, seed: int, specimens: str = "mixed") -> tuple[np.ndarray, np.ndarray]:
     """(training, validation) sharp fields as ``train --psf MEASURED.cgpsf [--specimens S]`` takes them without
-    ``--sharp``: every built-in specimen field trains, the held-out validation specimens validate (its messages
-    muted)."""
-    import contextlib
-    import io
+    ``--sharp``: every built-in specimen field trains, the held-out validation specimens validate."""
+    from napari_coordgate.samples.specimens import builtin_fields
 
-    from napari_coordgate.cli import _builtin_specimens, _builtin_validation
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        sharp = _builtin_specimens(measured, seed, specimens)
-        return sharp, _builtin_validation(sharp.shape[-2:])
+    return builtin_fields(measured, seed, specimens)[0], builtin_fields(measured, seed, validation=True)[0]
 
 
 def _train_and_score(psf, fields, test, seed: int, args) -> tuple[float, float, float]:

@@ -250,36 +250,17 @@ def _predict_cfg(args):
     return _config_from_flags(PredictConfig, args, PREDICT_FLAGS)
 
 
-def _builtin_specimens(psf, seed: int, specimens: str = "mixed"):
-    """Sharp training images when the user gives none: the built-in specimens of ``specimens`` (a key of
-    :data:`~napari_coordgate.samples.specimens.SPECIMEN_SETS`: the demo's bundled and procedural ones, or procedural
-    fluorescence-like fields only), at the field shape a measured PSF model was calibrated on (about 1.6 megapixels
-    in all, at least 4 fields)."""
-    from .samples.specimens import SPECIMEN_SETS, specimen_fields
+def _builtin_specimens(psf, seed: int, specimens: str = "mixed", validation: bool = False):
+    """Sharp training (or held-out validation) images when the user gives none, saying what they are
+    (:func:`~napari_coordgate.samples.specimens.builtin_fields`)."""
+    from .samples.specimens import builtin_fields
 
-    shape = (psf.provenance or {}).get("field_shape") if psf is not None else None
-    if not shape:
-        raise CLIError("give sharp images (--sharp), or a PSF model measured from beads (its field shape is known); "
-                       "a preset or JSON PSF model does not say how large the field is")
-    h, w = int(shape[0]), int(shape[1])
-    if h * w > 2**26:  # four fields of a larger camera would not fit in memory: say so instead of trying
-        raise CLIError(f"the PSF model's field is {h} x {w}; built-in specimens go up to 64 megapixels: give sharp "
-                       "images of the field (--sharp)")
-    n = int(min(32, max(4, -(-1_600_000 // (h * w)))))
-    kind = "bundled + procedural" if specimens == "mixed" else "procedural: nuclei, filaments, puncta"
-    print(f"training images: {n} built-in specimen fields of {h} x {w} ({specimens}: {kind})")
-    return specimen_fields(n, (h, w), seed=seed, sources=SPECIMEN_SETS[specimens])
-
-
-def _builtin_validation(field_shape):
-    """The held-out specimens that training on the built-in ones validates on (never trained on, the same for
-    every run): about 0.4 megapixels, 1 to 6 fields of ``field_shape``."""
-    from .samples.specimens import VALIDATION_SOURCES, validation_fields
-
-    h, w = int(field_shape[0]), int(field_shape[1])
-    n = int(min(len(VALIDATION_SOURCES), max(1, -(-400_000 // (h * w)))))
-    print(f"validation images: {n} held-out specimen fields ({', '.join(VALIDATION_SOURCES[:n])})")
-    return validation_fields((h, w), n)
+    try:
+        fields, what = builtin_fields(psf, seed, specimens, validation)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    print(f"{'validation' if validation else 'training'} images: {what}")
+    return fields
 
 
 def _train_outputs(args) -> tuple[Path, Path, Path | None]:
@@ -376,7 +357,8 @@ def _plane_source(args, psf):
     if args.blurred:
         source = PairSource(sharp, read_planes(args.blurred, "blurred"), psf=psf)
     else:
-        source = SimulatedSource(sharp, psf, val_sharp=None if args.sharp else _builtin_validation(sharp.shape[-2:]))
+        val = None if args.sharp else _builtin_specimens(psf, args.seed, validation=True)
+        source = SimulatedSource(sharp, psf, val_sharp=val)
     return source
 
 

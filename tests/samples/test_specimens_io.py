@@ -87,17 +87,18 @@ def test_validation_fields_are_fixed_and_never_among_the_training_fields():
 
 
 def test_train_without_sharp_images_validates_on_held_out_specimens_only(capsys):
-    from napari_coordgate.cli import _builtin_specimens, _builtin_validation
+    from napari_coordgate.cli import _builtin_specimens
     from napari_coordgate.optics.psf import PRESETS
 
     psf = PRESETS["gaussian"].with_provenance({"field_shape": [128, 160]})
     sharp = _builtin_specimens(psf, seed=0)  # what `train --psf` without --sharp trains and validates on
-    val = _builtin_validation(sharp.shape[-2:])
+    val = _builtin_specimens(psf, seed=0, validation=True)
     out = capsys.readouterr().out
     assert f"validation images: {len(val)} held-out specimen fields" in out and len(val) == 6
     assert val.shape[1:] == sharp.shape[1:] == (128, 160)
     assert np.abs(val[:, None] - sharp[None]).mean(axis=(2, 3)).min() > 0.02
-    assert len(_builtin_validation((1024, 1024))) == 1  # about 0.4 megapixels of validation
+    big = PRESETS["gaussian"].with_provenance({"field_shape": [1024, 1024]})
+    assert len(_builtin_specimens(big, seed=0, validation=True)) == 1  # about 0.4 megapixels of validation
 
 
 def test_the_fluorescence_specimens_are_procedural_fields_only_and_mixed_is_the_default(capsys):
@@ -112,6 +113,18 @@ def test_the_fluorescence_specimens_are_procedural_fields_only_and_mixed_is_the_
     assert np.array_equal(fluo, specimen_fields(len(mixed), (96, 112), seed=3, sources=("procedural",)))
     assert not np.array_equal(mixed, fluo)
     assert "(fluorescence: procedural: nuclei, filaments, puncta)" in capsys.readouterr().out
+
+
+def test_builtin_fields_refuse_a_preset_a_huge_field_and_unknown_specimens_in_one_line():
+    from napari_coordgate.optics.psf import PRESETS
+    from napari_coordgate.samples.specimens import builtin_fields
+
+    with pytest.raises(ValueError, match="give sharp images \\(sharp layers\\), or a PSF model measured"):
+        builtin_fields(PRESETS["gaussian"], sharp_hint="sharp layers")
+    with pytest.raises(ValueError, match="up to 64 megapixels"):
+        builtin_fields(PRESETS["gaussian"].with_provenance({"field_shape": [10000, 10000]}))
+    with pytest.raises(ValueError, match="choose mixed or fluorescence"):
+        builtin_fields(PRESETS["gaussian"].with_provenance({"field_shape": [64, 64]}), specimens="beads")
 
 
 def test_tiff_round_trip_keeps_pixel_size_and_axes(tmp_path):

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["BUNDLED", "SPECIMEN_SETS", "TRAIN_SOURCES", "VALIDATION_SOURCES", "bundled_specimen",
-           "procedural_specimen", "specimen_fields", "validation_fields"]
+__all__ = ["BUNDLED", "SPECIMEN_SETS", "TRAIN_SOURCES", "VALIDATION_SOURCES", "builtin_field_count",
+           "builtin_fields", "bundled_specimen", "procedural_specimen", "specimen_fields", "validation_fields"]
 
 # images shipped inside scikit-image (no network); colour ones are converted to grey
 BUNDLED = ("cell", "coins", "camera", "moon", "immunohistochemistry", "hubble_deep_field", "retina", "brick",
@@ -143,6 +143,49 @@ def validation_fields(field_shape: tuple[int, int], n: int = len(VALIDATION_SOUR
         raise ValueError(f"n must be at least 1, got {n}")
     return _fields(n, field_shape, np.random.default_rng(_VALIDATION_SEED), VALIDATION_SOURCES,
                    procedural_base=_PROCEDURAL_SEEDS)
+
+
+BUILTIN_PIXELS = 1_600_000  # about this many pixels of built-in training fields (at least 4, at most 32 fields)
+BUILTIN_VALIDATION_PIXELS = 400_000  # and this many of held-out validation fields (1 to 6)
+MAX_BUILTIN_FIELD = 2**26  # four fields of a larger camera would not fit in memory: ask for sharp images instead
+
+
+def builtin_field_count(psf, sharp_hint: str = "--sharp") -> tuple[int, int, int]:
+    """(N, H, W) of the built-in training fields for the 2-D PSF model ``psf`` (:func:`builtin_fields`): its
+    calibrated field, N for about :data:`BUILTIN_PIXELS` pixels in all.
+
+    Raises ValueError (saying to give sharp images, ``sharp_hint`` naming how) for a PSF model whose field shape is
+    not known (a preset) or too large."""
+    shape = (psf.provenance or {}).get("field_shape") if psf is not None else None
+    if not shape:
+        raise ValueError(f"give sharp images ({sharp_hint}), or a PSF model measured from beads (its field shape is "
+                         "known); a preset or JSON PSF model does not say how large the field is")
+    h, w = int(shape[0]), int(shape[1])
+    if h * w > MAX_BUILTIN_FIELD:
+        raise ValueError(f"the PSF model's field is {h} x {w}; built-in specimens go up to 64 megapixels: give sharp "
+                         f"images of the field ({sharp_hint})")
+    return int(min(32, max(4, -(-BUILTIN_PIXELS // (h * w))))), h, w
+
+
+def builtin_fields(psf, seed: int = 0, specimens: str = "mixed", validation: bool = False,
+                   sharp_hint: str = "--sharp") -> tuple[np.ndarray, str]:
+    """Sharp training fields when the user gives none: the built-in specimens of ``specimens`` (a key of
+    :data:`SPECIMEN_SETS`) at the field shape the PSF model was calibrated on (:func:`builtin_field_count`), drawn
+    from the stream ``seed``; ``validation``: the held-out :func:`validation_fields` (about
+    :data:`BUILTIN_VALIDATION_PIXELS`, whatever ``specimens`` and ``seed``), never trained on.
+
+    Returns the (N, H, W) float32 fields and a line that says what they are; raises ValueError as
+    :func:`builtin_field_count` does, or for an unknown ``specimens``."""
+    if specimens not in SPECIMEN_SETS:
+        raise ValueError(f"unknown built-in specimens {specimens!r}: choose {' or '.join(SPECIMEN_SETS)}")
+    n, h, w = builtin_field_count(psf, sharp_hint)
+    if validation:
+        n = int(min(len(VALIDATION_SOURCES), max(1, -(-BUILTIN_VALIDATION_PIXELS // (h * w)))))
+        return (validation_fields((h, w), n),
+                f"{n} held-out specimen fields ({', '.join(VALIDATION_SOURCES[:n])})")
+    kind = "bundled + procedural" if specimens == "mixed" else "procedural: nuclei, filaments, puncta"
+    return (specimen_fields(n, (h, w), seed=seed, sources=SPECIMEN_SETS[specimens]),
+            f"{n} built-in specimen fields of {h} x {w} ({specimens}: {kind})")
 
 
 def _fields(n: int, field_shape: tuple[int, int], rng: np.random.Generator, sources, *,
