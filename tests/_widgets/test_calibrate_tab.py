@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from conftest import wait_idle
 
-from napari_coordgate._widgets._train_tab import PAIRS, SIMULATED
+from napari_coordgate._widgets._train_tab import BUILTIN, PAIRS
 from napari_coordgate.calibration.report import reason_colour
 from napari_coordgate.config import CalibrateConfig, field_specs
 from napari_coordgate.samples.beads import EllipticalOptics, bead_slide
@@ -35,7 +35,9 @@ def test_calibrating_a_bead_layer_shows_beads_grid_and_fwhm_and_feeds_training(v
     dock.train_tab.mode.setCurrentText(PAIRS)
     tab.use_btn.click()
     assert dock.training_psf_model() is tab.result.model
-    assert dock.train_tab.mode.currentText() == SIMULATED and dock.tabs.currentWidget() is dock.train_tab
+    assert dock.train_tab.mode.currentText() == BUILTIN and dock.tabs.currentWidget() is dock.train_tab
+    assert dock.train_tab.plan_label.text() == "2-D model (plane by plane), 25 built-in fields of 256 x 256"
+    assert dock.train_tab.specimens.isEnabled(), "no sharp images needed: the built-in specimens at its field"
     tab.save(str(tmp_path / "scope"))
     assert (tmp_path / "scope.cgpsf").is_file()
 

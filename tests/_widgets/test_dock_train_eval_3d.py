@@ -72,6 +72,26 @@ def test_the_built_in_3d_specimens_train_a_3d_model_at_a_measured_psf_models_fie
     assert saved.config.ndim == 3 and tuple(saved.field_shape) == (32, 32)
 
 
+def test_the_built_in_fields_of_the_chosen_set_train_a_2d_model_at_a_measured_2d_psf_models_field(viewer_dock, qtbot):
+    from napari_coordgate.optics.psf import PRESETS
+
+    _, dock = viewer_dock
+    t = dock.train_tab
+    t.use_psf_model(_tiny_3d_psf(), "measured 3-D")
+    assert not t.specimens.isEnabled(), "3-D models train on procedural volumes: no set to choose"
+    t.use_psf_model(PRESETS["gaussian"].with_provenance({"field_shape": [64, 64]}), "measured 2-D")
+    assert t.mode.currentText() == BUILTIN and t.specimens.isEnabled()
+    assert t.plan_label.text() == "2-D model (plane by plane), 32 built-in fields of 64 x 64"
+    t.specimens.setCurrentText("fluorescence")
+    source = t.source()
+    assert source.specimens == "fluorescence" and source.psf.provenance["field_shape"] == [64, 64]
+    make_tiny(dock, epochs=1, steps=2)
+
+    saved = _train(dock, qtbot)
+
+    assert saved.config.ndim == 2 and tuple(saved.field_shape) == (64, 64)
+
+
 def test_zstack_calibration_pairs_train_a_3d_model_at_their_z_step(viewer_dock, qtbot):
     from scipy.ndimage import gaussian_filter
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from napari_coordgate.app.axes import LayerAxes, TrainPlan, layer_axes, scored_as_volumes, train_plan
-from napari_coordgate.app.jobs import BuiltinVolumes, evaluate_job, psf_grid_job
+from napari_coordgate.app.jobs import BuiltinSpecimens, evaluate_job, psf_grid_job
 from napari_coordgate.config import ConfigError, ModelConfig, z_pool_start_for
 from napari_coordgate.optics.psf import PRESETS, PSFConfig
 from napari_coordgate.optics.psf3d import PRESETS_3D, Pupil3DPSF
@@ -60,7 +60,7 @@ def test_z_stack_pairs_train_a_3d_model_and_unrelated_planes_a_2d_one():
     ("simulated", PSF2D, _stack(), None, "PSF model is 2-D"),
     ("simulated", PSF3D, LayerAxes("p", (32, 32)), None, "pick a sharp (Z, Y, X) layer"),
     ("simulated", PSF3D, _stack(z=0.5), None, "z-step of 0.5 µm but the 3-D PSF model 0.25 µm"),
-    ("builtin", PSF2D, None, None, "need a 3-D PSF model"),
+    ("builtin", PSF2D, None, None, "give sharp images (sharp layers and a PSF model), or a PSF model measured"),
     ("builtin", PSF3D, None, None, "does not say how large the field is"),
 ])
 def test_what_training_refuses_is_one_line_that_says_what_to_change(source, psf, sharp, blurred, words):
@@ -87,9 +87,21 @@ def test_built_in_volumes_are_planned_at_the_psf_models_field_and_drawn_by_the_j
     psf = _measured_like()
     plan = train_plan("builtin", psf, None)
     assert plan.ndim == 3 and "8 built-in volumes of 32 x 32 x 32" in plan.describe()
-    source = BuiltinVolumes(psf, seed=3).source()
+    source = BuiltinSpecimens(psf, seed=3).source()
     assert source.sharp.shape == (8, 32, 32, 32) and source.val_sharp.shape == (3, 32, 32, 32)
     assert source.psf is psf
+
+
+def test_built_in_fields_of_a_2d_model_are_planned_at_its_field_and_drawn_by_the_job_of_the_chosen_set():
+    from napari_coordgate.samples.specimens import builtin_fields
+
+    psf = PSF2D.with_provenance({"field_shape": [96, 128]})
+    plan = train_plan("builtin", psf, None)
+    assert plan == TrainPlan(2, data="32 built-in fields of 96 x 128")
+    for specimens in ("mixed", "fluorescence"):
+        source = BuiltinSpecimens(psf, seed=3, specimens=specimens).source()
+        assert np.array_equal(source.sharp, builtin_fields(psf, 3, specimens)[0]), "what train --psf takes"
+        assert np.array_equal(source.val_sharp, builtin_fields(psf, validation=True)[0]) and source.psf is psf
 
 
 def test_a_3d_psf_models_grid_is_one_tiled_image_per_plane():

@@ -3,7 +3,8 @@ model to the user's own blurred images.
 
 The PSF model and the layers decide what is trained (:func:`~napari_coordgate.app.axes.train_plan`, shown in the
 form): a 3-D PSF model (measured from a bead z-stack, or a 3-D preset) trains a 3-D model on sharp (Z, Y, X) layers
-or the built-in 3-D specimens, z-stack calibration pairs a 3-D model too; anything else a 2-D model as before."""
+or the built-in 3-D specimens, z-stack calibration pairs a 3-D model too; anything else a 2-D model, on sharp layers,
+pairs, or the built-in specimens at a measured PSF model's field (mixed, or fluorescence-like only)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_coordgate.app.axes import layer_axes, train_plan
-from napari_coordgate.app.jobs import BuiltinVolumes, adapt_job, psf_grid_job, train_job
+from napari_coordgate.app.jobs import BuiltinSpecimens, adapt_job, psf_grid_job, train_job
 from napari_coordgate.app.state import State
 from napari_coordgate.config import AdaptConfig, ConfigError, ModelConfig, TrainConfig
 from napari_coordgate.model_io import PSF_SUFFIX
@@ -42,7 +43,7 @@ from ._plot import PlotCanvas
 from ._settings import remember_folder
 
 PAIRS, SIMULATED = "calibration pairs (sharp + blurred layers)", "sharp layers + PSF model"
-BUILTIN = "built-in 3-D specimens + 3-D PSF model"
+BUILTIN = "built-in specimens + measured PSF model"
 PLAN_SOURCES = MappingProxyType({PAIRS: "pairs", SIMULATED: "simulated", BUILTIN: "builtin"})
 PSF_FIELDS = ("model", "na", "wavelength_um", "pixel_size_um", "psf_size", "grid", "defocus", "defocus_h2",
               "astig_h2", "coma_h", "spherical", "sigma_px", "sigma_radial_h2", "sigma_tangential_h2")
@@ -95,12 +96,19 @@ class TrainTab(QWidget):
 
     def _source_box(self) -> QGroupBox:
         """Training data: calibration pairs, sharp layers and a PSF model (preset, editable, or a file), or the
-        built-in 3-D specimens and a 3-D PSF model; below them what will be trained."""
+        built-in specimens (2-D: of the chosen set) and a measured PSF model; below them what will be trained."""
+        from napari_coordgate.samples.specimens import SPECIMEN_SETS
+
         viewer = self.dock.viewer
         self.mode = QComboBox()
         self.mode.addItems(list(PLAN_SOURCES))
         self.sharp = LayerCombo(viewer, prefer="sharp")
         self.blurred = LayerCombo(viewer, prefer="blurred")
+        self.specimens = QComboBox()
+        self.specimens.addItems(list(SPECIMEN_SETS))
+        self.specimens.setToolTip("Built-in specimens that train a 2-D model: mixed (bundled images + procedural "
+                                  "fields) or fluorescence (procedural nuclei, filaments and sub-pixel puncta only: "
+                                  "for punctate samples and beads). A 3-D model trains on procedural volumes.")
         self.preset = QComboBox()
         self.preset.addItems(list(self._psf_sources))
         self.plan_label = QLabel("-")
@@ -122,6 +130,7 @@ class TrainTab(QWidget):
         src.addRow("source", self.mode)
         src.addRow("sharp", self.sharp)
         src.addRow("blurred", self.blurred)
+        src.addRow("specimens", self.specimens)
         psf_row = QHBoxLayout()
         psf_row.addWidget(self.preset, 1)
         psf_row.addWidget(self.psf_file_btn)
@@ -247,6 +256,12 @@ class TrainTab(QWidget):
     def _mode_changed(self, mode: str) -> None:
         self.blurred.setEnabled(mode == PAIRS)
         self.sharp.setEnabled(mode != BUILTIN)
+        self._sync_specimens()
+
+    def _sync_specimens(self) -> None:
+        """The set of built-in specimens is a choice only where it applies: built-in specimens for a 2-D model."""
+        model = self._psf_sources.get(self.preset.currentText())
+        self.specimens.setEnabled(self.mode.currentText() == BUILTIN and getattr(model, "ndim", 2) == 2)
 
     def _layer_axes(self, combo: LayerCombo):
         layer = combo.layer()
@@ -298,6 +313,7 @@ class TrainTab(QWidget):
     def _preset_changed(self, name: str) -> None:
         # the parameter editor edits pupil/Gaussian configs; a measured PSF model has no such parameters
         model = self._psf_sources.get(name)
+        self._sync_specimens()
         editable = isinstance(model, PSFConfig)
         if editable:
             self.psf_form.set_config(model)
@@ -336,10 +352,11 @@ class TrainTab(QWidget):
         self.preset.setCurrentText(label)
 
     def use_psf_model(self, model, label: str) -> None:
-        """Train from sharp layers blurred by ``model``: the PSF source and the mode (a 3-D model's: the built-in
-        3-D specimens at its field; sharp z-stack layers are a pick of the mode away)."""
+        """Train with ``model`` as the PSF source: on the built-in specimens at its field when it names one (a
+        model measured from beads), else on sharp layers; sharp layers are a pick of the mode away."""
         self.set_psf_model(model, label)
-        self.mode.setCurrentText(BUILTIN if getattr(model, "ndim", 2) == 3 else SIMULATED)
+        measured = bool((getattr(model, "provenance", None) or {}).get("field_shape"))
+        self.mode.setCurrentText(BUILTIN if measured else SIMULATED)
 
     def load_psf_file(self, path: str) -> bool:
         """Read a PSF model file (``.cgpsf``, or a ``.json`` config) and make it the PSF source; False on error."""
@@ -388,12 +405,12 @@ class TrainTab(QWidget):
         return self.train_form.config(epochs=0)
 
     def source(self, plan=None):
-        """The chosen layers' data, as an engine source (GUI thread only); the built-in 3-D specimens as a
-        :class:`~napari_coordgate.app.jobs.BuiltinVolumes` that the job draws."""
+        """The chosen layers' data, as an engine source (GUI thread only); the built-in specimens as a
+        :class:`~napari_coordgate.app.jobs.BuiltinSpecimens` that the job draws."""
         from napari_coordgate.engine import PairSource, SimulatedSource
 
         if self.mode.currentText() == BUILTIN:
-            return BuiltinVolumes(self.psf_model(), seed=self.seed.value)
+            return BuiltinSpecimens(self.psf_model(), seed=self.seed.value, specimens=self.specimens.currentText())
         sharp = self.sharp.layer()
         if sharp is None:
             raise ValueError("pick a sharp image layer to train on (File > Open Sample > Calibration pair)")

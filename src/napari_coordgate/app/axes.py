@@ -165,15 +165,18 @@ def train_plan(source: str, psf, sharp: LayerAxes | None, blurred: LayerAxes | N
     ``source``: ``"pairs"`` (sharp + blurred layers: a 3-D model when they are z-stacks, :attr:`LayerAxes.is_zstack`,
     of one z-step), ``"simulated"`` (sharp layers blurred by ``psf``: a 3-D model for a 3-D PSF model, which needs
     (Z, Y, X) or (N, Z, Y, X) layers of its z-step where theirs is known; a 2-D PSF model refuses z-stacks) or
-    ``"builtin"`` (built-in 3-D specimens at a measured 3-D PSF model's field,
+    ``"builtin"`` (built-in specimens at a measured PSF model's field: 2-D fields,
+    :func:`~napari_coordgate.samples.specimens.builtin_field_count`, or 3-D volumes for a 3-D PSF model,
     :func:`~napari_coordgate.samples.volumes.builtin_volume_shape`). A missing layer is left for the tab to name.
     """
     if source == "builtin":
         from ..samples.volumes import builtin_volume_shape
 
         if psf.ndim != 3:
-            raise ValueError("built-in 3-D specimens need a 3-D PSF model (a .cgpsf measured from a bead z-stack); "
-                             "train a 2-D model from sharp layers or calibration pairs")
+            from ..samples.specimens import builtin_field_count
+
+            n, h, w = builtin_field_count(psf, "sharp layers and a PSF model")
+            return TrainPlan(2, data=f"{n} built-in fields of {h} x {w}")
         n, d, h, w = builtin_volume_shape(psf, "sharp (Z, Y, X) layers and a PSF model")
         return _plan_3d(psf.z_step_um, psf.pixel_size_um, f"{n} built-in volumes of {d} x {h} x {w}")
     if source == "pairs":

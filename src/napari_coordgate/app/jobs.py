@@ -22,36 +22,46 @@ ShouldStop = Callable[[], bool]
 
 
 @dataclass(frozen=True)
-class BuiltinVolumes:
-    """A training source the job makes: the built-in 3-D specimens at the field of the measured 3-D PSF model
-    ``psf`` (:func:`~napari_coordgate.samples.volumes.builtin_volumes`), blurred by it, with held-out validation
-    volumes; drawn from the stream ``seed``."""
+class BuiltinSpecimens:
+    """A training source the job makes: the built-in specimens at the field of the measured PSF model ``psf``,
+    blurred by it, with held-out validation specimens; drawn from the stream ``seed``. A 2-D model's are the fields of
+    ``specimens`` (:func:`~napari_coordgate.samples.specimens.builtin_fields`), a 3-D model's the procedural volumes
+    (:func:`~napari_coordgate.samples.volumes.builtin_volumes`; ``specimens`` does not apply)."""
 
     psf: Any
     seed: int = 0
+    specimens: str = "mixed"
 
     def source(self):
-        """The :class:`~napari_coordgate.engine.SimulatedSource` (volumes drawn here, off the GUI thread)."""
+        """The :class:`~napari_coordgate.engine.SimulatedSource` (drawn here, off the GUI thread)."""
         from ..engine import SimulatedSource
-        from ..samples.volumes import builtin_volumes
 
-        hint = "sharp (Z, Y, X) layers and a PSF model"
-        sharp, _ = builtin_volumes(self.psf, self.seed, sharp_hint=hint)
-        val, _ = builtin_volumes(self.psf, self.seed, validation=True, sharp_hint=hint)
+        if getattr(self.psf, "ndim", 2) == 3:
+            from ..samples.volumes import builtin_volumes
+
+            hint = "sharp (Z, Y, X) layers and a PSF model"
+            sharp, _ = builtin_volumes(self.psf, self.seed, sharp_hint=hint)
+            val, _ = builtin_volumes(self.psf, self.seed, validation=True, sharp_hint=hint)
+        else:
+            from ..samples.specimens import builtin_fields
+
+            hint = "sharp layers and a PSF model"
+            sharp, _ = builtin_fields(self.psf, self.seed, self.specimens, sharp_hint=hint)
+            val, _ = builtin_fields(self.psf, validation=True, sharp_hint=hint)
         return SimulatedSource(sharp, self.psf, val_sharp=val)
 
 
 def train_job(model_cfg, train_cfg, source, init=None, *, report: Report, should_stop: ShouldStop):
     """Train in a separate process (never in the viewer's: see :mod:`napari_coordgate.runners.isolate`).
 
-    ``source``: an engine source, or :class:`BuiltinVolumes` (drawn here, in the worker). ``init``: a loaded model
+    ``source``: an engine source, or :class:`BuiltinSpecimens` (drawn here, in the worker). ``init``: a loaded model
     to fine-tune on this data. Every :class:`~napari_coordgate.engine.Update` goes to ``report``. Returns a
     ``TrainResult``; if the training process dies, its ``stopped`` starts with "crashed" and it holds the best model
     written so far.
     """
     from napari_coordgate.runners.isolate import train_isolated
 
-    if isinstance(source, BuiltinVolumes):
+    if isinstance(source, BuiltinSpecimens):
         source = source.source()
     return train_isolated(model_cfg, train_cfg, source, report=report, should_stop=should_stop, init=init)
 
