@@ -37,6 +37,8 @@ Usage::
     python benchmarks/bench_calibrate.py --train --optics moffat --threads 1    # one optics (run two side by side)
     python benchmarks/bench_calibrate.py --train --quick       # tiny: 256^2 slide, 20 steps, 1 seed
     python benchmarks/bench_calibrate.py --fibre --seeds 0 --steps 4500 --threads 1 --brightness 32  # 8-bit fibre
+    python benchmarks/bench_calibrate.py --fibre --seeds 1 3 --steps 4500 --threads 1 --brightness 32 \
+        --specimens fluorescence --train-photons 5000 --save-restored restored/   # the bead recipe; outputs kept
     python benchmarks/bench_calibrate.py --3d [...]            # bead z-stacks: bench_calibrate3d.py and its flags
 """
 
@@ -54,7 +56,7 @@ import torch
 
 from napari_coordgate.calibration.calibrate import calibrate
 from napari_coordgate.samples.beads import EllipticalOptics, PupilOptics, bead_slide, psf_error
-from napari_coordgate.samples.specimens import SPECIMEN_SETS
+from napari_coordgate.samples.specimens import SPECIMEN_HELP, SPECIMEN_SETS
 
 OPTICS = {"na": 0.8, "wavelength_um": 0.52, "immersion": 1.0, "pixel_size_um": 0.16}
 TRAIN_CASE = (300, 3000.0)  # beads, photons of the slides the training comparison calibrates
@@ -541,8 +543,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="--fibre: train from the true optics (a 9 x 9 grid of its PSFs) instead of the measured "
                              "model: what the calibration costs")
     parser.add_argument("--specimens", default="mixed", choices=list(SPECIMEN_SETS),
-                        help="--fibre: the built-in specimens that train, as train --psf --specimens: mixed "
-                             "(default) or fluorescence (procedural fields only, richer in point sources)")
+                        help=f"--fibre, as train --psf --specimens: the {SPECIMEN_HELP}; default mixed")
     parser.add_argument("--save-restored", metavar="DIR", help="--fibre: save each seed's restored held-out slide "
                         "(DIR/fibre_seedS_restored.npy)")
     parser.add_argument("--train-threads", type=int, default=1, help="--train: torch threads of training (default 1)")

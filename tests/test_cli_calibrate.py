@@ -39,7 +39,8 @@ def test_bead_image_to_psf_model_to_trained_model_to_applied(tmp_path, capsys, b
     code, out, err = _run(capsys, "train", "--psf", tmp_path / "scope.cgpsf", "-o", tmp_path / "m",
                           "--depth", 1, "--channels", 2, "--epochs", 1, "--steps-per-epoch", 2, "--device", "cpu")
     assert code == 0, err
-    assert "built-in specimen fields of 256 x 256" in out
+    assert "built-in specimen fields of 256 x 256 (mixed: bundled + procedural)" in out, "mixed is the default"
+    assert "validation images: 6 held-out specimen fields" in out
     from napari_coordgate.model_io import load_model
 
     saved = load_model(tmp_path / "m")
@@ -50,20 +51,25 @@ def test_bead_image_to_psf_model_to_trained_model_to_applied(tmp_path, capsys, b
     assert code == 0, err and (tmp_path / "restored.tif").is_file()
 
 
-def test_train_from_beads_can_take_the_fluorescence_specimens_but_not_with_sharp_images(tmp_path, capsys, beads_tif):
+def test_train_from_beads_can_take_the_fluorescence_specimens_not_with_sharp_images_nor_in_3d(tmp_path, capsys,
+                                                                                             beads_tif):
     code, _, err = _run(capsys, "calibrate", beads_tif, "-o", tmp_path / "scope", "--model", "grid", "--device", "cpu")
     assert code == 0, err
     tiny = ("--depth", 1, "--channels", 2, "--epochs", 1, "--steps-per-epoch", 2, "--device", "cpu")
     code, out, err = _run(capsys, "train", "--psf", tmp_path / "scope.cgpsf", "--specimens", "fluorescence",
                           "-o", tmp_path / "m", *tiny)
     assert code == 0, err
-    assert "built-in specimen fields of 256 x 256 (fluorescence: procedural" in out
+    assert "built-in specimen fields of 256 x 256 (fluorescence: procedural nuclei, filaments, puncta)" in out
     assert (tmp_path / "m.cgmodel").is_file()
     tifffile.imwrite(tmp_path / "s.tif", np.random.default_rng(0).random((64, 64)).astype(np.float32))
     code, _, err = _run(capsys, "train", "--psf", tmp_path / "scope.cgpsf", "--sharp", tmp_path / "s.tif",
                         "--specimens", "mixed", "-o", tmp_path / "n", *tiny)
     assert code == 1 and "--specimens" in err and "--sharp" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "n.cgmodel").exists()
+    code, _, err = _run(capsys, "train", "--psf", "tilted_curved_3d", "--ndim", 3, "--specimens", "fluorescence",
+                        "-o", tmp_path / "v", *tiny)
+    assert code == 1 and "a 3-D model trains on procedural volumes" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "v.cgmodel").exists()
 
 
 def test_a_z_stack_without_its_z_step_is_refused_with_what_to_give_instead(tmp_path, capsys):

@@ -371,6 +371,9 @@ def _volume_source(args, psf, model_cfg):
     from .engine import PairSource, SimulatedSource
     from .image_io.read import read_volumes
 
+    if args.specimens:
+        raise CLIError("--specimens chooses the built-in fields of a 2-D model; a 3-D model trains on procedural "
+                       "volumes (or --sharp volumes): leave it out")
     if psf is not None and psf.ndim != 3:
         raise CLIError(f"--ndim 3 needs a 3-D PSF model (a pupil through focus, or 3-D PSFs measured from a bead "
                        f"z-stack); {args.psf} is 2-D")
@@ -989,7 +992,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import ModelConfig, PredictConfig, TrainConfig
     from .model_io import PSF_SUFFIX
     from .optics.models import ALL_PRESETS
-    from .samples.specimens import SPECIMEN_SETS
+    from .samples.specimens import SPECIMEN_HELP, SPECIMEN_SETS
 
     p = sub.add_parser("demo", help="train plain and CoordGate U-Nets on a synthetic calibration set; compare")
     p.add_argument("-o", "--output", default="coordgate-demo", help="output folder (default: coordgate-demo)")
@@ -1012,9 +1015,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from calibration pairs or a PSF model")
     p.add_argument("--sharp", nargs="+", help="sharp images (without them, with a PSF model measured from beads: "
                                                "built-in specimens at its field shape)")
-    p.add_argument("--specimens", choices=list(SPECIMEN_SETS), help="without --sharp: which built-in specimens "
-                   "train: mixed (default; bundled images + procedural fields) or fluorescence (procedural "
-                   "nuclei, filaments and sub-pixel puncta only: for punctate samples and beads)")
+    p.add_argument("--specimens", choices=list(SPECIMEN_SETS), help=f"without --sharp, the {SPECIMEN_HELP}; "
+                   "default mixed")
     p.add_argument("--blurred", nargs="+", help="blurred calibration images, one per sharp file")
     p.add_argument("--psf", help=psf_help + ": without --blurred, pairs are simulated from it; with --blurred, "
                                            "it describes the optics for --prefilter wiener")

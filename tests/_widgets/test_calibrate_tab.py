@@ -36,7 +36,7 @@ def test_calibrating_a_bead_layer_shows_beads_grid_and_fwhm_and_feeds_training(v
     tab.use_btn.click()
     assert dock.training_psf_model() is tab.result.model
     assert dock.train_tab.mode.currentText() == BUILTIN and dock.tabs.currentWidget() is dock.train_tab
-    assert dock.train_tab.plan_label.text() == "2-D model (plane by plane), 25 built-in fields of 256 x 256"
+    assert dock.train_tab.plan_label.text() == "2-D model (plane by plane), 25 built-in fields of 256 x 256 (mixed)"
     assert dock.train_tab.specimens.isEnabled(), "no sharp images needed: the built-in specimens at its field"
     tab.save(str(tmp_path / "scope"))
     assert (tmp_path / "scope.cgpsf").is_file()

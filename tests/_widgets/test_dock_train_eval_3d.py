@@ -1,6 +1,7 @@
 """The Train and Evaluate tabs follow z-stacks: a 3-D PSF model trains a 3-D model (on sharp (Z, Y, X) layers or the
-built-in 3-D specimens), a 2-D one a 2-D model as before, what a 3-D model refuses is one notification and nothing
-starts; Evaluate scores (Z, Y, X) layers by depth and adds the error map as a volume."""
+built-in 3-D specimens), a 2-D one a 2-D model (on sharp layers, or the built-in fields of the chosen set), what a
+3-D model refuses is one notification and nothing starts; Evaluate scores (Z, Y, X) layers by depth and adds the
+error map as a volume."""
 
 from __future__ import annotations
 
@@ -81,8 +82,14 @@ def test_the_built_in_fields_of_the_chosen_set_train_a_2d_model_at_a_measured_2d
     assert not t.specimens.isEnabled(), "3-D models train on procedural volumes: no set to choose"
     t.use_psf_model(PRESETS["gaussian"].with_provenance({"field_shape": [64, 64]}), "measured 2-D")
     assert t.mode.currentText() == BUILTIN and t.specimens.isEnabled()
-    assert t.plan_label.text() == "2-D model (plane by plane), 32 built-in fields of 64 x 64"
+    assert t.plan_label.text() == "2-D model (plane by plane), 32 built-in fields of 64 x 64 (mixed)"
     t.specimens.setCurrentText("fluorescence")
+    assert t.plan_label.text().endswith("of 64 x 64 (fluorescence)")
+    t.mode.setCurrentText(SIMULATED)
+    assert not t.specimens.isEnabled(), "a choice only for the built-in specimens"
+    t.mode.setCurrentText(BUILTIN)
+    t.psf_box.setChecked(True)  # other optics, the same field: still the built-in fields
+    assert t.specimens.isEnabled() and t.plan_label.text().endswith("of 64 x 64 (fluorescence)")
     source = t.source()
     assert source.specimens == "fluorescence" and source.psf.provenance["field_shape"] == [64, 64]
     make_tiny(dock, epochs=1, steps=2)

@@ -97,7 +97,8 @@ def test_built_in_fields_of_a_2d_model_are_planned_at_its_field_and_drawn_by_the
 
     psf = PSF2D.with_provenance({"field_shape": [96, 128]})
     plan = train_plan("builtin", psf, None)
-    assert plan == TrainPlan(2, data="32 built-in fields of 96 x 128")
+    assert plan == TrainPlan(2, data="32 built-in fields of 96 x 128 (mixed)")
+    assert train_plan("builtin", psf, None, specimens="fluorescence").data.endswith("(fluorescence)")
     for specimens in ("mixed", "fluorescence"):
         source = BuiltinSpecimens(psf, seed=3, specimens=specimens).source()
         assert np.array_equal(source.sharp, builtin_fields(psf, 3, specimens)[0]), "what train --psf takes"

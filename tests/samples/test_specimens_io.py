@@ -86,45 +86,48 @@ def test_validation_fields_are_fixed_and_never_among_the_training_fields():
         validation_fields(shape, 0)
 
 
-def test_train_without_sharp_images_validates_on_held_out_specimens_only(capsys):
-    from napari_coordgate.cli import _builtin_specimens
+def test_built_in_training_fields_validate_on_held_out_specimens_only():
     from napari_coordgate.optics.psf import PRESETS
+    from napari_coordgate.samples.specimens import builtin_fields
 
     psf = PRESETS["gaussian"].with_provenance({"field_shape": [128, 160]})
-    sharp = _builtin_specimens(psf, seed=0)  # what `train --psf` without --sharp trains and validates on
-    val = _builtin_specimens(psf, seed=0, validation=True)
-    out = capsys.readouterr().out
-    assert f"validation images: {len(val)} held-out specimen fields" in out and len(val) == 6
+    sharp, what = builtin_fields(psf, seed=0)  # what `train --psf` without --sharp trains and validates on
+    val, val_what = builtin_fields(psf, seed=0, validation=True)
+    assert what == "32 built-in specimen fields of 128 x 160 (mixed: bundled + procedural)" and len(sharp) == 32
+    assert val_what.startswith("6 held-out specimen fields (procedural, grass") and len(val) == 6
     assert val.shape[1:] == sharp.shape[1:] == (128, 160)
     assert np.abs(val[:, None] - sharp[None]).mean(axis=(2, 3)).min() > 0.02
+    assert np.array_equal(val, builtin_fields(psf, seed=5, specimens="fluorescence", validation=True)[0])
     big = PRESETS["gaussian"].with_provenance({"field_shape": [1024, 1024]})
-    assert len(_builtin_specimens(big, seed=0, validation=True)) == 1  # about 0.4 megapixels of validation
+    assert len(builtin_fields(big, validation=True)[0]) == 1  # about 0.4 megapixels of validation
 
 
-def test_the_fluorescence_specimens_are_procedural_fields_only_and_mixed_is_the_default(capsys):
-    from napari_coordgate.cli import _builtin_specimens
+def test_the_fluorescence_specimens_are_the_procedural_fields_only():
     from napari_coordgate.optics.psf import PRESETS
-    from napari_coordgate.samples.specimens import SPECIMEN_SETS, TRAIN_SOURCES, specimen_fields
+    from napari_coordgate.samples.specimens import SPECIMEN_SETS, TRAIN_SOURCES, builtin_fields, specimen_fields
 
     psf = PRESETS["gaussian"].with_provenance({"field_shape": [96, 112]})
-    mixed, fluo = _builtin_specimens(psf, seed=3), _builtin_specimens(psf, seed=3, specimens="fluorescence")
+    (mixed, _), (fluo, what) = builtin_fields(psf, 3), builtin_fields(psf, 3, "fluorescence")
     assert SPECIMEN_SETS["mixed"] == TRAIN_SOURCES and SPECIMEN_SETS["fluorescence"] == ("procedural",)
     assert np.array_equal(mixed, specimen_fields(len(mixed), (96, 112), seed=3, sources=TRAIN_SOURCES))
     assert np.array_equal(fluo, specimen_fields(len(mixed), (96, 112), seed=3, sources=("procedural",)))
     assert not np.array_equal(mixed, fluo)
-    assert "(fluorescence: procedural: nuclei, filaments, puncta)" in capsys.readouterr().out
+    assert what.endswith("(fluorescence: procedural nuclei, filaments, puncta)")
 
 
 def test_builtin_fields_refuse_a_preset_a_huge_field_and_unknown_specimens_in_one_line():
     from napari_coordgate.optics.psf import PRESETS
     from napari_coordgate.samples.specimens import builtin_fields
 
-    with pytest.raises(ValueError, match="give sharp images \\(sharp layers\\), or a PSF model measured"):
-        builtin_fields(PRESETS["gaussian"], sharp_hint="sharp layers")
-    with pytest.raises(ValueError, match="up to 64 megapixels"):
-        builtin_fields(PRESETS["gaussian"].with_provenance({"field_shape": [10000, 10000]}))
-    with pytest.raises(ValueError, match="choose mixed or fluorescence"):
-        builtin_fields(PRESETS["gaussian"].with_provenance({"field_shape": [64, 64]}), specimens="beads")
+    cases = [({"psf": PRESETS["gaussian"], "sharp_hint": "sharp layers"},
+              "give sharp images (sharp layers), or a PSF model measured"),
+             ({"psf": PRESETS["gaussian"].with_provenance({"field_shape": [10000, 10000]})}, "up to 64 megapixels"),
+             ({"psf": PRESETS["gaussian"].with_provenance({"field_shape": [64, 64]}), "specimens": "beads"},
+              "choose mixed or fluorescence")]
+    for kwargs, words in cases:
+        with pytest.raises(ValueError) as err:
+            builtin_fields(**kwargs)
+        assert words in str(err.value) and "\n" not in str(err.value)
 
 
 def test_tiff_round_trip_keeps_pixel_size_and_axes(tmp_path):

@@ -124,7 +124,8 @@ class CoordGateDock(QWidget):
         return self.train_tab.psf_model()
 
     def train_with_psf_model(self, model, label: str) -> None:
-        """Make ``model`` the Train tab's PSF source for training from sharp layers, and show the Train tab."""
+        """Make ``model`` the Train tab's PSF source (training on the built-in specimens at its field when it names
+        one, else on sharp layers), and show the Train tab."""
         self.train_tab.use_psf_model(model, label)
         self.tabs.setCurrentWidget(self.train_tab)
 

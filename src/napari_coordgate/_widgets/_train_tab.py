@@ -97,7 +97,7 @@ class TrainTab(QWidget):
     def _source_box(self) -> QGroupBox:
         """Training data: calibration pairs, sharp layers and a PSF model (preset, editable, or a file), or the
         built-in specimens (2-D: of the chosen set) and a measured PSF model; below them what will be trained."""
-        from napari_coordgate.samples.specimens import SPECIMEN_SETS
+        from napari_coordgate.samples.specimens import SPECIMEN_HELP, SPECIMEN_SETS
 
         viewer = self.dock.viewer
         self.mode = QComboBox()
@@ -106,9 +106,7 @@ class TrainTab(QWidget):
         self.blurred = LayerCombo(viewer, prefer="blurred")
         self.specimens = QComboBox()
         self.specimens.addItems(list(SPECIMEN_SETS))
-        self.specimens.setToolTip("Built-in specimens that train a 2-D model: mixed (bundled images + procedural "
-                                  "fields) or fluorescence (procedural nuclei, filaments and sub-pixel puncta only: "
-                                  "for punctate samples and beads). A 3-D model trains on procedural volumes.")
+        self.specimens.setToolTip(f"The {SPECIMEN_HELP}. A 3-D model trains on procedural volumes.")
         self.preset = QComboBox()
         self.preset.addItems(list(self._psf_sources))
         self.plan_label = QLabel("-")
@@ -223,7 +221,7 @@ class TrainTab(QWidget):
         self.mode.currentTextChanged.connect(self._mode_changed)
         self.preset.currentTextChanged.connect(self._preset_changed)
         self.sharp.currentTextChanged.connect(self._sharp_changed)
-        for combo in (self.mode, self.preset, self.sharp, self.blurred):
+        for combo in (self.mode, self.preset, self.sharp, self.blurred, self.specimens):
             combo.currentTextChanged.connect(self.show_plan)
         for name in ("prefilter", "gate"):
             getattr(self, name).changed.connect(self.show_plan)
@@ -261,7 +259,9 @@ class TrainTab(QWidget):
     def _sync_specimens(self) -> None:
         """The set of built-in specimens is a choice only where it applies: built-in specimens for a 2-D model."""
         model = self._psf_sources.get(self.preset.currentText())
-        self.specimens.setEnabled(self.mode.currentText() == BUILTIN and getattr(model, "ndim", 2) == 2)
+        field = (getattr(model, "provenance", None) or {}).get("field_shape")
+        self.specimens.setEnabled(self.mode.currentText() == BUILTIN and getattr(model, "ndim", 2) == 2
+                                  and bool(field))
 
     def _layer_axes(self, combo: LayerCombo):
         layer = combo.layer()
@@ -274,7 +274,8 @@ class TrainTab(QWidget):
         mode = self.mode.currentText()
         if mode == PAIRS:  # the PSF model does not decide what pairs train
             return train_plan("pairs", None, self._layer_axes(self.sharp), self._layer_axes(self.blurred))
-        return train_plan(PLAN_SOURCES[mode], self.psf_model(), self._layer_axes(self.sharp))
+        return train_plan(PLAN_SOURCES[mode], self.psf_model(), self._layer_axes(self.sharp),
+                          specimens=self.specimens.currentText())
 
     def show_plan(self, *_) -> None:
         """Say in the form what Start will train, or why it will not start (the data, or a network setting that
@@ -332,8 +333,8 @@ class TrainTab(QWidget):
     def psf_model(self):
         """The PSF model: the chosen preset or file, with the edited parameters when editing a config is on."""
         model = self._psf_sources[self.preset.currentText()]
-        if self.psf_box.isChecked() and isinstance(model, PSFConfig):
-            return self.psf_form.config()
+        if self.psf_box.isChecked() and isinstance(model, PSFConfig):  # other optics, the same field
+            return self.psf_form.config().with_provenance(model.provenance)
         return model
 
     def set_psf_model(self, model, label: str | None = None) -> None:

@@ -159,7 +159,8 @@ def _same_step(a: float, b: float) -> bool:
     return abs(a / b - 1) <= Z_STEP_TOLERANCE
 
 
-def train_plan(source: str, psf, sharp: LayerAxes | None, blurred: LayerAxes | None = None) -> TrainPlan:
+def train_plan(source: str, psf, sharp: LayerAxes | None, blurred: LayerAxes | None = None, *,
+               specimens: str = "mixed") -> TrainPlan:
     """What training from ``source`` trains, or ValueError (one line, saying what to change) for what it refuses.
 
     ``source``: ``"pairs"`` (sharp + blurred layers: a 3-D model when they are z-stacks, :attr:`LayerAxes.is_zstack`,
@@ -167,7 +168,8 @@ def train_plan(source: str, psf, sharp: LayerAxes | None, blurred: LayerAxes | N
     (Z, Y, X) or (N, Z, Y, X) layers of its z-step where theirs is known; a 2-D PSF model refuses z-stacks) or
     ``"builtin"`` (built-in specimens at a measured PSF model's field: 2-D fields,
     :func:`~napari_coordgate.samples.specimens.builtin_field_count`, or 3-D volumes for a 3-D PSF model,
-    :func:`~napari_coordgate.samples.volumes.builtin_volume_shape`). A missing layer is left for the tab to name.
+    :func:`~napari_coordgate.samples.volumes.builtin_volume_shape`; ``specimens``: the 2-D fields' set). A missing
+    layer is left for the tab to name.
     """
     if source == "builtin":
         from ..samples.volumes import builtin_volume_shape
@@ -176,7 +178,7 @@ def train_plan(source: str, psf, sharp: LayerAxes | None, blurred: LayerAxes | N
             from ..samples.specimens import builtin_field_count
 
             n, h, w = builtin_field_count(psf, "sharp layers and a PSF model")
-            return TrainPlan(2, data=f"{n} built-in fields of {h} x {w}")
+            return TrainPlan(2, data=f"{n} built-in fields of {h} x {w} ({specimens})")
         n, d, h, w = builtin_volume_shape(psf, "sharp (Z, Y, X) layers and a PSF model")
         return _plan_3d(psf.z_step_um, psf.pixel_size_um, f"{n} built-in volumes of {d} x {h} x {w}")
     if source == "pairs":
@@ -198,7 +200,7 @@ def train_plan(source: str, psf, sharp: LayerAxes | None, blurred: LayerAxes | N
         return _plan_3d(psf.z_step_um, psf.pixel_size_um)
     if len(sharp.shape) not in (3, 4):
         raise ValueError(f"the PSF model is 3-D: it simulates z-stacks, and {sharp.name!r} has shape {sharp.shape}: "
-                         "pick a sharp (Z, Y, X) layer, or train on the built-in 3-D specimens")
+                         "pick a sharp (Z, Y, X) layer, or train on the built-in specimens (a measured PSF model)")
     if sharp.z_step_um is not None and not _same_step(sharp.z_step_um, psf.z_step_um):
         raise ValueError(f"{sharp.name!r} has a z-step of {sharp.z_step_um:g} µm but the 3-D PSF model "
                          f"{psf.z_step_um:g} µm: pick a layer of its z-step, or correct the layer's z scale")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["BUNDLED", "SPECIMEN_SETS", "TRAIN_SOURCES", "VALIDATION_SOURCES", "builtin_field_count",
+__all__ = ["BUNDLED", "SPECIMEN_HELP", "SPECIMEN_SETS", "TRAIN_SOURCES", "VALIDATION_SOURCES", "builtin_field_count",
            "builtin_fields", "bundled_specimen", "procedural_specimen", "specimen_fields", "validation_fields"]
 
 # images shipped inside scikit-image (no network); colour ones are converted to grey
@@ -107,6 +107,11 @@ TRAIN_SOURCES = ("procedural", "cell", "coins", "immunohistochemistry", "brick",
 #: varied structure) or ``fluorescence`` (procedural fluorescence-like fields only: nuclei, filaments and puncta below
 #: the pixel; richer in point sources, for punctate samples and beads)
 SPECIMEN_SETS = {"mixed": TRAIN_SOURCES, "fluorescence": ("procedural",)}
+#: what the sets are, for the help of the CLI flag, the Train tab and the benchmarks (one text)
+SPECIMEN_HELP = ("built-in specimens that train a 2-D model: mixed (bundled images + procedural fields) or "
+                 "fluorescence (procedural nuclei, filaments and sub-pixel puncta only: for punctate samples and "
+                 "beads)")
+_SPECIMEN_KINDS = {"mixed": "bundled + procedural", "fluorescence": "procedural nuclei, filaments, puncta"}
 
 #: the held-out validation specimens of training from a PSF model with the built-in specimens: bundled images in
 #: neither TRAIN_SOURCES nor the test and tuning images (moon, hubble_deep_field, retina), and procedural fields
@@ -183,9 +188,8 @@ def builtin_fields(psf, seed: int = 0, specimens: str = "mixed", validation: boo
         n = int(min(len(VALIDATION_SOURCES), max(1, -(-BUILTIN_VALIDATION_PIXELS // (h * w)))))
         return (validation_fields((h, w), n),
                 f"{n} held-out specimen fields ({', '.join(VALIDATION_SOURCES[:n])})")
-    kind = "bundled + procedural" if specimens == "mixed" else "procedural: nuclei, filaments, puncta"
     return (specimen_fields(n, (h, w), seed=seed, sources=SPECIMEN_SETS[specimens]),
-            f"{n} built-in specimen fields of {h} x {w} ({specimens}: {kind})")
+            f"{n} built-in specimen fields of {h} x {w} ({specimens}: {_SPECIMEN_KINDS[specimens]})")
 
 
 def _fields(n: int, field_shape: tuple[int, int], rng: np.random.Generator, sources, *,

@@ -5,8 +5,8 @@ voxel size: nuclei are textured ellipsoids a few micrometres across, filaments a
 neurites) thinner than the resolution, puncta are sub-resolution points (vesicles, beads). Voxels are anisotropic
 when the z-step is coarser than the pixel: sizes along z are divided by the ``anisotropy`` (z-step / pixel).
 
-Used by 3-D training without sharp volumes (``train --psf scope3d.cgpsf``, the dock's *built-in 3-D specimens*:
-:func:`builtin_volumes`), the 3-D benchmarks and the tests.
+Used by 3-D training without sharp volumes (``train --psf scope3d.cgpsf``, the dock's *built-in specimens + measured
+PSF model*: :func:`builtin_volumes`), the 3-D benchmarks and the tests.
 Outputs are float32 (D, H, W) in [0, 1]; the same arguments give the same volume.
 """
 
