@@ -154,6 +154,8 @@ def _adapt_cfg(args, seed: int) -> AdaptConfig:
         extra["epochs"] = max(1, args.adapt_steps // AdaptConfig().steps_per_epoch)
     if args.whiten is not None:
         extra["whiten"] = args.whiten
+    if args.transfer is not None:
+        extra["transfer"] = args.transfer
     return AdaptConfig(minutes=args.adapt_minutes, seed=seed, threads=args.threads, device="cpu", **extra)
 
 
@@ -240,6 +242,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--whiten", type=float, default=None, help="AdaptConfig.whiten (default: the config's; 0 = "
                                                                "compare blurred residuals)")
+    p.add_argument("--transfer", type=float, default=None, help="AdaptConfig.transfer (default: the config's; 0 = "
+                                                                 "PSF consistency alone, no pseudo-sharp pairs)")
     p.add_argument("--stack", action="store_true", help="the 2-minute figure on 8 planes of 512^2")
     p.add_argument("--quick", action="store_true", help="tiny run for the test suite")
     args = p.parse_args(argv)

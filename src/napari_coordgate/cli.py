@@ -117,8 +117,8 @@ def _set_threads(n: int) -> None:
 # the options a user sets on each command; everything else keeps the config's default
 MODEL_FLAGS = ("depth", "channels", "gate", "prefilter", "ndim")
 MODEL_HELP = "model file (.cgmodel, suffix optional) or a bioimage.io package (.zip) exported by napari-coordgate"
-ADAPT_FLAGS = ("crop", "batch", "steps_per_epoch", "lr", "alpha", "val_tile", "seed", "device", "threads", "gain",
-               "offset")
+ADAPT_FLAGS = ("crop", "batch", "steps_per_epoch", "lr", "alpha", "transfer", "val_tile", "seed", "device", "threads",
+               "gain", "offset")
 TRAIN_FLAGS = ("crop", "crop_depth", "batch", "steps_per_epoch", "lr", "seed", "device", "threads", "register",
                "photons", "brightness", "intensity", "amp")
 PREDICT_FLAGS = ("tile", "binning", "device", "precision", "batch_tiles", "threads", "resample_z")

@@ -430,6 +430,9 @@ class AdaptConfig(Config):
                                                "1/alpha x (independent of each other)")
     whiten: float = bounded(0.1, 0.0, 1e6, doc="balance of the whitening filter 1 / (|OTF|^2 + whiten) the "
                                                 "residual is compared through; 0 = compare blurred images")
+    transfer: float = bounded(0.5, 0.0, 1.0, doc="share of each batch made of pseudo-sharp pairs: the model's "
+                              "restoration of the field's sharpest region, blurred by the PSF model at other places "
+                              "and re-noised; 0 = PSF consistency alone")
     val_tile: int = bounded(32, 8, 1024, doc="tile side of the held-out checkerboard")
     seed: int = bounded(0, 0, 2**31 - 1, doc="random seed (crops, re-corruption)")
     device: str = device_choice()

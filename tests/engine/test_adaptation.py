@@ -109,3 +109,41 @@ def test_crops_reach_every_border_of_the_frame_and_score_it():
     assert offsets[:, 0].min() == 0 and offsets[:, 0].max() == 64 - data.crop
     assert offsets[:, 1].min() == 0 and offsets[:, 1].max() == 60 - data.crop  # 60 is off the crop grid
     assert data.scored_window(0, 60 - data.crop) == (0, data.crop - data.pad, data.pad, data.crop)
+
+
+def test_pseudo_sharp_sources_are_the_crops_where_the_psf_is_sharpest():
+    from napari_coordgate.engine.adaptation import AdaptationData, _psf_area
+    from napari_coordgate.optics.models import get_psf_model
+
+    psf = get_psf_model(PSF)  # sigma grows toward the edges
+    area = _psf_area(psf, (64, 64), (0, 0), (64, 64))
+    assert area[32, 32] < area[32, 0] < area[0, 0] and area[0, 0] == pytest.approx(area[63, 63], rel=1e-3)
+    data = AdaptationData(_saved(), _blurred(), _cfg(), psf)
+    assert (16, 16) in data.sources and (0, 0) not in data.sources and len(data.sources) < 25
+    uniform = {"model": "gaussian", "psf_size": 11, "sigma_px": 1.0, "sigma_radial_h2": 0.0,
+               "sigma_tangential_h2": 0.0}
+    everywhere = AdaptationData(_saved(), _blurred(), _cfg(), get_psf_model(uniform))
+    assert len(everywhere.sources) == 25  # a PSF that does not vary: every crop is as sharp as any
+    assert AdaptationData(_saved(), _blurred(), _cfg(transfer=0.0), psf).sources == []
+
+
+def test_a_pseudo_sharp_pair_is_the_restored_sharp_crop_blurred_at_its_place_with_the_camera_noise():
+    import torch
+
+    from napari_coordgate.engine.adaptation import AdaptationData
+    from napari_coordgate.optics.models import get_psf_model
+
+    saved = _saved()
+    data = AdaptationData(saved, _blurred(), _cfg(crop=48), get_psf_model(PSF))
+    data.refresh(saved.model, "cpu")
+    assert np.array_equal(data.pseudo, data.restore(saved.model, data.y, "cpu"))
+    noisy, sharp, var, weight = data._pseudo_item(0, 16, 0, np.random.default_rng(0))
+    (sy, sx), = [s for s in data.sources if np.array_equal(data.pseudo[0, s[0]:s[0] + 48, s[1]:s[1] + 48], sharp)]
+    clean = data.blur(16, 0, 48, 48).forward(sharp)
+    z = (noisy - clean) / np.sqrt(var)
+    assert abs(z.mean()) < 0.1 and 0.9 < z.std() < 1.1  # the camera's noise at the blurred level
+    assert np.allclose(var, data._plane_noise[0].variance(clean), rtol=1e-5)
+    # plane 0 holds the criterion's held-out tiles: they weigh nothing as targets either
+    assert np.array_equal(weight, ~data.held_out[sy:sy + 48, sx:sx + 48])
+    loss = data.loss(saved.model.train(), np.random.default_rng(1), "cpu")
+    assert torch.isfinite(loss) and loss.requires_grad

@@ -52,6 +52,8 @@ _MIN_GAIN = 1e-3  # a state must lower the held-out criterion by this fraction t
 # planes whose checkerboard tiles are held out (evenly spread through the stack): the criterion predicts these whole
 # planes after every epoch, so a long stack costs no more to check than two planes; the others train on every pixel
 _CRITERION_PLANES = 2
+# pseudo-sharp sources: crops whose mean PSF area lies within this share of the way from the sharpest to the blurriest
+SHARP_SHARE = 0.25
 
 
 @dataclass
@@ -129,6 +131,42 @@ class AdaptationData:
         centre = [(o + n / 2.0) / f * 2.0 - 1.0 for o, n, f in zip(self.offset, self.shape, self.field)]
         self._centre_psf = np.asarray(self.psf.psf_at(centre[0], centre[1], self.field), np.float64)
         self._filters: dict = {}
+        # pseudo-sharp pairs: the noise of each plane in its normalised units, the crop offsets of the field's
+        # sharpest region (the sources) and, refreshed every epoch, the model's restoration of the planes there
+        self._plane_noise = [self.noise.scaled(n.offset, n.scale) for n in norms]
+        self.sources = _sharp_offsets(_psf_area(self.psf, self.field, self.offset, self.shape), self.crop,
+                                      self._grid()) if cfg.transfer > 0 else []
+        self._source_set = set(self.sources)
+        self.pseudo: np.ndarray | None = None
+
+    def _grid(self) -> list[list[int]]:
+        """The offsets crops snap to along each axis (every quarter crop, and the last one: :meth:`crops`)."""
+        step = max(self.crop // 4, 1)
+        return [sorted({*range(0, n - self.crop + 1, step), n - self.crop}) for n in self.shape]
+
+    def restore(self, model, stack: np.ndarray, device) -> np.ndarray:
+        """The model's restoration of whole planes (n, H, W) of these images, tiled as ``predict`` tiles them."""
+        tiles = plan_tiles(self.shape, model.cfg)
+        out = np.empty(stack.shape, np.float32)
+        was_training = model.training
+        model.eval()
+        for k in range(len(stack)):
+
+            def read(window, k=k):
+                y0, y1, x0, x1 = window
+                return stack[k, y0:y1, x0:x1]
+
+            for group in tile_batches(tiles, 1):
+                for (y0, y1, x0, x1), pred in predict_batch(model, read, tiles, group, self.offset, self.field,
+                                                            device):
+                    out[k, y0:y1, x0:x1] = pred
+        model.train(was_training)
+        return out
+
+    def refresh(self, model, device) -> None:
+        """Restore the planes with the current model: the pseudo-sharp sources of the next epoch."""
+        if self.sources:
+            self.pseudo = self.restore(model, self.y, device)
 
     def whiten(self, resid):
         """``resid`` (..., h, w) through the whitening filter (identity when ``AdaptConfig.whiten`` is 0)."""
@@ -166,16 +204,28 @@ class AdaptationData:
         inside it, so the frame's border is in a crop as often as the centre is ("cover" sampling: the edge ring is
         where the field's blur is worst); offsets are snapped to a grid that includes the last one, so their blurs
         are reused."""
-        step = max(self.crop // 4, 1)
         planes = rng.integers(0, len(self.y), self.cfg.batch)
-        offs = []
-        for _ in planes:
-            off = []
-            for n in self.shape:
-                start = float(np.clip(rng.uniform(0, n) - self.crop / 2, 0, n - self.crop))
-                off.append(int(min(round(start / step) * step, n - self.crop)))
-            offs.append((off[0], off[1]))
-        return offs, planes
+        return [self._offset(rng) for _ in planes], planes
+
+    def _offset(self, rng: np.random.Generator) -> tuple[int, int]:
+        step = max(self.crop // 4, 1)
+        off = []
+        for n in self.shape:
+            start = float(np.clip(rng.uniform(0, n) - self.crop / 2, 0, n - self.crop))
+            off.append(int(min(round(start / step) * step, n - self.crop)))
+        return off[0], off[1]
+
+    def _blurrier_offset(self, rng: np.random.Generator, off: tuple[int, int]) -> tuple[int, int]:
+        """``off``, or where it lies among the sharpest crops (the sources) another cover draw outside them: a
+        pseudo-sharp pair teaches the places blurrier than its source."""
+        grid = self._grid()
+        if len(self.sources) >= len(grid[0]) * len(grid[1]):
+            return off  # the PSF hardly varies: every place is as sharp as the sources
+        for _ in range(100):  # bounded: the cover draws may reach few places outside the sources
+            if off not in self._source_set:
+                break
+            off = self._offset(rng)
+        return off
 
     def scored_window(self, oy: int, ox: int) -> tuple[int, int, int, int]:
         """The part of a crop at (oy, ox) whose residual is scored: half a PSF in from a crop side inside the frame
@@ -185,63 +235,100 @@ class AdaptationData:
         h, w = self.shape
         return (p if oy > 0 else 0, c - p if oy + c < h else c, p if ox > 0 else 0, c - p if ox + c < w else c)
 
+    def _consistency_item(self, i: int, oy: int, ox: int, rng) -> tuple:
+        """A re-corrupted crop: (input, target of the re-blurred restoration, noise variance, weight)."""
+        c, a = self.crop, self.cfg.alpha
+        y = self.y[i, oy : oy + c, ox : ox + c]
+        var = self.var[i, oy : oy + c, ox : ox + c]
+        g = rng.standard_normal(y.shape).astype(np.float32) * np.sqrt(var)
+        return y + a * g, y - g / a, var, self._train_weight[i, oy : oy + c, ox : ox + c]
+
+    def _pseudo_item(self, i: int, oy: int, ox: int, rng) -> tuple:
+        """A pseudo-sharp pair for the place (oy, ox): a crop of the restored sharpest region of plane ``i``
+        blurred by the PSF model at (oy, ox), with the camera's noise: (input, target, noise variance, weight;
+        the source's held-out pixels weigh 0)."""
+        import torch
+
+        c = self.crop
+        sy, sx = self.sources[int(rng.integers(len(self.sources)))]
+        sharp = self.pseudo[i, sy : sy + c, sx : sx + c]
+        with torch.no_grad():
+            clean = self.blur(oy, ox, c, c).apply(torch.from_numpy(sharp).to(self.device)).cpu().numpy()
+        var = np.asarray(self._plane_noise[i].variance(clean), np.float32)
+        noisy = clean + rng.standard_normal(clean.shape).astype(np.float32) * np.sqrt(var)
+        return noisy, sharp, var, self._train_weight[i, sy : sy + c, sx : sx + c]
+
     def loss(self, model, rng: np.random.Generator, device):
-        """The consistency loss of one batch of crops (held-out tiles and crop borders not scored)."""
+        """The loss of one batch of crops: PSF consistency of re-corrupted crops and, for a ``transfer`` share of
+        the batch, pseudo-sharp pairs (held-out tiles and crop borders scored in neither)."""
         import torch
 
         offs, planes = self.crops(rng)
-        c = self.crop
-        win = [(int(i), oy, ox) for i, (oy, ox) in zip(planes, offs)]
-        y = np.stack([self.y[i, oy : oy + c, ox : ox + c] for i, oy, ox in win])
-        var = np.stack([self.var[i, oy : oy + c, ox : ox + c] for i, oy, ox in win])
-        g = rng.standard_normal(y.shape).astype(np.float32) * np.sqrt(var)
-        a = self.cfg.alpha
-        x_in = torch.from_numpy(y + a * g).to(device)
-        target = torch.from_numpy(y - g / a).to(device)
-        field_off = torch.tensor([(self.offset[0] + oy, self.offset[1] + ox) for _, oy, ox in win], device=device)
+        c, a = self.crop, self.cfg.alpha
+        n_pseudo = int(round(len(offs) * self.cfg.transfer)) if self.pseudo is not None else 0
+        n_cons = len(offs) - n_pseudo
+        offs[n_cons:] = [self._blurrier_offset(rng, o) for o in offs[n_cons:]]
+        items = [(self._consistency_item if k < n_cons else self._pseudo_item)(int(i), oy, ox, rng)
+                 for k, (i, (oy, ox)) in enumerate(zip(planes, offs))]
+        x_in = torch.from_numpy(np.stack([it[0] for it in items])).to(device)
+        field_off = torch.tensor([(self.offset[0] + oy, self.offset[1] + ox) for oy, ox in offs], device=device)
         out = model(x_in[:, None], offset=field_off, field_shape=self.field)[:, 0]
         total = 0.0
-        for k, (i, oy, ox) in enumerate(win):
-            resid = self.blur(oy, ox, c, c).apply(out[k].float()) - target[k]
+        for k, ((oy, ox), (_, target, var, weight)) in enumerate(zip(offs, items)):
             r0, r1, c0, c1 = self.scored_window(oy, ox)
-            mask = torch.from_numpy(self._train_weight[i, oy + r0 : oy + r1, ox + c0 : ox + c1]).to(device)
-            scaled = resid[r0:r1, c0:c1] / torch.from_numpy(np.sqrt(var[k, r0:r1, c0:c1])).to(device)
-            # held-out pixels are zeroed before the filter, so none of their residual reaches the loss
-            total = total + (self.whiten(scaled * mask).square() * mask).sum() / mask.sum().clamp_min(1.0)
-        # the target's own noise is var / alpha^2: scaled by alpha^2, a restoration that re-blurs to the noise-free
-        # image scores about 1 (a little more: the input's noise passes the network)
-        return total / len(win) * a**2
+            mask = torch.from_numpy(weight[r0:r1, c0:c1]).to(device)
+            sd = torch.from_numpy(np.sqrt(var[r0:r1, c0:c1])).to(device)
+            if k < n_cons:  # the re-blurred restoration against the re-corrupted target, through the whitening
+                resid = self.blur(oy, ox, c, c).apply(out[k].float()) - torch.from_numpy(target).to(device)
+                # held-out pixels are zeroed before the filter, so none of their residual reaches the loss
+                scaled = self.whiten(resid[r0:r1, c0:c1] / sd * mask)
+            else:  # the restoration against the pseudo-sharp crop itself, in units of the input's noise
+                scaled = (out[k].float() - torch.from_numpy(target).to(device))[r0:r1, c0:c1] / sd
+            total = total + (scaled.square() * mask).sum() / mask.sum().clamp_min(1.0)
+        # the consistency target's own noise is var / alpha^2: scaled by alpha^2, a restoration that re-blurs to
+        # the noise-free image scores about 1 (a little more: the input's noise passes the network); the pseudo-sharp
+        # pairs' error weighs the same per unit of restoration error
+        return total / len(offs) * a**2
 
     def criterion(self, model, device) -> float:
         """Held-out consistency on whole planes with the fixed re-corruption; 1 is the noise level alone
         (a restoration that, re-blurred, equals the noise-free image scores about 1)."""
         import torch
 
-        tiles = plan_tiles(self.shape, model.cfg)
-        total, count = 0.0, 0
+        restored = self.restore(model, self.fixed_in, device)
         full = self.blur(0, 0, *self.shape)
-        was_training = model.training
-        model.eval()
+        total, count = 0.0, 0
         for k, i in enumerate(self.checked):
-            out = np.empty(self.shape, np.float32)
-
-            def read(window, k=k):
-                y0, y1, x0, x1 = window
-                return self.fixed_in[k, y0:y1, x0:x1]
-
-            for group in tile_batches(tiles, 1):
-                for (y0, y1, x0, x1), pred in predict_batch(model, read, tiles, group, self.offset, self.field,
-                                                            device):
-                    out[y0:y1, x0:x1] = pred
             with torch.no_grad():
-                reblurred = full.apply(torch.from_numpy(out)).cpu().numpy()
+                reblurred = full.apply(torch.from_numpy(restored[k]).to(self.device)).cpu().numpy()
             scaled = (reblurred - self.fixed_target[k]) / np.sqrt(self.var[i]) * self.held_out
             r2 = self.whiten(torch.from_numpy(scaled.astype(np.float32))).square().numpy()
             total += float(r2[self.held_out].sum())
             count += int(self.held_out.sum())
-        model.train(was_training)
         a = self.cfg.alpha
         return total / max(count, 1) * a**2
+
+
+def _psf_area(psf, field: tuple[int, int], offset: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    """The PSF's effective area ``1 / sum(p^2)`` (pixels) at every pixel of the images, linear between the nodes
+    of the PSF model's grid: small where the optics are sharp."""
+    psfs, ys, xs = psf.psf_grid(field)
+    p = psfs / psfs.sum(axis=(-2, -1), keepdims=True)
+    area = 1.0 / np.square(p).sum(axis=(-2, -1))
+    yn = (offset[0] + np.arange(shape[0]) + 0.5) / field[0] * 2.0 - 1.0
+    xn = (offset[1] + np.arange(shape[1]) + 0.5) / field[1] * 2.0 - 1.0
+    if len(ys) == 1:
+        return np.full(shape, float(area[0, 0]))
+    rows = np.stack([np.interp(xn, xs, a) for a in area])  # (K, W)
+    return np.stack([np.interp(yn, ys, col) for col in rows.T], axis=1)  # (H, W)
+
+
+def _sharp_offsets(area: np.ndarray, crop: int, grid: list[list[int]]) -> list[tuple[int, int]]:
+    """Crop offsets on ``grid`` whose crop is among the sharpest of the images: a mean PSF area within a quarter
+    of the way from the sharpest crop's to the blurriest's (every crop when the PSF hardly varies)."""
+    means = {(oy, ox): float(area[oy : oy + crop, ox : ox + crop].mean()) for oy in grid[0] for ox in grid[1]}
+    lo, hi = min(means.values()), max(means.values())
+    return [o for o, m in means.items() if m <= lo + SHARP_SHARE * (hi - lo)]
 
 
 def _whitening(psf: np.ndarray, shape: tuple[int, int], balance: float) -> np.ndarray:
@@ -382,6 +469,7 @@ def adapt(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     stopped = "budget"
     while (prog.epoch < cfg.epochs) if cfg.epochs > 0 else prog.fraction() < 1.0:
+        data.refresh(model, device)
         reason, mean_loss = _epoch(model, opt, data, rng, prog, should_stop, device)
         if reason in ("stopped", "diverged"):
             stopped = reason
