@@ -147,3 +147,22 @@ def test_a_pseudo_sharp_pair_is_the_restored_sharp_crop_blurred_at_its_place_wit
     assert np.array_equal(weight, ~data.held_out[sy:sy + 48, sx:sx + 48])
     loss = data.loss(saved.model.train(), np.random.default_rng(1), "cpu")
     assert torch.isfinite(loss) and loss.requires_grad
+
+
+def test_a_long_stack_is_restored_for_pseudo_sharp_pairs_a_few_planes_per_epoch():
+    from napari_coordgate.engine.adaptation import AdaptationData
+    from napari_coordgate.optics.models import get_psf_model
+
+    saved = _saved()
+    stack = _blurred(n=3)
+    data = AdaptationData(saved, stack, _cfg(steps_per_epoch=1, batch=2), get_psf_model(PSF))  # 1024 px a refresh
+    data.refresh(saved.model, "cpu")
+    assert data._restored == [0] and not data.pseudo[1:].any()
+    rng = np.random.default_rng(0)
+    for _ in range(10):  # a plane not restored yet lends its draw to a restored one
+        _, sharp, _, _ = data._pseudo_item(2, 16, 0, rng)
+        assert any(np.array_equal(data.pseudo[0, sy:sy + 32, sx:sx + 32], sharp) for sy, sx in data.sources)
+    for expected in ([0, 1], [0, 1, 2], [1, 2, 0]):  # in turn, the oldest restoration first
+        data.refresh(saved.model, "cpu")
+        assert data._restored == expected
+    assert np.array_equal(data.pseudo, data.restore(saved.model, data.y, "cpu"))

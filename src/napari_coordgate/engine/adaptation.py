@@ -138,6 +138,7 @@ class AdaptationData:
                                       self._grid()) if cfg.transfer > 0 else []
         self._source_set = set(self.sources)
         self.pseudo: np.ndarray | None = None
+        self._restored: list[int] = []  # planes of ``pseudo`` restored so far (oldest refresh first)
 
     def _grid(self) -> list[list[int]]:
         """The offsets crops snap to along each axis (every quarter crop, and the last one: :meth:`crops`)."""
@@ -164,9 +165,20 @@ class AdaptationData:
         return out
 
     def refresh(self, model, device) -> None:
-        """Restore the planes with the current model: the pseudo-sharp sources of the next epoch."""
-        if self.sources:
-            self.pseudo = self.restore(model, self.y, device)
+        """Restore planes with the current model: the pseudo-sharp sources of the next epoch. At most as many pixels
+        as half an epoch's crops are restored each time (whole planes, in turn), so a long or large stack costs no
+        more per epoch than a small one."""
+        if not self.sources:
+            return
+        n = len(self.y)
+        budget = self.cfg.steps_per_epoch * self.cfg.batch * self.crop**2 // 2
+        count = min(n, max(1, budget // (self.shape[0] * self.shape[1])))
+        if self.pseudo is None:
+            self.pseudo = np.zeros_like(self.y)
+        start = (self._restored[-1] + 1) % n if self._restored else 0
+        planes = [(start + k) % n for k in range(count)]
+        self.pseudo[planes] = self.restore(model, self.y[planes], device)
+        self._restored = [i for i in self._restored if i not in planes] + planes
 
     def whiten(self, resid):
         """``resid`` (..., h, w) through the whitening filter (identity when ``AdaptConfig.whiten`` is 0)."""
@@ -250,6 +262,8 @@ class AdaptationData:
         import torch
 
         c = self.crop
+        if i not in self._restored:  # a long stack: the planes restored so far are the sources
+            i = self._restored[int(rng.integers(len(self._restored)))]
         sy, sx = self.sources[int(rng.integers(len(self.sources)))]
         sharp = self.pseudo[i, sy : sy + c, sx : sx + c]
         with torch.no_grad():
