@@ -14,6 +14,10 @@ it keeps learning on the very images to restore, with the PSF model it carries a
   identity wherever the optics pass signal, so the loss measures the restoration's error as an image error rather
   than a blurred one. Without it, the frequencies the blur attenuates receive gradients ``|H|^2`` times smaller and
   adaptation crawls (measured in ``benchmarks/bench_adapt.py``).
+* **Pseudo-sharp pairs** (``transfer``, half of each batch by default). After every epoch the current model
+  restores the planes; crops of the field's sharpest region (the smallest PSF area ``1 / sum(p^2)``) are blurred by
+  the PSF model at a blurrier place, given the camera's noise, and the restoration must return the crop. Consistency
+  alone leaves what the wide PSFs at the edge hide in nobody's loss; the pairs teach the edge the user's content.
 * **The prior is what the model learnt**: training starts from its weights (and its normalisation), at a small
   constant learning rate, and stops at its best state.
 * **Model selection without ground truth.** A sparse checkerboard of tiles is held out of the loss; after every
