@@ -144,9 +144,13 @@ class AdaptationData:
         self.pseudo: np.ndarray | None = None
         self._restored: list[int] = []  # planes of ``pseudo`` restored so far (oldest refresh first)
 
+    @property
+    def _step(self) -> int:
+        return max(self.crop // 4, 1)  # crops snap to every quarter crop, so their blurs are reused
+
     def _grid(self) -> list[list[int]]:
         """The offsets crops snap to along each axis (every quarter crop, and the last one: :meth:`crops`)."""
-        step = max(self.crop // 4, 1)
+        step = self._step
         return [sorted({*range(0, n - self.crop + 1, step), n - self.crop}) for n in self.shape]
 
     def restore(self, model, stack: np.ndarray, device) -> np.ndarray:
@@ -170,8 +174,9 @@ class AdaptationData:
 
     def refresh(self, model, device) -> None:
         """Restore planes with the current model: the pseudo-sharp sources of the next epoch. At most as many pixels
-        as half an epoch's crops are restored each time (whole planes, in turn), so a long or large stack costs no
-        more per epoch than a small one."""
+        as half an epoch's crops are restored each time (whole planes, in turn, at least one), so the cost per epoch
+        does not grow with the stack's length (it still costs about as much as the epoch's steps on 8 x 512²:
+        benchmarks/README.md)."""
         if not self.sources:
             return
         n = len(self.y)
@@ -224,7 +229,7 @@ class AdaptationData:
         return [self._offset(rng) for _ in planes], planes
 
     def _offset(self, rng: np.random.Generator) -> tuple[int, int]:
-        step = max(self.crop // 4, 1)
+        step = self._step
         off = []
         for n in self.shape:
             start = float(np.clip(rng.uniform(0, n) - self.crop / 2, 0, n - self.crop))
