@@ -127,9 +127,10 @@ def _blur(sharp, psf, seed):
 
 def _scores(sharp, restored) -> dict:
     reps = [quality_report(s, r) for s, r in zip(sharp, restored)]
-    edge = [r["psnr_by_ring"][-1]["psnr"] for r in reps]
+    rings = {name: float(np.mean([r["psnr_by_ring"][k]["psnr"] for r in reps]))
+             for k, name in ((0, "centre"), (1, "middle"), (-1, "edge"))}
     return {"psnr": float(np.mean([r["psnr"] for r in reps])), "ssim": float(np.mean([r["ssim"] for r in reps])),
-            "edge": float(np.mean(edge)), "planes": [r["psnr"] for r in reps]}
+            **rings, "planes": [r["psnr"] for r in reps]}
 
 
 def _train(sharp, psf, minutes, seed, threads, val=None, steps=None):
@@ -184,11 +185,13 @@ def run_content(kind, base, args, seed, psf, shape, log) -> dict:
 
 def _table(results: dict[str, list[dict]], log) -> None:
     names = ["blurred", "SV-RL true PSFs", "PSF model only", "adapted", "same content (upper)"]
-    log(f"{'content':<10}{'method':<24}{'PSNR':>8}{'SSIM':>8}{'edge':>8}   (mean over seeds; edge: r >= 1)")
+    log(f"{'content':<10}{'method':<24}{'PSNR':>8}{'SSIM':>8}{'centre':>8}{'middle':>8}{'edge':>8}   (mean over "
+        f"seeds; PSNR by ring of the field)")
     for kind, per_seed in results.items():
         for name in names:
-            vals = {k: np.mean([r[name][k] for r in per_seed]) for k in ("psnr", "ssim", "edge")}
-            log(f"{kind:<10}{name:<24}{vals['psnr']:>8.2f}{vals['ssim']:>8.3f}{vals['edge']:>8.2f}")
+            vals = {k: np.mean([r[name][k] for r in per_seed]) for k in ("psnr", "ssim", "centre", "middle", "edge")}
+            log(f"{kind:<10}{name:<24}{vals['psnr']:>8.2f}{vals['ssim']:>8.3f}{vals['centre']:>8.2f}"
+                f"{vals['middle']:>8.2f}{vals['edge']:>8.2f}")
         for k, label in (("psnr", "overall"), ("edge", "edge ring")):
             gains = [r["adapted"][k] - r["PSF model only"][k] for r in per_seed]
             gaps = [r["same content (upper)"][k] - r["PSF model only"][k] for r in per_seed]
