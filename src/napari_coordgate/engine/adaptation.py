@@ -175,8 +175,7 @@ class AdaptationData:
     def refresh(self, model, device) -> None:
         """Restore planes with the current model: the pseudo-sharp sources of the next epoch. At most as many pixels
         as half an epoch's crops are restored each time (whole planes, in turn, at least one), so the cost per epoch
-        does not grow with the stack's length (it still costs about as much as the epoch's steps on 8 x 512²:
-        benchmarks/README.md)."""
+        does not grow with the stack's length (about 7 % of an epoch on 8 x 512²: benchmarks/README.md)."""
         if not self.sources:
             return
         n = len(self.y)
