@@ -127,8 +127,8 @@ def _blur(sharp, psf, seed):
 
 def _scores(sharp, restored) -> dict:
     reps = [quality_report(s, r) for s, r in zip(sharp, restored)]
-    rings = {name: float(np.mean([r["psnr_by_ring"][k]["psnr"] for r in reps]))
-             for k, name in ((0, "centre"), (1, "middle"), (-1, "edge"))}
+    rings = {ring["name"]: float(np.mean([r["psnr_by_ring"][k]["psnr"] for r in reps]))
+             for k, ring in enumerate(reps[0]["psnr_by_ring"])}  # metrics.RINGS: centre, middle, edge
     return {"psnr": float(np.mean([r["psnr"] for r in reps])), "ssim": float(np.mean([r["ssim"] for r in reps])),
             **rings, "planes": [r["psnr"] for r in reps]}
 
