@@ -34,6 +34,7 @@ Usage::
     python benchmarks/bench_3d.py --threads 2                 # 10 minutes per model, 1 seed (about 40 minutes)
     python benchmarks/bench_3d.py --minutes 10 --seeds 0 1 2  # 3 seeds
     python benchmarks/bench_3d.py --rows coordgate --calibrated 300 --epochs 22 --seeds 0 1 2   # issue 25's figure
+    python benchmarks/bench_3d.py --rows coordgate --minutes 20 --threads 1 --gate-lr-scale 10   # a recipe probe
     python benchmarks/bench_3d.py --quick                     # tiny, seconds (the test suite runs it)
 """
 
@@ -118,8 +119,14 @@ def _train_3d(args, gate, train_s, val, psf, seed):
                       z_pool_start=z_pool_start_for(psf.z_step_um, psf.pixel_size_um))
     tc = TrainConfig(minutes=args.minutes, epochs=args.epochs, steps_per_epoch=args.steps, batch=args.batch,
                      crop=args.crop, crop_depth=args.crop_depth, seed=seed, threads=args.threads, photons=PHOTONS,
-                     read_noise=READ_NOISE)
+                     read_noise=READ_NOISE, **_recipe(args))
     return train(cfg, tc, SimulatedSource(train_s, psf, val_sharp=val))
+
+
+def _recipe(args) -> dict:
+    """The 3-D networks' recipe flags given (``--lr``, ``--gate-lr-scale``): the rest are TrainConfig's defaults."""
+    given = {"lr": args.lr, "gate_lr_scale": args.gate_lr_scale}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _train_2d_planes(args, train_s, val, psf, seed):
@@ -284,6 +291,9 @@ def main(argv=None) -> None:
                     help="add a 3-D CoordGate trained from a bead z-stack calibration with this many beads (each)")
     ap.add_argument("--bead-diameter", type=float, default=0.0,
                     help="--calibrated: the beads' diameter in nm, rendered and divided out (default 0: points)")
+    ap.add_argument("--lr", type=float, default=None, help="3-D networks: Adam's learning rate (default TrainConfig's)")
+    ap.add_argument("--gate-lr-scale", type=float, default=None,
+                    help="3-D CoordGates: the coordinate MLPs' learning-rate multiplier (default: the 3-D recipe's)")
     ap.add_argument("--quick", action="store_true", help="tiny volumes and budgets: seconds (for the tests)")
     args = ap.parse_args(argv)
     args.shape, args.train_volumes, args.test_volumes = (64, 256, 256), 6, 2
