@@ -361,7 +361,8 @@ class TrainConfig(Config):
                                           doc="learning-rate multiplier of the coordinate MLPs (default 10 for 2-D "
                                               "models, 1 for 3-D)")
     # None: 1 for 3-D models, off for 2-D ones: without it 3-D CoordGate runs stalled at their input from the first
-    # epochs (all units dead) on some seeds and PSF models (benchmarks/README.md, 3-D section)
+    # epochs (all units dead) on some seeds and PSF models (benchmarks/README.md, 3-D section); with it and gates at 1x,
+    # bench_3d's seed 1 still froze (stop 43), where gates at 10x (clipped) trained: the cure is not known yet
     grad_clip: float | None = bounded(None, 0.0, 1e6, kind=float,
                                       doc="clip the gradient's norm to this before each step; 0 = off (default 1 "
                                           "for 3-D models, off for 2-D)")
