@@ -76,6 +76,16 @@ def test_train_from_psf_preset(tmp_path, capsys, sharp_tifs):
     assert (tmp_path / "m.cgmodel").exists()
 
 
+def test_a_training_that_stalls_at_its_input_warns_in_one_line_and_keeps_the_model(tmp_path, capsys, sharp_tifs):
+    model = tmp_path / "m"
+    code, _, err = _run(capsys, "train", "--sharp", *sharp_tifs, "--psf", "gaussian", "-o", model,
+                        "--depth", 1, "--channels", 4, "--epochs", 1, "--lr", 1e-6, "--device", "cpu")
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if "training stalled" in line]
+    assert len(warned) == 1 and warned[0].startswith("napari-coordgate: warning: the model is no better than its input")
+    assert "--seed" in warned[0] and (tmp_path / "m.cgmodel").exists()
+
+
 def test_train_pairs_with_their_psf_model_and_a_wiener_first_stage(tmp_path, capsys, sharp_tifs):
     sim = tmp_path / "sim"
     _run(capsys, "simulate", *sharp_tifs, "--psf", "gaussian", "-o", sim, "--photons", 500)

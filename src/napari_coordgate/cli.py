@@ -336,6 +336,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"model: {out}  (best validation PSNR {res.best_val_psnr:.2f} dB at epoch {res.best_epoch}, "
               f"{res.stopped}, device {res.device})")
     _report_written(out, ckpt, before, resume, interrupted=False)
+    stalled = res.stall_message()
+    if stalled:
+        print(f"napari-coordgate: warning: {stalled} (--seed)", file=sys.stderr)
     if res.stopped == "diverged":
         why = next((u.message for u in reversed(res.history) if u.message.startswith("the loss became")), "")
         raise CLIError(f"training diverged ({why}): the best model so far is kept at {out}; train again with a lower "

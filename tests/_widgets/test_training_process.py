@@ -61,6 +61,17 @@ def test_the_docks_default_training_on_the_sample_pair_rises_above_the_blurred_i
     assert gain >= MIN_GAIN_DB, f"validation PSNR rose by only {gain:.2f} dB above the blurred input"
 
 
+def test_a_training_that_stalled_at_its_input_is_a_warning_and_keeps_the_model(viewer_dock, qtbot, tiny_model):
+    from napari_coordgate.engine import TrainResult
+
+    viewer, dock = viewer_dock
+    seen = _notifications()
+    result = TrainResult(tiny_model, best_val_psnr=30.0, input_val_psnr=30.0, best_epoch=3)
+    dock.train_tab._finished(result)
+    qtbot.waitUntil(lambda: any("no better than its input" in m for m in seen), timeout=5000)
+    assert dock.model is tiny_model and dock.last_result is result
+
+
 def test_the_same_layer_is_never_offered_twice_and_identical_pixels_are_refused(viewer_dock, qtbot, pair64):
     viewer, dock = viewer_dock
     seen = _notifications()

@@ -34,6 +34,7 @@ def test_training_in_a_process_returns_the_model_and_relays_every_update(pair):
     assert [u.kind for u in updates].count("epoch") == 2 and updates[-1].kind == "done"
     assert result.history == updates
     assert result.best_val_psnr == max(u.val_psnr for u in updates if u.kind == "epoch")
+    assert result.input_val_psnr == updates[-1].input_psnr is not None  # what tells a stalled run (stall_message)
     out = engine.predict(result.saved, pair[1], device="cpu")
     assert out.shape == (64, 64) and np.isfinite(out).all()
 
@@ -70,6 +71,7 @@ def test_a_killed_training_process_returns_the_best_model_so_far_with_the_reason
     assert result.stopped.startswith("crashed") and "SIGKILL" in result.stopped
     assert result.saved is not None and result.best_val_psnr == max(u.val_psnr for u in epochs)
     assert np.isfinite(engine.predict(result.saved, pair[1], device="cpu")).all()
+    assert result.input_val_psnr == epochs[-1].input_psnr is not None
 
 
 def test_a_process_killed_before_its_first_model_gives_a_clear_error(pair, kill_jobs):

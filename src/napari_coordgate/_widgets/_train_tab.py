@@ -470,6 +470,10 @@ class TrainTab(QWidget):
             show_warning(f"CoordGate: training {result.stopped}; kept the best model so far: validation PSNR "
                          f"{psnr} (epoch {result.best_epoch}){hint}")
             return
+        stalled = result.stall_message()
+        if stalled:
+            show_warning(f"CoordGate: {stalled}")
+            return
         show_info(f"CoordGate: training {result.stopped}; best validation PSNR {psnr} (epoch {result.best_epoch})")
 
     # -- adaptation -----------------------------------------------------------------------------------

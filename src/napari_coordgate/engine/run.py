@@ -33,6 +33,10 @@ class Update:
     input_psnr: float | None = None  # validation PSNR of the unrestored input: the line to rise above
 
 
+# a kept model at most this far above its input on the held-out data learnt nothing (TrainResult.stall_message)
+STALLED_GAIN_DB = 0.05
+
+
 @dataclass
 class TrainResult:
     saved: SavedModel
@@ -41,6 +45,19 @@ class TrainResult:
     best_epoch: int = 0
     stopped: str = "budget"  # "budget", "early_stop", "stopped", "diverged" (the loss became NaN or Inf)
     device: str = "cpu"
+    input_val_psnr: float | None = None  # the unrestored input's validation PSNR: the line the model must rise above
+
+    def stall_message(self) -> str | None:
+        """A line for the user when the kept model is no better than its input on the held-out data (a run that
+        stalled at its input: 3-D runs have, on some seeds; benchmarks/README.md, 3-D section), else None. A run
+        that was stopped, diverged or crashed has its own message."""
+        if self.stopped not in ("budget", "early_stop") or self.best_val_psnr is None or self.input_val_psnr is None:
+            return None
+        if self.best_val_psnr - self.input_val_psnr > STALLED_GAIN_DB:
+            return None
+        return (f"the model is no better than its input on the held-out data (validation PSNR "
+                f"{self.best_val_psnr:.2f} dB, the input's {self.input_val_psnr:.2f} dB): training stalled; train "
+                "again with another seed")
 
 
 @dataclass

@@ -197,7 +197,8 @@ def _finish(run: Run, model, use_amp: bool) -> TrainResult:
     model.load_state_dict(run.best_state)
     model.eval()
     run.emit("done", run.mean_loss(), run.best_psnr, run.stop_reason)
-    return TrainResult(run.saved(model), run.history, run.best_psnr, run.best_epoch, run.stop_reason, str(run.device))
+    return TrainResult(run.saved(model), run.history, run.best_psnr, run.best_epoch, run.stop_reason, str(run.device),
+                       run.input_psnr)
 
 
 def train(

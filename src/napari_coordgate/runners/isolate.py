@@ -366,7 +366,8 @@ def train_isolated(model_cfg, train_cfg, source, *, report: Callable[[Any], None
         top = max(epochs, key=lambda u: u.val_psnr, default=None)
         return TrainResult(load_model(best, "cpu"), history, None if top is None else top.val_psnr,
                            0 if top is None else top.epoch, f"crashed: {reason}",
-                           history[-1].device if history else "cpu")
+                           history[-1].device if history else "cpu",
+                           getattr(history[-1], "input_psnr", None) if history else None)
 
     def finished(folder: Path, result):
         return dataclasses.replace(result, saved=load_model(folder / _BEST, "cpu"), history=history)
